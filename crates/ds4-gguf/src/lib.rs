@@ -1,1 +1,5 @@
-//! ds4-gguf
+//! GGUF v3 reading and writing over memory maps, with no model knowledge.
+
+mod types;
+
+pub use types::GgmlType;
