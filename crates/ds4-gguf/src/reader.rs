@@ -423,7 +423,7 @@ pub fn parse_header(buf: &[u8]) -> Result<GgufHeader> {
             type_id: ty_id,
         })?;
         let offset = c.u64(&|| format!("data offset of tensor {name:?}"))?;
-        if dims[0] % ty.block_size() as u64 != 0 {
+        if !dims[0].is_multiple_of(ty.block_size() as u64) {
             return Err(GgufError::BadBlockShape {
                 name,
                 ne0: dims[0],
@@ -453,7 +453,7 @@ pub fn parse_header(buf: &[u8]) -> Result<GgufHeader> {
     let data_offset = header_end.div_ceil(alignment) * alignment;
     let file_len = buf.len() as u64;
     for t in &tensors {
-        if t.offset % alignment != 0 {
+        if !t.offset.is_multiple_of(alignment) {
             return Err(GgufError::MisalignedTensor {
                 name: t.name.clone(),
                 offset: t.offset,

@@ -86,7 +86,7 @@ impl GgufBuilder {
                 dims.len()
             )));
         }
-        if dims[0] % ty.block_size() as u64 != 0 {
+        if !dims[0].is_multiple_of(ty.block_size() as u64) {
             return Err(GgufError::BadBlockShape {
                 name,
                 ne0: dims[0],
