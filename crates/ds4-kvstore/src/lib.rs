@@ -396,7 +396,7 @@ impl KvStore {
                     && sha1_hex(&prompt_text[..e.text_bytes as usize]) == e.sha1
             })
             .collect();
-        candidates.sort_by(|a, b| b.text_bytes.cmp(&a.text_bytes));
+        candidates.sort_by_key(|e| std::cmp::Reverse(e.text_bytes));
         candidates.into_iter().next()
     }
 
