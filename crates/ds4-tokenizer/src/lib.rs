@@ -3,10 +3,22 @@
 //! (canonical rendering, one-shot parsing and a streaming parser).
 
 pub mod bytelevel;
+pub mod chat;
+pub mod dsml;
 mod error;
+pub mod json;
+pub mod stream;
 mod tokenizer;
 
+pub use chat::{
+    DEFAULT_SYSTEM_PROMPT, Message, Role, THINK_MAX_PREFIX, ThinkMode, ToolCall, ToolSchemas,
+    chat_append_assistant_prefix, chat_append_max_prefix, chat_append_message, chat_begin,
+    chat_message_text, encode_cli_prompt, render_chat, render_chat_tail, render_cli_prompt,
+    render_completion_prompt,
+};
+pub use dsml::{ParseOptions, ParseOutcome, ParsedMessage, parse_generated, render_tool_calls};
 pub use error::{Result, TokenizerError};
+pub use stream::{StreamEvent, StreamParser};
 pub use tokenizer::{
     ACCEPTED_GGUF_PRE, ASSISTANT_TEXT, BOS_TEXT, DS4_SPECIAL_TEXTS, DSML_TEXT, EOS_TEXT,
     PRE_TOKENIZER_REGEXES, SpecialTokens, THINK_END_TEXT, THINK_START_TEXT, TokenKind, Tokenizer,

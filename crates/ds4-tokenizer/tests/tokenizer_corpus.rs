@@ -1,0 +1,45 @@
+//! Token ids equal to the HF `tokenizers` Python library's on the generated corpus
+//! (`scripts/tokenizer_fixtures.py`), the official-vector prompts and the long-context prompts.
+
+mod common;
+
+use common::{read_corpus, read_ids, read_indexed_ids, report_mismatches, tok};
+
+#[test]
+fn corpus_matches_python_tokenizers() {
+    let Some(t) = tok() else { return };
+    let docs = read_corpus("corpus");
+    let ids = read_ids("corpus.ids");
+    assert_eq!(docs.len(), ids.len());
+    let total: usize = docs.iter().map(|(_, s)| s.len()).sum();
+    let cases: Vec<(usize, Vec<u32>)> = ids.into_iter().enumerate().collect();
+    let t0 = std::time::Instant::now();
+    let bad = report_mismatches(t, "encode", &docs, &cases, |s| t.encode(s).unwrap());
+    eprintln!(
+        "{} documents, {total} bytes encoded in {:?}",
+        docs.len(),
+        t0.elapsed()
+    );
+    assert_eq!(bad, 0, "{bad} documents differ from the Python reference");
+    // Decoding the reference ids gives back the exact bytes.
+    for ((_, text), (_, want)) in docs.iter().zip(&cases) {
+        assert_eq!(t.decode(want), text.as_bytes());
+    }
+}
+
+#[test]
+fn corpus_plain_and_ds4chat_match() {
+    let Some(t) = tok() else { return };
+    let docs = read_corpus("corpus");
+    let plain = read_indexed_ids("corpus.plain.ids");
+    let chat = read_indexed_ids("corpus.ds4chat.ids");
+    assert!(!plain.is_empty() && plain.len() == chat.len());
+    let bad = report_mismatches(t, "encode_plain", &docs, &plain, |s| {
+        t.encode_plain(s).unwrap()
+    });
+    assert_eq!(bad, 0);
+    let bad = report_mismatches(t, "encode_ds4_chat", &docs, &chat, |s| {
+        t.encode_ds4_chat(s).unwrap()
+    });
+    assert_eq!(bad, 0);
+}
