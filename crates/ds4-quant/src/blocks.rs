@@ -124,7 +124,7 @@ impl Block for BlockQ8_0Act {
 /// View `data` as a slice of blocks: borrowed when `data` is suitably aligned, otherwise copied
 /// into an owned, aligned vector. Errors when the length is not a multiple of the block size.
 pub fn blocks_from_bytes<B: Block>(data: &[u8]) -> Result<Cow<'_, [B]>, QuantError> {
-    if data.len() % B::BYTES != 0 {
+    if !data.len().is_multiple_of(B::BYTES) {
         return Err(QuantError::BadByteLength {
             what: std::any::type_name::<B>(),
             len: data.len(),
@@ -180,8 +180,14 @@ mod tests {
         let a = blocks_from_bytes::<BlockQ8K>(&buf[1..]).unwrap();
         assert_eq!(a.len(), 3);
         // Same values via an explicit little-endian read.
-        assert_eq!(a[1].d.to_bits(), u32::from_le_bytes(buf[293..297].try_into().unwrap()));
-        assert_eq!(a[2].bsums[15], i16::from_le_bytes([buf[1 + 584 + 290], buf[1 + 584 + 291]]));
+        assert_eq!(
+            a[1].d.to_bits(),
+            u32::from_le_bytes(buf[293..297].try_into().unwrap())
+        );
+        assert_eq!(
+            a[2].bsums[15],
+            i16::from_le_bytes([buf[1 + 584 + 290], buf[1 + 584 + 291]])
+        );
         assert!(blocks_from_bytes::<BlockQ8K>(&buf[..100]).is_err());
         let e = blocks_from_bytes::<BlockQ8_0>(&buf[..35]);
         assert!(matches!(e, Err(QuantError::BadByteLength { .. })));

@@ -2,11 +2,11 @@
 //! `dequantize_row_*`): every product is a single f32 operation in the same order.
 
 use crate::blocks::{
-    blocks_from_bytes, get_scale_min_k4, Block, BlockIq2Xxs, BlockQ2K, BlockQ4K, BlockQ8K,
-    BlockQ8_0, QK8_0, QK_K,
+    Block, BlockIq2Xxs, BlockQ2K, BlockQ4K, BlockQ8_0, BlockQ8K, QK_K, QK8_0, blocks_from_bytes,
+    get_scale_min_k4,
 };
 use crate::fp::{bf16_to_f32, f16_to_f32};
-use crate::tables::{grid_bytes, KSIGNS_IQ2XS};
+use crate::tables::{KSIGNS_IQ2XS, grid_bytes};
 use crate::{GgmlType, QuantError};
 
 /// Types [`dequantize`] accepts.
@@ -31,7 +31,7 @@ pub fn dequantize(ty: GgmlType, data: &[u8], out: &mut [f32]) -> Result<(), Quan
         });
     }
     let bb = ty.block_bytes();
-    if data.len() % bb != 0 {
+    if !data.len().is_multiple_of(bb) {
         return Err(QuantError::BadByteLength {
             what: ty.name(),
             len: data.len(),
@@ -100,7 +100,11 @@ fn deq_blocks<B: Block>(
 /// # Panics
 /// If the lengths disagree.
 pub fn dequantize_blocks<B: DequantBlock>(blocks: &[B], out: &mut [f32]) {
-    assert_eq!(out.len(), blocks.len() * B::ELEMS, "dequantize_blocks length");
+    assert_eq!(
+        out.len(),
+        blocks.len() * B::ELEMS,
+        "dequantize_blocks length"
+    );
     for (b, o) in blocks.iter().zip(out.chunks_exact_mut(B::ELEMS)) {
         b.dequantize_into(o);
     }

@@ -42,7 +42,12 @@ pub fn f32_to_f16(f: f32) -> u16 {
     let exp_bits = (bits >> 13) & 0x0000_7C00;
     let mantissa_bits = bits & 0x0000_0FFF;
     let nonsign = exp_bits + mantissa_bits;
-    ((sign >> 16) | if shl1_w > 0xFF00_0000 { 0x7E00 } else { nonsign }) as u16
+    ((sign >> 16)
+        | if shl1_w > 0xFF00_0000 {
+            0x7E00
+        } else {
+            nonsign
+        }) as u16
 }
 
 /// `f16_to_f32(f32_to_f16(x))`.
@@ -105,7 +110,7 @@ mod tests {
     #[test]
     fn f32_to_f16_vs_half_rne() {
         // Every f16 value, the midpoints between neighbours (ties), and a stride over all f32.
-        let mut check = |x: f32| {
+        let check = |x: f32| {
             let a = f32_to_f16(x);
             if x.is_nan() {
                 assert_eq!(a & 0x7fff, 0x7e00);

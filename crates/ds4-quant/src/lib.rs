@@ -24,8 +24,8 @@ pub use ds4_gguf::GgmlType;
 
 pub use act::{quantize_q8_0_act, quantize_q8_k};
 pub use blocks::{
-    blocks_as_bytes, blocks_from_bytes, Block, BlockIq2Xxs, BlockQ2K, BlockQ4K, BlockQ8K,
-    BlockQ8_0, BlockQ8_0Act, QK8_0, QK_K,
+    Block, BlockIq2Xxs, BlockQ2K, BlockQ4K, BlockQ8_0, BlockQ8_0Act, BlockQ8K, QK_K, QK8_0,
+    blocks_as_bytes, blocks_from_bytes,
 };
 pub use dequant::{dequantize, dequantize_to_vec};
 pub use dot::{
@@ -33,7 +33,7 @@ pub use dot::{
     vec_dot_q2_k_q8_k, vec_dot_q4_k_q8_k, vec_dot_q8_0,
 };
 pub use fp::{bf16_to_f32, f16_round, f16_to_f32, f32_to_bf16, f32_to_f16};
-pub use matrix::{prepare, Activation, QMatrix};
+pub use matrix::{Activation, QMatrix, prepare};
 pub use quant::{importance_from_rows, quantize};
 
 /// Errors of this crate. Nothing here panics on malformed data; sizes and types are checked.

@@ -6,9 +6,9 @@ use std::borrow::Cow;
 use rayon::prelude::*;
 
 use crate::act::{quantize_q8_0_act_vec, quantize_q8_k_vec};
-use crate::blocks::{Block, BlockIq2Xxs, BlockQ2K, BlockQ4K, BlockQ8K, BlockQ8_0, BlockQ8_0Act};
+use crate::blocks::{Block, BlockIq2Xxs, BlockQ2K, BlockQ4K, BlockQ8_0, BlockQ8_0Act, BlockQ8K};
 use crate::dequant::dequantize;
-use crate::dot::{kernels, Kernels};
+use crate::dot::{Kernels, kernels};
 use crate::{GgmlType, QuantError};
 
 /// Weight types a [`QMatrix`] supports.
@@ -118,7 +118,7 @@ impl<'a> QMatrix<'a> {
             return Err(QuantError::Unsupported { op: "QMatrix", ty });
         }
         let bs = ty.block_size();
-        if cols % bs != 0 {
+        if !cols.is_multiple_of(bs) {
             return Err(QuantError::BadRowLength {
                 ty,
                 ne0: cols,
@@ -226,8 +226,14 @@ impl<'a> QMatrix<'a> {
         let ok = matches!(
             (self.ty, a),
             (GgmlType::Q8_0, Activation::Q8_0(_))
-                | (GgmlType::Q2_K | GgmlType::Q4_K | GgmlType::IQ2_XXS, Activation::Q8K(_))
-                | (GgmlType::F16 | GgmlType::BF16 | GgmlType::F32, Activation::F32(_))
+                | (
+                    GgmlType::Q2_K | GgmlType::Q4_K | GgmlType::IQ2_XXS,
+                    Activation::Q8K(_)
+                )
+                | (
+                    GgmlType::F16 | GgmlType::BF16 | GgmlType::F32,
+                    Activation::F32(_)
+                )
         );
         if !ok {
             return Err(QuantError::ActivationMismatch {
@@ -382,48 +388,46 @@ impl<'a> QMatrix<'a> {
         let ty = self.ty;
         // Row-major staging buffer [rows][n], then transposed into ys [n][rows].
         let mut tmp = vec![0.0f32; self.rows * n];
-        let work = |(out, row): (&mut [f32], &[u8])| {
-            match ty {
-                GgmlType::Q8_0 => {
-                    let w = cast_row::<BlockQ8_0>(row);
-                    for (o, a) in out.iter_mut().zip(acts) {
-                        *o = match a {
-                            Activation::Q8_0(x) => (k.q8_0)(&w, x),
-                            _ => f32::NAN,
-                        };
-                    }
+        let work = |(out, row): (&mut [f32], &[u8])| match ty {
+            GgmlType::Q8_0 => {
+                let w = cast_row::<BlockQ8_0>(row);
+                for (o, a) in out.iter_mut().zip(acts) {
+                    *o = match a {
+                        Activation::Q8_0(x) => (k.q8_0)(&w, x),
+                        _ => f32::NAN,
+                    };
                 }
-                GgmlType::Q2_K => {
-                    let w = cast_row::<BlockQ2K>(row);
-                    for (o, a) in out.iter_mut().zip(acts) {
-                        *o = match a {
-                            Activation::Q8K(x) => (k.q2_k)(&w, x),
-                            _ => f32::NAN,
-                        };
-                    }
+            }
+            GgmlType::Q2_K => {
+                let w = cast_row::<BlockQ2K>(row);
+                for (o, a) in out.iter_mut().zip(acts) {
+                    *o = match a {
+                        Activation::Q8K(x) => (k.q2_k)(&w, x),
+                        _ => f32::NAN,
+                    };
                 }
-                GgmlType::Q4_K => {
-                    let w = cast_row::<BlockQ4K>(row);
-                    for (o, a) in out.iter_mut().zip(acts) {
-                        *o = match a {
-                            Activation::Q8K(x) => (k.q4_k)(&w, x),
-                            _ => f32::NAN,
-                        };
-                    }
+            }
+            GgmlType::Q4_K => {
+                let w = cast_row::<BlockQ4K>(row);
+                for (o, a) in out.iter_mut().zip(acts) {
+                    *o = match a {
+                        Activation::Q8K(x) => (k.q4_k)(&w, x),
+                        _ => f32::NAN,
+                    };
                 }
-                GgmlType::IQ2_XXS => {
-                    let w = cast_row::<BlockIq2Xxs>(row);
-                    for (o, a) in out.iter_mut().zip(acts) {
-                        *o = match a {
-                            Activation::Q8K(x) => (k.iq2_xxs)(&w, x),
-                            _ => f32::NAN,
-                        };
-                    }
+            }
+            GgmlType::IQ2_XXS => {
+                let w = cast_row::<BlockIq2Xxs>(row);
+                for (o, a) in out.iter_mut().zip(acts) {
+                    *o = match a {
+                        Activation::Q8K(x) => (k.iq2_xxs)(&w, x),
+                        _ => f32::NAN,
+                    };
                 }
-                _ => {
-                    for (o, a) in out.iter_mut().zip(acts) {
-                        *o = row_dot(k, ty, row, a);
-                    }
+            }
+            _ => {
+                for (o, a) in out.iter_mut().zip(acts) {
+                    *o = row_dot(k, ty, row, a);
                 }
             }
         };
@@ -432,7 +436,9 @@ impl<'a> QMatrix<'a> {
                 .zip(self.data.par_chunks_exact(rb))
                 .for_each(work);
         } else {
-            tmp.chunks_mut(n).zip(self.data.chunks_exact(rb)).for_each(work);
+            tmp.chunks_mut(n)
+                .zip(self.data.chunks_exact(rb))
+                .for_each(work);
         }
         for (r, trow) in tmp.chunks_exact(n).enumerate() {
             for (t, &v) in trow.iter().enumerate() {

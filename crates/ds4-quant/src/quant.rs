@@ -14,7 +14,7 @@ use std::sync::OnceLock;
 use rayon::prelude::*;
 
 use crate::act::quantize_q8_k;
-use crate::blocks::{BlockQ8K, QK8_0, QK_K};
+use crate::blocks::{BlockQ8K, QK_K, QK8_0};
 use crate::fp::{f16_to_f32, f32_to_bf16, f32_to_f16, nearest_int};
 use crate::tables::IQ2XXS_GRID;
 use crate::{GgmlType, QuantError};
@@ -49,14 +49,10 @@ pub fn quantize(
         return Err(QuantError::Unsupported { op: "quantize", ty });
     }
     let bs = ty.block_size();
-    if ne0 == 0 || ne0 % bs != 0 {
-        return Err(QuantError::BadRowLength {
-            ty,
-            ne0,
-            block: bs,
-        });
+    if ne0 == 0 || !ne0.is_multiple_of(bs) {
+        return Err(QuantError::BadRowLength { ty, ne0, block: bs });
     }
-    if src.len() % ne0 != 0 {
+    if !src.len().is_multiple_of(ne0) {
         return Err(QuantError::LengthMismatch {
             what: "quantize input (a multiple of ne0)",
             expected: src.len().div_ceil(ne0) * ne0,
@@ -136,7 +132,9 @@ pub fn quantize(
             .zip(src.par_chunks(ne0))
             .for_each(work);
     } else {
-        out.chunks_mut(row_bytes).zip(src.chunks(ne0)).for_each(work);
+        out.chunks_mut(row_bytes)
+            .zip(src.chunks(ne0))
+            .for_each(work);
     }
     Ok(out)
 }
@@ -144,7 +142,7 @@ pub fn quantize(
 /// ds4's fallback importance for IQ2_XXS without an imatrix: `importance[c] = Σ_rows w[row][c]²`
 /// (accumulated in f64, rounded once to f32).
 pub fn importance_from_rows(src: &[f32], ne0: usize) -> Result<Vec<f32>, QuantError> {
-    if ne0 == 0 || src.len() % ne0 != 0 {
+    if ne0 == 0 || !src.len().is_multiple_of(ne0) {
         return Err(QuantError::LengthMismatch {
             what: "importance_from_rows input (a multiple of ne0)",
             expected: if ne0 == 0 {
@@ -172,7 +170,11 @@ fn quantize_row(ty: GgmlType, x: &[f32], out: &mut [u8], importance: Option<&[f3
             }
         }
         GgmlType::Q2_K => {
-            for (b, (xb, ob)) in x.chunks_exact(QK_K).zip(out.chunks_exact_mut(84)).enumerate() {
+            for (b, (xb, ob)) in x
+                .chunks_exact(QK_K)
+                .zip(out.chunks_exact_mut(84))
+                .enumerate()
+            {
                 match importance {
                     Some(w) => quantize_block_q2_k_weighted(xb, ob, &w[b * QK_K..(b + 1) * QK_K]),
                     None => quantize_block_q2_k_ref(xb, ob),
@@ -180,7 +182,10 @@ fn quantize_row(ty: GgmlType, x: &[f32], out: &mut [u8], importance: Option<&[f3
             }
         }
         GgmlType::Q4_K => {
-            for (b, (xb, ob)) in x.chunks_exact(QK_K).zip(out.chunks_exact_mut(144)).enumerate()
+            for (b, (xb, ob)) in x
+                .chunks_exact(QK_K)
+                .zip(out.chunks_exact_mut(144))
+                .enumerate()
             {
                 match importance {
                     Some(w) => quantize_block_q4_k_weighted(xb, ob, &w[b * QK_K..(b + 1) * QK_K]),
@@ -190,13 +195,16 @@ fn quantize_row(ty: GgmlType, x: &[f32], out: &mut [u8], importance: Option<&[f3
         }
         GgmlType::IQ2_XXS => {
             let w = importance.unwrap_or(&[]);
-            for (b, (xb, ob)) in x.chunks_exact(QK_K).zip(out.chunks_exact_mut(66)).enumerate() {
+            for (b, (xb, ob)) in x
+                .chunks_exact(QK_K)
+                .zip(out.chunks_exact_mut(66))
+                .enumerate()
+            {
                 quantize_block_iq2_xxs(xb, ob, &w[b * QK_K..(b + 1) * QK_K]);
             }
         }
         GgmlType::Q8_K => {
-            let mut blocks: Vec<BlockQ8K> =
-                vec![bytemuck::Zeroable::zeroed(); x.len() / QK_K];
+            let mut blocks: Vec<BlockQ8K> = vec![bytemuck::Zeroable::zeroed(); x.len() / QK_K];
             // Lengths match by construction.
             let _ = quantize_q8_k(x, &mut blocks);
             out.copy_from_slice(bytemuck::cast_slice(&blocks));
@@ -475,11 +483,7 @@ fn make_qp_quants(nmax: i32, x: &[f32], l: &mut [u8], quant_weights: &[f32]) -> 
             break;
         }
     }
-    if suml2 > 0.0 {
-        sumlx / suml2
-    } else {
-        0.0
-    }
+    if suml2 > 0.0 { sumlx / suml2 } else { 0.0 }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -488,7 +492,8 @@ fn make_qp_quants(nmax: i32, x: &[f32], l: &mut [u8], quant_weights: &[f32]) -> 
 fn pack_q2_k(l: &[u8; QK_K], qs: &mut [u8]) {
     for j in (0..QK_K).step_by(128) {
         for i in 0..32 {
-            qs[j / 4 + i] = l[j + i] | (l[j + i + 32] << 2) | (l[j + i + 64] << 4) | (l[j + i + 96] << 6);
+            qs[j / 4 + i] =
+                l[j + i] | (l[j + i + 32] << 2) | (l[j + i + 64] << 4) | (l[j + i + 96] << 6);
         }
     }
 }
@@ -529,26 +534,24 @@ fn quantize_block_q2_k_ref(x: &[f32], y: &mut [u8]) {
             max_min = m;
         }
     }
-    let hd;
-    if max_scale > 0.0 {
+    let hd = if max_scale > 0.0 {
         let iscale = Q4SCALE / max_scale;
         for j in 0..QK_K / 16 {
             sc_out[j] = nearest_int(iscale * scales[j]) as u8;
         }
-        hd = f32_to_f16(max_scale / Q4SCALE);
+        f32_to_f16(max_scale / Q4SCALE)
     } else {
-        hd = f32_to_f16(0.0);
-    }
-    let hmin;
-    if max_min > 0.0 {
+        f32_to_f16(0.0)
+    };
+    let hmin = if max_min > 0.0 {
         let iscale = Q4SCALE / max_min;
         for j in 0..QK_K / 16 {
             sc_out[j] |= (nearest_int(iscale * mins[j]) << 4) as u8;
         }
-        hmin = f32_to_f16(max_min / Q4SCALE);
+        f32_to_f16(max_min / Q4SCALE)
     } else {
-        hmin = f32_to_f16(0.0);
-    }
+        f32_to_f16(0.0)
+    };
     for j in 0..QK_K / 16 {
         let d = f16_to_f32(hd) * (sc_out[j] & 0xF) as f32;
         if d == 0.0 {
@@ -1132,7 +1135,12 @@ mod tests {
     #[test]
     fn all_zero_blocks() {
         let z = vec![0.0f32; 512];
-        for ty in [GgmlType::Q8_0, GgmlType::Q2_K, GgmlType::Q4_K, GgmlType::IQ2_XXS] {
+        for ty in [
+            GgmlType::Q8_0,
+            GgmlType::Q2_K,
+            GgmlType::Q4_K,
+            GgmlType::IQ2_XXS,
+        ] {
             let q = quantize(ty, &z, 256, None).unwrap();
             let d = crate::dequantize_to_vec(ty, &q).unwrap();
             assert!(d.iter().all(|&v| v == 0.0), "{ty}");

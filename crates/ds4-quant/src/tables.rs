@@ -2,6 +2,7 @@
 
 /// `iq2xxs_grid[256]`: element `j` of entry `i` is byte `j` (little-endian) of `IQ2XXS_GRID[i]`;
 /// every byte is one of the magnitudes 8, 25 or 43 (0x08, 0x19, 0x2b).
+#[rustfmt::skip]
 pub static IQ2XXS_GRID: [u64; 256] = [
     0x0808080808080808, 0x080808080808082b, 0x0808080808081919, 0x0808080808082b08,
     0x0808080808082b2b, 0x0808080808190819, 0x0808080808191908, 0x08080808082b0808,

@@ -13,7 +13,9 @@ use std::arch::x86::*;
 use std::arch::x86_64::*;
 
 use super::scalar::combine_k;
-use crate::blocks::{get_scale_min_k4, BlockIq2Xxs, BlockQ2K, BlockQ4K, BlockQ8K, BlockQ8_0, BlockQ8_0Act};
+use crate::blocks::{
+    BlockIq2Xxs, BlockQ2K, BlockQ4K, BlockQ8_0, BlockQ8_0Act, BlockQ8K, get_scale_min_k4,
+};
 use crate::fp::f16_to_f32;
 use crate::tables::IQ2XXS_GRID;
 
@@ -148,8 +150,10 @@ pub(super) unsafe fn vec_dot_q4_k_q8_k(w: &[BlockQ4K], y: &[BlockQ8K]) -> f32 {
             let q8a = _mm256_loadu_si256(yb.qs.as_ptr().add(64 * p) as *const __m256i);
             let q8b = _mm256_loadu_si256(yb.qs.as_ptr().add(64 * p + 32) as *const __m256i);
             // q4 ∈ [0,15] × q8: pair sums |·| ≤ 3840, no saturation.
-            let pa = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, q8a), _mm256_set1_epi16(sc1 as i16));
-            let pb = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, q8b), _mm256_set1_epi16(sc2 as i16));
+            let pa =
+                _mm256_madd_epi16(_mm256_maddubs_epi16(lo, q8a), _mm256_set1_epi16(sc1 as i16));
+            let pb =
+                _mm256_madd_epi16(_mm256_maddubs_epi16(hi, q8b), _mm256_set1_epi16(sc2 as i16));
             acc = _mm256_add_epi32(acc, _mm256_add_epi32(pa, pb));
         }
         let isum = hsum_i32(acc);
@@ -160,7 +164,11 @@ pub(super) unsafe fn vec_dot_q4_k_q8_k(w: &[BlockQ4K], y: &[BlockQ8K]) -> f32 {
 
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn vec_dot_iq2_xxs_q8_k(w: &[BlockIq2Xxs], y: &[BlockQ8K]) -> f32 {
-    assert_eq!(w.len(), y.len(), "vec_dot_iq2_xxs_q8_k: block counts differ");
+    assert_eq!(
+        w.len(),
+        y.len(),
+        "vec_dot_iq2_xxs_q8_k: block counts differ"
+    );
     let mut sumf = 0.0f32;
     for (wb, yb) in w.iter().zip(y) {
         let mut acc = _mm256_setzero_si256();
@@ -183,7 +191,10 @@ pub(super) unsafe fn vec_dot_iq2_xxs_q8_k(w: &[BlockIq2Xxs], y: &[BlockQ8K]) -> 
             let wv = _mm256_sign_epi8(grid, signs);
             let q8 = _mm256_loadu_si256(yb.qs.as_ptr().add(32 * ib32) as *const __m256i);
             let ls = (2 * (a1 >> 28) + 1) as i32;
-            acc = _mm256_add_epi32(acc, _mm256_mullo_epi32(dot_i8x32(wv, q8), _mm256_set1_epi32(ls)));
+            acc = _mm256_add_epi32(
+                acc,
+                _mm256_mullo_epi32(dot_i8x32(wv, q8), _mm256_set1_epi32(ls)),
+            );
         }
         let bsum = hsum_i32(acc);
         let d = f16_to_f32(wb.d) * yb.d;
@@ -209,7 +220,11 @@ pub(super) unsafe fn vec_dot_f16_f32(w: &[u16], x: &[f32]) -> f32 {
     }
     while i + 8 <= n {
         let h = _mm_loadu_si128(w.as_ptr().add(i) as *const __m128i);
-        acc[0] = _mm256_fmadd_ps(_mm256_cvtph_ps(h), _mm256_loadu_ps(x.as_ptr().add(i)), acc[0]);
+        acc[0] = _mm256_fmadd_ps(
+            _mm256_cvtph_ps(h),
+            _mm256_loadu_ps(x.as_ptr().add(i)),
+            acc[0],
+        );
         i += 8;
     }
     let s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));

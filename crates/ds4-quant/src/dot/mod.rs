@@ -10,7 +10,7 @@
 
 use std::sync::OnceLock;
 
-use crate::blocks::{BlockIq2Xxs, BlockQ2K, BlockQ4K, BlockQ8K, BlockQ8_0, BlockQ8_0Act};
+use crate::blocks::{BlockIq2Xxs, BlockQ2K, BlockQ4K, BlockQ8_0, BlockQ8_0Act, BlockQ8K};
 
 #[cfg(any(target_arch = "x86", target_arch = "x86_64"))]
 mod avx2;

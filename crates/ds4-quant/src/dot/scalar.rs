@@ -1,10 +1,10 @@
 //! Scalar dot products: the oracle. These follow ds4's scalar (non-NEON) C code: exact integer
 //! inner sums, then one f32 combination per block in block order.
 
-use crate::blocks::{BlockIq2Xxs, BlockQ2K, BlockQ4K, BlockQ8K, BlockQ8_0, BlockQ8_0Act};
 use crate::blocks::get_scale_min_k4;
+use crate::blocks::{BlockIq2Xxs, BlockQ2K, BlockQ4K, BlockQ8_0, BlockQ8_0Act, BlockQ8K};
 use crate::fp::{bf16_to_f32, f16_to_f32};
-use crate::tables::{grid_bytes, KSIGNS_IQ2XS};
+use crate::tables::{KSIGNS_IQ2XS, grid_bytes};
 
 /// Σ_b f16(w.d)·x.d·Σ_i w.qs[i]·x.qs[i] (ds4 `dot_q8_0_row`, scalar branch).
 pub fn vec_dot_q8_0(w: &[BlockQ8_0], x: &[BlockQ8_0Act]) -> f32 {
@@ -132,7 +132,11 @@ pub fn iq2_xxs_isum(w: &BlockIq2Xxs, y: &BlockQ8K) -> i32 {
 
 /// ds4 `ds4_vec_dot_iq2_xxs_q8_K` (scalar branch): `0.125·Σ_blocks (f16(d)·y.d)·bsum`.
 pub fn vec_dot_iq2_xxs_q8_k(w: &[BlockIq2Xxs], y: &[BlockQ8K]) -> f32 {
-    assert_eq!(w.len(), y.len(), "vec_dot_iq2_xxs_q8_k: block counts differ");
+    assert_eq!(
+        w.len(),
+        y.len(),
+        "vec_dot_iq2_xxs_q8_k: block counts differ"
+    );
     let mut sumf = 0.0f32;
     for (wb, yb) in w.iter().zip(y) {
         let d = f16_to_f32(wb.d) * yb.d;
