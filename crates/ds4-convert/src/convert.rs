@@ -394,7 +394,7 @@ fn prepare(input_dir: &Path, recipe: Recipe) -> Result<Prepared> {
     let config = read_config(input_dir)?;
     let shape = shape_from_official_config(&config)?;
     let n_mtp = mtp_layer_count(&config)?;
-    let ckpt = Checkpoint::open(input_dir)?;
+    let mut ckpt = Checkpoint::open(input_dir)?;
 
     let plan = plan_tensors(&shape, &|il| {
         ckpt.contains(&format!("layers.{il}.ffn.gate.bias"))
@@ -459,6 +459,13 @@ fn prepare(input_dir: &Path, recipe: Recipe) -> Result<Prepared> {
                     storages.insert(o, s);
                 }
             }
+        }
+    }
+
+    // Hash-routing tables are small: check their expert ids now.
+    for (name, s) in &storages {
+        if let Storage::Int(dtype) = s {
+            tid2eid_bytes(&mut ckpt, name, *dtype, shape.n_expert)?;
         }
     }
 

@@ -1,4 +1,5 @@
-//! GGUF tokenizer metadata (`tokenizer.ggml.*`) from a HF `tokenizer.json`.
+//! GGUF tokenizer metadata (`tokenizer.ggml.*`) from a HF `tokenizer.json`, through
+//! `ds4_tokenizer`.
 
 use std::path::Path;
 
@@ -8,10 +9,13 @@ use crate::error::{ConvertError, Result};
 
 /// The `tokenizer.ggml.*` records for `tokenizer_json`.
 pub fn vocab_metadata(tokenizer_json: &Path) -> Result<Vec<(String, MetaValue)>> {
-    Err(ConvertError::Tokenizer {
-        path: tokenizer_json.to_path_buf(),
-        reason: "tokenizer metadata is not available in this build yet".into(),
-    })
+    let tok = ds4_tokenizer::Tokenizer::from_tokenizer_json(tokenizer_json).map_err(|e| {
+        ConvertError::Tokenizer {
+            path: tokenizer_json.to_path_buf(),
+            reason: e.to_string(),
+        }
+    })?;
+    Ok(tok.gguf_vocab_metadata())
 }
 
 /// Number of tokens in tokenizer metadata (length of `tokenizer.ggml.tokens`).
