@@ -966,11 +966,16 @@ def main():
         docs.append((cat, text))
         size += len(text.encode("utf-8"))
     if not args.heldout:
+        # The official-vector prompts, rendered as the official API saw them; the raw prompts are
+        # copied to <out>/official_prompts/ for the prompt-token-count test.
         pdir = os.path.join(args.fixtures, "official-vectors", "prompts")
+        os.makedirs(os.path.join(args.out, "official_prompts"), exist_ok=True)
         for fn in sorted(os.listdir(pdir)):
-            with open(os.path.join(pdir, fn), encoding="utf-8") as f:
-                p = f.read()
-            docs.append(("official_prompt", p))
+            with open(os.path.join(pdir, fn), "rb") as f:
+                raw = f.read()
+            with open(os.path.join(args.out, "official_prompts", fn), "wb") as f:
+                f.write(raw)
+            p = raw.decode("utf-8")
             docs.append(("official_rendered", f"{BOS}{USER}{p}{ASSISTANT}{THINK_END}"))
 
     os.makedirs(args.out, exist_ok=True)

@@ -20,7 +20,7 @@ pub use dsml::{ParseOptions, ParseOutcome, ParsedMessage, parse_generated, rende
 pub use error::{Result, TokenizerError};
 pub use stream::{StreamEvent, StreamParser};
 pub use tokenizer::{
-    ACCEPTED_GGUF_PRE, ASSISTANT_TEXT, BOS_TEXT, DS4_SPECIAL_TEXTS, DSML_TEXT, EOS_TEXT,
+    ACCEPTED_GGUF_PRE, ASSISTANT_TEXT, BOS_TEXT, DS4_SPECIAL_TEXTS, DSML_TEXT, EOS_TEXT, GgufVocab,
     PRE_TOKENIZER_REGEXES, SpecialTokens, THINK_END_TEXT, THINK_START_TEXT, TokenKind, Tokenizer,
     USER_TEXT, infer_token_kinds, official_pre_tokenizer, token_index, vocab_from_gguf_metadata,
 };

@@ -413,8 +413,8 @@ impl Tokenizer {
     /// `gpt2`; `tokenizer.ggml.pre`, when present, must be one of [`ACCEPTED_GGUF_PRE`] (ds4 itself
     /// does not read it; a file without it is assumed to be DeepSeek V4).
     pub fn from_gguf(gguf: &ds4_gguf::Gguf) -> Result<Tokenizer> {
-        let (tokens, merges, types) = vocab_from_gguf_metadata(|k| gguf.get(k))?;
-        Self::from_vocab(tokens, merges, types)
+        let v = vocab_from_gguf_metadata(|k| gguf.get(k))?;
+        Self::from_vocab(v.tokens, v.merges, v.token_types)
     }
 
     fn build(
@@ -687,10 +687,22 @@ impl Tokenizer {
     }
 }
 
-/// Read `(tokens, merges, token_type)` from GGUF-style metadata, given a key lookup.
+/// The vocabulary arrays of a GGUF file.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GgufVocab {
+    /// `tokenizer.ggml.tokens`
+    pub tokens: Vec<String>,
+    /// `tokenizer.ggml.merges`
+    pub merges: Vec<String>,
+    /// `tokenizer.ggml.token_type`, if present.
+    pub token_types: Option<Vec<i32>>,
+}
+
+/// Read the vocabulary arrays from GGUF-style metadata, given a key lookup (see
+/// [`Tokenizer::from_gguf`] for the checks made).
 pub fn vocab_from_gguf_metadata<'a>(
     get: impl Fn(&str) -> Option<&'a ds4_gguf::MetaValue>,
-) -> Result<(Vec<String>, Vec<String>, Option<Vec<i32>>)> {
+) -> Result<GgufVocab> {
     let key_err = |key: &'static str, problem: &str| TokenizerError::GgufKey {
         key,
         problem: problem.to_string(),
@@ -740,7 +752,11 @@ pub fn vocab_from_gguf_metadata<'a>(
             Some(out)
         }
     };
-    Ok((tokens, merges, types))
+    Ok(GgufVocab {
+        tokens,
+        merges,
+        token_types: types,
+    })
 }
 
 fn check_pre_tokenizer_json(v: Option<&serde_json::Value>) -> Result<()> {

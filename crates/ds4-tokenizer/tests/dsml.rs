@@ -353,7 +353,7 @@ fn stream_events_full_example() {
 fn stream_incremental_deltas_and_hold_back() {
     let mut p = StreamParser::new(NOTHINK);
     let mut all = Vec::new();
-    let mut feed = |p: &mut StreamParser, s: &[u8], all: &mut Vec<StreamEvent>| {
+    let feed = |p: &mut StreamParser, s: &[u8], all: &mut Vec<StreamEvent>| {
         let ev = normalize(p.feed(s));
         all.extend(ev.clone());
         ev
@@ -525,7 +525,11 @@ fn opts_strategy() -> impl Strategy<Value = ParseOptions> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 400, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig {
+        cases: 400,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    })]
 
     /// Random chunking (cuts anywhere, even inside UTF-8 characters) gives the same events and
     /// outcome as feeding everything at once.
