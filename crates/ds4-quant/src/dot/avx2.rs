@@ -83,12 +83,46 @@ unsafe fn dot_i8x32(a: __m256i, b: __m256i) -> __m256i {
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn vec_dot_q8_0(w: &[BlockQ8_0], x: &[BlockQ8_0Act]) -> f32 {
     assert_eq!(w.len(), x.len(), "vec_dot_q8_0: block counts differ");
+    let nb = w.len();
     let mut acc = 0.0f32;
-    for (wb, xb) in w.iter().zip(x) {
-        let a = _mm256_loadu_si256(wb.qs.as_ptr() as *const __m256i);
-        let b = _mm256_loadu_si256(xb.qs.as_ptr() as *const __m256i);
-        let isum = hsum_i32(dot_i8x32(a, b));
-        acc += f16_to_f32(wb.d) * xb.d * isum as f32;
+    let mut b = 0;
+    // Four blocks at a time: integer sums reduced together, per-block terms formed lane-wise with
+    // the same f32 operations as the oracle (i32 → f32 is exact: |isum| ≤ 2^19), then added to
+    // the accumulator in block order.
+    while b + 4 <= nb {
+        let mut v = [_mm256_setzero_si256(); 4];
+        for (k, vk) in v.iter_mut().enumerate() {
+            let a = _mm256_loadu_si256(w[b + k].qs.as_ptr() as *const __m256i);
+            let c = _mm256_loadu_si256(x[b + k].qs.as_ptr() as *const __m256i);
+            *vk = dot_i8x32(a, c);
+        }
+        let h = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+        let isum = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
+        let wd = _mm_cvtph_ps(_mm_setr_epi16(
+            w[b].d as i16,
+            w[b + 1].d as i16,
+            w[b + 2].d as i16,
+            w[b + 3].d as i16,
+            0,
+            0,
+            0,
+            0,
+        ));
+        let xd = _mm_setr_ps(x[b].d, x[b + 1].d, x[b + 2].d, x[b + 3].d);
+        let t = _mm_mul_ps(_mm_mul_ps(wd, xd), _mm_cvtepi32_ps(isum));
+        let mut tv = [0.0f32; 4];
+        _mm_storeu_ps(tv.as_mut_ptr(), t);
+        for tk in tv {
+            acc += tk;
+        }
+        b += 4;
+    }
+    while b < nb {
+        let a = _mm256_loadu_si256(w[b].qs.as_ptr() as *const __m256i);
+        let c = _mm256_loadu_si256(x[b].qs.as_ptr() as *const __m256i);
+        let isum = hsum_i32(dot_i8x32(a, c));
+        acc += f16_to_f32(w[b].d) * x[b].d * isum as f32;
+        b += 1;
     }
     acc
 }
@@ -169,6 +203,7 @@ pub(super) unsafe fn vec_dot_iq2_xxs_q8_k(w: &[BlockIq2Xxs], y: &[BlockQ8K]) -> 
         y.len(),
         "vec_dot_iq2_xxs_q8_k: block counts differ"
     );
+    let k80 = _mm256_set1_epi8(0x80u8 as i8);
     let mut sumf = 0.0f32;
     for (wb, yb) in w.iter().zip(y) {
         let mut acc = _mm256_setzero_si256();
@@ -187,14 +222,15 @@ pub(super) unsafe fn vec_dot_iq2_xxs_q8_k(w: &[BlockIq2Xxs], y: &[BlockQ8K]) -> 
                 SIGNS_PM1[((a1 >> 14) & 127) as usize] as i64,
                 SIGNS_PM1[((a1 >> 21) & 127) as usize] as i64,
             );
-            // Signed weights (|·| ≤ 43, exact), then an exact widening dot with q8.
-            let wv = _mm256_sign_epi8(grid, signs);
+            // Signed weights g (|g| ≤ 43, exact). maddubs needs an unsigned operand, so use
+            // q8 + 128 (= q8 ^ 0x80) and subtract 128·g: pair sums ≤ 255·43·2 < 2^15 (no
+            // saturation) and the difference Σ q8·g per pair (≤ 11008) is exact in i16.
+            let g = _mm256_sign_epi8(grid, signs);
             let q8 = _mm256_loadu_si256(yb.qs.as_ptr().add(32 * ib32) as *const __m256i);
-            let ls = (2 * (a1 >> 28) + 1) as i32;
-            acc = _mm256_add_epi32(
-                acc,
-                _mm256_mullo_epi32(dot_i8x32(wv, q8), _mm256_set1_epi32(ls)),
-            );
+            let q8u = _mm256_xor_si256(q8, k80);
+            let p = _mm256_sub_epi16(_mm256_maddubs_epi16(q8u, g), _mm256_maddubs_epi16(k80, g));
+            let ls = (2 * (a1 >> 28) + 1) as i16;
+            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(ls)));
         }
         let bsum = hsum_i32(acc);
         let d = f16_to_f32(wb.d) * yb.d;
