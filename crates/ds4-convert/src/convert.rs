@@ -29,6 +29,8 @@ pub const RECIPE_KEY: &str = "ds4.convert.recipe";
 
 /// Elements decoded per piece of a regular tensor (16 MiB of f32).
 const CHUNK_ELEMS: usize = 1 << 22;
+/// Values decoded per parallel task.
+const PAR_ELEMS: usize = 1 << 16;
 
 /// Options of [`convert_checkpoint`].
 #[derive(Clone, Debug)]
@@ -323,18 +325,33 @@ fn read_rows(
     out: &mut [f32],
 ) -> Result<()> {
     let bytes = ckpt.bytes(name)?;
-    match storage {
-        Storage::Plain(k) => {
-            let sz = k.size();
-            decode_plain(*k, &bytes[r0 * cols * sz..(r0 + n) * cols * sz], out);
+    let decode = |row: usize, o: &mut [f32]| {
+        let rows = o.len() / cols;
+        match storage {
+            Storage::Plain(k) => {
+                let sz = k.size();
+                decode_plain(*k, &bytes[row * cols * sz..(row + rows) * cols * sz], o);
+            }
+            Storage::Fp8 { .. } => dequant_fp8_rows(bytes, cols, scales, row, rows, o),
+            Storage::Fp4 { .. } => dequant_fp4_rows(bytes, cols, scales, row, rows, o),
+            Storage::Int(_) => {}
         }
-        Storage::Fp8 { .. } => dequant_fp8_rows(bytes, cols, scales, r0, n, out),
-        Storage::Fp4 { .. } => dequant_fp4_rows(bytes, cols, scales, r0, n, out),
-        Storage::Int(_) => {
-            return Err(ConvertError::Verify(format!(
-                "internal: integer tensor {name:?} read as float"
-            )));
-        }
+    };
+    if let Storage::Int(_) = storage {
+        return Err(ConvertError::Verify(format!(
+            "internal: integer tensor {name:?} read as float"
+        )));
+    }
+    let out = &mut out[..n * cols];
+    // Decode in parallel pieces of about 64 Ki values (the result does not depend on the split).
+    let rows_per_task = (PAR_ELEMS / cols).max(1);
+    if n > rows_per_task {
+        use rayon::prelude::*;
+        out.par_chunks_mut(rows_per_task * cols)
+            .enumerate()
+            .for_each(|(i, o)| decode(r0 + i * rows_per_task, o));
+    } else {
+        decode(r0, out);
     }
     Ok(())
 }

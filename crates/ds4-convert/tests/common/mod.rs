@@ -92,3 +92,42 @@ pub fn f32s(data: &[u8]) -> Vec<f32> {
         .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
         .collect()
 }
+
+/// Write tensors as `n_shards` shards (round-robin, so consecutive tensors alternate between
+/// shards) with a `model.safetensors.index.json`, plus `config.json`.
+pub fn write_sharded_checkpoint(
+    dir: &Path,
+    tensors: &[OwnedTensor],
+    config: &serde_json::Value,
+    n_shards: usize,
+) {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut map = serde_json::Map::new();
+    for s in 0..n_shards {
+        let file = format!("model-{:05}-of-{n_shards:05}.safetensors", s + 1);
+        let views: Vec<(String, TensorView<'_>)> = tensors
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| i % n_shards == s)
+            .map(|(_, t)| {
+                map.insert(t.name.clone(), file.clone().into());
+                (
+                    t.name.clone(),
+                    TensorView::new(t.dtype, t.shape.clone(), &t.data).unwrap(),
+                )
+            })
+            .collect();
+        safetensors::serialize_to_file(views, None, &dir.join(&file)).unwrap();
+    }
+    let index = serde_json::json!({"metadata": {"total_size": 0}, "weight_map": map});
+    std::fs::write(
+        dir.join("model.safetensors.index.json"),
+        serde_json::to_string_pretty(&index).unwrap(),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_string_pretty(config).unwrap(),
+    )
+    .unwrap();
+}
