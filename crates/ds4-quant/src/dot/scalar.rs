@@ -6,7 +6,7 @@ use crate::blocks::{BlockIq2Xxs, BlockQ2K, BlockQ4K, BlockQ8_0, BlockQ8_0Act, Bl
 use crate::fp::{bf16_to_f32, f16_to_f32};
 use crate::tables::{KSIGNS_IQ2XS, grid_bytes};
 
-/// Σ_b f16(w.d)·x.d·Σ_i w.qs[i]·x.qs[i] (ds4 `dot_q8_0_row`, scalar branch).
+/// `Σ_b f16(w.d)·x.d·Σ_i w.qs[i]·x.qs[i]` (ds4 `dot_q8_0_row`, scalar branch).
 pub fn vec_dot_q8_0(w: &[BlockQ8_0], x: &[BlockQ8_0Act]) -> f32 {
     assert_eq!(w.len(), x.len(), "vec_dot_q8_0: block counts differ");
     let mut acc = 0.0f32;
@@ -145,7 +145,7 @@ pub fn vec_dot_iq2_xxs_q8_k(w: &[BlockIq2Xxs], y: &[BlockQ8K]) -> f32 {
     0.125 * sumf
 }
 
-/// Σ f32(w[i])·x[i], sequential f32 accumulation.
+/// `Σ f32(w[i])·x[i]`, sequential f32 accumulation.
 pub fn vec_dot_f16_f32(w: &[u16], x: &[f32]) -> f32 {
     assert_eq!(w.len(), x.len(), "vec_dot_f16_f32: lengths differ");
     let mut acc = 0.0f32;
@@ -155,7 +155,7 @@ pub fn vec_dot_f16_f32(w: &[u16], x: &[f32]) -> f32 {
     acc
 }
 
-/// Σ f32(w[i])·x[i] for bfloat16 weights, sequential f32 accumulation.
+/// `Σ f32(w[i])·x[i]` for bfloat16 weights, sequential f32 accumulation.
 pub fn vec_dot_bf16_f32(w: &[u16], x: &[f32]) -> f32 {
     assert_eq!(w.len(), x.len(), "vec_dot_bf16_f32: lengths differ");
     let mut acc = 0.0f32;
@@ -165,7 +165,7 @@ pub fn vec_dot_bf16_f32(w: &[u16], x: &[f32]) -> f32 {
     acc
 }
 
-/// Σ w[i]·x[i] accumulated in f64 (ds4 `matvec_f32`), rounded once to f32.
+/// `Σ w[i]·x[i]` accumulated in f64 (ds4 `matvec_f32`), rounded once to f32.
 pub fn vec_dot_f32(w: &[f32], x: &[f32]) -> f32 {
     assert_eq!(w.len(), x.len(), "vec_dot_f32: lengths differ");
     let mut acc = 0.0f64;
