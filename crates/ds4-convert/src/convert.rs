@@ -531,9 +531,9 @@ fn default_name(shape: &Shape) -> String {
 }
 
 /// Deletes the partial output unless disarmed.
-struct PartialFile {
-    path: PathBuf,
-    armed: bool,
+pub(crate) struct PartialFile {
+    pub(crate) path: PathBuf,
+    pub(crate) armed: bool,
 }
 
 impl Drop for PartialFile {

@@ -8,6 +8,8 @@
 //! * [`formats`] decodes the official storage formats (FP8 E4M3 + E8M0 128×128 blocks, packed FP4
 //!   E2M1 + E8M0 1×32 blocks, BF16/F16/F32).
 //! * [`convert_vocab_only`] writes a tokenizer-only GGUF.
+//! * [`synth_gguf`] writes a deterministic synthetic GGUF of any shape (Flash by default) with
+//!   ds4's exact tensor inventory and random, well-scaled values (`ds4 synth`).
 
 pub mod checkpoint;
 pub mod config;
@@ -18,6 +20,7 @@ pub mod formats;
 pub mod imatrix;
 pub mod names;
 pub mod recipe;
+pub mod synth;
 pub mod tokenizer_meta;
 
 pub use config::{mtp_layer_count, shape_from_official_config};
@@ -31,3 +34,4 @@ pub use names::{
     plan_tensors,
 };
 pub use recipe::Recipe;
+pub use synth::{SynthOptions, SynthReport, synth_gguf, synth_vocab_metadata};
