@@ -1,6 +1,20 @@
 //! ds4-tokenizer: the DeepSeek V4 tokenizer (HF `tokenizers` BPE with the official pre-tokenizer),
 //! ds4's chat-template rendering (server, CLI, completion and REPL forms) and DSML tool calls
 //! (canonical rendering, one-shot parsing and a streaming parser).
+//!
+//! * [`Tokenizer`] — construction from a token table ([`Tokenizer::from_vocab`]), a HF
+//!   `tokenizer.json` ([`Tokenizer::from_tokenizer_json`]) or GGUF metadata
+//!   ([`Tokenizer::from_gguf`]); [`Tokenizer::encode`] (HF semantics: every added token in the
+//!   text is recognised), [`Tokenizer::encode_plain`] (none), [`Tokenizer::encode_ds4_chat`] (the
+//!   seven ds4 specials only, like `ds4_tokenize_rendered_chat`); [`Tokenizer::decode`] (bytes,
+//!   ds4's `ds4_token_text` rule); [`Tokenizer::gguf_vocab_metadata`] for writing a vocab GGUF.
+//! * [`chat`] — [`render_chat`] (server prompt), [`render_chat_tail`] (live tool-result
+//!   continuation), [`render_completion_prompt`], [`render_cli_prompt`] / [`encode_cli_prompt`],
+//!   and the REPL transcript functions ([`chat_append_message`] …).
+//! * [`dsml`] — [`render_tool_calls`] (canonical DSML) and [`parse_generated`] (final parse of a
+//!   generation: reasoning, content, tool calls, raw block for replay, failure outcomes).
+//! * [`stream`] — [`StreamParser`]: the same parse as a stream of [`StreamEvent`]s from byte
+//!   chunks, never emitting a partial marker, entity or UTF-8 character.
 
 pub mod bytelevel;
 pub mod chat;

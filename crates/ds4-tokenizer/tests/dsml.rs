@@ -618,3 +618,40 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: 300,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    })]
+
+    /// Arbitrary client JSON text (tool arguments, tool arrays) never panics the renderers, and
+    /// object arguments render one parameter per member.
+    #[test]
+    fn renderers_accept_any_text(args in "[{}\\[\\]\":, a-z0-9\\\\u.+-]{0,60}", name in ".{0,10}") {
+        let call = ToolCall::new(name, args.clone());
+        let dsml = render_tool_calls(std::slice::from_ref(&call));
+        prop_assert!(dsml.starts_with("\n\n<｜DSML｜tool_calls>\n"));
+        prop_assert!(dsml.ends_with("</｜DSML｜tool_calls>"));
+        let _ = ToolSchemas::from_raw_array(&args);
+        let mut t = ToolSchemas::new();
+        let _ = t.push_raw(&args);
+        // Whatever was rendered parses back (canonical DSML is always well-formed).
+        let o = parse_generated(&dsml, NOTHINK);
+        prop_assert!(o.is_ok());
+        prop_assert_eq!(o.message().tool_calls.len(), 1);
+        if let Ok(Value::Object(m)) = serde_json::from_str::<Value>(&args) {
+            let parsed = o.message().tool_calls[0].arguments_value().unwrap();
+            prop_assert_eq!(parsed, Value::Object(m));
+        }
+    }
+}
+
+#[test]
+fn types_are_send_sync() {
+    fn check<T: Send + Sync>() {}
+    check::<ds4_tokenizer::Tokenizer>();
+    check::<StreamParser>();
+    check::<Message>();
+}

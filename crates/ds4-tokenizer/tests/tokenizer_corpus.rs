@@ -43,3 +43,29 @@ fn corpus_plain_and_ds4chat_match() {
     });
     assert_eq!(bad, 0);
 }
+
+/// The held-out corpus (`scripts/tokenizer_fixtures.py --heldout`, another seed): generated
+/// after the implementation was finished and not used while developing it.
+#[test]
+fn heldout_corpus_matches_python_tokenizers() {
+    let Some(t) = tok() else { return };
+    let docs = read_corpus("heldout");
+    let ids = read_ids("heldout.ids");
+    assert_eq!(docs.len(), ids.len());
+    let cases: Vec<(usize, Vec<u32>)> = ids.into_iter().enumerate().collect();
+    let bad = report_mismatches(t, "heldout encode", &docs, &cases, |s| t.encode(s).unwrap());
+    assert_eq!(
+        bad, 0,
+        "{bad} held-out documents differ from the Python reference"
+    );
+    let plain = read_indexed_ids("heldout.plain.ids");
+    let chat = read_indexed_ids("heldout.ds4chat.ids");
+    let bad = report_mismatches(t, "heldout encode_plain", &docs, &plain, |s| {
+        t.encode_plain(s).unwrap()
+    });
+    assert_eq!(bad, 0);
+    let bad = report_mismatches(t, "heldout encode_ds4_chat", &docs, &chat, |s| {
+        t.encode_ds4_chat(s).unwrap()
+    });
+    assert_eq!(bad, 0);
+}
