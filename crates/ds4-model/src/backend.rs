@@ -158,7 +158,7 @@ impl KvState {
             };
             check("raw rows", l.raw.len(), rl * shape.head_dim)?;
             let ratio = lp.attn.ratio();
-            let n_comp = if ratio > 0 { t / ratio } else { 0 };
+            let n_comp = t.checked_div(ratio).unwrap_or(0);
             check("compressed rows", l.comp.len(), n_comp * shape.head_dim)?;
             let sl = attn_geom(shape, lp.attn).map_or(0, |g| g.state_len());
             check("compressor kv", l.state_kv.len(), sl)?;

@@ -243,7 +243,9 @@ impl CpuBackend {
         ctx: usize,
     ) -> Result<CpuBackend> {
         if ctx == 0 {
-            return Err(ModelError::BadOption("context size must be at least 1".into()));
+            return Err(ModelError::BadOption(
+                "context size must be at least 1".into(),
+            ));
         }
         let s = &model.shape;
         let kv = model
@@ -252,7 +254,7 @@ impl CpuBackend {
             .iter()
             .map(|lp| {
                 let ratio = lp.attn.ratio();
-                let comp_rows = if ratio > 0 { ctx / ratio + 1 } else { 0 };
+                let comp_rows = ctx.checked_div(ratio).map_or(0, |r| r + 1);
                 let ag = attn_geom(s, lp.attn);
                 let ig = index_geom(s, lp.attn);
                 let st = |g: Option<CompressorGeom>| {
@@ -572,7 +574,12 @@ enum Qat {
 }
 
 impl LayerCtx<'_> {
-    fn attention(&mut self, sc: &mut Scratch, kvs: &mut LayerKv, trace: Option<&mut Trace>) -> Result<()> {
+    fn attention(
+        &mut self,
+        sc: &mut Scratch,
+        kvs: &mut LayerKv,
+        trace: Option<&mut Trace>,
+    ) -> Result<()> {
         let m = self.m;
         let g = &*m.gguf;
         let s = &m.shape;
@@ -702,13 +709,19 @@ impl LayerCtx<'_> {
 
         // Indexer selection (CSA), in parallel over the tokens that see more than top-k rows.
         let topk = s.index_topk;
-        let visible = |t: usize| if ratio > 0 { (pos0 + t + 1) / ratio } else { 0 };
+        let visible = |t: usize| (pos0 + t + 1).checked_div(ratio).unwrap_or(0);
         if let Some(ix) = &lw.indexer {
             let any = (0..n).any(|t| visible(t) > topk);
             let ihd = s.index_head_dim;
             let nih = s.index_heads;
             if any {
-                matmul(g, &ix.q_b, &sc.qrn[..n * ql], n, &mut sc.iq[..n * nih * ihd])?;
+                matmul(
+                    g,
+                    &ix.q_b,
+                    &sc.qrn[..n * ql],
+                    n,
+                    &mut sc.iq[..n * nih * ihd],
+                )?;
                 matmul(g, &ix.proj, a, n, &mut sc.iw[..n * nih])?;
                 let wscale = 1.0 / ((ihd * nih) as f64).sqrt();
                 let cos_c = &sc.cos_c;
@@ -771,7 +784,11 @@ impl LayerCtx<'_> {
                 for t in 0..n {
                     let c = sc.isel_n[t];
                     for j in 0..topk {
-                        out.push(if j < c { sc.isel[t * topk + j] as i32 } else { -1 });
+                        out.push(if j < c {
+                            sc.isel[t * topk + j] as i32
+                        } else {
+                            -1
+                        });
                     }
                 }
             }
@@ -861,7 +878,13 @@ impl LayerCtx<'_> {
                     .copy_from_slice(&sc.grp_out[t * ol..(t + 1) * ol]);
             }
         }
-        matmul(g, &lw.out_b, &sc.low[..n * ng * ol], n, &mut sc.fout[..n * e])?;
+        matmul(
+            g,
+            &lw.out_b,
+            &sc.low[..n * ng * ol],
+            n,
+            &mut sc.fout[..n * e],
+        )?;
         hc_post_all(s, n, &sc.fout, &sc.x, &sc.post, &sc.comb, &mut sc.x1);
         Ok(())
     }
@@ -998,7 +1021,13 @@ impl LayerCtx<'_> {
             .zip(sc.sh_g[..n * ff].par_chunks(ff))
             .zip(sc.sh_u[..n * ff].par_chunks(ff))
             .for_each(|((o, gg), u)| ops::swiglu(gg, u, clamp, 1.0, o));
-        matmul(g, &lw.down_shexp, &sc.sh_m[..n * ff], n, &mut sc.sh_out[..n * e])?;
+        matmul(
+            g,
+            &lw.down_shexp,
+            &sc.sh_m[..n * ff],
+            n,
+            &mut sc.sh_out[..n * e],
+        )?;
 
         // F = Σ_k routed (slot order) + shared.
         let dout = &sc.dout;

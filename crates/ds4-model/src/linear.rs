@@ -49,7 +49,11 @@ pub fn supported(ty: GgmlType) -> bool {
 }
 
 /// Dequantize `n` values of type `ty` (whole data).
-pub fn dequantize_all(ty: GgmlType, data: &[u8], n: usize) -> std::result::Result<Vec<f32>, String> {
+pub fn dequantize_all(
+    ty: GgmlType,
+    data: &[u8],
+    n: usize,
+) -> std::result::Result<Vec<f32>, String> {
     let mut out = vec![0.0f32; n];
     ds4_quant::dequantize(ty, data, &mut out).map_err(|e| e.to_string())?;
     Ok(out)

@@ -151,7 +151,11 @@ pub fn to_bytes<T: NpyElem>(shape: &[usize], data: &[T]) -> std::io::Result<Vec<
 }
 
 /// Write an array to a file.
-pub fn write<T: NpyElem>(path: impl AsRef<Path>, shape: &[usize], data: &[T]) -> std::io::Result<()> {
+pub fn write<T: NpyElem>(
+    path: impl AsRef<Path>,
+    shape: &[usize],
+    data: &[T],
+) -> std::io::Result<()> {
     let bytes = to_bytes(shape, data)?;
     let mut f = std::fs::File::create(path)?;
     f.write_all(&bytes)
@@ -333,7 +337,10 @@ mod tests {
         let a = from_bytes(&to_bytes(&[3], &[1i32, -5, 9]).unwrap()).unwrap();
         assert_eq!(a.data, NpyData::I32(vec![1, -5, 9]));
         let a = from_bytes(&to_bytes(&[1, 2], &[-1i16, 300]).unwrap()).unwrap();
-        assert_eq!((a.shape.clone(), a.data), (vec![1, 2], NpyData::I16(vec![-1, 300])));
+        assert_eq!(
+            (a.shape.clone(), a.data),
+            (vec![1, 2], NpyData::I16(vec![-1, 300]))
+        );
         let a = from_bytes(&to_bytes(&[2], &[-1i8, 7]).unwrap()).unwrap();
         assert_eq!(a.data, NpyData::I8(vec![-1, 7]));
         assert!(to_bytes(&[4], &[1.0f32]).is_err());

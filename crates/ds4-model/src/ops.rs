@@ -352,7 +352,11 @@ pub struct CompressorGeom {
 impl CompressorGeom {
     /// Frontier rows: `2·ratio` (overlap: previous + current window) or `ratio`.
     pub fn rows(&self) -> usize {
-        if self.overlap { 2 * self.ratio } else { self.ratio }
+        if self.overlap {
+            2 * self.ratio
+        } else {
+            self.ratio
+        }
     }
     /// Frontier / projection width: `2·d_c` (overlap) or `d_c`.
     pub fn width(&self) -> usize {
@@ -715,11 +719,24 @@ mod tests {
         let mix: Vec<f32> = (0..24).map(|i| ((i * 7 % 11) as f32 - 5.0) * 0.3).collect();
         let base = vec![0.1f32; 24];
         let (mut pre, mut post, mut comb) = ([0f32; 4], [0f32; 4], [0f32; 16]);
-        hc_split(&mix, &[1.0, 0.5, 2.0], &base, 4, 20, 1e-6, &mut pre, &mut post, &mut comb);
+        hc_split(
+            &mix,
+            &[1.0, 0.5, 2.0],
+            &base,
+            4,
+            20,
+            1e-6,
+            &mut pre,
+            &mut post,
+            &mut comb,
+        );
         for r in 0..4 {
             let row: f32 = comb[r * 4..r * 4 + 4].iter().sum();
             let col: f32 = (0..4).map(|i| comb[i * 4 + r]).sum();
-            assert!((row - 1.0).abs() < 1e-3 && (col - 1.0).abs() < 1e-5, "{row} {col}");
+            assert!(
+                (row - 1.0).abs() < 1e-3 && (col - 1.0).abs() < 1e-5,
+                "{row} {col}"
+            );
         }
         assert!(pre.iter().all(|&p| p > 0.0 && p < 1.0 + 1e-5));
         assert!(post.iter().all(|&p| p > 0.0 && p < 2.0));

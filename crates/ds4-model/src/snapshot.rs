@@ -262,7 +262,11 @@ pub fn decode(
     };
     mismatch("layer count", shape.n_layer, header.n_layer)?;
     mismatch("head dim", shape.head_dim, header.head_dim)?;
-    mismatch("indexer head dim", shape.index_head_dim, header.index_head_dim)?;
+    mismatch(
+        "indexer head dim",
+        shape.index_head_dim,
+        header.index_head_dim,
+    )?;
     mismatch("vocab", shape.n_vocab, header.n_vocab)?;
     if header.ctx as usize > ctx {
         return Err(SnapshotError::Mismatch {
@@ -307,7 +311,7 @@ pub fn decode(
     let n_icomp = r.u32s("indexer counts", shape.n_layer)?;
     for (il, lp) in plan.layers.iter().enumerate() {
         let ratio = lp.attn.ratio();
-        let want = if ratio > 0 { t / ratio } else { 0 };
+        let want = t.checked_div(ratio).unwrap_or(0);
         if n_comp[il] as usize != want || want > header.comp_cap as usize && ratio > 0 {
             return Err(SnapshotError::Invalid(format!(
                 "layer {il}: {} compressed rows, {t} tokens at ratio {ratio} make {want} (cap {})",

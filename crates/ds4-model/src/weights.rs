@@ -19,7 +19,8 @@ use crate::plan::{MoeKind, Plan};
 use crate::shape::Shape;
 
 /// Types accepted for dense matrices.
-pub const MATRIX_TYPES: &[GgmlType] = &[GgmlType::F32, GgmlType::F16, GgmlType::BF16, GgmlType::Q8_0];
+pub const MATRIX_TYPES: &[GgmlType] =
+    &[GgmlType::F32, GgmlType::F16, GgmlType::BF16, GgmlType::Q8_0];
 /// Types accepted for routed-expert tensors.
 pub const EXPERT_TYPES: &[GgmlType] = &[
     GgmlType::F32,
@@ -273,7 +274,11 @@ impl<'a> Binder<'a> {
 
     fn hc(&self, prefix: &str, shape: &Shape) -> Result<HcWeights> {
         Ok(HcWeights {
-            fn_: self.mat(&format!("{prefix}_fn.weight"), shape.hc_dim(), shape.hc_mix())?,
+            fn_: self.mat(
+                &format!("{prefix}_fn.weight"),
+                shape.hc_dim(),
+                shape.hc_mix(),
+            )?,
             scale: self.vec(&format!("{prefix}_scale.weight"), 3)?,
             base: self.vec(&format!("{prefix}_base.weight"), shape.hc_mix())?,
         })
@@ -372,7 +377,8 @@ impl Weights {
             } else {
                 None
             };
-            let gate_exps = b.experts(&n("ffn_gate_exps.weight"), s.n_embd, s.n_ff_exp, s.n_expert)?;
+            let gate_exps =
+                b.experts(&n("ffn_gate_exps.weight"), s.n_embd, s.n_ff_exp, s.n_expert)?;
             let up_exps = b.experts(&n("ffn_up_exps.weight"), s.n_embd, s.n_ff_exp, s.n_expert)?;
             if gate_exps.t.ty != up_exps.t.ty {
                 return Err(ModelError::WrongType {
@@ -381,7 +387,8 @@ impl Weights {
                     found: up_exps.t.ty,
                 });
             }
-            let down_exps = b.experts(&n("ffn_down_exps.weight"), s.n_ff_exp, s.n_embd, s.n_expert)?;
+            let down_exps =
+                b.experts(&n("ffn_down_exps.weight"), s.n_ff_exp, s.n_embd, s.n_expert)?;
             layers.push(LayerWeights {
                 hc_attn: b.hc(&n("hc_attn"), s)?,
                 attn_norm: b.vec(&n("attn_norm.weight"), s.n_embd)?,

@@ -37,14 +37,11 @@ pub fn set_dir(set: &str) -> Option<PathBuf> {
     }
 }
 
-struct Converted {
-    _dir: tempfile::TempDir,
-    model: Arc<Model>,
-}
+type Cell = Arc<OnceLock<Option<Arc<Model>>>>;
+type Cache = Mutex<HashMap<(String, String), Cell>>;
 
-fn cache() -> &'static Mutex<HashMap<(String, String), Arc<OnceLock<Option<Arc<Model>>>>>> {
-    static C: OnceLock<Mutex<HashMap<(String, String), Arc<OnceLock<Option<Arc<Model>>>>>>> =
-        OnceLock::new();
+fn cache() -> &'static Cache {
+    static C: OnceLock<Cache> = OnceLock::new();
     C.get_or_init(|| Mutex::new(HashMap::new()))
 }
 

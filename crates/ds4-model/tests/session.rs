@@ -1,0 +1,501 @@
+//! Sessions on the converted tiny model: chunking consistency, snapshot/restore bit-exactness,
+//! prefix sync, snapshot corruption (proptest), and refusal of corrupted / mismatched GGUFs.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::*;
+use ds4_convert::Recipe;
+use ds4_gguf::{GgmlType, Gguf, GgufBuilder, MetaValue};
+use ds4_model::{
+    Engine, EngineOptions, Model, ModelError, Session, SessionOptions, ShapeError, SnapshotError,
+    argmax,
+};
+use proptest::prelude::*;
+
+fn prompt(n: usize) -> Option<Vec<u32>> {
+    let rs = RefSet::open("tiny", "ref_plain")?;
+    let ids = ints(&rs.npy("memory_archive_500", "input_ids.npy"));
+    Some(ids[..n].iter().map(|&x| x as u32).collect())
+}
+
+fn session(m: &Arc<Model>, qat: bool, ctx: usize, chunk: usize) -> Session {
+    engine(m, qat)
+        .new_session(SessionOptions {
+            ctx,
+            prefill_chunk: chunk,
+        })
+        .unwrap()
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
+
+/// Prefill in one chunk, in chunks of 37 and token by token: every logit identical (the
+/// batched matmul gives exactly the per-token numbers), with QAT off and on.
+#[test]
+fn chunking_does_not_change_logits() {
+    let Some(m) = model("tiny", Recipe::F32) else {
+        return;
+    };
+    let ids = prompt(300).unwrap();
+    for qat in [false, true] {
+        let one = session(&m, qat, 512, 2048)
+            .prefill_all_logits(&ids)
+            .unwrap();
+        for chunk in [37, 1] {
+            let other = session(&m, qat, 512, chunk)
+                .prefill_all_logits(&ids)
+                .unwrap();
+            let d = one
+                .iter()
+                .zip(&other)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            eprintln!("qat={qat} chunk {chunk} vs one chunk: max |Δ| = {d:e}");
+            assert!(d <= 1e-4, "chunk {chunk}: {d}");
+            assert_eq!(bits(&one), bits(&other), "chunk {chunk}: not bit-identical");
+        }
+    }
+}
+
+/// Snapshot after a prefill, restore into a fresh session, continue: bit-identical to the
+/// uninterrupted run. Snapshots are deterministic (chunked vs token-by-token prefill).
+#[test]
+fn snapshot_restore_is_bit_exact() {
+    let Some(m) = model("tiny", Recipe::F32) else {
+        return;
+    };
+    let ids = prompt(301).unwrap();
+    let mut a = session(&m, true, 512, 64);
+    a.prefill(&ids).unwrap();
+    let snap = a.snapshot().unwrap();
+
+    // Determinism: the same state from a token-by-token prefill gives the same payload
+    // (apart from header field 3, the prefill chunk).
+    let mut c = session(&m, true, 512, 1);
+    c.prefill(&ids).unwrap();
+    let snap_c = c.snapshot().unwrap();
+    assert_eq!(snap.len(), snap_c.len());
+    assert_eq!(&snap[..12], &snap_c[..12]);
+    assert_eq!(
+        &snap[16..],
+        &snap_c[16..],
+        "payload differs after the header"
+    );
+
+    // Continue A greedily; restore into B and feed the same tokens.
+    let mut toks = Vec::new();
+    let mut la = Vec::new();
+    for _ in 0..40 {
+        let t = argmax(a.logits());
+        toks.push(t);
+        la.push(bits(a.decode(t).unwrap()));
+    }
+    let mut b = session(&m, true, 512, 2048);
+    b.restore(&snap).unwrap();
+    assert_eq!(b.tokens(), &ids[..]);
+    assert_eq!(bits(b.logits()), bits(c.logits()));
+    for (i, &t) in toks.iter().enumerate() {
+        assert_eq!(argmax(b.logits()), t, "greedy step {i}");
+        let l = bits(b.decode(t).unwrap());
+        assert_eq!(l, la[i], "decode step {i} differs after restore");
+    }
+    // And a snapshot taken mid-decode restores too.
+    let snap2 = b.snapshot().unwrap();
+    let mut d = session(&m, true, 512, 7);
+    d.restore(&snap2).unwrap();
+    let t = argmax(d.logits());
+    assert_eq!(bits(d.decode(t).unwrap()), bits(b.decode(t).unwrap()));
+}
+
+#[test]
+fn snapshot_mismatches_are_refused() {
+    let Some(m) = model("tiny", Recipe::F32) else {
+        return;
+    };
+    let ids = prompt(140).unwrap();
+    let mut a = session(&m, false, 512, 2048);
+    a.prefill(&ids).unwrap();
+    let snap = a.snapshot().unwrap();
+    let mut b = session(&m, false, 512, 2048);
+    b.prefill(&ids[..3]).unwrap();
+    let before = bits(b.logits());
+    let check = |b: &mut Session, bytes: &[u8], want: &dyn Fn(&SnapshotError) -> bool| {
+        match b.restore(bytes) {
+            Err(ModelError::Snapshot(e)) => assert!(want(&e), "unexpected error {e}"),
+            other => panic!("expected a snapshot error, got {other:?}"),
+        }
+        assert_eq!(b.tokens(), &ids[..3], "session changed by a failed restore");
+        assert_eq!(bits(b.logits()), before);
+    };
+    let patch = |field: usize, v: u32| {
+        let mut s = snap.clone();
+        s[field * 4..field * 4 + 4].copy_from_slice(&v.to_le_bytes());
+        s
+    };
+    check(&mut b, &snap[..snap.len() - 1], &|e| {
+        matches!(e, SnapshotError::Truncated { .. })
+    });
+    let mut long = snap.clone();
+    long.push(0);
+    check(&mut b, &long, &|e| matches!(e, SnapshotError::Trailing(1)));
+    check(&mut b, &patch(0, 0x12345678), &|e| {
+        matches!(e, SnapshotError::BadMagic(_))
+    });
+    check(&mut b, &patch(1, 2), &|e| {
+        matches!(e, SnapshotError::BadVersion(2))
+    });
+    check(&mut b, &patch(11, 4097), &|e| {
+        matches!(e, SnapshotError::Mismatch { field: "vocab", .. })
+    });
+    check(&mut b, &patch(8, 5), &|e| {
+        matches!(
+            e,
+            SnapshotError::Mismatch {
+                field: "layer count",
+                ..
+            }
+        )
+    });
+    check(&mut b, &patch(9, 64), &|e| {
+        matches!(
+            e,
+            SnapshotError::Mismatch {
+                field: "head dim",
+                ..
+            }
+        )
+    });
+    check(&mut b, &patch(2, 4096), &|e| {
+        matches!(e, SnapshotError::Mismatch { .. })
+    });
+    check(&mut b, &patch(12, 100), &|e| {
+        matches!(
+            e,
+            SnapshotError::Mismatch {
+                field: "live raw rows",
+                ..
+            }
+        )
+    });
+    // A smaller session cannot take it.
+    let mut small = session(&m, false, 256, 2048);
+    assert!(matches!(
+        small.restore(&snap),
+        Err(ModelError::Snapshot(SnapshotError::Mismatch { .. }))
+    ));
+    // The first compressed count (layer 2, ratio 4) changed.
+    let t = ids.len();
+    let off = 13 * 4 + t * 4 + m.shape.n_vocab * 4 + 2 * 4;
+    let mut bad = snap.clone();
+    bad[off..off + 4].copy_from_slice(&36u32.to_le_bytes());
+    check(&mut b, &bad, &|e| matches!(e, SnapshotError::Invalid(_)));
+    // Restoring the good payload works after all that.
+    b.restore(&snap).unwrap();
+    assert_eq!(b.tokens(), &ids[..]);
+}
+
+fn tiny_snapshot() -> Option<(Arc<Model>, Vec<u8>)> {
+    static S: std::sync::OnceLock<Option<(Arc<Model>, Vec<u8>)>> = std::sync::OnceLock::new();
+    S.get_or_init(|| {
+        let m = model("tiny", Recipe::F32)?;
+        let ids = prompt(9)?;
+        let mut a = session(&m, true, 64, 2048);
+        a.prefill(&ids).unwrap();
+        Some((m, a.snapshot().unwrap()))
+    })
+    .clone()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 300, failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// Corrupted payloads never panic; a failed restore leaves the session unchanged; a
+    /// payload that loads can be decoded from.
+    #[test]
+    fn corrupted_snapshots_never_panic(
+        flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..6),
+        cut in proptest::option::of(any::<prop::sample::Index>()),
+        extra in proptest::collection::vec(any::<u8>(), 0..3),
+        header in proptest::option::of((0usize..13, any::<u32>())),
+    ) {
+        let Some((m, snap)) = tiny_snapshot() else { return Ok(()); };
+        let mut bytes = snap.clone();
+        for (i, v) in &flips {
+            let i = i.index(bytes.len());
+            bytes[i] ^= v;
+        }
+        if let Some((f, v)) = header {
+            bytes[f * 4..f * 4 + 4].copy_from_slice(&v.to_le_bytes());
+        }
+        if let Some(c) = cut {
+            bytes.truncate(c.index(bytes.len()));
+        }
+        bytes.extend_from_slice(&extra);
+        let mut s = session(&m, true, 64, 2048);
+        s.prefill(&[5, 6]).unwrap();
+        match s.restore(&bytes) {
+            Ok(()) => {
+                let t = argmax(s.logits());
+                let _ = s.decode(t);
+            }
+            Err(_) => prop_assert_eq!(s.tokens(), &[5u32, 6][..]),
+        }
+    }
+
+    #[test]
+    fn random_bytes_are_refused(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+        let Some((m, _)) = tiny_snapshot() else { return Ok(()); };
+        let mut s = session(&m, true, 64, 2048);
+        prop_assert!(s.restore(&bytes).is_err());
+    }
+}
+
+/// `sync` extends when the live tokens are a prefix, rebuilds otherwise; the logits always
+/// equal a fresh prefill's.
+#[test]
+fn sync_reuses_the_common_prefix() {
+    let Some(m) = model("tiny", Recipe::F32) else {
+        return;
+    };
+    let ids = prompt(200).unwrap();
+    let fresh = |toks: &[u32]| {
+        let mut s = session(&m, true, 512, 2048);
+        s.prefill(toks).unwrap();
+        bits(s.logits())
+    };
+    let mut s = session(&m, true, 512, 32);
+    let o = s.sync(&ids[..100]).unwrap();
+    assert_eq!((o.reused, o.evaluated), (0, 100));
+    let o = s.sync(&ids[..150]).unwrap();
+    assert_eq!((o.reused, o.evaluated), (100, 50));
+    assert_eq!(bits(s.logits()), fresh(&ids[..150]));
+    let o = s.sync(&ids[..150]).unwrap();
+    assert_eq!((o.reused, o.evaluated), (150, 0));
+    // Shorter: rebuilt.
+    let o = s.sync(&ids[..120]).unwrap();
+    assert_eq!((o.reused, o.evaluated), (0, 120));
+    assert_eq!(bits(s.logits()), fresh(&ids[..120]));
+    // Diverging at 80: rebuilt.
+    let mut div = ids[..130].to_vec();
+    div[80] = (div[80] + 1) % 4096;
+    assert_eq!(s.common_prefix(&div), 80);
+    let o = s.sync(&div).unwrap();
+    assert_eq!((o.reused, o.evaluated), (0, 130));
+    assert_eq!(bits(s.logits()), fresh(&div));
+    assert_eq!(s.tokens(), &div[..]);
+}
+
+#[test]
+fn bad_tokens_and_full_context_are_errors() {
+    let Some(m) = model("tiny", Recipe::F32) else {
+        return;
+    };
+    let mut s = session(&m, false, 8, 4);
+    s.prefill(&[1, 2, 3]).unwrap();
+    let l = bits(s.logits());
+    assert!(matches!(
+        s.prefill(&[7, 4096]),
+        Err(ModelError::TokenOutOfRange {
+            token: 4096,
+            pos: 4,
+            ..
+        })
+    ));
+    assert!(matches!(
+        s.prefill(&[1; 6]),
+        Err(ModelError::ContextFull { ctx: 8, needed: 9 })
+    ));
+    assert_eq!(s.tokens(), &[1, 2, 3]);
+    assert_eq!(bits(s.logits()), l);
+    assert!(matches!(
+        engine(&m, false).new_session(SessionOptions {
+            ctx: 0,
+            prefill_chunk: 1
+        }),
+        Err(ModelError::BadOption(_))
+    ));
+}
+
+// ------------------------------------------------------------------------------------------
+// Corrupted / mismatched GGUF files.
+
+type TensorEdit<'a> =
+    &'a dyn Fn(&str, &[u64], GgmlType, &[u8]) -> Option<(Vec<u64>, GgmlType, Vec<u8>)>;
+
+/// Rebuild `src` with edited metadata and tensors (`None` from `tensor` drops the tensor).
+fn rebuild(src: &Gguf, meta: &dyn Fn(&str, &MetaValue) -> MetaValue, tensor: TensorEdit) -> Gguf {
+    let mut b = GgufBuilder::new();
+    for (k, v) in src.metadata() {
+        b.add_metadata(k.clone(), meta(k, v)).unwrap();
+    }
+    let mut data = Vec::new();
+    for t in src.tensors() {
+        if let Some((dims, ty, d)) = tensor(&t.name, &t.dims, t.ty, src.data_of(t)) {
+            b.add_tensor(t.name.clone(), &dims, ty).unwrap();
+            data.push(d);
+        }
+    }
+    let mut dw = b.start(Vec::new()).unwrap();
+    for d in &data {
+        dw.write_tensor_data(d).unwrap();
+    }
+    Gguf::from_bytes(dw.finish().unwrap()).unwrap()
+}
+
+fn keep_meta(_: &str, v: &MetaValue) -> MetaValue {
+    v.clone()
+}
+
+fn load(g: Gguf) -> Result<Engine, ModelError> {
+    Engine::from_gguf(Arc::new(g), EngineOptions::default())
+}
+
+fn f32_to_f16_bytes(d: &[u8]) -> Vec<u8> {
+    d.chunks_exact(4)
+        .flat_map(|c| {
+            half::f16::from_f32(f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .to_bits()
+                .to_le_bytes()
+        })
+        .collect()
+}
+
+#[test]
+fn corrupted_ggufs_fail_with_clear_errors() {
+    let Some(m) = model("tiny", Recipe::F32) else {
+        return;
+    };
+    let src = &*m.gguf;
+    // Sanity: an unedited rebuild loads.
+    load(rebuild(src, &keep_meta, &|_, d, t, x| {
+        Some((d.to_vec(), t, x.to_vec()))
+    }))
+    .unwrap();
+
+    // Missing tensor.
+    let e = load(rebuild(src, &keep_meta, &|n, d, t, x| {
+        (n != "blk.1.attn_q_b.weight").then(|| (d.to_vec(), t, x.to_vec()))
+    }))
+    .unwrap_err();
+    eprintln!("{e}");
+    assert!(matches!(&e, ModelError::MissingTensor { name } if name == "blk.1.attn_q_b.weight"));
+
+    // Wrong type for a vector.
+    let e = load(rebuild(src, &keep_meta, &|n, d, t, x| {
+        Some(if n == "blk.0.attn_norm.weight" {
+            (d.to_vec(), GgmlType::F16, f32_to_f16_bytes(x))
+        } else {
+            (d.to_vec(), t, x.to_vec())
+        })
+    }))
+    .unwrap_err();
+    eprintln!("{e}");
+    assert!(
+        matches!(&e, ModelError::WrongType { name, found: GgmlType::F16, .. } if name == "blk.0.attn_norm.weight")
+    );
+
+    // Gate/up experts of different types.
+    let e = load(rebuild(src, &keep_meta, &|n, d, t, x| {
+        Some(if n == "blk.3.ffn_up_exps.weight" {
+            (d.to_vec(), GgmlType::F16, f32_to_f16_bytes(x))
+        } else {
+            (d.to_vec(), t, x.to_vec())
+        })
+    }))
+    .unwrap_err();
+    eprintln!("{e}");
+    assert!(matches!(&e, ModelError::WrongType { name, .. } if name == "blk.3.ffn_up_exps.weight"));
+
+    // Wrong shape.
+    let e = load(rebuild(src, &keep_meta, &|n, d, t, x| {
+        Some(if n == "blk.2.attn_kv.weight" {
+            (vec![d[0], d[1] / 2], t, x[..x.len() / 2].to_vec())
+        } else {
+            (d.to_vec(), t, x.to_vec())
+        })
+    }))
+    .unwrap_err();
+    eprintln!("{e}");
+    assert!(
+        matches!(&e, ModelError::WrongShape { name, expected, found }
+        if name == "blk.2.attn_kv.weight" && expected == &vec![128, 128] && found == &vec![128, 64])
+    );
+
+    // Metadata lying about a dimension: q_lora_rank 64 while the tensors have 128.
+    let e = load(rebuild(
+        src,
+        &|k, v| {
+            if k == "deepseek4.attention.q_lora_rank" {
+                MetaValue::U32(64)
+            } else {
+                v.clone()
+            }
+        },
+        &|_, d, t, x| Some((d.to_vec(), t, x.to_vec())),
+    ))
+    .unwrap_err();
+    eprintln!("{e}");
+    assert!(matches!(&e, ModelError::WrongShape { name, .. } if name == "blk.0.attn_q_a.weight"));
+
+    // Claiming to be Flash (embedding_length 4096) with other Flash dimensions wrong.
+    let e = load(rebuild(
+        src,
+        &|k, v| {
+            if k == "deepseek4.embedding_length" {
+                MetaValue::U32(4096)
+            } else {
+                v.clone()
+            }
+        },
+        &|_, d, t, x| Some((d.to_vec(), t, x.to_vec())),
+    ))
+    .unwrap_err();
+    eprintln!("{e}");
+    assert!(matches!(&e, ModelError::Shape(ShapeError::NotFlash { .. })));
+
+    // tid2eid entry outside [0, n_expert).
+    let e = load(rebuild(src, &keep_meta, &|n, d, t, x| {
+        let mut x = x.to_vec();
+        if n == "blk.1.ffn_gate_tid2eid.weight" {
+            x[4 * 7..4 * 8].copy_from_slice(&8i32.to_le_bytes());
+        }
+        Some((d.to_vec(), t, x))
+    }))
+    .unwrap_err();
+    eprintln!("{e}");
+    assert!(
+        matches!(&e, ModelError::BadTensor { name, .. } if name == "blk.1.ffn_gate_tid2eid.weight")
+    );
+
+    // Non-finite norm weight.
+    let e = load(rebuild(src, &keep_meta, &|n, d, t, x| {
+        let mut x = x.to_vec();
+        if n == "output_norm.weight" {
+            x[..4].copy_from_slice(&f32::NAN.to_le_bytes());
+        }
+        Some((d.to_vec(), t, x))
+    }))
+    .unwrap_err();
+    eprintln!("{e}");
+    assert!(matches!(&e, ModelError::BadTensor { name, .. } if name == "output_norm.weight"));
+
+    // A missing metadata key.
+    let mut b = GgufBuilder::new();
+    for (k, v) in src.metadata() {
+        if k != "deepseek4.attention.sliding_window" {
+            b.add_metadata(k.clone(), v.clone()).unwrap();
+        }
+    }
+    let g = Gguf::from_bytes(b.start(Vec::new()).unwrap().finish().unwrap()).unwrap();
+    let e = load(g).unwrap_err();
+    eprintln!("{e}");
+    assert!(matches!(&e, ModelError::Shape(ShapeError::Missing { .. })));
+
+    // Truncated file: the GGUF reader refuses it.
+    let bytes = src.bytes();
+    assert!(Gguf::from_bytes(bytes[..bytes.len() - 100].to_vec()).is_err());
+}
