@@ -525,7 +525,7 @@ fn hc_post_all(
         });
 }
 
-/// One compressor step for the chunk's token `t`; appends an emitted row to `rows`.
+/// One compressor step for position `pos`; appends an emitted row to `rows`.
 #[allow(clippy::too_many_arguments)]
 fn compressor_step(
     m: &Model,
@@ -540,9 +540,8 @@ fn compressor_step(
     row: &mut [f32],
     ecos: &mut [f32],
     esin: &mut [f32],
-    qat: Qat,
+    qat: ops::RowQat,
 ) {
-    let s = &m.shape;
     let w = g.width();
     let slot = pos % g.ratio;
     for (v, &a) in score.iter_mut().zip(&cw.ape[slot * w..(slot + 1) * w]) {
@@ -550,27 +549,23 @@ fn compressor_step(
     }
     if ops::compressor_push(g, st_kv, st_sc, pos, kv, score) {
         let row = &mut row[..g.d_c];
-        ops::compressor_pool(g, st_kv, st_sc, row);
-        ops::rms_norm_inplace(row, &cw.norm, s.rms_eps);
         m.plan
             .rope_compressed
             .cos_sin(pos + 1 - g.ratio, ecos, esin);
-        ops::rope_tail(row, ecos, esin, false);
-        match qat {
-            Qat::Off => {}
-            Qat::Fp8 => ops::fp8_kv_qat(row, s.n_nope()),
-            Qat::Indexer => ops::indexer_qat(row),
-        }
+        ops::compressor_emit(
+            g,
+            st_kv,
+            st_sc,
+            &cw.norm,
+            m.shape.rms_eps,
+            ecos,
+            esin,
+            qat,
+            row,
+        );
         rows.extend_from_slice(row);
         ops::compressor_advance(g, st_kv, st_sc);
     }
-}
-
-#[derive(Clone, Copy)]
-enum Qat {
-    Off,
-    Fp8,
-    Indexer,
 }
 
 impl LayerCtx<'_> {
@@ -684,7 +679,11 @@ impl LayerCtx<'_> {
                     &mut sc.row,
                     &mut sc.ecos[..half],
                     &mut sc.esin[..half],
-                    if qat { Qat::Fp8 } else { Qat::Off },
+                    if qat {
+                        ops::RowQat::Fp8 { n_nope }
+                    } else {
+                        ops::RowQat::Off
+                    },
                 );
                 if let (Some(ix), Some(ig)) = (&lw.indexer, igeom) {
                     let iw = ig.width();
@@ -701,7 +700,11 @@ impl LayerCtx<'_> {
                         &mut sc.row,
                         &mut sc.ecos[..half],
                         &mut sc.esin[..half],
-                        if qat { Qat::Indexer } else { Qat::Off },
+                        if qat {
+                            ops::RowQat::Indexer
+                        } else {
+                            ops::RowQat::Off
+                        },
                     );
                 }
             }

@@ -444,6 +444,43 @@ pub fn compressor_advance(g: CompressorGeom, state_kv: &mut [f32], state_score: 
     }
 }
 
+/// The QAT round trip applied to an emitted compressed row.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RowQat {
+    /// None (QAT off).
+    Off,
+    /// Attention rows: FP8 on the first `n_nope` dims ([`fp8_kv_qat`]).
+    Fp8 { n_nope: usize },
+    /// Indexer rows: Hadamard + FP4 ([`indexer_qat`]).
+    Indexer,
+}
+
+/// Emit one compressed row from a complete frontier (model-spec §3.5): pool, RMSNorm with
+/// `norm`, RoPE by the angles `cos`/`sin` (those of the window's first position,
+/// `pos + 1 − ratio`, in the layer's compressed rope family), then the QAT round trip.
+/// `out` is `d_c` long. The caller then calls [`compressor_advance`].
+#[allow(clippy::too_many_arguments)]
+pub fn compressor_emit(
+    g: CompressorGeom,
+    state_kv: &[f32],
+    state_score: &[f32],
+    norm: &[f32],
+    eps: f32,
+    cos: &[f32],
+    sin: &[f32],
+    qat: RowQat,
+    out: &mut [f32],
+) {
+    compressor_pool(g, state_kv, state_score, out);
+    rms_norm_inplace(out, norm, eps);
+    rope_tail(out, cos, sin, false);
+    match qat {
+        RowQat::Off => {}
+        RowQat::Fp8 { n_nope } => fp8_kv_qat(out, n_nope),
+        RowQat::Indexer => indexer_qat(out),
+    }
+}
+
 // ------------------------------------------------------------------------------------------
 // Lightning indexer
 
