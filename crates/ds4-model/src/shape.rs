@@ -184,7 +184,7 @@ impl Shape {
             n_expert_used: 6,
             n_expert_shared: 1,
             n_ff_exp: 2048,
-            n_hash_layer: 3,
+            n_hash_layer: 3.min(n_layer),
             window: 128,
             index_heads: 64,
             index_head_dim: 128,
