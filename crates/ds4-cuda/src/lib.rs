@@ -39,3 +39,6 @@ pub use device::probe;
 pub fn probe(_ordinal: usize) -> Result<DeviceInfo, CudaError> {
     Err(CudaError::NotCompiled)
 }
+
+#[cfg(feature = "cuda")]
+pub mod gemv;
