@@ -1,2 +1,1019 @@
-//! Weight-streaming matrix-vector kernels (decode) for every weight type: owned by the "gemv"
-//! engineer. See kernels/gemv.cu.
+//! Weight-streaming matrix-vector kernels for decode (owner: "gemv"; kernels in `kernels/gemv.cu`).
+//!
+//! # API (frozen; additions only)
+//!
+//! ```text
+//! Gemv::new(ctx: &Arc<CudaContext>) -> Result<Gemv, CudaError>
+//! Gemv::supported(ty) -> bool                       // F32 F16 BF16 Q8_0 Q2_K Q4_K IQ2_XXS
+//! Gemv::upload(&self, stream, ty, cols, rows, n_mat, gguf_bytes: &[u8]) -> Result<DevWeight>
+//! Gemv::upload_device(&self, stream, ty, cols, rows, n_mat, raw: &impl DevicePtr<u8>) -> Result<DevWeight>
+//! Gemv::act_bytes(ty, cols, n) -> usize             // scratch for n quantized activation rows
+//! Gemv::quantize_act(&self, stream, ty, x, n, cols, act)
+//! Gemv::matvec(&self, stream, w, x, act, n, y)      // y[t] = W·x[t]; act prepared by quantize_act
+//! Gemv::matvec_x(&self, stream, w, x, act_scratch, n, y)   // quantize_act + matvec
+//! Gemv::gate_up_swiglu(&self, stream, gate, up, x, act, n, clamp, mid)   // dense (shared expert)
+//! Gemv::moe_gate_up(&self, stream, gate, up, x, act, ids, weights, n, k, clamp, mid)
+//! Gemv::moe_down(&self, stream, down, mid, mid_act_scratch, ids, n, k, out)
+//! ```
+//!
+//! * `stream: &Arc<CudaStream>`; device buffers are anything implementing cudarc's
+//!   [`DevicePtr`] / [`DevicePtrMut`] (`CudaSlice`, `CudaView`, `CudaViewMut`). Lengths are in
+//!   elements of the buffer type and may be larger than needed. Float buffers (`x`) and the
+//!   activation scratch must be 16-byte aligned (every `CudaSlice` is; a view must start at a
+//!   multiple of 4 floats / 16 bytes).
+//! * None of the compute calls (`quantize_act`, `matvec*`, `gate_up_swiglu`, `moe_*`) allocates,
+//!   synchronizes or copies to/from the host: they only enqueue kernels on `stream`, so they
+//!   can be captured into a CUDA graph. (If cudarc's event tracking is on, reading the device
+//!   pointers records cudarc's events as for any launch; turn it off for graph capture with
+//!   `CudaContext::disable_event_tracking`.) `upload*` allocate and are not for capture.
+//! * Arguments are checked on the host (types, shapes, lengths, alignment) and a violation is
+//!   `CudaError::Driver("gemv: ...")`. Expert ids are checked on the device: an id outside
+//!   `0..n_mat` makes the affected outputs NaN (never an out-of-bounds read).
+//!
+//! # Shapes
+//!
+//! A [`DevWeight`] holds `n_mat` matrices of `rows × cols` (GGUF: `ne0 = cols`, rows of the
+//! stacked tensor `n_mat·rows`), i.e. an expert tensor (`n_mat` = 256) or a dense matrix
+//! (`n_mat` = 1) or a grouped projection (`attn_output_a`: `n_mat` = 8 groups of 1024 rows).
+//!
+//! * `matvec`: for token `t < n`, `x[t]` has `n_mat·cols` values and matrix `m` multiplies
+//!   `x[t][m·cols ..(m+1)·cols]` into `y[t][m·rows ..(m+1)·rows]`; so `n_mat = 1` is a plain
+//!   matvec and `n_mat = 8` is ds4's grouped output projection (model-spec §3.8).
+//!   `y` is `[n][n_mat·rows]`. Any `n` works (tokens run in passes of up to 8 that read the
+//!   weights once per pass).
+//! * `moe_gate_up`: `ids`, `weights`: `[n][k]` (i32, f32) on the device; `mid` is
+//!   `[n][k][rows]` with `mid[t][j] = silu(min(g, c))·clamp(u, ±c)·w_tj` where `g`, `u` are
+//!   the gate/up rows of expert `ids[t][j]` times token `t`'s input (`x[t]`, `cols` values,
+//!   quantized in `act` for quantized types). The SwiGLU is computed in f64 like the CPU
+//!   (`ds4_model::ops::swiglu`); the clamp is skipped when `c ≤ 1e-6`. `k ≤ 8`.
+//! * `gate_up_swiglu`: the same for a dense pair (shared expert): `mid` `[n][rows]`, weight 1.
+//! * `moe_down`: quantizes `mid` (`[n·k][cols]`) into `mid_act_scratch`
+//!   (`act_bytes(down.ty, cols, n·k)` bytes) and computes
+//!   `out[t][r] = (f32) Σ_j (f64) (down[ids[t][j]] · mid[t][j])[r]`, summed over `j` in slot
+//!   order in f64 exactly like the CPU (`ds4_model` routed-expert sum). `out` is `[n][rows]`.
+//!   (The shared-expert output is added by the caller, as the CPU does.)
+//!
+//! # Numerics (contract, tested in `tests/gemv.rs`)
+//!
+//! * Activation quantization is bit-identical to `ds4_quant`: Q8_0 weights → ds4's float-scale
+//!   int8 per 32 (`d = amax/127`, round-half-even); Q2_K / Q4_K / IQ2_XXS → Q8_K (§5.6);
+//!   F32 / F16 / BF16 → none (`x` is read directly).
+//! * Quantized types: every per-block integer sum is exact and every per-block float term is
+//!   computed with the CPU's operations in the CPU's order (`(d_w·d_x)·isum`,
+//!   `(yd·d)·isum − (yd·dmin)·summs`, IQ2_XXS `0.125·Σ`); only the order in which the f32
+//!   block terms are added differs (lanes, then a warp tree, then split-K parts). So results
+//!   agree with the CPU to f32 rounding of a sum of `cols/32` (or `cols/256`) terms.
+//! * F16 / BF16: f32 products and f32 accumulation, like the CPU, in a different order.
+//! * F32: **f32 accumulation** (the CPU accumulates in f64): a documented difference.
+//!
+//! # Device layouts (private to this module; `DevWeight::data` holds them)
+//!
+//! With `RT = n_mat·rows`, `nb = cols / block elements`, regions 256-byte aligned:
+//! * F32, F16, BF16, Q4_K: the GGUF bytes unchanged (Q4_K blocks are 144 = 9·16 bytes).
+//! * Q8_0: `qs [RT][cols] i8`, then `d [RT][nb] f16`.
+//! * Q2_K: `qs [RT][nb][64]`, then `scales [RT][nb][16]`, then `(d | dmin << 16) [RT][nb] u32`.
+//! * IQ2_XXS: `qs [RT][nb][64]`, then `d [RT][nb] f16`.
+//!
+//! Activation scratch (`act_bytes`), for `n` rows of `cols`: Q8_0: `qs [n·cols] i8`, then
+//! `d [n·cols/32] f32`; Q8_K: `qs [n·cols] i8`, `d [n·cols/256] f32`, `bsums [n·cols/16] i16`.
+//!
+//! # Kernels
+//!
+//! One warp streams a weight row with 16-byte loads per lane (4 steps in flight), activations
+//! through L1, dp4a for int8. Rows are split over 1–8 warps (split-K) when there are too few
+//! rows to fill the card, the grid is sized to the occupancy and balanced so every block gets
+//! the same number of row groups. MoE: one fused gate+up+SwiGLU kernel reading only the
+//! selected experts, one kernel for the down projection and the sum over the k experts.
+
+use std::sync::Arc;
+
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DevicePtrMut,
+    LaunchConfig, PushKernelArg,
+};
+use ds4_gguf::GgmlType;
+
+use crate::CudaError;
+use crate::device::load_module;
+
+/// Weight types the kernels support.
+pub const SUPPORTED: [GgmlType; 7] = [
+    GgmlType::F32,
+    GgmlType::F16,
+    GgmlType::BF16,
+    GgmlType::Q8_0,
+    GgmlType::Q2_K,
+    GgmlType::Q4_K,
+    GgmlType::IQ2_XXS,
+];
+
+/// Threads per block of every compute kernel (8 warps).
+const BLOCK: u32 = 256;
+/// Largest `k` (experts per token) of the MoE kernels.
+pub const MAX_K: usize = 8;
+
+fn gerr(msg: impl std::fmt::Display) -> CudaError {
+    CudaError::Driver(format!("gemv: {msg}"))
+}
+
+fn drv(e: impl std::fmt::Display) -> CudaError {
+    CudaError::Driver(e.to_string())
+}
+
+const fn align256(x: usize) -> usize {
+    x.div_ceil(256) * 256
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    F32 = 0,
+    F16 = 1,
+    Bf16 = 2,
+    Q8_0 = 3,
+    Q2K = 4,
+    Q4K = 5,
+    Iq2Xxs = 6,
+}
+
+const KIND_NAMES: [&str; 7] = ["f32", "f16", "bf16", "q8_0", "q2_k", "q4_k", "iq2_xxs"];
+
+impl Kind {
+    fn of(ty: GgmlType) -> Option<Kind> {
+        Some(match ty {
+            GgmlType::F32 => Kind::F32,
+            GgmlType::F16 => Kind::F16,
+            GgmlType::BF16 => Kind::Bf16,
+            GgmlType::Q8_0 => Kind::Q8_0,
+            GgmlType::Q2_K => Kind::Q2K,
+            GgmlType::Q4_K => Kind::Q4K,
+            GgmlType::IQ2_XXS => Kind::Iq2Xxs,
+            _ => return None,
+        })
+    }
+
+    /// Elements per block, bytes per GGUF block.
+    fn block(self) -> (usize, usize) {
+        match self {
+            Kind::F32 => (1, 4),
+            Kind::F16 | Kind::Bf16 => (1, 2),
+            Kind::Q8_0 => (32, 34),
+            Kind::Q2K => (256, 84),
+            Kind::Q4K => (256, 144),
+            Kind::Iq2Xxs => (256, 66),
+        }
+    }
+
+    /// Columns one warp step covers (must match `Ty<T>::COLS` in gemv.cu).
+    fn warp_cols(self) -> usize {
+        match self {
+            Kind::F32 => 128,
+            Kind::F16 | Kind::Bf16 => 256,
+            Kind::Q8_0 => 512,
+            Kind::Q2K | Kind::Iq2Xxs => 2048,
+            Kind::Q4K => 1024,
+        }
+    }
+
+    /// Column multiple the kernels need (block size; 16-byte lanes for float types).
+    fn col_multiple(self) -> usize {
+        match self {
+            Kind::F32 => 4,
+            Kind::F16 | Kind::Bf16 => 8,
+            _ => self.block().0,
+        }
+    }
+
+    fn act(self) -> ActKind {
+        match self {
+            Kind::F32 | Kind::F16 | Kind::Bf16 => ActKind::Float,
+            Kind::Q8_0 => ActKind::Q8_0,
+            Kind::Q2K | Kind::Q4K | Kind::Iq2Xxs => ActKind::Q8K,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ActKind {
+    Float,
+    Q8_0,
+    Q8K,
+}
+
+/// (total bytes, offset of d, offset of bsums) of the activation scratch for `n` rows of `cols`.
+fn act_layout(k: ActKind, cols: usize, n: usize) -> (usize, usize, usize) {
+    let e = n * cols;
+    match k {
+        ActKind::Float => (0, 0, 0),
+        ActKind::Q8_0 => {
+            let od = align256(e);
+            (od + 4 * (e / 32), od, 0)
+        }
+        ActKind::Q8K => {
+            let od = align256(e);
+            let ob = align256(od + 4 * (e / 256));
+            (ob + 2 * (e / 16), od, ob)
+        }
+    }
+}
+
+/// (total bytes, region offsets) of the device layout of a weight.
+fn weight_layout(k: Kind, cols: usize, rt: usize) -> (usize, [usize; 3]) {
+    let (be, bb) = k.block();
+    let nbt = rt * (cols / be);
+    match k {
+        Kind::F32 | Kind::F16 | Kind::Bf16 | Kind::Q4K => (nbt * bb, [0, 0, 0]),
+        Kind::Q8_0 => {
+            let o1 = align256(rt * cols);
+            (o1 + 2 * nbt, [0, o1, 0])
+        }
+        Kind::Q2K => {
+            let o1 = align256(64 * nbt);
+            let o2 = align256(o1 + 16 * nbt);
+            (o2 + 4 * nbt, [0, o1, o2])
+        }
+        Kind::Iq2Xxs => {
+            let o1 = align256(64 * nbt);
+            (o1 + 2 * nbt, [0, o1, 0])
+        }
+    }
+}
+
+/// A weight tensor in device memory, in this module's layout (see the module docs).
+pub struct DevWeight {
+    ty: GgmlType,
+    kind: Kind,
+    cols: usize,
+    rows: usize,
+    n_mat: usize,
+    data: CudaSlice<u8>,
+    off: [usize; 3],
+}
+
+impl std::fmt::Debug for DevWeight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DevWeight")
+            .field("ty", &self.ty)
+            .field("cols", &self.cols)
+            .field("rows", &self.rows)
+            .field("n_mat", &self.n_mat)
+            .field("bytes", &self.data.len())
+            .finish()
+    }
+}
+
+impl DevWeight {
+    pub fn ty(&self) -> GgmlType {
+        self.ty
+    }
+    /// Inputs per row (GGUF ne0).
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+    /// Rows per matrix.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+    /// Number of stacked matrices (experts / groups; 1 for a dense matrix).
+    pub fn n_mat(&self) -> usize {
+        self.n_mat
+    }
+    /// Device bytes held (the GGUF size plus at most a few hundred bytes of alignment).
+    pub fn device_bytes(&self) -> usize {
+        self.data.len()
+    }
+    /// Bytes of the GGUF tensor (what one full read streams).
+    pub fn gguf_bytes(&self) -> usize {
+        gguf_bytes(self.ty, self.cols, self.rows, self.n_mat).unwrap_or(0)
+    }
+    /// Bytes one matrix (one expert) streams.
+    pub fn matrix_bytes(&self) -> usize {
+        self.gguf_bytes() / self.n_mat.max(1)
+    }
+    /// The raw device buffer (this module's layout).
+    pub fn data(&self) -> &CudaSlice<u8> {
+        &self.data
+    }
+}
+
+/// GGUF byte size of `n_mat` matrices of `rows × cols` of type `ty` (None: unsupported type,
+/// `cols` not a multiple of the block size, or overflow).
+pub fn gguf_bytes(ty: GgmlType, cols: usize, rows: usize, n_mat: usize) -> Option<usize> {
+    let k = Kind::of(ty)?;
+    let (be, bb) = k.block();
+    if !cols.is_multiple_of(be) {
+        return None;
+    }
+    (cols / be)
+        .checked_mul(bb)?
+        .checked_mul(rows)?
+        .checked_mul(n_mat)
+}
+
+/// Tuning knobs (defaults are what the benchmark chose; exposed for the benchmark).
+#[derive(Clone, Copy, Debug)]
+pub struct Tuning {
+    /// Split rows over more warps until `rows·split ≥ target_warps_per_sm · SMs`.
+    pub target_warps_per_sm: u32,
+    /// Force a split (1, 2, 4 or 8) for dense matvecs; 0 = automatic.
+    pub force_split: u32,
+    /// Cap on resident blocks per SM used to size grids (0 = the occupancy limit).
+    pub max_blocks_per_sm: u32,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Tuning {
+            target_warps_per_sm: 32,
+            force_split: 0,
+            max_blocks_per_sm: 0,
+        }
+    }
+}
+
+struct Func {
+    f: CudaFunction,
+    /// Max resident blocks of BLOCK threads per SM.
+    occ: u32,
+}
+
+/// The loaded kernels. Cheap to share (`&Gemv` everywhere; all methods take `&self`).
+pub struct Gemv {
+    _module: Arc<CudaModule>,
+    sms: u32,
+    gemv: Vec<[Func; 4]>,
+    gate_up: Vec<Func>,
+    down: Vec<Func>,
+    quant_q8_0: Func,
+    quant_q8_k: Func,
+    repack_q8_0: CudaFunction,
+    repack_q2_k: CudaFunction,
+    repack_iq2_xxs: CudaFunction,
+    /// Launch tuning (see [`Tuning`]).
+    pub tuning: Tuning,
+}
+
+/// Device pointer of a buffer plus its length check.
+fn dptr<'a, T>(
+    b: &'a impl DevicePtr<T>,
+    stream: &'a CudaStream,
+    need: usize,
+    what: &str,
+) -> Result<(u64, cudarc::driver::SyncOnDrop<'a>), CudaError> {
+    if b.len() < need {
+        return Err(gerr(format!(
+            "{what}: buffer has {} elements, {need} needed",
+            b.len()
+        )));
+    }
+    Ok(b.device_ptr(stream))
+}
+
+fn dptr_mut<'a, T>(
+    b: &'a mut impl DevicePtrMut<T>,
+    stream: &'a CudaStream,
+    need: usize,
+    what: &str,
+) -> Result<(u64, cudarc::driver::SyncOnDrop<'a>), CudaError> {
+    if b.len() < need {
+        return Err(gerr(format!(
+            "{what}: buffer has {} elements, {need} needed",
+            b.len()
+        )));
+    }
+    Ok(b.device_ptr_mut(stream))
+}
+
+fn check_align(p: u64, a: u64, what: &str) -> Result<(), CudaError> {
+    if !p.is_multiple_of(a) {
+        return Err(gerr(format!("{what}: device pointer not {a}-byte aligned")));
+    }
+    Ok(())
+}
+
+/// `units` work items over at most `max` workers so that every worker gets the same count.
+fn balanced(units: usize, max: usize) -> usize {
+    if units == 0 {
+        return 0;
+    }
+    let per = units.div_ceil(max.max(1));
+    units.div_ceil(per)
+}
+
+fn cfg(blocks: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (blocks.max(1) as u32, 1, 1),
+        block_dim: (BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+impl Gemv {
+    /// Load the `gemv` kernel module into `ctx`.
+    pub fn new(ctx: &Arc<CudaContext>) -> Result<Gemv, CudaError> {
+        let module = load_module(ctx, "gemv")?;
+        let sms = ctx
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            )
+            .map_err(drv)? as u32;
+        let load = |name: &str| -> Result<Func, CudaError> {
+            let f = module
+                .load_function(name)
+                .map_err(|e| gerr(format!("kernel {name}: {e}")))?;
+            let occ = f
+                .occupancy_max_active_blocks_per_multiprocessor(BLOCK, 0, None)
+                .map_err(drv)?
+                .max(1);
+            Ok(Func { f, occ })
+        };
+        let mut gemv = Vec::new();
+        let mut gate_up = Vec::new();
+        let mut down = Vec::new();
+        for name in KIND_NAMES {
+            gemv.push([
+                load(&format!("ds4_gemv_{name}_1"))?,
+                load(&format!("ds4_gemv_{name}_2"))?,
+                load(&format!("ds4_gemv_{name}_4"))?,
+                load(&format!("ds4_gemv_{name}_8"))?,
+            ]);
+            gate_up.push(load(&format!("ds4_moe_gate_up_{name}"))?);
+            down.push(load(&format!("ds4_moe_down_{name}"))?);
+        }
+        let quant_q8_0 = load("ds4_quant_q8_0")?;
+        let quant_q8_k = load("ds4_quant_q8_k")?;
+        let raw = |name: &str| module.load_function(name).map_err(drv);
+        Ok(Gemv {
+            repack_q8_0: raw("ds4_repack_q8_0")?,
+            repack_q2_k: raw("ds4_repack_q2_k")?,
+            repack_iq2_xxs: raw("ds4_repack_iq2_xxs")?,
+            _module: module,
+            sms,
+            gemv,
+            gate_up,
+            down,
+            quant_q8_0,
+            quant_q8_k,
+            tuning: Tuning::default(),
+        })
+    }
+
+    /// Whether weights of type `ty` are supported.
+    pub fn supported(ty: GgmlType) -> bool {
+        Kind::of(ty).is_some()
+    }
+
+    /// Multiprocessor count of the device.
+    pub fn sm_count(&self) -> u32 {
+        self.sms
+    }
+
+    fn kind(ty: GgmlType) -> Result<Kind, CudaError> {
+        Kind::of(ty).ok_or_else(|| gerr(format!("weight type {ty:?} is not supported")))
+    }
+
+    fn check_shape(
+        k: Kind,
+        ty: GgmlType,
+        cols: usize,
+        rows: usize,
+        n_mat: usize,
+    ) -> Result<(), CudaError> {
+        if cols == 0 || rows == 0 || n_mat == 0 {
+            return Err(gerr(format!("empty weight {cols}×{rows}×{n_mat}")));
+        }
+        if !cols.is_multiple_of(k.col_multiple()) {
+            return Err(gerr(format!(
+                "{ty:?}: cols {cols} is not a multiple of {}",
+                k.col_multiple()
+            )));
+        }
+        if n_mat
+            .checked_mul(rows)
+            .is_none_or(|rt| rt > i32::MAX as usize)
+            || cols > i32::MAX as usize / 2
+        {
+            return Err(gerr("weight too large"));
+        }
+        Ok(())
+    }
+
+    /// Upload a GGUF tensor (`n_mat` matrices of `rows × cols`, `bytes` exactly its GGUF size)
+    /// and convert it to the device layout. Allocates; not for graph capture.
+    pub fn upload(
+        &self,
+        stream: &Arc<CudaStream>,
+        ty: GgmlType,
+        cols: usize,
+        rows: usize,
+        n_mat: usize,
+        bytes: &[u8],
+    ) -> Result<DevWeight, CudaError> {
+        let k = Self::kind(ty)?;
+        Self::check_shape(k, ty, cols, rows, n_mat)?;
+        let need = gguf_bytes(ty, cols, rows, n_mat).ok_or_else(|| gerr("size overflow"))?;
+        if bytes.len() != need {
+            return Err(gerr(format!(
+                "{ty:?} {cols}×{rows}×{n_mat}: {} bytes given, {need} expected",
+                bytes.len()
+            )));
+        }
+        let raw = stream.clone_htod(bytes).map_err(drv)?;
+        self.upload_device(stream, ty, cols, rows, n_mat, &raw)
+    }
+
+    /// Like [`Gemv::upload`] from GGUF bytes already in device memory (`raw` is not kept).
+    pub fn upload_device(
+        &self,
+        stream: &Arc<CudaStream>,
+        ty: GgmlType,
+        cols: usize,
+        rows: usize,
+        n_mat: usize,
+        raw: &impl DevicePtr<u8>,
+    ) -> Result<DevWeight, CudaError> {
+        let k = Self::kind(ty)?;
+        Self::check_shape(k, ty, cols, rows, n_mat)?;
+        let need = gguf_bytes(ty, cols, rows, n_mat).ok_or_else(|| gerr("size overflow"))?;
+        let rt = rows * n_mat;
+        let (total, off) = weight_layout(k, cols, rt);
+        let mut data = stream.alloc_zeros::<u8>(total).map_err(drv)?;
+        let nbt = (rt * (cols / k.block().0)) as i64;
+        {
+            let (src, _g) = dptr(raw, stream, need, "upload source")?;
+            let (dst, _h) = data.device_ptr_mut(stream);
+            let blocks = (nbt as usize).div_ceil(256).min(65535);
+            let f = match k {
+                Kind::Q8_0 => Some(&self.repack_q8_0),
+                Kind::Q2K => Some(&self.repack_q2_k),
+                Kind::Iq2Xxs => Some(&self.repack_iq2_xxs),
+                _ => None,
+            };
+            match f {
+                None => {
+                    // SAFETY: both buffers hold at least `need` bytes (checked / allocated).
+                    unsafe {
+                        cudarc::driver::result::memcpy_dtod_async(
+                            dst,
+                            src,
+                            need,
+                            stream.cu_stream(),
+                        )
+                    }
+                    .map_err(drv)?;
+                }
+                Some(f) => {
+                    let (o1, o2) = (dst + off[1] as u64, dst + off[2] as u64);
+                    let mut b = stream.launch_builder(f);
+                    b.arg(&src).arg(&dst).arg(&o1);
+                    if k == Kind::Q2K {
+                        b.arg(&o2);
+                    }
+                    b.arg(&nbt);
+                    // SAFETY: the repack kernels read `nbt` GGUF blocks from `src` (`need`
+                    // bytes) and write the regions of `data` laid out by `weight_layout`.
+                    unsafe { b.launch(cfg(blocks)) }.map_err(drv)?;
+                }
+            }
+        }
+        Ok(DevWeight {
+            ty,
+            kind: k,
+            cols,
+            rows,
+            n_mat,
+            data,
+            off,
+        })
+    }
+
+    /// Bytes of activation scratch for `n` rows of `cols` inputs to weights of type `ty`
+    /// (0 for F32 / F16 / BF16 and unsupported types).
+    pub fn act_bytes(ty: GgmlType, cols: usize, n: usize) -> usize {
+        match Kind::of(ty) {
+            Some(k) => act_layout(k.act(), cols, n).0,
+            None => 0,
+        }
+    }
+
+    /// Quantize `n` rows of `x` (`[n][cols]` f32) into `act` for weights of type `ty` (no-op for
+    /// float types). `cols` must be a multiple of 32 (Q8_0) or 256 (K-quants, IQ2_XXS).
+    #[allow(clippy::too_many_arguments)]
+    pub fn quantize_act(
+        &self,
+        stream: &Arc<CudaStream>,
+        ty: GgmlType,
+        x: &impl DevicePtr<f32>,
+        n: usize,
+        cols: usize,
+        act: &mut impl DevicePtrMut<u8>,
+    ) -> Result<(), CudaError> {
+        let ak = Self::kind(ty)?.act();
+        if ak == ActKind::Float || n == 0 || cols == 0 {
+            return Ok(());
+        }
+        let total = act_layout(ak, cols, n).0;
+        let (xp, _gx) = dptr(x, stream, n * cols, "quantize_act x")?;
+        let (ap, _ga) = dptr_mut(act, stream, total, "quantize_act act")?;
+        self.quantize_raw(stream, ak, xp, ap, n, cols)
+    }
+
+    fn quantize_raw(
+        &self,
+        stream: &CudaStream,
+        ak: ActKind,
+        xp: u64,
+        ap: u64,
+        n: usize,
+        cols: usize,
+    ) -> Result<(), CudaError> {
+        if ak == ActKind::Float || n == 0 || cols == 0 {
+            return Ok(());
+        }
+        let bs = if ak == ActKind::Q8_0 { 32 } else { 256 };
+        if !cols.is_multiple_of(bs) {
+            return Err(gerr(format!(
+                "quantize_act: cols {cols} not a multiple of {bs}"
+            )));
+        }
+        check_align(xp, 16, "quantize_act x")?;
+        check_align(ap, 16, "quantize_act act")?;
+        let (_, od, ob) = act_layout(ak, cols, n);
+        let nblocks = (n * cols / bs) as i64;
+        let blocks = (nblocks as usize).div_ceil(8).min(self.sms as usize * 16);
+        let (adp, abp) = (ap + od as u64, ap + ob as u64);
+        let f = if ak == ActKind::Q8_0 {
+            &self.quant_q8_0.f
+        } else {
+            &self.quant_q8_k.f
+        };
+        let mut b = stream.launch_builder(f);
+        b.arg(&xp).arg(&ap).arg(&adp);
+        if ak == ActKind::Q8K {
+            b.arg(&abp);
+        }
+        b.arg(&nblocks);
+        // SAFETY: reads n·cols floats of x, writes the act layout (lengths checked by callers).
+        unsafe { b.launch(cfg(blocks)) }.map(|_| ()).map_err(drv)
+    }
+
+    fn split_for(&self, k: Kind, rt: usize, cols: usize) -> usize {
+        if self.tuning.force_split != 0 {
+            return (self.tuning.force_split as usize)
+                .clamp(1, 8)
+                .next_power_of_two();
+        }
+        let nit = cols.div_ceil(k.warp_cols());
+        let target = self.sms as usize * self.tuning.target_warps_per_sm as usize;
+        let mut s = 1;
+        while s < 8 && rt * s < target && s * 2 <= nit {
+            s *= 2;
+        }
+        s
+    }
+
+    fn max_blocks(&self, f: &Func) -> usize {
+        let mut occ = f.occ;
+        if self.tuning.max_blocks_per_sm != 0 {
+            occ = occ.min(self.tuning.max_blocks_per_sm);
+        }
+        self.sms as usize * occ as usize
+    }
+
+    /// Check the input buffers of a weight product and return (x ptr, act ptr) and guards.
+    fn inputs<'a>(
+        stream: &'a CudaStream,
+        ak: ActKind,
+        x: &'a impl DevicePtr<f32>,
+        act: &'a impl DevicePtr<u8>,
+        n: usize,
+        cols: usize,
+        what: &str,
+    ) -> Result<(u64, u64, Vec<cudarc::driver::SyncOnDrop<'a>>), CudaError> {
+        if ak == ActKind::Float {
+            let (xp, g) = dptr(x, stream, n * cols, what)?;
+            check_align(xp, 16, what)?;
+            Ok((xp, 0, vec![g]))
+        } else {
+            let total = act_layout(ak, cols, n).0;
+            let (ap, g) = dptr(act, stream, total, what)?;
+            check_align(ap, 16, what)?;
+            Ok((0, ap, vec![g]))
+        }
+    }
+
+    /// `y[t] = W·x[t]` for `n` tokens (see the module docs for shapes). Quantized types read
+    /// `act`, which must hold `quantize_act(w.ty(), x, n, w.n_mat()·w.cols())`; float types
+    /// read `x` (and ignore `act`, which may be empty).
+    #[allow(clippy::too_many_arguments)]
+    pub fn matvec(
+        &self,
+        stream: &Arc<CudaStream>,
+        w: &DevWeight,
+        x: &impl DevicePtr<f32>,
+        act: &impl DevicePtr<u8>,
+        n: usize,
+        y: &mut impl DevicePtrMut<f32>,
+    ) -> Result<(), CudaError> {
+        if n == 0 {
+            return Ok(());
+        }
+        let cx = w.cols * w.n_mat;
+        let (xp, ap, _g) = Self::inputs(stream, w.kind.act(), x, act, n, cx, "matvec input")?;
+        let (yp, _gy) = dptr_mut(y, stream, n * w.rows * w.n_mat, "matvec y")?;
+        self.matvec_raw(stream, w, xp, ap, n, yp)
+    }
+
+    /// [`Gemv::quantize_act`] then [`Gemv::matvec`]; `act` is scratch of at least
+    /// `act_bytes(w.ty(), w.n_mat()·w.cols(), n)` bytes (unused for float types).
+    #[allow(clippy::too_many_arguments)]
+    pub fn matvec_x(
+        &self,
+        stream: &Arc<CudaStream>,
+        w: &DevWeight,
+        x: &impl DevicePtr<f32>,
+        act: &mut impl DevicePtrMut<u8>,
+        n: usize,
+        y: &mut impl DevicePtrMut<f32>,
+    ) -> Result<(), CudaError> {
+        if n == 0 {
+            return Ok(());
+        }
+        let ak = w.kind.act();
+        let cx = w.cols * w.n_mat;
+        let (xp, _gx) = dptr(x, stream, n * cx, "matvec_x x")?;
+        check_align(xp, 16, "matvec_x x")?;
+        let (ap, _ga) = if ak == ActKind::Float {
+            (0, None)
+        } else {
+            let total = act_layout(ak, cx, n).0;
+            let (p, g) = dptr_mut(act, stream, total, "matvec_x act")?;
+            (p, Some(g))
+        };
+        let (yp, _gy) = dptr_mut(y, stream, n * w.rows * w.n_mat, "matvec_x y")?;
+        self.quantize_raw(stream, ak, xp, ap, n, cx)?;
+        self.matvec_raw(stream, w, xp, ap, n, yp)
+    }
+
+    fn matvec_raw(
+        &self,
+        stream: &CudaStream,
+        w: &DevWeight,
+        xp: u64,
+        ap: u64,
+        n: usize,
+        yp: u64,
+    ) -> Result<(), CudaError> {
+        let k = w.kind;
+        let ak = k.act();
+        let rt = w.rows * w.n_mat;
+        let cx = w.cols * w.n_mat;
+        let (_, od, ob) = act_layout(ak, cx, n);
+        let (wp, _gw) = w.data.device_ptr(stream);
+        let (p0, p1, p2) = (wp, wp + w.off[1] as u64, wp + w.off[2] as u64);
+        let split = self.split_for(k, rt, w.cols);
+        let ngroups = rt.div_ceil(8 / split);
+        let (rt_i, r_i, c_i, cx_i) = (rt as i32, w.rows as i32, w.cols as i32, cx as i32);
+        let grouped: i32 = (w.n_mat > 1) as i32;
+        let split_i = split as i32;
+        let mut t0 = 0usize;
+        while t0 < n {
+            let rem = n - t0;
+            let (vi, nt) = match rem {
+                1 => (0, 1),
+                2 => (1, 2),
+                3 | 4 => (2, 4),
+                _ => (3, 8),
+            };
+            let np = rem.min(nt);
+            let func = &self.gemv[k as usize][vi];
+            let blocks = balanced(ngroups, self.max_blocks(func));
+            let e0 = (t0 * cx) as u64;
+            let (xq, aq, adq, abq) = match ak {
+                ActKind::Float => (xp + 4 * e0, 0, 0, 0),
+                ActKind::Q8_0 => (0, ap + e0, ap + od as u64 + 4 * (e0 / 32), 0),
+                ActKind::Q8K => (
+                    0,
+                    ap + e0,
+                    ap + od as u64 + 4 * (e0 / 256),
+                    ap + ob as u64 + 2 * (e0 / 16),
+                ),
+            };
+            let yq = yp + 4 * (t0 * rt) as u64;
+            let np_i = np as i32;
+            let mut b = stream.launch_builder(&func.f);
+            b.arg(&p0).arg(&p1).arg(&p2).arg(&aq).arg(&adq).arg(&abq);
+            b.arg(&xq)
+                .arg(&yq)
+                .arg(&rt_i)
+                .arg(&r_i)
+                .arg(&c_i)
+                .arg(&cx_i);
+            b.arg(&grouped).arg(&np_i).arg(&split_i);
+            // SAFETY: the kernel reads the weight (layout of `w`), np rows of cx activations
+            // and writes np·rt floats of y (lengths checked by the callers).
+            unsafe { b.launch(cfg(blocks)) }.map_err(drv)?;
+            t0 += np;
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn gate_up_raw(
+        &self,
+        stream: &CudaStream,
+        gate: &DevWeight,
+        up: &DevWeight,
+        xp: u64,
+        ap: u64,
+        idp: u64,
+        wtp: u64,
+        n: usize,
+        k: usize,
+        clamp: f32,
+        mp: u64,
+    ) -> Result<(), CudaError> {
+        let kind = gate.kind;
+        let cols = gate.cols;
+        let (_, od, ob) = act_layout(kind.act(), cols, n);
+        let (gp, _g1) = gate.data.device_ptr(stream);
+        let (upp, _g2) = up.data.device_ptr(stream);
+        let (adp, abp) = (ap + od as u64, ap + ob as u64);
+        let (g1, g2) = (gp + gate.off[1] as u64, gp + gate.off[2] as u64);
+        let (u1, u2) = (upp + up.off[1] as u64, upp + up.off[2] as u64);
+        let func = &self.gate_up[kind as usize];
+        let units = n * k * gate.rows;
+        let warps = balanced(units, self.max_blocks(func) * 8);
+        let blocks = warps.div_ceil(8);
+        let (r_i, c_i, nm_i, n_i, k_i) = (
+            gate.rows as i32,
+            cols as i32,
+            gate.n_mat as i32,
+            n as i32,
+            k as i32,
+        );
+        let mut b = stream.launch_builder(&func.f);
+        b.arg(&gp).arg(&g1).arg(&g2).arg(&upp).arg(&u1).arg(&u2);
+        b.arg(&ap)
+            .arg(&adp)
+            .arg(&abp)
+            .arg(&xp)
+            .arg(&idp)
+            .arg(&wtp)
+            .arg(&mp);
+        b.arg(&r_i)
+            .arg(&c_i)
+            .arg(&nm_i)
+            .arg(&n_i)
+            .arg(&k_i)
+            .arg(&clamp);
+        // SAFETY: reads rows of the selected experts only (ids checked on the device), n rows
+        // of activations, n·k ids/weights, writes n·k·rows of mid (lengths checked by callers).
+        unsafe { b.launch(cfg(blocks)) }.map(|_| ()).map_err(drv)
+    }
+
+    fn check_pair(gate: &DevWeight, up: &DevWeight) -> Result<(), CudaError> {
+        if gate.ty != up.ty
+            || gate.cols != up.cols
+            || gate.rows != up.rows
+            || gate.n_mat != up.n_mat
+        {
+            return Err(gerr(format!(
+                "gate {gate:?} and up {up:?} differ in type or shape"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Routed MoE gate/up/SwiGLU for `n` tokens with `k` experts each (see the module docs).
+    /// `act` must hold `quantize_act(gate.ty(), x, n, gate.cols())` for quantized types (float
+    /// types read `x`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn moe_gate_up(
+        &self,
+        stream: &Arc<CudaStream>,
+        gate: &DevWeight,
+        up: &DevWeight,
+        x: &impl DevicePtr<f32>,
+        act: &impl DevicePtr<u8>,
+        ids: &impl DevicePtr<i32>,
+        weights: &impl DevicePtr<f32>,
+        n: usize,
+        k: usize,
+        clamp: f32,
+        mid: &mut impl DevicePtrMut<f32>,
+    ) -> Result<(), CudaError> {
+        if n == 0 || k == 0 {
+            return Ok(());
+        }
+        Self::check_pair(gate, up)?;
+        if k > MAX_K {
+            return Err(gerr(format!("k = {k} > {MAX_K}")));
+        }
+        let (xp, ap, _g) = Self::inputs(
+            stream,
+            gate.kind.act(),
+            x,
+            act,
+            n,
+            gate.cols,
+            "moe_gate_up input",
+        )?;
+        let (idp, _gi) = dptr(ids, stream, n * k, "moe_gate_up ids")?;
+        let (wtp, _gw) = dptr(weights, stream, n * k, "moe_gate_up weights")?;
+        let (mp, _gm) = dptr_mut(mid, stream, n * k * gate.rows, "moe_gate_up mid")?;
+        self.gate_up_raw(stream, gate, up, xp, ap, idp, wtp, n, k, clamp, mp)
+    }
+
+    /// Dense gate/up/SwiGLU (shared expert): `mid[t][r] = silu(min(g,c))·clamp(u,±c)` with
+    /// `g`, `u` the rows of the single-matrix `gate`, `up` times `x[t]`; `mid` is `[n][rows]`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gate_up_swiglu(
+        &self,
+        stream: &Arc<CudaStream>,
+        gate: &DevWeight,
+        up: &DevWeight,
+        x: &impl DevicePtr<f32>,
+        act: &impl DevicePtr<u8>,
+        n: usize,
+        clamp: f32,
+        mid: &mut impl DevicePtrMut<f32>,
+    ) -> Result<(), CudaError> {
+        if n == 0 {
+            return Ok(());
+        }
+        Self::check_pair(gate, up)?;
+        if gate.n_mat != 1 {
+            return Err(gerr("gate_up_swiglu needs single-matrix weights"));
+        }
+        let (xp, ap, _g) = Self::inputs(
+            stream,
+            gate.kind.act(),
+            x,
+            act,
+            n,
+            gate.cols,
+            "gate_up_swiglu input",
+        )?;
+        let (mp, _gm) = dptr_mut(mid, stream, n * gate.rows, "gate_up_swiglu mid")?;
+        self.gate_up_raw(stream, gate, up, xp, ap, 0, 0, n, 1, clamp, mp)
+    }
+
+    /// Routed MoE down projection and sum over the `k` experts of each token (see the module
+    /// docs). `mid` is `[n·k][down.cols()]`; `mid_act` is scratch of at least
+    /// `act_bytes(down.ty(), down.cols(), n·k)` bytes; `out` is `[n][down.rows()]`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn moe_down(
+        &self,
+        stream: &Arc<CudaStream>,
+        down: &DevWeight,
+        mid: &impl DevicePtr<f32>,
+        mid_act: &mut impl DevicePtrMut<u8>,
+        ids: &impl DevicePtr<i32>,
+        n: usize,
+        k: usize,
+        out: &mut impl DevicePtrMut<f32>,
+    ) -> Result<(), CudaError> {
+        if n == 0 || k == 0 {
+            return Ok(());
+        }
+        if k > MAX_K {
+            return Err(gerr(format!("k = {k} > {MAX_K}")));
+        }
+        let kind = down.kind;
+        let ak = kind.act();
+        let cols = down.cols;
+        let (xp, _gx) = dptr(mid, stream, n * k * cols, "moe_down mid")?;
+        check_align(xp, 16, "moe_down mid")?;
+        let (total, od, ob) = act_layout(ak, cols, n * k);
+        let (ap, _ga) = if ak == ActKind::Float {
+            (0u64, None)
+        } else {
+            let (p, g) = dptr_mut(mid_act, stream, total, "moe_down mid_act")?;
+            (p, Some(g))
+        };
+        let (idp, _gi) = dptr(ids, stream, n * k, "moe_down ids")?;
+        let (op, _go) = dptr_mut(out, stream, n * down.rows, "moe_down out")?;
+        self.quantize_raw(stream, ak, xp, ap, n * k, cols)?;
+        let (wp, _gw) = down.data.device_ptr(stream);
+        let (p1, p2) = (wp + down.off[1] as u64, wp + down.off[2] as u64);
+        let (adp, abp) = (ap + od as u64, ap + ob as u64);
+        let func = &self.down[kind as usize];
+        let units = n * down.rows;
+        let warps = balanced(units, self.max_blocks(func) * 8);
+        let blocks = warps.div_ceil(8);
+        let (r_i, c_i, nm_i, n_i, k_i) = (
+            down.rows as i32,
+            cols as i32,
+            down.n_mat as i32,
+            n as i32,
+            k as i32,
+        );
+        let mut b = stream.launch_builder(&func.f);
+        b.arg(&wp).arg(&p1).arg(&p2).arg(&ap).arg(&adp).arg(&abp);
+        b.arg(&xp).arg(&idp).arg(&op);
+        b.arg(&r_i).arg(&c_i).arg(&nm_i).arg(&n_i).arg(&k_i);
+        // SAFETY: reads the selected experts' rows (ids checked on the device), n·k rows of
+        // mid / its quantization (checked), writes n·rows floats of out (checked).
+        unsafe { b.launch(cfg(blocks)) }.map(|_| ()).map_err(drv)
+    }
+}
