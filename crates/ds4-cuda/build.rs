@@ -3,6 +3,9 @@
 //! found at build time. A kernel that does not compile fails the build.
 //!
 //! nvcc is looked up in `$NVCC`, `$CUDA_HOME/bin/nvcc`, `/usr/local/cuda/bin/nvcc`, then `PATH`.
+//!
+//! A kernel file whose first line is `// ds4-nvcc: FLAGS` is compiled with those extra flags
+//! (e.g. `-fmad=false` for kernels that must round exactly as the CPU reference).
 
 use std::env;
 use std::fmt::Write as _;
@@ -24,6 +27,16 @@ fn find_nvcc() -> Option<PathBuf> {
         }
     }
     candidates.into_iter().find(|p| p.is_file())
+}
+
+/// Extra nvcc flags named on the first line of a kernel file (`// ds4-nvcc: -fmad=false`).
+fn file_flags(src: &Path) -> Vec<String> {
+    let text = std::fs::read_to_string(src).unwrap_or_default();
+    let first = text.lines().next().unwrap_or("");
+    match first.trim().strip_prefix("// ds4-nvcc:") {
+        Some(rest) => rest.split_whitespace().map(str::to_string).collect(),
+        None => Vec::new(),
+    }
 }
 
 fn main() {
@@ -70,6 +83,7 @@ fn main() {
                     "-std=c++17",
                     "-lineinfo",
                 ])
+                .args(file_flags(src))
                 .arg("-I")
                 .arg(&kdir)
                 .arg("-o")

@@ -32,11 +32,22 @@ pub fn load_module(ctx: &Arc<CudaContext>, name: &str) -> Result<Arc<CudaModule>
         .iter()
         .find(|(n, _)| *n == name)
         .ok_or_else(|| CudaError::Driver(format!("no kernel module {name:?} embedded")))?;
+    // SAFETY: only checks whether the shared library can be loaded (cudarc panics otherwise).
+    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        return Err(CudaError::Driver(format!(
+            "kernel module {name:?} has no embedded cubin and libnvrtc could not be loaded"
+        )));
+    }
+    let fmad_off = src
+        .lines()
+        .next()
+        .is_some_and(|l| l.starts_with("// ds4-nvcc:") && l.contains("-fmad=false"));
     let ptx = cudarc::nvrtc::compile_ptx_with_opts(
         *src,
         cudarc::nvrtc::CompileOptions {
             arch: Some("sm_90a"),
             include_paths: vec!["/usr/local/cuda/include".into()],
+            fmad: fmad_off.then_some(false),
             ..Default::default()
         },
     )

@@ -1,0 +1,1015 @@
+// ds4-nvcc: -fmad=false
+//
+// The forward pass of DeepSeek V4 Flash on the GPU, everything except the weight matrix
+// products (those are gemv.cu's). Every kernel mirrors one `ds4_model::ops` function (or a fused
+// sequence of them) with the CPU reference's numerics: the reductions the reference accumulates
+// in f64 are accumulated in f64 here, and the file is compiled without FMA contraction so that
+// element-wise f32/f64 expressions round exactly as the Rust code does. Hot dot products use
+// explicit fma() (allowed: their summation order differs from the CPU's anyway).
+//
+// Positions are read from device memory (`pos0p` = first position of the chunk), so one captured
+// CUDA graph serves every decode step. Token t of a chunk is at position *pos0p + t.
+
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+#define EMPTY_SCORE (-1e30f)
+#define MAX_HC 16
+
+typedef long long i64;
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+
+__device__ __forceinline__ double warp_sum_d(double v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// Block-wide f64 sum; every thread gets the result. `sh` must hold 32 doubles.
+__device__ double block_sum_d(double v, double* sh) {
+    v = warp_sum_d(v);
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    const int nw = (blockDim.x + 31) >> 5;
+    __syncthreads();
+    if (lane == 0) sh[w] = v;
+    __syncthreads();
+    if (w == 0) {
+        double r = lane < nw ? sh[lane] : 0.0;
+        r = warp_sum_d(r);
+        if (lane == 0) sh[0] = r;
+    }
+    __syncthreads();
+    return sh[0];
+}
+
+__device__ __forceinline__ double sigmoid_d(double x) { return 1.0 / (1.0 + exp(-x)); }
+
+__device__ __forceinline__ double softplus_d(double x) {
+    if (x > 20.0) return x;
+    if (x < -20.0) return exp(x);
+    return log1p(exp(x));
+}
+
+// cos/sin of RoPE pair k at position pos: angle in f64, rounded to f32 (RopeParams::cos_sin).
+__device__ __forceinline__ void rope_cs(const double* inv_freq, int k, i64 pos, float* c, float* s) {
+    const double th = (double)pos * inv_freq[k];
+    *c = (float)cos(th);
+    *s = (float)sin(th);
+}
+
+// ops::rope_tail on one pair.
+__device__ __forceinline__ void rope_pair(float* x0, float* x1, float c, float s, bool inverse) {
+    const double cc = (double)c;
+    const double ss = inverse ? -(double)s : (double)s;
+    const double a = (double)*x0, b = (double)*x1;
+    *x0 = (float)(a * cc - b * ss);
+    *x1 = (float)(a * ss + b * cc);
+}
+
+// ops::pow2_scale: the smallest power of two s with amax / s <= maxq.
+__device__ float pow2_scale(float amax, float maxq) {
+    const double a = (double)amax, m = (double)maxq;
+    int k = (int)ceil(log2(a / m));
+    while (a > m * ldexp(1.0, k)) k++;
+    while (a <= m * ldexp(1.0, k - 1)) k--;
+    return (float)ldexp(1.0, k);
+}
+
+// ops::e4m3_round.
+__device__ float e4m3_round(float v) {
+    const float a = fabsf(v);
+    if (isnan(a)) return v;
+    float r;
+    if (a >= 448.0f) {
+        r = 448.0f;
+    } else if (a < 0.015625f) {
+        r = rintf(a * 512.0f) / 512.0f;
+    } else {
+        const int e = (int)((__float_as_uint(a) >> 23) & 0xff) - 127;
+        const float step = ldexpf(1.0f, e - 3);
+        r = rintf(a / step) * step;
+    }
+    return copysignf(r, v);
+}
+
+// ops::e2m1_round.
+__device__ float e2m1_round(float v) {
+    const float a = fabsf(v);
+    if (isnan(a)) return v;
+    float r;
+    if (a <= 0.25f) r = 0.0f;
+    else if (a < 0.75f) r = 0.5f;
+    else if (a <= 1.25f) r = 1.0f;
+    else if (a < 1.75f) r = 1.5f;
+    else if (a <= 2.5f) r = 2.0f;
+    else if (a < 3.5f) r = 3.0f;
+    else if (a <= 5.0f) r = 4.0f;
+    else r = 6.0f;
+    return copysignf(r, v);
+}
+
+// ops::fp8_roundtrip_block on x[0..n) (one thread).
+__device__ void fp8_block(float* x, int n) {
+    float amax = 0.0f;
+    for (int i = 0; i < n; i++) amax = fmaxf(amax, fabsf(x[i]));
+    amax = fmaxf(amax, 1e-4f);
+    const float scale = pow2_scale(amax, 448.0f);
+    for (int i = 0; i < n; i++) {
+        float v = x[i] / scale;
+        v = fminf(fmaxf(v, -448.0f), 448.0f);
+        x[i] = e4m3_round(v) * scale;
+    }
+}
+
+// ops::fp4_roundtrip_block on x[0..n) (one thread).
+__device__ void fp4_block(float* x, int n) {
+    float amax = 0.0f;
+    for (int i = 0; i < n; i++) amax = fmaxf(amax, fabsf(x[i]));
+    amax = fmaxf(amax, 6.0f * 1.17549435e-38f);
+    const float scale = pow2_scale(amax, 6.0f);
+    for (int i = 0; i < n; i++) {
+        float v = x[i] / scale;
+        v = fminf(fmaxf(v, -6.0f), 6.0f);
+        x[i] = e2m1_round(v) * scale;
+    }
+}
+
+// ops::fp8_kv_qat on a shared row (block-wide; ends with __syncthreads).
+__device__ void fp8_kv_qat_shared(float* row, int n_nope) {
+    const int nb = (n_nope + 63) / 64;
+    for (int b = threadIdx.x; b < nb; b += blockDim.x) {
+        const int lo = b * 64;
+        const int len = min(64, n_nope - lo);
+        fp8_block(row + lo, len);
+    }
+    __syncthreads();
+}
+
+// ops::indexer_qat on a shared row of n (power of two) values (block-wide, ends synced).
+__device__ void indexer_qat_shared(float* row, int n) {
+    for (int stride = 1; stride < n; stride <<= 1) {
+        for (int pi = threadIdx.x; pi < n / 2; pi += blockDim.x) {
+            const int blk = pi / stride, off = pi % stride;
+            const int i = blk * 2 * stride + off;
+            const float a = row[i], b = row[i + stride];
+            row[i] = a + b;
+            row[i + stride] = a - b;
+        }
+        __syncthreads();
+    }
+    const float s = (float)(1.0 / sqrt((double)n));
+    for (int i = threadIdx.x; i < n; i += blockDim.x) row[i] = row[i] * s;
+    __syncthreads();
+    const int nb = (n + 31) / 32;
+    for (int b = threadIdx.x; b < nb; b += blockDim.x) {
+        const int lo = b * 32;
+        fp4_block(row + lo, min(32, n - lo));
+    }
+    __syncthreads();
+}
+
+// RoPE on the tail of a shared row of `dim` values (block-wide, ends synced).
+__device__ void rope_tail_shared(float* row, int dim, int n_rot, const double* inv_freq, i64 pos,
+                                 bool inverse) {
+    const int half = n_rot / 2;
+    const int start = dim - n_rot;
+    for (int k = threadIdx.x; k < half; k += blockDim.x) {
+        float c, s;
+        rope_cs(inv_freq, k, pos, &c, &s);
+        rope_pair(&row[start + 2 * k], &row[start + 2 * k + 1], c, s, inverse);
+    }
+    __syncthreads();
+}
+
+// rms_norm (weight may be null) of a shared row in place (block-wide, ends synced).
+__device__ void rms_norm_shared(float* row, int dim, const float* w, float eps, double* sh) {
+    double ss = 0.0;
+    for (int d = threadIdx.x; d < dim; d += blockDim.x) {
+        const double v = (double)row[d];
+        ss += v * v;
+    }
+    ss = block_sum_d(ss, sh);
+    const double s = 1.0 / sqrt(ss / (double)dim + (double)eps);
+    for (int d = threadIdx.x; d < dim; d += blockDim.x) {
+        double v = (double)row[d] * s;
+        if (w) v = v * (double)w[d];
+        row[d] = (float)v;
+    }
+    __syncthreads();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Position bookkeeping
+
+extern "C" __global__ void ds4_advance_pos(int* pos, int n) {
+    if (threadIdx.x == 0 && blockIdx.x == 0) *pos += n;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Embedding: x[t][h][:] = dequant(table row tokens[t]) for every HC stream h.
+// type: GGML id (0 F32, 1 F16, 8 Q8_0, 30 BF16).
+
+extern "C" __global__ void ds4_embed(const unsigned char* table, int type, int e, i64 row_bytes,
+                                     const int* tokens, int hc, float* x) {
+    const int t = blockIdx.x;
+    const int tok = tokens[t];
+    const unsigned char* row = table + (i64)tok * row_bytes;
+    float* xo = x + (i64)t * hc * e;
+    for (int d = threadIdx.x; d < e; d += blockDim.x) {
+        float v = 0.0f;
+        if (type == 0) {
+            v = ((const float*)row)[d];
+        } else if (type == 1) {
+            v = __half2float(((const __half*)row)[d]);
+        } else if (type == 30) {
+            v = __uint_as_float(((unsigned)((const unsigned short*)row)[d]) << 16);
+        } else if (type == 8) {
+            const unsigned char* b = row + (d / 32) * 34;
+            const float dd = __half2float(__ushort_as_half(*(const unsigned short*)b));
+            v = dd * (float)((const signed char*)(b + 2))[d % 32];
+        }
+        for (int h = 0; h < hc; h++) xo[h * e + d] = v;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// RMSNorm of rows (ops::rms_norm / rms_norm_noweight): block per row; in place allowed.
+
+extern "C" __global__ void ds4_rms_norm_rows(const float* x, i64 xs, const float* w, int dim,
+                                             float eps, float* out, i64 os) {
+    __shared__ double sh[32];
+    const float* xr = x + (i64)blockIdx.x * xs;
+    float* orow = out + (i64)blockIdx.x * os;
+    double ss = 0.0;
+    for (int d = threadIdx.x; d < dim; d += blockDim.x) {
+        const double v = (double)xr[d];
+        ss += v * v;
+    }
+    ss = block_sum_d(ss, sh);
+    const double s = 1.0 / sqrt(ss / (double)dim + (double)eps);
+    for (int d = threadIdx.x; d < dim; d += blockDim.x) {
+        double v = (double)xr[d] * s;
+        if (w) v = v * (double)w[d];
+        orow[d] = (float)v;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// HC pre (ops::hc_split + hc_collapse + rms_norm): block per token.
+// mix [n][nm], x [n][hc][e] -> post [n][hc], comb [n][hc][hc], xin [n][e], a [n][e].
+
+__device__ void hc_split_one(const float* mix, const float* scale, const float* base, int hc,
+                             int iters, float hc_eps, float* pre, float* post, float* comb) {
+    const double eps = (double)hc_eps;
+    for (int i = 0; i < hc; i++) {
+        pre[i] = (float)(sigmoid_d((double)mix[i] * (double)scale[0] + (double)base[i]) + eps);
+        post[i] = (float)(2.0 * sigmoid_d((double)mix[hc + i] * (double)scale[1] +
+                                          (double)base[hc + i]));
+    }
+    double m[MAX_HC * MAX_HC];
+    for (int r = 0; r < hc; r++) {
+        double* row = m + r * hc;
+        double mx = -INFINITY;
+        for (int c = 0; c < hc; c++) {
+            const int j = 2 * hc + r * hc + c;
+            row[c] = (double)mix[j] * (double)scale[2] + (double)base[j];
+            mx = fmax(mx, row[c]);
+        }
+        double sum = 0.0;
+        for (int c = 0; c < hc; c++) {
+            row[c] = exp(row[c] - mx);
+            sum += row[c];
+        }
+        for (int c = 0; c < hc; c++) row[c] = row[c] / sum + eps;
+    }
+    // ops::sinkhorn
+    for (int c = 0; c < hc; c++) {
+        double s = 0.0;
+        for (int r = 0; r < hc; r++) s += m[r * hc + c];
+        s += eps;
+        for (int r = 0; r < hc; r++) m[r * hc + c] /= s;
+    }
+    const int it = iters > 1 ? iters : 1;
+    for (int k = 1; k < it; k++) {
+        for (int r = 0; r < hc; r++) {
+            double s = 0.0;
+            for (int c = 0; c < hc; c++) s += m[r * hc + c];
+            s += eps;
+            for (int c = 0; c < hc; c++) m[r * hc + c] /= s;
+        }
+        for (int c = 0; c < hc; c++) {
+            double s = 0.0;
+            for (int r = 0; r < hc; r++) s += m[r * hc + c];
+            s += eps;
+            for (int r = 0; r < hc; r++) m[r * hc + c] /= s;
+        }
+    }
+    for (int i = 0; i < hc * hc; i++) comb[i] = (float)m[i];
+}
+
+extern "C" __global__ void ds4_hc_pre(const float* mix, int nm, const float* scale,
+                                      const float* base, int hc, int iters, float hc_eps,
+                                      const float* x, int e, const float* norm_w, float rms_eps,
+                                      float* post, float* comb, float* xin, float* a) {
+    __shared__ float s_pre[MAX_HC];
+    __shared__ float s_post[MAX_HC];
+    __shared__ float s_comb[MAX_HC * MAX_HC];
+    __shared__ double sh[32];
+    const int t = blockIdx.x;
+    if (threadIdx.x == 0) {
+        hc_split_one(mix + (i64)t * nm, scale, base, hc, iters, hc_eps, s_pre, s_post, s_comb);
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < hc; i += blockDim.x) post[t * hc + i] = s_post[i];
+    for (int i = threadIdx.x; i < hc * hc; i += blockDim.x) comb[(i64)t * hc * hc + i] = s_comb[i];
+    const float* xt = x + (i64)t * hc * e;
+    float* xo = xin + (i64)t * e;
+    double ss = 0.0;
+    for (int d = threadIdx.x; d < e; d += blockDim.x) {
+        double acc = 0.0;
+        for (int h = 0; h < hc; h++) acc += (double)s_pre[h] * (double)xt[h * e + d];
+        const float v = (float)acc;
+        xo[d] = v;
+        ss += (double)v * (double)v;
+    }
+    ss = block_sum_d(ss, sh);
+    const double s = 1.0 / sqrt(ss / (double)e + (double)rms_eps);
+    float* ao = a + (i64)t * e;
+    for (int d = threadIdx.x; d < e; d += blockDim.x) {
+        ao[d] = (float)(((double)xo[d] * s) * (double)norm_w[d]);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// HC post (ops::hc_post), optionally with the FFN sum (Σ_k routed (f64) + shared) and the next
+// site's no-weight RMSNorm (flat): block per token.
+// f [n][e]; routed [n][k][e] or null; x [n][hc][e] -> xo [n][hc][e], flat [n][hc*e] or null.
+
+extern "C" __global__ void ds4_hc_post(const float* f, const float* routed, int k, const float* x,
+                                       const float* post, const float* comb, int hc, int e,
+                                       float* xo, float* flat, float eps) {
+    __shared__ float s_post[MAX_HC];
+    __shared__ float s_comb[MAX_HC * MAX_HC];
+    __shared__ double sh[32];
+    const int t = blockIdx.x;
+    for (int i = threadIdx.x; i < hc; i += blockDim.x) s_post[i] = post[t * hc + i];
+    for (int i = threadIdx.x; i < hc * hc; i += blockDim.x) s_comb[i] = comb[(i64)t * hc * hc + i];
+    __syncthreads();
+    const float* xt = x + (i64)t * hc * e;
+    float* ot = xo + (i64)t * hc * e;
+    double ss = 0.0;
+    for (int d = threadIdx.x; d < e; d += blockDim.x) {
+        float fd;
+        if (routed) {
+            double acc = 0.0;
+            for (int j = 0; j < k; j++) acc += (double)routed[((i64)t * k + j) * e + d];
+            fd = (float)acc + f[(i64)t * e + d];
+        } else {
+            fd = f[(i64)t * e + d];
+        }
+        for (int j = 0; j < hc; j++) {
+            double acc = (double)s_post[j] * (double)fd;
+            for (int i = 0; i < hc; i++) acc += (double)s_comb[i * hc + j] * (double)xt[i * e + d];
+            const float v = (float)acc;
+            ot[j * e + d] = v;
+            ss += (double)v * (double)v;
+        }
+    }
+    if (!flat) return;
+    ss = block_sum_d(ss, sh);
+    const double s = 1.0 / sqrt(ss / (double)(hc * e) + (double)eps);
+    float* fo = flat + (i64)t * hc * e;
+    for (int d = threadIdx.x; d < e; d += blockDim.x) {
+        for (int j = 0; j < hc; j++) fo[j * e + d] = (float)((double)ot[j * e + d] * s);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// HC head (ops::hc_head_weights + hc_collapse) + output RMSNorm: block per token.
+// mix [n][hc] (the out_hc_fn product of the normed streams), x [n][hc][e] -> hn [n][e].
+// Dynamic shared memory: e floats.
+
+extern "C" __global__ void ds4_hc_head(const float* mix, float scale, const float* base,
+                                       float hc_eps, const float* x, int hc, int e,
+                                       const float* norm_w, float rms_eps, float* hn) {
+    extern __shared__ float s_y[];
+    __shared__ float s_w[MAX_HC];
+    __shared__ double sh[32];
+    const int t = blockIdx.x;
+    if (threadIdx.x < hc) {
+        const int i = threadIdx.x;
+        s_w[i] = (float)(sigmoid_d((double)mix[t * hc + i] * (double)scale + (double)base[i]) +
+                         (double)hc_eps);
+    }
+    __syncthreads();
+    const float* xt = x + (i64)t * hc * e;
+    for (int d = threadIdx.x; d < e; d += blockDim.x) {
+        double acc = 0.0;
+        for (int h = 0; h < hc; h++) acc += (double)s_w[h] * (double)xt[h * e + d];
+        s_y[d] = (float)acc;
+    }
+    __syncthreads();
+    rms_norm_shared(s_y, e, norm_w, rms_eps, sh);
+    for (int d = threadIdx.x; d < e; d += blockDim.x) hn[(i64)t * e + d] = s_y[d];
+}
+
+// ---------------------------------------------------------------------------------------------
+// Q heads: per-head no-weight RMSNorm + RoPE (in place). grid (nh, n).
+
+extern "C" __global__ void ds4_head_norm_rope(float* q, int nh, int hd, int n_rot, float eps,
+                                              const double* inv_freq, const int* pos0p) {
+    extern __shared__ float s_row[];
+    __shared__ double sh[32];
+    const int h = blockIdx.x, t = blockIdx.y;
+    float* x = q + ((i64)t * nh + h) * hd;
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) s_row[d] = x[d];
+    __syncthreads();
+    rms_norm_shared(s_row, hd, nullptr, eps, sh);
+    rope_tail_shared(s_row, hd, n_rot, inv_freq, (i64)*pos0p + t, false);
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) x[d] = s_row[d];
+}
+
+// ---------------------------------------------------------------------------------------------
+// KV row: RMSNorm with weight, RoPE, FP8 (QAT), store into the raw ring at pos % raw_cap.
+// kvp [n][hd]. Block per token, dynamic shared hd floats.
+
+extern "C" __global__ void ds4_kv_finish(const float* kvp, const float* w, int hd, int n_rot,
+                                         float eps, const double* inv_freq, const int* pos0p,
+                                         int qat, int n_nope, float* ring, int raw_cap) {
+    extern __shared__ float s_row[];
+    __shared__ double sh[32];
+    const int t = blockIdx.x;
+    const i64 pos = (i64)*pos0p + t;
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) s_row[d] = kvp[(i64)t * hd + d];
+    __syncthreads();
+    rms_norm_shared(s_row, hd, w, eps, sh);
+    rope_tail_shared(s_row, hd, n_rot, inv_freq, pos, false);
+    if (qat) fp8_kv_qat_shared(s_row, n_nope);
+    float* dst = ring + (pos % raw_cap) * hd;
+    for (int d = threadIdx.x; d < hd; d += blockDim.x) dst[d] = s_row[d];
+}
+
+// ---------------------------------------------------------------------------------------------
+// KV compressor (ops::compressor_push / compressor_pool / compressor_emit / compressor_advance)
+// for a chunk of n tokens at positions pos0..pos0+n-1.
+//
+// The chunk's projections are ckv/csc [n][width] (csc without the ape bias). The frontier
+// st_kv/st_sc ([rows][width]) holds the state before the chunk: overlap: rows 0..ratio-1 = the
+// previous complete window, rows ratio..2·ratio-1 = the current window (slot pos % ratio);
+// otherwise rows 0..ratio-1 = the current window. Empty slots: kv 0, score EMPTY_SCORE.
+
+struct CompSrc {
+    const float* ckv;
+    const float* csc;
+    const float* ape;
+    const float* st_kv;
+    const float* st_sc;
+    i64 pos0;
+    int ratio;
+    int overlap;
+    int width;
+};
+
+// The (kv, score) of position p, column col, as the CPU frontier would hold it.
+__device__ __forceinline__ void comp_fetch(const CompSrc& s, i64 p, int col, float* kv, float* sc) {
+    if (p < 0) {
+        *kv = 0.0f;
+        *sc = EMPTY_SCORE;
+        return;
+    }
+    const int m = (int)(p % s.ratio);
+    if (p >= s.pos0) {
+        const i64 i = (p - s.pos0) * s.width + col;
+        *kv = s.ckv[i];
+        *sc = s.csc[i] + s.ape[(i64)m * s.width + col];
+        return;
+    }
+    const i64 w = p / s.ratio;
+    const i64 w0 = s.pos0 / s.ratio;
+    int row;
+    if (w == w0) {
+        row = s.overlap ? s.ratio + m : m;
+    } else if (s.overlap && w == w0 - 1) {
+        row = m;
+    } else {
+        *kv = 0.0f;
+        *sc = EMPTY_SCORE;
+        return;
+    }
+    *kv = s.st_kv[(i64)row * s.width + col];
+    *sc = s.st_sc[(i64)row * s.width + col];
+}
+
+// Emit the compressed rows completed in the chunk: block b -> row c = pos0/ratio + b (if its
+// window ends inside the chunk). qat_mode: 0 none, 1 FP8 on the first n_nope dims, 2 indexer
+// (Hadamard + FP4). rows [cap][d_c]. Dynamic shared: d_c floats.
+extern "C" __global__ void ds4_comp_emit(const float* ckv, const float* csc, const float* ape,
+                                         const float* st_kv, const float* st_sc,
+                                         const int* pos0p, int n, int ratio, int overlap, int d_c,
+                                         const float* norm, float eps, const double* inv_freq,
+                                         int n_rot, int qat_mode, int n_nope, float* rows) {
+    extern __shared__ float s_row[];
+    __shared__ double sh[32];
+    CompSrc s;
+    s.ckv = ckv;
+    s.csc = csc;
+    s.ape = ape;
+    s.st_kv = st_kv;
+    s.st_sc = st_sc;
+    s.pos0 = (i64)*pos0p;
+    s.ratio = ratio;
+    s.overlap = overlap;
+    s.width = overlap ? 2 * d_c : d_c;
+    const i64 pend = s.pos0 + n;
+    const i64 c = s.pos0 / ratio + blockIdx.x;
+    if ((c + 1) * ratio > pend) return;
+    const int n_cand = overlap ? 2 * ratio : ratio;
+    for (int j = threadIdx.x; j < d_c; j += blockDim.x) {
+        double mx = -INFINITY;
+        for (int i = 0; i < n_cand; i++) {
+            i64 p;
+            int col;
+            if (overlap) {
+                if (i < ratio) {
+                    p = (c - 1) * ratio + i;
+                    col = j;
+                } else {
+                    p = c * ratio + (i - ratio);
+                    col = d_c + j;
+                }
+            } else {
+                p = c * ratio + i;
+                col = j;
+            }
+            float kv, sc;
+            comp_fetch(s, p, col, &kv, &sc);
+            mx = fmax(mx, (double)sc);
+        }
+        float out = 0.0f;
+        if (!(mx <= (double)EMPTY_SCORE * 0.5)) {
+            double den = 0.0, num = 0.0;
+            for (int i = 0; i < n_cand; i++) {
+                i64 p;
+                int col;
+                if (overlap) {
+                    if (i < ratio) {
+                        p = (c - 1) * ratio + i;
+                        col = j;
+                    } else {
+                        p = c * ratio + (i - ratio);
+                        col = d_c + j;
+                    }
+                } else {
+                    p = c * ratio + i;
+                    col = j;
+                }
+                float kv, sc;
+                comp_fetch(s, p, col, &kv, &sc);
+                const double ex = exp((double)sc - mx);
+                den += ex;
+                num += ex * (double)kv;
+            }
+            out = (float)(num / den);
+        }
+        s_row[j] = out;
+    }
+    __syncthreads();
+    rms_norm_shared(s_row, d_c, norm, eps, sh);
+    rope_tail_shared(s_row, d_c, n_rot, inv_freq, c * ratio, false);
+    if (qat_mode == 1) fp8_kv_qat_shared(s_row, n_nope);
+    else if (qat_mode == 2) indexer_qat_shared(s_row, d_c);
+    float* dst = rows + c * d_c;
+    for (int j = threadIdx.x; j < d_c; j += blockDim.x) dst[j] = s_row[j];
+}
+
+// Advance the frontier over the chunk (in place; run after ds4_comp_emit). One thread per column.
+extern "C" __global__ void ds4_comp_frontier(const float* ckv, const float* csc, const float* ape,
+                                             float* st_kv, float* st_sc, const int* pos0p, int n,
+                                             int ratio, int overlap, int d_c) {
+    CompSrc s;
+    s.ckv = ckv;
+    s.csc = csc;
+    s.ape = ape;
+    s.st_kv = st_kv;
+    s.st_sc = st_sc;
+    s.pos0 = (i64)*pos0p;
+    s.ratio = ratio;
+    s.overlap = overlap;
+    s.width = overlap ? 2 * d_c : d_c;
+    const i64 pend = s.pos0 + n;
+    const i64 wf = pend / ratio;
+    for (int col = blockIdx.x * blockDim.x + threadIdx.x; col < s.width;
+         col += gridDim.x * blockDim.x) {
+        if (!overlap) {
+            for (int m = 0; m < ratio; m++) {
+                const i64 p = wf * ratio + m;
+                if (p < s.pos0) continue;  // unchanged slot of the same window
+                float kv = 0.0f, sc = EMPTY_SCORE;
+                if (p < pend) comp_fetch(s, p, col, &kv, &sc);
+                st_kv[(i64)m * s.width + col] = kv;
+                st_sc[(i64)m * s.width + col] = sc;
+            }
+        } else {
+            float nkv[16], nsc[16];
+            for (int m = 0; m < ratio && m < 8; m++) {
+                comp_fetch(s, (wf - 1) * ratio + m, col, &nkv[m], &nsc[m]);
+                const i64 p = wf * ratio + m;
+                if (p < pend) {
+                    comp_fetch(s, p, col, &nkv[8 + m], &nsc[8 + m]);
+                } else {
+                    nkv[8 + m] = 0.0f;
+                    nsc[8 + m] = EMPTY_SCORE;
+                }
+            }
+            for (int m = 0; m < ratio && m < 8; m++) {
+                st_kv[(i64)m * s.width + col] = nkv[m];
+                st_sc[(i64)m * s.width + col] = nsc[m];
+                st_kv[(i64)(ratio + m) * s.width + col] = nkv[8 + m];
+                st_sc[(i64)(ratio + m) * s.width + col] = nsc[8 + m];
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Lightning indexer.
+
+// Queries: RoPE (compressed family) + Hadamard/FP4 (QAT) per head, weights scaled.
+// iq [n][nih][ihd], iw [n][nih]. grid (nih, n), block ihd threads, dynamic shared ihd floats.
+extern "C" __global__ void ds4_indexer_q(float* iq, float* iw, int nih, int ihd, int n_rot,
+                                         const double* inv_freq, const int* pos0p, int qat,
+                                         double wscale) {
+    extern __shared__ float s_row[];
+    const int h = blockIdx.x, t = blockIdx.y;
+    float* x = iq + ((i64)t * nih + h) * ihd;
+    for (int d = threadIdx.x; d < ihd; d += blockDim.x) s_row[d] = x[d];
+    __syncthreads();
+    rope_tail_shared(s_row, ihd, n_rot, inv_freq, (i64)*pos0p + t, false);
+    if (qat) indexer_qat_shared(s_row, ihd);
+    for (int d = threadIdx.x; d < ihd; d += blockDim.x) x[d] = s_row[d];
+    if (threadIdx.x == 0) {
+        float* wp = iw + (i64)t * nih + h;
+        *wp = (float)((double)*wp * wscale);
+    }
+}
+
+#define IDX_TILE 8
+
+// Scores (ops::indexer_scores) of tokens t0..t0+gridDim.y-1 that see more than topk rows:
+// score[c] = Σ_h w[h]·max(0, q_h·k_c) for c < (p+1)/ratio, summed over heads in order (as the
+// CPU does). scores [gridDim.y][sstride]. Block 256 threads; dynamic shared:
+// IDX_TILE·nih doubles + nih·(ihd+1) + nih + IDX_TILE·ihd floats.
+extern "C" __global__ void ds4_indexer_scores(const float* iq, const float* iw, const float* icomp,
+                                              int nih, int ihd, int ratio, int topk,
+                                              const int* pos0p, int t0, float* scores,
+                                              i64 sstride) {
+    extern __shared__ double smem_d[];
+    const int t = t0 + blockIdx.y;
+    const i64 p = (i64)*pos0p + t;
+    const i64 nv = (p + 1) / ratio;
+    if (nv <= topk) return;
+    const int qs = ihd + 1;
+    double* s_c = smem_d;                          // [IDX_TILE][nih]
+    float* s_q = (float*)(s_c + IDX_TILE * nih);   // [nih][ihd+1]
+    float* s_w = s_q + nih * qs;                   // [nih]
+    float* s_k = s_w + nih;                        // [IDX_TILE][ihd]
+    const float* qt = iq + (i64)t * nih * ihd;
+    for (int i = threadIdx.x; i < nih * ihd; i += blockDim.x) s_q[(i / ihd) * qs + (i % ihd)] = qt[i];
+    for (int i = threadIdx.x; i < nih; i += blockDim.x) s_w[i] = iw[(i64)t * nih + i];
+    const i64 n_tiles = (nv + IDX_TILE - 1) / IDX_TILE;
+    const int nthreads = blockDim.x;
+    float* out = scores + (i64)blockIdx.y * sstride;
+    for (i64 tile = blockIdx.x; tile < n_tiles; tile += gridDim.x) {
+        __syncthreads();
+        const i64 r0 = tile * IDX_TILE;
+        for (int i = threadIdx.x; i < IDX_TILE * ihd; i += nthreads) {
+            const i64 r = r0 + i / ihd;
+            s_k[i] = r < nv ? icomp[r * ihd + (i % ihd)] : 0.0f;
+        }
+        __syncthreads();
+        for (int pr = threadIdx.x; pr < IDX_TILE * nih; pr += nthreads) {
+            const int r = pr / nih, h = pr % nih;
+            const float* qh = s_q + h * qs;
+            const float* kr = s_k + r * ihd;
+            double d = 0.0;
+            for (int i = 0; i < ihd; i++) d = fma((double)qh[i], (double)kr[i], d);
+            s_c[r * nih + h] = d > 0.0 ? (double)s_w[h] * d : 0.0;
+        }
+        __syncthreads();
+        if (threadIdx.x < IDX_TILE) {
+            const int r = threadIdx.x;
+            double acc = 0.0;
+            for (int h = 0; h < nih; h++) acc += s_c[r * nih + h];
+            if (r0 + r < nv) out[r0 + r] = (float)acc;
+        }
+    }
+}
+
+// Orderable key of a score (NaN ranks as -inf; -0 < +0 as in f32::total_cmp).
+__device__ __forceinline__ unsigned fkey(float f) {
+    if (isnan(f)) f = -INFINITY;
+    const unsigned u = __float_as_uint(f);
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+// Exclusive block scan of a 0/1 flag; *total gets the block's sum. Block size multiple of 32,
+// ≤ 1024. `sh` holds 33 ints.
+__device__ int block_excl_scan(int flag, int* total, int* sh) {
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    const unsigned b = __ballot_sync(0xffffffffu, flag);
+    const int in_warp = __popc(b & ((1u << lane) - 1u));
+    __syncthreads();
+    if (lane == 0) sh[w] = __popc(b);
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        int acc = 0;
+        for (int i = 0; i < nw; i++) {
+            const int v = sh[i];
+            sh[i] = acc;
+            acc += v;
+        }
+        sh[32] = acc;
+    }
+    __syncthreads();
+    *total = sh[32];
+    return sh[w] + in_warp;
+}
+
+// Top-k (ops::topk_indices): the topk largest scores, ties -> lower index, written ascending to
+// isel [t][topk], for tokens seeing more than topk rows. grid (nt), block 1024.
+extern "C" __global__ void ds4_topk(const float* scores, i64 sstride, int ratio, int topk,
+                                    const int* pos0p, int t0, int* isel) {
+    __shared__ unsigned hist[256];
+    __shared__ unsigned s_prefix, s_mask;
+    __shared__ int s_need;
+    __shared__ int sh[33];
+    const int t = t0 + blockIdx.x;
+    const i64 p = (i64)*pos0p + t;
+    const i64 nv = (p + 1) / ratio;
+    if (nv <= topk) return;
+    const float* s = scores + (i64)blockIdx.x * sstride;
+    if (threadIdx.x == 0) {
+        s_prefix = 0;
+        s_mask = 0;
+        s_need = topk;
+    }
+    for (int shift = 24; shift >= 0; shift -= 8) {
+        for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0;
+        __syncthreads();
+        const unsigned prefix = s_prefix, mask = s_mask;
+        for (i64 i = threadIdx.x; i < nv; i += blockDim.x) {
+            const unsigned k = fkey(s[i]);
+            if ((k & mask) == prefix) atomicAdd(&hist[(k >> shift) & 255u], 1u);
+        }
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            int need = s_need;
+            unsigned cum = 0;
+            int b = 255;
+            for (; b > 0; b--) {
+                if (cum + hist[b] >= (unsigned)need) break;
+                cum += hist[b];
+            }
+            s_need = need - (int)cum;
+            s_prefix = prefix | ((unsigned)b << shift);
+            s_mask = mask | (255u << shift);
+        }
+        __syncthreads();
+    }
+    const unsigned thr = s_prefix;
+    const int need_eq = s_need;
+    int out_base = 0, eq_base = 0;
+    int* dst = isel + (i64)t * topk;
+    for (i64 i0 = 0; i0 < nv; i0 += blockDim.x) {
+        const i64 i = i0 + threadIdx.x;
+        unsigned k = 0;
+        if (i < nv) k = fkey(s[i]);
+        const int gt = (i < nv) && k > thr;
+        const int eq = (i < nv) && k == thr;
+        int eq_total;
+        const int er = block_excl_scan(eq, &eq_total, sh);
+        const int take = gt || (eq && eq_base + er < need_eq);
+        int sel_total;
+        const int pos = block_excl_scan(take, &sel_total, sh);
+        if (take) dst[out_base + pos] = (int)i;
+        out_base += sel_total;
+        eq_base += eq_total;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Attention with sinks (ops::attention_head) over the raw window + compressed rows, then inverse
+// RoPE. grid (nh/hpb, nsplit, n), block hpb·32 threads (one warp per head). With nsplit > 1 the
+// per-split (acc, max, den) go to part [n][nh][nsplit][hd+2] and ds4_attn_combine finishes.
+
+#define ATT_MAXJ 16
+
+__device__ void attn_finish(double m, double den, double* acc, int nj, float sink, int hd,
+                            int n_rot, const double* inv_freq, i64 p, float* out) {
+    const int lane = threadIdx.x & 31;
+    const double sk = (double)sink;
+    const double M = fmax(sk, m);
+    const double corr = (m == -INFINITY) ? 0.0 : exp(m - M);
+    const double den_t = exp(sk - M) + den * corr;
+    const double inv = 1.0 / den_t;
+    const int n_nope = hd - n_rot;
+#pragma unroll
+    for (int j = 0; j < ATT_MAXJ; j++) {
+        if (j < nj) {
+            const int d = lane + 32 * j;
+            float v = (float)((acc[j] * corr) * inv);
+            // inverse RoPE on the tail: pairs (d, d+1) live in lanes (even, odd).
+            const float other = __shfl_xor_sync(0xffffffffu, v, 1);
+            if (d >= n_nope) {
+                const int k = (d - n_nope) >> 1;
+                float c, s;
+                rope_cs(inv_freq, k, p, &c, &s);
+                float x0 = (lane & 1) ? other : v;
+                float x1 = (lane & 1) ? v : other;
+                rope_pair(&x0, &x1, c, s, true);
+                v = (lane & 1) ? x1 : x0;
+            }
+            out[d] = v;
+        }
+    }
+}
+
+extern "C" __global__ void ds4_attention(const float* q, const float* ring, int raw_cap,
+                                         int window, const float* comp, int ratio,
+                                         int has_indexer, const int* isel, int topk,
+                                         const float* sinks, float scale, int nh, int hd,
+                                         int n_rot, const double* inv_freq, const int* pos0p,
+                                         int nsplit, double* part, float* heads) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int hpb = blockDim.x >> 5;
+    const int h = blockIdx.x * hpb + warp;
+    if (h >= nh) return;
+    const int split = blockIdx.y;
+    const int t = blockIdx.z;
+    const i64 p = (i64)*pos0p + t;
+    const i64 n_raw = (p + 1) < (i64)window ? (p + 1) : (i64)window;
+    const i64 lo = p + 1 - n_raw;
+    const i64 nv = ratio ? (p + 1) / ratio : 0;
+    const bool use_sel = has_indexer && nv > topk;
+    const i64 n_c = use_sel ? (i64)topk : nv;
+    const i64 R = n_raw + n_c;
+    const i64 r0 = R * split / nsplit, r1 = R * (split + 1) / nsplit;
+    const int nj = hd / 32;
+    const float* qh = q + ((i64)t * nh + h) * hd;
+    double qv[ATT_MAXJ], acc[ATT_MAXJ];
+#pragma unroll
+    for (int j = 0; j < ATT_MAXJ; j++) {
+        qv[j] = j < nj ? (double)qh[lane + 32 * j] : 0.0;
+        acc[j] = 0.0;
+    }
+    const double sc = (double)scale;
+    double m = -INFINITY, den = 0.0;
+    const int* sel = isel + (i64)t * topk;
+    for (i64 r = r0; r < r1; r++) {
+        const float* row;
+        if (r < n_raw) {
+            row = ring + ((lo + r) % raw_cap) * hd;
+        } else {
+            const i64 ci = use_sel ? (i64)sel[r - n_raw] : (r - n_raw);
+            row = comp + ci * hd;
+        }
+        double rv[ATT_MAXJ];
+        double dot = 0.0;
+#pragma unroll
+        for (int j = 0; j < ATT_MAXJ; j++) {
+            if (j < nj) {
+                rv[j] = (double)row[lane + 32 * j];
+                dot = fma(qv[j], rv[j], dot);
+            }
+        }
+        dot = warp_sum_d(dot);
+        const double s = dot * sc;
+        const double mn = fmax(m, s);
+        const double corr = exp(m - mn);
+        const double pr = exp(s - mn);
+        den = den * corr + pr;
+#pragma unroll
+        for (int j = 0; j < ATT_MAXJ; j++) {
+            if (j < nj) acc[j] = acc[j] * corr + pr * rv[j];
+        }
+        m = mn;
+    }
+    if (nsplit > 1) {
+        double* pp = part + (((i64)t * nh + h) * nsplit + split) * (hd + 2);
+#pragma unroll
+        for (int j = 0; j < ATT_MAXJ; j++) {
+            if (j < nj) pp[lane + 32 * j] = acc[j];
+        }
+        if (lane == 0) {
+            pp[hd] = m;
+            pp[hd + 1] = den;
+        }
+        return;
+    }
+    attn_finish(m, den, acc, nj, sinks[h], hd, n_rot, inv_freq, p, heads + ((i64)t * nh + h) * hd);
+}
+
+// Combine the splits of ds4_attention. grid (nh, n), block 32.
+extern "C" __global__ void ds4_attn_combine(const double* part, int nsplit, const float* sinks,
+                                            int nh, int hd, int n_rot, const double* inv_freq,
+                                            const int* pos0p, float* heads) {
+    const int h = blockIdx.x, t = blockIdx.y;
+    const int lane = threadIdx.x & 31;
+    const int nj = hd / 32;
+    const i64 p = (i64)*pos0p + t;
+    const double* pp = part + ((i64)t * nh + h) * nsplit * (hd + 2);
+    double m = -INFINITY;
+    for (int s = 0; s < nsplit; s++) m = fmax(m, pp[s * (hd + 2) + hd]);
+    double acc[ATT_MAXJ];
+#pragma unroll
+    for (int j = 0; j < ATT_MAXJ; j++) acc[j] = 0.0;
+    double den = 0.0;
+    for (int s = 0; s < nsplit; s++) {
+        const double* ps = pp + s * (hd + 2);
+        const double ms = ps[hd];
+        if (ms == -INFINITY) continue;
+        const double c = exp(ms - m);
+        den += ps[hd + 1] * c;
+#pragma unroll
+        for (int j = 0; j < ATT_MAXJ; j++) {
+            if (j < nj) acc[j] += ps[lane + 32 * j] * c;
+        }
+    }
+    attn_finish(m, den, acc, nj, sinks[h], hd, n_rot, inv_freq, p, heads + ((i64)t * nh + h) * hd);
+}
+
+// ---------------------------------------------------------------------------------------------
+// MoE router (ops::router_probs + route_topk / hash + route_weights): one warp per token.
+// rlog [n][ne] -> probs [n][ne], sel [n][k] (rank order), wts [n][k].
+
+extern "C" __global__ void ds4_router(const float* rlog, int ne, int k, int hash,
+                                      const int* tid2eid, const int* tokens, const float* bias,
+                                      float wscale, float* probs, int* sel, float* wts) {
+    const int t = blockIdx.x;
+    const int lane = threadIdx.x & 31;
+    const float* l = rlog + (i64)t * ne;
+    float* pr = probs + (i64)t * ne;
+    for (int e = lane; e < ne; e += 32) pr[e] = (float)sqrt(softplus_d((double)l[e]));
+    __syncwarp();
+    int* st = sel + (i64)t * k;
+    if (hash) {
+        const int tok = tokens[t];
+        for (int j = lane; j < k; j += 32) st[j] = tid2eid[(i64)tok * k + j];
+    } else {
+        unsigned taken = 0;  // bit i: local expert lane + 32 i taken
+        for (int j = 0; j < k; j++) {
+            float bv = -INFINITY;
+            int bi = 0x7fffffff;
+            for (int i = 0, e = lane; e < ne && i < 32; i++, e += 32) {
+                if (taken & (1u << i)) continue;
+                const float v = pr[e] + (bias ? bias[e] : 0.0f);
+                if (v > bv || (v == bv && e < bi)) {
+                    bv = v;
+                    bi = e;
+                }
+            }
+            for (int o = 16; o > 0; o >>= 1) {
+                const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+                const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+                if (ov > bv || (ov == bv && oi < bi)) {
+                    bv = ov;
+                    bi = oi;
+                }
+            }
+            if (bi != 0x7fffffff && (bi % 32) == lane) taken |= 1u << (bi / 32);
+            if (lane == 0) st[j] = bi == 0x7fffffff ? 0 : bi;
+        }
+    }
+    __syncwarp();
+    if (lane == 0) {
+        double sum = 0.0;
+        for (int j = 0; j < k; j++) sum += (double)pr[st[j]];
+        const double den = fmax(sum, 6.103515625e-5);
+        for (int j = 0; j < k; j++) {
+            wts[(i64)t * k + j] = (float)((double)pr[st[j]] / den * (double)wscale);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// SwiGLU (ops::swiglu) with weight 1 (shared expert): out = silu(min(g,c))·clamp(u,±c).
+// g/u/out addressed as [rows][cols] with strides (so gate|up may share one buffer).
+
+extern "C" __global__ void ds4_swiglu(const float* g, const float* u, i64 in_stride, int cols,
+                                      int rows, float clamp, float* out, i64 out_stride) {
+    const i64 total = (i64)rows * cols;
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < total;
+         i += (i64)gridDim.x * blockDim.x) {
+        const i64 r = i / cols, c = i % cols;
+        float gv = g[r * in_stride + c], uv = u[r * in_stride + c];
+        if (clamp > 1e-6f) {
+            gv = fminf(gv, clamp);
+            uv = fminf(fmaxf(uv, -clamp), clamp);
+        }
+        const double gd = (double)gv;
+        const double silu = gd / (1.0 + exp(-gd));
+        out[r * out_stride + c] = (float)(silu * (double)uv * 1.0);
+    }
+}
