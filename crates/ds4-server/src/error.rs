@@ -142,12 +142,10 @@ impl ApiError {
     }
 
     fn openai_type(&self) -> &'static str {
-        match self.status.as_u16() {
-            401 => "authentication_error",
-            404 => "not_found_error",
-            429 => "rate_limit_error",
-            s if s >= 500 => "server_error",
-            _ => "invalid_request_error",
+        if self.status.is_server_error() {
+            "server_error"
+        } else {
+            "invalid_request_error"
         }
     }
 
@@ -178,7 +176,13 @@ impl ApiError {
             if let Some(p) = self.param {
                 err["param"] = p.into();
             }
-            if let Some(c) = self.code {
+            let code = self.code.or(match self.status.as_u16() {
+                401 => Some("invalid_api_key"),
+                413 => Some("request_too_large"),
+                503 => Some("server_overloaded"),
+                _ => None,
+            });
+            if let Some(c) = code {
                 err["code"] = c.into();
             }
             if let Some((n, c)) = self.context {

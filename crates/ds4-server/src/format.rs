@@ -598,11 +598,15 @@ impl ResponsesStream {
         }
     }
 
-    fn ev(&mut self, ty: &str, mut v: Value) -> Event {
-        v["type"] = ty.into();
-        v["sequence_number"] = self.seq.into();
+    fn ev(&mut self, ty: &str, v: Value) -> Event {
+        let mut m = serde_json::Map::new();
+        m.insert("type".into(), ty.into());
+        m.insert("sequence_number".into(), self.seq.into());
+        if let Value::Object(o) = v {
+            m.extend(o);
+        }
         self.seq += 1;
-        named(ty, v)
+        named(ty, Value::Object(m))
     }
 
     fn created(&mut self, evs: &mut Vec<Event>) {

@@ -145,10 +145,11 @@ pub fn normalize(s: &str) -> String {
     ] {
         out = replace_hex_ids(&out, prefix, n);
     }
-    out.lines()
-        .filter(|l| !l.starts_with(':'))
+    // Drop SSE comment events (keep-alives: their number depends on timing).
+    out.split("\n\n")
+        .filter(|ev| !ev.lines().all(|l| l.starts_with(':')) || ev.is_empty())
         .collect::<Vec<_>>()
-        .join("\n")
+        .join("\n\n")
 }
 
 fn replace_number_after(s: &str, key: &str) -> String {
@@ -157,6 +158,9 @@ fn replace_number_after(s: &str, key: &str) -> String {
     while let Some(i) = rest.find(key) {
         out.push_str(&rest[..i + key.len()]);
         rest = &rest[i + key.len()..];
+        let ws = rest.bytes().take_while(|b| *b == b' ').count();
+        out.push_str(&rest[..ws]);
+        rest = &rest[ws..];
         let n = rest.bytes().take_while(|b| b.is_ascii_digit()).count();
         if n > 0 {
             out.push('0');
