@@ -30,7 +30,12 @@ use ds4_tokenizer::USER_TEXT;
 pub struct ScriptEntry {
     #[serde(default, rename = "match")]
     pub matches: Option<String>,
+    /// The text to emit (tokenized with ds4's chat tokenization).
+    #[serde(default)]
     pub text: String,
+    /// Or exact token ids to emit (e.g. a non-canonical tokenization).
+    #[serde(default)]
+    pub tokens: Option<Vec<u32>>,
 }
 
 /// The loaded script.
@@ -50,8 +55,8 @@ impl Script {
         Ok(Script { entries })
     }
 
-    /// The text to emit for `prompt`, if an entry matches.
-    pub fn pick(&self, prompt: &str) -> Option<&str> {
+    /// The entry to emit for `prompt`, if one matches.
+    pub fn pick(&self, prompt: &str) -> Option<&ScriptEntry> {
         let tail = match prompt.rfind(USER_TEXT) {
             Some(i) => &prompt[i..],
             None => prompt,
@@ -59,7 +64,6 @@ impl Script {
         self.entries
             .iter()
             .find(|e| e.matches.as_deref().is_none_or(|m| tail.contains(m)))
-            .map(|e| e.text.as_str())
     }
 }
 
@@ -73,13 +77,18 @@ mod tests {
             br#"[{"match":"<tool_result>","text":"answer"},{"match":"weather","text":"call"},{"text":"default"}]"#,
         )
         .unwrap();
-        assert_eq!(s.pick("<｜User｜>weather?<｜Assistant｜>"), Some("call"));
+        let text = |p: &str| s.pick(p).map(|e| e.text.clone());
         assert_eq!(
-            s.pick("<｜User｜>weather?<｜Assistant｜>x<｜User｜><tool_result>1</tool_result>"),
+            text("<｜User｜>weather?<｜Assistant｜>").as_deref(),
+            Some("call")
+        );
+        assert_eq!(
+            text("<｜User｜>weather?<｜Assistant｜>x<｜User｜><tool_result>1</tool_result>")
+                .as_deref(),
             Some("answer")
         );
         assert_eq!(
-            s.pick("<｜User｜><tool_result>1</tool_result><｜User｜>hi"),
+            text("<｜User｜><tool_result>1</tool_result><｜User｜>hi").as_deref(),
             Some("default")
         );
         assert!(Script::parse(b"{}").is_err());

@@ -641,7 +641,14 @@ impl Worker {
             .script
             .as_ref()
             .and_then(|s| s.pick(&job.prompt_text))
-            .map(|t| self.tok.encode_ds4_chat(t).unwrap_or_default().into_iter());
+            .map(|e| match &e.tokens {
+                Some(t) => t.clone().into_iter(),
+                None => self
+                    .tok
+                    .encode_ds4_chat(&e.text)
+                    .unwrap_or_default()
+                    .into_iter(),
+            });
         let mut ids: Vec<String> = Vec::new();
         let mut streamed_content = String::new();
         let mut finish = Finish::Length;

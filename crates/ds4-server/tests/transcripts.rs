@@ -60,8 +60,13 @@ async fn chat_stream_reasoning_content_usage() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chat_json_reasoning_content() {
     let (_d, s) = server();
-    let (st, _, body) = post(&s, "/v1/chat/completions", &json!({
-        "messages": [{"role": "user", "content": "hi"}]})).await;
+    let (st, _, body) = post(
+        &s,
+        "/v1/chat/completions",
+        &json!({
+        "messages": [{"role": "user", "content": "hi"}]}),
+    )
+    .await;
     assert_eq!(st, 200);
     insta::assert_snapshot!(pretty(&body));
 }
@@ -69,14 +74,23 @@ async fn chat_json_reasoning_content() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chat_stream_tool_call() {
     let (_d, s) = server();
-    let (st, _, body) = post(&s, "/v1/chat/completions", &json!({
+    let (st, _, body) = post(
+        &s,
+        "/v1/chat/completions",
+        &json!({
         "stream": true, "tools": weather_tools_openai(),
-        "messages": [{"role": "user", "content": "What is the weather in Paris?"}]})).await;
+        "messages": [{"role": "user", "content": "What is the weather in Paris?"}]}),
+    )
+    .await;
     assert_eq!(st, 200);
     // The streamed argument fragments build the same JSON as the final parse.
     let args: String = sse_data(&body)
         .iter()
-        .filter_map(|d| d["choices"][0]["delta"]["tool_calls"][0]["function"]["arguments"].as_str().map(str::to_string))
+        .filter_map(|d| {
+            d["choices"][0]["delta"]["tool_calls"][0]["function"]["arguments"]
+                .as_str()
+                .map(str::to_string)
+        })
         .collect();
     assert_eq!(args, r#"{"city":"Paris & Lyon","days":2}"#);
     insta::assert_snapshot!(normalize(&body));
@@ -85,9 +99,14 @@ async fn chat_stream_tool_call() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chat_json_tool_call() {
     let (_d, s) = server();
-    let (st, _, body) = post(&s, "/v1/chat/completions", &json!({
+    let (st, _, body) = post(
+        &s,
+        "/v1/chat/completions",
+        &json!({
         "tools": weather_tools_openai(),
-        "messages": [{"role": "user", "content": "What is the weather in Paris?"}]})).await;
+        "messages": [{"role": "user", "content": "What is the weather in Paris?"}]}),
+    )
+    .await;
     assert_eq!(st, 200);
     insta::assert_snapshot!(pretty(&body));
 }
@@ -95,24 +114,44 @@ async fn chat_json_tool_call() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chat_stop_sequence_inside_reasoning() {
     let (_d, s) = server();
-    let (_, _, body) = post(&s, "/v1/chat/completions", &json!({
-        "stop": ["END"], "messages": [{"role": "user", "content": "count please"}]})).await;
+    let (_, _, body) = post(
+        &s,
+        "/v1/chat/completions",
+        &json!({
+        "stop": ["END"], "messages": [{"role": "user", "content": "count please"}]}),
+    )
+    .await;
     insta::assert_snapshot!(pretty(&body));
-    let (_, _, body) = post(&s, "/v1/chat/completions", &json!({
-        "stop": "END", "stream": true, "messages": [{"role": "user", "content": "count again"}]})).await;
+    let (_, _, body) = post(
+        &s,
+        "/v1/chat/completions",
+        &json!({
+        "stop": "END", "stream": true, "messages": [{"role": "user", "content": "count again"}]}),
+    )
+    .await;
     insta::assert_snapshot!("chat_stop_sequence_stream", normalize(&body));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chat_max_tokens_length() {
     let (_d, s) = server();
-    let (_, _, body) = post(&s, "/v1/chat/completions", &json!({
-        "max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]})).await;
+    let (_, _, body) = post(
+        &s,
+        "/v1/chat/completions",
+        &json!({
+        "max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]}),
+    )
+    .await;
     let v: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["choices"][0]["finish_reason"], "length");
     assert_eq!(v["usage"]["completion_tokens"], 3);
-    let (_, _, body) = post(&s, "/v1/chat/completions", &json!({
-        "max_tokens": 0, "messages": [{"role": "user", "content": "hi"}]})).await;
+    let (_, _, body) = post(
+        &s,
+        "/v1/chat/completions",
+        &json!({
+        "max_tokens": 0, "messages": [{"role": "user", "content": "hi"}]}),
+    )
+    .await;
     let v: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["choices"][0]["finish_reason"], "length");
     assert_eq!(v["usage"]["completion_tokens"], 0);
@@ -121,12 +160,22 @@ async fn chat_max_tokens_length() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn completions_raw_text() {
     let (_d, s) = server();
-    let (st, _, body) = post(&s, "/v1/completions", &json!({"prompt": "hi", "max_tokens": 100})).await;
+    let (st, _, body) = post(
+        &s,
+        "/v1/completions",
+        &json!({"prompt": "hi", "max_tokens": 100}),
+    )
+    .await;
     assert_eq!(st, 200);
     insta::assert_snapshot!(pretty(&body));
-    let (_, _, body) = post(&s, "/v1/completions", &json!({
+    let (_, _, body) = post(
+        &s,
+        "/v1/completions",
+        &json!({
         "prompt": ["plain question", "ignored"], "stream": true, "think": false,
-        "stream_options": {"include_usage": true}})).await;
+        "stream_options": {"include_usage": true}}),
+    )
+    .await;
     insta::assert_snapshot!("completions_stream", normalize(&body));
 }
 
@@ -144,9 +193,14 @@ async fn messages_stream_thinking_text() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_stream_tool_use() {
     let (_d, s) = server();
-    let (_, _, body) = post(&s, "/v1/messages", &json!({
+    let (_, _, body) = post(
+        &s,
+        "/v1/messages",
+        &json!({
         "max_tokens": 1000, "stream": true, "tools": weather_tools_anthropic(),
-        "messages": [{"role": "user", "content": "What is the weather in Paris?"}]})).await;
+        "messages": [{"role": "user", "content": "What is the weather in Paris?"}]}),
+    )
+    .await;
     let partial: String = sse_data(&body)
         .iter()
         .filter_map(|d| d["delta"]["partial_json"].as_str().map(str::to_string))
@@ -158,13 +212,23 @@ async fn messages_stream_tool_use() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_json_tool_use_and_thinking_only() {
     let (_d, s) = server();
-    let (_, _, body) = post(&s, "/v1/messages", &json!({
+    let (_, _, body) = post(
+        &s,
+        "/v1/messages",
+        &json!({
         "max_tokens": 1000, "tools": weather_tools_anthropic(),
-        "messages": [{"role": "user", "content": "What is the weather in Paris?"}]})).await;
+        "messages": [{"role": "user", "content": "What is the weather in Paris?"}]}),
+    )
+    .await;
     insta::assert_snapshot!(pretty(&body));
     // Cut off while thinking: a thinking block and an empty text block.
-    let (_, _, body) = post(&s, "/v1/messages", &json!({
-        "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]})).await;
+    let (_, _, body) = post(
+        &s,
+        "/v1/messages",
+        &json!({
+        "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}),
+    )
+    .await;
     insta::assert_snapshot!("messages_json_thinking_only", pretty(&body));
 }
 
@@ -177,7 +241,10 @@ async fn responses_stream_summary_and_tool() {
         "instructions": "You are a coding agent.",
         "input": [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": "What is the weather in Paris?"}]}]})).await;
     assert_eq!(st, 200);
-    let seqs: Vec<u64> = sse_data(&body).iter().map(|d| d["sequence_number"].as_u64().unwrap()).collect();
+    let seqs: Vec<u64> = sse_data(&body)
+        .iter()
+        .map(|d| d["sequence_number"].as_u64().unwrap())
+        .collect();
     assert_eq!(seqs, (0..seqs.len() as u64).collect::<Vec<_>>());
     insta::assert_snapshot!(normalize(&body));
 }
@@ -185,19 +252,34 @@ async fn responses_stream_summary_and_tool() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn responses_stream_text_without_summary() {
     let (_d, s) = server();
-    let (_, _, body) = post(&s, "/v1/responses", &json!({
-        "stream": true, "input": "hi"})).await;
+    let (_, _, body) = post(
+        &s,
+        "/v1/responses",
+        &json!({
+        "stream": true, "input": "hi"}),
+    )
+    .await;
     insta::assert_snapshot!(normalize(&body));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn responses_json_tool_call() {
     let (_d, s) = server();
-    let (_, _, body) = post(&s, "/v1/responses", &json!({
+    let (_, _, body) = post(
+        &s,
+        "/v1/responses",
+        &json!({
         "tools": weather_tools_responses(), "reasoning": {"summary": "detailed"},
-        "input": "What is the weather in Paris?"})).await;
+        "input": "What is the weather in Paris?"}),
+    )
+    .await;
     insta::assert_snapshot!(pretty(&body));
-    let (_, _, body) = post(&s, "/v1/responses", &json!({"input": "hi", "max_output_tokens": 4})).await;
+    let (_, _, body) = post(
+        &s,
+        "/v1/responses",
+        &json!({"input": "hi", "max_output_tokens": 4}),
+    )
+    .await;
     insta::assert_snapshot!("responses_json_incomplete", pretty(&body));
 }
 
@@ -208,20 +290,86 @@ async fn error_bodies() {
     let mut record = |name: &str, r: (axum::http::StatusCode, String, String)| {
         out.push_str(&format!("{name}: {} {}\n", r.0.as_u16(), r.2));
     };
-    record("chat bad json", post_raw(&s, "/v1/chat/completions", b"{nope".to_vec(), &[]).await);
-    record("messages bad json", post_raw(&s, "/v1/messages", b"[1,2]".to_vec(), &[]).await);
-    record("chat missing messages", post(&s, "/v1/chat/completions", &json!({"model": "x"})).await);
-    record("chat unknown role", post(&s, "/v1/chat/completions", &json!({"messages": [{"role": "wizard", "content": "x"}]})).await);
-    record("chat bad effort", post(&s, "/v1/chat/completions", &json!({"messages": [], "reasoning_effort": "ultra"})).await);
-    record("completions missing prompt", post(&s, "/v1/completions", &json!({})).await);
-    record("responses forced tool", post(&s, "/v1/responses", &json!({"input": "x", "tool_choice": {"type": "function", "name": "f"}})).await);
-    record("responses previous id", post(&s, "/v1/responses", &json!({"input": "x", "previous_response_id": "resp_1"})).await);
+    record(
+        "chat bad json",
+        post_raw(&s, "/v1/chat/completions", b"{nope".to_vec(), &[]).await,
+    );
+    record(
+        "messages bad json",
+        post_raw(&s, "/v1/messages", b"[1,2]".to_vec(), &[]).await,
+    );
+    record(
+        "chat missing messages",
+        post(&s, "/v1/chat/completions", &json!({"model": "x"})).await,
+    );
+    record(
+        "chat unknown role",
+        post(
+            &s,
+            "/v1/chat/completions",
+            &json!({"messages": [{"role": "wizard", "content": "x"}]}),
+        )
+        .await,
+    );
+    record(
+        "chat bad effort",
+        post(
+            &s,
+            "/v1/chat/completions",
+            &json!({"messages": [], "reasoning_effort": "ultra"}),
+        )
+        .await,
+    );
+    record(
+        "completions missing prompt",
+        post(&s, "/v1/completions", &json!({})).await,
+    );
+    record(
+        "responses forced tool",
+        post(
+            &s,
+            "/v1/responses",
+            &json!({"input": "x", "tool_choice": {"type": "function", "name": "f"}}),
+        )
+        .await,
+    );
+    record(
+        "responses previous id",
+        post(
+            &s,
+            "/v1/responses",
+            &json!({"input": "x", "previous_response_id": "resp_1"}),
+        )
+        .await,
+    );
     record("responses unknown call id", post(&s, "/v1/responses", &json!({"input": [{"type": "function_call_output", "call_id": "call_zz", "output": "1"}]})).await);
     let long = "word ".repeat(5000);
-    record("chat context", post(&s, "/v1/chat/completions", &json!({"messages": [{"role": "user", "content": long}]})).await);
-    record("responses context", post(&s, "/v1/responses", &json!({"input": long})).await);
-    record("completions context", post(&s, "/v1/completions", &json!({"prompt": long})).await);
-    record("messages context", post(&s, "/v1/messages", &json!({"max_tokens": 5, "messages": [{"role": "user", "content": long}]})).await);
+    record(
+        "chat context",
+        post(
+            &s,
+            "/v1/chat/completions",
+            &json!({"messages": [{"role": "user", "content": long}]}),
+        )
+        .await,
+    );
+    record(
+        "responses context",
+        post(&s, "/v1/responses", &json!({"input": long})).await,
+    );
+    record(
+        "completions context",
+        post(&s, "/v1/completions", &json!({"prompt": long})).await,
+    );
+    record(
+        "messages context",
+        post(
+            &s,
+            "/v1/messages",
+            &json!({"max_tokens": 5, "messages": [{"role": "user", "content": long}]}),
+        )
+        .await,
+    );
     record("unknown path", get(&s, "/v2/nothing").await);
     record("unknown model", get(&s, "/v1/models/gpt-4").await);
     insta::assert_snapshot!(out);
@@ -235,10 +383,16 @@ async fn models_health_count_tokens() {
     insta::assert_snapshot!(pretty(&body));
     let (st, _, body) = get(&s, "/v1/models/deepseek-v4-flash").await;
     assert_eq!(st, 200);
-    assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["id"], "deepseek-v4-flash");
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap()["id"],
+        "deepseek-v4-flash"
+    );
     let (st, _, body) = get(&s, "/health").await;
     assert_eq!(st, 200);
-    assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["status"], "ok");
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap()["status"],
+        "ok"
+    );
     let req = json!({"model": "claude", "messages": [{"role": "user", "content": "Hello"}],
                      "thinking": {"type": "disabled"}});
     let (st, _, body) = post(&s, "/v1/messages/count_tokens", &req).await;
@@ -249,5 +403,8 @@ async fn models_health_count_tokens() {
         .encode_ds4_chat("<｜begin▁of▁sentence｜><｜User｜>Hello<｜Assistant｜></think>")
         .unwrap()
         .len();
-    assert_eq!(serde_json::from_str::<Value>(&body).unwrap()["input_tokens"], want);
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap()["input_tokens"],
+        want
+    );
 }

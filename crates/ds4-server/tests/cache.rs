@@ -1,0 +1,459 @@
+//! Live prefix reuse and the disk KV cache, asserted from /metrics and usage: a request that
+//! extends the previous one prefills only its new tokens — from the live session (token prefix,
+//! text prefix, the visible transcript of a thinking turn whose reasoning the client dropped)
+//! and, after a restart, from a disk checkpoint; damaged or foreign checkpoint files are
+//! ignored.
+
+mod common;
+use std::time::Duration;
+
+use common::*;
+use serde_json::{Value, json};
+
+const SYSTEM: &str = "You are a careful assistant. Answer briefly, cite sources, and never invent facts. \
+Keep a friendly tone, prefer short sentences, and ask when something is unclear.";
+
+const TOOL_CALL: &str = "I need the file.</think>\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name=\"read_file\">\n<｜DSML｜parameter name=\"path\" string=\"true\">src/main.rs</｜DSML｜parameter>\n</｜DSML｜invoke>\n</｜DSML｜tool_calls>";
+
+fn entries() -> Value {
+    json!([
+        {"match": "<tool_result>", "text": "The file is short.</think>It prints hello."},
+        {"match": "main.rs", "text": TOOL_CALL},
+        {"text": "Hello there, friend."},
+    ])
+}
+
+fn scripted(mut a: ds4_server::ServeArgs) -> (tempfile::TempDir, ds4_server::Server) {
+    let (d, p) = script(entries());
+    a.test_script = Some(p);
+    (d, start(a))
+}
+
+fn usage(body: &str) -> (u64, u64, u64) {
+    let v: Value = serde_json::from_str(body).unwrap_or_else(|_| panic!("{body}"));
+    let u = &v["usage"];
+    if u.get("prompt_tokens").is_some() {
+        (
+            u["prompt_tokens"].as_u64().unwrap(),
+            u["prompt_tokens_details"]["cached_tokens"]
+                .as_u64()
+                .unwrap(),
+            u["completion_tokens"].as_u64().unwrap(),
+        )
+    } else if u.get("cache_read_input_tokens").is_some() {
+        let read = u["cache_read_input_tokens"].as_u64().unwrap();
+        let write = u["cache_creation_input_tokens"].as_u64().unwrap();
+        (
+            u["input_tokens"].as_u64().unwrap() + read + write,
+            read,
+            u["output_tokens"].as_u64().unwrap(),
+        )
+    } else {
+        (
+            u["input_tokens"].as_u64().unwrap(),
+            u["input_tokens_details"]["cached_tokens"].as_u64().unwrap(),
+            u["output_tokens"].as_u64().unwrap(),
+        )
+    }
+}
+
+async fn prefilled(s: &ds4_server::Server) -> u64 {
+    metric(s, "ds4_prefilled_tokens_total").await as u64
+}
+
+async fn source(s: &ds4_server::Server, src: &str) -> u64 {
+    metric(s, &format!("ds4_cache_lookups_total{{source=\"{src}\"}}")).await as u64
+}
+
+fn chat_turn1(think: bool) -> Value {
+    json!({"think": think, "messages": [
+        {"role": "system", "content": SYSTEM},
+        {"role": "user", "content": "Say hello."}]})
+}
+
+fn chat_turn2(think: bool) -> Value {
+    json!({"think": think, "messages": [
+        {"role": "system", "content": SYSTEM},
+        {"role": "user", "content": "Say hello."},
+        {"role": "assistant", "content": "Hello there, friend."},
+        {"role": "user", "content": "And once more, please."}]})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn second_request_prefills_only_the_new_tail() {
+    let (_d, s) = scripted(args());
+    let (_, _, b1) = post(&s, "/v1/chat/completions", &chat_turn1(false)).await;
+    let (p1, c1, g1) = usage(&b1);
+    assert_eq!(c1, 0);
+    assert_eq!(prefilled(&s).await, p1);
+    let (_, _, b2) = post(&s, "/v1/chat/completions", &chat_turn2(false)).await;
+    let (p2, c2, _) = usage(&b2);
+    // Everything the first request left in the live session is reused...
+    assert_eq!(c2, p1 + g1, "{b2}");
+    // ...and only the new tail is prefilled.
+    assert_eq!(prefilled(&s).await - p1, p2 - c2);
+    assert!(p2 - c2 < 20, "tail of {} tokens", p2 - c2);
+    // Live tokens are a prefix of the new prompt's tokens here (the scripted text tokenizes
+    // the same way inside the transcript); otherwise the text-prefix path would take it.
+    assert_eq!(
+        source(&s, "memory-token").await + source(&s, "memory-text").await,
+        1
+    );
+    assert_eq!(source(&s, "miss").await, 1);
+    // The effective prompt equals a fresh tokenization of the rendered transcript here.
+    let (_, _, n) = post(
+        &s,
+        "/v1/messages/count_tokens",
+        &json!({"thinking": {"type": "disabled"},
+        "system": SYSTEM, "messages": [{"role": "user", "content": "Say hello."},
+        {"role": "assistant", "content": "Hello there, friend."},
+        {"role": "user", "content": "And once more, please."}]}),
+    )
+    .await;
+    assert_eq!(
+        serde_json::from_str::<Value>(&n).unwrap()["input_tokens"]
+            .as_u64()
+            .unwrap(),
+        p2
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resending_the_same_prefix_is_a_token_prefix_hit() {
+    let (_d, s) = scripted(args());
+    let mut r = chat_turn1(false);
+    r["max_tokens"] = 0.into();
+    let (_, _, b1) = post(&s, "/v1/chat/completions", &r).await;
+    let (p1, _, _) = usage(&b1);
+    let (_, _, b2) = post(&s, "/v1/chat/completions", &chat_turn2(false)).await;
+    let (_, c2, _) = usage(&b2);
+    assert_eq!(c2, p1);
+    assert_eq!(source(&s, "memory-token").await, 1);
+}
+
+async fn openai_tool_round_trip(echo_reasoning: bool) {
+    let (_d, s) = scripted(args());
+    let tools = json!([{"type": "function", "function": {"name": "read_file", "parameters": {"type": "object"}}}]);
+    let mut msgs = vec![json!({"role": "user", "content": "Summarize main.rs"})];
+    let (_, _, b1) = post(
+        &s,
+        "/v1/chat/completions",
+        &json!({"tools": tools, "messages": msgs}),
+    )
+    .await;
+    let v1: Value = serde_json::from_str(&b1).unwrap();
+    let (p1, _, g1) = usage(&b1);
+    let msg = &v1["choices"][0]["message"];
+    let call = msg["tool_calls"][0].clone();
+    assert_eq!(call["function"]["arguments"], r#"{"path":"src/main.rs"}"#);
+    let mut asst = json!({"role": "assistant", "content": null, "tool_calls": [call.clone()]});
+    if echo_reasoning {
+        asst["reasoning_content"] = msg["reasoning_content"].clone();
+    }
+    msgs.push(asst);
+    msgs.push(json!({"role": "tool", "tool_call_id": call["id"], "content": "fn main() { println!(\"hello\"); }"}));
+    let before = prefilled(&s).await;
+    let (_, _, b2) = post(
+        &s,
+        "/v1/chat/completions",
+        &json!({"tools": tools, "messages": msgs}),
+    )
+    .await;
+    let v2: Value = serde_json::from_str(&b2).unwrap();
+    assert_eq!(v2["choices"][0]["message"]["content"], "It prints hello.");
+    let (p2, c2, _) = usage(&b2);
+    // The tool block's closing token was sampled but not run: everything before it is reused.
+    assert_eq!(c2, p1 + g1 - 1, "{b2}");
+    assert_eq!(prefilled(&s).await - before, p2 - c2);
+    if echo_reasoning {
+        let n = source(&s, "memory-token").await + source(&s, "memory-text").await;
+        assert_eq!(n, 1, "expected a live hit");
+    } else {
+        assert_eq!(source(&s, "thinking-visible").await, 1);
+    }
+    assert_eq!(source(&s, "miss").await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openai_tool_round_trip_with_reasoning_reuses_live_kv() {
+    openai_tool_round_trip(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openai_tool_round_trip_without_reasoning_reuses_live_kv() {
+    openai_tool_round_trip(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anthropic_tool_round_trip_reuses_live_kv() {
+    let (_d, s) = scripted(args());
+    let tools = json!([{"name": "read_file", "input_schema": {"type": "object"}}]);
+    let mut msgs = vec![json!({"role": "user", "content": "Summarize main.rs"})];
+    let (_, _, b1) = post(
+        &s,
+        "/v1/messages",
+        &json!({"max_tokens": 500, "tools": tools, "messages": msgs}),
+    )
+    .await;
+    let v1: Value = serde_json::from_str(&b1).unwrap();
+    let (p1, _, g1) = usage(&b1);
+    assert_eq!(v1["stop_reason"], "tool_use");
+    let id = v1["content"][1]["id"].as_str().unwrap().to_string();
+    assert!(id.starts_with("toolu_") && id.len() == 38, "{id}");
+    msgs.push(json!({"role": "assistant", "content": v1["content"]}));
+    msgs.push(json!({"role": "user", "content": [{"type": "tool_result", "tool_use_id": id, "content": "fn main() {}"}]}));
+    let before = prefilled(&s).await;
+    let (_, _, b2) = post(
+        &s,
+        "/v1/messages",
+        &json!({"max_tokens": 500, "tools": tools, "messages": msgs}),
+    )
+    .await;
+    let v2: Value = serde_json::from_str(&b2).unwrap();
+    assert_eq!(v2["content"][1]["text"], "It prints hello.", "{b2}");
+    let (p2, c2, _) = usage(&b2);
+    assert_eq!(c2, p1 + g1 - 1);
+    assert_eq!(prefilled(&s).await - before, p2 - c2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn responses_tool_round_trip_reuses_live_kv() {
+    let (_d, s) = scripted(args());
+    let tools =
+        json!([{"type": "function", "name": "read_file", "parameters": {"type": "object"}}]);
+    let mut input = vec![
+        json!({"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Summarize main.rs"}]}),
+    ];
+    let (_, _, b1) = post(
+        &s,
+        "/v1/responses",
+        &json!({"tools": tools, "input": input}),
+    )
+    .await;
+    let v1: Value = serde_json::from_str(&b1).unwrap();
+    let (p1, _, g1) = usage(&b1);
+    let fc = v1["output"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["type"] == "function_call")
+        .unwrap()
+        .clone();
+    input.push(fc.clone());
+    input.push(
+        json!({"type": "function_call_output", "call_id": fc["call_id"], "output": "fn main() {}"}),
+    );
+    let before = prefilled(&s).await;
+    let (_, _, b2) = post(
+        &s,
+        "/v1/responses",
+        &json!({"tools": tools, "input": input}),
+    )
+    .await;
+    let (p2, c2, _) = usage(&b2);
+    assert_eq!(c2, p1 + g1 - 1, "{b2}");
+    assert_eq!(prefilled(&s).await - before, p2 - c2);
+    assert_eq!(source(&s, "thinking-visible").await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exact_replay_can_be_disabled() {
+    let mut a = args();
+    a.disable_exact_dsml_tool_replay = true;
+    let (_d, s) = scripted(a);
+    let tools = json!([{"type": "function", "function": {"name": "read_file", "parameters": {"type": "object"}}}]);
+    let mut msgs = vec![json!({"role": "user", "content": "Summarize main.rs"})];
+    let (_, _, b1) = post(
+        &s,
+        "/v1/chat/completions",
+        &json!({"tools": tools, "messages": msgs}),
+    )
+    .await;
+    let v1: Value = serde_json::from_str(&b1).unwrap();
+    let call = v1["choices"][0]["message"]["tool_calls"][0].clone();
+    msgs.push(
+        json!({"role": "assistant", "content": "", "tool_calls": [call.clone()],
+                     "reasoning_content": v1["choices"][0]["message"]["reasoning_content"]}),
+    );
+    msgs.push(json!({"role": "tool", "tool_call_id": call["id"], "content": "x"}));
+    let (_, _, b2) = post(
+        &s,
+        "/v1/chat/completions",
+        &json!({"tools": tools, "messages": msgs}),
+    )
+    .await;
+    // The canonical rendering of this call happens to equal the sampled block, so the live
+    // session is still reused; the replay map was simply not consulted.
+    assert_eq!(
+        serde_json::from_str::<Value>(&b2).unwrap()["choices"][0]["message"]["content"],
+        "It prints hello."
+    );
+    assert_eq!(metric(&s, "ds4_tool_memory_ids").await, 1.0);
+}
+
+fn disk_args(dir: &std::path::Path) -> ds4_server::ServeArgs {
+    let mut a = args();
+    a.kv_disk_dir = Some(dir.to_path_buf());
+    a.kv_cache_min_tokens = 16;
+    a.kv_cache_cold_max_tokens = 0;
+    a.kv_cache_continued_interval_tokens = 0;
+    a
+}
+
+/// Server A answers turn 1 and shuts down (shutdown checkpoint); returns (p1 + g1).
+async fn first_life(dir: &std::path::Path) -> u64 {
+    let (_d, s) = scripted(disk_args(dir));
+    let (_, _, b1) = post(&s, "/v1/chat/completions", &chat_turn1(false)).await;
+    let (p1, _, g1) = usage(&b1);
+    s.shutdown(Duration::from_secs(5)).await;
+    let files: Vec<_> = std::fs::read_dir(dir).unwrap().flatten().collect();
+    assert_eq!(files.len(), 1, "one shutdown checkpoint");
+    p1 + g1
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disk_cache_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let live = first_life(dir.path()).await;
+    let (_d, s) = scripted(disk_args(dir.path()));
+    let (_, _, b2) = post(&s, "/v1/chat/completions", &chat_turn2(false)).await;
+    let (p2, c2, _) = usage(&b2);
+    assert_eq!(c2, live, "{b2}");
+    assert_eq!(prefilled(&s).await, p2 - c2);
+    assert_eq!(source(&s, "disk").await, 1);
+    assert_eq!(metric(&s, "ds4_kv_disk_load_failures_total").await, 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flipped_byte_makes_the_server_ignore_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    first_life(dir.path()).await;
+    let file = std::fs::read_dir(dir.path())
+        .unwrap()
+        .flatten()
+        .next()
+        .unwrap()
+        .path();
+    let mut bytes = std::fs::read(&file).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x01;
+    std::fs::write(&file, &bytes).unwrap();
+    let (_d, s) = scripted(disk_args(dir.path()));
+    let (_, _, b2) = post(&s, "/v1/chat/completions", &chat_turn2(false)).await;
+    let (p2, c2, _) = usage(&b2);
+    assert_eq!(c2, 0, "{b2}");
+    assert_eq!(prefilled(&s).await, p2);
+    assert_eq!(metric(&s, "ds4_kv_disk_load_failures_total").await, 1.0);
+    assert_eq!(source(&s, "disk").await, 0);
+    assert!(!file.exists(), "the damaged file is removed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_of_another_model_is_ignored() {
+    let dir = tempfile::tempdir().unwrap();
+    first_life(dir.path()).await;
+    let (d, p) = script(entries());
+    let mut a = disk_args(dir.path());
+    a.test_script = Some(p);
+    let s = ds4_server::Server::start(a, bundle_with([9; 32])).unwrap();
+    let (_, _, b2) = post(&s, "/v1/chat/completions", &chat_turn2(false)).await;
+    let (_, c2, _) = usage(&b2);
+    assert_eq!(c2, 0);
+    assert_eq!(metric(&s, "ds4_kv_disk_load_failures_total").await, 1.0);
+    drop(d);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cold_continued_and_evict_checkpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = disk_args(dir.path());
+    a.kv_cache_cold_max_tokens = 10_000;
+    a.kv_cache_continued_interval_tokens = 50;
+    a.kv_cache_boundary_align_tokens = 32; // frontiers every 64 tokens
+    a.kv_cache_boundary_trim_tokens = 4;
+    let (_d, s) = scripted(a);
+    let long_user = "Please read this carefully. ".repeat(30);
+    let (_, _, b1) = post(
+        &s,
+        "/v1/chat/completions",
+        &json!({"think": false, "messages": [
+        {"role": "system", "content": SYSTEM}, {"role": "user", "content": long_user}]}),
+    )
+    .await;
+    let (p1, _, g1) = usage(&b1);
+    // Cold: at the chat anchor (the system prompt, >= 16 tokens).
+    assert_eq!(
+        metric(&s, "ds4_kv_disk_stores_total{reason=\"cold\"}").await,
+        1.0
+    );
+    // Continued: every multiple of 64 the session crossed, prompt and generation.
+    let frontiers = (p1 + g1 - 1) / 64;
+    assert_eq!(
+        metric(&s, "ds4_kv_disk_stores_total{reason=\"continued\"}").await,
+        frontiers as f64
+    );
+    // An unrelated request evicts the live session to disk first.
+    let (_, _, _) = post(
+        &s,
+        "/v1/chat/completions",
+        &json!({"think": false, "messages": [
+        {"role": "user", "content": "Something else entirely."}]}),
+    )
+    .await;
+    assert_eq!(
+        metric(&s, "ds4_kv_disk_stores_total{reason=\"evict\"}").await,
+        1.0
+    );
+    // Coming back to the first conversation restores the longest checkpoint: the evicted one.
+    let (_, _, b3) = post(&s, "/v1/chat/completions", &json!({"think": false, "messages": [
+        {"role": "system", "content": SYSTEM}, {"role": "user", "content": long_user},
+        {"role": "assistant", "content": "Hello there, friend."}, {"role": "user", "content": "Thanks."}]})).await;
+    let (_, c3, _) = usage(&b3);
+    assert_eq!(c3, p1 + g1);
+    assert_eq!(source(&s, "disk").await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_canonical_tokens_are_reused_through_the_text_prefix() {
+    // The model may emit "Hel" + "lo" where the tokenizer would write "Hello": the live tokens
+    // are then not a token prefix of the next prompt, but their text is a byte prefix of it, so
+    // they are kept and only the suffix is tokenized.
+    let tok = tokenizer();
+    let mut ids = tok.encode_plain("Hel").unwrap();
+    ids.extend(tok.encode_plain("lo").unwrap());
+    ids.extend(tok.encode_plain(" world").unwrap());
+    assert_ne!(ids, tok.encode_plain("Hello world").unwrap());
+    let (d, p) = script(json!([{"tokens": ids}]));
+    let mut a = args();
+    a.test_script = Some(p);
+    let s = start(a);
+    let (_, _, b1) = post(&s, "/v1/chat/completions", &chat_turn1(false)).await;
+    let (p1, _, g1) = usage(&b1);
+    assert_eq!(
+        serde_json::from_str::<Value>(&b1).unwrap()["choices"][0]["message"]["content"],
+        "Hello world"
+    );
+    let mut r2 = chat_turn2(false);
+    r2["messages"][2]["content"] = "Hello world".into();
+    let (_, _, b2) = post(&s, "/v1/chat/completions", &r2).await;
+    let (p2, c2, _) = usage(&b2);
+    assert_eq!(c2, p1 + g1, "{b2}");
+    assert_eq!(source(&s, "memory-text").await, 1);
+    assert_eq!(prefilled(&s).await, p1 + (p2 - c2));
+    // The effective prompt keeps the live (non-canonical) tokens: one more than a fresh
+    // tokenization of the same transcript.
+    let (_, _, n) = post(
+        &s,
+        "/v1/messages/count_tokens",
+        &json!({"thinking": {"type": "disabled"},
+        "system": SYSTEM, "messages": [{"role": "user", "content": "Say hello."},
+        {"role": "assistant", "content": "Hello world"},
+        {"role": "user", "content": "And once more, please."}]}),
+    )
+    .await;
+    let fresh = serde_json::from_str::<Value>(&n).unwrap()["input_tokens"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(p2, fresh + 1);
+    drop(d);
+}
