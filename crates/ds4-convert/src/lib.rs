@@ -11,6 +11,7 @@
 //! * [`synth_gguf`] writes a deterministic synthetic GGUF of any shape (Flash by default) with
 //!   ds4's exact tensor inventory and random, well-scaled values (`ds4 synth`).
 
+pub mod builtin;
 pub mod checkpoint;
 pub mod config;
 mod convert;

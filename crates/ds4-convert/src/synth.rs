@@ -46,6 +46,9 @@ pub struct SynthOptions {
     pub seed: u64,
     /// `general.name` (default "DeepSeek-V4-Flash-synthetic-<recipe>").
     pub name: Option<String>,
+    /// Tokenizer metadata to embed (e.g. `Tokenizer::gguf_vocab_metadata()` of the real
+    /// tokenizer); `None` writes a synthetic byte-level vocab of `n_vocab` tokens.
+    pub vocab: Option<Vec<(String, MetaValue)>>,
 }
 
 impl Default for SynthOptions {
@@ -55,6 +58,7 @@ impl Default for SynthOptions {
             recipe: Recipe::Q2,
             seed: 0x5eed_d5ee_d4d4_0001,
             name: None,
+            vocab: None,
         }
     }
 }
@@ -348,7 +352,24 @@ pub fn synth_gguf(
             });
         }
     }
-    let vocab_md = synth_vocab_metadata(shape.n_vocab)?;
+    let vocab_md = match &opts.vocab {
+        Some(v) => {
+            let n = v
+                .iter()
+                .find(|(k, _)| k == "tokenizer.ggml.tokens")
+                .and_then(|(_, v)| v.as_array())
+                .map_or(0, |(_, items)| items.len());
+            if n != shape.n_vocab {
+                return Err(ConvertError::VocabMismatch {
+                    path: PathBuf::from("(synth vocab)"),
+                    tokenizer_vocab: n,
+                    model_vocab: shape.n_vocab,
+                });
+            }
+            v.clone()
+        }
+        None => synth_vocab_metadata(shape.n_vocab)?,
+    };
 
     // Pools: one per (type, fan-in, std bits), sized for the largest tensor that uses it.
     type Key = (GgmlType, u64, u32);

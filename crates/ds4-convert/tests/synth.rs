@@ -23,6 +23,7 @@ fn synth(dir: &std::path::Path, recipe: Recipe, seed: u64) -> std::path::PathBuf
         recipe,
         seed,
         name: None,
+        vocab: None,
     };
     let mut last = None;
     let rep = synth_gguf(&out, &opts, &mut |p| last = Some(p)).unwrap();
@@ -131,6 +132,7 @@ fn synth_refuses_shapes_the_recipe_cannot_store() {
         recipe: Recipe::Q2,
         seed: 1,
         name: None,
+        vocab: None,
     };
     assert!(matches!(
         synth_gguf(&out, &opts, &mut |_| {}),
