@@ -36,7 +36,7 @@ pub fn responses_usage(u: &Usage) -> Value {
 /// cache, which is nothing: every prompt token is one or the other).
 pub fn anthropic_usage(u: &Usage) -> Value {
     json!({
-        "input_tokens": u.prompt - u.cached - u.written(),
+        "input_tokens": u.prompt.saturating_sub(u.cached).saturating_sub(u.written()),
         "output_tokens": u.completion,
         "cache_read_input_tokens": u.cached,
         "cache_creation_input_tokens": u.written(),

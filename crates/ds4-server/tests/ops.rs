@@ -1,0 +1,346 @@
+//! Operations: API key, CORS, body limit, bounded queue (503 + Retry-After), client disconnect
+//! cancelling the job, SSE keep-alives while waiting, errors after the headers, drain and
+//! shutdown checkpoint.
+
+mod common;
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::http::Request;
+use common::*;
+use http_body_util::BodyExt;
+use serde_json::{Value, json};
+use tower::ServiceExt;
+
+fn long_job(max_tokens: u32) -> Value {
+    json!({"think": false, "max_tokens": max_tokens, "messages": [{"role": "user", "content": "Tell me a long story."}]})
+}
+
+async fn wait_metric(s: &ds4_server::Server, series: &str, want: f64) {
+    let t0 = Instant::now();
+    while metric(s, series).await != want {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "{series} never reached {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_key_is_required_on_every_route() {
+    let mut a = args();
+    a.api_key = Some("sekret".into());
+    let s = start(a);
+    for path in [
+        "/v1/models",
+        "/health",
+        "/metrics",
+        "/v1/models/deepseek-v4-flash",
+        "/nope",
+    ] {
+        let (st, _, body) = get(&s, path).await;
+        assert_eq!(st, 401, "{path}");
+        assert!(body.contains("invalid or missing API key"), "{body}");
+    }
+    let (st, _, body) = post(&s, "/v1/messages", &json!({"messages": []})).await;
+    assert_eq!(st, 401);
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap()["error"]["type"],
+        "authentication_error"
+    );
+    let (st, _, _) = post_raw(
+        &s,
+        "/v1/chat/completions",
+        b"{}".to_vec(),
+        &[("authorization", "Bearer wrong")],
+    )
+    .await;
+    assert_eq!(st, 401);
+    let ok = |h: (&'static str, &'static str)| {
+        let req = Request::get("/v1/models")
+            .header(h.0, h.1)
+            .body(Body::empty())
+            .unwrap();
+        send(&s, req)
+    };
+    assert_eq!(ok(("authorization", "Bearer sekret")).await.0, 200);
+    assert_eq!(ok(("x-api-key", "sekret")).await.0, 200);
+    // CORS preflights carry no credentials.
+    let req = Request::options("/v1/chat/completions")
+        .body(Body::empty())
+        .unwrap();
+    assert_eq!(send(&s, req).await.0, 204);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cors_is_opt_in() {
+    let s = start(args());
+    let req = Request::options("/v1/chat/completions")
+        .body(Body::empty())
+        .unwrap();
+    let r = s.router().oneshot(req).await.unwrap();
+    assert_eq!(r.status(), 204);
+    assert!(r.headers().get("access-control-allow-origin").is_none());
+    let mut a = args();
+    a.cors = true;
+    let s = start(a);
+    let req = Request::options("/v1/chat/completions")
+        .body(Body::empty())
+        .unwrap();
+    let r = s.router().oneshot(req).await.unwrap();
+    assert_eq!(r.status(), 204);
+    assert_eq!(r.headers()["access-control-allow-origin"], "*");
+    assert_eq!(
+        r.headers()["access-control-allow-methods"],
+        "GET, POST, OPTIONS"
+    );
+    let r = s
+        .router()
+        .oneshot(Request::get("/v1/models").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["access-control-allow-origin"], "*");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_bodies_get_413() {
+    let mut a = args();
+    a.max_body_bytes = 1000;
+    let s = start(a);
+    let big = json!({"messages": [{"role": "user", "content": "x".repeat(2000)}]});
+    let (st, _, body) = post(&s, "/v1/chat/completions", &big).await;
+    assert_eq!(st, 413);
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap()["error"]["message"],
+        "request body too large"
+    );
+    let (st, _, body) = post(&s, "/v1/messages", &big).await;
+    assert_eq!(st, 413);
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap()["error"]["type"],
+        "request_too_large"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_answers_503_with_retry_after() {
+    let mut a = args();
+    a.queue_max = 1;
+    let s = start(a);
+    let router = s.router();
+    let send_job = |body: Value| {
+        let r = router.clone();
+        tokio::spawn(async move {
+            let req = Request::post("/v1/chat/completions")
+                .header("content-type", "application/json")
+                .body(Body::from(body.to_string()))
+                .unwrap();
+            let resp = r.oneshot(req).await.unwrap();
+            let status = resp.status().as_u16();
+            let retry = resp
+                .headers()
+                .get("retry-after")
+                .map(|v| v.to_str().unwrap().to_string());
+            let _ = resp.into_body().collect().await;
+            (status, retry)
+        })
+    };
+    let running = send_job(long_job(120));
+    wait_metric(&s, "ds4_engine_busy", 1.0).await;
+    let queued = send_job(long_job(1));
+    wait_metric(&s, "ds4_queue_depth", 1.0).await;
+    let (status, retry) = send_job(long_job(1)).await.unwrap();
+    assert_eq!(status, 503);
+    assert_eq!(retry.as_deref(), Some("1"));
+    assert_eq!(running.await.unwrap().0, 200);
+    assert_eq!(queued.await.unwrap().0, 200);
+    assert_eq!(metric(&s, "ds4_requests_rejected_total").await, 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_goes_away_cancels_its_job() {
+    let s = start(args());
+    let mut body = long_job(2000);
+    body["stream"] = true.into();
+    let req = Request::post("/v1/chat/completions")
+        .header("content-type", "application/json")
+        .body(Body::from(body.to_string()))
+        .unwrap();
+    let resp = s.router().oneshot(req).await.unwrap();
+    let mut b = resp.into_body();
+    // Read a few chunks, then hang up.
+    let mut n = 0;
+    while n < 5 {
+        let f = b.frame().await.unwrap().unwrap();
+        if f.data_ref().is_some_and(|d| d.starts_with(b"data:")) {
+            n += 1;
+        }
+    }
+    drop(b);
+    let t0 = Instant::now();
+    wait_metric(&s, "ds4_jobs_total{outcome=\"cancelled\"}", 1.0).await;
+    assert!(t0.elapsed() < Duration::from_secs(5));
+    assert!(metric(&s, "ds4_completion_tokens_total").await < 200.0);
+    // The engine is free for the next request.
+    let (st, _, _) = post(&s, "/v1/chat/completions", &long_job(2)).await;
+    assert_eq!(st, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_get_keepalives_while_waiting() {
+    let s = start(args()); // keep-alive every second
+    let router = s.router();
+    let r = router.clone();
+    let running = tokio::spawn(async move {
+        let req = Request::post("/v1/chat/completions")
+            .header("content-type", "application/json")
+            .body(Body::from(long_job(150).to_string()))
+            .unwrap();
+        r.oneshot(req)
+            .await
+            .unwrap()
+            .into_body()
+            .collect()
+            .await
+            .unwrap();
+    });
+    wait_metric(&s, "ds4_engine_busy", 1.0).await;
+    let mut b = long_job(3);
+    b["stream"] = true.into();
+    let (st, _, body) = post(&s, "/v1/chat/completions", &b).await;
+    running.await.unwrap();
+    assert_eq!(st, 200);
+    let first_data = body.find("data:").unwrap();
+    assert!(
+        body[..first_data]
+            .lines()
+            .any(|l| l.starts_with(':') && l.contains("prefill")),
+        "{body}"
+    );
+    assert!(body.ends_with("data: [DONE]\n\n"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn engine_errors_after_the_headers_are_sse_error_events() {
+    // A scripted token id outside the vocabulary makes the session's decode fail mid-stream.
+    let (d, p) = script(json!([{"tokens": [19923, 99_999_999]}]));
+    let mut a = args();
+    a.test_script = Some(p);
+    let s = start(a);
+    let mut b = long_job(10);
+    b["stream"] = true.into();
+    let (st, _, body) = post(&s, "/v1/chat/completions", &b).await;
+    assert_eq!(st, 200);
+    assert!(body.contains("\"content\":\"Hello\""), "{body}");
+    let last = body.trim_end().rsplit("\n\n").next().unwrap();
+    assert!(last.starts_with("event: error\ndata: "), "{last}");
+    let err: Value = serde_json::from_str(last.split_once("data: ").unwrap().1).unwrap();
+    assert_eq!(err["error"]["type"], "server_error");
+    assert!(
+        err["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("outside the vocabulary")
+    );
+    // Anthropic shape.
+    let (_, _, body) = post(
+        &s,
+        "/v1/messages",
+        &json!({"max_tokens": 10, "stream": true, "thinking": {"type": "disabled"},
+        "messages": [{"role": "user", "content": "x"}]}),
+    )
+    .await;
+    assert!(
+        body.contains("event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"api_error\""),
+        "{body}"
+    );
+    // Not streamed: a 500 with the engine's message.
+    let (st, _, body) = post(&s, "/v1/chat/completions", &long_job(10)).await;
+    assert_eq!(st, 500, "{body}");
+    // The session recovers.
+    assert_eq!(metric(&s, "ds4_jobs_total{outcome=\"failed\"}").await, 3.0);
+    drop(d);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generation_stops_at_the_context_end() {
+    let mut a = args();
+    a.ctx = 64;
+    let s = start(a);
+    let mut b = long_job(1000);
+    b["stream"] = true.into();
+    let (_, _, body) = post(&s, "/v1/chat/completions", &b).await;
+    let data = sse_data(&body);
+    let last = &data[data.len() - 2];
+    assert_eq!(last["choices"][0]["finish_reason"], "length");
+    let (_, _, body) = post(&s, "/v1/chat/completions", &long_job(1000)).await;
+    let v: Value = serde_json::from_str(&body).unwrap();
+    let u = &v["usage"];
+    assert_eq!(
+        u["prompt_tokens"].as_u64().unwrap() + u["completion_tokens"].as_u64().unwrap(),
+        64
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_drains_then_stops_and_writes_the_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = args();
+    a.kv_disk_dir = Some(dir.path().to_path_buf());
+    a.kv_cache_min_tokens = 8;
+    a.kv_cache_cold_max_tokens = 0;
+    a.kv_cache_continued_interval_tokens = 0;
+    let s = start(a);
+    let router = s.router();
+    // A short job in flight finishes during the drain; a very long stream is stopped when the
+    // grace period ends and gets an SSE error event.
+    let r = router.clone();
+    let long = tokio::spawn(async move {
+        let mut b = long_job(100_000);
+        b["stream"] = true.into();
+        let req = Request::post("/v1/chat/completions")
+            .header("content-type", "application/json")
+            .body(Body::from(b.to_string()))
+            .unwrap();
+        let body = r
+            .oneshot(req)
+            .await
+            .unwrap()
+            .into_body()
+            .collect()
+            .await
+            .unwrap()
+            .to_bytes();
+        String::from_utf8_lossy(&body).into_owned()
+    });
+    wait_metric(&s, "ds4_engine_busy", 1.0).await;
+    let t0 = Instant::now();
+    let state = s.state().clone();
+    let stop = tokio::spawn(async move { s.shutdown(Duration::from_secs(1)).await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // New requests are refused while draining.
+    let req = Request::post("/v1/chat/completions")
+        .header("content-type", "application/json")
+        .body(Body::from(long_job(1).to_string()))
+        .unwrap();
+    let resp = router.clone().oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), 503);
+    stop.await.unwrap();
+    assert!(t0.elapsed() < Duration::from_secs(5), "bounded drain");
+    let body = long.await.unwrap();
+    assert!(
+        body.contains("event: error"),
+        "{}",
+        &body[body.len().saturating_sub(300)..]
+    );
+    assert!(body.contains("shutdown requested"));
+    assert_eq!(
+        state
+            .metrics
+            .kv_stores_shutdown
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+}
