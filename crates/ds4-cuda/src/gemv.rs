@@ -348,6 +348,7 @@ pub struct Gemv {
     repack_q8_0: CudaFunction,
     repack_q2_k: CudaFunction,
     repack_iq2_xxs: CudaFunction,
+    bench_read: Func,
     /// Launch tuning (see [`Tuning`]).
     pub tuning: Tuning,
 }
@@ -446,6 +447,7 @@ impl Gemv {
             repack_q8_0: raw("ds4_repack_q8_0")?,
             repack_q2_k: raw("ds4_repack_q2_k")?,
             repack_iq2_xxs: raw("ds4_repack_iq2_xxs")?,
+            bench_read: load("ds4_bench_read")?,
             _module: module,
             sms,
             gemv,
@@ -540,6 +542,7 @@ impl Gemv {
         let nbt = (rt * (cols / k.block().0)) as i64;
         {
             let (src, _g) = dptr(raw, stream, need, "upload source")?;
+            check_align(src, 4, "upload source")?;
             let (dst, _h) = data.device_ptr_mut(stream);
             let blocks = (nbt as usize).div_ceil(256).min(65535);
             let f = match k {
@@ -653,6 +656,25 @@ impl Gemv {
         }
         b.arg(&nblocks);
         // SAFETY: reads n·cols floats of x, writes the act layout (lengths checked by callers).
+        unsafe { b.launch(cfg(blocks)) }.map(|_| ()).map_err(drv)
+    }
+
+    /// Benchmark helper: read `buf` once (16-byte streaming loads, full-occupancy grid);
+    /// `sink` gets a value only in the unlikely case the data XOR to a magic constant.
+    #[doc(hidden)]
+    pub fn bench_read(
+        &self,
+        stream: &Arc<CudaStream>,
+        buf: &CudaSlice<u8>,
+        sink: &mut CudaSlice<i32>,
+    ) -> Result<(), CudaError> {
+        let n16 = (buf.len() / 16) as i64;
+        let (bp, _gb) = buf.device_ptr(stream);
+        let (sp, _gs) = dptr_mut(sink, stream, 1, "bench_read sink")?;
+        let blocks = self.max_blocks(&self.bench_read);
+        let mut b = stream.launch_builder(&self.bench_read.f);
+        b.arg(&bp).arg(&n16).arg(&sp);
+        // SAFETY: reads n16·16 ≤ len bytes of buf, may write one int of sink (len ≥ 1 checked).
         unsafe { b.launch(cfg(blocks)) }.map(|_| ()).map_err(drv)
     }
 

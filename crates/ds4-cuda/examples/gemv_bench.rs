@@ -1,0 +1,550 @@
+//! Weight-streaming kernel benchmark on DeepSeek V4 Flash decode shapes.
+//!
+//! ```text
+//! cargo build --release -p ds4-cuda --features cuda --example gemv_bench
+//! gemv_bench [--csv PATH] [--commit HASH] [--sweep]
+//! ```
+//!
+//! Measures first the device-to-device copy bandwidth (bytes read + written) and a pure
+//! streaming-read kernel, then every kernel on Flash shapes: each case is captured as a CUDA
+//! graph of many launches that rotate over enough weight copies (or, for experts, enough random
+//! expert selections) that L2 cannot hold them; the graph is replayed after a warm-up and the
+//! median per-launch time is reported. GB/s counts the weight bytes each launch must read
+//! (for MoE: only the k selected experts), and "%copy" compares with the copy bandwidth.
+//! `--sweep` also times dense Q8_0/F16 cases with each forced split (1, 2, 4, 8).
+
+#[cfg(not(feature = "cuda"))]
+fn main() {
+    eprintln!("gemv_bench needs --features cuda");
+}
+
+#[cfg(feature = "cuda")]
+fn main() -> anyhow::Result<()> {
+    bench::main()
+}
+
+#[cfg(feature = "cuda")]
+mod bench {
+    use std::io::Write as _;
+    use std::sync::Arc;
+
+    use anyhow::{Context, Result};
+    use cudarc::driver::sys;
+    use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
+    use ds4_cuda::gemv::{DevWeight, Gemv};
+    use ds4_gguf::GgmlType;
+
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 = self.0.wrapping_add(0x9E3779B97F4A7C15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
+            z ^ (z >> 31)
+        }
+    }
+
+    /// Random GGUF bytes with sane f16 scale fields (random payload bytes; scales set to
+    /// small finite halves so that no NaN/Inf arithmetic is timed).
+    fn random_tensor(
+        rng: &mut Rng,
+        ty: GgmlType,
+        cols: usize,
+        rows: usize,
+        n_mat: usize,
+    ) -> Vec<u8> {
+        let n = ds4_cuda::gemv::gguf_bytes(ty, cols, rows, n_mat).expect("shape");
+        let mut v = vec![0u8; n];
+        for c in v.chunks_mut(8) {
+            let r = rng.next().to_le_bytes();
+            c.copy_from_slice(&r[..c.len()]);
+        }
+        let half = |rng: &mut Rng| -> [u8; 2] {
+            // exponent 0x0c..0x0f (~2^-3..2^0 · 2^-12 region), random mantissa and sign
+            let m = (rng.next() & 0x83ff) as u16 | ((0x0c + (rng.next() % 4) as u16) << 10);
+            m.to_le_bytes()
+        };
+        match ty {
+            GgmlType::F16 => {
+                for c in v.chunks_mut(2) {
+                    c.copy_from_slice(&half(rng));
+                }
+            }
+            GgmlType::BF16 => {
+                for c in v.chunks_mut(2) {
+                    let b = (0x3c00u16 | (rng.next() & 0x807f) as u16).to_le_bytes();
+                    c.copy_from_slice(&b);
+                }
+            }
+            GgmlType::F32 => {
+                for c in v.chunks_mut(4) {
+                    let f = ((rng.next() % 2000) as f32 - 1000.0) * 1e-4;
+                    c.copy_from_slice(&f.to_le_bytes());
+                }
+            }
+            GgmlType::Q8_0 => {
+                for b in v.chunks_mut(34) {
+                    b[..2].copy_from_slice(&half(rng));
+                }
+            }
+            GgmlType::Q2_K => {
+                for b in v.chunks_mut(84) {
+                    b[80..82].copy_from_slice(&half(rng));
+                    b[82..84].copy_from_slice(&half(rng));
+                }
+            }
+            GgmlType::Q4_K => {
+                for b in v.chunks_mut(144) {
+                    b[..2].copy_from_slice(&half(rng));
+                    b[2..4].copy_from_slice(&half(rng));
+                }
+            }
+            GgmlType::IQ2_XXS => {
+                for b in v.chunks_mut(66) {
+                    b[..2].copy_from_slice(&half(rng));
+                }
+            }
+            _ => {}
+        }
+        v
+    }
+
+    struct Row {
+        kernel: String,
+        shape: String,
+        ty: String,
+        n: usize,
+        variant: String,
+        bytes: usize,
+        us: f64,
+    }
+
+    struct Ctx {
+        ctx: Arc<CudaContext>,
+        stream: Arc<CudaStream>,
+        g: Gemv,
+        rng: Rng,
+        l2: usize,
+    }
+
+    /// Median per-launch microseconds of `launch(i)` for i = 0..reps, captured in one graph.
+    fn time_graph(
+        c: &Ctx,
+        reps: usize,
+        mut launch: impl FnMut(usize) -> Result<()>,
+    ) -> Result<f64> {
+        // Warm-up outside the graph (module load, first-touch).
+        for i in 0..reps.min(4) {
+            launch(i)?;
+        }
+        c.stream.synchronize()?;
+        c.stream
+            .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)?;
+        let mut err = None;
+        for i in 0..reps {
+            if let Err(e) = launch(i) {
+                err = Some(e);
+                break;
+            }
+        }
+        let graph = c
+            .stream
+            .end_capture(sys::CUgraphInstantiate_flags(0))?
+            .context("empty graph")?;
+        if let Some(e) = err {
+            return Err(e);
+        }
+        let start = c
+            .ctx
+            .new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))?;
+        let end = c
+            .ctx
+            .new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))?;
+        graph.launch()?;
+        graph.launch()?;
+        c.stream.synchronize()?;
+        let mut times = Vec::new();
+        for _ in 0..9 {
+            start.record(&c.stream)?;
+            graph.launch()?;
+            end.record(&c.stream)?;
+            end.synchronize()?;
+            times.push(start.elapsed_ms(&end)? as f64 * 1000.0 / reps as f64);
+        }
+        times.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        Ok(times[times.len() / 2])
+    }
+
+    fn copies_for(c: &Ctx, bytes: usize) -> usize {
+        (4 * c.l2).div_ceil(bytes.max(1)).clamp(2, 64)
+    }
+
+    fn upload_copies(
+        c: &mut Ctx,
+        ty: GgmlType,
+        cols: usize,
+        rows: usize,
+        n_mat: usize,
+        copies: usize,
+    ) -> Result<Vec<DevWeight>> {
+        let bytes = random_tensor(&mut c.rng, ty, cols, rows, n_mat);
+        let mut v = Vec::new();
+        for _ in 0..copies {
+            v.push(c.g.upload(&c.stream, ty, cols, rows, n_mat, &bytes)?);
+        }
+        c.stream.synchronize()?;
+        Ok(v)
+    }
+
+    fn f32_buf(c: &mut Ctx, n: usize) -> Result<CudaSlice<f32>> {
+        let v: Vec<f32> = (0..n)
+            .map(|_| ((c.rng.next() % 20001) as f32 - 10000.0) * 1e-4)
+            .collect();
+        Ok(c.stream.clone_htod(&v)?)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn dense(
+        c: &mut Ctx,
+        rows_out: &mut Vec<Row>,
+        name: &str,
+        ty: GgmlType,
+        cols: usize,
+        rows: usize,
+        n_mat: usize,
+        n: usize,
+        splits: &[u32],
+    ) -> Result<()> {
+        let wbytes = ds4_cuda::gemv::gguf_bytes(ty, cols, rows, n_mat).unwrap();
+        let copies = copies_for(c, wbytes);
+        let ws = upload_copies(c, ty, cols, rows, n_mat, copies)?;
+        let cx = cols * n_mat;
+        let x = f32_buf(c, n * cx)?;
+        let mut act = c
+            .stream
+            .alloc_zeros::<u8>(Gemv::act_bytes(ty, cx, n).max(16))?;
+        c.g.quantize_act(&c.stream, ty, &x, n, cx, &mut act)?;
+        let mut y = c.stream.alloc_zeros::<f32>(n * rows * n_mat)?;
+        let reps = (copies * 4).clamp(16, 256);
+        for &split in splits {
+            c.g.tuning.force_split = split;
+            let us = {
+                let (g, stream) = (&c.g, &c.stream);
+                let (x, act) = (&x, &act);
+                let y = &mut y;
+                let ws = &ws;
+                time_graph(c, reps, |i| {
+                    g.matvec(stream, &ws[i % ws.len()], x, act, n, y)?;
+                    Ok(())
+                })?
+            };
+            rows_out.push(Row {
+                kernel: name.to_string(),
+                shape: format!("{cols}x{rows}x{n_mat}"),
+                ty: format!("{ty:?}"),
+                n,
+                variant: if split == 0 {
+                    "auto".into()
+                } else {
+                    format!("split{split}")
+                },
+                bytes: n.div_ceil(8) * wbytes,
+                us,
+            });
+        }
+        c.g.tuning.force_split = 0;
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn moe(
+        c: &mut Ctx,
+        rows_out: &mut Vec<Row>,
+        tg: GgmlType,
+        td: GgmlType,
+        n: usize,
+    ) -> Result<()> {
+        let (e_dim, ff, n_exp, k) = (4096usize, 2048usize, 256usize, 6usize);
+        let gate = upload_copies(c, tg, e_dim, ff, n_exp, 1)?.pop().unwrap();
+        let up = upload_copies(c, tg, e_dim, ff, n_exp, 1)?.pop().unwrap();
+        let down = upload_copies(c, td, ff, e_dim, n_exp, 1)?.pop().unwrap();
+        let sets = 64usize;
+        let mut ids = Vec::new();
+        for _ in 0..sets * n {
+            let mut sel: Vec<i32> = Vec::new();
+            while sel.len() < k {
+                let e = (c.rng.next() % n_exp as u64) as i32;
+                if !sel.contains(&e) {
+                    sel.push(e);
+                }
+            }
+            ids.extend(sel);
+        }
+        let ids = c.stream.clone_htod(&ids)?;
+        let wts = f32_buf(c, sets * n * k)?;
+        let x = f32_buf(c, n * e_dim)?;
+        let mut act = c.stream.alloc_zeros::<u8>(Gemv::act_bytes(tg, e_dim, n))?;
+        c.g.quantize_act(&c.stream, tg, &x, n, e_dim, &mut act)?;
+        let mut mid = c.stream.alloc_zeros::<f32>(n * k * ff)?;
+        let mid_src = f32_buf(c, n * k * ff)?;
+        let mut mid_act = c
+            .stream
+            .alloc_zeros::<u8>(Gemv::act_bytes(td, ff, n * k).max(16))?;
+        let mut out = c.stream.alloc_zeros::<f32>(n * e_dim)?;
+        let reps = 128;
+        // Distinct experts touched per launch (tokens may share experts: count each once).
+        let gu_bytes = 2 * n * k * gate.matrix_bytes();
+        let d_bytes = n * k * down.matrix_bytes();
+        let us_gu = {
+            let (g, stream, ids, wts, x, act) = (&c.g, &c.stream, &ids, &wts, &x, &act);
+            let (gate, up) = (&gate, &up);
+            let mid = &mut mid;
+            time_graph(c, reps, |i| {
+                let s = i % sets;
+                let idv = ids.slice(s * n * k..(s + 1) * n * k);
+                let wv = wts.slice(s * n * k..(s + 1) * n * k);
+                g.moe_gate_up(stream, gate, up, x, act, &idv, &wv, n, k, 10.0, mid)?;
+                Ok(())
+            })?
+        };
+        let us_d = {
+            let (g, stream, ids, mid_src) = (&c.g, &c.stream, &ids, &mid_src);
+            let down = &down;
+            let (mid_act, out) = (&mut mid_act, &mut out);
+            time_graph(c, reps, |i| {
+                let s = i % sets;
+                let idv = ids.slice(s * n * k..(s + 1) * n * k);
+                g.moe_down(stream, down, mid_src, mid_act, &idv, n, k, out)?;
+                Ok(())
+            })?
+        };
+        rows_out.push(Row {
+            kernel: "moe_gate_up".into(),
+            shape: format!("{e_dim}x{ff}x{n_exp} k{k}"),
+            ty: format!("{tg:?}"),
+            n,
+            variant: "auto".into(),
+            bytes: gu_bytes,
+            us: us_gu,
+        });
+        rows_out.push(Row {
+            kernel: "moe_down(+quant)".into(),
+            shape: format!("{ff}x{e_dim}x{n_exp} k{k}"),
+            ty: format!("{td:?}"),
+            n,
+            variant: "auto".into(),
+            bytes: d_bytes,
+            us: us_d,
+        });
+        Ok(())
+    }
+
+    pub fn main() -> Result<()> {
+        let args: Vec<String> = std::env::args().collect();
+        let arg = |name: &str| {
+            args.iter()
+                .position(|a| a == name)
+                .and_then(|i| args.get(i + 1).cloned())
+        };
+        let csv = arg("--csv").unwrap_or_else(|| "gemv.csv".into());
+        let commit = arg("--commit").unwrap_or_else(|| "unknown".into());
+        let sweep = args.iter().any(|a| a == "--sweep");
+
+        let ctx = CudaContext::new(0)?;
+        // SAFETY: one stream, everything ordered on it; no cross-stream use.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream()?;
+        let g = Gemv::new(&ctx)?;
+        let card = ctx.name()?;
+        let l2 =
+            ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)? as usize;
+        println!(
+            "card: {card}, {} SMs, L2 {} MiB, commit {commit}",
+            g.sm_count(),
+            l2 >> 20
+        );
+        let mut c = Ctx {
+            ctx: ctx.clone(),
+            stream,
+            g,
+            rng: Rng(42),
+            l2,
+        };
+
+        // 1. Copy bandwidth (read + write) and streaming-read bandwidth, 2 GiB buffers.
+        let nb = 2usize << 30;
+        let src = c.stream.alloc_zeros::<u8>(nb)?;
+        let mut dst = c.stream.alloc_zeros::<u8>(nb)?;
+        // Fill with non-zero data (memset pattern) so nothing is timed on zeros.
+        c.stream.memset_zeros(&mut dst)?;
+        let src = {
+            let mut s = src;
+            let pat: Vec<u8> = (0..(64usize << 20)).map(|i| (i * 131 + 7) as u8).collect();
+            let p = c.stream.clone_htod(&pat)?;
+            for o in (0..nb).step_by(pat.len()) {
+                let mut v = s.slice_mut(o..o + pat.len());
+                c.stream.memcpy_dtod(&p, &mut v)?;
+            }
+            s
+        };
+        let copy_us = {
+            let stream = &c.stream;
+            let (src, dst) = (&src, &mut dst);
+            time_graph(&c, 8, |_| {
+                stream.memcpy_dtod(src, dst)?;
+                Ok(())
+            })?
+        };
+        let copy_gbs = 2.0 * nb as f64 / copy_us / 1e3;
+        let mut sink = c.stream.alloc_zeros::<i32>(1)?;
+        let read_us = {
+            let (g, stream) = (&c.g, &c.stream);
+            let (src, sink) = (&src, &mut sink);
+            time_graph(&c, 8, |_| {
+                g.bench_read(stream, src, sink)?;
+                Ok(())
+            })?
+        };
+        let read_gbs = nb as f64 / read_us / 1e3;
+        println!(
+            "D2D copy: {copy_gbs:.0} GB/s (read+write); streaming read kernel: {read_gbs:.0} GB/s"
+        );
+        drop(src);
+        drop(dst);
+
+        let mut rows = Vec::new();
+        let q8 = GgmlType::Q8_0;
+        let f16 = GgmlType::F16;
+        let sw: &[u32] = if sweep { &[0, 1, 2, 4, 8] } else { &[0] };
+        // Q8_0 attention / shared expert / LM head (decode, n = 1).
+        dense(&mut c, &mut rows, "attn_q_a", q8, 4096, 1024, 1, 1, sw)?;
+        dense(&mut c, &mut rows, "attn_q_b", q8, 1024, 32768, 1, 1, sw)?;
+        dense(&mut c, &mut rows, "attn_kv", q8, 4096, 512, 1, 1, sw)?;
+        dense(
+            &mut c,
+            &mut rows,
+            "attn_out_a(grouped)",
+            q8,
+            4096,
+            1024,
+            8,
+            1,
+            sw,
+        )?;
+        dense(&mut c, &mut rows, "attn_out_b", q8, 8192, 4096, 1, 1, sw)?;
+        dense(&mut c, &mut rows, "shexp_gate/up", q8, 4096, 2048, 1, 1, sw)?;
+        dense(&mut c, &mut rows, "shexp_down", q8, 2048, 4096, 1, 1, sw)?;
+        dense(&mut c, &mut rows, "lm_head", q8, 4096, 129280, 1, 1, &[0])?;
+        // F16 router / compressor / indexer / HC.
+        dense(&mut c, &mut rows, "router", f16, 4096, 256, 1, 1, sw)?;
+        dense(
+            &mut c,
+            &mut rows,
+            "compressor(r4)",
+            f16,
+            4096,
+            1024,
+            1,
+            1,
+            sw,
+        )?;
+        dense(
+            &mut c,
+            &mut rows,
+            "compressor(r128)",
+            f16,
+            4096,
+            512,
+            1,
+            1,
+            sw,
+        )?;
+        dense(&mut c, &mut rows, "indexer_q_b", f16, 1024, 8192, 1, 1, sw)?;
+        dense(&mut c, &mut rows, "hc_fn", f16, 16384, 24, 1, 1, sw)?;
+        // Short prefill chunks / speculative: several tokens per weight read.
+        for n in [2usize, 4, 8] {
+            dense(&mut c, &mut rows, "attn_out_b", q8, 8192, 4096, 1, n, &[0])?;
+        }
+        // Dense K-quants (same kernels as the experts, contiguous rows).
+        dense(
+            &mut c,
+            &mut rows,
+            "dense",
+            GgmlType::IQ2_XXS,
+            4096,
+            8192,
+            1,
+            1,
+            &[0],
+        )?;
+        dense(
+            &mut c,
+            &mut rows,
+            "dense",
+            GgmlType::Q2_K,
+            2048,
+            16384,
+            1,
+            1,
+            &[0],
+        )?;
+        dense(
+            &mut c,
+            &mut rows,
+            "dense",
+            GgmlType::Q4_K,
+            4096,
+            8192,
+            1,
+            1,
+            &[0],
+        )?;
+        dense(
+            &mut c,
+            &mut rows,
+            "dense",
+            GgmlType::F32,
+            4096,
+            4096,
+            1,
+            1,
+            &[0],
+        )?;
+        // Routed experts: 6 of 256, decode and 2-token.
+        moe(&mut c, &mut rows, GgmlType::IQ2_XXS, GgmlType::Q2_K, 1)?;
+        moe(&mut c, &mut rows, GgmlType::Q4_K, GgmlType::Q4_K, 1)?;
+        moe(&mut c, &mut rows, GgmlType::IQ2_XXS, GgmlType::Q2_K, 2)?;
+
+        let mut f = std::fs::File::create(&csv).with_context(|| format!("create {csv}"))?;
+        writeln!(
+            f,
+            "# card={card} sms={} commit={commit} copy_gbps={copy_gbs:.0} read_gbps={read_gbs:.0}",
+            c.g.sm_count()
+        )?;
+        writeln!(
+            f,
+            "card,commit,kernel,shape,type,n,variant,bytes,us,gbps,pct_copy,pct_read"
+        )?;
+        println!(
+            "{:<22} {:<22} {:<8} {:>2} {:<7} {:>10} {:>9} {:>8} {:>6} {:>6}",
+            "kernel", "shape", "type", "n", "variant", "bytes", "us", "GB/s", "%copy", "%read"
+        );
+        for r in &rows {
+            let gbs = r.bytes as f64 / r.us / 1e3;
+            let pc = 100.0 * gbs / copy_gbs;
+            let pr = 100.0 * gbs / read_gbs;
+            writeln!(
+                f,
+                "{card},{commit},{},{},{},{},{},{},{:.2},{:.0},{:.1},{:.1}",
+                r.kernel, r.shape, r.ty, r.n, r.variant, r.bytes, r.us, gbs, pc, pr
+            )?;
+            println!(
+                "{:<22} {:<22} {:<8} {:>2} {:<7} {:>10} {:>9.2} {:>8.0} {:>6.1} {:>6.1}",
+                r.kernel, r.shape, r.ty, r.n, r.variant, r.bytes, r.us, gbs, pc, pr
+            );
+        }
+        println!("wrote {csv}");
+        Ok(())
+    }
+}
