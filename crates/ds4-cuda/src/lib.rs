@@ -2,11 +2,24 @@
 //!
 //! Built only with the `cuda` feature; without it every entry point returns
 //! [`CudaError::NotCompiled`], so callers never need `cfg`.
+//!
+//! ```text
+//! ds4_cuda::probe(device) -> Result<DeviceInfo, CudaError>
+//! CudaBackend::new(model: Arc<ds4_model::Model>, ctx, CudaOptions { device, qat, .. })
+//!     -> Result<CudaBackend, CudaError>          // implements ds4_model::Backend
+//! ds4_cuda::new_backend(model, ctx, opts) -> Result<Box<dyn Backend>, ModelError>
+//! ```
+//!
+//! Errors reach the `Backend` interface as `ModelError::Backend { backend: "cuda", reason }`.
 
 /// Embedded kernels (cubins built by nvcc at build time, sources for NVRTC).
 pub mod kernels {
     include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
 }
+
+use std::sync::Arc;
+
+use ds4_model::{Backend, Model, ModelError};
 
 /// Errors of the CUDA backend.
 #[derive(Debug, thiserror::Error)]
@@ -19,6 +32,15 @@ pub enum CudaError {
     Driver(String),
 }
 
+impl From<CudaError> for ModelError {
+    fn from(e: CudaError) -> ModelError {
+        ModelError::Backend {
+            backend: "cuda".into(),
+            reason: e.to_string(),
+        }
+    }
+}
+
 /// What `probe` found.
 #[derive(Clone, Debug)]
 pub struct DeviceInfo {
@@ -28,9 +50,51 @@ pub struct DeviceInfo {
     pub free_memory: usize,
 }
 
+/// Options of [`CudaBackend::new`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CudaOptions {
+    /// CUDA device ordinal.
+    pub device: usize,
+    /// QAT simulation (FP8 KV rows, Hadamard+FP4 indexer), as `EngineOptions::qat`.
+    pub qat: bool,
+    /// Most tokens evaluated in one pass (longer evals are split); sizes the scratch buffers
+    /// and the raw KV ring (`window + max_chunk` rows per layer).
+    pub max_chunk: usize,
+    /// Capture single-token decode steps as CUDA graphs and replay them.
+    pub graphs: bool,
+}
+
+impl Default for CudaOptions {
+    fn default() -> Self {
+        CudaOptions {
+            device: 0,
+            qat: true,
+            max_chunk: 512,
+            graphs: true,
+        }
+    }
+}
+
 #[cfg(feature = "cuda")]
 mod device;
+#[cfg(feature = "cuda")]
+mod fwd;
+#[cfg(feature = "cuda")]
+mod rt;
 
+#[cfg(feature = "cuda")]
+pub mod gemv;
+
+#[cfg(feature = "cuda")]
+mod backend;
+
+/// Host-slice entry points to the forward-pass kernels (op-level tests; not a stable API).
+#[cfg(feature = "cuda")]
+#[doc(hidden)]
+pub mod optest;
+
+#[cfg(feature = "cuda")]
+pub use backend::CudaBackend;
 #[cfg(feature = "cuda")]
 pub use device::probe;
 
@@ -40,5 +104,86 @@ pub fn probe(_ordinal: usize) -> Result<DeviceInfo, CudaError> {
     Err(CudaError::NotCompiled)
 }
 
-#[cfg(feature = "cuda")]
-pub mod gemv;
+/// The CUDA backend (this build has no CUDA support: [`CudaBackend::new`] always fails).
+#[cfg(not(feature = "cuda"))]
+#[derive(Debug)]
+pub struct CudaBackend {
+    never: std::convert::Infallible,
+}
+
+#[cfg(not(feature = "cuda"))]
+impl CudaBackend {
+    /// Always [`CudaError::NotCompiled`] in a build without the `cuda` feature.
+    pub fn new(
+        _model: Arc<Model>,
+        _ctx: usize,
+        _opts: CudaOptions,
+    ) -> Result<CudaBackend, CudaError> {
+        Err(CudaError::NotCompiled)
+    }
+    /// The options the backend was built with.
+    pub fn options(&self) -> &CudaOptions {
+        match self.never {}
+    }
+    /// Decode steps served by a CUDA graph replay so far.
+    pub fn graph_launches(&self) -> u64 {
+        match self.never {}
+    }
+    /// Device bytes of the weights.
+    pub fn weight_bytes(&self) -> usize {
+        match self.never {}
+    }
+    /// Device bytes one decode step streams from the weights.
+    pub fn decode_read_bytes(&self) -> usize {
+        match self.never {}
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+impl Backend for CudaBackend {
+    fn name(&self) -> &str {
+        match self.never {}
+    }
+    fn shape(&self) -> &ds4_model::Shape {
+        match self.never {}
+    }
+    fn ctx(&self) -> usize {
+        match self.never {}
+    }
+    fn n_tokens(&self) -> usize {
+        match self.never {}
+    }
+    fn reset(&mut self) {
+        match self.never {}
+    }
+    fn eval(&mut self, _tokens: &[u32], _all_logits: bool) -> ds4_model::Result<()> {
+        match self.never {}
+    }
+    fn logits(&self) -> &[f32] {
+        match self.never {}
+    }
+    fn chunk_logits(&self) -> &[f32] {
+        match self.never {}
+    }
+    fn export_state(&self) -> ds4_model::Result<ds4_model::KvState> {
+        match self.never {}
+    }
+    fn import_state(&mut self, _state: &ds4_model::KvState) -> ds4_model::Result<()> {
+        match self.never {}
+    }
+    fn set_trace(&mut self, _on: bool) {
+        match self.never {}
+    }
+    fn trace(&self) -> Option<&ds4_model::Trace> {
+        match self.never {}
+    }
+}
+
+/// A boxed CUDA backend for `Session::with_backend`, with errors as `ModelError`.
+pub fn new_backend(
+    model: Arc<Model>,
+    ctx: usize,
+    opts: CudaOptions,
+) -> Result<Box<dyn Backend>, ModelError> {
+    Ok(Box::new(CudaBackend::new(model, ctx, opts)?))
+}

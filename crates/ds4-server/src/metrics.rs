@@ -4,6 +4,9 @@ use std::fmt::Write;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
+/// One metric family: name, help text, labelled samples.
+type Family<'a> = (&'a str, &'a str, Vec<(&'a str, String)>);
+
 /// Server counters. Everything is a plain atomic; the rates are the last request's.
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -95,7 +98,7 @@ impl Metrics {
         let secs = |c: &AtomicU64| format!("{:.6}", g(c) as f64 / 1e9);
         let rate = |c: &AtomicU64| format!("{:.3}", g(c) as f64 / 1000.0);
         let mut s = String::new();
-        let counters: [(&str, &str, Vec<(&str, String)>); 13] = [
+        let counters: [Family; 13] = [
             (
                 "ds4_requests_total",
                 "Requests received per endpoint.",

@@ -507,11 +507,7 @@ impl Worker {
             Some(a) if a >= c.min_tokens => a,
             _ => {
                 let t = n.saturating_sub(c.trim);
-                if c.align > 0 {
-                    t / c.align * c.align
-                } else {
-                    t
-                }
+                t.checked_div(c.align).map_or(t, |q| q * c.align)
             }
         };
         (point >= c.min_tokens.max(1) && point <= n).then_some(point)
@@ -530,11 +526,8 @@ impl Worker {
             {
                 end = c;
             }
-            if f > 0 {
-                let next = (pos / f + 1) * f;
-                if next < end {
-                    end = next;
-                }
+            if let Some(q) = pos.checked_div(f) {
+                end = end.min((q + 1) * f);
             }
             let t0 = Instant::now();
             self.session
@@ -544,7 +537,7 @@ impl Worker {
                 .prefill(end - pos, t0.elapsed().as_nanos() as u64);
             if Some(end) == cold {
                 self.save(SaveReason::Cold);
-            } else if f > 0 && end % f == 0 {
+            } else if f > 0 && end.is_multiple_of(f) {
                 self.save(SaveReason::Continued);
             }
             if job.gone() {
@@ -789,7 +782,7 @@ impl Worker {
                 decoded_gen += 1;
                 Metrics::add(&self.metrics.decode_nanos, t0.elapsed().as_nanos() as u64);
                 let f = self.cfg.frontier;
-                if f > 0 && self.session.len() % f == 0 && !parser.in_tool_block() {
+                if f > 0 && self.session.len().is_multiple_of(f) && !parser.in_tool_block() {
                     self.save(SaveReason::Continued);
                 }
             }

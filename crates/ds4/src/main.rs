@@ -4,7 +4,14 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod chat;
+mod common;
+mod convert;
+mod drift;
 mod inspect;
+mod run;
+mod synth;
+mod tokenize;
 
 /// DeepSeek V4 Flash inference engine (ds4-rs).
 #[derive(Parser)]
@@ -16,6 +23,18 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Generate from one prompt (and the diagnostic dumps).
+    Run(run::Args),
+    /// Interactive multi-turn chat reusing the KV state across turns.
+    Chat(chat::Args),
+    /// Compare two logit dumps (.npy) with ds4 PR #15's drift metrics.
+    Drift(drift::Args),
+    /// Convert an official checkpoint (or a tokenizer.json) to GGUF.
+    Convert(convert::Args),
+    /// Write a deterministic synthetic model (Flash shapes, random weights).
+    Synth(synth::Args),
+    /// Tokenize text with a GGUF file's tokenizer.
+    Tokenize(tokenize::Args),
     /// Print a GGUF file's metadata and tensor table.
     Inspect(inspect::Args),
 }
@@ -23,6 +42,12 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Run(a) => run::run(a),
+        Command::Chat(a) => chat::run(a),
+        Command::Drift(a) => drift::run(a),
+        Command::Convert(a) => convert::run(a),
+        Command::Synth(a) => synth::run(a),
+        Command::Tokenize(a) => tokenize::run(a),
         Command::Inspect(a) => inspect::run(a),
     };
     match result {

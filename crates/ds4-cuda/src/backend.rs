@@ -1,0 +1,1418 @@
+//! The CUDA backend: DeepSeek V4 Flash's whole forward pass on one GPU, held to the CPU
+//! reference (`ds4_model::CpuBackend`).
+//!
+//! * Every weight is resident in device memory (plain allocations). Matrix products go through
+//!   [`crate::gemv::Gemv`] (ds4's activation numerics); everything else is `kernels/fwd.cu`.
+//! * KV state on the device, f32 rows: per layer a raw ring of `window + max_chunk` rows
+//!   (position `p` in row `p % raw_cap`), the compressed rows, the indexer rows and the two
+//!   compressor frontiers in the CPU layout. [`Backend::export_state`] / `import_state`
+//!   convert to and from the backend-neutral [`KvState`] (same frontier convention as the CPU
+//!   backend: stale rows cleared), so a snapshot restores on either backend.
+//! * A chunk runs layer-major like the CPU backend: batched projections over the chunk's
+//!   tokens; the compressors emit every row completed in the chunk in parallel and then advance
+//!   the frontier; indexer, top-k and attention run per (token, head).
+//! * Kernels read the chunk's first position from device memory, so a single-token decode step
+//!   is captured once as a CUDA graph and replayed (one graph without and one with the lightning
+//!   indexer's scoring, which starts once a CSA layer holds more than `index_topk` rows); the
+//!   only host synchronisation per decode step is reading the logits back.
+
+use std::marker::PhantomData;
+use std::sync::Arc;
+
+use cudarc::driver::{
+    CudaContext, CudaGraph, CudaStream, DevicePtr, DevicePtrMut, DeviceSlice, SyncOnDrop, sys,
+};
+use ds4_gguf::GgmlType;
+use ds4_model::backend::{attn_geom, index_geom};
+use ds4_model::ops::{CompressorGeom, EMPTY_SCORE};
+use ds4_model::weights::{CompressorWeights, ExpertsRef, HcWeights, MatRef};
+use ds4_model::{
+    AttnKind, Backend, KvState, LayerState, Model, ModelError, MoeKind, RopeKind, Shape, Trace,
+};
+
+use crate::fwd::{ATT_TARGET_BLOCKS, AttnLaunch, CompLaunch, Fwd, IDX_TILE, attn_splits};
+use crate::gemv::{DevWeight, Gemv};
+use crate::rt::{DBuf, dtoh, htod};
+use crate::{CudaError, CudaOptions};
+
+fn merr(e: CudaError) -> ModelError {
+    ModelError::Backend {
+        backend: "cuda".into(),
+        reason: e.to_string(),
+    }
+}
+
+fn cerr(msg: impl Into<String>) -> CudaError {
+    CudaError::Driver(msg.into())
+}
+
+/// A raw device range typed for the gemv API (`DevicePtr` / `DevicePtrMut` over an address).
+struct Dv<'a, T> {
+    ptr: u64,
+    len: usize,
+    stream: &'a Arc<CudaStream>,
+    _t: PhantomData<T>,
+}
+
+fn dv<T>(stream: &Arc<CudaStream>, ptr: u64, len: usize) -> Dv<'_, T> {
+    Dv {
+        ptr,
+        len,
+        stream,
+        _t: PhantomData,
+    }
+}
+
+impl<T> DeviceSlice<T> for Dv<'_, T> {
+    fn len(&self) -> usize {
+        self.len
+    }
+    fn stream(&self) -> &Arc<CudaStream> {
+        self.stream
+    }
+}
+impl<T> DevicePtr<T> for Dv<'_, T> {
+    fn device_ptr<'a>(&'a self, _stream: &'a CudaStream) -> (sys::CUdeviceptr, SyncOnDrop<'a>) {
+        (self.ptr, SyncOnDrop::Sync(None))
+    }
+}
+impl<T> DevicePtrMut<T> for Dv<'_, T> {
+    fn device_ptr_mut<'a>(
+        &'a mut self,
+        _stream: &'a CudaStream,
+    ) -> (sys::CUdeviceptr, SyncOnDrop<'a>) {
+        (self.ptr, SyncOnDrop::Sync(None))
+    }
+}
+
+struct DevHc {
+    fn_: DevWeight,
+    scale: DBuf,
+    base: DBuf,
+}
+
+struct DevComp {
+    kv: DevWeight,
+    gate: DevWeight,
+    ape: DBuf,
+    norm: DBuf,
+    geom: CompressorGeom,
+}
+
+struct DevIdx {
+    q_b: DevWeight,
+    proj: DevWeight,
+    comp: DevComp,
+}
+
+struct DevLayer {
+    attn: AttnKind,
+    moe: MoeKind,
+    rope: RopeKind,
+    clamp: f32,
+    hc_attn: DevHc,
+    attn_norm: DBuf,
+    q_a: DevWeight,
+    q_a_norm: DBuf,
+    q_b: DevWeight,
+    kv: DevWeight,
+    kv_norm: DBuf,
+    sinks: DBuf,
+    out_a: DevWeight,
+    out_b: DevWeight,
+    comp: Option<DevComp>,
+    idx: Option<DevIdx>,
+    hc_ffn: DevHc,
+    ffn_norm: DBuf,
+    router: DevWeight,
+    bias: Option<DBuf>,
+    tid2eid: Option<DBuf>,
+    gate_exps: DevWeight,
+    up_exps: DevWeight,
+    down_exps: DevWeight,
+    gate_sh: DevWeight,
+    up_sh: DevWeight,
+    down_sh: DevWeight,
+}
+
+/// KV state of one layer on the device.
+struct DevKv {
+    ring: DBuf,
+    comp: DBuf,
+    st_kv: Option<DBuf>,
+    st_sc: Option<DBuf>,
+    icomp: Option<DBuf>,
+    ist_kv: Option<DBuf>,
+    ist_sc: Option<DBuf>,
+}
+
+/// Chunk scratch (sized for `max_chunk` tokens).
+struct Scratch {
+    x: DBuf,
+    x1: DBuf,
+    flat: DBuf,
+    mix: DBuf,
+    post: DBuf,
+    comb: DBuf,
+    xin: DBuf,
+    a: DBuf,
+    qr: DBuf,
+    qrn: DBuf,
+    q: DBuf,
+    kvp: DBuf,
+    ckv: DBuf,
+    csc: DBuf,
+    ikv: DBuf,
+    isc: DBuf,
+    iq: DBuf,
+    iw: DBuf,
+    scores: DBuf,
+    isel: DBuf,
+    heads: DBuf,
+    part: DBuf,
+    low: DBuf,
+    fout: DBuf,
+    b: DBuf,
+    rlog: DBuf,
+    probs: DBuf,
+    sel: DBuf,
+    wts: DBuf,
+    mid: DBuf,
+    routed: DBuf,
+    sh_mid: DBuf,
+    sh_out: DBuf,
+    hmix: DBuf,
+    hn: DBuf,
+    logits: DBuf,
+    act: DBuf,
+    mid_act: DBuf,
+}
+
+/// Captured decode graphs (one per variant: without / with indexer scoring).
+struct Graphs([Option<CudaGraph>; 2]);
+
+// SAFETY: the graphs are only launched through `&mut CudaBackend` (one thread at a time); CUDA
+// graph executables may be used from any thread as long as calls are serialized.
+unsafe impl Send for Graphs {}
+
+/// Rows of logits computed per output-head pass (all-logits prefill).
+const LOGIT_ROWS: usize = 64;
+/// Bytes of the indexer score buffer (tokens are scored in sub-batches that fit).
+const SCORE_BYTES: usize = 256 << 20;
+
+/// The CUDA backend.
+pub struct CudaBackend {
+    model: Arc<Model>,
+    opts: CudaOptions,
+    ctx_len: usize,
+    max_chunk: usize,
+    raw_cap: usize,
+    _ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    fwd: Fwd,
+    gemv: Gemv,
+    embed: DBuf,
+    embed_type: i32,
+    embed_row_bytes: usize,
+    out_hc_fn: DevWeight,
+    out_hc_base: DBuf,
+    out_norm: DBuf,
+    output: DevWeight,
+    layers: Vec<DevLayer>,
+    kv: Vec<DevKv>,
+    sc: Scratch,
+    inv_plain: DBuf,
+    inv_comp: DBuf,
+    d_pos: DBuf,
+    d_tok: DBuf,
+    score_stride: usize,
+    score_batch: usize,
+    idx_blocks: usize,
+    n_tokens: usize,
+    logits: Vec<f32>,
+    chunk_logits: Vec<f32>,
+    trace: Option<Trace>,
+    graphs: Graphs,
+    graph_launches: u64,
+}
+
+impl std::fmt::Debug for CudaBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CudaBackend")
+            .field("opts", &self.opts)
+            .field("ctx", &self.ctx_len)
+            .field("n_tokens", &self.n_tokens)
+            .finish()
+    }
+}
+
+fn frontier(k: &Option<DBuf>, v: &Option<DBuf>) -> Result<(u64, u64), CudaError> {
+    match (k, v) {
+        (Some(k), Some(v)) => Ok((k.ptr, v.ptr)),
+        _ => Err(cerr("compressor frontier missing")),
+    }
+}
+
+fn ggml_id(ty: GgmlType) -> Option<i32> {
+    Some(match ty {
+        GgmlType::F32 => 0,
+        GgmlType::F16 => 1,
+        GgmlType::Q8_0 => 8,
+        GgmlType::BF16 => 30,
+        _ => return None,
+    })
+}
+
+struct Loader<'a> {
+    m: &'a Model,
+    gemv: &'a Gemv,
+    stream: &'a Arc<CudaStream>,
+}
+
+impl Loader<'_> {
+    fn mat(&self, w: &MatRef, n_mat: usize) -> Result<DevWeight, CudaError> {
+        let rows = w.rows / n_mat;
+        self.gemv
+            .upload(
+                self.stream,
+                w.t.ty,
+                w.cols,
+                rows,
+                n_mat,
+                w.bytes(&self.m.gguf),
+            )
+            .map_err(|e| cerr(format!("{}: {e}", w.t.name)))
+    }
+    fn experts(&self, w: &ExpertsRef) -> Result<DevWeight, CudaError> {
+        self.gemv
+            .upload(
+                self.stream,
+                w.t.ty,
+                w.cols,
+                w.rows,
+                w.n_expert,
+                w.t.bytes(&self.m.gguf),
+            )
+            .map_err(|e| cerr(format!("{}: {e}", w.t.name)))
+    }
+    fn vec(&self, v: &[f32]) -> Result<DBuf, CudaError> {
+        DBuf::from_slice(self.stream, v)
+    }
+    fn hc(&self, h: &HcWeights) -> Result<DevHc, CudaError> {
+        Ok(DevHc {
+            fn_: self.mat(&h.fn_, 1)?,
+            scale: self.vec(&h.scale)?,
+            base: self.vec(&h.base)?,
+        })
+    }
+    fn comp(&self, c: &CompressorWeights, geom: CompressorGeom) -> Result<DevComp, CudaError> {
+        Ok(DevComp {
+            kv: self.mat(&c.kv, 1)?,
+            gate: self.mat(&c.gate, 1)?,
+            ape: self.vec(&c.ape)?,
+            norm: self.vec(&c.norm)?,
+            geom,
+        })
+    }
+}
+
+impl CudaBackend {
+    /// A backend on device `opts.device` with room for `ctx` tokens: uploads every weight of
+    /// `model` and allocates the KV state and the scratch for chunks of `opts.max_chunk`
+    /// tokens. Fails with [`CudaError::NoDriver`] (never panics) when there is no usable driver.
+    pub fn new(model: Arc<Model>, ctx: usize, opts: CudaOptions) -> Result<CudaBackend, CudaError> {
+        if ctx == 0 {
+            return Err(cerr("context size must be at least 1"));
+        }
+        let s = model.shape.clone();
+        Self::check_shape(&s)?;
+        let dctx = crate::device::open_context(opts.device)?;
+        // One stream, no cross-stream hazards: cudarc's event tracking is not needed and would
+        // get in the way of graph capture.
+        // SAFETY: every buffer of this backend is used on `stream` only.
+        unsafe { dctx.disable_event_tracking() };
+        let stream = dctx.new_stream().map_err(crate::rt::drv)?;
+        let fwd = Fwd::new(&dctx, stream.clone())?;
+        let gemv = Gemv::new(&dctx)?;
+        let max_chunk = opts.max_chunk.clamp(1, ctx);
+        let w = &model.weights;
+
+        let embed_type = ggml_id(w.token_embd.t.ty).ok_or_else(|| {
+            cerr(format!(
+                "token_embd type {:?} is not supported by the CUDA backend",
+                w.token_embd.t.ty
+            ))
+        })?;
+        let embed = DBuf::from_slice(&stream, w.token_embd.bytes(&model.gguf))?;
+        let ld = Loader {
+            m: &model,
+            gemv: &gemv,
+            stream: &stream,
+        };
+        let mut layers = Vec::with_capacity(s.n_layer);
+        for (il, (lw, lp)) in w.layers.iter().zip(&model.plan.layers).enumerate() {
+            let comp = match (&lw.compressor, attn_geom(&s, lp.attn)) {
+                (Some(c), Some(g)) => Some(ld.comp(c, g)?),
+                _ => None,
+            };
+            let idx = match (&lw.indexer, index_geom(&s, lp.attn)) {
+                (Some(ix), Some(g)) => Some(DevIdx {
+                    q_b: ld.mat(&ix.q_b, 1)?,
+                    proj: ld.mat(&ix.proj, 1)?,
+                    comp: ld.comp(&ix.comp, g)?,
+                }),
+                _ => None,
+            };
+            let tid2eid = match &lw.tid2eid {
+                Some(t) => {
+                    let v: Vec<i32> = t.iter().map(|&e| e as i32).collect();
+                    Some(DBuf::from_slice(&stream, &v)?)
+                }
+                None => None,
+            };
+            layers.push(DevLayer {
+                attn: lp.attn,
+                moe: lp.moe,
+                rope: lp.rope,
+                clamp: s.swiglu_clamp[il],
+                hc_attn: ld.hc(&lw.hc_attn)?,
+                attn_norm: ld.vec(&lw.attn_norm)?,
+                q_a: ld.mat(&lw.q_a, 1)?,
+                q_a_norm: ld.vec(&lw.q_a_norm)?,
+                q_b: ld.mat(&lw.q_b, 1)?,
+                kv: ld.mat(&lw.kv, 1)?,
+                kv_norm: ld.vec(&lw.kv_norm)?,
+                sinks: ld.vec(&lw.sinks)?,
+                out_a: ld.mat(&lw.out_a, s.o_groups)?,
+                out_b: ld.mat(&lw.out_b, 1)?,
+                comp,
+                idx,
+                hc_ffn: ld.hc(&lw.hc_ffn)?,
+                ffn_norm: ld.vec(&lw.ffn_norm)?,
+                router: ld.mat(&lw.router, 1)?,
+                bias: match &lw.router_bias {
+                    Some(b) => Some(ld.vec(b)?),
+                    None => None,
+                },
+                tid2eid,
+                gate_exps: ld.experts(&lw.gate_exps)?,
+                up_exps: ld.experts(&lw.up_exps)?,
+                down_exps: ld.experts(&lw.down_exps)?,
+                gate_sh: ld.mat(&lw.gate_shexp, 1)?,
+                up_sh: ld.mat(&lw.up_shexp, 1)?,
+                down_sh: ld.mat(&lw.down_shexp, 1)?,
+            });
+        }
+        let out_hc_fn = ld.mat(&w.out_hc_fn, 1)?;
+        let out_hc_base = ld.vec(&w.out_hc_base)?;
+        let out_norm = ld.vec(&w.out_norm)?;
+        let output = ld.mat(&w.output, 1)?;
+
+        // KV state.
+        let hd = s.head_dim;
+        let raw_cap = s.window + max_chunk;
+        let mut kv = Vec::with_capacity(s.n_layer);
+        for lp in &model.plan.layers {
+            let ratio = lp.attn.ratio();
+            let rows = ctx.checked_div(ratio).map_or(0, |r| r + 1);
+            let ag = attn_geom(&s, lp.attn);
+            let ig = index_geom(&s, lp.attn);
+            let frontier =
+                |g: Option<CompressorGeom>| -> Result<(Option<DBuf>, Option<DBuf>), CudaError> {
+                    match g {
+                        None => Ok((None, None)),
+                        Some(g) => {
+                            let n = g.state_len();
+                            Ok((
+                                Some(DBuf::from_slice(&stream, &vec![0f32; n])?),
+                                Some(DBuf::from_slice(&stream, &vec![EMPTY_SCORE; n])?),
+                            ))
+                        }
+                    }
+                };
+            let (st_kv, st_sc) = frontier(ag)?;
+            let (ist_kv, ist_sc) = frontier(ig)?;
+            kv.push(DevKv {
+                ring: DBuf::zeroed(&stream, raw_cap * hd * 4)?,
+                comp: DBuf::zeroed(&stream, rows * hd * 4)?,
+                st_kv,
+                st_sc,
+                icomp: match ig {
+                    Some(_) => Some(DBuf::zeroed(&stream, rows * s.index_head_dim * 4)?),
+                    None => None,
+                },
+                ist_kv,
+                ist_sc,
+            });
+        }
+
+        // Indexer scoring geometry.
+        let csa_ratio = model
+            .plan
+            .layers
+            .iter()
+            .filter(|l| l.attn.has_indexer())
+            .map(|l| l.attn.ratio())
+            .min();
+        let score_stride = csa_ratio.map_or(1, |r| ctx / r + 1).next_multiple_of(4);
+        let score_batch = (SCORE_BYTES / (score_stride * 4)).clamp(1, max_chunk);
+        let idx_blocks = score_stride.div_ceil(IDX_TILE).clamp(1, 1024);
+
+        // Scratch.
+        let n = max_chunk;
+        let e = s.n_embd;
+        let hcd = s.hc_dim();
+        let f32b = |count: usize| DBuf::zeroed(&stream, count * 4);
+        let part_len = (1..=max_chunk.min(ATT_TARGET_BLOCKS))
+            .map(|t| {
+                let ns = attn_splits(t, s.n_head);
+                if ns > 1 { t * s.n_head * ns } else { 0 }
+            })
+            .max()
+            .unwrap_or(0);
+        let mut act_bytes = 0usize;
+        let mut mid_act_bytes = 0usize;
+        for l in &layers {
+            let mut ws: Vec<&DevWeight> = vec![
+                &l.hc_attn.fn_,
+                &l.q_a,
+                &l.q_b,
+                &l.kv,
+                &l.out_a,
+                &l.out_b,
+                &l.hc_ffn.fn_,
+                &l.router,
+                &l.gate_sh,
+                &l.up_sh,
+                &l.down_sh,
+            ];
+            if let Some(c) = &l.comp {
+                ws.extend([&c.kv, &c.gate]);
+            }
+            if let Some(ix) = &l.idx {
+                ws.extend([&ix.q_b, &ix.proj, &ix.comp.kv, &ix.comp.gate]);
+            }
+            for w in ws {
+                act_bytes = act_bytes.max(Gemv::act_bytes(w.ty(), w.cols() * w.n_mat(), n));
+            }
+            act_bytes = act_bytes.max(Gemv::act_bytes(l.gate_exps.ty(), e, n));
+            mid_act_bytes = mid_act_bytes.max(Gemv::act_bytes(
+                l.down_exps.ty(),
+                s.n_ff_exp,
+                n * s.n_expert_used,
+            ));
+        }
+        act_bytes = act_bytes
+            .max(Gemv::act_bytes(out_hc_fn.ty(), hcd, n))
+            .max(Gemv::act_bytes(output.ty(), e, LOGIT_ROWS.min(n)));
+        let any_idx = layers.iter().any(|l| l.idx.is_some());
+        let any_comp = layers.iter().any(|l| l.comp.is_some());
+        let sc = Scratch {
+            x: f32b(n * hcd)?,
+            x1: f32b(n * hcd)?,
+            flat: f32b(n * hcd)?,
+            mix: f32b(n * s.hc_mix())?,
+            post: f32b(n * s.hc_mult)?,
+            comb: f32b(n * s.hc_mult * s.hc_mult)?,
+            xin: f32b(n * e)?,
+            a: f32b(n * e)?,
+            qr: f32b(n * s.q_lora_rank)?,
+            qrn: f32b(n * s.q_lora_rank)?,
+            q: f32b(n * s.n_head * hd)?,
+            kvp: f32b(n * hd)?,
+            ckv: f32b(if any_comp { n * 2 * hd } else { 1 })?,
+            csc: f32b(if any_comp { n * 2 * hd } else { 1 })?,
+            ikv: f32b(if any_idx { n * 2 * s.index_head_dim } else { 1 })?,
+            isc: f32b(if any_idx { n * 2 * s.index_head_dim } else { 1 })?,
+            iq: f32b(if any_idx {
+                n * s.index_heads * s.index_head_dim
+            } else {
+                1
+            })?,
+            iw: f32b(if any_idx { n * s.index_heads } else { 1 })?,
+            scores: f32b(if any_idx {
+                score_batch * score_stride
+            } else {
+                1
+            })?,
+            isel: f32b(n * s.index_topk.max(1))?,
+            heads: f32b(n * s.n_head * hd)?,
+            part: DBuf::zeroed(&stream, part_len * (hd + 2) * 8)?,
+            low: f32b(n * s.o_groups * s.o_lora_rank)?,
+            fout: f32b(n * e)?,
+            b: f32b(n * e)?,
+            rlog: f32b(n * s.n_expert)?,
+            probs: f32b(n * s.n_expert)?,
+            sel: f32b(n * s.n_expert_used)?,
+            wts: f32b(n * s.n_expert_used)?,
+            mid: f32b(n * s.n_expert_used * s.n_ff_exp)?,
+            routed: f32b(n * e)?,
+            sh_mid: f32b(n * s.n_ff_exp)?,
+            sh_out: f32b(n * e)?,
+            hmix: f32b(n * s.hc_mult)?,
+            hn: f32b(n * e)?,
+            logits: f32b(LOGIT_ROWS.min(n) * s.n_vocab)?,
+            act: DBuf::zeroed(&stream, act_bytes)?,
+            mid_act: DBuf::zeroed(&stream, mid_act_bytes)?,
+        };
+        let inv_plain = DBuf::from_slice(&stream, &model.plan.rope_plain.inv_freq)?;
+        let inv_comp = DBuf::from_slice(&stream, &model.plan.rope_compressed.inv_freq)?;
+        let d_pos = DBuf::from_slice(&stream, &[0i32])?;
+        let d_tok = DBuf::zeroed(&stream, max_chunk * 4)?;
+        stream.synchronize().map_err(crate::rt::drv)?;
+        Ok(CudaBackend {
+            embed_row_bytes: w.token_embd.row_bytes(),
+            model,
+            opts,
+            ctx_len: ctx,
+            max_chunk,
+            raw_cap,
+            _ctx: dctx,
+            stream,
+            fwd,
+            gemv,
+            embed,
+            embed_type,
+            out_hc_fn,
+            out_hc_base,
+            out_norm,
+            output,
+            layers,
+            kv,
+            sc,
+            inv_plain,
+            inv_comp,
+            d_pos,
+            d_tok,
+            score_stride,
+            score_batch,
+            idx_blocks,
+            n_tokens: 0,
+            logits: Vec::new(),
+            chunk_logits: Vec::new(),
+            trace: None,
+            graphs: Graphs([None, None]),
+            graph_launches: 0,
+        })
+    }
+
+    /// Shape limits of the kernels.
+    fn check_shape(s: &Shape) -> Result<(), CudaError> {
+        let bad = |what: &str| Err(cerr(format!("the CUDA backend does not support {what}")));
+        if s.hc_mult > 16 {
+            return bad("hc_mult > 16");
+        }
+        if !s.head_dim.is_multiple_of(32) || s.head_dim > 512 {
+            return bad("head_dim not a multiple of 32 up to 512");
+        }
+        if !s.n_rot.is_multiple_of(2) || s.n_rot > s.head_dim || s.n_rot > s.index_head_dim {
+            return bad("this RoPE width");
+        }
+        if s.n_expert > 1024 || s.n_expert_used > crate::gemv::MAX_K {
+            return bad("more than 1024 experts or more than 8 experts per token");
+        }
+        if !s.index_head_dim.is_power_of_two() || s.index_head_dim > 1024 {
+            return bad("an indexer head dim that is not a power of two up to 1024");
+        }
+        if !s.n_embd.is_multiple_of(4) {
+            return bad("n_embd not a multiple of 4");
+        }
+        for (il, &r) in s.compress_ratios.iter().enumerate() {
+            if s.attn_kind(il).has_indexer() && r > 8 {
+                return bad("an overlapping compressor ratio above 8");
+            }
+        }
+        Ok(())
+    }
+
+    /// The options the backend was built with.
+    pub fn options(&self) -> &CudaOptions {
+        &self.opts
+    }
+
+    /// Decode steps served by a CUDA graph replay so far.
+    pub fn graph_launches(&self) -> u64 {
+        self.graph_launches
+    }
+
+    /// Device bytes of the weights.
+    pub fn weight_bytes(&self) -> usize {
+        let mut t = self.embed.bytes + self.out_hc_fn.device_bytes() + self.output.device_bytes();
+        for l in &self.layers {
+            t += l.q_a.device_bytes()
+                + l.q_b.device_bytes()
+                + l.kv.device_bytes()
+                + l.out_a.device_bytes()
+                + l.out_b.device_bytes()
+                + l.hc_attn.fn_.device_bytes()
+                + l.hc_ffn.fn_.device_bytes()
+                + l.router.device_bytes()
+                + l.gate_exps.device_bytes()
+                + l.up_exps.device_bytes()
+                + l.down_exps.device_bytes()
+                + l.gate_sh.device_bytes()
+                + l.up_sh.device_bytes()
+                + l.down_sh.device_bytes();
+            if let Some(c) = &l.comp {
+                t += c.kv.device_bytes() + c.gate.device_bytes();
+            }
+            if let Some(ix) = &l.idx {
+                t += ix.q_b.device_bytes()
+                    + ix.proj.device_bytes()
+                    + ix.comp.kv.device_bytes()
+                    + ix.comp.gate.device_bytes();
+            }
+        }
+        t
+    }
+
+    /// Device bytes one decode step streams from the weights: everything but the embedding
+    /// table, with only `n_expert_used` of the `n_expert` routed experts of each layer.
+    pub fn decode_read_bytes(&self) -> usize {
+        let s = self.s();
+        let mut t = self.weight_bytes() - self.embed.bytes;
+        for l in &self.layers {
+            let ex =
+                l.gate_exps.device_bytes() + l.up_exps.device_bytes() + l.down_exps.device_bytes();
+            t -= ex;
+            t += ex / s.n_expert * s.n_expert_used;
+        }
+        t
+    }
+
+    fn s(&self) -> &Shape {
+        &self.model.shape
+    }
+
+    /// `y[t] = W·x[t]` for `n` tokens (quantizing `x` when the weight type needs it).
+    fn mm(&self, w: &DevWeight, x: u64, n: usize, y: u64) -> Result<(), CudaError> {
+        let st = &self.stream;
+        let cols = w.cols() * w.n_mat();
+        let xs = dv::<f32>(st, x, n * cols);
+        let mut act = dv::<u8>(st, self.sc.act.ptr, self.sc.act.bytes);
+        let mut ys = dv::<f32>(st, y, n * w.rows() * w.n_mat());
+        self.gemv.quantize_act(st, w.ty(), &xs, n, cols, &mut act)?;
+        self.gemv.matvec(st, w, &xs, &act, n, &mut ys)
+    }
+
+    /// Whether the lightning indexer has to score at some token of a chunk ending at `pend`.
+    fn indexer_active(&self, pend: usize) -> bool {
+        let s = self.s();
+        self.layers
+            .iter()
+            .any(|l| l.idx.is_some() && pend / l.attn.ratio() > s.index_topk)
+    }
+
+    /// Enqueue the forward pass of the `n` tokens in `d_tok` at the device position, then
+    /// advance it. `indexer` says whether to run the indexer scoring (it must be true when
+    /// any token sees more than `index_topk` rows). With `logits = Some(first)` the logits of
+    /// rows `first..n` (at most LOGIT_ROWS) are computed into `sc.logits`. With `trace`,
+    /// routing and indexer picks are read back after every layer (synchronising; never used
+    /// while capturing).
+    fn forward(
+        &self,
+        n: usize,
+        indexer: bool,
+        logits: Option<usize>,
+        mut trace: Option<&mut Trace>,
+    ) -> Result<(), CudaError> {
+        let s = self.s();
+        let sc = &self.sc;
+        let fw = &self.fwd;
+        let e = s.n_embd;
+        let hc = s.hc_mult;
+        let hcd = s.hc_dim();
+        let hd = s.head_dim;
+        let nh = s.n_head;
+        let ql = s.q_lora_rank;
+        let eps = s.rms_eps;
+        let pos = self.d_pos.ptr;
+        let qat = self.opts.qat;
+
+        fw.embed(
+            self.embed.ptr,
+            self.embed_type,
+            e,
+            self.embed_row_bytes,
+            self.d_tok.ptr,
+            n,
+            hc,
+            sc.x.ptr,
+        )?;
+        fw.rms_rows(sc.x.ptr, hcd, 0, hcd, eps, sc.flat.ptr, hcd, n)?;
+
+        for (il, l) in self.layers.iter().enumerate() {
+            let kvs = &self.kv[il];
+            let inv = match l.rope {
+                RopeKind::Plain => self.inv_plain.ptr,
+                RopeKind::Compressed => self.inv_comp.ptr,
+            };
+            // ---- attention sublayer
+            self.mm(&l.hc_attn.fn_, sc.flat.ptr, n, sc.mix.ptr)?;
+            self.hc_pre(&l.hc_attn, sc.x.ptr, l.attn_norm.ptr, sc.a.ptr, n)?;
+            self.mm(&l.q_a, sc.a.ptr, n, sc.qr.ptr)?;
+            fw.rms_rows(sc.qr.ptr, ql, l.q_a_norm.ptr, ql, eps, sc.qrn.ptr, ql, n)?;
+            self.mm(&l.q_b, sc.qrn.ptr, n, sc.q.ptr)?;
+            fw.head_norm_rope(sc.q.ptr, nh, hd, s.n_rot, eps, inv, pos, n)?;
+            self.mm(&l.kv, sc.a.ptr, n, sc.kvp.ptr)?;
+            fw.kv_finish(
+                sc.kvp.ptr,
+                l.kv_norm.ptr,
+                hd,
+                s.n_rot,
+                eps,
+                inv,
+                pos,
+                qat,
+                s.n_nope(),
+                kvs.ring.ptr,
+                self.raw_cap,
+                n,
+            )?;
+            if let Some(c) = &l.comp {
+                let (k, v) = frontier(&kvs.st_kv, &kvs.st_sc)?;
+                self.compressor(c, k, v, kvs.comp.ptr, sc.ckv.ptr, sc.csc.ptr, n, 1)?;
+            }
+            if let Some(ix) = &l.idx {
+                let icomp = kvs
+                    .icomp
+                    .as_ref()
+                    .ok_or_else(|| cerr("indexer rows missing"))?;
+                let (k, v) = frontier(&kvs.ist_kv, &kvs.ist_sc)?;
+                self.compressor(&ix.comp, k, v, icomp.ptr, sc.ikv.ptr, sc.isc.ptr, n, 2)?;
+                if indexer {
+                    self.indexer(l, ix, icomp.ptr, n)?;
+                }
+                if let Some(tr) = trace.as_deref_mut() {
+                    self.trace_indexer(tr, il, n, indexer)?;
+                }
+            }
+            let a = AttnLaunch {
+                q: sc.q.ptr,
+                ring: kvs.ring.ptr,
+                raw_cap: self.raw_cap,
+                window: s.window,
+                comp: kvs.comp.ptr,
+                ratio: l.attn.ratio(),
+                has_indexer: l.idx.is_some(),
+                isel: sc.isel.ptr,
+                topk: s.index_topk,
+                sinks: l.sinks.ptr,
+                scale: s.kq_scale(),
+                nh,
+                hd,
+                n_rot: s.n_rot,
+                inv_freq: inv,
+                pos,
+                part: sc.part.ptr,
+                heads: sc.heads.ptr,
+            };
+            fw.attention(&a, n, attn_splits(n, nh))?;
+            self.mm(&l.out_a, sc.heads.ptr, n, sc.low.ptr)?;
+            self.mm(&l.out_b, sc.low.ptr, n, sc.fout.ptr)?;
+            fw.hc_post(
+                sc.fout.ptr,
+                0,
+                0,
+                sc.x.ptr,
+                sc.post.ptr,
+                sc.comb.ptr,
+                hc,
+                e,
+                sc.x1.ptr,
+                sc.flat.ptr,
+                eps,
+                n,
+            )?;
+
+            // ---- FFN sublayer
+            self.mm(&l.hc_ffn.fn_, sc.flat.ptr, n, sc.mix.ptr)?;
+            self.hc_pre(&l.hc_ffn, sc.x1.ptr, l.ffn_norm.ptr, sc.b.ptr, n)?;
+            self.mm(&l.router, sc.b.ptr, n, sc.rlog.ptr)?;
+            let hash = l.moe == MoeKind::Hash;
+            if hash && l.tid2eid.is_none() {
+                return Err(cerr(format!("layer {il}: hash routing without tid2eid")));
+            }
+            fw.router(
+                sc.rlog.ptr,
+                s.n_expert,
+                s.n_expert_used,
+                hash,
+                l.tid2eid.as_ref().map_or(0, |t| t.ptr),
+                self.d_tok.ptr,
+                l.bias.as_ref().map_or(0, |b| b.ptr),
+                s.expert_weights_scale,
+                sc.probs.ptr,
+                sc.sel.ptr,
+                sc.wts.ptr,
+                n,
+            )?;
+            self.moe(l, n)?;
+            // F = routed (summed over the k experts by moe_down) + shared, then HC post.
+            fw.hc_post(
+                sc.sh_out.ptr,
+                sc.routed.ptr,
+                1,
+                sc.x1.ptr,
+                sc.post.ptr,
+                sc.comb.ptr,
+                hc,
+                e,
+                sc.x.ptr,
+                sc.flat.ptr,
+                eps,
+                n,
+            )?;
+            if let Some(tr) = trace.as_deref_mut() {
+                self.trace_layer(tr, il, n)?;
+            }
+        }
+
+        if let Some(first) = logits {
+            self.output_head(first, n - first)?;
+        }
+        fw.advance_pos(pos, n)
+    }
+
+    /// HC pre of a site (its mix product already in sc.mix).
+    fn hc_pre(&self, hw: &DevHc, x: u64, norm: u64, out: u64, n: usize) -> Result<(), CudaError> {
+        let s = self.s();
+        let sc = &self.sc;
+        self.fwd.hc_pre(
+            sc.mix.ptr,
+            hw.scale.ptr,
+            hw.base.ptr,
+            s.hc_mult,
+            s.sinkhorn_iters,
+            s.hc_eps,
+            x,
+            s.n_embd,
+            norm,
+            s.rms_eps,
+            sc.post.ptr,
+            sc.comb.ptr,
+            sc.xin.ptr,
+            out,
+            n,
+        )
+    }
+
+    /// One compressor over the chunk: projections, emission of completed rows, frontier.
+    #[allow(clippy::too_many_arguments)]
+    fn compressor(
+        &self,
+        c: &DevComp,
+        st_kv: u64,
+        st_sc: u64,
+        rows: u64,
+        ckv: u64,
+        csc: u64,
+        n: usize,
+        qat_kind: i32,
+    ) -> Result<(), CudaError> {
+        let s = self.s();
+        let g = c.geom;
+        self.mm(&c.kv, self.sc.a.ptr, n, ckv)?;
+        self.mm(&c.gate, self.sc.a.ptr, n, csc)?;
+        let cl = CompLaunch {
+            ratio: g.ratio,
+            overlap: g.overlap,
+            d_c: g.d_c,
+            n_rot: s.n_rot,
+            n_nope: s.n_nope(),
+            qat_mode: if self.opts.qat { qat_kind } else { 0 },
+            eps: s.rms_eps,
+        };
+        self.fwd.compressor(
+            cl,
+            ckv,
+            csc,
+            c.ape.ptr,
+            st_kv,
+            st_sc,
+            self.d_pos.ptr,
+            c.norm.ptr,
+            self.inv_comp.ptr,
+            rows,
+            n,
+        )
+    }
+
+    /// Lightning indexer: queries, scores and top-k for the chunk's tokens that need it.
+    fn indexer(&self, l: &DevLayer, ix: &DevIdx, icomp: u64, n: usize) -> Result<(), CudaError> {
+        let s = self.s();
+        let sc = &self.sc;
+        let nih = s.index_heads;
+        let ihd = s.index_head_dim;
+        self.mm(&ix.q_b, sc.qrn.ptr, n, sc.iq.ptr)?;
+        self.mm(&ix.proj, sc.a.ptr, n, sc.iw.ptr)?;
+        let wscale = 1.0 / ((ihd * nih) as f64).sqrt();
+        self.fwd.indexer_q(
+            sc.iq.ptr,
+            sc.iw.ptr,
+            nih,
+            ihd,
+            s.n_rot,
+            self.inv_comp.ptr,
+            self.d_pos.ptr,
+            self.opts.qat,
+            wscale,
+            n,
+        )?;
+        let mut t0 = 0;
+        while t0 < n {
+            let nt = (n - t0).min(self.score_batch);
+            self.fwd.indexer_select(
+                sc.iq.ptr,
+                sc.iw.ptr,
+                icomp,
+                nih,
+                ihd,
+                l.attn.ratio(),
+                s.index_topk,
+                self.d_pos.ptr,
+                t0,
+                nt,
+                sc.scores.ptr,
+                self.score_stride,
+                self.idx_blocks,
+                sc.isel.ptr,
+            )?;
+            t0 += nt;
+        }
+        Ok(())
+    }
+
+    /// Routed experts (only the selected ones are read) and the shared expert.
+    fn moe(&self, l: &DevLayer, n: usize) -> Result<(), CudaError> {
+        let s = self.s();
+        let sc = &self.sc;
+        let st = &self.stream;
+        let e = s.n_embd;
+        let k = s.n_expert_used;
+        let ff = s.n_ff_exp;
+        let b = dv::<f32>(st, sc.b.ptr, n * e);
+        let mut act = dv::<u8>(st, sc.act.ptr, sc.act.bytes);
+        let ids = dv::<i32>(st, sc.sel.ptr, n * k);
+        let wts = dv::<f32>(st, sc.wts.ptr, n * k);
+        let mut mid = dv::<f32>(st, sc.mid.ptr, n * k * ff);
+        self.gemv
+            .quantize_act(st, l.gate_exps.ty(), &b, n, e, &mut act)?;
+        let act_r = dv::<u8>(st, sc.act.ptr, sc.act.bytes);
+        self.gemv.moe_gate_up(
+            st,
+            &l.gate_exps,
+            &l.up_exps,
+            &b,
+            &act_r,
+            &ids,
+            &wts,
+            n,
+            k,
+            l.clamp,
+            &mut mid,
+        )?;
+        let mid_r = dv::<f32>(st, sc.mid.ptr, n * k * ff);
+        let mut mid_act = dv::<u8>(st, sc.mid_act.ptr, sc.mid_act.bytes);
+        let mut routed = dv::<f32>(st, sc.routed.ptr, n * e);
+        self.gemv.moe_down(
+            st,
+            &l.down_exps,
+            &mid_r,
+            &mut mid_act,
+            &ids,
+            n,
+            k,
+            &mut routed,
+        )?;
+        // Shared expert.
+        self.gemv
+            .quantize_act(st, l.gate_sh.ty(), &b, n, e, &mut act)?;
+        let mut sh_mid = dv::<f32>(st, sc.sh_mid.ptr, n * ff);
+        self.gemv.gate_up_swiglu(
+            st,
+            &l.gate_sh,
+            &l.up_sh,
+            &b,
+            &act_r,
+            n,
+            l.clamp,
+            &mut sh_mid,
+        )?;
+        self.mm(&l.down_sh, sc.sh_mid.ptr, n, sc.sh_out.ptr)
+    }
+
+    fn trace_layer(&self, tr: &mut Trace, il: usize, n: usize) -> Result<(), CudaError> {
+        let s = self.s();
+        let k = s.n_expert_used;
+        let mut sel = vec![0i32; n * k];
+        dtoh(&self.stream, &mut sel, self.sc.sel.ptr)?;
+        for t in 0..n {
+            let mut v: Vec<u32> = sel[t * k..(t + 1) * k].iter().map(|&e| e as u32).collect();
+            v.sort_unstable();
+            tr.experts[il].extend_from_slice(&v);
+        }
+        let hcd = s.hc_dim();
+        let mut last = vec![0f32; hcd];
+        dtoh(&self.stream, &mut last, self.sc.x.f((n - 1) * hcd))?;
+        tr.last_hidden[il] = last;
+        Ok(())
+    }
+
+    fn trace_indexer(
+        &self,
+        tr: &mut Trace,
+        il: usize,
+        n: usize,
+        active: bool,
+    ) -> Result<(), CudaError> {
+        let s = self.s();
+        let topk = s.index_topk;
+        let ratio = self.layers[il].attn.ratio();
+        let mut isel = vec![0i32; n * topk];
+        if active {
+            dtoh(&self.stream, &mut isel, self.sc.isel.ptr)?;
+        }
+        let pos0 = self.n_tokens;
+        for t in 0..n {
+            let nv = (pos0 + t + 1) / ratio;
+            if nv > topk {
+                tr.indexer[il].extend_from_slice(&isel[t * topk..(t + 1) * topk]);
+            } else {
+                for j in 0..topk {
+                    tr.indexer[il].push(if j < nv { j as i32 } else { -1 });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Evaluate one sub-chunk (≤ max_chunk tokens).
+    fn eval_sub(
+        &mut self,
+        tokens: &[u32],
+        all_logits: bool,
+        want_last: bool,
+    ) -> Result<(), CudaError> {
+        let n = tokens.len();
+        let v = self.s().n_vocab;
+        let toks: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
+        htod(&self.stream, self.d_tok.ptr, &toks)?;
+        let pend = self.n_tokens + n;
+        let indexer = self.indexer_active(pend);
+        if n == 1 && self.opts.graphs && self.trace.is_none() {
+            let gi = indexer as usize;
+            if self.graphs.0[gi].is_none() {
+                self.stream
+                    .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+                    .map_err(crate::rt::drv)?;
+                let r = self.forward(1, indexer, Some(0), None);
+                let g = self
+                    .stream
+                    .end_capture(sys::CUgraphInstantiate_flags(0))
+                    .map_err(crate::rt::drv);
+                r?;
+                let g = g?.ok_or_else(|| cerr("graph capture produced no graph"))?;
+                self.graphs.0[gi] = Some(g);
+            }
+            if let Some(g) = &self.graphs.0[gi] {
+                g.launch().map_err(crate::rt::drv)?;
+            }
+            self.graph_launches += 1;
+            self.logits.resize(v, 0.0);
+            dtoh(&self.stream, &mut self.logits, self.sc.logits.ptr)?;
+            if all_logits {
+                self.chunk_logits.extend_from_slice(&self.logits);
+            }
+            self.n_tokens += 1;
+            return Ok(());
+        }
+        let mut trace = self.trace.take();
+        let lfirst = if all_logits { 0 } else { n - 1 };
+        let first_pass_rows = n - lfirst;
+        let direct = first_pass_rows <= LOGIT_ROWS.min(self.max_chunk);
+        let r = self.forward(
+            n,
+            indexer,
+            (want_last && direct).then_some(lfirst),
+            trace.as_mut(),
+        );
+        if let Some(tr) = &mut trace {
+            tr.n_tokens += n;
+        }
+        self.trace = trace;
+        r?;
+        self.n_tokens += n;
+        if !want_last {
+            return Ok(());
+        }
+        if direct {
+            let rows = n - lfirst;
+            let mut buf = vec![0f32; rows * v];
+            dtoh(&self.stream, &mut buf, self.sc.logits.ptr)?;
+            if all_logits {
+                self.chunk_logits.extend_from_slice(&buf);
+            }
+            self.logits.clear();
+            self.logits.extend_from_slice(&buf[(rows - 1) * v..]);
+        } else {
+            // All logits of a chunk longer than the logits buffer: output head in passes.
+            let mut t0 = 0;
+            while t0 < n {
+                let nl = (n - t0).min(LOGIT_ROWS.min(self.max_chunk));
+                self.output_head(t0, nl)?;
+                let mut buf = vec![0f32; nl * v];
+                dtoh(&self.stream, &mut buf, self.sc.logits.ptr)?;
+                self.chunk_logits.extend_from_slice(&buf);
+                t0 += nl;
+            }
+            self.logits.clear();
+            self.logits
+                .extend_from_slice(&self.chunk_logits[self.chunk_logits.len() - v..]);
+        }
+        Ok(())
+    }
+
+    /// Output head for chunk tokens `first..first+nl` (after `forward` left the final HC
+    /// streams in sc.x and their norm in sc.flat) into `sc.logits`.
+    fn output_head(&self, first: usize, nl: usize) -> Result<(), CudaError> {
+        let s = self.s();
+        let sc = &self.sc;
+        let hcd = s.hc_dim();
+        self.mm(&self.out_hc_fn, sc.flat.f(first * hcd), nl, sc.hmix.ptr)?;
+        self.fwd.hc_head(
+            sc.hmix.ptr,
+            self.model.weights.out_hc_scale,
+            self.out_hc_base.ptr,
+            s.hc_eps,
+            sc.x.f(first * hcd),
+            s.hc_mult,
+            s.n_embd,
+            self.out_norm.ptr,
+            s.rms_eps,
+            sc.hn.ptr,
+            nl,
+        )?;
+        self.mm(&self.output, sc.hn.ptr, nl, sc.logits.ptr)
+    }
+
+    fn eval_impl(&mut self, tokens: &[u32], all_logits: bool) -> Result<(), ModelError> {
+        let s = self.s();
+        let n = tokens.len();
+        let pos0 = self.n_tokens;
+        for (i, &t) in tokens.iter().enumerate() {
+            if t as usize >= s.n_vocab {
+                return Err(ModelError::TokenOutOfRange {
+                    token: t,
+                    pos: pos0 + i,
+                    n_vocab: s.n_vocab,
+                });
+            }
+        }
+        if pos0 + n > self.ctx_len {
+            return Err(ModelError::ContextFull {
+                ctx: self.ctx_len,
+                needed: pos0 + n,
+            });
+        }
+        self.chunk_logits.clear();
+        let nchunks = n.div_ceil(self.max_chunk);
+        for (ci, chunk) in tokens.chunks(self.max_chunk).enumerate() {
+            let last = ci + 1 == nchunks;
+            self.eval_sub(chunk, all_logits, all_logits || last)
+                .map_err(merr)?;
+        }
+        if !all_logits {
+            self.chunk_logits.clear();
+        }
+        Ok(())
+    }
+
+    fn set_pos(&mut self, p: usize) -> Result<(), CudaError> {
+        htod(&self.stream, self.d_pos.ptr, &[p as i32])?;
+        self.stream.synchronize().map_err(crate::rt::drv)
+    }
+
+    fn clear_frontiers(&self) -> Result<(), CudaError> {
+        for kv in &self.kv {
+            for (k, sc) in [(&kv.st_kv, &kv.st_sc), (&kv.ist_kv, &kv.ist_sc)] {
+                if let (Some(k), Some(sc)) = (k, sc) {
+                    htod(&self.stream, k.ptr, &vec![0f32; k.bytes / 4])?;
+                    htod(&self.stream, sc.ptr, &vec![EMPTY_SCORE; sc.bytes / 4])?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn export_impl(&self) -> Result<KvState, CudaError> {
+        let s = self.s();
+        let hd = s.head_dim;
+        let ihd = s.index_head_dim;
+        let t = self.n_tokens;
+        let rl = t.min(s.window);
+        self.stream.synchronize().map_err(crate::rt::drv)?;
+        let mut layers = Vec::with_capacity(s.n_layer);
+        for (kv, l) in self.kv.iter().zip(&self.layers) {
+            let mut raw = vec![0f32; rl * hd];
+            for (i, p) in (t - rl..t).enumerate() {
+                let r = p % self.raw_cap;
+                dtoh(
+                    &self.stream,
+                    &mut raw[i * hd..(i + 1) * hd],
+                    kv.ring.f(r * hd),
+                )?;
+            }
+            let ratio = l.attn.ratio();
+            let n_comp = t.checked_div(ratio).unwrap_or(0);
+            let get = |b: &Option<DBuf>, len: usize| -> Result<Vec<f32>, CudaError> {
+                match b {
+                    Some(b) => {
+                        let mut v = vec![0f32; len];
+                        dtoh(&self.stream, &mut v, b.ptr)?;
+                        Ok(v)
+                    }
+                    None => Ok(Vec::new()),
+                }
+            };
+            let comp = if ratio > 0 {
+                let mut v = vec![0f32; n_comp * hd];
+                dtoh(&self.stream, &mut v, kv.comp.ptr)?;
+                v
+            } else {
+                Vec::new()
+            };
+            let sl = attn_geom(s, l.attn).map_or(0, |g| g.state_len());
+            let isl = index_geom(s, l.attn).map_or(0, |g| g.state_len());
+            layers.push(LayerState {
+                raw,
+                comp,
+                state_kv: get(&kv.st_kv, sl)?,
+                state_score: get(&kv.st_sc, sl)?,
+                index_comp: if kv.icomp.is_some() {
+                    get(&kv.icomp, n_comp * ihd)?
+                } else {
+                    Vec::new()
+                },
+                index_state_kv: get(&kv.ist_kv, isl)?,
+                index_state_score: get(&kv.ist_sc, isl)?,
+            });
+        }
+        Ok(KvState {
+            n_tokens: t,
+            layers,
+        })
+    }
+
+    fn import_impl(&mut self, st: &KvState) -> Result<(), CudaError> {
+        let s = self.s().clone();
+        let hd = s.head_dim;
+        let t = st.n_tokens;
+        let rl = t.min(s.window);
+        for (kv, ls) in self.kv.iter().zip(&st.layers) {
+            for (i, p) in (t - rl..t).enumerate() {
+                let r = p % self.raw_cap;
+                htod(
+                    &self.stream,
+                    kv.ring.f(r * hd),
+                    &ls.raw[i * hd..(i + 1) * hd],
+                )?;
+            }
+            let put = |b: &Option<DBuf>, v: &[f32]| -> Result<(), CudaError> {
+                match b {
+                    Some(b) if v.len() * 4 <= b.bytes => htod(&self.stream, b.ptr, v),
+                    Some(_) => Err(cerr("state larger than the device buffer")),
+                    None if v.is_empty() => Ok(()),
+                    None => Err(cerr("state for a buffer this layer does not have")),
+                }
+            };
+            if ls.comp.len() * 4 > kv.comp.bytes {
+                return Err(cerr("compressed rows exceed the context"));
+            }
+            htod(&self.stream, kv.comp.ptr, &ls.comp)?;
+            put(&kv.st_kv, &ls.state_kv)?;
+            put(&kv.st_sc, &ls.state_score)?;
+            put(&kv.icomp, &ls.index_comp)?;
+            put(&kv.ist_kv, &ls.index_state_kv)?;
+            put(&kv.ist_sc, &ls.index_state_score)?;
+        }
+        self.n_tokens = t;
+        self.set_pos(t)
+    }
+}
+
+impl Backend for CudaBackend {
+    fn name(&self) -> &str {
+        "cuda"
+    }
+
+    fn shape(&self) -> &Shape {
+        &self.model.shape
+    }
+
+    fn ctx(&self) -> usize {
+        self.ctx_len
+    }
+
+    fn n_tokens(&self) -> usize {
+        self.n_tokens
+    }
+
+    fn reset(&mut self) {
+        self.n_tokens = 0;
+        self.logits.clear();
+        self.chunk_logits.clear();
+        // A failure here leaves a broken device; the next eval reports it.
+        let _ = self.clear_frontiers();
+        let _ = self.set_pos(0);
+    }
+
+    fn eval(&mut self, tokens: &[u32], all_logits: bool) -> Result<(), ModelError> {
+        if tokens.is_empty() {
+            return Ok(());
+        }
+        self.eval_impl(tokens, all_logits)
+    }
+
+    fn logits(&self) -> &[f32] {
+        &self.logits
+    }
+
+    fn chunk_logits(&self) -> &[f32] {
+        &self.chunk_logits
+    }
+
+    fn export_state(&self) -> Result<KvState, ModelError> {
+        self.export_impl().map_err(merr)
+    }
+
+    fn import_state(&mut self, state: &KvState) -> Result<(), ModelError> {
+        let m = self.model.clone();
+        state.validate(&m.shape, &m.plan)?;
+        if state.n_tokens > self.ctx_len {
+            return Err(ModelError::ContextFull {
+                ctx: self.ctx_len,
+                needed: state.n_tokens,
+            });
+        }
+        self.logits.clear();
+        self.chunk_logits.clear();
+        self.import_impl(state).map_err(merr)
+    }
+
+    fn set_trace(&mut self, on: bool) {
+        self.trace = on.then(|| {
+            let nl = self.model.shape.n_layer;
+            Trace {
+                n_tokens: 0,
+                experts: vec![Vec::new(); nl],
+                indexer: vec![Vec::new(); nl],
+                last_hidden: vec![Vec::new(); nl],
+            }
+        });
+    }
+
+    fn trace(&self) -> Option<&Trace> {
+        self.trace.as_ref()
+    }
+}

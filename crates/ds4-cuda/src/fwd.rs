@@ -1,0 +1,667 @@
+//! Launch wrappers of the `fwd.cu` kernels (the backend and the op tests share them, so the
+//! argument conventions live in one place). Every pointer is a raw device address; `pos` is
+//! the address of the device `i32` holding the first position of the chunk.
+
+#![allow(clippy::too_many_arguments)]
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaContext, CudaFunction, CudaStream};
+
+use crate::CudaError;
+use crate::rt::{A, launch};
+
+/// Heads per attention block (one warp each).
+pub(crate) const ATT_HPB: usize = 8;
+/// Target blocks for split attention (about two waves of a 132-SM card).
+pub(crate) const ATT_TARGET_BLOCKS: usize = 264;
+/// Most splits of one (token, head) attention.
+pub(crate) const ATT_MAX_SPLIT: usize = 16;
+/// Rows of one indexer scoring tile (IDX_TILE in fwd.cu).
+pub(crate) const IDX_TILE: usize = 8;
+
+/// Splits of the attention of a chunk of `n` tokens (1: no combine pass).
+pub(crate) fn attn_splits(n: usize, nh: usize) -> usize {
+    let base = n * nh.div_ceil(ATT_HPB);
+    if base >= ATT_TARGET_BLOCKS / 2 {
+        1
+    } else {
+        ATT_TARGET_BLOCKS.div_ceil(base).clamp(1, ATT_MAX_SPLIT)
+    }
+}
+
+/// Dynamic shared memory of `ds4_indexer_scores`.
+pub(crate) fn indexer_smem(nih: usize, ihd: usize) -> usize {
+    IDX_TILE * nih * 8 + (nih * (ihd + 1) + nih + IDX_TILE * ihd) * 4
+}
+
+fn cerr(msg: impl Into<String>) -> CudaError {
+    CudaError::Driver(msg.into())
+}
+
+/// The kernels of `fwd.cu` and the stream they run on.
+pub(crate) struct Fwd {
+    pub stream: Arc<CudaStream>,
+    advance_pos: CudaFunction,
+    embed: CudaFunction,
+    rms_rows: CudaFunction,
+    hc_pre: CudaFunction,
+    hc_post: CudaFunction,
+    hc_head: CudaFunction,
+    head_norm_rope: CudaFunction,
+    kv_finish: CudaFunction,
+    comp_emit: CudaFunction,
+    comp_frontier: CudaFunction,
+    indexer_q: CudaFunction,
+    indexer_scores: CudaFunction,
+    topk: CudaFunction,
+    attention: CudaFunction,
+    attn_combine: CudaFunction,
+    router: CudaFunction,
+    swiglu: CudaFunction,
+}
+
+/// Geometry of a compressor launch.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct CompLaunch {
+    pub ratio: usize,
+    pub overlap: bool,
+    pub d_c: usize,
+    pub n_rot: usize,
+    pub n_nope: usize,
+    /// 0 none, 1 FP8 (attention rows), 2 Hadamard+FP4 (indexer rows).
+    pub qat_mode: i32,
+    pub eps: f32,
+}
+
+/// Arguments of an attention launch.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct AttnLaunch {
+    pub q: u64,
+    pub ring: u64,
+    pub raw_cap: usize,
+    pub window: usize,
+    pub comp: u64,
+    pub ratio: usize,
+    pub has_indexer: bool,
+    pub isel: u64,
+    pub topk: usize,
+    pub sinks: u64,
+    pub scale: f32,
+    pub nh: usize,
+    pub hd: usize,
+    pub n_rot: usize,
+    pub inv_freq: u64,
+    pub pos: u64,
+    pub part: u64,
+    pub heads: u64,
+}
+
+impl Fwd {
+    pub fn new(ctx: &Arc<CudaContext>, stream: Arc<CudaStream>) -> Result<Fwd, CudaError> {
+        let m = crate::device::load_module(ctx, "fwd")?;
+        let f = |name: &str| {
+            m.load_function(name)
+                .map_err(|e| cerr(format!("kernel {name}: {e}")))
+        };
+        Ok(Fwd {
+            stream,
+            advance_pos: f("ds4_advance_pos")?,
+            embed: f("ds4_embed")?,
+            rms_rows: f("ds4_rms_norm_rows")?,
+            hc_pre: f("ds4_hc_pre")?,
+            hc_post: f("ds4_hc_post")?,
+            hc_head: f("ds4_hc_head")?,
+            head_norm_rope: f("ds4_head_norm_rope")?,
+            kv_finish: f("ds4_kv_finish")?,
+            comp_emit: f("ds4_comp_emit")?,
+            comp_frontier: f("ds4_comp_frontier")?,
+            indexer_q: f("ds4_indexer_q")?,
+            indexer_scores: f("ds4_indexer_scores")?,
+            topk: f("ds4_topk")?,
+            attention: f("ds4_attention")?,
+            attn_combine: f("ds4_attn_combine")?,
+            router: f("ds4_router")?,
+            swiglu: f("ds4_swiglu")?,
+        })
+    }
+
+    fn go(
+        &self,
+        f: &CudaFunction,
+        grid: (usize, usize, usize),
+        block: usize,
+        smem: usize,
+        args: &[A],
+    ) -> Result<(), CudaError> {
+        launch(
+            &self.stream,
+            f,
+            (grid.0 as u32, grid.1 as u32, grid.2 as u32),
+            block as u32,
+            smem as u32,
+            args,
+        )
+    }
+
+    /// `*pos += n`.
+    pub fn advance_pos(&self, pos: u64, n: usize) -> Result<(), CudaError> {
+        self.go(
+            &self.advance_pos,
+            (1, 1, 1),
+            32,
+            0,
+            &[A::P(pos), A::I(n as i32)],
+        )
+    }
+
+    /// `x[t][h][:] = table row tokens[t]` (GGML type id `ty`) for every HC stream.
+    pub fn embed(
+        &self,
+        table: u64,
+        ty: i32,
+        e: usize,
+        row_bytes: usize,
+        tokens: u64,
+        n: usize,
+        hc: usize,
+        x: u64,
+    ) -> Result<(), CudaError> {
+        self.go(
+            &self.embed,
+            (n, 1, 1),
+            256,
+            0,
+            &[
+                A::P(table),
+                A::I(ty),
+                A::I(e as i32),
+                A::L(row_bytes as i64),
+                A::P(tokens),
+                A::I(hc as i32),
+                A::P(x),
+            ],
+        )
+    }
+
+    /// RMSNorm of `n` rows (`w` = 0: no weight); row strides `xs`, `os` in floats.
+    pub fn rms_rows(
+        &self,
+        x: u64,
+        xs: usize,
+        w: u64,
+        dim: usize,
+        eps: f32,
+        out: u64,
+        os: usize,
+        n: usize,
+    ) -> Result<(), CudaError> {
+        self.go(
+            &self.rms_rows,
+            (n, 1, 1),
+            256,
+            0,
+            &[
+                A::P(x),
+                A::L(xs as i64),
+                A::P(w),
+                A::I(dim as i32),
+                A::F(eps),
+                A::P(out),
+                A::L(os as i64),
+            ],
+        )
+    }
+
+    /// HC pre: `mix` `[n][(2+hc)·hc]` → `post`, `comb`, `xin = Σ pre·x`, `a = RMSNorm(xin, norm)`.
+    pub fn hc_pre(
+        &self,
+        mix: u64,
+        scale: u64,
+        base: u64,
+        hc: usize,
+        iters: usize,
+        hc_eps: f32,
+        x: u64,
+        e: usize,
+        norm: u64,
+        rms_eps: f32,
+        post: u64,
+        comb: u64,
+        xin: u64,
+        a: u64,
+        n: usize,
+    ) -> Result<(), CudaError> {
+        self.go(
+            &self.hc_pre,
+            (n, 1, 1),
+            256,
+            0,
+            &[
+                A::P(mix),
+                A::I(((2 + hc) * hc) as i32),
+                A::P(scale),
+                A::P(base),
+                A::I(hc as i32),
+                A::I(iters as i32),
+                A::F(hc_eps),
+                A::P(x),
+                A::I(e as i32),
+                A::P(norm),
+                A::F(rms_eps),
+                A::P(post),
+                A::P(comb),
+                A::P(xin),
+                A::P(a),
+            ],
+        )
+    }
+
+    /// HC post: `xo = post ⊗ (f + Σ_k routed) + combᵀ x` (routed `[n][k][e]` or 0), then
+    /// `flat = RMSNorm_noweight(xo)` (flat = 0: skipped).
+    pub fn hc_post(
+        &self,
+        f: u64,
+        routed: u64,
+        k: usize,
+        x: u64,
+        post: u64,
+        comb: u64,
+        hc: usize,
+        e: usize,
+        xo: u64,
+        flat: u64,
+        eps: f32,
+        n: usize,
+    ) -> Result<(), CudaError> {
+        self.go(
+            &self.hc_post,
+            (n, 1, 1),
+            256,
+            0,
+            &[
+                A::P(f),
+                A::P(routed),
+                A::I(k as i32),
+                A::P(x),
+                A::P(post),
+                A::P(comb),
+                A::I(hc as i32),
+                A::I(e as i32),
+                A::P(xo),
+                A::P(flat),
+                A::F(eps),
+            ],
+        )
+    }
+
+    /// HC head + output norm: `hn = RMSNorm(Σ_i w_i x_i, norm)`, `w = sigmoid(mix·scale+base)+eps`.
+    pub fn hc_head(
+        &self,
+        mix: u64,
+        scale: f32,
+        base: u64,
+        hc_eps: f32,
+        x: u64,
+        hc: usize,
+        e: usize,
+        norm: u64,
+        rms_eps: f32,
+        hn: u64,
+        n: usize,
+    ) -> Result<(), CudaError> {
+        self.go(
+            &self.hc_head,
+            (n, 1, 1),
+            256,
+            e * 4,
+            &[
+                A::P(mix),
+                A::F(scale),
+                A::P(base),
+                A::F(hc_eps),
+                A::P(x),
+                A::I(hc as i32),
+                A::I(e as i32),
+                A::P(norm),
+                A::F(rms_eps),
+                A::P(hn),
+            ],
+        )
+    }
+
+    /// Per-head no-weight RMSNorm + RoPE of `q` `[n][nh][hd]` in place.
+    pub fn head_norm_rope(
+        &self,
+        q: u64,
+        nh: usize,
+        hd: usize,
+        n_rot: usize,
+        eps: f32,
+        inv_freq: u64,
+        pos: u64,
+        n: usize,
+    ) -> Result<(), CudaError> {
+        self.go(
+            &self.head_norm_rope,
+            (nh, n, 1),
+            hd.min(256),
+            hd * 4,
+            &[
+                A::P(q),
+                A::I(nh as i32),
+                A::I(hd as i32),
+                A::I(n_rot as i32),
+                A::F(eps),
+                A::P(inv_freq),
+                A::P(pos),
+            ],
+        )
+    }
+
+    /// KV rows: RMSNorm(w), RoPE, FP8 (qat), stored at ring row `pos % raw_cap`.
+    pub fn kv_finish(
+        &self,
+        kvp: u64,
+        w: u64,
+        hd: usize,
+        n_rot: usize,
+        eps: f32,
+        inv_freq: u64,
+        pos: u64,
+        qat: bool,
+        n_nope: usize,
+        ring: u64,
+        raw_cap: usize,
+        n: usize,
+    ) -> Result<(), CudaError> {
+        self.go(
+            &self.kv_finish,
+            (n, 1, 1),
+            hd.min(256),
+            hd * 4,
+            &[
+                A::P(kvp),
+                A::P(w),
+                A::I(hd as i32),
+                A::I(n_rot as i32),
+                A::F(eps),
+                A::P(inv_freq),
+                A::P(pos),
+                A::I(qat as i32),
+                A::I(n_nope as i32),
+                A::P(ring),
+                A::I(raw_cap as i32),
+            ],
+        )
+    }
+
+    /// A compressor over a chunk of `n` tokens: emit the completed rows into `rows`, then
+    /// advance the frontier (`st_kv`, `st_sc`).
+    pub fn compressor(
+        &self,
+        g: CompLaunch,
+        ckv: u64,
+        csc: u64,
+        ape: u64,
+        st_kv: u64,
+        st_sc: u64,
+        pos: u64,
+        norm: u64,
+        inv_freq: u64,
+        rows: u64,
+        n: usize,
+    ) -> Result<(), CudaError> {
+        self.go(
+            &self.comp_emit,
+            (n / g.ratio + 1, 1, 1),
+            g.d_c.min(512),
+            g.d_c * 4,
+            &[
+                A::P(ckv),
+                A::P(csc),
+                A::P(ape),
+                A::P(st_kv),
+                A::P(st_sc),
+                A::P(pos),
+                A::I(n as i32),
+                A::I(g.ratio as i32),
+                A::I(g.overlap as i32),
+                A::I(g.d_c as i32),
+                A::P(norm),
+                A::F(g.eps),
+                A::P(inv_freq),
+                A::I(g.n_rot as i32),
+                A::I(g.qat_mode),
+                A::I(g.n_nope as i32),
+                A::P(rows),
+            ],
+        )?;
+        let width = if g.overlap { 2 * g.d_c } else { g.d_c };
+        self.go(
+            &self.comp_frontier,
+            (width.div_ceil(256), 1, 1),
+            256,
+            0,
+            &[
+                A::P(ckv),
+                A::P(csc),
+                A::P(ape),
+                A::P(st_kv),
+                A::P(st_sc),
+                A::P(pos),
+                A::I(n as i32),
+                A::I(g.ratio as i32),
+                A::I(g.overlap as i32),
+                A::I(g.d_c as i32),
+            ],
+        )
+    }
+
+    /// Indexer queries: RoPE + Hadamard/FP4 (qat) per head, weights × `wscale`.
+    pub fn indexer_q(
+        &self,
+        iq: u64,
+        iw: u64,
+        nih: usize,
+        ihd: usize,
+        n_rot: usize,
+        inv_freq: u64,
+        pos: u64,
+        qat: bool,
+        wscale: f64,
+        n: usize,
+    ) -> Result<(), CudaError> {
+        self.go(
+            &self.indexer_q,
+            (nih, n, 1),
+            ihd.min(1024),
+            ihd * 4,
+            &[
+                A::P(iq),
+                A::P(iw),
+                A::I(nih as i32),
+                A::I(ihd as i32),
+                A::I(n_rot as i32),
+                A::P(inv_freq),
+                A::P(pos),
+                A::I(qat as i32),
+                A::D(wscale),
+            ],
+        )
+    }
+
+    /// Indexer scores and top-k of tokens `t0..t0+nt` (only those seeing more than `topk`
+    /// rows): `scores` `[nt][sstride]`, `isel` `[n][topk]` (ascending indices).
+    pub fn indexer_select(
+        &self,
+        iq: u64,
+        iw: u64,
+        icomp: u64,
+        nih: usize,
+        ihd: usize,
+        ratio: usize,
+        topk: usize,
+        pos: u64,
+        t0: usize,
+        nt: usize,
+        scores: u64,
+        sstride: usize,
+        blocks: usize,
+        isel: u64,
+    ) -> Result<(), CudaError> {
+        self.go(
+            &self.indexer_scores,
+            (blocks, nt, 1),
+            256,
+            indexer_smem(nih, ihd),
+            &[
+                A::P(iq),
+                A::P(iw),
+                A::P(icomp),
+                A::I(nih as i32),
+                A::I(ihd as i32),
+                A::I(ratio as i32),
+                A::I(topk as i32),
+                A::P(pos),
+                A::I(t0 as i32),
+                A::P(scores),
+                A::L(sstride as i64),
+            ],
+        )?;
+        self.go(
+            &self.topk,
+            (nt, 1, 1),
+            1024,
+            0,
+            &[
+                A::P(scores),
+                A::L(sstride as i64),
+                A::I(ratio as i32),
+                A::I(topk as i32),
+                A::P(pos),
+                A::I(t0 as i32),
+                A::P(isel),
+            ],
+        )
+    }
+
+    /// Attention (+ inverse RoPE) of `n` tokens into `heads`; `nsplit > 1` goes through `part`.
+    pub fn attention(&self, a: &AttnLaunch, n: usize, nsplit: usize) -> Result<(), CudaError> {
+        self.go(
+            &self.attention,
+            (a.nh.div_ceil(ATT_HPB), nsplit, n),
+            ATT_HPB * 32,
+            0,
+            &[
+                A::P(a.q),
+                A::P(a.ring),
+                A::I(a.raw_cap as i32),
+                A::I(a.window as i32),
+                A::P(a.comp),
+                A::I(a.ratio as i32),
+                A::I(a.has_indexer as i32),
+                A::P(a.isel),
+                A::I(a.topk as i32),
+                A::P(a.sinks),
+                A::F(a.scale),
+                A::I(a.nh as i32),
+                A::I(a.hd as i32),
+                A::I(a.n_rot as i32),
+                A::P(a.inv_freq),
+                A::P(a.pos),
+                A::I(nsplit as i32),
+                A::P(a.part),
+                A::P(a.heads),
+            ],
+        )?;
+        if nsplit > 1 {
+            self.go(
+                &self.attn_combine,
+                (a.nh, n, 1),
+                32,
+                0,
+                &[
+                    A::P(a.part),
+                    A::I(nsplit as i32),
+                    A::P(a.sinks),
+                    A::I(a.nh as i32),
+                    A::I(a.hd as i32),
+                    A::I(a.n_rot as i32),
+                    A::P(a.inv_freq),
+                    A::P(a.pos),
+                    A::P(a.heads),
+                ],
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Router: probs, selection (hash table or biased top-k), weights.
+    pub fn router(
+        &self,
+        rlog: u64,
+        ne: usize,
+        k: usize,
+        hash: bool,
+        tid2eid: u64,
+        tokens: u64,
+        bias: u64,
+        wscale: f32,
+        probs: u64,
+        sel: u64,
+        wts: u64,
+        n: usize,
+    ) -> Result<(), CudaError> {
+        self.go(
+            &self.router,
+            (n, 1, 1),
+            32,
+            0,
+            &[
+                A::P(rlog),
+                A::I(ne as i32),
+                A::I(k as i32),
+                A::I(hash as i32),
+                A::P(tid2eid),
+                A::P(tokens),
+                A::P(bias),
+                A::F(wscale),
+                A::P(probs),
+                A::P(sel),
+                A::P(wts),
+            ],
+        )
+    }
+
+    /// SwiGLU with weight 1 over `rows × cols` (strided rows).
+    pub fn swiglu(
+        &self,
+        g: u64,
+        u: u64,
+        in_stride: usize,
+        cols: usize,
+        rows: usize,
+        clamp: f32,
+        out: u64,
+        out_stride: usize,
+    ) -> Result<(), CudaError> {
+        let total = rows * cols;
+        self.go(
+            &self.swiglu,
+            (total.div_ceil(256).clamp(1, 4096), 1, 1),
+            256,
+            0,
+            &[
+                A::P(g),
+                A::P(u),
+                A::L(in_stride as i64),
+                A::I(cols as i32),
+                A::I(rows as i32),
+                A::F(clamp),
+                A::P(out),
+                A::L(out_stride as i64),
+            ],
+        )
+    }
+}

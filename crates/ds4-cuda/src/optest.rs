@@ -1,0 +1,513 @@
+//! Host-slice entry points to every `fwd.cu` kernel, for the op-level tests (each kernel is
+//! checked against its `ds4_model::ops` function on random inputs). Each call uploads its
+//! inputs, runs the kernel through the same launch wrappers the backend uses, and reads the
+//! outputs back. Not a stable API.
+
+// Host-side test harness: results are returned as tuples of the kernels' output vectors.
+#![allow(clippy::type_complexity)]
+#![allow(clippy::too_many_arguments)]
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaContext, CudaStream};
+use ds4_model::ops::CompressorGeom;
+
+use crate::CudaError;
+use crate::fwd::{AttnLaunch, CompLaunch, Fwd, attn_splits};
+use crate::rt::{DBuf, dtoh, htod};
+
+/// The kernels on one device, driven with host slices.
+pub struct GpuOps {
+    _ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    fwd: Fwd,
+    pos: DBuf,
+}
+
+/// Outputs of [`GpuOps::hc_pre`].
+#[derive(Clone, Debug)]
+pub struct HcPreOut {
+    pub post: Vec<f32>,
+    pub comb: Vec<f32>,
+    pub xin: Vec<f32>,
+    pub a: Vec<f32>,
+}
+
+impl GpuOps {
+    /// Open device `ordinal` and load the kernels.
+    pub fn new(ordinal: usize) -> Result<GpuOps, CudaError> {
+        let ctx = crate::device::open_context(ordinal)?;
+        // SAFETY: every buffer is used on this one stream.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream().map_err(crate::rt::drv)?;
+        let fwd = Fwd::new(&ctx, stream.clone())?;
+        let pos = DBuf::from_slice(&stream, &[0i32])?;
+        Ok(GpuOps {
+            _ctx: ctx,
+            stream,
+            fwd,
+            pos,
+        })
+    }
+
+    fn up<T: Copy>(&self, v: &[T]) -> Result<DBuf, CudaError> {
+        DBuf::from_slice(&self.stream, v)
+    }
+    fn zeros(&self, n: usize) -> Result<DBuf, CudaError> {
+        DBuf::zeroed(&self.stream, n * 4)
+    }
+    fn down<T: Copy + Default>(&self, b: &DBuf, n: usize) -> Result<Vec<T>, CudaError> {
+        let mut v = vec![T::default(); n];
+        self.stream.synchronize().map_err(crate::rt::drv)?;
+        dtoh(&self.stream, &mut v, b.ptr)?;
+        Ok(v)
+    }
+    fn set_pos(&self, p: usize) -> Result<(), CudaError> {
+        htod(&self.stream, self.pos.ptr, &[p as i32])
+    }
+
+    /// `rows` rows of `dim` (`ops::rms_norm` with `w`, else `rms_norm_noweight`).
+    pub fn rms_norm_rows(
+        &self,
+        x: &[f32],
+        dim: usize,
+        w: Option<&[f32]>,
+        eps: f32,
+    ) -> Result<Vec<f32>, CudaError> {
+        let rows = x.len() / dim;
+        let dx = self.up(x)?;
+        let dw = match w {
+            Some(w) => Some(self.up(w)?),
+            None => None,
+        };
+        let out = self.zeros(x.len())?;
+        self.fwd.rms_rows(
+            dx.ptr,
+            dim,
+            dw.as_ref().map_or(0, |b| b.ptr),
+            dim,
+            eps,
+            out.ptr,
+            dim,
+            rows,
+        )?;
+        self.down(&out, x.len())
+    }
+
+    /// HC pre of `n` tokens: `mix` `[n][(2+hc)·hc]`, `x` `[n][hc][e]`.
+    pub fn hc_pre(
+        &self,
+        mix: &[f32],
+        scale: &[f32],
+        base: &[f32],
+        hc: usize,
+        iters: usize,
+        hc_eps: f32,
+        x: &[f32],
+        e: usize,
+        norm: &[f32],
+        rms_eps: f32,
+        n: usize,
+    ) -> Result<HcPreOut, CudaError> {
+        let (dm, ds, db, dx, dn) = (
+            self.up(mix)?,
+            self.up(scale)?,
+            self.up(base)?,
+            self.up(x)?,
+            self.up(norm)?,
+        );
+        let post = self.zeros(n * hc)?;
+        let comb = self.zeros(n * hc * hc)?;
+        let xin = self.zeros(n * e)?;
+        let a = self.zeros(n * e)?;
+        self.fwd.hc_pre(
+            dm.ptr, ds.ptr, db.ptr, hc, iters, hc_eps, dx.ptr, e, dn.ptr, rms_eps, post.ptr,
+            comb.ptr, xin.ptr, a.ptr, n,
+        )?;
+        Ok(HcPreOut {
+            post: self.down(&post, n * hc)?,
+            comb: self.down(&comb, n * hc * hc)?,
+            xin: self.down(&xin, n * e)?,
+            a: self.down(&a, n * e)?,
+        })
+    }
+
+    /// HC post of `n` tokens (`routed`: `[n][k][e]` and `k`), returns `(xo, flat)`.
+    pub fn hc_post(
+        &self,
+        f: &[f32],
+        routed: Option<(&[f32], usize)>,
+        x: &[f32],
+        post: &[f32],
+        comb: &[f32],
+        hc: usize,
+        e: usize,
+        eps: f32,
+        n: usize,
+    ) -> Result<(Vec<f32>, Vec<f32>), CudaError> {
+        let (df, dx, dp, dc) = (self.up(f)?, self.up(x)?, self.up(post)?, self.up(comb)?);
+        let (dr, k) = match routed {
+            Some((r, k)) => (Some(self.up(r)?), k),
+            None => (None, 0),
+        };
+        let xo = self.zeros(n * hc * e)?;
+        let flat = self.zeros(n * hc * e)?;
+        self.fwd.hc_post(
+            df.ptr,
+            dr.as_ref().map_or(0, |b| b.ptr),
+            k,
+            dx.ptr,
+            dp.ptr,
+            dc.ptr,
+            hc,
+            e,
+            xo.ptr,
+            flat.ptr,
+            eps,
+            n,
+        )?;
+        Ok((self.down(&xo, n * hc * e)?, self.down(&flat, n * hc * e)?))
+    }
+
+    /// HC head + output norm of `n` tokens.
+    pub fn hc_head(
+        &self,
+        mix: &[f32],
+        scale: f32,
+        base: &[f32],
+        hc_eps: f32,
+        x: &[f32],
+        hc: usize,
+        e: usize,
+        norm: &[f32],
+        rms_eps: f32,
+        n: usize,
+    ) -> Result<Vec<f32>, CudaError> {
+        let (dm, db, dx, dn) = (self.up(mix)?, self.up(base)?, self.up(x)?, self.up(norm)?);
+        let hn = self.zeros(n * e)?;
+        self.fwd.hc_head(
+            dm.ptr, scale, db.ptr, hc_eps, dx.ptr, hc, e, dn.ptr, rms_eps, hn.ptr, n,
+        )?;
+        self.down(&hn, n * e)
+    }
+
+    /// Q heads of `n` tokens at positions `pos0..`: per-head norm + RoPE.
+    pub fn head_norm_rope(
+        &self,
+        q: &[f32],
+        nh: usize,
+        hd: usize,
+        n_rot: usize,
+        eps: f32,
+        inv_freq: &[f64],
+        pos0: usize,
+        n: usize,
+    ) -> Result<Vec<f32>, CudaError> {
+        let dq = self.up(q)?;
+        let di = self.up(inv_freq)?;
+        self.set_pos(pos0)?;
+        self.fwd
+            .head_norm_rope(dq.ptr, nh, hd, n_rot, eps, di.ptr, self.pos.ptr, n)?;
+        self.down(&dq, q.len())
+    }
+
+    /// KV rows of `n` tokens at `pos0..`; returns the whole ring (`raw_cap` rows).
+    pub fn kv_finish(
+        &self,
+        kvp: &[f32],
+        w: &[f32],
+        hd: usize,
+        n_rot: usize,
+        eps: f32,
+        inv_freq: &[f64],
+        pos0: usize,
+        qat: bool,
+        n_nope: usize,
+        raw_cap: usize,
+        n: usize,
+    ) -> Result<Vec<f32>, CudaError> {
+        let (dk, dw, di) = (self.up(kvp)?, self.up(w)?, self.up(inv_freq)?);
+        let ring = self.zeros(raw_cap * hd)?;
+        self.set_pos(pos0)?;
+        self.fwd.kv_finish(
+            dk.ptr,
+            dw.ptr,
+            hd,
+            n_rot,
+            eps,
+            di.ptr,
+            self.pos.ptr,
+            qat,
+            n_nope,
+            ring.ptr,
+            raw_cap,
+            n,
+        )?;
+        self.down(&ring, raw_cap * hd)
+    }
+
+    /// A compressor over `n` tokens at `pos0..` (`ckv`, `csc` `[n][width]`, `csc` without
+    /// ape). `rows` is the compressed-row buffer before the chunk (`cap` rows); returns
+    /// `(rows, st_kv, st_sc)` after it.
+    pub fn compressor(
+        &self,
+        g: CompressorGeom,
+        n_rot: usize,
+        n_nope: usize,
+        qat_mode: i32,
+        eps: f32,
+        ckv: &[f32],
+        csc: &[f32],
+        ape: &[f32],
+        st_kv: &[f32],
+        st_sc: &[f32],
+        norm: &[f32],
+        inv_freq: &[f64],
+        rows: &[f32],
+        pos0: usize,
+        n: usize,
+    ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>), CudaError> {
+        let (dk, dc, da) = (self.up(ckv)?, self.up(csc)?, self.up(ape)?);
+        let (sk, ss) = (self.up(st_kv)?, self.up(st_sc)?);
+        let (dn, di, dr) = (self.up(norm)?, self.up(inv_freq)?, self.up(rows)?);
+        self.set_pos(pos0)?;
+        let cl = CompLaunch {
+            ratio: g.ratio,
+            overlap: g.overlap,
+            d_c: g.d_c,
+            n_rot,
+            n_nope,
+            qat_mode,
+            eps,
+        };
+        self.fwd.compressor(
+            cl,
+            dk.ptr,
+            dc.ptr,
+            da.ptr,
+            sk.ptr,
+            ss.ptr,
+            self.pos.ptr,
+            dn.ptr,
+            di.ptr,
+            dr.ptr,
+            n,
+        )?;
+        Ok((
+            self.down(&dr, rows.len())?,
+            self.down(&sk, st_kv.len())?,
+            self.down(&ss, st_sc.len())?,
+        ))
+    }
+
+    /// Indexer queries of `n` tokens at `pos0..`: returns `(iq, iw)`.
+    pub fn indexer_q(
+        &self,
+        iq: &[f32],
+        iw: &[f32],
+        nih: usize,
+        ihd: usize,
+        n_rot: usize,
+        inv_freq: &[f64],
+        pos0: usize,
+        qat: bool,
+        wscale: f64,
+        n: usize,
+    ) -> Result<(Vec<f32>, Vec<f32>), CudaError> {
+        let (dq, dw, di) = (self.up(iq)?, self.up(iw)?, self.up(inv_freq)?);
+        self.set_pos(pos0)?;
+        self.fwd.indexer_q(
+            dq.ptr,
+            dw.ptr,
+            nih,
+            ihd,
+            n_rot,
+            di.ptr,
+            self.pos.ptr,
+            qat,
+            wscale,
+            n,
+        )?;
+        Ok((self.down(&dq, iq.len())?, self.down(&dw, iw.len())?))
+    }
+
+    /// Indexer scores and top-k of `n` tokens at `pos0..` over `icomp` (rows of `ihd`):
+    /// returns `(scores [n][stride], isel [n][topk])`; `stride = icomp rows` rounded up.
+    pub fn indexer_select(
+        &self,
+        iq: &[f32],
+        iw: &[f32],
+        icomp: &[f32],
+        nih: usize,
+        ihd: usize,
+        ratio: usize,
+        topk: usize,
+        pos0: usize,
+        n: usize,
+        blocks: usize,
+    ) -> Result<(Vec<f32>, usize, Vec<i32>), CudaError> {
+        let rows = icomp.len() / ihd;
+        let stride = (rows + 1).next_multiple_of(4);
+        let (dq, dw, dc) = (self.up(iq)?, self.up(iw)?, self.up(icomp)?);
+        let scores = self.zeros(n * stride)?;
+        let isel = self.zeros(n * topk)?;
+        self.set_pos(pos0)?;
+        self.fwd.indexer_select(
+            dq.ptr,
+            dw.ptr,
+            dc.ptr,
+            nih,
+            ihd,
+            ratio,
+            topk,
+            self.pos.ptr,
+            0,
+            n,
+            scores.ptr,
+            stride,
+            blocks,
+            isel.ptr,
+        )?;
+        Ok((
+            self.down(&scores, n * stride)?,
+            stride,
+            self.down(&isel, n * topk)?,
+        ))
+    }
+
+    /// Attention of `n` tokens at `pos0..` (`nsplit` 0: the backend's choice).
+    pub fn attention(
+        &self,
+        q: &[f32],
+        ring: &[f32],
+        raw_cap: usize,
+        window: usize,
+        comp: &[f32],
+        ratio: usize,
+        has_indexer: bool,
+        isel: &[i32],
+        topk: usize,
+        sinks: &[f32],
+        scale: f32,
+        nh: usize,
+        hd: usize,
+        n_rot: usize,
+        inv_freq: &[f64],
+        pos0: usize,
+        n: usize,
+        nsplit: usize,
+    ) -> Result<Vec<f32>, CudaError> {
+        let nsplit = if nsplit == 0 {
+            attn_splits(n, nh)
+        } else {
+            nsplit
+        };
+        let (dq, dr, dc) = (self.up(q)?, self.up(ring)?, self.up(comp)?);
+        let (ds, dsk, di) = (self.up(isel)?, self.up(sinks)?, self.up(inv_freq)?);
+        let part = DBuf::zeroed(&self.stream, n * nh * nsplit * (hd + 2) * 8)?;
+        let heads = self.zeros(n * nh * hd)?;
+        self.set_pos(pos0)?;
+        let a = AttnLaunch {
+            q: dq.ptr,
+            ring: dr.ptr,
+            raw_cap,
+            window,
+            comp: dc.ptr,
+            ratio,
+            has_indexer,
+            isel: ds.ptr,
+            topk,
+            sinks: dsk.ptr,
+            scale,
+            nh,
+            hd,
+            n_rot,
+            inv_freq: di.ptr,
+            pos: self.pos.ptr,
+            part: part.ptr,
+            heads: heads.ptr,
+        };
+        self.fwd.attention(&a, n, nsplit)?;
+        self.down(&heads, n * nh * hd)
+    }
+
+    /// Router of `n` tokens: returns `(probs, sel, wts)`.
+    pub fn router(
+        &self,
+        rlog: &[f32],
+        ne: usize,
+        k: usize,
+        tid2eid: Option<&[i32]>,
+        tokens: &[i32],
+        bias: Option<&[f32]>,
+        wscale: f32,
+        n: usize,
+    ) -> Result<(Vec<f32>, Vec<i32>, Vec<f32>), CudaError> {
+        let dl = self.up(rlog)?;
+        let dt = match tid2eid {
+            Some(t) => Some(self.up(t)?),
+            None => None,
+        };
+        let dtok = self.up(tokens)?;
+        let db = match bias {
+            Some(b) => Some(self.up(b)?),
+            None => None,
+        };
+        let probs = self.zeros(n * ne)?;
+        let sel = self.zeros(n * k)?;
+        let wts = self.zeros(n * k)?;
+        self.fwd.router(
+            dl.ptr,
+            ne,
+            k,
+            tid2eid.is_some(),
+            dt.as_ref().map_or(0, |b| b.ptr),
+            dtok.ptr,
+            db.as_ref().map_or(0, |b| b.ptr),
+            wscale,
+            probs.ptr,
+            sel.ptr,
+            wts.ptr,
+            n,
+        )?;
+        Ok((
+            self.down(&probs, n * ne)?,
+            self.down(&sel, n * k)?,
+            self.down(&wts, n * k)?,
+        ))
+    }
+
+    /// SwiGLU (weight 1) of `g`, `u` (same length).
+    pub fn swiglu(&self, g: &[f32], u: &[f32], clamp: f32) -> Result<Vec<f32>, CudaError> {
+        let (dg, du) = (self.up(g)?, self.up(u)?);
+        let out = self.zeros(g.len())?;
+        self.fwd
+            .swiglu(dg.ptr, du.ptr, g.len(), g.len(), 1, clamp, out.ptr, g.len())?;
+        self.down(&out, g.len())
+    }
+
+    /// Embedding of `tokens` from a table of GGML type id `ty` (0 F32, 1 F16, 8 Q8_0, 30 BF16).
+    pub fn embed(
+        &self,
+        table: &[u8],
+        ty: i32,
+        e: usize,
+        row_bytes: usize,
+        tokens: &[i32],
+        hc: usize,
+    ) -> Result<Vec<f32>, CudaError> {
+        let (dt, dk) = (self.up(table)?, self.up(tokens)?);
+        let n = tokens.len();
+        let x = self.zeros(n * hc * e)?;
+        self.fwd
+            .embed(dt.ptr, ty, e, row_bytes, dk.ptr, n, hc, x.ptr)?;
+        self.down(&x, n * hc * e)
+    }
+
+    /// `*pos += n` on the device, read back (checks the position bookkeeping kernel).
+    pub fn advance_pos(&self, pos0: usize, n: usize) -> Result<i32, CudaError> {
+        self.set_pos(pos0)?;
+        self.fwd.advance_pos(self.pos.ptr, n)?;
+        Ok(self.down::<i32>(&self.pos, 1)?[0])
+    }
+}
