@@ -1,17 +1,43 @@
 #!/usr/bin/env python3
 """Load test: N concurrent streaming clients against a live ds4 server on loopback.
 
-Each client runs short multi-turn conversations (the transcript grows by the answer and a new
-user turn, then starts over) over a mix of protocols — OpenAI chat streaming, Anthropic
-messages streaming, OpenAI Responses streaming and non-streamed chat — and hangs up early on
-about one stream in ten (cancellation path). The server runs with a small queue (503 +
-Retry-After when full) and a small disk KV budget (checkpoint stores and evictions under load).
+Each client runs short multi-turn conversations (the transcript grows by a turn per answer,
+then starts over) over a mix of protocols: OpenAI chat streaming (with
+stream_options.include_usage), Anthropic messages streaming, OpenAI Responses streaming, and a
+non-streamed chat request now and then. About one stream in ten is hung up by the client after
+its first events (the cancellation path). The server runs with a small queue (--queue-max, far
+below the number of clients, so some requests must be refused with 503 + Retry-After) and a
+small disk KV budget (evict / continued checkpoint stores and LRU eviction under load).
 
-Pass criteria: the server never dies; every request is answered (a complete stream or body) or
-refused with 503 carrying Retry-After; nothing else; RSS flat (growth between the end of the
-warm-up and the end of the run below a bound). Prints the numbers.
+The HTTP client is the Python standard library (asyncio streams, HTTP/1.1, chunked decoding),
+so nothing but Python 3.8+ is needed.
 
-Usage: server_load_test.py --server "target/debug/examples/tiny_serve" [--clients 64] [--seconds 60]
+Pass criteria (every one is checked, exit status 1 otherwise):
+  * the server stays alive, /health answers 200 after the run, and it exits 0 on SIGTERM;
+  * every request is answered -- a 200 carrying its protocol's terminal event (`[DONE]`,
+    `message_stop`, `response.completed|incomplete`) and no SSE error event, or a JSON body --
+    or refused with 503 carrying Retry-After; nothing else (no other status, no reset, no
+    truncated stream);
+  * some requests were refused (the queue really was full) and many were answered;
+  * the server's own counters agree with the clients': requests received = requests sent,
+    503s = refusals seen, and after the run no stream is open and the queue is empty;
+  * RSS is flat: VmRSS of the server process (/proc/PID/status, sampled every second) may grow
+    by at most --rss-growth-mib between the end of the warm-up and the end of the run, and the
+    least-squares slope over the post-warm-up samples must stay below --rss-slope-kib-s.
+
+Why those bounds (defaults 16 MiB and 64 KiB/s). The server's steady-state memory is the model
+(mmapped, touched during the warm-up), the live session allocated at startup, and per-request
+state that is freed when the request ends (rendered prompt and tokens, the SSE channel, the
+connection's buffers: tens of KiB). What may legitimately still grow after the warm-up is the
+allocator's retained memory: glibc keeps freed chunks in up to 8 arenas per core (16 on two
+cores), each of which can keep a few MiB of high-water mark as the worst burst of concurrent
+requests moves between threads, plus the disk KV cache's bounded bookkeeping. 16 MiB covers
+that with margin. A leak of what a request allocates (~10-40 KiB) over the thousands of
+requests a 60 s run serves would exceed it; the slope catches slower leaks that a lucky
+baseline hides (64 KiB/s is 3.75 MiB over the minute).
+
+Usage: server_load_test.py --server "target/release/ds4 serve" [--clients 64] [--seconds 60]
+       (the command gets `--port 0 ...` appended; it must print `listening on http://ADDR`).
 """
 
 import argparse
@@ -27,8 +53,7 @@ import subprocess
 import sys
 import tempfile
 import time
-
-import httpx
+import urllib.request
 
 
 def rss_kib(pid):
@@ -40,6 +65,20 @@ def rss_kib(pid):
     except OSError:
         return None
     return None
+
+
+def http_get(url, timeout=10):
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return r.status, r.read().decode()
+
+
+def scrape(text, series):
+    for line in text.splitlines():
+        if not line.startswith("#"):
+            k, _, v = line.rpartition(" ")
+            if k == series:
+                return float(v)
+    return float("nan")
 
 
 class Stats:
@@ -68,109 +107,194 @@ def request_for(kind, turns):
                              "input": [{"role": t["role"], "content": t["content"]} for t in turns]}
 
 
-TERMINAL = {"chat": "[DONE]", "messages": "message_stop", "responses": '"response.'}
+class Response:
+    """A parsed HTTP/1.1 response head; the body is read with `chunks()`."""
+
+    def __init__(self, reader, status, headers):
+        self.reader = reader
+        self.status = status
+        self.headers = headers
+
+    async def chunks(self):
+        """Body pieces as they arrive (chunked or Content-Length or until EOF)."""
+        r = self.reader
+        if self.headers.get("transfer-encoding", "").lower() == "chunked":
+            while True:
+                line = await r.readline()
+                if not line:
+                    raise ConnectionError("connection closed inside a chunked body")
+                size = int(line.split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    await r.readline()
+                    return
+                data = await r.readexactly(size)
+                await r.readexactly(2)
+                yield data
+        elif "content-length" in self.headers:
+            n = int(self.headers["content-length"])
+            if n:
+                yield await r.readexactly(n)
+        else:
+            while True:
+                data = await r.read(65536)
+                if not data:
+                    return
+                yield data
+
+    async def body(self):
+        out = b""
+        async for c in self.chunks():
+            out += c
+        return out
 
 
-async def one_request(client, base, kind, turns, hang_up, st):
+async def post(host, port, path, body):
+    """Open a connection, POST JSON, return (writer, Response) once the head has arrived."""
+    reader, writer = await asyncio.open_connection(host, port)
+    data = json.dumps(body).encode()
+    head = (f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+            f"Accept: text/event-stream, application/json\r\nContent-Length: {len(data)}\r\n"
+            f"Connection: close\r\n\r\n").encode()
+    writer.write(head + data)
+    await writer.drain()
+    status_line = await reader.readline()
+    if not status_line:
+        writer.close()
+        raise ConnectionError("connection closed before the status line")
+    parts = status_line.decode("latin-1").split(" ", 2)
+    status = int(parts[1])
+    headers = {}
+    while True:
+        line = await reader.readline()
+        if line in (b"\r\n", b"\n", b""):
+            break
+        k, _, v = line.decode("latin-1").partition(":")
+        headers[k.strip().lower()] = v.strip()
+    return writer, Response(reader, status, headers)
+
+
+TERMINAL = {"chat": ["data: [DONE]"], "messages": ["event: message_stop"],
+            "responses": ['"type":"response.completed"', '"type":"response.incomplete"']}
+
+
+async def one_request(host, port, kind, turns, hang_up, st):
     path, body = request_for(kind, turns)
     t0 = time.time()
+    writer = None
     try:
+        writer, r = await post(host, port, path, body)
+        if r.status == 503:
+            await r.body()
+            return ("refused", r.headers.get("retry-after"))
+        if r.status != 200:
+            return ("error", f"{kind} {r.status} {(await r.body())[:200]!r}")
         if kind == "chat-json":
-            r = await client.post(base + path, json=body)
-            if r.status_code == 503:
-                return ("refused", r.headers.get("retry-after"))
-            if r.status_code != 200:
-                return ("error", f"{kind} {r.status_code} {r.text[:200]}")
-            text = r.json()["choices"][0]["message"]["content"]
+            b = json.loads(await r.body())
+            if b.get("object") != "chat.completion" or not b.get("choices"):
+                return ("error", f"{kind} unexpected body {str(b)[:200]}")
             st.latencies.append(time.time() - t0)
-            return ("ok", text)
-        async with client.stream("POST", base + path, json=body) as r:
-            if r.status_code == 503:
-                await r.aread()
-                return ("refused", r.headers.get("retry-after"))
-            if r.status_code != 200:
-                return ("error", f"{kind} {r.status_code} {(await r.aread())[:200]!r}")
-            buf = ""
-            n_data = 0
-            async for chunk in r.aiter_text():
-                buf += chunk
-                n_data = buf.count("data:")
-                if hang_up and n_data >= 2:
-                    return ("cancelled", None)
-            if "event: error" in buf:
-                return ("error", f"{kind} stream error: {buf[-300:]}")
-            done = {"chat": "data: [DONE]", "messages": "event: message_stop",
-                    "responses": "event: response.completed"}[kind]
-            if done not in buf and not (kind == "responses" and "event: response.incomplete" in buf):
-                return ("error", f"{kind} stream ended without its terminal event: {buf[-300:]}")
-            st.latencies.append(time.time() - t0)
-            return ("ok", "")
-    except (httpx.HTTPError, OSError) as e:
+            return ("ok", b["choices"][0]["message"].get("content") or "ok")
+        if not r.headers.get("content-type", "").startswith("text/event-stream"):
+            return ("error", f"{kind} content-type {r.headers.get('content-type')}")
+        buf = ""
+        async for chunk in r.chunks():
+            buf += chunk.decode("utf-8", "replace")
+            if hang_up and buf.count("data:") >= 2:
+                return ("cancelled", None)
+        if "event: error" in buf:
+            return ("error", f"{kind} stream error event: {buf[-300:]}")
+        if not any(t in buf for t in TERMINAL[kind]):
+            return ("error", f"{kind} stream ended without its terminal event: {buf[-300:]!r}")
+        if kind == "chat" and '"usage":' not in buf:
+            return ("error", "chat stream without the include_usage chunk")
+        st.latencies.append(time.time() - t0)
+        return ("ok", "")
+    except (OSError, ConnectionError, asyncio.IncompleteReadError, ValueError) as e:
         return ("error", f"{kind} {type(e).__name__}: {e}")
+    finally:
+        if writer is not None:
+            writer.close()
 
 
-async def client_loop(i, base, deadline, st, rng):
-    kinds = ["chat", "messages", "responses", "chat-json"]
-    async with httpx.AsyncClient(timeout=httpx.Timeout(300.0)) as client:
-        turns = []
-        while time.time() < deadline:
-            if not turns or len(turns) > 6:
-                turns = [{"role": "user", "content": rng.choice(PROMPTS)}]
-            kind = kinds[(i + len(st.latencies)) % len(kinds)]
-            hang_up = kind != "chat-json" and rng.random() < 0.1
-            res, extra = await one_request(client, base, kind, turns, hang_up, st)
-            st.by_kind[kind] = st.by_kind.get(kind, 0) + 1
-            if res == "ok":
-                st.ok += 1
-                turns = turns + [{"role": "assistant", "content": extra or "ok"},
-                                 {"role": "user", "content": rng.choice(PROMPTS)}]
-            elif res == "refused":
-                st.refused += 1
-                if extra is None:
-                    st.errors.append("503 without Retry-After")
-                await asyncio.sleep(float(extra or 1) * rng.uniform(0.5, 1.5))
-            elif res == "cancelled":
-                st.cancelled += 1
-            else:
-                st.errors.append(extra)
-                await asyncio.sleep(0.5)
+async def client_loop(i, host, port, deadline, st, rng):
+    kinds = ["chat", "messages", "responses", "chat", "messages", "responses", "chat-json"]
+    turns = []
+    n = i
+    while time.time() < deadline:
+        if not turns or len(turns) > 6:
+            turns = [{"role": "user", "content": rng.choice(PROMPTS)}]
+        kind = kinds[n % len(kinds)]
+        n += 1
+        hang_up = kind != "chat-json" and rng.random() < 0.1
+        res, extra = await one_request(host, port, kind, turns, hang_up, st)
+        st.by_kind[kind] = st.by_kind.get(kind, 0) + 1
+        if res == "ok":
+            st.ok += 1
+            turns = turns + [{"role": "assistant", "content": extra or "ok"},
+                             {"role": "user", "content": rng.choice(PROMPTS)}]
+        elif res == "refused":
+            st.refused += 1
+            if extra is None:
+                st.errors.append("503 without Retry-After")
+            # Honour Retry-After, jittered so the clients do not come back in lockstep.
+            await asyncio.sleep(float(extra or 1) * rng.uniform(0.2, 1.0))
+        elif res == "cancelled":
+            st.cancelled += 1
+        else:
+            st.errors.append(extra)
+            await asyncio.sleep(0.5)
 
 
-async def sample_rss(pid, deadline, samples):
-    t0 = time.time()
-    while time.time() < deadline + 1:
+async def sample_rss(pid, t_start, deadline, samples):
+    while time.time() < deadline:
         r = rss_kib(pid)
         if r is not None:
-            samples.append((time.time() - t0, r))
+            samples.append((time.time() - t_start, r))
         await asyncio.sleep(1.0)
+    r = rss_kib(pid)
+    if r is not None:
+        samples.append((time.time() - t_start, r))
 
 
-async def run(base, pid, clients, seconds):
+async def run(host, port, pid, clients, seconds):
     st = Stats()
-    deadline = time.time() + seconds
+    t_start = time.time()
+    deadline = t_start + seconds
     samples = []
     rng = random.Random(1234)
-    tasks = [asyncio.create_task(client_loop(i, base, deadline, st, random.Random(rng.random())))
+    tasks = [asyncio.create_task(client_loop(i, host, port, deadline, st, random.Random(rng.random())))
              for i in range(clients)]
-    sampler = asyncio.create_task(sample_rss(pid, deadline, samples))
+    sampler = asyncio.create_task(sample_rss(pid, t_start, deadline, samples))
     await asyncio.gather(*tasks)
     await sampler
     return st, samples
 
 
+def slope(points):
+    """Least-squares slope of (t, y)."""
+    if len(points) < 2:
+        return 0.0
+    mt = sum(t for t, _ in points) / len(points)
+    my = sum(y for _, y in points) / len(points)
+    den = sum((t - mt) ** 2 for t, _ in points)
+    return sum((t - mt) * (y - my) for t, y in points) / den if den else 0.0
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--server", required=True)
+    ap.add_argument("--server", required=True, help="server command, e.g. 'target/release/ds4 serve'")
     ap.add_argument("--clients", type=int, default=64)
     ap.add_argument("--seconds", type=float, default=60)
-    ap.add_argument("--warmup", type=float, default=10, help="seconds before the RSS baseline")
-    ap.add_argument("--rss-growth-mib", type=float, default=32)
+    ap.add_argument("--queue-max", type=int, default=8)
+    ap.add_argument("--warmup", type=float, default=15, help="seconds before the RSS baseline")
+    ap.add_argument("--rss-growth-mib", type=float, default=16)
+    ap.add_argument("--rss-slope-kib-s", type=float, default=64)
     a = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="ds4-load-")
     log_path = os.path.join(tmp, "server.log")
     log = open(log_path, "w")
-    args = ["--port", "0", "--ctx", "4096", "--queue-max", "16", "--seed", "7",
-            "--kv-disk-dir", os.path.join(tmp, "kv"), "--kv-disk-space-mb", "8", "--kv-cache-min-tokens", "16",
+    args = ["--port", "0", "--ctx", "4096", "--queue-max", str(a.queue_max), "--seed", "7",
+            "--kv-disk-dir", os.path.join(tmp, "kv"), "--kv-disk-space-mb", "4", "--kv-cache-min-tokens", "16",
             "--kv-cache-continued-interval-tokens", "64", "--kv-cache-boundary-align-tokens", "32"]
     proc = subprocess.Popen(shlex.split(a.server) + args, stdout=log, stderr=subprocess.STDOUT)
     url = None
@@ -178,16 +302,26 @@ def main():
     while time.time() - t0 < 120 and url is None:
         if proc.poll() is not None:
             sys.exit(f"server exited early:\n{open(log_path).read()}")
-        m = re.search(r"listening on (http://[0-9.:]+)", open(log_path).read())
-        url = m.group(1) if m else None
+        m = re.search(r"listening on http://([0-9.]+):([0-9]+)", open(log_path).read())
+        if m:
+            url = f"http://{m.group(1)}:{m.group(2)}"
+            host, port = m.group(1), int(m.group(2))
         time.sleep(0.1)
     if url is None:
+        proc.kill()
         sys.exit("server did not start")
     rss0 = rss_kib(proc.pid)
-    st, samples = asyncio.run(run(url, proc.pid, a.clients, a.seconds))
+    t_run = time.time()
+    st, samples = asyncio.run(run(host, port, proc.pid, a.clients, a.seconds))
+    run_s = time.time() - t_run
     alive = proc.poll() is None
-    health = httpx.get(url + "/health").status_code if alive else None
-    metrics = httpx.get(url + "/metrics").text if alive else ""
+    health, metrics = None, ""
+    if alive:
+        try:
+            health = http_get(url + "/health")[0]
+            metrics = http_get(url + "/metrics")[1]
+        except OSError as e:
+            print(f"  /health or /metrics failed: {e}")
     proc.send_signal(signal.SIGTERM)
     try:
         rc = proc.wait(timeout=60)
@@ -197,51 +331,64 @@ def main():
     log.close()
 
     def m(series):
-        for line in metrics.splitlines():
-            k, _, v = line.rpartition(" ")
-            if k == series:
-                return float(v)
-        return float("nan")
+        return scrape(metrics, series)
 
-    base = [r for t, r in samples if t >= a.warmup]
-    rss_base = base[0] if base else None
-    rss_end = samples[-1][1] if samples else None
-    rss_max = max(r for _, r in samples) if samples else None
-    growth_mib = (rss_end - rss_base) / 1024 if base else float("nan")
+    post = [(t, r) for t, r in samples if t >= a.warmup]
+    rss_base = post[0][1] if post else float("nan")
+    rss_end = samples[-1][1] if samples else float("nan")
+    rss_max = max(r for _, r in samples) if samples else float("nan")
+    growth_mib = (rss_end - rss_base) / 1024
+    slope_kib_s = slope(post)
     lat = sorted(st.latencies)
     total = st.ok + st.refused + st.cancelled + len(st.errors)
-    print(f"clients {a.clients}, {a.seconds:.0f}s: {total} requests: {st.ok} answered, "
+    print(f"clients {a.clients}, {run_s:.0f}s, queue-max {a.queue_max}: {total} requests: {st.ok} answered, "
           f"{st.refused} refused (503), {st.cancelled} hung up by the client, {len(st.errors)} errors")
     print(f"  by kind: {json.dumps(st.by_kind)}")
     if lat:
-        print(f"  latency (answered): p50 {statistics.median(lat):.2f}s, p95 {lat[int(0.95 * (len(lat) - 1))]:.2f}s, max {lat[-1]:.2f}s")
+        print(f"  latency (answered): p50 {statistics.median(lat):.2f}s, "
+              f"p95 {lat[int(0.95 * (len(lat) - 1))]:.2f}s, max {lat[-1]:.2f}s")
     jobs = {k: m('ds4_jobs_total{outcome="%s"}' % k) for k in ("completed", "cancelled", "failed")}
-    stores = {k: m('ds4_kv_disk_stores_total{reason="%s"}' % k) for k in ("evict", "continued")}
-    print(f"  server: alive={alive} health={health} exit={rc}; jobs completed={jobs['completed']:.0f} "
-          f"cancelled={jobs['cancelled']:.0f} failed={jobs['failed']:.0f}; "
-          f"tokens prefilled={m('ds4_prefilled_tokens_total'):.0f} cached={m('ds4_cached_prompt_tokens_total'):.0f} "
-          f"generated={m('ds4_completion_tokens_total'):.0f}; kv stores evict={stores['evict']:.0f} "
-          f"continued={stores['continued']:.0f}; open streams at end={m('ds4_sse_streams_open'):.0f}")
-    print(f"  RSS: start {rss0 / 1024:.1f} MiB, after {a.warmup:.0f}s warm-up {rss_base / 1024:.1f} MiB, "
-          f"end {rss_end / 1024:.1f} MiB, max {rss_max / 1024:.1f} MiB, growth after warm-up {growth_mib:+.1f} MiB")
-    ok = True
+    stores = {k: m('ds4_kv_disk_stores_total{reason="%s"}' % k) for k in ("cold", "evict", "continued")}
+    received = sum(m('ds4_requests_total{endpoint="%s"}' % k) for k in ("chat", "completions", "responses", "messages"))
+    print(f"  server: alive={alive} health={health} exit={rc}; requests received={received:.0f} "
+          f"rejected={m('ds4_requests_rejected_total'):.0f}; jobs completed={jobs['completed']:.0f} "
+          f"cancelled={jobs['cancelled']:.0f} failed={jobs['failed']:.0f}")
+    print(f"  tokens prefilled={m('ds4_prefilled_tokens_total'):.0f} cached={m('ds4_cached_prompt_tokens_total'):.0f} "
+          f"generated={m('ds4_completion_tokens_total'):.0f}; kv stores cold={stores['cold']:.0f} "
+          f"evict={stores['evict']:.0f} continued={stores['continued']:.0f}; at the end: open streams="
+          f"{m('ds4_sse_streams_open'):.0f} queue={m('ds4_queue_depth'):.0f} busy={m('ds4_engine_busy'):.0f}")
+    print(f"  RSS: start {rss0 / 1024:.1f} MiB, after the {a.warmup:.0f}s warm-up {rss_base / 1024:.1f} MiB, "
+          f"end {rss_end / 1024:.1f} MiB, max {rss_max / 1024:.1f} MiB; growth after warm-up {growth_mib:+.2f} MiB "
+          f"(bound {a.rss_growth_mib}), slope {slope_kib_s:+.1f} KiB/s (bound {a.rss_slope_kib_s}) over {len(post)} samples")
+    fails = []
     for e in st.errors[:10]:
         print("  error:", e)
     if st.errors:
-        ok = False
+        fails.append(f"{len(st.errors)} requests neither answered nor refused with 503 + Retry-After")
     if not alive or health != 200:
-        print("  FAIL: the server died or is unhealthy")
-        ok = False
-    if not (growth_mib < a.rss_growth_mib):
-        print(f"  FAIL: RSS grew by {growth_mib:.1f} MiB (bound {a.rss_growth_mib} MiB)")
-        ok = False
-    if st.ok == 0:
-        ok = False
+        fails.append("the server died or is unhealthy")
     if rc != 0:
-        print(f"  FAIL: exit status {rc} after SIGTERM")
-        ok = False
-    print("PASS" if ok else f"FAIL (server log: {log_path})")
-    sys.exit(0 if ok else 1)
+        fails.append(f"exit status {rc} after SIGTERM")
+    if st.refused == 0:
+        fails.append("no request was refused: the queue never filled (raise --clients or lower --queue-max)")
+    if st.ok < a.clients:
+        fails.append(f"only {st.ok} requests answered")
+    if alive and received != total:
+        fails.append(f"server counted {received:.0f} requests, clients sent {total}")
+    if alive and m("ds4_requests_rejected_total") != st.refused:
+        fails.append(f"server counted {m('ds4_requests_rejected_total'):.0f} 503s, clients saw {st.refused}")
+    if alive and (m("ds4_sse_streams_open") != 0 or m("ds4_queue_depth") != 0):
+        fails.append("streams or queued jobs left over after every client finished")
+    if len(post) < 10:
+        fails.append("too few RSS samples after the warm-up")
+    if not growth_mib <= a.rss_growth_mib:
+        fails.append(f"RSS grew by {growth_mib:.1f} MiB after the warm-up (bound {a.rss_growth_mib} MiB)")
+    if not slope_kib_s <= a.rss_slope_kib_s:
+        fails.append(f"RSS slope {slope_kib_s:.1f} KiB/s (bound {a.rss_slope_kib_s})")
+    for f in fails:
+        print("  FAIL:", f)
+    print("PASS" if not fails else f"FAIL (server log: {log_path})")
+    sys.exit(0 if not fails else 1)
 
 
 if __name__ == "__main__":

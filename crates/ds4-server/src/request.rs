@@ -990,6 +990,102 @@ mod tests {
     }
 
     #[test]
+    fn thinking_controls_of_every_protocol() {
+        const BIG: usize = 393_216;
+        let m = |b: &str, ctx| parse_messages(b.as_bytes()).unwrap().think_mode(ctx);
+        let msgs = r#""messages":[{"role":"user","content":"x"}]"#;
+        assert_eq!(m(&format!("{{{msgs}}}"), 32768), ThinkMode::High);
+        assert_eq!(
+            m(
+                &format!(r#"{{{msgs},"thinking":{{"type":"disabled"}}}}"#),
+                32768
+            ),
+            ThinkMode::None
+        );
+        assert_eq!(
+            m(
+                &format!(r#"{{{msgs},"thinking":{{"type":"adaptive"}}}}"#),
+                32768
+            ),
+            ThinkMode::High
+        );
+        // output_config.effort wins over reasoning_effort; disabled wins over any effort.
+        let both =
+            format!(r#"{{{msgs},"reasoning_effort":"none","output_config":{{"effort":"max"}}}}"#);
+        assert_eq!(m(&both, BIG), ThinkMode::Max);
+        assert_eq!(m(&both, BIG - 1), ThinkMode::High);
+        assert_eq!(
+            m(
+                &format!(r#"{{{msgs},"thinking":{{"type":"disabled"}},"reasoning_effort":"max"}}"#),
+                BIG
+            ),
+            ThinkMode::None
+        );
+        // The alias applies only without an explicit control.
+        assert_eq!(
+            m(&format!(r#"{{{msgs},"model":"deepseek-chat"}}"#), BIG),
+            ThinkMode::None
+        );
+        assert_eq!(
+            m(
+                &format!(r#"{{{msgs},"model":"deepseek-chat","thinking":{{"type":"enabled"}}}}"#),
+                BIG
+            ),
+            ThinkMode::High
+        );
+        assert_eq!(
+            m(&format!(r#"{{{msgs},"model":"deepseek-reasoner"}}"#), BIG),
+            ThinkMode::High
+        );
+        assert!(
+            parse_messages(format!(r#"{{{msgs},"output_config":{{"effort":"loud"}}}}"#).as_bytes())
+                .is_err()
+        );
+
+        let r = |b: &str, ctx| parse_responses(b.as_bytes()).unwrap().think_mode(ctx);
+        assert_eq!(r(r#"{"input":"x"}"#, BIG), ThinkMode::High);
+        assert_eq!(
+            r(r#"{"input":"x","reasoning":{"effort":"none"}}"#, BIG),
+            ThinkMode::None
+        );
+        assert_eq!(
+            r(r#"{"input":"x","reasoning":{"effort":"max"}}"#, BIG),
+            ThinkMode::Max
+        );
+        assert_eq!(
+            r(r#"{"input":"x","reasoning":{"effort":"max"}}"#, 8192),
+            ThinkMode::High
+        );
+        assert_eq!(
+            r(
+                r#"{"input":"x","model":"deepseek-chat","reasoning":{"effort":"minimal"}}"#,
+                BIG
+            ),
+            ThinkMode::High
+        );
+        assert_eq!(
+            r(r#"{"input":"x","model":"deepseek-chat"}"#, BIG),
+            ThinkMode::None
+        );
+
+        let c = |b: &str| parse_completions(b.as_bytes()).unwrap().think_mode(BIG);
+        assert_eq!(c(r#"{"prompt":"x"}"#), ThinkMode::High);
+        assert_eq!(c(r#"{"prompt":"x","think":false}"#), ThinkMode::None);
+        assert_eq!(c(r#"{"prompt":"x","thinking":false}"#), ThinkMode::None);
+        assert_eq!(
+            c(r#"{"prompt":"x","reasoning_effort":"max"}"#),
+            ThinkMode::Max
+        );
+        // `thinking` wins over `think` when both are sent; null effort changes nothing.
+        assert_eq!(
+            c(
+                r#"{"prompt":"x","thinking":{"type":"enabled"},"think":false,"reasoning_effort":null}"#
+            ),
+            ThinkMode::High
+        );
+    }
+
+    #[test]
     fn chat_tools_keep_raw_bytes_and_tool_choice_none_disables() {
         let body = br#"{"messages":[{"role":"user","content":"x"}],"tools":[{"type":"function","function":{"name":"f","description":"caf\u00e9"}}]}"#;
         let r = parse_chat(body).unwrap();

@@ -457,3 +457,69 @@ async fn non_canonical_tokens_are_reused_through_the_text_prefix() {
     assert_eq!(p2, fresh + 1);
     drop(d);
 }
+
+/// `--trace FILE`: every request's raw JSON, rendered prompt, cache decision and output, so a
+/// user can see why a request was (not) a cache hit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trace_logs_prompts_cache_decisions_and_outputs() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("trace.txt");
+    let mut a = args();
+    a.trace = Some(path.clone());
+    let (_d, s) = scripted(a);
+    let (_, _, b1) = post(&s, "/v1/chat/completions", &chat_turn1(false)).await;
+    let (p1, _, g1) = usage(&b1);
+    let (_, _, b2) = post(&s, "/v1/chat/completions", &chat_turn2(false)).await;
+    let (p2, c2, _) = usage(&b2);
+    // A request that shares nothing with the live session: a miss that is logged.
+    let (_, _, _) = post(
+        &s,
+        "/v1/chat/completions",
+        &json!({"think": false, "messages": [{"role": "user", "content": "Unrelated."}]}),
+    )
+    .await;
+    let t = std::fs::read_to_string(&path).unwrap();
+    let reqs: Vec<&str> = t.split("===== request ").skip(1).collect();
+    assert_eq!(reqs.len(), 3, "{t}");
+    for (i, r) in reqs.iter().enumerate() {
+        assert!(r.starts_with(&format!("{} ", i + 1)), "{r}");
+        for section in [
+            "kind: chat\n",
+            "think_mode: none\n",
+            "--- raw request json ---\n",
+            "--- rendered prompt ---\n<｜begin▁of▁sentence｜>",
+            "--- generated text ---\nHello there, friend.",
+            "--- parsed message ---\nfinish: stop\n",
+            "content: Hello there, friend.\n",
+            &format!("===== end request {} =====", i + 1),
+        ] {
+            assert!(
+                r.contains(section),
+                "request {}: no {section:?} in\n{r}",
+                i + 1
+            );
+        }
+    }
+    assert!(reqs[0].contains("cache_source: cold\n"), "{}", reqs[0]);
+    assert!(reqs[0].contains(&format!(
+        "effective_prompt_tokens: {p1}\ncached_tokens: 0\n"
+    )));
+    assert!(reqs[0].contains(&format!("generated_tokens: {g1}\n")));
+    assert!(
+        reqs[1].contains("cache_source: memory-token\n"),
+        "{}",
+        reqs[1]
+    );
+    assert!(reqs[1].contains(&format!(
+        "effective_prompt_tokens: {p2}\ncached_tokens: {c2}\n"
+    )));
+    assert!(reqs[1].contains("And once more, please.<｜Assistant｜></think>"));
+    assert!(
+        reqs[2].contains("--- trace: live kv cache miss: live="),
+        "{}",
+        reqs[2]
+    );
+    assert!(reqs[2].contains("cache_source: cold\n"));
+    drop(s);
+    tokio::time::sleep(Duration::from_millis(10)).await;
+}
