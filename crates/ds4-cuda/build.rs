@@ -44,6 +44,7 @@ fn main() {
     println!("cargo:rerun-if-env-changed=NVCC");
     println!("cargo:rerun-if-env-changed=CUDA_HOME");
     println!("cargo:rerun-if-env-changed=DS4_CUDA_ARCH");
+    println!("cargo:rerun-if-env-changed=DS4_REQUIRE_NVCC");
     let out = PathBuf::from(env::var("OUT_DIR").expect("OUT_DIR is set by cargo"));
     let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("set by cargo"));
     let kdir = manifest.join("kernels");
@@ -63,6 +64,9 @@ fn main() {
     let mut table = String::new();
     let cuda = env::var_os("CARGO_FEATURE_CUDA").is_some();
     let nvcc = if cuda { find_nvcc() } else { None };
+    if cuda && nvcc.is_none() && env::var_os("DS4_REQUIRE_NVCC").is_some() {
+        panic!("ds4-cuda: DS4_REQUIRE_NVCC is set but no nvcc was found (set NVCC or CUDA_HOME)");
+    }
     if cuda && nvcc.is_none() {
         println!(
             "cargo:warning=ds4-cuda: no nvcc found (set NVCC); kernels will be compiled by NVRTC at run time"
