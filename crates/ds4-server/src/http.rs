@@ -54,6 +54,16 @@ pub struct Shared {
     /// Cancelled when in-flight work must stop.
     pub shutdown: CancellationToken,
     pub tracing: bool,
+    /// Bounds how many requests are parsed, rendered and tokenized at once (the CPU's
+    /// parallelism). Besides not oversubscribing the cores under a burst, this bounds the
+    /// number of blocking-pool threads that tokenize, and with it the memory of the
+    /// tokenizer's per-thread BPE caches.
+    pub prepare_slots: tokio::sync::Semaphore,
+}
+
+/// Concurrent request preparations: the available parallelism, 1 to 8.
+pub fn prepare_parallelism() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get().clamp(1, 8))
 }
 
 /// Cloneable handle on the shared state.
@@ -347,6 +357,11 @@ fn count_request(s: &Shared, api: Api) {
 }
 
 async fn prepare_async(s: &AppState, api: Api, body: Bytes) -> Result<Prepared, ApiError> {
+    let _slot = s
+        .prepare_slots
+        .acquire()
+        .await
+        .map_err(|_| ApiError::unavailable(api, "server shutting down", 5))?;
     let st = s.clone();
     match tokio::task::spawn_blocking(move || prepare(&st, api, &body)).await {
         Ok(r) => r,
@@ -379,6 +394,12 @@ async fn generate_inner(
     if s.draining.is_cancelled() {
         Metrics::inc(&s.metrics.rejected);
         return Err(ApiError::unavailable(api, "server shutting down", 5));
+    }
+    // A full queue refuses at once, before spending CPU on rendering and tokenizing (the
+    // check is repeated when the job is queued).
+    if s.jobs.capacity() == 0 {
+        Metrics::inc(&s.metrics.rejected);
+        return Err(queue_full(s, api));
     }
     let p = prepare_async(s, api, body).await?;
     let ctx = s.args.ctx;
@@ -438,14 +459,7 @@ async fn generate_inner(
             .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         Metrics::inc(&s.metrics.rejected);
         return Err(match e {
-            mpsc::error::TrySendError::Full(_) => ApiError::unavailable(
-                api,
-                format!(
-                    "server busy: {} requests are already waiting",
-                    s.args.queue_max
-                ),
-                1,
-            ),
+            mpsc::error::TrySendError::Full(_) => queue_full(s, api),
             mpsc::error::TrySendError::Closed(_) => {
                 ApiError::unavailable(api, "server shutting down", 5)
             }
@@ -476,6 +490,17 @@ async fn generate_inner(
     } else {
         collect_response(api, &req, meta, ev_rx, cancel).await
     }
+}
+
+fn queue_full(s: &Shared, api: Api) -> ApiError {
+    ApiError::unavailable(
+        api,
+        format!(
+            "server busy: {} requests are already waiting",
+            s.args.queue_max
+        ),
+        1,
+    )
 }
 
 struct StreamGuard(Arc<Metrics>);

@@ -192,6 +192,7 @@ impl Server {
             draining,
             shutdown,
             tracing: tracer.is_some(),
+            prepare_slots: tokio::sync::Semaphore::new(http::prepare_parallelism()),
             args,
         };
         Ok(Server {
