@@ -30,9 +30,10 @@ use ds4_model::{Engine, EngineOptions, Model, Session, SessionOptions, argmax};
 const DECODE_STEPS: usize = 16;
 const CUDA_CHUNK: usize = 61;
 
-const MODELS: [(&str, &str, Recipe); 5] = [
+const MODELS: [(&str, &str, Recipe); 6] = [
     ("tiny-f32", "tiny", Recipe::F32),
     ("flashdims-f32", "flashdims", Recipe::F32),
+    ("flashdims-f16", "flashdims", Recipe::F16),
     ("flashdims-q8_0", "flashdims", Recipe::Q8_0),
     ("flashdims-q2", "flashdims", Recipe::Q2),
     ("flashdims-q4", "flashdims", Recipe::Q4),
@@ -44,7 +45,21 @@ fn main() -> Result<()> {
         Some("convert") if args.len() == 4 => convert(Path::new(&args[2]), Path::new(&args[3])),
         Some("run") if args.len() == 4 => run(Path::new(&args[2]), Path::new(&args[3])),
         Some("flash") if args.len() == 4 => flash(args[2].parse()?, Path::new(&args[3])),
-        _ => bail!("usage: gpu_check convert FIXTURES OUT | run OUT PROMPTS | flash LAYERS DIR"),
+        Some("rows") if args.len() == 4 => rows(Path::new(&args[2]), Path::new(&args[3])),
+        Some("weights") if args.len() >= 3 => {
+            let mut ok = true;
+            for p in &args[2..] {
+                ok &= weights(Path::new(p))?;
+            }
+            if !ok {
+                bail!("weights: FAIL");
+            }
+            println!("weights: PASS");
+            Ok(())
+        }
+        _ => bail!(
+            "usage: gpu_check convert FIXTURES OUT | run OUT PROMPTS | flash LAYERS DIR | weights GGUF..."
+        ),
     }
 }
 
@@ -390,7 +405,7 @@ fn run(dir: &Path, prompts_path: &Path) -> Result<()> {
     );
     let mut all_ok = errors.is_empty();
     for r in &rows {
-        let lim = r.model.ends_with("f32").then_some(1e-3);
+        let lim = (r.model.ends_with("f32") || r.model.ends_with("f16")).then_some(1e-3);
         let ok = r.prefill.ok(lim)
             && r.decode_only.ok(lim)
             && r.snap_to_cuda.ok(lim)
@@ -514,6 +529,159 @@ fn flash(layers: usize, dir: &Path) -> Result<()> {
             1.0 / dt,
             wbytes as f64 / dt / 1e9
         );
+    }
+    Ok(())
+}
+
+/// Every dense matrix of a model uploaded through `Gemv` and multiplied on the GPU, against
+/// `ds4_quant::QMatrix` on the CPU, with random inputs (n = 1 and 5 tokens). Normalized error
+/// `|gpu - cpu| / (1 + |cpu|)` ≤ 1e-4 (float types) / 1e-5 (quantized: same integer dots,
+/// f32 block-sum order differs).
+fn weights(path: &Path) -> Result<bool> {
+    use cudarc::driver::CudaContext;
+    use ds4_cuda::gemv::Gemv;
+    use ds4_gguf::GgmlType;
+    use ds4_model::weights::MatRef;
+    let m = Model::load(Arc::new(Gguf::open(path)?))?;
+    let s = &m.shape;
+    let ctx = CudaContext::new(0)?;
+    let st = ctx.default_stream();
+    let g = Gemv::new(&ctx)?;
+    let w = &m.weights;
+    let mut mats: Vec<(String, &MatRef, usize)> = vec![
+        ("output".into(), &w.output, 1),
+        ("out_hc_fn".into(), &w.out_hc_fn, 1),
+    ];
+    for (il, l) in w.layers.iter().enumerate() {
+        let mut add = |n: &str, r: &'static str, mr, nm| mats.push((format!("L{il}.{n}{r}"), mr, nm));
+        add("hc_attn", "", &l.hc_attn.fn_, 1);
+        add("q_a", "", &l.q_a, 1);
+        add("q_b", "", &l.q_b, 1);
+        add("kv", "", &l.kv, 1);
+        add("out_a", "(grouped)", &l.out_a, s.o_groups);
+        add("out_b", "", &l.out_b, 1);
+        add("hc_ffn", "", &l.hc_ffn.fn_, 1);
+        add("router", "", &l.router, 1);
+        add("gate_sh", "", &l.gate_shexp, 1);
+        add("up_sh", "", &l.up_shexp, 1);
+        add("down_sh", "", &l.down_shexp, 1);
+        if let Some(c) = &l.compressor {
+            add("comp.kv", "", &c.kv, 1);
+            add("comp.gate", "", &c.gate, 1);
+        }
+        if let Some(ix) = &l.indexer {
+            add("idx.q_b", "", &ix.q_b, 1);
+            add("idx.proj", "", &ix.proj, 1);
+            add("idx.comp.kv", "", &ix.comp.kv, 1);
+            add("idx.comp.gate", "", &ix.comp.gate, 1);
+        }
+    }
+    let mut rng = 0x9e37_79b9_7f4a_7c15_u64;
+    let mut normal = move || {
+        let mut u = || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            ((rng >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+        };
+        let (a, b) = (u(), u());
+        ((-2.0 * a.ln()).sqrt() * (2.0 * std::f64::consts::PI * b).cos()) as f32
+    };
+    let mut ok = true;
+    let mut worst_all = 0f32;
+    for (name, mr, nm) in &mats {
+        let ty = mr.t.ty;
+        let rows = mr.rows / nm;
+        let cols = mr.cols;
+        let bytes = mr.bytes(&m.gguf);
+        let dw = g.upload(&st, ty, cols, rows, *nm, bytes)?;
+        let q = ds4_quant::QMatrix::new(ty, cols, mr.rows, bytes)?;
+        let tol = match ty {
+            GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => 1e-4,
+            _ => 1e-5,
+        };
+        for n in [1usize, 5] {
+            let cx = cols * nm;
+            let x: Vec<f32> = (0..n * cx).map(|_| normal()).collect();
+            let dx = st.clone_htod(&x)?;
+            let mut act = st.alloc_zeros::<u8>(Gemv::act_bytes(ty, cx, n).max(16))?;
+            let mut dy = st.clone_htod(&vec![f32::NAN; n * mr.rows])?;
+            g.quantize_act(&st, ty, &dx, n, cx, &mut act)?;
+            g.matvec(&st, &dw, &dx, &act, n, &mut dy)?;
+            let y = st.clone_dtoh(&dy)?;
+            let mut want = vec![0f32; n * mr.rows];
+            for t in 0..n {
+                for k in 0..*nm {
+                    let sub = q.sub_rows(k * rows, rows)?;
+                    let o = t * mr.rows + k * rows;
+                    sub.matvec(
+                        &x[t * cx + k * cols..t * cx + (k + 1) * cols],
+                        &mut want[o..o + rows],
+                    )?;
+                }
+            }
+            let mut worst = 0f32;
+            let mut at = 0;
+            for (i, (a, b)) in y.iter().zip(&want).enumerate() {
+                let e = if a.is_finite() { (a - b).abs() / (1.0 + b.abs()) } else { f32::INFINITY };
+                if e > worst {
+                    worst = e;
+                    at = i;
+                }
+            }
+            worst_all = worst_all.max(worst);
+            if worst > tol {
+                ok = false;
+                println!(
+                    "{}: {name} {ty:?} {cols}x{rows}x{nm} n={n}: error {worst:.2e} at {at} (gpu {} cpu {})",
+                    path.display(),
+                    y[at],
+                    want[at]
+                );
+            }
+        }
+    }
+    println!(
+        "{}: {} matrices, worst normalized error {worst_all:.2e}: {}",
+        path.display(),
+        mats.len(),
+        if ok { "ok" } else { "MISMATCH" }
+    );
+    Ok(ok)
+}
+
+/// Position × layer error map: the first prompt of the model's set fed token by token to
+/// both backends with tracing; per position the logits rms and the per-layer max |Δhidden|.
+fn rows(path: &Path, prompts_path: &Path) -> Result<()> {
+    let m = Arc::new(Model::load(Arc::new(Gguf::open(path)?))?);
+    let set = if path.to_string_lossy().contains("tiny") { "tiny" } else { "flashdims" };
+    let ps = prompts(prompts_path)?;
+    let ids = &ps.iter().find(|p| p.0 == set).context("no prompt")?.2;
+    let v = m.shape.n_vocab;
+    for qat in [false, true] {
+        let ctx = ids.len() + 8;
+        let mut c = cpu_session(&m, qat, ctx)?;
+        let mut g = cuda_session(&m, qat, ctx, 1)?;
+        c.set_trace(true);
+        g.set_trace(true);
+        println!("{} qat={qat}", path.display());
+        for (p, &t) in ids.iter().enumerate().take(12) {
+            let lc = c.prefill_all_logits(&[t])?;
+            let lg = g.prefill_all_logits(&[t])?;
+            let rms = (lc.iter().zip(&lg).map(|(a, b)| ((a - b) as f64).powi(2)).sum::<f64>()
+                / v as f64)
+                .sqrt();
+            let (tc, tg) = (c.trace().context("trace")?, g.trace().context("trace")?);
+            let mut line = format!("  pos {p:3} rms {rms:.1e} |");
+            for il in 0..m.shape.n_layer {
+                let (hc, hg) = (&tc.last_hidden[il], &tg.last_hidden[il]);
+                let d = hc.iter().zip(hg).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                let mag = hc.iter().map(|a| a.abs()).fold(0f32, f32::max);
+                let ex = tc.experts[il] != tg.experts[il];
+                line += &format!(" L{il} {d:.1e}/{mag:.0e}{}", if ex { "!" } else { "" });
+            }
+            println!("{line}");
+        }
     }
     Ok(())
 }

@@ -309,6 +309,46 @@ __device__ void hc_split_one(const float* mix, const float* scale, const float* 
     for (int i = 0; i < hc * hc; i++) comb[i] = (float)m[i];
 }
 
+
+// The same as hc_split_one, computed by one warp (hc·hc ≤ 32): lane r·hc+c holds m[r][c]; every
+// row / column sum gathers its terms with shuffles and adds them in the serial order, so the
+// result is bit-identical to hc_split_one (and to ops::hc_split). Called by all 32 lanes.
+__device__ void hc_split_warp(const float* mix, const float* scale, const float* base, int hc,
+                              int iters, float hc_eps, float* pre, float* post, float* comb) {
+    const unsigned FULL = 0xffffffffu;
+    const int lane = threadIdx.x & 31;
+    const double eps = (double)hc_eps;
+    if (lane < hc) {
+        pre[lane] = (float)(sigmoid_d((double)mix[lane] * (double)scale[0] + (double)base[lane]) + eps);
+        post[lane] = (float)(2.0 * sigmoid_d((double)mix[hc + lane] * (double)scale[1] +
+                                             (double)base[hc + lane]));
+    }
+    const bool on = lane < hc * hc;
+    const int r = on ? lane / hc : 0, c = on ? lane % hc : 0;
+    double v = 0.0;
+    if (on) v = (double)mix[2 * hc + lane] * (double)scale[2] + (double)base[2 * hc + lane];
+    double mx = -INFINITY;
+    for (int cc = 0; cc < hc; cc++) mx = fmax(mx, __shfl_sync(FULL, v, r * hc + cc));
+    v = exp(v - mx);
+    double sum = 0.0;
+    for (int cc = 0; cc < hc; cc++) sum += __shfl_sync(FULL, v, r * hc + cc);
+    v = v / sum + eps;
+    const int it = iters > 1 ? iters : 1;
+    for (int k = 0; k < it; k++) {
+        if (k > 0) {
+            double s = 0.0;
+            for (int cc = 0; cc < hc; cc++) s += __shfl_sync(FULL, v, r * hc + cc);
+            s += eps;
+            v /= s;
+        }
+        double s = 0.0;
+        for (int rr = 0; rr < hc; rr++) s += __shfl_sync(FULL, v, rr * hc + c);
+        s += eps;
+        v /= s;
+    }
+    if (on) comb[lane] = (float)v;
+}
+
 extern "C" __global__ void ds4_hc_pre(const float* mix, int nm, const float* scale,
                                       const float* base, int hc, int iters, float hc_eps,
                                       const float* x, int e, const float* norm_w, float rms_eps,
@@ -318,7 +358,10 @@ extern "C" __global__ void ds4_hc_pre(const float* mix, int nm, const float* sca
     __shared__ float s_comb[MAX_HC * MAX_HC];
     __shared__ double sh[32];
     const int t = blockIdx.x;
-    if (threadIdx.x == 0) {
+    if (hc * hc <= 32) {
+        if (threadIdx.x < 32)
+            hc_split_warp(mix + (i64)t * nm, scale, base, hc, iters, hc_eps, s_pre, s_post, s_comb);
+    } else if (threadIdx.x == 0) {
         hc_split_one(mix + (i64)t * nm, scale, base, hc, iters, hc_eps, s_pre, s_post, s_comb);
     }
     __syncthreads();

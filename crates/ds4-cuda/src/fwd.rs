@@ -13,6 +13,9 @@ use crate::rt::{A, launch};
 
 /// Heads per attention block (one warp each).
 pub(crate) const ATT_HPB: usize = 8;
+/// Threads per block of the HC kernels (one block per token): decode runs one token, so the
+/// block must be wide to keep the HBM loads of the 4 streams in flight.
+const HC_THREADS: usize = 1024;
 /// Target blocks for split attention (about two waves of a 132-SM card).
 pub(crate) const ATT_TARGET_BLOCKS: usize = 264;
 /// Most splits of one (token, head) attention.
@@ -235,7 +238,7 @@ impl Fwd {
         self.go(
             &self.hc_pre,
             (n, 1, 1),
-            256,
+            HC_THREADS,
             0,
             &[
                 A::P(mix),
@@ -277,7 +280,7 @@ impl Fwd {
         self.go(
             &self.hc_post,
             (n, 1, 1),
-            256,
+            HC_THREADS,
             0,
             &[
                 A::P(f),
