@@ -209,3 +209,74 @@ impl ServeArgs {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
+
+    #[test]
+    fn defaults_bind_loopback_and_match_ds4() {
+        let mut a = Cli::try_parse_from(["ds4"]).unwrap().serve;
+        // (The key may come from the environment, which another test sets.)
+        a.api_key = None;
+        assert_eq!(a.host, "127.0.0.1");
+        assert_eq!(
+            crate::bind_addr(&a.host, a.port).unwrap().to_string(),
+            "127.0.0.1:8000"
+        );
+        assert_eq!(
+            crate::bind_addr("localhost", 1).unwrap().to_string(),
+            "127.0.0.1:1"
+        );
+        assert_eq!(crate::bind_addr("::1", 2).unwrap().to_string(), "[::1]:2");
+        assert!(crate::bind_addr("example.com", 2).is_err());
+        assert_eq!(
+            (a.ctx, a.tokens, a.kv_disk_space_mb),
+            (32768, 393_216, 4096)
+        );
+        assert_eq!(a.continued_frontier(), 10240);
+        // The clap defaults and `Default` agree.
+        let d = ServeArgs::default();
+        assert_eq!(format!("{a:?}"), format!("{d:?}"));
+        assert!(a.validate().is_ok());
+    }
+
+    #[test]
+    fn api_key_from_the_flag_or_the_environment() {
+        let a = Cli::try_parse_from(["ds4", "--api-key", "k1"])
+            .unwrap()
+            .serve;
+        assert_eq!(a.api_key.as_deref(), Some("k1"));
+        // SAFETY: no other test of this binary depends on DS4_API_KEY (the defaults test
+        // clears the key it parsed).
+        unsafe { std::env::set_var("DS4_API_KEY", "k2") };
+        let env = Cli::try_parse_from(["ds4"]).unwrap().serve;
+        let flag = Cli::try_parse_from(["ds4", "--api-key", "k1"])
+            .unwrap()
+            .serve;
+        unsafe { std::env::remove_var("DS4_API_KEY") };
+        assert_eq!(env.api_key.as_deref(), Some("k2"));
+        assert_eq!(flag.api_key.as_deref(), Some("k1"));
+    }
+
+    #[test]
+    fn refuses_what_ds4_refuses() {
+        let bad = |args: &[&str]| {
+            let mut v = vec!["ds4"];
+            v.extend_from_slice(args);
+            Cli::try_parse_from(v).unwrap().serve.validate().is_err()
+        };
+        assert!(bad(&["--kv-cache-cold-max-tokens", "100"]));
+        assert!(!bad(&["--kv-cache-cold-max-tokens", "0"]));
+        assert!(bad(&["--queue-max", "0"]));
+        assert!(bad(&["--ctx", "1"]));
+        assert!(bad(&["--top-p", "1.5"]));
+    }
+}

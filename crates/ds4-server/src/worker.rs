@@ -767,6 +767,25 @@ impl Worker {
                 }
                 if parser.tool_calls_done() {
                     finish = Finish::ToolCalls;
+                    // Run the closing token too: the live session then holds the whole DSML
+                    // block, so the next turn reuses all of it, and a checkpoint's text
+                    // contains the block, which keeps its tool-id mapping in the checkpoint
+                    // (exact replay after a restart). One decode step, which the next turn
+                    // would otherwise prefill.
+                    let t0 = Instant::now();
+                    match self.session.decode(tok) {
+                        Ok(_) => {
+                            undecoded = 0;
+                            decoded_gen += 1;
+                            Metrics::add(
+                                &self.metrics.decode_nanos,
+                                t0.elapsed().as_nanos() as u64,
+                            );
+                        }
+                        Err(e) => {
+                            tracing::warn!(target: "ds4_server", "cannot run the tool-calls closer: {e}")
+                        }
+                    }
                     break;
                 }
                 if n_gen >= max_new {

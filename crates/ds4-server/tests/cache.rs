@@ -162,8 +162,9 @@ async fn openai_tool_round_trip(echo_reasoning: bool) {
     let v2: Value = serde_json::from_str(&b2).unwrap();
     assert_eq!(v2["choices"][0]["message"]["content"], "It prints hello.");
     let (p2, c2, _) = usage(&b2);
-    // The tool block's closing token was sampled but not run: everything before it is reused.
-    assert_eq!(c2, p1 + g1 - 1, "{b2}");
+    // Everything the tool-call turn left in the live session (the whole DSML block, its
+    // closing token included) is reused.
+    assert_eq!(c2, p1 + g1, "{b2}");
     assert_eq!(prefilled(&s).await - before, p2 - c2);
     if echo_reasoning {
         let n = source(&s, "memory-token").await + source(&s, "memory-text").await;
@@ -212,7 +213,7 @@ async fn anthropic_tool_round_trip_reuses_live_kv() {
     let v2: Value = serde_json::from_str(&b2).unwrap();
     assert_eq!(v2["content"][1]["text"], "It prints hello.", "{b2}");
     let (p2, c2, _) = usage(&b2);
-    assert_eq!(c2, p1 + g1 - 1);
+    assert_eq!(c2, p1 + g1);
     assert_eq!(prefilled(&s).await - before, p2 - c2);
 }
 
@@ -251,7 +252,7 @@ async fn responses_tool_round_trip_reuses_live_kv() {
     )
     .await;
     let (p2, c2, _) = usage(&b2);
-    assert_eq!(c2, p1 + g1 - 1, "{b2}");
+    assert_eq!(c2, p1 + g1, "{b2}");
     assert_eq!(prefilled(&s).await - before, p2 - c2);
     assert_eq!(source(&s, "thinking-visible").await, 1);
 }
@@ -522,4 +523,99 @@ async fn trace_logs_prompts_cache_decisions_and_outputs() {
     assert!(reqs[2].contains("cache_source: cold\n"));
     drop(s);
     tokio::time::sleep(Duration::from_millis(10)).await;
+}
+
+/// A tool call the model wrote in a non-canonical form: a string argument as a JSON string
+/// (`string="false"`). Rendering the call back from the client's JSON gives `string="true"`,
+/// so only the exact-DSML replay map can make the next prompt match the live session.
+const NON_CANONICAL_CALL: &str = "I need the file.</think>\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name=\"read_file\">\n<｜DSML｜parameter name=\"path\" string=\"false\">\"src/main.rs\"</｜DSML｜parameter>\n</｜DSML｜invoke>\n</｜DSML｜tool_calls>";
+
+fn replay_server(mut a: ds4_server::ServeArgs) -> (tempfile::TempDir, ds4_server::Server) {
+    let (d, p) = script(json!([
+        {"match": "<tool_result>", "text": "The file is short.</think>It prints hello."},
+        {"match": "main.rs", "text": NON_CANONICAL_CALL},
+    ]));
+    a.test_script = Some(p);
+    (d, start(a))
+}
+
+fn read_tools() -> Value {
+    json!([{"type": "function", "function": {"name": "read_file", "parameters": {"type": "object"}}}])
+}
+
+/// Turn 1 (the tool call) of a chat; returns its body and the follow-up request carrying the
+/// call back as JSON plus its result.
+async fn tool_turn1(s: &ds4_server::Server) -> (String, Value) {
+    let mut msgs = vec![json!({"role": "user", "content": "Summarize main.rs"})];
+    let (_, _, b1) = post(
+        s,
+        "/v1/chat/completions",
+        &json!({"tools": read_tools(), "messages": msgs}),
+    )
+    .await;
+    let v1: Value = serde_json::from_str(&b1).unwrap();
+    let msg = &v1["choices"][0]["message"];
+    let call = msg["tool_calls"][0].clone();
+    assert_eq!(call["function"]["arguments"], r#"{"path":"src/main.rs"}"#);
+    msgs.push(
+        json!({"role": "assistant", "content": null, "tool_calls": [call.clone()],
+                     "reasoning_content": msg["reasoning_content"]}),
+    );
+    msgs.push(json!({"role": "tool", "tool_call_id": call["id"], "content": "fn main() {}"}));
+    (b1, json!({"tools": read_tools(), "messages": msgs}))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exact_dsml_replay_keeps_a_non_canonical_call_cached() {
+    for replay in [true, false] {
+        let mut a = args();
+        a.disable_exact_dsml_tool_replay = !replay;
+        let (_d, s) = replay_server(a);
+        let (b1, turn2) = tool_turn1(&s).await;
+        let (p1, _, g1) = usage(&b1);
+        let (_, _, b2) = post(&s, "/v1/chat/completions", &turn2).await;
+        let (p2, c2, _) = usage(&b2);
+        assert_eq!(
+            serde_json::from_str::<Value>(&b2).unwrap()["choices"][0]["message"]["content"],
+            "It prints hello."
+        );
+        if replay {
+            // The sampled block is rendered byte for byte: the whole live session is reused.
+            assert_eq!(c2, p1 + g1, "{b2}");
+            assert_eq!(source(&s, "memory-token").await, 1);
+        } else {
+            // Rendered canonically, the prompt departs from the live session inside the
+            // block: a miss, prefilled from scratch.
+            assert_eq!(c2, 0, "{b2}");
+            assert_eq!(source(&s, "miss").await, 2);
+        }
+        assert_eq!(prefilled(&s).await, p1 + p2 - c2);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_replay_map_survives_a_restart_in_the_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let trace = dir.path().join("trace.txt");
+    let kv = dir.path().join("kv");
+    // Life 1: the tool call, then a shutdown checkpoint (text, KV and the call's tool map).
+    let (_d1, s) = replay_server(disk_args(&kv));
+    let (b1, turn2) = tool_turn1(&s).await;
+    let (p1, _, g1) = usage(&b1);
+    s.shutdown(Duration::from_secs(5)).await;
+    // Life 2: an empty replay map; the call id is found in the checkpoint's tool map, the
+    // sampled block is replayed, and the prompt's prefix is the checkpoint's text.
+    let mut a = disk_args(&kv);
+    a.trace = Some(trace.clone());
+    let (_d2, s) = replay_server(a);
+    let (_, _, b2) = post(&s, "/v1/chat/completions", &turn2).await;
+    let (p2, c2, _) = usage(&b2);
+    assert_eq!(c2, p1 + g1, "{b2}");
+    assert_eq!(source(&s, "disk").await, 1);
+    assert_eq!(prefilled(&s).await, p2 - c2);
+    let t = std::fs::read_to_string(&trace).unwrap();
+    assert!(
+        t.contains("tool_replay: mem=0 disk=1 canonical=0 missing_ids=0"),
+        "{t}"
+    );
 }

@@ -344,3 +344,62 @@ async fn shutdown_drains_then_stops_and_writes_the_checkpoint() {
     );
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
 }
+
+/// `/metrics` has what the issue names: requests, tokens, prefill/decode rates, queue depth and
+/// cache hits, consistent with the usage the client got.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_report_requests_tokens_rates_queue_and_cache() {
+    let s = start(args());
+    let (st, _, body) = post(&s, "/v1/chat/completions", &long_job(8)).await;
+    assert_eq!(st, 200, "{body}");
+    let u = serde_json::from_str::<Value>(&body).unwrap()["usage"].clone();
+    let (prompt, completion) = (
+        u["prompt_tokens"].as_u64().unwrap() as f64,
+        u["completion_tokens"].as_u64().unwrap() as f64,
+    );
+    assert_eq!(completion, 8.0);
+    let (_, _, _) = post(
+        &s,
+        "/v1/messages",
+        &json!({"max_tokens": 2, "thinking": {"type": "disabled"},
+        "messages": [{"role": "user", "content": "Hi."}]}),
+    )
+    .await;
+    let (st, ct, text) = get(&s, "/metrics").await;
+    assert_eq!(st, 200);
+    assert!(ct.starts_with("text/plain; version=0.0.4"), "{ct}");
+    let m = |k: &str| {
+        ds4_server::metrics::scrape(&text, k).unwrap_or_else(|| panic!("no {k} in\n{text}"))
+    };
+    assert_eq!(m("ds4_requests_total{endpoint=\"chat\"}"), 1.0);
+    assert_eq!(m("ds4_requests_total{endpoint=\"messages\"}"), 1.0);
+    assert_eq!(m("ds4_requests_total{endpoint=\"responses\"}"), 0.0);
+    assert_eq!(m("ds4_jobs_total{outcome=\"completed\"}"), 2.0);
+    assert!(m("ds4_prompt_tokens_total") > prompt);
+    assert_eq!(m("ds4_completion_tokens_total"), completion + 2.0);
+    assert_eq!(
+        m("ds4_prompt_tokens_total"),
+        m("ds4_cached_prompt_tokens_total") + m("ds4_prefilled_tokens_total")
+    );
+    assert!(m("ds4_prefill_tokens_per_second") > 0.0);
+    assert!(m("ds4_decode_tokens_per_second") > 0.0);
+    assert!(m("ds4_prefill_seconds_total") > 0.0 && m("ds4_decode_seconds_total") > 0.0);
+    assert_eq!(m("ds4_queue_depth"), 0.0);
+    assert_eq!(m("ds4_engine_busy"), 0.0);
+    assert_eq!(m("ds4_sse_streams_open"), 0.0);
+    // Two unrelated prompts: two misses (the second evicts nothing: no disk cache).
+    assert_eq!(m("ds4_cache_lookups_total{source=\"miss\"}"), 2.0);
+    assert_eq!(m("ds4_cache_lookups_total{source=\"memory-token\"}"), 0.0);
+    assert_eq!(m("ds4_cache_lookups_total{source=\"disk\"}"), 0.0);
+    assert_eq!(m("ds4_requests_rejected_total"), 0.0);
+    assert!(text.contains("ds4_model_info{model=\"deepseek-v4-flash\"} 1"));
+    // Every family has HELP and TYPE lines.
+    for fam in text
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .map(|l| l.split(['{', ' ']).next().unwrap())
+    {
+        assert!(text.contains(&format!("# TYPE {fam} ")), "{fam}");
+        assert!(text.contains(&format!("# HELP {fam} ")), "{fam}");
+    }
+}
