@@ -33,6 +33,7 @@ use ds4_model::{
 use crate::fwd::{ATT_TARGET_BLOCKS, AttnLaunch, CompLaunch, Fwd, IDX_TILE, attn_splits};
 use crate::gemv::{DevWeight, Gemv};
 use crate::rt::{DBuf, dtoh, htod};
+use crate::tc::{Tc, TcConfig};
 use crate::{CudaError, CudaOptions};
 
 fn merr(e: CudaError) -> ModelError {
@@ -234,6 +235,8 @@ pub struct CudaBackend {
     trace: Option<Trace>,
     graphs: Graphs,
     graph_launches: u64,
+    /// Tensor-core prefill routes (None: all off).
+    tc: Option<Tc>,
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -559,6 +562,7 @@ impl CudaBackend {
         let inv_comp = DBuf::from_slice(&stream, &model.plan.rope_compressed.inv_freq)?;
         let d_pos = DBuf::from_slice(&stream, &[0i32])?;
         let d_tok = DBuf::zeroed(&stream, max_chunk * 4)?;
+        let tc = Self::make_tc(&dctx, &stream, &opts, &s, max_chunk, &layers, &out_hc_fn)?;
         stream.synchronize().map_err(crate::rt::drv)?;
         Ok(CudaBackend {
             embed_row_bytes: w.token_embd.row_bytes(),
@@ -593,7 +597,69 @@ impl CudaBackend {
             trace: None,
             graphs: Graphs([None, None]),
             graph_launches: 0,
+            tc,
         })
+    }
+
+    /// The tensor-core routes in force (`--quality`, `CudaOptions::tc`, the environment), logged
+    /// on stderr in one line.
+    #[allow(clippy::too_many_arguments)]
+    fn make_tc(
+        dctx: &Arc<CudaContext>,
+        stream: &Arc<CudaStream>,
+        opts: &CudaOptions,
+        s: &Shape,
+        max_chunk: usize,
+        layers: &[DevLayer],
+        out_hc_fn: &DevWeight,
+    ) -> Result<Option<Tc>, CudaError> {
+        let routes = if opts.quality {
+            crate::TcRoutes::none()
+        } else {
+            opts.tc.with_env()
+        };
+        if !routes.any() || max_chunk < crate::tc::MIN_TOKENS {
+            eprintln!(
+                "ds4-cuda: tensor-core prefill routes off ({})",
+                if opts.quality {
+                    "--quality: exact kernels only"
+                } else if routes.any() {
+                    "chunks shorter than the route minimum"
+                } else {
+                    "disabled"
+                }
+            );
+            return Ok(None);
+        }
+        let mut f16_cols = out_hc_fn.cols() * out_hc_fn.n_mat();
+        for l in layers {
+            let mut ws = vec![&l.hc_attn.fn_, &l.hc_ffn.fn_, &l.router];
+            if let Some(c) = &l.comp {
+                ws.extend([&c.kv, &c.gate]);
+            }
+            if let Some(ix) = &l.idx {
+                ws.extend([&ix.q_b, &ix.proj, &ix.comp.kv, &ix.comp.gate]);
+            }
+            for w in ws {
+                if w.ty() == GgmlType::F16 {
+                    f16_cols = f16_cols.max(w.cols() * w.n_mat());
+                }
+            }
+        }
+        let cfg = TcConfig {
+            max_tokens: max_chunk,
+            max_f16_cols: f16_cols,
+            n_expert: s.n_expert,
+            n_expert_used: s.n_expert_used,
+            down_rows: s.n_embd,
+        };
+        let tc = Tc::new(dctx, stream, cfg, routes)?;
+        eprintln!(
+            "ds4-cuda: tensor-core prefill routes (chunks of >= {} tokens): {}",
+            crate::tc::MIN_TOKENS,
+            routes.describe()
+        );
+        Ok(Some(tc))
     }
 
     /// Shape limits of the kernels.
@@ -692,6 +758,10 @@ impl CudaBackend {
         let mut act = dv::<u8>(st, self.sc.act.ptr, self.sc.act.bytes);
         let mut ys = dv::<f32>(st, y, n * w.rows() * w.n_mat());
         self.gemv.quantize_act(st, w.ty(), &xs, n, cols, &mut act)?;
+        if let Some(tc) = self.tc.as_ref().filter(|t| t.takes_matmul(w, n)) {
+            // SAFETY: act holds x quantized for w (above), x is [n][cols], y [n][rows·n_mat].
+            return unsafe { tc.matmul(st, w, x, self.sc.act.ptr, n, y) };
+        }
         self.gemv.matvec(st, w, &xs, &act, n, &mut ys)
     }
 
@@ -999,46 +1069,98 @@ impl CudaBackend {
         self.gemv
             .quantize_act(st, l.gate_exps.ty(), &b, n, e, &mut act)?;
         let act_r = dv::<u8>(st, sc.act.ptr, sc.act.bytes);
-        self.gemv.moe_gate_up(
-            st,
-            &l.gate_exps,
-            &l.up_exps,
-            &b,
-            &act_r,
-            &ids,
-            &wts,
-            n,
-            k,
-            l.clamp,
-            &mut mid,
-        )?;
+        let tc = self.tc.as_ref();
+        if let Some(tc) = tc.filter(|t| t.takes_moe_gate_up(&l.gate_exps, &l.up_exps, n, k)) {
+            // SAFETY: act holds b quantized for the experts, sel/wts are [n][k], mid [n·k][ff].
+            unsafe {
+                tc.moe_gate_up(
+                    st,
+                    &l.gate_exps,
+                    &l.up_exps,
+                    sc.act.ptr,
+                    sc.sel.ptr,
+                    sc.wts.ptr,
+                    n,
+                    k,
+                    l.clamp,
+                    sc.mid.ptr,
+                )?
+            };
+        } else {
+            self.gemv.moe_gate_up(
+                st,
+                &l.gate_exps,
+                &l.up_exps,
+                &b,
+                &act_r,
+                &ids,
+                &wts,
+                n,
+                k,
+                l.clamp,
+                &mut mid,
+            )?;
+        }
         let mid_r = dv::<f32>(st, sc.mid.ptr, n * k * ff);
         let mut mid_act = dv::<u8>(st, sc.mid_act.ptr, sc.mid_act.bytes);
         let mut routed = dv::<f32>(st, sc.routed.ptr, n * e);
-        self.gemv.moe_down(
-            st,
-            &l.down_exps,
-            &mid_r,
-            &mut mid_act,
-            &ids,
-            n,
-            k,
-            &mut routed,
-        )?;
+        if let Some(tc) = tc.filter(|t| t.takes_moe_down(&l.down_exps, n, k)) {
+            let ty = l.down_exps.ty();
+            self.gemv
+                .quantize_act(st, ty, &mid_r, n * k, ff, &mut mid_act)?;
+            // SAFETY: mid_act holds mid quantized for down, sel is [n][k], routed [n][e].
+            unsafe {
+                tc.moe_down(
+                    st,
+                    &l.down_exps,
+                    sc.mid_act.ptr,
+                    sc.sel.ptr,
+                    n,
+                    k,
+                    sc.routed.ptr,
+                )?
+            };
+        } else {
+            self.gemv.moe_down(
+                st,
+                &l.down_exps,
+                &mid_r,
+                &mut mid_act,
+                &ids,
+                n,
+                k,
+                &mut routed,
+            )?;
+        }
         // Shared expert.
         self.gemv
             .quantize_act(st, l.gate_sh.ty(), &b, n, e, &mut act)?;
         let mut sh_mid = dv::<f32>(st, sc.sh_mid.ptr, n * ff);
-        self.gemv.gate_up_swiglu(
-            st,
-            &l.gate_sh,
-            &l.up_sh,
-            &b,
-            &act_r,
-            n,
-            l.clamp,
-            &mut sh_mid,
-        )?;
+        if let Some(tc) = tc.filter(|t| t.takes_gate_up(&l.gate_sh, &l.up_sh, n)) {
+            // SAFETY: act holds b quantized for the shared expert, sh_mid is [n][ff].
+            unsafe {
+                tc.gate_up(
+                    st,
+                    &l.gate_sh,
+                    &l.up_sh,
+                    sc.act.ptr,
+                    n,
+                    l.clamp,
+                    sc.sh_mid.ptr,
+                )?
+            };
+        } else {
+            self.gemv.gate_up_swiglu(
+                st,
+                &l.gate_sh,
+                &l.up_sh,
+                &b,
+                &act_r,
+                n,
+                l.clamp,
+                &mut sh_mid,
+            )?;
+        }
         self.mm(&l.down_sh, sc.sh_mid.ptr, n, sc.sh_out.ptr)
     }
 

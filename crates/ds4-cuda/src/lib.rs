@@ -62,6 +62,117 @@ pub struct CudaOptions {
     pub max_chunk: usize,
     /// Capture single-token decode steps as CUDA graphs and replay them.
     pub graphs: bool,
+    /// `--quality`: exact decode-style kernels only (every tensor-core prefill route off).
+    pub quality: bool,
+    /// Tensor-core prefill routes to use (when not `quality`; the `DS4_CUDA_TC_*_DISABLE`
+    /// environment switches turn routes off on top of this).
+    pub tc: TcRoutes,
+}
+
+/// Tensor-core prefill routes (chunks of at least [`TcRoutes::MIN_TOKENS`] tokens). See
+/// `src/tc.rs` and the crate README for what each route computes and its numerics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TcRoutes {
+    /// Dense Q8_0 projections (q_a, q_b, kv, out_b, shared expert, LM head).
+    pub dense: bool,
+    /// The grouped attention output projection (`attn_output_a`, 8 groups).
+    pub attn_out: bool,
+    /// F16 projections (HC mixing, router, compressors, indexer).
+    pub f16: bool,
+    /// Routed-expert gate projection (fused with up: both must be on for the fused kernel).
+    pub moe_gate: bool,
+    /// Routed-expert up projection (fused with gate).
+    pub moe_up: bool,
+    /// Routed-expert down projection and the 6-expert sum.
+    pub moe_down: bool,
+    /// Chunk attention on tensor cores: not implemented (always off).
+    pub attn: bool,
+}
+
+impl TcRoutes {
+    /// Smallest chunk (tokens) that uses the routes; shorter chunks run the exact kernels.
+    pub const MIN_TOKENS: usize = 16;
+
+    /// Every implemented route on.
+    pub const fn all() -> TcRoutes {
+        TcRoutes {
+            dense: true,
+            attn_out: true,
+            f16: true,
+            moe_gate: true,
+            moe_up: true,
+            moe_down: true,
+            attn: false,
+        }
+    }
+
+    /// Every route off (the `--quality` path).
+    pub const fn none() -> TcRoutes {
+        TcRoutes {
+            dense: false,
+            attn_out: false,
+            f16: false,
+            moe_gate: false,
+            moe_up: false,
+            moe_down: false,
+            attn: false,
+        }
+    }
+
+    /// Whether any route is on.
+    pub fn any(&self) -> bool {
+        self.dense || self.attn_out || self.f16 || self.moe_gate || self.moe_up || self.moe_down
+    }
+
+    /// `self` with the routes the environment disables turned off: `DS4_CUDA_TC_DISABLE=1`
+    /// (all), `DS4_CUDA_TC_{DENSE,ATTN_OUT,F16,MOE_GATE,MOE_UP,MOE_DOWN,ATTN}_DISABLE=1`.
+    pub fn with_env(self) -> TcRoutes {
+        self.with_vars(|k| std::env::var(k).ok())
+    }
+
+    /// [`TcRoutes::with_env`] with a custom variable lookup (tests).
+    pub fn with_vars(mut self, get: impl Fn(&str) -> Option<String>) -> TcRoutes {
+        let on = |k: &str| get(k).is_some_and(|v| !v.is_empty() && v != "0");
+        if on("DS4_CUDA_TC_DISABLE") {
+            return TcRoutes::none();
+        }
+        let flags: [(&str, &mut bool); 7] = [
+            ("DENSE", &mut self.dense),
+            ("ATTN_OUT", &mut self.attn_out),
+            ("F16", &mut self.f16),
+            ("MOE_GATE", &mut self.moe_gate),
+            ("MOE_UP", &mut self.moe_up),
+            ("MOE_DOWN", &mut self.moe_down),
+            ("ATTN", &mut self.attn),
+        ];
+        for (name, flag) in flags {
+            if on(&format!("DS4_CUDA_TC_{name}_DISABLE")) {
+                *flag = false;
+            }
+        }
+        self.attn = false;
+        self
+    }
+
+    /// One line naming each route's state (the backend prints it at start-up).
+    pub fn describe(&self) -> String {
+        let f = |b: bool| if b { "on" } else { "off" };
+        format!(
+            "dense={} attn_out={} f16={} moe_gate={} moe_up={} moe_down={} attn=off(not implemented)",
+            f(self.dense),
+            f(self.attn_out),
+            f(self.f16),
+            f(self.moe_gate),
+            f(self.moe_up),
+            f(self.moe_down)
+        )
+    }
+}
+
+impl Default for TcRoutes {
+    fn default() -> Self {
+        TcRoutes::all()
+    }
 }
 
 impl Default for CudaOptions {
@@ -71,6 +182,8 @@ impl Default for CudaOptions {
             qat: true,
             max_chunk: 512,
             graphs: true,
+            quality: false,
+            tc: TcRoutes::all(),
         }
     }
 }
@@ -84,6 +197,10 @@ mod rt;
 
 #[cfg(feature = "cuda")]
 pub mod gemv;
+
+/// Tensor-core prefill routes (kernels in `kernels/tc.cu`).
+#[cfg(feature = "cuda")]
+pub mod tc;
 
 #[cfg(feature = "cuda")]
 mod backend;

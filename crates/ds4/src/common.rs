@@ -120,6 +120,7 @@ fn cuda_backend(a: &ModelArgs, model: &Arc<Model>, ctx: usize) -> Result<Box<dyn
     let opts = ds4_cuda::CudaOptions {
         device: a.device,
         qat: !a.no_qat,
+        quality: a.quality,
         ..Default::default()
     };
     let b = ds4_cuda::CudaBackend::new(model.clone(), ctx, opts)?;

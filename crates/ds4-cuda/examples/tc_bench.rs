@@ -1,0 +1,496 @@
+//! Tensor-core prefill routes vs their exact (`--quality`) counterparts on Flash shapes.
+//!
+//! ```text
+//! cargo build --release -p ds4-cuda --features cuda --example tc_bench
+//! tc_bench [--csv PATH] [--tokens 512,2048,8192] [--reps N]
+//! ```
+//!
+//! For every route's Flash shapes (n_embd 4096, q_lora 1024, 64 heads × 512, 8 output groups of
+//! 1024, 256 experts of 2048 with 6 used, vocab 129280) and every token count: the route and the
+//! exact path (gemv kernels, 8 tokens per weight pass) on the same random weights and inputs,
+//! timed with CUDA events (median of `--reps` after a warm-up), with TFLOP/s = 2·MACs / time
+//! (MoE: MACs of the selected experts only). At the smallest token count the two outputs are also
+//! compared (max |Δ| / (1 + |exact|), printed as `rel`). The LM head runs at 64 rows, as the
+//! backend's output head does.
+
+#[cfg(not(feature = "cuda"))]
+fn main() {
+    eprintln!("tc_bench needs --features cuda");
+}
+
+#[cfg(feature = "cuda")]
+fn main() -> anyhow::Result<()> {
+    bench::main()
+}
+
+#[cfg(feature = "cuda")]
+mod bench {
+    use std::io::Write as _;
+    use std::sync::Arc;
+
+    use anyhow::{Context, Result, bail};
+    use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, sys};
+    use ds4_cuda::TcRoutes;
+    use ds4_cuda::gemv::{DevWeight, Gemv};
+    use ds4_cuda::tc::{Tc, TcConfig};
+    use ds4_gguf::GgmlType;
+
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 = self.0.wrapping_add(0x9E3779B97F4A7C15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
+            z ^ (z >> 31)
+        }
+    }
+
+    /// Random GGUF bytes with small finite f16 scale fields.
+    fn random_tensor(
+        rng: &mut Rng,
+        ty: GgmlType,
+        cols: usize,
+        rows: usize,
+        n_mat: usize,
+    ) -> Vec<u8> {
+        let n = ds4_cuda::gemv::gguf_bytes(ty, cols, rows, n_mat).expect("shape");
+        let mut v = vec![0u8; n];
+        for c in v.chunks_mut(8) {
+            let r = rng.next().to_le_bytes();
+            c.copy_from_slice(&r[..c.len()]);
+        }
+        let half = |rng: &mut Rng| -> [u8; 2] {
+            let m = (rng.next() & 0x83ff) as u16 | ((0x0c + (rng.next() % 4) as u16) << 10);
+            m.to_le_bytes()
+        };
+        match ty {
+            GgmlType::F16 => {
+                for c in v.chunks_mut(2) {
+                    c.copy_from_slice(&half(rng));
+                }
+            }
+            GgmlType::Q8_0 => {
+                for b in v.chunks_mut(34) {
+                    b[..2].copy_from_slice(&half(rng));
+                }
+            }
+            GgmlType::Q2_K => {
+                for b in v.chunks_mut(84) {
+                    b[80..82].copy_from_slice(&half(rng));
+                    b[82..84].copy_from_slice(&half(rng));
+                }
+            }
+            GgmlType::Q4_K => {
+                for b in v.chunks_mut(144) {
+                    b[..2].copy_from_slice(&half(rng));
+                    b[2..4].copy_from_slice(&half(rng));
+                }
+            }
+            GgmlType::IQ2_XXS => {
+                for b in v.chunks_mut(66) {
+                    b[..2].copy_from_slice(&half(rng));
+                }
+            }
+            _ => {}
+        }
+        v
+    }
+
+    struct B {
+        ctx: Arc<CudaContext>,
+        stream: Arc<CudaStream>,
+        g: Gemv,
+        tc: Tc,
+        rng: Rng,
+        reps: usize,
+        card: String,
+        rows: Vec<String>,
+    }
+
+    impl B {
+        fn ptr<T>(&self, b: &CudaSlice<T>) -> u64 {
+            b.device_ptr(&self.stream).0
+        }
+
+        fn upload(
+            &mut self,
+            ty: GgmlType,
+            cols: usize,
+            rows: usize,
+            n_mat: usize,
+        ) -> Result<DevWeight> {
+            let bytes = random_tensor(&mut self.rng, ty, cols, rows, n_mat);
+            Ok(self.g.upload(&self.stream, ty, cols, rows, n_mat, &bytes)?)
+        }
+
+        fn f32_buf(&mut self, n: usize, scale: f32) -> Result<CudaSlice<f32>> {
+            let v: Vec<f32> = (0..n)
+                .map(|_| ((self.rng.next() % 20001) as f32 - 10000.0) * 1e-4 * scale)
+                .collect();
+            Ok(self.stream.clone_htod(&v)?)
+        }
+
+        /// Median milliseconds of `f` over `reps` runs after one warm-up.
+        fn time(&self, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+            f()?;
+            self.stream.synchronize()?;
+            let ev = |s: &B| s.ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT));
+            let mut t = Vec::new();
+            for _ in 0..reps {
+                let (a, b) = (ev(self)?, ev(self)?);
+                a.record(&self.stream)?;
+                f()?;
+                b.record(&self.stream)?;
+                b.synchronize()?;
+                t.push(a.elapsed_ms(&b)? as f64);
+            }
+            t.sort_by(|a, b| a.total_cmp(b));
+            Ok(t[t.len() / 2])
+        }
+
+        fn compare(&self, a: &CudaSlice<f32>, b: &CudaSlice<f32>) -> Result<f64> {
+            let x = self.stream.clone_dtoh(a)?;
+            let y = self.stream.clone_dtoh(b)?;
+            let mut worst = 0.0f64;
+            for (p, q) in x.iter().zip(&y) {
+                if !p.is_finite() || !q.is_finite() {
+                    return Ok(f64::INFINITY);
+                }
+                worst = worst.max(((p - q).abs() / (1.0 + q.abs())) as f64);
+            }
+            Ok(worst)
+        }
+
+        #[allow(clippy::too_many_arguments)]
+        fn report(
+            &mut self,
+            route: &str,
+            case: &str,
+            n: usize,
+            macs: f64,
+            tc_ms: f64,
+            q_ms: f64,
+            rel: Option<f64>,
+        ) {
+            let tf = |ms: f64| 2.0 * macs / (ms * 1e-3) / 1e12;
+            let rel_s = rel.map_or("-".to_string(), |r| format!("{r:.1e}"));
+            println!(
+                "{route:<9} {case:<22} {n:>6} {:>10.3} {:>8.1} {:>10.3} {:>8.1} {:>7.1}x {rel_s:>8}",
+                tc_ms,
+                tf(tc_ms),
+                q_ms,
+                tf(q_ms),
+                q_ms / tc_ms
+            );
+            self.rows.push(format!(
+                "{},{route},{case},{n},{macs:.0},{tc_ms:.4},{:.2},{q_ms:.4},{:.2},{:.2},{}",
+                self.card,
+                tf(tc_ms),
+                tf(q_ms),
+                q_ms / tc_ms,
+                rel.map_or(String::new(), |r| format!("{r:.2e}"))
+            ));
+        }
+
+        /// A plain or grouped matmul (Q8_0 or F16).
+        #[allow(clippy::too_many_arguments)]
+        fn matmul(
+            &mut self,
+            route: &str,
+            case: &str,
+            ty: GgmlType,
+            cols: usize,
+            rows: usize,
+            n_mat: usize,
+            ns: &[usize],
+        ) -> Result<()> {
+            let w = self.upload(ty, cols, rows, n_mat)?;
+            let cx = cols * n_mat;
+            for (i, &n) in ns.iter().enumerate() {
+                let x = self.f32_buf(n * cx, 1.0)?;
+                let mut act = self
+                    .stream
+                    .alloc_zeros::<u8>(Gemv::act_bytes(ty, cx, n).max(16))?;
+                let mut yq = self.stream.alloc_zeros::<f32>(n * rows * n_mat)?;
+                let yt = self.stream.alloc_zeros::<f32>(n * rows * n_mat)?;
+                let (xp, ap, yp) = (self.ptr(&x), self.ptr(&act), self.ptr(&yt));
+                let reps = self.reps;
+                let tc_ms = self.time(reps, || {
+                    self.g.quantize_act(&self.stream, ty, &x, n, cx, &mut act)?;
+                    // SAFETY: act quantized for w, x [n][cx], y [n][rows·n_mat].
+                    unsafe { self.tc.matmul(&self.stream, &w, xp, ap, n, yp)? };
+                    Ok(())
+                })?;
+                let _ = ap;
+                let q_ms = self.time(reps.min(5), || {
+                    self.g
+                        .matvec_x(&self.stream, &w, &x, &mut act, n, &mut yq)?;
+                    Ok(())
+                })?;
+                let rel = if i == 0 {
+                    Some(self.compare(&yt, &yq)?)
+                } else {
+                    None
+                };
+                let macs = (n * rows * cx) as f64;
+                self.report(route, case, n, macs, tc_ms, q_ms, rel);
+            }
+            Ok(())
+        }
+
+        fn shared_gate_up(&mut self, ns: &[usize]) -> Result<()> {
+            let ty = GgmlType::Q8_0;
+            let (cols, rows) = (4096, 2048);
+            let gate = self.upload(ty, cols, rows, 1)?;
+            let up = self.upload(ty, cols, rows, 1)?;
+            for (i, &n) in ns.iter().enumerate() {
+                let x = self.f32_buf(n * cols, 1.0)?;
+                let mut act = self
+                    .stream
+                    .alloc_zeros::<u8>(Gemv::act_bytes(ty, cols, n))?;
+                self.g
+                    .quantize_act(&self.stream, ty, &x, n, cols, &mut act)?;
+                let mut mq = self.stream.alloc_zeros::<f32>(n * rows)?;
+                let mt = self.stream.alloc_zeros::<f32>(n * rows)?;
+                let (ap, mp) = (self.ptr(&act), self.ptr(&mt));
+                let reps = self.reps;
+                let tc_ms = self.time(reps, || {
+                    // SAFETY: act quantized, mid [n][rows].
+                    unsafe { self.tc.gate_up(&self.stream, &gate, &up, ap, n, 10.0, mp)? };
+                    Ok(())
+                })?;
+                let q_ms = self.time(reps.min(5), || {
+                    self.g
+                        .gate_up_swiglu(&self.stream, &gate, &up, &x, &act, n, 10.0, &mut mq)?;
+                    Ok(())
+                })?;
+                let rel = if i == 0 {
+                    Some(self.compare(&mt, &mq)?)
+                } else {
+                    None
+                };
+                self.report(
+                    "dense",
+                    "shexp gate+up",
+                    n,
+                    (2 * n * rows * cols) as f64,
+                    tc_ms,
+                    q_ms,
+                    rel,
+                );
+            }
+            Ok(())
+        }
+
+        fn moe(&mut self, ns: &[usize]) -> Result<()> {
+            let (e, ff, ne, k) = (4096usize, 2048usize, 256usize, 6usize);
+            let gate = self.upload(GgmlType::IQ2_XXS, e, ff, ne)?;
+            let up = self.upload(GgmlType::IQ2_XXS, e, ff, ne)?;
+            let down = self.upload(GgmlType::Q2_K, ff, e, ne)?;
+            for (i, &n) in ns.iter().enumerate() {
+                let mut ids = Vec::with_capacity(n * k);
+                for _ in 0..n {
+                    let mut sel: Vec<i32> = Vec::new();
+                    while sel.len() < k {
+                        let x = (self.rng.next() % ne as u64) as i32;
+                        if !sel.contains(&x) {
+                            sel.push(x);
+                        }
+                    }
+                    ids.extend(sel);
+                }
+                let wv: Vec<f32> = (0..n * k).map(|i| 0.1 + 0.01 * (i % 7) as f32).collect();
+                let dids = self.stream.clone_htod(&ids)?;
+                let dw = self.stream.clone_htod(&wv)?;
+                let x = self.f32_buf(n * e, 1.0)?;
+                let mut act =
+                    self.stream
+                        .alloc_zeros::<u8>(Gemv::act_bytes(GgmlType::IQ2_XXS, e, n))?;
+                self.g
+                    .quantize_act(&self.stream, GgmlType::IQ2_XXS, &x, n, e, &mut act)?;
+                let mut mq = self.stream.alloc_zeros::<f32>(n * k * ff)?;
+                let mt = self.stream.alloc_zeros::<f32>(n * k * ff)?;
+                let (ap, ip, wp, mp) = (
+                    self.ptr(&act),
+                    self.ptr(&dids),
+                    self.ptr(&dw),
+                    self.ptr(&mt),
+                );
+                let reps = self.reps;
+                let tc_ms = self.time(reps, || {
+                    // SAFETY: act quantized for the experts, ids/wts [n][k], mid [n·k][ff].
+                    unsafe {
+                        self.tc
+                            .moe_gate_up(&self.stream, &gate, &up, ap, ip, wp, n, k, 10.0, mp)?
+                    };
+                    Ok(())
+                })?;
+                let q_ms = self.time(reps.min(3), || {
+                    self.g.moe_gate_up(
+                        &self.stream,
+                        &gate,
+                        &up,
+                        &x,
+                        &act,
+                        &dids,
+                        &dw,
+                        n,
+                        k,
+                        10.0,
+                        &mut mq,
+                    )?;
+                    Ok(())
+                })?;
+                let rel = if i == 0 {
+                    Some(self.compare(&mt, &mq)?)
+                } else {
+                    None
+                };
+                self.report(
+                    "moe",
+                    "gate+up iq2_xxs",
+                    n,
+                    (2 * n * k * ff * e) as f64,
+                    tc_ms,
+                    q_ms,
+                    rel,
+                );
+
+                // Down (on the exact mid), the activation quantization counted on both sides.
+                let mut mid_act =
+                    self.stream
+                        .alloc_zeros::<u8>(Gemv::act_bytes(GgmlType::Q2_K, ff, n * k))?;
+                let mut oq = self.stream.alloc_zeros::<f32>(n * e)?;
+                let ot = self.stream.alloc_zeros::<f32>(n * e)?;
+                let (map, op) = (self.ptr(&mid_act), self.ptr(&ot));
+                let tc_ms = self.time(reps, || {
+                    self.g.quantize_act(
+                        &self.stream,
+                        GgmlType::Q2_K,
+                        &mq,
+                        n * k,
+                        ff,
+                        &mut mid_act,
+                    )?;
+                    // SAFETY: mid_act quantized for down, ids [n][k], out [n][e].
+                    unsafe { self.tc.moe_down(&self.stream, &down, map, ip, n, k, op)? };
+                    Ok(())
+                })?;
+                let q_ms = self.time(reps.min(3), || {
+                    self.g.moe_down(
+                        &self.stream,
+                        &down,
+                        &mq,
+                        &mut mid_act,
+                        &dids,
+                        n,
+                        k,
+                        &mut oq,
+                    )?;
+                    Ok(())
+                })?;
+                let rel = if i == 0 {
+                    Some(self.compare(&ot, &oq)?)
+                } else {
+                    None
+                };
+                self.report(
+                    "moe",
+                    "down q2_k + sum6",
+                    n,
+                    (n * k * ff * e) as f64,
+                    tc_ms,
+                    q_ms,
+                    rel,
+                );
+            }
+            Ok(())
+        }
+    }
+
+    pub fn main() -> Result<()> {
+        let args: Vec<String> = std::env::args().collect();
+        let mut csv: Option<String> = None;
+        let mut ns: Vec<usize> = vec![512, 2048, 8192];
+        let mut reps = 7usize;
+        let mut i = 1;
+        while i < args.len() {
+            match args[i].as_str() {
+                "--csv" => {
+                    csv = Some(args.get(i + 1).context("--csv PATH")?.clone());
+                    i += 2;
+                }
+                "--tokens" => {
+                    ns = args
+                        .get(i + 1)
+                        .context("--tokens LIST")?
+                        .split(',')
+                        .map(|s| s.parse())
+                        .collect::<Result<_, _>>()?;
+                    i += 2;
+                }
+                "--reps" => {
+                    reps = args.get(i + 1).context("--reps N")?.parse()?;
+                    i += 2;
+                }
+                a => bail!("unknown argument {a}"),
+            }
+        }
+        let info = ds4_cuda::probe(0)?;
+        let ctx = CudaContext::new(0)?;
+        let stream = ctx.default_stream();
+        let g = Gemv::new(&ctx)?;
+        let maxn = *ns.iter().max().unwrap_or(&512);
+        let cfg = TcConfig {
+            max_tokens: maxn,
+            max_f16_cols: 16384,
+            n_expert: 256,
+            n_expert_used: 6,
+            down_rows: 4096,
+        };
+        let tc = Tc::new(&ctx, &stream, cfg, TcRoutes::all())?;
+        let card = info.name.replace(',', " ");
+        println!("tc_bench on {card} (routes vs exact path; ms = median of {reps})");
+        println!(
+            "{:<9} {:<22} {:>6} {:>10} {:>8} {:>10} {:>8} {:>8} {:>8}",
+            "route", "case", "n", "tc_ms", "TFLOP/s", "exact_ms", "TFLOP/s", "speedup", "rel"
+        );
+        let mut b = B {
+            ctx,
+            stream,
+            g,
+            tc,
+            rng: Rng(42),
+            reps,
+            card,
+            rows: Vec::new(),
+        };
+        let q8 = GgmlType::Q8_0;
+        let f16 = GgmlType::F16;
+        b.matmul("dense", "q_a 4096->1024", q8, 4096, 1024, 1, &ns)?;
+        b.matmul("dense", "q_b 1024->32768", q8, 1024, 32768, 1, &ns)?;
+        b.matmul("dense", "kv 4096->512", q8, 4096, 512, 1, &ns)?;
+        b.matmul("dense", "out_b 8192->4096", q8, 8192, 4096, 1, &ns)?;
+        b.matmul("dense", "shexp down 2048->4096", q8, 2048, 4096, 1, &ns)?;
+        b.shared_gate_up(&ns)?;
+        b.matmul("dense", "lm head 4096->129280", q8, 4096, 129280, 1, &[64])?;
+        b.matmul("attn_out", "out_a 8x(4096->1024)", q8, 4096, 1024, 8, &ns)?;
+        b.matmul("f16", "compressor 4096->1024", f16, 4096, 1024, 1, &ns)?;
+        b.matmul("f16", "indexer q_b 1024->8192", f16, 1024, 8192, 1, &ns)?;
+        b.matmul("f16", "hc fn 16384->24", f16, 16384, 24, 1, &ns)?;
+        b.matmul("f16", "router 4096->256", f16, 4096, 256, 1, &ns)?;
+        b.moe(&ns)?;
+        if let Some(path) = csv {
+            let mut f = std::fs::File::create(&path).with_context(|| path.clone())?;
+            writeln!(
+                f,
+                "card,route,case,n,macs,tc_ms,tc_tflops,exact_ms,exact_tflops,speedup,rel_diff"
+            )?;
+            for r in &b.rows {
+                writeln!(f, "{r}")?;
+            }
+        }
+        Ok(())
+    }
+}

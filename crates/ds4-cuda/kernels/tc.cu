@@ -1,0 +1,849 @@
+// Tensor-core prefill routes (owner: "tc"). See src/tc.rs for the API, the switches and the
+// numerics contract.
+//
+// Self-contained (no headers) so that NVRTC can compile it as well as nvcc.
+//
+// One GEMM skeleton serves every route: a CTA computes a 128-row (weights) × BN-token tile with
+// 8 warps (4 along the rows × 2 along the tokens, warp tile 32 × BN/2) using mma.sync
+// m16n8k32 s8·s8→s32 (quantized weights × ds4's int8 activations) or m16n8k16 f16·f16→f32 (F16
+// weights). K advances in stages of 256 bytes per row (8 steps of 32 bytes: 32 int8 or 16 f16),
+// loaded with cp.async into a 3-stage shared-memory ring (XOR-swizzled 16-byte chunks, read with
+// ldmatrix). Q8_0 and F16 weights are copied as they are; IQ2_XXS / Q2_K / Q4_K weights are
+// copied raw and dequantised to int8 in shared memory once per stage (exact integers, see below).
+//
+// Exactness (int8 routes): every mma K-step of 32 covers exactly one Q8_0 block or one 32-wide
+// sub-block, so each per-block integer dot product is exact; block scales are applied as ds4
+// does on the CPU:
+//   Q8_0    acc += (d_w·d_x) · isum               (one FMA per block; the CPU rounds the product
+//                                                  (d_w·d_x)·isum before adding)
+//   IQ2_XXS isum = Σ_sub ls·Σ q8·(±grid)           (s32), acc += (d·yd)·isum, y = 0.125·acc
+//   Q2_K    isum = Σ (sc&15)·q2·q8 (scale folded into the int8 weight, ≤ 45),
+//           summ = Σ (sc>>4)·q8 (second mma with the mins broadcast as the A operand),
+//           acc += (yd·d)·isum − (yd·dmin)·summ
+//   Q4_K    isum = Σ_sub sc·Σ q4·q8 (s32), summ as Q2_K with the 6-bit mins,
+//           acc += (yd·d)·isum − (yd·dmin)·summ
+// so the result differs from the CPU only by the order of the f32 sum over blocks (and, for
+// Q8_0, one rounding per block term).
+// F16: y = W·x with x split into two f16 halves, x·2^e = hi + lo (2^e a per-token power of two
+// that puts max|x| in [2^14, 2^15)): two f16 mmas with f32 accumulation, then ·2^-e. W is
+// exact in f16, hi+lo carries 22 bits of x: near-f32 results.
+
+typedef signed char i8;
+typedef unsigned char u8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef long long i64;
+typedef unsigned long long u64;
+
+#define FULL_MASK 0xffffffffu
+#define TC_THREADS 256
+#define TC_BM 128
+#define TC_NS 3
+#define MAGIC_I 0x4B400000
+#define MAGIC_F 12582912.0f
+
+enum { W_Q8_0 = 0, W_IQ2 = 1, W_Q2K = 2, W_Q4K = 3, W_F16 = 4 };
+enum { M_STORE = 0, M_SWIGLU = 1 };
+
+// Kernel parameters (mirrored by `TcArgs` in src/tc.rs: 15 pointers, then 9 ints and a float).
+struct TcArgs {
+    const u8* wa0;  // weight tensor 0 (the matrix; gate in SWIGLU mode): regions 0, 1, 2
+    const u8* wa1;
+    const u8* wa2;
+    const u8* wb0;  // weight tensor 1 (up in SWIGLU mode)
+    const u8* wb1;
+    const u8* wb2;
+    const u8* aq;        // activations: int8 qs [rows][Cx], or f16 hi
+    const u8* ad;        // f32 block scales (Q8_0: per 32, K-quants: per 256), or f16 lo
+    const float* ascale; // F16: per activation row multiplier (2^-e)
+    const int* list;     // MoE: pair permutation (null: dense)
+    const int* cnt;      // MoE: pairs per expert
+    const int* off;      // MoE: first pair of each expert in `list`
+    const int* toff;     // MoE: first tile of each expert, [n_exp + 1]
+    const float* wts;    // SWIGLU: routing weight per output row (null: 1)
+    float* y;
+    int R;        // rows per matrix
+    int C;        // columns per matrix
+    int nb;       // weight blocks per row (Q8_0: C/32, K-quants: C/256)
+    int Cx;       // activation row stride (elements)
+    int grouped;  // dense grouped (attn out_a): matrix z reads columns z·C.., writes rows z·R..
+    int n;        // dense: tokens
+    int n_exp;    // MoE: experts
+    int kdiv;     // activation row = source row / kdiv
+    int ldy;      // output row stride (floats)
+    float clamp;  // SWIGLU clamp (≤ 1e-6: none)
+};
+
+__device__ __forceinline__ float h2f(u32 h) {
+    float f;
+    unsigned short hs = (unsigned short)h;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(hs));
+    return f;
+}
+__device__ __forceinline__ u16 f2h(float f) {
+    unsigned short h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+__device__ __forceinline__ u32 smem_u32(const void* p) { return (u32)__cvta_generic_to_shared(p); }
+__device__ __forceinline__ void cp16(void* dst, const void* src) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_u32(dst)), "l"(src) : "memory");
+}
+__device__ __forceinline__ void cp4(void* dst, const void* src) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(smem_u32(dst)), "l"(src) : "memory");
+}
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+__device__ __forceinline__ void ldsm4(u32* r, const void* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_u32(p))
+                 : "memory");
+}
+// d = a·b + c (s8 × s8 → s32, m16n8k32)
+__device__ __forceinline__ void mma_s8(int* d, const u32* a, u32 b0, u32 b1, const int* c) {
+    asm("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%10,%11,%12,%13};\n"
+        : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "r"(c[0]), "r"(c[1]),
+          "r"(c[2]), "r"(c[3]));
+}
+// d += a·b (f16 × f16 → f32, m16n8k16)
+__device__ __forceinline__ void mma_f16(float* d, const u32* a, u32 b0, u32 b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Byte offset of 16-byte chunk `ch` (0..15) of row `r` in a 256-byte-row tile (XOR swizzle:
+// the 8 rows an ldmatrix reads hit 8 different bank groups).
+__device__ __forceinline__ int swz(int r, int ch) { return r * 256 + ((ch ^ (r & 7)) << 4); }
+
+__host__ __device__ constexpr int al128(int x) { return (x + 127) / 128 * 128; }
+
+// Shared-memory layout of one kernel variant.
+template <int T, int BN>
+struct Lay {
+    static constexpr bool DIRECT = (T == W_Q8_0 || T == W_F16);
+    static constexpr int RAWB = T == W_IQ2 ? 80 : T == W_Q2K ? 96 : T == W_Q4K ? 144 : 0;
+    static constexpr int A_ST = DIRECT ? TC_BM * 256 : TC_BM * RAWB;
+    static constexpr int AM_ST = (T == W_Q8_0) ? TC_BM * 16 : 0;
+    static constexpr int B_ST = BN * 256 * (T == W_F16 ? 2 : 1);
+    static constexpr int BM_ST = (T == W_Q8_0) ? BN * 32 : (T == W_F16 ? 0 : BN * 4);
+    static constexpr int S_A = 0;
+    static constexpr int S_AM = al128(A_ST);
+    static constexpr int S_B = S_AM + al128(AM_ST);
+    static constexpr int S_BM = S_B + al128(B_ST);
+    static constexpr int STAGE = S_BM + al128(BM_ST);
+    static constexpr int O_SRC = 0;
+    static constexpr int O_AROW = BN * 4;
+    static constexpr int O_TAB = al128(2 * BN * 4);
+    static constexpr int TABB = (T == W_IQ2) ? 256 * 8 + 128 * 16 : 0;
+    static constexpr int O_TILE = O_TAB + TABB;
+    static constexpr int TILEB = DIRECT ? 0 : TC_BM * 256;
+    static constexpr int O_MD = O_TILE + TILEB;                    // f32 [BM] d
+    static constexpr int O_MDM = O_MD + (DIRECT ? 0 : TC_BM * 4);   // f32 [BM] dmin
+    static constexpr int O_MSC = O_MDM + (DIRECT ? 0 : TC_BM * 4);  // u8 [BM][8] ls / sc
+    static constexpr int O_MMN = O_MSC + (DIRECT ? 0 : TC_BM * 8);  // u8 [BM][16] mins
+    static constexpr int O_ST = al128(O_MMN + (DIRECT ? 0 : TC_BM * 16));
+    static constexpr int TOTAL = O_ST + TC_NS * STAGE;
+};
+
+static __device__ const u64 g_tc_iq2_grid[256] = {
+    0x0808080808080808ull, 0x080808080808082bull, 0x0808080808081919ull, 0x0808080808082b08ull,
+    0x0808080808082b2bull, 0x0808080808190819ull, 0x0808080808191908ull, 0x08080808082b0808ull,
+    0x08080808082b082bull, 0x08080808082b2b08ull, 0x08080808082b2b2bull, 0x0808080819080819ull,
+    0x0808080819081908ull, 0x0808080819190808ull, 0x0808080819192b08ull, 0x08080808192b0819ull,
+    0x08080808192b1908ull, 0x080808082b080808ull, 0x080808082b08082bull, 0x080808082b082b2bull,
+    0x080808082b2b082bull, 0x0808081908080819ull, 0x0808081908081908ull, 0x0808081908190808ull,
+    0x0808081908191919ull, 0x0808081919080808ull, 0x080808192b081908ull, 0x080808192b192b08ull,
+    0x0808082b08080808ull, 0x0808082b0808082bull, 0x0808082b082b082bull, 0x0808082b2b08082bull,
+    0x0808190808080819ull, 0x0808190808081908ull, 0x0808190808190808ull, 0x08081908082b0819ull,
+    0x08081908082b1908ull, 0x0808190819080808ull, 0x080819081908082bull, 0x0808190819082b08ull,
+    0x08081908192b0808ull, 0x080819082b080819ull, 0x080819082b081908ull, 0x080819082b190808ull,
+    0x080819082b2b1908ull, 0x0808191908080808ull, 0x080819190808082bull, 0x0808191908082b08ull,
+    0x08081919082b0808ull, 0x080819191908192bull, 0x08081919192b2b19ull, 0x080819192b080808ull,
+    0x080819192b190819ull, 0x0808192b08082b19ull, 0x0808192b08190808ull, 0x0808192b19080808ull,
+    0x0808192b2b081908ull, 0x0808192b2b2b1908ull, 0x08082b0808080808ull, 0x08082b0808081919ull,
+    0x08082b0808082b08ull, 0x08082b0808191908ull, 0x08082b08082b2b08ull, 0x08082b0819080819ull,
+    0x08082b0819081908ull, 0x08082b0819190808ull, 0x08082b081919082bull, 0x08082b082b082b08ull,
+    0x08082b1908081908ull, 0x08082b1919080808ull, 0x08082b2b0808082bull, 0x08082b2b08191908ull,
+    0x0819080808080819ull, 0x0819080808081908ull, 0x0819080808190808ull, 0x08190808082b0819ull,
+    0x0819080819080808ull, 0x08190808192b0808ull, 0x081908082b081908ull, 0x081908082b190808ull,
+    0x081908082b191919ull, 0x0819081908080808ull, 0x0819081908082b08ull, 0x08190819082b0808ull,
+    0x0819081919190808ull, 0x0819081919192b2bull, 0x081908192b080808ull, 0x0819082b082b1908ull,
+    0x0819082b19081919ull, 0x0819190808080808ull, 0x0819190808082b08ull, 0x08191908082b0808ull,
+    0x08191908082b1919ull, 0x0819190819082b19ull, 0x081919082b080808ull, 0x0819191908192b08ull,
+    0x08191919192b082bull, 0x0819192b08080808ull, 0x0819192b0819192bull, 0x08192b0808080819ull,
+    0x08192b0808081908ull, 0x08192b0808190808ull, 0x08192b0819080808ull, 0x08192b082b080819ull,
+    0x08192b1908080808ull, 0x08192b1908081919ull, 0x08192b192b2b0808ull, 0x08192b2b19190819ull,
+    0x082b080808080808ull, 0x082b08080808082bull, 0x082b080808082b2bull, 0x082b080819081908ull,
+    0x082b0808192b0819ull, 0x082b08082b080808ull, 0x082b08082b08082bull, 0x082b0819082b2b19ull,
+    0x082b081919082b08ull, 0x082b082b08080808ull, 0x082b082b0808082bull, 0x082b190808080819ull,
+    0x082b190808081908ull, 0x082b190808190808ull, 0x082b190819080808ull, 0x082b19081919192bull,
+    0x082b191908080808ull, 0x082b191919080819ull, 0x082b1919192b1908ull, 0x082b192b2b190808ull,
+    0x082b2b0808082b08ull, 0x082b2b08082b0808ull, 0x082b2b082b191908ull, 0x082b2b2b19081908ull,
+    0x1908080808080819ull, 0x1908080808081908ull, 0x1908080808190808ull, 0x1908080808192b08ull,
+    0x19080808082b0819ull, 0x19080808082b1908ull, 0x1908080819080808ull, 0x1908080819082b08ull,
+    0x190808081919192bull, 0x19080808192b0808ull, 0x190808082b080819ull, 0x190808082b081908ull,
+    0x190808082b190808ull, 0x1908081908080808ull, 0x19080819082b0808ull, 0x19080819192b0819ull,
+    0x190808192b080808ull, 0x190808192b081919ull, 0x1908082b08080819ull, 0x1908082b08190808ull,
+    0x1908082b19082b08ull, 0x1908082b1919192bull, 0x1908082b192b2b08ull, 0x1908190808080808ull,
+    0x1908190808082b08ull, 0x19081908082b0808ull, 0x190819082b080808ull, 0x190819082b192b19ull,
+    0x190819190819082bull, 0x19081919082b1908ull, 0x1908192b08080808ull, 0x19082b0808080819ull,
+    0x19082b0808081908ull, 0x19082b0808190808ull, 0x19082b0819080808ull, 0x19082b0819081919ull,
+    0x19082b1908080808ull, 0x19082b1919192b08ull, 0x19082b19192b0819ull, 0x19082b192b08082bull,
+    0x19082b2b19081919ull, 0x19082b2b2b190808ull, 0x1919080808080808ull, 0x1919080808082b08ull,
+    0x1919080808190819ull, 0x1919080808192b19ull, 0x19190808082b0808ull, 0x191908082b080808ull,
+    0x191908082b082b08ull, 0x1919081908081908ull, 0x191908191908082bull, 0x191908192b2b1908ull,
+    0x1919082b2b190819ull, 0x191919082b190808ull, 0x191919082b19082bull, 0x1919191908082b2bull,
+    0x1919192b08080819ull, 0x1919192b19191908ull, 0x19192b0808080808ull, 0x19192b0808190819ull,
+    0x19192b0808192b19ull, 0x19192b08192b1908ull, 0x19192b1919080808ull, 0x19192b2b08082b08ull,
+    0x192b080808081908ull, 0x192b080808190808ull, 0x192b080819080808ull, 0x192b0808192b2b08ull,
+    0x192b081908080808ull, 0x192b081919191919ull, 0x192b082b08192b08ull, 0x192b082b192b0808ull,
+    0x192b190808080808ull, 0x192b190808081919ull, 0x192b191908190808ull, 0x192b19190819082bull,
+    0x192b19192b081908ull, 0x192b2b081908082bull, 0x2b08080808080808ull, 0x2b0808080808082bull,
+    0x2b08080808082b2bull, 0x2b08080819080819ull, 0x2b0808082b08082bull, 0x2b08081908081908ull,
+    0x2b08081908192b08ull, 0x2b08081919080808ull, 0x2b08082b08190819ull, 0x2b08190808080819ull,
+    0x2b08190808081908ull, 0x2b08190808190808ull, 0x2b08190808191919ull, 0x2b08190819080808ull,
+    0x2b081908192b0808ull, 0x2b08191908080808ull, 0x2b0819191908192bull, 0x2b0819192b191908ull,
+    0x2b08192b08082b19ull, 0x2b08192b19080808ull, 0x2b08192b192b0808ull, 0x2b082b080808082bull,
+    0x2b082b1908081908ull, 0x2b082b2b08190819ull, 0x2b19080808081908ull, 0x2b19080808190808ull,
+    0x2b190808082b1908ull, 0x2b19080819080808ull, 0x2b1908082b2b0819ull, 0x2b1908190819192bull,
+    0x2b1908192b080808ull, 0x2b19082b19081919ull, 0x2b19190808080808ull, 0x2b191908082b082bull,
+    0x2b19190819081908ull, 0x2b19191919190819ull, 0x2b192b082b080819ull, 0x2b192b19082b0808ull,
+    0x2b2b08080808082bull, 0x2b2b080819190808ull, 0x2b2b08082b081919ull, 0x2b2b081908082b19ull,
+    0x2b2b082b08080808ull, 0x2b2b190808192b08ull, 0x2b2b2b0819190808ull, 0x2b2b2b1908081908ull,
+};
+
+// Q4_K get_scale_min_k4 (ggml): sub-block j of the 12 packed scale bytes q.
+__device__ __forceinline__ void q4k_scale_min(int j, const u8* q, int& sc, int& mn) {
+    if (j < 4) {
+        sc = q[j] & 63;
+        mn = q[j + 4] & 63;
+    } else {
+        sc = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
+        mn = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+    }
+}
+
+template <int T, int BN, int MODE>
+struct Tc {
+    typedef Lay<T, BN> L;
+    static constexpr int NT = BN / 16;  // n8 tiles per warp (warp tile BN/2 tokens)
+    static constexpr int WTN = BN / 2;
+    static constexpr int OUTR = (MODE == M_SWIGLU) ? TC_BM / 2 : TC_BM;
+
+    // Output row and weight tensor (0/1) of shared-memory A row j.
+    __device__ static __forceinline__ int out_row(int r0, int j, int& mat) {
+        if (MODE == M_SWIGLU) {
+            mat = (j >> 4) & 1;
+            return r0 + 16 * (j >> 5) + (j & 15);
+        }
+        mat = 0;
+        return r0 + j;
+    }
+
+    __device__ static void issue(const TcArgs& P, u8* sm, int kb, int buf, int m, int r0, int CB,
+                                 int acol) {
+        const int tid = threadIdx.x;
+        u8* st = sm + L::O_ST + buf * L::STAGE;
+        const int* s_arow = (const int*)(sm + L::O_AROW);
+        const int kbyte = kb * 256;
+        // ---- A
+        if (L::DIRECT) {
+            for (int c = tid; c < TC_BM * 16; c += TC_THREADS) {
+                const int j = c >> 4, ch = c & 15;
+                if (kbyte + 16 * ch < CB) {
+                    int mat;
+                    const int r = min(out_row(r0, j, mat), P.R - 1);
+                    const i64 rr = (i64)m * P.R + r;
+                    const u8* src = (mat ? P.wb0 : P.wa0) + rr * CB + kbyte + 16 * ch;
+                    cp16(st + L::S_A + swz(j, ch), src);
+                }
+            }
+            if (T == W_Q8_0) {
+                for (int c = tid; c < TC_BM * 4; c += TC_THREADS) {
+                    const int j = c >> 2, w = c & 3;
+                    if (8 * kb + 2 * w < P.nb) {
+                        int mat;
+                        const int r = min(out_row(r0, j, mat), P.R - 1);
+                        const i64 rr = (i64)m * P.R + r;
+                        const u8* src = (mat ? P.wb1 : P.wa1) + 2 * (rr * P.nb + 8 * kb + 2 * w);
+                        cp4(st + L::S_AM + j * 16 + 4 * w, src);
+                    }
+                }
+            }
+        } else {
+            constexpr int NCH = T == W_IQ2 ? 5 : T == W_Q2K ? 6 : 9;
+            for (int c = tid; c < TC_BM * NCH; c += TC_THREADS) {
+                const int j = c / NCH, q = c % NCH;
+                int mat;
+                const int r = min(out_row(r0, j, mat), P.R - 1);
+                const i64 blk = ((i64)m * P.R + r) * P.nb + kb;
+                u8* dst = st + L::S_A + j * L::RAWB;
+                const u8* p0 = mat ? P.wb0 : P.wa0;
+                const u8* p1 = mat ? P.wb1 : P.wa1;
+                const u8* p2 = mat ? P.wb2 : P.wa2;
+                if (T == W_IQ2) {
+                    if (q < 4) cp16(dst + 16 * q, p0 + 64 * blk + 16 * q);
+                    else cp4(dst + 64, p1 + 2 * (blk & ~1ll));  // the aligned pair holding d
+                } else if (T == W_Q2K) {
+                    if (q < 4) cp16(dst + 16 * q, p0 + 64 * blk + 16 * q);
+                    else if (q == 4) cp16(dst + 64, p1 + 16 * blk);
+                    else cp4(dst + 80, p2 + 4 * blk);
+                } else {
+                    cp16(dst + 16 * q, p0 + 144 * blk + 16 * q);
+                }
+            }
+        }
+        // ---- B (activation rows of this tile)
+        const int esz = (T == W_F16) ? 2 : 1;
+        for (int c = tid; c < BN * 16; c += TC_THREADS) {
+            const int b = c >> 4, ch = c & 15;
+            if (kbyte + 16 * ch < CB) {
+                const i64 e0 = (i64)s_arow[b] * P.Cx + acol;
+                const i64 o = e0 * esz + kbyte + 16 * ch;
+                cp16(st + L::S_B + swz(b, ch), P.aq + o);
+                if (T == W_F16) cp16(st + L::S_B + BN * 256 + swz(b, ch), P.ad + o);
+            }
+        }
+        if (T == W_Q8_0) {
+            for (int c = tid; c < BN * 8; c += TC_THREADS) {
+                const int b = c >> 3, s = c & 7;
+                if (8 * kb + s < P.nb) {
+                    const i64 e0 = (i64)s_arow[b] * P.Cx + acol;
+                    cp4(st + L::S_BM + 4 * c, P.ad + 4 * (e0 / 32 + 8 * kb + s));
+                }
+            }
+        } else if (T != W_F16) {
+            if (tid < BN) {
+                const i64 e0 = (i64)s_arow[tid] * P.Cx + acol;
+                cp4(st + L::S_BM + 4 * tid, P.ad + 4 * (e0 / 256 + kb));
+            }
+        }
+    }
+
+    // Raw weight blocks of stage `buf` → int8 tile + per-row metadata.
+    __device__ static void dequant(const TcArgs& P, u8* sm, int kb, int buf, int m, int r0) {
+        const int tid = threadIdx.x;
+        const u8* raw = sm + L::O_ST + buf * L::STAGE + L::S_A;
+        u8* tile = sm + L::O_TILE;
+        float* md = (float*)(sm + L::O_MD);
+        float* mdm = (float*)(sm + L::O_MDM);
+        u8* msc = sm + L::O_MSC;
+        u8* mmn = sm + L::O_MMN;
+        const uint2* grid = (const uint2*)(sm + L::O_TAB);
+        const uint4* sign = (const uint4*)(sm + L::O_TAB + 256 * 8);
+        for (int u = tid; u < TC_BM * 8; u += TC_THREADS) {
+            const int j = u >> 3, s = u & 7;
+            const u8* rw = raw + j * L::RAWB;
+            u32 o[8];
+            if (T == W_IQ2) {
+                const uint2 aux = *(const uint2*)(rw + 8 * s);
+#pragma unroll
+                for (int i = 0; i < 4; i++) {
+                    const uint2 gv = grid[(aux.x >> (8 * i)) & 255];
+                    const uint4 sg = sign[(aux.y >> (7 * i)) & 127];
+                    o[2 * i] = (gv.x ^ sg.x) + sg.z;
+                    o[2 * i + 1] = (gv.y ^ sg.y) + sg.w;
+                }
+                msc[j * 8 + s] = (u8)(2 * (aux.y >> 28) + 1);
+                if (s == 0) {
+                    int mat;
+                    const int r = min(out_row(r0, j, mat), P.R - 1);
+                    const i64 blk = ((i64)m * P.R + r) * P.nb + kb;
+                    const u32 dw = *(const u32*)(rw + 64);
+                    md[j] = h2f((blk & 1) ? (dw >> 16) : (dw & 0xffffu));
+                }
+            } else if (T == W_Q2K) {
+                const int n = s >> 2, sh = 2 * (s & 3);
+                const u32* q = (const u32*)(rw + 32 * n);
+                const u32 sc0 = rw[64 + 2 * s], sc1 = rw[64 + 2 * s + 1];
+#pragma unroll
+                for (int i = 0; i < 8; i++) o[i] = ((q[i] >> sh) & 0x03030303u) * ((i < 4 ? sc0 : sc1) & 15u);
+                mmn[j * 16 + 2 * s] = (u8)(sc0 >> 4);
+                mmn[j * 16 + 2 * s + 1] = (u8)(sc1 >> 4);
+                if (s == 0) {
+                    const u32 dm = *(const u32*)(rw + 80);
+                    md[j] = h2f(dm & 0xffffu);
+                    mdm[j] = h2f(dm >> 16);
+                }
+            } else {  // Q4_K
+                const int p = s >> 1;
+                const u32* q = (const u32*)(rw + 16 + 32 * p);
+#pragma unroll
+                for (int i = 0; i < 8; i++) o[i] = (s & 1) ? ((q[i] >> 4) & 0x0F0F0F0Fu) : (q[i] & 0x0F0F0F0Fu);
+                int sc, mn;
+                q4k_scale_min(s, rw + 4, sc, mn);
+                msc[j * 8 + s] = (u8)sc;
+                mmn[j * 16 + s] = (u8)mn;
+                if (s == 0) {
+                    const u32 dm = *(const u32*)rw;
+                    md[j] = h2f(dm & 0xffffu);
+                    mdm[j] = h2f(dm >> 16);
+                }
+            }
+            *(uint4*)(tile + swz(j, 2 * s)) = make_uint4(o[0], o[1], o[2], o[3]);
+            *(uint4*)(tile + swz(j, 2 * s + 1)) = make_uint4(o[4], o[5], o[6], o[7]);
+        }
+    }
+
+    __device__ static void run(const TcArgs& P) {
+        extern __shared__ __align__(128) u8 sm[];
+        const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+        const int wm = warp >> 1, wn = warp & 1;
+        const int g = lane >> 2, tg = lane & 3;
+        int* s_src = (int*)(sm + L::O_SRC);
+        int* s_arow = (int*)(sm + L::O_AROW);
+
+        // ---- which B rows (tokens / (token, slot) pairs) and which matrix
+        int m, nvalid, base;
+        if (P.list) {
+            const int i = blockIdx.x;
+            if (i >= __ldg(P.toff + P.n_exp)) return;
+            int lo = 0, hi = P.n_exp;  // toff[lo] <= i < toff[hi]
+            while (hi - lo > 1) {
+                const int mid = (lo + hi) >> 1;
+                if (__ldg(P.toff + mid) <= i) lo = mid;
+                else hi = mid;
+            }
+            m = lo;
+            const int start = (i - __ldg(P.toff + m)) * BN;
+            nvalid = min(BN, __ldg(P.cnt + m) - start);
+            base = __ldg(P.off + m) + start;
+        } else {
+            m = blockIdx.z;
+            base = blockIdx.x * BN;
+            nvalid = min(BN, P.n - base);
+        }
+        if (nvalid <= 0) return;
+        const int r0 = blockIdx.y * OUTR;
+        const int acol = P.grouped ? m * P.C : 0;
+        if (tid < BN) {
+            const int b = tid < nvalid ? tid : 0;
+            const int src = P.list ? __ldg(P.list + base + b) : base + b;
+            s_src[tid] = src;
+            s_arow[tid] = src / P.kdiv;
+        }
+        if (T == W_IQ2) {
+            uint2* grid = (uint2*)(sm + L::O_TAB);
+            uint4* sign = (uint4*)(sm + L::O_TAB + 256 * 8);
+            for (int i = tid; i < 256; i += TC_THREADS) {
+                const u64 gv = g_tc_iq2_grid[i];
+                grid[i] = make_uint2((u32)gv, (u32)(gv >> 32));
+            }
+            for (int i = tid; i < 128; i += TC_THREADS) {
+                const u32 s8 = (u32)i | ((u32)(__popc(i) & 1) << 7);
+                const u32 lo = ((s8 & 15u) * 0x00204081u) & 0x01010101u;
+                const u32 hi = ((s8 >> 4) * 0x00204081u) & 0x01010101u;
+                sign[i] = make_uint4(lo * 0xffu, hi * 0xffu, lo, hi);
+            }
+        }
+        __syncthreads();
+
+        const int CB = (T == W_F16) ? 2 * P.C : P.C;
+        const int nkb = (CB + 255) / 256;
+
+        float facc[2][NT][4];
+        int iacc[2][NT][4];
+        int macc[2][NT][4];
+#pragma unroll
+        for (int mi = 0; mi < 2; mi++)
+#pragma unroll
+            for (int ni = 0; ni < NT; ni++)
+#pragma unroll
+                for (int q = 0; q < 4; q++) {
+                    facc[mi][ni][q] = 0.f;
+                    iacc[mi][ni][q] = 0;
+                    macc[mi][ni][q] = 0;
+                }
+        const int zero4[4] = {0, 0, 0, 0};
+        const int magic4[4] = {MAGIC_I, MAGIC_I, MAGIC_I, MAGIC_I};
+
+#pragma unroll 1
+        for (int s = 0; s < TC_NS - 1; s++) {
+            if (s < nkb) issue(P, sm, s, s, m, r0, CB, acol);
+            cp_commit();
+        }
+#pragma unroll 1
+        for (int kb = 0; kb < nkb; kb++) {
+            cp_wait<TC_NS - 2>();
+            __syncthreads();
+            if (kb + TC_NS - 1 < nkb) issue(P, sm, kb + TC_NS - 1, (kb + TC_NS - 1) % TC_NS, m, r0, CB, acol);
+            cp_commit();
+            const int buf = kb % TC_NS;
+            const u8* st = sm + L::O_ST + buf * L::STAGE;
+            if (!L::DIRECT) {
+                dequant(P, sm, kb, buf, m, r0);
+                __syncthreads();
+            }
+            const u8* As = L::DIRECT ? st + L::S_A : sm + L::O_TILE;
+            const u8* Bs = st + L::S_B;
+            const int steps = min(8, (CB - kb * 256) / 32);
+#pragma unroll
+            for (int s = 0; s < 8; s++) {
+                if (s < steps) {
+                    u32 a[2][4];
+#pragma unroll
+                    for (int mi = 0; mi < 2; mi++)
+                        ldsm4(a[mi], As + swz(32 * wm + 16 * mi + (lane & 15), 2 * s + (lane >> 4)));
+                    u32 b[NT][2];
+                    u32 bl[NT][2];
+#pragma unroll
+                    for (int p = 0; p < NT / 2; p++) {
+                        const int q = lane >> 3;
+                        const int off = swz(WTN * wn + 16 * p + 8 * (q >> 1) + (lane & 7), 2 * s + (q & 1));
+                        u32 r[4];
+                        ldsm4(r, Bs + off);
+                        b[2 * p][0] = r[0];
+                        b[2 * p][1] = r[1];
+                        b[2 * p + 1][0] = r[2];
+                        b[2 * p + 1][1] = r[3];
+                        if (T == W_F16) {
+                            ldsm4(r, Bs + BN * 256 + off);
+                            bl[2 * p][0] = r[0];
+                            bl[2 * p][1] = r[1];
+                            bl[2 * p + 1][0] = r[2];
+                            bl[2 * p + 1][1] = r[3];
+                        }
+                    }
+                    if (T == W_Q8_0) {
+                        float wd[2][2], xd[NT][2];
+#pragma unroll
+                        for (int mi = 0; mi < 2; mi++)
+#pragma unroll
+                            for (int h = 0; h < 2; h++) {
+                                const int row = 32 * wm + 16 * mi + g + 8 * h;
+                                wd[mi][h] = h2f(*(const u16*)(st + L::S_AM + row * 16 + 2 * s));
+                            }
+#pragma unroll
+                        for (int ni = 0; ni < NT; ni++)
+#pragma unroll
+                            for (int c = 0; c < 2; c++) {
+                                const int col = WTN * wn + 8 * ni + 2 * tg + c;
+                                xd[ni][c] = *(const float*)(st + L::S_BM + col * 32 + 4 * s);
+                            }
+#pragma unroll
+                        for (int mi = 0; mi < 2; mi++)
+#pragma unroll
+                            for (int ni = 0; ni < NT; ni++) {
+                                int d[4];
+                                mma_s8(d, a[mi], b[ni][0], b[ni][1], magic4);
+#pragma unroll
+                                for (int q = 0; q < 4; q++) {
+                                    const float pw = __fmul_rn(wd[mi][q >> 1], xd[ni][q & 1]);
+                                    const float fi = __fsub_rn(__int_as_float(d[q]), MAGIC_F);
+                                    facc[mi][ni][q] = __fmaf_rn(pw, fi, facc[mi][ni][q]);
+                                }
+                            }
+                    } else if (T == W_IQ2) {
+                        int ls[2][2];
+                        const u8* msc = sm + L::O_MSC;
+#pragma unroll
+                        for (int mi = 0; mi < 2; mi++)
+#pragma unroll
+                            for (int h = 0; h < 2; h++) ls[mi][h] = msc[(32 * wm + 16 * mi + g + 8 * h) * 8 + s];
+#pragma unroll
+                        for (int mi = 0; mi < 2; mi++)
+#pragma unroll
+                            for (int ni = 0; ni < NT; ni++) {
+                                int d[4];
+                                mma_s8(d, a[mi], b[ni][0], b[ni][1], zero4);
+#pragma unroll
+                                for (int q = 0; q < 4; q++) iacc[mi][ni][q] += ls[mi][q >> 1] * d[q];
+                            }
+                    } else if (T == W_Q2K) {
+                        const u8* mmn = sm + L::O_MMN;
+                        u32 am[2][4];
+#pragma unroll
+                        for (int mi = 0; mi < 2; mi++) {
+                            const int ra = 32 * wm + 16 * mi + g, rb = ra + 8;
+                            am[mi][0] = (u32)mmn[ra * 16 + 2 * s] * 0x01010101u;
+                            am[mi][1] = (u32)mmn[rb * 16 + 2 * s] * 0x01010101u;
+                            am[mi][2] = (u32)mmn[ra * 16 + 2 * s + 1] * 0x01010101u;
+                            am[mi][3] = (u32)mmn[rb * 16 + 2 * s + 1] * 0x01010101u;
+                        }
+#pragma unroll
+                        for (int mi = 0; mi < 2; mi++)
+#pragma unroll
+                            for (int ni = 0; ni < NT; ni++) {
+                                mma_s8(iacc[mi][ni], a[mi], b[ni][0], b[ni][1], iacc[mi][ni]);
+                                mma_s8(macc[mi][ni], am[mi], b[ni][0], b[ni][1], macc[mi][ni]);
+                            }
+                    } else if (T == W_Q4K) {
+                        const u8* msc = sm + L::O_MSC;
+                        const u8* mmn = sm + L::O_MMN;
+                        int sc[2][2];
+                        u32 am[2][4];
+#pragma unroll
+                        for (int mi = 0; mi < 2; mi++) {
+                            const int ra = 32 * wm + 16 * mi + g, rb = ra + 8;
+                            sc[mi][0] = msc[ra * 8 + s];
+                            sc[mi][1] = msc[rb * 8 + s];
+                            am[mi][0] = am[mi][2] = (u32)mmn[ra * 16 + s] * 0x01010101u;
+                            am[mi][1] = am[mi][3] = (u32)mmn[rb * 16 + s] * 0x01010101u;
+                        }
+#pragma unroll
+                        for (int mi = 0; mi < 2; mi++)
+#pragma unroll
+                            for (int ni = 0; ni < NT; ni++) {
+                                int d[4];
+                                mma_s8(d, a[mi], b[ni][0], b[ni][1], zero4);
+#pragma unroll
+                                for (int q = 0; q < 4; q++) iacc[mi][ni][q] += sc[mi][q >> 1] * d[q];
+                                mma_s8(macc[mi][ni], am[mi], b[ni][0], b[ni][1], macc[mi][ni]);
+                            }
+                    } else {  // F16
+#pragma unroll
+                        for (int mi = 0; mi < 2; mi++)
+#pragma unroll
+                            for (int ni = 0; ni < NT; ni++) {
+                                mma_f16(facc[mi][ni], a[mi], b[ni][0], b[ni][1]);
+                                mma_f16(facc[mi][ni], a[mi], bl[ni][0], bl[ni][1]);
+                            }
+                    }
+                }
+            }
+            // K-quants: the super-block's float term, exactly as the CPU forms it.
+            if (T == W_IQ2 || T == W_Q2K || T == W_Q4K) {
+                const float* md = (const float*)(sm + L::O_MD);
+                const float* mdm = (const float*)(sm + L::O_MDM);
+                float yd[NT][2];
+#pragma unroll
+                for (int ni = 0; ni < NT; ni++)
+#pragma unroll
+                    for (int c = 0; c < 2; c++)
+                        yd[ni][c] = *(const float*)(st + L::S_BM + 4 * (WTN * wn + 8 * ni + 2 * tg + c));
+#pragma unroll
+                for (int mi = 0; mi < 2; mi++)
+#pragma unroll
+                    for (int h = 0; h < 2; h++) {
+                        const int row = 32 * wm + 16 * mi + g + 8 * h;
+                        const float dw = md[row];
+                        const float dmw = (T == W_IQ2) ? 0.f : mdm[row];
+#pragma unroll
+                        for (int ni = 0; ni < NT; ni++)
+#pragma unroll
+                            for (int c = 0; c < 2; c++) {
+                                const int q = 2 * h + c;
+                                float term;
+                                if (T == W_IQ2) {
+                                    term = __fmul_rn(__fmul_rn(dw, yd[ni][c]), __int2float_rn(iacc[mi][ni][q]));
+                                } else {
+                                    const float dall = __fmul_rn(yd[ni][c], dw);
+                                    const float dmin = __fmul_rn(yd[ni][c], dmw);
+                                    term = __fsub_rn(__fmul_rn(dall, __int2float_rn(iacc[mi][ni][q])),
+                                                     __fmul_rn(dmin, __int2float_rn(macc[mi][ni][q])));
+                                }
+                                facc[mi][ni][q] = __fadd_rn(facc[mi][ni][q], term);
+                                iacc[mi][ni][q] = 0;
+                                macc[mi][ni][q] = 0;
+                            }
+                    }
+            }
+        }
+
+        // ---- epilogue
+        const float scale = (T == W_IQ2) ? 0.125f : 1.0f;
+#pragma unroll
+        for (int ni = 0; ni < NT; ni++)
+#pragma unroll
+            for (int c = 0; c < 2; c++) {
+                const int col = WTN * wn + 8 * ni + 2 * tg + c;
+                if (col >= nvalid) continue;
+                const int src = s_src[col];
+                float cs = scale;
+                if (T == W_F16) cs = __ldg(P.ascale + s_arow[col]);
+                if (MODE == M_STORE) {
+                    float* yrow = P.y + (i64)src * P.ldy + (P.grouped ? (i64)m * P.R : 0);
+#pragma unroll
+                    for (int mi = 0; mi < 2; mi++)
+#pragma unroll
+                        for (int h = 0; h < 2; h++) {
+                            const int r = r0 + 32 * wm + 16 * mi + g + 8 * h;
+                            if (r < P.R) yrow[r] = __fmul_rn(cs, facc[mi][ni][2 * h + c]);
+                        }
+                } else {
+                    const double wt = P.wts ? (double)__ldg(P.wts + src) : 1.0;
+                    float* yrow = P.y + (i64)src * P.ldy;
+#pragma unroll
+                    for (int h = 0; h < 2; h++) {
+                        const int r = r0 + 16 * wm + g + 8 * h;
+                        if (r >= P.R) continue;
+                        float gv = __fmul_rn(cs, facc[0][ni][2 * h + c]);
+                        float uv = __fmul_rn(cs, facc[1][ni][2 * h + c]);
+                        if (P.clamp > 1e-6f) {
+                            gv = fminf(gv, P.clamp);
+                            uv = fminf(fmaxf(uv, -P.clamp), P.clamp);
+                        }
+                        const double gd = (double)gv;
+                        const double silu = gd / (1.0 + exp(-gd));
+                        yrow[r] = (float)(silu * (double)uv * wt);
+                    }
+                }
+            }
+    }
+};
+
+#define TC_INST(name, T, BN, MODE)                                                             \
+    extern "C" __global__ void __launch_bounds__(TC_THREADS, 1) ds4_tc_##name(const TcArgs P) { \
+        Tc<T, BN, MODE>::run(P);                                                                \
+    }
+TC_INST(q8_0_32_s, W_Q8_0, 32, M_STORE)
+TC_INST(q8_0_64_s, W_Q8_0, 64, M_STORE)
+TC_INST(q8_0_32_g, W_Q8_0, 32, M_SWIGLU)
+TC_INST(q8_0_64_g, W_Q8_0, 64, M_SWIGLU)
+TC_INST(iq2_xxs_32_s, W_IQ2, 32, M_STORE)
+TC_INST(iq2_xxs_64_s, W_IQ2, 64, M_STORE)
+TC_INST(iq2_xxs_32_g, W_IQ2, 32, M_SWIGLU)
+TC_INST(iq2_xxs_64_g, W_IQ2, 64, M_SWIGLU)
+TC_INST(q2_k_32_s, W_Q2K, 32, M_STORE)
+TC_INST(q2_k_64_s, W_Q2K, 64, M_STORE)
+TC_INST(q2_k_32_g, W_Q2K, 32, M_SWIGLU)
+TC_INST(q2_k_64_g, W_Q2K, 64, M_SWIGLU)
+TC_INST(q4_k_32_s, W_Q4K, 32, M_STORE)
+TC_INST(q4_k_64_s, W_Q4K, 64, M_STORE)
+TC_INST(q4_k_32_g, W_Q4K, 32, M_SWIGLU)
+TC_INST(q4_k_64_g, W_Q4K, 64, M_SWIGLU)
+TC_INST(f16_64_s, W_F16, 64, M_STORE)
+
+// Dynamic shared memory of each variant, in the order of TC_INST above (read once at start-up).
+extern "C" __global__ void ds4_tc_smem_sizes(int* out) {
+    if (threadIdx.x != 0 || blockIdx.x != 0) return;
+    out[0] = Lay<W_Q8_0, 32>::TOTAL;
+    out[1] = Lay<W_Q8_0, 64>::TOTAL;
+    out[2] = Lay<W_IQ2, 32>::TOTAL;
+    out[3] = Lay<W_IQ2, 64>::TOTAL;
+    out[4] = Lay<W_Q2K, 32>::TOTAL;
+    out[5] = Lay<W_Q2K, 64>::TOTAL;
+    out[6] = Lay<W_Q4K, 32>::TOTAL;
+    out[7] = Lay<W_Q4K, 64>::TOTAL;
+    out[8] = Lay<W_F16, 64>::TOTAL;
+    out[9] = (int)sizeof(TcArgs);
+}
+
+// ------------------------------------------------------------------------------------------
+// F16 route activations: per row t, e = 15 − exponent(max|x|) (clamped to ±100), x·2^e split
+// into f16 hi + lo, ascale[t] = 2^-e. One block per row.
+extern "C" __global__ void __launch_bounds__(256) ds4_tc_f16_prep(const float* __restrict__ x, int cols,
+                                                                  u16* __restrict__ hi, u16* __restrict__ lo,
+                                                                  float* __restrict__ ascale) {
+    __shared__ float s_red[8];
+    const i64 t = blockIdx.x;
+    const float* xr = x + t * cols;
+    float am = 0.f;
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) am = fmaxf(am, fabsf(xr[i]));
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) am = fmaxf(am, __shfl_xor_sync(FULL_MASK, am, o));
+    if ((threadIdx.x & 31) == 0) s_red[threadIdx.x >> 5] = am;
+    __syncthreads();
+    am = s_red[0];
+    for (int w = 1; w < (int)(blockDim.x >> 5); w++) am = fmaxf(am, s_red[w]);
+    int e = 0;
+    if (am > 0.f && am <= 3.4e38f) {
+        int ex;
+        frexpf(am, &ex);
+        e = min(100, max(-100, 15 - ex));
+    }
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) {
+        const float v = ldexpf(xr[i], e);
+        const u16 h = f2h(v);
+        hi[t * cols + i] = h;
+        lo[t * cols + i] = f2h(__fsub_rn(v, h2f(h)));
+    }
+    if (threadIdx.x == 0) ascale[t] = ldexpf(1.0f, -e);
+}
+
+// ------------------------------------------------------------------------------------------
+// MoE bucketing (one block of 1024 threads, n_exp ≤ 1024): counts per expert, pair offsets,
+// tile offsets (tiles of `bn` pairs), and the permutation grouping pairs by expert. Pairs with
+// an id outside [0, n_exp) are left out (ds4_tc_moe_sum turns their token into NaN).
+extern "C" __global__ void __launch_bounds__(1024) ds4_tc_moe_bucket(const int* __restrict__ ids, int npairs,
+                                                                     int n_exp, int bn, int* __restrict__ cnt,
+                                                                     int* __restrict__ off, int* __restrict__ toff,
+                                                                     int* __restrict__ perm) {
+    __shared__ int s_cnt[1024];
+    __shared__ int s_cur[1024];
+    __shared__ int s_off[1024];
+    __shared__ int s_w[2][32];
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    s_cnt[tid] = 0;
+    s_cur[tid] = 0;
+    __syncthreads();
+    for (int p = tid; p < npairs; p += 1024) {
+        const int e = ids[p];
+        if (e >= 0 && e < n_exp) atomicAdd(&s_cnt[e], 1);
+    }
+    __syncthreads();
+    const int c = tid < n_exp ? s_cnt[tid] : 0;
+    const int tl = (c + bn - 1) / bn;
+    int ic = c, it = tl;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        const int vc = __shfl_up_sync(FULL_MASK, ic, o);
+        const int vt = __shfl_up_sync(FULL_MASK, it, o);
+        if (lane >= o) {
+            ic += vc;
+            it += vt;
+        }
+    }
+    if (lane == 31) {
+        s_w[0][warp] = ic;
+        s_w[1][warp] = it;
+    }
+    __syncthreads();
+    if (warp == 0) {
+        int wc = s_w[0][lane], wt = s_w[1][lane];
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+            const int vc = __shfl_up_sync(FULL_MASK, wc, o);
+            const int vt = __shfl_up_sync(FULL_MASK, wt, o);
+            if (lane >= o) {
+                wc += vc;
+                wt += vt;
+            }
+        }
+        s_w[0][lane] = wc;  // inclusive prefix over warps
+        s_w[1][lane] = wt;
+    }
+    __syncthreads();
+    const int pc = warp ? s_w[0][warp - 1] : 0;
+    const int pt = warp ? s_w[1][warp - 1] : 0;
+    const int incl_c = ic + pc, incl_t = it + pt;
+    if (tid < n_exp) {
+        cnt[tid] = c;
+        off[tid] = incl_c - c;
+        toff[tid] = incl_t - tl;
+        s_off[tid] = incl_c - c;
+    }
+    if (tid == n_exp - 1) toff[n_exp] = incl_t;
+    __syncthreads();
+    for (int p = tid; p < npairs; p += 1024) {
+        const int e = ids[p];
+        if (e >= 0 && e < n_exp) perm[s_off[e] + atomicAdd(&s_cur[e], 1)] = p;
+    }
+}
+
+// Routed-expert sum: out[t][r] = (float) Σ_j (double) part[t·k + j][r] in slot order (as the CPU
+// and gemv's moe_down); NaN when an id of token t is outside [0, n_exp).
+extern "C" __global__ void ds4_tc_moe_sum(const float* __restrict__ part, const int* __restrict__ ids, int n,
+                                          int k, int n_exp, int E, float* __restrict__ out) {
+    const i64 total = (i64)n * E;
+    for (i64 u = (i64)blockIdx.x * blockDim.x + threadIdx.x; u < total; u += (i64)gridDim.x * blockDim.x) {
+        const i64 t = u / E;
+        const int r = (int)(u % E);
+        bool bad = false;
+        double s = 0.0;
+        for (int j = 0; j < k; j++) {
+            const int e = __ldg(ids + t * k + j);
+            if (e < 0 || e >= n_exp) bad = true;
+            s += (double)__ldg(part + (t * k + j) * E + r);
+        }
+        out[u] = bad ? __int_as_float(0x7fc00000) : (float)s;
+    }
+}

@@ -1,0 +1,801 @@
+//! Tensor-core prefill routes (owner: "tc"; kernels in `kernels/tc.cu`).
+//!
+//! Chunks of at least [`MIN_TOKENS`] tokens run their weight products as GEMMs on the tensor
+//! cores instead of the decode-style matvec kernels of [`crate::gemv`] (which read the weights
+//! once per 8 tokens). Every route keeps ds4's activation numerics:
+//!
+//! | route (switch) | weights | operands | numerics vs the exact path |
+//! |---|---|---|---|
+//! | `dense` (`DS4_CUDA_TC_DENSE_DISABLE`) | Q8_0 q_a, q_b, kv, out_b, shared gate/up/down, LM head | int8 × int8 (`mma m16n8k32 s8`), activations from [`Gemv::quantize_act`] | each 32-block's integer dot exact; the block term `(d_w·d_x)·isum` added with one FMA |
+//! | `attn_out` (`…_ATTN_OUT_DISABLE`) | Q8_0 `attn_output_a` (8 groups) | as dense | as dense |
+//! | `f16` (`…_F16_DISABLE`) | F16 HC mixing, router, compressors, indexer | f16 × (f16 hi + f16 lo) (`mma m16n8k16`), f32 accumulation | ~f32 (x carried to 22 bits) |
+//! | `moe_gate` + `moe_up` (fused) | IQ2_XXS / Q2_K / Q4_K / Q8_0 routed gate and up, SwiGLU and the routing weight fused | int8 × Q8_K int8, weights dequantised to exact int8 in shared memory | every super-block's integer sums exact, its f32 term formed as on the CPU |
+//! | `moe_down` (`…_MOE_DOWN_DISABLE`) | routed down + fixed-order 6-expert sum | as gate/up | as gate/up; the sum over the k experts in slot order in f64 like the CPU |
+//! | `attn` | chunk attention | — | not implemented (always off) |
+//!
+//! `DS4_CUDA_TC_DISABLE=1` turns every route off; `--quality` (`CudaOptions::quality`) too.
+//! The gate and up projections are one fused kernel: both `moe_gate` and `moe_up` must be on
+//! for it, otherwise both run on the exact path.
+//!
+//! So on quantized weights a route differs from the exact path only in the order of the f32
+//! sum over a row's block terms (plus, for Q8_0, one rounding per block term): the same size
+//! of difference as between the exact path and the CPU.
+//!
+//! Routed MoE is a grouped GEMM: the (token, slot) pairs of a chunk are bucketed by expert on
+//! the device (counts → offsets → permutation, `ds4_tc_moe_bucket`; no host synchronisation,
+//! capture-safe), then each CTA takes up to BN pairs of one expert and 64 (gate+up) or 128
+//! (down) weight rows. Down writes one row per pair; `ds4_tc_moe_sum` adds a token's k rows in
+//! slot order (deterministic, no atomics on outputs). Chunks are processed in sub-batches of
+//! at most [`MOE_MAX_TOKENS`] tokens (bounds the per-pair scratch).
+//!
+//! The compute calls only enqueue kernels on the stream (graph-capture safe); they take raw
+//! device addresses and are `unsafe`: the caller guarantees the buffer sizes stated on each.
+
+use std::ffi::c_void;
+use std::sync::Arc;
+
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, DevicePtr, result, sys};
+use ds4_gguf::GgmlType;
+
+use crate::gemv::DevWeight;
+use crate::rt::{A, DBuf, drv, launch};
+use crate::{CudaError, TcRoutes};
+
+/// Smallest number of tokens that takes a route.
+pub const MIN_TOKENS: usize = TcRoutes::MIN_TOKENS;
+/// Tokens per routed-MoE sub-batch.
+pub const MOE_MAX_TOKENS: usize = 2048;
+
+/// Weight rows one CTA covers (shared-memory A rows).
+const BM: usize = 128;
+const THREADS: u32 = 256;
+
+fn terr(msg: impl std::fmt::Display) -> CudaError {
+    CudaError::Driver(format!("tc: {msg}"))
+}
+
+const fn align256(x: usize) -> usize {
+    x.div_ceil(256) * 256
+}
+
+/// Kernel parameters (`struct TcArgs` in tc.cu).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct TcArgs {
+    wa0: u64,
+    wa1: u64,
+    wa2: u64,
+    wb0: u64,
+    wb1: u64,
+    wb2: u64,
+    aq: u64,
+    ad: u64,
+    ascale: u64,
+    list: u64,
+    cnt: u64,
+    off: u64,
+    toff: u64,
+    wts: u64,
+    y: u64,
+    r: i32,
+    c: i32,
+    nb: i32,
+    cx: i32,
+    grouped: i32,
+    n: i32,
+    n_exp: i32,
+    kdiv: i32,
+    ldy: i32,
+    clamp: f32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum WKind {
+    Q8_0 = 0,
+    Iq2Xxs = 1,
+    Q2K = 2,
+    Q4K = 3,
+    F16 = 4,
+}
+
+impl WKind {
+    fn of(ty: GgmlType) -> Option<WKind> {
+        Some(match ty {
+            GgmlType::Q8_0 => WKind::Q8_0,
+            GgmlType::IQ2_XXS => WKind::Iq2Xxs,
+            GgmlType::Q2_K => WKind::Q2K,
+            GgmlType::Q4_K => WKind::Q4K,
+            GgmlType::F16 => WKind::F16,
+            _ => return None,
+        })
+    }
+    fn name(self) -> &'static str {
+        ["q8_0", "iq2_xxs", "q2_k", "q4_k", "f16"][self as usize]
+    }
+    /// Elements per weight block (Q8_0: 32; K-quants: 256; F16: 1).
+    fn block(self) -> usize {
+        match self {
+            WKind::Q8_0 => 32,
+            WKind::F16 => 1,
+            _ => 256,
+        }
+    }
+    /// Elements per activation scale (Q8_0: 32, Q8_K: 256).
+    fn act_block(self) -> usize {
+        if self == WKind::Q8_0 { 32 } else { 256 }
+    }
+    /// Whether a matrix of `cols` columns (and `rt` rows in all) is supported.
+    fn cols_ok(self, cols: usize, rt: usize) -> bool {
+        match self {
+            WKind::Q8_0 => cols.is_multiple_of(64),
+            WKind::F16 => cols.is_multiple_of(16),
+            WKind::Iq2Xxs => cols.is_multiple_of(256) && (rt * (cols / 256)).is_multiple_of(2),
+            WKind::Q2K | WKind::Q4K => cols.is_multiple_of(256),
+        }
+    }
+}
+
+/// Region addresses of a weight in gemv's device layout (see `gemv.rs`, "Device layouts").
+fn regions(w: &DevWeight, stream: &CudaStream) -> (u64, u64, u64) {
+    let (p, _g) = w.data().device_ptr(stream);
+    let rt = w.rows() * w.n_mat();
+    let cols = w.cols();
+    match WKind::of(w.ty()) {
+        Some(WKind::Q8_0) => (p, p + align256(rt * cols) as u64, 0),
+        Some(WKind::Q2K) => {
+            let nbt = rt * (cols / 256);
+            let o1 = align256(64 * nbt);
+            let o2 = align256(o1 + 16 * nbt);
+            (p, p + o1 as u64, p + o2 as u64)
+        }
+        Some(WKind::Iq2Xxs) => {
+            let nbt = rt * (cols / 256);
+            (p, p + align256(64 * nbt) as u64, 0)
+        }
+        _ => (p, 0, 0),
+    }
+}
+
+/// Offset of the scales in gemv's activation scratch for `n` rows of `cols` (qs come first).
+fn act_d_offset(cols: usize, n: usize) -> u64 {
+    align256(n * cols) as u64
+}
+
+/// Scratch sizes of a [`Tc`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TcConfig {
+    /// Most tokens per call.
+    pub max_tokens: usize,
+    /// Most activation columns (`cols · n_mat`) of an F16 matrix.
+    pub max_f16_cols: usize,
+    /// Routed experts (≤ 1024).
+    pub n_expert: usize,
+    /// Experts per token.
+    pub n_expert_used: usize,
+    /// Rows of the routed down projection (n_embd).
+    pub down_rows: usize,
+}
+
+struct Kern {
+    f: CudaFunction,
+    smem: u32,
+}
+
+/// Variant table order (must match `ds4_tc_smem_sizes`).
+const SMEM_ORDER: [(WKind, usize); 9] = [
+    (WKind::Q8_0, 32),
+    (WKind::Q8_0, 64),
+    (WKind::Iq2Xxs, 32),
+    (WKind::Iq2Xxs, 64),
+    (WKind::Q2K, 32),
+    (WKind::Q2K, 64),
+    (WKind::Q4K, 32),
+    (WKind::Q4K, 64),
+    (WKind::F16, 64),
+];
+
+/// The tensor-core route kernels, their scratch and the routes in force.
+pub struct Tc {
+    _module: Arc<CudaModule>,
+    routes: TcRoutes,
+    cfg: TcConfig,
+    sms: u32,
+    /// (kind, bn, swiglu) → kernel.
+    gemm: Vec<((WKind, usize, bool), Kern)>,
+    prep: CudaFunction,
+    bucket: CudaFunction,
+    sum: CudaFunction,
+    f16_hi: DBuf,
+    f16_lo: DBuf,
+    f16_scale: DBuf,
+    cnt: DBuf,
+    off: DBuf,
+    toff: DBuf,
+    perm: DBuf,
+    part: DBuf,
+}
+
+impl std::fmt::Debug for Tc {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tc")
+            .field("routes", &self.routes)
+            .field("cfg", &self.cfg)
+            .finish()
+    }
+}
+
+impl Tc {
+    /// Load the kernels and allocate scratch for `cfg` (allocates; not for capture).
+    pub fn new(
+        ctx: &Arc<CudaContext>,
+        stream: &Arc<CudaStream>,
+        cfg: TcConfig,
+        routes: TcRoutes,
+    ) -> Result<Tc, CudaError> {
+        if cfg.n_expert > 1024 {
+            return Err(terr("more than 1024 experts"));
+        }
+        let module = crate::device::load_module(ctx, "tc")?;
+        let func = |name: &str| {
+            module
+                .load_function(name)
+                .map_err(|e| terr(format!("kernel {name}: {e}")))
+        };
+        let sms = ctx
+            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(drv)? as u32;
+        let smem_max = ctx
+            .attribute(
+                sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+            )
+            .map_err(drv)? as u32;
+        // Shared-memory sizes as the kernels compute them.
+        let sizes_buf = DBuf::zeroed(stream, 16 * 4)?;
+        launch(
+            stream,
+            &func("ds4_tc_smem_sizes")?,
+            (1, 1, 1),
+            32,
+            0,
+            &[A::P(sizes_buf.ptr)],
+        )?;
+        let mut sizes = [0i32; 16];
+        crate::rt::dtoh(stream, &mut sizes, sizes_buf.ptr)?;
+        if sizes[9] as usize != std::mem::size_of::<TcArgs>() {
+            return Err(terr(format!(
+                "kernel parameter block is {} bytes, host has {}",
+                sizes[9],
+                std::mem::size_of::<TcArgs>()
+            )));
+        }
+        let mut gemm = Vec::new();
+        for (i, &(kind, bn)) in SMEM_ORDER.iter().enumerate() {
+            let smem = sizes[i] as u32;
+            if smem > smem_max {
+                return Err(terr(format!(
+                    "{} tile needs {smem} B of shared memory, the device allows {smem_max}",
+                    kind.name()
+                )));
+            }
+            let modes: &[bool] = if kind == WKind::F16 {
+                &[false]
+            } else {
+                &[false, true]
+            };
+            for &swiglu in modes {
+                let name = format!(
+                    "ds4_tc_{}_{bn}_{}",
+                    kind.name(),
+                    if swiglu { "g" } else { "s" }
+                );
+                let f = func(&name)?;
+                f.set_attribute(
+                    sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    smem as i32,
+                )
+                .map_err(drv)?;
+                gemm.push(((kind, bn, swiglu), Kern { f, smem }));
+            }
+        }
+        let f16_elems = cfg.max_tokens * cfg.max_f16_cols;
+        let moe_tok = cfg.max_tokens.min(MOE_MAX_TOKENS);
+        let pairs = moe_tok * cfg.n_expert_used;
+        Ok(Tc {
+            prep: func("ds4_tc_f16_prep")?,
+            bucket: func("ds4_tc_moe_bucket")?,
+            sum: func("ds4_tc_moe_sum")?,
+            _module: module,
+            routes,
+            cfg,
+            sms,
+            gemm,
+            f16_hi: DBuf::zeroed(stream, f16_elems * 2)?,
+            f16_lo: DBuf::zeroed(stream, f16_elems * 2)?,
+            f16_scale: DBuf::zeroed(stream, cfg.max_tokens * 4)?,
+            cnt: DBuf::zeroed(stream, cfg.n_expert * 4)?,
+            off: DBuf::zeroed(stream, cfg.n_expert * 4)?,
+            toff: DBuf::zeroed(stream, (cfg.n_expert + 1) * 4)?,
+            perm: DBuf::zeroed(stream, pairs * 4)?,
+            part: DBuf::zeroed(stream, pairs * cfg.down_rows * 4)?,
+        })
+    }
+
+    /// The routes in force.
+    pub fn routes(&self) -> TcRoutes {
+        self.routes
+    }
+
+    /// Scratch sizes.
+    pub fn config(&self) -> TcConfig {
+        self.cfg
+    }
+
+    /// Device bytes of the scratch.
+    pub fn scratch_bytes(&self) -> usize {
+        [
+            &self.f16_hi,
+            &self.f16_lo,
+            &self.f16_scale,
+            &self.cnt,
+            &self.off,
+            &self.toff,
+            &self.perm,
+            &self.part,
+        ]
+        .iter()
+        .map(|b| b.bytes)
+        .sum()
+    }
+
+    fn kern(&self, kind: WKind, bn: usize, swiglu: bool) -> Result<&Kern, CudaError> {
+        self.gemm
+            .iter()
+            .find(|(k, _)| *k == (kind, bn, swiglu))
+            .map(|(_, k)| k)
+            .ok_or_else(|| terr(format!("no {} kernel for BN {bn}", kind.name())))
+    }
+
+    /// Whether [`Tc::matmul`] takes `w` for `n` tokens under the routes in force (type, shape,
+    /// scratch and the route switch: Q8_0 single matrix → `dense`, grouped → `attn_out`,
+    /// F16 → `f16`).
+    pub fn takes_matmul(&self, w: &DevWeight, n: usize) -> bool {
+        if n < MIN_TOKENS || n > self.cfg.max_tokens {
+            return false;
+        }
+        let rt = w.rows() * w.n_mat();
+        match WKind::of(w.ty()) {
+            Some(WKind::Q8_0) => {
+                let on = if w.n_mat() > 1 {
+                    self.routes.attn_out
+                } else {
+                    self.routes.dense
+                };
+                on && WKind::Q8_0.cols_ok(w.cols(), rt)
+            }
+            Some(WKind::F16) => {
+                self.routes.f16
+                    && WKind::F16.cols_ok(w.cols(), rt)
+                    && w.cols() * w.n_mat() <= self.cfg.max_f16_cols
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether [`Tc::gate_up`] takes the dense (shared-expert) pair (`dense` route).
+    pub fn takes_gate_up(&self, gate: &DevWeight, up: &DevWeight, n: usize) -> bool {
+        n >= MIN_TOKENS
+            && n <= self.cfg.max_tokens
+            && self.routes.dense
+            && Self::pair_ok(gate, up)
+            && gate.n_mat() == 1
+            && gate.ty() == GgmlType::Q8_0
+            && WKind::Q8_0.cols_ok(gate.cols(), gate.rows())
+    }
+
+    fn pair_ok(gate: &DevWeight, up: &DevWeight) -> bool {
+        gate.ty() == up.ty()
+            && gate.cols() == up.cols()
+            && gate.rows() == up.rows()
+            && gate.n_mat() == up.n_mat()
+    }
+
+    fn moe_ok(&self, w: &DevWeight, n: usize, k: usize) -> bool {
+        n >= MIN_TOKENS
+            && n <= self.cfg.max_tokens
+            && k >= 1
+            && k <= self.cfg.n_expert_used
+            && w.n_mat() <= self.cfg.n_expert
+            && WKind::of(w.ty())
+                .is_some_and(|kd| kd != WKind::F16 && kd.cols_ok(w.cols(), w.rows() * w.n_mat()))
+    }
+
+    /// Whether [`Tc::moe_gate_up`] takes the routed pair (`moe_gate` and `moe_up` both on).
+    pub fn takes_moe_gate_up(&self, gate: &DevWeight, up: &DevWeight, n: usize, k: usize) -> bool {
+        self.routes.moe_gate
+            && self.routes.moe_up
+            && Self::pair_ok(gate, up)
+            && self.moe_ok(gate, n, k)
+    }
+
+    /// Whether [`Tc::moe_down`] takes the routed down projection (`moe_down` on).
+    pub fn takes_moe_down(&self, down: &DevWeight, n: usize, k: usize) -> bool {
+        self.routes.moe_down && self.moe_ok(down, n, k) && down.rows() <= self.cfg.down_rows
+    }
+
+    fn launch_gemm(
+        &self,
+        stream: &CudaStream,
+        k: &Kern,
+        grid: (u32, u32, u32),
+        a: &TcArgs,
+    ) -> Result<(), CudaError> {
+        if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
+            return Ok(());
+        }
+        if grid.1 > 65535 || grid.2 > 65535 {
+            return Err(terr(format!("grid {grid:?} too large")));
+        }
+        let mut p: [*mut c_void; 1] = [a as *const TcArgs as *mut c_void];
+        // SAFETY: the kernel takes one `TcArgs` by value (layout checked against the device's
+        // sizeof at start-up); the callers guarantee every address in it covers what the kernel
+        // reads and writes for this grid.
+        unsafe {
+            result::launch_kernel(
+                k.f.cu_function(),
+                grid,
+                (THREADS, 1, 1),
+                k.smem,
+                stream.cu_stream(),
+                &mut p,
+            )
+        }
+        .map_err(|e| terr(format!("kernel launch failed: {e}")))
+    }
+
+    /// `y[t] = W·x[t]` for `n` tokens (grouped when `w.n_mat() > 1`, as [`crate::gemv::Gemv::matvec`]),
+    /// for a weight [`Tc::takes_matmul`] accepts (route switches aside).
+    ///
+    /// # Safety
+    /// Q8_0: `act` holds `Gemv::quantize_act(Q8_0, x, n, cols·n_mat)` (its layout for `n`
+    /// rows); F16: `x` is `[n][cols·n_mat]` f32 (`act` unused). `y` has room for
+    /// `n·rows·n_mat` f32. All are live device allocations used on `stream`.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn matmul(
+        &self,
+        stream: &Arc<CudaStream>,
+        w: &DevWeight,
+        x: u64,
+        act: u64,
+        n: usize,
+        y: u64,
+    ) -> Result<(), CudaError> {
+        if n == 0 {
+            return Ok(());
+        }
+        let kind = WKind::of(w.ty()).ok_or_else(|| terr(format!("{:?} weights", w.ty())))?;
+        let rt = w.rows() * w.n_mat();
+        if !kind.cols_ok(w.cols(), rt) || n > self.cfg.max_tokens {
+            return Err(terr(format!("unsupported matmul {w:?} for {n} tokens")));
+        }
+        let cx = w.cols() * w.n_mat();
+        let (w0, w1, w2) = regions(w, stream);
+        let mut a = TcArgs {
+            wa0: w0,
+            wa1: w1,
+            wa2: w2,
+            r: w.rows() as i32,
+            c: w.cols() as i32,
+            nb: (w.cols() / kind.block()) as i32,
+            cx: cx as i32,
+            grouped: (w.n_mat() > 1) as i32,
+            n: n as i32,
+            kdiv: 1,
+            ldy: rt as i32,
+            y,
+            ..Default::default()
+        };
+        let bn = match kind {
+            WKind::Q8_0 => {
+                a.aq = act;
+                a.ad = act + act_d_offset(cx, n);
+                if n <= 32 { 32 } else { 64 }
+            }
+            WKind::F16 => {
+                if cx > self.cfg.max_f16_cols {
+                    return Err(terr("F16 activations exceed the scratch"));
+                }
+                launch(
+                    stream,
+                    &self.prep,
+                    (n as u32, 1, 1),
+                    256,
+                    0,
+                    &[
+                        A::P(x),
+                        A::I(cx as i32),
+                        A::P(self.f16_hi.ptr),
+                        A::P(self.f16_lo.ptr),
+                        A::P(self.f16_scale.ptr),
+                    ],
+                )?;
+                a.aq = self.f16_hi.ptr;
+                a.ad = self.f16_lo.ptr;
+                a.ascale = self.f16_scale.ptr;
+                64
+            }
+            _ => return Err(terr(format!("{:?} is not a dense route type", w.ty()))),
+        };
+        let k = self.kern(kind, bn, false)?;
+        let grid = (
+            n.div_ceil(bn) as u32,
+            w.rows().div_ceil(BM) as u32,
+            w.n_mat() as u32,
+        );
+        self.launch_gemm(stream, k, grid, &a)
+    }
+
+    /// Dense gate/up/SwiGLU (shared expert): `mid[t][r] = silu(min(g,c))·clamp(u,±c)` as
+    /// [`crate::gemv::Gemv::gate_up_swiglu`], for a pair [`Tc::takes_gate_up`] accepts.
+    ///
+    /// # Safety
+    /// `act` holds `Gemv::quantize_act(Q8_0, x, n, cols)`; `mid` has room for `n·rows` f32.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn gate_up(
+        &self,
+        stream: &Arc<CudaStream>,
+        gate: &DevWeight,
+        up: &DevWeight,
+        act: u64,
+        n: usize,
+        clamp: f32,
+        mid: u64,
+    ) -> Result<(), CudaError> {
+        if n == 0 {
+            return Ok(());
+        }
+        if !Self::pair_ok(gate, up)
+            || gate.ty() != GgmlType::Q8_0
+            || gate.n_mat() != 1
+            || !WKind::Q8_0.cols_ok(gate.cols(), gate.rows())
+            || n > self.cfg.max_tokens
+        {
+            return Err(terr(format!("unsupported gate/up pair {gate:?} {up:?}")));
+        }
+        let (g0, g1, g2) = regions(gate, stream);
+        let (u0, u1, u2) = regions(up, stream);
+        let cols = gate.cols();
+        let a = TcArgs {
+            wa0: g0,
+            wa1: g1,
+            wa2: g2,
+            wb0: u0,
+            wb1: u1,
+            wb2: u2,
+            aq: act,
+            ad: act + act_d_offset(cols, n),
+            r: gate.rows() as i32,
+            c: cols as i32,
+            nb: (cols / 32) as i32,
+            cx: cols as i32,
+            n: n as i32,
+            kdiv: 1,
+            ldy: gate.rows() as i32,
+            y: mid,
+            clamp,
+            ..Default::default()
+        };
+        let bn = if n <= 32 { 32 } else { 64 };
+        let k = self.kern(WKind::Q8_0, bn, true)?;
+        let grid = (
+            n.div_ceil(bn) as u32,
+            gate.rows().div_ceil(BM / 2) as u32,
+            1,
+        );
+        self.launch_gemm(stream, k, grid, &a)
+    }
+
+    fn moe_bn(&self, nt: usize, k: usize, n_exp: usize) -> usize {
+        if nt * k >= 40 * n_exp { 64 } else { 32 }
+    }
+
+    fn bucket(
+        &self,
+        stream: &CudaStream,
+        ids: u64,
+        npairs: usize,
+        n_exp: usize,
+        bn: usize,
+    ) -> Result<(), CudaError> {
+        launch(
+            stream,
+            &self.bucket,
+            (1, 1, 1),
+            1024,
+            0,
+            &[
+                A::P(ids),
+                A::I(npairs as i32),
+                A::I(n_exp as i32),
+                A::I(bn as i32),
+                A::P(self.cnt.ptr),
+                A::P(self.off.ptr),
+                A::P(self.toff.ptr),
+                A::P(self.perm.ptr),
+            ],
+        )
+    }
+
+    fn check_moe(&self, w: &DevWeight, n: usize, k: usize) -> Result<WKind, CudaError> {
+        if !self.moe_ok(w, n.max(MIN_TOKENS), k) {
+            return Err(terr(format!(
+                "unsupported routed experts {w:?}, n {n}, k {k}"
+            )));
+        }
+        WKind::of(w.ty()).ok_or_else(|| terr("type"))
+    }
+
+    /// Routed gate/up/SwiGLU as [`crate::gemv::Gemv::moe_gate_up`]: `mid[t][j][r] =
+    /// silu(min(g,c))·clamp(u,±c)·w_tj` for the experts `ids[t][j]`.
+    ///
+    /// # Safety
+    /// `act` holds `Gemv::quantize_act(gate.ty(), x, n, cols)`; `ids`, `wts` are `[n][k]`
+    /// i32 / f32; `mid` has room for `n·k·rows` f32.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn moe_gate_up(
+        &self,
+        stream: &Arc<CudaStream>,
+        gate: &DevWeight,
+        up: &DevWeight,
+        act: u64,
+        ids: u64,
+        wts: u64,
+        n: usize,
+        k: usize,
+        clamp: f32,
+        mid: u64,
+    ) -> Result<(), CudaError> {
+        if n == 0 {
+            return Ok(());
+        }
+        if !Self::pair_ok(gate, up) {
+            return Err(terr("gate and up differ"));
+        }
+        let kind = self.check_moe(gate, n, k)?;
+        let (g0, g1, g2) = regions(gate, stream);
+        let (u0, u1, u2) = regions(up, stream);
+        let cols = gate.cols();
+        let rows = gate.rows();
+        let n_exp = gate.n_mat();
+        let od = act_d_offset(cols, n);
+        let ab = kind.act_block();
+        let mut t0 = 0;
+        while t0 < n {
+            let nt = (n - t0).min(MOE_MAX_TOKENS).min(self.cfg.max_tokens);
+            let bn = self.moe_bn(nt, k, n_exp);
+            self.bucket(stream, ids + (4 * t0 * k) as u64, nt * k, n_exp, bn)?;
+            let a = TcArgs {
+                wa0: g0,
+                wa1: g1,
+                wa2: g2,
+                wb0: u0,
+                wb1: u1,
+                wb2: u2,
+                aq: act + (t0 * cols) as u64,
+                ad: act + od + (4 * (t0 * cols / ab)) as u64,
+                list: self.perm.ptr,
+                cnt: self.cnt.ptr,
+                off: self.off.ptr,
+                toff: self.toff.ptr,
+                wts: wts + (4 * t0 * k) as u64,
+                y: mid + (4 * t0 * k * rows) as u64,
+                r: rows as i32,
+                c: cols as i32,
+                nb: (cols / kind.block()) as i32,
+                cx: cols as i32,
+                n_exp: n_exp as i32,
+                kdiv: k as i32,
+                ldy: rows as i32,
+                clamp,
+                ..Default::default()
+            };
+            let kern = self.kern(kind, bn, true)?;
+            let grid = (
+                ((nt * k).div_ceil(bn) + n_exp) as u32,
+                rows.div_ceil(BM / 2) as u32,
+                1,
+            );
+            self.launch_gemm(stream, kern, grid, &a)?;
+            t0 += nt;
+        }
+        Ok(())
+    }
+
+    /// Routed down projection and the sum over each token's `k` experts, as
+    /// [`crate::gemv::Gemv::moe_down`] (whose activation quantization the caller runs first):
+    /// `out[t][r] = (f32) Σ_j (f64) (down[ids[t][j]] · mid[t][j])[r]`, NaN for a token with an
+    /// id outside `0..n_mat`.
+    ///
+    /// # Safety
+    /// `mid_act` holds `Gemv::quantize_act(down.ty(), mid, n·k, down.cols())`; `ids` is
+    /// `[n][k]` i32; `out` has room for `n·rows` f32.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn moe_down(
+        &self,
+        stream: &Arc<CudaStream>,
+        down: &DevWeight,
+        mid_act: u64,
+        ids: u64,
+        n: usize,
+        k: usize,
+        out: u64,
+    ) -> Result<(), CudaError> {
+        if n == 0 {
+            return Ok(());
+        }
+        let kind = self.check_moe(down, n, k)?;
+        let rows = down.rows();
+        if rows > self.cfg.down_rows {
+            return Err(terr("down rows exceed the scratch"));
+        }
+        let (p0, p1, p2) = regions(down, stream);
+        let cols = down.cols();
+        let n_exp = down.n_mat();
+        let od = act_d_offset(cols, n * k);
+        let ab = kind.act_block();
+        let mut t0 = 0;
+        while t0 < n {
+            let nt = (n - t0).min(MOE_MAX_TOKENS).min(self.cfg.max_tokens);
+            let bn = self.moe_bn(nt, k, n_exp);
+            let ids_t = ids + (4 * t0 * k) as u64;
+            self.bucket(stream, ids_t, nt * k, n_exp, bn)?;
+            let r0 = t0 * k;
+            let a = TcArgs {
+                wa0: p0,
+                wa1: p1,
+                wa2: p2,
+                aq: mid_act + (r0 * cols) as u64,
+                ad: mid_act + od + (4 * (r0 * cols / ab)) as u64,
+                list: self.perm.ptr,
+                cnt: self.cnt.ptr,
+                off: self.off.ptr,
+                toff: self.toff.ptr,
+                y: self.part.ptr,
+                r: rows as i32,
+                c: cols as i32,
+                nb: (cols / kind.block()) as i32,
+                cx: cols as i32,
+                n_exp: n_exp as i32,
+                kdiv: 1,
+                ldy: rows as i32,
+                ..Default::default()
+            };
+            let kern = self.kern(kind, bn, false)?;
+            let grid = (
+                ((nt * k).div_ceil(bn) + n_exp) as u32,
+                rows.div_ceil(BM) as u32,
+                1,
+            );
+            self.launch_gemm(stream, kern, grid, &a)?;
+            let total = nt * rows;
+            let blocks = total.div_ceil(256).min(self.sms as usize * 16) as u32;
+            launch(
+                stream,
+                &self.sum,
+                (blocks, 1, 1),
+                256,
+                0,
+                &[
+                    A::P(self.part.ptr),
+                    A::P(ids_t),
+                    A::I(nt as i32),
+                    A::I(k as i32),
+                    A::I(n_exp as i32),
+                    A::I(rows as i32),
+                    A::P(out + (4 * t0 * rows) as u64),
+                ],
+            )?;
+            t0 += nt;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,536 @@
+//! Tensor-core prefill routes (`ds4_cuda::tc`) against the exact path (`ds4_cuda::gemv`, itself
+//! tested against `ds4_quant` in tests/gemv.rs) and, for F16, against the CPU (`ds4_quant`).
+//!
+//! Skipped (with a printed line) when no CUDA device is usable.
+//!
+//! Tolerances, and why:
+//! * Quantized weights (Q8_0 dense / grouped / shared gate-up, routed IQ2_XXS / Q2_K / Q4_K /
+//!   Q8_0 gate-up and down): `|tc − exact| ≤ 1e-5·(1 + |exact|)`. Both paths form every
+//!   per-block integer sum exactly and the same per-block f32 term (Q8_0: the route fuses the
+//!   term's last product into an FMA, ≤ ½ ulp of the term); only the order of the f32 sum over
+//!   the ≤ 128 block terms differs. Data are scaled so outputs are O(1) (weights ~ N(0, 1/cols),
+//!   x ~ N(0, 1)): a reordered sum differs by ~1e-7·√terms ≈ 1e-6, so 1e-5 has ≥ 10× headroom,
+//!   while any indexing, scale or sign error is ≥ 1e-2. (`mid` carries these errors through the
+//!   f64 SwiGLU: same bound.)
+//! * F16 weights vs the CPU (f32 products, f32 accumulation): `≤ 1e-4·(1 + |cpu|)` as gemv's
+//!   F16 test: x is carried as f16 hi + lo (22 bits, ≤ 2.4e-7 relative per element), products
+//!   are exact, f32 accumulation in another order (4096–16384 terms).
+//!
+//! Every check uses fresh random inputs, poisons the outputs with NaN first and fails on any
+//! non-finite output (except where NaN is the expected answer).
+
+use ds4_cuda::TcRoutes;
+
+#[test]
+fn route_switches_from_the_environment() {
+    let env = |pairs: &'static [(&'static str, &'static str)]| {
+        move |k: &str| {
+            pairs
+                .iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.to_string())
+        }
+    };
+    let all = TcRoutes::all();
+    assert!(all.any() && !all.attn);
+    assert_eq!(all.with_vars(env(&[])), all);
+    assert_eq!(
+        all.with_vars(env(&[("DS4_CUDA_TC_DISABLE", "1")])),
+        TcRoutes::none()
+    );
+    assert_eq!(all.with_vars(env(&[("DS4_CUDA_TC_DISABLE", "0")])), all);
+    let r = all.with_vars(env(&[
+        ("DS4_CUDA_TC_DENSE_DISABLE", "1"),
+        ("DS4_CUDA_TC_MOE_UP_DISABLE", "yes"),
+    ]));
+    assert!(!r.dense && !r.moe_up);
+    assert!(r.attn_out && r.f16 && r.moe_gate && r.moe_down);
+    for (var, f) in [
+        ("DS4_CUDA_TC_ATTN_OUT_DISABLE", 1usize),
+        ("DS4_CUDA_TC_F16_DISABLE", 2),
+        ("DS4_CUDA_TC_MOE_GATE_DISABLE", 3),
+        ("DS4_CUDA_TC_MOE_DOWN_DISABLE", 5),
+    ] {
+        let r = all.with_vars(|k| (k == var).then(|| "1".to_string()));
+        let flags = [r.dense, r.attn_out, r.f16, r.moe_gate, r.moe_up, r.moe_down];
+        for (i, on) in flags.iter().enumerate() {
+            assert_eq!(*on, i != f, "{var}: flag {i}");
+        }
+    }
+    assert!(!TcRoutes::none().any());
+    assert!(all.describe().contains("dense=on") && all.describe().contains("attn=off"));
+}
+
+#[cfg(feature = "cuda")]
+mod gpu {
+    use std::sync::Arc;
+
+    use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr};
+    use ds4_cuda::TcRoutes;
+    use ds4_cuda::gemv::{DevWeight, Gemv};
+    use ds4_cuda::tc::{MOE_MAX_TOKENS, Tc, TcConfig};
+    use ds4_gguf::GgmlType;
+    use ds4_quant::{QMatrix, quantize};
+
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 = self.0.wrapping_add(0x9E3779B97F4A7C15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
+            z ^ (z >> 31)
+        }
+        fn unif(&mut self) -> f64 {
+            (self.next() >> 11) as f64 / (1u64 << 53) as f64
+        }
+        fn normal(&mut self) -> f32 {
+            let u1 = self.unif().max(1e-300);
+            let u2 = self.unif();
+            ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
+        }
+        fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
+            (0..n).map(|_| self.normal() * scale).collect()
+        }
+    }
+
+    struct Dev {
+        stream: Arc<CudaStream>,
+        g: Gemv,
+        tc: Tc,
+    }
+
+    const MAX_TOKENS: usize = 2200;
+
+    fn dev() -> Option<Dev> {
+        match ds4_cuda::probe(0) {
+            Ok(info) => eprintln!("tc tests on {} ({:?})", info.name, info.compute_capability),
+            Err(e) => {
+                eprintln!("skipping GPU tc tests: {e}");
+                return None;
+            }
+        }
+        let ctx = CudaContext::new(0).expect("context");
+        let stream = ctx.default_stream();
+        let g = Gemv::new(&ctx).expect("load gemv kernels");
+        let cfg = TcConfig {
+            max_tokens: MAX_TOKENS,
+            max_f16_cols: 16384,
+            n_expert: 64,
+            n_expert_used: 6,
+            down_rows: 1024,
+        };
+        let tc = Tc::new(&ctx, &stream, cfg, TcRoutes::all()).expect("load tc kernels");
+        Some(Dev { stream, g, tc })
+    }
+
+    fn ptr<T>(d: &Dev, b: &CudaSlice<T>) -> u64 {
+        b.device_ptr(&d.stream).0
+    }
+
+    fn nan_buf(d: &Dev, n: usize) -> CudaSlice<f32> {
+        d.stream.clone_htod(&vec![f32::NAN; n]).unwrap()
+    }
+
+    fn byte_buf(d: &Dev, n: usize) -> CudaSlice<u8> {
+        d.stream.clone_htod(&vec![0xA5u8; n.max(16)]).unwrap()
+    }
+
+    /// Worst normalized error; panics on a violation or a non-finite value.
+    fn check(what: &str, got: &[f32], want: &[f32], tol: f32) -> f32 {
+        assert_eq!(got.len(), want.len(), "{what}: lengths");
+        let mut worst = 0.0f32;
+        for (i, (&a, &e)) in got.iter().zip(want).enumerate() {
+            assert!(a.is_finite(), "{what}: output {i} is {a} (expected {e})");
+            assert!(e.is_finite(), "{what}: reference {i} is {e}");
+            let err = (a - e).abs() / (1.0 + e.abs());
+            assert!(
+                err <= tol,
+                "{what}: output {i}: tc {a} exact {e} (normalized error {err:e} > {tol:e})"
+            );
+            worst = worst.max(err);
+        }
+        eprintln!("{what}: worst normalized error {worst:e}");
+        worst
+    }
+
+    fn make_weight(rng: &mut Rng, ty: GgmlType, cols: usize, rows_total: usize) -> Vec<u8> {
+        let w = rng.vec(cols * rows_total, 1.0 / (cols as f32).sqrt());
+        quantize(ty, &w, cols, None).expect("quantize")
+    }
+
+    fn upload(
+        d: &Dev,
+        rng: &mut Rng,
+        ty: GgmlType,
+        cols: usize,
+        rows: usize,
+        n_mat: usize,
+    ) -> (Vec<u8>, DevWeight) {
+        let b = make_weight(rng, ty, cols, rows * n_mat);
+        let w = d.g.upload(&d.stream, ty, cols, rows, n_mat, &b).unwrap();
+        (b, w)
+    }
+
+    fn pick_ids(rng: &mut Rng, n: usize, k: usize, n_mat: usize) -> Vec<i32> {
+        let mut ids = Vec::with_capacity(n * k);
+        for _ in 0..n {
+            let mut sel: Vec<i32> = Vec::new();
+            while sel.len() < k {
+                let e = (rng.next() % n_mat as u64) as i32;
+                if !sel.contains(&e) {
+                    sel.push(e);
+                }
+            }
+            ids.extend(sel);
+        }
+        ids
+    }
+
+    #[test]
+    fn dense_q8_0_matches_exact_path() {
+        let Some(d) = dev() else { return };
+        let mut rng = Rng(11);
+        let ty = GgmlType::Q8_0;
+        // (cols, rows, n_mat, n): partial row tiles, partial token tiles, a partial last K
+        // stage (cols 128, 1088), grouped, both token-tile widths (≤ 32 and > 32 tokens).
+        let cases = [
+            (4096usize, 1024usize, 1usize, 64usize),
+            (1024, 520, 1, 37),
+            (128, 256, 1, 16),
+            (1088, 200, 1, 100),
+            (512, 256, 8, 40),
+            (256, 4100, 1, 130),
+            (4096, 129, 1, 30),
+        ];
+        for (cols, rows, n_mat, n) in cases {
+            let (_, w) = upload(&d, &mut rng, ty, cols, rows, n_mat);
+            assert!(
+                d.tc.takes_matmul(&w, n),
+                "route must take {cols}x{rows}x{n_mat}"
+            );
+            let cx = cols * n_mat;
+            let x = rng.vec(n * cx, 1.0);
+            let dx = d.stream.clone_htod(&x).unwrap();
+            let mut act = byte_buf(&d, Gemv::act_bytes(ty, cx, n));
+            d.g.quantize_act(&d.stream, ty, &dx, n, cx, &mut act)
+                .unwrap();
+            let mut want = nan_buf(&d, n * rows * n_mat);
+            d.g.matvec(&d.stream, &w, &dx, &act, n, &mut want).unwrap();
+            let y = nan_buf(&d, n * rows * n_mat);
+            // SAFETY: act quantized for w, x [n][cx], y [n][rows·n_mat].
+            unsafe {
+                d.tc.matmul(&d.stream, &w, ptr(&d, &dx), ptr(&d, &act), n, ptr(&d, &y))
+                    .unwrap()
+            };
+            let got = d.stream.clone_dtoh(&y).unwrap();
+            let want = d.stream.clone_dtoh(&want).unwrap();
+            check(
+                &format!("dense Q8_0 {cols}x{rows}x{n_mat} n={n}"),
+                &got,
+                &want,
+                1e-5,
+            );
+        }
+    }
+
+    #[test]
+    fn f16_matches_cpu() {
+        let Some(d) = dev() else { return };
+        let mut rng = Rng(12);
+        let ty = GgmlType::F16;
+        let cases = [
+            (4096usize, 256usize, 1usize, 48usize),
+            (16384, 24, 1, 20),
+            (1024, 520, 1, 70),
+            (512, 64, 4, 33),
+        ];
+        for (cols, rows, n_mat, n) in cases {
+            let (bytes, w) = upload(&d, &mut rng, ty, cols, rows, n_mat);
+            assert!(d.tc.takes_matmul(&w, n));
+            let cx = cols * n_mat;
+            let mut x = rng.vec(n * cx, 1.0);
+            // Rows of very different magnitudes (the per-row exponent), one all-zero row.
+            for t in 0..n {
+                let s = [1e-3f32, 1.0, 250.0, 3e-6][t % 4];
+                for v in &mut x[t * cx..(t + 1) * cx] {
+                    *v *= s;
+                }
+            }
+            for v in &mut x[cx..2 * cx] {
+                *v = 0.0;
+            }
+            let dx = d.stream.clone_htod(&x).unwrap();
+            let y = nan_buf(&d, n * rows * n_mat);
+            // SAFETY: x [n][cx], y [n][rows·n_mat].
+            unsafe {
+                d.tc.matmul(&d.stream, &w, ptr(&d, &dx), 0, n, ptr(&d, &y))
+                    .unwrap()
+            };
+            let got = d.stream.clone_dtoh(&y).unwrap();
+            let q = QMatrix::new(ty, cols, rows * n_mat, &bytes).unwrap();
+            let mut want = vec![0.0f32; n * rows * n_mat];
+            for t in 0..n {
+                for m in 0..n_mat {
+                    let xs = &x[(t * n_mat + m) * cols..(t * n_mat + m + 1) * cols];
+                    let o = (t * n_mat + m) * rows;
+                    q.sub_rows(m * rows, rows)
+                        .unwrap()
+                        .matvec(xs, &mut want[o..o + rows])
+                        .unwrap();
+                }
+            }
+            // Normalize per row scale: compare y / s_t (a relative check on every row).
+            let mut gn = got.clone();
+            let mut wn = want.clone();
+            for t in 0..n {
+                let s = [1e-3f32, 1.0, 250.0, 3e-6][t % 4];
+                for i in t * rows * n_mat..(t + 1) * rows * n_mat {
+                    gn[i] /= s;
+                    wn[i] /= s;
+                }
+            }
+            check(&format!("F16 {cols}x{rows}x{n_mat} n={n}"), &gn, &wn, 1e-4);
+        }
+    }
+
+    #[test]
+    fn shared_gate_up_matches_exact_path() {
+        let Some(d) = dev() else { return };
+        let mut rng = Rng(13);
+        let ty = GgmlType::Q8_0;
+        for (cols, rows, n, clamp) in [
+            (1024usize, 520usize, 40usize, 10.0f32),
+            (4096, 2048, 70, 10.0),
+            (512, 128, 17, 0.5),
+        ] {
+            let (_, gate) = upload(&d, &mut rng, ty, cols, rows, 1);
+            let (_, up) = upload(&d, &mut rng, ty, cols, rows, 1);
+            assert!(d.tc.takes_gate_up(&gate, &up, n));
+            let x = rng.vec(n * cols, 3.0);
+            let dx = d.stream.clone_htod(&x).unwrap();
+            let mut act = byte_buf(&d, Gemv::act_bytes(ty, cols, n));
+            d.g.quantize_act(&d.stream, ty, &dx, n, cols, &mut act)
+                .unwrap();
+            let mut want = nan_buf(&d, n * rows);
+            d.g.gate_up_swiglu(&d.stream, &gate, &up, &dx, &act, n, clamp, &mut want)
+                .unwrap();
+            let mid = nan_buf(&d, n * rows);
+            // SAFETY: act quantized for gate/up, mid [n][rows].
+            unsafe {
+                d.tc.gate_up(
+                    &d.stream,
+                    &gate,
+                    &up,
+                    ptr(&d, &act),
+                    n,
+                    clamp,
+                    ptr(&d, &mid),
+                )
+                .unwrap()
+            };
+            let got = d.stream.clone_dtoh(&mid).unwrap();
+            let want = d.stream.clone_dtoh(&want).unwrap();
+            check(
+                &format!("shared gate/up {cols}x{rows} n={n} clamp={clamp}"),
+                &got,
+                &want,
+                1e-5,
+            );
+        }
+    }
+
+    /// Routed gate/up and down for one type combination against gemv's moe kernels.
+    #[allow(clippy::too_many_arguments)]
+    fn moe_case(
+        d: &Dev,
+        rng: &mut Rng,
+        tg: GgmlType,
+        td: GgmlType,
+        e_dim: usize,
+        ff: usize,
+        n_mat: usize,
+        n: usize,
+        k: usize,
+        clamp: f32,
+    ) {
+        let (_, gate) = upload(d, rng, tg, e_dim, ff, n_mat);
+        let (_, up) = upload(d, rng, tg, e_dim, ff, n_mat);
+        let (_, down) = upload(d, rng, td, ff, e_dim, n_mat);
+        assert!(d.tc.takes_moe_gate_up(&gate, &up, n, k));
+        assert!(d.tc.takes_moe_down(&down, n, k));
+        let x = rng.vec(n * e_dim, 3.0);
+        let ids = pick_ids(rng, n, k, n_mat);
+        let wts: Vec<f32> = (0..n * k).map(|_| rng.unif() as f32 * 0.5 + 0.05).collect();
+        let dx = d.stream.clone_htod(&x).unwrap();
+        let dids = d.stream.clone_htod(&ids).unwrap();
+        let dw = d.stream.clone_htod(&wts).unwrap();
+        let mut act = byte_buf(d, Gemv::act_bytes(tg, e_dim, n));
+        d.g.quantize_act(&d.stream, tg, &dx, n, e_dim, &mut act)
+            .unwrap();
+        let mut want_mid = nan_buf(d, n * k * ff);
+        d.g.moe_gate_up(
+            &d.stream,
+            &gate,
+            &up,
+            &dx,
+            &act,
+            &dids,
+            &dw,
+            n,
+            k,
+            clamp,
+            &mut want_mid,
+        )
+        .unwrap();
+        let mid = nan_buf(d, n * k * ff);
+        // SAFETY: act quantized for the experts, ids/wts [n][k], mid [n·k][ff].
+        unsafe {
+            d.tc.moe_gate_up(
+                &d.stream,
+                &gate,
+                &up,
+                ptr(d, &act),
+                ptr(d, &dids),
+                ptr(d, &dw),
+                n,
+                k,
+                clamp,
+                ptr(d, &mid),
+            )
+            .unwrap()
+        };
+        let got_mid = d.stream.clone_dtoh(&mid).unwrap();
+        let want_mid_h = d.stream.clone_dtoh(&want_mid).unwrap();
+        let tag = format!("{tg:?}/{td:?} {e_dim}x{ff}x{n_mat} n={n} k={k}");
+        check(&format!("moe gate/up {tag}"), &got_mid, &want_mid_h, 1e-5);
+
+        // Down on the exact path's mid, for both.
+        let mut mid_act = byte_buf(d, Gemv::act_bytes(td, ff, n * k));
+        let mut want = nan_buf(d, n * e_dim);
+        d.g.moe_down(
+            &d.stream,
+            &down,
+            &want_mid,
+            &mut mid_act,
+            &dids,
+            n,
+            k,
+            &mut want,
+        )
+        .unwrap();
+        let mut mid_act2 = byte_buf(d, Gemv::act_bytes(td, ff, n * k));
+        d.g.quantize_act(&d.stream, td, &want_mid, n * k, ff, &mut mid_act2)
+            .unwrap();
+        let out = nan_buf(d, n * e_dim);
+        // SAFETY: mid_act2 quantized for down, ids [n][k], out [n][e_dim].
+        unsafe {
+            d.tc.moe_down(
+                &d.stream,
+                &down,
+                ptr(d, &mid_act2),
+                ptr(d, &dids),
+                n,
+                k,
+                ptr(d, &out),
+            )
+            .unwrap()
+        };
+        let got = d.stream.clone_dtoh(&out).unwrap();
+        let want = d.stream.clone_dtoh(&want).unwrap();
+        check(&format!("moe down {tag}"), &got, &want, 1e-5);
+    }
+
+    #[test]
+    fn moe_matches_exact_path() {
+        let Some(d) = dev() else { return };
+        let mut rng = Rng(14);
+        let combos = [
+            (GgmlType::IQ2_XXS, GgmlType::Q2_K),
+            (GgmlType::Q4_K, GgmlType::Q4_K),
+            (GgmlType::Q8_0, GgmlType::Q8_0),
+        ];
+        for (tg, td) in combos {
+            // Few experts, many pairs each (64-pair tiles, several tiles per expert).
+            moe_case(&d, &mut rng, tg, td, 1024, 512, 8, 100, 6, 10.0);
+            // Many experts, few pairs each (32-pair tiles, empty experts), clamp active.
+            moe_case(&d, &mut rng, tg, td, 512, 256, 64, 40, 6, 0.5);
+        }
+        // Flash-like widths, k = 6 of 16.
+        moe_case(
+            &d,
+            &mut rng,
+            GgmlType::IQ2_XXS,
+            GgmlType::Q2_K,
+            1024,
+            1024,
+            16,
+            64,
+            6,
+            10.0,
+        );
+    }
+
+    #[test]
+    fn moe_sub_batches() {
+        let Some(d) = dev() else { return };
+        let mut rng = Rng(15);
+        let n = MOE_MAX_TOKENS + 77;
+        assert!(n <= MAX_TOKENS);
+        moe_case(
+            &d,
+            &mut rng,
+            GgmlType::IQ2_XXS,
+            GgmlType::Q2_K,
+            256,
+            256,
+            32,
+            n,
+            2,
+            10.0,
+        );
+    }
+
+    #[test]
+    fn moe_bad_ids_give_nan() {
+        let Some(d) = dev() else { return };
+        let mut rng = Rng(16);
+        let td = GgmlType::Q2_K;
+        let (e_dim, ff, n_mat, n, k) = (256usize, 256usize, 4usize, 20usize, 2usize);
+        let (_, down) = upload(&d, &mut rng, td, ff, e_dim, n_mat);
+        let mut ids = pick_ids(&mut rng, n, k, n_mat);
+        ids[3 * k + 1] = 9; // token 3: id out of range
+        ids[7 * k] = -1; // token 7
+        let dids = d.stream.clone_htod(&ids).unwrap();
+        let mid = d.stream.clone_htod(&rng.vec(n * k * ff, 1.0)).unwrap();
+        let mut mid_act = byte_buf(&d, Gemv::act_bytes(td, ff, n * k));
+        d.g.quantize_act(&d.stream, td, &mid, n * k, ff, &mut mid_act)
+            .unwrap();
+        let out = d.stream.clone_htod(&vec![0.0f32; n * e_dim]).unwrap();
+        // SAFETY: as moe_case.
+        unsafe {
+            d.tc.moe_down(
+                &d.stream,
+                &down,
+                ptr(&d, &mid_act),
+                ptr(&d, &dids),
+                n,
+                k,
+                ptr(&d, &out),
+            )
+            .unwrap()
+        };
+        let o = d.stream.clone_dtoh(&out).unwrap();
+        for t in 0..n {
+            let row = &o[t * e_dim..(t + 1) * e_dim];
+            if t == 3 || t == 7 {
+                assert!(row.iter().all(|v| v.is_nan()), "token {t} must be NaN");
+            } else {
+                assert!(
+                    row.iter().all(|v| v.is_finite()),
+                    "token {t} must be finite"
+                );
+            }
+        }
+    }
+}
