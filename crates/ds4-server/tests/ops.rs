@@ -403,3 +403,86 @@ async fn metrics_report_requests_tokens_rates_queue_and_cache() {
         assert!(text.contains(&format!("# HELP {fam} ")), "{fam}");
     }
 }
+
+/// POST a chat request over a plain socket; the raw response (read to EOF).
+fn http_post(addr: std::net::SocketAddr, body: &str) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(addr)?;
+    c.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let req = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    c.write_all(req.as_bytes())?;
+    let mut out = Vec::new();
+    let _ = c.read_to_end(&mut out);
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
+/// `serve_on` (what `ds4 serve` runs until SIGINT/SIGTERM) over a real socket: on the signal it
+/// stops accepting, lets the in-flight stream finish, writes the shutdown checkpoint, returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signal_drains_in_flight_work_then_checkpoints_and_returns() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = args();
+    a.kv_disk_dir = Some(dir.path().to_path_buf());
+    a.kv_cache_min_tokens = 8;
+    a.kv_cache_cold_max_tokens = 0;
+    a.kv_cache_continued_interval_tokens = 0;
+    a.shutdown_grace_secs = 20;
+    let server = start(a);
+    let state = server.state().clone();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (sig_tx, sig_rx) = tokio::sync::oneshot::channel::<()>();
+    let serving = tokio::spawn(ds4_server::serve_on(listener, server, async {
+        let _ = sig_rx.await;
+    }));
+    let mut b = long_job(48);
+    b["stream"] = true.into();
+    let body = b.to_string();
+    let client = tokio::task::spawn_blocking(move || http_post(addr, &body).unwrap());
+    let busy = || {
+        state
+            .metrics
+            .busy
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let t0 = Instant::now();
+    while busy() != 1 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the job never started"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    sig_tx.send(()).unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Draining: no new work (the listener is closed, or the request is refused with 503).
+    let late = long_job(1).to_string();
+    if let Ok(out) = tokio::task::spawn_blocking(move || http_post(addr, &late))
+        .await
+        .unwrap()
+    {
+        assert!(out.is_empty() || out.starts_with("HTTP/1.1 503"), "{out}");
+    }
+    let r = tokio::time::timeout(Duration::from_secs(30), serving)
+        .await
+        .expect("serve_on returns after the drain")
+        .unwrap();
+    assert!(r.is_ok(), "{r:?}");
+    // The in-flight stream was finished, not cut: 48 tokens, finish_reason length, [DONE].
+    let out = client.await.unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    assert!(out.contains("\"finish_reason\":\"length\""), "{out}");
+    assert!(out.contains("data: [DONE]"), "{out}");
+    assert!(!out.contains("event: error"), "{out}");
+    assert_eq!(
+        state
+            .metrics
+            .kv_stores_shutdown
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+}
