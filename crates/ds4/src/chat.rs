@@ -23,12 +23,16 @@ pub struct Args {
     pub sampling: SamplingArgs,
     #[command(flatten)]
     pub think: ThinkArgs,
+    /// Say on stderr, every turn, how many transcript tokens were reused from the live KV
+    /// state and how many were prefilled.
+    #[arg(short = 'v', long)]
+    pub verbose: bool,
 }
 
 const HELP: &str = "commands: /help  /think  /think-max  /nothink  /ctx N  /read FILE  /quit";
 
 pub fn run(mut a: Args) -> Result<()> {
-    let lm = common::load_model(&a.model)?;
+    let lm = common::load_model(&a.model.load)?;
     let tok = common::load_tokenizer(&lm.gguf, &lm.path)?;
     let params = a.sampling.params()?;
     let mut rng = a.sampling.rng();
@@ -50,6 +54,7 @@ pub fn run(mut a: Args) -> Result<()> {
         eprintln!("{HELP}");
     }
     let mut lines = stdin.lock().lines();
+    let mut turn = 0usize;
     loop {
         if interactive {
             eprint!("ds4> ");
@@ -114,6 +119,13 @@ pub fn run(mut a: Args) -> Result<()> {
         let t0 = Instant::now();
         let sync = session.sync(&transcript)?;
         let prefill_s = t0.elapsed().as_secs_f64();
+        turn += 1;
+        if a.verbose {
+            eprintln!(
+                "ds4: turn {turn}: reused {} tokens, prefilled {} tokens",
+                sync.reused, sync.evaluated
+            );
+        }
         let budget = a.n.min(a.model.ctx - transcript.len() - 1);
         let mut printer = Utf8Stream::default();
         let stdout = std::io::stdout();

@@ -19,21 +19,17 @@ pub enum BackendChoice {
     Cuda,
 }
 
-/// Model and backend options shared by run, chat, serve and bench.
+/// How to load the model and which backend to run it on: shared by every subcommand that runs
+/// the model (run, chat, serve, bench). `serve` flattens only this part, because the server's
+/// own flags carry the context size and the prefill chunk.
 #[derive(clap::Args, Clone, Debug)]
-pub struct ModelArgs {
+pub struct LoadArgs {
     /// GGUF model file (default: ./ds4flash.gguf, else the tiny built-in model).
     #[arg(short = 'm', long = "model", env = "DS4_MODEL")]
     pub model: Option<PathBuf>,
     /// Backend.
     #[arg(long, value_enum, default_value_t = BackendChoice::Cpu)]
     pub backend: BackendChoice,
-    /// Context size (tokens) of the session.
-    #[arg(short = 'c', long, default_value_t = ds4_model::session::DEFAULT_CTX)]
-    pub ctx: usize,
-    /// Tokens per prefill chunk.
-    #[arg(long, default_value_t = ds4_model::session::DEFAULT_PREFILL_CHUNK)]
-    pub prefill_chunk: usize,
     /// CPU threads (default: all cores).
     #[arg(short = 't', long, env = "DS4_THREADS")]
     pub threads: Option<usize>,
@@ -47,6 +43,19 @@ pub struct ModelArgs {
     /// CUDA device ordinal.
     #[arg(long, default_value_t = 0)]
     pub device: usize,
+}
+
+/// Model and backend options plus the session size: run and chat.
+#[derive(clap::Args, Clone, Debug)]
+pub struct ModelArgs {
+    #[command(flatten)]
+    pub load: LoadArgs,
+    /// Context size (tokens) of the session.
+    #[arg(short = 'c', long, default_value_t = ds4_model::session::DEFAULT_CTX)]
+    pub ctx: usize,
+    /// Tokens per prefill chunk.
+    #[arg(long, default_value_t = ds4_model::session::DEFAULT_PREFILL_CHUNK)]
+    pub prefill_chunk: usize,
 }
 
 /// Where the model came from.
@@ -76,8 +85,12 @@ pub fn resolve_model(arg: Option<&Path>) -> Result<(PathBuf, bool)> {
     Ok((p, true))
 }
 
-/// Open and validate the model.
-pub fn load_model(a: &ModelArgs) -> Result<LoadedModel> {
+/// Open and validate the model. With `--backend cuda` the device is probed first, so a build
+/// or a machine without CUDA fails at once with one line.
+pub fn load_model(a: &LoadArgs) -> Result<LoadedModel> {
+    if a.backend == BackendChoice::Cuda {
+        ds4_cuda::probe(a.device).context("--backend cuda")?;
+    }
     let (path, builtin) = resolve_model(a.model.as_deref())?;
     let gguf =
         Arc::new(Gguf::open(&path).with_context(|| format!("cannot open {}", path.display()))?);
@@ -102,34 +115,33 @@ pub fn load_tokenizer(gguf: &Gguf, path: &Path) -> Result<Tokenizer> {
         .with_context(|| format!("{} has no usable tokenizer", path.display()))
 }
 
-/// A backend of the chosen kind with room for `ctx` tokens.
-pub fn make_backend(
-    a: &ModelArgs,
-    engine: &Engine,
-    model: &Arc<Model>,
-    ctx: usize,
-) -> Result<Box<dyn Backend>> {
-    match a.backend {
-        BackendChoice::Cpu => Ok(Box::new(engine.cpu_backend(ctx)?)),
-        BackendChoice::Cuda => cuda_backend(a, model, ctx),
-    }
-}
-
-#[cfg(feature = "cuda")]
-fn cuda_backend(a: &ModelArgs, model: &Arc<Model>, ctx: usize) -> Result<Box<dyn Backend>> {
-    let opts = ds4_cuda::CudaOptions {
+/// CUDA backend options from the flags.
+pub fn cuda_options(a: &LoadArgs) -> ds4_cuda::CudaOptions {
+    ds4_cuda::CudaOptions {
         device: a.device,
         qat: !a.no_qat,
         quality: a.quality,
         ..Default::default()
-    };
-    let b = ds4_cuda::CudaBackend::new(model.clone(), ctx, opts)?;
-    Ok(Box::new(b))
+    }
 }
 
-#[cfg(not(feature = "cuda"))]
-fn cuda_backend(_a: &ModelArgs, _model: &Arc<Model>, _ctx: usize) -> Result<Box<dyn Backend>> {
-    bail!(ds4_cuda::CudaError::NotCompiled)
+/// A backend of the chosen kind with room for `ctx` tokens (typed error: the server's backend
+/// factory needs it).
+pub fn new_backend(
+    kind: BackendChoice,
+    engine: &Engine,
+    cuda: &ds4_cuda::CudaOptions,
+    ctx: usize,
+) -> ds4_model::Result<Box<dyn Backend>> {
+    match kind {
+        BackendChoice::Cpu => Ok(Box::new(engine.cpu_backend(ctx)?)),
+        BackendChoice::Cuda => ds4_cuda::new_backend(engine.model().clone(), ctx, cuda.clone()),
+    }
+}
+
+/// A backend of the chosen kind with room for `ctx` tokens.
+pub fn make_backend(a: &LoadArgs, engine: &Engine, ctx: usize) -> Result<Box<dyn Backend>> {
+    Ok(new_backend(a.backend, engine, &cuda_options(a), ctx)?)
 }
 
 /// A session on the chosen backend.
@@ -140,7 +152,7 @@ pub fn make_session(a: &ModelArgs, lm: &LoadedModel) -> Result<Session> {
     if a.prefill_chunk == 0 {
         bail!("--prefill-chunk must be at least 1");
     }
-    let backend = make_backend(a, &lm.engine, lm.engine.model(), a.ctx)?;
+    let backend = make_backend(&a.load, &lm.engine, a.ctx)?;
     Ok(Session::with_backend(
         backend,
         SessionOptions {
@@ -148,6 +160,45 @@ pub fn make_session(a: &ModelArgs, lm: &LoadedModel) -> Result<Session> {
             prefill_chunk: a.prefill_chunk,
         },
     )?)
+}
+
+/// Model fingerprint for the disk KV cache: SHA-256 over the GGUF header (version, every
+/// metadata key and value, the tensor directory: names, types, shapes, offsets; exactly the
+/// bytes before the tensor data), the tensor data size, and 64 KiB samples from the start and
+/// the end of the tensor data (so two synthetic files that differ only in their seed differ).
+/// The path plays no part: the same model under another name or directory has the same
+/// fingerprint.
+pub fn fingerprint(g: &Gguf) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    const SAMPLE: usize = 64 << 10;
+    let bytes = g.bytes();
+    let data_start = (g.data_offset() as usize).min(bytes.len());
+    let (header, data) = bytes.split_at(data_start);
+    let mut h = Sha256::new();
+    h.update(b"ds4-rs model fingerprint v1\0");
+    h.update((header.len() as u64).to_le_bytes());
+    h.update(header);
+    h.update((data.len() as u64).to_le_bytes());
+    h.update(&data[..data.len().min(SAMPLE)]);
+    h.update(&data[data.len().saturating_sub(SAMPLE)..]);
+    h.finalize().into()
+}
+
+/// Routed-expert quantization in bits per weight (ds4 stores 2 or 4 in its KV checkpoints;
+/// exact recipes give 8, 16 or 32).
+pub fn routed_quant_bits(model: &Model) -> u8 {
+    use ds4_gguf::GgmlType as T;
+    let Some(l) = model.weights.layers.first() else {
+        return 0;
+    };
+    match l.gate_exps.t.ty {
+        T::IQ2_XXS | T::Q2_K => 2,
+        T::Q4_K => 4,
+        T::Q8_0 => 8,
+        T::F16 | T::BF16 => 16,
+        T::F32 => 32,
+        _ => 0,
+    }
 }
 
 /// Sampling flags.

@@ -10,6 +10,7 @@ mod convert;
 mod drift;
 mod inspect;
 mod run;
+mod serve;
 mod synth;
 mod tokenize;
 
@@ -27,6 +28,8 @@ enum Command {
     Run(run::Args),
     /// Interactive multi-turn chat reusing the KV state across turns.
     Chat(chat::Args),
+    /// OpenAI / Anthropic compatible HTTP server (coding agents).
+    Serve(serve::Args),
     /// Compare two logit dumps (.npy) with ds4 PR #15's drift metrics.
     Drift(drift::Args),
     /// Convert an official checkpoint (or a tokenizer.json) to GGUF.
@@ -44,6 +47,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(a) => run::run(a),
         Command::Chat(a) => chat::run(a),
+        Command::Serve(a) => serve::run(a),
         Command::Drift(a) => drift::run(a),
         Command::Convert(a) => convert::run(a),
         Command::Synth(a) => synth::run(a),
@@ -53,10 +57,25 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            // One clear line: the error and its causes.
-            let chain: Vec<String> = e.chain().map(|c| c.to_string()).collect();
-            eprintln!("ds4: error: {}", chain.join(": "));
+            eprintln!("ds4: error: {}", error_line(&e));
             ExitCode::from(1)
         }
     }
+}
+
+/// One clear line: the error and its causes, skipping a cause whose text the line already
+/// holds (errors that print their source), newlines flattened.
+fn error_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let c = cause.to_string();
+        if line.contains(&c) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&c);
+    }
+    line.replace(['\n', '\r'], " ")
 }

@@ -93,7 +93,7 @@ fn token_json(tok: Option<&Tokenizer>, id: u32) -> serde_json::Value {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let lm = common::load_model(&a.model)?;
+    let lm = common::load_model(&a.model.load)?;
     let tok = common::load_tokenizer(&lm.gguf, &lm.path).ok();
     let think = a.think.mode(a.model.ctx);
     let ids = prompt_ids(&a, tok.as_ref(), think)?;
