@@ -326,3 +326,37 @@ impl Utf8Stream {
         s
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fingerprint_follows_content_not_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = ds4_convert::builtin::tiny_path(Some(dir.path())).unwrap();
+        let bytes = std::fs::read(&p).unwrap();
+        let g = Gguf::open(&p).unwrap();
+        let fp = fingerprint(&g);
+        // Same bytes elsewhere (and in memory): same fingerprint.
+        let q = dir.path().join("elsewhere.gguf");
+        std::fs::write(&q, &bytes).unwrap();
+        assert_eq!(fingerprint(&Gguf::open(&q).unwrap()), fp);
+        assert_eq!(fingerprint(&Gguf::from_bytes(bytes.clone()).unwrap()), fp);
+        // A metadata byte (inside general.name) changes it.
+        let name = b"built-in tiny model";
+        let at = bytes.windows(name.len()).position(|w| w == name).unwrap();
+        assert!((at as u64) < g.data_offset());
+        let mut m = bytes.clone();
+        m[at] = b'B';
+        assert_ne!(fingerprint(&Gguf::from_bytes(m).unwrap()), fp);
+        // A byte of the last tensor's data changes it too.
+        let mut d = bytes.clone();
+        let last = d.len() - 1;
+        d[last] ^= 1;
+        assert_ne!(fingerprint(&Gguf::from_bytes(d).unwrap()), fp);
+        // The built-in model is ds4's q2 recipe.
+        let m = Model::load(Arc::new(g)).unwrap();
+        assert_eq!(routed_quant_bits(&m), 2);
+    }
+}

@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod chat;
 mod common;
 mod convert;
@@ -30,6 +31,9 @@ enum Command {
     Chat(chat::Args),
     /// OpenAI / Anthropic compatible HTTP server (coding agents).
     Serve(serve::Args),
+    /// Throughput sweep over context frontiers (ds4-bench's CSV plus bandwidth columns), or
+    /// `--plot` a CSV as SVG.
+    Bench(bench::Args),
     /// Compare two logit dumps (.npy) with ds4 PR #15's drift metrics.
     Drift(drift::Args),
     /// Convert an official checkpoint (or a tokenizer.json) to GGUF.
@@ -48,6 +52,7 @@ fn main() -> ExitCode {
         Command::Run(a) => run::run(a),
         Command::Chat(a) => chat::run(a),
         Command::Serve(a) => serve::run(a),
+        Command::Bench(a) => bench::run(a),
         Command::Drift(a) => drift::run(a),
         Command::Convert(a) => convert::run(a),
         Command::Synth(a) => synth::run(a),
