@@ -1,0 +1,776 @@
+//! End-to-end tests of the `ds4` binary on tiny models: the built-in model (random weights, real
+//! tokenizer) and the 6-layer official-format fixture converted to f32.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use ds4_model::npy;
+
+const BIN: &str = env!("CARGO_BIN_EXE_ds4");
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// One directory for the whole test process holding the built-in model, written once (the
+/// binary finds it there through `TMPDIR`, so parallel tests never race to write it).
+fn shared_tmp() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let d = tempfile::Builder::new()
+            .prefix("ds4-cli-test-")
+            .tempdir()
+            .unwrap()
+            .keep();
+        ds4_convert::builtin::tiny_path(Some(&d)).unwrap();
+        d
+    })
+}
+
+fn builtin() -> PathBuf {
+    ds4_convert::builtin::tiny_path(Some(shared_tmp())).unwrap()
+}
+
+/// The tiny official fixture converted with `ds4 convert --quant f32` (once).
+fn tiny_f32() -> &'static Path {
+    static P: OnceLock<PathBuf> = OnceLock::new();
+    P.get_or_init(|| {
+        let out = shared_tmp().join("tiny-f32.gguf");
+        let o = ds4(
+            &[
+                "convert",
+                repo()
+                    .join("tests/fixtures/tiny/official")
+                    .to_str()
+                    .unwrap(),
+                "--quant",
+                "f32",
+                "-o",
+                out.to_str().unwrap(),
+            ],
+            None,
+        );
+        assert!(o.status.success(), "convert failed: {}", stderr(&o));
+        out
+    })
+}
+
+/// A `ds4` command: TMPDIR at the shared directory, no DS4_MODEL from the environment.
+fn cmd(args: &[&str], cwd: Option<&Path>) -> Command {
+    let mut c = Command::new(BIN);
+    c.args(args)
+        .env("TMPDIR", shared_tmp())
+        .env_remove("DS4_MODEL")
+        .env_remove("RUST_LOG")
+        .env("DS4_THREADS", "2");
+    if let Some(d) = cwd {
+        c.current_dir(d);
+    }
+    c
+}
+
+fn ds4(args: &[&str], cwd: Option<&Path>) -> Output {
+    cmd(args, cwd).stdin(Stdio::null()).output().unwrap()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A failure: non-zero exit and exactly one line on stderr, `ds4: error: ...`.
+fn assert_one_line_failure(o: &Output, what: &str) -> String {
+    assert!(!o.status.success(), "{what}: should fail");
+    let e = stderr(o);
+    let lines: Vec<&str> = e.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "{what}: stderr should be one line: {e:?}");
+    assert!(lines[0].starts_with("ds4: error: "), "{what}: {e:?}");
+    lines[0].to_string()
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+#[test]
+fn tokenize_json_prints_only_the_ids() {
+    let text = "Hello world! Ciao, mondo — 你好 <｜User｜> 12345";
+    let m = builtin();
+    let o = ds4(&["tokenize", "-m", p(&m), "-p", text, "--json"], None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert_eq!(out.lines().count(), 1, "one line: {out:?}");
+    let ids: Vec<u32> = serde_json::from_str(out.trim()).unwrap();
+    let g = ds4_gguf::Gguf::open(&m).unwrap();
+    let tok = ds4_tokenizer::Tokenizer::from_gguf(&g).unwrap();
+    assert_eq!(ids, tok.encode(text).unwrap());
+    assert!(!ids.is_empty());
+}
+
+#[test]
+fn vocab_only_convert_then_tokenize() {
+    let dir = tempfile::tempdir().unwrap();
+    let vocab = dir.path().join("vocab.gguf");
+    let tj = repo().join("tests/fixtures/tokenizer/tokenizer.json");
+    let o = ds4(
+        &[
+            "convert",
+            "--vocab-only",
+            "--tokenizer-json",
+            p(&tj),
+            "-o",
+            p(&vocab),
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = "fn main() { println!(\"DeepSeek V4 Flash\"); } // ds4-rs";
+    let o = ds4(&["tokenize", "-m", p(&vocab), "-p", text, "--json"], None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let ids: Vec<u32> = serde_json::from_str(stdout(&o).trim()).unwrap();
+    let tok =
+        ds4_tokenizer::Tokenizer::from_tokenizer_json_bytes(&std::fs::read(&tj).unwrap()).unwrap();
+    assert_eq!(ids, tok.encode(text).unwrap());
+    // The same ids through the built-in model's embedded tokenizer.
+    let o = ds4(
+        &["tokenize", "-m", p(&builtin()), "-p", text, "--json"],
+        None,
+    );
+    let ids2: Vec<u32> = serde_json::from_str(stdout(&o).trim()).unwrap();
+    assert_eq!(ids, ids2);
+}
+
+fn argmax(row: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in row.iter().enumerate() {
+        if v > row[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+#[test]
+fn convert_f32_then_run_with_every_dump() {
+    let m = tiny_f32();
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b, c) = (
+        dir.path().join("a.npy"),
+        dir.path().join("b.npy"),
+        dir.path().join("c.json"),
+    );
+    let ids = "0,17,401,9,2203,88,3071,12";
+    let n_prompt = 8;
+    let o = ds4(
+        &[
+            "run",
+            "-m",
+            p(m),
+            "--prompt-ids",
+            ids,
+            "-n",
+            "4",
+            "--temp",
+            "0",
+            "-c",
+            "256",
+            "--json",
+            "--dump-logits",
+            p(&a),
+            "--dump-prompt-logits",
+            p(&b),
+            "--dump-logprobs",
+            p(&c),
+            "--logprobs-top-k",
+            "3",
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert_eq!(out.lines().count(), 1, "--json prints one object: {out:?}");
+    let doc: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let tokens: Vec<u32> = serde_json::from_value(doc["tokens"].clone()).unwrap();
+    assert_eq!(tokens.len(), 4);
+    assert_eq!(doc["prompt_tokens"], n_prompt);
+
+    let la = npy::read(&a).unwrap();
+    let lb = npy::read(&b).unwrap();
+    let vocab = 4096;
+    assert_eq!(la.shape, [4, vocab]);
+    assert_eq!(lb.shape, [n_prompt, vocab]);
+    let (ra, rb) = (la.to_f32().unwrap(), lb.to_f32().unwrap());
+    // Row 0 of the generation dump is the logits after the last prompt token: bit-identical.
+    assert_eq!(&rb[(n_prompt - 1) * vocab..], &ra[..vocab]);
+    // Greedy: every generated token is the argmax of its row.
+    for (i, &t) in tokens.iter().enumerate() {
+        assert_eq!(argmax(&ra[i * vocab..(i + 1) * vocab]), t, "row {i}");
+    }
+    assert!(ra.iter().chain(&rb).all(|v| v.is_finite()));
+
+    let lp: serde_json::Value = serde_json::from_slice(&std::fs::read(&c).unwrap()).unwrap();
+    assert_eq!(lp["top_k"], 3);
+    let steps = lp["steps"].as_array().unwrap();
+    assert_eq!(steps.len(), 4);
+    for (i, s) in steps.iter().enumerate() {
+        assert_eq!(s["selected"]["id"], tokens[i]);
+        let top = s["top_logprobs"].as_array().unwrap();
+        assert_eq!(top.len(), 3);
+        assert_eq!(top[0]["token"]["id"], tokens[i]);
+        let l0 = top[0]["logprob"].as_f64().unwrap();
+        assert!(l0 <= 0.0 && l0 >= top[1]["logprob"].as_f64().unwrap());
+        let logit = top[0]["logit"].as_f64().unwrap();
+        assert_eq!(logit as f32, ra[i * vocab + tokens[i] as usize]);
+    }
+
+    // --dump-tokens prints the prompt ids and exits.
+    let o = ds4(
+        &["run", "-m", p(m), "--prompt-ids", ids, "--dump-tokens"],
+        None,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        stdout(&o).lines().next().unwrap(),
+        "[0, 17, 401, 9, 2203, 88, 3071, 12]"
+    );
+}
+
+#[test]
+fn builtin_fallback_is_announced() {
+    let cwd = tempfile::tempdir().unwrap();
+    let o = ds4(
+        &[
+            "run", "-p", "Hi", "-n", "2", "--temp", "0", "--json", "-c", "512",
+        ],
+        Some(cwd.path()),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("using the tiny built-in model"),
+        "{}",
+        stderr(&o)
+    );
+    let doc: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    assert_eq!(doc["builtin_model"], true);
+    assert_eq!(doc["tokens"].as_array().unwrap().len(), 2);
+}
+
+#[test]
+fn chat_reuses_the_kv_across_turns() {
+    let cwd = tempfile::tempdir().unwrap();
+    let mut child = cmd(
+        &[
+            "chat",
+            "--temp",
+            "0",
+            "-n",
+            "3",
+            "-c",
+            "1024",
+            "--nothink",
+            "--verbose",
+        ],
+        Some(cwd.path()),
+    )
+    .stdin(Stdio::piped())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"Hello there\nAnd a second question\n")
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let e = stderr(&o);
+    let turns: Vec<(usize, usize)> = e
+        .lines()
+        .filter_map(|l| l.strip_prefix("ds4: turn "))
+        .map(|l| {
+            let nums: Vec<usize> = l
+                .split(|c: char| !c.is_ascii_digit())
+                .filter_map(|s| s.parse().ok())
+                .collect();
+            (nums[1], nums[2]) // (reused, prefilled); nums[0] is the turn
+        })
+        .collect();
+    assert_eq!(turns.len(), 2, "{e}");
+    assert_eq!(turns[0].0, 0, "first turn starts cold");
+    assert!(turns[0].1 > 0);
+    // Second turn: the whole first exchange (system, user, the reply up to its last sampled
+    // token) is reused; only the new tail is prefilled.
+    assert!(turns[1].0 >= turns[0].1, "{turns:?}");
+    assert!(turns[1].1 > 0 && turns[1].1 < turns[1].0, "{turns:?}");
+    assert!(!stdout(&o).trim().is_empty());
+}
+
+#[test]
+fn drift_passes_and_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let (rows, vocab) = (3usize, 64usize);
+    let r: Vec<f32> = (0..rows * vocab)
+        .map(|i| ((i * 7919) % 101) as f32 * 0.1 - 5.0)
+        .collect();
+    let mut c = r.clone();
+    // Row 1: push the top-1 down by 20 (top-1 changes).
+    let row1 = &mut c[vocab..2 * vocab];
+    let top = argmax(row1) as usize;
+    row1[top] -= 20.0;
+    let small: Vec<f32> = r.iter().map(|v| v + 1e-4).collect();
+    let (pr, pc, ps) = (
+        dir.path().join("r.npy"),
+        dir.path().join("c.npy"),
+        dir.path().join("s.npy"),
+    );
+    npy::write(&pr, &[rows, vocab], &r).unwrap();
+    npy::write(&pc, &[rows, vocab], &c).unwrap();
+    npy::write(&ps, &[rows, vocab], &small).unwrap();
+
+    let o = ds4(&["drift", p(&pr), p(&pr), "--json"], None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let doc: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(doc["summary"]["pass"], true);
+    assert_eq!(doc["summary"]["worst_rms"], 0.0);
+
+    let o = ds4(&["drift", p(&pr), p(&ps), "--max-rms", "1e-3"], None);
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    let o = ds4(&["drift", p(&pr), p(&pc), "--max-rms", "1e-3"], None);
+    let line = assert_one_line_failure(&o, "perturbed drift");
+    assert!(line.contains("row 1") && line.contains("top-1"), "{line}");
+    // Tolerating the top-1 change but not the rms still fails; a wide envelope passes.
+    let o = ds4(
+        &[
+            "drift",
+            p(&pr),
+            p(&pc),
+            "--allow-top1-mismatch",
+            "--max-rms",
+            "1e-3",
+        ],
+        None,
+    );
+    assert!(!o.status.success());
+    let o = ds4(
+        &[
+            "drift",
+            p(&pr),
+            p(&pc),
+            "--allow-top1-mismatch",
+            "--max-rms",
+            "10",
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
+#[test]
+fn bench_writes_the_csv_and_plots_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let csv = dir.path().join("b.csv");
+    let o = ds4(
+        &[
+            "bench",
+            "-m",
+            p(tiny_f32()),
+            "--ctx-start",
+            "32",
+            "--ctx-max",
+            "80",
+            "--step-incr",
+            "32",
+            "--gen-tokens",
+            "3",
+            "--csv",
+            p(&csv),
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = std::fs::read_to_string(&csv).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(
+        lines[0],
+        "ctx_tokens,prefill_tokens,prefill_tps,gen_tokens,gen_tps,kvcache_bytes,card,backend,commit,decode_bytes_per_token,gen_gbps,pct_of_floor"
+    );
+    assert_eq!(lines.len(), 4, "{text}");
+    let mut prev_kv = 0u64;
+    for (line, (ctx, pre)) in lines[1..].iter().zip([(32, 32), (64, 32), (80, 16)]) {
+        let f: Vec<&str> = line.split(',').collect();
+        assert_eq!(f.len(), 12, "{line}");
+        assert_eq!(f[0].parse::<usize>().unwrap(), ctx);
+        assert_eq!(f[1].parse::<usize>().unwrap(), pre);
+        assert!(f[2].parse::<f64>().unwrap() > 0.0);
+        assert_eq!(f[3], "3");
+        assert!(f[4].parse::<f64>().unwrap() > 0.0);
+        let kv: u64 = f[5].parse().unwrap();
+        assert!(kv > prev_kv, "the snapshot grows with the context");
+        prev_kv = kv;
+        assert_eq!((f[6], f[7]), ("cpu", "cpu"));
+        assert!(!f[8].is_empty());
+        assert!(f[9].parse::<u64>().unwrap() > 0);
+        assert!(f[10].parse::<f64>().unwrap() > 0.0);
+        assert_eq!(f[11], "", "no bandwidth known for the CPU");
+    }
+    // With a bandwidth, pct_of_floor = 100 · gen_gbps / bandwidth; CSV on stdout.
+    let o = ds4(
+        &[
+            "bench",
+            "-m",
+            p(tiny_f32()),
+            "--ctx-start",
+            "16",
+            "--ctx-max",
+            "16",
+            "-n",
+            "2",
+            "--bandwidth-gbps",
+            "10",
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    let row: Vec<&str> = out.lines().nth(1).unwrap().split(',').collect();
+    let (gbps, pct): (f64, f64) = (row[10].parse().unwrap(), row[11].parse().unwrap());
+    assert!(
+        (pct - 10.0 * gbps).abs() <= 0.01 + 1e-3 * pct,
+        "{gbps} {pct}"
+    );
+
+    let svg = dir.path().join("b.svg");
+    let o = ds4(&["bench", "--plot", p(&csv), "-o", p(&svg)], None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let s = std::fs::read_to_string(&svg).unwrap();
+    assert!(s.starts_with("<?xml") && s.trim_end().ends_with("</svg>"));
+    assert_eq!(s.matches("<circle").count(), 6);
+}
+
+#[test]
+fn bench_prompt_file_on_the_builtin_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("p.txt");
+    std::fs::write(&f, "Quel ramo del lago di Como, che volge a mezzogiorno. ").unwrap();
+    let o = ds4(
+        &[
+            "bench",
+            "-m",
+            p(&builtin()),
+            "--prompt-file",
+            p(&f),
+            "--ctx-start",
+            "40",
+            "--ctx-max",
+            "80",
+            "--step-mul",
+            "2",
+            "-n",
+            "2",
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    let ctxs: Vec<&str> = out
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').next().unwrap())
+        .collect();
+    assert_eq!(ctxs, ["40", "80"]);
+}
+
+#[test]
+fn cuda_backend_without_cuda_fails_in_one_line() {
+    let o = ds4(
+        &[
+            "run",
+            "-m",
+            p(&builtin()),
+            "--backend",
+            "cuda",
+            "-p",
+            "hi",
+            "-n",
+            "1",
+        ],
+        None,
+    );
+    if o.status.success() {
+        eprintln!("a CUDA device is present: nothing to check");
+        return;
+    }
+    let line = assert_one_line_failure(&o, "--backend cuda");
+    assert!(line.contains("CUDA"), "{line}");
+    // Also through bench and serve.
+    let o = ds4(
+        &[
+            "bench",
+            "-m",
+            p(&builtin()),
+            "--backend",
+            "cuda",
+            "--ctx-start",
+            "8",
+            "--ctx-max",
+            "8",
+        ],
+        None,
+    );
+    assert!(assert_one_line_failure(&o, "bench --backend cuda").contains("CUDA"));
+    let o = ds4(
+        &[
+            "serve",
+            "-m",
+            p(&builtin()),
+            "--backend",
+            "cuda",
+            "--port",
+            "0",
+        ],
+        None,
+    );
+    assert!(assert_one_line_failure(&o, "serve --backend cuda").contains("CUDA"));
+}
+
+#[test]
+fn bad_inputs_fail_in_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("missing.gguf");
+    let o = ds4(&["run", "-m", p(&missing), "-p", "hi"], None);
+    let l = assert_one_line_failure(&o, "missing model");
+    assert!(l.contains("missing.gguf"), "{l}");
+
+    let corrupt = dir.path().join("corrupt.gguf");
+    let mut bytes = b"GGUF\x03\x00\x00\x00".to_vec();
+    bytes.extend_from_slice(&u64::MAX.to_le_bytes()); // absurd tensor count
+    bytes.extend_from_slice(&[0xAB; 100]);
+    std::fs::write(&corrupt, &bytes).unwrap();
+    for args in [
+        vec!["run", "-m", p(&corrupt), "-p", "hi"],
+        vec!["inspect", p(&corrupt)],
+        vec!["tokenize", "-m", p(&corrupt), "-p", "hi"],
+        vec![
+            "bench",
+            "-m",
+            p(&corrupt),
+            "--ctx-start",
+            "8",
+            "--ctx-max",
+            "8",
+        ],
+        vec!["serve", "-m", p(&corrupt), "--port", "0"],
+    ] {
+        let l = assert_one_line_failure(&ds4(&args, None), &args.join(" "));
+        assert!(l.contains("corrupt.gguf"), "{l}");
+    }
+    // A truncated copy of a real model.
+    let real = std::fs::read(builtin()).unwrap();
+    let cut = dir.path().join("cut.gguf");
+    std::fs::write(&cut, &real[..real.len() / 2]).unwrap();
+    assert_one_line_failure(&ds4(&["run", "-m", p(&cut), "-p", "hi"], None), "truncated");
+    // Bad prompt ids and a missing prompt file.
+    let l = assert_one_line_failure(
+        &ds4(
+            &["run", "-m", p(tiny_f32()), "--prompt-ids", "1,99999"],
+            None,
+        ),
+        "id out of range",
+    );
+    assert!(l.contains("99999"), "{l}");
+    let l = assert_one_line_failure(
+        &ds4(
+            &[
+                "run",
+                "-m",
+                p(&builtin()),
+                "--prompt-file",
+                p(&dir.path().join("nope.txt")),
+            ],
+            None,
+        ),
+        "missing prompt file",
+    );
+    assert!(l.contains("nope.txt"), "{l}");
+    // drift on a missing file.
+    assert_one_line_failure(
+        &ds4(&["drift", p(&missing), p(&missing)], None),
+        "drift missing",
+    );
+}
+
+/// One HTTP/1.1 request over a fresh connection: (status, body).
+fn http(port: u16, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let body = body.unwrap_or("");
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut resp = Vec::new();
+    s.read_to_end(&mut resp).unwrap();
+    let resp = String::from_utf8_lossy(&resp).into_owned();
+    let (head, rest) = resp.split_once("\r\n\r\n").unwrap_or((&resp, ""));
+    let status: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let chunked = head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked");
+    let body = if chunked {
+        let mut out = String::new();
+        let mut r = rest;
+        while let Some((len, tail)) = r.split_once("\r\n") {
+            let n = usize::from_str_radix(len.trim(), 16).unwrap_or(0);
+            if n == 0 {
+                break;
+            }
+            out.push_str(&tail[..n.min(tail.len())]);
+            r = tail.get(n + 2..).unwrap_or("");
+        }
+        out
+    } else {
+        rest.to_string()
+    };
+    (status, body)
+}
+
+/// Kills and reaps the child when dropped (also when a test panics).
+struct ChildGuard(std::process::Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+#[test]
+fn serve_smoke() {
+    let cwd = tempfile::tempdir().unwrap();
+    let mut guard = ChildGuard(
+        cmd(&["serve", "--port", "0", "--ctx", "1024"], Some(cwd.path()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let child = &mut guard.0;
+    let err = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let reader = std::thread::spawn(move || {
+        for line in BufReader::new(err).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut log = Vec::new();
+    let mut port = None;
+    while port.is_none() && Instant::now() < deadline {
+        match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(l) => {
+                if let Some(rest) = l.split("listening on http://127.0.0.1:").nth(1) {
+                    port = rest
+                        .trim()
+                        .trim_end_matches(|c: char| !c.is_ascii_digit())
+                        .parse::<u16>()
+                        .ok();
+                }
+                log.push(l);
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                if let Ok(Some(st)) = child.try_wait() {
+                    panic!("serve exited early ({st}): {log:?}");
+                }
+            }
+            Err(_) => break,
+        }
+    }
+    let Some(port) = port else {
+        panic!("serve did not start: {log:?}");
+    };
+    assert!(
+        log.iter().any(|l| l.contains("tiny built-in model")),
+        "{log:?}"
+    );
+    let result = std::panic::catch_unwind(|| {
+        let (st, body) = http(port, "GET", "/health", None);
+        assert_eq!(st, 200, "{body}");
+        let (st, body) = http(port, "GET", "/v1/models", None);
+        assert_eq!(st, 200, "{body}");
+        assert!(body.contains("deepseek-v4-flash"), "{body}");
+        let req = r#"{"model":"deepseek-v4-flash","messages":[{"role":"user","content":"Hi"}],"max_tokens":2,"temperature":0,"thinking":{"type":"disabled"}}"#;
+        let (st, body) = http(port, "POST", "/v1/chat/completions", Some(req));
+        assert_eq!(st, 200, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["object"], "chat.completion");
+        assert!(v["usage"]["completion_tokens"].as_u64().unwrap() <= 2);
+        assert!(v["usage"]["prompt_tokens"].as_u64().unwrap() > 0);
+    });
+    // SIGTERM: the server drains and exits cleanly.
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut status = None;
+    while Instant::now() < deadline {
+        if let Ok(Some(s)) = child.try_wait() {
+            status = Some(s);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(guard); // kills and reaps the server if SIGTERM did not stop it
+    let _ = reader.join();
+    if let Err(e) = result {
+        std::panic::resume_unwind(e);
+    }
+    let status = status.expect("serve did not exit within 20 s of SIGTERM");
+    assert!(
+        status.success(),
+        "serve exit status after SIGTERM: {status}"
+    );
+}
+
+#[test]
+fn help_of_every_subcommand() {
+    for sc in [
+        "run", "chat", "serve", "bench", "drift", "convert", "synth", "tokenize", "inspect",
+    ] {
+        let o = ds4(&[sc, "--help"], None);
+        assert!(o.status.success(), "{sc} --help: {}", stderr(&o));
+        assert!(stdout(&o).contains("Usage: ds4 "), "{sc}");
+    }
+    let o = ds4(&["serve", "--help"], None);
+    let h = stdout(&o);
+    for flag in [
+        "--ctx",
+        "--model",
+        "--backend",
+        "--threads",
+        "--no-qat",
+        "--port",
+        "--kv-disk-dir",
+    ] {
+        assert!(h.contains(flag), "serve --help lacks {flag}");
+    }
+}
