@@ -31,6 +31,7 @@ step() { # name, command...
 }
 step fwd_ops "$D/test_fwd_ops" --test-threads=1
 step gemv "$D/test_gemv" --test-threads=1
+step tc "$D/test_tc" --test-threads=1
 step fixtures "$D/gpu_check" run "$D/models" "$D/prompts.tsv"
 sed -n '/^model /,$p' "$OUT/fixtures.log"
 if [ "$FLASH" -gt 0 ]; then

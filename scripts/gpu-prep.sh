@@ -15,7 +15,7 @@ cargo build --release -p ds4 --features cuda
 cargo build --release -p ds4-cuda --features cuda --examples
 cp "$T/release/ds4" "$T/release/examples/gpu_check" "$T/release/examples/gemv_bench" "$D/"
 # Op-test executables (the JSON lines name each test binary).
-for t in fwd_ops gemv; do
+for t in fwd_ops gemv tc; do
   exe=$(cargo test --release -p ds4-cuda --features cuda --test "$t" --no-run --message-format=json 2>/dev/null |
     python3 -c 'import sys, json
 for l in sys.stdin:
