@@ -21,6 +21,8 @@ Pass criteria (every one is checked, exit status 1 otherwise):
   * some requests were refused (the queue really was full) and many were answered;
   * the server's own counters agree with the clients': requests received = requests sent,
     503s = refusals seen, and after the run no stream is open and the queue is empty;
+  * the disk KV cache stays within its budget (--kv-disk-space-mb 4, ~1 MiB checkpoints:
+    LRU eviction runs all the time);
   * memory is flat. VmRSS of the server (/proc/PID/status, sampled every second) is split
     into its anonymous part (RssAnon: heap, thread stacks, the live session's buffers; where a
     leak shows) and its file-backed part (RssFile: pages of the mmapped model and binary).
@@ -55,6 +57,7 @@ import os
 import random
 import re
 import shlex
+import shutil
 import signal
 import statistics
 import subprocess
@@ -324,9 +327,11 @@ def main():
     tmp = tempfile.mkdtemp(prefix="ds4-load-")
     log_path = os.path.join(tmp, "server.log")
     log = open(log_path, "w")
+    kv_dir = os.path.join(tmp, "kv")
+    kv_budget_mib = 4
     args = ["--port", "0", "--ctx", "4096", "--queue-max", str(a.queue_max), "--seed", "7",
-            "--kv-disk-dir", os.path.join(tmp, "kv"), "--kv-disk-space-mb", "4", "--kv-cache-min-tokens", "16",
-            "--kv-cache-continued-interval-tokens", "64", "--kv-cache-boundary-align-tokens", "32"]
+            "--kv-disk-dir", kv_dir, "--kv-disk-space-mb", str(kv_budget_mib), "--kv-cache-min-tokens", "16",
+            "--kv-cache-continued-interval-tokens", "32", "--kv-cache-boundary-align-tokens", "32"]
     proc = subprocess.Popen(shlex.split(a.server) + args, stdout=log, stderr=subprocess.STDOUT)
     url = None
     t0 = time.time()
@@ -391,9 +396,12 @@ def main():
     print(f"  server: alive={alive} health={health} exit={rc}; requests received={received:.0f} "
           f"rejected={m('ds4_requests_rejected_total'):.0f}; jobs completed={jobs['completed']:.0f} "
           f"cancelled={jobs['cancelled']:.0f} failed={jobs['failed']:.0f}")
+    kv_files = [os.path.join(kv_dir, f) for f in os.listdir(kv_dir)] if os.path.isdir(kv_dir) else []
+    kv_bytes = sum(os.path.getsize(f) for f in kv_files)
     print(f"  tokens prefilled={m('ds4_prefilled_tokens_total'):.0f} cached={m('ds4_cached_prompt_tokens_total'):.0f} "
           f"generated={m('ds4_completion_tokens_total'):.0f}; kv stores cold={stores['cold']:.0f} "
-          f"evict={stores['evict']:.0f} continued={stores['continued']:.0f}; at the end: open streams="
+          f"evict={stores['evict']:.0f} continued={stores['continued']:.0f}, on disk at the end: {len(kv_files)} files, "
+          f"{kv_bytes / 2**20:.2f} MiB (budget {kv_budget_mib}); at the end: open streams="
           f"{m('ds4_sse_streams_open'):.0f} queue={m('ds4_queue_depth'):.0f} busy={m('ds4_engine_busy'):.0f}")
     if post:
         b, e = post[0][1], post[-1][1]
@@ -425,6 +433,8 @@ def main():
         fails.append(f"server counted {m('ds4_requests_rejected_total'):.0f} 503s, clients saw {st.refused}")
     if alive and (m("ds4_sse_streams_open") != 0 or m("ds4_queue_depth") != 0):
         fails.append("streams or queued jobs left over after every client finished")
+    if kv_bytes > kv_budget_mib * 2**20 * 1.01:
+        fails.append(f"the disk KV cache holds {kv_bytes} bytes, over its {kv_budget_mib} MiB budget")
     if len(post) < 10:
         fails.append("too few RSS samples after the warm-up")
     if not anon_growth <= a.anon_growth_mib:
@@ -438,6 +448,8 @@ def main():
     for f in fails:
         print("  FAIL:", f)
     print("PASS" if not fails else f"FAIL (server log: {log_path})")
+    if not fails:
+        shutil.rmtree(tmp, ignore_errors=True)
     sys.exit(0 if not fails else 1)
 
 
