@@ -619,3 +619,28 @@ async fn the_replay_map_survives_a_restart_in_the_checkpoint() {
         "{t}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_truncated_file_is_ignored() {
+    for half in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        first_life(dir.path()).await;
+        let file = std::fs::read_dir(dir.path())
+            .unwrap()
+            .flatten()
+            .next()
+            .unwrap()
+            .path();
+        let bytes = std::fs::read(&file).unwrap();
+        // Cut inside the 48-byte header, or in the middle of the payload.
+        let n = if half { bytes.len() / 2 } else { 20 };
+        std::fs::write(&file, &bytes[..n]).unwrap();
+        let (_d, s) = scripted(disk_args(dir.path()));
+        let (st, _, b2) = post(&s, "/v1/chat/completions", &chat_turn2(false)).await;
+        assert_eq!(st, 200, "{b2}");
+        let (p2, c2, _) = usage(&b2);
+        assert_eq!(c2, 0, "cut to {n} bytes: {b2}");
+        assert_eq!(prefilled(&s).await, p2);
+        assert_eq!(source(&s, "disk").await, 0);
+    }
+}
