@@ -553,7 +553,8 @@ fn weights(path: &Path) -> Result<bool> {
         ("out_hc_fn".into(), &w.out_hc_fn, 1),
     ];
     for (il, l) in w.layers.iter().enumerate() {
-        let mut add = |n: &str, r: &'static str, mr, nm| mats.push((format!("L{il}.{n}{r}"), mr, nm));
+        let mut add =
+            |n: &str, r: &'static str, mr, nm| mats.push((format!("L{il}.{n}{r}"), mr, nm));
         add("hc_attn", "", &l.hc_attn.fn_, 1);
         add("q_a", "", &l.q_a, 1);
         add("q_b", "", &l.q_b, 1);
@@ -623,7 +624,11 @@ fn weights(path: &Path) -> Result<bool> {
             let mut worst = 0f32;
             let mut at = 0;
             for (i, (a, b)) in y.iter().zip(&want).enumerate() {
-                let e = if a.is_finite() { (a - b).abs() / (1.0 + b.abs()) } else { f32::INFINITY };
+                let e = if a.is_finite() {
+                    (a - b).abs() / (1.0 + b.abs())
+                } else {
+                    f32::INFINITY
+                };
                 if e > worst {
                     worst = e;
                     at = i;
@@ -654,7 +659,11 @@ fn weights(path: &Path) -> Result<bool> {
 /// both backends with tracing; per position the logits rms and the per-layer max |Δhidden|.
 fn rows(path: &Path, prompts_path: &Path) -> Result<()> {
     let m = Arc::new(Model::load(Arc::new(Gguf::open(path)?))?);
-    let set = if path.to_string_lossy().contains("tiny") { "tiny" } else { "flashdims" };
+    let set = if path.to_string_lossy().contains("tiny") {
+        "tiny"
+    } else {
+        "flashdims"
+    };
     let ps = prompts(prompts_path)?;
     let ids = &ps.iter().find(|p| p.0 == set).context("no prompt")?.2;
     let v = m.shape.n_vocab;
@@ -668,14 +677,22 @@ fn rows(path: &Path, prompts_path: &Path) -> Result<()> {
         for (p, &t) in ids.iter().enumerate().take(12) {
             let lc = c.prefill_all_logits(&[t])?;
             let lg = g.prefill_all_logits(&[t])?;
-            let rms = (lc.iter().zip(&lg).map(|(a, b)| ((a - b) as f64).powi(2)).sum::<f64>()
+            let rms = (lc
+                .iter()
+                .zip(&lg)
+                .map(|(a, b)| ((a - b) as f64).powi(2))
+                .sum::<f64>()
                 / v as f64)
                 .sqrt();
             let (tc, tg) = (c.trace().context("trace")?, g.trace().context("trace")?);
             let mut line = format!("  pos {p:3} rms {rms:.1e} |");
             for il in 0..m.shape.n_layer {
                 let (hc, hg) = (&tc.last_hidden[il], &tg.last_hidden[il]);
-                let d = hc.iter().zip(hg).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                let d = hc
+                    .iter()
+                    .zip(hg)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
                 let mag = hc.iter().map(|a| a.abs()).fold(0f32, f32::max);
                 let ex = tc.experts[il] != tg.experts[il];
                 line += &format!(" L{il} {d:.1e}/{mag:.0e}{}", if ex { "!" } else { "" });
