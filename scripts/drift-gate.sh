@@ -5,32 +5,44 @@
 #
 # BIN_DIR: `ds4` built with --features cuda. MODELS_DIR: the fixture GGUFs written by
 # `gpu_check convert` (tiny-f32, flashdims-{f32,f16,q8_0,q2,q4}). PROMPTS_TSV: `set<TAB>name<TAB>ids`
-# (scripts/gpu-prep.sh writes it). SYNTH_LAYERS > 0 also writes a synthetic Flash q2 model with
-# that many layers to /dev/shm (`ds4 synth`) and runs a LONG_TOKENS-token random prompt on it.
+# (scripts/tc-prep.sh writes it). SYNTH_LAYERS > 0 also writes a synthetic Flash q2 model with that
+# many layers to /dev/shm (`ds4 synth`) and runs a 32-token and a LONG_TOKENS-token random prompt.
 #
-# For every model and prompt it dumps logits with the exact path (`--quality` plus
-# DS4_CUDA_TC_DISABLE=1), with each route alone and with every route on, and compares each
-# against the exact path with `ds4 drift` (row by row, every prompt position; the long prompt:
-# the last prompt position and 3 greedy steps). Envelope (any row outside fails the gate):
-#   same top-1, top-20 overlap ≥ DRIFT_MIN_TOP20 (default 18),
-#   rms ≤ DRIFT_MAX_RMS_SHORT (default 0.30) on the fixtures, ≤ DRIFT_MAX_RMS_LONG (0.60) long.
-# Logs and dumps go to $OUT/drift (default /tmp/drift-gate). Prints a table last; exit 1 on a
-# failure.
+# Configurations: the exact path (`--quality` and DS4_CUDA_TC_DISABLE=1), each route alone, all
+# routes. Logits: every prompt position (`--dump-prompt-logits`); the long prompt: the last prompt
+# position and 3 greedy steps (`--dump-logits -n 4`). Compared row by row with `ds4 drift`.
+#
+# Two tiers, because the random-weight models amplify any 1-ulp difference: int8 activation
+# quantization (Q8_0 / Q8_K) and the QAT FP8/FP4 roundings are discontinuous, and router /
+# indexer top-k are discrete, so two exact implementations (the CPU and the CUDA exact path)
+# already differ by rms ~1 on the quantized fixtures (bench/results/h200/notes.md).
+#  * tight — float weights with QAT off (deterministic arithmetic): every route vs the exact
+#    path must keep the same top-1 at every position, top-20 overlap ≥ TIGHT_MIN_TOP20 (19) and
+#    rms ≤ TIGHT_MAX_RMS (1e-3).
+#  * relative — quantized fixtures and float fixtures with QAT on (as shipped), and a 32-token
+#    prompt on the synthetic Flash model: the CPU backend is the reference; the floor is the
+#    exact CUDA path's own drift from it. A route fails if its mean rms vs the CPU exceeds
+#    1.10 × the floor's + 0.02 (PR #15: tensor_vs_quality ≤ 1.10 × standard_vs_quality) or its
+#    top-1 mismatches vs the CPU exceed 1.25 × the floor's + 1 (rows); any non-finite logit fails.
+#    Drift vs the exact CUDA path is printed too (informational).
+#  * long (synthetic Flash, LONG_TOKENS prompt): vs the exact path, same top-1 at every row and
+#    rms ≤ DRIFT_MAX_RMS_LONG (0.60, PR #15's long envelope); top-20 overlap printed, not gated.
+# Logs and dumps go to $OUT/drift (default /tmp/drift-gate). Prints a table last; exit 1 on failure.
 set -uo pipefail
 BIN=${1:?BIN_DIR}
 MODELS=${2:?MODELS_DIR}
 PROMPTS=${3:?PROMPTS_TSV}
 SYNTH_LAYERS=${4:-0}
 LONG_TOKENS=${5:-4096}
-MAX_RMS_SHORT=${DRIFT_MAX_RMS_SHORT:-0.30}
+TIGHT_MAX_RMS=${TIGHT_MAX_RMS:-1e-3}
+TIGHT_MIN_TOP20=${TIGHT_MIN_TOP20:-19}
 MAX_RMS_LONG=${DRIFT_MAX_RMS_LONG:-0.60}
-MIN_TOP20=${DRIFT_MIN_TOP20:-18}
 D=${OUT:-/tmp/drift-gate}/drift
 mkdir -p "$D"
 DS4="$BIN/ds4"
+THREADS=$(nproc 2>/dev/null || echo 8)
 
 ROUTES="DENSE ATTN_OUT F16 MOE_GATE MOE_UP MOE_DOWN"
-# config name → routes left on ("" = exact path, "ALL" = every route)
 declare -A KEEP=(
   [quality]=""
   [dense]="DENSE"
@@ -41,8 +53,7 @@ declare -A KEEP=(
   [all]="ALL"
 )
 
-# env assignments for a config
-cfg_env() {
+cfg_env() { # env assignments for a configuration
   local keep=${KEEP[$1]}
   if [ -z "$keep" ]; then echo "DS4_CUDA_TC_DISABLE=1"; return; fi
   [ "$keep" = ALL ] && return
@@ -53,8 +64,7 @@ cfg_env() {
   echo "$out"
 }
 
-# configs worth running for a model (routes that cannot apply are skipped)
-cfgs_for() {
+cfgs_for() { # configurations worth running (routes that cannot apply are skipped)
   case "$1" in
     *f32) echo "all" ;;
     *f16) echo "f16 all" ;;
@@ -65,64 +75,104 @@ cfgs_for() {
 declare -a ROWS
 FAIL=0
 
-# json_num FILE KEY → the summary value
 json_num() { grep -m1 "\"$2\"" "$1" | sed -E 's/.*: *([^,]*),?/\1/'; }
+mean_rms() { grep -E '^ *"rms":' "$1" | sed -E 's/.*: *([^,]*),?/\1/' | awk '{ s += $1; n++ } END { printf "%.4e", n ? s / n : 0 }'; }
 
-compare() { # label ref cand max_rms
-  local label=$1 ref=$2 cand=$3 maxrms=$4
-  local js="$cand.drift.json"
-  "$DS4" drift "$ref" "$cand" --json --max-rms "$maxrms" --min-top20-overlap "$MIN_TOP20" > "$js" 2> "$js.err"
-  local rc=$?
-  local st=PASS
-  if [ $rc != 0 ]; then st=FAIL; FAIL=1; fi
-  if ! grep -q '"summary"' "$js"; then
-    ROWS+=("$(printf '%-44s %s (no drift output: %s)' "$label" FAIL "$(tail -1 "$js.err")")")
-    FAIL=1
+drift() { # ref cand json → rc
+  "$DS4" drift "$1" "$2" --json --allow-top1-mismatch > "$3" 2> "$3.err"
+  grep -q '"summary"' "$3"
+}
+
+# run CFG MODEL IDS OUT MODE CTX [extra flags]; MODE prompt|gen; CFG cpu = the CPU backend
+run() {
+  local cfg=$1 model=$2 ids=$3 out=$4 mode=$5 ctx=$6
+  shift 6
+  local dump="--dump-prompt-logits" n=1
+  if [ "$mode" = gen ]; then dump="--dump-logits"; n=4; fi
+  if [ "$cfg" = cpu ]; then
+    timeout "${CPU_TIMEOUT:-150}" "$DS4" run -m "$model" --backend cpu -t "$THREADS" --prompt-ids-file "$ids" $dump "$out" \
+      -n $n --temp 0 --ctx "$ctx" "$@" > "$out.log" 2>&1
     return
   fi
-  ROWS+=("$(printf '%-44s %5s %9.2e %9.2e %9.2e %5s %5s %5s  %s' "$label" \
-    "$(json_num "$js" rows)" "$(json_num "$js" worst_rms)" "$(json_num "$js" worst_max_abs)" \
-    "$(json_num "$js" worst_top20_max_abs)" "$(json_num "$js" min_top20_overlap)" \
-    "$(json_num "$js" top1_mismatch)" "$(json_num "$js" worst_rank_delta)" "$st")")
-}
-
-run_cfg() { # cfg model prompt_ids_file out.npy mode(prompt|gen) ctx
-  local cfg=$1 model=$2 ids=$3 out=$4 mode=$5 ctx=$6
   local qflag=""
   [ "$cfg" = quality ] && qflag="--quality"
-  local dump="--dump-prompt-logits"
-  local n=1
-  if [ "$mode" = gen ]; then dump="--dump-logits"; n=4; fi
   env $(cfg_env "$cfg") "$DS4" run -m "$model" --backend cuda $qflag --prompt-ids-file "$ids" \
-    $dump "$out" -n $n --temp 0 --ctx "$ctx" > "$out.log" 2>&1
+    $dump "$out" -n $n --temp 0 --ctx "$ctx" "$@" > "$out.log" 2>&1
 }
 
-echo "drift gate: envelope rms ≤ $MAX_RMS_SHORT (fixtures) / $MAX_RMS_LONG (long), top-20 ≥ $MIN_TOP20/20, same top-1"
+row_fail() { ROWS+=("$(printf '%-46s FAIL (%s)' "$1" "$2")"); FAIL=1; }
+
+# tight tier: float weights, QAT off, routes vs the exact path
+tight() { # label model ids cfgs...
+  local label=$1 model=$2 ids=$3
+  shift 3
+  local key=${label//\//.}
+  local ref="$D/$key.quality.nq.npy"
+  run quality "$model" "$ids" "$ref" prompt 4096 --no-qat || { row_fail "$label/exact" "$(tail -1 "$ref.log")"; return; }
+  local cfg
+  for cfg in "$@"; do
+    local out="$D/$key.$cfg.nq.npy" js="$D/$key.$cfg.nq.json"
+    run "$cfg" "$model" "$ids" "$out" prompt 4096 --no-qat || { row_fail "$label/$cfg" "$(tail -1 "$out.log")"; continue; }
+    drift "$ref" "$out" "$js" || { row_fail "$label/$cfg" "no drift output"; continue; }
+    local rms top20 t1 nf st=PASS
+    rms=$(json_num "$js" worst_rms); top20=$(json_num "$js" min_top20_overlap)
+    t1=$(json_num "$js" top1_mismatch); nf=$(json_num "$js" nonfinite)
+    if awk -v r="$rms" -v m="$TIGHT_MAX_RMS" -v o="$top20" -v mo="$TIGHT_MIN_TOP20" -v t="$t1" -v f="$nf" \
+      'BEGIN { exit !(r <= m && o >= mo && t == 0 && f == 0) }'; then :; else st=FAIL; FAIL=1; fi
+    ROWS+=("$(printf '%-46s tight   rows %4s  rms %.2e (≤ %s)  top20 ≥ %2s  top1x %s  %s' \
+      "$label/$cfg qat=off" "$(json_num "$js" rows)" "$rms" "$TIGHT_MAX_RMS" "$top20" "$t1" "$st")")
+  done
+}
+
+# relative tier: CPU reference, floor = exact CUDA path
+relative() { # label model ids ctx cfgs...
+  local label=$1 model=$2 ids=$3 ctx=$4
+  shift 4
+  local key=${label//\//.}
+  local cpu="$D/$key.cpu.npy" ref="$D/$key.quality.npy"
+  [ -f "$cpu" ] || run cpu "$model" "$ids" "$cpu" prompt "$ctx" || { row_fail "$label/cpu" "$(tail -1 "$cpu.log")"; return; }
+  run quality "$model" "$ids" "$ref" prompt "$ctx" || { row_fail "$label/exact" "$(tail -1 "$ref.log")"; return; }
+  drift "$cpu" "$ref" "$D/$key.floor.json" || { row_fail "$label/floor" "no drift output"; return; }
+  local f_rms f_t1 f_rows
+  f_rms=$(mean_rms "$D/$key.floor.json"); f_t1=$(json_num "$D/$key.floor.json" top1_mismatch)
+  f_rows=$(json_num "$D/$key.floor.json" rows)
+  ROWS+=("$(printf '%-46s floor   rows %4s  mean rms vs cpu %.3e  top1x %3s' "$label/exact" "$f_rows" "$f_rms" "$f_t1")")
+  local cfg
+  for cfg in "$@"; do
+    local out="$D/$key.$cfg.npy" cj="$D/$key.$cfg.cpu.json" qj="$D/$key.$cfg.q.json"
+    run "$cfg" "$model" "$ids" "$out" prompt "$ctx" || { row_fail "$label/$cfg" "$(tail -1 "$out.log")"; continue; }
+    drift "$cpu" "$out" "$cj" || { row_fail "$label/$cfg" "no drift output"; continue; }
+    drift "$ref" "$out" "$qj" || { row_fail "$label/$cfg" "no drift output"; continue; }
+    local c_rms c_t1 nf q_rms q_top20 q_t1 st=PASS
+    c_rms=$(mean_rms "$cj"); c_t1=$(json_num "$cj" top1_mismatch)
+    nf=$(json_num "$cj" nonfinite)
+    q_rms=$(mean_rms "$qj"); q_top20=$(json_num "$qj" min_top20_overlap)
+    q_t1=$(json_num "$qj" top1_mismatch)
+    if awk -v c="$c_rms" -v f="$f_rms" -v ct="$c_t1" -v ft="$f_t1" -v nf="$nf" \
+      'BEGIN { exit !(c <= 1.10 * f + 0.02 && ct <= 1.25 * ft + 1 && nf == 0) }'; then :; else st=FAIL; FAIL=1; fi
+    ROWS+=("$(printf '%-46s rel     rows %4s  mean rms vs cpu %.3e  top1x %3s | vs exact: mean rms %.3e top20 ≥ %2s top1x %3s  %s' \
+      "$label/$cfg" "$f_rows" "$c_rms" "$c_t1" "$q_rms" "$q_top20" "$q_t1" "$st")")
+  done
+}
+
+echo "drift gate on $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)"
 for mf in "$MODELS"/*.gguf; do
   model=$(basename "$mf" .gguf)
   case "$model" in tiny*) set=tiny ;; flashdims*) set=flashdims ;; *) continue ;; esac
-  # the shortest and the longest fixture prompt of the set
   mapfile -t lines < <(awk -F'\t' -v s="$set" '$1 == s { print length($3) "\t" $2 "\t" $3 }' "$PROMPTS" | sort -n)
   [ ${#lines[@]} -gt 0 ] || continue
   for line in "${lines[0]}" "${lines[-1]}"; do
     pname=$(echo "$line" | cut -f2)
     ids="$D/$set.$pname.json"
     echo "[$(echo "$line" | cut -f3)]" > "$ids"
-    ref="$D/$model.$pname.quality.npy"
-    if ! run_cfg quality "$mf" "$ids" "$ref" prompt 4096; then
-      ROWS+=("$(printf '%-44s FAIL (exact run failed: %s)' "$model/$pname" "$(tail -1 "$ref.log")")")
-      FAIL=1
-      continue
-    fi
-    for cfg in $(cfgs_for "$model"); do
-      out="$D/$model.$pname.$cfg.npy"
-      if ! run_cfg "$cfg" "$mf" "$ids" "$out" prompt 4096; then
-        ROWS+=("$(printf '%-44s FAIL (run failed: %s)' "$model/$pname/$cfg" "$(tail -1 "$out.log")")")
-        FAIL=1
-        continue
-      fi
-      compare "$model/$pname/$cfg" "$ref" "$out" "$MAX_RMS_SHORT"
-    done
+    case "$model" in
+      *f32) tight "$model/$pname" "$mf" "$ids" all ;;
+      *f16)
+        tight "$model/$pname" "$mf" "$ids" f16 all
+        relative "$model/$pname" "$mf" "$ids" 4096 f16 all
+        ;;
+      *) relative "$model/$pname" "$mf" "$ids" 4096 $(cfgs_for "$model") ;;
+    esac
   done
 done
 
@@ -131,40 +181,51 @@ if [ "$SYNTH_LAYERS" -gt 0 ]; then
   sm=/dev/shm/tc-drift-flash$SYNTH_LAYERS.gguf
   if [ ! -f "$sm" ]; then
     "$DS4" synth --preset flash --quant q2 --layers "$SYNTH_LAYERS" --seed 7 -o "$sm" > "$D/synth.log" 2>&1 ||
-      { echo "synth failed: $(tail -2 "$D/synth.log")"; FAIL=1; }
+      row_fail "synth" "$(tail -1 "$D/synth.log")"
   fi
   if [ -f "$sm" ]; then
+    model="flash$SYNTH_LAYERS-q2"
+    ids="$D/short32.json"
+    awk 'BEGIN { srand(5); printf "["; for (i = 0; i < 32; i++) printf "%s%d", (i ? "," : ""), 1000 + int(rand() * 120000); print "]" }' > "$ids"
+    if CPU_TIMEOUT=45 run cpu "$sm" "$ids" "$D/$model.short32.cpu.npy" prompt 256; then
+      relative "$model/short32" "$sm" "$ids" 256 all
+    else
+      ROWS+=("$(printf '%-46s skipped (CPU reference failed or slower than 45 s: %s)' "$model/short32" "$(tail -1 "$D/$model.short32.cpu.npy.log")")")
+    fi
     ids="$D/long.json"
     awk -v n="$LONG_TOKENS" 'BEGIN { srand(11); printf "["; for (i = 0; i < n; i++) printf "%s%d", (i ? "," : ""), 1000 + int(rand() * 120000); print "]" }' > "$ids"
-    model="flash$SYNTH_LAYERS-q2"
     ref="$D/$model.long.quality.npy"
     ctx=$((LONG_TOKENS + 64))
-    if run_cfg quality "$sm" "$ids" "$ref" gen $ctx; then
-      SPEED+=("$(printf '%-12s %s' quality "$(grep -o 'prefill: [0-9.]* t/s' "$ref.log")")")
-      for cfg in dense attn_out f16 moe_gate_up moe_down all; do
-        out="$D/$model.long.$cfg.npy"
-        if run_cfg "$cfg" "$sm" "$ids" "$out" gen $ctx; then
-          compare "$model/long$LONG_TOKENS/$cfg" "$ref" "$out" "$MAX_RMS_LONG"
-          SPEED+=("$(printf '%-12s %s' "$cfg" "$(grep -o 'prefill: [0-9.]* t/s' "$out.log")")")
+    if run quality "$sm" "$ids" "$ref" gen $ctx; then
+      SPEED+=("$(printf '%-8s %s' exact "$(grep -o 'prefill: [0-9.]* t/s' "$ref.log")")")
+      out="$D/$model.long.all.npy"
+      if run all "$sm" "$ids" "$out" gen $ctx; then
+        SPEED+=("$(printf '%-8s %s' routes "$(grep -o 'prefill: [0-9.]* t/s' "$out.log")")")
+        js="$D/$model.long.all.json"
+        if drift "$ref" "$out" "$js"; then
+          rms=$(json_num "$js" worst_rms); t1=$(json_num "$js" top1_mismatch); nf=$(json_num "$js" nonfinite)
+          st=PASS
+          awk -v r="$rms" -v m="$MAX_RMS_LONG" -v t="$t1" -v f="$nf" 'BEGIN { exit !(r <= m && t == 0 && f == 0) }' || { st=FAIL; FAIL=1; }
+          ROWS+=("$(printf '%-46s long    rows %4s  rms %.3e (≤ %s)  top1x %s  top20 ≥ %s (not gated)  %s' \
+            "$model/long$LONG_TOKENS/all" "$(json_num "$js" rows)" "$rms" "$MAX_RMS_LONG" "$t1" "$(json_num "$js" min_top20_overlap)" "$st")")
         else
-          ROWS+=("$(printf '%-44s FAIL (run failed: %s)' "$model/long/$cfg" "$(tail -1 "$out.log")")")
-          FAIL=1
+          row_fail "$model/long/all" "no drift output"
         fi
-      done
+      else
+        row_fail "$model/long/all" "$(tail -1 "$out.log")"
+      fi
     else
-      ROWS+=("$(printf '%-44s FAIL (exact run failed: %s)' "$model/long" "$(tail -1 "$ref.log")")")
-      FAIL=1
+      row_fail "$model/long/exact" "$(tail -1 "$ref.log")"
     fi
   fi
 fi
 
 echo
 if [ ${#SPEED[@]} -gt 0 ]; then
-  echo "== prefill speed, synthetic Flash q2 ($SYNTH_LAYERS layers), $LONG_TOKENS-token prompt (ds4 run, chunks of the backend's max_chunk)"
+  echo "== prefill, synthetic Flash q2 ($SYNTH_LAYERS layers), $LONG_TOKENS-token prompt (ds4 run; backend chunks of max_chunk)"
   printf '%s\n' "${SPEED[@]}"
 fi
-echo "== drift vs the exact path ($(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1))"
-printf '%-44s %5s %9s %9s %9s %5s %5s %5s  %s\n' "model/prompt/routes" rows rms max_abs top20_abs top20 top1x rankΔ result
+echo "== drift gate"
 printf '%s\n' "${ROWS[@]}"
 if [ $FAIL != 0 ]; then
   echo "drift gate: FAIL"

@@ -38,14 +38,13 @@ typedef unsigned long long u64;
 #define FULL_MASK 0xffffffffu
 #define TC_THREADS 256
 #define TC_BM 128
-#define TC_NS 3
 #define MAGIC_I 0x4B400000
 #define MAGIC_F 12582912.0f
 
 enum { W_Q8_0 = 0, W_IQ2 = 1, W_Q2K = 2, W_Q4K = 3, W_F16 = 4 };
 enum { M_STORE = 0, M_SWIGLU = 1 };
 
-// Kernel parameters (mirrored by `TcArgs` in src/tc.rs: 15 pointers, then 9 ints and a float).
+// Kernel parameters (mirrored by `TcArgs` in src/tc.rs: 15 pointers, then 12 ints and a float).
 struct TcArgs {
     const u8* wa0;  // weight tensor 0 (the matrix; gate in SWIGLU mode): regions 0, 1, 2
     const u8* wa1;
@@ -71,6 +70,9 @@ struct TcArgs {
     int n_exp;    // MoE: experts
     int kdiv;     // activation row = source row / kdiv
     int ldy;      // output row stride (floats)
+    int kspl;     // K stages per split (split-K: blockIdx.z = group · nspl + split)
+    int nspl;     // splits (> 1: split s writes partial sums to y + s·ysplit)
+    int ysplit;   // floats between split outputs
     float clamp;  // SWIGLU clamp (≤ 1e-6: none)
 };
 
@@ -128,6 +130,10 @@ __host__ __device__ constexpr int al128(int x) { return (x + 127) / 128 * 128; }
 // Shared-memory layout of one kernel variant.
 template <int T, int BN>
 struct Lay {
+    // Pipeline depth and CTAs per SM: two CTAs of 2 stages where registers and shared memory
+    // allow it (Q8_0, IQ2_XXS, Q2_K), else one CTA of 3 stages.
+    static constexpr int NS = (T == W_F16 || T == W_Q4K) ? 3 : 2;
+    static constexpr int MINB = (NS == 2) ? 2 : 1;
     static constexpr bool DIRECT = (T == W_Q8_0 || T == W_F16);
     static constexpr int RAWB = T == W_IQ2 ? 80 : T == W_Q2K ? 96 : T == W_Q4K ? 144 : 0;
     static constexpr int A_ST = DIRECT ? TC_BM * 256 : TC_BM * RAWB;
@@ -150,7 +156,7 @@ struct Lay {
     static constexpr int O_MSC = O_MDM + (DIRECT ? 0 : TC_BM * 4);  // u8 [BM][8] ls / sc
     static constexpr int O_MMN = O_MSC + (DIRECT ? 0 : TC_BM * 8);  // u8 [BM][16] mins
     static constexpr int O_ST = al128(O_MMN + (DIRECT ? 0 : TC_BM * 16));
-    static constexpr int TOTAL = O_ST + TC_NS * STAGE;
+    static constexpr int TOTAL = O_ST + NS * STAGE;
 };
 
 static __device__ const u64 g_tc_iq2_grid[256] = {
@@ -402,7 +408,7 @@ struct Tc {
         int* s_arow = (int*)(sm + L::O_AROW);
 
         // ---- which B rows (tokens / (token, slot) pairs) and which matrix
-        int m, nvalid, base;
+        int m, nvalid, base, sp = 0;
         if (P.list) {
             const int i = blockIdx.x;
             if (i >= __ldg(P.toff + P.n_exp)) return;
@@ -417,7 +423,8 @@ struct Tc {
             nvalid = min(BN, __ldg(P.cnt + m) - start);
             base = __ldg(P.off + m) + start;
         } else {
-            m = blockIdx.z;
+            m = blockIdx.z / P.nspl;
+            sp = blockIdx.z % P.nspl;
             base = blockIdx.x * BN;
             nvalid = min(BN, P.n - base);
         }
@@ -447,7 +454,9 @@ struct Tc {
         __syncthreads();
 
         const int CB = (T == W_F16) ? 2 * P.C : P.C;
-        const int nkb = (CB + 255) / 256;
+        const int kb0 = sp * P.kspl;
+        const int nk = min((CB + 255) / 256, kb0 + P.kspl) - kb0;
+        constexpr int NS = L::NS;
 
         float facc[2][NT][4];
         int iacc[2][NT][4];
@@ -466,17 +475,18 @@ struct Tc {
         const int magic4[4] = {MAGIC_I, MAGIC_I, MAGIC_I, MAGIC_I};
 
 #pragma unroll 1
-        for (int s = 0; s < TC_NS - 1; s++) {
-            if (s < nkb) issue(P, sm, s, s, m, r0, CB, acol);
+        for (int s = 0; s < NS - 1; s++) {
+            if (s < nk) issue(P, sm, kb0 + s, s, m, r0, CB, acol);
             cp_commit();
         }
 #pragma unroll 1
-        for (int kb = 0; kb < nkb; kb++) {
-            cp_wait<TC_NS - 2>();
+        for (int ki = 0; ki < nk; ki++) {
+            const int kb = kb0 + ki;
+            cp_wait<NS - 2>();
             __syncthreads();
-            if (kb + TC_NS - 1 < nkb) issue(P, sm, kb + TC_NS - 1, (kb + TC_NS - 1) % TC_NS, m, r0, CB, acol);
+            if (ki + NS - 1 < nk) issue(P, sm, kb + NS - 1, (ki + NS - 1) % NS, m, r0, CB, acol);
             cp_commit();
-            const int buf = kb % TC_NS;
+            const int buf = ki % NS;
             const u8* st = sm + L::O_ST + buf * L::STAGE;
             if (!L::DIRECT) {
                 dequant(P, sm, kb, buf, m, r0);
@@ -660,7 +670,7 @@ struct Tc {
                 float cs = scale;
                 if (T == W_F16) cs = __ldg(P.ascale + s_arow[col]);
                 if (MODE == M_STORE) {
-                    float* yrow = P.y + (i64)src * P.ldy + (P.grouped ? (i64)m * P.R : 0);
+                    float* yrow = P.y + (i64)sp * P.ysplit + (i64)src * P.ldy + (P.grouped ? (i64)m * P.R : 0);
 #pragma unroll
                     for (int mi = 0; mi < 2; mi++)
 #pragma unroll
@@ -690,9 +700,10 @@ struct Tc {
     }
 };
 
-#define TC_INST(name, T, BN, MODE)                                                             \
-    extern "C" __global__ void __launch_bounds__(TC_THREADS, 1) ds4_tc_##name(const TcArgs P) { \
-        Tc<T, BN, MODE>::run(P);                                                                \
+#define TC_INST(name, T, BN, MODE)                                                              \
+    extern "C" __global__ void __launch_bounds__(TC_THREADS, (Lay<T, BN>::MINB))                 \
+        ds4_tc_##name(const TcArgs P) {                                                          \
+        Tc<T, BN, MODE>::run(P);                                                                 \
     }
 TC_INST(q8_0_32_s, W_Q8_0, 32, M_STORE)
 TC_INST(q8_0_64_s, W_Q8_0, 64, M_STORE)
@@ -725,6 +736,21 @@ extern "C" __global__ void ds4_tc_smem_sizes(int* out) {
     out[7] = Lay<W_Q4K, 64>::TOTAL;
     out[8] = Lay<W_F16, 64>::TOTAL;
     out[9] = (int)sizeof(TcArgs);
+    out[10] = Lay<W_Q8_0, 64>::MINB;
+    out[11] = Lay<W_IQ2, 64>::MINB;
+    out[12] = Lay<W_Q2K, 64>::MINB;
+    out[13] = Lay<W_Q4K, 64>::MINB;
+    out[14] = Lay<W_F16, 64>::MINB;
+}
+
+// Split-K reduction: y[i] = Σ_s part[s·total + i], splits in order (deterministic).
+extern "C" __global__ void ds4_tc_splitk_sum(const float* __restrict__ part, int nspl, i64 total,
+                                             float* __restrict__ y) {
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (i64)gridDim.x * blockDim.x) {
+        float s = part[i];
+        for (int k = 1; k < nspl; k++) s = __fadd_rn(s, part[(i64)k * total + i]);
+        y[i] = s;
+    }
 }
 
 // ------------------------------------------------------------------------------------------

@@ -48,6 +48,10 @@ pub const MOE_MAX_TOKENS: usize = 2048;
 
 /// Weight rows one CTA covers (shared-memory A rows).
 const BM: usize = 128;
+/// Scratch for split-K partial sums (small dense GEMMs that would not fill the card).
+const SPLITK_BYTES: usize = 32 << 20;
+/// Most split-K parts.
+const MAX_SPLITS: usize = 16;
 const THREADS: u32 = 256;
 
 fn terr(msg: impl std::fmt::Display) -> CudaError {
@@ -86,7 +90,21 @@ struct TcArgs {
     n_exp: i32,
     kdiv: i32,
     ldy: i32,
+    kspl: i32,
+    nspl: i32,
+    ysplit: i32,
     clamp: f32,
+}
+
+impl TcArgs {
+    /// No split-K.
+    fn new() -> TcArgs {
+        TcArgs {
+            kspl: 1 << 30,
+            nspl: 1,
+            ..Default::default()
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -202,9 +220,13 @@ pub struct Tc {
     sms: u32,
     /// (kind, bn, swiglu) → kernel.
     gemm: Vec<((WKind, usize, bool), Kern)>,
+    /// Resident CTAs per SM of each kind's GEMM (indexed by `WKind`).
+    minb: [u32; 5],
     prep: CudaFunction,
     bucket: CudaFunction,
     sum: CudaFunction,
+    splitk_sum: CudaFunction,
+    splitk: DBuf,
     f16_hi: DBuf,
     f16_lo: DBuf,
     f16_scale: DBuf,
@@ -268,6 +290,13 @@ impl Tc {
                 std::mem::size_of::<TcArgs>()
             )));
         }
+        let minb = [
+            sizes[10].max(1) as u32,
+            sizes[11].max(1) as u32,
+            sizes[12].max(1) as u32,
+            sizes[13].max(1) as u32,
+            sizes[14].max(1) as u32,
+        ];
         let mut gemm = Vec::new();
         for (i, &(kind, bn)) in SMEM_ORDER.iter().enumerate() {
             let smem = sizes[i] as u32;
@@ -304,6 +333,9 @@ impl Tc {
             prep: func("ds4_tc_f16_prep")?,
             bucket: func("ds4_tc_moe_bucket")?,
             sum: func("ds4_tc_moe_sum")?,
+            splitk_sum: func("ds4_tc_splitk_sum")?,
+            splitk: DBuf::zeroed(stream, SPLITK_BYTES)?,
+            minb,
             _module: module,
             routes,
             cfg,
@@ -341,6 +373,7 @@ impl Tc {
             &self.toff,
             &self.perm,
             &self.part,
+            &self.splitk,
         ]
         .iter()
         .map(|b| b.bytes)
@@ -492,7 +525,7 @@ impl Tc {
             kdiv: 1,
             ldy: rt as i32,
             y,
-            ..Default::default()
+            ..TcArgs::new()
         };
         let bn = match kind {
             WKind::Q8_0 => {
@@ -526,12 +559,49 @@ impl Tc {
             _ => return Err(terr(format!("{:?} is not a dense route type", w.ty()))),
         };
         let k = self.kern(kind, bn, false)?;
+        // Split K when the tiles would not fill the card (fixed-order partial-sum reduction).
+        let nkb = (w.cols() * if kind == WKind::F16 { 2 } else { 1 }).div_ceil(256);
+        let ctas = n.div_ceil(bn) * w.rows().div_ceil(BM) * w.n_mat();
+        let target = self.sms as usize * self.minb[kind as usize] as usize;
+        let total = n * rt;
+        let mut nspl = 1;
+        if ctas < target && nkb > 1 {
+            nspl = target.div_ceil(ctas).min(nkb).min(MAX_SPLITS);
+            while nspl > 1 && nspl * total * 4 > self.splitk.bytes {
+                nspl -= 1;
+            }
+        }
+        let kspl = nkb.div_ceil(nspl);
+        let nspl = nkb.div_ceil(kspl);
+        if nspl > 1 {
+            a.kspl = kspl as i32;
+            a.nspl = nspl as i32;
+            a.ysplit = total as i32;
+            a.y = self.splitk.ptr;
+        }
         let grid = (
             n.div_ceil(bn) as u32,
             w.rows().div_ceil(BM) as u32,
-            w.n_mat() as u32,
+            (w.n_mat() * nspl) as u32,
         );
-        self.launch_gemm(stream, k, grid, &a)
+        self.launch_gemm(stream, k, grid, &a)?;
+        if nspl > 1 {
+            let blocks = total.div_ceil(256).min(self.sms as usize * 8) as u32;
+            launch(
+                stream,
+                &self.splitk_sum,
+                (blocks, 1, 1),
+                256,
+                0,
+                &[
+                    A::P(self.splitk.ptr),
+                    A::I(nspl as i32),
+                    A::L(total as i64),
+                    A::P(y),
+                ],
+            )?;
+        }
+        Ok(())
     }
 
     /// Dense gate/up/SwiGLU (shared expert): `mid[t][r] = silu(min(g,c))·clamp(u,±c)` as
@@ -582,7 +652,7 @@ impl Tc {
             ldy: gate.rows() as i32,
             y: mid,
             clamp,
-            ..Default::default()
+            ..TcArgs::new()
         };
         let bn = if n <= 32 { 32 } else { 64 };
         let k = self.kern(WKind::Q8_0, bn, true)?;
@@ -696,7 +766,7 @@ impl Tc {
                 kdiv: k as i32,
                 ldy: rows as i32,
                 clamp,
-                ..Default::default()
+                ..TcArgs::new()
             };
             let kern = self.kern(kind, bn, true)?;
             let grid = (
@@ -767,7 +837,7 @@ impl Tc {
                 n_exp: n_exp as i32,
                 kdiv: 1,
                 ldy: rows as i32,
-                ..Default::default()
+                ..TcArgs::new()
             };
             let kern = self.kern(kind, bn, false)?;
             let grid = (
