@@ -16,30 +16,46 @@ fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
-/// One directory for the whole test process holding the built-in model, written once (the
-/// binary finds it there through `TMPDIR`, so parallel tests never race to write it).
+/// One directory for the built-in model and the converted fixture, under Cargo's scratch
+/// directory for integration tests (reused across runs, nothing left in /tmp). The binary finds
+/// the built-in model there through `TMPDIR`, so parallel tests never race to write it.
 fn shared_tmp() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let d = tempfile::Builder::new()
-            .prefix("ds4-cli-test-")
-            .tempdir()
-            .unwrap()
-            .keep();
-        ds4_convert::builtin::tiny_path(Some(&d)).unwrap();
+        let d = Path::new(env!("CARGO_TARGET_TMPDIR")).join("ds4-cli");
+        std::fs::create_dir_all(&d).unwrap();
+        // The name `ds4_convert::builtin::tiny_path` uses; the file is written aside and
+        // renamed in, so a run killed mid-write leaves no truncated model, and an unreadable
+        // leftover is replaced.
+        let name = format!(
+            "ds4-rs-builtin-tiny-v{}-{:x}.gguf",
+            ds4_convert::synth::SYNTH_VERSION,
+            ds4_convert::builtin::SEED
+        );
+        if ds4_gguf::Gguf::open(d.join(&name)).is_err() {
+            let fresh = d.join(format!("fresh-{}", std::process::id()));
+            std::fs::create_dir_all(&fresh).unwrap();
+            let p = ds4_convert::builtin::tiny_path(Some(&fresh)).unwrap();
+            assert_eq!(p.file_name().unwrap().to_str(), Some(name.as_str()));
+            std::fs::rename(&p, d.join(&name)).unwrap();
+            let _ = std::fs::remove_dir_all(&fresh);
+        }
         d
     })
 }
 
 fn builtin() -> PathBuf {
-    ds4_convert::builtin::tiny_path(Some(shared_tmp())).unwrap()
+    let p = ds4_convert::builtin::tiny_path(Some(shared_tmp())).unwrap();
+    assert!(p.is_file());
+    p
 }
 
-/// The tiny official fixture converted with `ds4 convert --quant f32` (once).
+/// The tiny official fixture converted with `ds4 convert --quant f32` (once per run).
 fn tiny_f32() -> &'static Path {
     static P: OnceLock<PathBuf> = OnceLock::new();
     P.get_or_init(|| {
         let out = shared_tmp().join("tiny-f32.gguf");
+        let tmp = shared_tmp().join(format!("tiny-f32.gguf.{}", std::process::id()));
         let o = ds4(
             &[
                 "convert",
@@ -50,11 +66,12 @@ fn tiny_f32() -> &'static Path {
                 "--quant",
                 "f32",
                 "-o",
-                out.to_str().unwrap(),
+                tmp.to_str().unwrap(),
             ],
             None,
         );
         assert!(o.status.success(), "convert failed: {}", stderr(&o));
+        std::fs::rename(&tmp, &out).unwrap();
         out
     })
 }
