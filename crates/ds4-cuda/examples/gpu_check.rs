@@ -537,6 +537,12 @@ fn flash(layers: usize, dir: &Path) -> Result<()> {
 /// `ds4_quant::QMatrix` on the CPU, with random inputs (n = 1 and 5 tokens). Normalized error
 /// `|gpu - cpu| / (1 + |cpu|)` ≤ 1e-4 (float types) / 1e-5 (quantized: same integer dots,
 /// f32 block-sum order differs).
+#[cfg(not(feature = "cuda"))]
+fn weights(_path: &Path) -> Result<bool> {
+    bail!("gpu_check weights needs --features cuda")
+}
+
+#[cfg(feature = "cuda")]
 fn weights(path: &Path) -> Result<bool> {
     use cudarc::driver::CudaContext;
     use ds4_cuda::gemv::Gemv;
