@@ -3,7 +3,9 @@
 
 Generates a deterministic multi-lingual / multi-format corpus (code, English, Italian, CJK, emoji,
 whitespace and digit runs, mixed scripts, DS4 special tokens inside text, rendered chat transcripts
-with DSML tool calls), appends the official-vector prompts, and tokenizes every document with the
+with DSML tool calls), appends the official-vector prompts and (development corpus only) excerpts of real source files
+and READMEs (see SOURCES: permissive licences only), long whitespace/digit runs, extra Italian and
+CJK prose, and DS4 special tokens spliced into real text; then tokenizes every document with the
 HF `tokenizers` Python library (the reference), writing:
 
   <out>/<name>.jsonl          one JSON object per document: {"cat": category, "text": text}
@@ -19,6 +21,12 @@ HF `tokenizers` Python library (the reference), writing:
 Usage:
   python3 scripts/tokenizer_fixtures.py                       # development corpus (seed 1)
   python3 scripts/tokenizer_fixtures.py --heldout             # held-out corpus (seed 7777, smaller)
+
+The development corpus reads the files listed in SOURCES from a Python 3.11.7 installation
+(--python-root, default /root/.pyenv/versions/3.11.7) and from the cargo registry
+(--cargo-src, default ~/.cargo/registry/src/index.crates.io-1949cf8c6b5b557f); crate versions
+are part of the paths, so the text is fixed. Total size: about 1.27 MB (the Rust test requires
+at least 1,000,000 bytes).
 
 Paths default to this repository layout; see --help.
 """
@@ -45,7 +53,7 @@ DS4_SPECIALS = [BOS, EOS, USER, ASSISTANT, THINK, THINK_END, DSML]
 
 # Documents for which the .plain.ids / .ds4chat.ids variants are stored: all of these categories,
 # and every 4th document of the sampled ones (to keep the repository small).
-PLAIN_CATS = {"specials"}
+PLAIN_CATS = {"specials", "specials_src"}
 PLAIN_SAMPLED_CATS = {"chat", "mixed"}
 
 MAX_PREFIX = (
@@ -885,6 +893,246 @@ class Gen:
 
 
 # --------------------------------------------------------------------------------------------
+# Extra material for the development corpus (issue 2: a >= 1 MB corpus). Appended after the
+# generated documents and the official prompts, with its own random stream, so the documents
+# generated from the seed (and the held-out corpus) are unchanged.
+# --------------------------------------------------------------------------------------------
+
+# Real source files and READMEs, by licence (all permissive):
+#   python: CPython 3.11.7 standard library and C headers, PSF License Version 2
+#           (<python-root>/lib/python3.11/LICENSE.txt).
+#   cargo:  crates from crates.io, licence as declared in each crate's Cargo.toml:
+#           itoa 1.0.19, fnv 1.0.7, heck 0.5.0, semver 1.0.28, anyhow 1.0.105,
+#           thiserror 2.0.21, rayon 1.12.0, serde 1.0.229, half 2.7.1,
+#           unicode-segmentation 1.13.3, regex 1.13.2: MIT OR Apache-2.0;
+#           strsim 0.11.1, tokio 1.54.1, libm 0.2.16: MIT; memchr 2.8.3: Unlicense OR MIT.
+# (root, relative path, category, byte cap: the file's first `cap` bytes, cut at a line end)
+SOURCES = [
+    ("python", "lib/python3.11/textwrap.py", "code_src", 12000),
+    ("python", "lib/python3.11/heapq.py", "code_src", 23100),
+    ("python", "lib/python3.11/shlex.py", "code_src", 13600),
+    ("python", "lib/python3.11/colorsys.py", "code_src", 4100),
+    ("python", "lib/python3.11/string.py", "code_src", 11800),
+    ("python", "lib/python3.11/graphlib.py", "code_src", 9700),
+    ("python", "lib/python3.11/csv.py", "code_src", 16100),
+    ("python", "lib/python3.11/json/decoder.py", "code_src", 12500),
+    ("python", "lib/python3.11/json/encoder.py", "code_src", 16100),
+    ("python", "lib/python3.11/bisect.py", "code_src", 3200),
+    ("python", "include/python3.11/object.h", "code_src", 30000),
+    ("python", "include/python3.11/pymacro.h", "code_src", 6100),
+    ("python", "include/python3.11/longobject.h", "code_src", 3300),
+    ("cargo", "itoa-1.0.19/src/lib.rs", "code_src", 17400),
+    ("cargo", "fnv-1.0.7/lib.rs", "code_src", 19200),
+    ("cargo", "strsim-0.11.1/src/lib.rs", "code_src", 12000),
+    ("cargo", "semver-1.0.28/src/parse.rs", "code_src", 12200),
+    ("cargo", "heck-0.5.0/src/lib.rs", "code_src", 6500),
+    ("cargo", "libm-0.2.16/src/math/pow.rs", "code_src", 12000),
+    ("cargo", "libm-0.2.16/src/math/exp2.rs", "code_src", 16600),
+    ("cargo", "memchr-2.8.3/README.md", "en_src", 9900),
+    ("cargo", "regex-1.13.2/README.md", "en_src", 12300),
+    ("cargo", "tokio-1.54.1/README.md", "en_src", 9600),
+    ("cargo", "anyhow-1.0.105/README.md", "en_src", 6100),
+    ("cargo", "thiserror-2.0.21/README.md", "en_src", 7500),
+    ("cargo", "rayon-1.12.0/README.md", "en_src", 5800),
+    ("cargo", "serde-1.0.229/README.md", "en_src", 4400),
+    ("cargo", "half-2.7.1/README.md", "en_src", 5600),
+    ("cargo", "unicode-segmentation-1.13.3/README.md", "en_src", 5700),
+]
+
+# Written for this corpus.
+IT_EXTRA = [
+    "Il sistema operativo è stato aggiornato ieri sera; purtroppo alcune applicazioni non partono più.",
+    "Nella bottega dell'artigiano, tra trucioli e colla, nascevano violini che avrebbero girato il mondo.",
+    "Secondo l'ISTAT, nel terzo trimestre la disoccupazione è scesa al 7,4%, il valore più basso dal 2008.",
+    "«Hai già letto il capitolo sulla ricorsione?» «Sì, ma l'esempio delle torri di Hanoi non mi è chiaro.»",
+    "Perciò, se il file non esiste, la funzione restituisce un errore invece di andare in crisi.",
+    "La ricetta della nonna: 500 g di farina 00, 5 uova, un pizzico di sale e tanta pazienza.",
+    "Gl'italiani d'altri tempi scrivevano «perchè» con l'accento grave; oggi si scrive «perché».",
+    "Sull'autostrada A1, tra Firenze e Bologna, c'è coda per 12 km a causa di un incidente.",
+    "Chi va piano va sano e va lontano, ma chi va forte arriva prima — diceva mio zio ridendo.",
+    "Il modello linguistico genera un token alla volta, scegliendo il più probabile o campionando.",
+    "Abbiamo misurato la latenza: 38 ms in media, con picchi di 120 ms nelle ore di punta.",
+    "L'àncora, l'ancóra: due parole che si distinguono soltanto per l'accento.",
+    "Ecco perché è fondamentale scrivere test che possano davvero fallire.",
+    "Qualcuno ha lasciato la finestra aperta e adesso nell'ufficio fa un freddo cane!",
+    "Lunedì 3 marzo, alle ore 9.30, si terrà l'assemblea ordinaria dei soci presso la sede di Torino.",
+    "Né l'uno né l'altro: la soluzione giusta sta nel mezzo, come spesso accade.",
+    "ATTENZIONE: NON UTILIZZARE L'ASCENSORE IN CASO DI INCENDIO.",
+    "La velocità della luce nel vuoto è di circa 299.792,458 km/s.",
+]
+
+CJK_EXTRA = [
+    "深度学习模型通常需要大量的训练数据和计算资源，而推理阶段则更关注延迟和吞吐量。",
+    "分词器把文本切分成子词单元，每个单元对应词表中的一个编号。",
+    "我昨天晚上十一点半才下班，今天早上七点又得起床，真的太累了！",
+    "请在下方输入您的用户名和密码，然后点击“登录”按钮。",
+    "文件大小为３．５ＭＢ，下载大约需要十秒钟。",
+    "量子计算机利用叠加和纠缠来处理某些特定问题。",
+    "このライブラリはRustで書かれており、メモリ安全性が保証されています。",
+    "雨が降りそうなので、傘を持って行ったほうがいいですよ。",
+    "第３章では、トークナイザーの仕組みについて詳しく説明します。",
+    "桜の花が満開になると、多くの人がお花見に出かけます。",
+    "컴퓨터 과학에서 알고리즘은 문제를 해결하기 위한 절차입니다.",
+    "주말에는 친구들과 함께 한강 공원에서 자전거를 탔어요.",
+    "繁體中文：臺灣的夜市以各式各樣的小吃聞名。",
+    "粤语：你食咗飯未呀？我哋一齊去飲茶啦。",
+]
+
+
+def read_sources(python_root, cargo_src):
+    roots = {"python": python_root, "cargo": cargo_src}
+    out = []
+    for root, rel, cat, cap in SOURCES:
+        path = os.path.join(roots[root], rel)
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+        if len(text.encode("utf-8")) > cap:
+            cut = text.encode("utf-8")[:cap].decode("utf-8", errors="ignore")
+            text = cut[: cut.rfind("\n") + 1]
+        out.append((cat, rel, text))
+    return out
+
+
+class ExtraGen:
+    def __init__(self, seed, gen, sources):
+        self.r = random.Random(seed)
+        self.g = gen  # for numbers/whitespace helpers (its stream is no longer used for documents)
+        self.g.r = self.r
+        self.sources = sources
+
+    def pick(self, xs):
+        return xs[self.r.randrange(len(xs))]
+
+    def source_docs(self):
+        """Each source file split at line ends into documents of 1-8 KB (a few transformed)."""
+        r = self.r
+        docs = []
+        for cat, _, text in self.sources:
+            lines = text.splitlines(True)
+            i = 0
+            while i < len(lines):
+                want = r.randint(1000, 8000)
+                j, n = i, 0
+                while j < len(lines) and n < want:
+                    n += len(lines[j].encode("utf-8"))
+                    j += 1
+                chunk = "".join(lines[i:j])
+                i = j
+                k = r.randrange(10)
+                if k == 0:
+                    chunk = chunk.replace("\n", "\r\n")
+                elif k == 1 and cat == "code_src":
+                    chunk = chunk.replace("    ", "\t")
+                docs.append((cat, chunk))
+        return docs
+
+    def long_runs(self):
+        r = self.r
+        out = []
+        for _ in range(r.randint(3, 12)):
+            k = r.randrange(9)
+            if k == 0:
+                out.append(" " * r.randint(100, 4000))
+            elif k == 1:
+                out.append("\t" * r.randint(20, 500))
+            elif k == 2:
+                out.append("\n" * r.randint(20, 600))
+            elif k == 3:
+                out.append("".join(r.choice(" \t\n\r\u3000\u00a0") for _ in range(r.randint(50, 1500))))
+            elif k == 4:
+                out.append("".join(r.choice("0123456789") for _ in range(r.randint(100, 3000))))
+            elif k == 5:
+                out.append(self.pick(["0", "9", "1", "00", "12"]) * r.randint(50, 800))
+            elif k == 6:
+                sep = self.pick([",", ".", " ", "", "_", "-", "\n", "١", "٫"])
+                out.append(sep.join(str(r.randint(0, 10**r.randint(1, 12))) for _ in range(r.randint(20, 300))))
+            elif k == 7:
+                out.append("".join(self.pick(["٠١٢٣٤٥٦٧٨٩", "０１２３４５６７８９", "०१२३४५६७८९", "²³¹", "ⅠⅡⅢ"])
+                                   for _ in range(r.randint(5, 100))))
+            else:
+                out.append(self.pick(WORDS_EN + WORDS_IT) + " " * r.randint(1, 80) + self.g.number())
+            out.append(self.pick(["", " ", "\n", "x", "。", "😀"]))
+        return "".join(out)
+
+    def it_long(self):
+        r = self.r
+        out = []
+        for _ in range(r.randint(4, 20)):
+            out.append(self.pick(IT_EXTRA) if r.random() < 0.7 else self.pick(IT_SENTENCES))
+            out.append(self.pick([" ", " ", "\n", "\n\n", "  "]))
+        s = "".join(out)
+        return s.upper() if r.random() < 0.1 else s
+
+    def cjk_long(self):
+        r = self.r
+        out = []
+        for _ in range(r.randint(4, 20)):
+            k = r.randrange(10)
+            if k < 6:
+                out.append(self.pick(CJK_EXTRA))
+            elif k < 8:
+                out.append(self.pick(ZH_SENTENCES + JA_SENTENCES + KO_SENTENCES))
+            elif k < 9:
+                out.append(self.pick(EMOJI) * r.randint(1, 4))
+            else:
+                out.append(self.g.number())
+            out.append(self.pick(["", "", "\n", "　", " "]))
+        return "".join(out)
+
+    def emoji_long(self):
+        r = self.r
+        out = []
+        for _ in range(r.randint(20, 120)):
+            k = r.randrange(5)
+            if k < 3:
+                out.append(self.pick(EMOJI))
+            elif k == 3:
+                out.append(self.pick(WORDS_EN + WORDS_IT))
+            else:
+                out.append(self.pick(CJK_EXTRA + IT_EXTRA)[: r.randint(1, 12)])
+            out.append(self.pick(["", " ", " ", "\n", "\u200d", "\ufe0f"]))
+        return "".join(out)
+
+    def specials_src(self):
+        """An excerpt of a real source/README with DS4 specials (and other added tokens, and
+        broken fragments of them) spliced in at random character positions."""
+        r = self.r
+        _, _, text = self.pick(self.sources)
+        start = r.randrange(max(1, len(text) - 3000))
+        s = text[start:start + r.randint(300, 3000)]
+        broken = ["<｜User", "｜DSML", "<think", "</think ", "｜", "<|Assistant|>", "</｜DSML｜"]
+        for _ in range(r.randint(3, 12)):
+            p = r.randrange(len(s) + 1)
+            k = r.randrange(6)
+            if k < 3:
+                ins = self.pick(DS4_SPECIALS)
+            elif k == 3:
+                ins = self.pick(self.g.added)
+            elif k == 4:
+                ins = self.pick(broken)
+            else:
+                ins = self.pick(DS4_SPECIALS) + self.pick(["", " ", "\n", "x"]) + self.pick(DS4_SPECIALS)
+            s = s[:p] + ins + s[p:]
+        return s
+
+    def docs(self):
+        r = self.r
+        docs = self.source_docs()
+        makers = [("wsdigits_long", self.long_runs, 45_000), ("it", self.it_long, 50_000),
+                  ("cjk", self.cjk_long, 45_000), ("emoji", self.emoji_long, 25_000),
+                  ("specials_src", self.specials_src, 45_000)]
+        for cat, f, budget in makers:
+            n = 0
+            while n < budget:
+                t = f()
+                n += len(t.encode("utf-8"))
+                docs.append((cat, t))
+        # Interleave deterministically so categories are mixed in the file.
+        r.shuffle(docs)
+        return docs
+
+
+# --------------------------------------------------------------------------------------------
 # Output.
 # --------------------------------------------------------------------------------------------
 
@@ -943,6 +1191,11 @@ def main():
     ap.add_argument("--heldout", action="store_true", help="write the held-out corpus instead")
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--bytes", type=int, default=None, help="approximate generated text size")
+    ap.add_argument("--python-root", default="/root/.pyenv/versions/3.11.7",
+                    help="CPython 3.11.7 installation (SOURCES, development corpus only)")
+    ap.add_argument("--cargo-src", default=os.path.expanduser(
+        "~/.cargo/registry/src/index.crates.io-1949cf8c6b5b557f"),
+                    help="cargo registry source folder (SOURCES, development corpus only)")
     args = ap.parse_args()
 
     from tokenizers import Tokenizer
@@ -977,6 +1230,7 @@ def main():
                 f.write(raw)
             p = raw.decode("utf-8")
             docs.append(("official_rendered", f"{BOS}{USER}{p}{ASSISTANT}{THINK_END}"))
+        docs.extend(ExtraGen(seed + 1_000_003, g, read_sources(args.python_root, args.cargo_src)).docs())
 
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f"{name}.jsonl"), "w", encoding="utf-8", newline="\n") as f:

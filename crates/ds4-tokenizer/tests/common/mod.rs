@@ -14,17 +14,25 @@ pub fn fixtures_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures")
 }
 
+/// `<fixtures>/tokenizer/tokenizer.json`, else the repository's copy
+/// (`tests/fixtures/tokenizer/tokenizer.json`, the same file), so the corpus tests also run
+/// where the shared fixtures folder is absent.
 pub fn tokenizer_json_path() -> Option<PathBuf> {
     let p = fixtures_dir().join("tokenizer/tokenizer.json");
     if p.exists() {
-        Some(p)
-    } else {
-        eprintln!(
-            "SKIP: {} not found (set DS4_FIXTURES to the shared fixtures folder)",
-            p.display()
-        );
-        None
+        return Some(p);
     }
+    let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/tokenizer/tokenizer.json");
+    if repo.exists() {
+        return Some(repo);
+    }
+    eprintln!(
+        "SKIP: {} and {} not found (set DS4_FIXTURES to the shared fixtures folder)",
+        p.display(),
+        repo.display()
+    );
+    None
 }
 
 /// The real DeepSeek V4 tokenizer, loaded once per test binary; `None` (test skipped) when the
