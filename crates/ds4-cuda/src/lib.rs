@@ -180,7 +180,7 @@ impl Default for CudaOptions {
         CudaOptions {
             device: 0,
             qat: true,
-            max_chunk: 512,
+            max_chunk: 2048,
             graphs: true,
             quality: false,
             tc: TcRoutes::all(),
