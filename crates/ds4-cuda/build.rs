@@ -39,6 +39,34 @@ fn file_flags(src: &Path) -> Vec<String> {
     }
 }
 
+/// The source of `path` with every `#include "x"` of a file in `kdir` replaced by that file's
+/// (expanded) text, each header once.
+fn expand_includes(path: &Path, kdir: &Path, seen: &mut Vec<PathBuf>) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let mut out = String::with_capacity(text.len());
+    for line in text.lines() {
+        let local = line
+            .trim()
+            .strip_prefix("#include \"")
+            .and_then(|r| r.strip_suffix('"'))
+            .map(|name| kdir.join(name))
+            .filter(|h| h.is_file());
+        match local {
+            Some(h) if seen.contains(&h) => {}
+            Some(h) => {
+                seen.push(h.clone());
+                out.push_str(&expand_includes(&h, kdir, seen));
+            }
+            None if line.trim() == "#pragma once" => {}
+            None => {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+    }
+    out
+}
+
 fn main() {
     println!("cargo:rerun-if-changed=kernels");
     println!("cargo:rerun-if-env-changed=NVCC");
@@ -118,10 +146,15 @@ fn main() {
     if cuda {
         for src in &sources {
             let stem = src.file_stem().unwrap().to_string_lossy().to_string();
+            // NVRTC gets no include path: splice the local headers into the source.
+            let mut seen = Vec::new();
+            let expanded = expand_includes(src, &kdir, &mut seen);
+            let flat = out.join(format!("{stem}.nvrtc.cu"));
+            std::fs::write(&flat, expanded).expect("write the NVRTC source");
             let _ = writeln!(
                 table,
                 "    ({stem:?}, include_str!({:?})),",
-                src.display().to_string()
+                flat.display().to_string()
             );
         }
     }
