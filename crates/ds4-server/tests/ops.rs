@@ -365,7 +365,18 @@ async fn metrics_report_requests_tokens_rates_queue_and_cache() {
         "messages": [{"role": "user", "content": "Hi."}]}),
     )
     .await;
-    let (st, ct, text) = get(&s, "/metrics").await;
+    // The engine worker marks itself idle just after the last response bytes are sent: wait
+    // (bounded) for that before reading the counters.
+    let mut tries = 0;
+    let (st, ct, text) = loop {
+        let (st, ct, text) = get(&s, "/metrics").await;
+        let busy = ds4_server::metrics::scrape(&text, "ds4_engine_busy");
+        if busy != Some(1.0) || tries == 100 {
+            break (st, ct, text);
+        }
+        tries += 1;
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
     assert_eq!(st, 200);
     assert!(ct.starts_with("text/plain; version=0.0.4"), "{ct}");
     let m = |k: &str| {
