@@ -253,7 +253,7 @@ impl<'a> QMatrix<'a> {
 
     /// `y = W·x` with ds4's activation handling for this weight type: Q8_0 weights → `x`
     /// quantized with [`crate::quantize_q8_0_act`]; Q2_K/Q4_K/IQ2_XXS → `x` quantized to Q8_K;
-    /// F16/BF16 → f32 accumulation; F32 → f64 accumulation. Rows run in parallel (rayon) when
+    /// every type accumulates in f64 (see [`crate::dot`]). Rows run in parallel (rayon) when
     /// `rows·cols ≥` [`PAR_THRESHOLD`]; results do not depend on the thread count.
     pub fn matvec(&self, x: &[f32], y: &mut [f32]) -> Result<(), QuantError> {
         if x.len() != self.cols {

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{Rng, same_f32};
+use common::{Rng, within_1ulp};
 use ds4_quant::act::{quantize_q8_0_act_vec, quantize_q8_k_vec};
 use ds4_quant::dot::{Kernels, SCALAR, avx2_kernels};
 use ds4_quant::{
@@ -58,8 +58,9 @@ fn random_q8_0_act(rng: &mut Rng, nb: usize) -> Vec<BlockQ8_0Act> {
 proptest! {
     #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
 
-    /// Quantized dot products: the AVX2 kernels are bit-identical to the scalar oracle (exact
-    /// integer sums, same f32 combination order), on arbitrary block contents.
+    /// Quantized dot products: the AVX2 kernels agree with the scalar oracle on arbitrary block
+    /// contents (exact integer sums, identical f64 block terms, f64 sums that differ only in
+    /// addition order): bit-identical, or 1 ulp apart in a rare rounding tie.
     #[test]
     fn simd_quantized_dots_equal_oracle(seed in any::<u64>(), nb in 0usize..12) {
         let Some(k) = simd() else { return Ok(()); };
@@ -67,26 +68,25 @@ proptest! {
         let w: Vec<BlockQ8_0> = random_blocks(&mut rng, nb * 8, &[0]);
         let x = random_q8_0_act(&mut rng, nb * 8);
         let (a, b) = ((k.q8_0)(&w, &x), (SCALAR.q8_0)(&w, &x));
-        prop_assert!(same_f32(a, b), "q8_0 {} vs {}", a, b);
+        prop_assert!(within_1ulp(a, b), "q8_0 {} vs {}", a, b);
 
         let y = random_q8k(&mut rng, nb);
         let w2: Vec<BlockQ2K> = random_blocks(&mut rng, nb, &[80, 82]);
         let (a, b) = ((k.q2_k)(&w2, &y), (SCALAR.q2_k)(&w2, &y));
-        prop_assert!(same_f32(a, b), "q2_k {} vs {}", a, b);
+        prop_assert!(within_1ulp(a, b), "q2_k {} vs {}", a, b);
 
         let w4: Vec<BlockQ4K> = random_blocks(&mut rng, nb, &[0, 2]);
         let (a, b) = ((k.q4_k)(&w4, &y), (SCALAR.q4_k)(&w4, &y));
-        prop_assert!(same_f32(a, b), "q4_k {} vs {}", a, b);
+        prop_assert!(within_1ulp(a, b), "q4_k {} vs {}", a, b);
 
         let wi: Vec<BlockIq2Xxs> = random_blocks(&mut rng, nb, &[0]);
         let (a, b) = ((k.iq2_xxs)(&wi, &y), (SCALAR.iq2_xxs)(&wi, &y));
-        prop_assert!(same_f32(a, b), "iq2_xxs {} vs {}", a, b);
+        prop_assert!(within_1ulp(a, b), "iq2_xxs {} vs {}", a, b);
     }
 
-    /// Float dots: AVX2 (8-lane f32 FMA accumulators; 4-lane f64 for F32) vs the sequential
-    /// oracle. Both are within n·2⁻²⁴·Σ|wᵢxᵢ| of the exact sum (f32 accumulation), so
-    /// |simd − scalar| ≤ 2·n·2⁻²⁴·Σ|wᵢxᵢ|; for F32 (f64 accumulation, one final f32 rounding)
-    /// |simd − scalar| ≤ 2⁻²²·Σ|wᵢxᵢ|.
+    /// Float dots: AVX2 (4-lane f64 accumulators) vs the sequential oracle (f64). Products are
+    /// exact in f64, so both f64 sums are within n·2⁻⁵³·Σ|wᵢxᵢ| of the exact sum and after the
+    /// one rounding to f32 they are equal or 1 ulp apart.
     #[test]
     fn simd_float_dots_within_rounding_of_oracle(seed in any::<u64>(), n in 0usize..700) {
         let Some(k) = simd() else { return Ok(()); };
@@ -98,14 +98,16 @@ proptest! {
         let abs_sum = |w: &[f32]| -> f64 { w.iter().zip(&x).map(|(a, b)| (*a as f64 * *b as f64).abs()).sum() };
         let whf: Vec<f32> = wh.iter().map(|&h| ds4_quant::f16_to_f32(h)).collect();
         let wbf: Vec<f32> = wb.iter().map(|&h| ds4_quant::bf16_to_f32(h)).collect();
-        let tol_f32acc = |s: f64| 2.0 * n as f64 * 2f64.powi(-24) * s;
 
+        // Near-total cancellation can leave a result below 2^-24·Σ|wᵢxᵢ|, where 1 ulp is tiny
+        // but the f64 sums may still differ by n·2⁻⁵³·Σ|wᵢxᵢ|: allow that absolute slack too.
+        let close = |a: f32, b: f32, s: f64| within_1ulp(a, b) || ((a - b) as f64).abs() <= 2.0 * n as f64 * 2f64.powi(-53) * s;
         let (a, b) = ((k.f16)(&wh, &x), (SCALAR.f16)(&wh, &x));
-        prop_assert!(((a - b) as f64).abs() <= tol_f32acc(abs_sum(&whf)), "f16 {} vs {}", a, b);
+        prop_assert!(close(a, b, abs_sum(&whf)), "f16 {} vs {}", a, b);
         let (a, b) = ((k.bf16)(&wb, &x), (SCALAR.bf16)(&wb, &x));
-        prop_assert!(((a - b) as f64).abs() <= tol_f32acc(abs_sum(&wbf)), "bf16 {} vs {}", a, b);
+        prop_assert!(close(a, b, abs_sum(&wbf)), "bf16 {} vs {}", a, b);
         let (a, b) = ((k.f32)(&wf, &x), (SCALAR.f32)(&wf, &x));
-        prop_assert!(((a - b) as f64).abs() <= 2f64.powi(-22) * abs_sum(&wf), "f32 {} vs {}", a, b);
+        prop_assert!(close(a, b, abs_sum(&wf)), "f32 {} vs {}", a, b);
     }
 
     /// ds4 activation quantizers: per-element reconstruction error ≤ |d|/2 (plus one rounding

@@ -1,9 +1,8 @@
 //! AVX2 (+FMA, F16C) kernels. Only reachable through [`super::Kernels`] after run-time feature
 //! detection. The quantized kernels compute the same exact integer sums as the scalar oracle
-//! (no saturating `maddubs` on operands that could saturate) and combine them in the same
-//! f32 order, so their results are bit-identical to [`super::scalar`]. The f16/bf16/f32
-//! kernels use 8-lane (4-lane f64) accumulators, so they differ from the sequential oracle by
-//! rounding only.
+//! (no saturating `maddubs` on operands that could saturate) and the same f64 per-block terms;
+//! all kernels accumulate in f64 (several lanes), so they differ from the sequential oracle only
+//! in the order of f64 additions: the rounded f32 results are the same except in rare ties.
 
 #![allow(unsafe_op_in_unsafe_fn)]
 
@@ -12,7 +11,7 @@ use std::arch::x86::*;
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
-use super::scalar::combine_k;
+use super::scalar::{combine_k, iq2_xxs_term, q8_0_term};
 use crate::blocks::{
     BlockIq2Xxs, BlockQ2K, BlockQ4K, BlockQ8_0, BlockQ8_0Act, BlockQ8K, get_scale_min_k4,
 };
@@ -52,16 +51,6 @@ unsafe fn hsum_i32(v: __m256i) -> i32 {
 }
 
 #[inline(always)]
-unsafe fn hsum_ps(v: __m256) -> f32 {
-    let lo = _mm256_castps256_ps128(v);
-    let hi = _mm256_extractf128_ps(v, 1);
-    let s = _mm_add_ps(lo, hi);
-    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 0b01));
-    _mm_cvtss_f32(s)
-}
-
-#[inline(always)]
 unsafe fn hsum_pd(v: __m256d) -> f64 {
     let lo = _mm256_castpd256_pd128(v);
     let hi = _mm256_extractf128_pd(v, 1);
@@ -84,11 +73,11 @@ unsafe fn dot_i8x32(a: __m256i, b: __m256i) -> __m256i {
 pub(super) unsafe fn vec_dot_q8_0(w: &[BlockQ8_0], x: &[BlockQ8_0Act]) -> f32 {
     assert_eq!(w.len(), x.len(), "vec_dot_q8_0: block counts differ");
     let nb = w.len();
-    let mut acc = 0.0f32;
+    let mut acc = _mm256_setzero_pd();
     let mut b = 0;
-    // Four blocks at a time: integer sums reduced together, per-block terms formed lane-wise with
-    // the same f32 operations as the oracle (i32 → f32 is exact: |isum| ≤ 2^19), then added to
-    // the accumulator in block order.
+    // Four blocks at a time: integer sums reduced together, then the per-block terms formed
+    // lane-wise in f64 with the oracle's operations ((f16(w.d)·x.d)·isum, IEEE multiplies) and
+    // added to an f64 accumulator (the contract: summation order is free in f64).
     while b + 4 <= nb {
         let mut v = [_mm256_setzero_si256(); 4];
         for (k, vk) in v.iter_mut().enumerate() {
@@ -109,29 +98,28 @@ pub(super) unsafe fn vec_dot_q8_0(w: &[BlockQ8_0], x: &[BlockQ8_0Act]) -> f32 {
             0,
         ));
         let xd = _mm_setr_ps(x[b].d, x[b + 1].d, x[b + 2].d, x[b + 3].d);
-        let t = _mm_mul_ps(_mm_mul_ps(wd, xd), _mm_cvtepi32_ps(isum));
-        let mut tv = [0.0f32; 4];
-        _mm_storeu_ps(tv.as_mut_ptr(), t);
-        for tk in tv {
-            acc += tk;
-        }
+        let t = _mm256_mul_pd(
+            _mm256_mul_pd(_mm256_cvtps_pd(wd), _mm256_cvtps_pd(xd)),
+            _mm256_cvtepi32_pd(isum),
+        );
+        acc = _mm256_add_pd(acc, t);
         b += 4;
     }
+    let mut sum = hsum_pd(acc);
     while b < nb {
         let a = _mm256_loadu_si256(w[b].qs.as_ptr() as *const __m256i);
         let c = _mm256_loadu_si256(x[b].qs.as_ptr() as *const __m256i);
-        let isum = hsum_i32(dot_i8x32(a, c));
-        acc += f16_to_f32(w[b].d) * x[b].d * isum as f32;
+        sum += q8_0_term(w[b].d, x[b].d, hsum_i32(dot_i8x32(a, c)));
         b += 1;
     }
-    acc
+    sum as f32
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn vec_dot_q2_k_q8_k(w: &[BlockQ2K], y: &[BlockQ8K]) -> f32 {
     assert_eq!(w.len(), y.len(), "vec_dot_q2_k_q8_k: block counts differ");
     let m3 = _mm256_set1_epi8(3);
-    let mut sumf = 0.0f32;
+    let mut sumf = 0.0f64;
     for (wb, yb) in w.iter().zip(y) {
         let mut summs = 0i32;
         for j in 0..16 {
@@ -162,14 +150,14 @@ pub(super) unsafe fn vec_dot_q2_k_q8_k(w: &[BlockQ2K], y: &[BlockQ8K]) -> f32 {
         let isum = hsum_i32(acc);
         sumf += combine_k(wb.d, wb.dmin, yb.d, isum, summs);
     }
-    sumf
+    sumf as f32
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn vec_dot_q4_k_q8_k(w: &[BlockQ4K], y: &[BlockQ8K]) -> f32 {
     assert_eq!(w.len(), y.len(), "vec_dot_q4_k_q8_k: block counts differ");
     let m4 = _mm256_set1_epi8(0x0F);
-    let mut sumf = 0.0f32;
+    let mut sumf = 0.0f64;
     for (wb, yb) in w.iter().zip(y) {
         let mut acc = _mm256_setzero_si256();
         let mut summs = 0i32;
@@ -193,7 +181,7 @@ pub(super) unsafe fn vec_dot_q4_k_q8_k(w: &[BlockQ4K], y: &[BlockQ8K]) -> f32 {
         let isum = hsum_i32(acc);
         sumf += combine_k(wb.d, wb.dmin, yb.d, isum, summs);
     }
-    sumf
+    sumf as f32
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -204,7 +192,7 @@ pub(super) unsafe fn vec_dot_iq2_xxs_q8_k(w: &[BlockIq2Xxs], y: &[BlockQ8K]) -> 
         "vec_dot_iq2_xxs_q8_k: block counts differ"
     );
     let k80 = _mm256_set1_epi8(0x80u8 as i8);
-    let mut sumf = 0.0f32;
+    let mut sumf = 0.0f64;
     for (wb, yb) in w.iter().zip(y) {
         let mut acc = _mm256_setzero_si256();
         for ib32 in 0..8 {
@@ -232,68 +220,76 @@ pub(super) unsafe fn vec_dot_iq2_xxs_q8_k(w: &[BlockIq2Xxs], y: &[BlockQ8K]) -> 
             let ls = (2 * (a1 >> 28) + 1) as i16;
             acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p, _mm256_set1_epi16(ls)));
         }
-        let bsum = hsum_i32(acc);
-        let d = f16_to_f32(wb.d) * yb.d;
-        sumf += d * bsum as f32;
+        sumf += iq2_xxs_term(wb.d, yb.d, hsum_i32(acc));
     }
-    0.125 * sumf
+    (0.125 * sumf) as f32
+}
+
+/// Four f32 lanes widened to f64 and multiply-added into `acc` (the product of two f32 values is
+/// exact in f64, so the fused multiply-add rounds exactly like the oracle's `acc += w·x`).
+#[inline(always)]
+unsafe fn fma4_pd(w: __m128, x: __m128, acc: __m256d) -> __m256d {
+    _mm256_fmadd_pd(_mm256_cvtps_pd(w), _mm256_cvtps_pd(x), acc)
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn vec_dot_f16_f32(w: &[u16], x: &[f32]) -> f32 {
     assert_eq!(w.len(), x.len(), "vec_dot_f16_f32: lengths differ");
     let n = w.len();
-    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut acc = [_mm256_setzero_pd(); 4];
     let mut i = 0;
-    while i + 32 <= n {
-        for (k, a) in acc.iter_mut().enumerate() {
+    while i + 16 <= n {
+        for k in 0..2 {
             let h = _mm_loadu_si128(w.as_ptr().add(i + 8 * k) as *const __m128i);
             let wv = _mm256_cvtph_ps(h);
             let xv = _mm256_loadu_ps(x.as_ptr().add(i + 8 * k));
-            *a = _mm256_fmadd_ps(wv, xv, *a);
+            acc[2 * k] = fma4_pd(
+                _mm256_castps256_ps128(wv),
+                _mm256_castps256_ps128(xv),
+                acc[2 * k],
+            );
+            acc[2 * k + 1] = fma4_pd(
+                _mm256_extractf128_ps(wv, 1),
+                _mm256_extractf128_ps(xv, 1),
+                acc[2 * k + 1],
+            );
         }
-        i += 32;
+        i += 16;
     }
-    while i + 8 <= n {
-        let h = _mm_loadu_si128(w.as_ptr().add(i) as *const __m128i);
-        acc[0] = _mm256_fmadd_ps(
-            _mm256_cvtph_ps(h),
-            _mm256_loadu_ps(x.as_ptr().add(i)),
-            acc[0],
-        );
-        i += 8;
-    }
-    let s = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-    let mut sum = hsum_ps(s);
+    let s = _mm256_add_pd(_mm256_add_pd(acc[0], acc[1]), _mm256_add_pd(acc[2], acc[3]));
+    let mut sum = hsum_pd(s);
     while i < n {
-        sum += f16_to_f32(w[i]) * x[i];
+        sum += f16_to_f32(w[i]) as f64 * x[i] as f64;
         i += 1;
     }
-    sum
+    sum as f32
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn vec_dot_bf16_f32(w: &[u16], x: &[f32]) -> f32 {
     assert_eq!(w.len(), x.len(), "vec_dot_bf16_f32: lengths differ");
     let n = w.len();
-    let mut acc0 = _mm256_setzero_ps();
-    let mut acc1 = _mm256_setzero_ps();
+    let mut acc0 = _mm256_setzero_pd();
+    let mut acc1 = _mm256_setzero_pd();
     let mut i = 0;
-    while i + 16 <= n {
-        let h0 = _mm_loadu_si128(w.as_ptr().add(i) as *const __m128i);
-        let h1 = _mm_loadu_si128(w.as_ptr().add(i + 8) as *const __m128i);
-        let w0 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h0), 16));
-        let w1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h1), 16));
-        acc0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x.as_ptr().add(i)), acc0);
-        acc1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x.as_ptr().add(i + 8)), acc1);
-        i += 16;
+    while i + 8 <= n {
+        let h = _mm_loadu_si128(w.as_ptr().add(i) as *const __m128i);
+        let wv = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+        let xv = _mm256_loadu_ps(x.as_ptr().add(i));
+        acc0 = fma4_pd(_mm256_castps256_ps128(wv), _mm256_castps256_ps128(xv), acc0);
+        acc1 = fma4_pd(
+            _mm256_extractf128_ps(wv, 1),
+            _mm256_extractf128_ps(xv, 1),
+            acc1,
+        );
+        i += 8;
     }
-    let mut sum = hsum_ps(_mm256_add_ps(acc0, acc1));
+    let mut sum = hsum_pd(_mm256_add_pd(acc0, acc1));
     while i < n {
-        sum += crate::fp::bf16_to_f32(w[i]) * x[i];
+        sum += crate::fp::bf16_to_f32(w[i]) as f64 * x[i] as f64;
         i += 1;
     }
-    sum
+    sum as f32
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]

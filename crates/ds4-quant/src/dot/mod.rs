@@ -4,9 +4,10 @@
 //! `is_x86_feature_detected!`, cached in a `OnceLock`), the AVX2 kernels are used. Setting the
 //! environment variable `DS4_QUANT_SCALAR=1` before the first call forces the scalar kernels.
 //!
-//! Results: the quantized dot products (Q8_0, Q2_K, Q4_K, IQ2_XXS) are **bit-identical** between
-//! kernels (exact integer sums, same f32 combination order). F16/BF16/F32 dots differ from the
-//! sequential oracle by summation order only.
+//! Results (the numerics contract shared with the CUDA kernels): exact integer block sums, per-block
+//! terms formed in f64 with a fixed operation order, all accumulation in f64, one rounding to f32.
+//! Kernels differ only in the order of f64 additions, so their f32 results agree bit for bit except
+//! in rare ties (at most 1 ulp then).
 
 use std::sync::OnceLock;
 
@@ -135,12 +136,12 @@ pub fn vec_dot_iq2_xxs_q8_k(w: &[BlockIq2Xxs], y: &[BlockQ8K]) -> f32 {
     (kernels().iq2_xxs)(w, y)
 }
 
-/// F16 weights (IEEE half bits) · f32, f32 accumulation. Panics if lengths differ.
+/// F16 weights (IEEE half bits) · f32, f64 accumulation. Panics if lengths differ.
 pub fn vec_dot_f16_f32(w: &[u16], x: &[f32]) -> f32 {
     (kernels().f16)(w, x)
 }
 
-/// BF16 weights (bits) · f32, f32 accumulation. Panics if lengths differ.
+/// BF16 weights (bits) · f32, f64 accumulation. Panics if lengths differ.
 pub fn vec_dot_bf16_f32(w: &[u16], x: &[f32]) -> f32 {
     (kernels().bf16)(w, x)
 }

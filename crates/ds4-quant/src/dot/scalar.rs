@@ -1,19 +1,32 @@
-//! Scalar dot products: the oracle. These follow ds4's scalar (non-NEON) C code: exact integer
-//! inner sums, then one f32 combination per block in block order.
+//! Scalar dot products: the oracle. Exact integer inner sums as in ds4's scalar C code; then the
+//! ds4-rs numerics contract (shared with the CUDA kernels, see `crates/ds4-cuda/kernels/gemv.cu`):
+//! every per-block float term is formed in f64 with a fixed operation order, the terms are summed in
+//! f64 and the result is rounded to f32 once. The f64 sum makes the order of additions irrelevant
+//! except in ~1e-8-probability ties, so SIMD kernels, GPU kernels and this oracle give the same f32
+//! bits, and discontinuous steps downstream (int8 activation quantization, FP8 QAT rounding, top-k)
+//! see the same inputs on every backend.
 
 use crate::blocks::get_scale_min_k4;
 use crate::blocks::{BlockIq2Xxs, BlockQ2K, BlockQ4K, BlockQ8_0, BlockQ8_0Act, BlockQ8K};
 use crate::fp::{bf16_to_f32, f16_to_f32};
 use crate::tables::{KSIGNS_IQ2XS, grid_bytes};
 
-/// `Σ_b f16(w.d)·x.d·Σ_i w.qs[i]·x.qs[i]` (ds4 `dot_q8_0_row`, scalar branch).
+/// `Σ_b f16(w.d)·x.d·Σ_i w.qs[i]·x.qs[i]` (ds4 `dot_q8_0_row`): term per block
+/// [`q8_0_term`], summed in f64, rounded once.
 pub fn vec_dot_q8_0(w: &[BlockQ8_0], x: &[BlockQ8_0Act]) -> f32 {
     assert_eq!(w.len(), x.len(), "vec_dot_q8_0: block counts differ");
-    let mut acc = 0.0f32;
+    let mut acc = 0.0f64;
     for (wb, xb) in w.iter().zip(x) {
-        acc += f16_to_f32(wb.d) * xb.d * q8_0_isum(wb, xb) as f32;
+        acc += q8_0_term(wb.d, xb.d, q8_0_isum(wb, xb));
     }
-    acc
+    acc as f32
+}
+
+/// One Q8_0 block's term: `(f16(w.d) · x.d) · isum`, two f64 multiplies in this order (the first
+/// is exact).
+#[inline]
+pub fn q8_0_term(wd: u16, xd: f32, isum: i32) -> f64 {
+    (f16_to_f32(wd) as f64 * xd as f64) * isum as f64
 }
 
 /// The exact integer dot of one Q8_0 weight block with one activation block.
@@ -54,20 +67,22 @@ pub fn q2_k_isums(w: &BlockQ2K, y: &BlockQ8K) -> (i32, i32) {
 /// `Σ_blocks (y.d·f16(d))·isum − (y.d·f16(dmin))·summs`.
 pub fn vec_dot_q2_k_q8_k(w: &[BlockQ2K], y: &[BlockQ8K]) -> f32 {
     assert_eq!(w.len(), y.len(), "vec_dot_q2_k_q8_k: block counts differ");
-    let mut sumf = 0.0f32;
+    let mut sumf = 0.0f64;
     for (wb, yb) in w.iter().zip(y) {
         let (isum, summs) = q2_k_isums(wb, yb);
         sumf += combine_k(wb.d, wb.dmin, yb.d, isum, summs);
     }
-    sumf
+    sumf as f32
 }
 
-/// The per-block float combination shared by Q2_K and Q4_K (and their SIMD versions).
+/// The per-block term shared by Q2_K and Q4_K (and their SIMD and CUDA versions), in f64:
+/// `dall = y.d·f16(d)`, `dm = y.d·f16(dmin)` (both exact), then `dall·isum − dm·summs` as two
+/// rounded products and one rounded subtraction (no fused multiply-add).
 #[inline]
-pub(crate) fn combine_k(d: u16, dmin: u16, yd: f32, isum: i32, summs: i32) -> f32 {
-    let dall = yd * f16_to_f32(d);
-    let dm = yd * f16_to_f32(dmin);
-    dall * isum as f32 - dm * summs as f32
+pub fn combine_k(d: u16, dmin: u16, yd: f32, isum: i32, summs: i32) -> f64 {
+    let dall = yd as f64 * f16_to_f32(d) as f64;
+    let dm = yd as f64 * f16_to_f32(dmin) as f64;
+    dall * isum as f64 - dm * summs as f64
 }
 
 /// Integer parts of one Q4_K × Q8_K block: `isum = Σ_j sc_j·Σ_32 q4·q8`,
@@ -99,12 +114,12 @@ pub fn q4_k_isums(w: &BlockQ4K, y: &BlockQ8K) -> (i32, i32) {
 /// (ds4's CPU path has no Q4_K; this is the CUDA `dev_dot_q4_K_q8_K_block` formula.)
 pub fn vec_dot_q4_k_q8_k(w: &[BlockQ4K], y: &[BlockQ8K]) -> f32 {
     assert_eq!(w.len(), y.len(), "vec_dot_q4_k_q8_k: block counts differ");
-    let mut sumf = 0.0f32;
+    let mut sumf = 0.0f64;
     for (wb, yb) in w.iter().zip(y) {
         let (isum, summs) = q4_k_isums(wb, yb);
         sumf += combine_k(wb.d, wb.dmin, yb.d, isum, summs);
     }
-    sumf
+    sumf as f32
 }
 
 /// Integer part of one IQ2_XXS × Q8_K block: `Σ_ib32 (2·s+1)·Σ_32 (±grid)·q8`.
@@ -137,32 +152,37 @@ pub fn vec_dot_iq2_xxs_q8_k(w: &[BlockIq2Xxs], y: &[BlockQ8K]) -> f32 {
         y.len(),
         "vec_dot_iq2_xxs_q8_k: block counts differ"
     );
-    let mut sumf = 0.0f32;
+    let mut sumf = 0.0f64;
     for (wb, yb) in w.iter().zip(y) {
-        let d = f16_to_f32(wb.d) * yb.d;
-        sumf += d * iq2_xxs_isum(wb, yb) as f32;
+        sumf += iq2_xxs_term(wb.d, yb.d, iq2_xxs_isum(wb, yb));
     }
-    0.125 * sumf
+    (0.125 * sumf) as f32
 }
 
-/// `Σ f32(w[i])·x[i]`, sequential f32 accumulation.
+/// One IQ2_XXS block's term (before the final `0.125·`): `(f16(w.d) · y.d) · bsum` in f64.
+#[inline]
+pub fn iq2_xxs_term(wd: u16, yd: f32, bsum: i32) -> f64 {
+    (f16_to_f32(wd) as f64 * yd as f64) * bsum as f64
+}
+
+/// `Σ f32(w[i])·x[i]` accumulated in f64 (the products are exact), rounded once.
 pub fn vec_dot_f16_f32(w: &[u16], x: &[f32]) -> f32 {
     assert_eq!(w.len(), x.len(), "vec_dot_f16_f32: lengths differ");
-    let mut acc = 0.0f32;
+    let mut acc = 0.0f64;
     for (&h, &v) in w.iter().zip(x) {
-        acc += f16_to_f32(h) * v;
+        acc += f16_to_f32(h) as f64 * v as f64;
     }
-    acc
+    acc as f32
 }
 
-/// `Σ f32(w[i])·x[i]` for bfloat16 weights, sequential f32 accumulation.
+/// `Σ f32(w[i])·x[i]` for bfloat16 weights, accumulated in f64, rounded once.
 pub fn vec_dot_bf16_f32(w: &[u16], x: &[f32]) -> f32 {
     assert_eq!(w.len(), x.len(), "vec_dot_bf16_f32: lengths differ");
-    let mut acc = 0.0f32;
+    let mut acc = 0.0f64;
     for (&h, &v) in w.iter().zip(x) {
-        acc += bf16_to_f32(h) * v;
+        acc += bf16_to_f32(h) as f64 * v as f64;
     }
-    acc
+    acc as f32
 }
 
 /// `Σ w[i]·x[i]` accumulated in f64 (ds4 `matvec_f32`), rounded once to f32.

@@ -141,3 +141,16 @@ impl Fixture {
 pub fn same_f32(a: f32, b: f32) -> bool {
     (a.is_nan() && b.is_nan()) || a.to_bits() == b.to_bits()
 }
+
+/// Equal, or adjacent f32 values (one rounding of two f64 sums that differ only in the order of
+/// their additions can land on either side of a rounding boundary).
+#[allow(dead_code)]
+pub fn within_1ulp(a: f32, b: f32) -> bool {
+    if same_f32(a, b) || a == b {
+        return true;
+    }
+    if a.is_nan() || b.is_nan() || a.signum() != b.signum() {
+        return false;
+    }
+    a.to_bits().abs_diff(b.to_bits()) <= 1
+}
