@@ -236,9 +236,12 @@ fn quantize_block_q8_0(x: &[f32], y: &mut [u8]) {
 // ---------------------------------------------------------------------------------------------
 // Shared K-quant helpers (GGML make_qkx2_quants / make_qkx3_quants / make_qp_quants)
 
-/// Returns `(scale, the_min)`; `l` receives the levels.
+/// The search shared by GGML `make_qkx2_quants` and `make_qkx3_quants` (they differ only in the
+/// degenerate-range test: `max == min` vs `max <= min`). Returns `(scale, the_min)`; `l` receives
+/// the levels.
 #[allow(clippy::too_many_arguments)]
-fn make_qkx2_quants(
+fn make_qkx_quants(
+    x3: bool,
     nmax: i32,
     x: &[f32],
     weights: &[f32],
@@ -268,7 +271,7 @@ fn make_qkx2_quants(
     if min > 0.0 {
         min = 0.0;
     }
-    if max == min {
+    if (x3 && max <= min) || (!x3 && max == min) {
         l[..n].fill(0);
         return (0.0, -min);
     }
@@ -322,6 +325,24 @@ fn make_qkx2_quants(
     (scale, -min)
 }
 
+/// GGML `make_qkx2_quants`. Returns `(scale, the_min)`; `l` receives the levels.
+#[allow(clippy::too_many_arguments)]
+fn make_qkx2_quants(
+    nmax: i32,
+    x: &[f32],
+    weights: &[f32],
+    l: &mut [u8],
+    laux: &mut [u8],
+    rmin: f32,
+    rdelta: f32,
+    nstep: i32,
+    use_mad: bool,
+) -> (f32, f32) {
+    make_qkx_quants(
+        false, nmax, x, weights, l, laux, rmin, rdelta, nstep, use_mad,
+    )
+}
+
 /// GGML `make_qkx3_quants` with explicit weights. Returns `(scale, the_min)`.
 #[allow(clippy::too_many_arguments)]
 fn make_qkx3_quants(
@@ -335,77 +356,9 @@ fn make_qkx3_quants(
     nstep: i32,
     use_mad: bool,
 ) -> (f32, f32) {
-    let n = x.len();
-    let mut min = x[0];
-    let mut max = x[0];
-    let mut sum_w = weights[0];
-    let mut sum_x = sum_w * x[0];
-    for i in 1..n {
-        if x[i] < min {
-            min = x[i];
-        }
-        if x[i] > max {
-            max = x[i];
-        }
-        let w = weights[i];
-        sum_w += w;
-        sum_x += w * x[i];
-    }
-    if min > 0.0 {
-        min = 0.0;
-    }
-    if max <= min {
-        l[..n].fill(0);
-        return (0.0, -min);
-    }
-    let mut iscale = nmax as f32 / (max - min);
-    let mut scale = 1.0 / iscale;
-    let mut best_mad = 0.0f32;
-    for i in 0..n {
-        let li = nearest_int(iscale * (x[i] - min));
-        l[i] = li.clamp(0, nmax) as u8;
-        let mut diff = scale * l[i] as f32 + min - x[i];
-        diff = if use_mad { diff.abs() } else { diff * diff };
-        best_mad += weights[i] * diff;
-    }
-    if nstep < 1 {
-        return (scale, -min);
-    }
-    for is in 0..=nstep {
-        iscale = (rmin + rdelta * is as f32 + nmax as f32) / (max - min);
-        let (mut sum_l, mut sum_l2, mut sum_xl) = (0.0f32, 0.0f32, 0.0f32);
-        for i in 0..n {
-            let li = nearest_int(iscale * (x[i] - min)).clamp(0, nmax);
-            laux[i] = li as u8;
-            let w = weights[i];
-            let lf = li as f32;
-            sum_l += w * lf;
-            sum_l2 += w * lf * lf;
-            sum_xl += w * lf * x[i];
-        }
-        let d = sum_w * sum_l2 - sum_l * sum_l;
-        if d > 0.0 {
-            let mut this_scale = (sum_w * sum_xl - sum_x * sum_l) / d;
-            let mut this_min = (sum_l2 * sum_x - sum_l * sum_xl) / d;
-            if this_min > 0.0 {
-                this_min = 0.0;
-                this_scale = sum_xl / sum_l2;
-            }
-            let mut mad = 0.0f32;
-            for i in 0..n {
-                let mut diff = this_scale * laux[i] as f32 + this_min - x[i];
-                diff = if use_mad { diff.abs() } else { diff * diff };
-                mad += weights[i] * diff;
-            }
-            if mad < best_mad {
-                l[..n].copy_from_slice(&laux[..n]);
-                best_mad = mad;
-                scale = this_scale;
-                min = this_min;
-            }
-        }
-    }
-    (scale, -min)
+    make_qkx_quants(
+        true, nmax, x, weights, l, laux, rmin, rdelta, nstep, use_mad,
+    )
 }
 
 /// GGML `make_qp_quants`: non-negative levels `0..=nmax` for non-negative `x`. Returns the scale.
