@@ -484,9 +484,25 @@ pub fn render_chat(messages: &[Message], tools: &ToolSchemas, think: ThinkMode) 
         out.push_str(THINK_MAX_PREFIX);
     }
     out.push_str(&system);
+    let keep = |i: usize| tool_context || last_user_idx.is_none_or(|l| i > l);
+    render_turns(&mut out, messages.iter().enumerate(), thinking, keep, think);
+    out
+}
+
+/// The message turns shared by [`render_chat`] and [`render_chat_tail`]: user / tool-result /
+/// assistant turns (system messages and other roles skipped), then the assistant prefix if a
+/// user/tool message is pending. An assistant turn keeps its reasoning when `thinking` and
+/// `keep(index)`.
+fn render_turns<'a>(
+    out: &mut String,
+    messages: impl Iterator<Item = (usize, &'a Message)>,
+    thinking: bool,
+    keep: impl Fn(usize) -> bool,
+    think: ThinkMode,
+) {
     let mut pending_assistant = false;
     let mut pending_tool_result = false;
-    for (i, m) in messages.iter().enumerate() {
+    for (i, m) in messages {
         match &m.role {
             r if r.is_system() => {}
             Role::User => {
@@ -508,8 +524,7 @@ pub fn render_chat(messages: &[Message], tools: &ToolSchemas, think: ThinkMode) 
             Role::Assistant => {
                 if pending_assistant {
                     out.push_str(ASSISTANT_TEXT);
-                    let keep = tool_context || last_user_idx.is_none_or(|l| i > l);
-                    if thinking && keep {
+                    if thinking && keep(i) {
                         out.push_str(THINK_START_TEXT);
                         out.push_str(m.reasoning.as_deref().unwrap_or(""));
                         out.push_str(THINK_END_TEXT);
@@ -518,7 +533,7 @@ pub fn render_chat(messages: &[Message], tools: &ToolSchemas, think: ThinkMode) 
                     }
                 }
                 out.push_str(&m.content);
-                push_assistant_tool_calls(&mut out, m);
+                push_assistant_tool_calls(out, m);
                 out.push_str(EOS_TEXT);
                 pending_assistant = false;
                 pending_tool_result = false;
@@ -530,7 +545,6 @@ pub fn render_chat(messages: &[Message], tools: &ToolSchemas, think: ThinkMode) 
         out.push_str(ASSISTANT_TEXT);
         out.push_str(think.assistant_tag());
     }
-    out
 }
 
 /// The suffix ds4 appends to a live session for a tool-result continuation
@@ -540,51 +554,13 @@ pub fn render_chat(messages: &[Message], tools: &ToolSchemas, think: ThinkMode) 
 pub fn render_chat_tail(messages: &[Message], start: usize, think: ThinkMode) -> String {
     let thinking = think.enabled();
     let mut out = String::from(EOS_TEXT);
-    let mut pending_assistant = false;
-    let mut pending_tool_result = false;
-    for m in messages.iter().skip(start) {
-        match &m.role {
-            r if r.is_system() => {}
-            Role::User => {
-                out.push_str(USER_TEXT);
-                out.push_str(&m.content);
-                pending_assistant = true;
-                pending_tool_result = false;
-            }
-            r if r.is_tool_result() => {
-                if !pending_tool_result {
-                    out.push_str(USER_TEXT);
-                }
-                out.push_str("<tool_result>");
-                out.push_str(&escape_tool_result(&m.content));
-                out.push_str("</tool_result>");
-                pending_assistant = true;
-                pending_tool_result = true;
-            }
-            Role::Assistant => {
-                if pending_assistant {
-                    out.push_str(ASSISTANT_TEXT);
-                    if thinking {
-                        out.push_str(THINK_START_TEXT);
-                        out.push_str(m.reasoning.as_deref().unwrap_or(""));
-                        out.push_str(THINK_END_TEXT);
-                    } else {
-                        out.push_str(THINK_END_TEXT);
-                    }
-                }
-                out.push_str(&m.content);
-                push_assistant_tool_calls(&mut out, m);
-                out.push_str(EOS_TEXT);
-                pending_assistant = false;
-                pending_tool_result = false;
-            }
-            _ => {}
-        }
-    }
-    if pending_assistant {
-        out.push_str(ASSISTANT_TEXT);
-        out.push_str(think.assistant_tag());
-    }
+    render_turns(
+        &mut out,
+        messages.iter().enumerate().skip(start),
+        thinking,
+        |_| true,
+        think,
+    );
     out
 }
 
