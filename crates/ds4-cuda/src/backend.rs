@@ -20,7 +20,8 @@ use std::marker::PhantomData;
 use std::sync::Arc;
 
 use cudarc::driver::{
-    CudaContext, CudaGraph, CudaStream, DevicePtr, DevicePtrMut, DeviceSlice, SyncOnDrop, sys,
+    CudaContext, CudaFunction, CudaGraph, CudaStream, DevicePtr, DevicePtrMut, DeviceSlice,
+    SyncOnDrop, sys,
 };
 use ds4_gguf::GgmlType;
 use ds4_model::backend::{attn_geom, index_geom};
@@ -215,6 +216,8 @@ pub struct CudaBackend {
     embed: DBuf,
     embed_type: i32,
     embed_row_bytes: usize,
+    /// `DS4_CUDA_PERTURB_ULP=1`: move every embedding value 1 ulp (the drift gate's chaos floor).
+    perturb: Option<CudaFunction>,
     out_hc_fn: DevWeight,
     out_hc_base: DBuf,
     out_norm: DBuf,
@@ -563,6 +566,18 @@ impl CudaBackend {
         let d_pos = DBuf::from_slice(&stream, &[0i32])?;
         let d_tok = DBuf::zeroed(&stream, max_chunk * 4)?;
         let tc = Self::make_tc(&dctx, &stream, &opts, &s, max_chunk, &layers, &out_hc_fn)?;
+        let perturb = if std::env::var("DS4_CUDA_PERTURB_ULP").is_ok_and(|v| v == "1") {
+            eprintln!(
+                "ds4-cuda: DS4_CUDA_PERTURB_ULP=1: token embeddings moved 1 ulp away from zero (diagnostic)"
+            );
+            let m = crate::device::load_module(&dctx, "selftest")?;
+            Some(
+                m.load_function("ds4_perturb_ulp")
+                    .map_err(|e| cerr(format!("kernel ds4_perturb_ulp: {e}")))?,
+            )
+        } else {
+            None
+        };
         stream.synchronize().map_err(crate::rt::drv)?;
         Ok(CudaBackend {
             embed_row_bytes: w.token_embd.row_bytes(),
@@ -577,6 +592,7 @@ impl CudaBackend {
             gemv,
             embed,
             embed_type,
+            perturb,
             out_hc_fn,
             out_hc_base,
             out_norm,
@@ -809,6 +825,17 @@ impl CudaBackend {
             hc,
             sc.x.ptr,
         )?;
+        if let Some(f) = &self.perturb {
+            let len = n * hc * e;
+            crate::rt::launch(
+                &self.stream,
+                f,
+                (len.div_ceil(256) as u32, 1, 1),
+                256,
+                0,
+                &[crate::rt::A::P(sc.x.ptr), crate::rt::A::L(len as i64)],
+            )?;
+        }
         fw.rms_rows(sc.x.ptr, hcd, 0, hcd, eps, sc.flat.ptr, hcd, n)?;
 
         for (il, l) in self.layers.iter().enumerate() {
