@@ -7,9 +7,21 @@
 // weight row (split-K, partial sums combined through shared memory in a fixed order), so a block
 // covers 8/split rows per step, and blocks stride over the row groups. Every lane loads 16 bytes
 // of weights per step (ld.global.nc, no L1 allocation), 4 steps in flight before the first use;
-// activations are read through L1 (they are reused by every row). Quantized types keep ds4's
-// numerics: exact integer block sums (dp4a), the per-block float term computed exactly as the
-// CPU does (__fmul_rn, no contraction), only the order of the float sum over blocks differs.
+// activations are read through L1 (they are reused by every row).
+//
+// Numerics (the contract shared with ds4_quant, CPU and GPU alike): every per-block integer sum
+// is exact (dp4a); every per-block term is formed in double with the contract's products in the
+// contract's order, written with __dmul_rn/__dsub_rn so that nvcc cannot contract them into an
+// FMA (which would round differently):
+//   Q8_0:     term = ((double)f16(w.d) * (double)x.d) * (double)isum
+//   IQ2_XXS:  term = ((double)f16(w.d) * (double)y.d) * (double)bsum, result 0.125 * acc
+//   Q2_K/Q4_K: dall = (double)y.d * (double)f16(d), dm = (double)y.d * (double)f16(dmin),
+//             term = dall*(double)isum - dm*(double)summs (two rounded products, one rounded sub)
+//   F16/BF16/F32 weights x f32 activations: acc += (double)w * (double)x (exact products).
+// The terms are summed in double (lanes, warp shuffles, split-K parts, the MoE down's k slots,
+// all in double, in any order); the scale (0.125 for IQ2_XXS) multiplies in double and the row
+// result is rounded to float once. With exact products, only the order of the double sum
+// differs from the CPU, so the f32 results agree bit for bit except at ~1e-8-probability ties.
 
 #define FULL_MASK 0xffffffffu
 #define U_STEPS 4
@@ -48,11 +60,12 @@ __device__ __forceinline__ int4 ldw(const void* p) {
 // Activation loads (reused by every row): through L1.
 __device__ __forceinline__ int4 lda(const void* p) { return __ldg((const int4*)p); }
 
-__device__ __forceinline__ float warp_sum(float v) {
+__device__ __forceinline__ double warp_sum(double v) {
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(FULL_MASK, v, o);
     return v;
 }
+__device__ __forceinline__ double h2d(u32 h) { return (double)h2f(h); }
 
 // Weight pointers (device layout, see gemv.rs) and the activation pointers.
 struct WP {
@@ -99,21 +112,22 @@ template <int T> struct Ty;
 // F32: 4 columns per lane, 128 per warp step.
 template <> struct Ty<T_F32> {
     static constexpr int COLS = 128;
-    static constexpr float SCALE = 1.0f;
+    static constexpr double SCALE = 1.0;
     struct F { int4 w; bool on; };
     __device__ static void load(F& f, const WP& w, i64 rr, int it, int lane) {
         int col = it * COLS + lane * 4;
         f.on = col < w.C;
         f.w = f.on ? ldw(w.p0 + (rr * w.C + col) * 4) : make_int4(0, 0, 0, 0);
     }
-    __device__ static float dot(const F& f, const AP& a, i64 e0, int it, int lane, const Tabs&) {
-        if (!f.on) return 0.f;
+    __device__ static double dot(const F& f, const AP& a, i64 e0, int it, int lane, const Tabs&) {
+        if (!f.on) return 0.0;
         int col = it * COLS + lane * 4;
         float4 x = __ldg((const float4*)(a.x + e0 + col));
-        float s = __int_as_float(f.w.x) * x.x;
-        s = fmaf(__int_as_float(f.w.y), x.y, s);
-        s = fmaf(__int_as_float(f.w.z), x.z, s);
-        s = fmaf(__int_as_float(f.w.w), x.w, s);
+        // f32 x f32 products are exact in double.
+        double s = (double)__int_as_float(f.w.x) * (double)x.x;
+        s = fma((double)__int_as_float(f.w.y), (double)x.y, s);
+        s = fma((double)__int_as_float(f.w.z), (double)x.z, s);
+        s = fma((double)__int_as_float(f.w.w), (double)x.w, s);
         return s;
     }
 };
@@ -121,28 +135,29 @@ template <> struct Ty<T_F32> {
 // F16 / BF16: 8 columns per lane, 256 per warp step.
 template <bool BF> struct Half16 {
     static constexpr int COLS = 256;
-    static constexpr float SCALE = 1.0f;
+    static constexpr double SCALE = 1.0;
     struct F { int4 w; bool on; };
-    __device__ static float cv(u32 h) { return BF ? bf2f(h) : h2f(h); }
+    __device__ static double cv(u32 h) { return (double)(BF ? bf2f(h) : h2f(h)); }
     __device__ static void load(F& f, const WP& w, i64 rr, int it, int lane) {
         int col = it * COLS + lane * 8;
         f.on = col < w.C;
         f.w = f.on ? ldw(w.p0 + (rr * w.C + col) * 2) : make_int4(0, 0, 0, 0);
     }
-    __device__ static float dot(const F& f, const AP& a, i64 e0, int it, int lane, const Tabs&) {
-        if (!f.on) return 0.f;
+    __device__ static double dot(const F& f, const AP& a, i64 e0, int it, int lane, const Tabs&) {
+        if (!f.on) return 0.0;
         int col = it * COLS + lane * 8;
         float4 x0 = __ldg((const float4*)(a.x + e0 + col));
         float4 x1 = __ldg((const float4*)(a.x + e0 + col + 4));
         u32 w0 = (u32)f.w.x, w1 = (u32)f.w.y, w2 = (u32)f.w.z, w3 = (u32)f.w.w;
-        float s = cv(w0) * x0.x;
-        s = fmaf(cv(w0 >> 16), x0.y, s);
-        s = fmaf(cv(w1), x0.z, s);
-        s = fmaf(cv(w1 >> 16), x0.w, s);
-        s = fmaf(cv(w2), x1.x, s);
-        s = fmaf(cv(w2 >> 16), x1.y, s);
-        s = fmaf(cv(w3), x1.z, s);
-        s = fmaf(cv(w3 >> 16), x1.w, s);
+        // f16/bf16 x f32 products are exact in double.
+        double s = cv(w0) * (double)x0.x;
+        s = fma(cv(w0 >> 16), (double)x0.y, s);
+        s = fma(cv(w1), (double)x0.z, s);
+        s = fma(cv(w1 >> 16), (double)x0.w, s);
+        s = fma(cv(w2), (double)x1.x, s);
+        s = fma(cv(w2 >> 16), (double)x1.y, s);
+        s = fma(cv(w3), (double)x1.z, s);
+        s = fma(cv(w3 >> 16), (double)x1.w, s);
         return s;
     }
 };
@@ -152,7 +167,7 @@ template <> struct Ty<T_BF16> : Half16<true> {};
 // Q8_0 (repacked: qs [rows][C] i8, d [rows][C/32] f16): lane = half a block, 512 columns per step.
 template <> struct Ty<T_Q8_0> {
     static constexpr int COLS = 512;
-    static constexpr float SCALE = 1.0f;
+    static constexpr double SCALE = 1.0;
     struct F { int4 w; float d; bool on; };
     __device__ static void load(F& f, const WP& w, i64 rr, int it, int lane) {
         int col = it * COLS + lane * 16;
@@ -165,7 +180,7 @@ template <> struct Ty<T_Q8_0> {
             f.d = 0.f;
         }
     }
-    __device__ static float dot(const F& f, const AP& a, i64 e0, int it, int lane, const Tabs&) {
+    __device__ static double dot(const F& f, const AP& a, i64 e0, int it, int lane, const Tabs&) {
         int col = it * COLS + lane * 16;
         int s = 0;
         float ad = 0.f;
@@ -178,8 +193,8 @@ template <> struct Ty<T_Q8_0> {
             ad = __ldg(a.d + ((e0 + col) >> 5));
         }
         s += __shfl_xor_sync(FULL_MASK, s, 1);
-        // CPU term: f16(wd) * xd * isum, each product rounded.
-        return (f.on && !(lane & 1)) ? __fmul_rn(__fmul_rn(f.d, ad), (float)s) : 0.f;
+        // Contract term: ((double)wd * (double)xd) * (double)isum (the first product is exact).
+        return (f.on && !(lane & 1)) ? __dmul_rn(__dmul_rn((double)f.d, (double)ad), (double)s) : 0.0;
     }
 };
 
@@ -187,7 +202,7 @@ template <> struct Ty<T_Q8_0> {
 // 4 lanes per block (16 qs bytes each = 64 values), 8 blocks (2048 columns) per step.
 template <> struct Ty<T_Q2_K> {
     static constexpr int COLS = 2048;
-    static constexpr float SCALE = 1.0f;
+    static constexpr double SCALE = 1.0;
     struct F { int4 q; uint2 sc; u32 dm; bool on; };
     __device__ static void load(F& f, const WP& w, i64 rr, int it, int lane) {
         int b = it * 8 + (lane >> 2);
@@ -203,7 +218,7 @@ template <> struct Ty<T_Q2_K> {
             f.dm = 0;
         }
     }
-    __device__ static float dot(const F& f, const AP& a, i64 e0, int it, int lane, const Tabs&) {
+    __device__ static double dot(const F& f, const AP& a, i64 e0, int it, int lane, const Tabs&) {
         int isum = 0, summ = 0;
         float yd = 0.f;
         if (f.on) {
@@ -236,10 +251,10 @@ template <> struct Ty<T_Q2_K> {
         summ += __shfl_xor_sync(FULL_MASK, summ, 1);
         isum += __shfl_xor_sync(FULL_MASK, isum, 2);
         summ += __shfl_xor_sync(FULL_MASK, summ, 2);
-        if (!f.on || (lane & 3)) return 0.f;
-        float dall = __fmul_rn(yd, h2f(f.dm));
-        float dmin = __fmul_rn(yd, h2f(f.dm >> 16));
-        return __fsub_rn(__fmul_rn(dall, (float)isum), __fmul_rn(dmin, (float)summ));
+        if (!f.on || (lane & 3)) return 0.0;
+        double dall = __dmul_rn((double)yd, h2d(f.dm));
+        double dmin = __dmul_rn((double)yd, h2d(f.dm >> 16));
+        return __dsub_rn(__dmul_rn(dall, (double)isum), __dmul_rn(dmin, (double)summ));
     }
 };
 
@@ -251,7 +266,7 @@ __device__ __forceinline__ int q4k_byte(const int4& hd, int i) {  // scales[i], 
 }
 template <> struct Ty<T_Q4_K> {
     static constexpr int COLS = 1024;
-    static constexpr float SCALE = 1.0f;
+    static constexpr double SCALE = 1.0;
     struct F { int4 q; int4 hd; bool on; };
     __device__ static void load(F& f, const WP& w, i64 rr, int it, int lane) {
         int b = it * 4 + (lane >> 3);
@@ -265,7 +280,7 @@ template <> struct Ty<T_Q4_K> {
             f.hd = make_int4(0, 0, 0, 0);
         }
     }
-    __device__ static float dot(const F& f, const AP& a, i64 e0, int it, int lane, const Tabs&) {
+    __device__ static double dot(const F& f, const AP& a, i64 e0, int it, int lane, const Tabs&) {
         int isum = 0, summ = 0;
         float yd = 0.f;
         if (f.on) {
@@ -309,10 +324,10 @@ template <> struct Ty<T_Q4_K> {
             isum += __shfl_xor_sync(FULL_MASK, isum, o);
             summ += __shfl_xor_sync(FULL_MASK, summ, o);
         }
-        if (!f.on || (lane & 7)) return 0.f;
-        float dall = __fmul_rn(yd, h2f((u32)f.hd.x));
-        float dmin = __fmul_rn(yd, h2f((u32)f.hd.x >> 16));
-        return __fsub_rn(__fmul_rn(dall, (float)isum), __fmul_rn(dmin, (float)summ));
+        if (!f.on || (lane & 7)) return 0.0;
+        double dall = __dmul_rn((double)yd, h2d((u32)f.hd.x));
+        double dmin = __dmul_rn((double)yd, h2d((u32)f.hd.x >> 16));
+        return __dsub_rn(__dmul_rn(dall, (double)isum), __dmul_rn(dmin, (double)summ));
     }
 };
 
@@ -342,7 +357,7 @@ __device__ __forceinline__ int iq2_group(u32 a0, u32 a1, int4 q0, int4 q1, const
 }
 template <> struct Ty<T_IQ2_XXS> {
     static constexpr int COLS = 2048;
-    static constexpr float SCALE = 0.125f;
+    static constexpr double SCALE = 0.125;
     struct F { int4 w; float d; bool on; };
     __device__ static void load(F& f, const WP& w, i64 rr, int it, int lane) {
         int b = it * 8 + (lane >> 2);
@@ -356,7 +371,7 @@ template <> struct Ty<T_IQ2_XXS> {
             f.d = 0.f;
         }
     }
-    __device__ static float dot(const F& f, const AP& a, i64 e0, int it, int lane, const Tabs& t) {
+    __device__ static double dot(const F& f, const AP& a, i64 e0, int it, int lane, const Tabs& t) {
         int bsum = 0;
         float yd = 0.f;
         if (f.on) {
@@ -370,8 +385,8 @@ template <> struct Ty<T_IQ2_XXS> {
         }
         bsum += __shfl_xor_sync(FULL_MASK, bsum, 1);
         bsum += __shfl_xor_sync(FULL_MASK, bsum, 2);
-        if (!f.on || (lane & 3)) return 0.f;
-        return __fmul_rn(__fmul_rn(f.d, yd), (float)bsum);
+        if (!f.on || (lane & 3)) return 0.0;
+        return __dmul_rn(__dmul_rn((double)f.d, (double)yd), (double)bsum);
     }
 };
 
@@ -385,7 +400,7 @@ __device__ __forceinline__ void gemv_body(WP w, AP a, float* __restrict__ y, int
     typedef Ty<T> K;
     __shared__ uint2 s_grid[256];
     __shared__ uint4 s_sign[128];
-    __shared__ float s_red[8][NT];
+    __shared__ double s_red[8][NT];
     Tabs tabs = {s_grid, s_sign};
     if (T == T_IQ2_XXS) init_tabs(s_grid, s_sign);
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -395,9 +410,9 @@ __device__ __forceinline__ void gemv_body(WP w, AP a, float* __restrict__ y, int
     const int ngroups = (RT + rpb - 1) / rpb;
     for (int g = blockIdx.x; g < ngroups; g += gridDim.x) {
         const i64 rr = (i64)g * rpb + rl;
-        float acc[NT];
+        double acc[NT];
 #pragma unroll
-        for (int t = 0; t < NT; t++) acc[t] = 0.f;
+        for (int t = 0; t < NT; t++) acc[t] = 0.0;
         if (rr < RT) {
             const i64 m = rr / R;
             const i64 eoff = grouped ? m * (i64)w.C : 0;
@@ -424,7 +439,7 @@ __device__ __forceinline__ void gemv_body(WP w, AP a, float* __restrict__ y, int
             if (lane == 0 && rr < RT) {
 #pragma unroll
                 for (int t = 0; t < NT; t++)
-                    if (t < n) y[(i64)t * RT + rr] = K::SCALE * acc[t];
+                    if (t < n) y[(i64)t * RT + rr] = (float)(K::SCALE * acc[t]);
             }
         } else {
             if (lane == 0) {
@@ -435,9 +450,9 @@ __device__ __forceinline__ void gemv_body(WP w, AP a, float* __restrict__ y, int
             if (part == 0 && lane == 0 && rr < RT) {
 #pragma unroll
                 for (int t = 0; t < NT; t++) {
-                    float s = s_red[warp][t];
+                    double s = s_red[warp][t];
                     for (int p = 1; p < split; p++) s += s_red[warp + p][t];
-                    if (t < n) y[(i64)t * RT + rr] = K::SCALE * s;
+                    if (t < n) y[(i64)t * RT + rr] = (float)(K::SCALE * s);
                 }
             }
             __syncthreads();
@@ -469,8 +484,9 @@ GEMV_INST(iq2_xxs, T_IQ2_XXS)
 
 // ------------------------------------------------------------------------------------------
 // Routed MoE gate/up + SwiGLU: one warp per (token t, slot j, row r), reading the gate and the
-// up row of expert ids[t][j]. mid[t][j][r] = silu(min(g,c))·clamp(u,±c)·w_tj computed in double
-// like the CPU (clamp skipped when c ≤ 1e-6). ids == null: dense (one matrix, k = 1, w = 1).
+// up row of expert ids[t][j]. g, u are the f32 row results (double accumulation, one rounding);
+// mid[t][j][r] = silu(min(g,c))·clamp(u,±c)·w_tj computed in double like the CPU (clamp skipped
+// when c ≤ 1e-6). ids == null: dense (one matrix, k = 1, w = 1).
 // An id outside [0, n_mat) writes NaN.
 
 template <int T>
@@ -497,7 +513,7 @@ __device__ __forceinline__ void moe_gate_up_body(WP wg, WP wu, AP a, const int* 
         }
         const i64 rr = (i64)e * R + r;
         const i64 e0 = (i64)t * wg.C;
-        float ag = 0.f, au = 0.f;
+        double ag = 0.0, au = 0.0;
         for (int it = 0; it < nit; it += U_STEPS / 2) {
             typename K::F fg[U_STEPS / 2], fu[U_STEPS / 2];
 #pragma unroll
@@ -521,7 +537,7 @@ __device__ __forceinline__ void moe_gate_up_body(WP wg, WP wu, AP a, const int* 
         ag = warp_sum(ag);
         au = warp_sum(au);
         if (lane == 0) {
-            float g = K::SCALE * ag, v = K::SCALE * au;
+            float g = (float)(K::SCALE * ag), v = (float)(K::SCALE * au);
             if (clamp > 1e-6f) {
                 g = fminf(g, clamp);
                 v = fminf(fmaxf(v, -clamp), clamp);
@@ -554,9 +570,10 @@ MOE_GU_INST(q4_k, T_Q4_K, 256)
 MOE_GU_INST(iq2_xxs, T_IQ2_XXS, 256)
 
 // ------------------------------------------------------------------------------------------
-// Routed MoE down: one warp per (token t, row r): out[t][r] = (float) Σ_j (double) dot_j, dot_j =
-// down[ids[t][j]][r] · act[t·k + j] (each dot_j an f32 row result like the CPU's matvec), summed
-// over j in slot order in double. k ≤ 8. An id outside [0, n_mat) gives NaN.
+// Routed MoE down: one warp per (token t, row r): out[t][r] = (float)(scale · Σ_j acc_j), acc_j =
+// the unrounded double accumulator of down[ids[t][j]][r] · act[t·k + j]; the sum over the k slots
+// is in double with one final rounding (numerics contract). k ≤ 8. An id outside [0, n_mat)
+// gives NaN.
 
 #define MAXK 8
 template <int T>
@@ -585,9 +602,9 @@ __device__ __forceinline__ void moe_down_body(WP w, AP a, const int* __restrict_
             if (lane == 0) out[u] = __int_as_float(0x7fc00000);
             continue;
         }
-        float acc[MAXK];
+        double acc[MAXK];
 #pragma unroll
-        for (int j = 0; j < MAXK; j++) acc[j] = 0.f;
+        for (int j = 0; j < MAXK; j++) acc[j] = 0.0;
         for (int it = 0; it < nit; it++) {
 #pragma unroll
             for (int j0 = 0; j0 < MAXK; j0 += 4) {
@@ -609,10 +626,10 @@ __device__ __forceinline__ void moe_down_body(WP w, AP a, const int* __restrict_
         double s = 0.0;
 #pragma unroll
         for (int j = 0; j < MAXK; j++) {
-            float v = warp_sum(acc[j]);
-            if (j < k) s += (double)(K::SCALE * v);
+            double v = warp_sum(acc[j]);
+            if (j < k) s += v;
         }
-        if (lane == 0) out[u] = (float)s;
+        if (lane == 0) out[u] = (float)(K::SCALE * s);
     }
 }
 

@@ -49,22 +49,38 @@
 //! * `gate_up_swiglu`: the same for a dense pair (shared expert): `mid` `[n][rows]`, weight 1.
 //! * `moe_down`: quantizes `mid` (`[n·k][cols]`) into `mid_act_scratch`
 //!   (`act_bytes(down.ty, cols, n·k)` bytes) and computes
-//!   `out[t][r] = (f32) Σ_j (f64) (down[ids[t][j]] · mid[t][j])[r]`, summed over `j` in slot
-//!   order in f64 exactly like the CPU (`ds4_model` routed-expert sum). `out` is `[n][rows]`.
+//!   `out[t][r] = (f32) Σ_j acc_j` where `acc_j` is the unrounded f64 accumulator of
+//!   `(down[ids[t][j]] · mid[t][j])[r]` (scale included): one rounding for the whole routed
+//!   sum, as the numerics contract says. `out` is `[n][rows]`.
 //!   (The shared-expert output is added by the caller, as the CPU does.)
 //!
 //! # Numerics (contract, tested in `tests/gemv.rs`)
 //!
+//! The same contract as the CPU (`ds4_quant` dot products and `QMatrix`): every float reduction
+//! that feeds an f32 result is carried out in f64 with exact products or products in a fixed
+//! order, and rounded to f32 once.
+//!
 //! * Activation quantization is bit-identical to `ds4_quant`: Q8_0 weights → ds4's float-scale
 //!   int8 per 32 (`d = amax/127`, round-half-even); Q2_K / Q4_K / IQ2_XXS → Q8_K (§5.6);
 //!   F32 / F16 / BF16 → none (`x` is read directly).
-//! * Quantized types: every per-block integer sum is exact and every per-block float term is
-//!   computed with the CPU's operations in the CPU's order (`(d_w·d_x)·isum`,
-//!   `(yd·d)·isum − (yd·dmin)·summs`, IQ2_XXS `0.125·Σ`); only the order in which the f32
-//!   block terms are added differs (lanes, then a warp tree, then split-K parts). So results
-//!   agree with the CPU to f32 rounding of a sum of `cols/32` (or `cols/256`) terms.
-//! * F16 / BF16: f32 products and f32 accumulation, like the CPU, in a different order.
-//! * F32: **f32 accumulation** (the CPU accumulates in f64): a documented difference.
+//! * Q8_0 × Q8_0-act: per block an exact integer `isum`;
+//!   `term = ((f64) f16(w.d) · (f64) x.d) · (f64) isum` (two f64 products in this order; the
+//!   first is exact); result `(f32) Σ term`.
+//! * IQ2_XXS × Q8_K: exact integer `bsum` per block; `term = ((f64) f16(w.d) · (f64) y.d) ·
+//!   (f64) bsum`; result `(f32)(0.125 · Σ term)`.
+//! * Q2_K / Q4_K × Q8_K: exact integers `isum`, `summs`; `dall = (f64) y.d · (f64) f16(d)`,
+//!   `dm = (f64) y.d · (f64) f16(dmin)`, `term = dall·isum − dm·summs` as two rounded products
+//!   and one rounded subtraction (`__dmul_rn`/`__dsub_rn`: no FMA contraction); result
+//!   `(f32) Σ term`.
+//! * F16 / BF16 / F32 weights × f32 activations: `acc += (f64) w · (f64) x` (exact products);
+//!   result `(f32) acc`.
+//! * Sums over blocks, lanes, warp shuffles, split-K parts and the MoE down's `k` slots are all
+//!   in f64 (in an order that differs from the CPU's); a scale (0.125) multiplies in f64 before
+//!   the single final rounding. `moe_down` rounds `Σ_j Σ_b term` once (no per-slot rounding).
+//!
+//! Since all products are formed identically, only the order of an f64 sum differs from the CPU:
+//! the f32 results are bit-identical except when the exact sum lies within ~1e-16 (relative) of
+//! an f32 rounding boundary, where they differ by 1 ulp.
 //!
 //! # Device layouts (private to this module; `DevWeight::data` holds them)
 //!
