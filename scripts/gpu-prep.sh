@@ -36,5 +36,5 @@ for s in ("tiny", "flashdims"):
     for q in m["sequences"]:
         print(f'{s}\t{q["name"]}\t{",".join(map(str, q["input_ids"]))}')
 PY
-tar -cJf .gpu/check.tar.xz -C "$D" .
+XZ_OPT="-T2 -6" tar -cJf .gpu/check.tar.xz -C "$D" .
 ls -la .gpu/check.tar.xz

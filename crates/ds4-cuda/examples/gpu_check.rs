@@ -700,10 +700,30 @@ fn rows(path: &Path, prompts_path: &Path) -> Result<()> {
                     .map(|(a, b)| (a - b).abs())
                     .fold(0f32, f32::max);
                 let mag = hc.iter().map(|a| a.abs()).fold(0f32, f32::max);
+                let nd = hc
+                    .iter()
+                    .zip(hg)
+                    .filter(|(a, b)| a.to_bits() != b.to_bits())
+                    .count();
                 let ex = tc.experts[il] != tg.experts[il];
-                line += &format!(" L{il} {d:.1e}/{mag:.0e}{}", if ex { "!" } else { "" });
+                line += &format!(
+                    " L{il} {nd}≠ {d:.1e}/{mag:.0e}{}",
+                    if ex { "!" } else { "" }
+                );
             }
             println!("{line}");
+            for il in 0..m.shape.n_layer.min(2) {
+                let mut pl = format!("           L{il} probes:");
+                for ((name, pc), (_, pg)) in tc.probes[il].iter().zip(&tg.probes[il]) {
+                    let nd = pc
+                        .iter()
+                        .zip(pg)
+                        .filter(|(a, b)| a.to_bits() != b.to_bits())
+                        .count();
+                    pl += &format!(" {name} {nd}/{}", pc.len());
+                }
+                println!("{pl}");
+            }
         }
     }
     Ok(())

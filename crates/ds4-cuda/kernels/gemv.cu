@@ -570,10 +570,11 @@ MOE_GU_INST(q4_k, T_Q4_K, 256)
 MOE_GU_INST(iq2_xxs, T_IQ2_XXS, 256)
 
 // ------------------------------------------------------------------------------------------
-// Routed MoE down: one warp per (token t, row r): out[t][r] = (float)(scale · Σ_j acc_j), acc_j =
-// the unrounded double accumulator of down[ids[t][j]][r] · act[t·k + j]; the sum over the k slots
-// is in double with one final rounding (numerics contract). k ≤ 8. An id outside [0, n_mat)
-// gives NaN.
+// Routed MoE down: one warp per (token t, row r): out[t][r] = (float) Σ_j (double) d_j, where
+// d_j = (float)(scale · acc_j) is expert j's row result rounded to f32 exactly as the CPU's
+// per-expert matvec (acc_j: the double accumulator of down[ids[t][j]][r] · act[t·k + j]), and
+// the sum over the k slots is in double in slot order with one final rounding, as the CPU does.
+// k ≤ 8. An id outside [0, n_mat) gives NaN.
 
 #define MAXK 8
 template <int T>
@@ -627,9 +628,11 @@ __device__ __forceinline__ void moe_down_body(WP w, AP a, const int* __restrict_
 #pragma unroll
         for (int j = 0; j < MAXK; j++) {
             double v = warp_sum(acc[j]);
-            if (j < k) s += v;
+            // Each expert's row result is an f32 (the CPU's per-expert matvec), then the k
+            // slots are summed in double.
+            if (j < k) s += (double)(float)(K::SCALE * v);
         }
-        if (lane == 0) out[u] = (float)(K::SCALE * s);
+        if (lane == 0) out[u] = (float)s;
     }
 }
 

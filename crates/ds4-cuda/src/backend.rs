@@ -1205,6 +1205,25 @@ impl CudaBackend {
         let mut last = vec![0f32; hcd];
         dtoh(&self.stream, &mut last, self.sc.x.f((n - 1) * hcd))?;
         tr.last_hidden[il] = last;
+        let sc = &self.sc;
+        let mut probes = Vec::new();
+        for (name, d) in ds4_model::backend::probe_dims(s) {
+            let buf = match name {
+                "a" => &sc.a,
+                "qr" => &sc.qr,
+                "q" => &sc.q,
+                "heads" => &sc.heads,
+                "low" => &sc.low,
+                "x1" => &sc.x1,
+                "b" => &sc.b,
+                "rlog" => &sc.rlog,
+                _ => &sc.sh_out,
+            };
+            let mut v = vec![0f32; d];
+            dtoh(&self.stream, &mut v, buf.f((n - 1) * d))?;
+            probes.push((name.to_string(), v));
+        }
+        tr.probes[il] = probes;
         Ok(())
     }
 
@@ -1557,6 +1576,7 @@ impl Backend for CudaBackend {
                 experts: vec![Vec::new(); nl],
                 indexer: vec![Vec::new(); nl],
                 last_hidden: vec![Vec::new(); nl],
+                probes: vec![Vec::new(); nl],
             }
         });
     }

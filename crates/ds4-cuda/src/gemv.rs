@@ -76,7 +76,8 @@
 //!   result `(f32) acc`.
 //! * Sums over blocks, lanes, warp shuffles, split-K parts and the MoE down's `k` slots are all
 //!   in f64 (in an order that differs from the CPU's); a scale (0.125) multiplies in f64 before
-//!   the single final rounding. `moe_down` rounds `Σ_j Σ_b term` once (no per-slot rounding).
+//!   the single final rounding. `moe_down` rounds each slot's row result to f32 (the CPU's
+//!   per-expert matvec), then sums the `k` slots in f64 and rounds once more.
 //!
 //! Since all products are formed identically, only the order of an f64 sum differs from the CPU:
 //! the f32 results are bit-identical except when the exact sum lies within ~1e-16 (relative) of

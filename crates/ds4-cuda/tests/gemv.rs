@@ -19,7 +19,8 @@
 //! * MoE `mid` (SwiGLU in f64 of the f32 g, u): same bounds (the f64 `exp` of CUDA and of Rust's
 //!   libm may differ in the last f64 bit, again a ~1e-8 effect after rounding to f32).
 //!   `moe_down` is checked on the GPU's `mid` for both sides (its quantization is checked
-//!   bit-identical), `out = (f32) Σ_j Σ_b term` with one rounding.
+//!   bit-identical), `out = (f32) Σ_j (f64)(f32) Σ_b term`: each expert's row rounded to f32
+//!   as the CPU's per-expert matvec does, the slots summed in f64.
 //!
 //! Every check uses fresh random inputs, poisons the outputs with NaN first and fails on any
 //! non-finite output.
@@ -487,7 +488,8 @@ fn moe_matches_cpu() {
                     let mut acc = 0.0f64;
                     for (j, a) in acts.iter().enumerate() {
                         let rr = ids[t * kk + j] as usize * e_dim + r;
-                        acc += row_acc(td, &down_b[rr * rbd..(rr + 1) * rbd], a);
+                        // Each expert's row result is an f32 (the CPU's per-expert matvec).
+                        acc += row_acc(td, &down_b[rr * rbd..(rr + 1) * rbd], a) as f32 as f64;
                     }
                     want[t * e_dim + r] = acc as f32;
                 }

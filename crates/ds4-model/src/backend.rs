@@ -52,6 +52,27 @@ pub struct Trace {
     /// Per layer: the HC streams output by the layer at the last traced token
     /// (`hc_mult·n_embd`).
     pub last_hidden: Vec<Vec<f32>>,
+    /// Per layer: named intermediates of the last traced token, the same names on every backend
+    /// (`a` attention input, `qr`, `q`, `heads` attention output, `low`, `x1` streams after the
+    /// attention sublayer, `b` FFN input, `rlog` router logits, `sh_out` shared expert), for
+    /// locating the first operation where two backends differ.
+    pub probes: Vec<Vec<(String, Vec<f32>)>>,
+}
+
+/// The intermediates every backend records in [`Trace::probes`], with their per-token length.
+pub fn probe_dims(s: &crate::shape::Shape) -> [(&'static str, usize); 9] {
+    let e = s.n_embd;
+    [
+        ("a", e),
+        ("qr", s.q_lora_rank),
+        ("q", s.n_head * s.head_dim),
+        ("heads", s.n_head * s.head_dim),
+        ("low", s.o_groups * s.o_lora_rank),
+        ("x1", s.hc_dim()),
+        ("b", e),
+        ("rlog", s.n_expert),
+        ("sh_out", e),
+    ]
 }
 
 /// KV state of one layer, backend-neutral (the snapshot's layout, model-spec §4.5).

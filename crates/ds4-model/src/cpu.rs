@@ -369,6 +369,24 @@ impl CpuBackend {
                 let last = &self.sc.x[(n - 1) * hcd..n * hcd];
                 tr.last_hidden[il].clear();
                 tr.last_hidden[il].extend_from_slice(last);
+                let sc = &self.sc;
+                tr.probes[il] = crate::backend::probe_dims(s)
+                    .iter()
+                    .map(|&(name, d)| {
+                        let buf: &[f32] = match name {
+                            "a" => &sc.a,
+                            "qr" => &sc.qr,
+                            "q" => &sc.q,
+                            "heads" => &sc.heads,
+                            "low" => &sc.low,
+                            "x1" => &sc.x1,
+                            "b" => &sc.b,
+                            "rlog" => &sc.rlog,
+                            _ => &sc.sh_out,
+                        };
+                        (name.to_string(), buf[(n - 1) * d..n * d].to_vec())
+                    })
+                    .collect();
             }
         }
         // Output head.
@@ -1169,6 +1187,7 @@ impl Backend for CpuBackend {
                 experts: vec![Vec::new(); nl],
                 indexer: vec![Vec::new(); nl],
                 last_hidden: vec![Vec::new(); nl],
+                probes: vec![Vec::new(); nl],
             }
         });
     }
