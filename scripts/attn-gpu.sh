@@ -16,7 +16,7 @@ mkdir -p "$OUT" "$W"
 KEY="card.txt test_tc.log tc_bench_attn.csv drift.log prefill-attn-on.csv prefill-attn-off.csv prefill-quality.csv"
 save() {
   local f
-  for f in $KEY; do [ -f "$W/$f" ] && cp "$W/$f" "$W/"; done
+  for f in $KEY; do [ -f "$W/$f" ] && cp "$W/$f" "$OUT/"; done
   tar -cJf "$OUT/logs.tar.xz" -C "$W" . 2>/dev/null
 }
 STEPS=${1:-test,bench,e2e,drift}
@@ -52,7 +52,7 @@ if has e2e; then
   grep -h "tensor-core" "$W"/e2e_*.log | sort -u
 fi
 if has drift; then
-  step convert 60 "$D/gpu_check" convert "$D/fx" "$D/models"
+  step convert "${CONVERT_TIMEOUT:-60}" "$D/gpu_check" convert "$D/fx" "$D/models"
   step drift "${DRIFT_TIMEOUT:-240}" env OUT=/tmp/attn-drift ATTN_F16_INFO=1 bash "$D/drift-gate.sh" "$D" "$D/models" "$D/prompts.tsv" 4 4096
   mkdir -p "$W/drift"
   cp /tmp/attn-drift/drift/*.json /tmp/attn-drift/drift/*.log "$W/drift/" 2>/dev/null

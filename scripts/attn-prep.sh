@@ -6,6 +6,8 @@
 # executable, the fixture checkpoints and prompts, scripts/drift-gate.sh and scripts/attn-gpu.sh.
 # Then one device call with carry [TARBALL] and
 #   mkdir -p /tmp/attn && tar -xJf TARBALL -C /tmp/attn && bash /tmp/attn/attn-gpu.sh [STEPS]
+# NO_FIXTURES=1 leaves out the fixtures and gpu_check (enough for the steps test,bench,e2e; the
+# whole tarball is ~32 MiB, over the 30 MiB a carried file should stay under).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TAR=${1:-.gpu/attn.tar.xz}
@@ -25,11 +27,12 @@ cp "$T/release/ds4" "$T/release/examples/gpu_check" "$T/release/examples/tc_benc
 cp "$exe" "$S/test_tc"
 cp scripts/drift-gate.sh scripts/attn-gpu.sh "$S/"
 FX=${DS4_FIXTURES:-../shared/fixtures}
-for s in tiny flashdims; do
+if [ "${NO_FIXTURES:-0}" = 1 ]; then rm -f "$S/gpu_check"; FX=/nonexistent; fi
+[ -d "$FX" ] && for s in tiny flashdims; do
   mkdir -p "$S/fx/$s"
   cp -r "$FX/$s/official" "$S/fx/$s/"
 done
-python3 - "$FX" > "$S/prompts.tsv" <<'PY'
+[ -d "$FX" ] && python3 - "$FX" > "$S/prompts.tsv" <<'PY'
 import json, sys, os
 fx = sys.argv[1]
 for s in ("tiny", "flashdims"):
@@ -37,7 +40,8 @@ for s in ("tiny", "flashdims"):
     for q in m["sequences"]:
         print(f'{s}\t{q["name"]}\t{",".join(map(str, q["input_ids"]))}')
 PY
-strip "$S"/ds4 "$S"/gpu_check "$S"/tc_bench "$S"/test_tc 2>/dev/null || true
+strip "$S"/ds4 "$S"/tc_bench "$S"/test_tc 2>/dev/null || true
+[ -f "$S/gpu_check" ] && strip "$S/gpu_check"
 git rev-parse --short HEAD > "$S/commit.txt"
 git diff --quiet HEAD -- crates scripts || echo "(+ uncommitted changes)" >> "$S/commit.txt"
 mkdir -p "$(dirname "$TAR")"

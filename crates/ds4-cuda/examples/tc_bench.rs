@@ -425,9 +425,9 @@ mod bench {
             let rope = RopeParams::plain(64, 10000.0);
             // (case, ratio, indexer, pos0)
             let cases: [(&str, usize, bool, usize); 3] = [
-                ("swa w128, pos 0", 0, false, 0),
-                ("csa w128+top512, pos 0", 4, true, 0),
-                ("csa w128+top512, pos 8k", 4, true, 8192),
+                ("swa w128 pos0", 0, false, 0),
+                ("csa w128+top512 pos0", 4, true, 0),
+                ("csa w128+top512 pos8k", 4, true, 8192),
             ];
             let block: Vec<f32> = (0..16 * nh * hd)
                 .map(|_| ((self.rng.next() % 20001) as f32 - 10000.0) * 1e-4 * 1.7)

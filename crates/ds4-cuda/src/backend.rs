@@ -665,13 +665,13 @@ impl CudaBackend {
                 prec,
             )?;
             attn_note = format!(
-                " (attn: {} operands, {} MiB row scratch)",
+                " (attn: {} operands, {:.1} MiB row scratch)",
                 if prec == AttnPrecision::Split {
                     "f16 hi+lo"
                 } else {
                     "f16"
                 },
-                a.scratch_bytes() >> 20
+                a.scratch_bytes() as f64 / (1u64 << 20) as f64
             );
             Some(a)
         } else {
