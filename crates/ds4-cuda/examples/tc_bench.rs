@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! cargo build --release -p ds4-cuda --features cuda --example tc_bench
-//! tc_bench [--csv PATH] [--tokens 512,2048,8192] [--reps N]
+//! tc_bench [--csv PATH] [--tokens 512,2048,8192] [--reps N] [--only attn|matmul]
 //! ```
 //!
 //! For every route's Flash shapes (n_embd 4096, q_lora 1024, 64 heads × 512, 8 output groups of
@@ -11,7 +11,9 @@
 //! timed with CUDA events (median of `--reps` after a warm-up), with TFLOP/s = 2·MACs / time
 //! (MoE: MACs of the selected experts only). At the smallest token count the two outputs are also
 //! compared (max |Δ| / (1 + |exact|), printed as `rel`). The LM head runs at 64 rows, as the
-//! backend's output head does.
+//! backend's output head does. Chunk attention (`attn`: hi+lo f16 operands, the default;
+//! `attn_f16`: plain f16) runs first, against the exact `ds4_attention` kernel (see
+//! `B::attention` for the geometries).
 
 #[cfg(not(feature = "cuda"))]
 fn main() {
@@ -31,9 +33,12 @@ mod bench {
     use anyhow::{Context, Result, bail};
     use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, sys};
     use ds4_cuda::TcRoutes;
+    use ds4_cuda::attn_tc::AttnPrecision;
     use ds4_cuda::gemv::{DevWeight, Gemv};
+    use ds4_cuda::optest::{AttnInputs, GpuOps};
     use ds4_cuda::tc::{Tc, TcConfig};
     use ds4_gguf::GgmlType;
+    use ds4_model::RopeParams;
 
     struct Rng(u64);
     impl Rng {
@@ -409,11 +414,102 @@ mod bench {
         }
     }
 
+    impl B {
+        /// Chunk attention, Flash shapes (64 heads × 512, 64 RoPE dims, window 128): the
+        /// tensor-core route (`split` and `f16` operands, the f16 row preparation included) vs
+        /// the exact kernel, for a chunk of `n` tokens at `pos0` (0: the first chunk of a
+        /// prompt; the ring holds window + n rows as the backend's does). MACs: per token and
+        /// head, rows × 512 for S and again for O.
+        fn attention(&mut self, ops: &GpuOps, ns: &[usize]) -> Result<()> {
+            let (nh, hd, window, topk) = (64usize, 512usize, 128usize, 512usize);
+            let rope = RopeParams::plain(64, 10000.0);
+            // (case, ratio, indexer, pos0)
+            let cases: [(&str, usize, bool, usize); 3] = [
+                ("swa w128 pos0", 0, false, 0),
+                ("csa w128+top512 pos0", 4, true, 0),
+                ("csa w128+top512 pos8k", 4, true, 8192),
+            ];
+            let block: Vec<f32> = (0..16 * nh * hd)
+                .map(|_| ((self.rng.next() % 20001) as f32 - 10000.0) * 1e-4 * 1.7)
+                .collect();
+            for (case, ratio, has_idx, pos0) in cases {
+                for (i, &n) in ns.iter().enumerate() {
+                    let raw_cap = window + n;
+                    let q: Vec<f32> = block.iter().copied().cycle().take(n * nh * hd).collect();
+                    let ring: Vec<f32> = block.iter().copied().cycle().take(raw_cap * hd).collect();
+                    let ncomp = (pos0 + n).checked_div(ratio).map_or(1, |r| r + 1);
+                    let comp: Vec<f32> = block
+                        .iter()
+                        .rev()
+                        .copied()
+                        .cycle()
+                        .take(ncomp * hd)
+                        .collect();
+                    let sinks: Vec<f32> = (0..nh).map(|h| (h % 7) as f32 * 0.3 - 1.0).collect();
+                    let mut isel = vec![0i32; n * topk];
+                    let mut macs = 0f64;
+                    for t in 0..n {
+                        let p = pos0 + t;
+                        let nv = (p + 1).checked_div(ratio).unwrap_or(0);
+                        let sel = has_idx && nv > topk;
+                        if sel {
+                            // Distinct, spread over the visible rows.
+                            let off = (self.rng.next() % nv as u64) as usize;
+                            for j in 0..topk {
+                                isel[t * topk + j] = ((off + j * nv / topk) % nv) as i32;
+                            }
+                        }
+                        let rows = (p + 1).min(window) + if sel { topk } else { nv };
+                        macs += (2 * nh * hd * rows) as f64;
+                    }
+                    let a = AttnInputs {
+                        q: &q,
+                        ring: &ring,
+                        raw_cap,
+                        window,
+                        comp: &comp,
+                        ratio,
+                        has_indexer: has_idx,
+                        isel: &isel,
+                        topk,
+                        sinks: &sinks,
+                        scale: 1.0 / (hd as f32).sqrt(),
+                        nh,
+                        hd,
+                        n_rot: 64,
+                        inv_freq: &rope.inv_freq,
+                        pos0,
+                        n,
+                    };
+                    let (want, q_ms) = ops.attention_timed(&a, None, self.reps.min(3))?;
+                    for (route, prec) in [
+                        ("attn", AttnPrecision::Split),
+                        ("attn_f16", AttnPrecision::F16),
+                    ] {
+                        let (got, tc_ms) = ops.attention_timed(&a, Some(prec), self.reps)?;
+                        let rel = (i == 0).then(|| {
+                            got.iter().zip(&want).fold(0f64, |w, (p, q)| {
+                                if p.is_finite() && q.is_finite() {
+                                    w.max(((p - q).abs() / (1.0 + q.abs())) as f64)
+                                } else {
+                                    f64::INFINITY
+                                }
+                            })
+                        });
+                        self.report(route, case, n, macs, tc_ms, q_ms, rel);
+                    }
+                }
+            }
+            Ok(())
+        }
+    }
+
     pub fn main() -> Result<()> {
         let args: Vec<String> = std::env::args().collect();
         let mut csv: Option<String> = None;
         let mut ns: Vec<usize> = vec![512, 2048, 8192];
         let mut reps = 7usize;
+        let mut only: Option<String> = None;
         let mut i = 1;
         while i < args.len() {
             match args[i].as_str() {
@@ -432,6 +528,10 @@ mod bench {
                 }
                 "--reps" => {
                     reps = args.get(i + 1).context("--reps N")?.parse()?;
+                    i += 2;
+                }
+                "--only" => {
+                    only = Some(args.get(i + 1).context("--only attn|matmul")?.clone());
                     i += 2;
                 }
                 a => bail!("unknown argument {a}"),
@@ -468,6 +568,13 @@ mod bench {
         };
         let q8 = GgmlType::Q8_0;
         let f16 = GgmlType::F16;
+        if only.as_deref() != Some("matmul") {
+            let ops = GpuOps::new(0)?;
+            b.attention(&ops, &ns)?;
+        }
+        if only.as_deref() == Some("attn") {
+            return b.write_csv(csv.as_deref());
+        }
         b.matmul("dense", "q_a 4096->1024", q8, 4096, 1024, 1, &ns)?;
         b.matmul("dense", "q_b 1024->32768", q8, 1024, 32768, 1, &ns)?;
         b.matmul("dense", "kv 4096->512", q8, 4096, 512, 1, &ns)?;
@@ -481,16 +588,22 @@ mod bench {
         b.matmul("f16", "hc fn 16384->24", f16, 16384, 24, 1, &ns)?;
         b.matmul("f16", "router 4096->256", f16, 4096, 256, 1, &ns)?;
         b.moe(&ns)?;
-        if let Some(path) = csv {
-            let mut f = std::fs::File::create(&path).with_context(|| path.clone())?;
-            writeln!(
-                f,
-                "card,route,case,n,macs,tc_ms,tc_tflops,exact_ms,exact_tflops,speedup,rel_diff"
-            )?;
-            for r in &b.rows {
-                writeln!(f, "{r}")?;
+        b.write_csv(csv.as_deref())
+    }
+
+    impl B {
+        fn write_csv(&self, path: Option<&str>) -> Result<()> {
+            if let Some(path) = path {
+                let mut f = std::fs::File::create(path).with_context(|| path.to_string())?;
+                writeln!(
+                    f,
+                    "card,route,case,n,macs,tc_ms,tc_tflops,exact_ms,exact_tflops,speedup,rel_diff"
+                )?;
+                for r in &self.rows {
+                    writeln!(f, "{r}")?;
+                }
             }
+            Ok(())
         }
-        Ok(())
     }
 }

@@ -31,6 +31,7 @@ use ds4_model::{
     AttnKind, Backend, KvState, LayerState, Model, ModelError, MoeKind, RopeKind, Shape, Trace,
 };
 
+use crate::attn_tc::{AttnPrecision, AttnTc};
 use crate::fwd::{ATT_TARGET_BLOCKS, AttnLaunch, CompLaunch, Fwd, IDX_TILE, attn_splits};
 use crate::gemv::{DevWeight, Gemv};
 use crate::rt::{DBuf, dtoh, htod};
@@ -240,6 +241,8 @@ pub struct CudaBackend {
     graph_launches: u64,
     /// Tensor-core prefill routes (None: all off).
     tc: Option<Tc>,
+    /// The tensor-core attention route (None: off).
+    tc_attn: Option<AttnTc>,
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -565,7 +568,17 @@ impl CudaBackend {
         let inv_comp = DBuf::from_slice(&stream, &model.plan.rope_compressed.inv_freq)?;
         let d_pos = DBuf::from_slice(&stream, &[0i32])?;
         let d_tok = DBuf::zeroed(&stream, max_chunk * 4)?;
-        let tc = Self::make_tc(&dctx, &stream, &opts, &s, max_chunk, &layers, &out_hc_fn)?;
+        let (tc, tc_attn) = Self::make_tc(
+            &dctx,
+            &stream,
+            &opts,
+            &s,
+            &model.plan,
+            ctx,
+            max_chunk,
+            &layers,
+            &out_hc_fn,
+        )?;
         let perturb = if std::env::var("DS4_CUDA_PERTURB_ULP").is_ok_and(|v| v == "1") {
             eprintln!(
                 "ds4-cuda: DS4_CUDA_PERTURB_ULP=1: token embeddings moved 1 ulp away from zero (diagnostic)"
@@ -614,22 +627,25 @@ impl CudaBackend {
             graphs: Graphs([None, None]),
             graph_launches: 0,
             tc,
+            tc_attn,
         })
     }
 
     /// The tensor-core routes in force (`--quality`, `CudaOptions::tc`, the environment), logged
-    /// on stderr in one line.
+    /// on stderr in one line: the matmul routes' [`Tc`] and the attention route's [`AttnTc`].
     #[allow(clippy::too_many_arguments)]
     fn make_tc(
         dctx: &Arc<CudaContext>,
         stream: &Arc<CudaStream>,
         opts: &CudaOptions,
         s: &Shape,
+        plan: &ds4_model::Plan,
+        ctx: usize,
         max_chunk: usize,
         layers: &[DevLayer],
         out_hc_fn: &DevWeight,
-    ) -> Result<Option<Tc>, CudaError> {
-        let routes = if opts.quality {
+    ) -> Result<(Option<Tc>, Option<AttnTc>), CudaError> {
+        let mut routes = if opts.quality {
             crate::TcRoutes::none()
         } else {
             opts.tc.with_env()
@@ -645,37 +661,79 @@ impl CudaBackend {
                     "disabled"
                 }
             );
-            return Ok(None);
+            return Ok((None, None));
         }
-        let mut f16_cols = out_hc_fn.cols() * out_hc_fn.n_mat();
-        for l in layers {
-            let mut ws = vec![&l.hc_attn.fn_, &l.hc_ffn.fn_, &l.router];
-            if let Some(c) = &l.comp {
-                ws.extend([&c.kv, &c.gate]);
+        let mut attn_note = String::new();
+        let attn = if routes.attn && AttnTc::supports(s.head_dim) {
+            let comp_rows = plan
+                .layers
+                .iter()
+                .map(|l| ctx.checked_div(l.attn.ratio()).map_or(0, |r| r + 1))
+                .max()
+                .unwrap_or(0);
+            let prec = AttnPrecision::from_env();
+            let a = AttnTc::new(
+                dctx,
+                stream,
+                s.head_dim,
+                s.window + max_chunk,
+                comp_rows,
+                prec,
+            )?;
+            attn_note = format!(
+                " (attn: {} operands, {:.1} MiB row scratch)",
+                if prec == AttnPrecision::Split {
+                    "f16 hi+lo"
+                } else {
+                    "f16"
+                },
+                a.scratch_bytes() as f64 / (1u64 << 20) as f64
+            );
+            Some(a)
+        } else {
+            if routes.attn {
+                attn_note = format!(" (attn: no kernel for head_dim {})", s.head_dim);
+                routes.attn = false;
             }
-            if let Some(ix) = &l.idx {
-                ws.extend([&ix.q_b, &ix.proj, &ix.comp.kv, &ix.comp.gate]);
-            }
-            for w in ws {
-                if w.ty() == GgmlType::F16 {
-                    f16_cols = f16_cols.max(w.cols() * w.n_mat());
+            None
+        };
+        let matmul_routes = crate::TcRoutes {
+            attn: false,
+            ..routes
+        };
+        let tc = if matmul_routes.any() {
+            let mut f16_cols = out_hc_fn.cols() * out_hc_fn.n_mat();
+            for l in layers {
+                let mut ws = vec![&l.hc_attn.fn_, &l.hc_ffn.fn_, &l.router];
+                if let Some(c) = &l.comp {
+                    ws.extend([&c.kv, &c.gate]);
+                }
+                if let Some(ix) = &l.idx {
+                    ws.extend([&ix.q_b, &ix.proj, &ix.comp.kv, &ix.comp.gate]);
+                }
+                for w in ws {
+                    if w.ty() == GgmlType::F16 {
+                        f16_cols = f16_cols.max(w.cols() * w.n_mat());
+                    }
                 }
             }
-        }
-        let cfg = TcConfig {
-            max_tokens: max_chunk,
-            max_f16_cols: f16_cols,
-            n_expert: s.n_expert,
-            n_expert_used: s.n_expert_used,
-            down_rows: s.n_embd,
+            let cfg = TcConfig {
+                max_tokens: max_chunk,
+                max_f16_cols: f16_cols,
+                n_expert: s.n_expert,
+                n_expert_used: s.n_expert_used,
+                down_rows: s.n_embd,
+            };
+            Some(Tc::new(dctx, stream, cfg, matmul_routes)?)
+        } else {
+            None
         };
-        let tc = Tc::new(dctx, stream, cfg, routes)?;
         eprintln!(
-            "ds4-cuda: tensor-core prefill routes (chunks of >= {} tokens): {}",
+            "ds4-cuda: tensor-core prefill routes (chunks of >= {} tokens): {}{attn_note}",
             crate::tc::MIN_TOKENS,
             routes.describe()
         );
-        Ok(Some(tc))
+        Ok((tc, attn))
     }
 
     /// Shape limits of the kernels.
@@ -904,7 +962,17 @@ impl CudaBackend {
                 part: sc.part.ptr,
                 heads: sc.heads.ptr,
             };
-            fw.attention(&a, n, attn_splits(n, nh))?;
+            let comp_rows = kvs.comp.bytes / (hd * 4);
+            match self
+                .tc_attn
+                .as_ref()
+                .filter(|t| n >= crate::tc::MIN_TOKENS && t.fits(&a, comp_rows))
+            {
+                // SAFETY: the addresses of `a` are this layer's KV state and the chunk scratch,
+                // sized for max_chunk tokens (as for the exact kernel).
+                Some(t) => unsafe { t.attention(&self.stream, &a, comp_rows, n)? },
+                None => fw.attention(&a, n, attn_splits(n, nh))?,
+            }
             self.mm(&l.out_a, sc.heads.ptr, n, sc.low.ptr)?;
             self.mm(&l.out_b, sc.low.ptr, n, sc.fout.ptr)?;
             fw.hc_post(

@@ -85,7 +85,7 @@ pub struct TcRoutes {
     pub moe_up: bool,
     /// Routed-expert down projection and the 6-expert sum.
     pub moe_down: bool,
-    /// Chunk attention on tensor cores: not implemented (always off).
+    /// Chunk attention on tensor cores (`src/attn_tc.rs`; head dims 128 and 512).
     pub attn: bool,
 }
 
@@ -102,7 +102,7 @@ impl TcRoutes {
             moe_gate: true,
             moe_up: true,
             moe_down: true,
-            attn: false,
+            attn: true,
         }
     }
 
@@ -121,7 +121,13 @@ impl TcRoutes {
 
     /// Whether any route is on.
     pub fn any(&self) -> bool {
-        self.dense || self.attn_out || self.f16 || self.moe_gate || self.moe_up || self.moe_down
+        self.dense
+            || self.attn_out
+            || self.f16
+            || self.moe_gate
+            || self.moe_up
+            || self.moe_down
+            || self.attn
     }
 
     /// `self` with the routes the environment disables turned off: `DS4_CUDA_TC_DISABLE=1`
@@ -150,7 +156,6 @@ impl TcRoutes {
                 *flag = false;
             }
         }
-        self.attn = false;
         self
     }
 
@@ -158,13 +163,14 @@ impl TcRoutes {
     pub fn describe(&self) -> String {
         let f = |b: bool| if b { "on" } else { "off" };
         format!(
-            "dense={} attn_out={} f16={} moe_gate={} moe_up={} moe_down={} attn=off(not implemented)",
+            "dense={} attn_out={} f16={} moe_gate={} moe_up={} moe_down={} attn={}",
             f(self.dense),
             f(self.attn_out),
             f(self.f16),
             f(self.moe_gate),
             f(self.moe_up),
-            f(self.moe_down)
+            f(self.moe_down),
+            f(self.attn)
         )
     }
 }
@@ -201,6 +207,10 @@ pub mod gemv;
 /// Tensor-core prefill routes (kernels in `kernels/tc.cu`).
 #[cfg(feature = "cuda")]
 pub mod tc;
+
+/// Tensor-core chunk attention, the `attn` route (kernels in `kernels/attn_tc.cu`).
+#[cfg(feature = "cuda")]
+pub mod attn_tc;
 
 #[cfg(feature = "cuda")]
 mod backend;

@@ -13,6 +13,7 @@ use cudarc::driver::{CudaContext, CudaStream};
 use ds4_model::ops::CompressorGeom;
 
 use crate::CudaError;
+use crate::attn_tc::{AttnPrecision, AttnTc};
 use crate::fwd::{AttnLaunch, CompLaunch, Fwd, attn_splits};
 use crate::rt::{DBuf, dtoh, htod};
 
@@ -22,6 +23,29 @@ pub struct GpuOps {
     stream: Arc<CudaStream>,
     fwd: Fwd,
     pos: DBuf,
+}
+
+/// Host inputs of one attention call ([`GpuOps::attention_timed`]); the layouts of
+/// [`GpuOps::attention`]'s arguments.
+#[derive(Clone, Copy, Debug)]
+pub struct AttnInputs<'a> {
+    pub q: &'a [f32],
+    pub ring: &'a [f32],
+    pub raw_cap: usize,
+    pub window: usize,
+    pub comp: &'a [f32],
+    pub ratio: usize,
+    pub has_indexer: bool,
+    pub isel: &'a [i32],
+    pub topk: usize,
+    pub sinks: &'a [f32],
+    pub scale: f32,
+    pub nh: usize,
+    pub hd: usize,
+    pub n_rot: usize,
+    pub inv_freq: &'a [f64],
+    pub pos0: usize,
+    pub n: usize,
 }
 
 /// Outputs of [`GpuOps::hc_pre`].
@@ -429,6 +453,88 @@ impl GpuOps {
         };
         self.fwd.attention(&a, n, nsplit)?;
         self.down(&heads, n * nh * hd)
+    }
+
+    /// One attention call as [`GpuOps::attention`], inputs uploaded once, run `reps` times
+    /// after a warm-up: `route` None = the exact kernel (with the backend's split choice),
+    /// `Some(p)` = the tensor-core route (`crate::attn_tc`) with operand precision `p`. Returns
+    /// the output of the last run and the median milliseconds of one call (the route's f16 row
+    /// preparation included).
+    pub fn attention_timed(
+        &self,
+        a: &AttnInputs<'_>,
+        route: Option<AttnPrecision>,
+        reps: usize,
+    ) -> Result<(Vec<f32>, f64), CudaError> {
+        let (n, nh, hd) = (a.n, a.nh, a.hd);
+        let nsplit = attn_splits(n, nh);
+        let (dq, dr, dc) = (self.up(a.q)?, self.up(a.ring)?, self.up(a.comp)?);
+        let (ds, dsk, di) = (self.up(a.isel)?, self.up(a.sinks)?, self.up(a.inv_freq)?);
+        let part = if route.is_none() && nsplit > 1 {
+            DBuf::zeroed(&self.stream, n * nh * nsplit * (hd + 2) * 8)?
+        } else {
+            DBuf::zeroed(&self.stream, 16)?
+        };
+        let heads = self.up(&vec![f32::NAN; n * nh * hd])?;
+        self.set_pos(a.pos0)?;
+        let l = AttnLaunch {
+            q: dq.ptr,
+            ring: dr.ptr,
+            raw_cap: a.raw_cap,
+            window: a.window,
+            comp: dc.ptr,
+            ratio: a.ratio,
+            has_indexer: a.has_indexer,
+            isel: ds.ptr,
+            topk: a.topk,
+            sinks: dsk.ptr,
+            scale: a.scale,
+            nh,
+            hd,
+            n_rot: a.n_rot,
+            inv_freq: di.ptr,
+            pos: self.pos.ptr,
+            part: part.ptr,
+            heads: heads.ptr,
+        };
+        let comp_rows = if a.ratio > 0 { a.comp.len() / hd } else { 0 };
+        let tc = match route {
+            Some(p) => Some(AttnTc::new(
+                &self._ctx,
+                &self.stream,
+                hd,
+                a.raw_cap,
+                comp_rows,
+                p,
+            )?),
+            None => None,
+        };
+        let once = || -> Result<(), CudaError> {
+            match &tc {
+                // SAFETY: every address of `l` is an upload above, sized for n tokens.
+                Some(t) => unsafe { t.attention(&self.stream, &l, comp_rows, n) },
+                None => self.fwd.attention(&l, n, nsplit),
+            }
+        };
+        once()?;
+        self.stream.synchronize().map_err(crate::rt::drv)?;
+        let ev = || {
+            self._ctx
+                .new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
+                .map_err(crate::rt::drv)
+        };
+        let mut times = Vec::with_capacity(reps);
+        for _ in 0..reps {
+            let (e0, e1) = (ev()?, ev()?);
+            e0.record(&self.stream).map_err(crate::rt::drv)?;
+            once()?;
+            e1.record(&self.stream).map_err(crate::rt::drv)?;
+            e1.synchronize().map_err(crate::rt::drv)?;
+            times.push(e0.elapsed_ms(&e1).map_err(crate::rt::drv)? as f64);
+        }
+        times.sort_by(f64::total_cmp);
+        let ms = times.get(times.len() / 2).copied().unwrap_or(f64::NAN);
+        Ok((self.down(&heads, n * nh * hd)?, ms))
     }
 
     /// Router of `n` tokens: returns `(probs, sel, wts)`.

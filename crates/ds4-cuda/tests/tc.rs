@@ -32,7 +32,7 @@ fn route_switches_from_the_environment() {
         }
     };
     let all = TcRoutes::all();
-    assert!(all.any() && !all.attn);
+    assert!(all.any() && all.attn);
     assert_eq!(all.with_vars(env(&[])), all);
     assert_eq!(
         all.with_vars(env(&[("DS4_CUDA_TC_DISABLE", "1")])),
@@ -44,21 +44,30 @@ fn route_switches_from_the_environment() {
         ("DS4_CUDA_TC_MOE_UP_DISABLE", "yes"),
     ]));
     assert!(!r.dense && !r.moe_up);
-    assert!(r.attn_out && r.f16 && r.moe_gate && r.moe_down);
+    assert!(r.attn_out && r.f16 && r.moe_gate && r.moe_down && r.attn);
     for (var, f) in [
         ("DS4_CUDA_TC_ATTN_OUT_DISABLE", 1usize),
         ("DS4_CUDA_TC_F16_DISABLE", 2),
         ("DS4_CUDA_TC_MOE_GATE_DISABLE", 3),
         ("DS4_CUDA_TC_MOE_DOWN_DISABLE", 5),
+        ("DS4_CUDA_TC_ATTN_DISABLE", 6),
     ] {
         let r = all.with_vars(|k| (k == var).then(|| "1".to_string()));
-        let flags = [r.dense, r.attn_out, r.f16, r.moe_gate, r.moe_up, r.moe_down];
+        let flags = [
+            r.dense, r.attn_out, r.f16, r.moe_gate, r.moe_up, r.moe_down, r.attn,
+        ];
         for (i, on) in flags.iter().enumerate() {
             assert_eq!(*on, i != f, "{var}: flag {i}");
         }
     }
     assert!(!TcRoutes::none().any());
-    assert!(all.describe().contains("dense=on") && all.describe().contains("attn=off"));
+    let attn_only = TcRoutes {
+        attn: true,
+        ..TcRoutes::none()
+    };
+    assert!(attn_only.any());
+    assert!(all.describe().contains("dense=on") && all.describe().contains("attn=on"));
+    assert!(TcRoutes::none().describe().contains("attn=off"));
 }
 
 #[cfg(feature = "cuda")]
@@ -529,6 +538,184 @@ mod gpu {
                 assert!(
                     row.iter().all(|v| v.is_finite()),
                     "token {t} must be finite"
+                );
+            }
+        }
+    }
+
+    /// One attention geometry (Flash-like unless noted).
+    struct AttnCase {
+        name: &'static str,
+        nh: usize,
+        hd: usize,
+        n_rot: usize,
+        window: usize,
+        raw_cap: usize,
+        ratio: usize,
+        has_idx: bool,
+        topk: usize,
+        pos0: usize,
+        n: usize,
+        /// q multiplier: 1 gives a score spread of ~1 (unit-rms q and rows), 3 a peaky softmax.
+        qscale: f32,
+    }
+
+    /// The tensor-core attention route (both precisions) against the exact kernel
+    /// (`ds4_attention`, f64; itself tested against `ops::attention_head` in fwd_ops.rs).
+    ///
+    /// Tolerances (normalized |route − exact| / (1 + |exact|)), and why:
+    /// * `Split` (default; hi + lo f16 operands = 22 bits, three mmas per product): the operand
+    ///   error is ≤ 2^-22 per element, but the tensor cores accumulate in f32 (possibly
+    ///   truncating: ≤ 2^-23 relative per accumulation step, ~24 steps per score and ≤ 120
+    ///   per output over 640 rows), so the outputs carry up to ~1.5e-5 relative error; numpy
+    ///   emulation of the operand splitting alone gives 8e-7 at score spread 3. Bound 1e-4
+    ///   (≥ 6× headroom); a wrong, missing or unmasked row moves an output by ~|v|/R ≥ 1e-3.
+    /// * `F16` (opt-in; 11-bit operands, u = 2^-11): scores err by ~u·spread, outputs by
+    ///   ~1.5e-4 at score spread 1 and ~1.6e-3 at spread 3 (numpy emulation of this
+    ///   arithmetic, 12 tokens × 64 heads × 512); bound 5e-3 at spread ≤ 3. Indexing is shared
+    ///   with `Split` (one template), so the tight bound above guards it.
+    #[test]
+    fn attention_route_matches_exact_kernel() {
+        use ds4_cuda::attn_tc::AttnPrecision;
+        use ds4_cuda::optest::{AttnInputs, GpuOps};
+        use ds4_model::RopeParams;
+
+        if dev().is_none() {
+            return;
+        }
+        let g = GpuOps::new(0).expect("GpuOps");
+        let mut rng = Rng(21);
+        let flash = |name, ratio, has_idx, topk, pos0, n, raw_cap, qscale| AttnCase {
+            name,
+            nh: 64,
+            hd: 512,
+            n_rot: 64,
+            window: 128,
+            raw_cap,
+            ratio,
+            has_idx,
+            topk,
+            pos0,
+            n,
+            qscale,
+        };
+        let cases = [
+            // Window only, first chunk: tokens see 1..64 rows (partial tiles).
+            flash("window, first chunk", 0, false, 512, 0, 64, 192, 1.0),
+            // Window only, the chunk crosses the ring wrap (slot 0 after slot 191).
+            flash("window, ring wrap", 0, false, 512, 350, 64, 192, 1.0),
+            // HCA: every compressed row (7..8 of them), 48 heads (a partial head block).
+            AttnCase {
+                nh: 48,
+                ..flash(
+                    "hca, compressed all, 48 heads",
+                    128,
+                    false,
+                    512,
+                    1000,
+                    48,
+                    176,
+                    1.0,
+                )
+            },
+            // CSA with a small top-k: the chunk crosses nv = topk (all rows, then selection).
+            flash("csa, top-32 switch-on", 4, true, 32, 100, 40, 168, 1.0),
+            // Flash CSA: top-512 of > 512 rows + 128 window = 640 rows, ring wrap, peaky.
+            flash(
+                "csa, top-512, wrap, peaky",
+                4,
+                true,
+                512,
+                2150,
+                40,
+                128 + 2048,
+                3.0,
+            ),
+            // tiny's dims: 4 heads of 128, 16 RoPE dims, top-16 crossing.
+            AttnCase {
+                name: "tiny dims, csa top-16",
+                nh: 4,
+                hd: 128,
+                n_rot: 16,
+                window: 128,
+                raw_cap: 128 + 64,
+                ratio: 4,
+                has_idx: true,
+                topk: 16,
+                pos0: 60,
+                n: 24,
+                qscale: 1.0,
+            },
+            // flashdims: 4 heads of 512, a chunk longer than the window.
+            AttnCase {
+                nh: 4,
+                ..flash(
+                    "flashdims, hca, n > window",
+                    128,
+                    false,
+                    16,
+                    500,
+                    130,
+                    128 + 256,
+                    1.0,
+                )
+            },
+        ];
+        for c in &cases {
+            let (nh, hd, n) = (c.nh, c.hd, c.n);
+            let ring = rng.vec(c.raw_cap * hd, 1.0);
+            let ncomp = (c.pos0 + n).checked_div(c.ratio).map_or(1, |v| v + 3);
+            let comp = rng.vec(ncomp * hd, 1.0);
+            let q = rng.vec(n * nh * hd, c.qscale);
+            let sinks = rng.vec(nh, 1.0);
+            // Indexer picks: distinct, in random order (the kernels must not assume sorted).
+            let mut isel = vec![0i32; n * c.topk];
+            let mut n_sel = 0;
+            for t in 0..n {
+                let nv = (c.pos0 + t + 1).checked_div(c.ratio).unwrap_or(0);
+                if c.has_idx && nv > c.topk {
+                    n_sel += 1;
+                    let mut all: Vec<i32> = (0..nv as i32).collect();
+                    for i in 0..c.topk {
+                        let j = i + (rng.next() % (nv - i) as u64) as usize;
+                        all.swap(i, j);
+                    }
+                    isel[t * c.topk..(t + 1) * c.topk].copy_from_slice(&all[..c.topk]);
+                }
+            }
+            if c.has_idx {
+                assert!(n_sel > 0, "{}: no token uses the selection", c.name);
+            }
+            let rope = RopeParams::plain(c.n_rot, 10000.0);
+            let a = AttnInputs {
+                q: &q,
+                ring: &ring,
+                raw_cap: c.raw_cap,
+                window: c.window,
+                comp: &comp,
+                ratio: c.ratio,
+                has_indexer: c.has_idx,
+                isel: &isel,
+                topk: c.topk,
+                sinks: &sinks,
+                scale: 1.0 / (hd as f32).sqrt(),
+                nh,
+                hd,
+                n_rot: c.n_rot,
+                inv_freq: &rope.inv_freq,
+                pos0: c.pos0,
+                n,
+            };
+            let (want, _) = g.attention_timed(&a, None, 0).expect("exact attention");
+            for (prec, tol) in [(AttnPrecision::Split, 1e-4f32), (AttnPrecision::F16, 5e-3)] {
+                let (got, _) = g
+                    .attention_timed(&a, Some(prec), 0)
+                    .expect("route attention");
+                check(
+                    &format!("attention {} ({})", c.name, prec.name()),
+                    &got,
+                    &want,
+                    tol,
                 );
             }
         }

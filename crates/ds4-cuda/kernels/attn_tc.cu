@@ -1,0 +1,415 @@
+// Tensor-core chunk attention: the "attn" prefill route (see src/attn_tc.rs for the API, the
+// switches and the numerics). Self-contained (no headers) so that NVRTC can compile it too.
+//
+// The exact kernel (fwd.cu ds4_attention) runs one warp per (token, head) in f64. DeepSeek V4
+// attention is MQA-like: the 64 heads of a token attend to the same rows (raw window from the
+// ring + compressed rows, all of them or the indexer's top-k), and a row is both key and value.
+// So per token it is two small GEMMs, S = Q·Rᵀ (heads × rows, K = head_dim) and O = P·R, done
+// here FlashAttention-style with mma.sync m16n8k16 (f16 operands, f32 accumulation) and an
+// online softmax in f32 registers:
+//
+//   * one CTA = one token × 32 heads (grid: head blocks × tokens), 8 warps: warp w owns heads
+//     16·(w & 1) .. +16 (its "m-group") and output dims (w >> 1)·hd/4 .. +hd/4 (its quarter);
+//   * the rows are gathered 32 at a time (a "tile") into shared memory with cp.async (2-stage
+//     ring, XOR-swizzled 16-byte chunks, read with ldmatrix); rows past the token's count are
+//     replaced by a valid row and masked to -inf;
+//   * S: each warp multiplies its 16 heads by the tile over its quarter of the dims, the four
+//     quarters' partial sums meet in shared memory and every warp of the m-group adds them in
+//     the same fixed order, so the four copies of S (and of the softmax) are bit-identical;
+//   * softmax: running max / sum per head (f32, expf), O rescaled per tile; P carried as
+//     p·2^14 (exact power of two, undone at the end) so that its low part stays out of f16
+//     subnormals;
+//   * O: each warp multiplies P (16 heads × 32 rows, straight from the S registers) by its
+//     quarter of the tile (ldmatrix.trans);
+//   * finish as ds4_attention: the sink joins the softmax denominator, inverse RoPE on the
+//     tail in f64, f32 output.
+//
+// Precision (template SPLIT): with SPLIT every operand is carried as two f16 (x ≈ hi + lo,
+// hi = f16(x), lo = f16(x - hi): 22 bits) and each product takes three mmas (hi·hi + hi·lo +
+// lo·hi; the lo·lo term is below 2^-22): near-f32 attention (the default). Without SPLIT the
+// operands are plain f16 (11 bits, one mma per product): ~3× less tensor work, ~1e-3 relative
+// error (opt-in).
+//
+// The rows are f32 in the KV state; ds4_attn_tc_prep first writes them as [row][hi hd | lo hd]
+// f16 into a scratch (ring: every slot; compressed rows: those visible to the chunk).
+
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef long long i64;
+
+#define AT_THREADS 256
+#define AT_HPC 32  // heads per CTA
+#define AT_BN 32   // rows per tile
+#define AT_PSCALE 16384.0f
+
+__device__ __forceinline__ u32 smem_u32(const void* p) { return (u32)__cvta_generic_to_shared(p); }
+__device__ __forceinline__ void cp16(void* dst, const void* src) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_u32(dst)), "l"(src) : "memory");
+}
+__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void cp_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+__device__ __forceinline__ void ldsm4(u32* r, const void* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_u32(p))
+                 : "memory");
+}
+__device__ __forceinline__ void ldsm4t(u32* r, const void* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_u32(p))
+                 : "memory");
+}
+// d += a·b (f16 × f16 → f32, m16n8k16)
+__device__ __forceinline__ void mma16(float* d, const u32* a, u32 b0, u32 b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ void bar_named(int id, int count) {
+    asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+}
+__device__ __forceinline__ u16 f2h(float f) {
+    u16 h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+__device__ __forceinline__ float h2f(u16 h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+// x ≈ hi + lo (x clamped to the f16 range first).
+__device__ __forceinline__ void split_h(float x, u16* hi, u16* lo) {
+    x = fminf(fmaxf(x, -65504.0f), 65504.0f);
+    *hi = f2h(x);
+    *lo = f2h(x - h2f(*hi));
+}
+__device__ __forceinline__ u32 pack2(u16 lo_k, u16 hi_k) { return (u32)lo_k | ((u32)hi_k << 16); }
+
+// As fwd.cu rope_cs / rope_pair (the exact kernel's inverse RoPE, f64).
+__device__ __forceinline__ void at_rope_cs(const double* inv_freq, int k, i64 pos, float* c, float* s) {
+    const double th = (double)pos * inv_freq[k];
+    *c = (float)cos(th);
+    *s = (float)sin(th);
+}
+__device__ __forceinline__ void at_rope_inv(float* x0, float* x1, float c, float s) {
+    const double cc = (double)c;
+    const double ss = -(double)s;
+    const double a = (double)*x0, b = (double)*x1;
+    *x0 = (float)(a * cc - b * ss);
+    *x1 = (float)(a * ss + b * cc);
+}
+
+// f32 rows → [row][hi hd | lo hd] f16. `rows` rows, or with ratio > 0 only the compressed rows
+// visible to a chunk of n tokens at *pos0p: min(rows, (pos0 + n) / ratio). Grid-stride.
+extern "C" __global__ void __launch_bounds__(256)
+    ds4_attn_tc_prep(const float* __restrict__ src, int rows, const int* __restrict__ pos0p, int n,
+                     int ratio, int hd, u16* __restrict__ dst) {
+    i64 nr = rows;
+    if (ratio > 0) {
+        const i64 v = ((i64)*pos0p + n) / ratio;
+        nr = v < nr ? v : nr;
+    }
+    const i64 total4 = nr * hd / 4;
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < total4; i += (i64)gridDim.x * blockDim.x) {
+        const i64 e = 4 * i;
+        const i64 r = e / hd;
+        const int d = (int)(e - r * hd);
+        const float4 v = reinterpret_cast<const float4*>(src)[i];
+        u16 h[4], l[4];
+        split_h(v.x, &h[0], &l[0]);
+        split_h(v.y, &h[1], &l[1]);
+        split_h(v.z, &h[2], &l[2]);
+        split_h(v.w, &h[3], &l[3]);
+        u16* o = dst + r * 2 * hd + d;
+        *reinterpret_cast<uint2*>(o) = make_uint2(pack2(h[0], h[1]), pack2(h[2], h[3]));
+        *reinterpret_cast<uint2*>(o + hd) = make_uint2(pack2(l[0], l[1]), pack2(l[2], l[3]));
+    }
+}
+
+// Shared-memory layout (bytes) of one variant.
+template <int HD, bool SPLIT>
+struct AtLay {
+    static constexpr int CH = HD / 8;                       // 16-byte chunks per f16 half-row
+    static constexpr int QROWS = SPLIT ? 2 * AT_HPC : AT_HPC;  // Q hi rows, then lo rows
+    static constexpr int KCH = SPLIT ? 2 * CH : CH;        // chunks per tile row (hi | lo)
+    static constexpr int Q_BYTES = QROWS * CH * 16;
+    static constexpr int K_STAGE = AT_BN * KCH * 16;
+    static constexpr int X_BYTES = 8 * 16 * 32 * 4;        // S partials: 8 warps × 16 regs × 32 lanes
+    static constexpr int TOTAL = Q_BYTES + 2 * K_STAGE + X_BYTES;
+};
+
+// Byte offset of chunk `ch` of row `r` in a tile of `nch` chunks per row (XOR swizzle: the 8
+// rows one ldmatrix reads hit 8 different bank groups).
+__device__ __forceinline__ int at_swz(int r, int ch, int nch) { return (r * nch + (ch ^ (r & 7))) << 4; }
+
+template <int HD, bool SPLIT>
+__device__ __forceinline__ void attn_tc_body(
+    const float* __restrict__ q, const u16* __restrict__ ring16, int raw_cap, int window,
+    const u16* __restrict__ comp16, int ratio, int has_indexer, const int* __restrict__ isel, int topk,
+    const float* __restrict__ sinks, float scale, int nh, int n_rot, const double* __restrict__ inv_freq,
+    const int* __restrict__ pos0p, float* __restrict__ heads) {
+    typedef AtLay<HD, SPLIT> L;
+    constexpr int CH = L::CH;
+    constexpr int KCH = L::KCH;
+    constexpr int DQ = HD / 4;      // output dims per warp (and QK K-range per warp)
+    constexpr int KS = DQ / 16;     // QK k-steps per warp
+    constexpr int NBO = DQ / 8;     // O n-blocks per warp
+    constexpr int NBS = AT_BN / 8;  // S n-blocks
+    extern __shared__ __align__(128) unsigned char at_smem[];
+    unsigned char* sQ = at_smem;
+    unsigned char* sK = at_smem + L::Q_BYTES;
+    float* sX = reinterpret_cast<float*>(at_smem + L::Q_BYTES + 2 * L::K_STAGE);
+
+    const int tid = threadIdx.x, w = tid >> 5, lane = tid & 31;
+    const int g = lane >> 2, c4 = lane & 3;
+    const int mg = w & 1, dq = w >> 1;
+    const int hb = blockIdx.x, t = blockIdx.y;
+    const i64 p = (i64)*pos0p + t;
+    const i64 n_raw = (p + 1) < (i64)window ? (p + 1) : (i64)window;
+    const i64 lo = p + 1 - n_raw;
+    const i64 nv = ratio ? (p + 1) / ratio : 0;
+    const bool use_sel = has_indexer && nv > topk;
+    const i64 n_c = use_sel ? (i64)topk : nv;
+    const int R = (int)(n_raw + n_c);
+    const int ntiles = (R + AT_BN - 1) / AT_BN;
+    const int* sel = isel + (i64)t * topk;
+
+    // Q (f32) → hi [lo] f16 rows in shared memory; heads past nh are zero.
+    for (int i = tid; i < AT_HPC * HD / 4; i += AT_THREADS) {
+        const int h = i / (HD / 4), d4 = i - h * (HD / 4);
+        const int hg = hb * AT_HPC + h;
+        float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+        if (hg < nh) v = reinterpret_cast<const float4*>(q + ((i64)t * nh + hg) * HD)[d4];
+        u16 hh[4], ll[4];
+        split_h(v.x, &hh[0], &ll[0]);
+        split_h(v.y, &hh[1], &ll[1]);
+        split_h(v.z, &hh[2], &ll[2]);
+        split_h(v.w, &hh[3], &ll[3]);
+        const int off = (d4 & 1) * 8;
+        *reinterpret_cast<uint2*>(sQ + at_swz(h, d4 >> 1, CH) + off) =
+            make_uint2(pack2(hh[0], hh[1]), pack2(hh[2], hh[3]));
+        if (SPLIT) {
+            *reinterpret_cast<uint2*>(sQ + at_swz(AT_HPC + h, d4 >> 1, CH) + off) =
+                make_uint2(pack2(ll[0], ll[1]), pack2(ll[2], ll[3]));
+        }
+    }
+
+    // Gather tile j into stage st: thread → row tid/8, chunks tid%8, +8, ...
+    auto issue = [&](int j, int st) {
+        const int row = tid >> 3, sub = tid & 7;
+        int r = j * AT_BN + row;
+        if (r >= R) r = 0;
+        const u16* src;
+        if (r < n_raw) {
+            src = ring16 + ((lo + r) % raw_cap) * (2 * HD);
+        } else {
+            const i64 ci = use_sel ? (i64)sel[r - n_raw] : (i64)(r - n_raw);
+            src = comp16 + ci * (2 * HD);
+        }
+        unsigned char* dst = sK + st * L::K_STAGE;
+#pragma unroll
+        for (int k = sub; k < KCH; k += 8) cp16(dst + at_swz(row, k, KCH), src + k * 8);
+        cp_commit();
+    };
+
+    float O[NBO][4];
+#pragma unroll
+    for (int i = 0; i < NBO; i++) O[i][0] = O[i][1] = O[i][2] = O[i][3] = 0.f;
+    float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;  // heads g, g+8 of the m-group
+
+    issue(0, 0);
+    for (int j = 0; j < ntiles; j++) {
+        if (j + 1 < ntiles) {
+            issue(j + 1, (j + 1) & 1);
+            cp_wait<1>();
+        } else {
+            cp_wait<0>();
+        }
+        __syncthreads();
+        const unsigned char* kt = sK + (j & 1) * L::K_STAGE;
+
+        // Partial S over this warp's quarter of the dims.
+        float S[NBS][4];
+#pragma unroll
+        for (int i = 0; i < NBS; i++) S[i][0] = S[i][1] = S[i][2] = S[i][3] = 0.f;
+#pragma unroll
+        for (int ks = 0; ks < KS; ks++) {
+            const int kc = (dq * DQ + ks * 16) >> 3;
+            const int ar = mg * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
+            const int ac = kc + (lane >> 4);
+            u32 ah[4], al[4];
+            ldsm4(ah, sQ + at_swz(ar, ac, CH));
+            if (SPLIT) ldsm4(al, sQ + at_swz(AT_HPC + ar, ac, CH));
+#pragma unroll
+            for (int np = 0; np < NBS / 2; np++) {
+                const int br = np * 16 + (lane & 7) + (lane >> 4) * 8;
+                const int bc = kc + ((lane >> 3) & 1);
+                u32 bh[4];
+                ldsm4(bh, kt + at_swz(br, bc, KCH));
+                mma16(S[2 * np], ah, bh[0], bh[1]);
+                mma16(S[2 * np + 1], ah, bh[2], bh[3]);
+                if (SPLIT) {
+                    u32 bl[4];
+                    ldsm4(bl, kt + at_swz(br, bc + CH, KCH));
+                    mma16(S[2 * np], ah, bl[0], bl[1]);
+                    mma16(S[2 * np + 1], ah, bl[2], bl[3]);
+                    mma16(S[2 * np], al, bh[0], bh[1]);
+                    mma16(S[2 * np + 1], al, bh[2], bh[3]);
+                }
+            }
+        }
+        // Sum the four quarters in a fixed order (identical S in the four warps).
+        float* xw = sX + w * (16 * 32);
+#pragma unroll
+        for (int i = 0; i < 16; i++) xw[i * 32 + lane] = S[i >> 2][i & 3];
+        bar_named(1 + mg, 128);
+#pragma unroll
+        for (int i = 0; i < 16; i++) {
+            const float x0 = sX[(mg + 0) * 512 + i * 32 + lane];
+            const float x1 = sX[(mg + 2) * 512 + i * 32 + lane];
+            const float x2 = sX[(mg + 4) * 512 + i * 32 + lane];
+            const float x3 = sX[(mg + 6) * 512 + i * 32 + lane];
+            S[i >> 2][i & 3] = (x0 + x1) + (x2 + x3);
+        }
+
+        // Online softmax (f32): scores, masks, running max and sum per head.
+        const int rb = j * AT_BN;
+        float t0 = -INFINITY, t1 = -INFINITY;
+#pragma unroll
+        for (int nb = 0; nb < NBS; nb++) {
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                const bool ok = rb + nb * 8 + 2 * c4 + e < R;
+                S[nb][e] = ok ? S[nb][e] * scale : -INFINITY;
+                S[nb][2 + e] = ok ? S[nb][2 + e] * scale : -INFINITY;
+                t0 = fmaxf(t0, S[nb][e]);
+                t1 = fmaxf(t1, S[nb][2 + e]);
+            }
+        }
+        t0 = fmaxf(t0, __shfl_xor_sync(0xffffffffu, t0, 1));
+        t0 = fmaxf(t0, __shfl_xor_sync(0xffffffffu, t0, 2));
+        t1 = fmaxf(t1, __shfl_xor_sync(0xffffffffu, t1, 1));
+        t1 = fmaxf(t1, __shfl_xor_sync(0xffffffffu, t1, 2));
+        const float n0 = fmaxf(m0, t0), n1 = fmaxf(m1, t1);  // finite: row rb < R is valid
+        const float c0 = expf(m0 - n0), c1 = expf(m1 - n1);
+        m0 = n0;
+        m1 = n1;
+        float s0 = 0.f, s1 = 0.f;
+#pragma unroll
+        for (int nb = 0; nb < NBS; nb++) {
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                S[nb][e] = expf(S[nb][e] - n0);
+                S[nb][2 + e] = expf(S[nb][2 + e] - n1);
+                s0 += S[nb][e];
+                s1 += S[nb][2 + e];
+            }
+        }
+        l0 = l0 * c0 + s0;
+        l1 = l1 * c1 + s1;
+#pragma unroll
+        for (int i = 0; i < NBO; i++) {
+            O[i][0] *= c0;
+            O[i][1] *= c0;
+            O[i][2] *= c1;
+            O[i][3] *= c1;
+        }
+
+        // O += P·V over this warp's quarter of the dims.
+#pragma unroll
+        for (int kk = 0; kk < AT_BN / 16; kk++) {
+            u32 ph[4], pl[4];
+#pragma unroll
+            for (int r = 0; r < 4; r++) {
+                // r: 0 = (head g, rows 2c..), 1 = (head g+8), 2/3 = the same for rows 8+2c..
+                const float* src = S[2 * kk + (r >> 1)] + (r & 1) * 2;
+                u16 h0, h1, q0, q1;
+                split_h(src[0] * AT_PSCALE, &h0, &q0);
+                split_h(src[1] * AT_PSCALE, &h1, &q1);
+                ph[r] = pack2(h0, h1);
+                pl[r] = pack2(q0, q1);
+            }
+            const int vr = kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
+#pragma unroll
+            for (int nbp = 0; nbp < NBO / 2; nbp++) {
+                const int vc = ((dq * DQ) >> 3) + 2 * nbp + (lane >> 4);
+                u32 vh[4];
+                ldsm4t(vh, kt + at_swz(vr, vc, KCH));
+                mma16(O[2 * nbp], ph, vh[0], vh[1]);
+                mma16(O[2 * nbp + 1], ph, vh[2], vh[3]);
+                if (SPLIT) {
+                    u32 vl[4];
+                    ldsm4t(vl, kt + at_swz(vr, vc + CH, KCH));
+                    mma16(O[2 * nbp], ph, vl[0], vl[1]);
+                    mma16(O[2 * nbp + 1], ph, vl[2], vl[3]);
+                    mma16(O[2 * nbp], pl, vh[0], vh[1]);
+                    mma16(O[2 * nbp + 1], pl, vh[2], vh[3]);
+                }
+            }
+        }
+        __syncthreads();  // the stage and sX are reused by the next tiles
+    }
+
+    // Finish: quad sums, the sink, inverse RoPE on the tail, f32 out.
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
+    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+    const int n_nope = HD - n_rot;
+#pragma unroll
+    for (int half = 0; half < 2; half++) {
+        const int hg = hb * AT_HPC + mg * 16 + g + 8 * half;
+        if (hg >= nh) continue;
+        const double m = (double)(half ? m1 : m0), l = (double)(half ? l1 : l0);
+        const double sk = (double)sinks[hg];
+        const double M = fmax(sk, m);
+        const double corr = exp(m - M);
+        const double f = corr / (exp(sk - M) + l * corr) / (double)AT_PSCALE;
+        float* out = heads + ((i64)t * nh + hg) * HD;
+#pragma unroll
+        for (int nb = 0; nb < NBO; nb++) {
+            const int d = dq * DQ + nb * 8 + 2 * c4;
+            float v0 = (float)((double)O[nb][2 * half] * f);
+            float v1 = (float)((double)O[nb][2 * half + 1] * f);
+            if (d >= n_nope) {
+                float c, s;
+                at_rope_cs(inv_freq, (d - n_nope) >> 1, p, &c, &s);
+                at_rope_inv(&v0, &v1, c, s);
+            }
+            *reinterpret_cast<float2*>(out + d) = make_float2(v0, v1);
+        }
+    }
+}
+
+#define AT_ARGS                                                                                    \
+    const float *__restrict__ q, const u16 *__restrict__ ring16, int raw_cap, int window,          \
+        const u16 *__restrict__ comp16, int ratio, int has_indexer, const int *__restrict__ isel,  \
+        int topk, const float *__restrict__ sinks, float scale, int nh, int n_rot,                 \
+        const double *__restrict__ inv_freq, const int *__restrict__ pos0p, float *__restrict__ heads
+#define AT_PASS q, ring16, raw_cap, window, comp16, ratio, has_indexer, isel, topk, sinks, scale, nh, n_rot, inv_freq, pos0p, heads
+
+#define AT_KERNEL(hd, split, name)                                                                 \
+    extern "C" __global__ void __launch_bounds__(AT_THREADS, 1) name(AT_ARGS) {                  \
+        attn_tc_body<hd, split>(AT_PASS);                                                          \
+    }
+AT_KERNEL(512, true, ds4_attn_tc_512_x)
+AT_KERNEL(512, false, ds4_attn_tc_512_h)
+AT_KERNEL(128, true, ds4_attn_tc_128_x)
+AT_KERNEL(128, false, ds4_attn_tc_128_h)
+
+// Dynamic shared memory of each variant, in the order above.
+extern "C" __global__ void ds4_attn_tc_smem(int* out) {
+    if (threadIdx.x == 0) {
+        out[0] = AtLay<512, true>::TOTAL;
+        out[1] = AtLay<512, false>::TOTAL;
+        out[2] = AtLay<128, true>::TOTAL;
+        out[3] = AtLay<128, false>::TOTAL;
+    }
+}

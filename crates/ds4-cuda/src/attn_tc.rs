@@ -1,0 +1,272 @@
+//! Tensor-core chunk attention: the `attn` prefill route (kernels in `kernels/attn_tc.cu`).
+//!
+//! Replaces the exact `ds4_attention` (one warp per (token, head), f64 online softmax) for
+//! prefill chunks of at least [`crate::TcRoutes::MIN_TOKENS`] tokens. Per token, the 64 heads
+//! attend to the same rows (raw window from the ring + compressed rows, all of them or the
+//! indexer's top-k) and a row is both key and value, so the attention is two small GEMMs per
+//! token, run FlashAttention-style with `mma.sync m16n8k16` (f16 operands, f32 accumulation,
+//! online softmax in f32 registers); see the kernel file for the tiling.
+//!
+//! | precision ([`AttnPrecision`]) | operands | products | error vs the exact kernel |
+//! |---|---|---|---|
+//! | `Split` (default) | every operand as two f16, `x ≈ hi + lo` (22 bits) | 3 mmas (hi·hi + hi·lo + lo·hi) | ~1e-6 relative (f32 accumulation) |
+//! | `F16` (`DS4_CUDA_TC_ATTN_F16=1`) | plain f16 (11 bits) | 1 mma | ~1e-4 at score spread 1, ~2e-3 at 3 |
+//!
+//! Why `Split` is the default: a CPU emulation of the `F16` arithmetic inside the reference
+//! forward pass (tiny / flashdims f32 fixtures, QAT off, all prompt positions) moved the logits
+//! by mean rms 2e-3 but flipped discrete choices (indexer top-k, expert routing) at a few
+//! positions: worst-row rms 0.83, top-20 overlap 13/20 and one top-1 change on flashdims' 630-token
+//! prompt — outside the drift gate's tight tier. Emulating `Split` gave mean rms 8e-7, worst
+//! 1.5e-6, same top-1 and top-20 everywhere.
+//!
+//! The rows live in the KV state as f32; [`AttnTc::attention`] first rewrites the ring (every
+//! slot) and the compressed rows visible to the chunk as `[row][hi | lo]` f16 into the route's
+//! scratch (`ds4_attn_tc_prep`), then runs one CTA per (token, 32 heads). Decode (and chunks
+//! shorter than the route minimum) keep the exact kernel.
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, sys};
+
+use crate::CudaError;
+use crate::fwd::AttnLaunch;
+use crate::rt::{A, DBuf, drv, launch};
+
+/// Head dims the route has kernels for.
+pub const HEAD_DIMS: [usize; 2] = [512, 128];
+/// Heads per CTA (`AT_HPC`).
+const HPC: usize = 32;
+const THREADS: u32 = 256;
+
+fn aerr(msg: impl std::fmt::Display) -> CudaError {
+    CudaError::Driver(format!("attn_tc: {msg}"))
+}
+
+/// Operand precision of the route.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttnPrecision {
+    /// hi + lo f16 operands, three mmas per product (near-f32; the default).
+    Split,
+    /// Plain f16 operands (opt-in: `DS4_CUDA_TC_ATTN_F16=1`).
+    F16,
+}
+
+impl AttnPrecision {
+    /// `F16` when `DS4_CUDA_TC_ATTN_F16` is set (non-empty, not "0"), else `Split`.
+    pub fn from_env() -> AttnPrecision {
+        match std::env::var("DS4_CUDA_TC_ATTN_F16") {
+            Ok(v) if !v.is_empty() && v != "0" => AttnPrecision::F16,
+            _ => AttnPrecision::Split,
+        }
+    }
+
+    /// Short name (`split` / `f16`).
+    pub fn name(self) -> &'static str {
+        match self {
+            AttnPrecision::Split => "split",
+            AttnPrecision::F16 => "f16",
+        }
+    }
+}
+
+/// The route's kernels and scratch for one head dim.
+pub struct AttnTc {
+    _module: Arc<CudaModule>,
+    prep: CudaFunction,
+    kern: CudaFunction,
+    smem: u32,
+    hd: usize,
+    precision: AttnPrecision,
+    raw_cap: usize,
+    comp_rows: usize,
+    prep_blocks: u32,
+    scratch: DBuf,
+}
+
+impl std::fmt::Debug for AttnTc {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AttnTc")
+            .field("hd", &self.hd)
+            .field("precision", &self.precision)
+            .field("raw_cap", &self.raw_cap)
+            .field("comp_rows", &self.comp_rows)
+            .finish()
+    }
+}
+
+impl AttnTc {
+    /// Whether the route has kernels for `hd`.
+    pub fn supports(hd: usize) -> bool {
+        HEAD_DIMS.contains(&hd)
+    }
+
+    /// Load the kernels and allocate the f16 row scratch: `raw_cap` ring rows and up to
+    /// `comp_rows` compressed rows (the most any layer holds) of `hd` (allocates; not for
+    /// capture).
+    pub fn new(
+        ctx: &Arc<CudaContext>,
+        stream: &Arc<CudaStream>,
+        hd: usize,
+        raw_cap: usize,
+        comp_rows: usize,
+        precision: AttnPrecision,
+    ) -> Result<AttnTc, CudaError> {
+        let idx = HEAD_DIMS
+            .iter()
+            .position(|&d| d == hd)
+            .ok_or_else(|| aerr(format!("no kernel for head_dim {hd}")))?;
+        let module = crate::device::load_module(ctx, "attn_tc")?;
+        let func = |name: &str| {
+            module
+                .load_function(name)
+                .map_err(|e| aerr(format!("kernel {name}: {e}")))
+        };
+        let sizes_buf = DBuf::zeroed(stream, 16)?;
+        launch(
+            stream,
+            &func("ds4_attn_tc_smem")?,
+            (1, 1, 1),
+            32,
+            0,
+            &[A::P(sizes_buf.ptr)],
+        )?;
+        let mut sizes = [0i32; 4];
+        crate::rt::dtoh(stream, &mut sizes, sizes_buf.ptr)?;
+        let var = 2 * idx + usize::from(precision == AttnPrecision::F16);
+        let smem = sizes[var] as u32;
+        let smem_max = ctx
+            .attribute(
+                sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN,
+            )
+            .map_err(drv)? as u32;
+        if smem > smem_max {
+            return Err(aerr(format!(
+                "the head_dim {hd} tile needs {smem} B of shared memory, the device allows {smem_max}"
+            )));
+        }
+        let sfx = if precision == AttnPrecision::F16 {
+            "h"
+        } else {
+            "x"
+        };
+        let kern = func(&format!("ds4_attn_tc_{hd}_{sfx}"))?;
+        kern.set_attribute(
+            sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            smem as i32,
+        )
+        .map_err(drv)?;
+        let sms = ctx
+            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(drv)? as u32;
+        let scratch = DBuf::zeroed(stream, (raw_cap + comp_rows) * hd * 4)?;
+        Ok(AttnTc {
+            prep: func("ds4_attn_tc_prep")?,
+            kern,
+            _module: module,
+            smem,
+            hd,
+            precision,
+            raw_cap,
+            comp_rows,
+            prep_blocks: sms * 4,
+            scratch,
+        })
+    }
+
+    /// The operand precision.
+    pub fn precision(&self) -> AttnPrecision {
+        self.precision
+    }
+
+    /// Device bytes of the row scratch.
+    pub fn scratch_bytes(&self) -> usize {
+        self.scratch.bytes
+    }
+
+    /// Whether [`AttnTc::attention`] takes this launch geometry (head dim, ring, scratch).
+    pub(crate) fn fits(&self, a: &AttnLaunch, comp_rows: usize) -> bool {
+        a.hd == self.hd
+            && a.raw_cap == self.raw_cap
+            && comp_rows <= self.comp_rows
+            && a.n_rot <= a.hd
+            && a.n_rot.is_multiple_of(2)
+    }
+
+    /// Attention (+ inverse RoPE) of the `n` tokens of `a` into `a.heads`, as
+    /// [`crate::fwd::Fwd::attention`] computes it (`a.part` unused). `comp_rows` is the size
+    /// (rows) of the layer's compressed-row buffer `a.comp` (0 without one).
+    ///
+    /// # Safety
+    /// Every address of `a` is a live device allocation of the sizes the exact kernel reads
+    /// and writes for these `n` tokens, on `stream`.
+    pub(crate) unsafe fn attention(
+        &self,
+        stream: &CudaStream,
+        a: &AttnLaunch,
+        comp_rows: usize,
+        n: usize,
+    ) -> Result<(), CudaError> {
+        if n == 0 {
+            return Ok(());
+        }
+        if !self.fits(a, comp_rows) {
+            return Err(aerr(format!(
+                "launch (hd {}, raw_cap {}, {comp_rows} compressed rows) does not fit the route (hd {}, raw_cap {}, {} rows)",
+                a.hd, a.raw_cap, self.hd, self.raw_cap, self.comp_rows
+            )));
+        }
+        if n > 65535 {
+            return Err(aerr(format!("{n} tokens in one launch")));
+        }
+        let hd = self.hd;
+        let ring16 = self.scratch.ptr;
+        let comp16 = ring16 + (self.raw_cap * hd * 4) as u64;
+        let prep = |src: u64, rows: usize, ratio: usize, dst: u64| {
+            launch(
+                stream,
+                &self.prep,
+                (self.prep_blocks, 1, 1),
+                256,
+                0,
+                &[
+                    A::P(src),
+                    A::I(rows as i32),
+                    A::P(a.pos),
+                    A::I(n as i32),
+                    A::I(ratio as i32),
+                    A::I(hd as i32),
+                    A::P(dst),
+                ],
+            )
+        };
+        prep(a.ring, self.raw_cap, 0, ring16)?;
+        if a.ratio > 0 && comp_rows > 0 {
+            prep(a.comp, comp_rows, a.ratio, comp16)?;
+        }
+        launch(
+            stream,
+            &self.kern,
+            (a.nh.div_ceil(HPC) as u32, n as u32, 1),
+            THREADS,
+            self.smem,
+            &[
+                A::P(a.q),
+                A::P(ring16),
+                A::I(a.raw_cap as i32),
+                A::I(a.window as i32),
+                A::P(comp16),
+                A::I(a.ratio as i32),
+                A::I(a.has_indexer as i32),
+                A::P(a.isel),
+                A::I(a.topk as i32),
+                A::P(a.sinks),
+                A::F(a.scale),
+                A::I(a.nh as i32),
+                A::I(a.n_rot as i32),
+                A::P(a.inv_freq),
+                A::P(a.pos),
+                A::P(a.heads),
+            ],
+        )
+    }
+}
