@@ -1715,7 +1715,8 @@ __device__ __forceinline__ AttRows att_rows(const float* ring, int raw_cap, int 
     a.hd = hd;
     a.n_raw = (p + 1) < (i64)window ? (p + 1) : (i64)window;
     a.lo = p + 1 - a.n_raw;
-    const i64 nv = ratio ? (p + 1) / ratio : 0;
+    // Positions stay below 2^31: 32-bit division (the 64-bit one is a long software sequence).
+    const i64 nv = ratio ? (i64)((unsigned)(p + 1) / (unsigned)ratio) : 0;
     a.use_sel = has_indexer && nv > topk;
     a.n_c = a.use_sel ? (i64)topk : nv;
     a.R = a.n_raw + a.n_c;
@@ -1723,7 +1724,7 @@ __device__ __forceinline__ AttRows att_rows(const float* ring, int raw_cap, int 
 }
 
 __device__ __forceinline__ const float* att_row(const AttRows& a, i64 r) {
-    if (r < a.n_raw) return a.ring + ((a.lo + r) % a.raw_cap) * a.hd;
+    if (r < a.n_raw) return a.ring + (i64)((unsigned)(a.lo + r) % (unsigned)a.raw_cap) * a.hd;
     const i64 ci = a.use_sel ? (i64)a.sel[r - a.n_raw] : (r - a.n_raw);
     return a.comp + ci * a.hd;
 }
@@ -1771,7 +1772,8 @@ extern "C" __global__ void __launch_bounds__(256) ds4_attn_dec_scores(
     const bool h1ok = h0 + 1 < nh;
     const i64 p = (i64)*pos0p;
     const AttRows a = att_rows(ring, raw_cap, window, comp, ratio, has_indexer, isel, topk, hd, p);
-    const i64 r0 = a.R * blockIdx.x / gridDim.x, r1 = a.R * (blockIdx.x + 1) / gridDim.x;
+    const unsigned R32 = (unsigned)a.R;
+    const i64 r0 = R32 * blockIdx.x / gridDim.x, r1 = R32 * (blockIdx.x + 1) / gridDim.x;
     const int nj = hd / 32;
     double q0[ATT_MAXJ], q1[ATT_MAXJ];
 #pragma unroll
@@ -1852,7 +1854,7 @@ extern "C" __global__ void __launch_bounds__(256) ds4_attn_dec_out(
         m = warp_max_d(m);
         if (lane == 0) s_m[warp] = fmax((double)sinks[h], m);
     }
-    const i64 rs0 = a.R * split / ns, rs1 = a.R * (split + 1) / ns;
+    const i64 rs0 = (unsigned)a.R * split / ns, rs1 = (unsigned)a.R * (split + 1) / ns;
     const int d0 = ds * 64 + 2 * lane;
     double acc[ATT_DEC_HPB][2];
 #pragma unroll
