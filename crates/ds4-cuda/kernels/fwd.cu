@@ -10,8 +10,11 @@
 // Positions are read from device memory (`pos0p` = first position of the chunk), so one captured
 // CUDA graph serves every decode step. Token t of a chunk is at position *pos0p + t.
 
+#include <cooperative_groups.h>
 #include <cuda_fp16.h>
 #include <stdint.h>
+
+namespace cg = cooperative_groups;
 
 #define EMPTY_SCORE (-1e30f)
 #define MAX_HC 16
@@ -136,13 +139,70 @@ __device__ void fp4_block(float* x, int n) {
     }
 }
 
-// ops::fp8_kv_qat on a shared row (block-wide; ends with __syncthreads).
+__device__ __forceinline__ float warp_max_f(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+__device__ __forceinline__ double warp_max_d(double v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmax(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// fp8_block on x[0..n) (n <= 64) by one whole warp: the same values as the one-thread version
+// (the block maximum is order-independent, every element is rounded by the same expressions).
+__device__ void fp8_block_warp(float* x, int n) {
+    const int lane = threadIdx.x & 31;
+    const float v0 = lane < n ? x[lane] : 0.0f;
+    const float v1 = lane + 32 < n ? x[lane + 32] : 0.0f;
+    float a = fmaxf(fmaxf(0.0f, fabsf(v0)), fabsf(v1));
+    a = warp_max_f(a);
+    const float amax = fmaxf(a, 1e-4f);
+    const float scale = pow2_scale(amax, 448.0f);
+    if (lane < n) {
+        float v = v0 / scale;
+        v = fminf(fmaxf(v, -448.0f), 448.0f);
+        x[lane] = e4m3_round(v) * scale;
+    }
+    if (lane + 32 < n) {
+        float v = v1 / scale;
+        v = fminf(fmaxf(v, -448.0f), 448.0f);
+        x[lane + 32] = e4m3_round(v) * scale;
+    }
+}
+
+// fp4_block on x[0..n) (n <= 32) by one whole warp (same values as the one-thread version).
+__device__ void fp4_block_warp(float* x, int n) {
+    const int lane = threadIdx.x & 31;
+    const float v0 = lane < n ? x[lane] : 0.0f;
+    float a = warp_max_f(fmaxf(0.0f, fabsf(v0)));
+    const float amax = fmaxf(a, 6.0f * 1.17549435e-38f);
+    const float scale = pow2_scale(amax, 6.0f);
+    if (lane < n) {
+        float v = v0 / scale;
+        v = fminf(fmaxf(v, -6.0f), 6.0f);
+        x[lane] = e2m1_round(v) * scale;
+    }
+}
+
+// ops::fp8_kv_qat on a shared row (block-wide; ends with __syncthreads). A warp per 64-block
+// when the block is made of whole warps, else a thread per block.
 __device__ void fp8_kv_qat_shared(float* row, int n_nope) {
     const int nb = (n_nope + 63) / 64;
-    for (int b = threadIdx.x; b < nb; b += blockDim.x) {
-        const int lo = b * 64;
-        const int len = min(64, n_nope - lo);
-        fp8_block(row + lo, len);
+    if ((blockDim.x & 31) == 0) {
+        const int nw = blockDim.x >> 5;
+        for (int b = threadIdx.x >> 5; b < nb; b += nw) {
+            const int lo = b * 64;
+            fp8_block_warp(row + lo, min(64, n_nope - lo));
+        }
+    } else {
+        for (int b = threadIdx.x; b < nb; b += blockDim.x) {
+            const int lo = b * 64;
+            const int len = min(64, n_nope - lo);
+            fp8_block(row + lo, len);
+        }
     }
     __syncthreads();
 }
@@ -163,9 +223,17 @@ __device__ void indexer_qat_shared(float* row, int n) {
     for (int i = threadIdx.x; i < n; i += blockDim.x) row[i] = row[i] * s;
     __syncthreads();
     const int nb = (n + 31) / 32;
-    for (int b = threadIdx.x; b < nb; b += blockDim.x) {
-        const int lo = b * 32;
-        fp4_block(row + lo, min(32, n - lo));
+    if ((blockDim.x & 31) == 0) {
+        const int nw = blockDim.x >> 5;
+        for (int b = threadIdx.x >> 5; b < nb; b += nw) {
+            const int lo = b * 32;
+            fp4_block_warp(row + lo, min(32, n - lo));
+        }
+    } else {
+        for (int b = threadIdx.x; b < nb; b += blockDim.x) {
+            const int lo = b * 32;
+            fp4_block(row + lo, min(32, n - lo));
+        }
     }
     __syncthreads();
 }
@@ -213,43 +281,66 @@ extern "C" __global__ void ds4_advance_pos(int* pos, int n) {
 
 extern "C" __global__ void ds4_embed(const unsigned char* table, int type, int e, i64 row_bytes,
                                      const int* tokens, int hc, float* x) {
-    const int t = blockIdx.x;
+    // grid (ceil(e / blockDim), n): one element per thread.
+    const int t = blockIdx.y;
+    const int d = blockIdx.x * blockDim.x + threadIdx.x;
+    if (d >= e) return;
     const int tok = tokens[t];
     const unsigned char* row = table + (i64)tok * row_bytes;
     float* xo = x + (i64)t * hc * e;
-    for (int d = threadIdx.x; d < e; d += blockDim.x) {
-        float v = 0.0f;
-        if (type == 0) {
-            v = ((const float*)row)[d];
-        } else if (type == 1) {
-            v = __half2float(((const __half*)row)[d]);
-        } else if (type == 30) {
-            v = __uint_as_float(((unsigned)((const unsigned short*)row)[d]) << 16);
-        } else if (type == 8) {
-            const unsigned char* b = row + (d / 32) * 34;
-            const float dd = __half2float(__ushort_as_half(*(const unsigned short*)b));
-            v = dd * (float)((const signed char*)(b + 2))[d % 32];
-        }
-        for (int h = 0; h < hc; h++) xo[h * e + d] = v;
+    float v = 0.0f;
+    if (type == 0) {
+        v = ((const float*)row)[d];
+    } else if (type == 1) {
+        v = __half2float(((const __half*)row)[d]);
+    } else if (type == 30) {
+        v = __uint_as_float(((unsigned)((const unsigned short*)row)[d]) << 16);
+    } else if (type == 8) {
+        const unsigned char* b = row + (d / 32) * 34;
+        const float dd = __half2float(__ushort_as_half(*(const unsigned short*)b));
+        v = dd * (float)((const signed char*)(b + 2))[d % 32];
     }
+    for (int h = 0; h < hc; h++) xo[(i64)h * e + d] = v;
 }
 
 // ---------------------------------------------------------------------------------------------
-// RMSNorm of rows (ops::rms_norm / rms_norm_noweight): block per row; in place allowed.
+// RMSNorm of rows (ops::rms_norm / rms_norm_noweight): block per row; in place allowed. Each
+// thread keeps its first RMS_CACHE elements in registers, so the row is read once and the loads
+// are all in flight together (the sum of squares is one f64 sum in a different order).
 
-extern "C" __global__ void ds4_rms_norm_rows(const float* x, i64 xs, const float* w, int dim,
+#define RMS_CACHE 16
+
+extern "C" __global__ void __launch_bounds__(1024) ds4_rms_norm_rows(const float* x, i64 xs, const float* w, int dim,
                                              float eps, float* out, i64 os) {
     __shared__ double sh[32];
     const float* xr = x + (i64)blockIdx.x * xs;
     float* orow = out + (i64)blockIdx.x * os;
+    const int nt = blockDim.x;
+    float c[RMS_CACHE];
+#pragma unroll
+    for (int u = 0; u < RMS_CACHE; u++) {
+        const int d = threadIdx.x + u * nt;
+        c[u] = d < dim ? xr[d] : 0.0f;
+    }
     double ss = 0.0;
-    for (int d = threadIdx.x; d < dim; d += blockDim.x) {
+#pragma unroll
+    for (int u = 0; u < RMS_CACHE; u++) ss += (double)c[u] * (double)c[u];
+    for (int d = threadIdx.x + RMS_CACHE * nt; d < dim; d += nt) {
         const double v = (double)xr[d];
         ss += v * v;
     }
     ss = block_sum_d(ss, sh);
     const double s = 1.0 / sqrt(ss / (double)dim + (double)eps);
-    for (int d = threadIdx.x; d < dim; d += blockDim.x) {
+#pragma unroll
+    for (int u = 0; u < RMS_CACHE; u++) {
+        const int d = threadIdx.x + u * nt;
+        if (d < dim) {
+            double v = (double)c[u] * s;
+            if (w) v = v * (double)w[d];
+            orow[d] = (float)v;
+        }
+    }
+    for (int d = threadIdx.x + RMS_CACHE * nt; d < dim; d += nt) {
         double v = (double)xr[d] * s;
         if (w) v = v * (double)w[d];
         orow[d] = (float)v;
@@ -782,12 +873,15 @@ __device__ int block_excl_scan(int flag, int* total, int* sh) {
 
 // Top-k (ops::topk_indices): the topk largest scores, ties -> lower index, written ascending to
 // isel [t][topk], for tokens seeing more than topk rows. grid (nt), block 1024.
-extern "C" __global__ void ds4_topk(const float* scores, i64 sstride, int ratio, int topk,
+extern "C" __global__ void __launch_bounds__(1024) ds4_topk(const float* scores, i64 sstride, int ratio, int topk,
                                     const int* pos0p, int t0, int* isel) {
     __shared__ unsigned hist[256];
     __shared__ unsigned s_prefix, s_mask;
     __shared__ int s_need;
     __shared__ int sh[33];
+    __shared__ unsigned s_wsum[8];
+    __shared__ unsigned s_excl0;
+    __shared__ int s_found;
     const int t = t0 + blockIdx.x;
     const i64 p = (i64)*pos0p + t;
     const i64 nv = (p + 1) / ratio;
@@ -807,16 +901,42 @@ extern "C" __global__ void ds4_topk(const float* scores, i64 sstride, int ratio,
             if ((k & mask) == prefix) atomicAdd(&hist[(k >> shift) & 255u], 1u);
         }
         __syncthreads();
-        if (threadIdx.x == 0) {
-            int need = s_need;
-            unsigned cum = 0;
-            int b = 255;
-            for (; b > 0; b--) {
-                if (cum + hist[b] >= (unsigned)need) break;
-                cum += hist[b];
+        // The digit: the highest bin b whose count from the top reaches `need` (bin 0 if none).
+        // Threads 0..255 hold the bins in descending order and scan their counts in parallel.
+        const unsigned need = (unsigned)s_need;
+        unsigned cnt = 0, incl = 0;
+        const int lane = threadIdx.x & 31, wi = threadIdx.x >> 5;
+        if (threadIdx.x < 256) {
+            cnt = hist[255 - threadIdx.x];
+            incl = cnt;
+#pragma unroll
+            for (int o = 1; o < 32; o <<= 1) {
+                const unsigned y = __shfl_up_sync(0xffffffffu, incl, o);
+                if (lane >= o) incl += y;
             }
-            s_need = need - (int)cum;
-            s_prefix = prefix | ((unsigned)b << shift);
+            if (lane == 31) s_wsum[wi] = incl;
+        }
+        if (threadIdx.x == 0) s_found = 0;
+        __syncthreads();
+        if (threadIdx.x < 256) {
+            unsigned off = 0;
+            for (int w = 0; w < wi; w++) off += s_wsum[w];
+            incl += off;
+            const unsigned excl = incl - cnt;
+            const int b = 255 - (int)threadIdx.x;
+            if (b > 0 && excl < need && incl >= need) {
+                s_need = (int)(need - excl);
+                s_prefix = prefix | ((unsigned)b << shift);
+                s_found = 1;
+            }
+            if (b == 0) s_excl0 = excl;
+        }
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            if (!s_found) {
+                s_need = (int)(need - s_excl0);
+                s_prefix = prefix;
+            }
             s_mask = mask | (255u << shift);
         }
         __syncthreads();
@@ -984,55 +1104,60 @@ extern "C" __global__ void ds4_attn_combine(const double* part, int nsplit, cons
 }
 
 // ---------------------------------------------------------------------------------------------
-// MoE router (ops::router_probs + route_topk / hash + route_weights): one warp per token.
+// MoE router (ops::router_probs + route_topk / hash + route_weights): block per token, a thread
+// per expert (blockDim >= ne, a multiple of 32, <= 1024).
 // rlog [n][ne] -> probs [n][ne], sel [n][k] (rank order), wts [n][k].
+// The selection ranks every expert by (biased prob descending, index ascending): expert e is
+// picked at rank #{e' ahead of e} when that is < k, which is exactly the order of ops::topk_desc.
 
-extern "C" __global__ void ds4_router(const float* rlog, int ne, int k, int hash,
+#define ROUTER_MAXK 16
+
+extern "C" __global__ void __launch_bounds__(1024) ds4_router(const float* rlog, int ne, int k, int hash,
                                       const int* tid2eid, const int* tokens, const float* bias,
                                       float wscale, float* probs, int* sel, float* wts) {
+    __shared__ float s_p[1024];
+    __shared__ float s_v[1024];
+    __shared__ int s_sel[ROUTER_MAXK];
+    __shared__ double s_den;
     const int t = blockIdx.x;
-    const int lane = threadIdx.x & 31;
+    const int e = threadIdx.x;
     const float* l = rlog + (i64)t * ne;
-    float* pr = probs + (i64)t * ne;
-    for (int e = lane; e < ne; e += 32) pr[e] = (float)sqrt(softplus_d((double)l[e]));
-    __syncwarp();
-    int* st = sel + (i64)t * k;
+    if (e < ne) {
+        const float p = (float)sqrt(softplus_d((double)l[e]));
+        probs[(i64)t * ne + e] = p;
+        s_p[e] = p;
+        float v = p + (bias ? bias[e] : 0.0f);
+        if (isnan(v)) v = -INFINITY;
+        s_v[e] = v;
+    }
+    __syncthreads();
     if (hash) {
         const int tok = tokens[t];
-        for (int j = lane; j < k; j += 32) st[j] = tid2eid[(i64)tok * k + j];
-    } else {
-        unsigned taken = 0;  // bit i: local expert lane + 32 i taken
-        for (int j = 0; j < k; j++) {
-            float bv = -INFINITY;
-            int bi = 0x7fffffff;
-            for (int i = 0, e = lane; e < ne && i < 32; i++, e += 32) {
-                if (taken & (1u << i)) continue;
-                const float v = pr[e] + (bias ? bias[e] : 0.0f);
-                if (v > bv || (v == bv && e < bi)) {
-                    bv = v;
-                    bi = e;
-                }
-            }
-            for (int o = 16; o > 0; o >>= 1) {
-                const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
-                const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-                if (ov > bv || (ov == bv && oi < bi)) {
-                    bv = ov;
-                    bi = oi;
-                }
-            }
-            if (bi != 0x7fffffff && (bi % 32) == lane) taken |= 1u << (bi / 32);
-            if (lane == 0) st[j] = bi == 0x7fffffff ? 0 : bi;
+        if (e < k) s_sel[e] = tid2eid[(i64)tok * k + e];
+    } else if (e < ne) {
+        const float v = s_v[e];
+        int rank = 0;
+        for (int j = 0; j < ne; j++) {
+            const float o = s_v[j];
+            rank += (o > v || (o == v && j < e)) ? 1 : 0;
         }
+        if (rank < k) s_sel[rank] = e;
     }
-    __syncwarp();
-    if (lane == 0) {
+    __syncthreads();
+    if (e == 0) {
         double sum = 0.0;
-        for (int j = 0; j < k; j++) sum += (double)pr[st[j]];
-        const double den = fmax(sum, 6.103515625e-5);
         for (int j = 0; j < k; j++) {
-            wts[(i64)t * k + j] = (float)((double)pr[st[j]] / den * (double)wscale);
+            const int x = s_sel[j];
+            sum += (x >= 0 && x < ne) ? (double)s_p[x] : 0.0;
         }
+        s_den = fmax(sum, 6.103515625e-5);
+    }
+    __syncthreads();
+    if (e < k) {
+        const int x = s_sel[e];
+        const double px = (x >= 0 && x < ne) ? (double)s_p[x] : 0.0;
+        sel[(i64)t * k + e] = x;
+        wts[(i64)t * k + e] = (float)(px / s_den * (double)wscale);
     }
 }
 
@@ -1054,5 +1179,833 @@ extern "C" __global__ void ds4_swiglu(const float* g, const float* u, i64 in_str
         const double gd = (double)gv;
         const double silu = gd / (1.0 + exp(-gd));
         out[r * out_stride + c] = (float)(silu * (double)uv * 1.0);
+    }
+}
+
+// =============================================================================================
+// Decode-step kernels (one token). Same numerics as the chunk kernels above (and as the CPU
+// reference): only the order of f64 additions differs. They spread each single-token op over
+// many threads and blocks; the cross-block reductions use a "last block" step: every block
+// writes its partial, and the last block to arrive (atomic counter, reset by that block so the
+// next launch — or graph replay — finds it at 0) sums the partials in block order and finishes.
+// No grid-wide waiting, no allocation, nothing that stops a CUDA graph capture.
+
+// True in the last block of the grid to call it (all threads of every block must call it).
+__device__ bool arrive_last(unsigned* ctr, unsigned total) {
+    __shared__ int s_last;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        const unsigned prev = atomicAdd(ctr, 1u);
+        const int last = prev == total - 1;
+        if (last) atomicExch(ctr, 0u);
+        s_last = last;
+    }
+    __syncthreads();
+    const bool last = s_last != 0;
+    if (last) __threadfence();
+    return last;
+}
+
+// hc_split_warp with hc a compile-time constant (the loops unroll, the shuffles of one sum are
+// issued together); bit-identical to hc_split_warp.
+template <int HC>
+__device__ void hc_split_warp_t(const float* mix, const float* scale, const float* base, int iters,
+                                float hc_eps, float* pre, float* post, float* comb) {
+    const unsigned FULL = 0xffffffffu;
+    const int lane = threadIdx.x & 31;
+    const double eps = (double)hc_eps;
+    if (lane < HC) {
+        pre[lane] = (float)(sigmoid_d((double)mix[lane] * (double)scale[0] + (double)base[lane]) + eps);
+        post[lane] = (float)(2.0 * sigmoid_d((double)mix[HC + lane] * (double)scale[1] +
+                                             (double)base[HC + lane]));
+    }
+    const bool on = lane < HC * HC;
+    const int r = on ? lane / HC : 0, c = on ? lane % HC : 0;
+    double v = 0.0;
+    if (on) v = (double)mix[2 * HC + lane] * (double)scale[2] + (double)base[2 * HC + lane];
+    double g[HC];
+#pragma unroll
+    for (int cc = 0; cc < HC; cc++) g[cc] = __shfl_sync(FULL, v, r * HC + cc);
+    double mx = -INFINITY;
+#pragma unroll
+    for (int cc = 0; cc < HC; cc++) mx = fmax(mx, g[cc]);
+    v = exp(v - mx);
+#pragma unroll
+    for (int cc = 0; cc < HC; cc++) g[cc] = __shfl_sync(FULL, v, r * HC + cc);
+    double sum = 0.0;
+#pragma unroll
+    for (int cc = 0; cc < HC; cc++) sum += g[cc];
+    v = v / sum + eps;
+    const int it = iters > 1 ? iters : 1;
+    for (int k = 0; k < it; k++) {
+        if (k > 0) {
+#pragma unroll
+            for (int cc = 0; cc < HC; cc++) g[cc] = __shfl_sync(FULL, v, r * HC + cc);
+            double s = 0.0;
+#pragma unroll
+            for (int cc = 0; cc < HC; cc++) s += g[cc];
+            s += eps;
+            v /= s;
+        }
+#pragma unroll
+        for (int rr = 0; rr < HC; rr++) g[rr] = __shfl_sync(FULL, v, rr * HC + c);
+        double s = 0.0;
+#pragma unroll
+        for (int rr = 0; rr < HC; rr++) s += g[rr];
+        s += eps;
+        v /= s;
+    }
+    if (on) comb[lane] = (float)v;
+}
+
+// The split (pre, post, comb) of one mix vector, by the first warp of the block.
+__device__ void hc_split_dec(const float* mix, const float* scale, const float* base, int hc,
+                             int iters, float hc_eps, float* pre, float* post, float* comb) {
+    if (hc == 4) {
+        if (threadIdx.x < 32) hc_split_warp_t<4>(mix, scale, base, iters, hc_eps, pre, post, comb);
+    } else if (hc * hc <= 32) {
+        if (threadIdx.x < 32) hc_split_warp(mix, scale, base, hc, iters, hc_eps, pre, post, comb);
+    } else if (threadIdx.x == 0) {
+        hc_split_one(mix, scale, base, hc, iters, hc_eps, pre, post, comb);
+    }
+}
+
+// The decode HC kernels run as one thread-block cluster of CL blocks (Hopper): each block
+// reduces its slice, the blocks exchange their partial sums through distributed shared memory
+// after a hardware cluster barrier, and every block finishes its own slice from registers.
+// Element d of the embedding belongs to block (d / CL_T) % CL, thread d % CL_T.
+#define CL 8
+#define CL_T 512
+#define CL_EPT 4
+
+// Sum of v over the whole cluster (block sums added in rank order); every thread gets it.
+__device__ double cluster_sum_d(double v, double* sh, double* s_part) {
+    v = block_sum_d(v, sh);
+    if (threadIdx.x == 0) *s_part = v;
+    cg::cluster_group cl = cg::this_cluster();
+    cl.sync();
+    double t = 0.0;
+#pragma unroll
+    for (int r = 0; r < CL; r++) t += *cl.map_shared_rank(s_part, r);
+    cl.sync();  // no block leaves (freeing its shared memory) before every block has read it
+    return t;
+}
+
+__device__ __forceinline__ int cl_d(int u) {
+    return (u * CL + (int)blockIdx.x) * CL_T + (int)threadIdx.x;
+}
+
+// y[d] = Σ_h w[h]·x[h][d], then out = RMSNorm(y)·norm_w (y == out allowed).
+template <int NH>
+__device__ void collapse_norm_dec(const float* w_sh, int hc, const float* x, int e,
+                                  const float* norm_w, float rms_eps, float* y, float* out) {
+    __shared__ double sh[32];
+    __shared__ double s_part;
+    float xv[CL_EPT][NH];
+#pragma unroll
+    for (int u = 0; u < CL_EPT; u++) {
+        const int d = cl_d(u);
+#pragma unroll
+        for (int h = 0; h < NH; h++) xv[u][h] = (d < e && h < hc) ? x[(i64)h * e + d] : 0.0f;
+    }
+    float yv[CL_EPT];
+    double ss = 0.0;
+#pragma unroll
+    for (int u = 0; u < CL_EPT; u++) {
+        double acc = 0.0;
+#pragma unroll
+        for (int h = 0; h < NH; h++) {
+            if (h < hc) acc += (double)w_sh[h] * (double)xv[u][h];
+        }
+        yv[u] = (float)acc;
+        const int d = cl_d(u);
+        if (d < e) {
+            y[d] = yv[u];
+            ss += (double)yv[u] * (double)yv[u];
+        }
+    }
+    // Beyond CL·CL_T·CL_EPT elements: no register copy (re-read below).
+    for (int d = cl_d(CL_EPT); d < e; d += CL * CL_T) {
+        double acc = 0.0;
+        for (int h = 0; h < hc; h++) acc += (double)w_sh[h] * (double)x[(i64)h * e + d];
+        const float v = (float)acc;
+        y[d] = v;
+        ss += (double)v * (double)v;
+    }
+    const double tot = cluster_sum_d(ss, sh, &s_part);
+    const double s = 1.0 / sqrt(tot / (double)e + (double)rms_eps);
+#pragma unroll
+    for (int u = 0; u < CL_EPT; u++) {
+        const int d = cl_d(u);
+        if (d < e) out[d] = (float)(((double)yv[u] * s) * (double)norm_w[d]);
+    }
+    for (int d = cl_d(CL_EPT); d < e; d += CL * CL_T) {
+        out[d] = (float)(((double)y[d] * s) * (double)norm_w[d]);
+    }
+}
+
+// HC pre of one token (ops::hc_collapse + rms_norm; the split is ds4_hc_split_dec):
+// xin = Σ_h pre[h]·x[h], a = RMSNorm(xin)·norm_w. One cluster: grid CL, block CL_T.
+extern "C" __global__ void __cluster_dims__(CL, 1, 1) __launch_bounds__(CL_T)
+    ds4_hc_pre_dec(const float* mix, const float* scale, const float* base, int hc, float hc_eps,
+                   const float* x, int e, const float* norm_w, float rms_eps, float* xin,
+                   float* a) {
+    __shared__ float s_pre[MAX_HC];
+    if (threadIdx.x < hc) {
+        const int i = threadIdx.x;
+        s_pre[i] = (float)(sigmoid_d((double)mix[i] * (double)scale[0] + (double)base[i]) +
+                           (double)hc_eps);
+    }
+    __syncthreads();
+    if (hc == 4) {
+        collapse_norm_dec<4>(s_pre, hc, x, e, norm_w, rms_eps, xin, a);
+    } else {
+        collapse_norm_dec<MAX_HC>(s_pre, hc, x, e, norm_w, rms_eps, xin, a);
+    }
+}
+
+// The split (post, comb) of one token alone: one warp. The decode step runs it on a side stream,
+// concurrently with the collapse (which needs only pre) and everything up to the HC post.
+extern "C" __global__ void ds4_hc_split_dec(const float* mix, const float* scale,
+                                            const float* base, int hc, int iters, float hc_eps,
+                                            float* post, float* comb) {
+    __shared__ float s_pre[MAX_HC];
+    __shared__ float s_post[MAX_HC];
+    __shared__ float s_comb[MAX_HC * MAX_HC];
+    hc_split_dec(mix, scale, base, hc, iters, hc_eps, s_pre, s_post, s_comb);
+    __syncthreads();
+    for (int i = threadIdx.x; i < hc; i += blockDim.x) post[i] = s_post[i];
+    for (int i = threadIdx.x; i < hc * hc; i += blockDim.x) comb[i] = s_comb[i];
+}
+
+// HC head + output norm of one token: hn = RMSNorm(Σ_i w_i x_i, norm), w = sigmoid(mix·scale +
+// base) + eps. One cluster: grid CL, block CL_T.
+extern "C" __global__ void __cluster_dims__(CL, 1, 1) __launch_bounds__(CL_T)
+    ds4_hc_head_dec(const float* mix, float scale, const float* base, float hc_eps,
+                    const float* x, int hc, int e, const float* norm_w, float rms_eps, float* hn) {
+    __shared__ float s_w[MAX_HC];
+    if (threadIdx.x < hc) {
+        const int i = threadIdx.x;
+        s_w[i] = (float)(sigmoid_d((double)mix[i] * (double)scale + (double)base[i]) +
+                         (double)hc_eps);
+    }
+    __syncthreads();
+    if (hc == 4) {
+        collapse_norm_dec<4>(s_w, hc, x, e, norm_w, rms_eps, hn, hn);
+    } else {
+        collapse_norm_dec<MAX_HC>(s_w, hc, x, e, norm_w, rms_eps, hn, hn);
+    }
+}
+
+// HC post of one token (ops::hc_post; f = Σ_k routed (f64) + f when routed), then the next
+// site's no-weight RMSNorm into flat (skipped when flat is null). One cluster: grid CL,
+// block CL_T.
+template <int NH>
+__device__ void hc_post_dec_body(const float* f, const float* routed, int k, const float* x,
+                                 const float* s_post, const float* s_comb, int hc, int e,
+                                 float* xo, float* flat, float eps) {
+    __shared__ double sh[32];
+    __shared__ double s_part;
+    float xv[CL_EPT][NH];
+    float fv[CL_EPT];
+    float rv[CL_EPT];
+#pragma unroll
+    for (int u = 0; u < CL_EPT; u++) {
+        const int d = cl_d(u);
+        const bool on = d < e;
+        fv[u] = on ? f[d] : 0.0f;
+        rv[u] = (on && routed && k == 1) ? routed[d] : 0.0f;
+#pragma unroll
+        for (int i = 0; i < NH; i++) xv[u][i] = (on && i < hc) ? x[(i64)i * e + d] : 0.0f;
+    }
+    float o[CL_EPT][NH];
+    double ss = 0.0;
+#pragma unroll
+    for (int u = 0; u < CL_EPT; u++) {
+        const int d = cl_d(u);
+        if (d >= e) continue;
+        float fd;
+        if (routed) {
+            double acc = 0.0;
+            if (k == 1) {
+                acc += (double)rv[u];
+            } else {
+                for (int j = 0; j < k; j++) acc += (double)routed[(i64)j * e + d];
+            }
+            fd = (float)acc + fv[u];
+        } else {
+            fd = fv[u];
+        }
+#pragma unroll
+        for (int j = 0; j < NH; j++) {
+            if (j < hc) {
+                double acc = (double)s_post[j] * (double)fd;
+#pragma unroll
+                for (int i = 0; i < NH; i++) {
+                    if (i < hc) acc += (double)s_comb[i * hc + j] * (double)xv[u][i];
+                }
+                const float v = (float)acc;
+                o[u][j] = v;
+                xo[(i64)j * e + d] = v;
+                ss += (double)v * (double)v;
+            }
+        }
+    }
+    // Beyond CL·CL_T·CL_EPT elements: no register copy (re-read below).
+    for (int d = cl_d(CL_EPT); d < e; d += CL * CL_T) {
+        double acc = 0.0;
+        for (int j = 0; j < (routed ? k : 0); j++) acc += (double)routed[(i64)j * e + d];
+        const float fd = routed ? (float)acc + f[d] : f[d];
+        for (int j = 0; j < hc; j++) {
+            double a2 = (double)s_post[j] * (double)fd;
+            for (int i = 0; i < hc; i++) a2 += (double)s_comb[i * hc + j] * (double)x[(i64)i * e + d];
+            const float v = (float)a2;
+            xo[(i64)j * e + d] = v;
+            ss += (double)v * (double)v;
+        }
+    }
+    if (!flat) return;
+    const double tot = cluster_sum_d(ss, sh, &s_part);
+    const double s = 1.0 / sqrt(tot / ((double)hc * (double)e) + (double)eps);
+#pragma unroll
+    for (int u = 0; u < CL_EPT; u++) {
+        const int d = cl_d(u);
+        if (d >= e) continue;
+#pragma unroll
+        for (int j = 0; j < NH; j++) {
+            if (j < hc) flat[(i64)j * e + d] = (float)((double)o[u][j] * s);
+        }
+    }
+    for (int d = cl_d(CL_EPT); d < e; d += CL * CL_T) {
+        for (int j = 0; j < hc; j++) flat[(i64)j * e + d] = (float)((double)xo[(i64)j * e + d] * s);
+    }
+}
+
+extern "C" __global__ void __cluster_dims__(CL, 1, 1) __launch_bounds__(CL_T)
+    ds4_hc_post_dec(const float* f, const float* routed, int k, const float* x, const float* post,
+                    const float* comb, int hc, int e, float* xo, float* flat, float eps) {
+    __shared__ float s_post[MAX_HC];
+    __shared__ float s_comb[MAX_HC * MAX_HC];
+    for (int i = threadIdx.x; i < hc; i += blockDim.x) s_post[i] = post[i];
+    for (int i = threadIdx.x; i < hc * hc; i += blockDim.x) s_comb[i] = comb[i];
+    __syncthreads();
+    if (hc == 4) {
+        hc_post_dec_body<4>(f, routed, k, x, s_post, s_comb, hc, e, xo, flat, eps);
+    } else {
+        hc_post_dec_body<MAX_HC>(f, routed, k, x, s_post, s_comb, hc, e, xo, flat, eps);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Decode: everything between the attention projections and the attention, in one launch.
+// Block roles (blockDim a multiple of 32; dynamic shared: max(hd, d_c, ihd) floats):
+//   [0, nh)          q head h: no-weight RMSNorm + RoPE in place (ds4_head_norm_rope)
+//   nh               the KV row: RMSNorm(w), RoPE, FP8, into the raw ring (ds4_kv_finish)
+//   nh + 1, nh + 2   compressor 0 (attention rows) / 1 (indexer rows): push this token into the
+//                    frontier, and when it completes a window emit the pooled row first
+//                    (ds4_comp_emit + ds4_comp_frontier for one token)
+//   nh + 3 + i       indexer query head i (ds4_indexer_q), when iq is not null
+// Every field is 8 bytes wide so the host mirror (#[repr(C)], src/fwd.rs) has the same layout.
+
+struct CompDec {
+    const float* ckv;   // [width] this token's kv projection
+    const float* csc;   // [width] this token's score projection (without ape)
+    const float* ape;   // [ratio][width]
+    float* st_kv;       // frontier [rows][width] (CPU layout)
+    float* st_sc;
+    const float* norm;  // [d_c]
+    float* rows;        // compressed rows [cap][d_c]
+    i64 ratio;          // 0: no compressor
+    i64 overlap;
+    i64 d_c;
+    i64 qat_mode;       // 0 none, 1 FP8, 2 Hadamard + FP4
+};
+
+struct QkvDec {
+    const int* pos;
+    float* q;
+    const double* inv;
+    i64 nh;
+    i64 hd;
+    i64 n_rot;
+    double eps;
+    const float* kvp;
+    const float* kv_w;
+    float* ring;
+    i64 raw_cap;
+    i64 qat;
+    i64 n_nope;
+    CompDec comp[2];
+    const double* inv_comp;
+    float* iq;
+    float* iw;
+    i64 nih;
+    i64 ihd;
+    i64 iqat;
+    double wscale;
+};
+
+// Candidate i of output column j of a window completed by this token (ops::compressor_pool's
+// candidates, with the token's own slot m taken from its projections).
+__device__ __forceinline__ void comp_cand(const CompDec& c, int w, int m, const float* ape_m,
+                                          int i, int j, float* kv, float* sc) {
+    const int ratio = (int)c.ratio, d_c = (int)c.d_c;
+    int row, col;
+    bool now;
+    if (c.overlap) {
+        if (i < ratio) {
+            row = i;
+            col = j;
+            now = false;
+        } else {
+            row = i;
+            col = d_c + j;
+            now = (i - ratio) == m;
+        }
+    } else {
+        row = i;
+        col = j;
+        now = i == m;
+    }
+    if (now) {
+        *kv = c.ckv[col];
+        *sc = c.csc[col] + ape_m[col];
+    } else {
+        *kv = c.st_kv[(i64)row * w + col];
+        *sc = c.st_sc[(i64)row * w + col];
+    }
+}
+
+__device__ void comp_dec_block(const CompDec& c, i64 pos, float eps, int n_rot, int n_nope,
+                               const double* inv_comp, float* s_row, double* sh) {
+    const int ratio = (int)c.ratio, d_c = (int)c.d_c;
+    const bool ov = c.overlap != 0;
+    const int w = ov ? 2 * d_c : d_c;
+    const int m = (int)(pos % ratio);
+    const bool emit = ((pos + 1) % ratio) == 0;
+    const float* ape_m = c.ape + (i64)m * w;
+    if (emit) {
+        const int n_cand = ov ? 2 * ratio : ratio;
+        for (int j = threadIdx.x; j < d_c; j += blockDim.x) {
+            double mx = -INFINITY;
+            for (int i = 0; i < n_cand; i++) {
+                float kv, sc;
+                comp_cand(c, w, m, ape_m, i, j, &kv, &sc);
+                mx = fmax(mx, (double)sc);
+            }
+            float out = 0.0f;
+            if (!(mx <= (double)EMPTY_SCORE * 0.5)) {
+                double den = 0.0, num = 0.0;
+                for (int i = 0; i < n_cand; i++) {
+                    float kv, sc;
+                    comp_cand(c, w, m, ape_m, i, j, &kv, &sc);
+                    const double ex = exp((double)sc - mx);
+                    den += ex;
+                    num += ex * (double)kv;
+                }
+                out = (float)(num / den);
+            }
+            s_row[j] = out;
+        }
+    }
+    __syncthreads();  // every read of the old frontier is done
+    for (int col = threadIdx.x; col < w; col += blockDim.x) {
+        const float kv_now = c.ckv[col];
+        const float sc_now = c.csc[col] + ape_m[col];
+        if (!emit) {
+            const i64 r = ov ? ratio + m : m;
+            c.st_kv[r * w + col] = kv_now;
+            c.st_sc[r * w + col] = sc_now;
+        } else if (ov) {
+            // ops::compressor_push + compressor_advance: the completed window becomes the
+            // previous one, the current one empties.
+            for (int r = 0; r < ratio; r++) {
+                const i64 src = (i64)(ratio + r) * w + col;
+                const float kv = r == m ? kv_now : c.st_kv[src];
+                const float sc = r == m ? sc_now : c.st_sc[src];
+                c.st_kv[(i64)r * w + col] = kv;
+                c.st_sc[(i64)r * w + col] = sc;
+                c.st_kv[src] = 0.0f;
+                c.st_sc[src] = EMPTY_SCORE;
+            }
+        } else {
+            for (int r = 0; r < ratio; r++) {
+                c.st_kv[(i64)r * w + col] = 0.0f;
+                c.st_sc[(i64)r * w + col] = EMPTY_SCORE;
+            }
+        }
+    }
+    if (!emit) return;
+    rms_norm_shared(s_row, d_c, c.norm, eps, sh);
+    const i64 crow = pos / ratio;
+    rope_tail_shared(s_row, d_c, n_rot, inv_comp, crow * ratio, false);
+    if (c.qat_mode == 1) fp8_kv_qat_shared(s_row, n_nope);
+    else if (c.qat_mode == 2) indexer_qat_shared(s_row, d_c);
+    float* dst = c.rows + crow * d_c;
+    for (int j = threadIdx.x; j < d_c; j += blockDim.x) dst[j] = s_row[j];
+}
+
+extern "C" __global__ void __launch_bounds__(512) ds4_qkv_dec(const QkvDec P) {
+    extern __shared__ float s_row[];
+    __shared__ double sh[32];
+    const int b = blockIdx.x;
+    const int nh = (int)P.nh, hd = (int)P.hd, n_rot = (int)P.n_rot;
+    const float eps = (float)P.eps;
+    const i64 pos = (i64)*P.pos;
+    if (b < nh) {
+        float* x = P.q + (i64)b * hd;
+        for (int d = threadIdx.x; d < hd; d += blockDim.x) s_row[d] = x[d];
+        __syncthreads();
+        rms_norm_shared(s_row, hd, nullptr, eps, sh);
+        rope_tail_shared(s_row, hd, n_rot, P.inv, pos, false);
+        for (int d = threadIdx.x; d < hd; d += blockDim.x) x[d] = s_row[d];
+    } else if (b == nh) {
+        for (int d = threadIdx.x; d < hd; d += blockDim.x) s_row[d] = P.kvp[d];
+        __syncthreads();
+        rms_norm_shared(s_row, hd, P.kv_w, eps, sh);
+        rope_tail_shared(s_row, hd, n_rot, P.inv, pos, false);
+        if (P.qat) fp8_kv_qat_shared(s_row, (int)P.n_nope);
+        float* dst = P.ring + (pos % P.raw_cap) * hd;
+        for (int d = threadIdx.x; d < hd; d += blockDim.x) dst[d] = s_row[d];
+    } else if (b <= nh + 2) {
+        const CompDec c = (b == nh + 1) ? P.comp[0] : P.comp[1];
+        if (c.ratio == 0) return;
+        comp_dec_block(c, pos, eps, n_rot, (int)P.n_nope, P.inv_comp, s_row, sh);
+    } else {
+        const int h = b - nh - 3;
+        if (!P.iq || h >= (int)P.nih) return;
+        const int ihd = (int)P.ihd;
+        float* x = P.iq + (i64)h * ihd;
+        for (int d = threadIdx.x; d < ihd; d += blockDim.x) s_row[d] = x[d];
+        __syncthreads();
+        rope_tail_shared(s_row, ihd, n_rot, P.inv_comp, pos, false);
+        if (P.iqat) indexer_qat_shared(s_row, ihd);
+        for (int d = threadIdx.x; d < ihd; d += blockDim.x) x[d] = s_row[d];
+        if (threadIdx.x == 0) P.iw[h] = (float)((double)P.iw[h] * P.wscale);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Decode attention (ops::attention_head + inverse RoPE) in two launches: the scores of every
+// (head, row) into S, then per (head, 64-dim slice) the CPU's own two-pass softmax: max over
+// the sink and the scores, p = exp(s − max), den and Σ p·v accumulated row by row in the CPU's
+// order — only the order of the f64 sum inside each q·k dot differs from the reference.
+
+#define ATT_DEC_HPB 8
+#define ATT_DEC_PT 128
+
+struct AttRows {
+    const float* ring;
+    const float* comp;
+    const int* sel;
+    i64 n_raw, lo, n_c, R;
+    int raw_cap, hd;
+    bool use_sel;
+};
+
+__device__ __forceinline__ AttRows att_rows(const float* ring, int raw_cap, int window,
+                                            const float* comp, int ratio, int has_indexer,
+                                            const int* isel, int topk, int hd, i64 p) {
+    AttRows a;
+    a.ring = ring;
+    a.comp = comp;
+    a.sel = isel;
+    a.raw_cap = raw_cap;
+    a.hd = hd;
+    a.n_raw = (p + 1) < (i64)window ? (p + 1) : (i64)window;
+    a.lo = p + 1 - a.n_raw;
+    // Positions stay below 2^31: 32-bit division (the 64-bit one is a long software sequence).
+    const i64 nv = ratio ? (i64)((unsigned)(p + 1) / (unsigned)ratio) : 0;
+    a.use_sel = has_indexer && nv > topk;
+    a.n_c = a.use_sel ? (i64)topk : nv;
+    a.R = a.n_raw + a.n_c;
+    return a;
+}
+
+__device__ __forceinline__ const float* att_row(const AttRows& a, i64 r) {
+    if (r < a.n_raw) return a.ring + (i64)((unsigned)(a.lo + r) % (unsigned)a.raw_cap) * a.hd;
+    const i64 ci = a.use_sel ? (i64)a.sel[r - a.n_raw] : (r - a.n_raw);
+    return a.comp + ci * a.hd;
+}
+
+// The 32-lane sum of v[(lane >> 2) & 7] (a reduce-scatter of 8 values: 9 shuffles instead of
+// 40; the additions form a fixed tree).
+__device__ __forceinline__ double reduce8(const double* v, int lane) {
+    const unsigned FULL = 0xffffffffu;
+    const bool b4 = (lane & 16) != 0, b3 = (lane & 8) != 0, b2 = (lane & 4) != 0;
+    double w[4];
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        const double keep = b4 ? v[4 + i] : v[i];
+        const double send = b4 ? v[i] : v[4 + i];
+        w[i] = keep + __shfl_xor_sync(FULL, send, 16);
+    }
+    double x[2];
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        const double keep = b3 ? w[2 + i] : w[i];
+        const double send = b3 ? w[i] : w[2 + i];
+        x[i] = keep + __shfl_xor_sync(FULL, send, 8);
+    }
+    double y;
+    {
+        const double keep = b2 ? x[1] : x[0];
+        const double send = b2 ? x[0] : x[1];
+        y = keep + __shfl_xor_sync(FULL, send, 4);
+    }
+    y += __shfl_xor_sync(FULL, y, 2);
+    y += __shfl_xor_sync(FULL, y, 1);
+    return y;
+}
+
+// S[h][r] = (q_h · row_r)·scale for this block's chunk of rows, and pm[h][chunk] = the chunk's
+// largest score (−inf when empty). grid (nch, ceil(nh/16)), block 256: a warp per two heads
+// (each row element is converted to f64 once for both), 4 rows per step.
+extern "C" __global__ void __launch_bounds__(256) ds4_attn_dec_scores(
+    const float* q, const float* ring, int raw_cap, int window, const float* comp, int ratio,
+    int has_indexer, const int* isel, int topk, float scale, int nh, int hd, const int* pos0p,
+    double* S, i64 s_stride, double* pm) {
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int h0 = (blockIdx.y * ATT_DEC_HPB + warp) * 2;
+    if (h0 >= nh) return;
+    const bool h1ok = h0 + 1 < nh;
+    const i64 p = (i64)*pos0p;
+    const AttRows a = att_rows(ring, raw_cap, window, comp, ratio, has_indexer, isel, topk, hd, p);
+    const unsigned R32 = (unsigned)a.R;
+    const i64 r0 = R32 * blockIdx.x / gridDim.x, r1 = R32 * (blockIdx.x + 1) / gridDim.x;
+    const int nj = hd / 32;
+    double q0[ATT_MAXJ], q1[ATT_MAXJ];
+#pragma unroll
+    for (int j = 0; j < ATT_MAXJ; j++) {
+        q0[j] = j < nj ? (double)q[(i64)h0 * hd + lane + 32 * j] : 0.0;
+        q1[j] = (j < nj && h1ok) ? (double)q[(i64)(h0 + 1) * hd + lane + 32 * j] : 0.0;
+    }
+    const double sc = (double)scale;
+    const int idx = (lane >> 2) & 7, uu = idx >> 1, hh = idx & 1;
+    double mown = -INFINITY;
+    for (i64 r = r0; r < r1; r += 4) {
+        const float* rows[4];
+#pragma unroll
+        for (int u = 0; u < 4; u++) rows[u] = att_row(a, r + u < r1 ? r + u : r1 - 1);
+        float kv[4][ATT_MAXJ];
+#pragma unroll
+        for (int u = 0; u < 4; u++) {
+#pragma unroll
+            for (int j = 0; j < ATT_MAXJ; j++) kv[u][j] = j < nj ? rows[u][lane + 32 * j] : 0.0f;
+        }
+        double acc[8];
+#pragma unroll
+        for (int i = 0; i < 8; i++) acc[i] = 0.0;
+#pragma unroll
+        for (int j = 0; j < ATT_MAXJ; j++) {
+            if (j < nj) {
+#pragma unroll
+                for (int u = 0; u < 4; u++) {
+                    const double kd = (double)kv[u][j];
+                    acc[2 * u] = fma(q0[j], kd, acc[2 * u]);
+                    acc[2 * u + 1] = fma(q1[j], kd, acc[2 * u + 1]);
+                }
+            }
+        }
+        const double dot = reduce8(acc, lane);
+        if ((lane & 3) == 0 && r + uu < r1 && (hh == 0 || h1ok)) {
+            const double sv = dot * sc;
+            S[(i64)(h0 + hh) * s_stride + r + uu] = sv;
+            mown = fmax(mown, sv);
+        }
+    }
+    const double m0 = warp_max_d(hh == 0 ? mown : -INFINITY);
+    const double m1 = warp_max_d(hh == 1 ? mown : -INFINITY);
+    if (lane == 0) {
+        pm[(i64)h0 * gridDim.x + blockIdx.x] = m0;
+        if (h1ok) pm[(i64)(h0 + 1) * gridDim.x + blockIdx.x] = m1;
+    }
+}
+
+// Σ_r p·v for a (8 heads, 64 dims, row split) block — p = exp(s − max) with the max of the sink
+// and all scores (from pm), den = exp(sink − max) + Σ p — the block's partial into part, then
+// the last of the splits of (heads, dims) adds them up and writes the heads with the inverse
+// RoPE. grid (ceil(nh/8), hd/64, splits), block 256: warp w computes the probabilities of head
+// w, then takes every 8th row of the tile for all 8 heads (each value converted to f64 once).
+// part: [nh][splits][hd + 8] doubles (acc, then the den of each 64-dim slice).
+#define ATO_T 128
+
+extern "C" __global__ void __launch_bounds__(256) ds4_attn_dec_out(
+    const double* S, i64 s_stride, const double* pm, int nch, const float* ring, int raw_cap,
+    int window, const float* comp, int ratio, int has_indexer, const int* isel, int topk,
+    const float* sinks, int nh, int hd, int n_rot, const double* inv_freq, const int* pos0p,
+    double* part, unsigned* ctr, float* heads) {
+    __shared__ double s_p[ATT_DEC_HPB][ATO_T];
+    __shared__ const float* s_rp[ATO_T];
+    __shared__ double s_m[ATT_DEC_HPB];
+    __shared__ double s_red[ATT_DEC_HPB][ATT_DEC_HPB][64];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int hbase = blockIdx.x * ATT_DEC_HPB;
+    const int nhb = min(ATT_DEC_HPB, nh - hbase);
+    const int ds = blockIdx.y, nds = gridDim.y;
+    const int split = blockIdx.z, ns = gridDim.z;
+    const int rec = hd + 8;
+    const i64 p = (i64)*pos0p;
+    const AttRows a = att_rows(ring, raw_cap, window, comp, ratio, has_indexer, isel, topk, hd, p);
+    if (warp < nhb) {
+        const int h = hbase + warp;
+        double m = lane < nch ? pm[(i64)h * nch + lane] : -INFINITY;
+        m = warp_max_d(m);
+        if (lane == 0) s_m[warp] = fmax((double)sinks[h], m);
+    }
+    const i64 rs0 = (unsigned)a.R * split / ns, rs1 = (unsigned)a.R * (split + 1) / ns;
+    const int d0 = ds * 64 + 2 * lane;
+    double acc[ATT_DEC_HPB][2];
+#pragma unroll
+    for (int hh = 0; hh < ATT_DEC_HPB; hh++) acc[hh][0] = acc[hh][1] = 0.0;
+    double den = 0.0;
+    for (i64 t0 = rs0; t0 < rs1; t0 += ATO_T) {
+        const int nt = (int)((rs1 - t0) < ATO_T ? (rs1 - t0) : ATO_T);
+        __syncthreads();
+        if (warp < nhb) {
+            const double* Sh = S + (i64)(hbase + warp) * s_stride + t0;
+            const double m = s_m[warp];
+            for (int i = lane; i < nt; i += 32) {
+                const double pr = exp(Sh[i] - m);
+                s_p[warp][i] = pr;
+                den += pr;
+            }
+        }
+        for (int i = threadIdx.x; i < nt; i += blockDim.x) s_rp[i] = att_row(a, t0 + i);
+        __syncthreads();
+        for (int i = warp; i < nt; i += 4 * ATT_DEC_HPB) {
+            float2 v[4];
+#pragma unroll
+            for (int u = 0; u < 4; u++) {
+                const int ii = i + u * ATT_DEC_HPB;
+                v[u] = ii < nt ? *(const float2*)(s_rp[ii] + d0) : make_float2(0.0f, 0.0f);
+            }
+#pragma unroll
+            for (int u = 0; u < 4; u++) {
+                const int ii = i + u * ATT_DEC_HPB;
+                if (ii < nt) {
+                    const double x0 = (double)v[u].x, x1 = (double)v[u].y;
+#pragma unroll
+                    for (int hh = 0; hh < ATT_DEC_HPB; hh++) {
+                        if (hh < nhb) {
+                            const double pr = s_p[hh][ii];
+                            acc[hh][0] += pr * x0;
+                            acc[hh][1] += pr * x1;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    den = warp_sum_d(den);
+    __syncthreads();
+#pragma unroll
+    for (int hh = 0; hh < ATT_DEC_HPB; hh++) {
+        s_red[warp][hh][2 * lane] = acc[hh][0];
+        s_red[warp][hh][2 * lane + 1] = acc[hh][1];
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < nhb * 64; i += blockDim.x) {
+        const int hh = i >> 6, dd = i & 63;
+        double t = 0.0;
+#pragma unroll
+        for (int w = 0; w < ATT_DEC_HPB; w++) t += s_red[w][hh][dd];
+        part[((i64)(hbase + hh) * ns + split) * rec + ds * 64 + dd] = t;
+    }
+    if (warp < nhb && lane == 0) part[((i64)(hbase + warp) * ns + split) * rec + hd + ds] = den;
+    if (!arrive_last(ctr + blockIdx.x * nds + ds, (unsigned)ns)) return;
+    // The last split block of these heads and dims: add the splits up (in split order).
+    {
+        const int hh = threadIdx.x >> 5;
+        if (hh >= nhb) return;
+        const int h = hbase + hh;
+        const double* ph = part + (i64)h * ns * rec;
+        double a0 = 0.0, a1 = 0.0, dn = exp((double)sinks[h] - s_m[hh]);
+        for (int sp = 0; sp < ns; sp++) {
+            a0 += __ldcg(ph + (i64)sp * rec + d0);
+            a1 += __ldcg(ph + (i64)sp * rec + d0 + 1);
+            dn += __ldcg(ph + (i64)sp * rec + hd + ds);
+        }
+        const double inv = 1.0 / dn;
+        float o0 = (float)(a0 * inv), o1 = (float)(a1 * inv);
+        if (d0 >= hd - n_rot) {
+            float c, s;
+            rope_cs(inv_freq, (d0 - (hd - n_rot)) >> 1, p, &c, &s);
+            rope_pair(&o0, &o1, c, s, true);
+        }
+        float* out = heads + (i64)h * hd + d0;
+        out[0] = o0;
+        out[1] = o1;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Indexer scores (ops::indexer_scores), bit-exact with the CPU: block of nih·4 threads, thread
+// (h, k) holds q_h[4j + k] in registers and runs the CPU's dot_f64 accumulator k over a tile of
+// rows; lanes k = 0..3 then combine (acc0 + acc1) + (acc2 + acc3) and one thread per row sums
+// the heads in order. Needs ihd % 4 == 0, ihd ≤ 128, nih % 8 == 0, nih·4 ≤ 1024.
+// grid (blocks, nt); dynamic shared: IDX4_TILE·4·(ihd/4 + 2) + IDX4_TILE·nih doubles.
+
+#define IDX4_TILE 16
+#define IDX4_MAXQ 32
+
+extern "C" __global__ void __launch_bounds__(256) ds4_indexer_scores4(const float* iq, const float* iw, const float* icomp,
+                                               int nih, int ihd, int ratio, int topk,
+                                               const int* pos0p, int t0, float* scores,
+                                               i64 sstride) {
+    extern __shared__ double smem_d[];
+    const int t = t0 + blockIdx.y;
+    const i64 p = (i64)*pos0p + t;
+    const i64 nv = (p + 1) / ratio;
+    if (nv <= topk) return;
+    const i64 n_tiles = (nv + IDX4_TILE - 1) / IDX4_TILE;
+    if ((i64)blockIdx.x >= n_tiles) return;
+    const int nq = ihd / 4, ks = nq + 2;
+    double* s_k = smem_d;                   // [IDX4_TILE·4][ks]: row r, lane k, element j
+    double* s_t = s_k + IDX4_TILE * 4 * ks;  // [IDX4_TILE][nih]
+    const int h = threadIdx.x >> 2, kk = threadIdx.x & 3;
+    const float* qh = iq + ((i64)t * nih + h) * ihd;
+    double qv[IDX4_MAXQ];
+#pragma unroll
+    for (int j = 0; j < IDX4_MAXQ; j++) qv[j] = j < nq ? (double)qh[4 * j + kk] : 0.0;
+    const double wh = (double)iw[(i64)t * nih + h];
+    float* out = scores + (i64)blockIdx.y * sstride;
+    for (i64 tile = blockIdx.x; tile < n_tiles; tile += gridDim.x) {
+        const i64 r0 = tile * IDX4_TILE;
+        __syncthreads();
+        for (int i = threadIdx.x; i < IDX4_TILE * ihd; i += blockDim.x) {
+            const int r = i / ihd, c = i % ihd;
+            const i64 row = r0 + r;
+            const float v = row < nv ? icomp[row * ihd + c] : 0.0f;
+            s_k[(r * 4 + (c & 3)) * ks + (c >> 2)] = (double)v;
+        }
+        __syncthreads();
+        for (int r = 0; r < IDX4_TILE; r += 4) {
+            double acc[4] = {0.0, 0.0, 0.0, 0.0};
+            const double* kp = s_k + (r * 4 + kk) * ks;
+#pragma unroll
+            for (int j = 0; j < IDX4_MAXQ; j++) {
+                if (j < nq) {
+#pragma unroll
+                    for (int u = 0; u < 4; u++) acc[u] = fma(qv[j], kp[u * 4 * ks + j], acc[u]);
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < 4; u++) {
+                const double b = acc[u] + __shfl_xor_sync(0xffffffffu, acc[u], 1);
+                const double d = b + __shfl_xor_sync(0xffffffffu, b, 2);
+                if (kk == 0) s_t[(r + u) * nih + h] = d > 0.0 ? wh * d : 0.0;
+            }
+        }
+        __syncthreads();
+        if (threadIdx.x < IDX4_TILE) {
+            const int r = threadIdx.x;
+            if (r0 + r < nv) {
+                double acc = 0.0;
+                for (int hh = 0; hh < nih; hh++) acc += s_t[r * nih + hh];
+                out[r0 + r] = (float)acc;
+            }
+        }
     }
 }

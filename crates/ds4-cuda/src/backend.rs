@@ -32,7 +32,10 @@ use ds4_model::{
 };
 
 use crate::attn_tc::{AttnPrecision, AttnTc};
-use crate::fwd::{ATT_TARGET_BLOCKS, AttnLaunch, CompLaunch, Fwd, IDX_TILE, attn_splits};
+use crate::fwd::{
+    ATT_TARGET_BLOCKS, AttnLaunch, CompDec, CompLaunch, Fwd, IDX_TILE, QkvDec, attn_dec_bytes,
+    attn_dec_fits, attn_dec_stride, attn_splits,
+};
 use crate::gemv::{DevWeight, Gemv};
 use crate::rt::{DBuf, dtoh, htod};
 use crate::tc::{Tc, TcConfig};
@@ -173,6 +176,10 @@ struct Scratch {
     isel: DBuf,
     heads: DBuf,
     part: DBuf,
+    /// Decode attention scores `[n_head][att_stride]` (f64), then the chunk maxima.
+    att_s: DBuf,
+    /// Decode attention split partials.
+    att_part: DBuf,
     low: DBuf,
     fout: DBuf,
     b: DBuf,
@@ -233,6 +240,8 @@ pub struct CudaBackend {
     score_stride: usize,
     score_batch: usize,
     idx_blocks: usize,
+    /// Row stride (doubles) of `sc.att_s`; 0: the decode attention kernels are not used.
+    att_stride: usize,
     n_tokens: usize,
     logits: Vec<f32>,
     chunk_logits: Vec<f32>,
@@ -465,7 +474,20 @@ impl CudaBackend {
             .min();
         let score_stride = csa_ratio.map_or(1, |r| ctx / r + 1).next_multiple_of(4);
         let score_batch = (SCORE_BYTES / (score_stride * 4)).clamp(1, max_chunk);
-        let idx_blocks = score_stride.div_ceil(IDX_TILE).clamp(1, 1024);
+        // Blocks stride over the score tiles: about two waves' worth is plenty (a decode step
+        // is captured with this grid; blocks past the last tile exit at once).
+        let idx_blocks = score_stride.div_ceil(IDX_TILE).clamp(1, ATT_TARGET_BLOCKS);
+        let att_stride = if attn_dec_fits(hd) {
+            let kinds: Vec<(usize, bool)> = model
+                .plan
+                .layers
+                .iter()
+                .map(|l| (l.attn.ratio(), l.attn.has_indexer()))
+                .collect();
+            attn_dec_stride(s.window, ctx, &kinds, s.index_topk)
+        } else {
+            0
+        };
 
         // Scratch.
         let n = max_chunk;
@@ -547,6 +569,8 @@ impl CudaBackend {
             isel: f32b(n * s.index_topk.max(1))?,
             heads: f32b(n * s.n_head * hd)?,
             part: DBuf::zeroed(&stream, part_len * (hd + 2) * 8)?,
+            att_s: DBuf::zeroed(&stream, attn_dec_bytes(s.n_head, hd, att_stride).0)?,
+            att_part: DBuf::zeroed(&stream, attn_dec_bytes(s.n_head, hd, att_stride).1)?,
             low: f32b(n * s.o_groups * s.o_lora_rank)?,
             fout: f32b(n * e)?,
             b: f32b(n * e)?,
@@ -620,6 +644,7 @@ impl CudaBackend {
             score_stride,
             score_batch,
             idx_blocks,
+            att_stride,
             n_tokens: 0,
             logits: Vec::new(),
             chunk_logits: Vec::new(),
@@ -902,6 +927,10 @@ impl CudaBackend {
                 RopeKind::Plain => self.inv_plain.ptr,
                 RopeKind::Compressed => self.inv_comp.ptr,
             };
+            if n == 1 && trace.is_none() {
+                self.decode_layer(il, l, kvs, inv, indexer)?;
+                continue;
+            }
             // ---- attention sublayer
             self.mm(&l.hc_attn.fn_, sc.flat.ptr, n, sc.mix.ptr)?;
             self.hc_pre(&l.hc_attn, sc.x.ptr, l.attn_norm.ptr, sc.a.ptr, n)?;
@@ -1037,6 +1066,271 @@ impl CudaBackend {
             self.output_head(first, n - first)?;
         }
         fw.advance_pos(pos, n)
+    }
+
+    /// `y = W·x` for one token where `held` says what `sc.act` holds for `x` (the weight type
+    /// and width of the last quantization of `x`): a projection with the same activation format
+    /// skips its quantization. Returns what `sc.act` holds afterwards.
+    fn mm_shared(
+        &self,
+        w: &DevWeight,
+        x: u64,
+        y: u64,
+        held: Option<(GgmlType, usize)>,
+    ) -> Result<Option<(GgmlType, usize)>, CudaError> {
+        let cols = w.cols() * w.n_mat();
+        let ty = w.ty();
+        if matches!(ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16) {
+            // Float activations: nothing is quantized, sc.act is left as it was.
+            self.mm(w, x, 1, y)?;
+            return Ok(held);
+        }
+        if held != Some((ty, cols)) {
+            self.mm(w, x, 1, y)?;
+            return Ok(Some((ty, cols)));
+        }
+        let st = &self.stream;
+        let xs = dv::<f32>(st, x, cols);
+        let act = dv::<u8>(st, self.sc.act.ptr, self.sc.act.bytes);
+        let mut ys = dv::<f32>(st, y, w.rows() * w.n_mat());
+        self.gemv.matvec(st, w, &xs, &act, 1, &mut ys)?;
+        Ok(held)
+    }
+
+    /// One layer of a single-token step with the decode kernels (same values as the chunk path):
+    /// the projections of `a` (then of the normed q_a output) back to back, one launch for the
+    /// q heads, the KV row, both compressors and the indexer queries, then the indexer
+    /// selection, the two-launch attention and the fused HC kernels.
+    fn decode_layer(
+        &self,
+        il: usize,
+        l: &DevLayer,
+        kvs: &DevKv,
+        inv: u64,
+        indexer: bool,
+    ) -> Result<(), CudaError> {
+        let s = self.s();
+        let sc = &self.sc;
+        let fw = &self.fwd;
+        let e = s.n_embd;
+        let hc = s.hc_mult;
+        let hd = s.head_dim;
+        let nh = s.n_head;
+        let ql = s.q_lora_rank;
+        let eps = s.rms_eps;
+        let pos = self.d_pos.ptr;
+        let qat = self.opts.qat;
+
+        // ---- attention sublayer
+        self.mm(&l.hc_attn.fn_, sc.flat.ptr, 1, sc.mix.ptr)?;
+        self.hc_pre_dec(&l.hc_attn, sc.x.ptr, l.attn_norm.ptr, sc.a.ptr)?;
+        let mut held = self.mm_shared(&l.q_a, sc.a.ptr, sc.qr.ptr, None)?;
+        held = self.mm_shared(&l.kv, sc.a.ptr, sc.kvp.ptr, held)?;
+        let mut comp = [CompDec::default(); 2];
+        if let Some(c) = &l.comp {
+            held = self.mm_shared(&c.kv, sc.a.ptr, sc.ckv.ptr, held)?;
+            held = self.mm_shared(&c.gate, sc.a.ptr, sc.csc.ptr, held)?;
+            let (k, v) = frontier(&kvs.st_kv, &kvs.st_sc)?;
+            comp[0] = CompDec {
+                ckv: sc.ckv.ptr,
+                csc: sc.csc.ptr,
+                ape: c.ape.ptr,
+                st_kv: k,
+                st_sc: v,
+                norm: c.norm.ptr,
+                rows: kvs.comp.ptr,
+                ratio: c.geom.ratio as i64,
+                overlap: c.geom.overlap as i64,
+                d_c: c.geom.d_c as i64,
+                qat_mode: if qat { 1 } else { 0 },
+            };
+        }
+        let mut icomp_ptr = 0;
+        if let Some(ix) = &l.idx {
+            let icomp = kvs
+                .icomp
+                .as_ref()
+                .ok_or_else(|| cerr("indexer rows missing"))?;
+            icomp_ptr = icomp.ptr;
+            held = self.mm_shared(&ix.comp.kv, sc.a.ptr, sc.ikv.ptr, held)?;
+            held = self.mm_shared(&ix.comp.gate, sc.a.ptr, sc.isc.ptr, held)?;
+            if indexer {
+                self.mm_shared(&ix.proj, sc.a.ptr, sc.iw.ptr, held)?;
+            }
+            let (k, v) = frontier(&kvs.ist_kv, &kvs.ist_sc)?;
+            comp[1] = CompDec {
+                ckv: sc.ikv.ptr,
+                csc: sc.isc.ptr,
+                ape: ix.comp.ape.ptr,
+                st_kv: k,
+                st_sc: v,
+                norm: ix.comp.norm.ptr,
+                rows: icomp.ptr,
+                ratio: ix.comp.geom.ratio as i64,
+                overlap: ix.comp.geom.overlap as i64,
+                d_c: ix.comp.geom.d_c as i64,
+                qat_mode: if qat { 2 } else { 0 },
+            };
+        }
+        fw.rms_rows(sc.qr.ptr, ql, l.q_a_norm.ptr, ql, eps, sc.qrn.ptr, ql, 1)?;
+        let held_q = self.mm_shared(&l.q_b, sc.qrn.ptr, sc.q.ptr, None)?;
+        let run_indexer = indexer && l.idx.is_some();
+        if let (Some(ix), true) = (&l.idx, run_indexer) {
+            self.mm_shared(&ix.q_b, sc.qrn.ptr, sc.iq.ptr, held_q)?;
+        }
+        let nih = s.index_heads;
+        let ihd = s.index_head_dim;
+        fw.qkv_dec(&QkvDec {
+            pos,
+            q: sc.q.ptr,
+            inv,
+            nh: nh as i64,
+            hd: hd as i64,
+            n_rot: s.n_rot as i64,
+            eps: eps as f64,
+            kvp: sc.kvp.ptr,
+            kv_w: l.kv_norm.ptr,
+            ring: kvs.ring.ptr,
+            raw_cap: self.raw_cap as i64,
+            qat: qat as i64,
+            n_nope: s.n_nope() as i64,
+            comp,
+            inv_comp: self.inv_comp.ptr,
+            iq: if run_indexer { sc.iq.ptr } else { 0 },
+            iw: if run_indexer { sc.iw.ptr } else { 0 },
+            nih: nih as i64,
+            ihd: ihd as i64,
+            iqat: qat as i64,
+            wscale: 1.0 / ((ihd * nih) as f64).sqrt(),
+        })?;
+        if run_indexer {
+            self.fwd.indexer_select(
+                sc.iq.ptr,
+                sc.iw.ptr,
+                icomp_ptr,
+                nih,
+                ihd,
+                l.attn.ratio(),
+                s.index_topk,
+                pos,
+                0,
+                1,
+                sc.scores.ptr,
+                self.score_stride,
+                self.idx_blocks,
+                sc.isel.ptr,
+            )?;
+        }
+        let a = AttnLaunch {
+            q: sc.q.ptr,
+            ring: kvs.ring.ptr,
+            raw_cap: self.raw_cap,
+            window: s.window,
+            comp: kvs.comp.ptr,
+            ratio: l.attn.ratio(),
+            has_indexer: l.idx.is_some(),
+            isel: sc.isel.ptr,
+            topk: s.index_topk,
+            sinks: l.sinks.ptr,
+            scale: s.kq_scale(),
+            nh,
+            hd,
+            n_rot: s.n_rot,
+            inv_freq: inv,
+            pos,
+            part: sc.part.ptr,
+            heads: sc.heads.ptr,
+        };
+        if self.att_stride > 0 {
+            fw.attention_dec(&a, sc.att_s.ptr, self.att_stride, sc.att_part.ptr)?;
+        } else {
+            fw.attention(&a, 1, attn_splits(1, nh))?;
+        }
+        self.mm(&l.out_a, sc.heads.ptr, 1, sc.low.ptr)?;
+        self.mm(&l.out_b, sc.low.ptr, 1, sc.fout.ptr)?;
+        fw.join_side()?;
+        fw.hc_post_dec(
+            sc.fout.ptr,
+            0,
+            0,
+            sc.x.ptr,
+            sc.post.ptr,
+            sc.comb.ptr,
+            hc,
+            e,
+            sc.x1.ptr,
+            sc.flat.ptr,
+            eps,
+        )?;
+
+        // ---- FFN sublayer
+        self.mm(&l.hc_ffn.fn_, sc.flat.ptr, 1, sc.mix.ptr)?;
+        self.hc_pre_dec(&l.hc_ffn, sc.x1.ptr, l.ffn_norm.ptr, sc.b.ptr)?;
+        self.mm(&l.router, sc.b.ptr, 1, sc.rlog.ptr)?;
+        let hash = l.moe == MoeKind::Hash;
+        if hash && l.tid2eid.is_none() {
+            return Err(cerr(format!("layer {il}: hash routing without tid2eid")));
+        }
+        fw.router(
+            sc.rlog.ptr,
+            s.n_expert,
+            s.n_expert_used,
+            hash,
+            l.tid2eid.as_ref().map_or(0, |t| t.ptr),
+            self.d_tok.ptr,
+            l.bias.as_ref().map_or(0, |b| b.ptr),
+            s.expert_weights_scale,
+            sc.probs.ptr,
+            sc.sel.ptr,
+            sc.wts.ptr,
+            1,
+        )?;
+        self.moe(l, 1)?;
+        fw.join_side()?;
+        fw.hc_post_dec(
+            sc.sh_out.ptr,
+            sc.routed.ptr,
+            1,
+            sc.x1.ptr,
+            sc.post.ptr,
+            sc.comb.ptr,
+            hc,
+            e,
+            sc.x.ptr,
+            sc.flat.ptr,
+            eps,
+        )
+    }
+
+    /// HC pre of a site for one token (its mix product already in sc.mix): the split (post,
+    /// comb) goes to the side stream — only the HC post needs it — and the collapse + norm runs
+    /// here. The caller joins the side stream before the HC post.
+    fn hc_pre_dec(&self, hw: &DevHc, x: u64, norm: u64, out: u64) -> Result<(), CudaError> {
+        let s = self.s();
+        let sc = &self.sc;
+        self.fwd.hc_split_side(
+            sc.mix.ptr,
+            hw.scale.ptr,
+            hw.base.ptr,
+            s.hc_mult,
+            s.sinkhorn_iters,
+            s.hc_eps,
+            sc.post.ptr,
+            sc.comb.ptr,
+        )?;
+        self.fwd.hc_pre_dec(
+            sc.mix.ptr,
+            hw.scale.ptr,
+            hw.base.ptr,
+            s.hc_mult,
+            s.hc_eps,
+            x,
+            s.n_embd,
+            norm,
+            s.rms_eps,
+            sc.xin.ptr,
+            out,
+        )
     }
 
     /// HC pre of a site (its mix product already in sc.mix).
@@ -1416,6 +1710,21 @@ impl CudaBackend {
         let sc = &self.sc;
         let hcd = s.hc_dim();
         self.mm(&self.out_hc_fn, sc.flat.f(first * hcd), nl, sc.hmix.ptr)?;
+        if nl == 1 {
+            self.fwd.hc_head_dec(
+                sc.hmix.ptr,
+                self.model.weights.out_hc_scale,
+                self.out_hc_base.ptr,
+                s.hc_eps,
+                sc.x.f(first * hcd),
+                s.hc_mult,
+                s.n_embd,
+                self.out_norm.ptr,
+                s.rms_eps,
+                sc.hn.ptr,
+            )?;
+            return self.mm(&self.output, sc.hn.ptr, nl, sc.logits.ptr);
+        }
         self.fwd.hc_head(
             sc.hmix.ptr,
             self.model.weights.out_hc_scale,

@@ -4,12 +4,13 @@
 
 #![allow(clippy::too_many_arguments)]
 
+use std::ffi::c_void;
 use std::sync::Arc;
 
-use cudarc::driver::{CudaContext, CudaFunction, CudaStream};
+use cudarc::driver::{CudaContext, CudaEvent, CudaFunction, CudaStream, result};
 
 use crate::CudaError;
-use crate::rt::{A, launch};
+use crate::rt::{A, DBuf, launch};
 
 /// Heads per attention block (one warp each).
 pub(crate) const ATT_HPB: usize = 8;
@@ -38,6 +39,121 @@ pub(crate) fn indexer_smem(nih: usize, ihd: usize) -> usize {
     IDX_TILE * nih * 8 + (nih * (ihd + 1) + nih + IDX_TILE * ihd) * 4
 }
 
+/// Rows of one `ds4_indexer_scores4` tile (IDX4_TILE in fwd.cu).
+pub(crate) const IDX4_TILE: usize = 16;
+
+/// Whether the exact register-blocked indexer scoring kernel fits this indexer shape.
+pub(crate) fn indexer4_fits(nih: usize, ihd: usize) -> bool {
+    nih.is_multiple_of(8) && nih * 4 <= 256 && ihd.is_multiple_of(4) && ihd <= 128
+}
+
+/// Dynamic shared memory of `ds4_indexer_scores4`.
+pub(crate) fn indexer4_smem(nih: usize, ihd: usize) -> usize {
+    (IDX4_TILE * 4 * (ihd / 4 + 2) + IDX4_TILE * nih) * 8
+}
+
+/// Blocks (one thread-block cluster) and threads per block of the decode HC kernels (CL and
+/// CL_T in fwd.cu).
+const DEC_HC_BLOCKS: usize = 8;
+const DEC_HC_THREADS: usize = 512;
+/// Threads of `ds4_qkv_dec`.
+const QKV_DEC_THREADS: usize = 512;
+/// Row chunks of `ds4_attn_dec_scores` (its grid is fixed when a decode step is captured; at
+/// most 32: `ds4_attn_dec_out` reads the chunk maxima with one warp).
+const ATT_DEC_CHUNKS: usize = 32;
+/// Heads per block of `ds4_attn_dec_out` (ATT_DEC_HPB in fwd.cu); `ds4_attn_dec_scores` takes
+/// twice as many (two per warp).
+const ATT_DEC_HPB: usize = 8;
+/// Row splits of `ds4_attn_dec_out` (added up by the last split block of each head group).
+const ATT_DEC_SPLITS: usize = 4;
+/// First counter of `ds4_attn_dec_out` (one per head group and 64-dim slice).
+const CTR_ATT: usize = 64;
+/// Counters (u32) of the "last block" kernels (each kernel its own slots; launches on one
+/// stream never overlap, and the last block resets its counter to 0).
+const DEC_COUNTERS: usize = 256;
+
+/// Whether the single-token attention kernels cover this head size.
+pub(crate) fn attn_dec_fits(hd: usize) -> bool {
+    hd.is_multiple_of(64) && hd <= 32 * 16
+}
+
+/// Bytes of the decode attention buffers for `nh` heads of `hd` and a score row stride of
+/// `stride` doubles: `(scores + chunk maxima, split partials)`.
+pub(crate) fn attn_dec_bytes(nh: usize, hd: usize, stride: usize) -> (usize, usize) {
+    (
+        nh * (stride + ATT_DEC_CHUNKS) * 8,
+        nh * ATT_DEC_SPLITS * (hd + 8) * 8,
+    )
+}
+
+/// Doubles per head of the decode attention score buffer for a context of `ctx` tokens:
+/// the raw window plus the most compressed rows any layer attends to.
+pub(crate) fn attn_dec_stride(
+    window: usize,
+    ctx: usize,
+    layers: &[(usize, bool)],
+    topk: usize,
+) -> usize {
+    let comp = layers
+        .iter()
+        .filter(|(r, _)| *r > 0)
+        .map(|&(r, idx)| {
+            let nv = ctx / r + 1;
+            if idx { nv.min(topk) } else { nv }
+        })
+        .max()
+        .unwrap_or(0);
+    (window + comp + 1).next_multiple_of(4)
+}
+
+/// One compressor of [`QkvDec`] (fwd.cu `CompDec`; every field 8 bytes). `ratio` 0: none.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct CompDec {
+    pub ckv: u64,
+    pub csc: u64,
+    pub ape: u64,
+    pub st_kv: u64,
+    pub st_sc: u64,
+    pub norm: u64,
+    pub rows: u64,
+    pub ratio: i64,
+    pub overlap: i64,
+    pub d_c: i64,
+    pub qat_mode: i64,
+}
+
+/// The argument of `ds4_qkv_dec` (fwd.cu `QkvDec`, same field order; every field 8 bytes):
+/// the q heads, the KV row, both compressors and the indexer queries of one decode token.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct QkvDec {
+    pub pos: u64,
+    pub q: u64,
+    pub inv: u64,
+    pub nh: i64,
+    pub hd: i64,
+    pub n_rot: i64,
+    pub eps: f64,
+    pub kvp: u64,
+    pub kv_w: u64,
+    pub ring: u64,
+    pub raw_cap: i64,
+    pub qat: i64,
+    pub n_nope: i64,
+    pub comp: [CompDec; 2],
+    pub inv_comp: u64,
+    pub iq: u64,
+    pub iw: u64,
+    pub nih: i64,
+    pub ihd: i64,
+    pub iqat: i64,
+    pub wscale: f64,
+}
+
+const _: () = assert!(std::mem::size_of::<CompDec>() == 88);
+const _: () = assert!(std::mem::size_of::<QkvDec>() == 336);
+
 fn cerr(msg: impl Into<String>) -> CudaError {
     CudaError::Driver(msg.into())
 }
@@ -62,6 +178,21 @@ pub(crate) struct Fwd {
     attn_combine: CudaFunction,
     router: CudaFunction,
     swiglu: CudaFunction,
+    hc_pre_dec: CudaFunction,
+    hc_post_dec: CudaFunction,
+    hc_head_dec: CudaFunction,
+    qkv_dec: CudaFunction,
+    attn_dec_scores: CudaFunction,
+    attn_dec_out: CudaFunction,
+    indexer_scores4: CudaFunction,
+    hc_split_dec: CudaFunction,
+    /// Side stream of the decode step (the HC split runs there, off the critical path) and the
+    /// events that fork it from and join it back into `stream`.
+    side: Arc<CudaStream>,
+    ev_fork: CudaEvent,
+    ev_join: CudaEvent,
+    /// DEC_COUNTERS u32 counters (zero between launches).
+    dec: DBuf,
 }
 
 /// Geometry of a compressor launch.
@@ -108,7 +239,6 @@ impl Fwd {
                 .map_err(|e| cerr(format!("kernel {name}: {e}")))
         };
         Ok(Fwd {
-            stream,
             advance_pos: f("ds4_advance_pos")?,
             embed: f("ds4_embed")?,
             rms_rows: f("ds4_rms_norm_rows")?,
@@ -126,7 +256,58 @@ impl Fwd {
             attn_combine: f("ds4_attn_combine")?,
             router: f("ds4_router")?,
             swiglu: f("ds4_swiglu")?,
+            hc_pre_dec: f("ds4_hc_pre_dec")?,
+            hc_post_dec: f("ds4_hc_post_dec")?,
+            hc_head_dec: f("ds4_hc_head_dec")?,
+            qkv_dec: f("ds4_qkv_dec")?,
+            attn_dec_scores: f("ds4_attn_dec_scores")?,
+            attn_dec_out: f("ds4_attn_dec_out")?,
+            indexer_scores4: f("ds4_indexer_scores4")?,
+            hc_split_dec: f("ds4_hc_split_dec")?,
+            side: stream
+                .fork()
+                .map_err(|e| cerr(format!("side stream: {e}")))?,
+            ev_fork: ctx
+                .new_event(None)
+                .map_err(|e| cerr(format!("event: {e}")))?,
+            ev_join: ctx
+                .new_event(None)
+                .map_err(|e| cerr(format!("event: {e}")))?,
+            dec: DBuf::zeroed(&stream, DEC_COUNTERS * 4)?,
+            stream,
         })
+    }
+
+    fn ctr(&self, slot: usize) -> u64 {
+        self.dec.ptr + 4 * slot as u64
+    }
+
+    /// Launch a kernel whose only parameter is the `#[repr(C)]` struct `arg`.
+    fn go_struct<T: Copy>(
+        &self,
+        f: &CudaFunction,
+        grid: usize,
+        block: usize,
+        smem: usize,
+        arg: &T,
+    ) -> Result<(), CudaError> {
+        if grid == 0 {
+            return Ok(());
+        }
+        let mut ptrs = [arg as *const T as *mut c_void];
+        // SAFETY: the kernel takes exactly one parameter of type T's C mirror (same field
+        // order, every field 8 bytes, sizes asserted above); the driver copies it at launch.
+        unsafe {
+            result::launch_kernel(
+                f.cu_function(),
+                (grid as u32, 1, 1),
+                (block as u32, 1, 1),
+                smem as u32,
+                self.stream.cu_stream(),
+                &mut ptrs,
+            )
+        }
+        .map_err(|e| cerr(format!("kernel launch failed: {e}")))
     }
 
     fn go(
@@ -172,7 +353,7 @@ impl Fwd {
     ) -> Result<(), CudaError> {
         self.go(
             &self.embed,
-            (n, 1, 1),
+            (e.div_ceil(256), n, 1),
             256,
             0,
             &[
@@ -199,10 +380,12 @@ impl Fwd {
         os: usize,
         n: usize,
     ) -> Result<(), CudaError> {
+        // About 4 elements per thread (at most 16 stay in registers: RMS_CACHE in fwd.cu).
+        let threads = dim.div_ceil(4).next_multiple_of(32).clamp(32, 1024);
         self.go(
             &self.rms_rows,
             (n, 1, 1),
-            256,
+            threads,
             0,
             &[
                 A::P(x),
@@ -513,25 +696,36 @@ impl Fwd {
         blocks: usize,
         isel: u64,
     ) -> Result<(), CudaError> {
-        self.go(
-            &self.indexer_scores,
-            (blocks, nt, 1),
-            256,
-            indexer_smem(nih, ihd),
-            &[
-                A::P(iq),
-                A::P(iw),
-                A::P(icomp),
-                A::I(nih as i32),
-                A::I(ihd as i32),
-                A::I(ratio as i32),
-                A::I(topk as i32),
-                A::P(pos),
-                A::I(t0 as i32),
-                A::P(scores),
-                A::L(sstride as i64),
-            ],
-        )?;
+        let args = [
+            A::P(iq),
+            A::P(iw),
+            A::P(icomp),
+            A::I(nih as i32),
+            A::I(ihd as i32),
+            A::I(ratio as i32),
+            A::I(topk as i32),
+            A::P(pos),
+            A::I(t0 as i32),
+            A::P(scores),
+            A::L(sstride as i64),
+        ];
+        if indexer4_fits(nih, ihd) {
+            self.go(
+                &self.indexer_scores4,
+                (blocks, nt, 1),
+                nih * 4,
+                indexer4_smem(nih, ihd),
+                &args,
+            )?;
+        } else {
+            self.go(
+                &self.indexer_scores,
+                (blocks, nt, 1),
+                256,
+                indexer_smem(nih, ihd),
+                &args,
+            )?;
+        }
         self.go(
             &self.topk,
             (nt, 1, 1),
@@ -619,7 +813,7 @@ impl Fwd {
         self.go(
             &self.router,
             (n, 1, 1),
-            32,
+            ne.next_multiple_of(32).clamp(32, 1024),
             0,
             &[
                 A::P(rlog),
@@ -664,6 +858,270 @@ impl Fwd {
                 A::F(clamp),
                 A::P(out),
                 A::L(out_stride as i64),
+            ],
+        )
+    }
+
+    // ---- decode-step kernels (one token)
+
+    /// HC pre of one token without the split: `xin = Σ pre·x`, `a = RMSNorm(xin, norm)` (the
+    /// split is [`Fwd::hc_split_side`] / [`Fwd::hc_split`]).
+    pub fn hc_pre_dec(
+        &self,
+        mix: u64,
+        scale: u64,
+        base: u64,
+        hc: usize,
+        hc_eps: f32,
+        x: u64,
+        e: usize,
+        norm: u64,
+        rms_eps: f32,
+        xin: u64,
+        a: u64,
+    ) -> Result<(), CudaError> {
+        self.go(
+            &self.hc_pre_dec,
+            (DEC_HC_BLOCKS, 1, 1),
+            DEC_HC_THREADS,
+            0,
+            &[
+                A::P(mix),
+                A::P(scale),
+                A::P(base),
+                A::I(hc as i32),
+                A::F(hc_eps),
+                A::P(x),
+                A::I(e as i32),
+                A::P(norm),
+                A::F(rms_eps),
+                A::P(xin),
+                A::P(a),
+            ],
+        )
+    }
+
+    fn split_args(
+        mix: u64,
+        scale: u64,
+        base: u64,
+        hc: usize,
+        iters: usize,
+        hc_eps: f32,
+        post: u64,
+        comb: u64,
+    ) -> [A; 8] {
+        [
+            A::P(mix),
+            A::P(scale),
+            A::P(base),
+            A::I(hc as i32),
+            A::I(iters as i32),
+            A::F(hc_eps),
+            A::P(post),
+            A::P(comb),
+        ]
+    }
+
+    /// The HC split (`post`, `comb`) of one token on the main stream.
+    pub fn hc_split(
+        &self,
+        mix: u64,
+        scale: u64,
+        base: u64,
+        hc: usize,
+        iters: usize,
+        hc_eps: f32,
+        post: u64,
+        comb: u64,
+    ) -> Result<(), CudaError> {
+        let args = Self::split_args(mix, scale, base, hc, iters, hc_eps, post, comb);
+        self.go(&self.hc_split_dec, (1, 1, 1), 32, 0, &args)
+    }
+
+    /// The HC split (`post`, `comb`) of one token on the side stream, after everything enqueued
+    /// on the main stream so far; [`Fwd::join_side`] makes the main stream wait for it.
+    pub fn hc_split_side(
+        &self,
+        mix: u64,
+        scale: u64,
+        base: u64,
+        hc: usize,
+        iters: usize,
+        hc_eps: f32,
+        post: u64,
+        comb: u64,
+    ) -> Result<(), CudaError> {
+        let ev = |e: cudarc::driver::DriverError| cerr(format!("side stream: {e}"));
+        self.ev_fork.record(&self.stream).map_err(ev)?;
+        self.side.wait(&self.ev_fork).map_err(ev)?;
+        let args = Self::split_args(mix, scale, base, hc, iters, hc_eps, post, comb);
+        launch(&self.side, &self.hc_split_dec, (1, 1, 1), 32, 0, &args)?;
+        self.ev_join.record(&self.side).map_err(ev)
+    }
+
+    /// The main stream waits for the side stream's work so far.
+    pub fn join_side(&self) -> Result<(), CudaError> {
+        self.stream
+            .wait(&self.ev_join)
+            .map_err(|e| cerr(format!("side stream: {e}")))
+    }
+
+    /// HC post of one token: `xo = post ⊗ (f + Σ_k routed) + combᵀ x` (routed `[k][e]` or 0),
+    /// then `flat = RMSNorm_noweight(xo)` (flat = 0: skipped).
+    pub fn hc_post_dec(
+        &self,
+        f: u64,
+        routed: u64,
+        k: usize,
+        x: u64,
+        post: u64,
+        comb: u64,
+        hc: usize,
+        e: usize,
+        xo: u64,
+        flat: u64,
+        eps: f32,
+    ) -> Result<(), CudaError> {
+        self.go(
+            &self.hc_post_dec,
+            (DEC_HC_BLOCKS, 1, 1),
+            DEC_HC_THREADS,
+            0,
+            &[
+                A::P(f),
+                A::P(routed),
+                A::I(k as i32),
+                A::P(x),
+                A::P(post),
+                A::P(comb),
+                A::I(hc as i32),
+                A::I(e as i32),
+                A::P(xo),
+                A::P(flat),
+                A::F(eps),
+            ],
+        )
+    }
+
+    /// HC head + output norm of one token.
+    pub fn hc_head_dec(
+        &self,
+        mix: u64,
+        scale: f32,
+        base: u64,
+        hc_eps: f32,
+        x: u64,
+        hc: usize,
+        e: usize,
+        norm: u64,
+        rms_eps: f32,
+        hn: u64,
+    ) -> Result<(), CudaError> {
+        self.go(
+            &self.hc_head_dec,
+            (DEC_HC_BLOCKS, 1, 1),
+            DEC_HC_THREADS,
+            0,
+            &[
+                A::P(mix),
+                A::F(scale),
+                A::P(base),
+                A::F(hc_eps),
+                A::P(x),
+                A::I(hc as i32),
+                A::I(e as i32),
+                A::P(norm),
+                A::F(rms_eps),
+                A::P(hn),
+            ],
+        )
+    }
+
+    /// The q heads, the KV row, the compressors and the indexer queries of one decode token
+    /// (one launch; see `ds4_qkv_dec`).
+    pub fn qkv_dec(&self, p: &QkvDec) -> Result<(), CudaError> {
+        let iq_blocks = if p.iq != 0 { p.nih as usize } else { 0 };
+        let smem = [p.hd, p.comp[0].d_c, p.comp[1].d_c, p.ihd]
+            .into_iter()
+            .max()
+            .unwrap_or(0) as usize
+            * 4;
+        self.go_struct(
+            &self.qkv_dec,
+            p.nh as usize + 3 + iq_blocks,
+            QKV_DEC_THREADS,
+            smem,
+            p,
+        )
+    }
+
+    /// Attention (+ inverse RoPE) of one token into `heads`, through the score buffer `s`
+    /// (`nh` rows of `s_stride` doubles, at least the rows the token attends to, then the chunk
+    /// maxima) and the split partials `part` (sizes: [`attn_dec_bytes`]).
+    pub fn attention_dec(
+        &self,
+        a: &AttnLaunch,
+        s: u64,
+        s_stride: usize,
+        part: u64,
+    ) -> Result<(), CudaError> {
+        let pm = s + (a.nh * s_stride * 8) as u64;
+        let groups = a.nh.div_ceil(ATT_DEC_HPB);
+        if groups * (a.hd / 64) > DEC_COUNTERS - CTR_ATT {
+            return Err(cerr("attention_dec: too many heads"));
+        }
+        self.go(
+            &self.attn_dec_scores,
+            (ATT_DEC_CHUNKS, a.nh.div_ceil(2 * ATT_DEC_HPB), 1),
+            ATT_DEC_HPB * 32,
+            0,
+            &[
+                A::P(a.q),
+                A::P(a.ring),
+                A::I(a.raw_cap as i32),
+                A::I(a.window as i32),
+                A::P(a.comp),
+                A::I(a.ratio as i32),
+                A::I(a.has_indexer as i32),
+                A::P(a.isel),
+                A::I(a.topk as i32),
+                A::F(a.scale),
+                A::I(a.nh as i32),
+                A::I(a.hd as i32),
+                A::P(a.pos),
+                A::P(s),
+                A::L(s_stride as i64),
+                A::P(pm),
+            ],
+        )?;
+        self.go(
+            &self.attn_dec_out,
+            (groups, a.hd / 64, ATT_DEC_SPLITS),
+            ATT_DEC_HPB * 32,
+            0,
+            &[
+                A::P(s),
+                A::L(s_stride as i64),
+                A::P(pm),
+                A::I(ATT_DEC_CHUNKS as i32),
+                A::P(a.ring),
+                A::I(a.raw_cap as i32),
+                A::I(a.window as i32),
+                A::P(a.comp),
+                A::I(a.ratio as i32),
+                A::I(a.has_indexer as i32),
+                A::P(a.isel),
+                A::I(a.topk as i32),
+                A::P(a.sinks),
+                A::I(a.nh as i32),
+                A::I(a.hd as i32),
+                A::I(a.n_rot as i32),
+                A::P(a.inv_freq),
+                A::P(a.pos),
+                A::P(part),
+                A::P(self.ctr(CTR_ATT)),
+                A::P(a.heads),
             ],
         )
     }

@@ -14,7 +14,7 @@ use ds4_model::ops::CompressorGeom;
 
 use crate::CudaError;
 use crate::attn_tc::{AttnPrecision, AttnTc};
-use crate::fwd::{AttnLaunch, CompLaunch, Fwd, attn_splits};
+use crate::fwd::{AttnLaunch, CompDec, CompLaunch, Fwd, QkvDec, attn_dec_bytes, attn_splits};
 use crate::rt::{DBuf, dtoh, htod};
 
 /// The kernels on one device, driven with host slices.
@@ -55,6 +55,57 @@ pub struct HcPreOut {
     pub comb: Vec<f32>,
     pub xin: Vec<f32>,
     pub a: Vec<f32>,
+}
+
+/// One compressor of [`GpuOps::qkv_dec`]: geometry, QAT mode (0 none, 1 FP8, 2 indexer), this
+/// token's projections (`ckv`, `csc` without ape), and the state before the token.
+#[derive(Clone, Debug)]
+pub struct CompDecIn<'a> {
+    pub g: CompressorGeom,
+    pub qat_mode: i32,
+    pub ckv: &'a [f32],
+    pub csc: &'a [f32],
+    pub ape: &'a [f32],
+    pub st_kv: &'a [f32],
+    pub st_sc: &'a [f32],
+    pub norm: &'a [f32],
+    pub rows: &'a [f32],
+}
+
+/// Inputs of [`GpuOps::qkv_dec`] (one decode token at `pos`).
+#[derive(Clone, Debug)]
+pub struct QkvDecIn<'a> {
+    pub pos: usize,
+    pub q: &'a [f32],
+    pub nh: usize,
+    pub hd: usize,
+    pub n_rot: usize,
+    pub eps: f32,
+    pub inv: &'a [f64],
+    pub kvp: &'a [f32],
+    pub kv_w: &'a [f32],
+    pub ring: &'a [f32],
+    pub raw_cap: usize,
+    pub qat: bool,
+    pub n_nope: usize,
+    pub comp: [Option<CompDecIn<'a>>; 2],
+    pub inv_comp: &'a [f64],
+    /// Indexer queries `[nih][ihd]` and weights `[nih]`.
+    pub iq: Option<(&'a [f32], &'a [f32])>,
+    pub nih: usize,
+    pub ihd: usize,
+    pub iqat: bool,
+    pub wscale: f64,
+}
+
+/// Outputs of [`GpuOps::qkv_dec`]: q, the ring, per compressor `(rows, st_kv, st_sc)`, and
+/// the indexer `(iq, iw)`.
+#[derive(Clone, Debug)]
+pub struct QkvDecOut {
+    pub q: Vec<f32>,
+    pub ring: Vec<f32>,
+    pub comp: [Option<(Vec<f32>, Vec<f32>, Vec<f32>)>; 2],
+    pub iq: Option<(Vec<f32>, Vec<f32>)>,
 }
 
 impl GpuOps {
@@ -615,5 +666,255 @@ impl GpuOps {
         self.set_pos(pos0)?;
         self.fwd.advance_pos(self.pos.ptr, n)?;
         Ok(self.down::<i32>(&self.pos, 1)?[0])
+    }
+
+    // ---- decode-step kernels (one token)
+
+    /// HC pre of one token (`ds4_hc_split_dec` + `ds4_hc_pre_dec`); `side`: the split runs on
+    /// the side stream (as in the decode step), else on the main stream.
+    pub fn hc_pre_dec(
+        &self,
+        mix: &[f32],
+        scale: &[f32],
+        base: &[f32],
+        hc: usize,
+        iters: usize,
+        hc_eps: f32,
+        x: &[f32],
+        e: usize,
+        norm: &[f32],
+        rms_eps: f32,
+        side: bool,
+    ) -> Result<HcPreOut, CudaError> {
+        let (dm, ds, db, dx, dn) = (
+            self.up(mix)?,
+            self.up(scale)?,
+            self.up(base)?,
+            self.up(x)?,
+            self.up(norm)?,
+        );
+        let post = self.zeros(hc)?;
+        let comb = self.zeros(hc * hc)?;
+        let xin = self.zeros(e)?;
+        let a = self.zeros(e)?;
+        if side {
+            self.fwd.hc_split_side(
+                dm.ptr, ds.ptr, db.ptr, hc, iters, hc_eps, post.ptr, comb.ptr,
+            )?;
+        } else {
+            self.fwd.hc_split(
+                dm.ptr, ds.ptr, db.ptr, hc, iters, hc_eps, post.ptr, comb.ptr,
+            )?;
+        }
+        self.fwd.hc_pre_dec(
+            dm.ptr, ds.ptr, db.ptr, hc, hc_eps, dx.ptr, e, dn.ptr, rms_eps, xin.ptr, a.ptr,
+        )?;
+        if side {
+            self.fwd.join_side()?;
+        }
+        Ok(HcPreOut {
+            post: self.down(&post, hc)?,
+            comb: self.down(&comb, hc * hc)?,
+            xin: self.down(&xin, e)?,
+            a: self.down(&a, e)?,
+        })
+    }
+
+    /// HC post of one token (`ds4_hc_post_dec`); returns `(xo, flat)`.
+    pub fn hc_post_dec(
+        &self,
+        f: &[f32],
+        routed: Option<(&[f32], usize)>,
+        x: &[f32],
+        post: &[f32],
+        comb: &[f32],
+        hc: usize,
+        e: usize,
+        eps: f32,
+    ) -> Result<(Vec<f32>, Vec<f32>), CudaError> {
+        let (df, dx, dp, dc) = (self.up(f)?, self.up(x)?, self.up(post)?, self.up(comb)?);
+        let (dr, k) = match routed {
+            Some((r, k)) => (Some(self.up(r)?), k),
+            None => (None, 0),
+        };
+        let xo = self.zeros(hc * e)?;
+        let flat = self.zeros(hc * e)?;
+        self.fwd.hc_post_dec(
+            df.ptr,
+            dr.as_ref().map_or(0, |b| b.ptr),
+            k,
+            dx.ptr,
+            dp.ptr,
+            dc.ptr,
+            hc,
+            e,
+            xo.ptr,
+            flat.ptr,
+            eps,
+        )?;
+        Ok((self.down(&xo, hc * e)?, self.down(&flat, hc * e)?))
+    }
+
+    /// HC head + output norm of one token (`ds4_hc_head_dec`).
+    pub fn hc_head_dec(
+        &self,
+        mix: &[f32],
+        scale: f32,
+        base: &[f32],
+        hc_eps: f32,
+        x: &[f32],
+        hc: usize,
+        e: usize,
+        norm: &[f32],
+        rms_eps: f32,
+    ) -> Result<Vec<f32>, CudaError> {
+        let (dm, db, dx, dn) = (self.up(mix)?, self.up(base)?, self.up(x)?, self.up(norm)?);
+        let hn = self.zeros(e)?;
+        self.fwd.hc_head_dec(
+            dm.ptr, scale, db.ptr, hc_eps, dx.ptr, hc, e, dn.ptr, rms_eps, hn.ptr,
+        )?;
+        self.down(&hn, e)
+    }
+
+    /// Everything between the projections and the attention of one decode token
+    /// (`ds4_qkv_dec`).
+    pub fn qkv_dec(&self, a: &QkvDecIn<'_>) -> Result<QkvDecOut, CudaError> {
+        let dq = self.up(a.q)?;
+        let (di, dic) = (self.up(a.inv)?, self.up(a.inv_comp)?);
+        let (dk, dw, dring) = (self.up(a.kvp)?, self.up(a.kv_w)?, self.up(a.ring)?);
+        let mut keep: Vec<DBuf> = Vec::new();
+        let mut comp = [CompDec::default(); 2];
+        let mut comp_bufs: [Option<(DBuf, DBuf, DBuf, usize, usize)>; 2] = [None, None];
+        for (i, c) in a.comp.iter().enumerate() {
+            let Some(c) = c else { continue };
+            let (ckv, csc, ape, norm) = (
+                self.up(c.ckv)?,
+                self.up(c.csc)?,
+                self.up(c.ape)?,
+                self.up(c.norm)?,
+            );
+            let (sk, ss, rows) = (self.up(c.st_kv)?, self.up(c.st_sc)?, self.up(c.rows)?);
+            comp[i] = CompDec {
+                ckv: ckv.ptr,
+                csc: csc.ptr,
+                ape: ape.ptr,
+                st_kv: sk.ptr,
+                st_sc: ss.ptr,
+                norm: norm.ptr,
+                rows: rows.ptr,
+                ratio: c.g.ratio as i64,
+                overlap: c.g.overlap as i64,
+                d_c: c.g.d_c as i64,
+                qat_mode: c.qat_mode as i64,
+            };
+            keep.extend([ckv, csc, ape, norm]);
+            comp_bufs[i] = Some((rows, sk, ss, c.rows.len(), c.st_kv.len()));
+        }
+        let iqb = match a.iq {
+            Some((q, w)) => Some((self.up(q)?, self.up(w)?)),
+            None => None,
+        };
+        self.set_pos(a.pos)?;
+        let p = QkvDec {
+            pos: self.pos.ptr,
+            q: dq.ptr,
+            inv: di.ptr,
+            nh: a.nh as i64,
+            hd: a.hd as i64,
+            n_rot: a.n_rot as i64,
+            eps: a.eps as f64,
+            kvp: dk.ptr,
+            kv_w: dw.ptr,
+            ring: dring.ptr,
+            raw_cap: a.raw_cap as i64,
+            qat: a.qat as i64,
+            n_nope: a.n_nope as i64,
+            comp,
+            inv_comp: dic.ptr,
+            iq: iqb.as_ref().map_or(0, |b| b.0.ptr),
+            iw: iqb.as_ref().map_or(0, |b| b.1.ptr),
+            nih: a.nih as i64,
+            ihd: a.ihd as i64,
+            iqat: a.iqat as i64,
+            wscale: a.wscale,
+        };
+        self.fwd.qkv_dec(&p)?;
+        let mut comp_out: [Option<(Vec<f32>, Vec<f32>, Vec<f32>)>; 2] = [None, None];
+        for (o, b) in comp_out.iter_mut().zip(&comp_bufs) {
+            if let Some((rows, sk, ss, nr, ns)) = b {
+                *o = Some((
+                    self.down(rows, *nr)?,
+                    self.down(sk, *ns)?,
+                    self.down(ss, *ns)?,
+                ));
+            }
+        }
+        let iq = match (&iqb, a.iq) {
+            (Some((bq, bw)), Some((q, w))) => {
+                Some((self.down(bq, q.len())?, self.down(bw, w.len())?))
+            }
+            _ => None,
+        };
+        drop(keep);
+        Ok(QkvDecOut {
+            q: self.down(&dq, a.q.len())?,
+            ring: self.down(&dring, a.ring.len())?,
+            comp: comp_out,
+            iq,
+        })
+    }
+
+    /// Attention of one token at `pos` through the decode kernels.
+    pub fn attention_dec(
+        &self,
+        q: &[f32],
+        ring: &[f32],
+        raw_cap: usize,
+        window: usize,
+        comp: &[f32],
+        ratio: usize,
+        has_indexer: bool,
+        isel: &[i32],
+        topk: usize,
+        sinks: &[f32],
+        scale: f32,
+        nh: usize,
+        hd: usize,
+        n_rot: usize,
+        inv_freq: &[f64],
+        pos: usize,
+    ) -> Result<Vec<f32>, CudaError> {
+        let (dq, dr, dc) = (self.up(q)?, self.up(ring)?, self.up(comp)?);
+        let (ds, dsk, di) = (self.up(isel)?, self.up(sinks)?, self.up(inv_freq)?);
+        let nv = (pos + 1).checked_div(ratio).unwrap_or(0);
+        let n_c = if has_indexer { nv.min(topk) } else { nv };
+        let stride = (window + n_c + 1).next_multiple_of(4);
+        let (sb, pb) = attn_dec_bytes(nh, hd, stride);
+        let sbuf = DBuf::zeroed(&self.stream, sb)?;
+        let pbuf = DBuf::zeroed(&self.stream, pb)?;
+        let heads = self.zeros(nh * hd)?;
+        self.set_pos(pos)?;
+        let a = AttnLaunch {
+            q: dq.ptr,
+            ring: dr.ptr,
+            raw_cap,
+            window,
+            comp: dc.ptr,
+            ratio,
+            has_indexer,
+            isel: ds.ptr,
+            topk,
+            sinks: dsk.ptr,
+            scale,
+            nh,
+            hd,
+            n_rot,
+            inv_freq: di.ptr,
+            pos: self.pos.ptr,
+            part: 0,
+            heads: heads.ptr,
+        };
+        self.fwd.attention_dec(&a, sbuf.ptr, stride, pbuf.ptr)?;
+        self.down(&heads, nh * hd)
     }
 }

@@ -8,7 +8,7 @@
 //! (top-k, router) must match exactly given those inputs.
 #![cfg(feature = "cuda")]
 
-use ds4_cuda::optest::GpuOps;
+use ds4_cuda::optest::{CompDecIn, GpuOps, QkvDecIn};
 use ds4_model::ops::{self, CompressorGeom, EMPTY_SCORE, RowQat};
 use ds4_model::plan::RopeParams;
 
@@ -90,7 +90,8 @@ fn cos_sin(r: &RopeParams, pos: usize) -> (Vec<f32>, Vec<f32>) {
 fn rms_norm_rows() {
     let Some(g) = gpu() else { return };
     let mut r = Rng(1);
-    for dim in [128usize, 1024, 4096, 16384] {
+    // 20000: more than the 16 elements per thread the kernel keeps in registers.
+    for dim in [128usize, 1024, 4096, 16384, 20000] {
         let rows = 3;
         let x = r.vec(rows * dim, 2.0);
         let w: Vec<f32> = (0..dim).map(|_| 1.0 + r.normal(0.15)).collect();
@@ -774,4 +775,547 @@ fn embedding_rows() {
         check(&format!("embed type {ty}"), &got, &want);
     }
     assert_eq!(g.advance_pos(41, 7).unwrap(), 48);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Decode-step kernels (one token). Each is launched twice on the same inputs: the second launch
+// checks that the "last block" counters were left at zero (as a replayed CUDA graph needs).
+
+/// The CPU HC pre of one token: `(post, comb, xin, a)`.
+#[allow(clippy::too_many_arguments)]
+fn cpu_hc_pre(
+    mix: &[f32],
+    scale: &[f32],
+    base: &[f32],
+    hc: usize,
+    iters: usize,
+    x: &[f32],
+    e: usize,
+    norm: &[f32],
+) -> (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>) {
+    let (mut pre, mut post, mut comb) = (vec![0f32; hc], vec![0f32; hc], vec![0f32; hc * hc]);
+    ops::hc_split(
+        mix, scale, base, hc, iters, 1e-6, &mut pre, &mut post, &mut comb,
+    );
+    let mut xin = vec![0f32; e];
+    ops::hc_collapse(x, &pre, &mut xin);
+    let mut a = vec![0f32; e];
+    ops::rms_norm(&xin, norm, 1e-6, &mut a);
+    (post, comb, xin, a)
+}
+
+#[test]
+fn hc_pre_decode() {
+    let Some(g) = gpu() else { return };
+    let mut r = Rng(21);
+    // hc 4: the Flash path; 2: the generic warp split; 6: the one-thread split (36 > 32).
+    // e 20000: more than the 4 elements per thread kept in registers (16384 per cluster).
+    for (hc, e) in [
+        (4usize, 4096usize),
+        (4, 128),
+        (4, 1000),
+        (2, 2048),
+        (6, 300),
+        (4, 20000),
+    ] {
+        let iters = 20;
+        let nm = (2 + hc) * hc;
+        let mix = r.vec(nm, 1.0);
+        let scale: Vec<f32> = (0..3).map(|_| 0.5 + r.unif()).collect();
+        let base = r.vec(nm, 0.5);
+        let x = r.vec(hc * e, 1.0);
+        let norm: Vec<f32> = (0..e).map(|_| 1.0 + r.normal(0.15)).collect();
+        let (post, comb, xin, a) = cpu_hc_pre(&mix, &scale, &base, hc, iters, &x, e, &norm);
+        // Run 0: the split on the main stream; runs 1, 2: on the side stream.
+        for run in 0..3 {
+            let out = g
+                .hc_pre_dec(
+                    &mix,
+                    &scale,
+                    &base,
+                    hc,
+                    iters,
+                    1e-6,
+                    &x,
+                    e,
+                    &norm,
+                    1e-6,
+                    run > 0,
+                )
+                .unwrap();
+            let tag = format!("hc {hc} e {e} run {run}");
+            check(&format!("hc_pre_dec post {tag}"), &out.post, &post);
+            check(&format!("hc_pre_dec comb {tag}"), &out.comb, &comb);
+            check(&format!("hc_pre_dec xin {tag}"), &out.xin, &xin);
+            check(&format!("hc_pre_dec a {tag}"), &out.a, &a);
+        }
+    }
+}
+
+#[test]
+fn hc_post_decode_and_flat() {
+    let Some(g) = gpu() else { return };
+    let mut r = Rng(22);
+    for (hc, e, k) in [
+        (4usize, 4096usize, 1usize),
+        (4, 4096, 3),
+        (4, 20000, 1),
+        (4, 200, 2),
+        (3, 1500, 1),
+    ] {
+        let f = r.vec(e, 1.0);
+        let routed = r.vec(k * e, 1.0);
+        let x = r.vec(hc * e, 1.0);
+        let post: Vec<f32> = (0..hc).map(|_| 2.0 * r.unif()).collect();
+        let comb: Vec<f32> = (0..hc * hc).map(|_| r.unif()).collect();
+        for with_routed in [false, true] {
+            let ft: Vec<f32> = (0..e)
+                .map(|d| {
+                    if with_routed {
+                        let acc: f64 = (0..k).map(|j| routed[j * e + d] as f64).sum();
+                        (acc as f32) + f[d]
+                    } else {
+                        f[d]
+                    }
+                })
+                .collect();
+            let mut want = vec![0f32; hc * e];
+            ops::hc_post(&ft, &x, &post, &comb, &mut want);
+            let mut wflat = vec![0f32; hc * e];
+            ops::rms_norm_noweight(&want, 1e-6, &mut wflat);
+            for run in 0..2 {
+                let (xo, flat) = g
+                    .hc_post_dec(
+                        &f,
+                        with_routed.then_some((&routed[..], k)),
+                        &x,
+                        &post,
+                        &comb,
+                        hc,
+                        e,
+                        1e-6,
+                    )
+                    .unwrap();
+                let tag = format!("hc {hc} e {e} k {k} routed {with_routed} run {run}");
+                check(&format!("hc_post_dec {tag}"), &xo, &want);
+                check(&format!("hc_post_dec flat {tag}"), &flat, &wflat);
+            }
+        }
+    }
+}
+
+#[test]
+fn hc_head_decode() {
+    let Some(g) = gpu() else { return };
+    let mut r = Rng(23);
+    for (hc, e) in [(4usize, 4096usize), (4, 1000), (3, 256), (4, 20000)] {
+        let mix = r.vec(hc, 1.0);
+        let base = r.vec(hc, 0.5);
+        let x = r.vec(hc * e, 1.0);
+        let norm: Vec<f32> = (0..e).map(|_| 1.0 + r.normal(0.15)).collect();
+        let (mut w, mut y) = (vec![0f32; hc], vec![0f32; e]);
+        ops::hc_head_weights(&mix, 0.8, &base, 1e-6, &mut w);
+        ops::hc_collapse(&x, &w, &mut y);
+        let mut want = vec![0f32; e];
+        ops::rms_norm(&y, &norm, 1e-6, &mut want);
+        for run in 0..2 {
+            let got = g
+                .hc_head_dec(&mix, 0.8, &base, 1e-6, &x, hc, e, &norm, 1e-6)
+                .unwrap();
+            check(&format!("hc_head_dec hc {hc} e {e} run {run}"), &got, &want);
+        }
+    }
+}
+
+/// One compressor of the decode test: geometry, QAT, weights and the CPU/GPU states.
+struct DecComp {
+    gm: CompressorGeom,
+    qat_mode: i32,
+    qat: RowQat,
+    ape: Vec<f32>,
+    norm: Vec<f32>,
+    ck: Vec<f32>,
+    cs: Vec<f32>,
+    gk: Vec<f32>,
+    gs: Vec<f32>,
+    cpu_rows: Vec<f32>,
+    gpu_rows: Vec<f32>,
+}
+
+impl DecComp {
+    fn new(r: &mut Rng, gm: CompressorGeom, qat_mode: i32, qat: RowQat, steps: usize) -> DecComp {
+        let w = gm.width();
+        let (mut ck, mut cs) = (vec![0f32; gm.state_len()], vec![0f32; gm.state_len()]);
+        ops::compressor_clear(&mut ck, &mut cs);
+        DecComp {
+            gm,
+            qat_mode,
+            qat,
+            ape: r.vec(gm.ratio * w, 0.5),
+            norm: (0..gm.d_c).map(|_| 1.0 + r.normal(0.15)).collect(),
+            gk: ck.clone(),
+            gs: cs.clone(),
+            ck,
+            cs,
+            cpu_rows: Vec::new(),
+            gpu_rows: vec![0f32; (steps / gm.ratio + 1) * gm.d_c],
+        }
+    }
+}
+
+/// Decode steps 0..steps through `ds4_qkv_dec` against the CPU ops: q heads (norm + RoPE), the
+/// KV ring row (norm, RoPE, FP8), both compressors (frontier and emitted rows) and the indexer
+/// queries, the state carried from step to step on both sides.
+#[allow(clippy::too_many_arguments)]
+fn qkv_decode_case(
+    g: &GpuOps,
+    r: &mut Rng,
+    nh: usize,
+    hd: usize,
+    n_rot: usize,
+    qat: bool,
+    mut comps: [Option<DecComp>; 2],
+    idx: Option<(usize, usize)>,
+    steps: usize,
+) {
+    let (plain, comp_rope) = if n_rot == 64 {
+        flash_rope()
+    } else {
+        (
+            RopeParams::plain(n_rot, 10000.0),
+            RopeParams::yarn(n_rot, 160000.0, 16.0, 65536.0, 32.0, 1.0),
+        )
+    };
+    let n_nope = hd - n_rot;
+    let raw_cap = 8;
+    let kv_w: Vec<f32> = (0..hd).map(|_| 1.0 + r.normal(0.15)).collect();
+    let mut ring = vec![0f32; raw_cap * hd];
+    let (nih, ihd) = idx.unwrap_or((0, 0));
+    let wscale = if nih > 0 {
+        1.0 / ((ihd * nih) as f64).sqrt()
+    } else {
+        0.0
+    };
+    for pos in 0..steps {
+        let rope = if pos % 2 == 0 { &plain } else { &comp_rope };
+        let q = r.vec(nh * hd, 1.0);
+        let kvp = r.vec(hd, 3.0);
+        let proj: Vec<(Vec<f32>, Vec<f32>)> = comps
+            .iter()
+            .map(|c| match c {
+                Some(c) => (r.vec(c.gm.width(), 1.0), r.vec(c.gm.width(), 1.0)),
+                None => (Vec::new(), Vec::new()),
+            })
+            .collect();
+        let iq = r.vec(nih * ihd, 1.0);
+        let iw = r.vec(nih, 1.0);
+        let comp_in: Vec<Option<CompDecIn<'_>>> = comps
+            .iter()
+            .zip(&proj)
+            .map(|(c, (ckv, csc))| {
+                c.as_ref().map(|c| CompDecIn {
+                    g: c.gm,
+                    qat_mode: c.qat_mode,
+                    ckv,
+                    csc,
+                    ape: &c.ape,
+                    st_kv: &c.gk,
+                    st_sc: &c.gs,
+                    norm: &c.norm,
+                    rows: &c.gpu_rows,
+                })
+            })
+            .collect();
+        let out = g
+            .qkv_dec(&QkvDecIn {
+                pos,
+                q: &q,
+                nh,
+                hd,
+                n_rot,
+                eps: 1e-6,
+                inv: &rope.inv_freq,
+                kvp: &kvp,
+                kv_w: &kv_w,
+                ring: &ring,
+                raw_cap,
+                qat,
+                n_nope,
+                comp: [comp_in[0].clone(), comp_in[1].clone()],
+                inv_comp: &comp_rope.inv_freq,
+                iq: (nih > 0).then_some((&iq[..], &iw[..])),
+                nih,
+                ihd,
+                iqat: qat,
+                wscale,
+            })
+            .unwrap();
+        drop(comp_in);
+        // q heads.
+        let (c, s) = cos_sin(rope, pos);
+        let mut wq = q.clone();
+        ops::head_rms_norm_inplace(&mut wq, hd, 1e-6);
+        ops::rope_heads(&mut wq, hd, &c, &s, false);
+        check(&format!("qkv_dec q pos {pos}"), &out.q, &wq);
+        // KV ring row.
+        let mut want = vec![0f32; hd];
+        ops::rms_norm(&kvp, &kv_w, 1e-6, &mut want);
+        ops::rope_tail(&mut want, &c, &s, false);
+        if qat {
+            ops::fp8_kv_qat(&mut want, n_nope);
+        }
+        let row = pos % raw_cap;
+        check(
+            &format!("qkv_dec kv pos {pos}"),
+            &out.ring[row * hd..(row + 1) * hd],
+            &want,
+        );
+        ring = out.ring;
+        // Compressors.
+        for (i, (c, (ckv, csc))) in comps.iter_mut().zip(&proj).enumerate() {
+            let Some(c) = c else { continue };
+            cpu_compressor(
+                c.gm,
+                ckv,
+                csc,
+                &c.ape,
+                &mut c.ck,
+                &mut c.cs,
+                &c.norm,
+                &comp_rope,
+                c.qat,
+                &mut c.cpu_rows,
+                pos,
+                1,
+            );
+            let (rows, k2, s2) = out.comp[i].clone().expect("compressor output");
+            c.gpu_rows = rows;
+            c.gk = k2;
+            c.gs = s2;
+            let nr = (pos + 1) / c.gm.ratio;
+            let tag = format!("ratio {} d_c {} pos {pos}", c.gm.ratio, c.gm.d_c);
+            check(
+                &format!("qkv_dec comp rows {tag}"),
+                &c.gpu_rows[..nr * c.gm.d_c],
+                &c.cpu_rows,
+            );
+            check(&format!("qkv_dec comp state_kv {tag}"), &c.gk, &c.ck);
+            check(&format!("qkv_dec comp state_score {tag}"), &c.gs, &c.cs);
+        }
+        // Indexer queries.
+        if nih > 0 {
+            let (gq, gw) = out.iq.clone().expect("indexer output");
+            let (ci, si) = cos_sin(&comp_rope, pos);
+            let mut wq = iq.clone();
+            for h in wq.chunks_exact_mut(ihd) {
+                ops::rope_tail(h, &ci, &si, false);
+                if qat {
+                    ops::indexer_qat(h);
+                }
+            }
+            let ww: Vec<f32> = iw.iter().map(|&v| (v as f64 * wscale) as f32).collect();
+            check(&format!("qkv_dec iq pos {pos}"), &gq, &wq);
+            check(&format!("qkv_dec iw pos {pos}"), &gw, &ww);
+        }
+    }
+}
+
+#[test]
+fn qkv_decode_csa() {
+    let Some(g) = gpu() else { return };
+    let mut r = Rng(24);
+    let steps = 14;
+    let c0 = DecComp::new(
+        &mut r,
+        CompressorGeom {
+            ratio: 4,
+            overlap: true,
+            d_c: 512,
+        },
+        1,
+        RowQat::Fp8 { n_nope: 448 },
+        steps,
+    );
+    let c1 = DecComp::new(
+        &mut r,
+        CompressorGeom {
+            ratio: 4,
+            overlap: true,
+            d_c: 128,
+        },
+        2,
+        RowQat::Indexer,
+        steps,
+    );
+    qkv_decode_case(
+        &g,
+        &mut r,
+        16,
+        512,
+        64,
+        true,
+        [Some(c0), Some(c1)],
+        Some((64, 128)),
+        steps,
+    );
+}
+
+#[test]
+fn qkv_decode_hca_and_plain() {
+    let Some(g) = gpu() else { return };
+    let mut r = Rng(25);
+    // HCA: one window of 128 completes at step 127.
+    let steps = 131;
+    let c0 = DecComp::new(
+        &mut r,
+        CompressorGeom {
+            ratio: 128,
+            overlap: false,
+            d_c: 512,
+        },
+        1,
+        RowQat::Fp8 { n_nope: 448 },
+        steps,
+    );
+    qkv_decode_case(&g, &mut r, 8, 512, 64, true, [Some(c0), None], None, steps);
+    // No compressor, QAT off.
+    qkv_decode_case(&g, &mut r, 8, 512, 64, false, [None, None], None, 5);
+    // Ratio 16 without QAT.
+    let c0 = DecComp::new(
+        &mut r,
+        CompressorGeom {
+            ratio: 16,
+            overlap: false,
+            d_c: 512,
+        },
+        0,
+        RowQat::Off,
+        40,
+    );
+    qkv_decode_case(&g, &mut r, 4, 512, 64, false, [Some(c0), None], None, 40);
+}
+
+#[test]
+fn qkv_decode_tiny_shapes() {
+    let Some(g) = gpu() else { return };
+    let mut r = Rng(26);
+    // The tiny fixture: head_dim 128, 16 RoPE dims, indexer heads of 32.
+    let steps = 10;
+    let c0 = DecComp::new(
+        &mut r,
+        CompressorGeom {
+            ratio: 4,
+            overlap: true,
+            d_c: 128,
+        },
+        1,
+        RowQat::Fp8 { n_nope: 112 },
+        steps,
+    );
+    let c1 = DecComp::new(
+        &mut r,
+        CompressorGeom {
+            ratio: 4,
+            overlap: true,
+            d_c: 32,
+        },
+        2,
+        RowQat::Indexer,
+        steps,
+    );
+    qkv_decode_case(
+        &g,
+        &mut r,
+        4,
+        128,
+        16,
+        true,
+        [Some(c0), Some(c1)],
+        Some((64, 32)),
+        steps,
+    );
+}
+
+#[test]
+fn attention_decode() {
+    let Some(g) = gpu() else { return };
+    let mut r = Rng(27);
+    let (plain, comp) = flash_rope();
+    let tiny = RopeParams::yarn(16, 160000.0, 16.0, 65536.0, 32.0, 1.0);
+    // (nh, hd, n_rot, ratio, has_indexer, pos, rope)
+    for (nh, hd, n_rot, ratio, has_idx, pos, rope) in [
+        (64usize, 512usize, 64usize, 0usize, false, 5usize, &plain),
+        (64, 512, 64, 0, false, 300, &plain),
+        (64, 512, 64, 4, true, 12000, &comp), // nv 3000 > topk 512: selection
+        (64, 512, 64, 4, true, 1000, &comp),  // nv 250: every row
+        (16, 512, 64, 128, false, 5000, &comp),
+        (4, 128, 16, 4, true, 200, &tiny),
+    ] {
+        let (window, topk) = (128usize, if hd == 512 { 512usize } else { 16 });
+        let raw_cap = window + 3;
+        let ring = r.vec(raw_cap * hd, 1.0);
+        let nv = (pos + 1).checked_div(ratio).unwrap_or(0);
+        let compr = r.vec(nv.max(1) * hd, 1.0);
+        let q = r.vec(nh * hd, 0.3);
+        let sinks = r.vec(nh, 1.0);
+        let mut isel = vec![0i32; topk];
+        let sel: Option<Vec<u32>> = (has_idx && nv > topk).then(|| {
+            let mut picks: Vec<i32> = (0..nv as i32).filter(|i| i % 3 != 1).collect();
+            picks.truncate(topk);
+            picks.sort_unstable();
+            isel.copy_from_slice(&picks);
+            picks.iter().map(|&v| v as u32).collect()
+        });
+        let scale = 1.0 / (hd as f32).sqrt();
+        let lo = (pos + 1).saturating_sub(window);
+        let mut raw = Vec::new();
+        for pp in lo..=pos {
+            let row = pp % raw_cap;
+            raw.extend_from_slice(&ring[row * hd..(row + 1) * hd]);
+        }
+        let (c, s) = cos_sin(rope, pos);
+        let mut want = vec![0f32; nh * hd];
+        let (mut b1, mut b2) = (Vec::new(), Vec::new());
+        for h in 0..nh {
+            let out = &mut want[h * hd..(h + 1) * hd];
+            ops::attention_head(
+                &q[h * hd..(h + 1) * hd],
+                &raw,
+                &compr,
+                nv,
+                sel.as_deref(),
+                sinks[h],
+                scale,
+                &mut b1,
+                &mut b2,
+                out,
+            );
+            ops::rope_tail(out, &c, &s, true);
+        }
+        let got = g
+            .attention_dec(
+                &q,
+                &ring,
+                raw_cap,
+                window,
+                &compr,
+                ratio,
+                has_idx,
+                &isel,
+                topk,
+                &sinks,
+                scale,
+                nh,
+                hd,
+                n_rot,
+                &rope.inv_freq,
+                pos,
+            )
+            .unwrap();
+        check(
+            &format!("attention_dec nh {nh} hd {hd} ratio {ratio} pos {pos}"),
+            &got,
+            &want,
+        );
+    }
 }
