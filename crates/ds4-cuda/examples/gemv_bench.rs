@@ -11,7 +11,9 @@
 //! expert selections) that L2 cannot hold them; the graph is replayed after a warm-up and the
 //! median per-launch time is reported. GB/s counts the weight bytes each launch must read
 //! (for MoE: only the k selected experts), and "%copy" compares with the copy bandwidth.
-//! `--sweep` also times dense Q8_0/F16 cases with each forced split (1, 2, 4, 8).
+//! `--sweep` also times dense Q8_0/F16 cases with each tile shape and forced split (1, 2, 4, 8)
+//! and the MoE down with each split of its (slot, step) sequence. The variant column names the
+//! plan: `auto(RRxU/sS)` or the forced `tT/sS` (tile index T of `Gemv::dense_tile_shapes`).
 
 #[cfg(not(feature = "cuda"))]
 fn main() {
@@ -214,7 +216,7 @@ mod bench {
         rows: usize,
         n_mat: usize,
         n: usize,
-        splits: &[u32],
+        variants: &[(u32, u32)],
     ) -> Result<()> {
         let wbytes = ds4_cuda::gemv::gguf_bytes(ty, cols, rows, n_mat).unwrap();
         let copies = copies_for(c, wbytes);
@@ -227,8 +229,10 @@ mod bench {
         c.g.quantize_act(&c.stream, ty, &x, n, cx, &mut act)?;
         let mut y = c.stream.alloc_zeros::<f32>(n * rows * n_mat)?;
         let reps = (copies * 4).clamp(16, 256);
-        for &split in splits {
+        for &(tile, split) in variants {
             c.g.tuning.force_split = split;
+            c.g.tuning.force_tile = tile;
+            let (rr, u, s) = c.g.plan_matvec(&ws[0], n);
             let us = {
                 let (g, stream) = (&c.g, &c.stream);
                 let (x, act) = (&x, &act);
@@ -244,15 +248,82 @@ mod bench {
                 shape: format!("{cols}x{rows}x{n_mat}"),
                 ty: format!("{ty:?}"),
                 n,
-                variant: if split == 0 {
-                    "auto".into()
+                variant: if split == 0 && tile == 0 {
+                    format!("auto({rr}x{u}/s{s})")
                 } else {
-                    format!("split{split}")
+                    format!("t{tile}/s{s}")
                 },
                 bytes: n.div_ceil(8) * wbytes,
                 us,
             });
         }
+        c.g.tuning.force_split = 0;
+        c.g.tuning.force_tile = 0;
+        Ok(())
+    }
+
+    /// Auto plus every (tile, split) combination when sweeping.
+    fn variants(ty: GgmlType, n: usize, sweep: bool) -> Vec<(u32, u32)> {
+        let mut v = vec![(0, 0)];
+        if sweep {
+            for t in 1..=Gemv::dense_tile_shapes(ty, n).len() as u32 {
+                for s in [1, 2, 4, 8] {
+                    v.push((t, s));
+                }
+            }
+        }
+        v
+    }
+
+    /// The shared expert's fused gate/up/SwiGLU (`Gemv::gate_up_swiglu`).
+    fn shared_gate_up(
+        c: &mut Ctx,
+        rows_out: &mut Vec<Row>,
+        ty: GgmlType,
+        cols: usize,
+        rows: usize,
+        n: usize,
+        variants: &[(u32, u32)],
+    ) -> Result<()> {
+        let wbytes = ds4_cuda::gemv::gguf_bytes(ty, cols, rows, 1).unwrap();
+        let copies = copies_for(c, 2 * wbytes);
+        let gs = upload_copies(c, ty, cols, rows, 1, copies)?;
+        let us = upload_copies(c, ty, cols, rows, 1, copies)?;
+        let x = f32_buf(c, n * cols)?;
+        let mut act = c
+            .stream
+            .alloc_zeros::<u8>(Gemv::act_bytes(ty, cols, n).max(16))?;
+        c.g.quantize_act(&c.stream, ty, &x, n, cols, &mut act)?;
+        let mut mid = c.stream.alloc_zeros::<f32>(n * rows)?;
+        let reps = (copies * 4).clamp(16, 256);
+        for &(tile, split) in variants {
+            c.g.tuning.force_tile = tile;
+            c.g.tuning.force_split = split;
+            let t = {
+                let (g, stream) = (&c.g, &c.stream);
+                let (x, act, gs, us) = (&x, &act, &gs, &us);
+                let mid = &mut mid;
+                time_graph(c, reps, |i| {
+                    let j = i % gs.len();
+                    g.gate_up_swiglu(stream, &gs[j], &us[j], x, act, n, 10.0, mid)?;
+                    Ok(())
+                })?
+            };
+            rows_out.push(Row {
+                kernel: "shexp_gate_up_swiglu".into(),
+                shape: format!("{cols}x{rows}x1"),
+                ty: format!("{ty:?}"),
+                n,
+                variant: if tile == 0 && split == 0 {
+                    "auto".into()
+                } else {
+                    format!("t{tile}/s{split}")
+                },
+                bytes: 2 * n.div_ceil(8) * wbytes,
+                us: t,
+            });
+        }
+        c.g.tuning.force_tile = 0;
         c.g.tuning.force_split = 0;
         Ok(())
     }
@@ -264,6 +335,7 @@ mod bench {
         tg: GgmlType,
         td: GgmlType,
         n: usize,
+        down_splits: &[u32],
     ) -> Result<()> {
         let (e_dim, ff, n_exp, k) = (4096usize, 2048usize, 256usize, 6usize);
         let gate = upload_copies(c, tg, e_dim, ff, n_exp, 1)?.pop().unwrap();
@@ -308,17 +380,23 @@ mod bench {
                 Ok(())
             })?
         };
-        let us_d = {
-            let (g, stream, ids, mid_src) = (&c.g, &c.stream, &ids, &mid_src);
-            let down = &down;
-            let (mid_act, out) = (&mut mid_act, &mut out);
-            time_graph(c, reps, |i| {
-                let s = i % sets;
-                let idv = ids.slice(s * n * k..(s + 1) * n * k);
-                g.moe_down(stream, down, mid_src, mid_act, &idv, n, k, out)?;
-                Ok(())
-            })?
-        };
+        let mut us_d = Vec::new();
+        for &ds in down_splits {
+            c.g.tuning.down_split = ds;
+            let t = {
+                let (g, stream, ids, mid_src) = (&c.g, &c.stream, &ids, &mid_src);
+                let down = &down;
+                let (mid_act, out) = (&mut mid_act, &mut out);
+                time_graph(c, reps, |i| {
+                    let s = i % sets;
+                    let idv = ids.slice(s * n * k..(s + 1) * n * k);
+                    g.moe_down(stream, down, mid_src, mid_act, &idv, n, k, out)?;
+                    Ok(())
+                })?
+            };
+            us_d.push((ds, t));
+        }
+        c.g.tuning.down_split = 0;
         rows_out.push(Row {
             kernel: "moe_gate_up".into(),
             shape: format!("{e_dim}x{ff}x{n_exp} k{k}"),
@@ -328,15 +406,21 @@ mod bench {
             bytes: gu_bytes,
             us: us_gu,
         });
-        rows_out.push(Row {
-            kernel: "moe_down(+quant)".into(),
-            shape: format!("{ff}x{e_dim}x{n_exp} k{k}"),
-            ty: format!("{td:?}"),
-            n,
-            variant: "auto".into(),
-            bytes: d_bytes,
-            us: us_d,
-        });
+        for (ds, us) in us_d {
+            rows_out.push(Row {
+                kernel: "moe_down(+quant)".into(),
+                shape: format!("{ff}x{e_dim}x{n_exp} k{k}"),
+                ty: format!("{td:?}"),
+                n,
+                variant: if ds == 0 {
+                    "auto".into()
+                } else {
+                    format!("s{ds}")
+                },
+                bytes: d_bytes,
+                us,
+            });
+        }
         Ok(())
     }
 
@@ -416,7 +500,12 @@ mod bench {
         let mut rows = Vec::new();
         let q8 = GgmlType::Q8_0;
         let f16 = GgmlType::F16;
-        let sw: &[u32] = if sweep { &[0, 1, 2, 4, 8] } else { &[0] };
+        let sw = variants(q8, 1, sweep);
+        let sw = &sw[..];
+        let swf = variants(f16, 1, sweep);
+        let swf = &swf[..];
+        let auto: &[(u32, u32)] = &[(0, 0)];
+        let swi = variants(GgmlType::IQ2_XXS, 1, sweep);
         // Q8_0 attention / shared expert / LM head (decode, n = 1).
         dense(&mut c, &mut rows, "attn_q_a", q8, 4096, 1024, 1, 1, sw)?;
         dense(&mut c, &mut rows, "attn_q_b", q8, 1024, 32768, 1, 1, sw)?;
@@ -435,9 +524,9 @@ mod bench {
         dense(&mut c, &mut rows, "attn_out_b", q8, 8192, 4096, 1, 1, sw)?;
         dense(&mut c, &mut rows, "shexp_gate/up", q8, 4096, 2048, 1, 1, sw)?;
         dense(&mut c, &mut rows, "shexp_down", q8, 2048, 4096, 1, 1, sw)?;
-        dense(&mut c, &mut rows, "lm_head", q8, 4096, 129280, 1, 1, &[0])?;
+        dense(&mut c, &mut rows, "lm_head", q8, 4096, 129280, 1, 1, sw)?;
         // F16 router / compressor / indexer / HC.
-        dense(&mut c, &mut rows, "router", f16, 4096, 256, 1, 1, sw)?;
+        dense(&mut c, &mut rows, "router", f16, 4096, 256, 1, 1, swf)?;
         dense(
             &mut c,
             &mut rows,
@@ -447,7 +536,7 @@ mod bench {
             1024,
             1,
             1,
-            sw,
+            swf,
         )?;
         dense(
             &mut c,
@@ -458,13 +547,13 @@ mod bench {
             512,
             1,
             1,
-            sw,
+            swf,
         )?;
-        dense(&mut c, &mut rows, "indexer_q_b", f16, 1024, 8192, 1, 1, sw)?;
-        dense(&mut c, &mut rows, "hc_fn", f16, 16384, 24, 1, 1, sw)?;
+        dense(&mut c, &mut rows, "indexer_q_b", f16, 1024, 8192, 1, 1, swf)?;
+        dense(&mut c, &mut rows, "hc_fn", f16, 16384, 24, 1, 1, swf)?;
         // Short prefill chunks / speculative: several tokens per weight read.
         for n in [2usize, 4, 8] {
-            dense(&mut c, &mut rows, "attn_out_b", q8, 8192, 4096, 1, n, &[0])?;
+            dense(&mut c, &mut rows, "attn_out_b", q8, 8192, 4096, 1, n, auto)?;
         }
         // Dense K-quants (same kernels as the experts, contiguous rows).
         dense(
@@ -476,7 +565,7 @@ mod bench {
             8192,
             1,
             1,
-            &[0],
+            &swi,
         )?;
         dense(
             &mut c,
@@ -487,7 +576,7 @@ mod bench {
             16384,
             1,
             1,
-            &[0],
+            auto,
         )?;
         dense(
             &mut c,
@@ -498,7 +587,7 @@ mod bench {
             8192,
             1,
             1,
-            &[0],
+            auto,
         )?;
         dense(
             &mut c,
@@ -509,12 +598,33 @@ mod bench {
             4096,
             1,
             1,
+            auto,
+        )?;
+        // Shared expert gate/up + SwiGLU (one fused kernel), decode and 2-token.
+        shared_gate_up(&mut c, &mut rows, q8, 4096, 2048, 1, sw)?;
+        for n in [2usize, 8] {
+            shared_gate_up(&mut c, &mut rows, q8, 4096, 2048, n, auto)?;
+        }
+        // Routed experts: 6 of 256, decode and 2-token.
+        let dsw: &[u32] = if sweep { &[0, 1, 2, 3, 6] } else { &[0] };
+        moe(&mut c, &mut rows, GgmlType::IQ2_XXS, GgmlType::Q2_K, 1, dsw)?;
+        moe(&mut c, &mut rows, GgmlType::Q4_K, GgmlType::Q4_K, 1, &[0])?;
+        moe(
+            &mut c,
+            &mut rows,
+            GgmlType::IQ2_XXS,
+            GgmlType::Q2_K,
+            2,
             &[0],
         )?;
-        // Routed experts: 6 of 256, decode and 2-token.
-        moe(&mut c, &mut rows, GgmlType::IQ2_XXS, GgmlType::Q2_K, 1)?;
-        moe(&mut c, &mut rows, GgmlType::Q4_K, GgmlType::Q4_K, 1)?;
-        moe(&mut c, &mut rows, GgmlType::IQ2_XXS, GgmlType::Q2_K, 2)?;
+        moe(
+            &mut c,
+            &mut rows,
+            GgmlType::IQ2_XXS,
+            GgmlType::Q2_K,
+            8,
+            &[0],
+        )?;
 
         let mut f = std::fs::File::create(&csv).with_context(|| format!("create {csv}"))?;
         writeln!(
