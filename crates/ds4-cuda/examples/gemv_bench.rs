@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! cargo build --release -p ds4-cuda --features cuda --example gemv_bench
-//! gemv_bench [--csv PATH] [--commit HASH] [--sweep]
+//! gemv_bench [--csv PATH] [--commit HASH] [--sweep] [--only NAME,NAME]
 //! ```
 //!
 //! Measures first the device-to-device copy bandwidth (bytes read + written) and a pure
@@ -128,6 +128,14 @@ mod bench {
         g: Gemv,
         rng: Rng,
         l2: usize,
+        /// `--only a,b`: run only the cases whose kernel name contains one of these.
+        only: Vec<String>,
+    }
+
+    impl Ctx {
+        fn wants(&self, kernel: &str) -> bool {
+            self.only.is_empty() || self.only.iter().any(|o| kernel.contains(o.as_str()))
+        }
     }
 
     /// Median per-launch microseconds of `launch(i)` for i = 0..reps, captured in one graph.
@@ -218,6 +226,9 @@ mod bench {
         n: usize,
         variants: &[(u32, u32)],
     ) -> Result<()> {
+        if !c.wants(name) {
+            return Ok(());
+        }
         let wbytes = ds4_cuda::gemv::gguf_bytes(ty, cols, rows, n_mat).unwrap();
         let copies = copies_for(c, wbytes);
         let ws = upload_copies(c, ty, cols, rows, n_mat, copies)?;
@@ -285,6 +296,9 @@ mod bench {
         n: usize,
         variants: &[(u32, u32)],
     ) -> Result<()> {
+        if !c.wants("shexp_gate_up_swiglu") {
+            return Ok(());
+        }
         let wbytes = ds4_cuda::gemv::gguf_bytes(ty, cols, rows, 1).unwrap();
         let copies = copies_for(c, 2 * wbytes);
         let gs = upload_copies(c, ty, cols, rows, 1, copies)?;
@@ -335,8 +349,12 @@ mod bench {
         tg: GgmlType,
         td: GgmlType,
         n: usize,
-        down_splits: &[u32],
+        gu_variants: &[u32],
+        down_variants: &[(u32, u32)],
     ) -> Result<()> {
+        if !c.wants("moe") {
+            return Ok(());
+        }
         let (e_dim, ff, n_exp, k) = (4096usize, 2048usize, 256usize, 6usize);
         let gate = upload_copies(c, tg, e_dim, ff, n_exp, 1)?.pop().unwrap();
         let up = upload_copies(c, tg, e_dim, ff, n_exp, 1)?.pop().unwrap();
@@ -368,20 +386,27 @@ mod bench {
         // Distinct experts touched per launch (tokens may share experts: count each once).
         let gu_bytes = 2 * n * k * gate.matrix_bytes();
         let d_bytes = n * k * down.matrix_bytes();
-        let us_gu = {
-            let (g, stream, ids, wts, x, act) = (&c.g, &c.stream, &ids, &wts, &x, &act);
-            let (gate, up) = (&gate, &up);
-            let mid = &mut mid;
-            time_graph(c, reps, |i| {
-                let s = i % sets;
-                let idv = ids.slice(s * n * k..(s + 1) * n * k);
-                let wv = wts.slice(s * n * k..(s + 1) * n * k);
-                g.moe_gate_up(stream, gate, up, x, act, &idv, &wv, n, k, 10.0, mid)?;
-                Ok(())
-            })?
-        };
+        let mut us_gu = Vec::new();
+        for &gv in gu_variants {
+            c.g.tuning.gate_up_variant = gv;
+            let t = {
+                let (g, stream, ids, wts, x, act) = (&c.g, &c.stream, &ids, &wts, &x, &act);
+                let (gate, up) = (&gate, &up);
+                let mid = &mut mid;
+                time_graph(c, reps, |i| {
+                    let s = i % sets;
+                    let idv = ids.slice(s * n * k..(s + 1) * n * k);
+                    let wv = wts.slice(s * n * k..(s + 1) * n * k);
+                    g.moe_gate_up(stream, gate, up, x, act, &idv, &wv, n, k, 10.0, mid)?;
+                    Ok(())
+                })?
+            };
+            us_gu.push((gv, t));
+        }
+        c.g.tuning.gate_up_variant = 0;
         let mut us_d = Vec::new();
-        for &ds in down_splits {
+        for &(dv, ds) in down_variants {
+            c.g.tuning.down_variant = dv;
             c.g.tuning.down_split = ds;
             let t = {
                 let (g, stream, ids, mid_src) = (&c.g, &c.stream, &ids, &mid_src);
@@ -394,28 +419,35 @@ mod bench {
                     Ok(())
                 })?
             };
-            us_d.push((ds, t));
+            us_d.push((dv, ds, t));
         }
         c.g.tuning.down_split = 0;
-        rows_out.push(Row {
-            kernel: "moe_gate_up".into(),
-            shape: format!("{e_dim}x{ff}x{n_exp} k{k}"),
-            ty: format!("{tg:?}"),
-            n,
-            variant: "auto".into(),
-            bytes: gu_bytes,
-            us: us_gu,
-        });
-        for (ds, us) in us_d {
+        c.g.tuning.down_variant = 0;
+        for (gv, us) in us_gu {
+            rows_out.push(Row {
+                kernel: "moe_gate_up".into(),
+                shape: format!("{e_dim}x{ff}x{n_exp} k{k}"),
+                ty: format!("{tg:?}"),
+                n,
+                variant: if gv == 0 {
+                    "auto".into()
+                } else {
+                    format!("v{gv}")
+                },
+                bytes: gu_bytes,
+                us,
+            });
+        }
+        for (dv, ds, us) in us_d {
             rows_out.push(Row {
                 kernel: "moe_down(+quant)".into(),
                 shape: format!("{ff}x{e_dim}x{n_exp} k{k}"),
                 ty: format!("{td:?}"),
                 n,
-                variant: if ds == 0 {
+                variant: if ds == 0 && dv == 0 {
                     "auto".into()
                 } else {
-                    format!("s{ds}")
+                    format!("v{dv}/s{ds}")
                 },
                 bytes: d_bytes,
                 us,
@@ -434,6 +466,9 @@ mod bench {
         let csv = arg("--csv").unwrap_or_else(|| "gemv.csv".into());
         let commit = arg("--commit").unwrap_or_else(|| "unknown".into());
         let sweep = args.iter().any(|a| a == "--sweep");
+        let only: Vec<String> = arg("--only")
+            .map(|v| v.split(',').map(str::to_string).collect())
+            .unwrap_or_default();
 
         let ctx = CudaContext::new(0)?;
         // SAFETY: one stream, everything ordered on it; no cross-stream use.
@@ -454,10 +489,16 @@ mod bench {
             g,
             rng: Rng(42),
             l2,
+            only,
         };
 
-        // 1. Copy bandwidth (read + write) and streaming-read bandwidth, 2 GiB buffers.
-        let nb = 2usize << 30;
+        // 1. Copy bandwidth (read + write) and streaming-read bandwidth, 2 GiB buffers (64 MiB
+        // with --only: a quick run, e.g. under a profiler).
+        let nb = if c.only.is_empty() {
+            2usize << 30
+        } else {
+            64usize << 20
+        };
         let src = c.stream.alloc_zeros::<u8>(nb)?;
         let mut dst = c.stream.alloc_zeros::<u8>(nb)?;
         // Fill with non-zero data (memset pattern) so nothing is timed on zeros.
@@ -553,7 +594,8 @@ mod bench {
         dense(&mut c, &mut rows, "hc_fn", f16, 16384, 24, 1, 1, swf)?;
         // Short prefill chunks / speculative: several tokens per weight read.
         for n in [2usize, 4, 8] {
-            dense(&mut c, &mut rows, "attn_out_b", q8, 8192, 4096, 1, n, auto)?;
+            let v = variants(q8, n, sweep);
+            dense(&mut c, &mut rows, "attn_out_b", q8, 8192, 4096, 1, n, &v)?;
         }
         // Dense K-quants (same kernels as the experts, contiguous rows).
         dense(
@@ -606,25 +648,23 @@ mod bench {
             shared_gate_up(&mut c, &mut rows, q8, 4096, 2048, n, auto)?;
         }
         // Routed experts: 6 of 256, decode and 2-token.
-        let dsw: &[u32] = if sweep { &[0, 1, 2, 3, 6] } else { &[0] };
-        moe(&mut c, &mut rows, GgmlType::IQ2_XXS, GgmlType::Q2_K, 1, dsw)?;
-        moe(&mut c, &mut rows, GgmlType::Q4_K, GgmlType::Q4_K, 1, &[0])?;
-        moe(
-            &mut c,
-            &mut rows,
-            GgmlType::IQ2_XXS,
-            GgmlType::Q2_K,
-            2,
-            &[0],
-        )?;
-        moe(
-            &mut c,
-            &mut rows,
-            GgmlType::IQ2_XXS,
-            GgmlType::Q2_K,
-            8,
-            &[0],
-        )?;
+        let (gsw, dsw): (Vec<u32>, Vec<(u32, u32)>) = if sweep {
+            (
+                vec![0, 1],
+                [0u32, 1]
+                    .into_iter()
+                    .flat_map(|v| [0u32, 1, 2, 3, 6].map(|s| (v, s)))
+                    .collect(),
+            )
+        } else {
+            (vec![0], vec![(0, 0)])
+        };
+        let iq2 = GgmlType::IQ2_XXS;
+        moe(&mut c, &mut rows, iq2, GgmlType::Q2_K, 1, &gsw, &dsw)?;
+        let (g0, d0) = (&[0u32][..], &[(0u32, 0u32)][..]);
+        moe(&mut c, &mut rows, GgmlType::Q4_K, GgmlType::Q4_K, 1, g0, d0)?;
+        moe(&mut c, &mut rows, iq2, GgmlType::Q2_K, 2, g0, d0)?;
+        moe(&mut c, &mut rows, iq2, GgmlType::Q2_K, 8, g0, d0)?;
 
         let mut f = std::fs::File::create(&csv).with_context(|| format!("create {csv}"))?;
         writeln!(

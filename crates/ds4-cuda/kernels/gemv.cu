@@ -103,6 +103,12 @@ struct AP {
 // copies each (see the header comment): lane l's copy of grid entry i is the word at byte
 // 128·i + 4·l, of sign entry i at byte 32768 + 128·i + 4·l.
 extern __shared__ __align__(16) u32 s_tab[];
+static __device__ const u32 ds4_iq2_pool[32] = {
+    0x002b1908u, 0x002b1908u, 0x002b1908u, 0x002b1908u, 0x002b1908u, 0x002b1908u, 0x002b1908u,
+    0x002b1908u, 0x002b1908u, 0x002b1908u, 0x002b1908u, 0x002b1908u, 0x002b1908u, 0x002b1908u,
+    0x002b1908u, 0x002b1908u, 0x002b1908u, 0x002b1908u, 0x002b1908u, 0x002b1908u, 0x002b1908u,
+    0x002b1908u, 0x002b1908u, 0x002b1908u, 0x002b1908u, 0x002b1908u, 0x002b1908u, 0x002b1908u,
+    0x002b1908u, 0x002b1908u, 0x002b1908u, 0x002b1908u};
 struct Tabs {
     u32 l4;   // 4 · lane
     u32 plo;  // the low pool word in a register (an opaque value: not rematerialized per PRMT)
@@ -110,11 +116,9 @@ struct Tabs {
 __device__ __forceinline__ Tabs make_tabs(int lane) {
     Tabs t;
     t.l4 = 4u * (u32)lane;
-    // Built from %laneid (always < 32, so the OR adds nothing) so that the compiler keeps it in
-    // a vector register instead of re-moving a uniform constant before every PRMT.
-    u32 lid;
-    asm volatile("mov.u32 %0, %%laneid;" : "=r"(lid));
-    t.plo = 0x002b1908u | (lid & 0x40000000u);
+    // Loaded per lane (all entries equal) so that the compiler keeps it in a vector register
+    // instead of re-moving a uniform constant into one before every PRMT.
+    t.plo = __ldg(&ds4_iq2_pool[lane]);
     return t;
 }
 
@@ -798,8 +802,8 @@ __device__ __forceinline__ void gate_up_body(const WP& wg, const WP& wu, const A
     const int lane = threadIdx.x & 31;
     const Tabs tb = make_tabs(lane);
     const int tiles = (Rm + PR - 1) / PR;
-    const i64 units = (i64)n * k * tiles;
-    const i64 nw = (i64)gridDim.x * (blockDim.x >> 5);
+    const int units = n * k * tiles;  // < 2^31 (checked on the host): 32-bit index math
+    const int nw = gridDim.x * (blockDim.x >> 5);
     const int nit = (wg.C + K::COLS - 1) / K::COLS;
     typename K::F f[U][RR];
     auto load_chunk = [&](int e, int r0, int s) {
@@ -812,16 +816,16 @@ __device__ __forceinline__ void gate_up_body(const WP& wg, const WP& wu, const A
                 else K::zero(f[u][v]);
             }
     };
-    auto expert = [&](i64 tj) {
+    auto expert = [&](int tj) {
         const int e = ids ? __ldg(ids + tj) : 0;
         return (e < 0 || e >= n_mat) ? -1 : e;
     };
-    i64 u = (i64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    int u = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     bool pre = false;
     if (u < units) {
-        const int e = expert(u / tiles);
+        const int e = expert((unsigned)u / (unsigned)tiles);
         if (e >= 0) {
-            load_chunk(e, (int)(u % tiles) * PR, 0);
+            load_chunk(e, (int)((unsigned)u % (unsigned)tiles) * PR, 0);
             pre = true;
         }
     }
@@ -830,12 +834,12 @@ __device__ __forceinline__ void gate_up_body(const WP& wg, const WP& wu, const A
         __syncthreads();
     }
     for (; u < units; u += nw) {
-        const i64 tj = u / tiles;
-        const int r0 = (int)(u % tiles) * PR;
-        const int t = (int)(tj / k);
+        const int tj = (int)((unsigned)u / (unsigned)tiles);
+        const int r0 = (int)((unsigned)u % (unsigned)tiles) * PR;
+        const int t = (int)((unsigned)tj / (unsigned)k);
         const int e = expert(tj);
         if (e < 0) {
-            if (lane < PR && r0 + lane < Rm) mid[tj * Rm + r0 + lane] = __int_as_float(0x7fc00000);
+            if (lane < PR && r0 + lane < Rm) mid[(i64)tj * Rm + r0 + lane] = __int_as_float(0x7fc00000);
             pre = false;
             continue;
         }
@@ -855,14 +859,14 @@ __device__ __forceinline__ void gate_up_body(const WP& wg, const WP& wu, const A
             if (lane == 0) {
 #pragma unroll
                 for (int p = 0; p < PR; p++)
-                    if (r0 + p < Rm) swiglu_out<T>(acc[0][2 * p], acc[0][2 * p + 1], clamp, wt, mid + tj * Rm + r0 + p);
+                    if (r0 + p < Rm) swiglu_out<T>(acc[0][2 * p], acc[0][2 * p + 1], clamp, wt, mid + (i64)tj * Rm + r0 + p);
             }
         } else {
 #pragma unroll
             for (int a = 0; a < NA; a++) {
                 const double other = __shfl_xor_sync(FULL_MASK, acc[0][a], 1);
                 const int pr = r0 + (a * L + lane) / 2;
-                if (lane < L && !(lane & 1) && pr < Rm) swiglu_out<T>(acc[0][a], other, clamp, wt, mid + tj * Rm + pr);
+                if (lane < L && !(lane & 1) && pr < Rm) swiglu_out<T>(acc[0][a], other, clamp, wt, mid + (i64)tj * Rm + pr);
             }
         }
     }
@@ -872,21 +876,23 @@ __device__ __forceinline__ void gate_up_body(const WP& wg, const WP& wu, const A
     const u8 *g0, const u8 *g1, const u8 *g2, const u8 *u0, const u8 *u1, const u8 *u2,      \
         const i8 *aq, const float *ad, const short *abs_, const float *x, const int *ids,     \
         const float *wts, float *mid, int R, int C, int n_mat, int n, int k, float clamp
-// Tile shapes: keep in sync with GATE_UP in gemv.rs.
-#define MOE_GU_INST(name, T, BS, RR, U)                                                       \
-    extern "C" __global__ void __launch_bounds__(256) ds4_moe_gate_up_##name(MOE_GU_ARGS) {   \
+// Tile shapes and variants (MINB: min resident blocks, a register cap): keep in sync with
+// Kind::gate_up_variants in gemv.rs.
+#define MOE_GU_INST(name, T, BS, RR, U, MINB)                                                 \
+    extern "C" __global__ void __launch_bounds__(256, MINB) ds4_moe_gate_up_##name(MOE_GU_ARGS) { \
         const WP wg = {g0, g1, g2, C, C / BS};                                                \
         const WP wu = {u0, u1, u2, C, C / BS};                                                \
         const AP a = {aq, ad, abs_, x};                                                       \
         gate_up_body<T, RR, U>(wg, wu, a, ids, wts, mid, R, n_mat, n, k, clamp);              \
     }
-MOE_GU_INST(f32, T_F32, 1, 2, 4)
-MOE_GU_INST(f16, T_F16, 1, 2, 4)
-MOE_GU_INST(bf16, T_BF16, 1, 2, 4)
-MOE_GU_INST(q8_0, T_Q8_0, 32, 2, 4)
-MOE_GU_INST(q2_k, T_Q2_K, 256, 4, 2)
-MOE_GU_INST(q4_k, T_Q4_K, 256, 8, 1)
-MOE_GU_INST(iq2_xxs, T_IQ2_XXS, 256, 4, 2)
+MOE_GU_INST(f32, T_F32, 1, 2, 4, 1)
+MOE_GU_INST(f16, T_F16, 1, 2, 4, 1)
+MOE_GU_INST(bf16, T_BF16, 1, 2, 4, 1)
+MOE_GU_INST(q8_0, T_Q8_0, 32, 2, 4, 1)
+MOE_GU_INST(q2_k, T_Q2_K, 256, 4, 2, 1)
+MOE_GU_INST(q4_k, T_Q4_K, 256, 8, 1, 1)
+MOE_GU_INST(iq2_xxs, T_IQ2_XXS, 256, 4, 2, 1)
+MOE_GU_INST(iq2_xxs_lb3, T_IQ2_XXS, 256, 4, 2, 3)
 
 // ------------------------------------------------------------------------------------------
 // Routed MoE down: out[t][r] = (float)(scale · Σ_j acc_j), acc_j the unrounded double
@@ -918,7 +924,7 @@ __device__ __forceinline__ void down_body(const WP& w, const AP& ap, const int* 
         const int r0 = ((g % gpt) * tpb + tl) * RR;
 #pragma unroll
         for (int u = 0; u < U; u++) {
-            const int j = (s + u) / nit, it = (s + u) - j * nit;
+            const int j = nit == 1 ? s + u : (s + u) / nit, it = (s + u) - j * nit;
             int e = (s + u < s1) ? __ldg(ids + (i64)t * k + j) : 0;
             if (e < 0 || e >= n_mat) e = 0;  // the output is NaN anyway
 #pragma unroll
@@ -954,7 +960,7 @@ __device__ __forceinline__ void down_body(const WP& w, const AP& ap, const int* 
             accum_chunk<T, RR, U, 1>(
                 f, min(U, s1 - s), 1, lane, tb,
                 [&](typename K::A& a, int, int uu) {
-                    const int j = (s + uu) / nit, it = (s + uu) - j * nit;
+                    const int j = nit == 1 ? s + uu : (s + uu) / nit, it = (s + uu) - j * nit;
                     K::act(a, ap, w, ((i64)t * k + j) * w.C, it, lane);
                 },
                 acc);
@@ -981,7 +987,7 @@ __device__ __forceinline__ void down_body(const WP& w, const AP& ap, const int* 
 #define MOE_DOWN_ARGS                                                                         \
     const u8 *p0, const u8 *p1, const u8 *p2, const i8 *aq, const float *ad, const short *abs_, \
         const float *x, const int *ids, float *out, int R, int C, int n_mat, int n, int k, int split
-// Tile shapes: keep in sync with DOWN in gemv.rs.
+// Tile shapes and variants: keep in sync with Kind::down_variants in gemv.rs.
 #define MOE_DOWN_INST(name, T, BS, RR, U)                                                     \
     extern "C" __global__ void __launch_bounds__(256) ds4_moe_down_##name(MOE_DOWN_ARGS) {    \
         const WP w = {p0, p1, p2, C, C / BS};                                                 \
@@ -995,6 +1001,8 @@ MOE_DOWN_INST(q8_0, T_Q8_0, 32, 2, 4)
 MOE_DOWN_INST(q2_k, T_Q2_K, 256, 4, 2)
 MOE_DOWN_INST(q4_k, T_Q4_K, 256, 8, 1)
 MOE_DOWN_INST(iq2_xxs, T_IQ2_XXS, 256, 4, 2)
+MOE_DOWN_INST(q2_k_4x1, T_Q2_K, 256, 4, 1)
+MOE_DOWN_INST(iq2_xxs_4x1, T_IQ2_XXS, 256, 4, 1)
 
 // ------------------------------------------------------------------------------------------
 // Activation quantization (ds4 CPU numerics, model-spec §3.0 / §5.6).

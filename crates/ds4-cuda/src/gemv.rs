@@ -227,22 +227,25 @@ impl Kind {
         }
     }
 
-    /// MoE gate/up tile `(virtual rows = 2·row pairs, steps)`: must match `MOE_GU_INST`.
-    fn gate_up_tile(self) -> (usize, usize) {
+    /// MoE gate/up kernel variants `(name suffix, virtual rows = 2·row pairs, steps)`, the
+    /// default first: must match the `MOE_GU_INST` list of gemv.cu.
+    fn gate_up_variants(self) -> &'static [(&'static str, usize, usize)] {
         match self {
-            Kind::F32 | Kind::F16 | Kind::Bf16 | Kind::Q8_0 => (2, 4),
-            Kind::Q2K | Kind::Iq2Xxs => (4, 2),
-            Kind::Q4K => (8, 1),
+            Kind::F32 | Kind::F16 | Kind::Bf16 | Kind::Q8_0 => &[("", 2, 4)],
+            Kind::Q2K => &[("", 4, 2)],
+            Kind::Iq2Xxs => &[("", 4, 2), ("_lb3", 4, 2)],
+            Kind::Q4K => &[("", 8, 1)],
         }
     }
 
-    /// MoE down tile `(rows, steps)`: must match `MOE_DOWN_INST`.
-    fn down_tile(self) -> (usize, usize) {
+    /// MoE down kernel variants `(name suffix, rows, steps)`, the default first: must match
+    /// the `MOE_DOWN_INST` list of gemv.cu.
+    fn down_variants(self) -> &'static [(&'static str, usize, usize)] {
         match self {
-            Kind::F32 | Kind::F16 | Kind::Bf16 => (1, 8),
-            Kind::Q8_0 => (2, 4),
-            Kind::Q2K | Kind::Iq2Xxs => (4, 2),
-            Kind::Q4K => (8, 1),
+            Kind::F32 | Kind::F16 | Kind::Bf16 => &[("", 1, 8)],
+            Kind::Q8_0 => &[("", 2, 4)],
+            Kind::Q2K | Kind::Iq2Xxs => &[("_4x1", 4, 1), ("", 4, 2)],
+            Kind::Q4K => &[("", 8, 1)],
         }
     }
 
@@ -398,6 +401,10 @@ pub struct Tuning {
     pub force_tile: u32,
     /// Force the MoE down split over (slot, step) pairs (1..=8); 0 = automatic.
     pub down_split: u32,
+    /// MoE gate/up kernel variant (0 = the default; see `gate_up_variants` in gemv.rs).
+    pub gate_up_variant: u32,
+    /// MoE down kernel variant (0 = the default; see `down_variants` in gemv.rs).
+    pub down_variant: u32,
     /// Cap on resident blocks per SM used to size grids (0 = the occupancy limit).
     pub max_blocks_per_sm: u32,
 }
@@ -409,6 +416,8 @@ impl Default for Tuning {
             force_split: 0,
             force_tile: 0,
             down_split: 0,
+            gate_up_variant: 0,
+            down_variant: 0,
             max_blocks_per_sm: 0,
         }
     }
@@ -433,8 +442,9 @@ pub struct Gemv {
     gemv: Vec<[Vec<Func>; 4]>,
     /// The same for the dense gate/up + SwiGLU kernels (`Kind::gate_up_dense_tiles`).
     gate_up_dense: Vec<[Vec<Func>; 4]>,
-    gate_up: Vec<Func>,
-    down: Vec<Func>,
+    /// Per kind, the MoE kernel variants (`Kind::gate_up_variants`, `Kind::down_variants`).
+    gate_up: Vec<Vec<Func>>,
+    down: Vec<Vec<Func>>,
     quant_q8_0: Func,
     quant_q8_k: Func,
     repack_q8_0: CudaFunction,
@@ -586,10 +596,16 @@ impl Gemv {
                 }
             }
             gate_up_dense.push(per_nt);
-            let (rr, u) = k.gate_up_tile();
-            gate_up.push(load_t(&format!("ds4_moe_gate_up_{name}"), rr, u, sm)?);
-            let (rr, u) = k.down_tile();
-            down.push(load_t(&format!("ds4_moe_down_{name}"), rr, u, sm)?);
+            let mut v = Vec::new();
+            for &(suf, rr, u) in k.gate_up_variants() {
+                v.push(load_t(&format!("ds4_moe_gate_up_{name}{suf}"), rr, u, sm)?);
+            }
+            gate_up.push(v);
+            let mut v = Vec::new();
+            for &(suf, rr, u) in k.down_variants() {
+                v.push(load_t(&format!("ds4_moe_down_{name}{suf}"), rr, u, sm)?);
+            }
+            down.push(v);
         }
         let quant_q8_0 = load("ds4_quant_q8_0")?;
         let quant_q8_k = load("ds4_quant_q8_k")?;
@@ -845,7 +861,7 @@ impl Gemv {
     pub fn plan_matvec(&self, w: &DevWeight, n: usize) -> (usize, usize, usize) {
         let b = nt_bucket(n.max(1));
         let vars = &self.gemv[w.kind as usize][b];
-        let (v, s) = self.plan_dense(vars, false, w.kind, w.rows * w.n_mat, w.cols);
+        let (v, s) = self.plan_dense(vars, false, w.kind, NT_BUCKETS[b], w.rows * w.n_mat, w.cols);
         let f = &self.gemv[w.kind as usize][b][v];
         (f.rr, f.u, s)
     }
@@ -857,6 +873,7 @@ impl Gemv {
         vars: &[Func],
         pair: bool,
         k: Kind,
+        nt: usize,
         rt: usize,
         cols: usize,
     ) -> (usize, usize) {
@@ -881,12 +898,13 @@ impl Gemv {
             return (pick(nit.div_ceil(s)), s);
         }
         let v = pick(nit);
-        // Split-K until the card holds enough warps (float weights with long chunks cost more
-        // arithmetic per byte and want twice as many).
+        // Split-K until the card holds enough warps (float weights with long chunks, and passes
+        // of several tokens, cost more arithmetic per byte and want more).
         let mut target = self.sms as usize * self.tuning.target_warps_per_sm as usize;
         if k.act() == ActKind::Float && vars[v].u >= 8 {
             target *= 2;
         }
+        target *= (nt / 2).max(1);
         let mut s = 1;
         while s < 8 && 2 * s <= nit && tiles(v) * s < target {
             s *= 2;
@@ -1000,7 +1018,7 @@ impl Gemv {
             let bucket = nt_bucket(n - t0);
             let np = (n - t0).min(NT_BUCKETS[bucket]);
             let vars = &self.gemv[k as usize][bucket];
-            let (vi, split) = self.plan_dense(vars, false, k, rt, w.cols);
+            let (vi, split) = self.plan_dense(vars, false, k, NT_BUCKETS[bucket], rt, w.cols);
             let func = &vars[vi];
             let tpb = 8 / split;
             // Tiles must not straddle two matrices: else launch matrix by matrix.
@@ -1063,8 +1081,14 @@ impl Gemv {
         let (adp, abp) = (ap + od as u64, ap + ob as u64);
         let (g1, g2) = (gp + gate.off[1] as u64, gp + gate.off[2] as u64);
         let (u1, u2) = (upp + up.off[1] as u64, upp + up.off[2] as u64);
-        let func = &self.gate_up[kind as usize];
+        let vars = &self.gate_up[kind as usize];
+        let func = &vars[(self.tuning.gate_up_variant as usize).min(vars.len() - 1)];
         let units = n * k * gate.rows.div_ceil(func.rr / 2);
+        if units > i32::MAX as usize {
+            return Err(gerr(format!(
+                "moe_gate_up: {units} work units exceed the 32-bit index"
+            )));
+        }
         let warps = balanced(units, self.max_blocks(func) * 8);
         let blocks = warps.div_ceil(8);
         let (r_i, c_i, nm_i, n_i, k_i) = (
@@ -1124,7 +1148,7 @@ impl Gemv {
             let bucket = nt_bucket(n - t0);
             let np = (n - t0).min(NT_BUCKETS[bucket]);
             let vars = &self.gate_up_dense[k as usize][bucket];
-            let (vi, split) = self.plan_dense(vars, true, k, rows, cols);
+            let (vi, split) = self.plan_dense(vars, true, k, NT_BUCKETS[bucket], rows, cols);
             let func = &vars[vi];
             let tpb = 8 / split;
             let e0 = (t0 * cols) as u64;
@@ -1280,15 +1304,15 @@ impl Gemv {
         let (wp, _gw) = down.data.device_ptr(stream);
         let (p1, p2) = (wp + down.off[1] as u64, wp + down.off[2] as u64);
         let (adp, abp) = (ap + od as u64, ap + ob as u64);
-        let func = &self.down[kind as usize];
+        let vars = &self.down[kind as usize];
+        let func = &vars[(self.tuning.down_variant as usize).min(vars.len() - 1)];
         // Split the (slot, step) sequence of a tile so that each warp gets about one chunk.
         let vs = k * cols.div_ceil(kind.warp_cols());
         let split = if self.tuning.down_split != 0 {
             self.tuning.down_split as usize
         } else {
-            // The largest power of two up to one chunk per warp (8-warp blocks).
-            let c = vs.div_ceil(func.u).clamp(1, 8);
-            1 << c.ilog2()
+            // About two chunks per warp (H200 sweep: Flash Q2_K down, k = 6, 4×1 tiles: 3).
+            vs.div_ceil(2 * func.u)
         }
         .clamp(1, 8)
         .min(vs);

@@ -469,12 +469,19 @@ fn moe_matches_cpu() {
             let mut act = byte_buf(&d, Gemv::act_bytes(tg, e_dim, n));
             d.g.quantize_act(&d.stream, tg, &dx, n, e_dim, &mut act)
                 .unwrap();
+            // Every kernel variant (the default last: its mid feeds the down check).
+            let mut mids = Vec::new();
             let mut mid = nan_buf(&d, n * kk * ff);
-            d.g.moe_gate_up(
-                &d.stream, &gate, &up, &dx, &act, &dids, &dw, n, kk, clamp, &mut mid,
-            )
-            .unwrap();
-            let got_mid = d.stream.clone_dtoh(&mid).unwrap();
+            for gv in [1u32, 0] {
+                d.g.tuning.gate_up_variant = gv;
+                mid = nan_buf(&d, n * kk * ff);
+                d.g.moe_gate_up(
+                    &d.stream, &gate, &up, &dx, &act, &dids, &dw, n, kk, clamp, &mut mid,
+                )
+                .unwrap();
+                mids.push((gv, d.stream.clone_dtoh(&mid).unwrap()));
+            }
+            let got_mid = mids.last().unwrap().1.clone();
             // CPU mid
             let mut want_mid = vec![0.0f32; n * kk * ff];
             for t in 0..n {
@@ -489,8 +496,10 @@ fn moe_matches_cpu() {
                     }
                 }
             }
-            let what = format!("moe_gate_up {tg:?} n={n} k={kk} clamp={clamp}");
-            tgu.add(&what, &got_mid, &want_mid);
+            for (gv, m) in &mids {
+                let what = format!("moe_gate_up {tg:?} n={n} k={kk} clamp={clamp} variant={gv}");
+                tgu.add(&what, m, &want_mid);
+            }
 
             // Down on the GPU's mid, for both sides.
             let mut want = vec![0.0f32; n * e_dim];
@@ -508,7 +517,11 @@ fn moe_matches_cpu() {
                 }
             }
             // Automatic and forced splits of the (slot, step) sequence.
-            for ds in [0u32, 1, 3, 8] {
+            for (dv, ds) in [0u32, 1]
+                .into_iter()
+                .flat_map(|v| [0u32, 1, 3, 8].map(|s| (v, s)))
+            {
+                d.g.tuning.down_variant = dv;
                 d.g.tuning.down_split = ds;
                 let mut mid_act = byte_buf(&d, Gemv::act_bytes(td, ff, n * kk));
                 let mut out = nan_buf(&d, n * e_dim);
@@ -519,10 +532,11 @@ fn moe_matches_cpu() {
                     let host_act = d.stream.clone_dtoh(&mid_act).unwrap();
                     check_act(td, &host_act, &got_mid, n * kk, ff);
                 }
-                let what = format!("moe_down {td:?} n={n} k={kk} split={ds}");
+                let what = format!("moe_down {td:?} n={n} k={kk} variant={dv} split={ds}");
                 tdn.add(&what, &got, &want);
             }
             d.g.tuning.down_split = 0;
+            d.g.tuning.down_variant = 0;
         }
         tgu.finish(&format!("moe_gate_up {tg:?}"));
         tdn.finish(&format!("moe_down {td:?}"));
