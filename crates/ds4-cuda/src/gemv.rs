@@ -14,6 +14,7 @@
 //! Gemv::gate_up_swiglu(&self, stream, gate, up, x, act, n, clamp, mid)   // dense (shared expert)
 //! Gemv::moe_gate_up(&self, stream, gate, up, x, act, ids, weights, n, k, clamp, mid)
 //! Gemv::moe_down(&self, stream, down, mid, mid_act_scratch, ids, n, k, out)
+//! Gemv::dense_tile_shapes(ty, n) -> &[(rows, steps)]   // what Tuning::force_tile indexes
 //! ```
 //!
 //! * `stream: &Arc<CudaStream>`; device buffers are anything implementing cudarc's
@@ -100,10 +101,13 @@
 //! lanes of one quant block reduce-scatter their exact integer partials so that every lane
 //! forms f64 block terms for one row. Activations are read through L1, the weights with
 //! streaming loads. Dense matvecs pick a tile shape and a split-K factor from the matrix shape
-//! (enough warps to cover the card, no idle load slots), MoE gate/up runs (gate, up) row pairs
-//! of the selected experts per warp, MoE down splits the (slot, step) sequence of each row tile
+//! (enough warps to cover the card; more for float weights and for passes of several tokens).
+//! `gate_up_swiglu` (shared expert) uses the same split-K tiles over (gate, up) row pairs and
+//! reads the weights once per pass of up to 8 tokens. MoE gate/up runs (gate, up) row pairs of
+//! the selected experts per warp; MoE down splits the (slot, step) sequence of each row tile
 //! over several warps. IQ2_XXS decodes with PRMT from per-lane copies of its lookup tables in
-//! shared memory (48 KiB per block). See the header of `kernels/gemv.cu`.
+//! shared memory (48 KiB per block). See the header of `kernels/gemv.cu` and
+//! `bench/results/h200/decode-kernels-gemv.md` for the measurements behind the plans.
 
 use std::sync::Arc;
 
@@ -898,13 +902,17 @@ impl Gemv {
             return (pick(nit.div_ceil(s)), s);
         }
         let v = pick(nit);
-        // Split-K until the card holds enough warps (float weights with long chunks, and passes
-        // of several tokens, cost more arithmetic per byte and want more).
+        // Split-K until the card holds enough warps (float weights with long chunks, and matvec
+        // passes of several tokens, cost more arithmetic per byte and want more; H200 sweep:
+        // Q8_0 8192×4096 at 4 / 8 tokens best at split 2 / 4, the dense gate/up at 8 tokens
+        // best unsplit).
         let mut target = self.sms as usize * self.tuning.target_warps_per_sm as usize;
         if k.act() == ActKind::Float && vars[v].u >= 8 {
             target *= 2;
         }
-        target *= (nt / 2).max(1);
+        if !pair {
+            target *= (nt / 2).max(1);
+        }
         let mut s = 1;
         while s < 8 && 2 * s <= nit && tiles(v) * s < target {
             s *= 2;
@@ -1311,8 +1319,9 @@ impl Gemv {
         let split = if self.tuning.down_split != 0 {
             self.tuning.down_split as usize
         } else {
-            // About two chunks per warp (H200 sweep: Flash Q2_K down, k = 6, 4×1 tiles: 3).
-            vs.div_ceil(2 * func.u)
+            // About three chunks per warp (H200 sweeps: Flash Q2_K down, k = 6, 4×1 tiles:
+            // split 2 at 10.4–10.6 µs, 3 at 10.3–11.6 µs, 1 or 6 slower).
+            vs.div_ceil(3 * func.u)
         }
         .clamp(1, 8)
         .min(vs);
