@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! cargo build --release -p ds4-cuda --features cuda --example gemv_bench
-//! gemv_bench [--csv PATH] [--commit HASH] [--sweep]
+//! gemv_bench [--csv PATH] [--commit HASH] [--sweep] [--only NAME,NAME]
 //! ```
 //!
 //! Measures first the device-to-device copy bandwidth (bytes read + written) and a pure
@@ -11,7 +11,9 @@
 //! expert selections) that L2 cannot hold them; the graph is replayed after a warm-up and the
 //! median per-launch time is reported. GB/s counts the weight bytes each launch must read
 //! (for MoE: only the k selected experts), and "%copy" compares with the copy bandwidth.
-//! `--sweep` also times dense Q8_0/F16 cases with each forced split (1, 2, 4, 8).
+//! `--sweep` also times dense Q8_0/F16 cases with each tile shape and forced split (1, 2, 4, 8)
+//! and the MoE down with each split of its (slot, step) sequence. The variant column names the
+//! plan: `auto(RRxU/sS)` or the forced `tT/sS` (tile index T of `Gemv::dense_tile_shapes`).
 
 #[cfg(not(feature = "cuda"))]
 fn main() {
@@ -126,6 +128,14 @@ mod bench {
         g: Gemv,
         rng: Rng,
         l2: usize,
+        /// `--only a,b`: run only the cases whose kernel name contains one of these.
+        only: Vec<String>,
+    }
+
+    impl Ctx {
+        fn wants(&self, kernel: &str) -> bool {
+            self.only.is_empty() || self.only.iter().any(|o| kernel.contains(o.as_str()))
+        }
     }
 
     /// Median per-launch microseconds of `launch(i)` for i = 0..reps, captured in one graph.
@@ -214,8 +224,11 @@ mod bench {
         rows: usize,
         n_mat: usize,
         n: usize,
-        splits: &[u32],
+        variants: &[(u32, u32)],
     ) -> Result<()> {
+        if !c.wants(name) {
+            return Ok(());
+        }
         let wbytes = ds4_cuda::gemv::gguf_bytes(ty, cols, rows, n_mat).unwrap();
         let copies = copies_for(c, wbytes);
         let ws = upload_copies(c, ty, cols, rows, n_mat, copies)?;
@@ -227,8 +240,10 @@ mod bench {
         c.g.quantize_act(&c.stream, ty, &x, n, cx, &mut act)?;
         let mut y = c.stream.alloc_zeros::<f32>(n * rows * n_mat)?;
         let reps = (copies * 4).clamp(16, 256);
-        for &split in splits {
+        for &(tile, split) in variants {
             c.g.tuning.force_split = split;
+            c.g.tuning.force_tile = tile;
+            let (rr, u, s) = c.g.plan_matvec(&ws[0], n);
             let us = {
                 let (g, stream) = (&c.g, &c.stream);
                 let (x, act) = (&x, &act);
@@ -244,15 +259,85 @@ mod bench {
                 shape: format!("{cols}x{rows}x{n_mat}"),
                 ty: format!("{ty:?}"),
                 n,
-                variant: if split == 0 {
-                    "auto".into()
+                variant: if split == 0 && tile == 0 {
+                    format!("auto({rr}x{u}/s{s})")
                 } else {
-                    format!("split{split}")
+                    format!("t{tile}/s{s}")
                 },
                 bytes: n.div_ceil(8) * wbytes,
                 us,
             });
         }
+        c.g.tuning.force_split = 0;
+        c.g.tuning.force_tile = 0;
+        Ok(())
+    }
+
+    /// Auto plus every (tile, split) combination when sweeping.
+    fn variants(ty: GgmlType, n: usize, sweep: bool) -> Vec<(u32, u32)> {
+        let mut v = vec![(0, 0)];
+        if sweep {
+            for t in 1..=Gemv::dense_tile_shapes(ty, n).len() as u32 {
+                for s in [1, 2, 4, 8] {
+                    v.push((t, s));
+                }
+            }
+        }
+        v
+    }
+
+    /// The shared expert's fused gate/up/SwiGLU (`Gemv::gate_up_swiglu`).
+    fn shared_gate_up(
+        c: &mut Ctx,
+        rows_out: &mut Vec<Row>,
+        ty: GgmlType,
+        cols: usize,
+        rows: usize,
+        n: usize,
+        variants: &[(u32, u32)],
+    ) -> Result<()> {
+        if !c.wants("shexp_gate_up_swiglu") {
+            return Ok(());
+        }
+        let wbytes = ds4_cuda::gemv::gguf_bytes(ty, cols, rows, 1).unwrap();
+        let copies = copies_for(c, 2 * wbytes);
+        let gs = upload_copies(c, ty, cols, rows, 1, copies)?;
+        let us = upload_copies(c, ty, cols, rows, 1, copies)?;
+        let x = f32_buf(c, n * cols)?;
+        let mut act = c
+            .stream
+            .alloc_zeros::<u8>(Gemv::act_bytes(ty, cols, n).max(16))?;
+        c.g.quantize_act(&c.stream, ty, &x, n, cols, &mut act)?;
+        let mut mid = c.stream.alloc_zeros::<f32>(n * rows)?;
+        let reps = (copies * 4).clamp(16, 256);
+        for &(tile, split) in variants {
+            c.g.tuning.force_tile = tile;
+            c.g.tuning.force_split = split;
+            let t = {
+                let (g, stream) = (&c.g, &c.stream);
+                let (x, act, gs, us) = (&x, &act, &gs, &us);
+                let mid = &mut mid;
+                time_graph(c, reps, |i| {
+                    let j = i % gs.len();
+                    g.gate_up_swiglu(stream, &gs[j], &us[j], x, act, n, 10.0, mid)?;
+                    Ok(())
+                })?
+            };
+            rows_out.push(Row {
+                kernel: "shexp_gate_up_swiglu".into(),
+                shape: format!("{cols}x{rows}x1"),
+                ty: format!("{ty:?}"),
+                n,
+                variant: if tile == 0 && split == 0 {
+                    "auto".into()
+                } else {
+                    format!("t{tile}/s{split}")
+                },
+                bytes: 2 * n.div_ceil(8) * wbytes,
+                us: t,
+            });
+        }
+        c.g.tuning.force_tile = 0;
         c.g.tuning.force_split = 0;
         Ok(())
     }
@@ -264,7 +349,12 @@ mod bench {
         tg: GgmlType,
         td: GgmlType,
         n: usize,
+        gu_variants: &[u32],
+        down_variants: &[(u32, u32)],
     ) -> Result<()> {
+        if !c.wants("moe") {
+            return Ok(());
+        }
         let (e_dim, ff, n_exp, k) = (4096usize, 2048usize, 256usize, 6usize);
         let gate = upload_copies(c, tg, e_dim, ff, n_exp, 1)?.pop().unwrap();
         let up = upload_copies(c, tg, e_dim, ff, n_exp, 1)?.pop().unwrap();
@@ -296,47 +386,73 @@ mod bench {
         // Distinct experts touched per launch (tokens may share experts: count each once).
         let gu_bytes = 2 * n * k * gate.matrix_bytes();
         let d_bytes = n * k * down.matrix_bytes();
-        let us_gu = {
-            let (g, stream, ids, wts, x, act) = (&c.g, &c.stream, &ids, &wts, &x, &act);
-            let (gate, up) = (&gate, &up);
-            let mid = &mut mid;
-            time_graph(c, reps, |i| {
-                let s = i % sets;
-                let idv = ids.slice(s * n * k..(s + 1) * n * k);
-                let wv = wts.slice(s * n * k..(s + 1) * n * k);
-                g.moe_gate_up(stream, gate, up, x, act, &idv, &wv, n, k, 10.0, mid)?;
-                Ok(())
-            })?
-        };
-        let us_d = {
-            let (g, stream, ids, mid_src) = (&c.g, &c.stream, &ids, &mid_src);
-            let down = &down;
-            let (mid_act, out) = (&mut mid_act, &mut out);
-            time_graph(c, reps, |i| {
-                let s = i % sets;
-                let idv = ids.slice(s * n * k..(s + 1) * n * k);
-                g.moe_down(stream, down, mid_src, mid_act, &idv, n, k, out)?;
-                Ok(())
-            })?
-        };
-        rows_out.push(Row {
-            kernel: "moe_gate_up".into(),
-            shape: format!("{e_dim}x{ff}x{n_exp} k{k}"),
-            ty: format!("{tg:?}"),
-            n,
-            variant: "auto".into(),
-            bytes: gu_bytes,
-            us: us_gu,
-        });
-        rows_out.push(Row {
-            kernel: "moe_down(+quant)".into(),
-            shape: format!("{ff}x{e_dim}x{n_exp} k{k}"),
-            ty: format!("{td:?}"),
-            n,
-            variant: "auto".into(),
-            bytes: d_bytes,
-            us: us_d,
-        });
+        let mut us_gu = Vec::new();
+        for &gv in gu_variants {
+            c.g.tuning.gate_up_variant = gv;
+            let t = {
+                let (g, stream, ids, wts, x, act) = (&c.g, &c.stream, &ids, &wts, &x, &act);
+                let (gate, up) = (&gate, &up);
+                let mid = &mut mid;
+                time_graph(c, reps, |i| {
+                    let s = i % sets;
+                    let idv = ids.slice(s * n * k..(s + 1) * n * k);
+                    let wv = wts.slice(s * n * k..(s + 1) * n * k);
+                    g.moe_gate_up(stream, gate, up, x, act, &idv, &wv, n, k, 10.0, mid)?;
+                    Ok(())
+                })?
+            };
+            us_gu.push((gv, t));
+        }
+        c.g.tuning.gate_up_variant = 0;
+        let mut us_d = Vec::new();
+        for &(dv, ds) in down_variants {
+            c.g.tuning.down_variant = dv;
+            c.g.tuning.down_split = ds;
+            let t = {
+                let (g, stream, ids, mid_src) = (&c.g, &c.stream, &ids, &mid_src);
+                let down = &down;
+                let (mid_act, out) = (&mut mid_act, &mut out);
+                time_graph(c, reps, |i| {
+                    let s = i % sets;
+                    let idv = ids.slice(s * n * k..(s + 1) * n * k);
+                    g.moe_down(stream, down, mid_src, mid_act, &idv, n, k, out)?;
+                    Ok(())
+                })?
+            };
+            us_d.push((dv, ds, t));
+        }
+        c.g.tuning.down_split = 0;
+        c.g.tuning.down_variant = 0;
+        for (gv, us) in us_gu {
+            rows_out.push(Row {
+                kernel: "moe_gate_up".into(),
+                shape: format!("{e_dim}x{ff}x{n_exp} k{k}"),
+                ty: format!("{tg:?}"),
+                n,
+                variant: if gv == 0 {
+                    "auto".into()
+                } else {
+                    format!("v{gv}")
+                },
+                bytes: gu_bytes,
+                us,
+            });
+        }
+        for (dv, ds, us) in us_d {
+            rows_out.push(Row {
+                kernel: "moe_down(+quant)".into(),
+                shape: format!("{ff}x{e_dim}x{n_exp} k{k}"),
+                ty: format!("{td:?}"),
+                n,
+                variant: if ds == 0 && dv == 0 {
+                    "auto".into()
+                } else {
+                    format!("v{dv}/s{ds}")
+                },
+                bytes: d_bytes,
+                us,
+            });
+        }
         Ok(())
     }
 
@@ -350,6 +466,9 @@ mod bench {
         let csv = arg("--csv").unwrap_or_else(|| "gemv.csv".into());
         let commit = arg("--commit").unwrap_or_else(|| "unknown".into());
         let sweep = args.iter().any(|a| a == "--sweep");
+        let only: Vec<String> = arg("--only")
+            .map(|v| v.split(',').map(str::to_string).collect())
+            .unwrap_or_default();
 
         let ctx = CudaContext::new(0)?;
         // SAFETY: one stream, everything ordered on it; no cross-stream use.
@@ -370,10 +489,16 @@ mod bench {
             g,
             rng: Rng(42),
             l2,
+            only,
         };
 
-        // 1. Copy bandwidth (read + write) and streaming-read bandwidth, 2 GiB buffers.
-        let nb = 2usize << 30;
+        // 1. Copy bandwidth (read + write) and streaming-read bandwidth, 2 GiB buffers (64 MiB
+        // with --only: a quick run, e.g. under a profiler).
+        let nb = if c.only.is_empty() {
+            2usize << 30
+        } else {
+            64usize << 20
+        };
         let src = c.stream.alloc_zeros::<u8>(nb)?;
         let mut dst = c.stream.alloc_zeros::<u8>(nb)?;
         // Fill with non-zero data (memset pattern) so nothing is timed on zeros.
@@ -416,7 +541,12 @@ mod bench {
         let mut rows = Vec::new();
         let q8 = GgmlType::Q8_0;
         let f16 = GgmlType::F16;
-        let sw: &[u32] = if sweep { &[0, 1, 2, 4, 8] } else { &[0] };
+        let sw = variants(q8, 1, sweep);
+        let sw = &sw[..];
+        let swf = variants(f16, 1, sweep);
+        let swf = &swf[..];
+        let auto: &[(u32, u32)] = &[(0, 0)];
+        let swi = variants(GgmlType::IQ2_XXS, 1, sweep);
         // Q8_0 attention / shared expert / LM head (decode, n = 1).
         dense(&mut c, &mut rows, "attn_q_a", q8, 4096, 1024, 1, 1, sw)?;
         dense(&mut c, &mut rows, "attn_q_b", q8, 1024, 32768, 1, 1, sw)?;
@@ -435,9 +565,9 @@ mod bench {
         dense(&mut c, &mut rows, "attn_out_b", q8, 8192, 4096, 1, 1, sw)?;
         dense(&mut c, &mut rows, "shexp_gate/up", q8, 4096, 2048, 1, 1, sw)?;
         dense(&mut c, &mut rows, "shexp_down", q8, 2048, 4096, 1, 1, sw)?;
-        dense(&mut c, &mut rows, "lm_head", q8, 4096, 129280, 1, 1, &[0])?;
+        dense(&mut c, &mut rows, "lm_head", q8, 4096, 129280, 1, 1, sw)?;
         // F16 router / compressor / indexer / HC.
-        dense(&mut c, &mut rows, "router", f16, 4096, 256, 1, 1, sw)?;
+        dense(&mut c, &mut rows, "router", f16, 4096, 256, 1, 1, swf)?;
         dense(
             &mut c,
             &mut rows,
@@ -447,7 +577,7 @@ mod bench {
             1024,
             1,
             1,
-            sw,
+            swf,
         )?;
         dense(
             &mut c,
@@ -458,13 +588,14 @@ mod bench {
             512,
             1,
             1,
-            sw,
+            swf,
         )?;
-        dense(&mut c, &mut rows, "indexer_q_b", f16, 1024, 8192, 1, 1, sw)?;
-        dense(&mut c, &mut rows, "hc_fn", f16, 16384, 24, 1, 1, sw)?;
+        dense(&mut c, &mut rows, "indexer_q_b", f16, 1024, 8192, 1, 1, swf)?;
+        dense(&mut c, &mut rows, "hc_fn", f16, 16384, 24, 1, 1, swf)?;
         // Short prefill chunks / speculative: several tokens per weight read.
         for n in [2usize, 4, 8] {
-            dense(&mut c, &mut rows, "attn_out_b", q8, 8192, 4096, 1, n, &[0])?;
+            let v = variants(q8, n, sweep);
+            dense(&mut c, &mut rows, "attn_out_b", q8, 8192, 4096, 1, n, &v)?;
         }
         // Dense K-quants (same kernels as the experts, contiguous rows).
         dense(
@@ -476,7 +607,7 @@ mod bench {
             8192,
             1,
             1,
-            &[0],
+            &swi,
         )?;
         dense(
             &mut c,
@@ -487,7 +618,7 @@ mod bench {
             16384,
             1,
             1,
-            &[0],
+            auto,
         )?;
         dense(
             &mut c,
@@ -498,7 +629,7 @@ mod bench {
             8192,
             1,
             1,
-            &[0],
+            auto,
         )?;
         dense(
             &mut c,
@@ -509,12 +640,31 @@ mod bench {
             4096,
             1,
             1,
-            &[0],
+            auto,
         )?;
+        // Shared expert gate/up + SwiGLU (one fused kernel), decode and 2-token.
+        shared_gate_up(&mut c, &mut rows, q8, 4096, 2048, 1, sw)?;
+        for n in [2usize, 8] {
+            shared_gate_up(&mut c, &mut rows, q8, 4096, 2048, n, auto)?;
+        }
         // Routed experts: 6 of 256, decode and 2-token.
-        moe(&mut c, &mut rows, GgmlType::IQ2_XXS, GgmlType::Q2_K, 1)?;
-        moe(&mut c, &mut rows, GgmlType::Q4_K, GgmlType::Q4_K, 1)?;
-        moe(&mut c, &mut rows, GgmlType::IQ2_XXS, GgmlType::Q2_K, 2)?;
+        let (gsw, dsw): (Vec<u32>, Vec<(u32, u32)>) = if sweep {
+            (
+                vec![0, 1],
+                [0u32, 1]
+                    .into_iter()
+                    .flat_map(|v| [0u32, 1, 2, 3, 6].map(|s| (v, s)))
+                    .collect(),
+            )
+        } else {
+            (vec![0], vec![(0, 0)])
+        };
+        let iq2 = GgmlType::IQ2_XXS;
+        moe(&mut c, &mut rows, iq2, GgmlType::Q2_K, 1, &gsw, &dsw)?;
+        let (g0, d0) = (&[0u32][..], &[(0u32, 0u32)][..]);
+        moe(&mut c, &mut rows, GgmlType::Q4_K, GgmlType::Q4_K, 1, g0, d0)?;
+        moe(&mut c, &mut rows, iq2, GgmlType::Q2_K, 2, g0, d0)?;
+        moe(&mut c, &mut rows, iq2, GgmlType::Q2_K, 8, g0, d0)?;
 
         let mut f = std::fs::File::create(&csv).with_context(|| format!("create {csv}"))?;
         writeln!(

@@ -14,6 +14,7 @@
 //! Gemv::gate_up_swiglu(&self, stream, gate, up, x, act, n, clamp, mid)   // dense (shared expert)
 //! Gemv::moe_gate_up(&self, stream, gate, up, x, act, ids, weights, n, k, clamp, mid)
 //! Gemv::moe_down(&self, stream, down, mid, mid_act_scratch, ids, n, k, out)
+//! Gemv::dense_tile_shapes(ty, n) -> &[(rows, steps)]   // what Tuning::force_tile indexes
 //! ```
 //!
 //! * `stream: &Arc<CudaStream>`; device buffers are anything implementing cudarc's
@@ -96,11 +97,18 @@
 //!
 //! # Kernels
 //!
-//! One warp streams a weight row with 16-byte loads per lane (4 steps in flight), activations
-//! through L1, dp4a for int8. Rows are split over 1–8 warps (split-K) when there are too few
-//! rows to fill the card, the grid is sized to the occupancy and balanced so every block gets
-//! the same number of row groups. MoE: one fused gate+up+SwiGLU kernel reading only the
-//! selected experts, one kernel for the down projection and the sum over the k experts.
+//! Tiles: a warp takes RR rows and streams them U warp steps at a time (a warp step is one
+//! 16-byte load per lane and row), issuing all RR·U loads of a chunk before using any; the
+//! lanes of one quant block reduce-scatter their exact integer partials so that every lane
+//! forms f64 block terms for one row. Activations are read through L1, the weights with
+//! streaming loads. Dense matvecs pick a tile shape and a split-K factor from the matrix shape
+//! (enough warps to cover the card; more for float weights and for passes of several tokens).
+//! `gate_up_swiglu` (shared expert) uses the same split-K tiles over (gate, up) row pairs and
+//! reads the weights once per pass of up to 8 tokens. MoE gate/up runs (gate, up) row pairs of
+//! the selected experts per warp; MoE down splits the (slot, step) sequence of each row tile
+//! over several warps. IQ2_XXS decodes with PRMT from per-lane copies of its lookup tables in
+//! shared memory (48 KiB per block). See the header of `kernels/gemv.cu` and
+//! `bench/results/h200/decode-kernels-gemv.md` for the measurements behind the plans.
 
 use std::sync::Arc;
 
@@ -124,8 +132,12 @@ pub const SUPPORTED: [GgmlType; 7] = [
     GgmlType::IQ2_XXS,
 ];
 
-/// Threads per block of every compute kernel (8 warps).
+/// Threads per block of every compute kernel (at most; 8 warps).
 const BLOCK: u32 = 256;
+/// Dynamic shared memory of the IQ2_XXS kernels: 384 table entries × 32 lane copies × 4 bytes.
+const IQ2_SMEM: u32 = 384 * 32 * 4;
+/// Token buckets of the dense kernels (tokens per weight pass).
+const NT_BUCKETS: [usize; 4] = [1, 2, 4, 8];
 /// Largest `k` (experts per token) of the MoE kernels.
 pub const MAX_K: usize = 8;
 
@@ -189,6 +201,62 @@ impl Kind {
             Kind::Q2K | Kind::Iq2Xxs => 2048,
             Kind::Q4K => 1024,
         }
+    }
+
+    /// Dense tile shapes `(rows, steps)` for the token bucket `nt` (1, 2, 4, 8), in order of
+    /// preference (the first whose steps fit the row is taken): must match the `GEMV_INST` list
+    /// of gemv.cu.
+    fn dense_tiles(self, nt: usize) -> &'static [(usize, usize)] {
+        match (self, nt) {
+            (Kind::F32 | Kind::F16 | Kind::Bf16, 1 | 2) => &[(1, 8), (4, 2)],
+            (Kind::F32 | Kind::F16 | Kind::Bf16, _) => &[(1, 8)],
+            (Kind::Q8_0, 1) => &[(4, 2), (2, 4), (2, 8)],
+            (Kind::Q8_0, 2) => &[(4, 2), (2, 4)],
+            (Kind::Q8_0, _) => &[(2, 4)],
+            (Kind::Q2K | Kind::Iq2Xxs, 1 | 2) => &[(4, 2), (8, 1)],
+            (Kind::Q2K | Kind::Iq2Xxs, _) => &[(4, 2)],
+            (Kind::Q4K, _) => &[(8, 1)],
+        }
+    }
+
+    /// Tiles `(virtual rows = 2·row pairs, steps)` of the dense gate/up + SwiGLU kernels (the
+    /// shared expert), as `dense_tiles`: must match the `GATE_UP_INST` list of gemv.cu.
+    fn gate_up_dense_tiles(self, nt: usize) -> &'static [(usize, usize)] {
+        match (self, nt) {
+            (Kind::F32 | Kind::F16 | Kind::Bf16, _) => &[(2, 4)],
+            (Kind::Q8_0, 1) => &[(4, 2), (2, 4)],
+            (Kind::Q8_0, 2) => &[(4, 2)],
+            (Kind::Q8_0, _) => &[(2, 4)],
+            (Kind::Q2K | Kind::Iq2Xxs, _) => &[(4, 2)],
+            (Kind::Q4K, _) => &[(8, 1)],
+        }
+    }
+
+    /// MoE gate/up kernel variants `(name suffix, virtual rows = 2·row pairs, steps)`, the
+    /// default first: must match the `MOE_GU_INST` list of gemv.cu.
+    fn gate_up_variants(self) -> &'static [(&'static str, usize, usize)] {
+        match self {
+            Kind::F32 | Kind::F16 | Kind::Bf16 | Kind::Q8_0 => &[("", 2, 4)],
+            Kind::Q2K => &[("", 4, 2)],
+            Kind::Iq2Xxs => &[("", 4, 2), ("_lb3", 4, 2)],
+            Kind::Q4K => &[("", 8, 1)],
+        }
+    }
+
+    /// MoE down kernel variants `(name suffix, rows, steps)`, the default first: must match
+    /// the `MOE_DOWN_INST` list of gemv.cu.
+    fn down_variants(self) -> &'static [(&'static str, usize, usize)] {
+        match self {
+            Kind::F32 | Kind::F16 | Kind::Bf16 => &[("", 1, 8)],
+            Kind::Q8_0 => &[("", 2, 4)],
+            Kind::Q2K | Kind::Iq2Xxs => &[("_4x1", 4, 1), ("", 4, 2)],
+            Kind::Q4K => &[("", 8, 1)],
+        }
+    }
+
+    /// Dynamic shared memory of this kind's kernels (the IQ2_XXS lookup tables).
+    fn smem(self) -> u32 {
+        if self == Kind::Iq2Xxs { IQ2_SMEM } else { 0 }
     }
 
     /// Column multiple the kernels need (block size; 16-byte lanes for float types).
@@ -326,13 +394,23 @@ pub fn gguf_bytes(ty: GgmlType, cols: usize, rows: usize, n_mat: usize) -> Optio
         .checked_mul(n_mat)
 }
 
-/// Tuning knobs (defaults are what the benchmark chose; exposed for the benchmark).
+/// Tuning knobs (defaults are what the benchmark chose; exposed for the benchmark and tests).
 #[derive(Clone, Copy, Debug)]
 pub struct Tuning {
-    /// Split rows over more warps until `rows·split ≥ target_warps_per_sm · SMs`.
+    /// Dense matvecs: raise split-K (1, 2, 4, 8) until `tiles·split ≥ target_warps_per_sm · SMs`.
     pub target_warps_per_sm: u32,
     /// Force a split (1, 2, 4 or 8) for dense matvecs; 0 = automatic.
     pub force_split: u32,
+    /// Force a dense tile shape: `i ≥ 1` takes entry `i − 1` (clamped) of the type's list
+    /// (see [`Gemv::dense_tile_shapes`]); 0 = automatic.
+    pub force_tile: u32,
+    /// Force the MoE down split over (slot, step) pairs (1..=8, rounded up to a multiple of k and
+    /// capped at the largest multiple of k ≤ 8); 0 = automatic.
+    pub down_split: u32,
+    /// MoE gate/up kernel variant (0 = the default; see `gate_up_variants` in gemv.rs).
+    pub gate_up_variant: u32,
+    /// MoE down kernel variant (0 = the default; see `down_variants` in gemv.rs).
+    pub down_variant: u32,
     /// Cap on resident blocks per SM used to size grids (0 = the occupancy limit).
     pub max_blocks_per_sm: u32,
 }
@@ -340,8 +418,12 @@ pub struct Tuning {
 impl Default for Tuning {
     fn default() -> Self {
         Tuning {
-            target_warps_per_sm: 32,
+            target_warps_per_sm: 15,
             force_split: 0,
+            force_tile: 0,
+            down_split: 0,
+            gate_up_variant: 0,
+            down_variant: 0,
             max_blocks_per_sm: 0,
         }
     }
@@ -351,15 +433,24 @@ struct Func {
     f: CudaFunction,
     /// Max resident blocks of BLOCK threads per SM.
     occ: u32,
+    /// Tile rows and steps per chunk.
+    rr: usize,
+    u: usize,
+    /// Dynamic shared memory bytes.
+    smem: u32,
 }
 
 /// The loaded kernels. Cheap to share (`&Gemv` everywhere; all methods take `&self`).
 pub struct Gemv {
     _module: Arc<CudaModule>,
     sms: u32,
-    gemv: Vec<[Func; 4]>,
-    gate_up: Vec<Func>,
-    down: Vec<Func>,
+    /// Per kind, per token bucket, the tile variants (`Kind::dense_tiles`).
+    gemv: Vec<[Vec<Func>; 4]>,
+    /// The same for the dense gate/up + SwiGLU kernels (`Kind::gate_up_dense_tiles`).
+    gate_up_dense: Vec<[Vec<Func>; 4]>,
+    /// Per kind, the MoE kernel variants (`Kind::gate_up_variants`, `Kind::down_variants`).
+    gate_up: Vec<Vec<Func>>,
+    down: Vec<Vec<Func>>,
     quant_q8_0: Func,
     quant_q8_k: Func,
     repack_q8_0: CudaFunction,
@@ -408,6 +499,16 @@ fn check_align(p: u64, a: u64, what: &str) -> Result<(), CudaError> {
     Ok(())
 }
 
+/// Index in `NT_BUCKETS` of the pass size for `rem` remaining tokens.
+fn nt_bucket(rem: usize) -> usize {
+    match rem {
+        0 | 1 => 0,
+        2 => 1,
+        3 | 4 => 2,
+        _ => 3,
+    }
+}
+
 /// `units` work items over at most `max` workers so that every worker gets the same count.
 fn balanced(units: usize, max: usize) -> usize {
     if units == 0 {
@@ -418,10 +519,14 @@ fn balanced(units: usize, max: usize) -> usize {
 }
 
 fn cfg(blocks: usize) -> LaunchConfig {
+    cfg_t(blocks, BLOCK, 0)
+}
+
+fn cfg_t(blocks: usize, threads: u32, smem: u32) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (blocks.max(1) as u32, 1, 1),
-        block_dim: (BLOCK, 1, 1),
-        shared_mem_bytes: 0,
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: smem,
     }
 }
 
@@ -434,28 +539,79 @@ impl Gemv {
                 cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
             )
             .map_err(drv)? as u32;
-        let load = |name: &str| -> Result<Func, CudaError> {
+        let load_t = |name: &str, rr: usize, u: usize, smem: u32| -> Result<Func, CudaError> {
             let f = module
                 .load_function(name)
                 .map_err(|e| gerr(format!("kernel {name}: {e}")))?;
+            if smem > 0 {
+                f.set_attribute(
+                    cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    smem as i32,
+                )
+                .map_err(drv)?;
+            }
             let occ = f
-                .occupancy_max_active_blocks_per_multiprocessor(BLOCK, 0, None)
+                .occupancy_max_active_blocks_per_multiprocessor(BLOCK, smem as usize, None)
                 .map_err(drv)?
                 .max(1);
-            Ok(Func { f, occ })
+            Ok(Func {
+                f,
+                occ,
+                rr,
+                u,
+                smem,
+            })
         };
+        let load = |name: &str| load_t(name, 1, 1, 0);
+        let kinds = [
+            Kind::F32,
+            Kind::F16,
+            Kind::Bf16,
+            Kind::Q8_0,
+            Kind::Q2K,
+            Kind::Q4K,
+            Kind::Iq2Xxs,
+        ];
         let mut gemv = Vec::new();
+        let mut gate_up_dense = Vec::new();
         let mut gate_up = Vec::new();
         let mut down = Vec::new();
-        for name in KIND_NAMES {
-            gemv.push([
-                load(&format!("ds4_gemv_{name}_1"))?,
-                load(&format!("ds4_gemv_{name}_2"))?,
-                load(&format!("ds4_gemv_{name}_4"))?,
-                load(&format!("ds4_gemv_{name}_8"))?,
-            ]);
-            gate_up.push(load(&format!("ds4_moe_gate_up_{name}"))?);
-            down.push(load(&format!("ds4_moe_down_{name}"))?);
+        for (k, name) in kinds.into_iter().zip(KIND_NAMES) {
+            let sm = k.smem();
+            let mut per_nt: [Vec<Func>; 4] = Default::default();
+            for (bi, nt) in NT_BUCKETS.into_iter().enumerate() {
+                for &(rr, u) in k.dense_tiles(nt) {
+                    per_nt[bi].push(load_t(
+                        &format!("ds4_gemv_{name}_{nt}_{rr}x{u}"),
+                        rr,
+                        u,
+                        sm,
+                    )?);
+                }
+            }
+            gemv.push(per_nt);
+            let mut per_nt: [Vec<Func>; 4] = Default::default();
+            for (bi, nt) in NT_BUCKETS.into_iter().enumerate() {
+                for &(rr, u) in k.gate_up_dense_tiles(nt) {
+                    per_nt[bi].push(load_t(
+                        &format!("ds4_gate_up_{name}_{nt}_{rr}x{u}"),
+                        rr,
+                        u,
+                        sm,
+                    )?);
+                }
+            }
+            gate_up_dense.push(per_nt);
+            let mut v = Vec::new();
+            for &(suf, rr, u) in k.gate_up_variants() {
+                v.push(load_t(&format!("ds4_moe_gate_up_{name}{suf}"), rr, u, sm)?);
+            }
+            gate_up.push(v);
+            let mut v = Vec::new();
+            for &(suf, rr, u) in k.down_variants() {
+                v.push(load_t(&format!("ds4_moe_down_{name}{suf}"), rr, u, sm)?);
+            }
+            down.push(v);
         }
         let quant_q8_0 = load("ds4_quant_q8_0")?;
         let quant_q8_k = load("ds4_quant_q8_k")?;
@@ -468,6 +624,7 @@ impl Gemv {
             _module: module,
             sms,
             gemv,
+            gate_up_dense,
             gate_up,
             down,
             quant_q8_0,
@@ -695,19 +852,74 @@ impl Gemv {
         unsafe { b.launch(cfg(blocks)) }.map(|_| ()).map_err(drv)
     }
 
-    fn split_for(&self, k: Kind, rt: usize, cols: usize) -> usize {
+    /// Dense tile shapes `(rows, steps)` the kernels offer for weights of type `ty` in passes of
+    /// up to `n` tokens (what [`Tuning::force_tile`] indexes).
+    pub fn dense_tile_shapes(ty: GgmlType, n: usize) -> &'static [(usize, usize)] {
+        match Kind::of(ty) {
+            Some(k) => k.dense_tiles(NT_BUCKETS[nt_bucket(n.max(1))]),
+            None => &[],
+        }
+    }
+
+    /// The tile `(rows, steps)` and split the first pass of `matvec(w, .., n)` uses (for the
+    /// benchmark).
+    #[doc(hidden)]
+    pub fn plan_matvec(&self, w: &DevWeight, n: usize) -> (usize, usize, usize) {
+        let b = nt_bucket(n.max(1));
+        let vars = &self.gemv[w.kind as usize][b];
+        let (v, s) = self.plan_dense(vars, false, w.kind, NT_BUCKETS[b], w.rows * w.n_mat, w.cols);
+        let f = &self.gemv[w.kind as usize][b][v];
+        (f.rr, f.u, s)
+    }
+
+    /// (tile variant, split) of a dense kernel over `rt` rows of `cols` columns; `pair`: the
+    /// tiles hold (gate, up) row pairs.
+    fn plan_dense(
+        &self,
+        vars: &[Func],
+        pair: bool,
+        k: Kind,
+        nt: usize,
+        rt: usize,
+        cols: usize,
+    ) -> (usize, usize) {
+        let nit = cols.div_ceil(k.warp_cols());
+        // The first variant (in order of preference) whose chunk fits the row, else the one
+        // with the fewest steps per chunk.
+        let pick = |nitp: usize| -> usize {
+            if self.tuning.force_tile != 0 {
+                return (self.tuning.force_tile as usize - 1).min(vars.len() - 1);
+            }
+            vars.iter().position(|f| f.u <= nitp).unwrap_or_else(|| {
+                (0..vars.len())
+                    .min_by_key(|&i| (vars[i].u, vars[i].rr))
+                    .unwrap_or(0)
+            })
+        };
+        let tiles = |v: usize| rt.div_ceil(if pair { vars[v].rr / 2 } else { vars[v].rr });
         if self.tuning.force_split != 0 {
-            return (self.tuning.force_split as usize)
+            let s = (self.tuning.force_split as usize)
                 .clamp(1, 8)
                 .next_power_of_two();
+            return (pick(nit.div_ceil(s)), s);
         }
-        let nit = cols.div_ceil(k.warp_cols());
-        let target = self.sms as usize * self.tuning.target_warps_per_sm as usize;
+        let v = pick(nit);
+        // Split-K until the card holds enough warps (float weights with long chunks, and matvec
+        // passes of several tokens, cost more arithmetic per byte and want more; H200 sweep:
+        // Q8_0 8192×4096 at 4 / 8 tokens best at split 2 / 4, the dense gate/up at 8 tokens
+        // best unsplit).
+        let mut target = self.sms as usize * self.tuning.target_warps_per_sm as usize;
+        if k.act() == ActKind::Float && vars[v].u >= 8 {
+            target *= 2;
+        }
+        if !pair {
+            target *= (nt / 2).max(1);
+        }
         let mut s = 1;
-        while s < 8 && rt * s < target && s * 2 <= nit {
+        while s < 8 && 2 * s <= nit && tiles(v) * s < target {
             s *= 2;
         }
-        s
+        (v, s)
     }
 
     fn max_blocks(&self, f: &Func) -> usize {
@@ -809,23 +1021,22 @@ impl Gemv {
         let (_, od, ob) = act_layout(ak, cx, n);
         let (wp, _gw) = w.data.device_ptr(stream);
         let (p0, p1, p2) = (wp, wp + w.off[1] as u64, wp + w.off[2] as u64);
-        let split = self.split_for(k, rt, w.cols);
-        let ngroups = rt.div_ceil(8 / split);
         let (rt_i, r_i, c_i, cx_i) = (rt as i32, w.rows as i32, w.cols as i32, cx as i32);
         let grouped: i32 = (w.n_mat > 1) as i32;
-        let split_i = split as i32;
         let mut t0 = 0usize;
         while t0 < n {
-            let rem = n - t0;
-            let (vi, nt) = match rem {
-                1 => (0, 1),
-                2 => (1, 2),
-                3 | 4 => (2, 4),
-                _ => (3, 8),
+            let bucket = nt_bucket(n - t0);
+            let np = (n - t0).min(NT_BUCKETS[bucket]);
+            let vars = &self.gemv[k as usize][bucket];
+            let (vi, split) = self.plan_dense(vars, false, k, NT_BUCKETS[bucket], rt, w.cols);
+            let func = &vars[vi];
+            let tpb = 8 / split;
+            // Tiles must not straddle two matrices: else launch matrix by matrix.
+            let ranges: Vec<(usize, usize)> = if w.n_mat > 1 && !w.rows.is_multiple_of(func.rr) {
+                (0..w.n_mat).map(|m| (m * w.rows, w.rows)).collect()
+            } else {
+                vec![(0, rt)]
             };
-            let np = rem.min(nt);
-            let func = &self.gemv[k as usize][vi];
-            let blocks = balanced(ngroups, self.max_blocks(func));
             let e0 = (t0 * cx) as u64;
             let (xq, aq, adq, abq) = match ak {
                 ActKind::Float => (xp + 4 * e0, 0, 0, 0),
@@ -838,19 +1049,20 @@ impl Gemv {
                 ),
             };
             let yq = yp + 4 * (t0 * rt) as u64;
-            let np_i = np as i32;
-            let mut b = stream.launch_builder(&func.f);
-            b.arg(&p0).arg(&p1).arg(&p2).arg(&aq).arg(&adq).arg(&abq);
-            b.arg(&xq)
-                .arg(&yq)
-                .arg(&rt_i)
-                .arg(&r_i)
-                .arg(&c_i)
-                .arg(&cx_i);
-            b.arg(&grouped).arg(&np_i).arg(&split_i);
-            // SAFETY: the kernel reads the weight (layout of `w`), np rows of cx activations
-            // and writes np·rt floats of y (lengths checked by the callers).
-            unsafe { b.launch(cfg(blocks)) }.map_err(drv)?;
+            let (np_i, split_i) = (np as i32, split as i32);
+            for (row0, nrows) in ranges {
+                let ngroups = nrows.div_ceil(tpb * func.rr);
+                let blocks = balanced(ngroups, self.max_blocks(func));
+                let (row0_i, nrows_i) = (row0 as i32, nrows as i32);
+                let mut b = stream.launch_builder(&func.f);
+                b.arg(&p0).arg(&p1).arg(&p2).arg(&aq).arg(&adq).arg(&abq);
+                b.arg(&xq).arg(&yq).arg(&rt_i).arg(&row0_i).arg(&nrows_i);
+                b.arg(&r_i).arg(&c_i).arg(&cx_i);
+                b.arg(&grouped).arg(&np_i).arg(&split_i);
+                // SAFETY: the kernel reads the weight (layout of `w`), np rows of cx activations
+                // and writes np·rt floats of y (lengths checked by the callers).
+                unsafe { b.launch(cfg_t(blocks, BLOCK, func.smem)) }.map_err(drv)?;
+            }
             t0 += np;
         }
         Ok(())
@@ -879,8 +1091,14 @@ impl Gemv {
         let (adp, abp) = (ap + od as u64, ap + ob as u64);
         let (g1, g2) = (gp + gate.off[1] as u64, gp + gate.off[2] as u64);
         let (u1, u2) = (upp + up.off[1] as u64, upp + up.off[2] as u64);
-        let func = &self.gate_up[kind as usize];
-        let units = n * k * gate.rows;
+        let vars = &self.gate_up[kind as usize];
+        let func = &vars[(self.tuning.gate_up_variant as usize).min(vars.len() - 1)];
+        let units = n * k * gate.rows.div_ceil(func.rr / 2);
+        if units > i32::MAX as usize {
+            return Err(gerr(format!(
+                "moe_gate_up: {units} work units exceed the 32-bit index"
+            )));
+        }
         let warps = balanced(units, self.max_blocks(func) * 8);
         let blocks = warps.div_ceil(8);
         let (r_i, c_i, nm_i, n_i, k_i) = (
@@ -907,7 +1125,67 @@ impl Gemv {
             .arg(&clamp);
         // SAFETY: reads rows of the selected experts only (ids checked on the device), n rows
         // of activations, n·k ids/weights, writes n·k·rows of mid (lengths checked by callers).
-        unsafe { b.launch(cfg(blocks)) }.map(|_| ()).map_err(drv)
+        unsafe { b.launch(cfg_t(blocks, BLOCK, func.smem)) }
+            .map(|_| ())
+            .map_err(drv)
+    }
+
+    /// Dense gate/up + SwiGLU (single matrices) through the split-K tile kernels, in passes of
+    /// up to 8 tokens that read the weights once.
+    #[allow(clippy::too_many_arguments)]
+    fn gate_up_dense_raw(
+        &self,
+        stream: &CudaStream,
+        gate: &DevWeight,
+        up: &DevWeight,
+        xp: u64,
+        ap: u64,
+        n: usize,
+        clamp: f32,
+        mp: u64,
+    ) -> Result<(), CudaError> {
+        let k = gate.kind;
+        let ak = k.act();
+        let (rows, cols) = (gate.rows, gate.cols);
+        let (_, od, ob) = act_layout(ak, cols, n);
+        let (gp, _g1) = gate.data.device_ptr(stream);
+        let (upp, _g2) = up.data.device_ptr(stream);
+        let (g1, g2) = (gp + gate.off[1] as u64, gp + gate.off[2] as u64);
+        let (u1, u2) = (upp + up.off[1] as u64, upp + up.off[2] as u64);
+        let (r_i, c_i) = (rows as i32, cols as i32);
+        let mut t0 = 0usize;
+        while t0 < n {
+            let bucket = nt_bucket(n - t0);
+            let np = (n - t0).min(NT_BUCKETS[bucket]);
+            let vars = &self.gate_up_dense[k as usize][bucket];
+            let (vi, split) = self.plan_dense(vars, true, k, NT_BUCKETS[bucket], rows, cols);
+            let func = &vars[vi];
+            let tpb = 8 / split;
+            let e0 = (t0 * cols) as u64;
+            let (xq, aq, adq, abq) = match ak {
+                ActKind::Float => (xp + 4 * e0, 0, 0, 0),
+                ActKind::Q8_0 => (0, ap + e0, ap + od as u64 + 4 * (e0 / 32), 0),
+                ActKind::Q8K => (
+                    0,
+                    ap + e0,
+                    ap + od as u64 + 4 * (e0 / 256),
+                    ap + ob as u64 + 2 * (e0 / 16),
+                ),
+            };
+            let mq = mp + 4 * (t0 * rows) as u64;
+            let ngroups = rows.div_ceil(tpb * (func.rr / 2));
+            let blocks = balanced(ngroups, self.max_blocks(func));
+            let (np_i, split_i) = (np as i32, split as i32);
+            let mut b = stream.launch_builder(&func.f);
+            b.arg(&gp).arg(&g1).arg(&g2).arg(&upp).arg(&u1).arg(&u2);
+            b.arg(&aq).arg(&adq).arg(&abq).arg(&xq).arg(&mq);
+            b.arg(&r_i).arg(&c_i).arg(&np_i).arg(&split_i).arg(&clamp);
+            // SAFETY: reads both weights (their layouts), np rows of cols activations and
+            // writes np·rows floats of mid (lengths checked by the caller).
+            unsafe { b.launch(cfg_t(blocks, BLOCK, func.smem)) }.map_err(drv)?;
+            t0 += np;
+        }
+        Ok(())
     }
 
     fn check_pair(gate: &DevWeight, up: &DevWeight) -> Result<(), CudaError> {
@@ -994,7 +1272,7 @@ impl Gemv {
             "gate_up_swiglu input",
         )?;
         let (mp, _gm) = dptr_mut(mid, stream, n * gate.rows, "gate_up_swiglu mid")?;
-        self.gate_up_raw(stream, gate, up, xp, ap, 0, 0, n, 1, clamp, mp)
+        self.gate_up_dense_raw(stream, gate, up, xp, ap, n, clamp, mp)
     }
 
     /// Routed MoE down projection and sum over the `k` experts of each token (see the module
@@ -1036,23 +1314,53 @@ impl Gemv {
         let (wp, _gw) = down.data.device_ptr(stream);
         let (p1, p2) = (wp + down.off[1] as u64, wp + down.off[2] as u64);
         let (adp, abp) = (ap + od as u64, ap + ob as u64);
-        let func = &self.down[kind as usize];
-        let units = n * down.rows;
-        let warps = balanced(units, self.max_blocks(func) * 8);
-        let blocks = warps.div_ceil(8);
-        let (r_i, c_i, nm_i, n_i, k_i) = (
+        let vars = &self.down[kind as usize];
+        let func = &vars[(self.tuning.down_variant as usize).min(vars.len() - 1)];
+        // Split the (slot, step) sequence of a tile over k·m warps, m per slot, so that every
+        // warp's range lies in one slot (each slot's row is rounded to f32 before the slot sum,
+        // as on the CPU).
+        if k == 0 || k > MAX_K {
+            return Err(gerr(format!("moe_down: k = {k} (1..=MAX_K supported)")));
+        }
+        let vs = k * cols.div_ceil(kind.warp_cols());
+        let want = if self.tuning.down_split != 0 {
+            self.tuning.down_split as usize
+        } else {
+            // About three chunks per warp (H200 sweeps: Flash Q2_K down, k = 6, 4×1 tiles:
+            // split 2 at 10.4–10.6 µs, 3 at 10.3–11.6 µs, 1 or 6 slower).
+            vs.div_ceil(3 * func.u)
+        };
+        let split = k * want.div_ceil(k).clamp(1, (8 / k).max(1));
+        let tpb = 8 / split;
+        let threads = (32 * split * tpb) as u32;
+        let gpt = down.rows.div_ceil(func.rr).div_ceil(tpb);
+        let per_sm = (func.occ as usize * 8 / (split * tpb)).max(1);
+        let mut per_sm_cap = per_sm;
+        if self.tuning.max_blocks_per_sm != 0 {
+            per_sm_cap = per_sm_cap.min(self.tuning.max_blocks_per_sm as usize);
+        }
+        let blocks = balanced(n * gpt, self.sms as usize * per_sm_cap);
+        let (r_i, c_i, nm_i, n_i, k_i, s_i) = (
             down.rows as i32,
             cols as i32,
             down.n_mat as i32,
             n as i32,
             k as i32,
+            split as i32,
         );
         let mut b = stream.launch_builder(&func.f);
         b.arg(&wp).arg(&p1).arg(&p2).arg(&ap).arg(&adp).arg(&abp);
         b.arg(&xp).arg(&idp).arg(&op);
-        b.arg(&r_i).arg(&c_i).arg(&nm_i).arg(&n_i).arg(&k_i);
+        b.arg(&r_i)
+            .arg(&c_i)
+            .arg(&nm_i)
+            .arg(&n_i)
+            .arg(&k_i)
+            .arg(&s_i);
         // SAFETY: reads the selected experts' rows (ids checked on the device), n·k rows of
         // mid / its quantization (checked), writes n·rows floats of out (checked).
-        unsafe { b.launch(cfg(blocks)) }.map(|_| ()).map_err(drv)
+        unsafe { b.launch(cfg_t(blocks, threads, func.smem)) }
+            .map(|_| ())
+            .map_err(drv)
     }
 }

@@ -326,12 +326,29 @@ fn activation_quantization_is_bit_identical() {
 /// Shapes per type: (cols, rows, n_mat).
 fn shapes(ty: GgmlType) -> Vec<(usize, usize, usize)> {
     match ty {
-        GgmlType::Q8_0 => vec![(4096, 300, 1), (1056, 129, 1), (512, 64, 8), (96, 17, 1)],
-        GgmlType::Q2_K | GgmlType::Q4_K | GgmlType::IQ2_XXS => {
-            vec![(4096, 100, 1), (768, 65, 1), (512, 32, 4), (2304, 40, 1)]
-        }
-        GgmlType::F16 | GgmlType::BF16 => vec![(4096, 200, 1), (264, 33, 1), (512, 16, 4)],
-        _ => vec![(4096, 100, 1), (132, 17, 1), (256, 8, 3)],
+        GgmlType::Q8_0 => vec![
+            (4096, 300, 1),
+            (1056, 129, 1),
+            (512, 64, 8),
+            (96, 17, 1),
+            (8192, 40, 1),
+            (544, 63, 3),
+        ],
+        GgmlType::Q2_K | GgmlType::Q4_K | GgmlType::IQ2_XXS => vec![
+            (4096, 100, 1),
+            (768, 65, 1),
+            (512, 32, 4),
+            (2304, 40, 1),
+            (256, 30, 3),
+        ],
+        GgmlType::F16 | GgmlType::BF16 => vec![
+            (4096, 200, 1),
+            (264, 33, 1),
+            (512, 16, 4),
+            (16384, 24, 1),
+            (520, 7, 3),
+        ],
+        _ => vec![(4096, 100, 1), (132, 17, 1), (256, 8, 3), (2052, 9, 2)],
     }
 }
 
@@ -347,20 +364,24 @@ fn matvec_matches_cpu_for_every_type() {
                 d.g.upload(&d.stream, ty, cols, rows, n_mat, &bytes)
                     .unwrap();
             for &n in &[1usize, 2, 3, 5, 8, 11] {
-                for split in [0u32, 1, 8] {
+                let cx = cols * n_mat;
+                let x = rng.vec(n * cx, 1.0);
+                let dx = d.stream.clone_htod(&x).unwrap();
+                let want = cpu_matvec(ty, &bytes, cols, rows, n_mat, &x, n);
+                // Every tile shape of the first pass's bucket, with automatic and forced splits.
+                let tiles = Gemv::dense_tile_shapes(ty, n).len() as u32;
+                for (tile, split) in (0..=tiles).flat_map(|t| [0u32, 1, 2, 8].map(|s| (t, s))) {
                     d.g.tuning.force_split = split;
-                    let cx = cols * n_mat;
-                    let x = rng.vec(n * cx, 1.0);
-                    let dx = d.stream.clone_htod(&x).unwrap();
+                    d.g.tuning.force_tile = tile;
                     let mut act = byte_buf(&d, Gemv::act_bytes(ty, cx, n));
                     let mut y = nan_buf(&d, n * rows * n_mat);
                     d.g.matvec_x(&d.stream, &w, &dx, &mut act, n, &mut y)
                         .unwrap();
                     let got = d.stream.clone_dtoh(&y).unwrap();
-                    let want = cpu_matvec(ty, &bytes, cols, rows, n_mat, &x, n);
-                    let what = format!("{ty:?} {cols}x{rows}x{n_mat} n={n} split={split}");
+                    let what =
+                        format!("{ty:?} {cols}x{rows}x{n_mat} n={n} tile={tile} split={split}");
                     tally.add(&what, &got, &want);
-                    if split == 0 && n == 3 {
+                    if split == 0 && tile == 0 && n == 3 {
                         let host = d.stream.clone_dtoh(&act).unwrap();
                         check_act(ty, &host, &x, n, cx);
                     }
@@ -368,6 +389,7 @@ fn matvec_matches_cpu_for_every_type() {
             }
         }
         d.g.tuning.force_split = 0;
+        d.g.tuning.force_tile = 0;
         tally.finish(&format!("matvec {ty:?}"));
     }
 }
@@ -401,7 +423,7 @@ fn pick_ids(rng: &mut Rng, n: usize, k: usize, n_mat: usize) -> Vec<i32> {
 
 #[test]
 fn moe_matches_cpu() {
-    let Some(d) = dev() else { return };
+    let Some(mut d) = dev() else { return };
     let mut rng = Rng(3);
     // (gate/up type, down type): every type on both sides.
     let combos = [
@@ -448,12 +470,19 @@ fn moe_matches_cpu() {
             let mut act = byte_buf(&d, Gemv::act_bytes(tg, e_dim, n));
             d.g.quantize_act(&d.stream, tg, &dx, n, e_dim, &mut act)
                 .unwrap();
+            // Every kernel variant (the default last: its mid feeds the down check).
+            let mut mids = Vec::new();
             let mut mid = nan_buf(&d, n * kk * ff);
-            d.g.moe_gate_up(
-                &d.stream, &gate, &up, &dx, &act, &dids, &dw, n, kk, clamp, &mut mid,
-            )
-            .unwrap();
-            let got_mid = d.stream.clone_dtoh(&mid).unwrap();
+            for gv in [1u32, 0] {
+                d.g.tuning.gate_up_variant = gv;
+                mid = nan_buf(&d, n * kk * ff);
+                d.g.moe_gate_up(
+                    &d.stream, &gate, &up, &dx, &act, &dids, &dw, n, kk, clamp, &mut mid,
+                )
+                .unwrap();
+                mids.push((gv, d.stream.clone_dtoh(&mid).unwrap()));
+            }
+            let got_mid = mids.last().unwrap().1.clone();
             // CPU mid
             let mut want_mid = vec![0.0f32; n * kk * ff];
             for t in 0..n {
@@ -468,17 +497,12 @@ fn moe_matches_cpu() {
                     }
                 }
             }
-            let what = format!("moe_gate_up {tg:?} n={n} k={kk} clamp={clamp}");
-            tgu.add(&what, &got_mid, &want_mid);
+            for (gv, m) in &mids {
+                let what = format!("moe_gate_up {tg:?} n={n} k={kk} clamp={clamp} variant={gv}");
+                tgu.add(&what, m, &want_mid);
+            }
 
             // Down on the GPU's mid, for both sides.
-            let mut mid_act = byte_buf(&d, Gemv::act_bytes(td, ff, n * kk));
-            let mut out = nan_buf(&d, n * e_dim);
-            d.g.moe_down(&d.stream, &down, &mid, &mut mid_act, &dids, n, kk, &mut out)
-                .unwrap();
-            let got = d.stream.clone_dtoh(&out).unwrap();
-            let host_act = d.stream.clone_dtoh(&mid_act).unwrap();
-            check_act(td, &host_act, &got_mid, n * kk, ff);
             let mut want = vec![0.0f32; n * e_dim];
             for t in 0..n {
                 let acts: Vec<Act> = (0..kk)
@@ -494,8 +518,27 @@ fn moe_matches_cpu() {
                     want[t * e_dim + r] = acc as f32;
                 }
             }
-            let what = format!("moe_down {td:?} n={n} k={kk}");
-            tdn.add(&what, &got, &want);
+            // Automatic and forced splits of the (slot, step) sequence.
+            for (dv, ds) in [0u32, 1]
+                .into_iter()
+                .flat_map(|v| [0u32, 1, 3, 8].map(|s| (v, s)))
+            {
+                d.g.tuning.down_variant = dv;
+                d.g.tuning.down_split = ds;
+                let mut mid_act = byte_buf(&d, Gemv::act_bytes(td, ff, n * kk));
+                let mut out = nan_buf(&d, n * e_dim);
+                d.g.moe_down(&d.stream, &down, &mid, &mut mid_act, &dids, n, kk, &mut out)
+                    .unwrap();
+                let got = d.stream.clone_dtoh(&out).unwrap();
+                if ds == 0 {
+                    let host_act = d.stream.clone_dtoh(&mid_act).unwrap();
+                    check_act(td, &host_act, &got_mid, n * kk, ff);
+                }
+                let what = format!("moe_down {td:?} n={n} k={kk} variant={dv} split={ds}");
+                tdn.add(&what, &got, &want);
+            }
+            d.g.tuning.down_split = 0;
+            d.g.tuning.down_variant = 0;
         }
         tgu.finish(&format!("moe_gate_up {tg:?}"));
         tdn.finish(&format!("moe_down {td:?}"));
@@ -510,25 +553,22 @@ fn moe_matches_cpu() {
 
 #[test]
 fn shared_gate_up_swiglu_matches_cpu() {
-    let Some(d) = dev() else { return };
+    let Some(mut d) = dev() else { return };
     let mut rng = Rng(4);
-    let (cols, rows) = (1024usize, 384usize);
+    // 381 rows: the last tile of (gate, up) pairs is partial.
+    let (cols, rows) = (1024usize, 381usize);
     let mut tally = Tally::default();
-    for ty in [GgmlType::Q8_0, GgmlType::F16] {
+    for ty in SUPPORTED {
         let gb = make_weight(&mut rng, ty, cols, rows);
         let ub = make_weight(&mut rng, ty, cols, rows);
         let gate = d.g.upload(&d.stream, ty, cols, rows, 1, &gb).unwrap();
         let up = d.g.upload(&d.stream, ty, cols, rows, 1, &ub).unwrap();
-        for n in [1usize, 4] {
+        for n in [1usize, 3, 9] {
             let x = rng.vec(n * cols, 3.0);
             let dx = d.stream.clone_htod(&x).unwrap();
             let mut act = byte_buf(&d, Gemv::act_bytes(ty, cols, n));
             d.g.quantize_act(&d.stream, ty, &dx, n, cols, &mut act)
                 .unwrap();
-            let mut mid = nan_buf(&d, n * rows);
-            d.g.gate_up_swiglu(&d.stream, &gate, &up, &dx, &act, n, 10.0, &mut mid)
-                .unwrap();
-            let got = d.stream.clone_dtoh(&mid).unwrap();
             let g = cpu_matvec(ty, &gb, cols, rows, 1, &x, n);
             let u = cpu_matvec(ty, &ub, cols, rows, 1, &x, n);
             let want: Vec<f32> = g
@@ -536,9 +576,20 @@ fn shared_gate_up_swiglu_matches_cpu() {
                 .zip(&u)
                 .map(|(&g, &u)| swiglu(g, u, 10.0, 1.0))
                 .collect();
-            tally.add(&format!("gate_up_swiglu {ty:?} n={n}"), &got, &want);
+            for (tile, split) in (0..=2u32).flat_map(|t| [0u32, 1, 8].map(|s| (t, s))) {
+                d.g.tuning.force_tile = tile;
+                d.g.tuning.force_split = split;
+                let mut mid = nan_buf(&d, n * rows);
+                d.g.gate_up_swiglu(&d.stream, &gate, &up, &dx, &act, n, 10.0, &mut mid)
+                    .unwrap();
+                let got = d.stream.clone_dtoh(&mid).unwrap();
+                let what = format!("gate_up_swiglu {ty:?} n={n} tile={tile} split={split}");
+                tally.add(&what, &got, &want);
+            }
         }
     }
+    d.g.tuning.force_tile = 0;
+    d.g.tuning.force_split = 0;
     tally.finish("gate_up_swiglu");
 }
 
@@ -565,6 +616,17 @@ fn bad_expert_ids_give_nan_not_garbage() {
     let m = d.stream.clone_dtoh(&mid).unwrap();
     assert!(m[..rows].iter().all(|v| v.is_finite()));
     assert!(m[rows..].iter().all(|v| v.is_nan()));
+    // moe_down: token 0 has a bad id (all its outputs NaN), token 1 is fine.
+    let down = d.g.upload(&d.stream, ty, cols, rows, n_mat, &b).unwrap();
+    let ids2 = d.stream.clone_htod(&[0i32, 7, 1, 2]).unwrap();
+    let midx = d.stream.clone_htod(&rng.vec(4 * cols, 1.0)).unwrap();
+    let mut mid_act = byte_buf(&d, Gemv::act_bytes(ty, cols, 4));
+    let mut out = d.stream.clone_htod(&vec![0.0f32; 2 * rows]).unwrap();
+    d.g.moe_down(&d.stream, &down, &midx, &mut mid_act, &ids2, 2, 2, &mut out)
+        .unwrap();
+    let o = d.stream.clone_dtoh(&out).unwrap();
+    assert!(o[..rows].iter().all(|v| v.is_nan()));
+    assert!(o[rows..].iter().all(|v| v.is_finite()));
     // Host-side argument checks.
     let mut short = d.stream.clone_htod(&vec![0.0f32; rows - 1]).unwrap();
     assert!(d.g.matvec(&d.stream, &w, &dx, &act, 1, &mut short).is_err());
