@@ -26,6 +26,10 @@ fn main() -> anyhow::Result<()> {
 }
 
 #[cfg(feature = "cuda")]
+#[path = "bench_common/mod.rs"]
+mod bench_common;
+
+#[cfg(feature = "cuda")]
 mod bench {
     use std::io::Write as _;
     use std::sync::Arc;
@@ -40,67 +44,7 @@ mod bench {
     use ds4_gguf::GgmlType;
     use ds4_model::RopeParams;
 
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9E3779B97F4A7C15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
-            z ^ (z >> 31)
-        }
-    }
-
-    /// Random GGUF bytes with small finite f16 scale fields.
-    fn random_tensor(
-        rng: &mut Rng,
-        ty: GgmlType,
-        cols: usize,
-        rows: usize,
-        n_mat: usize,
-    ) -> Vec<u8> {
-        let n = ds4_cuda::gemv::gguf_bytes(ty, cols, rows, n_mat).expect("shape");
-        let mut v = vec![0u8; n];
-        for c in v.chunks_mut(8) {
-            let r = rng.next().to_le_bytes();
-            c.copy_from_slice(&r[..c.len()]);
-        }
-        let half = |rng: &mut Rng| -> [u8; 2] {
-            let m = (rng.next() & 0x83ff) as u16 | ((0x0c + (rng.next() % 4) as u16) << 10);
-            m.to_le_bytes()
-        };
-        match ty {
-            GgmlType::F16 => {
-                for c in v.chunks_mut(2) {
-                    c.copy_from_slice(&half(rng));
-                }
-            }
-            GgmlType::Q8_0 => {
-                for b in v.chunks_mut(34) {
-                    b[..2].copy_from_slice(&half(rng));
-                }
-            }
-            GgmlType::Q2_K => {
-                for b in v.chunks_mut(84) {
-                    b[80..82].copy_from_slice(&half(rng));
-                    b[82..84].copy_from_slice(&half(rng));
-                }
-            }
-            GgmlType::Q4_K => {
-                for b in v.chunks_mut(144) {
-                    b[..2].copy_from_slice(&half(rng));
-                    b[2..4].copy_from_slice(&half(rng));
-                }
-            }
-            GgmlType::IQ2_XXS => {
-                for b in v.chunks_mut(66) {
-                    b[..2].copy_from_slice(&half(rng));
-                }
-            }
-            _ => {}
-        }
-        v
-    }
+    use crate::bench_common::{Rng, random_tensor};
 
     struct B {
         ctx: Arc<CudaContext>,
