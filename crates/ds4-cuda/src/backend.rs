@@ -971,26 +971,7 @@ impl CudaBackend {
                     self.trace_indexer(tr, il, n, indexer)?;
                 }
             }
-            let a = AttnLaunch {
-                q: sc.q.ptr,
-                ring: kvs.ring.ptr,
-                raw_cap: self.raw_cap,
-                window: s.window,
-                comp: kvs.comp.ptr,
-                ratio: l.attn.ratio(),
-                has_indexer: l.idx.is_some(),
-                isel: sc.isel.ptr,
-                topk: s.index_topk,
-                sinks: l.sinks.ptr,
-                scale: s.kq_scale(),
-                nh,
-                hd,
-                n_rot: s.n_rot,
-                inv_freq: inv,
-                pos,
-                part: sc.part.ptr,
-                heads: sc.heads.ptr,
-            };
+            let a = self.attn_launch(l, kvs, inv);
             let comp_rows = kvs.comp.bytes / (hd * 4);
             match self
                 .tc_attn
@@ -1221,26 +1202,7 @@ impl CudaBackend {
                 sc.isel.ptr,
             )?;
         }
-        let a = AttnLaunch {
-            q: sc.q.ptr,
-            ring: kvs.ring.ptr,
-            raw_cap: self.raw_cap,
-            window: s.window,
-            comp: kvs.comp.ptr,
-            ratio: l.attn.ratio(),
-            has_indexer: l.idx.is_some(),
-            isel: sc.isel.ptr,
-            topk: s.index_topk,
-            sinks: l.sinks.ptr,
-            scale: s.kq_scale(),
-            nh,
-            hd,
-            n_rot: s.n_rot,
-            inv_freq: inv,
-            pos,
-            part: sc.part.ptr,
-            heads: sc.heads.ptr,
-        };
+        let a = self.attn_launch(l, kvs, inv);
         if self.att_stride > 0 {
             fw.attention_dec(&a, sc.att_s.ptr, self.att_stride, sc.att_part.ptr)?;
         } else {
@@ -1331,6 +1293,33 @@ impl CudaBackend {
             sc.xin.ptr,
             out,
         )
+    }
+
+    /// The attention launch of layer `l` over its KV state `kvs` (queries in sc.q, output into
+    /// sc.heads), shared by the chunk forward and the decode step.
+    fn attn_launch(&self, l: &DevLayer, kvs: &DevKv, inv: u64) -> AttnLaunch {
+        let s = self.s();
+        let sc = &self.sc;
+        AttnLaunch {
+            q: sc.q.ptr,
+            ring: kvs.ring.ptr,
+            raw_cap: self.raw_cap,
+            window: s.window,
+            comp: kvs.comp.ptr,
+            ratio: l.attn.ratio(),
+            has_indexer: l.idx.is_some(),
+            isel: sc.isel.ptr,
+            topk: s.index_topk,
+            sinks: l.sinks.ptr,
+            scale: s.kq_scale(),
+            nh: s.n_head,
+            hd: s.head_dim,
+            n_rot: s.n_rot,
+            inv_freq: inv,
+            pos: self.d_pos.ptr,
+            part: sc.part.ptr,
+            heads: sc.heads.ptr,
+        }
     }
 
     /// HC pre of a site (its mix product already in sc.mix).
