@@ -1,16 +1,16 @@
-//! GPU weight-streaming kernels (`ds4_cuda::gemv`) against a CPU model of the numerics contract.
+//! GPU weight-streaming kernels (`ds4_cuda::gemv`) against the CPU reference's dot products.
 //!
 //! Skipped (with a printed line) when no CUDA device is usable.
 //!
 //! The contract (see `src/gemv.rs`, shared with `ds4_quant`): exact integer block sums, per-block
 //! f64 terms with fixed products (`((f64)wd·(f64)xd)·isum`, `dall·isum − dm·summs`, IQ2_XXS
 //! `0.125·Σ`), exact f64 products for float weights, every sum in f64, one rounding to f32. The
-//! expected values are computed here (`row_acc`) from `ds4_quant`'s block structs, activation
-//! quantizers and exact integer block sums, with sequential f64 accumulation.
+//! expected values are `ds4_quant`'s activation quantizers and scalar (oracle) dot products
+//! (`row_dot`), i.e. what the CPU backend computes.
 //!
 //! Tolerances, and why:
 //! * Quantized activations (Q8_0 act, Q8_K): **bit-identical** to `ds4_quant`.
-//! * Every matvec / MoE output: within **1 ulp** of f32 of the CPU model, and **≥ 99.9 %
+//! * Every matvec / MoE output: within **1 ulp** of f32 of the CPU reference, and **≥ 99.9 %
 //!   bit-identical** per type. All products are identical on both sides; only the order of the
 //!   f64 sums differs (≤ ~1e-16 relative), which changes the f32 rounding only when the exact
 //!   sum lies that close to a rounding boundary (probability ~1e-8 per output). Any indexing,
@@ -32,10 +32,9 @@ use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
 use ds4_cuda::gemv::{Gemv, SUPPORTED};
 use ds4_gguf::GgmlType;
 use ds4_quant::act::{quantize_q8_0_act_vec, quantize_q8_k_vec};
-use ds4_quant::dot::scalar::{iq2_xxs_isum, q2_k_isums, q4_k_isums, q8_0_isum};
+use ds4_quant::dot::SCALAR;
 use ds4_quant::{
-    BlockIq2Xxs, BlockQ2K, BlockQ4K, BlockQ8_0, BlockQ8_0Act, BlockQ8K, bf16_to_f32,
-    blocks_from_bytes, f16_to_f32, quantize,
+    BlockIq2Xxs, BlockQ2K, BlockQ4K, BlockQ8_0, BlockQ8_0Act, BlockQ8K, blocks_from_bytes, quantize,
 };
 
 mod common;
@@ -138,66 +137,35 @@ fn prep(ty: GgmlType, x: &[f32]) -> Act {
     }
 }
 
-/// The numerics contract's unrounded f64 accumulator of one GGUF weight row times `a`, the
-/// type's scale (0.125 for IQ2_XXS) included: the row result is `row_acc(..) as f32`.
-fn row_acc(ty: GgmlType, row: &[u8], a: &Act) -> f64 {
-    let h = |v: u16| f16_to_f32(v) as f64;
+/// The CPU reference's result for one GGUF weight row times `a`: `ds4_quant`'s scalar (oracle)
+/// dot product of that type, which implements the numerics contract (f64 terms and sums, one
+/// rounding to f32, the type's scale included).
+fn row_dot(ty: GgmlType, row: &[u8], a: &Act) -> f32 {
+    let k = &SCALAR;
+    let halves = || -> Vec<u16> {
+        row.chunks_exact(2)
+            .map(|c| u16::from_le_bytes([c[0], c[1]]))
+            .collect()
+    };
     match (ty, a) {
         (GgmlType::Q8_0, Act::Q8_0(x)) => {
-            let w = blocks_from_bytes::<BlockQ8_0>(row).unwrap();
-            assert_eq!(w.len(), x.len());
-            let mut acc = 0.0f64;
-            for (wb, xb) in w.iter().zip(x) {
-                acc += (h(wb.d) * xb.d as f64) * q8_0_isum(wb, xb) as f64;
-            }
-            acc
+            (k.q8_0)(&blocks_from_bytes::<BlockQ8_0>(row).unwrap(), x)
         }
-        (GgmlType::Q2_K, Act::Q8K(y)) => {
-            let w = blocks_from_bytes::<BlockQ2K>(row).unwrap();
-            let mut acc = 0.0f64;
-            for (wb, yb) in w.iter().zip(y.iter()) {
-                let (isum, summs) = q2_k_isums(wb, yb);
-                let dall = yb.d as f64 * h(wb.d);
-                let dm = yb.d as f64 * h(wb.dmin);
-                acc += dall * isum as f64 - dm * summs as f64;
-            }
-            acc
-        }
-        (GgmlType::Q4_K, Act::Q8K(y)) => {
-            let w = blocks_from_bytes::<BlockQ4K>(row).unwrap();
-            let mut acc = 0.0f64;
-            for (wb, yb) in w.iter().zip(y.iter()) {
-                let (isum, summs) = q4_k_isums(wb, yb);
-                let dall = yb.d as f64 * h(wb.d);
-                let dm = yb.d as f64 * h(wb.dmin);
-                acc += dall * isum as f64 - dm * summs as f64;
-            }
-            acc
-        }
+        (GgmlType::Q2_K, Act::Q8K(y)) => (k.q2_k)(&blocks_from_bytes::<BlockQ2K>(row).unwrap(), y),
+        (GgmlType::Q4_K, Act::Q8K(y)) => (k.q4_k)(&blocks_from_bytes::<BlockQ4K>(row).unwrap(), y),
         (GgmlType::IQ2_XXS, Act::Q8K(y)) => {
-            let w = blocks_from_bytes::<BlockIq2Xxs>(row).unwrap();
-            let mut acc = 0.0f64;
-            for (wb, yb) in w.iter().zip(y.iter()) {
-                acc += (h(wb.d) * yb.d as f64) * iq2_xxs_isum(wb, yb) as f64;
-            }
-            0.125 * acc
+            (k.iq2_xxs)(&blocks_from_bytes::<BlockIq2Xxs>(row).unwrap(), y)
         }
-        (GgmlType::F32, Act::Float(x)) => row
-            .chunks_exact(4)
-            .zip(x)
-            .map(|(c, &v)| f32::from_le_bytes(c.try_into().unwrap()) as f64 * v as f64)
-            .sum(),
-        (GgmlType::F16, Act::Float(x)) => row
-            .chunks_exact(2)
-            .zip(x)
-            .map(|(c, &v)| h(u16::from_le_bytes([c[0], c[1]])) * v as f64)
-            .sum(),
-        (GgmlType::BF16, Act::Float(x)) => row
-            .chunks_exact(2)
-            .zip(x)
-            .map(|(c, &v)| bf16_to_f32(u16::from_le_bytes([c[0], c[1]])) as f64 * v as f64)
-            .sum(),
-        _ => panic!("row_acc: {ty:?} with the wrong activation kind"),
+        (GgmlType::F32, Act::Float(x)) => {
+            let w: Vec<f32> = row
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect();
+            (k.f32)(&w, x)
+        }
+        (GgmlType::F16, Act::Float(x)) => (k.f16)(&halves(), x),
+        (GgmlType::BF16, Act::Float(x)) => (k.bf16)(&halves(), x),
+        _ => panic!("row_dot: {ty:?} with the wrong activation kind"),
     }
 }
 
@@ -229,7 +197,7 @@ fn cpu_matvec(
             let a = prep(ty, xs);
             for r in 0..rows {
                 let rr = m * rows + r;
-                y[t * rows * n_mat + rr] = row_acc(ty, &bytes[rr * rb..(rr + 1) * rb], &a) as f32;
+                y[t * rows * n_mat + rr] = row_dot(ty, &bytes[rr * rb..(rr + 1) * rb], &a);
             }
         }
     }
@@ -471,8 +439,8 @@ fn moe_matches_cpu() {
                     let e = ids[t * kk + j] as usize;
                     for r in 0..ff {
                         let rr = e * ff + r;
-                        let g = row_acc(tg, &gate_b[rr * rbg..(rr + 1) * rbg], &a) as f32;
-                        let u = row_acc(tg, &up_b[rr * rbg..(rr + 1) * rbg], &a) as f32;
+                        let g = row_dot(tg, &gate_b[rr * rbg..(rr + 1) * rbg], &a);
+                        let u = row_dot(tg, &up_b[rr * rbg..(rr + 1) * rbg], &a);
                         want_mid[(t * kk + j) * ff + r] = swiglu(g, u, clamp, wts[t * kk + j]);
                     }
                 }
@@ -493,7 +461,7 @@ fn moe_matches_cpu() {
                     for (j, a) in acts.iter().enumerate() {
                         let rr = ids[t * kk + j] as usize * e_dim + r;
                         // Each expert's row result is an f32 (the CPU's per-expert matvec).
-                        acc += row_acc(td, &down_b[rr * rbd..(rr + 1) * rbd], a) as f32 as f64;
+                        acc += row_dot(td, &down_b[rr * rbd..(rr + 1) * rbd], a) as f64;
                     }
                     want[t * e_dim + r] = acc as f32;
                 }
