@@ -25,8 +25,11 @@
 #  * relative: quantized fixtures and float fixtures with QAT on (as shipped), and a 32-token
 #    prompt on the synthetic Flash model: the CPU backend is the reference. The floor is the
 #    chaos of the model itself: the exact CUDA path with every token embedding moved by 1 ulp
-#    (DS4_CUDA_PERTURB_ULP=1), against the CPU. A route fails if its mean rms vs the CPU exceeds
-#    1.10 x the floor's + 0.02 (PR #15: tensor_vs_quality <= 1.10 x standard_vs_quality) or its
+#    (DS4_CUDA_PERTURB_ULP=seed for each seed in FLOOR_SEEDS, default "1 2 3 4": independent
+#    up/down patterns), against the CPU; the floor is the largest of these samples (one sample
+#    alone is a noisy yardstick: on a 21-row prompt its mean rms varies by tens of percent between
+#    seeds, so a route exactly as sensitive as a 1-ulp change would fail a one-sample test often).
+#    A route fails if its mean rms vs the CPU exceeds 1.10 x the floor's + 0.02 (PR #15: tensor_vs_quality <= 1.10 x standard_vs_quality) or its
 #    top-1 mismatches vs the CPU exceed 2 x the floor's + 2 (rows: the counts are as noisy as the
 #    chaos that causes them); any non-finite logit fails. The exact path's own drift from the CPU
 #    is printed (row "exact"), and drift vs the exact CUDA path (informational).
@@ -43,6 +46,7 @@ LONG_TOKENS=${5:-4096}
 TIGHT_MAX_RMS=${TIGHT_MAX_RMS:-1e-3}
 TIGHT_MIN_TOP20=${TIGHT_MIN_TOP20:-19}
 MAX_RMS_LONG=${DRIFT_MAX_RMS_LONG:-0.60}
+FLOOR_SEEDS=${FLOOR_SEEDS:-1 2 3 4}
 D=${OUT:-/tmp/drift-gate}/drift
 mkdir -p "$D"
 DS4="$BIN/ds4"
@@ -111,7 +115,7 @@ run() {
   fi
   local qflag="" penv=""
   [ "$cfg" = quality ] && qflag="--quality"
-  [ "$cfg" = perturbed ] && { qflag="--quality"; penv="DS4_CUDA_PERTURB_ULP=1"; cfg=quality; }
+  case "$cfg" in perturbed*) qflag="--quality"; penv="DS4_CUDA_PERTURB_ULP=${cfg#perturbed}"; cfg=quality ;; esac
   env $penv $(cfg_env "$cfg") "$DS4" run -m "$model" --backend cuda $qflag --prompt-ids-file "$ids" \
     $dump "$out" -n $n --temp 0 --ctx "$ctx" "$@" > "$out.log" 2>&1
 }
@@ -147,17 +151,23 @@ relative() { # label model ids ctx cfgs...
   local label=$1 model=$2 ids=$3 ctx=$4
   shift 4
   local key=${label//\//.}
-  local cpu="$D/$key.cpu.npy" ref="$D/$key.quality.npy" pert="$D/$key.perturbed.npy"
+  local cpu="$D/$key.cpu.npy" ref="$D/$key.quality.npy"
   [ -f "$cpu" ] || run cpu "$model" "$ids" "$cpu" prompt "$ctx" || { row_fail "$label/cpu" "$(tail -1 "$cpu.log")"; return; }
   run quality "$model" "$ids" "$ref" prompt "$ctx" || { row_fail "$label/exact" "$(tail -1 "$ref.log")"; return; }
-  run perturbed "$model" "$ids" "$pert" prompt "$ctx" || { row_fail "$label/perturbed" "$(tail -1 "$pert.log")"; return; }
   drift "$cpu" "$ref" "$D/$key.exact.json" || { row_fail "$label/exact" "no drift output"; return; }
-  drift "$cpu" "$pert" "$D/$key.floor.json" || { row_fail "$label/floor" "no drift output"; return; }
-  local f_rms f_t1 f_rows
-  f_rms=$(mean_rms "$D/$key.floor.json"); f_t1=$(json_num "$D/$key.floor.json" top1_mismatch)
-  f_rows=$(json_num "$D/$key.floor.json" rows)
+  local f_rms=0 f_t1=0 f_rows seed s_rms s_t1 samples=""
+  f_rows=$(json_num "$D/$key.exact.json" rows)
   ROWS+=("$(printf '%-46s exact   rows %4s  mean rms vs cpu %.3e  top1x %3s' "$label/exact" "$f_rows" "$(mean_rms "$D/$key.exact.json")" "$(json_num "$D/$key.exact.json" top1_mismatch)")")
-  ROWS+=("$(printf '%-46s floor   rows %4s  mean rms vs cpu %.3e  top1x %3s' "$label/exact+1ulp" "$f_rows" "$f_rms" "$f_t1")")
+  for seed in $FLOOR_SEEDS; do
+    local pert="$D/$key.perturbed$seed.npy" pj="$D/$key.floor$seed.json"
+    run "perturbed$seed" "$model" "$ids" "$pert" prompt "$ctx" || { row_fail "$label/perturbed$seed" "$(tail -1 "$pert.log")"; return; }
+    drift "$cpu" "$pert" "$pj" || { row_fail "$label/floor$seed" "no drift output"; return; }
+    s_rms=$(mean_rms "$pj"); s_t1=$(json_num "$pj" top1_mismatch)
+    samples="$samples $(printf '%.3e/%s' "$s_rms" "$s_t1")"
+    f_rms=$(awk -v a="$f_rms" -v b="$s_rms" 'BEGIN { print (b > a ? b : a) }')
+    f_t1=$(awk -v a="$f_t1" -v b="$s_t1" 'BEGIN { print (b > a ? b : a) }')
+  done
+  ROWS+=("$(printf '%-46s floor   rows %4s  mean rms vs cpu %.3e  top1x %3s  (max over seeds, rms/top1x:%s)' "$label/exact+1ulp" "$f_rows" "$f_rms" "$f_t1" "$samples")")
   local cfg
   for cfg in "$@"; do
     local FAIL_SAVED=$FAIL

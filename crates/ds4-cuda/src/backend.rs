@@ -224,8 +224,9 @@ pub struct CudaBackend {
     embed: DBuf,
     embed_type: i32,
     embed_row_bytes: usize,
-    /// `DS4_CUDA_PERTURB_ULP=1`: move every embedding value 1 ulp (the drift gate's chaos floor).
-    perturb: Option<CudaFunction>,
+    /// `DS4_CUDA_PERTURB_ULP=<seed>`: move every embedding value 1 ulp (the drift gate's chaos
+    /// floor; seed 1 away from zero, other seeds a hashed up/down pattern).
+    perturb: Option<(CudaFunction, u32)>,
     out_hc_fn: DevWeight,
     out_hc_base: DBuf,
     out_norm: DBuf,
@@ -603,17 +604,21 @@ impl CudaBackend {
             &layers,
             &out_hc_fn,
         )?;
-        let perturb = if std::env::var("DS4_CUDA_PERTURB_ULP").is_ok_and(|v| v == "1") {
-            eprintln!(
-                "ds4-cuda: DS4_CUDA_PERTURB_ULP=1: token embeddings moved 1 ulp away from zero (diagnostic)"
-            );
-            let m = crate::device::load_module(&dctx, "selftest")?;
-            Some(
-                m.load_function("ds4_perturb_ulp")
-                    .map_err(|e| cerr(format!("kernel ds4_perturb_ulp: {e}")))?,
-            )
-        } else {
-            None
+        let perturb = match std::env::var("DS4_CUDA_PERTURB_ULP")
+            .ok()
+            .and_then(|v| v.parse::<u32>().ok())
+        {
+            Some(seed) if seed > 0 => {
+                eprintln!(
+                    "ds4-cuda: DS4_CUDA_PERTURB_ULP={seed}: token embeddings moved 1 ulp (diagnostic)"
+                );
+                let m = crate::device::load_module(&dctx, "selftest")?;
+                let f = m
+                    .load_function("ds4_perturb_ulp")
+                    .map_err(|e| cerr(format!("kernel ds4_perturb_ulp: {e}")))?;
+                Some((f, seed))
+            }
+            _ => None,
         };
         stream.synchronize().map_err(crate::rt::drv)?;
         Ok(CudaBackend {
@@ -908,7 +913,7 @@ impl CudaBackend {
             hc,
             sc.x.ptr,
         )?;
-        if let Some(f) = &self.perturb {
+        if let Some((f, seed)) = &self.perturb {
             let len = n * hc * e;
             crate::rt::launch(
                 &self.stream,
@@ -916,7 +921,11 @@ impl CudaBackend {
                 (len.div_ceil(256) as u32, 1, 1),
                 256,
                 0,
-                &[crate::rt::A::P(sc.x.ptr), crate::rt::A::L(len as i64)],
+                &[
+                    crate::rt::A::P(sc.x.ptr),
+                    crate::rt::A::L(len as i64),
+                    crate::rt::A::I(*seed as i32),
+                ],
             )?;
         }
         fw.rms_rows(sc.x.ptr, hcd, 0, hcd, eps, sc.flat.ptr, hcd, n)?;
