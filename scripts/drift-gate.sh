@@ -33,8 +33,8 @@
 #    top-1 mismatches vs the CPU exceed 2 x the floor's + 2 (rows: the counts are as noisy as the
 #    chaos that causes them); any non-finite logit fails. The exact path's own drift from the CPU
 #    is printed (row "exact"), and drift vs the exact CUDA path (informational).
-#  * long (synthetic Flash, LONG_TOKENS prompt): row 0 (the prefill's last position) vs the exact
-#    path: same top-1 and rms <= DRIFT_MAX_RMS_LONG (0.60, PR #15's long envelope); the greedy
+#  * long (synthetic Flash, LONG_TOKENS prompt), each route alone and all routes on: row 0 (the
+#    prefill's last position) vs the exact path: same top-1 and rms <= DRIFT_MAX_RMS_LONG (0.60, PR #15's long envelope); the greedy
 #    steps that follow are reported (steps until the first top-1 difference), not gated.
 # Logs and dumps go to $OUT/drift (default /tmp/drift-gate). Prints a table last; exit 1 on failure.
 set -uo pipefail
@@ -221,7 +221,7 @@ if [ "$SYNTH_LAYERS" -gt 0 ]; then
     ids="$D/short32.json"
     awk 'BEGIN { srand(5); printf "["; for (i = 0; i < 32; i++) printf "%s%d", (i ? "," : ""), 1000 + int(rand() * 120000); print "]" }' > "$ids"
     if CPU_TIMEOUT=45 run cpu "$sm" "$ids" "$D/$model.short32.cpu.npy" prompt 256; then
-      relative "$model/short32" "$sm" "$ids" 256 attn all
+      relative "$model/short32" "$sm" "$ids" 256 $(cfgs_for "$model")
     else
       ROWS+=("$(printf '%-46s skipped (CPU reference failed or slower than 45 s: %s)' "$model/short32" "$(tail -1 "$D/$model.short32.cpu.npy.log")")")
     fi
@@ -230,11 +230,16 @@ if [ "$SYNTH_LAYERS" -gt 0 ]; then
     ref="$D/$model.long.quality.npy"
     ctx=$((LONG_TOKENS + 64))
     if run quality "$sm" "$ids" "$ref" gen $ctx; then
-      SPEED+=("$(printf '%-8s %s' exact "$(grep -o 'prefill: [0-9.]* t/s' "$ref.log")")")
-      out="$D/$model.long.all.npy"
-      if run all "$sm" "$ids" "$out" gen $ctx; then
-        SPEED+=("$(printf '%-8s %s' routes "$(grep -o 'prefill: [0-9.]* t/s' "$out.log")")")
-        js="$D/$model.long.all.json"
+      SPEED+=("$(printf '%-12s %s' exact "$(grep -o 'prefill: [0-9.]* t/s' "$ref.log")")")
+      # every route alone, then all routes on (ds4 PR #15: each route and the combination)
+      for cfg in $(cfgs_for "$model"); do
+        [ "$cfg" = attn_f16 ] && continue
+        out="$D/$model.long.$cfg.npy" js="$D/$model.long.$cfg.json"
+        if ! run "$cfg" "$sm" "$ids" "$out" gen $ctx; then
+          row_fail "$model/long/$cfg" "$(tail -1 "$out.log")"
+          continue
+        fi
+        SPEED+=("$(printf '%-12s %s' "$cfg" "$(grep -o 'prefill: [0-9.]* t/s' "$out.log")")")
         if drift "$ref" "$out" "$js"; then
           # row 0 = the prefill's last position; then greedy steps
           rms=$(grep -E '^ *"rms":' "$js" | head -1 | sed -E 's/.*: *([^,]*),?/\1/')
@@ -245,14 +250,12 @@ if [ "$SYNTH_LAYERS" -gt 0 ]; then
           st=PASS
           awk -v r="$rms" -v m="$MAX_RMS_LONG" -v t="$same" -v f="$nf" 'BEGIN { exit !(r <= m && t == 1 && f == 0) }' || { st=FAIL; FAIL=1; }
           ROWS+=("$(printf '%-46s long    last prompt row: rms %.3e (<= %s) same top-1 %s top20 %s; greedy steps agreeing %s of %s  %s' \
-            "$model/long$LONG_TOKENS/all" "$rms" "$MAX_RMS_LONG" "$([ "$same" = 1 ] && echo yes || echo NO)" "$top20" \
+            "$model/long$LONG_TOKENS/$cfg" "$rms" "$MAX_RMS_LONG" "$([ "$same" = 1 ] && echo yes || echo NO)" "$top20" \
             "$((greedy > 0 ? greedy - 1 : 0))" "$(( $(json_num "$js" rows) - 1 ))" "$st")")
         else
-          row_fail "$model/long/all" "no drift output"
+          row_fail "$model/long/$cfg" "no drift output"
         fi
-      else
-        row_fail "$model/long/all" "$(tail -1 "$out.log")"
-      fi
+      done
     else
       row_fail "$model/long/exact" "$(tail -1 "$ref.log")"
     fi
