@@ -23,9 +23,11 @@ COMMIT=${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 # Decode at 2k / 8k / 32k (ds4-bench frontiers), tensor-core prefill routes on.
 "$DS4" bench -m "$M" --backend cuda --ctx-start 2048 --ctx-max 32768 --step-mul 4 \
   --gen-tokens "$GEN" --csv "$OUT/decode-routes.csv" > "$OUT/decode-routes.log" 2>&1 || tail -5 "$OUT/decode-routes.log"
-# Prefill 512 / 2048 / 8192 / 32768 with the routes and with --quality (exact kernels).
-"$DS4" bench -m "$M" --backend cuda --ctx-start 512 --ctx-max 32768 --step-mul 4 \
-  --gen-tokens 8 --csv "$OUT/prefill-routes.csv" > "$OUT/prefill-routes.log" 2>&1 || tail -5 "$OUT/prefill-routes.log"
-"$DS4" bench -m "$M" --backend cuda --quality --ctx-start 512 --ctx-max 32768 --step-mul 4 \
-  --gen-tokens 8 --csv "$OUT/prefill-quality.csv" > "$OUT/prefill-quality.log" 2>&1 || tail -5 "$OUT/prefill-quality.log"
+# Prefill of whole prompts of 512 / 2048 / 8192 / 32768 tokens from an empty session
+# (performance.md §5.4; --whole-prompt), tensor-core routes on and with --quality (exact kernels;
+# QUALITY_MAX caps its largest prompt: the exact path takes minutes at 32k).
+"$DS4" bench -m "$M" --backend cuda --whole-prompt --ctx-start 512 --ctx-max 32768 --step-mul 4 \
+  --gen-tokens 4 --csv "$OUT/prefill-routes.csv" > "$OUT/prefill-routes.log" 2>&1 || tail -5 "$OUT/prefill-routes.log"
+"$DS4" bench -m "$M" --backend cuda --quality --whole-prompt --ctx-start 512 --ctx-max "${QUALITY_MAX:-32768}" --step-mul 4 \
+  --gen-tokens 4 --csv "$OUT/prefill-quality.csv" > "$OUT/prefill-quality.log" 2>&1 || tail -5 "$OUT/prefill-quality.log"
 for f in decode-routes prefill-routes prefill-quality; do echo "== $f"; cat "$OUT/$f.csv"; done

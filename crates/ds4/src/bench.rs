@@ -6,7 +6,8 @@
 //! At each frontier: sync the session to the prefix (only the new interval is prefilled, and
 //! timed: `prefill_tps`); snapshot the session (untimed; its size is `kvcache_bytes`); run
 //! exactly `--gen-tokens` greedy decode steps with EOS excluded (timed: `gen_tps`); restore the
-//! snapshot (untimed); write one CSV row.
+//! snapshot (untimed); write one CSV row. With `--whole-prompt` the session is emptied before
+//! each frontier, so `prefill_tps` is the cold prefill of the whole prompt (performance.md §5.4).
 //!
 //! Extra columns: `card` (GPU name or `cpu`), `backend`, `commit`, `decode_bytes_per_token`
 //! (weights one decode step reads + the KV rows it reads, averaged over the decoded steps),
@@ -77,6 +78,11 @@ pub struct Args {
         default_value_t = 128
     )]
     pub gen_tokens: usize,
+    /// Prefill the whole prompt of each frontier from an empty session (performance.md §5.4's
+    /// prefill throughput: `prefill_tps` = frontier / time of a cold prefill) instead of only
+    /// the new slice since the previous frontier.
+    #[arg(long)]
+    pub whole_prompt: bool,
     /// Tokens per prefill chunk.
     #[arg(long, default_value_t = ds4_model::session::DEFAULT_PREFILL_CHUNK)]
     pub prefill_chunk: usize,
@@ -699,6 +705,10 @@ pub fn run(a: Args) -> Result<()> {
     write_header(&mut out)?;
     let mut previous = 0usize;
     for &frontier in &fr {
+        if a.whole_prompt {
+            session.reset();
+            previous = 0;
+        }
         let t0 = Instant::now();
         session
             .sync(&prompt[..frontier])

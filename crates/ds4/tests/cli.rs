@@ -475,6 +475,40 @@ fn bench_writes_the_csv_and_plots_it() {
 }
 
 #[test]
+fn bench_whole_prompt_prefills_each_frontier_from_empty() {
+    let dir = tempfile::tempdir().unwrap();
+    let csv = dir.path().join("w.csv");
+    let o = ds4(
+        &[
+            "bench",
+            "-m",
+            p(tiny_f32()),
+            "--whole-prompt",
+            "--ctx-start",
+            "16",
+            "--ctx-max",
+            "48",
+            "--step-incr",
+            "16",
+            "--gen-tokens",
+            "2",
+            "--csv",
+            p(&csv),
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = std::fs::read_to_string(&csv).unwrap();
+    let rows: Vec<Vec<&str>> = text.lines().skip(1).map(|l| l.split(',').collect()).collect();
+    assert_eq!(rows.len(), 3, "{text}");
+    for (f, ctx) in rows.iter().zip([16usize, 32, 48]) {
+        assert_eq!(f[0].parse::<usize>().unwrap(), ctx);
+        assert_eq!(f[1].parse::<usize>().unwrap(), ctx, "the whole prompt is prefilled");
+        assert!(f[2].parse::<f64>().unwrap() > 0.0);
+    }
+}
+
+#[test]
 fn bench_prompt_file_on_the_builtin_model() {
     let dir = tempfile::tempdir().unwrap();
     let f = dir.path().join("p.txt");
