@@ -33,6 +33,11 @@
 // The rows are f32 in the KV state; ds4_attn_tc_prep first writes them as [row][hi hd | lo hd]
 // f16 into a scratch (ring: every slot; compressed rows: those visible to the chunk).
 
+// Programmatic dependent launch (src/rt.rs launch_raw): wait until the previous kernel of
+// the stream has completed (its writes visible), then let the next kernel be scheduled.
+// A no-op for kernels launched without the PDL attribute.
+#define PDL_ENTRY() asm volatile("griddepcontrol.wait;\n\tgriddepcontrol.launch_dependents;" ::: "memory")
+
 typedef unsigned short u16;
 typedef unsigned int u32;
 typedef long long i64;
@@ -111,6 +116,7 @@ __device__ __forceinline__ void at_rope_inv(float* x0, float* x1, float c, float
 extern "C" __global__ void __launch_bounds__(256)
     ds4_attn_tc_prep(const float* __restrict__ src, int rows, const int* __restrict__ pos0p, int n,
                      int ratio, int hd, u16* __restrict__ dst) {
+    PDL_ENTRY();
     i64 nr = rows;
     if (ratio > 0) {
         const i64 v = ((i64)*pos0p + n) / ratio;
@@ -396,7 +402,7 @@ __device__ __forceinline__ void attn_tc_body(
 #define AT_PASS q, ring16, raw_cap, window, comp16, ratio, has_indexer, isel, topk, sinks, scale, nh, n_rot, inv_freq, pos0p, heads
 
 #define AT_KERNEL(hd, split, name)                                                                 \
-    extern "C" __global__ void __launch_bounds__(AT_THREADS, 1) name(AT_ARGS) {                  \
+    extern "C" __global__ void __launch_bounds__(AT_THREADS, 1) name(AT_ARGS) { PDL_ENTRY();                  \
         attn_tc_body<hd, split>(AT_PASS);                                                          \
     }
 AT_KERNEL(512, true, ds4_attn_tc_512_x)
@@ -406,6 +412,7 @@ AT_KERNEL(128, false, ds4_attn_tc_128_h)
 
 // Dynamic shared memory of each variant, in the order above.
 extern "C" __global__ void ds4_attn_tc_smem(int* out) {
+    PDL_ENTRY();
     if (threadIdx.x == 0) {
         out[0] = AtLay<512, true>::TOTAL;
         out[1] = AtLay<512, false>::TOTAL;

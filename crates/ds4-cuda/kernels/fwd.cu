@@ -10,6 +10,11 @@
 // Positions are read from device memory (`pos0p` = first position of the chunk), so one captured
 // CUDA graph serves every decode step. Token t of a chunk is at position *pos0p + t.
 
+// Programmatic dependent launch (src/rt.rs launch_raw): wait until the previous kernel of
+// the stream has completed (its writes visible), then let the next kernel be scheduled.
+// A no-op for kernels launched without the PDL attribute.
+#define PDL_ENTRY() asm volatile("griddepcontrol.wait;\n\tgriddepcontrol.launch_dependents;" ::: "memory")
+
 #include <cooperative_groups.h>
 #include <cuda_fp16.h>
 #include <stdint.h>
@@ -272,6 +277,7 @@ __device__ void rms_norm_shared(float* row, int dim, const float* w, float eps, 
 // Position bookkeeping
 
 extern "C" __global__ void ds4_advance_pos(int* pos, int n) {
+    PDL_ENTRY();
     if (threadIdx.x == 0 && blockIdx.x == 0) *pos += n;
 }
 
@@ -281,6 +287,7 @@ extern "C" __global__ void ds4_advance_pos(int* pos, int n) {
 
 extern "C" __global__ void ds4_embed(const unsigned char* table, int type, int e, i64 row_bytes,
                                      const int* tokens, int hc, float* x) {
+    PDL_ENTRY();
     // grid (ceil(e / blockDim), n): one element per thread.
     const int t = blockIdx.y;
     const int d = blockIdx.x * blockDim.x + threadIdx.x;
@@ -312,6 +319,7 @@ extern "C" __global__ void ds4_embed(const unsigned char* table, int type, int e
 
 extern "C" __global__ void __launch_bounds__(1024) ds4_rms_norm_rows(const float* x, i64 xs, const float* w, int dim,
                                              float eps, float* out, i64 os) {
+    PDL_ENTRY();
     __shared__ double sh[32];
     const float* xr = x + (i64)blockIdx.x * xs;
     float* orow = out + (i64)blockIdx.x * os;
@@ -444,6 +452,7 @@ extern "C" __global__ void ds4_hc_pre(const float* mix, int nm, const float* sca
                                       const float* base, int hc, int iters, float hc_eps,
                                       const float* x, int e, const float* norm_w, float rms_eps,
                                       float* post, float* comb, float* xin, float* a) {
+    PDL_ENTRY();
     __shared__ float s_pre[MAX_HC];
     __shared__ float s_post[MAX_HC];
     __shared__ float s_comb[MAX_HC * MAX_HC];
@@ -484,6 +493,7 @@ extern "C" __global__ void ds4_hc_pre(const float* mix, int nm, const float* sca
 extern "C" __global__ void ds4_hc_post(const float* f, const float* routed, int k, const float* x,
                                        const float* post, const float* comb, int hc, int e,
                                        float* xo, float* flat, float eps) {
+    PDL_ENTRY();
     __shared__ float s_post[MAX_HC];
     __shared__ float s_comb[MAX_HC * MAX_HC];
     __shared__ double sh[32];
@@ -528,6 +538,7 @@ extern "C" __global__ void ds4_hc_post(const float* f, const float* routed, int 
 extern "C" __global__ void ds4_hc_head(const float* mix, float scale, const float* base,
                                        float hc_eps, const float* x, int hc, int e,
                                        const float* norm_w, float rms_eps, float* hn) {
+    PDL_ENTRY();
     extern __shared__ float s_y[];
     __shared__ float s_w[MAX_HC];
     __shared__ double sh[32];
@@ -554,6 +565,7 @@ extern "C" __global__ void ds4_hc_head(const float* mix, float scale, const floa
 
 extern "C" __global__ void ds4_head_norm_rope(float* q, int nh, int hd, int n_rot, float eps,
                                               const double* inv_freq, const int* pos0p) {
+    PDL_ENTRY();
     extern __shared__ float s_row[];
     __shared__ double sh[32];
     const int h = blockIdx.x, t = blockIdx.y;
@@ -572,6 +584,7 @@ extern "C" __global__ void ds4_head_norm_rope(float* q, int nh, int hd, int n_ro
 extern "C" __global__ void ds4_kv_finish(const float* kvp, const float* w, int hd, int n_rot,
                                          float eps, const double* inv_freq, const int* pos0p,
                                          int qat, int n_nope, float* ring, int raw_cap) {
+    PDL_ENTRY();
     extern __shared__ float s_row[];
     __shared__ double sh[32];
     const int t = blockIdx.x;
@@ -644,6 +657,7 @@ extern "C" __global__ void ds4_comp_emit(const float* ckv, const float* csc, con
                                          const int* pos0p, int n, int ratio, int overlap, int d_c,
                                          const float* norm, float eps, const double* inv_freq,
                                          int n_rot, int qat_mode, int n_nope, float* rows) {
+    PDL_ENTRY();
     extern __shared__ float s_row[];
     __shared__ double sh[32];
     CompSrc s;
@@ -722,6 +736,7 @@ extern "C" __global__ void ds4_comp_emit(const float* ckv, const float* csc, con
 extern "C" __global__ void ds4_comp_frontier(const float* ckv, const float* csc, const float* ape,
                                              float* st_kv, float* st_sc, const int* pos0p, int n,
                                              int ratio, int overlap, int d_c) {
+    PDL_ENTRY();
     CompSrc s;
     s.ckv = ckv;
     s.csc = csc;
@@ -775,6 +790,7 @@ extern "C" __global__ void ds4_comp_frontier(const float* ckv, const float* csc,
 extern "C" __global__ void ds4_indexer_q(float* iq, float* iw, int nih, int ihd, int n_rot,
                                          const double* inv_freq, const int* pos0p, int qat,
                                          double wscale) {
+    PDL_ENTRY();
     extern __shared__ float s_row[];
     const int h = blockIdx.x, t = blockIdx.y;
     float* x = iq + ((i64)t * nih + h) * ihd;
@@ -799,6 +815,7 @@ extern "C" __global__ void ds4_indexer_scores(const float* iq, const float* iw, 
                                               int nih, int ihd, int ratio, int topk,
                                               const int* pos0p, int t0, float* scores,
                                               i64 sstride) {
+    PDL_ENTRY();
     extern __shared__ double smem_d[];
     const int t = t0 + blockIdx.y;
     const i64 p = (i64)*pos0p + t;
@@ -875,6 +892,7 @@ __device__ int block_excl_scan(int flag, int* total, int* sh) {
 // isel [t][topk], for tokens seeing more than topk rows. grid (nt), block 1024.
 extern "C" __global__ void __launch_bounds__(1024) ds4_topk(const float* scores, i64 sstride, int ratio, int topk,
                                     const int* pos0p, int t0, int* isel) {
+    PDL_ENTRY();
     __shared__ unsigned hist[256];
     __shared__ unsigned s_prefix, s_mask;
     __shared__ int s_need;
@@ -1005,6 +1023,7 @@ extern "C" __global__ void ds4_attention(const float* q, const float* ring, int 
                                          const float* sinks, float scale, int nh, int hd,
                                          int n_rot, const double* inv_freq, const int* pos0p,
                                          int nsplit, double* part, float* heads) {
+    PDL_ENTRY();
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int hpb = blockDim.x >> 5;
     const int h = blockIdx.x * hpb + warp;
@@ -1078,6 +1097,7 @@ extern "C" __global__ void ds4_attention(const float* q, const float* ring, int 
 extern "C" __global__ void ds4_attn_combine(const double* part, int nsplit, const float* sinks,
                                             int nh, int hd, int n_rot, const double* inv_freq,
                                             const int* pos0p, float* heads) {
+    PDL_ENTRY();
     const int h = blockIdx.x, t = blockIdx.y;
     const int lane = threadIdx.x & 31;
     const int nj = hd / 32;
@@ -1115,6 +1135,7 @@ extern "C" __global__ void ds4_attn_combine(const double* part, int nsplit, cons
 extern "C" __global__ void __launch_bounds__(1024) ds4_router(const float* rlog, int ne, int k, int hash,
                                       const int* tid2eid, const int* tokens, const float* bias,
                                       float wscale, float* probs, int* sel, float* wts) {
+    PDL_ENTRY();
     __shared__ float s_p[1024];
     __shared__ float s_v[1024];
     __shared__ int s_sel[ROUTER_MAXK];
@@ -1167,6 +1188,7 @@ extern "C" __global__ void __launch_bounds__(1024) ds4_router(const float* rlog,
 
 extern "C" __global__ void ds4_swiglu(const float* g, const float* u, i64 in_stride, int cols,
                                       int rows, float clamp, float* out, i64 out_stride) {
+    PDL_ENTRY();
     const i64 total = (i64)rows * cols;
     for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < total;
          i += (i64)gridDim.x * blockDim.x) {
@@ -1351,6 +1373,7 @@ extern "C" __global__ void __cluster_dims__(CL, 1, 1) __launch_bounds__(CL_T)
     ds4_hc_pre_dec(const float* mix, const float* scale, const float* base, int hc, float hc_eps,
                    const float* x, int e, const float* norm_w, float rms_eps, float* xin,
                    float* a) {
+    PDL_ENTRY();
     __shared__ float s_pre[MAX_HC];
     if (threadIdx.x < hc) {
         const int i = threadIdx.x;
@@ -1370,6 +1393,7 @@ extern "C" __global__ void __cluster_dims__(CL, 1, 1) __launch_bounds__(CL_T)
 extern "C" __global__ void ds4_hc_split_dec(const float* mix, const float* scale,
                                             const float* base, int hc, int iters, float hc_eps,
                                             float* post, float* comb) {
+    PDL_ENTRY();
     __shared__ float s_pre[MAX_HC];
     __shared__ float s_post[MAX_HC];
     __shared__ float s_comb[MAX_HC * MAX_HC];
@@ -1384,6 +1408,7 @@ extern "C" __global__ void ds4_hc_split_dec(const float* mix, const float* scale
 extern "C" __global__ void __cluster_dims__(CL, 1, 1) __launch_bounds__(CL_T)
     ds4_hc_head_dec(const float* mix, float scale, const float* base, float hc_eps,
                     const float* x, int hc, int e, const float* norm_w, float rms_eps, float* hn) {
+    PDL_ENTRY();
     __shared__ float s_w[MAX_HC];
     if (threadIdx.x < hc) {
         const int i = threadIdx.x;
@@ -1485,6 +1510,7 @@ __device__ void hc_post_dec_body(const float* f, const float* routed, int k, con
 extern "C" __global__ void __cluster_dims__(CL, 1, 1) __launch_bounds__(CL_T)
     ds4_hc_post_dec(const float* f, const float* routed, int k, const float* x, const float* post,
                     const float* comb, int hc, int e, float* xo, float* flat, float eps) {
+    PDL_ENTRY();
     __shared__ float s_post[MAX_HC];
     __shared__ float s_comb[MAX_HC * MAX_HC];
     for (int i = threadIdx.x; i < hc; i += blockDim.x) s_post[i] = post[i];
@@ -1647,6 +1673,7 @@ __device__ void comp_dec_block(const CompDec& c, i64 pos, float eps, int n_rot, 
 }
 
 extern "C" __global__ void __launch_bounds__(512) ds4_qkv_dec(const QkvDec P) {
+    PDL_ENTRY();
     extern __shared__ float s_row[];
     __shared__ double sh[32];
     const int b = blockIdx.x;
@@ -1766,6 +1793,7 @@ extern "C" __global__ void __launch_bounds__(256) ds4_attn_dec_scores(
     const float* q, const float* ring, int raw_cap, int window, const float* comp, int ratio,
     int has_indexer, const int* isel, int topk, float scale, int nh, int hd, const int* pos0p,
     double* S, i64 s_stride, double* pm) {
+    PDL_ENTRY();
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int h0 = (blockIdx.y * ATT_DEC_HPB + warp) * 2;
     if (h0 >= nh) return;
@@ -1836,6 +1864,7 @@ extern "C" __global__ void __launch_bounds__(256) ds4_attn_dec_out(
     int window, const float* comp, int ratio, int has_indexer, const int* isel, int topk,
     const float* sinks, int nh, int hd, int n_rot, const double* inv_freq, const int* pos0p,
     double* part, unsigned* ctr, float* heads) {
+    PDL_ENTRY();
     __shared__ double s_p[ATT_DEC_HPB][ATO_T];
     __shared__ const float* s_rp[ATO_T];
     __shared__ double s_m[ATT_DEC_HPB];
@@ -1954,6 +1983,7 @@ extern "C" __global__ void __launch_bounds__(256) ds4_indexer_scores4(const floa
                                                int nih, int ihd, int ratio, int topk,
                                                const int* pos0p, int t0, float* scores,
                                                i64 sstride) {
+    PDL_ENTRY();
     extern __shared__ double smem_d[];
     const int t = t0 + blockIdx.y;
     const i64 p = (i64)*pos0p + t;

@@ -37,6 +37,11 @@
 // result is rounded to float once. With exact products, only the order of the double sum
 // differs from the CPU, so the f32 results agree bit for bit except at ~1e-8-probability ties.
 
+// Programmatic dependent launch (src/rt.rs launch_raw): wait until the previous kernel of
+// the stream has completed (its writes visible), then let the next kernel be scheduled.
+// A no-op for kernels launched without the PDL attribute.
+#define PDL_ENTRY() asm volatile("griddepcontrol.wait;\n\tgriddepcontrol.launch_dependents;" ::: "memory")
+
 #define FULL_MASK 0xffffffffu
 
 typedef signed char i8;
@@ -717,7 +722,7 @@ __device__ __forceinline__ void dense_body(const WP& w, const WP& w2, const AP& 
         const float *x, float *y, int RT, int row0, int nrows, int Rm, int C, int Cx, int grouped, \
         int n, int split
 #define GEMV_INST(name, T, BS, NT, RR, U)                                                         \
-    extern "C" __global__ void __launch_bounds__(256) ds4_gemv_##name##_##NT##_##RR##x##U(GEMV_ARGS) { \
+    extern "C" __global__ void __launch_bounds__(256) ds4_gemv_##name##_##NT##_##RR##x##U(GEMV_ARGS) { PDL_ENTRY(); \
         const WP w = {p0, p1, p2, C, C / BS};                                                     \
         const AP a = {aq, ad, abs_, x};                                                           \
         dense_body<T, NT, RR, U, false>(w, w, a, y, RT, row0, nrows, Rm, Cx, grouped, n, split, 0.f); \
@@ -761,7 +766,7 @@ GEMV_INST(q4_k, T_Q4_K, 256, 8, 8, 1)
         const i8 *aq, const float *ad, const short *abs_, const float *x, float *mid, int R,      \
         int C, int n, int split, float clamp
 #define GATE_UP_INST(name, T, BS, NT, RR, U)                                                      \
-    extern "C" __global__ void __launch_bounds__(256) ds4_gate_up_##name##_##NT##_##RR##x##U(GATE_UP_ARGS) { \
+    extern "C" __global__ void __launch_bounds__(256) ds4_gate_up_##name##_##NT##_##RR##x##U(GATE_UP_ARGS) { PDL_ENTRY(); \
         const WP wg = {g0, g1, g2, C, C / BS};                                                    \
         const WP wu = {u0, u1, u2, C, C / BS};                                                    \
         const AP a = {aq, ad, abs_, x};                                                           \
@@ -879,7 +884,7 @@ __device__ __forceinline__ void gate_up_body(const WP& wg, const WP& wu, const A
 // Tile shapes and variants (MINB: min resident blocks, a register cap): keep in sync with
 // Kind::gate_up_variants in gemv.rs.
 #define MOE_GU_INST(name, T, BS, RR, U, MINB)                                                 \
-    extern "C" __global__ void __launch_bounds__(256, MINB) ds4_moe_gate_up_##name(MOE_GU_ARGS) { \
+    extern "C" __global__ void __launch_bounds__(256, MINB) ds4_moe_gate_up_##name(MOE_GU_ARGS) { PDL_ENTRY(); \
         const WP wg = {g0, g1, g2, C, C / BS};                                                \
         const WP wu = {u0, u1, u2, C, C / BS};                                                \
         const AP a = {aq, ad, abs_, x};                                                       \
@@ -998,7 +1003,7 @@ __device__ __forceinline__ void down_body(const WP& w, const AP& ap, const int* 
         const float *x, const int *ids, float *out, int R, int C, int n_mat, int n, int k, int split
 // Tile shapes and variants: keep in sync with Kind::down_variants in gemv.rs.
 #define MOE_DOWN_INST(name, T, BS, RR, U)                                                     \
-    extern "C" __global__ void __launch_bounds__(256) ds4_moe_down_##name(MOE_DOWN_ARGS) {    \
+    extern "C" __global__ void __launch_bounds__(256) ds4_moe_down_##name(MOE_DOWN_ARGS) { PDL_ENTRY();    \
         const WP w = {p0, p1, p2, C, C / BS};                                                 \
         const AP a = {aq, ad, abs_, x};                                                       \
         down_body<T, RR, U>(w, a, ids, out, R, n_mat, n, k, split);                           \
@@ -1020,6 +1025,7 @@ MOE_DOWN_INST(iq2_xxs_4x1, T_IQ2_XXS, 256, 4, 1)
 // q = clamp(rint(x·id), -128, 127) (round-half-even; NaN → 0 like the CPU's saturating cast).
 extern "C" __global__ void ds4_quant_q8_0(const float* __restrict__ x, i8* __restrict__ qs,
                                           float* __restrict__ d, i64 nblocks) {
+    PDL_ENTRY();
     const int lane = threadIdx.x & 31;
     const i64 nw = (i64)gridDim.x * (blockDim.x >> 5);
     for (i64 b = (i64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); b < nblocks; b += nw) {
@@ -1043,6 +1049,7 @@ extern "C" __global__ void ds4_quant_q8_0(const float* __restrict__ x, i8* __res
 // d = 1/iscale; an all-zero block gives d = 0, q = 0.
 extern "C" __global__ void ds4_quant_q8_k(const float* __restrict__ x, i8* __restrict__ qs,
                                           float* __restrict__ d, short* __restrict__ bs, i64 nblocks) {
+    PDL_ENTRY();
     const int lane = threadIdx.x & 31;
     const i64 nw = (i64)gridDim.x * (blockDim.x >> 5);
     for (i64 b = (i64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); b < nblocks; b += nw) {
@@ -1095,6 +1102,7 @@ extern "C" __global__ void ds4_quant_q8_k(const float* __restrict__ x, i8* __res
 
 extern "C" __global__ void ds4_repack_q8_0(const u8* __restrict__ raw, u8* __restrict__ qs,
                                            u16* __restrict__ d, i64 nblocks) {
+    PDL_ENTRY();
     for (i64 b = (i64)blockIdx.x * blockDim.x + threadIdx.x; b < nblocks; b += (i64)gridDim.x * blockDim.x) {
         const u8* s = raw + b * 34;
         d[b] = (u16)(s[0] | (s[1] << 8));
@@ -1107,6 +1115,7 @@ extern "C" __global__ void ds4_repack_q8_0(const u8* __restrict__ raw, u8* __res
 
 extern "C" __global__ void ds4_repack_q2_k(const u8* __restrict__ raw, u8* __restrict__ qs,
                                            u8* __restrict__ sc, u32* __restrict__ dm, i64 nblocks) {
+    PDL_ENTRY();
     for (i64 b = (i64)blockIdx.x * blockDim.x + threadIdx.x; b < nblocks; b += (i64)gridDim.x * blockDim.x) {
         const u32* s = (const u32*)(raw + b * 84);  // 84 = 4·21: 4-byte aligned blocks
         u32* os = (u32*)(sc + b * 16);
@@ -1121,6 +1130,7 @@ extern "C" __global__ void ds4_repack_q2_k(const u8* __restrict__ raw, u8* __res
 
 extern "C" __global__ void ds4_repack_iq2_xxs(const u8* __restrict__ raw, u8* __restrict__ qs,
                                               u16* __restrict__ d, i64 nblocks) {
+    PDL_ENTRY();
     for (i64 b = (i64)blockIdx.x * blockDim.x + threadIdx.x; b < nblocks; b += (i64)gridDim.x * blockDim.x) {
         const u16* s = (const u16*)(raw + b * 66);  // 66 = 2·33: 2-byte aligned blocks
         d[b] = s[0];
@@ -1133,6 +1143,7 @@ extern "C" __global__ void ds4_repack_iq2_xxs(const u8* __restrict__ raw, u8* __
 // ------------------------------------------------------------------------------------------
 // Benchmark helper: stream n16 16-byte words (the read-bandwidth ceiling for the kernels above).
 extern "C" __global__ void __launch_bounds__(256) ds4_bench_read(const u8* __restrict__ p, i64 n16, int* out) {
+    PDL_ENTRY();
     const i64 stride = (i64)gridDim.x * blockDim.x;
     int acc = 0;
     for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n16; i += 4 * stride) {

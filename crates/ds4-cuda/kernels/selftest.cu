@@ -1,6 +1,12 @@
 // Pipeline self-test (proves a cubin built on the CPU box loads and runs on the device) and
 // diagnostics.
+
+// Programmatic dependent launch (src/rt.rs launch_raw): wait until the previous kernel of
+// the stream has completed (its writes visible), then let the next kernel be scheduled.
+// A no-op for kernels launched without the PDL attribute.
+#define PDL_ENTRY() asm volatile("griddepcontrol.wait;\n\tgriddepcontrol.launch_dependents;" ::: "memory")
 extern "C" __global__ void ds4_selftest_axpy(const float* x, float* y, float a, int n) {
+    PDL_ENTRY();
     int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) y[i] += a * x[i];
 }
@@ -10,6 +16,7 @@ extern "C" __global__ void ds4_selftest_axpy(const float* x, float* y, float a, 
 // value up or down by one ulp of its magnitude, the direction from a hash of (seed, index), so
 // several seeds give independent samples of the model's sensitivity to 1-ulp changes.
 extern "C" __global__ void ds4_perturb_ulp(float* x, long long n, unsigned int seed) {
+    PDL_ENTRY();
     long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) {
         unsigned int b = __float_as_uint(x[i]);

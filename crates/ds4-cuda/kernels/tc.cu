@@ -28,6 +28,11 @@
 // that puts max|x| in [2^14, 2^15)): two f16 mmas with f32 accumulation, then ·2^-e. W is
 // exact in f16, hi+lo carries 22 bits of x: near-f32 results.
 
+// Programmatic dependent launch (src/rt.rs launch_raw): wait until the previous kernel of
+// the stream has completed (its writes visible), then let the next kernel be scheduled.
+// A no-op for kernels launched without the PDL attribute.
+#define PDL_ENTRY() asm volatile("griddepcontrol.wait;\n\tgriddepcontrol.launch_dependents;" ::: "memory")
+
 typedef signed char i8;
 typedef unsigned char u8;
 typedef unsigned short u16;
@@ -637,7 +642,7 @@ struct Tc {
 
 #define TC_INST(name, T, BN, MODE)                                                              \
     extern "C" __global__ void __launch_bounds__(TC_THREADS, (Lay<T, BN>::MINB))                 \
-        ds4_tc_##name(const TcArgs P) {                                                          \
+        ds4_tc_##name(const TcArgs P) { PDL_ENTRY();                                                          \
         Tc<T, BN, MODE>::run(P);                                                                 \
     }
 TC_INST(q8_0_32_s, W_Q8_0, 32, M_STORE)
@@ -660,6 +665,7 @@ TC_INST(f16_64_s, W_F16, 64, M_STORE)
 
 // Dynamic shared memory of each variant, in the order of TC_INST above (read once at start-up).
 extern "C" __global__ void ds4_tc_smem_sizes(int* out) {
+    PDL_ENTRY();
     if (threadIdx.x != 0 || blockIdx.x != 0) return;
     out[0] = Lay<W_Q8_0, 32>::TOTAL;
     out[1] = Lay<W_Q8_0, 64>::TOTAL;
@@ -681,6 +687,7 @@ extern "C" __global__ void ds4_tc_smem_sizes(int* out) {
 // Split-K reduction: y[i] = Σ_s part[s·total + i], splits in order (deterministic).
 extern "C" __global__ void ds4_tc_splitk_sum(const float* __restrict__ part, int nspl, i64 total,
                                              float* __restrict__ y) {
+    PDL_ENTRY();
     for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (i64)gridDim.x * blockDim.x) {
         float s = part[i];
         for (int k = 1; k < nspl; k++) s = __fadd_rn(s, part[(i64)k * total + i]);
@@ -694,6 +701,7 @@ extern "C" __global__ void ds4_tc_splitk_sum(const float* __restrict__ part, int
 extern "C" __global__ void __launch_bounds__(256) ds4_tc_f16_prep(const float* __restrict__ x, int cols,
                                                                   u16* __restrict__ hi, u16* __restrict__ lo,
                                                                   float* __restrict__ ascale) {
+    PDL_ENTRY();
     __shared__ float s_red[8];
     const i64 t = blockIdx.x;
     const float* xr = x + t * cols;
@@ -728,6 +736,7 @@ extern "C" __global__ void __launch_bounds__(1024) ds4_tc_moe_bucket(const int* 
                                                                      int n_exp, int bn, int* __restrict__ cnt,
                                                                      int* __restrict__ off, int* __restrict__ toff,
                                                                      int* __restrict__ perm) {
+    PDL_ENTRY();
     __shared__ int s_cnt[1024];
     __shared__ int s_cur[1024];
     __shared__ int s_off[1024];
@@ -794,6 +803,7 @@ extern "C" __global__ void __launch_bounds__(1024) ds4_tc_moe_bucket(const int* 
 // and gemv's moe_down); NaN when an id of token t is outside [0, n_exp).
 extern "C" __global__ void ds4_tc_moe_sum(const float* __restrict__ part, const int* __restrict__ ids, int n,
                                           int k, int n_exp, int E, float* __restrict__ out) {
+    PDL_ENTRY();
     const i64 total = (i64)n * E;
     for (i64 u = (i64)blockIdx.x * blockDim.x + threadIdx.x; u < total; u += (i64)gridDim.x * blockDim.x) {
         const i64 t = u / E;

@@ -604,6 +604,14 @@ impl CudaBackend {
             &layers,
             &out_hc_fn,
         )?;
+        eprintln!(
+            "ds4-cuda: programmatic dependent launch {}",
+            if crate::rt::pdl() {
+                "on (DS4_CUDA_PDL=0 turns it off)"
+            } else {
+                "off (DS4_CUDA_PDL=0)"
+            }
+        );
         let perturb = match std::env::var("DS4_CUDA_PERTURB_ULP")
             .ok()
             .and_then(|v| v.parse::<u32>().ok())

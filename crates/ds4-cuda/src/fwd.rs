@@ -7,7 +7,7 @@
 use std::ffi::c_void;
 use std::sync::Arc;
 
-use cudarc::driver::{CudaContext, CudaEvent, CudaFunction, CudaStream, result};
+use cudarc::driver::{CudaContext, CudaEvent, CudaFunction, CudaStream, LaunchConfig};
 
 use crate::CudaError;
 use crate::rt::{A, DBuf, launch};
@@ -295,19 +295,14 @@ impl Fwd {
             return Ok(());
         }
         let mut ptrs = [arg as *const T as *mut c_void];
+        let cfg = LaunchConfig {
+            grid_dim: (grid as u32, 1, 1),
+            block_dim: (block as u32, 1, 1),
+            shared_mem_bytes: smem as u32,
+        };
         // SAFETY: the kernel takes exactly one parameter of type T's C mirror (same field
         // order, every field 8 bytes, sizes asserted above); the driver copies it at launch.
-        unsafe {
-            result::launch_kernel(
-                f.cu_function(),
-                (grid as u32, 1, 1),
-                (block as u32, 1, 1),
-                smem as u32,
-                self.stream.cu_stream(),
-                &mut ptrs,
-            )
-        }
-        .map_err(|e| cerr(format!("kernel launch failed: {e}")))
+        unsafe { crate::rt::launch_raw(&self.stream, f, cfg, &mut ptrs) }
     }
 
     fn go(

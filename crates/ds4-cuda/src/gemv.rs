@@ -114,7 +114,7 @@ use std::sync::Arc;
 
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, DevicePtrMut,
-    LaunchConfig, PushKernelArg,
+    LaunchConfig,
 };
 use ds4_gguf::GgmlType;
 
@@ -740,15 +740,15 @@ impl Gemv {
                 }
                 Some(f) => {
                     let (o1, o2) = (dst + off[1] as u64, dst + off[2] as u64);
-                    let mut b = stream.launch_builder(f);
-                    b.arg(&src).arg(&dst).arg(&o1);
+                    let mut p: Vec<*mut std::ffi::c_void> =
+                        crate::rt::kargs![&src, &dst, &o1].to_vec();
                     if k == Kind::Q2K {
-                        b.arg(&o2);
+                        p.extend(crate::rt::kargs![&o2]);
                     }
-                    b.arg(&nbt);
+                    p.extend(crate::rt::kargs![&nbt]);
                     // SAFETY: the repack kernels read `nbt` GGUF blocks from `src` (`need`
                     // bytes) and write the regions of `data` laid out by `weight_layout`.
-                    unsafe { b.launch(cfg(blocks)) }.map_err(drv)?;
+                    unsafe { crate::rt::launch_raw(stream, f, cfg(blocks), &mut p) }?;
                 }
             }
         }
@@ -823,14 +823,13 @@ impl Gemv {
         } else {
             &self.quant_q8_k.f
         };
-        let mut b = stream.launch_builder(f);
-        b.arg(&xp).arg(&ap).arg(&adp);
+        let mut p: Vec<*mut std::ffi::c_void> = crate::rt::kargs![&xp, &ap, &adp].to_vec();
         if ak == ActKind::Q8K {
-            b.arg(&abp);
+            p.extend(crate::rt::kargs![&abp]);
         }
-        b.arg(&nblocks);
+        p.extend(crate::rt::kargs![&nblocks]);
         // SAFETY: reads n·cols floats of x, writes the act layout (lengths checked by callers).
-        unsafe { b.launch(cfg(blocks)) }.map(|_| ()).map_err(drv)
+        unsafe { crate::rt::launch_raw(stream, f, cfg(blocks), &mut p) }
     }
 
     /// Benchmark helper: read `buf` once (16-byte streaming loads, full-occupancy grid);
@@ -846,10 +845,9 @@ impl Gemv {
         let (bp, _gb) = buf.device_ptr(stream);
         let (sp, _gs) = dptr_mut(sink, stream, 1, "bench_read sink")?;
         let blocks = self.max_blocks(&self.bench_read);
-        let mut b = stream.launch_builder(&self.bench_read.f);
-        b.arg(&bp).arg(&n16).arg(&sp);
+        let mut p = crate::rt::kargs![&bp, &n16, &sp];
         // SAFETY: reads n16·16 ≤ len bytes of buf, may write one int of sink (len ≥ 1 checked).
-        unsafe { b.launch(cfg(blocks)) }.map(|_| ()).map_err(drv)
+        unsafe { crate::rt::launch_raw(stream, &self.bench_read.f, cfg(blocks), &mut p) }
     }
 
     /// Dense tile shapes `(rows, steps)` the kernels offer for weights of type `ty` in passes of
@@ -1054,14 +1052,15 @@ impl Gemv {
                 let ngroups = nrows.div_ceil(tpb * func.rr);
                 let blocks = balanced(ngroups, self.max_blocks(func));
                 let (row0_i, nrows_i) = (row0 as i32, nrows as i32);
-                let mut b = stream.launch_builder(&func.f);
-                b.arg(&p0).arg(&p1).arg(&p2).arg(&aq).arg(&adq).arg(&abq);
-                b.arg(&xq).arg(&yq).arg(&rt_i).arg(&row0_i).arg(&nrows_i);
-                b.arg(&r_i).arg(&c_i).arg(&cx_i);
-                b.arg(&grouped).arg(&np_i).arg(&split_i);
+                let mut p = crate::rt::kargs![
+                    &p0, &p1, &p2, &aq, &adq, &abq, &xq, &yq, &rt_i, &row0_i, &nrows_i, &r_i, &c_i,
+                    &cx_i, &grouped, &np_i, &split_i
+                ];
                 // SAFETY: the kernel reads the weight (layout of `w`), np rows of cx activations
                 // and writes np·rt floats of y (lengths checked by the callers).
-                unsafe { b.launch(cfg_t(blocks, BLOCK, func.smem)) }.map_err(drv)?;
+                unsafe {
+                    crate::rt::launch_raw(stream, &func.f, cfg_t(blocks, BLOCK, func.smem), &mut p)
+                }?;
             }
             t0 += np;
         }
@@ -1108,26 +1107,13 @@ impl Gemv {
             n as i32,
             k as i32,
         );
-        let mut b = stream.launch_builder(&func.f);
-        b.arg(&gp).arg(&g1).arg(&g2).arg(&upp).arg(&u1).arg(&u2);
-        b.arg(&ap)
-            .arg(&adp)
-            .arg(&abp)
-            .arg(&xp)
-            .arg(&idp)
-            .arg(&wtp)
-            .arg(&mp);
-        b.arg(&r_i)
-            .arg(&c_i)
-            .arg(&nm_i)
-            .arg(&n_i)
-            .arg(&k_i)
-            .arg(&clamp);
+        let mut p = crate::rt::kargs![
+            &gp, &g1, &g2, &upp, &u1, &u2, &ap, &adp, &abp, &xp, &idp, &wtp, &mp, &r_i, &c_i,
+            &nm_i, &n_i, &k_i, &clamp
+        ];
         // SAFETY: reads rows of the selected experts only (ids checked on the device), n rows
         // of activations, n·k ids/weights, writes n·k·rows of mid (lengths checked by callers).
-        unsafe { b.launch(cfg_t(blocks, BLOCK, func.smem)) }
-            .map(|_| ())
-            .map_err(drv)
+        unsafe { crate::rt::launch_raw(stream, &func.f, cfg_t(blocks, BLOCK, func.smem), &mut p) }
     }
 
     /// Dense gate/up + SwiGLU (single matrices) through the split-K tile kernels, in passes of
@@ -1176,13 +1162,15 @@ impl Gemv {
             let ngroups = rows.div_ceil(tpb * (func.rr / 2));
             let blocks = balanced(ngroups, self.max_blocks(func));
             let (np_i, split_i) = (np as i32, split as i32);
-            let mut b = stream.launch_builder(&func.f);
-            b.arg(&gp).arg(&g1).arg(&g2).arg(&upp).arg(&u1).arg(&u2);
-            b.arg(&aq).arg(&adq).arg(&abq).arg(&xq).arg(&mq);
-            b.arg(&r_i).arg(&c_i).arg(&np_i).arg(&split_i).arg(&clamp);
+            let mut p = crate::rt::kargs![
+                &gp, &g1, &g2, &upp, &u1, &u2, &aq, &adq, &abq, &xq, &mq, &r_i, &c_i, &np_i,
+                &split_i, &clamp
+            ];
             // SAFETY: reads both weights (their layouts), np rows of cols activations and
             // writes np·rows floats of mid (lengths checked by the caller).
-            unsafe { b.launch(cfg_t(blocks, BLOCK, func.smem)) }.map_err(drv)?;
+            unsafe {
+                crate::rt::launch_raw(stream, &func.f, cfg_t(blocks, BLOCK, func.smem), &mut p)
+            }?;
             t0 += np;
         }
         Ok(())
@@ -1348,19 +1336,11 @@ impl Gemv {
             k as i32,
             split as i32,
         );
-        let mut b = stream.launch_builder(&func.f);
-        b.arg(&wp).arg(&p1).arg(&p2).arg(&ap).arg(&adp).arg(&abp);
-        b.arg(&xp).arg(&idp).arg(&op);
-        b.arg(&r_i)
-            .arg(&c_i)
-            .arg(&nm_i)
-            .arg(&n_i)
-            .arg(&k_i)
-            .arg(&s_i);
+        let mut p = crate::rt::kargs![
+            &wp, &p1, &p2, &ap, &adp, &abp, &xp, &idp, &op, &r_i, &c_i, &nm_i, &n_i, &k_i, &s_i
+        ];
         // SAFETY: reads the selected experts' rows (ids checked on the device), n·k rows of
         // mid / its quantization (checked), writes n·rows floats of out (checked).
-        unsafe { b.launch(cfg_t(blocks, threads, func.smem)) }
-            .map(|_| ())
-            .map_err(drv)
+        unsafe { crate::rt::launch_raw(stream, &func.f, cfg_t(blocks, threads, func.smem), &mut p) }
     }
 }

@@ -3,9 +3,10 @@
 //! and CUDA-graph friendly).
 
 use std::ffi::c_void;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 
-use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, DevicePtr, result, sys};
+use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, result, sys};
 
 use crate::CudaError;
 
@@ -88,6 +89,82 @@ pub(crate) enum A {
     D(f64),
 }
 
+/// Programmatic dependent launch (Hopper): every kernel of this crate starts with
+/// `griddepcontrol.wait` (it returns once the previous kernel of the stream has completed and its
+/// writes are visible) followed by `griddepcontrol.launch_dependents`, so a kernel launched with
+/// the PDL attribute may be scheduled while its predecessor still runs and waits on the SM
+/// instead of paying the launch latency after it. Same results either way; on by default,
+/// `DS4_CUDA_PDL=0` turns it off.
+static PDL: OnceLock<AtomicBool> = OnceLock::new();
+
+fn pdl_flag() -> &'static AtomicBool {
+    PDL.get_or_init(|| AtomicBool::new(std::env::var("DS4_CUDA_PDL").map_or(true, |v| v != "0")))
+}
+
+/// Turn programmatic dependent launch on or off for every later launch (tests, benchmarks).
+#[allow(dead_code)]
+pub(crate) fn set_pdl(on: bool) {
+    pdl_flag().store(on, Ordering::Relaxed);
+}
+
+/// Whether launches carry the programmatic-dependent-launch attribute.
+pub(crate) fn pdl() -> bool {
+    pdl_flag().load(Ordering::Relaxed)
+}
+
+/// Launch a kernel by handle with raw parameter pointers (cuLaunchKernelEx, with the PDL
+/// attribute when [`pdl`] is on).
+///
+/// # Safety
+/// `params` must point to values matching the kernel's parameter list, alive for the call.
+pub(crate) unsafe fn launch_raw(
+    stream: &CudaStream,
+    f: &CudaFunction,
+    cfg: LaunchConfig,
+    params: &mut [*mut c_void],
+) -> Result<(), CudaError> {
+    let (g, b) = (cfg.grid_dim, cfg.block_dim);
+    if g.0 == 0 || g.1 == 0 || g.2 == 0 {
+        return Ok(());
+    }
+    // SAFETY: an all-zero CUlaunchAttribute is the "ignore" entry; the union is plain data.
+    let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+    attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+    attr.value.programmaticStreamSerializationAllowed = 1;
+    let on = pdl();
+    let config = sys::CUlaunchConfig {
+        gridDimX: g.0,
+        gridDimY: g.1,
+        gridDimZ: g.2,
+        blockDimX: b.0,
+        blockDimY: b.1,
+        blockDimZ: b.2,
+        sharedMemBytes: cfg.shared_mem_bytes,
+        hStream: stream.cu_stream(),
+        attrs: if on { &mut attr } else { std::ptr::null_mut() },
+        numAttrs: u32::from(on),
+    };
+    // SAFETY: config and attr outlive the call; params as promised by the caller.
+    unsafe {
+        sys::cuLaunchKernelEx(
+            &config,
+            f.cu_function(),
+            params.as_mut_ptr(),
+            std::ptr::null_mut(),
+        )
+    }
+    .result()
+    .map_err(|e| CudaError::Driver(format!("kernel launch failed: {e}")))
+}
+
+/// Raw parameter pointers for [`launch_raw`]: `kargs![&a, &b, …]`.
+macro_rules! kargs {
+    ($($a:expr),* $(,)?) => {
+        [$(($a) as *const _ as *mut ::std::ffi::c_void),*]
+    };
+}
+pub(crate) use kargs;
+
 /// Launch `f` with the given grid, block, dynamic shared memory and arguments.
 pub(crate) fn launch(
     stream: &CudaStream,
@@ -97,9 +174,6 @@ pub(crate) fn launch(
     smem: u32,
     args: &[A],
 ) -> Result<(), CudaError> {
-    if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
-        return Ok(());
-    }
     let mut ptrs: Vec<*mut c_void> = args
         .iter()
         .map(|a| match a {
@@ -110,17 +184,12 @@ pub(crate) fn launch(
             A::D(v) => v as *const f64 as *mut c_void,
         })
         .collect();
+    let cfg = LaunchConfig {
+        grid_dim: grid,
+        block_dim: (block, 1, 1),
+        shared_mem_bytes: smem,
+    };
     // SAFETY: the argument list matches the kernel's parameter list (every call site names the
     // kernel's parameters in order); the values outlive the launch call, which copies them.
-    unsafe {
-        result::launch_kernel(
-            f.cu_function(),
-            grid,
-            (block, 1, 1),
-            smem,
-            stream.cu_stream(),
-            &mut ptrs,
-        )
-    }
-    .map_err(|e| CudaError::Driver(format!("kernel launch failed: {e}")))
+    unsafe { launch_raw(stream, f, cfg, &mut ptrs) }
 }

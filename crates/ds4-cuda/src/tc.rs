@@ -34,7 +34,9 @@
 use std::ffi::c_void;
 use std::sync::Arc;
 
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, DevicePtr, result, sys};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaStream, DevicePtr, LaunchConfig, sys,
+};
 use ds4_gguf::GgmlType;
 
 use crate::gemv::DevWeight;
@@ -469,20 +471,15 @@ impl Tc {
             return Err(terr(format!("grid {grid:?} too large")));
         }
         let mut p: [*mut c_void; 1] = [a as *const TcArgs as *mut c_void];
+        let cfg = LaunchConfig {
+            grid_dim: grid,
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: k.smem,
+        };
         // SAFETY: the kernel takes one `TcArgs` by value (layout checked against the device's
         // sizeof at start-up); the callers guarantee every address in it covers what the kernel
         // reads and writes for this grid.
-        unsafe {
-            result::launch_kernel(
-                k.f.cu_function(),
-                grid,
-                (THREADS, 1, 1),
-                k.smem,
-                stream.cu_stream(),
-                &mut p,
-            )
-        }
-        .map_err(|e| terr(format!("kernel launch failed: {e}")))
+        unsafe { crate::rt::launch_raw(stream, &k.f, cfg, &mut p) }
     }
 
     /// `y[t] = W·x[t]` for `n` tokens (grouped when `w.n_mat() > 1`, as [`crate::gemv::Gemv::matvec`]),
