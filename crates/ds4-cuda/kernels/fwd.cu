@@ -2009,3 +2009,164 @@ extern "C" __global__ void __launch_bounds__(256) ds4_indexer_scores4(const floa
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Indexer scores on the FP64 tensor cores (DMMA `mma.sync.m16n8k8.f64`), exact under the
+// numerics contract: q and k are f32, so every product q_i·k_i is exact in f64 and each dot is an
+// f64 sum of exact products (only its order differs from ops::dot_f64); relu·w and the head sum
+// run in f64 (w·d rounded as the CPU does, -fmad=false), one rounding to f32 at the end.
+//
+// Shape: nih = IDXM_NIH (64) heads of ihd = IDXM_IHD (128). One block = one token t (blockIdx.y)
+// and the row tiles blockIdx.x, +gridDim.x, ... of R = 32·NI rows. The token's 64×128 queries
+// are converted to f64 once into shared memory; each row tile is staged (f32 → f64) into shared
+// memory, the next tile's f32 values are prefetched into registers while the tensor cores run.
+// 8 warps: warp w takes heads 32·(w&1)..+32 (two m16 tiles) × rows 8·NI·(w>>1)..+8·NI (NI n8
+// tiles). Epilogue: relu·w per (head, row), summed over the warp's heads in registers and
+// shuffles, the two head halves added through shared memory.
+// Dynamic shared: ((64 + R)·IDXM_QS + 2·R) doubles.
+
+#define IDXM_NIH 64
+#define IDXM_IHD 128
+#define IDXM_QS (IDXM_IHD + 4)
+
+__device__ __forceinline__ void dmma_16x8x8(double* c, const double* a, const double* b) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k8.row.col.f64.f64.f64.f64 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+d"(c[0]), "+d"(c[1]), "+d"(c[2]), "+d"(c[3])
+        : "d"(a[0]), "d"(a[1]), "d"(a[2]), "d"(a[3]), "d"(b[0]), "d"(b[1]));
+}
+
+__device__ __forceinline__ void idxm_store4(double* dst, float4 v) {
+    double2* d2 = (double2*)dst;
+    d2[0] = make_double2((double)v.x, (double)v.y);
+    d2[1] = make_double2((double)v.z, (double)v.w);
+}
+
+template <int NI>
+__device__ __forceinline__ void idxm_body(const float* __restrict__ iq, const float* __restrict__ iw,
+                                          const float* __restrict__ icomp, int ratio, int topk,
+                                          const int* pos0p, int t0, float* scores, i64 sstride) {
+    constexpr int R = 32 * NI;
+    constexpr int NPF = R * IDXM_IHD / 1024;  // float4 per thread per tile (256 threads)
+    extern __shared__ double smem_d[];
+    const int t = t0 + blockIdx.y;
+    const i64 p = (i64)*pos0p + t;
+    const i64 nv = (p + 1) / ratio;
+    if (nv <= topk) return;
+    const i64 n_tiles = (nv + R - 1) / R;
+    if ((i64)blockIdx.x >= n_tiles) return;
+    double* s_q = smem_d;                     // [64][QS]
+    double* s_k = s_q + IDXM_NIH * IDXM_QS;   // [R][QS]
+    double* s_red = s_k + R * IDXM_QS;        // [2][R]
+    const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5;
+    const int g = lane >> 2, tig = lane & 3;
+    const int hw = w & 1, rg = w >> 1;
+    {
+        const float4* q4 = (const float4*)(iq + (i64)t * IDXM_NIH * IDXM_IHD);
+#pragma unroll 4
+        for (int i = tid; i < IDXM_NIH * IDXM_IHD / 4; i += 256) {
+            const int e = 4 * i;
+            idxm_store4(s_q + (e / IDXM_IHD) * IDXM_QS + (e % IDXM_IHD), __ldg(q4 + i));
+        }
+    }
+    double wv[2][2];
+#pragma unroll
+    for (int mi = 0; mi < 2; mi++)
+#pragma unroll
+        for (int j = 0; j < 2; j++)
+            wv[mi][j] = (double)iw[(i64)t * IDXM_NIH + 32 * hw + 16 * mi + 8 * j + g];
+    float* out = scores + (i64)blockIdx.y * sstride;
+    float4 pf[NPF];
+    auto fetch = [&](i64 tile) {
+        const i64 r0 = tile * R;
+#pragma unroll
+        for (int j = 0; j < NPF; j++) {
+            const int e = 4 * (tid + 256 * j);
+            const i64 row = r0 + e / IDXM_IHD;
+            pf[j] = row < nv ? __ldg((const float4*)(icomp + row * IDXM_IHD + (e % IDXM_IHD)))
+                             : make_float4(0.f, 0.f, 0.f, 0.f);
+        }
+    };
+    fetch(blockIdx.x);
+    for (i64 tile = blockIdx.x; tile < n_tiles; tile += gridDim.x) {
+        const i64 r0 = tile * R;
+        __syncthreads();  // the previous tile's readers of s_k / s_red are done
+#pragma unroll
+        for (int j = 0; j < NPF; j++) {
+            const int e = 4 * (tid + 256 * j);
+            idxm_store4(s_k + (e / IDXM_IHD) * IDXM_QS + (e % IDXM_IHD), pf[j]);
+        }
+        __syncthreads();
+        if (tile + gridDim.x < n_tiles) fetch(tile + gridDim.x);
+        double acc[2][NI][4];
+#pragma unroll
+        for (int mi = 0; mi < 2; mi++)
+#pragma unroll
+            for (int ni = 0; ni < NI; ni++)
+#pragma unroll
+                for (int c = 0; c < 4; c++) acc[mi][ni][c] = 0.0;
+        const double* qa = s_q + (32 * hw + g) * IDXM_QS + tig;
+        const double* kb = s_k + (8 * NI * rg + g) * IDXM_QS + tig;
+#pragma unroll
+        for (int k0 = 0; k0 < IDXM_IHD; k0 += 8) {
+            double a[2][4], b[NI][2];
+#pragma unroll
+            for (int mi = 0; mi < 2; mi++) {
+                const double* pa = qa + 16 * mi * IDXM_QS + k0;
+                a[mi][0] = pa[0];
+                a[mi][1] = pa[8 * IDXM_QS];
+                a[mi][2] = pa[4];
+                a[mi][3] = pa[8 * IDXM_QS + 4];
+            }
+#pragma unroll
+            for (int ni = 0; ni < NI; ni++) {
+                const double* pb = kb + 8 * ni * IDXM_QS + k0;
+                b[ni][0] = pb[0];
+                b[ni][1] = pb[4];
+            }
+#pragma unroll
+            for (int mi = 0; mi < 2; mi++)
+#pragma unroll
+                for (int ni = 0; ni < NI; ni++) dmma_16x8x8(acc[mi][ni], a[mi], b[ni]);
+        }
+        // acc[mi][ni][c]: head 32·hw + 16·mi + g + 8·(c >> 1), row 8·NI·rg + 8·ni + 2·tig + (c & 1).
+#pragma unroll
+        for (int ni = 0; ni < NI; ni++) {
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                double s = 0.0;
+#pragma unroll
+                for (int mi = 0; mi < 2; mi++) {
+#pragma unroll
+                    for (int j = 0; j < 2; j++) {
+                        const double d = acc[mi][ni][2 * j + e];
+                        if (d > 0.0) s += wv[mi][j] * d;
+                    }
+                }
+                s += __shfl_xor_sync(0xffffffffu, s, 4);
+                s += __shfl_xor_sync(0xffffffffu, s, 8);
+                s += __shfl_xor_sync(0xffffffffu, s, 16);
+                if (g == 0) s_red[hw * R + 8 * NI * rg + 8 * ni + 2 * tig + e] = s;
+            }
+        }
+        __syncthreads();
+        for (int i = tid; i < R; i += 256) {
+            if (r0 + i < nv) out[r0 + i] = (float)(s_red[i] + s_red[R + i]);
+        }
+    }
+}
+
+// Decode / small batches: row tiles of 32 (≈ nv/32 blocks per token).
+extern "C" __global__ void __launch_bounds__(256) ds4_indexer_mma32(
+    const float* iq, const float* iw, const float* icomp, int ratio, int topk, const int* pos0p,
+    int t0, float* scores, i64 sstride) {
+    idxm_body<1>(iq, iw, icomp, ratio, topk, pos0p, t0, scores, sstride);
+}
+
+// Chunks: row tiles of 128 (one block per token walks all its tiles).
+extern "C" __global__ void __launch_bounds__(256, 1) ds4_indexer_mma128(
+    const float* iq, const float* iw, const float* icomp, int ratio, int topk, const int* pos0p,
+    int t0, float* scores, i64 sstride) {
+    idxm_body<4>(iq, iw, icomp, ratio, topk, pos0p, t0, scores, sstride);
+}
