@@ -97,6 +97,7 @@ mod bench {
                 IdxKernel::Auto,
                 IdxKernel::Mma32,
                 IdxKernel::Mma128,
+                IdxKernel::Mma2x64,
             ] {
                 let (s, ms) = g.indexer_scores_timed(
                     kernel, &q, &w, &keys, nih, ihd, ratio, topk, pos0, n, stride, blocks, reps,

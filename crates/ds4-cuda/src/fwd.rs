@@ -63,16 +63,17 @@ pub(crate) fn indexer_mma_fits(nih: usize, ihd: usize) -> bool {
     nih == IDXM_NIH && ihd == IDXM_IHD
 }
 
-/// Dynamic shared memory of `ds4_indexer_mma{rows}`.
-pub(crate) fn indexer_mma_smem(rows: usize) -> usize {
-    ((IDXM_NIH + rows) * (IDXM_IHD + 4) + 2 * rows) * 8
+/// Dynamic shared memory of an FP64 tensor-core indexer kernel with `tpb` tokens per block and
+/// row tiles of `rows`.
+pub(crate) fn indexer_mma_smem(tpb: usize, rows: usize) -> usize {
+    ((tpb * IDXM_NIH + rows) * (IDXM_IHD + 4) + 2 * tpb * rows) * 8
 }
 
 /// Which kernel scores the indexer rows (the op tests and benches pick one; the backend uses
 /// `Auto`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum IdxKernel {
-    /// The tensor-core kernel where the shape fits (32-row tiles for ≤ 8 tokens, else 128),
+    /// The tensor-core kernel where the shape fits (`Mma32` for ≤ 8 tokens, else `Mma2x64`),
     /// else the register-blocked scalar kernel, else the generic one.
     Auto,
     /// `ds4_indexer_scores4` (f64 FMA on the CUDA cores, the CPU's exact summation order).
@@ -81,6 +82,8 @@ pub enum IdxKernel {
     Mma32,
     /// `ds4_indexer_mma128` (FP64 tensor cores, 128-row tiles).
     Mma128,
+    /// `ds4_indexer_mma2x64` (FP64 tensor cores, two tokens per block, 64-row tiles).
+    Mma2x64,
 }
 
 /// Blocks (one thread-block cluster) and threads per block of the decode HC kernels (CL and
@@ -218,6 +221,7 @@ pub(crate) struct Fwd {
     indexer_scores4: CudaFunction,
     indexer_mma32: CudaFunction,
     indexer_mma128: CudaFunction,
+    indexer_mma2x64: CudaFunction,
     hc_split_dec: CudaFunction,
     /// Side stream of the decode step (the HC split runs there, off the critical path) and the
     /// events that fork it from and join it back into `stream`.
@@ -306,8 +310,9 @@ impl Fwd {
             attn_dec_scores: f("ds4_attn_dec_scores")?,
             attn_dec_out: f("ds4_attn_dec_out")?,
             indexer_scores4: f("ds4_indexer_scores4")?,
-            indexer_mma32: big_smem(f("ds4_indexer_mma32")?, indexer_mma_smem(32))?,
-            indexer_mma128: big_smem(f("ds4_indexer_mma128")?, indexer_mma_smem(128))?,
+            indexer_mma32: big_smem(f("ds4_indexer_mma32")?, indexer_mma_smem(1, 32))?,
+            indexer_mma128: big_smem(f("ds4_indexer_mma128")?, indexer_mma_smem(1, 128))?,
+            indexer_mma2x64: big_smem(f("ds4_indexer_mma2x64")?, indexer_mma_smem(2, 64))?,
             hc_split_dec: f("ds4_hc_split_dec")?,
             side: stream
                 .fork()
@@ -799,29 +804,36 @@ impl Fwd {
         let mma_ok = indexer_mma_fits(nih, ihd)
             && (iq | icomp).is_multiple_of(16)
             && (t0 * nih * ihd).is_multiple_of(4);
-        let mma_rows = match kernel {
-            IdxKernel::Auto if mma_ok => Some(if nt <= IDXM_SMALL_BATCH { 32 } else { 128 }),
-            IdxKernel::Mma32 if mma_ok => Some(32),
-            IdxKernel::Mma128 if mma_ok => Some(128),
+        // (tokens per block, rows per tile)
+        let mma = match kernel {
+            IdxKernel::Auto if mma_ok => Some(if nt <= IDXM_SMALL_BATCH {
+                (1, 32)
+            } else {
+                (2, 64)
+            }),
+            IdxKernel::Mma32 if mma_ok => Some((1, 32)),
+            IdxKernel::Mma128 if mma_ok => Some((1, 128)),
+            IdxKernel::Mma2x64 if mma_ok => Some((2, 64)),
             _ => None,
         };
-        if let Some(rows) = mma_rows {
-            // Row blocks per token: enough for about two waves of a 132-SM card in total.
+        if let Some((tpb, rows)) = mma {
+            let gy = nt.div_ceil(tpb);
+            // Row blocks per token group: enough for about two waves of a 132-SM card in total.
             let gx = sstride
                 .div_ceil(rows)
                 .min(blocks)
-                .min((2 * ATT_TARGET_BLOCKS).div_ceil(nt.max(1)))
+                .min((2 * ATT_TARGET_BLOCKS).div_ceil(gy.max(1)))
                 .max(1);
-            let f = if rows == 32 {
-                &self.indexer_mma32
-            } else {
-                &self.indexer_mma128
+            let f = match (tpb, rows) {
+                (1, 32) => &self.indexer_mma32,
+                (1, _) => &self.indexer_mma128,
+                _ => &self.indexer_mma2x64,
             };
             return self.go(
                 f,
-                (gx, nt, 1),
+                (gx, gy, 1),
                 256,
-                indexer_mma_smem(rows),
+                indexer_mma_smem(tpb, rows),
                 &[
                     A::P(iq),
                     A::P(iw),
@@ -830,6 +842,7 @@ impl Fwd {
                     A::I(topk as i32),
                     A::P(pos),
                     A::I(t0 as i32),
+                    A::I(nt as i32),
                     A::P(scores),
                     A::L(sstride as i64),
                 ],

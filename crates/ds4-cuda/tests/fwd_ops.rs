@@ -590,6 +590,7 @@ fn indexer_scores_flash_size_all_kernels() {
                 IdxKernel::Scalar4,
                 IdxKernel::Mma32,
                 IdxKernel::Mma128,
+                IdxKernel::Mma2x64,
             ] {
                 let (got, _) = g
                     .indexer_scores_timed(
