@@ -2039,3 +2039,208 @@ extern "C" __global__ void __launch_bounds__(256) ds4_indexer_scores4(const floa
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Indexer scores on the FP64 tensor cores (DMMA `mma.sync.m16n8k8.f64`), exact under the
+// numerics contract: q and k are f32, so every product q_i·k_i is exact in f64 and each dot is an
+// f64 sum of exact products (only its order differs from ops::dot_f64); relu·w and the head sum
+// run in f64 (w·d rounded as the CPU does, -fmad=false), one rounding to f32 at the end.
+//
+// Shape: nih = IDXM_NIH (64) heads of ihd = IDXM_IHD (128). One block = TPB adjacent tokens
+// (blockIdx.y) and the row tiles blockIdx.x, +gridDim.x, ... of R rows (up to the rows its last
+// token sees). The tokens' 64×128 queries are converted to f64 once into shared memory; each row
+// tile is staged (f32 → f64) into shared memory, the next tile's f32 values are prefetched into
+// registers while the tensor cores run. 8 warps: warp w takes token (w>>1)%TPB, heads
+// 32·(w&1)..+32 (two m16 tiles) × rows 8·NI·rg..+8·NI (NI n8 tiles, rg = w/(2·TPB)), so
+// R = 32·NI/TPB. Epilogue: relu·w per (head, row), summed over the warp's heads in registers and
+// shuffles, the two head halves added through shared memory; a token writes only its own rows
+// (r < nv(t)) and only when nv(t) > topk.
+// Dynamic shared: ((TPB·64 + R)·IDXM_QS + 2·TPB·R) doubles.
+
+#define IDXM_NIH 64
+#define IDXM_IHD 128
+#define IDXM_QS (IDXM_IHD + 4)
+
+__device__ __forceinline__ void dmma_16x8x8(double* c, const double* a, const double* b) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k8.row.col.f64.f64.f64.f64 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+d"(c[0]), "+d"(c[1]), "+d"(c[2]), "+d"(c[3])
+        : "d"(a[0]), "d"(a[1]), "d"(a[2]), "d"(a[3]), "d"(b[0]), "d"(b[1]));
+}
+
+__device__ __forceinline__ void idxm_store4(double* dst, float4 v) {
+    double2* d2 = (double2*)dst;
+    d2[0] = make_double2((double)v.x, (double)v.y);
+    d2[1] = make_double2((double)v.z, (double)v.w);
+}
+
+template <int NI, int TPB>
+__device__ __forceinline__ void idxm_body(const float* __restrict__ iq, const float* __restrict__ iw,
+                                          const float* __restrict__ icomp, int ratio, int topk,
+                                          const int* pos0p, int t0, int nt, float* scores,
+                                          i64 sstride) {
+    constexpr int RG = 4 / TPB;                          // warp row groups
+    constexpr int R = RG * 8 * NI;                       // rows per tile
+    constexpr int NPF = R * IDXM_IHD / 1024;             // float4 of k per thread per tile
+    constexpr int TQ4 = IDXM_NIH * IDXM_IHD / 4;         // float4 of q per token
+    constexpr int NQ4 = TPB * TQ4 / 256;                 // float4 of q per thread
+    extern __shared__ double smem_d[];
+    const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5;
+    const int g = lane >> 2, tig = lane & 3;
+    const int hw = w & 1, tk = (w >> 1) % TPB, rg = w / (2 * TPB);
+    const int tb = TPB * blockIdx.y;      // the block's first token (index into scores)
+    const int nb = TPB == 1 ? 1 : min(TPB, nt - tb);  // the block's tokens
+    // The tokens' queries and head weights do not depend on the position. With one row group
+    // of tiles (decode, latency-bound) the query loads go out together with the position's and
+    // the first tile's; the chunk kernels stage them before the tile prefetch (registers).
+    constexpr bool early_q = NI == 1;
+    float4 qv[NQ4];
+    auto load_q = [&]() {
+        const float4* q4 = (const float4*)(iq + (i64)(t0 + tb) * IDXM_NIH * IDXM_IHD);
+#pragma unroll
+        for (int j = 0; j < NQ4; j++) {
+            const int i = tid + 256 * j;
+            qv[j] = (TPB == 1 || i < nb * TQ4) ? __ldg(q4 + i) : make_float4(0.f, 0.f, 0.f, 0.f);
+        }
+    };
+    if (early_q) load_q();
+    double wv[2][2];
+#pragma unroll
+    for (int mi = 0; mi < 2; mi++)
+#pragma unroll
+        for (int j = 0; j < 2; j++)
+            wv[mi][j] = tk < nb ? (double)__ldg(iw + (i64)(t0 + tb + tk) * IDXM_NIH + 32 * hw +
+                                                16 * mi + 8 * j + g)
+                                : 0.0;
+    // 32-bit position arithmetic (contexts are far below 2^31 tokens; fewer registers).
+    const int p0 = *pos0p + t0 + tb;   // position of the block's first token
+    const int nv = (p0 + nb) / ratio;  // rows seen by its last token (the most)
+    if (nv <= topk) return;
+    const int n_tiles = (nv + R - 1) / R;
+    if ((int)blockIdx.x >= n_tiles) return;
+    double* s_q = smem_d;                         // [TPB·64][QS]
+    double* s_k = s_q + TPB * IDXM_NIH * IDXM_QS; // [R][QS]
+    double* s_red = s_k + R * IDXM_QS;            // [TPB·2][R]
+    float4 pf[NPF];
+    auto fetch = [&](int tile) {
+        const int r0 = tile * R;
+#pragma unroll
+        for (int j = 0; j < NPF; j++) {
+            const int e = 4 * (tid + 256 * j);
+            const int row = r0 + e / IDXM_IHD;
+            pf[j] = row < nv ? __ldg((const float4*)(icomp + (i64)row * IDXM_IHD + (e % IDXM_IHD)))
+                             : make_float4(0.f, 0.f, 0.f, 0.f);
+        }
+    };
+    auto store_q = [&]() {
+#pragma unroll
+        for (int j = 0; j < NQ4; j++) {
+            const int e = 4 * (tid + 256 * j);
+            idxm_store4(s_q + (e / IDXM_IHD) * IDXM_QS + (e % IDXM_IHD), qv[j]);
+        }
+    };
+    if (!early_q) {
+        load_q();
+        store_q();
+    }
+    fetch(blockIdx.x);
+    if (early_q) store_q();
+    for (int tile = blockIdx.x; tile < n_tiles; tile += gridDim.x) {
+        const int r0 = tile * R;
+        __syncthreads();  // the previous tile's readers of s_k / s_red are done
+#pragma unroll
+        for (int j = 0; j < NPF; j++) {
+            const int e = 4 * (tid + 256 * j);
+            idxm_store4(s_k + (e / IDXM_IHD) * IDXM_QS + (e % IDXM_IHD), pf[j]);
+        }
+        __syncthreads();
+        if (tile + (int)gridDim.x < n_tiles) fetch(tile + gridDim.x);
+        double acc[2][NI][4];
+#pragma unroll
+        for (int mi = 0; mi < 2; mi++)
+#pragma unroll
+            for (int ni = 0; ni < NI; ni++)
+#pragma unroll
+                for (int c = 0; c < 4; c++) acc[mi][ni][c] = 0.0;
+        const double* qa = s_q + (tk * IDXM_NIH + 32 * hw + g) * IDXM_QS + tig;
+        const double* kb = s_k + (8 * NI * rg + g) * IDXM_QS + tig;
+#pragma unroll
+        for (int k0 = 0; k0 < IDXM_IHD; k0 += 8) {
+            double a[2][4], b[NI][2];
+#pragma unroll
+            for (int mi = 0; mi < 2; mi++) {
+                const double* pa = qa + 16 * mi * IDXM_QS + k0;
+                a[mi][0] = pa[0];
+                a[mi][1] = pa[8 * IDXM_QS];
+                a[mi][2] = pa[4];
+                a[mi][3] = pa[8 * IDXM_QS + 4];
+            }
+#pragma unroll
+            for (int ni = 0; ni < NI; ni++) {
+                const double* pb = kb + 8 * ni * IDXM_QS + k0;
+                b[ni][0] = pb[0];
+                b[ni][1] = pb[4];
+            }
+#pragma unroll
+            for (int mi = 0; mi < 2; mi++)
+#pragma unroll
+                for (int ni = 0; ni < NI; ni++) dmma_16x8x8(acc[mi][ni], a[mi], b[ni]);
+        }
+        // acc[mi][ni][c]: token tk, head 32·hw + 16·mi + g + 8·(c >> 1),
+        // row 8·NI·rg + 8·ni + 2·tig + (c & 1).
+#pragma unroll
+        for (int ni = 0; ni < NI; ni++) {
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                double s = 0.0;
+#pragma unroll
+                for (int mi = 0; mi < 2; mi++) {
+#pragma unroll
+                    for (int j = 0; j < 2; j++) {
+                        const double d = acc[mi][ni][2 * j + e];
+                        if (d > 0.0) s += wv[mi][j] * d;
+                    }
+                }
+                s += __shfl_xor_sync(0xffffffffu, s, 4);
+                s += __shfl_xor_sync(0xffffffffu, s, 8);
+                s += __shfl_xor_sync(0xffffffffu, s, 16);
+                if (g == 0) s_red[(2 * tk + hw) * R + 8 * NI * rg + 8 * ni + 2 * tig + e] = s;
+            }
+        }
+        __syncthreads();
+        if (TPB == 1) {
+            float* out = scores + (i64)tb * sstride + r0;
+            for (int r = tid; r < R; r += 256)
+                if (r0 + r < nv) out[r] = (float)(s_red[r] + s_red[R + r]);
+        } else for (int i = tid; i < TPB * R; i += 256) {
+            const int k = i / R, r = i % R;
+            const int nvk = (p0 + k + 1) / ratio;
+            if (k < nb && nvk > topk && r0 + r < nvk)
+                scores[(i64)(tb + k) * sstride + r0 + r] =
+                    (float)(s_red[2 * k * R + r] + s_red[(2 * k + 1) * R + r]);
+        }
+    }
+}
+
+// Decode / small batches: one token per block, row tiles of 32 (≈ nv/32 blocks per token).
+extern "C" __global__ void __launch_bounds__(256) ds4_indexer_mma32(
+    const float* iq, const float* iw, const float* icomp, int ratio, int topk, const int* pos0p,
+    int t0, int nt, float* scores, i64 sstride) {
+    idxm_body<1, 1>(iq, iw, icomp, ratio, topk, pos0p, t0, nt, scores, sstride);
+}
+
+// Chunks: one token per block, row tiles of 128 (one block walks all the token's tiles).
+extern "C" __global__ void __launch_bounds__(256, 1) ds4_indexer_mma128(
+    const float* iq, const float* iw, const float* icomp, int ratio, int topk, const int* pos0p,
+    int t0, int nt, float* scores, i64 sstride) {
+    idxm_body<4, 1>(iq, iw, icomp, ratio, topk, pos0p, t0, nt, scores, sstride);
+}
+
+// Chunks: two adjacent tokens per block share each row tile of 64 (half the row staging per
+// product of ds4_indexer_mma128).
+extern "C" __global__ void __launch_bounds__(256, 1) ds4_indexer_mma2x64(
+    const float* iq, const float* iw, const float* icomp, int ratio, int topk, const int* pos0p,
+    int t0, int nt, float* scores, i64 sstride) {
+    idxm_body<4, 2>(iq, iw, icomp, ratio, topk, pos0p, t0, nt, scores, sstride);
+}

@@ -52,6 +52,40 @@ pub(crate) fn indexer4_smem(nih: usize, ihd: usize) -> usize {
     (IDX4_TILE * 4 * (ihd / 4 + 2) + IDX4_TILE * nih) * 8
 }
 
+/// Heads and head dim of the FP64 tensor-core indexer kernels (IDXM_NIH, IDXM_IHD in fwd.cu).
+const IDXM_NIH: usize = 64;
+const IDXM_IHD: usize = 128;
+/// Token batches up to this size use the 32-row tiles (decode), larger ones the 128-row tiles.
+const IDXM_SMALL_BATCH: usize = 8;
+
+/// Whether the FP64 tensor-core indexer kernels (`ds4_indexer_mma32/128`) fit this shape.
+pub(crate) fn indexer_mma_fits(nih: usize, ihd: usize) -> bool {
+    nih == IDXM_NIH && ihd == IDXM_IHD
+}
+
+/// Dynamic shared memory of an FP64 tensor-core indexer kernel with `tpb` tokens per block and
+/// row tiles of `rows`.
+pub(crate) fn indexer_mma_smem(tpb: usize, rows: usize) -> usize {
+    ((tpb * IDXM_NIH + rows) * (IDXM_IHD + 4) + 2 * tpb * rows) * 8
+}
+
+/// Which kernel scores the indexer rows (the op tests and benches pick one; the backend uses
+/// `Auto`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IdxKernel {
+    /// The tensor-core kernel where the shape fits (`Mma32` for ≤ 8 tokens, else `Mma2x64`),
+    /// else the register-blocked scalar kernel, else the generic one.
+    Auto,
+    /// `ds4_indexer_scores4` (f64 FMA on the CUDA cores, the CPU's exact summation order).
+    Scalar4,
+    /// `ds4_indexer_mma32` (FP64 tensor cores, 32-row tiles).
+    Mma32,
+    /// `ds4_indexer_mma128` (FP64 tensor cores, 128-row tiles).
+    Mma128,
+    /// `ds4_indexer_mma2x64` (FP64 tensor cores, two tokens per block, 64-row tiles).
+    Mma2x64,
+}
+
 /// Blocks (one thread-block cluster) and threads per block of the decode HC kernels (CL and
 /// CL_T in fwd.cu).
 const DEC_HC_BLOCKS: usize = 8;
@@ -185,6 +219,9 @@ pub(crate) struct Fwd {
     attn_dec_scores: CudaFunction,
     attn_dec_out: CudaFunction,
     indexer_scores4: CudaFunction,
+    indexer_mma32: CudaFunction,
+    indexer_mma128: CudaFunction,
+    indexer_mma2x64: CudaFunction,
     hc_split_dec: CudaFunction,
     /// Side stream of the decode step (the HC split runs there, off the critical path) and the
     /// events that fork it from and join it back into `stream`.
@@ -231,6 +268,16 @@ pub(crate) struct AttnLaunch {
     pub heads: u64,
 }
 
+/// Allow `f` `smem` bytes of dynamic shared memory (above the 48 KiB default).
+fn big_smem(f: CudaFunction, smem: usize) -> Result<CudaFunction, CudaError> {
+    f.set_attribute(
+        cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        smem as i32,
+    )
+    .map_err(|e| cerr(format!("shared memory attribute: {e}")))?;
+    Ok(f)
+}
+
 impl Fwd {
     pub fn new(ctx: &Arc<CudaContext>, stream: Arc<CudaStream>) -> Result<Fwd, CudaError> {
         let m = crate::device::load_module(ctx, "fwd")?;
@@ -263,6 +310,9 @@ impl Fwd {
             attn_dec_scores: f("ds4_attn_dec_scores")?,
             attn_dec_out: f("ds4_attn_dec_out")?,
             indexer_scores4: f("ds4_indexer_scores4")?,
+            indexer_mma32: big_smem(f("ds4_indexer_mma32")?, indexer_mma_smem(1, 32))?,
+            indexer_mma128: big_smem(f("ds4_indexer_mma128")?, indexer_mma_smem(1, 128))?,
+            indexer_mma2x64: big_smem(f("ds4_indexer_mma2x64")?, indexer_mma_smem(2, 64))?,
             hc_split_dec: f("ds4_hc_split_dec")?,
             side: stream
                 .fork()
@@ -691,6 +741,108 @@ impl Fwd {
         blocks: usize,
         isel: u64,
     ) -> Result<(), CudaError> {
+        self.indexer_scores(
+            IdxKernel::Auto,
+            iq,
+            iw,
+            icomp,
+            nih,
+            ihd,
+            ratio,
+            topk,
+            pos,
+            t0,
+            nt,
+            scores,
+            sstride,
+            blocks,
+        )?;
+        self.go(
+            &self.topk,
+            (nt, 1, 1),
+            1024,
+            0,
+            &[
+                A::P(scores),
+                A::L(sstride as i64),
+                A::I(ratio as i32),
+                A::I(topk as i32),
+                A::P(pos),
+                A::I(t0 as i32),
+                A::P(isel),
+            ],
+        )
+    }
+
+    /// Indexer scores only (ops::indexer_scores) of tokens `t0..t0+nt` seeing more than
+    /// `topk` rows into `scores` `[nt][sstride]`, with kernel `kernel` (falls back to the
+    /// generic kernel where the chosen one does not fit the shape). `blocks` bounds the row
+    /// blocks per token (they stride over the row tiles); a fixed `(blocks, sstride, nt)` gives
+    /// a fixed grid (decode graphs capture it).
+    pub fn indexer_scores(
+        &self,
+        kernel: IdxKernel,
+        iq: u64,
+        iw: u64,
+        icomp: u64,
+        nih: usize,
+        ihd: usize,
+        ratio: usize,
+        topk: usize,
+        pos: u64,
+        t0: usize,
+        nt: usize,
+        scores: u64,
+        sstride: usize,
+        blocks: usize,
+    ) -> Result<(), CudaError> {
+        let mma_ok = indexer_mma_fits(nih, ihd)
+            && (iq | icomp).is_multiple_of(16)
+            && (t0 * nih * ihd).is_multiple_of(4);
+        // (tokens per block, rows per tile)
+        let mma = match kernel {
+            IdxKernel::Auto if mma_ok => Some(if nt <= IDXM_SMALL_BATCH {
+                (1, 32)
+            } else {
+                (2, 64)
+            }),
+            IdxKernel::Mma32 if mma_ok => Some((1, 32)),
+            IdxKernel::Mma128 if mma_ok => Some((1, 128)),
+            IdxKernel::Mma2x64 if mma_ok => Some((2, 64)),
+            _ => None,
+        };
+        if let Some((tpb, rows)) = mma {
+            let gy = nt.div_ceil(tpb);
+            // Row blocks per token group: enough for about two waves of a 132-SM card in total.
+            let gx = sstride
+                .div_ceil(rows)
+                .min(blocks)
+                .min((2 * ATT_TARGET_BLOCKS).div_ceil(gy.max(1)))
+                .max(1);
+            let f = match (tpb, rows) {
+                (1, 32) => &self.indexer_mma32,
+                (1, _) => &self.indexer_mma128,
+                _ => &self.indexer_mma2x64,
+            };
+            return self.go(
+                f,
+                (gx, gy, 1),
+                256,
+                indexer_mma_smem(tpb, rows),
+                &[
+                    A::P(iq),
+                    A::P(iw),
+                    A::P(icomp),
+                    A::I(ratio as i32),
+                    A::I(topk as i32),
+                    A::P(pos),
+                    A::I(t0 as i32),
+                    A::I(nt as i32),
+                    A::P(scores),
+                    A::L(sstride as i64),
+                ],
+            );
+        }
         let args = [
             A::P(iq),
             A::P(iw),
@@ -711,7 +863,7 @@ impl Fwd {
                 nih * 4,
                 indexer4_smem(nih, ihd),
                 &args,
-            )?;
+            )
         } else {
             self.go(
                 &self.indexer_scores,
@@ -719,23 +871,8 @@ impl Fwd {
                 256,
                 indexer_smem(nih, ihd),
                 &args,
-            )?;
+            )
         }
-        self.go(
-            &self.topk,
-            (nt, 1, 1),
-            1024,
-            0,
-            &[
-                A::P(scores),
-                A::L(sstride as i64),
-                A::I(ratio as i32),
-                A::I(topk as i32),
-                A::P(pos),
-                A::I(t0 as i32),
-                A::P(isel),
-            ],
-        )
     }
 
     /// Attention (+ inverse RoPE) of `n` tokens into `heads`; `nsplit > 1` goes through `part`.

@@ -14,6 +14,7 @@ use ds4_model::ops::CompressorGeom;
 
 use crate::CudaError;
 use crate::attn_tc::{AttnPrecision, AttnTc};
+pub use crate::fwd::IdxKernel;
 use crate::fwd::{AttnLaunch, CompDec, CompLaunch, Fwd, QkvDec, attn_dec_bytes, attn_splits};
 use crate::rt::{DBuf, dtoh, htod};
 
@@ -448,6 +449,69 @@ impl GpuOps {
             stride,
             self.down(&isel, n * topk)?,
         ))
+    }
+
+    /// Indexer scores only (no top-k) of `n` tokens at `pos0..` with kernel `kernel`, inputs
+    /// uploaded once, run `reps` times after a warm-up with `stride` floats per token row and
+    /// `blocks` row blocks at most (the backend passes its `idx_blocks`). Returns the scores
+    /// `[n][stride]` of the last run (unscored entries NaN) and the median milliseconds of one
+    /// call (0 with `reps` 0).
+    pub fn indexer_scores_timed(
+        &self,
+        kernel: IdxKernel,
+        iq: &[f32],
+        iw: &[f32],
+        icomp: &[f32],
+        nih: usize,
+        ihd: usize,
+        ratio: usize,
+        topk: usize,
+        pos0: usize,
+        n: usize,
+        stride: usize,
+        blocks: usize,
+        reps: usize,
+    ) -> Result<(Vec<f32>, f64), CudaError> {
+        let (dq, dw, dc) = (self.up(iq)?, self.up(iw)?, self.up(icomp)?);
+        let scores = self.up(&vec![f32::NAN; n * stride])?;
+        self.set_pos(pos0)?;
+        let once = || {
+            self.fwd.indexer_scores(
+                kernel,
+                dq.ptr,
+                dw.ptr,
+                dc.ptr,
+                nih,
+                ihd,
+                ratio,
+                topk,
+                self.pos.ptr,
+                0,
+                n,
+                scores.ptr,
+                stride,
+                blocks,
+            )
+        };
+        once()?;
+        self.stream.synchronize().map_err(crate::rt::drv)?;
+        let ev = || {
+            self._ctx
+                .new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
+                .map_err(crate::rt::drv)
+        };
+        let mut times = Vec::with_capacity(reps);
+        for _ in 0..reps {
+            let (e0, e1) = (ev()?, ev()?);
+            e0.record(&self.stream).map_err(crate::rt::drv)?;
+            once()?;
+            e1.record(&self.stream).map_err(crate::rt::drv)?;
+            e1.synchronize().map_err(crate::rt::drv)?;
+            times.push(e0.elapsed_ms(&e1).map_err(crate::rt::drv)? as f64);
+        }
+        times.sort_by(f64::total_cmp);
+        let ms = times.get(times.len() / 2).copied().unwrap_or(0.0);
+        Ok((self.down(&scores, n * stride)?, ms))
     }
 
     /// Attention of `n` tokens at `pos0..` (`nsplit` 0: the backend's choice).

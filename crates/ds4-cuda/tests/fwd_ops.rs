@@ -8,7 +8,7 @@
 //! (top-k, router) must match exactly given those inputs.
 #![cfg(feature = "cuda")]
 
-use ds4_cuda::optest::{CompDecIn, GpuOps, QkvDecIn};
+use ds4_cuda::optest::{CompDecIn, GpuOps, IdxKernel, QkvDecIn};
 use ds4_model::ops::{self, CompressorGeom, EMPTY_SCORE, RowQat};
 use ds4_model::plan::RopeParams;
 
@@ -541,6 +541,79 @@ fn indexer_scores_and_topk() {
                     .collect();
                 assert_eq!(got, sel, "indexer top-k {tag}");
                 println!("indexer top-k {tag}: equal ({} of {nv} rows)", topk);
+            }
+        }
+    }
+}
+
+/// Every indexer score kernel at Flash size (64 heads × 128, ratio 4) against
+/// `ops::indexer_scores`: a 256-token chunk at positions 5888.. (1472..1536 visible rows) and
+/// 1-token decode steps at 8k and 32k, on plain random f32 values (dots that really round in f64)
+/// and on QAT (Hadamard+FP4) values. Tolerance: REL, and at most 2 scores per case that are
+/// not bit-identical (the f64 sums differ only in order, so a different f32 needs a ~1e-8
+/// rounding tie).
+#[test]
+fn indexer_scores_flash_size_all_kernels() {
+    let Some(g) = gpu() else { return };
+    let mut r = Rng(19);
+    let (nih, ihd, ratio, topk) = (64usize, 128usize, 4usize, 512usize);
+    for qat in [false, true] {
+        // (pos0, n, stride of the backend at its context, row blocks as the backend's idx_blocks)
+        for (pos0, n, ctx) in [
+            (5888usize, 256usize, 8192usize),
+            (8191, 1, 8192),
+            (32767, 1, 32768),
+        ] {
+            let nrows = (pos0 + n) / ratio;
+            let stride = (ctx / ratio + 1).next_multiple_of(4);
+            let blocks = stride.div_ceil(8).clamp(1, 264);
+            let mut keys = r.vec(nrows * ihd, 1.0);
+            let mut q = r.vec(n * nih * ihd, 1.0);
+            if qat {
+                keys.chunks_exact_mut(ihd).for_each(ops::indexer_qat);
+                q.chunks_exact_mut(ihd).for_each(ops::indexer_qat);
+            }
+            let w = r.vec(n * nih, 0.02);
+            let mut want = vec![f32::NAN; n * stride];
+            for t in 0..n {
+                let nv = (pos0 + t + 1) / ratio;
+                ops::indexer_scores(
+                    &q[t * nih * ihd..(t + 1) * nih * ihd],
+                    &w[t * nih..(t + 1) * nih],
+                    &keys[..nv * ihd],
+                    ihd,
+                    &mut want[t * stride..t * stride + nv],
+                );
+            }
+            for kernel in [
+                IdxKernel::Auto,
+                IdxKernel::Scalar4,
+                IdxKernel::Mma32,
+                IdxKernel::Mma128,
+                IdxKernel::Mma2x64,
+            ] {
+                let (got, _) = g
+                    .indexer_scores_timed(
+                        kernel, &q, &w, &keys, nih, ihd, ratio, topk, pos0, n, stride, blocks, 0,
+                    )
+                    .unwrap();
+                let tag = format!("{kernel:?} qat {qat} pos {pos0} n {n}");
+                let (mut gs, mut ws, mut differ) = (Vec::new(), Vec::new(), 0usize);
+                for t in 0..n {
+                    let nv = (pos0 + t + 1) / ratio;
+                    let row = t * stride..t * stride + nv;
+                    for (a, b) in got[row.clone()].iter().zip(&want[row.clone()]) {
+                        differ += (a.to_bits() != b.to_bits()) as usize;
+                    }
+                    gs.extend_from_slice(&got[row.clone()]);
+                    ws.extend_from_slice(&want[row]);
+                }
+                check(&format!("indexer scores {tag}"), &gs, &ws);
+                println!(
+                    "indexer scores {tag}: {differ} of {} not bit-identical",
+                    ws.len()
+                );
+                assert!(differ <= 2, "{tag}: {differ} scores not bit-identical");
             }
         }
     }

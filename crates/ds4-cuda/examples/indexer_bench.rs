@@ -1,0 +1,143 @@
+//! Lightning-indexer score kernels on Flash shapes (64 heads × 128, ratio 4, top-k 512): the
+//! register-blocked scalar f64 kernel (`ds4_indexer_scores4`, the one before the FP64 tensor-core
+//! kernels) against `ds4_indexer_mma32` / `ds4_indexer_mma128` and the backend's choice (`Auto`),
+//! on the same random inputs, in one process.
+//!
+//! ```text
+//! cargo build --release -p ds4-cuda --features cuda --example indexer_bench
+//! indexer_bench [--reps N]
+//! ```
+//!
+//! Cases: a 2048-token chunk at positions 2048 / 6144 / 30720 and one decode token at 8k and 32k
+//! context (score stride and row-block bound as the backend sets them for that context). Times
+//! are CUDA-event medians of one scores launch (no top-k) after a warm-up; `diff` counts scores
+//! that are not bit-identical to the scalar kernel's (the scalar kernel reproduces the CPU
+//! reference's summation order; the tensor-core sums differ in order only, so any difference is
+//! a ~1e-8 rounding tie), `GMAC/s` counts q·k products of the visible rows.
+
+#[cfg(not(feature = "cuda"))]
+fn main() {
+    eprintln!("indexer_bench needs --features cuda");
+}
+
+#[cfg(feature = "cuda")]
+fn main() -> anyhow::Result<()> {
+    bench::main()
+}
+
+#[cfg(feature = "cuda")]
+#[path = "bench_common/mod.rs"]
+#[allow(dead_code)]
+mod bench_common;
+
+#[cfg(feature = "cuda")]
+mod bench {
+    use anyhow::{Context, Result};
+    use ds4_cuda::optest::{GpuOps, IdxKernel};
+
+    use crate::bench_common::Rng;
+
+    fn vec(rng: &mut Rng, n: usize, s: f32) -> Vec<f32> {
+        (0..n)
+            .map(|_| ((rng.next() >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0 * s)
+            .collect()
+    }
+
+    pub fn main() -> Result<()> {
+        let args: Vec<String> = std::env::args().collect();
+        let reps = args
+            .iter()
+            .position(|a| a == "--reps")
+            .and_then(|i| args.get(i + 1))
+            .map(|v| v.parse::<usize>())
+            .transpose()
+            .context("--reps")?
+            .unwrap_or(10);
+        // `--case I`: only the I-th case (0-based; e.g. one launch set for a profiler).
+        let only = args
+            .iter()
+            .position(|a| a == "--case")
+            .and_then(|i| args.get(i + 1))
+            .map(|v| v.parse::<usize>())
+            .transpose()
+            .context("--case")?;
+        let info = ds4_cuda::probe(0).context("no CUDA device")?;
+        println!("device: {info:?}");
+        let g = GpuOps::new(0)?;
+        let (nih, ihd, ratio, topk) = (64usize, 128usize, 4usize, 512usize);
+        let mut rng = Rng(42);
+        let mut table = Vec::new();
+        // (label, pos0, tokens, context)
+        let cases = [
+            ("chunk 2048 @2048", 2048usize, 2048usize, 4096usize),
+            ("chunk 2048 @6144", 6144, 2048, 8192),
+            ("chunk 2048 @30720", 30720, 2048, 32768),
+            ("decode @8k", 8191, 1, 8192),
+            ("decode @32k", 32767, 1, 32768),
+        ];
+        for (ci, (label, pos0, n, ctx)) in cases.into_iter().enumerate() {
+            if only.is_some_and(|o| o != ci) {
+                continue;
+            }
+            let nrows = (pos0 + n) / ratio;
+            let stride = (ctx / ratio + 1).next_multiple_of(4);
+            let blocks = stride.div_ceil(8).clamp(1, 264);
+            let q = vec(&mut rng, n * nih * ihd, 1.0);
+            let keys = vec(&mut rng, nrows * ihd, 1.0);
+            let w = vec(&mut rng, n * nih, 0.02);
+            let macs: f64 = (0..n)
+                .map(|t| (pos0 + t + 1) / ratio)
+                .filter(|&nv| nv > topk)
+                .map(|nv| (nv * nih * ihd) as f64)
+                .sum();
+            let reps = if n == 1 { reps * 10 } else { reps };
+            let mut base: Option<(Vec<f32>, f64)> = None;
+            for kernel in [
+                IdxKernel::Scalar4,
+                IdxKernel::Auto,
+                IdxKernel::Mma32,
+                IdxKernel::Mma128,
+                IdxKernel::Mma2x64,
+            ] {
+                let (s, ms) = g.indexer_scores_timed(
+                    kernel, &q, &w, &keys, nih, ihd, ratio, topk, pos0, n, stride, blocks, reps,
+                )?;
+                let mut diff = 0usize;
+                if let Some((b, _)) = &base {
+                    for t in 0..n {
+                        let nv = (pos0 + t + 1) / ratio;
+                        if nv <= topk {
+                            continue;
+                        }
+                        let row = t * stride..t * stride + nv;
+                        diff += s[row.clone()]
+                            .iter()
+                            .zip(&b[row])
+                            .filter(|(x, y)| x.to_bits() != y.to_bits())
+                            .count();
+                    }
+                }
+                let speed = base.as_ref().map_or(1.0, |(_, b)| b / ms);
+                let line = format!(
+                    "| {label:<18} | {:<8} | {:>10.1} | {:>6.2}x | {:>8.0} | {diff} |",
+                    format!("{kernel:?}"),
+                    ms * 1e3,
+                    speed,
+                    macs / (ms * 1e-3) / 1e9
+                );
+                println!("{line}");
+                table.push(line);
+                if base.is_none() {
+                    base = Some((s, ms));
+                }
+            }
+        }
+        println!();
+        println!("| case               | kernel   |    time us | vs old  |   GMAC/s | diff |");
+        println!("|--------------------|----------|-----------:|--------:|---------:|-----:|");
+        for l in &table {
+            println!("{l}");
+        }
+        Ok(())
+    }
+}
