@@ -2227,6 +2227,7 @@ __device__ __forceinline__ void idxm_body(const float* __restrict__ iq, const fl
 extern "C" __global__ void __launch_bounds__(256) ds4_indexer_mma32(
     const float* iq, const float* iw, const float* icomp, int ratio, int topk, const int* pos0p,
     int t0, int nt, float* scores, i64 sstride) {
+    PDL_ENTRY();
     idxm_body<1, 1>(iq, iw, icomp, ratio, topk, pos0p, t0, nt, scores, sstride);
 }
 
@@ -2234,6 +2235,7 @@ extern "C" __global__ void __launch_bounds__(256) ds4_indexer_mma32(
 extern "C" __global__ void __launch_bounds__(256, 1) ds4_indexer_mma128(
     const float* iq, const float* iw, const float* icomp, int ratio, int topk, const int* pos0p,
     int t0, int nt, float* scores, i64 sstride) {
+    PDL_ENTRY();
     idxm_body<4, 1>(iq, iw, icomp, ratio, topk, pos0p, t0, nt, scores, sstride);
 }
 
@@ -2242,5 +2244,6 @@ extern "C" __global__ void __launch_bounds__(256, 1) ds4_indexer_mma128(
 extern "C" __global__ void __launch_bounds__(256, 1) ds4_indexer_mma2x64(
     const float* iq, const float* iw, const float* icomp, int ratio, int topk, const int* pos0p,
     int t0, int nt, float* scores, i64 sstride) {
+    PDL_ENTRY();
     idxm_body<4, 2>(iq, iw, icomp, ratio, topk, pos0p, t0, nt, scores, sstride);
 }
