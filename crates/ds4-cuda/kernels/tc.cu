@@ -113,6 +113,13 @@ __device__ __forceinline__ void mma_s8(int* d, const u32* a, u32 b0, u32 b1, con
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "r"(c[0]), "r"(c[1]),
           "r"(c[2]), "r"(c[3]));
 }
+// d = a·b + c (s8 × s8 → s32, m16n8k16)
+__device__ __forceinline__ void mma_s8k16(int* d, u32 a0, u32 a1, u32 b0, const int* c) {
+    asm("mma.sync.aligned.m16n8k16.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5}, {%6}, "
+        "{%7,%8,%9,%10};\n"
+        : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3])
+        : "r"(a0), "r"(a1), "r"(b0), "r"(c[0]), "r"(c[1]), "r"(c[2]), "r"(c[3]));
+}
 // d += a·b (f16 × f16 → f32, m16n8k16)
 __device__ __forceinline__ void mma_f16(float* d, const u32* a, u32 b0, u32 b1) {
     asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
@@ -131,8 +138,8 @@ __host__ __device__ constexpr int al128(int x) { return (x + 127) / 128 * 128; }
 template <int T, int BN>
 struct Lay {
     // Pipeline depth and CTAs per SM: two CTAs of 2 stages where registers and shared memory
-    // allow it (Q8_0, IQ2_XXS, Q2_K), else one CTA of 3 stages.
-    static constexpr int NS = (T == W_F16 || T == W_Q4K) ? 3 : 2;
+    // allow it (Q8_0, IQ2_XXS, Q2_K at BN <= 64), else one CTA of 3 stages.
+    static constexpr int NS = (T == W_F16 || T == W_Q4K || BN > 64) ? 3 : 2;
     static constexpr int MINB = (NS == 2) ? 2 : 1;
     static constexpr bool DIRECT = (T == W_Q8_0 || T == W_F16);
     static constexpr int RAWB = T == W_IQ2 ? 80 : T == W_Q2K ? 96 : T == W_Q4K ? 144 : 0;
@@ -147,7 +154,11 @@ struct Lay {
     static constexpr int STAGE = S_BM + al128(BM_ST);
     static constexpr int O_SRC = 0;
     static constexpr int O_AROW = BN * 4;
-    static constexpr int O_TAB = al128(2 * BN * 4);
+    // Per-row source addresses, formed once per CTA (issue() only adds the K offset):
+    // A rows: region 0, 1, 2 base of the row; B rows: activation qs / scales of the row.
+    static constexpr int O_PA = al128(2 * BN * 4);
+    static constexpr int O_PB = O_PA + 3 * TC_BM * 8;
+    static constexpr int O_TAB = al128(O_PB + 2 * BN * 8);
     static constexpr int TABB = (T == W_IQ2) ? 256 * 8 + 128 * 16 : 0;
     static constexpr int O_TILE = O_TAB + TABB;
     static constexpr int TILEB = DIRECT ? 0 : TC_BM * 256;
@@ -155,7 +166,8 @@ struct Lay {
     static constexpr int O_MDM = O_MD + (DIRECT ? 0 : TC_BM * 4);   // f32 [BM] dmin
     static constexpr int O_MSC = O_MDM + (DIRECT ? 0 : TC_BM * 4);  // u8 [BM][8] ls / sc
     static constexpr int O_MMN = O_MSC + (DIRECT ? 0 : TC_BM * 8);  // u8 [BM][16] mins
-    static constexpr int O_ST = al128(O_MMN + (DIRECT ? 0 : TC_BM * 16));
+    static constexpr int O_BS = O_MMN + (DIRECT ? 0 : TC_BM * 16);  // Q2_K: s8 [2][BN][16] bsum hi, lo
+    static constexpr int O_ST = al128(O_BS + (T == W_Q2K ? 2 * BN * 16 : 0));
     static constexpr int TOTAL = O_ST + NS * STAGE;
 };
 
@@ -176,7 +188,6 @@ template <int T, int BN, int MODE>
 struct Tc {
     typedef Lay<T, BN> L;
     static constexpr int NT = BN / 16;  // n8 tiles per warp (warp tile BN/2 tokens)
-    static constexpr int WTN = BN / 2;
     static constexpr int OUTR = (MODE == M_SWIGLU) ? TC_BM / 2 : TC_BM;
 
     // Output row and weight tensor (0/1) of shared-memory A row j.
@@ -189,88 +200,77 @@ struct Tc {
         return r0 + j;
     }
 
-    __device__ static void issue(const TcArgs& P, u8* sm, int kb, int buf, int m, int r0, int CB,
-                                 int acol) {
+    // Copy K stage `kb` into ring slot `buf` (cp.async). The per-row source addresses come
+    // from the tables run() forms once (O_PA / O_PB).
+    __device__ static void issue(const TcArgs& P, u8* sm, int kb, int buf, int CB) {
         const int tid = threadIdx.x;
         u8* st = sm + L::O_ST + buf * L::STAGE;
-        const int* s_arow = (const int*)(sm + L::O_AROW);
+        const u64* pa = (const u64*)(sm + L::O_PA);
+        const u64* pb = (const u64*)(sm + L::O_PB);
         const int kbyte = kb * 256;
+        const int ch = tid & 15;
         // ---- A
         if (L::DIRECT) {
-            for (int c = tid; c < TC_BM * 16; c += TC_THREADS) {
-                const int j = c >> 4, ch = c & 15;
-                if (kbyte + 16 * ch < CB) {
-                    int mat;
-                    const int r = min(out_row(r0, j, mat), P.R - 1);
-                    const i64 rr = (i64)m * P.R + r;
-                    const u8* src = (mat ? P.wb0 : P.wa0) + rr * CB + kbyte + 16 * ch;
-                    cp16(st + L::S_A + swz(j, ch), src);
+            if (kbyte + 16 * ch < CB) {
+#pragma unroll
+                for (int i = 0; i < TC_BM * 16 / TC_THREADS; i++) {
+                    const int j = (tid >> 4) + 16 * i;
+                    cp16(st + L::S_A + swz(j, ch), (const u8*)pa[j] + kbyte + 16 * ch);
                 }
             }
             if (T == W_Q8_0) {
-                for (int c = tid; c < TC_BM * 4; c += TC_THREADS) {
+#pragma unroll
+                for (int i = 0; i < TC_BM * 4 / TC_THREADS; i++) {
+                    const int c = tid + TC_THREADS * i;
                     const int j = c >> 2, w = c & 3;
-                    if (8 * kb + 2 * w < P.nb) {
-                        int mat;
-                        const int r = min(out_row(r0, j, mat), P.R - 1);
-                        const i64 rr = (i64)m * P.R + r;
-                        const u8* src = (mat ? P.wb1 : P.wa1) + 2 * (rr * P.nb + 8 * kb + 2 * w);
-                        cp4(st + L::S_AM + j * 16 + 4 * w, src);
-                    }
+                    if (8 * kb + 2 * w < P.nb)
+                        cp4(st + L::S_AM + j * 16 + 4 * w, (const u8*)pa[TC_BM + j] + 2 * (8 * kb + 2 * w));
                 }
             }
         } else {
             constexpr int NCH = T == W_IQ2 ? 5 : T == W_Q2K ? 6 : 9;
-            for (int c = tid; c < TC_BM * NCH; c += TC_THREADS) {
-                const int j = c / NCH, q = c % NCH;
-                int mat;
-                const int r = min(out_row(r0, j, mat), P.R - 1);
-                const i64 blk = ((i64)m * P.R + r) * P.nb + kb;
-                u8* dst = st + L::S_A + j * L::RAWB;
-                const u8* p0 = mat ? P.wb0 : P.wa0;
-                const u8* p1 = mat ? P.wb1 : P.wa1;
-                const u8* p2 = mat ? P.wb2 : P.wa2;
-                if (T == W_IQ2) {
-                    if (q < 4) cp16(dst + 16 * q, p0 + 64 * blk + 16 * q);
-                    else cp4(dst + 64, p1 + 2 * (blk & ~1ll));  // the aligned pair holding d
-                } else if (T == W_Q2K) {
-                    if (q < 4) cp16(dst + 16 * q, p0 + 64 * blk + 16 * q);
-                    else if (q == 4) cp16(dst + 64, p1 + 16 * blk);
-                    else cp4(dst + 80, p2 + 4 * blk);
-                } else {
-                    cp16(dst + 16 * q, p0 + 144 * blk + 16 * q);
+#pragma unroll
+            for (int i = 0; i < (TC_BM * NCH + TC_THREADS - 1) / TC_THREADS; i++) {
+                const int c = tid + TC_THREADS * i;
+                if (c < TC_BM * NCH) {
+                    const int j = c / NCH, q = c % NCH;
+                    u8* dst = st + L::S_A + j * L::RAWB;
+                    if (T == W_IQ2) {
+                        if (q < 4) cp16(dst + 16 * q, (const u8*)pa[j] + 64 * kb + 16 * q);
+                        else cp4(dst + 64, (const u8*)((pa[TC_BM + j] + 2 * kb) & ~3ull));  // the aligned pair holding d
+                    } else if (T == W_Q2K) {
+                        if (q < 4) cp16(dst + 16 * q, (const u8*)pa[j] + 64 * kb + 16 * q);
+                        else if (q == 4) cp16(dst + 64, (const u8*)pa[TC_BM + j] + 16 * kb);
+                        else cp4(dst + 80, (const u8*)pa[2 * TC_BM + j] + 4 * kb);
+                    } else {
+                        cp16(dst + 16 * q, (const u8*)pa[j] + 144 * kb + 16 * q);
+                    }
                 }
             }
         }
         // ---- B (activation rows of this tile)
-        const int esz = (T == W_F16) ? 2 : 1;
-        for (int c = tid; c < BN * 16; c += TC_THREADS) {
-            const int b = c >> 4, ch = c & 15;
-            if (kbyte + 16 * ch < CB) {
-                const i64 e0 = (i64)s_arow[b] * P.Cx + acol;
-                const i64 o = e0 * esz + kbyte + 16 * ch;
-                cp16(st + L::S_B + swz(b, ch), P.aq + o);
-                if (T == W_F16) cp16(st + L::S_B + BN * 256 + swz(b, ch), P.ad + o);
+        if (kbyte + 16 * ch < CB) {
+#pragma unroll
+            for (int i = 0; i < BN * 16 / TC_THREADS; i++) {
+                const int b = (tid >> 4) + 16 * i;
+                cp16(st + L::S_B + swz(b, ch), (const u8*)pb[b] + kbyte + 16 * ch);
+                if (T == W_F16) cp16(st + L::S_B + BN * 256 + swz(b, ch), (const u8*)pb[BN + b] + kbyte + 16 * ch);
             }
         }
         if (T == W_Q8_0) {
-            for (int c = tid; c < BN * 8; c += TC_THREADS) {
+#pragma unroll
+            for (int i = 0; i < BN * 8 / TC_THREADS; i++) {
+                const int c = tid + TC_THREADS * i;
                 const int b = c >> 3, s = c & 7;
-                if (8 * kb + s < P.nb) {
-                    const i64 e0 = (i64)s_arow[b] * P.Cx + acol;
-                    cp4(st + L::S_BM + 4 * c, P.ad + 4 * (e0 / 32 + 8 * kb + s));
-                }
+                if (8 * kb + s < P.nb) cp4(st + L::S_BM + 4 * (s * BN + b), (const u8*)pb[BN + b] + 4 * (8 * kb + s));
             }
         } else if (T != W_F16) {
-            if (tid < BN) {
-                const i64 e0 = (i64)s_arow[tid] * P.Cx + acol;
-                cp4(st + L::S_BM + 4 * tid, P.ad + 4 * (e0 / 256 + kb));
-            }
+            if (tid < BN) cp4(st + L::S_BM + 4 * tid, (const u8*)pb[BN + tid] + 4 * kb);
         }
     }
 
     // Raw weight blocks of stage `buf` → int8 tile + per-row metadata.
-    __device__ static void dequant(const TcArgs& P, u8* sm, int kb, int buf, int m, int r0) {
+    __device__ static void dequant(u8* sm, int kb, int buf) {
         const int tid = threadIdx.x;
         const u8* raw = sm + L::O_ST + buf * L::STAGE + L::S_A;
         u8* tile = sm + L::O_TILE;
@@ -295,11 +295,9 @@ struct Tc {
                 }
                 msc[j * 8 + s] = (u8)(2 * (aux.y >> 28) + 1);
                 if (s == 0) {
-                    int mat;
-                    const int r = min(out_row(r0, j, mat), P.R - 1);
-                    const i64 blk = ((i64)m * P.R + r) * P.nb + kb;
+                    const u64 pd = ((const u64*)(sm + L::O_PA))[TC_BM + j] + 2 * kb;  // address of d
                     const u32 dw = *(const u32*)(rw + 64);
-                    md[j] = h2f((blk & 1) ? (dw >> 16) : (dw & 0xffffu));
+                    md[j] = h2f((pd & 2) ? (dw >> 16) : (dw & 0xffffu));
                 }
             } else if (T == W_Q2K) {
                 const int n = s >> 2, sh = 2 * (s & 3);
@@ -331,6 +329,22 @@ struct Tc {
             }
             *(uint4*)(tile + swz(j, 2 * s)) = make_uint4(o[0], o[1], o[2], o[3]);
             *(uint4*)(tile + swz(j, 2 * s + 1)) = make_uint4(o[4], o[5], o[6], o[7]);
+        }
+        if (T == W_Q2K) {
+            // Sums of the activations over each 16-wide sub-block (chunk j of a B row), split
+            // as 128·hi + lo with lo in [0, 127] so both are int8 mma operands.
+            const u8* bt = sm + L::O_ST + buf * L::STAGE + L::S_B;
+            i8* bs = (i8*)(sm + L::O_BS);
+            for (int u = tid; u < BN * 16; u += TC_THREADS) {
+                const int b = u >> 4, j = u & 15;
+                const uint4 v = *(const uint4*)(bt + swz(b, j));
+                int sum = __dp4a((int)v.x, 0x01010101, 0);
+                sum = __dp4a((int)v.y, 0x01010101, sum);
+                sum = __dp4a((int)v.z, 0x01010101, sum);
+                sum = __dp4a((int)v.w, 0x01010101, sum);
+                bs[b * 16 + j] = (i8)(sum >> 7);
+                bs[BN * 16 + b * 16 + j] = (i8)(sum & 127);
+            }
         }
     }
 
@@ -366,11 +380,42 @@ struct Tc {
         if (nvalid <= 0) return;
         const int r0 = blockIdx.y * OUTR;
         const int acol = P.grouped ? m * P.C : 0;
+        const int CB = (T == W_F16) ? 2 * P.C : P.C;
         if (tid < BN) {
             const int b = tid < nvalid ? tid : 0;
             const int src = P.list ? __ldg(P.list + base + b) : base + b;
+            const int arow = src / P.kdiv;
             s_src[tid] = src;
-            s_arow[tid] = src / P.kdiv;
+            s_arow[tid] = arow;
+            const i64 e0 = (i64)arow * P.Cx + acol;
+            u64* pb = (u64*)(sm + L::O_PB);
+            pb[tid] = (u64)(P.aq + e0 * (T == W_F16 ? 2 : 1));
+            pb[BN + tid] = (u64)(T == W_F16    ? P.ad + 2 * e0
+                                 : T == W_Q8_0 ? P.ad + 4 * (e0 / 32)
+                                               : P.ad + 4 * (e0 / 256));
+        }
+        if (tid < TC_BM) {
+            int mat;
+            const int r = min(out_row(r0, tid, mat), P.R - 1);
+            const i64 rr = (i64)m * P.R + r;
+            const i64 rb = rr * P.nb;
+            u64* pa = (u64*)(sm + L::O_PA);
+            const u8* p0 = mat ? P.wb0 : P.wa0;
+            const u8* p1 = mat ? P.wb1 : P.wa1;
+            const u8* p2 = mat ? P.wb2 : P.wa2;
+            if (L::DIRECT) {
+                pa[tid] = (u64)(p0 + rr * CB);
+                pa[TC_BM + tid] = (u64)(p1 + 2 * rb);
+            } else if (T == W_IQ2) {
+                pa[tid] = (u64)(p0 + 64 * rb);
+                pa[TC_BM + tid] = (u64)(p1 + 2 * rb);
+            } else if (T == W_Q2K) {
+                pa[tid] = (u64)(p0 + 64 * rb);
+                pa[TC_BM + tid] = (u64)(p1 + 16 * rb);
+                pa[2 * TC_BM + tid] = (u64)(p2 + 4 * rb);
+            } else {
+                pa[tid] = (u64)(p0 + 144 * rb);
+            }
         }
         if (T == W_IQ2) {
             uint2* grid = (uint2*)(sm + L::O_TAB);
@@ -388,7 +433,6 @@ struct Tc {
         }
         __syncthreads();
 
-        const int CB = (T == W_F16) ? 2 * P.C : P.C;
         const int kb0 = sp * P.kspl;
         const int nk = min((CB + 255) / 256, kb0 + P.kspl) - kb0;
         constexpr int NS = L::NS;
@@ -409,9 +453,20 @@ struct Tc {
         const int zero4[4] = {0, 0, 0, 0};
         const int magic4[4] = {MAGIC_I, MAGIC_I, MAGIC_I, MAGIC_I};
 
+        // ldmatrix row addresses (relative to the tile) of K step 0; step s reads chunk
+        // 2s + c, i.e. the step-0 offset XOR (s << 5) (swz only XORs the chunk bits 4..7).
+        int aoff[2], boff[NT / 2];
+#pragma unroll
+        for (int mi = 0; mi < 2; mi++) aoff[mi] = swz(32 * wm + 16 * mi + (lane & 15), lane >> 4);
+#pragma unroll
+        for (int p = 0; p < NT / 2; p++) {
+            const int q = lane >> 3;
+            boff[p] = swz(8 * (4 * p + 2 * (q >> 1) + wn) + (lane & 7), q & 1);
+        }
+
 #pragma unroll 1
         for (int s = 0; s < NS - 1; s++) {
-            if (s < nk) issue(P, sm, kb0 + s, s, m, r0, CB, acol);
+            if (s < nk) issue(P, sm, kb0 + s, s, CB);
             cp_commit();
         }
 #pragma unroll 1
@@ -419,177 +474,184 @@ struct Tc {
             const int kb = kb0 + ki;
             cp_wait<NS - 2>();
             __syncthreads();
-            if (ki + NS - 1 < nk) issue(P, sm, kb + NS - 1, (ki + NS - 1) % NS, m, r0, CB, acol);
+            if (ki + NS - 1 < nk) issue(P, sm, kb + NS - 1, (ki + NS - 1) % NS, CB);
             cp_commit();
             const int buf = ki % NS;
             const u8* st = sm + L::O_ST + buf * L::STAGE;
             if (!L::DIRECT) {
-                dequant(P, sm, kb, buf, m, r0);
+                dequant(sm, kb, buf);
                 __syncthreads();
             }
             const u8* As = L::DIRECT ? st + L::S_A : sm + L::O_TILE;
             const u8* Bs = st + L::S_B;
             const int steps = min(8, (CB - kb * 256) / 32);
+            auto step = [&](const int s) {
+                u32 a[2][4];
 #pragma unroll
-            for (int s = 0; s < 8; s++) {
-                if (s < steps) {
-                    u32 a[2][4];
+                for (int mi = 0; mi < 2; mi++)
+                    ldsm4(a[mi], As + (aoff[mi] ^ (s << 5)));
+                u32 b[NT][2];
+                u32 bl[NT][2];
 #pragma unroll
-                    for (int mi = 0; mi < 2; mi++)
-                        ldsm4(a[mi], As + swz(32 * wm + 16 * mi + (lane & 15), 2 * s + (lane >> 4)));
-                    u32 b[NT][2];
-                    u32 bl[NT][2];
-#pragma unroll
-                    for (int p = 0; p < NT / 2; p++) {
-                        const int q = lane >> 3;
-                        const int off = swz(WTN * wn + 16 * p + 8 * (q >> 1) + (lane & 7), 2 * s + (q & 1));
-                        u32 r[4];
-                        ldsm4(r, Bs + off);
-                        b[2 * p][0] = r[0];
-                        b[2 * p][1] = r[1];
-                        b[2 * p + 1][0] = r[2];
-                        b[2 * p + 1][1] = r[3];
-                        if (T == W_F16) {
-                            ldsm4(r, Bs + BN * 256 + off);
-                            bl[2 * p][0] = r[0];
-                            bl[2 * p][1] = r[1];
-                            bl[2 * p + 1][0] = r[2];
-                            bl[2 * p + 1][1] = r[3];
-                        }
-                    }
-                    if (T == W_Q8_0) {
-                        float wd[2][2], xd[NT][2];
-#pragma unroll
-                        for (int mi = 0; mi < 2; mi++)
-#pragma unroll
-                            for (int h = 0; h < 2; h++) {
-                                const int row = 32 * wm + 16 * mi + g + 8 * h;
-                                wd[mi][h] = h2f(*(const u16*)(st + L::S_AM + row * 16 + 2 * s));
-                            }
-#pragma unroll
-                        for (int ni = 0; ni < NT; ni++)
-#pragma unroll
-                            for (int c = 0; c < 2; c++) {
-                                const int col = WTN * wn + 8 * ni + 2 * tg + c;
-                                xd[ni][c] = *(const float*)(st + L::S_BM + col * 32 + 4 * s);
-                            }
-#pragma unroll
-                        for (int mi = 0; mi < 2; mi++)
-#pragma unroll
-                            for (int ni = 0; ni < NT; ni++) {
-                                int d[4];
-                                mma_s8(d, a[mi], b[ni][0], b[ni][1], magic4);
-#pragma unroll
-                                for (int q = 0; q < 4; q++) {
-                                    const float pw = __fmul_rn(wd[mi][q >> 1], xd[ni][q & 1]);
-                                    const float fi = __fsub_rn(__int_as_float(d[q]), MAGIC_F);
-                                    facc[mi][ni][q] = __fmaf_rn(pw, fi, facc[mi][ni][q]);
-                                }
-                            }
-                    } else if (T == W_IQ2) {
-                        int ls[2][2];
-                        const u8* msc = sm + L::O_MSC;
-#pragma unroll
-                        for (int mi = 0; mi < 2; mi++)
-#pragma unroll
-                            for (int h = 0; h < 2; h++) ls[mi][h] = msc[(32 * wm + 16 * mi + g + 8 * h) * 8 + s];
-#pragma unroll
-                        for (int mi = 0; mi < 2; mi++)
-#pragma unroll
-                            for (int ni = 0; ni < NT; ni++) {
-                                int d[4];
-                                mma_s8(d, a[mi], b[ni][0], b[ni][1], zero4);
-#pragma unroll
-                                for (int q = 0; q < 4; q++) iacc[mi][ni][q] += ls[mi][q >> 1] * d[q];
-                            }
-                    } else if (T == W_Q2K) {
-                        const u8* mmn = sm + L::O_MMN;
-                        u32 am[2][4];
-#pragma unroll
-                        for (int mi = 0; mi < 2; mi++) {
-                            const int ra = 32 * wm + 16 * mi + g, rb = ra + 8;
-                            am[mi][0] = (u32)mmn[ra * 16 + 2 * s] * 0x01010101u;
-                            am[mi][1] = (u32)mmn[rb * 16 + 2 * s] * 0x01010101u;
-                            am[mi][2] = (u32)mmn[ra * 16 + 2 * s + 1] * 0x01010101u;
-                            am[mi][3] = (u32)mmn[rb * 16 + 2 * s + 1] * 0x01010101u;
-                        }
-#pragma unroll
-                        for (int mi = 0; mi < 2; mi++)
-#pragma unroll
-                            for (int ni = 0; ni < NT; ni++) {
-                                mma_s8(iacc[mi][ni], a[mi], b[ni][0], b[ni][1], iacc[mi][ni]);
-                                mma_s8(macc[mi][ni], am[mi], b[ni][0], b[ni][1], macc[mi][ni]);
-                            }
-                    } else if (T == W_Q4K) {
-                        const u8* msc = sm + L::O_MSC;
-                        const u8* mmn = sm + L::O_MMN;
-                        int sc[2][2];
-                        u32 am[2][4];
-#pragma unroll
-                        for (int mi = 0; mi < 2; mi++) {
-                            const int ra = 32 * wm + 16 * mi + g, rb = ra + 8;
-                            sc[mi][0] = msc[ra * 8 + s];
-                            sc[mi][1] = msc[rb * 8 + s];
-                            am[mi][0] = am[mi][2] = (u32)mmn[ra * 16 + s] * 0x01010101u;
-                            am[mi][1] = am[mi][3] = (u32)mmn[rb * 16 + s] * 0x01010101u;
-                        }
-#pragma unroll
-                        for (int mi = 0; mi < 2; mi++)
-#pragma unroll
-                            for (int ni = 0; ni < NT; ni++) {
-                                int d[4];
-                                mma_s8(d, a[mi], b[ni][0], b[ni][1], zero4);
-#pragma unroll
-                                for (int q = 0; q < 4; q++) iacc[mi][ni][q] += sc[mi][q >> 1] * d[q];
-                                mma_s8(macc[mi][ni], am[mi], b[ni][0], b[ni][1], macc[mi][ni]);
-                            }
-                    } else {  // F16
-#pragma unroll
-                        for (int mi = 0; mi < 2; mi++)
-#pragma unroll
-                            for (int ni = 0; ni < NT; ni++) {
-                                mma_f16(facc[mi][ni], a[mi], b[ni][0], b[ni][1]);
-                                mma_f16(facc[mi][ni], a[mi], bl[ni][0], bl[ni][1]);
-                            }
+                for (int p = 0; p < NT / 2; p++) {
+                    const int off = boff[p] ^ (s << 5);
+                    u32 r[4] = {0u, 0u, 0u, 0u};
+                    if (8 * (4 * p + wn) < nvalid) ldsm4(r, Bs + off);
+                    b[2 * p][0] = r[0];
+                    b[2 * p][1] = r[1];
+                    b[2 * p + 1][0] = r[2];
+                    b[2 * p + 1][1] = r[3];
+                    if (T == W_F16) {
+                        if (8 * (4 * p + wn) < nvalid) ldsm4(r, Bs + BN * 256 + off);
+                        bl[2 * p][0] = r[0];
+                        bl[2 * p][1] = r[1];
+                        bl[2 * p + 1][0] = r[2];
+                        bl[2 * p + 1][1] = r[3];
                     }
                 }
-            }
+                if (T == W_Q8_0) {
+                    float wd[2][2], xd[NT][2];
+#pragma unroll
+                    for (int mi = 0; mi < 2; mi++)
+#pragma unroll
+                        for (int h = 0; h < 2; h++) {
+                            const int row = 32 * wm + 16 * mi + g + 8 * h;
+                            wd[mi][h] = h2f(*(const u16*)(st + L::S_AM + row * 16 + 2 * s));
+                        }
+#pragma unroll
+                    for (int ni = 0; ni < NT; ni++)
+#pragma unroll
+                        for (int c = 0; c < 2; c++) {
+                            const int col = 8 * (2 * ni + wn) + 2 * tg + c;
+                            xd[ni][c] = *(const float*)(st + L::S_BM + 4 * (s * BN + col));
+                        }
+#pragma unroll
+                    for (int mi = 0; mi < 2; mi++)
+#pragma unroll
+                        for (int ni = 0; ni < NT; ni++) if (8 * (2 * ni + wn) < nvalid) {
+                            int d[4];
+                            mma_s8(d, a[mi], b[ni][0], b[ni][1], magic4);
+#pragma unroll
+                            for (int q = 0; q < 4; q++) {
+                                const float pw = __fmul_rn(wd[mi][q >> 1], xd[ni][q & 1]);
+                                const float fi = __fsub_rn(__int_as_float(d[q]), MAGIC_F);
+                                facc[mi][ni][q] = __fmaf_rn(pw, fi, facc[mi][ni][q]);
+                            }
+                        }
+                } else if (T == W_IQ2) {
+                    int ls[2][2];
+                    const u8* msc = sm + L::O_MSC;
+#pragma unroll
+                    for (int mi = 0; mi < 2; mi++)
+#pragma unroll
+                        for (int h = 0; h < 2; h++) ls[mi][h] = msc[(32 * wm + 16 * mi + g + 8 * h) * 8 + s];
+#pragma unroll
+                    for (int mi = 0; mi < 2; mi++)
+#pragma unroll
+                        for (int ni = 0; ni < NT; ni++) if (8 * (2 * ni + wn) < nvalid) {
+                            int d[4];
+                            mma_s8(d, a[mi], b[ni][0], b[ni][1], zero4);
+#pragma unroll
+                            for (int q = 0; q < 4; q++) iacc[mi][ni][q] += ls[mi][q >> 1] * d[q];
+                        }
+                } else if (T == W_Q2K) {
+#pragma unroll
+                    for (int mi = 0; mi < 2; mi++)
+#pragma unroll
+                        for (int ni = 0; ni < NT; ni++)
+                            if (8 * (2 * ni + wn) < nvalid) mma_s8(iacc[mi][ni], a[mi], b[ni][0], b[ni][1], iacc[mi][ni]);
+                } else if (T == W_Q4K) {
+                    const u8* msc = sm + L::O_MSC;
+                    const u8* mmn = sm + L::O_MMN;
+                    int sc[2][2];
+                    u32 am[2][4];
+#pragma unroll
+                    for (int mi = 0; mi < 2; mi++) {
+                        const int ra = 32 * wm + 16 * mi + g, rb = ra + 8;
+                        sc[mi][0] = msc[ra * 8 + s];
+                        sc[mi][1] = msc[rb * 8 + s];
+                        am[mi][0] = am[mi][2] = (u32)mmn[ra * 16 + s] * 0x01010101u;
+                        am[mi][1] = am[mi][3] = (u32)mmn[rb * 16 + s] * 0x01010101u;
+                    }
+#pragma unroll
+                    for (int mi = 0; mi < 2; mi++)
+#pragma unroll
+                        for (int ni = 0; ni < NT; ni++) if (8 * (2 * ni + wn) < nvalid) {
+                            int d[4];
+                            mma_s8(d, a[mi], b[ni][0], b[ni][1], zero4);
+#pragma unroll
+                            for (int q = 0; q < 4; q++) iacc[mi][ni][q] += sc[mi][q >> 1] * d[q];
+                            mma_s8(macc[mi][ni], am[mi], b[ni][0], b[ni][1], macc[mi][ni]);
+                        }
+                } else {  // F16
+#pragma unroll
+                    for (int mi = 0; mi < 2; mi++)
+#pragma unroll
+                        for (int ni = 0; ni < NT; ni++) if (8 * (2 * ni + wn) < nvalid) {
+                            mma_f16(facc[mi][ni], a[mi], b[ni][0], b[ni][1]);
+                            mma_f16(facc[mi][ni], a[mi], bl[ni][0], bl[ni][1]);
+                        }
+                }
+            };
+#pragma unroll
+            for (int s = 0; s < 8; s++) if (s < steps) step(s);
             // K-quants: the super-block's float term, exactly as the CPU forms it.
             if (T == W_IQ2 || T == W_Q2K || T == W_Q4K) {
                 const float* md = (const float*)(sm + L::O_MD);
                 const float* mdm = (const float*)(sm + L::O_MDM);
-                float yd[NT][2];
+                const u8* mmn = sm + L::O_MMN;
+                const u8* bs = sm + L::O_BS;
 #pragma unroll
-                for (int ni = 0; ni < NT; ni++)
+                for (int ni = 0; ni < NT; ni++) {
+                    if (8 * (2 * ni + wn) >= nvalid) continue;
+                    const int col = 8 * (2 * ni + wn) + 2 * tg;
+                    const float yd0 = *(const float*)(st + L::S_BM + 4 * col);
+                    const float yd1 = *(const float*)(st + L::S_BM + 4 * col + 4);
 #pragma unroll
-                    for (int c = 0; c < 2; c++)
-                        yd[ni][c] = *(const float*)(st + L::S_BM + 4 * (WTN * wn + 8 * ni + 2 * tg + c));
+                    for (int mi = 0; mi < 2; mi++) {
+                        const int ra = 32 * wm + 16 * mi + g;
+                        int summ[4];
+                        if (T == W_Q2K) {
+                            // summ[row][tok] = Σ_j min[row][j]·bsum[tok][j] over the 16
+                            // sub-blocks, bsum = 128·hi + lo (both int8): two m16n8k16 mmas.
+                            const u32 a0 = *(const u32*)(mmn + ra * 16 + 4 * tg);
+                            const u32 a1 = *(const u32*)(mmn + (ra + 8) * 16 + 4 * tg);
+                            const int tok = 8 * (2 * ni + wn) + g;
+                            const u32 bh = *(const u32*)(bs + tok * 16 + 4 * tg);
+                            const u32 bl = *(const u32*)(bs + BN * 16 + tok * 16 + 4 * tg);
+                            int dh[4], dl[4];
+                            mma_s8k16(dh, a0, a1, bh, zero4);
+                            mma_s8k16(dl, a0, a1, bl, zero4);
 #pragma unroll
-                for (int mi = 0; mi < 2; mi++)
+                            for (int q = 0; q < 4; q++) summ[q] = 128 * dh[q] + dl[q];
+                        } else {
 #pragma unroll
-                    for (int h = 0; h < 2; h++) {
-                        const int row = 32 * wm + 16 * mi + g + 8 * h;
-                        const float dw = md[row];
-                        const float dmw = (T == W_IQ2) ? 0.f : mdm[row];
+                            for (int q = 0; q < 4; q++) summ[q] = macc[mi][ni][q];
+                        }
 #pragma unroll
-                        for (int ni = 0; ni < NT; ni++)
+                        for (int h = 0; h < 2; h++) {
+                            const float dw = md[ra + 8 * h];
+                            const float dmw = (T == W_IQ2) ? 0.f : mdm[ra + 8 * h];
 #pragma unroll
                             for (int c = 0; c < 2; c++) {
                                 const int q = 2 * h + c;
+                                const float ydc = c ? yd1 : yd0;
                                 float term;
                                 if (T == W_IQ2) {
-                                    term = __fmul_rn(__fmul_rn(dw, yd[ni][c]), __int2float_rn(iacc[mi][ni][q]));
+                                    term = __fmul_rn(__fmul_rn(dw, ydc), __int2float_rn(iacc[mi][ni][q]));
                                 } else {
-                                    const float dall = __fmul_rn(yd[ni][c], dw);
-                                    const float dmin = __fmul_rn(yd[ni][c], dmw);
+                                    const float dall = __fmul_rn(ydc, dw);
+                                    const float dmin = __fmul_rn(ydc, dmw);
                                     term = __fsub_rn(__fmul_rn(dall, __int2float_rn(iacc[mi][ni][q])),
-                                                     __fmul_rn(dmin, __int2float_rn(macc[mi][ni][q])));
+                                                     __fmul_rn(dmin, __int2float_rn(summ[q])));
                                 }
                                 facc[mi][ni][q] = __fadd_rn(facc[mi][ni][q], term);
                                 iacc[mi][ni][q] = 0;
                                 macc[mi][ni][q] = 0;
                             }
+                        }
                     }
+                }
             }
         }
 
@@ -599,7 +661,7 @@ struct Tc {
         for (int ni = 0; ni < NT; ni++)
 #pragma unroll
             for (int c = 0; c < 2; c++) {
-                const int col = WTN * wn + 8 * ni + 2 * tg + c;
+                const int col = 8 * (2 * ni + wn) + 2 * tg + c;
                 if (col >= nvalid) continue;
                 const int src = s_src[col];
                 float cs = scale;
@@ -644,6 +706,8 @@ TC_INST(q8_0_32_s, W_Q8_0, 32, M_STORE)
 TC_INST(q8_0_64_s, W_Q8_0, 64, M_STORE)
 TC_INST(q8_0_32_g, W_Q8_0, 32, M_SWIGLU)
 TC_INST(q8_0_64_g, W_Q8_0, 64, M_SWIGLU)
+TC_INST(q8_0_128_s, W_Q8_0, 128, M_STORE)
+TC_INST(q8_0_128_g, W_Q8_0, 128, M_SWIGLU)
 TC_INST(iq2_xxs_32_s, W_IQ2, 32, M_STORE)
 TC_INST(iq2_xxs_64_s, W_IQ2, 64, M_STORE)
 TC_INST(iq2_xxs_32_g, W_IQ2, 32, M_SWIGLU)
@@ -676,6 +740,8 @@ extern "C" __global__ void ds4_tc_smem_sizes(int* out) {
     out[12] = Lay<W_Q2K, 64>::MINB;
     out[13] = Lay<W_Q4K, 64>::MINB;
     out[14] = Lay<W_F16, 64>::MINB;
+    out[15] = Lay<W_Q8_0, 128>::TOTAL;
+    out[16] = Lay<W_Q8_0, 128>::MINB;
 }
 
 // Split-K reduction: y[i] = Σ_s part[s·total + i], splits in order (deterministic).
