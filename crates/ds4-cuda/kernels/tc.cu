@@ -159,7 +159,7 @@ struct Lay {
     static constexpr int O_PA = al128(2 * BN * 4);
     static constexpr int O_PB = O_PA + 3 * TC_BM * 8;
     static constexpr int O_TAB = al128(O_PB + 2 * BN * 8);
-    static constexpr int TABB = (T == W_IQ2) ? 256 * 8 + 128 * 16 : 0;
+    static constexpr int TABB = (T == W_IQ2) ? 256 * 8 : 0;
     static constexpr int O_TILE = O_TAB + TABB;
     static constexpr int TILEB = DIRECT ? 0 : TC_BM * 256;
     static constexpr int O_MD = O_TILE + TILEB;                    // f32 [BM] d
@@ -202,7 +202,7 @@ struct Tc {
 
     // Copy K stage `kb` into ring slot `buf` (cp.async). The per-row source addresses come
     // from the tables run() forms once (O_PA / O_PB).
-    __device__ static void issue(const TcArgs& P, u8* sm, int kb, int buf, int CB) {
+    __device__ static void issue(const TcArgs& P, u8* sm, int kb, int buf, int CB, int m, int r0) {
         const int tid = threadIdx.x;
         u8* st = sm + L::O_ST + buf * L::STAGE;
         const u64* pa = (const u64*)(sm + L::O_PA);
@@ -211,11 +211,16 @@ struct Tc {
         const int ch = tid & 15;
         // ---- A
         if (L::DIRECT) {
+            // Q8_0 / F16: addresses computed in registers (no table reads on this latency-bound
+            // path; the K-quant kinds read the tables, their raw rows have odd strides).
             if (kbyte + 16 * ch < CB) {
 #pragma unroll
                 for (int i = 0; i < TC_BM * 16 / TC_THREADS; i++) {
                     const int j = (tid >> 4) + 16 * i;
-                    cp16(st + L::S_A + swz(j, ch), (const u8*)pa[j] + kbyte + 16 * ch);
+                    int mat;
+                    const int r = min(out_row(r0, j, mat), P.R - 1);
+                    const i64 rr = (i64)m * P.R + r;
+                    cp16(st + L::S_A + swz(j, ch), (mat ? P.wb0 : P.wa0) + rr * CB + kbyte + 16 * ch);
                 }
             }
             if (T == W_Q8_0) {
@@ -223,8 +228,12 @@ struct Tc {
                 for (int i = 0; i < TC_BM * 4 / TC_THREADS; i++) {
                     const int c = tid + TC_THREADS * i;
                     const int j = c >> 2, w = c & 3;
-                    if (8 * kb + 2 * w < P.nb)
-                        cp4(st + L::S_AM + j * 16 + 4 * w, (const u8*)pa[TC_BM + j] + 2 * (8 * kb + 2 * w));
+                    if (8 * kb + 2 * w < P.nb) {
+                        int mat;
+                        const int r = min(out_row(r0, j, mat), P.R - 1);
+                        const i64 rr = (i64)m * P.R + r;
+                        cp4(st + L::S_AM + j * 16 + 4 * w, (mat ? P.wb1 : P.wa1) + 2 * (rr * P.nb + 8 * kb + 2 * w));
+                    }
                 }
             }
         } else {
@@ -279,7 +288,6 @@ struct Tc {
         u8* msc = sm + L::O_MSC;
         u8* mmn = sm + L::O_MMN;
         const uint2* grid = (const uint2*)(sm + L::O_TAB);
-        const uint4* sign = (const uint4*)(sm + L::O_TAB + 256 * 8);
         for (int u = tid; u < TC_BM * 8; u += TC_THREADS) {
             const int j = u >> 3, s = u & 7;
             const u8* rw = raw + j * L::RAWB;
@@ -289,9 +297,14 @@ struct Tc {
 #pragma unroll
                 for (int i = 0; i < 4; i++) {
                     const uint2 gv = grid[(aux.x >> (8 * i)) & 255];
-                    const uint4 sg = sign[(aux.y >> (7 * i)) & 127];
-                    o[2 * i] = (gv.x ^ sg.x) + sg.z;
-                    o[2 * i + 1] = (gv.y ^ sg.y) + sg.w;
+                    // Sign bits in registers (a table read here costs ~8 shared-memory
+                    // wavefronts per warp): 7 stored bits + even parity, bit b negates byte b.
+                    const u32 s7 = (aux.y >> (7 * i)) & 127u;
+                    const u32 s8 = s7 | (((0x6996u >> ((s7 ^ (s7 >> 4)) & 15u)) & 1u) << 7);
+                    const u32 lo = ((s8 & 15u) * 0x00204081u) & 0x01010101u;
+                    const u32 hi = ((s8 >> 4) * 0x00204081u) & 0x01010101u;
+                    o[2 * i] = (gv.x ^ (lo * 0xffu)) + lo;
+                    o[2 * i + 1] = (gv.y ^ (hi * 0xffu)) + hi;
                 }
                 msc[j * 8 + s] = (u8)(2 * (aux.y >> 28) + 1);
                 if (s == 0) {
@@ -327,8 +340,13 @@ struct Tc {
                     mdm[j] = h2f(dm >> 16);
                 }
             }
-            *(uint4*)(tile + swz(j, 2 * s)) = make_uint4(o[0], o[1], o[2], o[3]);
-            *(uint4*)(tile + swz(j, 2 * s + 1)) = make_uint4(o[4], o[5], o[6], o[7]);
+            // The 8 lanes of a row store chunks {2s} then {2s+1}, except s >= 4 in the
+            // opposite order: each store instruction then hits 8 distinct bank groups.
+            const bool sw = s >= 4;
+            const uint4 v0 = make_uint4(o[0], o[1], o[2], o[3]);
+            const uint4 v1 = make_uint4(o[4], o[5], o[6], o[7]);
+            *(uint4*)(tile + swz(j, 2 * s + (sw ? 1 : 0))) = sw ? v1 : v0;
+            *(uint4*)(tile + swz(j, 2 * s + (sw ? 0 : 1))) = sw ? v0 : v1;
         }
         if (T == W_Q2K) {
             // Sums of the activations over each 16-wide sub-block (chunk j of a B row), split
@@ -419,16 +437,9 @@ struct Tc {
         }
         if (T == W_IQ2) {
             uint2* grid = (uint2*)(sm + L::O_TAB);
-            uint4* sign = (uint4*)(sm + L::O_TAB + 256 * 8);
             for (int i = tid; i < 256; i += TC_THREADS) {
                 const u64 gv = ds4_iq2xxs_grid[i];
                 grid[i] = make_uint2((u32)gv, (u32)(gv >> 32));
-            }
-            for (int i = tid; i < 128; i += TC_THREADS) {
-                const u32 s8 = (u32)i | ((u32)(__popc(i) & 1) << 7);
-                const u32 lo = ((s8 & 15u) * 0x00204081u) & 0x01010101u;
-                const u32 hi = ((s8 >> 4) * 0x00204081u) & 0x01010101u;
-                sign[i] = make_uint4(lo * 0xffu, hi * 0xffu, lo, hi);
             }
         }
         __syncthreads();
@@ -466,7 +477,7 @@ struct Tc {
 
 #pragma unroll 1
         for (int s = 0; s < NS - 1; s++) {
-            if (s < nk) issue(P, sm, kb0 + s, s, CB);
+            if (s < nk) issue(P, sm, kb0 + s, s, CB, m, r0);
             cp_commit();
         }
 #pragma unroll 1
@@ -474,7 +485,7 @@ struct Tc {
             const int kb = kb0 + ki;
             cp_wait<NS - 2>();
             __syncthreads();
-            if (ki + NS - 1 < nk) issue(P, sm, kb + NS - 1, (ki + NS - 1) % NS, CB);
+            if (ki + NS - 1 < nk) issue(P, sm, kb + NS - 1, (ki + NS - 1) % NS, CB, m, r0);
             cp_commit();
             const int buf = ki % NS;
             const u8* st = sm + L::O_ST + buf * L::STAGE;
@@ -485,6 +496,15 @@ struct Tc {
             const u8* As = L::DIRECT ? st + L::S_A : sm + L::O_TILE;
             const u8* Bs = st + L::S_B;
             const int steps = min(8, (CB - kb * 256) / 32);
+            // IQ2_XXS: the 8 sub-block scales of each of this thread's rows, one load per stage.
+            u64 lsv[2][2] = {{0, 0}, {0, 0}};
+            if (T == W_IQ2) {
+#pragma unroll
+                for (int mi = 0; mi < 2; mi++)
+#pragma unroll
+                    for (int h = 0; h < 2; h++)
+                        lsv[mi][h] = *(const u64*)(sm + L::O_MSC + (32 * wm + 16 * mi + g + 8 * h) * 8);
+            }
             auto step = [&](const int s) {
                 u32 a[2][4];
 #pragma unroll
@@ -540,11 +560,10 @@ struct Tc {
                         }
                 } else if (T == W_IQ2) {
                     int ls[2][2];
-                    const u8* msc = sm + L::O_MSC;
 #pragma unroll
                     for (int mi = 0; mi < 2; mi++)
 #pragma unroll
-                        for (int h = 0; h < 2; h++) ls[mi][h] = msc[(32 * wm + 16 * mi + g + 8 * h) * 8 + s];
+                        for (int h = 0; h < 2; h++) ls[mi][h] = (int)((lsv[mi][h] >> (8 * s)) & 255u);
 #pragma unroll
                     for (int mi = 0; mi < 2; mi++)
 #pragma unroll

@@ -220,9 +220,11 @@ const fn smem_slot(i: usize) -> usize {
     if i < 9 { i } else { 15 }
 }
 
-/// Default smallest token count for the 128-token tiles of the dense Q8_0 route
-/// (`DS4_CUDA_TC_WIDE` overrides it; 0 turns the wide tiles off).
-pub const WIDE_MIN_TOKENS: usize = 2048;
+/// Default smallest token count for the 128-token tiles of the dense Q8_0 route: 0, i.e. off
+/// (`DS4_CUDA_TC_WIDE=N` turns them on from N tokens). Measured on an H200 they are slower
+/// than the 64-token tiles (q_b at 2048 tokens 1.16 ms vs 0.88): one CTA of 8 warps per SM
+/// (164 registers, 216 KB shared memory) cannot hide the FP32 epilogue's latency.
+pub const WIDE_MIN_TOKENS: usize = 0;
 
 /// The tensor-core route kernels, their scratch and the routes in force.
 pub struct Tc {
