@@ -197,12 +197,10 @@ pub struct TcConfig {
 struct Kern {
     f: CudaFunction,
     smem: u32,
-    /// Resident CTAs per SM.
-    minb: u32,
 }
 
-/// Variant table order (must match `ds4_tc_smem_sizes`: entries 0..9, then 15).
-const SMEM_ORDER: [(WKind, usize); 10] = [
+/// Variant table order (must match `ds4_tc_smem_sizes`).
+const SMEM_ORDER: [(WKind, usize); 9] = [
     (WKind::Q8_0, 32),
     (WKind::Q8_0, 64),
     (WKind::Iq2Xxs, 32),
@@ -212,19 +210,7 @@ const SMEM_ORDER: [(WKind, usize); 10] = [
     (WKind::Q4K, 32),
     (WKind::Q4K, 64),
     (WKind::F16, 64),
-    (WKind::Q8_0, 128),
 ];
-
-/// `ds4_tc_smem_sizes` slot of `SMEM_ORDER[i]`.
-const fn smem_slot(i: usize) -> usize {
-    if i < 9 { i } else { 15 }
-}
-
-/// Default smallest token count for the 128-token tiles of the dense Q8_0 route: 0, i.e. off
-/// (`DS4_CUDA_TC_WIDE=N` turns them on from N tokens). Measured on an H200 they are slower
-/// than the 64-token tiles (q_b at 2048 tokens 1.16 ms vs 0.88): one CTA of 8 warps per SM
-/// (164 registers, 216 KB shared memory) cannot hide the FP32 epilogue's latency.
-pub const WIDE_MIN_TOKENS: usize = 0;
 
 /// The tensor-core route kernels, their scratch and the routes in force.
 pub struct Tc {
@@ -234,8 +220,8 @@ pub struct Tc {
     sms: u32,
     /// (kind, bn, swiglu) → kernel.
     gemm: Vec<((WKind, usize, bool), Kern)>,
-    /// Dense Q8_0 calls with at least this many tokens use 128-token tiles (0: never).
-    wide_min: usize,
+    /// Resident CTAs per SM of each kind's GEMM (indexed by `WKind`).
+    minb: [u32; 5],
     prep: CudaFunction,
     bucket: CudaFunction,
     sum: CudaFunction,
@@ -286,7 +272,7 @@ impl Tc {
             )
             .map_err(drv)? as u32;
         // Shared-memory sizes as the kernels compute them.
-        let sizes_buf = DBuf::zeroed(stream, 32 * 4)?;
+        let sizes_buf = DBuf::zeroed(stream, 16 * 4)?;
         launch(
             stream,
             &func("ds4_tc_smem_sizes")?,
@@ -295,7 +281,7 @@ impl Tc {
             0,
             &[A::P(sizes_buf.ptr)],
         )?;
-        let mut sizes = [0i32; 32];
+        let mut sizes = [0i32; 16];
         crate::rt::dtoh(stream, &mut sizes, sizes_buf.ptr)?;
         if sizes[9] as usize != std::mem::size_of::<TcArgs>() {
             return Err(terr(format!(
@@ -304,17 +290,16 @@ impl Tc {
                 std::mem::size_of::<TcArgs>()
             )));
         }
-        let minb_of = |kind: WKind, bn: usize| -> u32 {
-            let v = if bn == 128 {
-                sizes[16]
-            } else {
-                sizes[10 + kind as usize]
-            };
-            v.max(1) as u32
-        };
+        let minb = [
+            sizes[10].max(1) as u32,
+            sizes[11].max(1) as u32,
+            sizes[12].max(1) as u32,
+            sizes[13].max(1) as u32,
+            sizes[14].max(1) as u32,
+        ];
         let mut gemm = Vec::new();
         for (i, &(kind, bn)) in SMEM_ORDER.iter().enumerate() {
-            let smem = sizes[smem_slot(i)] as u32;
+            let smem = sizes[i] as u32;
             if smem > smem_max {
                 return Err(terr(format!(
                     "{} tile needs {smem} B of shared memory, the device allows {smem_max}",
@@ -338,14 +323,7 @@ impl Tc {
                     smem as i32,
                 )
                 .map_err(drv)?;
-                gemm.push((
-                    (kind, bn, swiglu),
-                    Kern {
-                        f,
-                        smem,
-                        minb: minb_of(kind, bn),
-                    },
-                ));
+                gemm.push(((kind, bn, swiglu), Kern { f, smem }));
             }
         }
         let f16_elems = cfg.max_tokens * cfg.max_f16_cols;
@@ -357,10 +335,7 @@ impl Tc {
             sum: func("ds4_tc_moe_sum")?,
             splitk_sum: func("ds4_tc_splitk_sum")?,
             splitk: DBuf::zeroed(stream, SPLITK_BYTES)?,
-            wide_min: std::env::var("DS4_CUDA_TC_WIDE")
-                .ok()
-                .and_then(|v| v.trim().parse().ok())
-                .unwrap_or(WIDE_MIN_TOKENS),
+            minb,
             _module: module,
             routes,
             cfg,
@@ -375,22 +350,6 @@ impl Tc {
             perm: DBuf::zeroed(stream, pairs * 4)?,
             part: DBuf::zeroed(stream, pairs * cfg.down_rows * 4)?,
         })
-    }
-
-    /// Dense Q8_0 calls (matmul, gate/up) of at least `n` tokens use 128-token tiles; 0 turns
-    /// them off. Default [`WIDE_MIN_TOKENS`] (or `DS4_CUDA_TC_WIDE`).
-    pub fn set_wide_min_tokens(&mut self, n: usize) {
-        self.wide_min = n;
-    }
-
-    fn dense_bn(&self, n: usize) -> usize {
-        if self.wide_min > 0 && n >= self.wide_min {
-            128
-        } else if n <= 32 {
-            32
-        } else {
-            64
-        }
     }
 
     /// The routes in force.
@@ -572,7 +531,7 @@ impl Tc {
             WKind::Q8_0 => {
                 a.aq = act;
                 a.ad = act + act_d_offset(cx, n);
-                self.dense_bn(n)
+                if n <= 32 { 32 } else { 64 }
             }
             WKind::F16 => {
                 if cx > self.cfg.max_f16_cols {
@@ -603,7 +562,7 @@ impl Tc {
         // Split K when the tiles would not fill the card (fixed-order partial-sum reduction).
         let nkb = (w.cols() * if kind == WKind::F16 { 2 } else { 1 }).div_ceil(256);
         let ctas = n.div_ceil(bn) * w.rows().div_ceil(BM) * w.n_mat();
-        let target = self.sms as usize * k.minb as usize;
+        let target = self.sms as usize * self.minb[kind as usize] as usize;
         let total = n * rt;
         let mut nspl = 1;
         if ctas < target && nkb > 1 {
@@ -695,7 +654,7 @@ impl Tc {
             clamp,
             ..TcArgs::new()
         };
-        let bn = self.dense_bn(n);
+        let bn = if n <= 32 { 32 } else { 64 };
         let k = self.kern(WKind::Q8_0, bn, true)?;
         let grid = (
             n.div_ceil(bn) as u32,

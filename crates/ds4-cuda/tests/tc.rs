@@ -181,16 +181,7 @@ mod gpu {
 
     #[test]
     fn dense_q8_0_matches_exact_path() {
-        let Some(mut d) = dev() else { return };
-        // Default tile widths (these sizes are below the wide-tile threshold), then the
-        // 128-token tiles forced for every call of more than 32 tokens.
-        for wide in [0usize, 33] {
-            d.tc.set_wide_min_tokens(wide);
-            dense_q8_0_cases(&d, wide);
-        }
-    }
-
-    fn dense_q8_0_cases(d: &Dev, wide: usize) {
+        let Some(d) = dev() else { return };
         let mut rng = Rng(11);
         let ty = GgmlType::Q8_0;
         // (cols, rows, n_mat, n): partial row tiles, partial token tiles, a partial last K
@@ -203,8 +194,6 @@ mod gpu {
             (512, 256, 8, 40),
             (256, 4100, 1, 130),
             (4096, 129, 1, 30),
-            (1024, 300, 1, 300),
-            (512, 256, 8, 129),
         ];
         for (cols, rows, n_mat, n) in cases {
             let (_, w) = upload(&d, &mut rng, ty, cols, rows, n_mat);
@@ -229,7 +218,7 @@ mod gpu {
             let got = d.stream.clone_dtoh(&y).unwrap();
             let want = d.stream.clone_dtoh(&want).unwrap();
             check(
-                &format!("dense Q8_0 {cols}x{rows}x{n_mat} n={n} wide={wide}"),
+                &format!("dense Q8_0 {cols}x{rows}x{n_mat} n={n}"),
                 &got,
                 &want,
                 1e-5,
@@ -299,21 +288,13 @@ mod gpu {
 
     #[test]
     fn shared_gate_up_matches_exact_path() {
-        let Some(mut d) = dev() else { return };
-        for wide in [0usize, 33] {
-            d.tc.set_wide_min_tokens(wide);
-            shared_gate_up_cases(&d, wide);
-        }
-    }
-
-    fn shared_gate_up_cases(d: &Dev, wide: usize) {
+        let Some(d) = dev() else { return };
         let mut rng = Rng(13);
         let ty = GgmlType::Q8_0;
         for (cols, rows, n, clamp) in [
             (1024usize, 520usize, 40usize, 10.0f32),
             (4096, 2048, 70, 10.0),
             (512, 128, 17, 0.5),
-            (1024, 200, 257, 10.0),
         ] {
             let (_, gate) = upload(&d, &mut rng, ty, cols, rows, 1);
             let (_, up) = upload(&d, &mut rng, ty, cols, rows, 1);
@@ -343,7 +324,7 @@ mod gpu {
             let got = d.stream.clone_dtoh(&mid).unwrap();
             let want = d.stream.clone_dtoh(&want).unwrap();
             check(
-                &format!("shared gate/up {cols}x{rows} n={n} clamp={clamp} wide={wide}"),
+                &format!("shared gate/up {cols}x{rows} n={n} clamp={clamp}"),
                 &got,
                 &want,
                 1e-5,
