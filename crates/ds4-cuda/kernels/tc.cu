@@ -1234,7 +1234,7 @@ struct Tc {
     }
 #define TC_INST_D0(name, T, BN, MODE)                                                           \
     extern "C" __global__ void __launch_bounds__(TC_THREADS, (d0::Lay<T, BN>::MINB))             \
-        ds4_tc_##name(const TcArgs P) {                                                          \
+        ds4_tc_##name(const TcArgs P) { PDL_ENTRY();                                                          \
         d0::Tc<T, BN, MODE>::run(P);                                                             \
     }
 TC_INST_D0(q8_0_32_s, W_Q8_0, 32, M_STORE)
