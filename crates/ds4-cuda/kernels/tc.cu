@@ -702,7 +702,8 @@ extern "C" __global__ void __launch_bounds__(256) ds4_tc_f16_prep(const float* _
     const float* xr = x + t * cols;
     const int T = blockDim.x;
     const int c4 = cols >> 2;
-    const bool vec = (cols & 3) == 0 && c4 <= T * PREP_U;
+    const bool vec = (cols & 3) == 0 && c4 <= T * PREP_U && ((u64)x & 15) == 0 &&
+                     ((u64)hi & 15) == 0 && ((u64)lo & 15) == 0;
     float4 v[PREP_U];
     float am = 0.f;
     if (vec) {
