@@ -2151,7 +2151,26 @@ extern "C" __global__ void __launch_bounds__(256, 2) ds4_hc_post_fast(
     if (threadIdx.x < HC) pj[threadIdx.x] = (double)post[(i64)t * HC + threadIdx.x];
     if (threadIdx.x < HC * HC) cm[threadIdx.x] = (double)comb[(i64)t * HC * HC + threadIdx.x];
     __syncthreads();
-    if (routed) {
+    if (routed && k == 1) {
+        // The FFN sublayer's case (moe_down already summed the experts): the routed rows are
+        // loaded together, not one round trip per column.
+        const float4* rt = (const float4*)(routed + (i64)t * e);
+        float4 rv[FP_U];
+#pragma unroll
+        for (int u = 0; u < FP_U; u++) {
+            const int c = threadIdx.x + u * T;
+            rv[u] = c < e4 ? rt[c] : make_float4(0, 0, 0, 0);
+        }
+#pragma unroll
+        for (int u = 0; u < FP_U; u++) {
+#pragma unroll
+            for (int q = 0; q < 4; q++) {
+                double acc = 0.0;
+                acc += (double)f4_get(rv[u], q);
+                f4_set(fv[u], q, (float)acc + f4_get(fv[u], q));
+            }
+        }
+    } else if (routed) {
 #pragma unroll
         for (int u = 0; u < FP_U; u++) {
             const int c = threadIdx.x + u * T;
@@ -2280,6 +2299,51 @@ extern "C" __global__ void __launch_bounds__(HNR_T) ds4_head_norm_rope_fast(
                 }
                 row[c] = make_float4(y[0], y[1], y[2], y[3]);
             }
+        }
+    }
+}
+
+// RMSNorm of short rows (ds4_rms_norm_rows' numerics): a warp per row, lane l owns float4
+// columns l, l+32, ... (dim % 4 == 0, dim ≤ 128·RMSW_U, 16-byte aligned rows), loaded together
+// before the f64 sum of squares; 8 rows per 256-thread block, no block barrier.
+#define RMSW_U 8
+extern "C" __global__ void __launch_bounds__(256) ds4_rms_norm_rows_warp(
+    const float* x, i64 xs, const float* w, int dim, float eps, float* out, i64 os, int n) {
+    const int lane = threadIdx.x & 31;
+    const i64 row = (i64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (row >= n) return;
+    const int d4 = dim >> 2;
+    const float4* xr = (const float4*)(x + row * xs);
+    float4 v[RMSW_U];
+#pragma unroll
+    for (int u = 0; u < RMSW_U; u++) {
+        const int c = lane + 32 * u;
+        v[u] = c < d4 ? xr[c] : make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+    double ss = 0.0;
+#pragma unroll
+    for (int u = 0; u < RMSW_U; u++)
+#pragma unroll
+        for (int q = 0; q < 4; q++) {
+            const double d = (double)f4_get(v[u], q);
+            ss += d * d;
+        }
+    ss = warp_sum_d(ss);
+    const double s = 1.0 / sqrt(ss / (double)dim + (double)eps);
+    float4* orow = (float4*)(out + row * os);
+#pragma unroll
+    for (int u = 0; u < RMSW_U; u++) {
+        const int c = lane + 32 * u;
+        if (c < d4) {
+            const float4 wv = w ? ((const float4*)w)[c] : make_float4(0.f, 0.f, 0.f, 0.f);
+            float4 r;
+#pragma unroll
+            for (int q = 0; q < 4; q++) {
+                double y = (double)f4_get(v[u], q) * s;
+                if (w) y = y * (double)f4_get(wv, q);
+                f4_set(r, q, (float)y);
+            }
+            orow[c] = r;
         }
     }
 }

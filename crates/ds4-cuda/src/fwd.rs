@@ -174,6 +174,7 @@ pub(crate) struct Fwd {
     advance_pos: CudaFunction,
     embed: CudaFunction,
     rms_rows: CudaFunction,
+    rms_rows_warp: CudaFunction,
     hc_pre: CudaFunction,
     hc_post: CudaFunction,
     hc_pre_fast: CudaFunction,
@@ -255,6 +256,7 @@ impl Fwd {
             advance_pos: f("ds4_advance_pos")?,
             embed: f("ds4_embed")?,
             rms_rows: f("ds4_rms_norm_rows")?,
+            rms_rows_warp: f("ds4_rms_norm_rows_warp")?,
             hc_pre: f("ds4_hc_pre")?,
             hc_post: f("ds4_hc_post")?,
             hc_pre_fast: f("ds4_hc_pre_fast")?,
@@ -396,6 +398,25 @@ impl Fwd {
         os: usize,
         n: usize,
     ) -> Result<(), CudaError> {
+        // Short rows: a warp per row (float4 columns, at most 8 per lane: RMSW_U in fwd.cu).
+        if dim % 4 == 0 && dim <= 1024 && xs % 4 == 0 && os % 4 == 0 && aligned16(&[x, w, out]) {
+            return self.go(
+                &self.rms_rows_warp,
+                (n.div_ceil(8), 1, 1),
+                256,
+                0,
+                &[
+                    A::P(x),
+                    A::L(xs as i64),
+                    A::P(w),
+                    A::I(dim as i32),
+                    A::F(eps),
+                    A::P(out),
+                    A::L(os as i64),
+                    A::I(n as i32),
+                ],
+            );
+        }
         // About 4 elements per thread (at most 16 stay in registers: RMS_CACHE in fwd.cu).
         let threads = dim.div_ceil(4).next_multiple_of(32).clamp(32, 1024);
         self.go(

@@ -1486,3 +1486,36 @@ fn q_heads_norm_rope_chunk_flash_dims() {
         );
     }
 }
+
+/// RMSNorm rows at prefill-chunk size (2048 rows of the 1024-wide q_a output: the warp-per-row
+/// path), a row count that is not a multiple of its 8 rows per block, short rows and a width
+/// that is not a multiple of 4 (the block path).
+#[test]
+fn rms_norm_rows_chunk() {
+    let Some(g) = gpu() else { return };
+    let mut r = Rng(24);
+    for (rows, dim) in [(2048usize, 1024usize), (13, 96), (5, 1022), (9, 4)] {
+        let x = r.vec(rows * dim, 2.0);
+        let w: Vec<f32> = (0..dim).map(|_| 1.0 + r.normal(0.15)).collect();
+        let got = g.rms_norm_rows(&x, dim, Some(&w), 1e-6).unwrap();
+        let mut want = vec![0f32; x.len()];
+        for (o, xr) in want.chunks_mut(dim).zip(x.chunks(dim)) {
+            ops::rms_norm(xr, &w, 1e-6, o);
+        }
+        check(&format!("rms_norm chunk {rows}x{dim}"), &got, &want);
+        println!(
+            "rms_norm chunk {rows}x{dim}: {} of {} differ in bits",
+            bit_diffs(&got, &want),
+            got.len()
+        );
+        let got = g.rms_norm_rows(&x, dim, None, 1e-6).unwrap();
+        for (o, xr) in want.chunks_mut(dim).zip(x.chunks(dim)) {
+            ops::rms_norm_noweight(xr, 1e-6, o);
+        }
+        check(
+            &format!("rms_norm_noweight chunk {rows}x{dim}"),
+            &got,
+            &want,
+        );
+    }
+}
