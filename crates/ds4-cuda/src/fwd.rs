@@ -399,7 +399,12 @@ impl Fwd {
         n: usize,
     ) -> Result<(), CudaError> {
         // Short rows: a warp per row (float4 columns, at most 8 per lane: RMSW_U in fwd.cu).
-        if dim % 4 == 0 && dim <= 1024 && xs % 4 == 0 && os % 4 == 0 && aligned16(&[x, w, out]) {
+        if dim.is_multiple_of(4)
+            && dim <= 1024
+            && xs.is_multiple_of(4)
+            && os.is_multiple_of(4)
+            && aligned16(&[x, w, out])
+        {
             return self.go(
                 &self.rms_rows_warp,
                 (n.div_ceil(8), 1, 1),
@@ -455,7 +460,7 @@ impl Fwd {
         a: u64,
         n: usize,
     ) -> Result<(), CudaError> {
-        if hc == 4 && e % 4 == 0 && e / 4 <= FP_T * FP_U && aligned16(&[x, norm, xin, a]) {
+        if hc == 4 && e.is_multiple_of(4) && e / 4 <= FP_T * FP_U && aligned16(&[x, norm, xin, a]) {
             return self.go(
                 &self.hc_pre_fast,
                 (n.div_ceil(FP_TOK), 1, 1),
@@ -522,7 +527,11 @@ impl Fwd {
         eps: f32,
         n: usize,
     ) -> Result<(), CudaError> {
-        if hc == 4 && e % 4 == 0 && e / 4 <= FP_T * FP_U && aligned16(&[f, routed, x, xo, flat]) {
+        if hc == 4
+            && e.is_multiple_of(4)
+            && e / 4 <= FP_T * FP_U
+            && aligned16(&[f, routed, x, xo, flat])
+        {
             let threads = (e / 4).div_ceil(FP_U).next_multiple_of(32).clamp(32, FP_T);
             return self.go(
                 &self.hc_post_fast,
@@ -611,9 +620,9 @@ impl Fwd {
         pos: u64,
         n: usize,
     ) -> Result<(), CudaError> {
-        if hd % 4 == 0
+        if hd.is_multiple_of(4)
             && hd <= 512
-            && n_rot % 2 == 0
+            && n_rot.is_multiple_of(2)
             && n_rot <= hd
             && n_rot / 2 <= 256
             && aligned16(&[q])
