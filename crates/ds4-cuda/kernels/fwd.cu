@@ -2247,3 +2247,344 @@ extern "C" __global__ void __launch_bounds__(256, 1) ds4_indexer_mma2x64(
     PDL_ENTRY();
     idxm_body<4, 2>(iq, iw, icomp, ratio, topk, pos0p, t0, nt, scores, sstride);
 }
+
+// Chunk (prefill) fast paths of the HC and Q-head kernels. Same numerics as ds4_hc_pre /
+// ds4_hc_post / ds4_head_norm_rope (every element is computed by the same expressions, only
+// the f64 sum of squares is added in another order), restructured for bandwidth: each thread
+// owns whole float4 columns, issues all of its loads before any arithmetic and keeps its values
+// in registers until the final store (no re-read, no shared row). The launchers (fwd.rs) use
+// them when hc = 4, e % 4 == 0 and e / 4 ≤ FP_T·FP_U (resp. hd % 4 == 0, hd ≤ 512); other
+// shapes take the kernels above.
+
+#define FP_U 4
+
+__device__ __forceinline__ float f4_get(const float4& v, int k) {
+    return k == 0 ? v.x : k == 1 ? v.y : k == 2 ? v.z : v.w;
+}
+__device__ __forceinline__ void f4_set(float4& v, int k, float x) {
+    if (k == 0) v.x = x;
+    else if (k == 1) v.y = x;
+    else if (k == 2) v.z = x;
+    else v.w = x;
+}
+
+// HC pre for FP_TOK tokens per block (one warp computes the split of each token, all at once),
+// then token by token: xin = Σ pre·x (f64), a = RMSNorm(xin)·w. blockDim = 32·FP_TOK.
+#define FP_TOK 8
+extern "C" __global__ void __launch_bounds__(256, 2) ds4_hc_pre_fast(
+    const float* mix, int nm, const float* scale, const float* base, int iters, float hc_eps,
+    const float* __restrict__ x, int e, const float* __restrict__ norm_w, float rms_eps,
+    float* post, float* comb, float* __restrict__ xin, float* __restrict__ a, int n) {
+    PDL_ENTRY();
+    constexpr int HC = 4;
+    __shared__ float s_pre[FP_TOK][HC];
+    __shared__ float s_post[FP_TOK][HC];
+    __shared__ float s_comb[FP_TOK][HC * HC];
+    __shared__ double sh[32];
+    const int t0 = blockIdx.x * FP_TOK;
+    const int e4 = e >> 2;
+    const int T = blockDim.x;
+    // Token t0's rows are requested before the splits start.
+    float4 xv[HC][FP_U];
+    {
+        const float4* xt = (const float4*)(x + (i64)t0 * HC * e);
+#pragma unroll
+        for (int u = 0; u < FP_U; u++) {
+            const int c = threadIdx.x + u * T;
+#pragma unroll
+            for (int h = 0; h < HC; h++) xv[h][u] = c < e4 ? xt[h * e4 + c] : make_float4(0, 0, 0, 0);
+        }
+    }
+    {
+        const int w = threadIdx.x >> 5;
+        const int t = t0 + w;
+        if (w < FP_TOK && t < n) {
+            hc_split_warp_t<HC>(mix + (i64)t * nm, scale, base, iters, hc_eps, s_pre[w], s_post[w],
+                                s_comb[w]);
+            const int lane = threadIdx.x & 31;
+            if (lane < HC) post[(i64)t * HC + lane] = s_post[w][lane];
+            if (lane < HC * HC) comb[(i64)t * HC * HC + lane] = s_comb[w][lane];
+        }
+    }
+    __syncthreads();
+    for (int k = 0; k < FP_TOK; k++) {
+        const int t = t0 + k;
+        if (t >= n) break;
+        double pre[HC];
+#pragma unroll
+        for (int h = 0; h < HC; h++) pre[h] = (double)s_pre[k][h];
+        float4 yv[FP_U];
+        double ss = 0.0;
+#pragma unroll
+        for (int u = 0; u < FP_U; u++) {
+#pragma unroll
+            for (int q = 0; q < 4; q++) {
+                double acc = 0.0;
+#pragma unroll
+                for (int h = 0; h < HC; h++) acc += pre[h] * (double)f4_get(xv[h][u], q);
+                const float v = (float)acc;
+                f4_set(yv[u], q, v);
+                ss += (double)v * (double)v;
+            }
+        }
+        // The next token's rows are requested now (xv is free), ahead of this token's stores
+        // and reduction.
+        if (k + 1 < FP_TOK && t + 1 < n) {
+            const float4* xt = (const float4*)(x + (i64)(t + 1) * HC * e);
+#pragma unroll
+            for (int u = 0; u < FP_U; u++) {
+                const int c = threadIdx.x + u * T;
+#pragma unroll
+                for (int h = 0; h < HC; h++) xv[h][u] = c < e4 ? xt[h * e4 + c] : make_float4(0, 0, 0, 0);
+            }
+        }
+        float4* xo = (float4*)(xin + (i64)t * e);
+#pragma unroll
+        for (int u = 0; u < FP_U; u++) {
+            const int c = threadIdx.x + u * T;
+            if (c < e4) xo[c] = yv[u];
+        }
+        ss = block_sum_d(ss, sh);
+        const double s = 1.0 / sqrt(ss / (double)e + (double)rms_eps);
+        float4* ao = (float4*)(a + (i64)t * e);
+        const float4* w4 = (const float4*)norm_w;
+#pragma unroll
+        for (int u = 0; u < FP_U; u++) {
+            const int c = threadIdx.x + u * T;
+            if (c < e4) {
+                const float4 wv = w4[c];
+                float4 r;
+#pragma unroll
+                for (int q = 0; q < 4; q++)
+                    f4_set(r, q, (float)(((double)f4_get(yv[u], q) * s) * (double)f4_get(wv, q)));
+                ao[c] = r;
+            }
+        }
+    }
+}
+
+// HC post (+ routed sum, + flat RMSNorm): block per token, hc = 4. Same expressions as
+// ds4_hc_post: fd = (float)Σ_k routed + f; out[j] = post[j]·fd + Σ_i comb[i][j]·x[i] (f64).
+extern "C" __global__ void __launch_bounds__(256, 2) ds4_hc_post_fast(
+    const float* __restrict__ f, const float* __restrict__ routed, int k,
+    const float* __restrict__ x, const float* __restrict__ post, const float* __restrict__ comb,
+    int e, float* __restrict__ xo, float* __restrict__ flat, float eps) {
+    PDL_ENTRY();
+    constexpr int HC = 4;
+    __shared__ double sh[32];
+    __shared__ double pj[HC], cm[HC * HC];
+    const int t = blockIdx.x;
+    const int e4 = e >> 2;
+    const int T = blockDim.x;
+    const float4* xt = (const float4*)(x + (i64)t * HC * e);
+    const float4* ft = (const float4*)(f + (i64)t * e);
+    float4 xv[HC][FP_U], fv[FP_U];
+#pragma unroll
+    for (int u = 0; u < FP_U; u++) {
+        const int c = threadIdx.x + u * T;
+        const bool ok = c < e4;
+#pragma unroll
+        for (int i = 0; i < HC; i++) xv[i][u] = ok ? xt[i * e4 + c] : make_float4(0, 0, 0, 0);
+        fv[u] = ok ? ft[c] : make_float4(0, 0, 0, 0);
+    }
+    if (threadIdx.x < HC) pj[threadIdx.x] = (double)post[(i64)t * HC + threadIdx.x];
+    if (threadIdx.x < HC * HC) cm[threadIdx.x] = (double)comb[(i64)t * HC * HC + threadIdx.x];
+    __syncthreads();
+    if (routed && k == 1) {
+        // The FFN sublayer's case (moe_down already summed the experts): the routed rows are
+        // loaded together, not one round trip per column.
+        const float4* rt = (const float4*)(routed + (i64)t * e);
+        float4 rv[FP_U];
+#pragma unroll
+        for (int u = 0; u < FP_U; u++) {
+            const int c = threadIdx.x + u * T;
+            rv[u] = c < e4 ? rt[c] : make_float4(0, 0, 0, 0);
+        }
+#pragma unroll
+        for (int u = 0; u < FP_U; u++) {
+#pragma unroll
+            for (int q = 0; q < 4; q++) {
+                double acc = 0.0;
+                acc += (double)f4_get(rv[u], q);
+                f4_set(fv[u], q, (float)acc + f4_get(fv[u], q));
+            }
+        }
+    } else if (routed) {
+#pragma unroll
+        for (int u = 0; u < FP_U; u++) {
+            const int c = threadIdx.x + u * T;
+            if (c < e4) {
+                double acc[4] = {0.0, 0.0, 0.0, 0.0};
+                for (int j = 0; j < k; j++) {
+                    const float4 r = ((const float4*)(routed + ((i64)t * k + j) * e))[c];
+#pragma unroll
+                    for (int q = 0; q < 4; q++) acc[q] += (double)f4_get(r, q);
+                }
+#pragma unroll
+                for (int q = 0; q < 4; q++) f4_set(fv[u], q, (float)acc[q] + f4_get(fv[u], q));
+            }
+        }
+    }
+    float4 ov[HC][FP_U];
+    double ss = 0.0;
+#pragma unroll
+    for (int u = 0; u < FP_U; u++) {
+#pragma unroll
+        for (int q = 0; q < 4; q++) {
+            const double fd = (double)f4_get(fv[u], q);
+            double xd[HC];
+#pragma unroll
+            for (int i = 0; i < HC; i++) xd[i] = (double)f4_get(xv[i][u], q);
+#pragma unroll
+            for (int j = 0; j < HC; j++) {
+                double acc = pj[j] * fd;
+#pragma unroll
+                for (int i = 0; i < HC; i++) acc += cm[i * HC + j] * xd[i];
+                const float v = (float)acc;
+                f4_set(ov[j][u], q, v);
+                ss += (double)v * (double)v;
+            }
+        }
+    }
+    float4* ot = (float4*)(xo + (i64)t * HC * e);
+#pragma unroll
+    for (int u = 0; u < FP_U; u++) {
+        const int c = threadIdx.x + u * T;
+        if (c < e4) {
+#pragma unroll
+            for (int j = 0; j < HC; j++) ot[j * e4 + c] = ov[j][u];
+        }
+    }
+    if (!flat) return;
+    ss = block_sum_d(ss, sh);
+    const double s = 1.0 / sqrt(ss / (double)(HC * e) + (double)eps);
+    float4* fo = (float4*)(flat + (i64)t * HC * e);
+#pragma unroll
+    for (int u = 0; u < FP_U; u++) {
+        const int c = threadIdx.x + u * T;
+        if (c < e4) {
+#pragma unroll
+            for (int j = 0; j < HC; j++) {
+                float4 r;
+#pragma unroll
+                for (int q = 0; q < 4; q++) f4_set(r, q, (float)((double)f4_get(ov[j][u], q) * s));
+                fo[j * e4 + c] = r;
+            }
+        }
+    }
+}
+
+// Q heads (per-head no-weight RMSNorm + RoPE) for a block of tokens: block per token, a warp
+// per head (lane l owns float4 columns l, l+32, ...; hd ≤ 512), the token's cos/sin pairs
+// computed once into shared memory. Each warp handles two heads at a time.
+#define HNR_T 256
+#define HNR_MAXPAIRS 256
+extern "C" __global__ void __launch_bounds__(HNR_T) ds4_head_norm_rope_fast(
+    float* __restrict__ q, int nh, int hd, int n_rot, float eps, const double* inv_freq,
+    const int* pos0p) {
+    PDL_ENTRY();
+    __shared__ float s_c[HNR_MAXPAIRS], s_s[HNR_MAXPAIRS];
+    const int t = blockIdx.x;
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    const int hd4 = hd >> 2, half = n_rot >> 1, start = hd - n_rot;
+    const i64 pos = (i64)*pos0p + t;
+    float* qt = q + (i64)t * nh * hd;
+    for (int kk = threadIdx.x; kk < half; kk += blockDim.x) {
+        float c, s;
+        rope_cs(inv_freq, kk, pos, &c, &s);
+        s_c[kk] = c;
+        s_s[kk] = s;
+    }
+    __syncthreads();
+    for (int h0 = w * 2; h0 < nh; h0 += nw * 2) {
+        float4 v[2][4];
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            const float4* row = (const float4*)(qt + (i64)(h0 + r) * hd);
+            const bool hv = h0 + r < nh;
+#pragma unroll
+            for (int u = 0; u < 4; u++) {
+                const int c = lane + 32 * u;
+                v[r][u] = (hv && c < hd4) ? row[c] : make_float4(0, 0, 0, 0);
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            double ss = 0.0;
+#pragma unroll
+            for (int u = 0; u < 4; u++)
+#pragma unroll
+                for (int qq = 0; qq < 4; qq++) {
+                    const double d = (double)f4_get(v[r][u], qq);
+                    ss += d * d;
+                }
+            ss = warp_sum_d(ss);
+            const double s = 1.0 / sqrt(ss / (double)hd + (double)eps);
+            if (h0 + r >= nh) continue;
+            float4* row = (float4*)(qt + (i64)(h0 + r) * hd);
+#pragma unroll
+            for (int u = 0; u < 4; u++) {
+                const int c = lane + 32 * u;
+                if (c >= hd4) continue;
+                float y[4];
+#pragma unroll
+                for (int qq = 0; qq < 4; qq++) y[qq] = (float)((double)f4_get(v[r][u], qq) * s);
+#pragma unroll
+                for (int p = 0; p < 4; p += 2) {
+                    const int d = c * 4 + p;
+                    if (d >= start) {
+                        const int kk = (d - start) >> 1;
+                        rope_pair(&y[p], &y[p + 1], s_c[kk], s_s[kk], false);
+                    }
+                }
+                row[c] = make_float4(y[0], y[1], y[2], y[3]);
+            }
+        }
+    }
+}
+
+// RMSNorm of short rows (ds4_rms_norm_rows' numerics): a warp per row, lane l owns float4
+// columns l, l+32, ... (dim % 4 == 0, dim ≤ 128·RMSW_U, 16-byte aligned rows), loaded together
+// before the f64 sum of squares; 8 rows per 256-thread block, no block barrier.
+#define RMSW_U 8
+extern "C" __global__ void __launch_bounds__(256) ds4_rms_norm_rows_warp(
+    const float* x, i64 xs, const float* w, int dim, float eps, float* out, i64 os, int n) {
+    PDL_ENTRY();
+    const int lane = threadIdx.x & 31;
+    const i64 row = (i64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (row >= n) return;
+    const int d4 = dim >> 2;
+    const float4* xr = (const float4*)(x + row * xs);
+    float4 v[RMSW_U];
+#pragma unroll
+    for (int u = 0; u < RMSW_U; u++) {
+        const int c = lane + 32 * u;
+        v[u] = c < d4 ? xr[c] : make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+    double ss = 0.0;
+#pragma unroll
+    for (int u = 0; u < RMSW_U; u++)
+#pragma unroll
+        for (int q = 0; q < 4; q++) {
+            const double d = (double)f4_get(v[u], q);
+            ss += d * d;
+        }
+    ss = warp_sum_d(ss);
+    const double s = 1.0 / sqrt(ss / (double)dim + (double)eps);
+    float4* orow = (float4*)(out + row * os);
+#pragma unroll
+    for (int u = 0; u < RMSW_U; u++) {
+        const int c = lane + 32 * u;
+        if (c < d4) {
+            const float4 wv = w ? ((const float4*)w)[c] : make_float4(0.f, 0.f, 0.f, 0.f);
+            float4 r;
+#pragma unroll
+            for (int q = 0; q < 4; q++) {
+                double y = (double)f4_get(v[u], q) * s;
+                if (w) y = y * (double)f4_get(wv, q);
+                f4_set(r, q, (float)y);
+            }
+            orow[c] = r;
+        }
+    }
+}

@@ -1021,26 +1021,51 @@ MOE_DOWN_INST(iq2_xxs_4x1, T_IQ2_XXS, 256, 4, 1)
 // ------------------------------------------------------------------------------------------
 // Activation quantization (ds4 CPU numerics, model-spec §3.0 / §5.6).
 
-// Q8_0 activations: one warp per 32-block. d = amax/127 (IEEE division), id = d ? 1/d : 0,
-// q = clamp(rint(x·id), -128, 127) (round-half-even; NaN → 0 like the CPU's saturating cast).
+// Q8_0 activations: d = amax/127 (IEEE division), id = d ? 1/d : 0, q = clamp(rint(x·id),
+// -128, 127) (round-half-even; NaN → 0 like the CPU's saturating cast). Eight lanes per
+// 32-block, four consecutive values (one float4) per lane, so a warp covers four blocks per
+// step; QQ_UNROLL steps are loaded before any is reduced. nblocks·32 floats, 16-byte aligned.
+#define QQ_UNROLL 4
 extern "C" __global__ void ds4_quant_q8_0(const float* __restrict__ x, i8* __restrict__ qs,
                                           float* __restrict__ d, i64 nblocks) {
     PDL_ENTRY();
     const int lane = threadIdx.x & 31;
     const i64 nw = (i64)gridDim.x * (blockDim.x >> 5);
-    for (i64 b = (i64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); b < nblocks; b += nw) {
-        float v = x[b * 32 + lane];
-        float am = fabsf(v);
-        if (!(am == am)) am = 0.f;  // NaN never wins (CPU: `a > amax` is false)
+    const i64 ngroups = (nblocks + 3) >> 2;  // groups of 4 blocks (128 floats) per warp step
+    const i64 w0 = (i64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    for (i64 g0 = w0; g0 < ngroups; g0 += nw * QQ_UNROLL) {
+        float4 v[QQ_UNROLL];
 #pragma unroll
-        for (int o = 16; o > 0; o >>= 1) am = fmaxf(am, __shfl_xor_sync(FULL_MASK, am, o));
-        float dd = am / 127.0f;
-        float id = dd != 0.f ? 1.0f / dd : 0.f;
-        float p = __fmul_rn(v, id);
-        int q = (p == p) ? __float2int_rn(p) : 0;
-        q = max(-128, min(127, q));
-        qs[b * 32 + lane] = (i8)q;
-        if (lane == 0) d[b] = dd;
+        for (int r = 0; r < QQ_UNROLL; r++) {
+            const i64 b = (g0 + r * nw) * 4 + (lane >> 3);
+            v[r] = b < nblocks ? ((const float4*)x)[b * 8 + (lane & 7)] : make_float4(0.f, 0.f, 0.f, 0.f);
+        }
+#pragma unroll
+        for (int r = 0; r < QQ_UNROLL; r++) {
+            const i64 b = (g0 + r * nw) * 4 + (lane >> 3);
+            const float e[4] = {v[r].x, v[r].y, v[r].z, v[r].w};
+            float am = 0.f;
+#pragma unroll
+            for (int k = 0; k < 4; k++) {
+                const float a = fabsf(e[k]);
+                if (a > am) am = a;  // NaN never wins (CPU: `a > amax` is false)
+            }
+#pragma unroll
+            for (int o = 4; o > 0; o >>= 1) am = fmaxf(am, __shfl_xor_sync(FULL_MASK, am, o));
+            if (b >= nblocks) continue;
+            const float dd = am / 127.0f;
+            const float id = dd != 0.f ? 1.0f / dd : 0.f;
+            u32 word = 0;
+#pragma unroll
+            for (int k = 0; k < 4; k++) {
+                const float p = __fmul_rn(e[k], id);
+                int q = (p == p) ? __float2int_rn(p) : 0;
+                q = max(-128, min(127, q));
+                word |= (u32)(q & 255) << (8 * k);
+            }
+            ((u32*)qs)[b * 8 + (lane & 7)] = word;
+            if ((lane & 7) == 0) d[b] = dd;
+        }
     }
 }
 

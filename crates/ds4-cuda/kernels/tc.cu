@@ -1289,7 +1289,10 @@ extern "C" __global__ void ds4_tc_splitk_sum(const float* __restrict__ part, int
 
 // ------------------------------------------------------------------------------------------
 // F16 route activations: per row t, e = 15 − exponent(max|x|) (clamped to ±100), x·2^e split
-// into f16 hi + lo, ascale[t] = 2^-e. One block per row.
+// into f16 hi + lo, ascale[t] = 2^-e. One block per row (blockDim ≤ 256, whole warps). Rows of
+// cols % 4 == 0 and ≤ blockDim·4·PREP_U columns (16-byte aligned) are read once into registers
+// (float4, every load in flight together); others are read twice.
+#define PREP_U 16
 extern "C" __global__ void __launch_bounds__(256) ds4_tc_f16_prep(const float* __restrict__ x, int cols,
                                                                   u16* __restrict__ hi, u16* __restrict__ lo,
                                                                   float* __restrict__ ascale) {
@@ -1297,8 +1300,24 @@ extern "C" __global__ void __launch_bounds__(256) ds4_tc_f16_prep(const float* _
     __shared__ float s_red[8];
     const i64 t = blockIdx.x;
     const float* xr = x + t * cols;
+    const int T = blockDim.x;
+    const int c4 = cols >> 2;
+    const bool vec = (cols & 3) == 0 && c4 <= T * PREP_U && ((u64)x & 15) == 0 &&
+                     ((u64)hi & 15) == 0 && ((u64)lo & 15) == 0;
+    float4 v[PREP_U];
     float am = 0.f;
-    for (int i = threadIdx.x; i < cols; i += blockDim.x) am = fmaxf(am, fabsf(xr[i]));
+    if (vec) {
+#pragma unroll
+        for (int u = 0; u < PREP_U; u++) {
+            const int c = threadIdx.x + u * T;
+            v[u] = c < c4 ? ((const float4*)xr)[c] : make_float4(0.f, 0.f, 0.f, 0.f);
+        }
+#pragma unroll
+        for (int u = 0; u < PREP_U; u++)
+            am = fmaxf(am, fmaxf(fmaxf(fabsf(v[u].x), fabsf(v[u].y)), fmaxf(fabsf(v[u].z), fabsf(v[u].w))));
+    } else {
+        for (int i = threadIdx.x; i < cols; i += T) am = fmaxf(am, fabsf(xr[i]));
+    }
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) am = fmaxf(am, __shfl_xor_sync(FULL_MASK, am, o));
     if ((threadIdx.x & 31) == 0) s_red[threadIdx.x >> 5] = am;
@@ -1311,11 +1330,30 @@ extern "C" __global__ void __launch_bounds__(256) ds4_tc_f16_prep(const float* _
         frexpf(am, &ex);
         e = min(100, max(-100, 15 - ex));
     }
-    for (int i = threadIdx.x; i < cols; i += blockDim.x) {
-        const float v = ldexpf(xr[i], e);
-        const u16 h = f2h(v);
-        hi[t * cols + i] = h;
-        lo[t * cols + i] = f2h(__fsub_rn(v, h2f(h)));
+    if (vec) {
+#pragma unroll
+        for (int u = 0; u < PREP_U; u++) {
+            const int c = threadIdx.x + u * T;
+            if (c < c4) {
+                const float a[4] = {v[u].x, v[u].y, v[u].z, v[u].w};
+                u16 h[4], l[4];
+#pragma unroll
+                for (int k = 0; k < 4; k++) {
+                    const float s = ldexpf(a[k], e);
+                    h[k] = f2h(s);
+                    l[k] = f2h(__fsub_rn(s, h2f(h[k])));
+                }
+                ((uint2*)(hi + t * cols))[c] = make_uint2(h[0] | ((u32)h[1] << 16), h[2] | ((u32)h[3] << 16));
+                ((uint2*)(lo + t * cols))[c] = make_uint2(l[0] | ((u32)l[1] << 16), l[2] | ((u32)l[3] << 16));
+            }
+        }
+    } else {
+        for (int i = threadIdx.x; i < cols; i += T) {
+            const float s = ldexpf(xr[i], e);
+            const u16 h = f2h(s);
+            hi[t * cols + i] = h;
+            lo[t * cols + i] = f2h(__fsub_rn(s, h2f(h)));
+        }
     }
     if (threadIdx.x == 0) ascale[t] = ldexpf(1.0f, -e);
 }

@@ -17,6 +17,16 @@ pub(crate) const ATT_HPB: usize = 8;
 /// Threads per block of the HC kernels (one block per token): decode runs one token, so the
 /// block must be wide to keep the HBM loads of the 4 streams in flight.
 const HC_THREADS: usize = 1024;
+/// Chunk fast paths of fwd.cu (`ds4_hc_pre_fast`, `ds4_hc_post_fast`): threads per block,
+/// float4 columns per thread (FP_U) and tokens per `ds4_hc_pre_fast` block (FP_TOK).
+const FP_T: usize = 256;
+const FP_U: usize = 4;
+const FP_TOK: usize = 8;
+
+/// Every non-null address 16-byte aligned (float4 access).
+fn aligned16(ptrs: &[u64]) -> bool {
+    ptrs.iter().all(|&p| p % 16 == 0)
+}
 /// Target blocks for split attention (about two waves of a 132-SM card).
 pub(crate) const ATT_TARGET_BLOCKS: usize = 264;
 /// Most splits of one (token, head) attention.
@@ -198,8 +208,12 @@ pub(crate) struct Fwd {
     advance_pos: CudaFunction,
     embed: CudaFunction,
     rms_rows: CudaFunction,
+    rms_rows_warp: CudaFunction,
     hc_pre: CudaFunction,
     hc_post: CudaFunction,
+    hc_pre_fast: CudaFunction,
+    hc_post_fast: CudaFunction,
+    head_norm_rope_fast: CudaFunction,
     hc_head: CudaFunction,
     head_norm_rope: CudaFunction,
     kv_finish: CudaFunction,
@@ -289,8 +303,12 @@ impl Fwd {
             advance_pos: f("ds4_advance_pos")?,
             embed: f("ds4_embed")?,
             rms_rows: f("ds4_rms_norm_rows")?,
+            rms_rows_warp: f("ds4_rms_norm_rows_warp")?,
             hc_pre: f("ds4_hc_pre")?,
             hc_post: f("ds4_hc_post")?,
+            hc_pre_fast: f("ds4_hc_pre_fast")?,
+            hc_post_fast: f("ds4_hc_post_fast")?,
+            head_norm_rope_fast: f("ds4_head_norm_rope_fast")?,
             hc_head: f("ds4_hc_head")?,
             head_norm_rope: f("ds4_head_norm_rope")?,
             kv_finish: f("ds4_kv_finish")?,
@@ -425,6 +443,30 @@ impl Fwd {
         os: usize,
         n: usize,
     ) -> Result<(), CudaError> {
+        // Short rows: a warp per row (float4 columns, at most 8 per lane: RMSW_U in fwd.cu).
+        if dim.is_multiple_of(4)
+            && dim <= 1024
+            && xs.is_multiple_of(4)
+            && os.is_multiple_of(4)
+            && aligned16(&[x, w, out])
+        {
+            return self.go(
+                &self.rms_rows_warp,
+                (n.div_ceil(8), 1, 1),
+                256,
+                0,
+                &[
+                    A::P(x),
+                    A::L(xs as i64),
+                    A::P(w),
+                    A::I(dim as i32),
+                    A::F(eps),
+                    A::P(out),
+                    A::L(os as i64),
+                    A::I(n as i32),
+                ],
+            );
+        }
         // About 4 elements per thread (at most 16 stay in registers: RMS_CACHE in fwd.cu).
         let threads = dim.div_ceil(4).next_multiple_of(32).clamp(32, 1024);
         self.go(
@@ -463,6 +505,31 @@ impl Fwd {
         a: u64,
         n: usize,
     ) -> Result<(), CudaError> {
+        if hc == 4 && e.is_multiple_of(4) && e / 4 <= FP_T * FP_U && aligned16(&[x, norm, xin, a]) {
+            return self.go(
+                &self.hc_pre_fast,
+                (n.div_ceil(FP_TOK), 1, 1),
+                FP_T,
+                0,
+                &[
+                    A::P(mix),
+                    A::I(((2 + hc) * hc) as i32),
+                    A::P(scale),
+                    A::P(base),
+                    A::I(iters as i32),
+                    A::F(hc_eps),
+                    A::P(x),
+                    A::I(e as i32),
+                    A::P(norm),
+                    A::F(rms_eps),
+                    A::P(post),
+                    A::P(comb),
+                    A::P(xin),
+                    A::P(a),
+                    A::I(n as i32),
+                ],
+            );
+        }
         self.go(
             &self.hc_pre,
             (n, 1, 1),
@@ -505,6 +572,31 @@ impl Fwd {
         eps: f32,
         n: usize,
     ) -> Result<(), CudaError> {
+        if hc == 4
+            && e.is_multiple_of(4)
+            && e / 4 <= FP_T * FP_U
+            && aligned16(&[f, routed, x, xo, flat])
+        {
+            let threads = (e / 4).div_ceil(FP_U).next_multiple_of(32).clamp(32, FP_T);
+            return self.go(
+                &self.hc_post_fast,
+                (n, 1, 1),
+                threads,
+                0,
+                &[
+                    A::P(f),
+                    A::P(routed),
+                    A::I(k as i32),
+                    A::P(x),
+                    A::P(post),
+                    A::P(comb),
+                    A::I(e as i32),
+                    A::P(xo),
+                    A::P(flat),
+                    A::F(eps),
+                ],
+            );
+        }
         self.go(
             &self.hc_post,
             (n, 1, 1),
@@ -573,6 +665,29 @@ impl Fwd {
         pos: u64,
         n: usize,
     ) -> Result<(), CudaError> {
+        if hd.is_multiple_of(4)
+            && hd <= 512
+            && n_rot.is_multiple_of(2)
+            && n_rot <= hd
+            && n_rot / 2 <= 256
+            && aligned16(&[q])
+        {
+            return self.go(
+                &self.head_norm_rope_fast,
+                (n, 1, 1),
+                256,
+                0,
+                &[
+                    A::P(q),
+                    A::I(nh as i32),
+                    A::I(hd as i32),
+                    A::I(n_rot as i32),
+                    A::F(eps),
+                    A::P(inv_freq),
+                    A::P(pos),
+                ],
+            );
+        }
         self.go(
             &self.head_norm_rope,
             (nh, n, 1),

@@ -982,3 +982,155 @@ impl GpuOps {
         self.down(&heads, nh * hd)
     }
 }
+
+/// Shape of one [`GpuOps::bench_small_ops`] run (DeepSeek V4 Flash: hc 4, e 4096, 64 heads ×
+/// 512, rope 64, q_a rank 1024).
+#[derive(Clone, Copy, Debug)]
+pub struct SmallOpsShape {
+    pub n: usize,
+    pub hc: usize,
+    pub e: usize,
+    pub nh: usize,
+    pub hd: usize,
+    pub n_rot: usize,
+    pub ql: usize,
+}
+
+impl GpuOps {
+    /// Time the chunk (prefill) versions of the small memory-bound kernels at `s` on random
+    /// inputs, each through the launch wrapper the backend uses: returns (name, median µs of
+    /// `reps` runs after one warm-up).
+    pub fn bench_small_ops(
+        &self,
+        s: SmallOpsShape,
+        reps: usize,
+    ) -> Result<Vec<(String, f64)>, CudaError> {
+        use crate::gemv::Gemv;
+        use ds4_gguf::GgmlType;
+        let (n, hc, e, nh, hd) = (s.n, s.hc, s.e, s.nh, s.hd);
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut rnd = |len: usize, sc: f32| -> Vec<f32> {
+            (0..len)
+                .map(|_| {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 7;
+                    seed ^= seed << 17;
+                    ((seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0 * sc
+                })
+                .collect()
+        };
+        let nm = (2 + hc) * hc;
+        let mix = self.up(&rnd(n * nm, 1.0))?;
+        let scale = self.up(&[0.7f32, 0.9, 1.1])?;
+        let base = self.up(&rnd(nm, 0.5))?;
+        let x = self.up(&rnd(n * hc * e, 1.0))?;
+        let norm = self.up(&rnd(e.max(16384), 1.0))?;
+        let f = self.up(&rnd(n * e, 1.0))?;
+        let routed = self.up(&rnd(n * e, 1.0))?;
+        let post = self.up(&rnd(n * hc, 1.0))?;
+        let comb = self.up(&rnd(n * hc * hc, 0.5))?;
+        let (xo, flat) = (self.zeros(n * hc * e)?, self.zeros(n * hc * e)?);
+        let (opost, ocomb) = (self.zeros(n * hc)?, self.zeros(n * hc * hc)?);
+        let (xin, a) = (self.zeros(n * e)?, self.zeros(n * e)?);
+        let q = self.up(&rnd(n * nh * hd, 1.0))?;
+        let inv: Vec<f64> = (0..s.n_rot / 2)
+            .map(|k| 10000f64.powf(-2.0 * k as f64 / s.n_rot as f64))
+            .collect();
+        let dinv = self.up(&inv)?;
+        self.set_pos(1000)?;
+        let qr = self.up(&rnd(n * s.ql, 1.0))?;
+        let qrn = self.zeros(n * s.ql)?;
+        let gemv = Gemv::new(&self._ctx)?;
+        let xs = self
+            .stream
+            .clone_htod(&rnd(n * hc * e, 1.0))
+            .map_err(crate::rt::drv)?;
+        let mut act = self
+            .stream
+            .alloc_zeros::<u8>(Gemv::act_bytes(GgmlType::Q8_0, hc * e, n))
+            .map_err(crate::rt::drv)?;
+        let tcm = crate::device::load_module(&self._ctx, "tc")?;
+        let prep = tcm
+            .load_function("ds4_tc_f16_prep")
+            .map_err(crate::rt::drv)?;
+        let (hi, lo, asc) = (
+            self.zeros(n * hc * e / 2)?,
+            self.zeros(n * hc * e / 2)?,
+            self.zeros(n)?,
+        );
+
+        let ev = || {
+            self._ctx
+                .new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
+                .map_err(crate::rt::drv)
+        };
+        let mut out = Vec::new();
+        let mut time = |name: String, f: &mut dyn FnMut() -> Result<(), CudaError>| {
+            f()?;
+            self.stream.synchronize().map_err(crate::rt::drv)?;
+            let mut t = Vec::with_capacity(reps);
+            for _ in 0..reps {
+                let (e0, e1) = (ev()?, ev()?);
+                e0.record(&self.stream).map_err(crate::rt::drv)?;
+                f()?;
+                e1.record(&self.stream).map_err(crate::rt::drv)?;
+                e1.synchronize().map_err(crate::rt::drv)?;
+                t.push(e0.elapsed_ms(&e1).map_err(crate::rt::drv)? as f64 * 1e3);
+            }
+            t.sort_by(f64::total_cmp);
+            out.push((name, t.get(t.len() / 2).copied().unwrap_or(f64::NAN)));
+            Ok::<(), CudaError>(())
+        };
+        let fw = &self.fwd;
+        time(format!("hc_pre n={n} hc={hc} e={e}"), &mut || {
+            fw.hc_pre(
+                mix.ptr, scale.ptr, base.ptr, hc, 20, 1e-6, x.ptr, e, norm.ptr, 1e-6, opost.ptr,
+                ocomb.ptr, xin.ptr, a.ptr, n,
+            )
+        })?;
+        time(format!("hc_post+flat n={n} (attn, no routed)"), &mut || {
+            fw.hc_post(
+                f.ptr, 0, 0, x.ptr, post.ptr, comb.ptr, hc, e, xo.ptr, flat.ptr, 1e-6, n,
+            )
+        })?;
+        time(format!("hc_post+flat n={n} (ffn, routed k=1)"), &mut || {
+            fw.hc_post(
+                f.ptr, routed.ptr, 1, x.ptr, post.ptr, comb.ptr, hc, e, xo.ptr, flat.ptr, 1e-6, n,
+            )
+        })?;
+        time(format!("head_norm_rope n={n} {nh}x{hd}"), &mut || {
+            fw.head_norm_rope(q.ptr, nh, hd, s.n_rot, 1e-6, dinv.ptr, self.pos.ptr, n)
+        })?;
+        time(format!("rms_norm_rows n={n} dim={}", s.ql), &mut || {
+            fw.rms_rows(qr.ptr, s.ql, norm.ptr, s.ql, 1e-6, qrn.ptr, s.ql, n)
+        })?;
+        time(
+            format!("rms_norm_rows n={n} dim={} noweight", hc * e),
+            &mut || fw.rms_rows(x.ptr, hc * e, 0, hc * e, 1e-6, xo.ptr, hc * e, n),
+        )?;
+        for cols in [e, hc * e] {
+            time(format!("quant_q8_0 n={n} cols={cols}"), &mut || {
+                gemv.quantize_act(&self.stream, GgmlType::Q8_0, &xs, n, cols, &mut act)
+            })?;
+        }
+        for cols in [e, hc * e] {
+            time(format!("tc_f16_prep n={n} cols={cols}"), &mut || {
+                crate::rt::launch(
+                    &self.stream,
+                    &prep,
+                    (n as u32, 1, 1),
+                    256,
+                    0,
+                    &[
+                        crate::rt::A::P(x.ptr),
+                        crate::rt::A::I(cols as i32),
+                        crate::rt::A::P(hi.ptr),
+                        crate::rt::A::P(lo.ptr),
+                        crate::rt::A::P(asc.ptr),
+                    ],
+                )
+            })?;
+        }
+        Ok(out)
+    }
+}

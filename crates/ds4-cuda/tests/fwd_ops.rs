@@ -1392,3 +1392,203 @@ fn attention_decode() {
         );
     }
 }
+
+/// Elements of `got` that differ from `want` in their bits (printed by the chunk tests: the
+/// kernels compute every element with the reference's expressions, so only a differently
+/// ordered f64 sum of squares can move a value, by an ulp at a tie).
+fn bit_diffs(got: &[f32], want: &[f32]) -> usize {
+    got.iter()
+        .zip(want)
+        .filter(|(g, w)| g.to_bits() != w.to_bits())
+        .count()
+}
+
+/// HC pre at prefill-chunk size and Flash dims (hc 4, e 4096); the token count is not a
+/// multiple of the kernel's 8 tokens per block.
+#[test]
+fn hc_pre_chunk_flash_dims() {
+    let Some(g) = gpu() else { return };
+    let mut r = Rng(21);
+    let (hc, e, n, iters) = (4usize, 4096usize, 2043usize, 20usize);
+    let nm = (2 + hc) * hc;
+    let mix = r.vec(n * nm, 1.0);
+    let scale: Vec<f32> = (0..3).map(|_| 0.5 + r.unif()).collect();
+    let base = r.vec(nm, 0.5);
+    let x = r.vec(n * hc * e, 1.0);
+    let norm: Vec<f32> = (0..e).map(|_| 1.0 + r.normal(0.15)).collect();
+    let out = g
+        .hc_pre(&mix, &scale, &base, hc, iters, 1e-6, &x, e, &norm, 1e-6, n)
+        .unwrap();
+    let (mut pre, mut post, mut comb) =
+        (vec![0f32; hc], vec![0f32; n * hc], vec![0f32; n * hc * hc]);
+    let (mut xin, mut a) = (vec![0f32; n * e], vec![0f32; n * e]);
+    for t in 0..n {
+        ops::hc_split(
+            &mix[t * nm..(t + 1) * nm],
+            &scale,
+            &base,
+            hc,
+            iters,
+            1e-6,
+            &mut pre,
+            &mut post[t * hc..(t + 1) * hc],
+            &mut comb[t * hc * hc..(t + 1) * hc * hc],
+        );
+        ops::hc_collapse(
+            &x[t * hc * e..(t + 1) * hc * e],
+            &pre,
+            &mut xin[t * e..(t + 1) * e],
+        );
+        let xi = xin[t * e..(t + 1) * e].to_vec();
+        ops::rms_norm(&xi, &norm, 1e-6, &mut a[t * e..(t + 1) * e]);
+    }
+    check("hc_pre chunk post", &out.post, &post);
+    check("hc_pre chunk comb", &out.comb, &comb);
+    check("hc_pre chunk xin", &out.xin, &xin);
+    check("hc_pre chunk a", &out.a, &a);
+    // post/comb go through f64 exp (CUDA's vs the host libm's may differ by an ulp, which
+    // moves the f32 result with probability ~2^-29), so the bit counts are printed only.
+    for (name, got, want) in [
+        ("post", &out.post, &post),
+        ("comb", &out.comb, &comb),
+        ("xin", &out.xin, &xin),
+        ("a", &out.a, &a),
+    ] {
+        println!(
+            "hc_pre chunk {name}: {} of {} differ in bits",
+            bit_diffs(got, want),
+            want.len()
+        );
+    }
+}
+
+/// HC post + flat at prefill-chunk size and Flash dims, without and with the routed sum (k = 1
+/// as in the FFN sublayer, k = 2).
+#[test]
+fn hc_post_chunk_flash_dims() {
+    let Some(g) = gpu() else { return };
+    let mut r = Rng(22);
+    let (hc, e, n) = (4usize, 4096usize, 2048usize);
+    let f = r.vec(n * e, 1.0);
+    let routed = r.vec(n * 2 * e, 1.0);
+    let x = r.vec(n * hc * e, 1.0);
+    let post: Vec<f32> = (0..n * hc).map(|_| 2.0 * r.unif()).collect();
+    let comb: Vec<f32> = (0..n * hc * hc).map(|_| r.unif()).collect();
+    for k in [0usize, 1, 2] {
+        let (xo, flat) = g
+            .hc_post(
+                &f,
+                (k > 0).then_some((&routed[..n * k * e], k)),
+                &x,
+                &post,
+                &comb,
+                hc,
+                e,
+                1e-6,
+                n,
+            )
+            .unwrap();
+        let mut want = vec![0f32; n * hc * e];
+        let mut wflat = vec![0f32; n * hc * e];
+        let mut ft = vec![0f32; e];
+        for t in 0..n {
+            for (d, o) in ft.iter_mut().enumerate() {
+                *o = if k > 0 {
+                    let acc: f64 = (0..k).map(|j| routed[(t * k + j) * e + d] as f64).sum();
+                    (acc as f32) + f[t * e + d]
+                } else {
+                    f[t * e + d]
+                };
+            }
+            ops::hc_post(
+                &ft,
+                &x[t * hc * e..(t + 1) * hc * e],
+                &post[t * hc..(t + 1) * hc],
+                &comb[t * hc * hc..(t + 1) * hc * hc],
+                &mut want[t * hc * e..(t + 1) * hc * e],
+            );
+            ops::rms_norm_noweight(
+                &want[t * hc * e..(t + 1) * hc * e],
+                1e-6,
+                &mut wflat[t * hc * e..(t + 1) * hc * e],
+            );
+        }
+        check(&format!("hc_post chunk (k {k})"), &xo, &want);
+        check(&format!("hc_post chunk flat (k {k})"), &flat, &wflat);
+        assert_eq!(bit_diffs(&xo, &want), 0, "hc_post chunk bits (k {k})");
+        println!(
+            "hc_post chunk flat (k {k}): {} of {} differ in bits",
+            bit_diffs(&flat, &wflat),
+            flat.len()
+        );
+    }
+}
+
+/// Q heads at prefill-chunk size and Flash dims (64 heads × 512, rope 64), and a head count
+/// that is not a multiple of the kernel's two heads per warp.
+#[test]
+fn q_heads_norm_rope_chunk_flash_dims() {
+    let Some(g) = gpu() else { return };
+    let mut r = Rng(23);
+    let (_, comp) = flash_rope();
+    for (nh, hd, n, pos0) in [
+        (64usize, 512usize, 2048usize, 4096usize),
+        (7, 512, 5, 3),
+        (3, 128, 4, 100),
+    ] {
+        let q = r.vec(n * nh * hd, 1.0);
+        let got = g
+            .head_norm_rope(&q, nh, hd, 64, 1e-6, &comp.inv_freq, pos0, n)
+            .unwrap();
+        let mut want = q.clone();
+        for t in 0..n {
+            let (c, s) = cos_sin(&comp, pos0 + t);
+            let qt = &mut want[t * nh * hd..(t + 1) * nh * hd];
+            ops::head_rms_norm_inplace(qt, hd, 1e-6);
+            ops::rope_heads(qt, hd, &c, &s, false);
+        }
+        check(
+            &format!("head_norm_rope chunk {nh}x{hd} n {n}"),
+            &got,
+            &want,
+        );
+        println!(
+            "head_norm_rope chunk {nh}x{hd} n {n}: {} of {} differ in bits",
+            bit_diffs(&got, &want),
+            got.len()
+        );
+    }
+}
+
+/// RMSNorm rows at prefill-chunk size (2048 rows of the 1024-wide q_a output: the warp-per-row
+/// path), a row count that is not a multiple of its 8 rows per block, short rows and a width
+/// that is not a multiple of 4 (the block path).
+#[test]
+fn rms_norm_rows_chunk() {
+    let Some(g) = gpu() else { return };
+    let mut r = Rng(24);
+    for (rows, dim) in [(2048usize, 1024usize), (13, 96), (5, 1022), (9, 4)] {
+        let x = r.vec(rows * dim, 2.0);
+        let w: Vec<f32> = (0..dim).map(|_| 1.0 + r.normal(0.15)).collect();
+        let got = g.rms_norm_rows(&x, dim, Some(&w), 1e-6).unwrap();
+        let mut want = vec![0f32; x.len()];
+        for (o, xr) in want.chunks_mut(dim).zip(x.chunks(dim)) {
+            ops::rms_norm(xr, &w, 1e-6, o);
+        }
+        check(&format!("rms_norm chunk {rows}x{dim}"), &got, &want);
+        println!(
+            "rms_norm chunk {rows}x{dim}: {} of {} differ in bits",
+            bit_diffs(&got, &want),
+            got.len()
+        );
+        let got = g.rms_norm_rows(&x, dim, None, 1e-6).unwrap();
+        for (o, xr) in want.chunks_mut(dim).zip(x.chunks(dim)) {
+            ops::rms_norm_noweight(xr, 1e-6, o);
+        }
+        check(
+            &format!("rms_norm_noweight chunk {rows}x{dim}"),
+            &got,
+            &want,
+        );
+    }
+}

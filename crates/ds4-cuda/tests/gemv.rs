@@ -587,3 +587,33 @@ fn bad_expert_ids_give_nan_not_garbage() {
             .is_err()
     );
 }
+
+/// Q8_0 activations at chunk sizes (a 2048-token prefill chunk of the 4096- and 16384-wide
+/// inputs) and at block counts that are not a multiple of the kernel's four blocks per warp
+/// step: bit-identical to `ds4_quant`.
+#[test]
+fn q8_0_activation_chunk_shapes_are_bit_identical() {
+    let Some(d) = dev() else { return };
+    let mut rng = Rng(7);
+    let ty = GgmlType::Q8_0;
+    for &(n, cols) in &[
+        (2048usize, 4096usize),
+        (2048, 16384),
+        (7, 96),
+        (1, 32),
+        (3, 160),
+    ] {
+        let mut x = rng.vec(n * cols, 1.0);
+        x[0] = 0.5;
+        x[1] = -0.5;
+        for v in &mut x[32..64.min(n * cols)] {
+            *v = 0.0;
+        }
+        let dx = d.stream.clone_htod(&x).unwrap();
+        let mut act = byte_buf(&d, Gemv::act_bytes(ty, cols, n));
+        d.g.quantize_act(&d.stream, ty, &dx, n, cols, &mut act)
+            .unwrap();
+        let host = d.stream.clone_dtoh(&act).unwrap();
+        check_act(ty, &host, &x, n, cols);
+    }
+}

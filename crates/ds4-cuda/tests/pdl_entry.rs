@@ -42,5 +42,8 @@ fn every_kernel_starts_with_pdl_entry() {
         }
     }
     assert!(kernels > 40, "found only {kernels} kernels");
-    assert!(missing.is_empty(), "kernels without PDL_ENTRY: {missing:#?}");
+    assert!(
+        missing.is_empty(),
+        "kernels without PDL_ENTRY: {missing:#?}"
+    );
 }

@@ -499,11 +499,19 @@ fn bench_whole_prompt_prefills_each_frontier_from_empty() {
     );
     assert!(o.status.success(), "{}", stderr(&o));
     let text = std::fs::read_to_string(&csv).unwrap();
-    let rows: Vec<Vec<&str>> = text.lines().skip(1).map(|l| l.split(',').collect()).collect();
+    let rows: Vec<Vec<&str>> = text
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').collect())
+        .collect();
     assert_eq!(rows.len(), 3, "{text}");
     for (f, ctx) in rows.iter().zip([16usize, 32, 48]) {
         assert_eq!(f[0].parse::<usize>().unwrap(), ctx);
-        assert_eq!(f[1].parse::<usize>().unwrap(), ctx, "the whole prompt is prefilled");
+        assert_eq!(
+            f[1].parse::<usize>().unwrap(),
+            ctx,
+            "the whole prompt is prefilled"
+        );
         assert!(f[2].parse::<f64>().unwrap() > 0.0);
     }
 }
