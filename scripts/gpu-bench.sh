@@ -12,14 +12,15 @@ OUT=${OUT:-/tmp/gpu-bench}
 mkdir -p "$OUT"
 if [ -z "${DS4:-}" ]; then
   mkdir -p /tmp/ds4-check
-  [ -x /tmp/ds4-check/ds4 ] || tar -xJf .gpu/check.tar.xz -C /tmp/ds4-check ./ds4
+  [ -x /tmp/ds4-check/ds4 ] || tar -xJf .gpu/check.tar.xz -C /tmp/ds4-check ./ds4 ./COMMIT
   DS4=/tmp/ds4-check/ds4
 fi
 M=/dev/shm/flash-${L}l-q2.gguf
 t0=$(date +%s)
 [ -f "$M" ] || "$DS4" synth --preset flash --quant q2 --layers "$L" --seed 1 -o "$M" > "$OUT/synth.log" 2>&1 || { tail "$OUT/synth.log"; exit 1; }
 echo "synth $L layers: $(( $(date +%s) - t0 ))s, $(du -h "$M" | cut -f1)"
-COMMIT=${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+COMMIT=${COMMIT:-$(cat "$(dirname "$DS4")/COMMIT" 2>/dev/null || git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+export DS4_COMMIT=$COMMIT
 # Decode at 2k / 8k / 32k (ds4-bench frontiers), tensor-core prefill routes on.
 "$DS4" bench -m "$M" --backend cuda --ctx-start 2048 --ctx-max 32768 --step-mul 4 \
   --gen-tokens "$GEN" --csv "$OUT/decode-routes.csv" > "$OUT/decode-routes.log" 2>&1 || tail -5 "$OUT/decode-routes.log"

@@ -24,6 +24,9 @@ for l in sys.stdin:
         print(m["executable"])' | tail -1)
   cp "$exe" "$D/test_$t"
 done
+# The commit the binaries were built from (gpu-bench.sh passes it to `ds4 bench` as DS4_COMMIT:
+# a build script's embedded value can be stale when worktrees share a target dir).
+git rev-parse --short HEAD > "$D/COMMIT"
 strip "$D"/ds4 "$D"/gpu_check "$D"/gemv_bench "$D"/test_*
 FX=${DS4_FIXTURES:-../shared/fixtures}
 cp -r tests/fixtures/tiny/official "$D/fx/tiny/"
