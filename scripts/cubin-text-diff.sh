@@ -7,8 +7,9 @@
 # KERNEL_PREFIX (default: every kernel), compares the bytes of its `.text.<name>` (SASS),
 # `.nv.info.<name>` (registers, parameters, barriers, exit offsets...), `.nv.shared.<name>`
 # (static shared memory) and `.nv.constant0.<name>` sections, and prints one line per kernel:
-# `identical` or `DIFFERENT (sections)`, or `only in BEFORE/AFTER`. Exits 1 if any kernel
-# differs or is missing on one side, 2 on a usage or file error, 0 otherwise.
+# `identical` or `DIFFERENT (sections)`, or `only in BEFORE/AFTER`; then one line for the
+# module's data (`.nv.global*`, `.nv.constantN`: __device__ / __constant__ tables). Exits 1 if
+# anything differs or a kernel is missing on one side, 2 on a usage or file error, 0 otherwise.
 #
 # Line tables (-lineinfo: .debug_line, .nv_debug_line_sass) and the embedded PTX text are not
 # compared: they change with any edit of the source, even a comment. Typical use for a
@@ -71,6 +72,14 @@ for k in kernels:
         print(f"{k:<{width}}  DIFFERENT ({', '.join(diff)}; .text {size} -> {len(b['.text.' + k])} bytes)")
     else:
         print(f"{k:<{width}}  identical ({size} bytes of SASS)")
-print(f"{len(kernels) - bad} of {len(kernels)} kernels identical")
-sys.exit(1 if bad else 0)
+def is_data(n):
+    return n.startswith(".nv.global") or (n.startswith(".nv.constant") and n[len(".nv.constant"):].isdigit())
+data = sorted({n for n in list(a) + list(b) if is_data(n)})
+ddiff = [n for n in data if a.get(n) != b.get(n)]
+if ddiff:
+    print(f"{'[module data]':<{width}}  DIFFERENT ({', '.join(ddiff)})")
+else:
+    print(f"{'[module data]':<{width}}  identical ({', '.join(data) or 'none'})")
+print(f"{len(kernels) - bad} of {len(kernels)} kernels identical" + ("; module data differs" if ddiff else ""))
+sys.exit(1 if bad or ddiff else 0)
 PY
