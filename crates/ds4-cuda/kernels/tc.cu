@@ -153,25 +153,36 @@ __device__ __forceinline__ void q4k_scale_min(int j, const u8* q, int& sc, int& 
 }
 
 
+// Output row and weight tensor (0/1) of shared-memory A row j. SWIGLU tiles interleave gate
+// and up rows in groups of 16: A rows 32i..32i+15 are gate rows, 32i+16..32i+31 the same up rows.
+template <int MODE>
+__device__ __forceinline__ int tc_out_row(int r0, int j, int& mat) {
+    if (MODE == M_SWIGLU) {
+        mat = (j >> 4) & 1;
+        return r0 + 16 * (j >> 5) + (j & 15);
+    }
+    mat = 0;
+    return r0 + j;
+}
+
 // ------------------------------------------------------------------------------------------
-// d0: the direct-copy kernels (Q8_0, F16) exactly as of commit b0637e2. The K-quant rewrite
+// d0: the dense direct-copy kernels (Q8_0, F16: ds4_tc_q8_0_*, ds4_tc_f16_64_s), kept exactly as
+// of commit b0637e2 (their SASS is identical to b0637e2's). The weights are used as stored (no
+// dequantisation): cp.async copies them straight into the stage's A tile. The session-4 rewrite
 // below (per-row address tables, interleaved warp columns, empty-tile skipping) measured 3-10%
-// slower for these latency-bound kernels on an H200, so they keep this code unchanged (its
-// SASS is identical to b0637e2's).
+// slower for these latency-bound kernels on an H200 (bench/results/h200/tc-prefill.md,
+// "Session 4"), so they keep this code.
 namespace d0 {
-// Shared-memory layout of one kernel variant.
+// Shared-memory layout of one kernel variant: s_src / s_arow, then the NS-stage ring.
 template <int T, int BN>
 struct Lay {
-    // Pipeline depth and CTAs per SM: two CTAs of 2 stages where registers and shared memory
-    // allow it (Q8_0, IQ2_XXS, Q2_K), else one CTA of 3 stages.
-    static constexpr int NS = (T == W_F16 || T == W_Q4K) ? 3 : 2;
+    // Pipeline depth and CTAs per SM: two CTAs of 2 stages for Q8_0, one CTA of 3 for F16.
+    static constexpr int NS = (T == W_F16) ? 3 : 2;
     static constexpr int MINB = (NS == 2) ? 2 : 1;
-    static constexpr bool DIRECT = (T == W_Q8_0 || T == W_F16);
-    static constexpr int RAWB = T == W_IQ2 ? 80 : T == W_Q2K ? 96 : T == W_Q4K ? 144 : 0;
-    static constexpr int A_ST = DIRECT ? TC_BM * 256 : TC_BM * RAWB;
-    static constexpr int AM_ST = (T == W_Q8_0) ? TC_BM * 16 : 0;
-    static constexpr int B_ST = BN * 256 * (T == W_F16 ? 2 : 1);
-    static constexpr int BM_ST = (T == W_Q8_0) ? BN * 32 : (T == W_F16 ? 0 : BN * 4);
+    static constexpr int A_ST = TC_BM * 256;                        // weights, 256 bytes a row
+    static constexpr int AM_ST = (T == W_Q8_0) ? TC_BM * 16 : 0;    // Q8_0: f16 d of 8 blocks a row
+    static constexpr int B_ST = BN * 256 * (T == W_F16 ? 2 : 1);     // activations (F16: hi, lo)
+    static constexpr int BM_ST = (T == W_Q8_0) ? BN * 32 : 0;       // Q8_0: f32 scale of 8 blocks
     static constexpr int S_A = 0;
     static constexpr int S_AM = al128(A_ST);
     static constexpr int S_B = S_AM + al128(AM_ST);
@@ -179,15 +190,7 @@ struct Lay {
     static constexpr int STAGE = S_BM + al128(BM_ST);
     static constexpr int O_SRC = 0;
     static constexpr int O_AROW = BN * 4;
-    static constexpr int O_TAB = al128(2 * BN * 4);
-    static constexpr int TABB = (T == W_IQ2) ? 256 * 8 + 128 * 16 : 0;
-    static constexpr int O_TILE = O_TAB + TABB;
-    static constexpr int TILEB = DIRECT ? 0 : TC_BM * 256;
-    static constexpr int O_MD = O_TILE + TILEB;                    // f32 [BM] d
-    static constexpr int O_MDM = O_MD + (DIRECT ? 0 : TC_BM * 4);   // f32 [BM] dmin
-    static constexpr int O_MSC = O_MDM + (DIRECT ? 0 : TC_BM * 4);  // u8 [BM][8] ls / sc
-    static constexpr int O_MMN = O_MSC + (DIRECT ? 0 : TC_BM * 8);  // u8 [BM][16] mins
-    static constexpr int O_ST = al128(O_MMN + (DIRECT ? 0 : TC_BM * 16));
+    static constexpr int O_ST = al128(2 * BN * 4);
     static constexpr int TOTAL = O_ST + NS * STAGE;
 };
 
@@ -198,16 +201,6 @@ struct Tc {
     static constexpr int WTN = BN / 2;
     static constexpr int OUTR = (MODE == M_SWIGLU) ? TC_BM / 2 : TC_BM;
 
-    // Output row and weight tensor (0/1) of shared-memory A row j.
-    __device__ static __forceinline__ int out_row(int r0, int j, int& mat) {
-        if (MODE == M_SWIGLU) {
-            mat = (j >> 4) & 1;
-            return r0 + 16 * (j >> 5) + (j & 15);
-        }
-        mat = 0;
-        return r0 + j;
-    }
-
     __device__ static void issue(const TcArgs& P, u8* sm, int kb, int buf, int m, int r0, int CB,
                                  int acol) {
         const int tid = threadIdx.x;
@@ -215,49 +208,25 @@ struct Tc {
         const int* s_arow = (const int*)(sm + L::O_AROW);
         const int kbyte = kb * 256;
         // ---- A
-        if (L::DIRECT) {
-            for (int c = tid; c < TC_BM * 16; c += TC_THREADS) {
-                const int j = c >> 4, ch = c & 15;
-                if (kbyte + 16 * ch < CB) {
-                    int mat;
-                    const int r = min(out_row(r0, j, mat), P.R - 1);
-                    const i64 rr = (i64)m * P.R + r;
-                    const u8* src = (mat ? P.wb0 : P.wa0) + rr * CB + kbyte + 16 * ch;
-                    cp16(st + L::S_A + swz(j, ch), src);
-                }
-            }
-            if (T == W_Q8_0) {
-                for (int c = tid; c < TC_BM * 4; c += TC_THREADS) {
-                    const int j = c >> 2, w = c & 3;
-                    if (8 * kb + 2 * w < P.nb) {
-                        int mat;
-                        const int r = min(out_row(r0, j, mat), P.R - 1);
-                        const i64 rr = (i64)m * P.R + r;
-                        const u8* src = (mat ? P.wb1 : P.wa1) + 2 * (rr * P.nb + 8 * kb + 2 * w);
-                        cp4(st + L::S_AM + j * 16 + 4 * w, src);
-                    }
-                }
-            }
-        } else {
-            constexpr int NCH = T == W_IQ2 ? 5 : T == W_Q2K ? 6 : 9;
-            for (int c = tid; c < TC_BM * NCH; c += TC_THREADS) {
-                const int j = c / NCH, q = c % NCH;
+        for (int c = tid; c < TC_BM * 16; c += TC_THREADS) {
+            const int j = c >> 4, ch = c & 15;
+            if (kbyte + 16 * ch < CB) {
                 int mat;
-                const int r = min(out_row(r0, j, mat), P.R - 1);
-                const i64 blk = ((i64)m * P.R + r) * P.nb + kb;
-                u8* dst = st + L::S_A + j * L::RAWB;
-                const u8* p0 = mat ? P.wb0 : P.wa0;
-                const u8* p1 = mat ? P.wb1 : P.wa1;
-                const u8* p2 = mat ? P.wb2 : P.wa2;
-                if (T == W_IQ2) {
-                    if (q < 4) cp16(dst + 16 * q, p0 + 64 * blk + 16 * q);
-                    else cp4(dst + 64, p1 + 2 * (blk & ~1ll));  // the aligned pair holding d
-                } else if (T == W_Q2K) {
-                    if (q < 4) cp16(dst + 16 * q, p0 + 64 * blk + 16 * q);
-                    else if (q == 4) cp16(dst + 64, p1 + 16 * blk);
-                    else cp4(dst + 80, p2 + 4 * blk);
-                } else {
-                    cp16(dst + 16 * q, p0 + 144 * blk + 16 * q);
+                const int r = min(tc_out_row<MODE>(r0, j, mat), P.R - 1);
+                const i64 rr = (i64)m * P.R + r;
+                const u8* src = (mat ? P.wb0 : P.wa0) + rr * CB + kbyte + 16 * ch;
+                cp16(st + L::S_A + swz(j, ch), src);
+            }
+        }
+        if (T == W_Q8_0) {
+            for (int c = tid; c < TC_BM * 4; c += TC_THREADS) {
+                const int j = c >> 2, w = c & 3;
+                if (8 * kb + 2 * w < P.nb) {
+                    int mat;
+                    const int r = min(tc_out_row<MODE>(r0, j, mat), P.R - 1);
+                    const i64 rr = (i64)m * P.R + r;
+                    const u8* src = (mat ? P.wb1 : P.wa1) + 2 * (rr * P.nb + 8 * kb + 2 * w);
+                    cp4(st + L::S_AM + j * 16 + 4 * w, src);
                 }
             }
         }
@@ -280,76 +249,6 @@ struct Tc {
                     cp4(st + L::S_BM + 4 * c, P.ad + 4 * (e0 / 32 + 8 * kb + s));
                 }
             }
-        } else if (T != W_F16) {
-            if (tid < BN) {
-                const i64 e0 = (i64)s_arow[tid] * P.Cx + acol;
-                cp4(st + L::S_BM + 4 * tid, P.ad + 4 * (e0 / 256 + kb));
-            }
-        }
-    }
-
-    // Raw weight blocks of stage `buf` → int8 tile + per-row metadata.
-    __device__ static void dequant(const TcArgs& P, u8* sm, int kb, int buf, int m, int r0) {
-        const int tid = threadIdx.x;
-        const u8* raw = sm + L::O_ST + buf * L::STAGE + L::S_A;
-        u8* tile = sm + L::O_TILE;
-        float* md = (float*)(sm + L::O_MD);
-        float* mdm = (float*)(sm + L::O_MDM);
-        u8* msc = sm + L::O_MSC;
-        u8* mmn = sm + L::O_MMN;
-        const uint2* grid = (const uint2*)(sm + L::O_TAB);
-        const uint4* sign = (const uint4*)(sm + L::O_TAB + 256 * 8);
-        for (int u = tid; u < TC_BM * 8; u += TC_THREADS) {
-            const int j = u >> 3, s = u & 7;
-            const u8* rw = raw + j * L::RAWB;
-            u32 o[8];
-            if (T == W_IQ2) {
-                const uint2 aux = *(const uint2*)(rw + 8 * s);
-#pragma unroll
-                for (int i = 0; i < 4; i++) {
-                    const uint2 gv = grid[(aux.x >> (8 * i)) & 255];
-                    const uint4 sg = sign[(aux.y >> (7 * i)) & 127];
-                    o[2 * i] = (gv.x ^ sg.x) + sg.z;
-                    o[2 * i + 1] = (gv.y ^ sg.y) + sg.w;
-                }
-                msc[j * 8 + s] = (u8)(2 * (aux.y >> 28) + 1);
-                if (s == 0) {
-                    int mat;
-                    const int r = min(out_row(r0, j, mat), P.R - 1);
-                    const i64 blk = ((i64)m * P.R + r) * P.nb + kb;
-                    const u32 dw = *(const u32*)(rw + 64);
-                    md[j] = h2f((blk & 1) ? (dw >> 16) : (dw & 0xffffu));
-                }
-            } else if (T == W_Q2K) {
-                const int n = s >> 2, sh = 2 * (s & 3);
-                const u32* q = (const u32*)(rw + 32 * n);
-                const u32 sc0 = rw[64 + 2 * s], sc1 = rw[64 + 2 * s + 1];
-#pragma unroll
-                for (int i = 0; i < 8; i++) o[i] = ((q[i] >> sh) & 0x03030303u) * ((i < 4 ? sc0 : sc1) & 15u);
-                mmn[j * 16 + 2 * s] = (u8)(sc0 >> 4);
-                mmn[j * 16 + 2 * s + 1] = (u8)(sc1 >> 4);
-                if (s == 0) {
-                    const u32 dm = *(const u32*)(rw + 80);
-                    md[j] = h2f(dm & 0xffffu);
-                    mdm[j] = h2f(dm >> 16);
-                }
-            } else {  // Q4_K
-                const int p = s >> 1;
-                const u32* q = (const u32*)(rw + 16 + 32 * p);
-#pragma unroll
-                for (int i = 0; i < 8; i++) o[i] = (s & 1) ? ((q[i] >> 4) & 0x0F0F0F0Fu) : (q[i] & 0x0F0F0F0Fu);
-                int sc, mn;
-                q4k_scale_min(s, rw + 4, sc, mn);
-                msc[j * 8 + s] = (u8)sc;
-                mmn[j * 16 + s] = (u8)mn;
-                if (s == 0) {
-                    const u32 dm = *(const u32*)rw;
-                    md[j] = h2f(dm & 0xffffu);
-                    mdm[j] = h2f(dm >> 16);
-                }
-            }
-            *(uint4*)(tile + swz(j, 2 * s)) = make_uint4(o[0], o[1], o[2], o[3]);
-            *(uint4*)(tile + swz(j, 2 * s + 1)) = make_uint4(o[4], o[5], o[6], o[7]);
         }
     }
 
@@ -391,20 +290,6 @@ struct Tc {
             s_src[tid] = src;
             s_arow[tid] = src / P.kdiv;
         }
-        if (T == W_IQ2) {
-            uint2* grid = (uint2*)(sm + L::O_TAB);
-            uint4* sign = (uint4*)(sm + L::O_TAB + 256 * 8);
-            for (int i = tid; i < 256; i += TC_THREADS) {
-                const u64 gv = ds4_iq2xxs_grid[i];
-                grid[i] = make_uint2((u32)gv, (u32)(gv >> 32));
-            }
-            for (int i = tid; i < 128; i += TC_THREADS) {
-                const u32 s8 = (u32)i | ((u32)(__popc(i) & 1) << 7);
-                const u32 lo = ((s8 & 15u) * 0x00204081u) & 0x01010101u;
-                const u32 hi = ((s8 >> 4) * 0x00204081u) & 0x01010101u;
-                sign[i] = make_uint4(lo * 0xffu, hi * 0xffu, lo, hi);
-            }
-        }
         __syncthreads();
 
         const int CB = (T == W_F16) ? 2 * P.C : P.C;
@@ -413,19 +298,12 @@ struct Tc {
         constexpr int NS = L::NS;
 
         float facc[2][NT][4];
-        int iacc[2][NT][4];
-        int macc[2][NT][4];
 #pragma unroll
         for (int mi = 0; mi < 2; mi++)
 #pragma unroll
             for (int ni = 0; ni < NT; ni++)
 #pragma unroll
-                for (int q = 0; q < 4; q++) {
-                    facc[mi][ni][q] = 0.f;
-                    iacc[mi][ni][q] = 0;
-                    macc[mi][ni][q] = 0;
-                }
-        const int zero4[4] = {0, 0, 0, 0};
+                for (int q = 0; q < 4; q++) facc[mi][ni][q] = 0.f;
         const int magic4[4] = {MAGIC_I, MAGIC_I, MAGIC_I, MAGIC_I};
 
 #pragma unroll 1
@@ -442,11 +320,7 @@ struct Tc {
             cp_commit();
             const int buf = ki % NS;
             const u8* st = sm + L::O_ST + buf * L::STAGE;
-            if (!L::DIRECT) {
-                dequant(P, sm, kb, buf, m, r0);
-                __syncthreads();
-            }
-            const u8* As = L::DIRECT ? st + L::S_A : sm + L::O_TILE;
+            const u8* As = st + L::S_A;
             const u8* Bs = st + L::S_B;
             const int steps = min(8, (CB - kb * 256) / 32);
 #pragma unroll
@@ -505,63 +379,6 @@ struct Tc {
                                     facc[mi][ni][q] = __fmaf_rn(pw, fi, facc[mi][ni][q]);
                                 }
                             }
-                    } else if (T == W_IQ2) {
-                        int ls[2][2];
-                        const u8* msc = sm + L::O_MSC;
-#pragma unroll
-                        for (int mi = 0; mi < 2; mi++)
-#pragma unroll
-                            for (int h = 0; h < 2; h++) ls[mi][h] = msc[(32 * wm + 16 * mi + g + 8 * h) * 8 + s];
-#pragma unroll
-                        for (int mi = 0; mi < 2; mi++)
-#pragma unroll
-                            for (int ni = 0; ni < NT; ni++) {
-                                int d[4];
-                                mma_s8(d, a[mi], b[ni][0], b[ni][1], zero4);
-#pragma unroll
-                                for (int q = 0; q < 4; q++) iacc[mi][ni][q] += ls[mi][q >> 1] * d[q];
-                            }
-                    } else if (T == W_Q2K) {
-                        const u8* mmn = sm + L::O_MMN;
-                        u32 am[2][4];
-#pragma unroll
-                        for (int mi = 0; mi < 2; mi++) {
-                            const int ra = 32 * wm + 16 * mi + g, rb = ra + 8;
-                            am[mi][0] = (u32)mmn[ra * 16 + 2 * s] * 0x01010101u;
-                            am[mi][1] = (u32)mmn[rb * 16 + 2 * s] * 0x01010101u;
-                            am[mi][2] = (u32)mmn[ra * 16 + 2 * s + 1] * 0x01010101u;
-                            am[mi][3] = (u32)mmn[rb * 16 + 2 * s + 1] * 0x01010101u;
-                        }
-#pragma unroll
-                        for (int mi = 0; mi < 2; mi++)
-#pragma unroll
-                            for (int ni = 0; ni < NT; ni++) {
-                                mma_s8(iacc[mi][ni], a[mi], b[ni][0], b[ni][1], iacc[mi][ni]);
-                                mma_s8(macc[mi][ni], am[mi], b[ni][0], b[ni][1], macc[mi][ni]);
-                            }
-                    } else if (T == W_Q4K) {
-                        const u8* msc = sm + L::O_MSC;
-                        const u8* mmn = sm + L::O_MMN;
-                        int sc[2][2];
-                        u32 am[2][4];
-#pragma unroll
-                        for (int mi = 0; mi < 2; mi++) {
-                            const int ra = 32 * wm + 16 * mi + g, rb = ra + 8;
-                            sc[mi][0] = msc[ra * 8 + s];
-                            sc[mi][1] = msc[rb * 8 + s];
-                            am[mi][0] = am[mi][2] = (u32)mmn[ra * 16 + s] * 0x01010101u;
-                            am[mi][1] = am[mi][3] = (u32)mmn[rb * 16 + s] * 0x01010101u;
-                        }
-#pragma unroll
-                        for (int mi = 0; mi < 2; mi++)
-#pragma unroll
-                            for (int ni = 0; ni < NT; ni++) {
-                                int d[4];
-                                mma_s8(d, a[mi], b[ni][0], b[ni][1], zero4);
-#pragma unroll
-                                for (int q = 0; q < 4; q++) iacc[mi][ni][q] += sc[mi][q >> 1] * d[q];
-                                mma_s8(macc[mi][ni], am[mi], b[ni][0], b[ni][1], macc[mi][ni]);
-                            }
                     } else {  // F16
 #pragma unroll
                         for (int mi = 0; mi < 2; mi++)
@@ -573,47 +390,9 @@ struct Tc {
                     }
                 }
             }
-            // K-quants: the super-block's float term, exactly as the CPU forms it.
-            if (T == W_IQ2 || T == W_Q2K || T == W_Q4K) {
-                const float* md = (const float*)(sm + L::O_MD);
-                const float* mdm = (const float*)(sm + L::O_MDM);
-                float yd[NT][2];
-#pragma unroll
-                for (int ni = 0; ni < NT; ni++)
-#pragma unroll
-                    for (int c = 0; c < 2; c++)
-                        yd[ni][c] = *(const float*)(st + L::S_BM + 4 * (WTN * wn + 8 * ni + 2 * tg + c));
-#pragma unroll
-                for (int mi = 0; mi < 2; mi++)
-#pragma unroll
-                    for (int h = 0; h < 2; h++) {
-                        const int row = 32 * wm + 16 * mi + g + 8 * h;
-                        const float dw = md[row];
-                        const float dmw = (T == W_IQ2) ? 0.f : mdm[row];
-#pragma unroll
-                        for (int ni = 0; ni < NT; ni++)
-#pragma unroll
-                            for (int c = 0; c < 2; c++) {
-                                const int q = 2 * h + c;
-                                float term;
-                                if (T == W_IQ2) {
-                                    term = __fmul_rn(__fmul_rn(dw, yd[ni][c]), __int2float_rn(iacc[mi][ni][q]));
-                                } else {
-                                    const float dall = __fmul_rn(yd[ni][c], dw);
-                                    const float dmin = __fmul_rn(yd[ni][c], dmw);
-                                    term = __fsub_rn(__fmul_rn(dall, __int2float_rn(iacc[mi][ni][q])),
-                                                     __fmul_rn(dmin, __int2float_rn(macc[mi][ni][q])));
-                                }
-                                facc[mi][ni][q] = __fadd_rn(facc[mi][ni][q], term);
-                                iacc[mi][ni][q] = 0;
-                                macc[mi][ni][q] = 0;
-                            }
-                    }
-            }
         }
 
         // ---- epilogue
-        const float scale = (T == W_IQ2) ? 0.125f : 1.0f;
 #pragma unroll
         for (int ni = 0; ni < NT; ni++)
 #pragma unroll
@@ -621,7 +400,7 @@ struct Tc {
                 const int col = WTN * wn + 8 * ni + 2 * tg + c;
                 if (col >= nvalid) continue;
                 const int src = s_src[col];
-                float cs = scale;
+                float cs = 1.0f;
                 if (T == W_F16) cs = __ldg(P.ascale + s_arow[col]);
                 if (MODE == M_STORE) {
                     float* yrow = P.y + (i64)sp * P.ysplit + (i64)src * P.ldy + (P.grouped ? (i64)m * P.R : 0);
