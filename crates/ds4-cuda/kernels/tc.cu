@@ -437,22 +437,22 @@ struct Tc {
 // ------------------------------------------------------------------------------------------
 // The dequantising kernels (IQ2_XXS, Q2_K, Q4_K; routed MoE).
 
-// Shared-memory layout of one kernel variant.
+// Shared-memory layout of one kernel variant: s_src / s_arow, the per-row address tables, the
+// IQ2_XXS grid, the dequantised int8 tile and its per-row metadata, then the NS-stage ring.
 template <int T, int BN>
 struct Lay {
     // Pipeline depth and CTAs per SM: two CTAs of 2 stages where registers and shared memory
-    // allow it (Q8_0, IQ2_XXS, Q2_K at BN <= 64), else one CTA of 3 stages.
-    static constexpr int NS = (T == W_F16 || T == W_Q4K || BN > 64) ? 3 : 2;
+    // allow it (IQ2_XXS, Q2_K), one CTA of 3 stages for Q4_K.
+    static constexpr int NS = (T == W_Q4K) ? 3 : 2;
     static constexpr int MINB = (NS == 2) ? 2 : 1;
-    static constexpr bool DIRECT = (T == W_Q8_0 || T == W_F16);
-    static constexpr int RAWB = T == W_IQ2 ? 80 : T == W_Q2K ? 96 : T == W_Q4K ? 144 : 0;
-    static constexpr int A_ST = DIRECT ? TC_BM * 256 : TC_BM * RAWB;
-    static constexpr int AM_ST = (T == W_Q8_0) ? TC_BM * 16 : 0;
-    static constexpr int B_ST = BN * 256 * (T == W_F16 ? 2 : 1);
-    static constexpr int BM_ST = (T == W_Q8_0) ? BN * 32 : (T == W_F16 ? 0 : BN * 4);
+    // Raw bytes of one 256-weight block of a row, as staged: IQ2_XXS qs 64 + the 4-byte word
+    // holding d; Q2_K qs 64 + scales 16 + d, dmin 4; Q4_K the whole 144-byte block.
+    static constexpr int RAWB = T == W_IQ2 ? 80 : T == W_Q2K ? 96 : 144;
+    static constexpr int A_ST = TC_BM * RAWB;  // raw weight blocks
+    static constexpr int B_ST = BN * 256;      // int8 activations
+    static constexpr int BM_ST = BN * 4;       // f32 activation scale (one per 256)
     static constexpr int S_A = 0;
-    static constexpr int S_AM = al128(A_ST);
-    static constexpr int S_B = S_AM + al128(AM_ST);
+    static constexpr int S_B = al128(A_ST);
     static constexpr int S_BM = S_B + al128(B_ST);
     static constexpr int STAGE = S_BM + al128(BM_ST);
     static constexpr int O_SRC = 0;
@@ -464,12 +464,12 @@ struct Lay {
     static constexpr int O_TAB = al128(O_PB + 2 * BN * 8);
     static constexpr int TABB = (T == W_IQ2) ? 256 * 8 : 0;
     static constexpr int O_TILE = O_TAB + TABB;
-    static constexpr int TILEB = DIRECT ? 0 : TC_BM * 256;
-    static constexpr int O_MD = O_TILE + TILEB;                    // f32 [BM] d
-    static constexpr int O_MDM = O_MD + (DIRECT ? 0 : TC_BM * 4);   // f32 [BM] dmin
-    static constexpr int O_MSC = O_MDM + (DIRECT ? 0 : TC_BM * 4);  // u8 [BM][8] ls / sc
-    static constexpr int O_MMN = O_MSC + (DIRECT ? 0 : TC_BM * 8);  // u8 [BM][16] mins
-    static constexpr int O_BS = O_MMN + (DIRECT ? 0 : TC_BM * 16);  // Q2_K: s8 [2][BN][16] bsum hi, lo
+    static constexpr int TILEB = TC_BM * 256;
+    static constexpr int O_MD = O_TILE + TILEB;       // f32 [BM] d
+    static constexpr int O_MDM = O_MD + TC_BM * 4;    // f32 [BM] dmin
+    static constexpr int O_MSC = O_MDM + TC_BM * 4;   // u8 [BM][8] ls / sc
+    static constexpr int O_MMN = O_MSC + TC_BM * 8;   // u8 [BM][16] mins
+    static constexpr int O_BS = O_MMN + TC_BM * 16;   // Q2_K: s8 [2][BN][16] bsum hi, lo
     static constexpr int O_ST = al128(O_BS + (T == W_Q2K ? 2 * BN * 16 : 0));
     static constexpr int TOTAL = O_ST + NS * STAGE;
 };
@@ -480,16 +480,6 @@ struct Tc {
     static constexpr int NT = BN / 16;  // n8 tiles per warp (warp tile BN/2 tokens)
     static constexpr int OUTR = (MODE == M_SWIGLU) ? TC_BM / 2 : TC_BM;
 
-    // Output row and weight tensor (0/1) of shared-memory A row j.
-    __device__ static __forceinline__ int out_row(int r0, int j, int& mat) {
-        if (MODE == M_SWIGLU) {
-            mat = (j >> 4) & 1;
-            return r0 + 16 * (j >> 5) + (j & 15);
-        }
-        mat = 0;
-        return r0 + j;
-    }
-
     // Copy K stage `kb` into ring slot `buf` (cp.async). The per-row source addresses come
     // from the tables run() forms once (O_PA / O_PB).
     __device__ static void issue(const TcArgs& P, u8* sm, int kb, int buf, int CB, int m, int r0) {
@@ -499,34 +489,8 @@ struct Tc {
         const u64* pb = (const u64*)(sm + L::O_PB);
         const int kbyte = kb * 256;
         const int ch = tid & 15;
-        // ---- A
-        if (L::DIRECT) {
-            // Q8_0 / F16: addresses computed in registers (no table reads on this latency-bound
-            // path; the K-quant kinds read the tables, their raw rows have odd strides).
-            if (kbyte + 16 * ch < CB) {
-#pragma unroll
-                for (int i = 0; i < TC_BM * 16 / TC_THREADS; i++) {
-                    const int j = (tid >> 4) + 16 * i;
-                    int mat;
-                    const int r = min(out_row(r0, j, mat), P.R - 1);
-                    const i64 rr = (i64)m * P.R + r;
-                    cp16(st + L::S_A + swz(j, ch), (mat ? P.wb0 : P.wa0) + rr * CB + kbyte + 16 * ch);
-                }
-            }
-            if (T == W_Q8_0) {
-#pragma unroll
-                for (int i = 0; i < TC_BM * 4 / TC_THREADS; i++) {
-                    const int c = tid + TC_THREADS * i;
-                    const int j = c >> 2, w = c & 3;
-                    if (8 * kb + 2 * w < P.nb) {
-                        int mat;
-                        const int r = min(out_row(r0, j, mat), P.R - 1);
-                        const i64 rr = (i64)m * P.R + r;
-                        cp4(st + L::S_AM + j * 16 + 4 * w, (mat ? P.wb1 : P.wa1) + 2 * (rr * P.nb + 8 * kb + 2 * w));
-                    }
-                }
-            }
-        } else {
+        // ---- A (raw blocks; the rows have odd strides, hence the address tables)
+        {
             constexpr int NCH = T == W_IQ2 ? 5 : T == W_Q2K ? 6 : 9;
 #pragma unroll
             for (int i = 0; i < (TC_BM * NCH + TC_THREADS - 1) / TC_THREADS; i++) {
@@ -553,19 +517,9 @@ struct Tc {
             for (int i = 0; i < BN * 16 / TC_THREADS; i++) {
                 const int b = (tid >> 4) + 16 * i;
                 cp16(st + L::S_B + swz(b, ch), (const u8*)pb[b] + kbyte + 16 * ch);
-                if (T == W_F16) cp16(st + L::S_B + BN * 256 + swz(b, ch), (const u8*)pb[BN + b] + kbyte + 16 * ch);
             }
         }
-        if (T == W_Q8_0) {
-#pragma unroll
-            for (int i = 0; i < BN * 8 / TC_THREADS; i++) {
-                const int c = tid + TC_THREADS * i;
-                const int b = c >> 3, s = c & 7;
-                if (8 * kb + s < P.nb) cp4(st + L::S_BM + 4 * (s * BN + b), (const u8*)pb[BN + b] + 4 * (8 * kb + s));
-            }
-        } else if (T != W_F16) {
-            if (tid < BN) cp4(st + L::S_BM + 4 * tid, (const u8*)pb[BN + tid] + 4 * kb);
-        }
+        if (tid < BN) cp4(st + L::S_BM + 4 * tid, (const u8*)pb[BN + tid] + 4 * kb);
     }
 
     // Raw weight blocks of stage `buf` → int8 tile + per-row metadata.
@@ -688,7 +642,7 @@ struct Tc {
         if (nvalid <= 0) return;
         const int r0 = blockIdx.y * OUTR;
         const int acol = P.grouped ? m * P.C : 0;
-        const int CB = (T == W_F16) ? 2 * P.C : P.C;
+        const int CB = P.C;
         if (tid < BN) {
             const int b = tid < nvalid ? tid : 0;
             const int src = P.list ? __ldg(P.list + base + b) : base + b;
@@ -697,24 +651,19 @@ struct Tc {
             s_arow[tid] = arow;
             const i64 e0 = (i64)arow * P.Cx + acol;
             u64* pb = (u64*)(sm + L::O_PB);
-            pb[tid] = (u64)(P.aq + e0 * (T == W_F16 ? 2 : 1));
-            pb[BN + tid] = (u64)(T == W_F16    ? P.ad + 2 * e0
-                                 : T == W_Q8_0 ? P.ad + 4 * (e0 / 32)
-                                               : P.ad + 4 * (e0 / 256));
+            pb[tid] = (u64)(P.aq + e0);
+            pb[BN + tid] = (u64)(P.ad + 4 * (e0 / 256));
         }
         if (tid < TC_BM) {
             int mat;
-            const int r = min(out_row(r0, tid, mat), P.R - 1);
+            const int r = min(tc_out_row<MODE>(r0, tid, mat), P.R - 1);
             const i64 rr = (i64)m * P.R + r;
             const i64 rb = rr * P.nb;
             u64* pa = (u64*)(sm + L::O_PA);
             const u8* p0 = mat ? P.wb0 : P.wa0;
             const u8* p1 = mat ? P.wb1 : P.wa1;
             const u8* p2 = mat ? P.wb2 : P.wa2;
-            if (L::DIRECT) {
-                pa[tid] = (u64)(p0 + rr * CB);
-                pa[TC_BM + tid] = (u64)(p1 + 2 * rb);
-            } else if (T == W_IQ2) {
+            if (T == W_IQ2) {
                 pa[tid] = (u64)(p0 + 64 * rb);
                 pa[TC_BM + tid] = (u64)(p1 + 2 * rb);
             } else if (T == W_Q2K) {
@@ -752,7 +701,6 @@ struct Tc {
                     macc[mi][ni][q] = 0;
                 }
         const int zero4[4] = {0, 0, 0, 0};
-        const int magic4[4] = {MAGIC_I, MAGIC_I, MAGIC_I, MAGIC_I};
 
         // ldmatrix row addresses (relative to the tile) of K step 0; step s reads chunk
         // 2s + c, i.e. the step-0 offset XOR (s << 5) (swz only XORs the chunk bits 4..7).
@@ -779,11 +727,9 @@ struct Tc {
             cp_commit();
             const int buf = ki % NS;
             const u8* st = sm + L::O_ST + buf * L::STAGE;
-            if (!L::DIRECT) {
-                dequant(sm, kb, buf);
-                __syncthreads();
-            }
-            const u8* As = L::DIRECT ? st + L::S_A : sm + L::O_TILE;
+            dequant(sm, kb, buf);
+            __syncthreads();
+            const u8* As = sm + L::O_TILE;
             const u8* Bs = st + L::S_B;
             const int steps = min(8, (CB - kb * 256) / 32);
             // IQ2_XXS: the 8 sub-block scales of each of this thread's rows, one load per stage.
@@ -796,12 +742,15 @@ struct Tc {
                         lsv[mi][h] = *(const u64*)(sm + L::O_MSC + (32 * wm + 16 * mi + g + 8 * h) * 8);
             }
             auto step = [&](const int s) {
+                // Unused, but captured as when this lambda also served Q8_0 (it read the Q8_0
+                // scales from st): without the capture LLVM orders one address computation of
+                // dequant() differently and the q2_k_32 kernels' SASS changes.
+                (void)st;
                 u32 a[2][4];
 #pragma unroll
                 for (int mi = 0; mi < 2; mi++)
                     ldsm4(a[mi], As + (aoff[mi] ^ (s << 5)));
                 u32 b[NT][2];
-                u32 bl[NT][2];
 #pragma unroll
                 for (int p = 0; p < NT / 2; p++) {
                     const int off = boff[p] ^ (s << 5);
@@ -811,44 +760,8 @@ struct Tc {
                     b[2 * p][1] = r[1];
                     b[2 * p + 1][0] = r[2];
                     b[2 * p + 1][1] = r[3];
-                    if (T == W_F16) {
-                        if (8 * (4 * p + wn) < nvalid) ldsm4(r, Bs + BN * 256 + off);
-                        bl[2 * p][0] = r[0];
-                        bl[2 * p][1] = r[1];
-                        bl[2 * p + 1][0] = r[2];
-                        bl[2 * p + 1][1] = r[3];
-                    }
                 }
-                if (T == W_Q8_0) {
-                    float wd[2][2], xd[NT][2];
-#pragma unroll
-                    for (int mi = 0; mi < 2; mi++)
-#pragma unroll
-                        for (int h = 0; h < 2; h++) {
-                            const int row = 32 * wm + 16 * mi + g + 8 * h;
-                            wd[mi][h] = h2f(*(const u16*)(st + L::S_AM + row * 16 + 2 * s));
-                        }
-#pragma unroll
-                    for (int ni = 0; ni < NT; ni++)
-#pragma unroll
-                        for (int c = 0; c < 2; c++) {
-                            const int col = 8 * (2 * ni + wn) + 2 * tg + c;
-                            xd[ni][c] = *(const float*)(st + L::S_BM + 4 * (s * BN + col));
-                        }
-#pragma unroll
-                    for (int mi = 0; mi < 2; mi++)
-#pragma unroll
-                        for (int ni = 0; ni < NT; ni++) if (8 * (2 * ni + wn) < nvalid) {
-                            int d[4];
-                            mma_s8(d, a[mi], b[ni][0], b[ni][1], magic4);
-#pragma unroll
-                            for (int q = 0; q < 4; q++) {
-                                const float pw = __fmul_rn(wd[mi][q >> 1], xd[ni][q & 1]);
-                                const float fi = __fsub_rn(__int_as_float(d[q]), MAGIC_F);
-                                facc[mi][ni][q] = __fmaf_rn(pw, fi, facc[mi][ni][q]);
-                            }
-                        }
-                } else if (T == W_IQ2) {
+                if (T == W_IQ2) {
                     int ls[2][2];
 #pragma unroll
                     for (int mi = 0; mi < 2; mi++)
@@ -869,7 +782,7 @@ struct Tc {
 #pragma unroll
                         for (int ni = 0; ni < NT; ni++)
                             if (8 * (2 * ni + wn) < nvalid) mma_s8(iacc[mi][ni], a[mi], b[ni][0], b[ni][1], iacc[mi][ni]);
-                } else if (T == W_Q4K) {
+                } else {  // Q4_K
                     const u8* msc = sm + L::O_MSC;
                     const u8* mmn = sm + L::O_MMN;
                     int sc[2][2];
@@ -891,14 +804,6 @@ struct Tc {
 #pragma unroll
                             for (int q = 0; q < 4; q++) iacc[mi][ni][q] += sc[mi][q >> 1] * d[q];
                             mma_s8(macc[mi][ni], am[mi], b[ni][0], b[ni][1], macc[mi][ni]);
-                        }
-                } else {  // F16
-#pragma unroll
-                    for (int mi = 0; mi < 2; mi++)
-#pragma unroll
-                        for (int ni = 0; ni < NT; ni++) if (8 * (2 * ni + wn) < nvalid) {
-                            mma_f16(facc[mi][ni], a[mi], b[ni][0], b[ni][1]);
-                            mma_f16(facc[mi][ni], a[mi], bl[ni][0], bl[ni][1]);
                         }
                 }
             };
@@ -973,8 +878,7 @@ struct Tc {
                 const int col = 8 * (2 * ni + wn) + 2 * tg + c;
                 if (col >= nvalid) continue;
                 const int src = s_src[col];
-                float cs = scale;
-                if (T == W_F16) cs = __ldg(P.ascale + s_arow[col]);
+                const float cs = scale;
                 if (MODE == M_STORE) {
                     float* yrow = P.y + (i64)sp * P.ysplit + (i64)src * P.ldy + (P.grouped ? (i64)m * P.R : 0);
 #pragma unroll
