@@ -1,15 +1,29 @@
 // Tensor-core prefill routes (owner: "tc"). See src/tc.rs for the API, the switches and the
 // numerics contract.
 //
-// Self-contained (no headers) so that NVRTC can compile it as well as nvcc.
+// Self-contained but for iq2_grid.cuh, which build.rs splices in for NVRTC, so that NVRTC can
+// compile it as well as nvcc.
 //
-// One GEMM skeleton serves every route: a CTA computes a 128-row (weights) × BN-token tile with
-// 8 warps (4 along the rows × 2 along the tokens, warp tile 32 × BN/2) using mma.sync
-// m16n8k32 s8·s8→s32 (quantized weights × ds4's int8 activations) or m16n8k16 f16·f16→f32 (F16
-// weights). K advances in stages of 256 bytes per row (8 steps of 32 bytes: 32 int8 or 16 f16),
-// loaded with cp.async into a 3-stage shared-memory ring (XOR-swizzled 16-byte chunks, read with
-// ldmatrix). Q8_0 and F16 weights are copied as they are; IQ2_XXS / Q2_K / Q4_K weights are
-// copied raw and dequantised to int8 in shared memory once per stage (exact integers, see below).
+// Two GEMM templates, one per group of weight types:
+//   d0::Lay / d0::Tc  Q8_0 and F16 (ds4_tc_q8_0_*, ds4_tc_f16_64_s; TC_INST_D0): the weights are
+//                     copied into shared memory as stored. This is the code of commit b0637e2,
+//                     kept verbatim (same SASS).
+//   Lay / Tc          IQ2_XXS, Q2_K and Q4_K (ds4_tc_iq2_xxs_*, ds4_tc_q2_k_*, ds4_tc_q4_k_*;
+//                     TC_INST): raw blocks copied, then dequantised to int8 in shared memory once
+//                     per stage. The session-4 rewrite for the routed MoE experts (IQ2_XXS
+//                     gate/up, Q2_K down): per-row address tables, interleaved warp columns,
+//                     tiles past the valid pairs skipped, register IQ2_XXS signs, Q2_K mins from
+//                     activation sums.
+// They are two because the rewrite's skeleton changes measured 3-10% slower for the latency-
+// bound Q8_0 / F16 kernels on an H200 (bench/results/h200/tc-prefill.md, "Session 4"); each
+// template holds only the code of its own types. Both serve dense matrices (tokens) and routed
+// experts (MoE pair lists, P.list), in M_STORE and M_SWIGLU modes.
+//
+// Common skeleton: a CTA computes a 128-row (weights) × BN-token tile with 8 warps (4 along the
+// rows × 2 along the tokens, warp tile 32 × BN/2) using mma.sync m16n8k32 s8·s8→s32 (quantized
+// weights × ds4's int8 activations) or m16n8k16 f16·f16→f32 (F16 weights). K advances in stages
+// of 256 bytes per row (8 steps of 32 bytes: 32 int8 or 16 f16), loaded with cp.async into a
+// 2- or 3-stage shared-memory ring (XOR-swizzled 16-byte chunks, read with ldmatrix).
 //
 // Exactness (int8 routes): every mma K-step of 32 covers exactly one Q8_0 block or one 32-wide
 // sub-block, so each per-block integer dot product is exact; block scales are applied as ds4
@@ -18,10 +32,11 @@
 //                                                  (d_w·d_x)·isum before adding)
 //   IQ2_XXS isum = Σ_sub ls·Σ q8·(±grid)           (s32), acc += (d·yd)·isum, y = 0.125·acc
 //   Q2_K    isum = Σ (sc&15)·q2·q8 (scale folded into the int8 weight, ≤ 45),
-//           summ = Σ (sc>>4)·q8 (second mma with the mins broadcast as the A operand),
+//           summ = Σ_j (sc_j>>4)·Σ_{k in j} q8 (per-16 activation sums × the mins: two
+//           m16n8k16 mmas per stage),
 //           acc += (yd·d)·isum − (yd·dmin)·summ
-//   Q4_K    isum = Σ_sub sc·Σ q4·q8 (s32), summ as Q2_K with the 6-bit mins,
-//           acc += (yd·d)·isum − (yd·dmin)·summ
+//   Q4_K    isum = Σ_sub sc·Σ q4·q8 (s32), summ = Σ min·q8 (second mma with the 6-bit mins
+//           broadcast as the A operand), acc += (yd·d)·isum − (yd·dmin)·summ
 // so the result differs from the CPU only by the order of the f32 sum over blocks (and, for
 // Q8_0, one rounding per block term).
 // F16: y = W·x with x split into two f16 halves, x·2^e = hi + lo (2^e a per-token power of two
@@ -153,8 +168,9 @@ __device__ __forceinline__ void q4k_scale_min(int j, const u8* q, int& sc, int& 
 }
 
 
-// Output row and weight tensor (0/1) of shared-memory A row j. SWIGLU tiles interleave gate
-// and up rows in groups of 16: A rows 32i..32i+15 are gate rows, 32i+16..32i+31 the same up rows.
+// Output row and weight tensor (0/1) of shared-memory A row j (both templates). SWIGLU tiles
+// hold 64 output rows as gate/up groups of 16: A rows 32i..32i+15 are gate rows r0+16i..,
+// A rows 32i+16..32i+31 the same rows of up.
 template <int MODE>
 __device__ __forceinline__ int tc_out_row(int r0, int j, int& mat) {
     if (MODE == M_SWIGLU) {
@@ -166,12 +182,12 @@ __device__ __forceinline__ int tc_out_row(int r0, int j, int& mat) {
 }
 
 // ------------------------------------------------------------------------------------------
-// d0: the dense direct-copy kernels (Q8_0, F16: ds4_tc_q8_0_*, ds4_tc_f16_64_s), kept exactly as
-// of commit b0637e2 (their SASS is identical to b0637e2's). The weights are used as stored (no
-// dequantisation): cp.async copies them straight into the stage's A tile. The session-4 rewrite
-// below (per-row address tables, interleaved warp columns, empty-tile skipping) measured 3-10%
-// slower for these latency-bound kernels on an H200 (bench/results/h200/tc-prefill.md,
-// "Session 4"), so they keep this code.
+// d0: the direct-copy kernels (Q8_0, F16: ds4_tc_q8_0_*, ds4_tc_f16_64_s; dense matrices and,
+// for Q8_0, routed experts), the code of commit b0637e2 (their SASS is identical to b0637e2's).
+// The weights are used as stored (no dequantisation): cp.async copies them straight into the
+// stage's A tile. The session-4 rewrite below (per-row address tables, interleaved warp columns,
+// empty-tile skipping) measured 3-10% slower for these latency-bound kernels on an H200
+// (bench/results/h200/tc-prefill.md, "Session 4"), so they keep this code.
 namespace d0 {
 // Shared-memory layout of one kernel variant: s_src / s_arow, then the NS-stage ring.
 template <int T, int BN>
@@ -435,7 +451,9 @@ struct Tc {
 }  // namespace d0
 
 // ------------------------------------------------------------------------------------------
-// The dequantising kernels (IQ2_XXS, Q2_K, Q4_K; routed MoE).
+// The dequantising kernels (IQ2_XXS, Q2_K, Q4_K: ds4_tc_iq2_xxs_*, ds4_tc_q2_k_*,
+// ds4_tc_q4_k_*), as rewritten in session 4 for the routed MoE experts (see the file header and
+// bench/results/h200/tc-prefill.md, "Session 4"). Q8_0 and F16 use namespace d0 above.
 
 // Shared-memory layout of one kernel variant: s_src / s_arow, the per-row address tables, the
 // IQ2_XXS grid, the dequantised int8 tile and its per-row metadata, then the NS-stage ring.
@@ -490,24 +508,22 @@ struct Tc {
         const int kbyte = kb * 256;
         const int ch = tid & 15;
         // ---- A (raw blocks; the rows have odd strides, hence the address tables)
-        {
-            constexpr int NCH = T == W_IQ2 ? 5 : T == W_Q2K ? 6 : 9;
+        constexpr int NCH = T == W_IQ2 ? 5 : T == W_Q2K ? 6 : 9;
 #pragma unroll
-            for (int i = 0; i < (TC_BM * NCH + TC_THREADS - 1) / TC_THREADS; i++) {
-                const int c = tid + TC_THREADS * i;
-                if (c < TC_BM * NCH) {
-                    const int j = c / NCH, q = c % NCH;
-                    u8* dst = st + L::S_A + j * L::RAWB;
-                    if (T == W_IQ2) {
-                        if (q < 4) cp16(dst + 16 * q, (const u8*)pa[j] + 64 * kb + 16 * q);
-                        else cp4(dst + 64, (const u8*)((pa[TC_BM + j] + 2 * kb) & ~3ull));  // the aligned pair holding d
-                    } else if (T == W_Q2K) {
-                        if (q < 4) cp16(dst + 16 * q, (const u8*)pa[j] + 64 * kb + 16 * q);
-                        else if (q == 4) cp16(dst + 64, (const u8*)pa[TC_BM + j] + 16 * kb);
-                        else cp4(dst + 80, (const u8*)pa[2 * TC_BM + j] + 4 * kb);
-                    } else {
-                        cp16(dst + 16 * q, (const u8*)pa[j] + 144 * kb + 16 * q);
-                    }
+        for (int i = 0; i < (TC_BM * NCH + TC_THREADS - 1) / TC_THREADS; i++) {
+            const int c = tid + TC_THREADS * i;
+            if (c < TC_BM * NCH) {
+                const int j = c / NCH, q = c % NCH;
+                u8* dst = st + L::S_A + j * L::RAWB;
+                if (T == W_IQ2) {
+                    if (q < 4) cp16(dst + 16 * q, (const u8*)pa[j] + 64 * kb + 16 * q);
+                    else cp4(dst + 64, (const u8*)((pa[TC_BM + j] + 2 * kb) & ~3ull));  // the aligned pair holding d
+                } else if (T == W_Q2K) {
+                    if (q < 4) cp16(dst + 16 * q, (const u8*)pa[j] + 64 * kb + 16 * q);
+                    else if (q == 4) cp16(dst + 64, (const u8*)pa[TC_BM + j] + 16 * kb);
+                    else cp4(dst + 80, (const u8*)pa[2 * TC_BM + j] + 4 * kb);
+                } else {
+                    cp16(dst + 16 * q, (const u8*)pa[j] + 144 * kb + 16 * q);
                 }
             }
         }
