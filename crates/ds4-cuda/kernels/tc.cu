@@ -181,6 +181,35 @@ __device__ __forceinline__ int tc_out_row(int r0, int j, int& mat) {
     return r0 + j;
 }
 
+// Which B rows (tokens / (token, slot) pairs) and which matrix the CTA takes, for both
+// templates' run(P): sets m (matrix / expert), base and nvalid (B rows base..base+nvalid-1 of
+// the pair list P.list, else tokens) and sp (K split; left alone for a pair list), and returns
+// from run() when the CTA has nothing to do. A macro, not a function: the same code as an
+// inline function returning a bool changes the SASS of all 17 GEMM kernels.
+#define TC_TILE_OR_RETURN(P, BN, m, nvalid, base, sp)                                              \
+    do {                                                                                           \
+        if ((P).list) {                                                                            \
+            const int i_ = blockIdx.x;                                                             \
+            if (i_ >= __ldg((P).toff + (P).n_exp)) return;                                         \
+            int lo_ = 0, hi_ = (P).n_exp; /* toff[lo_] <= i_ < toff[hi_] */                        \
+            while (hi_ - lo_ > 1) {                                                                \
+                const int mid_ = (lo_ + hi_) >> 1;                                                 \
+                if (__ldg((P).toff + mid_) <= i_) lo_ = mid_;                                      \
+                else hi_ = mid_;                                                                   \
+            }                                                                                      \
+            (m) = lo_;                                                                             \
+            const int start_ = (i_ - __ldg((P).toff + (m))) * (BN);                                \
+            (nvalid) = min((BN), __ldg((P).cnt + (m)) - start_);                                   \
+            (base) = __ldg((P).off + (m)) + start_;                                                \
+        } else {                                                                                   \
+            (m) = blockIdx.z / (P).nspl;                                                           \
+            (sp) = blockIdx.z % (P).nspl;                                                          \
+            (base) = blockIdx.x * (BN);                                                            \
+            (nvalid) = min((BN), (P).n - (base));                                                  \
+        }                                                                                          \
+        if ((nvalid) <= 0) return;                                                                 \
+    } while (0)
+
 // ------------------------------------------------------------------------------------------
 // d0: the direct-copy kernels (Q8_0, F16: ds4_tc_q8_0_*, ds4_tc_f16_64_s; dense matrices and,
 // for Q8_0, routed experts), the code of commit b0637e2 (their SASS is identical to b0637e2's).
@@ -276,28 +305,8 @@ struct Tc {
         int* s_src = (int*)(sm + L::O_SRC);
         int* s_arow = (int*)(sm + L::O_AROW);
 
-        // ---- which B rows (tokens / (token, slot) pairs) and which matrix
         int m, nvalid, base, sp = 0;
-        if (P.list) {
-            const int i = blockIdx.x;
-            if (i >= __ldg(P.toff + P.n_exp)) return;
-            int lo = 0, hi = P.n_exp;  // toff[lo] <= i < toff[hi]
-            while (hi - lo > 1) {
-                const int mid = (lo + hi) >> 1;
-                if (__ldg(P.toff + mid) <= i) lo = mid;
-                else hi = mid;
-            }
-            m = lo;
-            const int start = (i - __ldg(P.toff + m)) * BN;
-            nvalid = min(BN, __ldg(P.cnt + m) - start);
-            base = __ldg(P.off + m) + start;
-        } else {
-            m = blockIdx.z / P.nspl;
-            sp = blockIdx.z % P.nspl;
-            base = blockIdx.x * BN;
-            nvalid = min(BN, P.n - base);
-        }
-        if (nvalid <= 0) return;
+        TC_TILE_OR_RETURN(P, BN, m, nvalid, base, sp);
         const int r0 = blockIdx.y * OUTR;
         const int acol = P.grouped ? m * P.C : 0;
         if (tid < BN) {
@@ -634,28 +643,8 @@ struct Tc {
         int* s_src = (int*)(sm + L::O_SRC);
         int* s_arow = (int*)(sm + L::O_AROW);
 
-        // ---- which B rows (tokens / (token, slot) pairs) and which matrix
         int m, nvalid, base, sp = 0;
-        if (P.list) {
-            const int i = blockIdx.x;
-            if (i >= __ldg(P.toff + P.n_exp)) return;
-            int lo = 0, hi = P.n_exp;  // toff[lo] <= i < toff[hi]
-            while (hi - lo > 1) {
-                const int mid = (lo + hi) >> 1;
-                if (__ldg(P.toff + mid) <= i) lo = mid;
-                else hi = mid;
-            }
-            m = lo;
-            const int start = (i - __ldg(P.toff + m)) * BN;
-            nvalid = min(BN, __ldg(P.cnt + m) - start);
-            base = __ldg(P.off + m) + start;
-        } else {
-            m = blockIdx.z / P.nspl;
-            sp = blockIdx.z % P.nspl;
-            base = blockIdx.x * BN;
-            nvalid = min(BN, P.n - base);
-        }
-        if (nvalid <= 0) return;
+        TC_TILE_OR_RETURN(P, BN, m, nvalid, base, sp);
         const int r0 = blockIdx.y * OUTR;
         const int acol = P.grouped ? m * P.C : 0;
         const int CB = P.C;
