@@ -210,6 +210,42 @@ __device__ __forceinline__ int tc_out_row(int r0, int j, int& mat) {
         if ((nvalid) <= 0) return;                                                                 \
     } while (0)
 
+// Epilogue of one output column c of n8 tile ni (B row src), for both templates: the
+// accumulators times cs; M_STORE writes y[src][rows] (split sp, grouped matrix m), M_SWIGLU
+// (gate = facc[0], up = facc[1]) writes silu(min(g, clamp))·clamp(u, ±clamp)·wts[src].
+template <int MODE, int NT>
+__device__ __forceinline__ void tc_store_col(const TcArgs& P, const float (&facc)[2][NT][4], int ni,
+                                             int c, int src, float cs, int m, int sp, int r0, int wm,
+                                             int g) {
+    if (MODE == M_STORE) {
+        float* yrow = P.y + (i64)sp * P.ysplit + (i64)src * P.ldy + (P.grouped ? (i64)m * P.R : 0);
+#pragma unroll
+        for (int mi = 0; mi < 2; mi++)
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                const int r = r0 + 32 * wm + 16 * mi + g + 8 * h;
+                if (r < P.R) yrow[r] = __fmul_rn(cs, facc[mi][ni][2 * h + c]);
+            }
+    } else {
+        const double wt = P.wts ? (double)__ldg(P.wts + src) : 1.0;
+        float* yrow = P.y + (i64)src * P.ldy;
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            const int r = r0 + 16 * wm + g + 8 * h;
+            if (r >= P.R) continue;
+            float gv = __fmul_rn(cs, facc[0][ni][2 * h + c]);
+            float uv = __fmul_rn(cs, facc[1][ni][2 * h + c]);
+            if (P.clamp > 1e-6f) {
+                gv = fminf(gv, P.clamp);
+                uv = fminf(fmaxf(uv, -P.clamp), P.clamp);
+            }
+            const double gd = (double)gv;
+            const double silu = gd / (1.0 + exp(-gd));
+            yrow[r] = (float)(silu * (double)uv * wt);
+        }
+    }
+}
+
 // ------------------------------------------------------------------------------------------
 // d0: the direct-copy kernels (Q8_0, F16: ds4_tc_q8_0_*, ds4_tc_f16_64_s; dense matrices and,
 // for Q8_0, routed experts), the code of commit b0637e2 (their SASS is identical to b0637e2's).
@@ -427,33 +463,7 @@ struct Tc {
                 const int src = s_src[col];
                 float cs = 1.0f;
                 if (T == W_F16) cs = __ldg(P.ascale + s_arow[col]);
-                if (MODE == M_STORE) {
-                    float* yrow = P.y + (i64)sp * P.ysplit + (i64)src * P.ldy + (P.grouped ? (i64)m * P.R : 0);
-#pragma unroll
-                    for (int mi = 0; mi < 2; mi++)
-#pragma unroll
-                        for (int h = 0; h < 2; h++) {
-                            const int r = r0 + 32 * wm + 16 * mi + g + 8 * h;
-                            if (r < P.R) yrow[r] = __fmul_rn(cs, facc[mi][ni][2 * h + c]);
-                        }
-                } else {
-                    const double wt = P.wts ? (double)__ldg(P.wts + src) : 1.0;
-                    float* yrow = P.y + (i64)src * P.ldy;
-#pragma unroll
-                    for (int h = 0; h < 2; h++) {
-                        const int r = r0 + 16 * wm + g + 8 * h;
-                        if (r >= P.R) continue;
-                        float gv = __fmul_rn(cs, facc[0][ni][2 * h + c]);
-                        float uv = __fmul_rn(cs, facc[1][ni][2 * h + c]);
-                        if (P.clamp > 1e-6f) {
-                            gv = fminf(gv, P.clamp);
-                            uv = fminf(fmaxf(uv, -P.clamp), P.clamp);
-                        }
-                        const double gd = (double)gv;
-                        const double silu = gd / (1.0 + exp(-gd));
-                        yrow[r] = (float)(silu * (double)uv * wt);
-                    }
-                }
+                tc_store_col<MODE, NT>(P, facc, ni, c, src, cs, m, sp, r0, wm, g);
             }
     }
 };
@@ -884,33 +894,7 @@ struct Tc {
                 if (col >= nvalid) continue;
                 const int src = s_src[col];
                 const float cs = scale;
-                if (MODE == M_STORE) {
-                    float* yrow = P.y + (i64)sp * P.ysplit + (i64)src * P.ldy + (P.grouped ? (i64)m * P.R : 0);
-#pragma unroll
-                    for (int mi = 0; mi < 2; mi++)
-#pragma unroll
-                        for (int h = 0; h < 2; h++) {
-                            const int r = r0 + 32 * wm + 16 * mi + g + 8 * h;
-                            if (r < P.R) yrow[r] = __fmul_rn(cs, facc[mi][ni][2 * h + c]);
-                        }
-                } else {
-                    const double wt = P.wts ? (double)__ldg(P.wts + src) : 1.0;
-                    float* yrow = P.y + (i64)src * P.ldy;
-#pragma unroll
-                    for (int h = 0; h < 2; h++) {
-                        const int r = r0 + 16 * wm + g + 8 * h;
-                        if (r >= P.R) continue;
-                        float gv = __fmul_rn(cs, facc[0][ni][2 * h + c]);
-                        float uv = __fmul_rn(cs, facc[1][ni][2 * h + c]);
-                        if (P.clamp > 1e-6f) {
-                            gv = fminf(gv, P.clamp);
-                            uv = fminf(fmaxf(uv, -P.clamp), P.clamp);
-                        }
-                        const double gd = (double)gv;
-                        const double silu = gd / (1.0 + exp(-gd));
-                        yrow[r] = (float)(silu * (double)uv * wt);
-                    }
-                }
+                tc_store_col<MODE, NT>(P, facc, ni, c, src, cs, m, sp, r0, wm, g);
             }
     }
 };
