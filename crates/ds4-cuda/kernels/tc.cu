@@ -519,7 +519,7 @@ struct Tc {
 
     // Copy K stage `kb` into ring slot `buf` (cp.async). The per-row source addresses come
     // from the tables run() forms once (O_PA / O_PB).
-    __device__ static void issue(const TcArgs& P, u8* sm, int kb, int buf, int CB, int m, int r0) {
+    __device__ static void issue(u8* sm, int kb, int buf, int CB) {
         const int tid = threadIdx.x;
         u8* st = sm + L::O_ST + buf * L::STAGE;
         const u64* pa = (const u64*)(sm + L::O_PA);
@@ -730,7 +730,7 @@ struct Tc {
 
 #pragma unroll 1
         for (int s = 0; s < NS - 1; s++) {
-            if (s < nk) issue(P, sm, kb0 + s, s, CB, m, r0);
+            if (s < nk) issue(sm, kb0 + s, s, CB);
             cp_commit();
         }
 #pragma unroll 1
@@ -738,7 +738,7 @@ struct Tc {
             const int kb = kb0 + ki;
             cp_wait<NS - 2>();
             __syncthreads();
-            if (ki + NS - 1 < nk) issue(P, sm, kb + NS - 1, (ki + NS - 1) % NS, CB, m, r0);
+            if (ki + NS - 1 < nk) issue(sm, kb + NS - 1, (ki + NS - 1) % NS, CB);
             cp_commit();
             const int buf = ki % NS;
             const u8* st = sm + L::O_ST + buf * L::STAGE;
