@@ -482,8 +482,8 @@ struct Lay {
     // allow it (IQ2_XXS, Q2_K), one CTA of 3 stages for Q4_K.
     static constexpr int NS = (T == W_Q4K) ? 3 : 2;
     static constexpr int MINB = (NS == 2) ? 2 : 1;
-    // Raw bytes of one 256-weight block of a row, as staged: IQ2_XXS qs 64 + the 4-byte word
-    // holding d; Q2_K qs 64 + scales 16 + d, dmin 4; Q4_K the whole 144-byte block.
+    // Staged bytes of one 256-weight block of a row (rounded up to 16): IQ2_XXS qs 64 + the
+    // aligned 4-byte word holding d; Q2_K qs 64 + scales 16 + d, dmin 4; Q4_K the whole block.
     static constexpr int RAWB = T == W_IQ2 ? 80 : T == W_Q2K ? 96 : 144;
     static constexpr int A_ST = TC_BM * RAWB;  // raw weight blocks
     static constexpr int B_ST = BN * 256;      // int8 activations
