@@ -7,7 +7,7 @@
 // Two GEMM templates, one per group of weight types:
 //   d0::Lay / d0::Tc  Q8_0 and F16 (ds4_tc_q8_0_*, ds4_tc_f16_64_s; TC_INST_D0): the weights are
 //                     copied into shared memory as stored. This is the code of commit b0637e2,
-//                     kept verbatim (same SASS).
+//                     kept as it was (same SASS as b0637e2 with PDL_ENTRY() added).
 //   Lay / Tc          IQ2_XXS, Q2_K and Q4_K (ds4_tc_iq2_xxs_*, ds4_tc_q2_k_*, ds4_tc_q4_k_*;
 //                     TC_INST): raw blocks copied, then dequantised to int8 in shared memory once
 //                     per stage. The session-4 rewrite for the routed MoE experts (IQ2_XXS
@@ -248,7 +248,8 @@ __device__ __forceinline__ void tc_store_col(const TcArgs& P, const float (&facc
 
 // ------------------------------------------------------------------------------------------
 // d0: the direct-copy kernels (Q8_0, F16: ds4_tc_q8_0_*, ds4_tc_f16_64_s; dense matrices and,
-// for Q8_0, routed experts), the code of commit b0637e2 (their SASS is identical to b0637e2's).
+// for Q8_0, routed experts), the code of commit b0637e2 (their SASS is that of b0637e2's
+// kernels with the PDL_ENTRY() added since).
 // The weights are used as stored (no dequantisation): cp.async copies them straight into the
 // stage's A tile. The session-4 rewrite below (per-row address tables, interleaved warp columns,
 // empty-tile skipping) measured 3-10% slower for these latency-bound kernels on an H200
