@@ -664,7 +664,7 @@ struct Tc {
             const int src = P.list ? __ldg(P.list + base + b) : base + b;
             const int arow = src / P.kdiv;
             s_src[tid] = src;
-            s_arow[tid] = arow;
+            s_arow[tid] = arow;  // not read here (only F16 did); kept: removing it changes the SASS
             const i64 e0 = (i64)arow * P.Cx + acol;
             u64* pb = (u64*)(sm + L::O_PB);
             pb[tid] = (u64)(P.aq + e0);
