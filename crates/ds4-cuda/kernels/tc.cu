@@ -1,15 +1,29 @@
 // Tensor-core prefill routes (owner: "tc"). See src/tc.rs for the API, the switches and the
 // numerics contract.
 //
-// Self-contained (no headers) so that NVRTC can compile it as well as nvcc.
+// Self-contained but for iq2_grid.cuh, which build.rs splices in for NVRTC, so that NVRTC can
+// compile it as well as nvcc.
 //
-// One GEMM skeleton serves every route: a CTA computes a 128-row (weights) × BN-token tile with
-// 8 warps (4 along the rows × 2 along the tokens, warp tile 32 × BN/2) using mma.sync
-// m16n8k32 s8·s8→s32 (quantized weights × ds4's int8 activations) or m16n8k16 f16·f16→f32 (F16
-// weights). K advances in stages of 256 bytes per row (8 steps of 32 bytes: 32 int8 or 16 f16),
-// loaded with cp.async into a 3-stage shared-memory ring (XOR-swizzled 16-byte chunks, read with
-// ldmatrix). Q8_0 and F16 weights are copied as they are; IQ2_XXS / Q2_K / Q4_K weights are
-// copied raw and dequantised to int8 in shared memory once per stage (exact integers, see below).
+// Two GEMM templates, one per group of weight types:
+//   d0::Lay / d0::Tc  Q8_0 and F16 (ds4_tc_q8_0_*, ds4_tc_f16_64_s; TC_INST_D0): the weights are
+//                     copied into shared memory as stored. This is the code of commit b0637e2,
+//                     kept as it was (same SASS as b0637e2 with PDL_ENTRY() added).
+//   Lay / Tc          IQ2_XXS, Q2_K and Q4_K (ds4_tc_iq2_xxs_*, ds4_tc_q2_k_*, ds4_tc_q4_k_*;
+//                     TC_INST): raw blocks copied, then dequantised to int8 in shared memory once
+//                     per stage. The session-4 rewrite for the routed MoE experts (IQ2_XXS
+//                     gate/up, Q2_K down): per-row address tables, interleaved warp columns,
+//                     tiles past the valid pairs skipped, register IQ2_XXS signs, Q2_K mins from
+//                     activation sums.
+// They are two because the rewrite's skeleton changes measured 3-10% slower for the latency-
+// bound Q8_0 / F16 kernels on an H200 (bench/results/h200/tc-prefill.md, "Session 4"); each
+// template holds only the code of its own types. Both serve dense matrices (tokens) and routed
+// experts (MoE pair lists, P.list), in M_STORE and M_SWIGLU modes.
+//
+// Common skeleton: a CTA computes a 128-row (weights) × BN-token tile with 8 warps (4 along the
+// rows × 2 along the tokens, warp tile 32 × BN/2) using mma.sync m16n8k32 s8·s8→s32 (quantized
+// weights × ds4's int8 activations) or m16n8k16 f16·f16→f32 (F16 weights). K advances in stages
+// of 256 bytes per row (8 steps of 32 bytes: 32 int8 or 16 f16), loaded with cp.async into a
+// 2- or 3-stage shared-memory ring (XOR-swizzled 16-byte chunks, read with ldmatrix).
 //
 // Exactness (int8 routes): every mma K-step of 32 covers exactly one Q8_0 block or one 32-wide
 // sub-block, so each per-block integer dot product is exact; block scales are applied as ds4
@@ -18,10 +32,11 @@
 //                                                  (d_w·d_x)·isum before adding)
 //   IQ2_XXS isum = Σ_sub ls·Σ q8·(±grid)           (s32), acc += (d·yd)·isum, y = 0.125·acc
 //   Q2_K    isum = Σ (sc&15)·q2·q8 (scale folded into the int8 weight, ≤ 45),
-//           summ = Σ (sc>>4)·q8 (second mma with the mins broadcast as the A operand),
+//           summ = Σ_j (sc_j>>4)·Σ_{k in j} q8 (per-16 activation sums × the mins: two
+//           m16n8k16 mmas per stage),
 //           acc += (yd·d)·isum − (yd·dmin)·summ
-//   Q4_K    isum = Σ_sub sc·Σ q4·q8 (s32), summ as Q2_K with the 6-bit mins,
-//           acc += (yd·d)·isum − (yd·dmin)·summ
+//   Q4_K    isum = Σ_sub sc·Σ q4·q8 (s32), summ = Σ min·q8 (second mma with the 6-bit mins
+//           broadcast as the A operand), acc += (yd·d)·isum − (yd·dmin)·summ
 // so the result differs from the CPU only by the order of the f32 sum over blocks (and, for
 // Q8_0, one rounding per block term).
 // F16: y = W·x with x split into two f16 halves, x·2^e = hi + lo (2^e a per-token power of two
@@ -153,25 +168,103 @@ __device__ __forceinline__ void q4k_scale_min(int j, const u8* q, int& sc, int& 
 }
 
 
+// Output row and weight tensor (0/1) of shared-memory A row j (both templates). SWIGLU tiles
+// hold 64 output rows as gate/up groups of 16: A rows 32i..32i+15 are gate rows r0+16i..,
+// A rows 32i+16..32i+31 the same rows of up.
+template <int MODE>
+__device__ __forceinline__ int tc_out_row(int r0, int j, int& mat) {
+    if (MODE == M_SWIGLU) {
+        mat = (j >> 4) & 1;
+        return r0 + 16 * (j >> 5) + (j & 15);
+    }
+    mat = 0;
+    return r0 + j;
+}
+
+// Which B rows (tokens / (token, slot) pairs) and which matrix the CTA takes, for both
+// templates' run(P): sets m (matrix / expert), base and nvalid (B rows base..base+nvalid-1 of
+// the pair list P.list, else tokens) and sp (K split; left alone for a pair list), and returns
+// from run() when the CTA has nothing to do. A macro, not a function: the same code as an
+// inline function returning a bool changes the SASS of all 17 GEMM kernels.
+#define TC_TILE_OR_RETURN(P, BN, m, nvalid, base, sp)                                              \
+    do {                                                                                           \
+        if ((P).list) {                                                                            \
+            const int i_ = blockIdx.x;                                                             \
+            if (i_ >= __ldg((P).toff + (P).n_exp)) return;                                         \
+            int lo_ = 0, hi_ = (P).n_exp; /* toff[lo_] <= i_ < toff[hi_] */                        \
+            while (hi_ - lo_ > 1) {                                                                \
+                const int mid_ = (lo_ + hi_) >> 1;                                                 \
+                if (__ldg((P).toff + mid_) <= i_) lo_ = mid_;                                      \
+                else hi_ = mid_;                                                                   \
+            }                                                                                      \
+            (m) = lo_;                                                                             \
+            const int start_ = (i_ - __ldg((P).toff + (m))) * (BN);                                \
+            (nvalid) = min((BN), __ldg((P).cnt + (m)) - start_);                                   \
+            (base) = __ldg((P).off + (m)) + start_;                                                \
+        } else {                                                                                   \
+            (m) = blockIdx.z / (P).nspl;                                                           \
+            (sp) = blockIdx.z % (P).nspl;                                                          \
+            (base) = blockIdx.x * (BN);                                                            \
+            (nvalid) = min((BN), (P).n - (base));                                                  \
+        }                                                                                          \
+        if ((nvalid) <= 0) return;                                                                 \
+    } while (0)
+
+// Epilogue of one output column c of n8 tile ni (B row src), for both templates: the
+// accumulators times cs; M_STORE writes y[src][rows] (split sp, grouped matrix m), M_SWIGLU
+// (gate = facc[0], up = facc[1]) writes silu(min(g, clamp))·clamp(u, ±clamp)·wts[src].
+template <int MODE, int NT>
+__device__ __forceinline__ void tc_store_col(const TcArgs& P, const float (&facc)[2][NT][4], int ni,
+                                             int c, int src, float cs, int m, int sp, int r0, int wm,
+                                             int g) {
+    if (MODE == M_STORE) {
+        float* yrow = P.y + (i64)sp * P.ysplit + (i64)src * P.ldy + (P.grouped ? (i64)m * P.R : 0);
+#pragma unroll
+        for (int mi = 0; mi < 2; mi++)
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                const int r = r0 + 32 * wm + 16 * mi + g + 8 * h;
+                if (r < P.R) yrow[r] = __fmul_rn(cs, facc[mi][ni][2 * h + c]);
+            }
+    } else {
+        const double wt = P.wts ? (double)__ldg(P.wts + src) : 1.0;
+        float* yrow = P.y + (i64)src * P.ldy;
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            const int r = r0 + 16 * wm + g + 8 * h;
+            if (r >= P.R) continue;
+            float gv = __fmul_rn(cs, facc[0][ni][2 * h + c]);
+            float uv = __fmul_rn(cs, facc[1][ni][2 * h + c]);
+            if (P.clamp > 1e-6f) {
+                gv = fminf(gv, P.clamp);
+                uv = fminf(fmaxf(uv, -P.clamp), P.clamp);
+            }
+            const double gd = (double)gv;
+            const double silu = gd / (1.0 + exp(-gd));
+            yrow[r] = (float)(silu * (double)uv * wt);
+        }
+    }
+}
+
 // ------------------------------------------------------------------------------------------
-// d0: the direct-copy kernels (Q8_0, F16) exactly as of commit b0637e2. The K-quant rewrite
-// below (per-row address tables, interleaved warp columns, empty-tile skipping) measured 3-10%
-// slower for these latency-bound kernels on an H200, so they keep this code unchanged (its
-// SASS is identical to b0637e2's).
+// d0: the direct-copy kernels (Q8_0, F16: ds4_tc_q8_0_*, ds4_tc_f16_64_s; dense matrices and,
+// for Q8_0, routed experts), the code of commit b0637e2 (their SASS is that of b0637e2's
+// kernels with the PDL_ENTRY() added since).
+// The weights are used as stored (no dequantisation): cp.async copies them straight into the
+// stage's A tile. The session-4 rewrite below (per-row address tables, interleaved warp columns,
+// empty-tile skipping) measured 3-10% slower for these latency-bound kernels on an H200
+// (bench/results/h200/tc-prefill.md, "Session 4"), so they keep this code.
 namespace d0 {
-// Shared-memory layout of one kernel variant.
+// Shared-memory layout of one kernel variant: s_src / s_arow, then the NS-stage ring.
 template <int T, int BN>
 struct Lay {
-    // Pipeline depth and CTAs per SM: two CTAs of 2 stages where registers and shared memory
-    // allow it (Q8_0, IQ2_XXS, Q2_K), else one CTA of 3 stages.
-    static constexpr int NS = (T == W_F16 || T == W_Q4K) ? 3 : 2;
+    // Pipeline depth and CTAs per SM: two CTAs of 2 stages for Q8_0, one CTA of 3 for F16.
+    static constexpr int NS = (T == W_F16) ? 3 : 2;
     static constexpr int MINB = (NS == 2) ? 2 : 1;
-    static constexpr bool DIRECT = (T == W_Q8_0 || T == W_F16);
-    static constexpr int RAWB = T == W_IQ2 ? 80 : T == W_Q2K ? 96 : T == W_Q4K ? 144 : 0;
-    static constexpr int A_ST = DIRECT ? TC_BM * 256 : TC_BM * RAWB;
-    static constexpr int AM_ST = (T == W_Q8_0) ? TC_BM * 16 : 0;
-    static constexpr int B_ST = BN * 256 * (T == W_F16 ? 2 : 1);
-    static constexpr int BM_ST = (T == W_Q8_0) ? BN * 32 : (T == W_F16 ? 0 : BN * 4);
+    static constexpr int A_ST = TC_BM * 256;                        // weights, 256 bytes a row
+    static constexpr int AM_ST = (T == W_Q8_0) ? TC_BM * 16 : 0;    // Q8_0: f16 d of 8 blocks a row
+    static constexpr int B_ST = BN * 256 * (T == W_F16 ? 2 : 1);     // activations (F16: hi, lo)
+    static constexpr int BM_ST = (T == W_Q8_0) ? BN * 32 : 0;       // Q8_0: f32 scale of 8 blocks
     static constexpr int S_A = 0;
     static constexpr int S_AM = al128(A_ST);
     static constexpr int S_B = S_AM + al128(AM_ST);
@@ -179,15 +272,7 @@ struct Lay {
     static constexpr int STAGE = S_BM + al128(BM_ST);
     static constexpr int O_SRC = 0;
     static constexpr int O_AROW = BN * 4;
-    static constexpr int O_TAB = al128(2 * BN * 4);
-    static constexpr int TABB = (T == W_IQ2) ? 256 * 8 + 128 * 16 : 0;
-    static constexpr int O_TILE = O_TAB + TABB;
-    static constexpr int TILEB = DIRECT ? 0 : TC_BM * 256;
-    static constexpr int O_MD = O_TILE + TILEB;                    // f32 [BM] d
-    static constexpr int O_MDM = O_MD + (DIRECT ? 0 : TC_BM * 4);   // f32 [BM] dmin
-    static constexpr int O_MSC = O_MDM + (DIRECT ? 0 : TC_BM * 4);  // u8 [BM][8] ls / sc
-    static constexpr int O_MMN = O_MSC + (DIRECT ? 0 : TC_BM * 8);  // u8 [BM][16] mins
-    static constexpr int O_ST = al128(O_MMN + (DIRECT ? 0 : TC_BM * 16));
+    static constexpr int O_ST = al128(2 * BN * 4);
     static constexpr int TOTAL = O_ST + NS * STAGE;
 };
 
@@ -198,16 +283,6 @@ struct Tc {
     static constexpr int WTN = BN / 2;
     static constexpr int OUTR = (MODE == M_SWIGLU) ? TC_BM / 2 : TC_BM;
 
-    // Output row and weight tensor (0/1) of shared-memory A row j.
-    __device__ static __forceinline__ int out_row(int r0, int j, int& mat) {
-        if (MODE == M_SWIGLU) {
-            mat = (j >> 4) & 1;
-            return r0 + 16 * (j >> 5) + (j & 15);
-        }
-        mat = 0;
-        return r0 + j;
-    }
-
     __device__ static void issue(const TcArgs& P, u8* sm, int kb, int buf, int m, int r0, int CB,
                                  int acol) {
         const int tid = threadIdx.x;
@@ -215,49 +290,25 @@ struct Tc {
         const int* s_arow = (const int*)(sm + L::O_AROW);
         const int kbyte = kb * 256;
         // ---- A
-        if (L::DIRECT) {
-            for (int c = tid; c < TC_BM * 16; c += TC_THREADS) {
-                const int j = c >> 4, ch = c & 15;
-                if (kbyte + 16 * ch < CB) {
-                    int mat;
-                    const int r = min(out_row(r0, j, mat), P.R - 1);
-                    const i64 rr = (i64)m * P.R + r;
-                    const u8* src = (mat ? P.wb0 : P.wa0) + rr * CB + kbyte + 16 * ch;
-                    cp16(st + L::S_A + swz(j, ch), src);
-                }
-            }
-            if (T == W_Q8_0) {
-                for (int c = tid; c < TC_BM * 4; c += TC_THREADS) {
-                    const int j = c >> 2, w = c & 3;
-                    if (8 * kb + 2 * w < P.nb) {
-                        int mat;
-                        const int r = min(out_row(r0, j, mat), P.R - 1);
-                        const i64 rr = (i64)m * P.R + r;
-                        const u8* src = (mat ? P.wb1 : P.wa1) + 2 * (rr * P.nb + 8 * kb + 2 * w);
-                        cp4(st + L::S_AM + j * 16 + 4 * w, src);
-                    }
-                }
-            }
-        } else {
-            constexpr int NCH = T == W_IQ2 ? 5 : T == W_Q2K ? 6 : 9;
-            for (int c = tid; c < TC_BM * NCH; c += TC_THREADS) {
-                const int j = c / NCH, q = c % NCH;
+        for (int c = tid; c < TC_BM * 16; c += TC_THREADS) {
+            const int j = c >> 4, ch = c & 15;
+            if (kbyte + 16 * ch < CB) {
                 int mat;
-                const int r = min(out_row(r0, j, mat), P.R - 1);
-                const i64 blk = ((i64)m * P.R + r) * P.nb + kb;
-                u8* dst = st + L::S_A + j * L::RAWB;
-                const u8* p0 = mat ? P.wb0 : P.wa0;
-                const u8* p1 = mat ? P.wb1 : P.wa1;
-                const u8* p2 = mat ? P.wb2 : P.wa2;
-                if (T == W_IQ2) {
-                    if (q < 4) cp16(dst + 16 * q, p0 + 64 * blk + 16 * q);
-                    else cp4(dst + 64, p1 + 2 * (blk & ~1ll));  // the aligned pair holding d
-                } else if (T == W_Q2K) {
-                    if (q < 4) cp16(dst + 16 * q, p0 + 64 * blk + 16 * q);
-                    else if (q == 4) cp16(dst + 64, p1 + 16 * blk);
-                    else cp4(dst + 80, p2 + 4 * blk);
-                } else {
-                    cp16(dst + 16 * q, p0 + 144 * blk + 16 * q);
+                const int r = min(tc_out_row<MODE>(r0, j, mat), P.R - 1);
+                const i64 rr = (i64)m * P.R + r;
+                const u8* src = (mat ? P.wb0 : P.wa0) + rr * CB + kbyte + 16 * ch;
+                cp16(st + L::S_A + swz(j, ch), src);
+            }
+        }
+        if (T == W_Q8_0) {
+            for (int c = tid; c < TC_BM * 4; c += TC_THREADS) {
+                const int j = c >> 2, w = c & 3;
+                if (8 * kb + 2 * w < P.nb) {
+                    int mat;
+                    const int r = min(tc_out_row<MODE>(r0, j, mat), P.R - 1);
+                    const i64 rr = (i64)m * P.R + r;
+                    const u8* src = (mat ? P.wb1 : P.wa1) + 2 * (rr * P.nb + 8 * kb + 2 * w);
+                    cp4(st + L::S_AM + j * 16 + 4 * w, src);
                 }
             }
         }
@@ -280,76 +331,6 @@ struct Tc {
                     cp4(st + L::S_BM + 4 * c, P.ad + 4 * (e0 / 32 + 8 * kb + s));
                 }
             }
-        } else if (T != W_F16) {
-            if (tid < BN) {
-                const i64 e0 = (i64)s_arow[tid] * P.Cx + acol;
-                cp4(st + L::S_BM + 4 * tid, P.ad + 4 * (e0 / 256 + kb));
-            }
-        }
-    }
-
-    // Raw weight blocks of stage `buf` → int8 tile + per-row metadata.
-    __device__ static void dequant(const TcArgs& P, u8* sm, int kb, int buf, int m, int r0) {
-        const int tid = threadIdx.x;
-        const u8* raw = sm + L::O_ST + buf * L::STAGE + L::S_A;
-        u8* tile = sm + L::O_TILE;
-        float* md = (float*)(sm + L::O_MD);
-        float* mdm = (float*)(sm + L::O_MDM);
-        u8* msc = sm + L::O_MSC;
-        u8* mmn = sm + L::O_MMN;
-        const uint2* grid = (const uint2*)(sm + L::O_TAB);
-        const uint4* sign = (const uint4*)(sm + L::O_TAB + 256 * 8);
-        for (int u = tid; u < TC_BM * 8; u += TC_THREADS) {
-            const int j = u >> 3, s = u & 7;
-            const u8* rw = raw + j * L::RAWB;
-            u32 o[8];
-            if (T == W_IQ2) {
-                const uint2 aux = *(const uint2*)(rw + 8 * s);
-#pragma unroll
-                for (int i = 0; i < 4; i++) {
-                    const uint2 gv = grid[(aux.x >> (8 * i)) & 255];
-                    const uint4 sg = sign[(aux.y >> (7 * i)) & 127];
-                    o[2 * i] = (gv.x ^ sg.x) + sg.z;
-                    o[2 * i + 1] = (gv.y ^ sg.y) + sg.w;
-                }
-                msc[j * 8 + s] = (u8)(2 * (aux.y >> 28) + 1);
-                if (s == 0) {
-                    int mat;
-                    const int r = min(out_row(r0, j, mat), P.R - 1);
-                    const i64 blk = ((i64)m * P.R + r) * P.nb + kb;
-                    const u32 dw = *(const u32*)(rw + 64);
-                    md[j] = h2f((blk & 1) ? (dw >> 16) : (dw & 0xffffu));
-                }
-            } else if (T == W_Q2K) {
-                const int n = s >> 2, sh = 2 * (s & 3);
-                const u32* q = (const u32*)(rw + 32 * n);
-                const u32 sc0 = rw[64 + 2 * s], sc1 = rw[64 + 2 * s + 1];
-#pragma unroll
-                for (int i = 0; i < 8; i++) o[i] = ((q[i] >> sh) & 0x03030303u) * ((i < 4 ? sc0 : sc1) & 15u);
-                mmn[j * 16 + 2 * s] = (u8)(sc0 >> 4);
-                mmn[j * 16 + 2 * s + 1] = (u8)(sc1 >> 4);
-                if (s == 0) {
-                    const u32 dm = *(const u32*)(rw + 80);
-                    md[j] = h2f(dm & 0xffffu);
-                    mdm[j] = h2f(dm >> 16);
-                }
-            } else {  // Q4_K
-                const int p = s >> 1;
-                const u32* q = (const u32*)(rw + 16 + 32 * p);
-#pragma unroll
-                for (int i = 0; i < 8; i++) o[i] = (s & 1) ? ((q[i] >> 4) & 0x0F0F0F0Fu) : (q[i] & 0x0F0F0F0Fu);
-                int sc, mn;
-                q4k_scale_min(s, rw + 4, sc, mn);
-                msc[j * 8 + s] = (u8)sc;
-                mmn[j * 16 + s] = (u8)mn;
-                if (s == 0) {
-                    const u32 dm = *(const u32*)rw;
-                    md[j] = h2f(dm & 0xffffu);
-                    mdm[j] = h2f(dm >> 16);
-                }
-            }
-            *(uint4*)(tile + swz(j, 2 * s)) = make_uint4(o[0], o[1], o[2], o[3]);
-            *(uint4*)(tile + swz(j, 2 * s + 1)) = make_uint4(o[4], o[5], o[6], o[7]);
         }
     }
 
@@ -361,28 +342,8 @@ struct Tc {
         int* s_src = (int*)(sm + L::O_SRC);
         int* s_arow = (int*)(sm + L::O_AROW);
 
-        // ---- which B rows (tokens / (token, slot) pairs) and which matrix
         int m, nvalid, base, sp = 0;
-        if (P.list) {
-            const int i = blockIdx.x;
-            if (i >= __ldg(P.toff + P.n_exp)) return;
-            int lo = 0, hi = P.n_exp;  // toff[lo] <= i < toff[hi]
-            while (hi - lo > 1) {
-                const int mid = (lo + hi) >> 1;
-                if (__ldg(P.toff + mid) <= i) lo = mid;
-                else hi = mid;
-            }
-            m = lo;
-            const int start = (i - __ldg(P.toff + m)) * BN;
-            nvalid = min(BN, __ldg(P.cnt + m) - start);
-            base = __ldg(P.off + m) + start;
-        } else {
-            m = blockIdx.z / P.nspl;
-            sp = blockIdx.z % P.nspl;
-            base = blockIdx.x * BN;
-            nvalid = min(BN, P.n - base);
-        }
-        if (nvalid <= 0) return;
+        TC_TILE_OR_RETURN(P, BN, m, nvalid, base, sp);
         const int r0 = blockIdx.y * OUTR;
         const int acol = P.grouped ? m * P.C : 0;
         if (tid < BN) {
@@ -390,20 +351,6 @@ struct Tc {
             const int src = P.list ? __ldg(P.list + base + b) : base + b;
             s_src[tid] = src;
             s_arow[tid] = src / P.kdiv;
-        }
-        if (T == W_IQ2) {
-            uint2* grid = (uint2*)(sm + L::O_TAB);
-            uint4* sign = (uint4*)(sm + L::O_TAB + 256 * 8);
-            for (int i = tid; i < 256; i += TC_THREADS) {
-                const u64 gv = ds4_iq2xxs_grid[i];
-                grid[i] = make_uint2((u32)gv, (u32)(gv >> 32));
-            }
-            for (int i = tid; i < 128; i += TC_THREADS) {
-                const u32 s8 = (u32)i | ((u32)(__popc(i) & 1) << 7);
-                const u32 lo = ((s8 & 15u) * 0x00204081u) & 0x01010101u;
-                const u32 hi = ((s8 >> 4) * 0x00204081u) & 0x01010101u;
-                sign[i] = make_uint4(lo * 0xffu, hi * 0xffu, lo, hi);
-            }
         }
         __syncthreads();
 
@@ -413,19 +360,12 @@ struct Tc {
         constexpr int NS = L::NS;
 
         float facc[2][NT][4];
-        int iacc[2][NT][4];
-        int macc[2][NT][4];
 #pragma unroll
         for (int mi = 0; mi < 2; mi++)
 #pragma unroll
             for (int ni = 0; ni < NT; ni++)
 #pragma unroll
-                for (int q = 0; q < 4; q++) {
-                    facc[mi][ni][q] = 0.f;
-                    iacc[mi][ni][q] = 0;
-                    macc[mi][ni][q] = 0;
-                }
-        const int zero4[4] = {0, 0, 0, 0};
+                for (int q = 0; q < 4; q++) facc[mi][ni][q] = 0.f;
         const int magic4[4] = {MAGIC_I, MAGIC_I, MAGIC_I, MAGIC_I};
 
 #pragma unroll 1
@@ -442,11 +382,7 @@ struct Tc {
             cp_commit();
             const int buf = ki % NS;
             const u8* st = sm + L::O_ST + buf * L::STAGE;
-            if (!L::DIRECT) {
-                dequant(P, sm, kb, buf, m, r0);
-                __syncthreads();
-            }
-            const u8* As = L::DIRECT ? st + L::S_A : sm + L::O_TILE;
+            const u8* As = st + L::S_A;
             const u8* Bs = st + L::S_B;
             const int steps = min(8, (CB - kb * 256) / 32);
 #pragma unroll
@@ -505,63 +441,6 @@ struct Tc {
                                     facc[mi][ni][q] = __fmaf_rn(pw, fi, facc[mi][ni][q]);
                                 }
                             }
-                    } else if (T == W_IQ2) {
-                        int ls[2][2];
-                        const u8* msc = sm + L::O_MSC;
-#pragma unroll
-                        for (int mi = 0; mi < 2; mi++)
-#pragma unroll
-                            for (int h = 0; h < 2; h++) ls[mi][h] = msc[(32 * wm + 16 * mi + g + 8 * h) * 8 + s];
-#pragma unroll
-                        for (int mi = 0; mi < 2; mi++)
-#pragma unroll
-                            for (int ni = 0; ni < NT; ni++) {
-                                int d[4];
-                                mma_s8(d, a[mi], b[ni][0], b[ni][1], zero4);
-#pragma unroll
-                                for (int q = 0; q < 4; q++) iacc[mi][ni][q] += ls[mi][q >> 1] * d[q];
-                            }
-                    } else if (T == W_Q2K) {
-                        const u8* mmn = sm + L::O_MMN;
-                        u32 am[2][4];
-#pragma unroll
-                        for (int mi = 0; mi < 2; mi++) {
-                            const int ra = 32 * wm + 16 * mi + g, rb = ra + 8;
-                            am[mi][0] = (u32)mmn[ra * 16 + 2 * s] * 0x01010101u;
-                            am[mi][1] = (u32)mmn[rb * 16 + 2 * s] * 0x01010101u;
-                            am[mi][2] = (u32)mmn[ra * 16 + 2 * s + 1] * 0x01010101u;
-                            am[mi][3] = (u32)mmn[rb * 16 + 2 * s + 1] * 0x01010101u;
-                        }
-#pragma unroll
-                        for (int mi = 0; mi < 2; mi++)
-#pragma unroll
-                            for (int ni = 0; ni < NT; ni++) {
-                                mma_s8(iacc[mi][ni], a[mi], b[ni][0], b[ni][1], iacc[mi][ni]);
-                                mma_s8(macc[mi][ni], am[mi], b[ni][0], b[ni][1], macc[mi][ni]);
-                            }
-                    } else if (T == W_Q4K) {
-                        const u8* msc = sm + L::O_MSC;
-                        const u8* mmn = sm + L::O_MMN;
-                        int sc[2][2];
-                        u32 am[2][4];
-#pragma unroll
-                        for (int mi = 0; mi < 2; mi++) {
-                            const int ra = 32 * wm + 16 * mi + g, rb = ra + 8;
-                            sc[mi][0] = msc[ra * 8 + s];
-                            sc[mi][1] = msc[rb * 8 + s];
-                            am[mi][0] = am[mi][2] = (u32)mmn[ra * 16 + s] * 0x01010101u;
-                            am[mi][1] = am[mi][3] = (u32)mmn[rb * 16 + s] * 0x01010101u;
-                        }
-#pragma unroll
-                        for (int mi = 0; mi < 2; mi++)
-#pragma unroll
-                            for (int ni = 0; ni < NT; ni++) {
-                                int d[4];
-                                mma_s8(d, a[mi], b[ni][0], b[ni][1], zero4);
-#pragma unroll
-                                for (int q = 0; q < 4; q++) iacc[mi][ni][q] += sc[mi][q >> 1] * d[q];
-                                mma_s8(macc[mi][ni], am[mi], b[ni][0], b[ni][1], macc[mi][ni]);
-                            }
                     } else {  // F16
 #pragma unroll
                         for (int mi = 0; mi < 2; mi++)
@@ -573,47 +452,9 @@ struct Tc {
                     }
                 }
             }
-            // K-quants: the super-block's float term, exactly as the CPU forms it.
-            if (T == W_IQ2 || T == W_Q2K || T == W_Q4K) {
-                const float* md = (const float*)(sm + L::O_MD);
-                const float* mdm = (const float*)(sm + L::O_MDM);
-                float yd[NT][2];
-#pragma unroll
-                for (int ni = 0; ni < NT; ni++)
-#pragma unroll
-                    for (int c = 0; c < 2; c++)
-                        yd[ni][c] = *(const float*)(st + L::S_BM + 4 * (WTN * wn + 8 * ni + 2 * tg + c));
-#pragma unroll
-                for (int mi = 0; mi < 2; mi++)
-#pragma unroll
-                    for (int h = 0; h < 2; h++) {
-                        const int row = 32 * wm + 16 * mi + g + 8 * h;
-                        const float dw = md[row];
-                        const float dmw = (T == W_IQ2) ? 0.f : mdm[row];
-#pragma unroll
-                        for (int ni = 0; ni < NT; ni++)
-#pragma unroll
-                            for (int c = 0; c < 2; c++) {
-                                const int q = 2 * h + c;
-                                float term;
-                                if (T == W_IQ2) {
-                                    term = __fmul_rn(__fmul_rn(dw, yd[ni][c]), __int2float_rn(iacc[mi][ni][q]));
-                                } else {
-                                    const float dall = __fmul_rn(yd[ni][c], dw);
-                                    const float dmin = __fmul_rn(yd[ni][c], dmw);
-                                    term = __fsub_rn(__fmul_rn(dall, __int2float_rn(iacc[mi][ni][q])),
-                                                     __fmul_rn(dmin, __int2float_rn(macc[mi][ni][q])));
-                                }
-                                facc[mi][ni][q] = __fadd_rn(facc[mi][ni][q], term);
-                                iacc[mi][ni][q] = 0;
-                                macc[mi][ni][q] = 0;
-                            }
-                    }
-            }
         }
 
         // ---- epilogue
-        const float scale = (T == W_IQ2) ? 0.125f : 1.0f;
 #pragma unroll
         for (int ni = 0; ni < NT; ni++)
 #pragma unroll
@@ -621,59 +462,35 @@ struct Tc {
                 const int col = WTN * wn + 8 * ni + 2 * tg + c;
                 if (col >= nvalid) continue;
                 const int src = s_src[col];
-                float cs = scale;
+                float cs = 1.0f;
                 if (T == W_F16) cs = __ldg(P.ascale + s_arow[col]);
-                if (MODE == M_STORE) {
-                    float* yrow = P.y + (i64)sp * P.ysplit + (i64)src * P.ldy + (P.grouped ? (i64)m * P.R : 0);
-#pragma unroll
-                    for (int mi = 0; mi < 2; mi++)
-#pragma unroll
-                        for (int h = 0; h < 2; h++) {
-                            const int r = r0 + 32 * wm + 16 * mi + g + 8 * h;
-                            if (r < P.R) yrow[r] = __fmul_rn(cs, facc[mi][ni][2 * h + c]);
-                        }
-                } else {
-                    const double wt = P.wts ? (double)__ldg(P.wts + src) : 1.0;
-                    float* yrow = P.y + (i64)src * P.ldy;
-#pragma unroll
-                    for (int h = 0; h < 2; h++) {
-                        const int r = r0 + 16 * wm + g + 8 * h;
-                        if (r >= P.R) continue;
-                        float gv = __fmul_rn(cs, facc[0][ni][2 * h + c]);
-                        float uv = __fmul_rn(cs, facc[1][ni][2 * h + c]);
-                        if (P.clamp > 1e-6f) {
-                            gv = fminf(gv, P.clamp);
-                            uv = fminf(fmaxf(uv, -P.clamp), P.clamp);
-                        }
-                        const double gd = (double)gv;
-                        const double silu = gd / (1.0 + exp(-gd));
-                        yrow[r] = (float)(silu * (double)uv * wt);
-                    }
-                }
+                tc_store_col<MODE, NT>(P, facc, ni, c, src, cs, m, sp, r0, wm, g);
             }
     }
 };
 }  // namespace d0
 
 // ------------------------------------------------------------------------------------------
-// The dequantising kernels (IQ2_XXS, Q2_K, Q4_K; routed MoE).
+// The dequantising kernels (IQ2_XXS, Q2_K, Q4_K: ds4_tc_iq2_xxs_*, ds4_tc_q2_k_*,
+// ds4_tc_q4_k_*), as rewritten in session 4 for the routed MoE experts (see the file header and
+// bench/results/h200/tc-prefill.md, "Session 4"). Q8_0 and F16 use namespace d0 above.
 
-// Shared-memory layout of one kernel variant.
+// Shared-memory layout of one kernel variant: s_src / s_arow, the per-row address tables, the
+// IQ2_XXS grid, the dequantised int8 tile and its per-row metadata, then the NS-stage ring.
 template <int T, int BN>
 struct Lay {
     // Pipeline depth and CTAs per SM: two CTAs of 2 stages where registers and shared memory
-    // allow it (Q8_0, IQ2_XXS, Q2_K at BN <= 64), else one CTA of 3 stages.
-    static constexpr int NS = (T == W_F16 || T == W_Q4K || BN > 64) ? 3 : 2;
+    // allow it (IQ2_XXS, Q2_K), one CTA of 3 stages for Q4_K.
+    static constexpr int NS = (T == W_Q4K) ? 3 : 2;
     static constexpr int MINB = (NS == 2) ? 2 : 1;
-    static constexpr bool DIRECT = (T == W_Q8_0 || T == W_F16);
-    static constexpr int RAWB = T == W_IQ2 ? 80 : T == W_Q2K ? 96 : T == W_Q4K ? 144 : 0;
-    static constexpr int A_ST = DIRECT ? TC_BM * 256 : TC_BM * RAWB;
-    static constexpr int AM_ST = (T == W_Q8_0) ? TC_BM * 16 : 0;
-    static constexpr int B_ST = BN * 256 * (T == W_F16 ? 2 : 1);
-    static constexpr int BM_ST = (T == W_Q8_0) ? BN * 32 : (T == W_F16 ? 0 : BN * 4);
+    // Staged bytes of one 256-weight block of a row (rounded up to 16): IQ2_XXS qs 64 + the
+    // aligned 4-byte word holding d; Q2_K qs 64 + scales 16 + d, dmin 4; Q4_K the whole block.
+    static constexpr int RAWB = T == W_IQ2 ? 80 : T == W_Q2K ? 96 : 144;
+    static constexpr int A_ST = TC_BM * RAWB;  // raw weight blocks
+    static constexpr int B_ST = BN * 256;      // int8 activations
+    static constexpr int BM_ST = BN * 4;       // f32 activation scale (one per 256)
     static constexpr int S_A = 0;
-    static constexpr int S_AM = al128(A_ST);
-    static constexpr int S_B = S_AM + al128(AM_ST);
+    static constexpr int S_B = al128(A_ST);
     static constexpr int S_BM = S_B + al128(B_ST);
     static constexpr int STAGE = S_BM + al128(BM_ST);
     static constexpr int O_SRC = 0;
@@ -685,12 +502,12 @@ struct Lay {
     static constexpr int O_TAB = al128(O_PB + 2 * BN * 8);
     static constexpr int TABB = (T == W_IQ2) ? 256 * 8 : 0;
     static constexpr int O_TILE = O_TAB + TABB;
-    static constexpr int TILEB = DIRECT ? 0 : TC_BM * 256;
-    static constexpr int O_MD = O_TILE + TILEB;                    // f32 [BM] d
-    static constexpr int O_MDM = O_MD + (DIRECT ? 0 : TC_BM * 4);   // f32 [BM] dmin
-    static constexpr int O_MSC = O_MDM + (DIRECT ? 0 : TC_BM * 4);  // u8 [BM][8] ls / sc
-    static constexpr int O_MMN = O_MSC + (DIRECT ? 0 : TC_BM * 8);  // u8 [BM][16] mins
-    static constexpr int O_BS = O_MMN + (DIRECT ? 0 : TC_BM * 16);  // Q2_K: s8 [2][BN][16] bsum hi, lo
+    static constexpr int TILEB = TC_BM * 256;
+    static constexpr int O_MD = O_TILE + TILEB;       // f32 [BM] d
+    static constexpr int O_MDM = O_MD + TC_BM * 4;    // f32 [BM] dmin
+    static constexpr int O_MSC = O_MDM + TC_BM * 4;   // u8 [BM][8] ls / sc
+    static constexpr int O_MMN = O_MSC + TC_BM * 8;   // u8 [BM][16] mins
+    static constexpr int O_BS = O_MMN + TC_BM * 16;   // Q2_K: s8 [2][BN][16] bsum hi, lo
     static constexpr int O_ST = al128(O_BS + (T == W_Q2K ? 2 * BN * 16 : 0));
     static constexpr int TOTAL = O_ST + NS * STAGE;
 };
@@ -701,70 +518,32 @@ struct Tc {
     static constexpr int NT = BN / 16;  // n8 tiles per warp (warp tile BN/2 tokens)
     static constexpr int OUTR = (MODE == M_SWIGLU) ? TC_BM / 2 : TC_BM;
 
-    // Output row and weight tensor (0/1) of shared-memory A row j.
-    __device__ static __forceinline__ int out_row(int r0, int j, int& mat) {
-        if (MODE == M_SWIGLU) {
-            mat = (j >> 4) & 1;
-            return r0 + 16 * (j >> 5) + (j & 15);
-        }
-        mat = 0;
-        return r0 + j;
-    }
-
     // Copy K stage `kb` into ring slot `buf` (cp.async). The per-row source addresses come
     // from the tables run() forms once (O_PA / O_PB).
-    __device__ static void issue(const TcArgs& P, u8* sm, int kb, int buf, int CB, int m, int r0) {
+    __device__ static void issue(u8* sm, int kb, int buf, int CB) {
         const int tid = threadIdx.x;
         u8* st = sm + L::O_ST + buf * L::STAGE;
         const u64* pa = (const u64*)(sm + L::O_PA);
         const u64* pb = (const u64*)(sm + L::O_PB);
         const int kbyte = kb * 256;
         const int ch = tid & 15;
-        // ---- A
-        if (L::DIRECT) {
-            // Q8_0 / F16: addresses computed in registers (no table reads on this latency-bound
-            // path; the K-quant kinds read the tables, their raw rows have odd strides).
-            if (kbyte + 16 * ch < CB) {
+        // ---- A (raw blocks; the rows have odd strides, hence the address tables)
+        constexpr int NCH = T == W_IQ2 ? 5 : T == W_Q2K ? 6 : 9;
 #pragma unroll
-                for (int i = 0; i < TC_BM * 16 / TC_THREADS; i++) {
-                    const int j = (tid >> 4) + 16 * i;
-                    int mat;
-                    const int r = min(out_row(r0, j, mat), P.R - 1);
-                    const i64 rr = (i64)m * P.R + r;
-                    cp16(st + L::S_A + swz(j, ch), (mat ? P.wb0 : P.wa0) + rr * CB + kbyte + 16 * ch);
-                }
-            }
-            if (T == W_Q8_0) {
-#pragma unroll
-                for (int i = 0; i < TC_BM * 4 / TC_THREADS; i++) {
-                    const int c = tid + TC_THREADS * i;
-                    const int j = c >> 2, w = c & 3;
-                    if (8 * kb + 2 * w < P.nb) {
-                        int mat;
-                        const int r = min(out_row(r0, j, mat), P.R - 1);
-                        const i64 rr = (i64)m * P.R + r;
-                        cp4(st + L::S_AM + j * 16 + 4 * w, (mat ? P.wb1 : P.wa1) + 2 * (rr * P.nb + 8 * kb + 2 * w));
-                    }
-                }
-            }
-        } else {
-            constexpr int NCH = T == W_IQ2 ? 5 : T == W_Q2K ? 6 : 9;
-#pragma unroll
-            for (int i = 0; i < (TC_BM * NCH + TC_THREADS - 1) / TC_THREADS; i++) {
-                const int c = tid + TC_THREADS * i;
-                if (c < TC_BM * NCH) {
-                    const int j = c / NCH, q = c % NCH;
-                    u8* dst = st + L::S_A + j * L::RAWB;
-                    if (T == W_IQ2) {
-                        if (q < 4) cp16(dst + 16 * q, (const u8*)pa[j] + 64 * kb + 16 * q);
-                        else cp4(dst + 64, (const u8*)((pa[TC_BM + j] + 2 * kb) & ~3ull));  // the aligned pair holding d
-                    } else if (T == W_Q2K) {
-                        if (q < 4) cp16(dst + 16 * q, (const u8*)pa[j] + 64 * kb + 16 * q);
-                        else if (q == 4) cp16(dst + 64, (const u8*)pa[TC_BM + j] + 16 * kb);
-                        else cp4(dst + 80, (const u8*)pa[2 * TC_BM + j] + 4 * kb);
-                    } else {
-                        cp16(dst + 16 * q, (const u8*)pa[j] + 144 * kb + 16 * q);
-                    }
+        for (int i = 0; i < (TC_BM * NCH + TC_THREADS - 1) / TC_THREADS; i++) {
+            const int c = tid + TC_THREADS * i;
+            if (c < TC_BM * NCH) {
+                const int j = c / NCH, q = c % NCH;
+                u8* dst = st + L::S_A + j * L::RAWB;
+                if (T == W_IQ2) {
+                    if (q < 4) cp16(dst + 16 * q, (const u8*)pa[j] + 64 * kb + 16 * q);
+                    else cp4(dst + 64, (const u8*)((pa[TC_BM + j] + 2 * kb) & ~3ull));  // the aligned pair holding d
+                } else if (T == W_Q2K) {
+                    if (q < 4) cp16(dst + 16 * q, (const u8*)pa[j] + 64 * kb + 16 * q);
+                    else if (q == 4) cp16(dst + 64, (const u8*)pa[TC_BM + j] + 16 * kb);
+                    else cp4(dst + 80, (const u8*)pa[2 * TC_BM + j] + 4 * kb);
+                } else {
+                    cp16(dst + 16 * q, (const u8*)pa[j] + 144 * kb + 16 * q);
                 }
             }
         }
@@ -774,19 +553,9 @@ struct Tc {
             for (int i = 0; i < BN * 16 / TC_THREADS; i++) {
                 const int b = (tid >> 4) + 16 * i;
                 cp16(st + L::S_B + swz(b, ch), (const u8*)pb[b] + kbyte + 16 * ch);
-                if (T == W_F16) cp16(st + L::S_B + BN * 256 + swz(b, ch), (const u8*)pb[BN + b] + kbyte + 16 * ch);
             }
         }
-        if (T == W_Q8_0) {
-#pragma unroll
-            for (int i = 0; i < BN * 8 / TC_THREADS; i++) {
-                const int c = tid + TC_THREADS * i;
-                const int b = c >> 3, s = c & 7;
-                if (8 * kb + s < P.nb) cp4(st + L::S_BM + 4 * (s * BN + b), (const u8*)pb[BN + b] + 4 * (8 * kb + s));
-            }
-        } else if (T != W_F16) {
-            if (tid < BN) cp4(st + L::S_BM + 4 * tid, (const u8*)pb[BN + tid] + 4 * kb);
-        }
+        if (tid < BN) cp4(st + L::S_BM + 4 * tid, (const u8*)pb[BN + tid] + 4 * kb);
     }
 
     // Raw weight blocks of stage `buf` → int8 tile + per-row metadata.
@@ -885,57 +654,32 @@ struct Tc {
         int* s_src = (int*)(sm + L::O_SRC);
         int* s_arow = (int*)(sm + L::O_AROW);
 
-        // ---- which B rows (tokens / (token, slot) pairs) and which matrix
         int m, nvalid, base, sp = 0;
-        if (P.list) {
-            const int i = blockIdx.x;
-            if (i >= __ldg(P.toff + P.n_exp)) return;
-            int lo = 0, hi = P.n_exp;  // toff[lo] <= i < toff[hi]
-            while (hi - lo > 1) {
-                const int mid = (lo + hi) >> 1;
-                if (__ldg(P.toff + mid) <= i) lo = mid;
-                else hi = mid;
-            }
-            m = lo;
-            const int start = (i - __ldg(P.toff + m)) * BN;
-            nvalid = min(BN, __ldg(P.cnt + m) - start);
-            base = __ldg(P.off + m) + start;
-        } else {
-            m = blockIdx.z / P.nspl;
-            sp = blockIdx.z % P.nspl;
-            base = blockIdx.x * BN;
-            nvalid = min(BN, P.n - base);
-        }
-        if (nvalid <= 0) return;
+        TC_TILE_OR_RETURN(P, BN, m, nvalid, base, sp);
         const int r0 = blockIdx.y * OUTR;
         const int acol = P.grouped ? m * P.C : 0;
-        const int CB = (T == W_F16) ? 2 * P.C : P.C;
+        const int CB = P.C;
         if (tid < BN) {
             const int b = tid < nvalid ? tid : 0;
             const int src = P.list ? __ldg(P.list + base + b) : base + b;
             const int arow = src / P.kdiv;
             s_src[tid] = src;
-            s_arow[tid] = arow;
+            s_arow[tid] = arow;  // not read here (only F16 did); kept: removing it changes the SASS
             const i64 e0 = (i64)arow * P.Cx + acol;
             u64* pb = (u64*)(sm + L::O_PB);
-            pb[tid] = (u64)(P.aq + e0 * (T == W_F16 ? 2 : 1));
-            pb[BN + tid] = (u64)(T == W_F16    ? P.ad + 2 * e0
-                                 : T == W_Q8_0 ? P.ad + 4 * (e0 / 32)
-                                               : P.ad + 4 * (e0 / 256));
+            pb[tid] = (u64)(P.aq + e0);
+            pb[BN + tid] = (u64)(P.ad + 4 * (e0 / 256));
         }
         if (tid < TC_BM) {
             int mat;
-            const int r = min(out_row(r0, tid, mat), P.R - 1);
+            const int r = min(tc_out_row<MODE>(r0, tid, mat), P.R - 1);
             const i64 rr = (i64)m * P.R + r;
             const i64 rb = rr * P.nb;
             u64* pa = (u64*)(sm + L::O_PA);
             const u8* p0 = mat ? P.wb0 : P.wa0;
             const u8* p1 = mat ? P.wb1 : P.wa1;
             const u8* p2 = mat ? P.wb2 : P.wa2;
-            if (L::DIRECT) {
-                pa[tid] = (u64)(p0 + rr * CB);
-                pa[TC_BM + tid] = (u64)(p1 + 2 * rb);
-            } else if (T == W_IQ2) {
+            if (T == W_IQ2) {
                 pa[tid] = (u64)(p0 + 64 * rb);
                 pa[TC_BM + tid] = (u64)(p1 + 2 * rb);
             } else if (T == W_Q2K) {
@@ -973,7 +717,6 @@ struct Tc {
                     macc[mi][ni][q] = 0;
                 }
         const int zero4[4] = {0, 0, 0, 0};
-        const int magic4[4] = {MAGIC_I, MAGIC_I, MAGIC_I, MAGIC_I};
 
         // ldmatrix row addresses (relative to the tile) of K step 0; step s reads chunk
         // 2s + c, i.e. the step-0 offset XOR (s << 5) (swz only XORs the chunk bits 4..7).
@@ -988,7 +731,7 @@ struct Tc {
 
 #pragma unroll 1
         for (int s = 0; s < NS - 1; s++) {
-            if (s < nk) issue(P, sm, kb0 + s, s, CB, m, r0);
+            if (s < nk) issue(sm, kb0 + s, s, CB);
             cp_commit();
         }
 #pragma unroll 1
@@ -996,15 +739,13 @@ struct Tc {
             const int kb = kb0 + ki;
             cp_wait<NS - 2>();
             __syncthreads();
-            if (ki + NS - 1 < nk) issue(P, sm, kb + NS - 1, (ki + NS - 1) % NS, CB, m, r0);
+            if (ki + NS - 1 < nk) issue(sm, kb + NS - 1, (ki + NS - 1) % NS, CB);
             cp_commit();
             const int buf = ki % NS;
             const u8* st = sm + L::O_ST + buf * L::STAGE;
-            if (!L::DIRECT) {
-                dequant(sm, kb, buf);
-                __syncthreads();
-            }
-            const u8* As = L::DIRECT ? st + L::S_A : sm + L::O_TILE;
+            dequant(sm, kb, buf);
+            __syncthreads();
+            const u8* As = sm + L::O_TILE;
             const u8* Bs = st + L::S_B;
             const int steps = min(8, (CB - kb * 256) / 32);
             // IQ2_XXS: the 8 sub-block scales of each of this thread's rows, one load per stage.
@@ -1017,12 +758,15 @@ struct Tc {
                         lsv[mi][h] = *(const u64*)(sm + L::O_MSC + (32 * wm + 16 * mi + g + 8 * h) * 8);
             }
             auto step = [&](const int s) {
+                // Unused, but captured as when this lambda also served Q8_0 (it read the Q8_0
+                // scales from st): without the capture LLVM orders one address computation of
+                // dequant() differently and the q2_k_32 kernels' SASS changes.
+                (void)st;
                 u32 a[2][4];
 #pragma unroll
                 for (int mi = 0; mi < 2; mi++)
                     ldsm4(a[mi], As + (aoff[mi] ^ (s << 5)));
                 u32 b[NT][2];
-                u32 bl[NT][2];
 #pragma unroll
                 for (int p = 0; p < NT / 2; p++) {
                     const int off = boff[p] ^ (s << 5);
@@ -1032,44 +776,8 @@ struct Tc {
                     b[2 * p][1] = r[1];
                     b[2 * p + 1][0] = r[2];
                     b[2 * p + 1][1] = r[3];
-                    if (T == W_F16) {
-                        if (8 * (4 * p + wn) < nvalid) ldsm4(r, Bs + BN * 256 + off);
-                        bl[2 * p][0] = r[0];
-                        bl[2 * p][1] = r[1];
-                        bl[2 * p + 1][0] = r[2];
-                        bl[2 * p + 1][1] = r[3];
-                    }
                 }
-                if (T == W_Q8_0) {
-                    float wd[2][2], xd[NT][2];
-#pragma unroll
-                    for (int mi = 0; mi < 2; mi++)
-#pragma unroll
-                        for (int h = 0; h < 2; h++) {
-                            const int row = 32 * wm + 16 * mi + g + 8 * h;
-                            wd[mi][h] = h2f(*(const u16*)(st + L::S_AM + row * 16 + 2 * s));
-                        }
-#pragma unroll
-                    for (int ni = 0; ni < NT; ni++)
-#pragma unroll
-                        for (int c = 0; c < 2; c++) {
-                            const int col = 8 * (2 * ni + wn) + 2 * tg + c;
-                            xd[ni][c] = *(const float*)(st + L::S_BM + 4 * (s * BN + col));
-                        }
-#pragma unroll
-                    for (int mi = 0; mi < 2; mi++)
-#pragma unroll
-                        for (int ni = 0; ni < NT; ni++) if (8 * (2 * ni + wn) < nvalid) {
-                            int d[4];
-                            mma_s8(d, a[mi], b[ni][0], b[ni][1], magic4);
-#pragma unroll
-                            for (int q = 0; q < 4; q++) {
-                                const float pw = __fmul_rn(wd[mi][q >> 1], xd[ni][q & 1]);
-                                const float fi = __fsub_rn(__int_as_float(d[q]), MAGIC_F);
-                                facc[mi][ni][q] = __fmaf_rn(pw, fi, facc[mi][ni][q]);
-                            }
-                        }
-                } else if (T == W_IQ2) {
+                if (T == W_IQ2) {
                     int ls[2][2];
 #pragma unroll
                     for (int mi = 0; mi < 2; mi++)
@@ -1090,7 +798,7 @@ struct Tc {
 #pragma unroll
                         for (int ni = 0; ni < NT; ni++)
                             if (8 * (2 * ni + wn) < nvalid) mma_s8(iacc[mi][ni], a[mi], b[ni][0], b[ni][1], iacc[mi][ni]);
-                } else if (T == W_Q4K) {
+                } else {  // Q4_K
                     const u8* msc = sm + L::O_MSC;
                     const u8* mmn = sm + L::O_MMN;
                     int sc[2][2];
@@ -1112,14 +820,6 @@ struct Tc {
 #pragma unroll
                             for (int q = 0; q < 4; q++) iacc[mi][ni][q] += sc[mi][q >> 1] * d[q];
                             mma_s8(macc[mi][ni], am[mi], b[ni][0], b[ni][1], macc[mi][ni]);
-                        }
-                } else {  // F16
-#pragma unroll
-                    for (int mi = 0; mi < 2; mi++)
-#pragma unroll
-                        for (int ni = 0; ni < NT; ni++) if (8 * (2 * ni + wn) < nvalid) {
-                            mma_f16(facc[mi][ni], a[mi], b[ni][0], b[ni][1]);
-                            mma_f16(facc[mi][ni], a[mi], bl[ni][0], bl[ni][1]);
                         }
                 }
             };
@@ -1194,35 +894,8 @@ struct Tc {
                 const int col = 8 * (2 * ni + wn) + 2 * tg + c;
                 if (col >= nvalid) continue;
                 const int src = s_src[col];
-                float cs = scale;
-                if (T == W_F16) cs = __ldg(P.ascale + s_arow[col]);
-                if (MODE == M_STORE) {
-                    float* yrow = P.y + (i64)sp * P.ysplit + (i64)src * P.ldy + (P.grouped ? (i64)m * P.R : 0);
-#pragma unroll
-                    for (int mi = 0; mi < 2; mi++)
-#pragma unroll
-                        for (int h = 0; h < 2; h++) {
-                            const int r = r0 + 32 * wm + 16 * mi + g + 8 * h;
-                            if (r < P.R) yrow[r] = __fmul_rn(cs, facc[mi][ni][2 * h + c]);
-                        }
-                } else {
-                    const double wt = P.wts ? (double)__ldg(P.wts + src) : 1.0;
-                    float* yrow = P.y + (i64)src * P.ldy;
-#pragma unroll
-                    for (int h = 0; h < 2; h++) {
-                        const int r = r0 + 16 * wm + g + 8 * h;
-                        if (r >= P.R) continue;
-                        float gv = __fmul_rn(cs, facc[0][ni][2 * h + c]);
-                        float uv = __fmul_rn(cs, facc[1][ni][2 * h + c]);
-                        if (P.clamp > 1e-6f) {
-                            gv = fminf(gv, P.clamp);
-                            uv = fminf(fmaxf(uv, -P.clamp), P.clamp);
-                        }
-                        const double gd = (double)gv;
-                        const double silu = gd / (1.0 + exp(-gd));
-                        yrow[r] = (float)(silu * (double)uv * wt);
-                    }
-                }
+                const float cs = scale;
+                tc_store_col<MODE, NT>(P, facc, ni, c, src, cs, m, sp, r0, wm, g);
             }
     }
 };
