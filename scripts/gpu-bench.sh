@@ -2,8 +2,10 @@
 # Decode/prefill benchmark of the synthetic q2 Flash model on the GPU host (issues 5 and 6).
 # Needs the release `ds4` (--features cuda) at $DS4 (default: unpacked from .gpu/check.tar.xz by
 # scripts/gpu-check.sh into /tmp/ds4-check). Writes the CSVs to $OUT and prints them last.
-#   bash scripts/gpu-bench.sh LAYERS [GEN_TOKENS]
-# H200: 43 layers (86.7 GB); H100: at most 36.
+#   [QUALITY_MAX=N] bash scripts/gpu-bench.sh LAYERS [GEN_TOKENS]
+# Decode at 2k / 8k / 32k, then whole-prompt prefill (512 … 32768, `--whole-prompt`) with the
+# tensor-core routes and with --quality (up to QUALITY_MAX). H200: 43 layers (86.7 GB); H100:
+# at most 36.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 L=${1:-43}
