@@ -1,5 +1,6 @@
 // Tensor-core chunk attention: the "attn" prefill route (see src/attn_tc.rs for the API, the
-// switches and the numerics). Self-contained (no headers) so that NVRTC can compile it too.
+// switches and the numerics). Local headers only (common.cuh), which build.rs splices in for
+// NVRTC.
 //
 // The exact kernel (fwd.cu ds4_attention) runs one warp per (token, head) in f64. DeepSeek V4
 // attention is MQA-like: the 64 heads of a token attend to the same rows (raw window from the
@@ -33,10 +34,7 @@
 // The rows are f32 in the KV state; ds4_attn_tc_prep first writes them as [row][hi hd | lo hd]
 // f16 into a scratch (ring: every slot; compressed rows: those visible to the chunk).
 
-// Programmatic dependent launch (src/rt.rs launch_raw): wait until the previous kernel of
-// the stream has completed (its writes visible), then let the next kernel be scheduled.
-// A no-op for kernels launched without the PDL attribute.
-#define PDL_ENTRY() asm volatile("griddepcontrol.wait;\n\tgriddepcontrol.launch_dependents;" ::: "memory")
+#include "common.cuh"
 
 typedef unsigned short u16;
 typedef unsigned int u32;
@@ -47,21 +45,6 @@ typedef long long i64;
 #define AT_BN 32   // rows per tile
 #define AT_PSCALE 16384.0f
 
-__device__ __forceinline__ u32 smem_u32(const void* p) { return (u32)__cvta_generic_to_shared(p); }
-__device__ __forceinline__ void cp16(void* dst, const void* src) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_u32(dst)), "l"(src) : "memory");
-}
-__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-__device__ __forceinline__ void ldsm4(u32* r, const void* p) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(smem_u32(p))
-                 : "memory");
-}
 __device__ __forceinline__ void ldsm4t(u32* r, const void* p) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
@@ -78,11 +61,6 @@ __device__ __forceinline__ void mma16(float* d, const u32* a, u32 b0, u32 b1) {
 }
 __device__ __forceinline__ void bar_named(int id, int count) {
     asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
-}
-__device__ __forceinline__ u16 f2h(float f) {
-    u16 h;
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
-    return h;
 }
 __device__ __forceinline__ float h2f(u16 h) {
     float f;

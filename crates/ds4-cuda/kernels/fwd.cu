@@ -10,10 +10,7 @@
 // Positions are read from device memory (`pos0p` = first position of the chunk), so one captured
 // CUDA graph serves every decode step. Token t of a chunk is at position *pos0p + t.
 
-// Programmatic dependent launch (src/rt.rs launch_raw): wait until the previous kernel of
-// the stream has completed (its writes visible), then let the next kernel be scheduled.
-// A no-op for kernels launched without the PDL attribute.
-#define PDL_ENTRY() asm volatile("griddepcontrol.wait;\n\tgriddepcontrol.launch_dependents;" ::: "memory")
+#include "common.cuh"
 
 #include <cooperative_groups.h>
 #include <cuda_fp16.h>

@@ -37,10 +37,7 @@
 // result is rounded to float once. With exact products, only the order of the double sum
 // differs from the CPU, so the f32 results agree bit for bit except at ~1e-8-probability ties.
 
-// Programmatic dependent launch (src/rt.rs launch_raw): wait until the previous kernel of
-// the stream has completed (its writes visible), then let the next kernel be scheduled.
-// A no-op for kernels launched without the PDL attribute.
-#define PDL_ENTRY() asm volatile("griddepcontrol.wait;\n\tgriddepcontrol.launch_dependents;" ::: "memory")
+#include "common.cuh"
 
 #define FULL_MASK 0xffffffffu
 

@@ -1,10 +1,7 @@
 // Pipeline self-test (proves a cubin built on the CPU box loads and runs on the device) and
 // diagnostics.
 
-// Programmatic dependent launch (src/rt.rs launch_raw): wait until the previous kernel of
-// the stream has completed (its writes visible), then let the next kernel be scheduled.
-// A no-op for kernels launched without the PDL attribute.
-#define PDL_ENTRY() asm volatile("griddepcontrol.wait;\n\tgriddepcontrol.launch_dependents;" ::: "memory")
+#include "common.cuh"
 extern "C" __global__ void ds4_selftest_axpy(const float* x, float* y, float a, int n) {
     PDL_ENTRY();
     int i = blockIdx.x * blockDim.x + threadIdx.x;

@@ -43,10 +43,7 @@
 // that puts max|x| in [2^14, 2^15)): two f16 mmas with f32 accumulation, then ·2^-e. W is
 // exact in f16, hi+lo carries 22 bits of x: near-f32 results.
 
-// Programmatic dependent launch (src/rt.rs launch_raw): wait until the previous kernel of
-// the stream has completed (its writes visible), then let the next kernel be scheduled.
-// A no-op for kernels launched without the PDL attribute.
-#define PDL_ENTRY() asm volatile("griddepcontrol.wait;\n\tgriddepcontrol.launch_dependents;" ::: "memory")
+#include "common.cuh"
 
 typedef signed char i8;
 typedef unsigned char u8;
@@ -102,28 +99,8 @@ __device__ __forceinline__ float h2f(u32 h) {
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(hs));
     return f;
 }
-__device__ __forceinline__ u16 f2h(float f) {
-    unsigned short h;
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
-    return h;
-}
-__device__ __forceinline__ u32 smem_u32(const void* p) { return (u32)__cvta_generic_to_shared(p); }
-__device__ __forceinline__ void cp16(void* dst, const void* src) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_u32(dst)), "l"(src) : "memory");
-}
 __device__ __forceinline__ void cp4(void* dst, const void* src) {
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(smem_u32(dst)), "l"(src) : "memory");
-}
-__device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-__device__ __forceinline__ void ldsm4(u32* r, const void* p) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(smem_u32(p))
-                 : "memory");
 }
 // d = a·b + c (s8 × s8 → s32, m16n8k32)
 __device__ __forceinline__ void mma_s8(int* d, const u32* a, u32 b0, u32 b1, const int* c) {

@@ -6,6 +6,11 @@
 #[test]
 fn every_kernel_starts_with_pdl_entry() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("kernels");
+    let common = std::fs::read_to_string(dir.join("common.cuh")).unwrap();
+    assert!(
+        common.contains("#define PDL_ENTRY() asm volatile(\"griddepcontrol.wait;"),
+        "common.cuh must define PDL_ENTRY as griddepcontrol.wait first"
+    );
     let mut kernels = 0;
     let mut missing = Vec::new();
     for e in std::fs::read_dir(&dir).unwrap() {
@@ -15,8 +20,8 @@ fn every_kernel_starts_with_pdl_entry() {
         }
         let s = std::fs::read_to_string(&path).unwrap();
         assert!(
-            s.contains("#define PDL_ENTRY()"),
-            "{} does not define PDL_ENTRY",
+            s.contains("#include \"common.cuh\""),
+            "{} does not include common.cuh (PDL_ENTRY)",
             path.display()
         );
         let mut from = 0;
