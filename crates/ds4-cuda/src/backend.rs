@@ -1021,24 +1021,7 @@ impl CudaBackend {
             self.mm(&l.hc_ffn.fn_, sc.flat.ptr, n, sc.mix.ptr)?;
             self.hc_pre(&l.hc_ffn, sc.x1.ptr, l.ffn_norm.ptr, sc.b.ptr, n)?;
             self.mm(&l.router, sc.b.ptr, n, sc.rlog.ptr)?;
-            let hash = l.moe == MoeKind::Hash;
-            if hash && l.tid2eid.is_none() {
-                return Err(cerr(format!("layer {il}: hash routing without tid2eid")));
-            }
-            fw.router(
-                sc.rlog.ptr,
-                s.n_expert,
-                s.n_expert_used,
-                hash,
-                l.tid2eid.as_ref().map_or(0, |t| t.ptr),
-                self.d_tok.ptr,
-                l.bias.as_ref().map_or(0, |b| b.ptr),
-                s.expert_weights_scale,
-                sc.probs.ptr,
-                sc.sel.ptr,
-                sc.wts.ptr,
-                n,
-            )?;
+            self.route(il, l, n)?;
             self.moe(l, n)?;
             // F = routed (summed over the k experts by moe_down) + shared, then HC post.
             fw.hc_post(
@@ -1246,24 +1229,7 @@ impl CudaBackend {
         self.mm(&l.hc_ffn.fn_, sc.flat.ptr, 1, sc.mix.ptr)?;
         self.hc_pre_dec(&l.hc_ffn, sc.x1.ptr, l.ffn_norm.ptr, sc.b.ptr)?;
         self.mm(&l.router, sc.b.ptr, 1, sc.rlog.ptr)?;
-        let hash = l.moe == MoeKind::Hash;
-        if hash && l.tid2eid.is_none() {
-            return Err(cerr(format!("layer {il}: hash routing without tid2eid")));
-        }
-        fw.router(
-            sc.rlog.ptr,
-            s.n_expert,
-            s.n_expert_used,
-            hash,
-            l.tid2eid.as_ref().map_or(0, |t| t.ptr),
-            self.d_tok.ptr,
-            l.bias.as_ref().map_or(0, |b| b.ptr),
-            s.expert_weights_scale,
-            sc.probs.ptr,
-            sc.sel.ptr,
-            sc.wts.ptr,
-            1,
-        )?;
+        self.route(il, l, 1)?;
         self.moe(l, 1)?;
         fw.join_side()?;
         fw.hc_post_dec(
@@ -1340,6 +1306,30 @@ impl CudaBackend {
     }
 
     /// HC pre of a site (its mix product already in sc.mix).
+    /// Router of `n` tokens (logits in `sc.rlog`): expert ids, probabilities and weights.
+    fn route(&self, il: usize, l: &DevLayer, n: usize) -> Result<(), CudaError> {
+        let s = self.s();
+        let sc = &self.sc;
+        let hash = l.moe == MoeKind::Hash;
+        if hash && l.tid2eid.is_none() {
+            return Err(cerr(format!("layer {il}: hash routing without tid2eid")));
+        }
+        self.fwd.router(
+            sc.rlog.ptr,
+            s.n_expert,
+            s.n_expert_used,
+            hash,
+            l.tid2eid.as_ref().map_or(0, |t| t.ptr),
+            self.d_tok.ptr,
+            l.bias.as_ref().map_or(0, |b| b.ptr),
+            s.expert_weights_scale,
+            sc.probs.ptr,
+            sc.sel.ptr,
+            sc.wts.ptr,
+            n,
+        )
+    }
+
     fn hc_pre(&self, hw: &DevHc, x: u64, norm: u64, out: u64, n: usize) -> Result<(), CudaError> {
         let s = self.s();
         let sc = &self.sc;
