@@ -1,19 +1,12 @@
-//! Shared by the benchmark examples (gemv_bench, tc_bench): a splitmix RNG and random GGUF
+//! Shared by the benchmark examples (gemv_bench, tc_bench): the tests' splitmix RNG and random GGUF
 //! weight tensors with small finite scale fields.
 
 use ds4_gguf::GgmlType;
 
-/// splitmix64.
-pub struct Rng(pub u64);
-impl Rng {
-    pub fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E3779B97F4A7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
-        z ^ (z >> 31)
-    }
-}
+/// The GPU tests' splitmix64 RNG (one definition for tests and benchmarks).
+#[path = "../../tests/common/mod.rs"]
+mod test_common;
+pub use test_common::Rng;
 
 /// Random GGUF bytes with sane f16 scale fields (random payload bytes; scales set to
 /// small finite halves so that no NaN/Inf arithmetic is timed).
