@@ -50,7 +50,10 @@ mod bench {
         ctx: Arc<CudaContext>,
         stream: Arc<CudaStream>,
         g: Gemv,
+        /// Default routes (dense / attn_out in their f16 form).
         tc: Tc,
+        /// dense / attn_out in their int8 form (`DS4_CUDA_TC_DENSE_INT8`).
+        tc8: Tc,
         rng: Rng,
         reps: usize,
         card: String,
@@ -142,7 +145,11 @@ mod bench {
             ));
         }
 
-        /// A plain or grouped matmul (Q8_0 or F16).
+        fn tcr(&self, int8: bool) -> &Tc {
+            if int8 { &self.tc8 } else { &self.tc }
+        }
+
+        /// A plain or grouped matmul (Q8_0 or F16); `int8`: the int8 form of dense / attn_out.
         #[allow(clippy::too_many_arguments)]
         fn matmul(
             &mut self,
@@ -153,6 +160,7 @@ mod bench {
             rows: usize,
             n_mat: usize,
             ns: &[usize],
+            int8: bool,
         ) -> Result<()> {
             let w = self.upload(ty, cols, rows, n_mat)?;
             let cx = cols * n_mat;
@@ -166,9 +174,12 @@ mod bench {
                 let (xp, ap, yp) = (self.ptr(&x), self.ptr(&act), self.ptr(&yt));
                 let reps = self.reps;
                 let tc_ms = self.time(reps, || {
-                    self.g.quantize_act(&self.stream, ty, &x, n, cx, &mut act)?;
-                    // SAFETY: act quantized for w, x [n][cx], y [n][rows·n_mat].
-                    unsafe { self.tc.matmul(&self.stream, &w, xp, ap, n, yp)? };
+                    let tc = self.tcr(int8);
+                    if tc.matmul_reads_act(&w, n) {
+                        self.g.quantize_act(&self.stream, ty, &x, n, cx, &mut act)?;
+                    }
+                    // SAFETY: act quantized for w when read, x [n][cx], y [n][rows·n_mat].
+                    unsafe { tc.matmul(&self.stream, &w, xp, ap, n, yp)? };
                     Ok(())
                 })?;
                 let _ = ap;
@@ -188,7 +199,7 @@ mod bench {
             Ok(())
         }
 
-        fn shared_gate_up(&mut self, ns: &[usize]) -> Result<()> {
+        fn shared_gate_up(&mut self, ns: &[usize], int8: bool) -> Result<()> {
             let ty = GgmlType::Q8_0;
             let (cols, rows) = (4096, 2048);
             let gate = self.upload(ty, cols, rows, 1)?;
@@ -202,11 +213,14 @@ mod bench {
                     .quantize_act(&self.stream, ty, &x, n, cols, &mut act)?;
                 let mut mq = self.stream.alloc_zeros::<f32>(n * rows)?;
                 let mt = self.stream.alloc_zeros::<f32>(n * rows)?;
-                let (ap, mp) = (self.ptr(&act), self.ptr(&mt));
+                let (xp, ap, mp) = (self.ptr(&x), self.ptr(&act), self.ptr(&mt));
                 let reps = self.reps;
                 let tc_ms = self.time(reps, || {
-                    // SAFETY: act quantized, mid [n][rows].
-                    unsafe { self.tc.gate_up(&self.stream, &gate, &up, ap, n, 10.0, mp)? };
+                    // SAFETY: x [n][cols], act quantized, mid [n][rows].
+                    unsafe {
+                        self.tcr(int8)
+                            .gate_up(&self.stream, &gate, &up, xp, ap, n, 10.0, mp)?
+                    };
                     Ok(())
                 })?;
                 let q_ms = self.time(reps.min(5), || {
@@ -220,7 +234,7 @@ mod bench {
                     None
                 };
                 self.report(
-                    "dense",
+                    if int8 { "dense_i8" } else { "dense" },
                     "shexp gate+up",
                     n,
                     (2 * n * rows * cols) as f64,
@@ -492,8 +506,16 @@ mod bench {
             n_expert: 256,
             n_expert_used: 6,
             down_rows: 4096,
+            max_dense_elems: 2 * 4096 * 2048 * 4,
+            max_dense_cols: 8 * 4096,
+            max_pair_rows: 2048,
         };
         let tc = Tc::new(&ctx, &stream, cfg, TcRoutes::all())?;
+        let int8_routes = TcRoutes {
+            dense_f16: false,
+            ..TcRoutes::all()
+        };
+        let tc8 = Tc::new(&ctx, &stream, cfg, int8_routes)?;
         let card = info.name.replace(',', " ");
         println!("tc_bench on {card} (routes vs exact path; ms = median of {reps})");
         println!(
@@ -505,6 +527,7 @@ mod bench {
             stream,
             g,
             tc,
+            tc8,
             rng: Rng(42),
             reps,
             card,
@@ -519,18 +542,68 @@ mod bench {
         if only.as_deref() == Some("attn") {
             return b.write_csv(csv.as_deref());
         }
-        b.matmul("dense", "q_a 4096->1024", q8, 4096, 1024, 1, &ns)?;
-        b.matmul("dense", "q_b 1024->32768", q8, 1024, 32768, 1, &ns)?;
-        b.matmul("dense", "kv 4096->512", q8, 4096, 512, 1, &ns)?;
-        b.matmul("dense", "out_b 8192->4096", q8, 8192, 4096, 1, &ns)?;
-        b.matmul("dense", "shexp down 2048->4096", q8, 2048, 4096, 1, &ns)?;
-        b.shared_gate_up(&ns)?;
-        b.matmul("dense", "lm head 4096->129280", q8, 4096, 129280, 1, &[64])?;
-        b.matmul("attn_out", "out_a 8x(4096->1024)", q8, 4096, 1024, 8, &ns)?;
-        b.matmul("f16", "compressor 4096->1024", f16, 4096, 1024, 1, &ns)?;
-        b.matmul("f16", "indexer q_b 1024->8192", f16, 1024, 8192, 1, &ns)?;
-        b.matmul("f16", "hc fn 16384->24", f16, 16384, 24, 1, &ns)?;
-        b.matmul("f16", "router 4096->256", f16, 4096, 256, 1, &ns)?;
+        // dense / attn_out: the f16 form (default) and the int8 form ("_i8").
+        for int8 in [false, true] {
+            let sfx = if int8 { "_i8" } else { "" };
+            let (dense, attn_out) = (format!("dense{sfx}"), format!("attn_out{sfx}"));
+            b.matmul(&dense, "q_a 4096->1024", q8, 4096, 1024, 1, &ns, int8)?;
+            b.matmul(&dense, "q_b 1024->32768", q8, 1024, 32768, 1, &ns, int8)?;
+            b.matmul(&dense, "kv 4096->512", q8, 4096, 512, 1, &ns, int8)?;
+            b.matmul(&dense, "out_b 8192->4096", q8, 8192, 4096, 1, &ns, int8)?;
+            b.matmul(
+                &dense,
+                "shexp down 2048->4096",
+                q8,
+                2048,
+                4096,
+                1,
+                &ns,
+                int8,
+            )?;
+            b.shared_gate_up(&ns, int8)?;
+            b.matmul(
+                &attn_out,
+                "out_a 8x(4096->1024)",
+                q8,
+                4096,
+                1024,
+                8,
+                &ns,
+                int8,
+            )?;
+        }
+        b.matmul(
+            "dense",
+            "lm head 4096->129280",
+            q8,
+            4096,
+            129280,
+            1,
+            &[64],
+            true,
+        )?;
+        b.matmul(
+            "f16",
+            "compressor 4096->1024",
+            f16,
+            4096,
+            1024,
+            1,
+            &ns,
+            false,
+        )?;
+        b.matmul(
+            "f16",
+            "indexer q_b 1024->8192",
+            f16,
+            1024,
+            8192,
+            1,
+            &ns,
+            false,
+        )?;
+        b.matmul("f16", "hc fn 16384->24", f16, 16384, 24, 1, &ns, false)?;
+        b.matmul("f16", "router 4096->256", f16, 4096, 256, 1, &ns, false)?;
         b.moe(&ns)?;
         b.write_csv(csv.as_deref())
     }

@@ -755,12 +755,31 @@ impl CudaBackend {
                     }
                 }
             }
+            // The f16 form of dense / attn_out: scratch for the largest layer matrix (the LM
+            // head stays on the int8 kernels).
+            let (mut dense_elems, mut dense_cols, mut pair_rows) = (0, 0, 0);
+            for l in layers {
+                for w in [&l.q_a, &l.q_b, &l.kv, &l.out_a, &l.out_b, &l.down_sh] {
+                    if w.ty() == GgmlType::Q8_0 {
+                        dense_elems = dense_elems.max(w.rows() * w.n_mat() * w.cols());
+                        dense_cols = dense_cols.max(w.cols() * w.n_mat());
+                    }
+                }
+                if l.gate_sh.ty() == GgmlType::Q8_0 {
+                    dense_elems = dense_elems.max(2 * l.gate_sh.rows() * l.gate_sh.cols());
+                    dense_cols = dense_cols.max(l.gate_sh.cols());
+                    pair_rows = pair_rows.max(l.gate_sh.rows());
+                }
+            }
             let cfg = TcConfig {
                 max_tokens: max_chunk,
                 max_f16_cols: f16_cols,
                 n_expert: s.n_expert,
                 n_expert_used: s.n_expert_used,
                 down_rows: s.n_embd,
+                max_dense_elems: dense_elems,
+                max_dense_cols: dense_cols,
+                max_pair_rows: pair_rows,
             };
             Some(Tc::new(dctx, stream, cfg, matmul_routes)?)
         } else {
@@ -869,11 +888,15 @@ impl CudaBackend {
         let xs = dv::<f32>(st, x, n * cols);
         let mut act = dv::<u8>(st, self.sc.act.ptr, self.sc.act.bytes);
         let mut ys = dv::<f32>(st, y, n * w.rows() * w.n_mat());
-        self.gemv.quantize_act(st, w.ty(), &xs, n, cols, &mut act)?;
         if let Some(tc) = self.tc.as_ref().filter(|t| t.takes_matmul(w, n)) {
-            // SAFETY: act holds x quantized for w (above), x is [n][cols], y [n][rows·n_mat].
+            if tc.matmul_reads_act(w, n) {
+                self.gemv.quantize_act(st, w.ty(), &xs, n, cols, &mut act)?;
+            }
+            // SAFETY: act holds x quantized for w when the route reads it (above), x is
+            // [n][cols], y [n][rows·n_mat].
             return unsafe { tc.matmul(st, w, x, self.sc.act.ptr, n, y) };
         }
+        self.gemv.quantize_act(st, w.ty(), &xs, n, cols, &mut act)?;
         self.gemv.matvec(st, w, &xs, &act, n, &mut ys)
     }
 
@@ -1518,16 +1541,20 @@ impl CudaBackend {
             )?;
         }
         // Shared expert.
-        self.gemv
-            .quantize_act(st, l.gate_sh.ty(), &b, n, e, &mut act)?;
         let mut sh_mid = dv::<f32>(st, sc.sh_mid.ptr, n * ff);
         if let Some(tc) = tc.filter(|t| t.takes_gate_up(&l.gate_sh, &l.up_sh, n)) {
-            // SAFETY: act holds b quantized for the shared expert, sh_mid is [n][ff].
+            if tc.gate_up_reads_act(&l.gate_sh, n) {
+                self.gemv
+                    .quantize_act(st, l.gate_sh.ty(), &b, n, e, &mut act)?;
+            }
+            // SAFETY: b is [n][e] f32, act holds b quantized for the shared expert when the
+            // route reads it, sh_mid is [n][ff].
             unsafe {
                 tc.gate_up(
                     st,
                     &l.gate_sh,
                     &l.up_sh,
+                    sc.b.ptr,
                     sc.act.ptr,
                     n,
                     l.clamp,
@@ -1535,6 +1562,8 @@ impl CudaBackend {
                 )?
             };
         } else {
+            self.gemv
+                .quantize_act(st, l.gate_sh.ty(), &b, n, e, &mut act)?;
             self.gemv.gate_up_swiglu(
                 st,
                 &l.gate_sh,

@@ -87,6 +87,10 @@ pub struct TcRoutes {
     pub moe_down: bool,
     /// Chunk attention on tensor cores (`src/attn_tc.rs`; head dims 128 and 512).
     pub attn: bool,
+    /// How `dense` and `attn_out` compute: f16 operands through cuBLAS (`src/tc_f16.rs`, the
+    /// default) or, when false (`DS4_CUDA_TC_DENSE_INT8=1`), ds4's int8 activations with every
+    /// 32-block's integer dot exact (`kernels/tc.cu`).
+    pub dense_f16: bool,
 }
 
 impl TcRoutes {
@@ -103,6 +107,7 @@ impl TcRoutes {
             moe_up: true,
             moe_down: true,
             attn: true,
+            dense_f16: true,
         }
     }
 
@@ -116,6 +121,7 @@ impl TcRoutes {
             moe_up: false,
             moe_down: false,
             attn: false,
+            dense_f16: false,
         }
     }
 
@@ -131,7 +137,8 @@ impl TcRoutes {
     }
 
     /// `self` with the routes the environment disables turned off: `DS4_CUDA_TC_DISABLE=1`
-    /// (all), `DS4_CUDA_TC_{DENSE,ATTN_OUT,F16,MOE_GATE,MOE_UP,MOE_DOWN,ATTN}_DISABLE=1`.
+    /// (all), `DS4_CUDA_TC_{DENSE,ATTN_OUT,F16,MOE_GATE,MOE_UP,MOE_DOWN,ATTN}_DISABLE=1`;
+    /// `DS4_CUDA_TC_DENSE_INT8=1` selects the int8 form of `dense` / `attn_out`.
     pub fn with_env(self) -> TcRoutes {
         self.with_vars(|k| std::env::var(k).ok())
     }
@@ -156,16 +163,24 @@ impl TcRoutes {
                 *flag = false;
             }
         }
+        if on("DS4_CUDA_TC_DENSE_INT8") {
+            self.dense_f16 = false;
+        }
         self
     }
 
     /// One line naming each route's state (the backend prints it at start-up).
     pub fn describe(&self) -> String {
         let f = |b: bool| if b { "on" } else { "off" };
+        let mode = |b: bool| match (b, self.dense_f16) {
+            (false, _) => "off",
+            (true, true) => "on(f16)",
+            (true, false) => "on(int8)",
+        };
         format!(
             "dense={} attn_out={} f16={} moe_gate={} moe_up={} moe_down={} attn={}",
-            f(self.dense),
-            f(self.attn_out),
+            mode(self.dense),
+            mode(self.attn_out),
             f(self.f16),
             f(self.moe_gate),
             f(self.moe_up),
@@ -207,6 +222,10 @@ pub mod gemv;
 /// Tensor-core prefill routes (kernels in `kernels/tc.cu`).
 #[cfg(feature = "cuda")]
 pub mod tc;
+
+/// The f16 (cuBLAS) form of the `dense` and `attn_out` routes (kernels in `kernels/tc_f16.cu`).
+#[cfg(feature = "cuda")]
+mod tc_f16;
 
 /// Tensor-core chunk attention, the `attn` route (kernels in `kernels/attn_tc.cu`).
 #[cfg(feature = "cuda")]

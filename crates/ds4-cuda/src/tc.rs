@@ -2,12 +2,14 @@
 //!
 //! Chunks of at least [`MIN_TOKENS`] tokens run their weight products as GEMMs on the tensor
 //! cores instead of the decode-style matvec kernels of [`crate::gemv`] (which read the weights
-//! once per 8 tokens). Every route keeps ds4's activation numerics:
+//! once per 8 tokens). Every route but the f16 form of `dense` / `attn_out` keeps ds4's
+//! activation numerics:
 //!
 //! | route (switch) | weights | operands | numerics vs the exact path |
 //! |---|---|---|---|
-//! | `dense` (`DS4_CUDA_TC_DENSE_DISABLE`) | Q8_0 q_a, q_b, kv, out_b, shared gate/up/down, LM head | int8 × int8 (`mma m16n8k32 s8`), activations from [`Gemv::quantize_act`] | each 32-block's integer dot exact; the block term `(d_w·d_x)·isum` added with one FMA |
-//! | `attn_out` (`…_ATTN_OUT_DISABLE`) | Q8_0 `attn_output_a` (8 groups) | as dense | as dense |
+//! | `dense` (`DS4_CUDA_TC_DENSE_DISABLE`), f16 form (default) | Q8_0 q_a, q_b, kv, out_b, shared gate/up/down | weights `q·d` and activations rounded to f16 after a power-of-two scaling, cuBLAS f16 GEMM with f32 accumulation ([`crate::tc_f16`]) | ≤ 2^-10 relative per product vs the true product (the exact path's int8 activations are ~8× further from it); not the exact path's rounding |
+//! | `dense`, int8 form (`DS4_CUDA_TC_DENSE_INT8=1`; also the LM head, too large for the f16 scratch) | as above | int8 × int8 (`mma m16n8k32 s8`), activations from [`Gemv::quantize_act`] | each 32-block's integer dot exact; the block term `(d_w·d_x)·isum` added with one FMA |
+//! | `attn_out` (`…_ATTN_OUT_DISABLE`) | Q8_0 `attn_output_a` (8 groups) | as dense (f16 form: a strided-batched GEMM) | as dense |
 //! | `f16` (`…_F16_DISABLE`) | F16 HC mixing, router, compressors, indexer | f16 × (f16 hi + f16 lo) (`mma m16n8k16`), f32 accumulation | ~f32 (x carried to 22 bits) |
 //! | `moe_gate` + `moe_up` (fused) | IQ2_XXS / Q2_K / Q4_K / Q8_0 routed gate and up, SwiGLU and the routing weight fused | int8 × Q8_K int8, weights dequantised to exact int8 in shared memory | every super-block's integer sums exact, its f32 term formed as on the CPU |
 //! | `moe_down` (`…_MOE_DOWN_DISABLE`) | routed down + fixed-order 6-expert sum | as gate/up | as gate/up; the sum over the k experts in slot order in f64 like the CPU |
@@ -41,6 +43,7 @@ use ds4_gguf::GgmlType;
 
 use crate::gemv::DevWeight;
 use crate::rt::{A, DBuf, drv, launch};
+use crate::tc_f16::{DenseF16, F16Limits};
 use crate::{CudaError, TcRoutes};
 
 /// Smallest number of tokens that takes a route.
@@ -194,6 +197,14 @@ pub struct TcConfig {
     pub n_expert_used: usize,
     /// Rows of the routed down projection (n_embd).
     pub down_rows: usize,
+    /// Scratch of the f16 form of `dense` / `attn_out` ([`TcRoutes::dense_f16`]): most weight
+    /// elements of one Q8_0 matrix (a shared gate/up pair counts both; 0: no f16 form, the
+    /// int8 kernels take every matrix). Larger matrices (the LM head) use the int8 kernels.
+    pub max_dense_elems: usize,
+    /// Most activation columns (`cols · n_mat`) of a Q8_0 matrix on the f16 form.
+    pub max_dense_cols: usize,
+    /// Most rows of the shared expert's gate on the f16 form.
+    pub max_pair_rows: usize,
 }
 
 struct Kern {
@@ -237,6 +248,8 @@ pub struct Tc {
     toff: DBuf,
     perm: DBuf,
     part: DBuf,
+    /// The f16 (cuBLAS) form of `dense` / `attn_out`, when [`TcRoutes::dense_f16`].
+    f16d: Option<DenseF16>,
 }
 
 impl std::fmt::Debug for Tc {
@@ -328,6 +341,21 @@ impl Tc {
                 gemm.push(((kind, bn, swiglu), Kern { f, smem }));
             }
         }
+        let f16d =
+            if routes.dense_f16 && (routes.dense || routes.attn_out) && cfg.max_dense_elems > 0 {
+                Some(DenseF16::new(
+                    ctx,
+                    stream,
+                    F16Limits {
+                        max_tokens: cfg.max_tokens,
+                        max_elems: cfg.max_dense_elems,
+                        max_cols: cfg.max_dense_cols,
+                        max_pair_rows: cfg.max_pair_rows,
+                    },
+                )?)
+            } else {
+                None
+            };
         let f16_elems = cfg.max_tokens * cfg.max_f16_cols;
         let moe_tok = cfg.max_tokens.min(MOE_MAX_TOKENS);
         let pairs = moe_tok * cfg.n_expert_used;
@@ -351,6 +379,7 @@ impl Tc {
             toff: DBuf::zeroed(stream, (cfg.n_expert + 1) * 4)?,
             perm: DBuf::zeroed(stream, pairs * 4)?,
             part: DBuf::zeroed(stream, pairs * cfg.down_rows * 4)?,
+            f16d,
         })
     }
 
@@ -379,7 +408,26 @@ impl Tc {
         ]
         .iter()
         .map(|b| b.bytes)
-        .sum()
+        .sum::<usize>()
+            + self.f16d.as_ref().map_or(0, |f| f.scratch_bytes())
+    }
+
+    /// The f16 form's engine when it takes Q8_0 matrix `w` for `n` tokens.
+    fn f16_for(&self, w: &DevWeight, n: usize) -> Option<&DenseF16> {
+        self.f16d
+            .as_ref()
+            .filter(|f| w.ty() == GgmlType::Q8_0 && f.fits(w, n))
+    }
+
+    /// Whether [`Tc::matmul`] of `w` (which [`Tc::takes_matmul`] accepts) reads ds4's quantized
+    /// activations `act` (the int8 kernels) rather than only the f32 `x` (the f16 form, F16).
+    pub fn matmul_reads_act(&self, w: &DevWeight, n: usize) -> bool {
+        w.ty() == GgmlType::Q8_0 && self.f16_for(w, n).is_none()
+    }
+
+    /// Whether [`Tc::gate_up`] of the pair reads `act` (else only the f32 `x`).
+    pub fn gate_up_reads_act(&self, gate: &DevWeight, n: usize) -> bool {
+        !self.f16d.as_ref().is_some_and(|f| f.fits_pair(gate, n))
     }
 
     fn kern(&self, kind: WKind, bn: usize, swiglu: bool) -> Result<&Kern, CudaError> {
@@ -486,9 +534,9 @@ impl Tc {
     /// for a weight [`Tc::takes_matmul`] accepts (route switches aside).
     ///
     /// # Safety
-    /// Q8_0: `act` holds `Gemv::quantize_act(Q8_0, x, n, cols·n_mat)` (its layout for `n`
-    /// rows); F16: `x` is `[n][cols·n_mat]` f32 (`act` unused). `y` has room for
-    /// `n·rows·n_mat` f32. All are live device allocations used on `stream`.
+    /// `x` is `[n][cols·n_mat]` f32; for Q8_0 when [`Tc::matmul_reads_act`], `act` holds
+    /// `Gemv::quantize_act(Q8_0, x, n, cols·n_mat)` (its layout for `n` rows; else unused).
+    /// `y` has room for `n·rows·n_mat` f32. All are live device allocations used on `stream`.
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn matmul(
         &self,
@@ -506,6 +554,10 @@ impl Tc {
         let rt = w.rows() * w.n_mat();
         if !kind.cols_ok(w.cols(), rt) || n > self.cfg.max_tokens {
             return Err(terr(format!("unsupported matmul {w:?} for {n} tokens")));
+        }
+        if let Some(f) = self.f16_for(w, n) {
+            // SAFETY: x is [n][cols·n_mat] f32 and y [n][rows·n_mat] (this function's contract).
+            return unsafe { f.matmul(stream, w, x, n, y) };
         }
         let cx = w.cols() * w.n_mat();
         let (w0, w1, w2) = regions(w, stream);
@@ -605,13 +657,15 @@ impl Tc {
     /// [`crate::gemv::Gemv::gate_up_swiglu`], for a pair [`Tc::takes_gate_up`] accepts.
     ///
     /// # Safety
-    /// `act` holds `Gemv::quantize_act(Q8_0, x, n, cols)`; `mid` has room for `n·rows` f32.
+    /// `x` is `[n][cols]` f32; `act` holds `Gemv::quantize_act(Q8_0, x, n, cols)` when
+    /// [`Tc::gate_up_reads_act`] (else unused); `mid` has room for `n·rows` f32.
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn gate_up(
         &self,
         stream: &Arc<CudaStream>,
         gate: &DevWeight,
         up: &DevWeight,
+        x: u64,
         act: u64,
         n: usize,
         clamp: f32,
@@ -627,6 +681,10 @@ impl Tc {
             || n > self.cfg.max_tokens
         {
             return Err(terr(format!("unsupported gate/up pair {gate:?} {up:?}")));
+        }
+        if let Some(f) = self.f16d.as_ref().filter(|f| f.fits_pair(gate, n)) {
+            // SAFETY: x is [n][cols] f32, mid [n][rows] (this function's contract).
+            return unsafe { f.gate_up(stream, gate, up, x, n, clamp, mid) };
         }
         let (g0, g1, g2) = regions(gate, stream);
         let (u0, u1, u2) = regions(up, stream);

@@ -12,6 +12,14 @@
 //!   x ~ N(0, 1)): a reordered sum differs by ~1e-7·√terms ≈ 1e-6, so 1e-5 has ≥ 10× headroom,
 //!   while any indexing, scale or sign error is ≥ 1e-2. (`mid` carries these errors through the
 //!   f64 SwiGLU: same bound.)
+//! * The f16 form of dense / attn_out / shared gate-up (`TcRoutes::dense_f16`) vs the true
+//!   product in f64 of the dequantized weights and the f32 inputs:
+//!   `|y − Σ w·x| ≤ 1.5e-3·Σ|w·x| + 1e-30`. Each weight and activation is rounded once to f16
+//!   (≤ 2^-11 relative each: ≤ 9.8e-4 per product; the power-of-two scalings are exact and keep
+//!   every operand normal) and the f32 sum of K ≤ 8192 terms adds ≤ K·2^-24 ≤ 4.9e-4 of
+//!   Σ|w·x| in the worst case. Indexing, grouping or scale errors are O(Σ|w·x|). Inputs of very
+//!   different magnitudes (1e-6 … 1e5, beyond f16's range without the scaling) are included.
+//!   The gate/up pair is checked through its SwiGLU against the same true products.
 //! * F16 weights vs the CPU (f32 products, f32 accumulation): `≤ 1e-4·(1 + |cpu|)` as gemv's
 //!   F16 test: x is carried as f16 hi + lo (22 bits, ≤ 2.4e-7 relative per element), products
 //!   are exact, f32 accumulation in another order (4096–16384 terms).
@@ -66,7 +74,14 @@ fn route_switches_from_the_environment() {
         ..TcRoutes::none()
     };
     assert!(attn_only.any());
-    assert!(all.describe().contains("dense=on") && all.describe().contains("attn=on"));
+    assert!(all.describe().contains("dense=on(f16)") && all.describe().contains("attn=on"));
+    let i8r = all.with_vars(env(&[("DS4_CUDA_TC_DENSE_INT8", "1")]));
+    assert!(!i8r.dense_f16 && i8r.dense && i8r.attn_out);
+    assert!(i8r.describe().contains("dense=on(int8) attn_out=on(int8)"));
+    assert!(
+        all.with_vars(env(&[("DS4_CUDA_TC_DENSE_INT8", "0")]))
+            .dense_f16
+    );
     assert!(TcRoutes::none().describe().contains("attn=off"));
 }
 
@@ -82,14 +97,17 @@ mod gpu {
     use ds4_cuda::gemv::{DevWeight, Gemv};
     use ds4_cuda::tc::{MOE_MAX_TOKENS, Tc, TcConfig};
     use ds4_gguf::GgmlType;
-    use ds4_quant::{QMatrix, quantize};
+    use ds4_quant::{QMatrix, dequantize_to_vec, quantize};
 
     use crate::common::Rng;
 
     struct Dev {
         stream: Arc<CudaStream>,
         g: Gemv,
+        /// Every route, dense / attn_out in their int8 form (exact per-block integer dots).
         tc: Tc,
+        /// Every route, dense / attn_out in their f16 (cuBLAS) form.
+        tcf: Tc,
     }
 
     const MAX_TOKENS: usize = 2200;
@@ -111,9 +129,17 @@ mod gpu {
             n_expert: 64,
             n_expert_used: 6,
             down_rows: 1024,
+            max_dense_elems: 8192 * 1024,
+            max_dense_cols: 8192,
+            max_pair_rows: 2048,
         };
-        let tc = Tc::new(&ctx, &stream, cfg, TcRoutes::all()).expect("load tc kernels");
-        Some(Dev { stream, g, tc })
+        let int8 = TcRoutes {
+            dense_f16: false,
+            ..TcRoutes::all()
+        };
+        let tc = Tc::new(&ctx, &stream, cfg, int8).expect("load tc kernels");
+        let tcf = Tc::new(&ctx, &stream, cfg, TcRoutes::all()).expect("load tc kernels (f16)");
+        Some(Dev { stream, g, tc, tcf })
     }
 
     fn ptr<T>(d: &Dev, b: &CudaSlice<T>) -> u64 {
@@ -308,12 +334,13 @@ mod gpu {
             d.g.gate_up_swiglu(&d.stream, &gate, &up, &dx, &act, n, clamp, &mut want)
                 .unwrap();
             let mid = nan_buf(&d, n * rows);
-            // SAFETY: act quantized for gate/up, mid [n][rows].
+            // SAFETY: x [n][cols], act quantized for gate/up, mid [n][rows].
             unsafe {
                 d.tc.gate_up(
                     &d.stream,
                     &gate,
                     &up,
+                    ptr(&d, &dx),
                     ptr(&d, &act),
                     n,
                     clamp,
@@ -329,6 +356,159 @@ mod gpu {
                 &want,
                 1e-5,
             );
+        }
+    }
+
+    /// `(Σ w·x, Σ |w·x|)` in f64 for row `r` of the dequantized weights against `x`.
+    fn true_dot(w: &[f32], x: &[f32]) -> (f64, f64) {
+        w.iter().zip(x).fold((0.0, 0.0), |(s, a), (&p, &q)| {
+            let v = p as f64 * q as f64;
+            (s + v, a + v.abs())
+        })
+    }
+
+    /// The f16 form's bound (module docs): |y − Σ w·x| ≤ 1.5e-3·Σ|w·x| + 1e-30.
+    fn check_f16_form(what: &str, got: f32, want: (f64, f64), worst: &mut f64) {
+        assert!(got.is_finite(), "{what}: output {got} (true {})", want.0);
+        let err = (got as f64 - want.0).abs();
+        let lim = 1.5e-3 * want.1 + 1e-30;
+        assert!(
+            err <= lim,
+            "{what}: f16 form {got} true {} (error {err:e} > {lim:e})",
+            want.0
+        );
+        *worst = worst.max(err / (want.1 + 1e-30));
+    }
+
+    #[test]
+    fn dense_q8_0_f16_form_matches_true_product() {
+        let Some(d) = dev() else { return };
+        let mut rng = Rng(21);
+        let ty = GgmlType::Q8_0;
+        // (cols, rows, n_mat, n, x scale): grouped, odd row counts, the longest K, inputs far
+        // below and above f16's normal range.
+        let cases = [
+            (4096usize, 1024usize, 1usize, 64usize, 1.0f32),
+            (1024, 520, 1, 37, 1e-6),
+            (8192, 300, 1, 40, 1e5),
+            (512, 256, 8, 40, 1.0),
+            (1088, 200, 1, 100, 3.0),
+            (2048, 4096, 1, 16, 0.01),
+        ];
+        for (cols, rows, n_mat, n, xs) in cases {
+            let (bytes, w) = upload(&d, &mut rng, ty, cols, rows, n_mat);
+            assert!(d.tcf.takes_matmul(&w, n));
+            assert!(
+                !d.tcf.matmul_reads_act(&w, n),
+                "{cols}x{rows}x{n_mat}: f16 form expected"
+            );
+            let cx = cols * n_mat;
+            let x = rng.vec(n * cx, xs);
+            let dx = d.stream.clone_htod(&x).unwrap();
+            let y = nan_buf(&d, n * rows * n_mat);
+            // SAFETY: x [n][cx], y [n][rows·n_mat]; act unused by the f16 form.
+            unsafe {
+                d.tcf
+                    .matmul(&d.stream, &w, ptr(&d, &dx), 0, n, ptr(&d, &y))
+                    .unwrap()
+            };
+            let got = d.stream.clone_dtoh(&y).unwrap();
+            let wf = dequantize_to_vec(ty, &bytes).unwrap();
+            let mut worst = 0.0f64;
+            for t in 0..n {
+                for m in 0..n_mat {
+                    let xr = &x[t * cx + m * cols..t * cx + (m + 1) * cols];
+                    for r in 0..rows {
+                        let row = (m * rows + r) * cols;
+                        let want = true_dot(&wf[row..row + cols], xr);
+                        let g = got[t * rows * n_mat + m * rows + r];
+                        check_f16_form(
+                            &format!("f16 dense {cols}x{rows}x{n_mat} n={n} t={t} m={m} r={r}"),
+                            g,
+                            want,
+                            &mut worst,
+                        );
+                    }
+                }
+            }
+            eprintln!(
+                "f16 dense {cols}x{rows}x{n_mat} n={n} x~{xs:e}: worst |err|/Σ|wx| {worst:.2e}"
+            );
+        }
+    }
+
+    #[test]
+    fn shared_gate_up_f16_form_matches_true_product() {
+        let Some(d) = dev() else { return };
+        let mut rng = Rng(22);
+        let ty = GgmlType::Q8_0;
+        for (cols, rows, n, clamp) in [
+            (4096usize, 2048usize, 70usize, 10.0f32),
+            (512, 128, 17, 0.5),
+        ] {
+            let (gb, gate) = upload(&d, &mut rng, ty, cols, rows, 1);
+            let (ub, up) = upload(&d, &mut rng, ty, cols, rows, 1);
+            assert!(d.tcf.takes_gate_up(&gate, &up, n) && !d.tcf.gate_up_reads_act(&gate, n));
+            let x = rng.vec(n * cols, 3.0);
+            let dx = d.stream.clone_htod(&x).unwrap();
+            let mid = nan_buf(&d, n * rows);
+            // SAFETY: x [n][cols], mid [n][rows]; act unused by the f16 form.
+            unsafe {
+                d.tcf
+                    .gate_up(
+                        &d.stream,
+                        &gate,
+                        &up,
+                        ptr(&d, &dx),
+                        0,
+                        n,
+                        clamp,
+                        ptr(&d, &mid),
+                    )
+                    .unwrap()
+            };
+            let got = d.stream.clone_dtoh(&mid).unwrap();
+            let (gf, uf) = (
+                dequantize_to_vec(ty, &gb).unwrap(),
+                dequantize_to_vec(ty, &ub).unwrap(),
+            );
+            // SwiGLU of the true products, with each product's bound carried through: the
+            // output must lie within the SwiGLU of the bound intervals (monotone pieces:
+            // check the four corners and the clamps).
+            let swiglu = |g: f64, u: f64| {
+                let (mut g, mut u) = (g, u);
+                if clamp > 1e-6 {
+                    g = g.min(clamp as f64);
+                    u = u.clamp(-(clamp as f64), clamp as f64);
+                }
+                g / (1.0 + (-g).exp()) * u
+            };
+            for t in 0..n {
+                let xr = &x[t * cols..(t + 1) * cols];
+                for r in 0..rows {
+                    let (gs, ga) = true_dot(&gf[r * cols..(r + 1) * cols], xr);
+                    let (us, ua) = true_dot(&uf[r * cols..(r + 1) * cols], xr);
+                    let (eg, eu) = (1.5e-3 * ga + 1e-30, 1.5e-3 * ua + 1e-30);
+                    let mut lo = f64::INFINITY;
+                    let mut hi = f64::NEG_INFINITY;
+                    // silu is monotone above its minimum at g ≈ −1.28; sample the interval
+                    // densely enough for the narrow bound intervals used here.
+                    for i in 0..=8 {
+                        let g = gs - eg + 2.0 * eg * i as f64 / 8.0;
+                        for u in [us - eu, us + eu] {
+                            let v = swiglu(g, u);
+                            lo = lo.min(v);
+                            hi = hi.max(v);
+                        }
+                    }
+                    let v = got[t * rows + r] as f64;
+                    let slack = 1e-6 * (1.0 + v.abs());
+                    assert!(
+                        v.is_finite() && v >= lo - slack && v <= hi + slack,
+                        "f16 gate/up {cols}x{rows} n={n} t={t} r={r}: {v} outside [{lo}, {hi}]"
+                    );
+                }
+            }
         }
     }
 
