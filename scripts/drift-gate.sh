@@ -9,6 +9,7 @@
 # many layers to /dev/shm (`ds4 synth`) and runs a 32-token and a LONG_TOKENS-token random prompt.
 #
 # Configurations: the exact path (`--quality` and DS4_CUDA_TC_DISABLE=1), each route alone
+# (dense and attn_out in their default f16 form; dense_i8 = both in their int8 form)
 # (ATTN, the tensor-core chunk attention, on every model: it applies to any chunk of >= 16
 # tokens), all routes; ATTN_F16_INFO=1 adds the f16-operand attention variant, reported, not gated. Logits: every prompt position (`--dump-prompt-logits`); the long prompt: the last prompt
 # position and 3 greedy steps (`--dump-logits -n 4`). Compared row by row with `ds4 drift`.
@@ -56,6 +57,7 @@ ROUTES="DENSE ATTN_OUT F16 MOE_GATE MOE_UP MOE_DOWN ATTN"
 declare -A KEEP=(
   [quality]=""
   [dense]="DENSE"
+  [dense_i8]="DENSE ATTN_OUT"
   [attn_out]="ATTN_OUT"
   [f16]="F16"
   [moe_gate_up]="MOE_GATE MOE_UP"
@@ -75,6 +77,7 @@ cfg_env() { # env assignments for a configuration
   [ "$keep" = ALL ] && return
   local r out=""
   [ "$1" = attn_f16 ] && out="DS4_CUDA_TC_ATTN_F16=1"
+  [ "$1" = dense_i8 ] && out="DS4_CUDA_TC_DENSE_INT8=1"
   for r in $ROUTES; do
     case " $keep " in *" $r "*) ;; *) out="$out DS4_CUDA_TC_${r}_DISABLE=1" ;; esac
   done
@@ -87,7 +90,7 @@ cfgs_for() { # configurations worth running (routes that cannot apply are skippe
   case "$1" in
     *f32) echo "attn all$extra" ;;
     *f16) echo "f16 attn all$extra" ;;
-    *) echo "dense attn_out f16 moe_gate_up moe_down attn all$extra" ;;
+    *) echo "dense attn_out dense_i8 f16 moe_gate_up moe_down attn all$extra" ;;
   esac
 }
 

@@ -341,18 +341,23 @@ impl Tc {
                 gemm.push(((kind, bn, swiglu), Kern { f, smem }));
             }
         }
+        let mut routes = routes;
         let f16d =
             if routes.dense_f16 && (routes.dense || routes.attn_out) && cfg.max_dense_elems > 0 {
-                Some(DenseF16::new(
-                    ctx,
-                    stream,
-                    F16Limits {
-                        max_tokens: cfg.max_tokens,
-                        max_elems: cfg.max_dense_elems,
-                        max_cols: cfg.max_dense_cols,
-                        max_pair_rows: cfg.max_pair_rows,
-                    },
-                )?)
+                let lim = F16Limits {
+                    max_tokens: cfg.max_tokens,
+                    max_elems: cfg.max_dense_elems,
+                    max_cols: cfg.max_dense_cols,
+                    max_pair_rows: cfg.max_pair_rows,
+                };
+                match DenseF16::new(ctx, stream, lim) {
+                    Ok(f) => Some(f),
+                    Err(e) => {
+                        eprintln!("ds4-cuda: dense routes fall back to their int8 form: {e}");
+                        routes.dense_f16 = false;
+                        None
+                    }
+                }
             } else {
                 None
             };

@@ -82,6 +82,11 @@ impl DenseF16 {
         stream: &Arc<CudaStream>,
         lim: F16Limits,
     ) -> Result<DenseF16, CudaError> {
+        // SAFETY: only checks whether the shared library can be loaded (cudarc panics on a
+        // missing library at the first call otherwise).
+        if !unsafe { bsys::is_culib_present() } {
+            return Err(berr("libcublas could not be loaded"));
+        }
         let module = crate::device::load_module(ctx, "tc_f16")?;
         let func = |name: &str| {
             module
