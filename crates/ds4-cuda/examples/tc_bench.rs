@@ -174,12 +174,9 @@ mod bench {
                 let (xp, ap, yp) = (self.ptr(&x), self.ptr(&act), self.ptr(&yt));
                 let reps = self.reps;
                 let tc_ms = self.time(reps, || {
-                    let tc = self.tcr(int8);
-                    if tc.matmul_reads_act(&w, n) {
-                        self.g.quantize_act(&self.stream, ty, &x, n, cx, &mut act)?;
-                    }
-                    // SAFETY: act quantized for w when read, x [n][cx], y [n][rows·n_mat].
-                    unsafe { tc.matmul(&self.stream, &w, xp, ap, n, yp)? };
+                    self.g.quantize_act(&self.stream, ty, &x, n, cx, &mut act)?;
+                    // SAFETY: act quantized for w, x [n][cx], y [n][rows·n_mat].
+                    unsafe { self.tcr(int8).matmul(&self.stream, &w, xp, ap, n, yp)? };
                     Ok(())
                 })?;
                 let _ = ap;
@@ -213,13 +210,13 @@ mod bench {
                     .quantize_act(&self.stream, ty, &x, n, cols, &mut act)?;
                 let mut mq = self.stream.alloc_zeros::<f32>(n * rows)?;
                 let mt = self.stream.alloc_zeros::<f32>(n * rows)?;
-                let (xp, ap, mp) = (self.ptr(&x), self.ptr(&act), self.ptr(&mt));
+                let (ap, mp) = (self.ptr(&act), self.ptr(&mt));
                 let reps = self.reps;
                 let tc_ms = self.time(reps, || {
-                    // SAFETY: x [n][cols], act quantized, mid [n][rows].
+                    // SAFETY: act quantized, mid [n][rows].
                     unsafe {
                         self.tcr(int8)
-                            .gate_up(&self.stream, &gate, &up, xp, ap, n, 10.0, mp)?
+                            .gate_up(&self.stream, &gate, &up, ap, n, 10.0, mp)?
                     };
                     Ok(())
                 })?;

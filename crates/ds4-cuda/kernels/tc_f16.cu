@@ -1,15 +1,17 @@
-// The f16 dense route (src/tc_f16.rs): Q8_0 weights and f32 activations converted to f16 for a
-// cuBLAS GEMM (f16 × f16 → f32 accumulation on the tensor cores).
+// The f16 dense route (src/tc_f16.rs): Q8_0 weights and ds4's Q8_0-quantized activations
+// (int8 per 32-block with an f32 scale, gemv's quantize_act) dequantized to f16 for a cuBLAS
+// GEMM (f16 × f16 → f32 accumulation on the tensor cores).
 //
 // Scaling: each operand is multiplied by a power of two before its f16 rounding so that its
-// largest magnitude lands in [2^14, 2^15) (weights: the bound 127·max|d| of the matrix);
-// products and sums then stay far from f16's subnormal and overflow ranges, and the GEMM's
-// alpha = 2^-(e_x + e_w) undoes both exactly. A weight q·d is formed exactly in f32 (7 + 11
-// significant bits) and rounded once to f16; an activation is rounded once to f16.
+// bound 127·max|d| (d: the matrix's weight scales, or the activation block scales) lands in
+// [2^14, 2^15); products and sums then stay far from f16's subnormal and overflow ranges, and
+// the GEMM's alpha = 2^-(e_x + e_w) undoes both exactly. A weight q·d is formed exactly in f32
+// (7 + 11 significant bits) and rounded once to f16; an activation q·d_x is formed in f32 and
+// rounded to f16.
 //
-// Calls per GEMM: the scale slots are zeroed (memset), ds4_tcf_absmax takes max|x| and max|d|,
-// ds4_tcf_convert writes both f16 operands and alpha, cuBLAS runs, and for the shared expert
-// ds4_tcf_swiglu forms the SwiGLU of the gate/up product.
+// Calls per GEMM: the scale slots are zeroed (memset), ds4_tcf_absmax takes max|d_x| and
+// max|d|, ds4_tcf_convert writes both f16 operands and alpha, cuBLAS runs, and for the shared
+// expert ds4_tcf_swiglu forms the SwiGLU of the gate/up product.
 #include "common.cuh"
 
 typedef long long i64;
@@ -30,8 +32,8 @@ __device__ __forceinline__ void block_max_to(float m, u32* slot) {
     if ((threadIdx.x & 31) == 0 && m > 0.f) atomicMax(slot, __float_as_uint(m));
 }
 
-// max|x| over nx floats into slot[0]; max|d| over the f16 scales d0[0..nd0) and d1[0..nd1)
-// into slot[1]. Grid-stride; slot zeroed before.
+// max|x| over nx floats (the activation block scales) into slot[0]; max|d| over the f16 weight
+// scales d0[0..nd0) and d1[0..nd1) into slot[1]. Grid-stride; slot zeroed before.
 extern "C" __global__ void __launch_bounds__(256) ds4_tcf_absmax(const float* __restrict__ x, i64 nx,
                                                                  const u16* __restrict__ d0, i64 nd0,
                                                                  const u16* __restrict__ d1, i64 nd1,
@@ -68,36 +70,45 @@ __device__ __forceinline__ int scale_exp(float am) {
     return e;
 }
 
-// xh[i] = f16(x[i]·2^ex) for nx floats (blocks [0, bx)); wh = f16(q·d·2^ew) for the Q8_0 blocks
-// of up to two matrices (blocks [bx, grid): nb0 blocks of (q0, d0), then nb1 of (q1, d1), four
-// threads per 32-block, 8 values each); alpha = 2^-(ex+ew) into slot[2].
-extern "C" __global__ void __launch_bounds__(256) ds4_tcf_convert(const float* __restrict__ x, i64 nx, int bx,
+// Q8_0 32-block b as f16 (q·d·2^e), 8 values for lane part `part` of 4, into dst.
+__device__ __forceinline__ void q8_block_f16(const i8* __restrict__ q, float d, u16* __restrict__ dst) {
+    const int2 qq = __ldg((const int2*)q);
+    u32 o[4];
+#pragma unroll
+    for (int k = 0; k < 4; k++) {
+        const int w = k < 2 ? qq.x : qq.y;
+        const int s = (k & 1) * 16;
+        const float lo = __fmul_rn((float)(signed char)((w >> s) & 0xff), d);
+        const float hi = __fmul_rn((float)(signed char)((w >> (s + 8)) & 0xff), d);
+        o[k] = f2h(lo) | ((u32)f2h(hi) << 16);
+    }
+    *(uint4*)dst = make_uint4(o[0], o[1], o[2], o[3]);
+}
+
+// Activations: xh = f16(xq·xd·2^ex) for the nx/32 blocks of ds4's Q8_0 activations (xq int8,
+// xd f32 per 32; blocks [0, bx) of the grid). Weights: wh = f16(q·d·2^ew) for the Q8_0 blocks
+// of up to two matrices (blocks [bx, grid): nb0 blocks of (q0, d0), then nb1 of (q1, d1)).
+// Four threads per 32-block, 8 values each. alpha = 2^-(ex+ew) into slot[2].
+extern "C" __global__ void __launch_bounds__(256) ds4_tcf_convert(const i8* __restrict__ xq,
+                                                                  const float* __restrict__ xd, i64 nx, int bx,
                                                                   const i8* __restrict__ q0, const u16* __restrict__ d0,
                                                                   i64 nb0, const i8* __restrict__ q1,
                                                                   const u16* __restrict__ d1, i64 nb1,
                                                                   const u32* __restrict__ slot, u16* __restrict__ xh,
                                                                   u16* __restrict__ wh) {
     PDL_ENTRY();
-    const int ex = scale_exp(__uint_as_float(slot[0]));
-    // Weight bound: |q| ≤ 127.
+    // Bounds: |q| ≤ 127 for both operands.
+    const int ex = scale_exp(127.f * __uint_as_float(slot[0]));
     const int ew = scale_exp(127.f * __uint_as_float(slot[1]));
     if (blockIdx.x == 0 && threadIdx.x == 0) ((float*)slot)[2] = ldexpf(1.0f, -(ex + ew));
     if ((int)blockIdx.x < bx) {
         const i64 stride = (i64)bx * blockDim.x;
-        const i64 i0 = (i64)blockIdx.x * blockDim.x + threadIdx.x;
-        if ((nx & 3) == 0 && ((unsigned long long)x & 15) == 0 && ((unsigned long long)xh & 7) == 0) {
-            for (i64 i = i0; i < nx / 4; i += stride) {
-                const float4 v = __ldg((const float4*)x + i);
-                const u32 a = f2h(ldexpf(v.x, ex)) | ((u32)f2h(ldexpf(v.y, ex)) << 16);
-                const u32 b = f2h(ldexpf(v.z, ex)) | ((u32)f2h(ldexpf(v.w, ex)) << 16);
-                ((uint2*)xh)[i] = make_uint2(a, b);
-            }
-        } else {
-            for (i64 i = i0; i < nx; i += stride) xh[i] = f2h(ldexpf(__ldg(x + i), ex));
+        for (i64 u = (i64)blockIdx.x * blockDim.x + threadIdx.x; u < nx / 8; u += stride) {
+            const i64 b = u >> 2;
+            q8_block_f16(xq + u * 8, ldexpf(__ldg(xd + b), ex), xh + u * 8);
         }
         return;
     }
-    // Weights: 4 threads per 32-block, 8 values (two 4-byte loads) each.
     const i64 nbt = nb0 + nb1;
     const i64 stride = (i64)(gridDim.x - bx) * blockDim.x;
     for (i64 u = (i64)(blockIdx.x - bx) * blockDim.x + threadIdx.x; u < nbt * 4; u += stride) {
@@ -105,20 +116,8 @@ extern "C" __global__ void __launch_bounds__(256) ds4_tcf_convert(const float* _
         const int part = (int)(u & 3);
         const bool first = b < nb0;
         const i64 bb = first ? b : b - nb0;
-        const i8* qb = (first ? q0 : q1) + bb * 32 + part * 8;
         const float d = ldexpf(h2f_(__ldg((first ? d0 : d1) + bb)), ew);
-        const int2 qq = __ldg((const int2*)qb);
-        u32 o[4];
-#pragma unroll
-        for (int k = 0; k < 4; k++) {
-            const int w = k < 2 ? qq.x : qq.y;
-            const int s = (k & 1) * 16;
-            const float lo = (float)(signed char)((w >> s) & 0xff) * d;
-            const float hi = (float)(signed char)((w >> (s + 8)) & 0xff) * d;
-            o[k] = f2h(lo) | ((u32)f2h(hi) << 16);
-        }
-        u16* dst = wh + b * 32 + part * 8;
-        *(uint4*)dst = make_uint4(o[0], o[1], o[2], o[3]);
+        q8_block_f16((first ? q0 : q1) + bb * 32 + part * 8, d, wh + b * 32 + part * 8);
     }
 }
 

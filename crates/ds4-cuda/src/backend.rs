@@ -888,15 +888,11 @@ impl CudaBackend {
         let xs = dv::<f32>(st, x, n * cols);
         let mut act = dv::<u8>(st, self.sc.act.ptr, self.sc.act.bytes);
         let mut ys = dv::<f32>(st, y, n * w.rows() * w.n_mat());
+        self.gemv.quantize_act(st, w.ty(), &xs, n, cols, &mut act)?;
         if let Some(tc) = self.tc.as_ref().filter(|t| t.takes_matmul(w, n)) {
-            if tc.matmul_reads_act(w, n) {
-                self.gemv.quantize_act(st, w.ty(), &xs, n, cols, &mut act)?;
-            }
-            // SAFETY: act holds x quantized for w when the route reads it (above), x is
-            // [n][cols], y [n][rows·n_mat].
+            // SAFETY: act holds x quantized for w (above), x is [n][cols], y [n][rows·n_mat].
             return unsafe { tc.matmul(st, w, x, self.sc.act.ptr, n, y) };
         }
-        self.gemv.quantize_act(st, w.ty(), &xs, n, cols, &mut act)?;
         self.gemv.matvec(st, w, &xs, &act, n, &mut ys)
     }
 
@@ -1541,20 +1537,16 @@ impl CudaBackend {
             )?;
         }
         // Shared expert.
+        self.gemv
+            .quantize_act(st, l.gate_sh.ty(), &b, n, e, &mut act)?;
         let mut sh_mid = dv::<f32>(st, sc.sh_mid.ptr, n * ff);
         if let Some(tc) = tc.filter(|t| t.takes_gate_up(&l.gate_sh, &l.up_sh, n)) {
-            if tc.gate_up_reads_act(&l.gate_sh, n) {
-                self.gemv
-                    .quantize_act(st, l.gate_sh.ty(), &b, n, e, &mut act)?;
-            }
-            // SAFETY: b is [n][e] f32, act holds b quantized for the shared expert when the
-            // route reads it, sh_mid is [n][ff].
+            // SAFETY: act holds b quantized for the shared expert, sh_mid is [n][ff].
             unsafe {
                 tc.gate_up(
                     st,
                     &l.gate_sh,
                     &l.up_sh,
-                    sc.b.ptr,
                     sc.act.ptr,
                     n,
                     l.clamp,
@@ -1562,8 +1554,6 @@ impl CudaBackend {
                 )?
             };
         } else {
-            self.gemv
-                .quantize_act(st, l.gate_sh.ty(), &b, n, e, &mut act)?;
             self.gemv.gate_up_swiglu(
                 st,
                 &l.gate_sh,

@@ -2,12 +2,12 @@
 //!
 //! Chunks of at least [`MIN_TOKENS`] tokens run their weight products as GEMMs on the tensor
 //! cores instead of the decode-style matvec kernels of [`crate::gemv`] (which read the weights
-//! once per 8 tokens). Every route but the f16 form of `dense` / `attn_out` keeps ds4's
-//! activation numerics:
+//! once per 8 tokens). Every route keeps ds4's activation numerics (its int8 / Q8_K
+//! activation quantization):
 //!
 //! | route (switch) | weights | operands | numerics vs the exact path |
 //! |---|---|---|---|
-//! | `dense` (`DS4_CUDA_TC_DENSE_DISABLE`), f16 form (default) | Q8_0 q_a, q_b, kv, out_b, shared gate/up/down | weights `q·d` and activations rounded to f16 after a power-of-two scaling, cuBLAS f16 GEMM with f32 accumulation ([`crate::tc_f16`]) | ≤ 2^-10 relative per product vs the true product (the exact path's int8 activations are ~8× further from it); not the exact path's rounding |
+//! | `dense` (`DS4_CUDA_TC_DENSE_DISABLE`), f16 form (default) | Q8_0 q_a, q_b, kv, out_b, shared gate/up/down | weights `q·d` and ds4's int8 activations `q_x·d_x` rounded to f16 after a power-of-two scaling, cuBLAS f16 GEMM with f32 accumulation ([`crate::tc_f16`]) | ≤ 2^-10 relative per product vs the exact path's product |
 //! | `dense`, int8 form (`DS4_CUDA_TC_DENSE_INT8=1`; also the LM head, too large for the f16 scratch) | as above | int8 × int8 (`mma m16n8k32 s8`), activations from [`Gemv::quantize_act`] | each 32-block's integer dot exact; the block term `(d_w·d_x)·isum` added with one FMA |
 //! | `attn_out` (`…_ATTN_OUT_DISABLE`) | Q8_0 `attn_output_a` (8 groups) | as dense (f16 form: a strided-batched GEMM) | as dense |
 //! | `f16` (`…_F16_DISABLE`) | F16 HC mixing, router, compressors, indexer | f16 × (f16 hi + f16 lo) (`mma m16n8k16`), f32 accumulation | ~f32 (x carried to 22 bits) |
@@ -424,15 +424,14 @@ impl Tc {
             .filter(|f| w.ty() == GgmlType::Q8_0 && f.fits(w, n))
     }
 
-    /// Whether [`Tc::matmul`] of `w` (which [`Tc::takes_matmul`] accepts) reads ds4's quantized
-    /// activations `act` (the int8 kernels) rather than only the f32 `x` (the f16 form, F16).
-    pub fn matmul_reads_act(&self, w: &DevWeight, n: usize) -> bool {
-        w.ty() == GgmlType::Q8_0 && self.f16_for(w, n).is_none()
+    /// Whether [`Tc::matmul`] of `w` runs on the f16 form of dense / attn_out.
+    pub fn matmul_is_f16_form(&self, w: &DevWeight, n: usize) -> bool {
+        self.f16_for(w, n).is_some()
     }
 
-    /// Whether [`Tc::gate_up`] of the pair reads `act` (else only the f32 `x`).
-    pub fn gate_up_reads_act(&self, gate: &DevWeight, n: usize) -> bool {
-        !self.f16d.as_ref().is_some_and(|f| f.fits_pair(gate, n))
+    /// Whether [`Tc::gate_up`] of the pair runs on the f16 form.
+    pub fn gate_up_is_f16_form(&self, gate: &DevWeight, n: usize) -> bool {
+        self.f16d.as_ref().is_some_and(|f| f.fits_pair(gate, n))
     }
 
     fn kern(&self, kind: WKind, bn: usize, swiglu: bool) -> Result<&Kern, CudaError> {
@@ -539,9 +538,9 @@ impl Tc {
     /// for a weight [`Tc::takes_matmul`] accepts (route switches aside).
     ///
     /// # Safety
-    /// `x` is `[n][cols·n_mat]` f32; for Q8_0 when [`Tc::matmul_reads_act`], `act` holds
-    /// `Gemv::quantize_act(Q8_0, x, n, cols·n_mat)` (its layout for `n` rows; else unused).
-    /// `y` has room for `n·rows·n_mat` f32. All are live device allocations used on `stream`.
+    /// Q8_0: `act` holds `Gemv::quantize_act(Q8_0, x, n, cols·n_mat)` (its layout for `n`
+    /// rows); F16: `x` is `[n][cols·n_mat]` f32 (`act` unused). `y` has room for
+    /// `n·rows·n_mat` f32. All are live device allocations used on `stream`.
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn matmul(
         &self,
@@ -561,8 +560,10 @@ impl Tc {
             return Err(terr(format!("unsupported matmul {w:?} for {n} tokens")));
         }
         if let Some(f) = self.f16_for(w, n) {
-            // SAFETY: x is [n][cols·n_mat] f32 and y [n][rows·n_mat] (this function's contract).
-            return unsafe { f.matmul(stream, w, x, n, y) };
+            let cx = w.cols() * w.n_mat();
+            // SAFETY: act holds x quantized for w, y is [n][rows·n_mat] (this function's
+            // contract).
+            return unsafe { f.matmul(stream, w, act, act + act_d_offset(cx, n), n, y) };
         }
         let cx = w.cols() * w.n_mat();
         let (w0, w1, w2) = regions(w, stream);
@@ -662,15 +663,13 @@ impl Tc {
     /// [`crate::gemv::Gemv::gate_up_swiglu`], for a pair [`Tc::takes_gate_up`] accepts.
     ///
     /// # Safety
-    /// `x` is `[n][cols]` f32; `act` holds `Gemv::quantize_act(Q8_0, x, n, cols)` when
-    /// [`Tc::gate_up_reads_act`] (else unused); `mid` has room for `n·rows` f32.
+    /// `act` holds `Gemv::quantize_act(Q8_0, x, n, cols)`; `mid` has room for `n·rows` f32.
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn gate_up(
         &self,
         stream: &Arc<CudaStream>,
         gate: &DevWeight,
         up: &DevWeight,
-        x: u64,
         act: u64,
         n: usize,
         clamp: f32,
@@ -688,8 +687,10 @@ impl Tc {
             return Err(terr(format!("unsupported gate/up pair {gate:?} {up:?}")));
         }
         if let Some(f) = self.f16d.as_ref().filter(|f| f.fits_pair(gate, n)) {
-            // SAFETY: x is [n][cols] f32, mid [n][rows] (this function's contract).
-            return unsafe { f.gate_up(stream, gate, up, x, n, clamp, mid) };
+            let ad = act + act_d_offset(gate.cols(), n);
+            // SAFETY: act holds x quantized for the pair, mid is [n][rows] (this function's
+            // contract).
+            return unsafe { f.gate_up(stream, gate, up, act, ad, n, clamp, mid) };
         }
         let (g0, g1, g2) = regions(gate, stream);
         let (u0, u1, u2) = regions(up, stream);

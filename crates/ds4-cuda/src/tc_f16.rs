@@ -1,16 +1,18 @@
-//! The f16 form of the `dense` and `attn_out` routes: Q8_0 weights and f32 activations rounded
-//! to f16 and multiplied by cuBLAS (`cublasGemmEx` / `cublasGemmStridedBatchedEx`, f16 × f16 →
-//! f32 accumulation, tensor cores), as ds4's own CUDA prefill does with its F16 weight cache.
-//! Kernels in `kernels/tc_f16.cu`.
+//! The f16 form of the `dense` and `attn_out` routes: Q8_0 weights and ds4's Q8_0-quantized
+//! activations (`Gemv::quantize_act`: int8 per 32-block, f32 scale, as the exact path and the
+//! CPU) dequantized to f16 and multiplied by cuBLAS (`cublasGemmEx` /
+//! `cublasGemmStridedBatchedEx`, f16 × f16 → f32 accumulation, tensor cores), as ds4's own CUDA
+//! prefill does with its F16 weight cache. Kernels in `kernels/tc_f16.cu`.
 //!
-//! Numerics: every weight `q·d` and every activation is rounded once to f16 after a power-of-two
-//! scaling that puts the operand's largest magnitude in [2^14, 2^15) (undone exactly by the
-//! GEMM's alpha), so each product carries ≤ 2^-10 relative error and the sum is f32. This is
-//! not the exact path's arithmetic (ds4's int8 activation quantization per 32-block): against
-//! the true product `W·x` it is ~8× closer than the int8 activations, but it does not reproduce
-//! their rounding, so its logits differ from `--quality` like any route (drift-gated). The
-//! int8 kernels of `kernels/tc.cu` (each block's integer dot exact, as on the CPU) stay
-//! available: `DS4_CUDA_TC_DENSE_INT8=1`.
+//! Numerics: every weight `q·d` and every activation `q_x·d_x` is rounded once to f16 after a
+//! power-of-two scaling that puts the operand's bound `127·max|d|` in [2^14, 2^15) (undone
+//! exactly by the GEMM's alpha), so each product carries ≤ 2^-10 relative error against the
+//! exact path's product, and the sum is f32. (A first version rounded the f32 activations to
+//! f16 directly, skipping ds4's int8 quantization: closer to the unquantized product but ~2^-8
+//! of a block's range away from the exact path's, it drifted 1.6–2.1× the chaos floor on the
+//! short fixture prompts; see bench/results/h100/dense-f16.md.) The int8 kernels of
+//! `kernels/tc.cu` (each block's integer dot exact, as on the CPU) stay available:
+//! `DS4_CUDA_TC_DENSE_INT8=1`.
 //!
 //! The weights are converted on every call into one scratch buffer (no resident f16 copy):
 //! about 3 bytes of traffic per weight, small next to the GEMM at prefill chunk sizes.
@@ -146,11 +148,14 @@ impl DenseF16 {
             && gate.cols().is_multiple_of(32)
     }
 
-    /// Zero the scale slots, take max|x| and max|d|, write the f16 operands and alpha.
+    /// Zero the scale slots, take max|d_x| and max|d|, write the f16 operands and alpha.
+    /// `act` holds ds4's Q8_0 activations for `nx` values (qs, then the f32 scales at
+    /// `act_d`).
     fn prepare(
         &self,
         stream: &CudaStream,
-        x: u64,
+        act: u64,
+        act_d: u64,
         nx: usize,
         w0: &DevWeight,
         w1: Option<&DevWeight>,
@@ -168,8 +173,8 @@ impl DenseF16 {
             256,
             0,
             &[
-                A::P(x),
-                A::L(nx as i64),
+                A::P(act_d),
+                A::L((nx / 32) as i64),
                 A::P(d0),
                 A::L(nb0 as i64),
                 A::P(d1),
@@ -177,7 +182,7 @@ impl DenseF16 {
                 A::P(self.slot.ptr),
             ],
         )?;
-        let bx = (self.sms * 2).min(nx.div_ceil(256 * 4).max(1) as u32);
+        let bx = (self.sms * 2).min(nx.div_ceil(256 * 8).max(1) as u32);
         let bw = (self.sms * 6).min(((nb0 + nb1) * 4).div_ceil(256).max(1) as u32);
         launch(
             stream,
@@ -186,7 +191,8 @@ impl DenseF16 {
             256,
             0,
             &[
-                A::P(x),
+                A::P(act),
+                A::P(act_d),
                 A::L(nx as i64),
                 A::I(bx as i32),
                 A::P(q0),
@@ -206,13 +212,15 @@ impl DenseF16 {
     /// accepts (`m` over the `n_mat` groups).
     ///
     /// # Safety
-    /// `x` is `[n][cols·n_mat]` f32, `y` has room for `n·rows·n_mat` f32; live allocations
-    /// used on `stream`.
+    /// `act` holds `Gemv::quantize_act(Q8_0, x, n, cols·n_mat)` with its scales at `act_d`,
+    /// `y` has room for `n·rows·n_mat` f32; live allocations used on `stream`.
+    #[allow(clippy::too_many_arguments)]
     pub unsafe fn matmul(
         &self,
         stream: &Arc<CudaStream>,
         w: &DevWeight,
-        x: u64,
+        act: u64,
+        act_d: u64,
         n: usize,
         y: u64,
     ) -> Result<(), CudaError> {
@@ -220,7 +228,7 @@ impl DenseF16 {
             return Err(berr(format!("{w:?} for {n} tokens exceeds the scratch")));
         }
         let (rows, cols, nm) = (w.rows(), w.cols(), w.n_mat());
-        self.prepare(stream, x, n * cols * nm, w, None)?;
+        self.prepare(stream, act, act_d, n * cols * nm, w, None)?;
         // SAFETY: wh holds rows·nm × cols f16, xh n × cols·nm f16, y n × rows·nm f32.
         unsafe {
             self.gemm(
@@ -240,14 +248,16 @@ impl DenseF16 {
     /// [`DenseF16::fits_pair`] accepts.
     ///
     /// # Safety
-    /// `x` is `[n][cols]` f32, `mid` has room for `n·rows` f32.
+    /// `act` holds `Gemv::quantize_act(Q8_0, x, n, cols)` with its scales at `act_d`, `mid`
+    /// has room for `n·rows` f32.
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn gate_up(
         &self,
         stream: &Arc<CudaStream>,
         gate: &DevWeight,
         up: &DevWeight,
-        x: u64,
+        act: u64,
+        act_d: u64,
         n: usize,
         clamp: f32,
         mid: u64,
@@ -256,7 +266,7 @@ impl DenseF16 {
             return Err(berr(format!("{gate:?} for {n} tokens exceeds the scratch")));
         }
         let (rows, cols) = (gate.rows(), gate.cols());
-        self.prepare(stream, x, n * cols, gate, Some(up))?;
+        self.prepare(stream, act, act_d, n * cols, gate, Some(up))?;
         // SAFETY: wh holds the 2·rows × cols pair, gu room for n × 2·rows f32.
         unsafe {
             self.gemm(

@@ -12,14 +12,16 @@
 //!   x ~ N(0, 1)): a reordered sum differs by ~1e-7·√terms ≈ 1e-6, so 1e-5 has ≥ 10× headroom,
 //!   while any indexing, scale or sign error is ≥ 1e-2. (`mid` carries these errors through the
 //!   f64 SwiGLU: same bound.)
-//! * The f16 form of dense / attn_out / shared gate-up (`TcRoutes::dense_f16`) vs the true
-//!   product in f64 of the dequantized weights and the f32 inputs:
-//!   `|y − Σ w·x| ≤ 1.5e-3·Σ|w·x| + 1e-30`. Each weight and activation is rounded once to f16
-//!   (≤ 2^-11 relative each: ≤ 9.8e-4 per product; the power-of-two scalings are exact and keep
-//!   every operand normal) and the f32 sum of K ≤ 8192 terms adds ≤ K·2^-24 ≤ 4.9e-4 of
-//!   Σ|w·x| in the worst case. Indexing, grouping or scale errors are O(Σ|w·x|). Inputs of very
+//! * The f16 form of dense / attn_out / shared gate-up (`TcRoutes::dense_f16`) vs the exact
+//!   path's products in f64: the dequantized weights times ds4's dequantized int8 activations
+//!   (`quantize_act`, read back from the device): `|y − Σ w·x_q| ≤ 1.5e-3·Σ|w·x_q| + 1e-30`.
+//!   Each weight and activation is rounded once to f16 (≤ 2^-11 relative each, plus 2^-24 for
+//!   the activation's f32 product: ≤ 9.8e-4 per product; the power-of-two scalings are exact
+//!   and keep every operand normal) and the f32 sum of K ≤ 8192 terms adds ≤ K·2^-24 ≤ 4.9e-4
+//!   of Σ|w·x_q| in the worst case. Indexing, grouping, scale or quantization errors are
+//!   O(Σ|w·x_q|) (the unquantized x is ~2^-8 of a block's range away). Inputs of very
 //!   different magnitudes (1e-6 … 1e5, beyond f16's range without the scaling) are included.
-//!   The gate/up pair is checked through its SwiGLU against the same true products.
+//!   The gate/up pair is checked through its SwiGLU against the same products.
 //! * F16 weights vs the CPU (f32 products, f32 accumulation): `≤ 1e-4·(1 + |cpu|)` as gemv's
 //!   F16 test: x is carried as f16 hi + lo (22 bits, ≤ 2.4e-7 relative per element), products
 //!   are exact, f32 accumulation in another order (4096–16384 terms).
@@ -129,7 +131,7 @@ mod gpu {
             n_expert: 64,
             n_expert_used: 6,
             down_rows: 1024,
-            max_dense_elems: 8192 * 1024,
+            max_dense_elems: 2 * 4096 * 2048,
             max_dense_cols: 8192,
             max_pair_rows: 2048,
         };
@@ -334,13 +336,12 @@ mod gpu {
             d.g.gate_up_swiglu(&d.stream, &gate, &up, &dx, &act, n, clamp, &mut want)
                 .unwrap();
             let mid = nan_buf(&d, n * rows);
-            // SAFETY: x [n][cols], act quantized for gate/up, mid [n][rows].
+            // SAFETY: act quantized for gate/up, mid [n][rows].
             unsafe {
                 d.tc.gate_up(
                     &d.stream,
                     &gate,
                     &up,
-                    ptr(&d, &dx),
                     ptr(&d, &act),
                     n,
                     clamp,
@@ -357,6 +358,31 @@ mod gpu {
                 1e-5,
             );
         }
+    }
+
+    /// ds4's Q8_0 activations of `x` (`[n][cx]`) on the device, and their dequantized values
+    /// (`q·d` per 32-block, read back): (x on the device, act, dequantized x).
+    fn quantized_act(
+        d: &Dev,
+        x: &[f32],
+        n: usize,
+        cx: usize,
+    ) -> (CudaSlice<f32>, CudaSlice<u8>, Vec<f32>) {
+        let ty = GgmlType::Q8_0;
+        let dx = d.stream.clone_htod(x).unwrap();
+        let mut act = byte_buf(d, Gemv::act_bytes(ty, cx, n));
+        d.g.quantize_act(&d.stream, ty, &dx, n, cx, &mut act)
+            .unwrap();
+        let bytes = d.stream.clone_dtoh(&act).unwrap();
+        // Layout (gemv.rs): qs [n·cx] i8, then d [n·cx/32] f32 at the next 256-byte boundary.
+        let off = (n * cx).div_ceil(256) * 256;
+        let xq = (0..n * cx)
+            .map(|i| {
+                let s = &bytes[off + 4 * (i / 32)..off + 4 * (i / 32) + 4];
+                bytes[i] as i8 as f32 * f32::from_le_bytes([s[0], s[1], s[2], s[3]])
+            })
+            .collect();
+        (dx, act, xq)
     }
 
     /// `(Σ w·x, Σ |w·x|)` in f64 for row `r` of the dequantized weights against `x`.
@@ -399,17 +425,17 @@ mod gpu {
             let (bytes, w) = upload(&d, &mut rng, ty, cols, rows, n_mat);
             assert!(d.tcf.takes_matmul(&w, n));
             assert!(
-                !d.tcf.matmul_reads_act(&w, n),
+                d.tcf.matmul_is_f16_form(&w, n) && !d.tc.matmul_is_f16_form(&w, n),
                 "{cols}x{rows}x{n_mat}: f16 form expected"
             );
             let cx = cols * n_mat;
-            let x = rng.vec(n * cx, xs);
-            let dx = d.stream.clone_htod(&x).unwrap();
+            let x0 = rng.vec(n * cx, xs);
+            let (dx, act, x) = quantized_act(&d, &x0, n, cx);
             let y = nan_buf(&d, n * rows * n_mat);
-            // SAFETY: x [n][cx], y [n][rows·n_mat]; act unused by the f16 form.
+            // SAFETY: act quantized for w, x [n][cx], y [n][rows·n_mat].
             unsafe {
                 d.tcf
-                    .matmul(&d.stream, &w, ptr(&d, &dx), 0, n, ptr(&d, &y))
+                    .matmul(&d.stream, &w, ptr(&d, &dx), ptr(&d, &act), n, ptr(&d, &y))
                     .unwrap()
             };
             let got = d.stream.clone_dtoh(&y).unwrap();
@@ -448,19 +474,18 @@ mod gpu {
         ] {
             let (gb, gate) = upload(&d, &mut rng, ty, cols, rows, 1);
             let (ub, up) = upload(&d, &mut rng, ty, cols, rows, 1);
-            assert!(d.tcf.takes_gate_up(&gate, &up, n) && !d.tcf.gate_up_reads_act(&gate, n));
-            let x = rng.vec(n * cols, 3.0);
-            let dx = d.stream.clone_htod(&x).unwrap();
+            assert!(d.tcf.takes_gate_up(&gate, &up, n) && d.tcf.gate_up_is_f16_form(&gate, n));
+            let x0 = rng.vec(n * cols, 3.0);
+            let (_dx, act, x) = quantized_act(&d, &x0, n, cols);
             let mid = nan_buf(&d, n * rows);
-            // SAFETY: x [n][cols], mid [n][rows]; act unused by the f16 form.
+            // SAFETY: act quantized for the pair, mid [n][rows].
             unsafe {
                 d.tcf
                     .gate_up(
                         &d.stream,
                         &gate,
                         &up,
-                        ptr(&d, &dx),
-                        0,
+                        ptr(&d, &act),
                         n,
                         clamp,
                         ptr(&d, &mid),

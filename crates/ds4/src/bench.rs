@@ -8,6 +8,9 @@
 //! exactly `--gen-tokens` greedy decode steps with EOS excluded (timed: `gen_tps`); restore the
 //! snapshot (untimed); write one CSV row. With `--whole-prompt` the session is emptied before
 //! each frontier, so `prefill_tps` is the cold prefill of the whole prompt (performance.md §5.4).
+//! Before the first frontier, one untimed warm-up prefill of the first frontier's prompt (then
+//! emptied) loads what the backend loads lazily on first use (CUDA modules, cuBLAS kernels),
+//! as llama-bench's warm-up run does.
 //!
 //! Extra columns: `card` (GPU name or `cpu`), `backend`, `commit`, `decode_bytes_per_token`
 //! (weights one decode step reads + the KV rows it reads, averaged over the decoded steps),
@@ -703,6 +706,12 @@ pub fn run(a: Args) -> Result<()> {
         None => Box::new(std::io::stdout().lock()),
     };
     write_header(&mut out)?;
+    if let Some(&first) = fr.first() {
+        session
+            .sync(&prompt[..first])
+            .with_context(|| format!("warm-up prefill of {first} tokens"))?;
+        session.reset();
+    }
     let mut previous = 0usize;
     for &frontier in &fr {
         if a.whole_prompt {
