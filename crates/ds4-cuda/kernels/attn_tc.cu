@@ -40,7 +40,10 @@ typedef unsigned short u16;
 typedef unsigned int u32;
 typedef long long i64;
 
-#define AT_THREADS 256
+#define AT_THREADS 512
+#define AT_WARPS 16
+#define AT_XS 40  // sX row stride (floats): conflict-free float2 stores of mma fragments
+#define AT_PS 80  // sP row stride (bytes): conflict-free ldmatrix
 #define AT_HPC 32  // heads per CTA
 #define AT_BN 32   // rows per tile
 #define AT_PSCALE 16384.0f
@@ -120,13 +123,16 @@ extern "C" __global__ void __launch_bounds__(256)
 // Shared-memory layout (bytes) of one variant.
 template <int HD, bool SPLIT>
 struct AtLay {
-    static constexpr int CH = HD / 8;                       // 16-byte chunks per f16 half-row
-    static constexpr int QROWS = SPLIT ? 2 * AT_HPC : AT_HPC;  // Q hi rows, then lo rows
-    static constexpr int KCH = SPLIT ? 2 * CH : CH;        // chunks per tile row (hi | lo)
-    static constexpr int Q_BYTES = QROWS * CH * 16;
+    static constexpr int CH = HD / 8;                 // 16-byte chunks per f16 half-row
+    static constexpr int KCH = SPLIT ? 2 * CH : CH;  // chunks per tile row (hi | lo)
     static constexpr int K_STAGE = AT_BN * KCH * 16;
-    static constexpr int X_BYTES = 8 * 16 * 32 * 4;        // S partials: 8 warps × 16 regs × 32 lanes
-    static constexpr int TOTAL = Q_BYTES + 2 * K_STAGE + X_BYTES;
+    static constexpr int X_BYTES = AT_WARPS * 16 * AT_XS * 4;  // S partials: per warp 16 heads × 32 rows
+    static constexpr int P_BYTES = 2 * 2 * 16 * AT_PS;         // P: per m-group hi, lo: 16 heads × 32 rows f16
+    static constexpr int F_BYTES = 3 * AT_HPC * 4;             // per head: correction, final max, final sum
+    static constexpr int X_OFF = 2 * K_STAGE;
+    static constexpr int P_OFF = X_OFF + X_BYTES;
+    static constexpr int F_OFF = P_OFF + P_BYTES;
+    static constexpr int TOTAL = F_OFF + F_BYTES;
 };
 
 // Byte offset of chunk `ch` of row `r` in a tile of `nch` chunks per row (XOR swizzle: the 8
@@ -142,18 +148,22 @@ __device__ __forceinline__ void attn_tc_body(
     typedef AtLay<HD, SPLIT> L;
     constexpr int CH = L::CH;
     constexpr int KCH = L::KCH;
-    constexpr int DQ = HD / 4;      // output dims per warp (and QK K-range per warp)
+    constexpr int DQ = HD / 8;      // output dims per warp (and QK K-range per warp)
     constexpr int KS = DQ / 16;     // QK k-steps per warp
     constexpr int NBO = DQ / 8;     // O n-blocks per warp
     constexpr int NBS = AT_BN / 8;  // S n-blocks
+    static_assert(KS >= 1 && NBO % 2 == 0 && KCH >= 16, "tile shape");
     extern __shared__ __align__(128) unsigned char at_smem[];
-    unsigned char* sQ = at_smem;
-    unsigned char* sK = at_smem + L::Q_BYTES;
-    float* sX = reinterpret_cast<float*>(at_smem + L::Q_BYTES + 2 * L::K_STAGE);
+    unsigned char* sK = at_smem;
+    float* sX = reinterpret_cast<float*>(at_smem + L::X_OFF);
+    unsigned char* sP = at_smem + L::P_OFF;
+    float* sC = reinterpret_cast<float*>(at_smem + L::F_OFF);  // [32] per-tile correction
+    float* sM = sC + AT_HPC;                                   // [32] final running max
+    float* sL = sM + AT_HPC;                                   // [32] final sum
 
     const int tid = threadIdx.x, w = tid >> 5, lane = tid & 31;
     const int g = lane >> 2, c4 = lane & 3;
-    const int mg = w & 1, dq = w >> 1;
+    const int mg = w & 1, e = w >> 1;  // m-group (16 heads), eighth of the dims
     const int hb = blockIdx.x, t = blockIdx.y;
     const i64 p = (i64)*pos0p + t;
     const i64 n_raw = (p + 1) < (i64)window ? (p + 1) : (i64)window;
@@ -165,29 +175,9 @@ __device__ __forceinline__ void attn_tc_body(
     const int ntiles = (R + AT_BN - 1) / AT_BN;
     const int* sel = isel + (i64)t * topk;
 
-    // Q (f32) → hi [lo] f16 rows in shared memory; heads past nh are zero.
-    for (int i = tid; i < AT_HPC * HD / 4; i += AT_THREADS) {
-        const int h = i / (HD / 4), d4 = i - h * (HD / 4);
-        const int hg = hb * AT_HPC + h;
-        float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
-        if (hg < nh) v = reinterpret_cast<const float4*>(q + ((i64)t * nh + hg) * HD)[d4];
-        u16 hh[4], ll[4];
-        split_h(v.x, &hh[0], &ll[0]);
-        split_h(v.y, &hh[1], &ll[1]);
-        split_h(v.z, &hh[2], &ll[2]);
-        split_h(v.w, &hh[3], &ll[3]);
-        const int off = (d4 & 1) * 8;
-        *reinterpret_cast<uint2*>(sQ + at_swz(h, d4 >> 1, CH) + off) =
-            make_uint2(pack2(hh[0], hh[1]), pack2(hh[2], hh[3]));
-        if (SPLIT) {
-            *reinterpret_cast<uint2*>(sQ + at_swz(AT_HPC + h, d4 >> 1, CH) + off) =
-                make_uint2(pack2(ll[0], ll[1]), pack2(ll[2], ll[3]));
-        }
-    }
-
-    // Gather tile j into stage st: thread → row tid/8, chunks tid%8, +8, ...
+    // Gather tile j into stage st: thread → row tid/16, chunks tid%16, +16, ...
     auto issue = [&](int j, int st) {
-        const int row = tid >> 3, sub = tid & 7;
+        const int row = tid >> 4, sub = tid & 15;
         int r = j * AT_BN + row;
         if (r >= R) r = 0;
         const u16* src;
@@ -199,105 +189,114 @@ __device__ __forceinline__ void attn_tc_body(
         }
         unsigned char* dst = sK + st * L::K_STAGE;
 #pragma unroll
-        for (int k = sub; k < KCH; k += 8) cp16(dst + at_swz(row, k, KCH), src + k * 8);
+        for (int k = sub; k < KCH; k += 16) cp16(dst + at_swz(row, k, KCH), src + k * 8);
         cp_commit();
     };
+    issue(0, 0);
+
+    // Q (f32) → this warp's A fragments (heads 16·mg + g, +8; dims of its eighth), hi [lo],
+    // in registers for the whole kernel; heads past nh are zero.
+    u32 qh[KS][4], ql[KS][4];
+#pragma unroll
+    for (int ks = 0; ks < KS; ks++) {
+#pragma unroll
+        for (int r = 0; r < 4; r++) {
+            const int hg = hb * AT_HPC + mg * 16 + g + 8 * (r & 1);
+            const int d = e * DQ + ks * 16 + 8 * (r >> 1) + 2 * c4;
+            float2 v = make_float2(0.f, 0.f);
+            if (hg < nh) v = *reinterpret_cast<const float2*>(q + ((i64)t * nh + hg) * HD + d);
+            u16 h0, h1, l0, l1;
+            split_h(v.x, &h0, &l0);
+            split_h(v.y, &h1, &l1);
+            qh[ks][r] = pack2(h0, h1);
+            ql[ks][r] = pack2(l0, l1);
+        }
+    }
 
     float O[NBO][4];
 #pragma unroll
     for (int i = 0; i < NBO; i++) O[i][0] = O[i][1] = O[i][2] = O[i][3] = 0.f;
-    float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;  // heads g, g+8 of the m-group
+    // Softmax state of the head this lane owns (m-group head 2e + lane/16, rows 2·(lane%16), +1
+    // of each tile): running max, running partial sum (summed over the 16 lanes at the end).
+    const int hown = 2 * e + (lane >> 4);
+    const int rown = 2 * (lane & 15);
+    float m_run = -INFINITY, l_run = 0.f;
+    float* xw = sX + w * (16 * AT_XS);
+    unsigned char* pH = sP + mg * (2 * 16 * AT_PS);
+    unsigned char* pL = pH + 16 * AT_PS;
 
-    issue(0, 0);
     for (int j = 0; j < ntiles; j++) {
-        if (j + 1 < ntiles) {
-            issue(j + 1, (j + 1) & 1);
-            cp_wait<1>();
-        } else {
-            cp_wait<0>();
-        }
-        __syncthreads();
+        cp_wait<0>();
+        __syncthreads();  // tile j landed; every warp is done with tile j - 1 (its stage, sX, sP)
+        if (j + 1 < ntiles) issue(j + 1, (j + 1) & 1);
         const unsigned char* kt = sK + (j & 1) * L::K_STAGE;
 
-        // Partial S over this warp's quarter of the dims.
+        // Partial S over this warp's eighth of the dims.
         float S[NBS][4];
 #pragma unroll
         for (int i = 0; i < NBS; i++) S[i][0] = S[i][1] = S[i][2] = S[i][3] = 0.f;
 #pragma unroll
         for (int ks = 0; ks < KS; ks++) {
-            const int kc = (dq * DQ + ks * 16) >> 3;
-            const int ar = mg * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
-            const int ac = kc + (lane >> 4);
-            u32 ah[4], al[4];
-            ldsm4(ah, sQ + at_swz(ar, ac, CH));
-            if (SPLIT) ldsm4(al, sQ + at_swz(AT_HPC + ar, ac, CH));
+            const int kc = (e * DQ + ks * 16) >> 3;
 #pragma unroll
             for (int np = 0; np < NBS / 2; np++) {
                 const int br = np * 16 + (lane & 7) + (lane >> 4) * 8;
                 const int bc = kc + ((lane >> 3) & 1);
                 u32 bh[4];
                 ldsm4(bh, kt + at_swz(br, bc, KCH));
-                mma16(S[2 * np], ah, bh[0], bh[1]);
-                mma16(S[2 * np + 1], ah, bh[2], bh[3]);
+                mma16(S[2 * np], qh[ks], bh[0], bh[1]);
+                mma16(S[2 * np + 1], qh[ks], bh[2], bh[3]);
                 if (SPLIT) {
                     u32 bl[4];
                     ldsm4(bl, kt + at_swz(br, bc + CH, KCH));
-                    mma16(S[2 * np], ah, bl[0], bl[1]);
-                    mma16(S[2 * np + 1], ah, bl[2], bl[3]);
-                    mma16(S[2 * np], al, bh[0], bh[1]);
-                    mma16(S[2 * np + 1], al, bh[2], bh[3]);
+                    mma16(S[2 * np], qh[ks], bl[0], bl[1]);
+                    mma16(S[2 * np + 1], qh[ks], bl[2], bl[3]);
+                    mma16(S[2 * np], ql[ks], bh[0], bh[1]);
+                    mma16(S[2 * np + 1], ql[ks], bh[2], bh[3]);
                 }
             }
         }
-        // Sum the four quarters in a fixed order (identical S in the four warps).
-        float* xw = sX + w * (16 * 32);
+        // Partials → sX as [head][row]; the 8 warps of the m-group then each sum (fixed order)
+        // and soft-max the 2 heads × 32 rows they own.
 #pragma unroll
-        for (int i = 0; i < 16; i++) xw[i * 32 + lane] = S[i >> 2][i & 3];
-        bar_named(1 + mg, 128);
-#pragma unroll
-        for (int i = 0; i < 16; i++) {
-            const float x0 = sX[(mg + 0) * 512 + i * 32 + lane];
-            const float x1 = sX[(mg + 2) * 512 + i * 32 + lane];
-            const float x2 = sX[(mg + 4) * 512 + i * 32 + lane];
-            const float x3 = sX[(mg + 6) * 512 + i * 32 + lane];
-            S[i >> 2][i & 3] = (x0 + x1) + (x2 + x3);
+        for (int nb = 0; nb < NBS; nb++) {
+            *reinterpret_cast<float2*>(xw + g * AT_XS + nb * 8 + 2 * c4) = make_float2(S[nb][0], S[nb][1]);
+            *reinterpret_cast<float2*>(xw + (g + 8) * AT_XS + nb * 8 + 2 * c4) = make_float2(S[nb][2], S[nb][3]);
         }
+        bar_named(1 + mg, 8 * 32);  // the 8 warps of the m-group
+        float2 xs[8];
+#pragma unroll
+        for (int k = 0; k < 8; k++)
+            xs[k] = *reinterpret_cast<const float2*>(sX + (mg + 2 * k) * (16 * AT_XS) + hown * AT_XS + rown);
+        float s0 = ((xs[0].x + xs[1].x) + (xs[2].x + xs[3].x)) + ((xs[4].x + xs[5].x) + (xs[6].x + xs[7].x));
+        float s1 = ((xs[0].y + xs[1].y) + (xs[2].y + xs[3].y)) + ((xs[4].y + xs[5].y) + (xs[6].y + xs[7].y));
 
-        // Online softmax (f32): scores, masks, running max and sum per head.
+        // Online softmax (f32) of the owned head.
         const int rb = j * AT_BN;
-        float t0 = -INFINITY, t1 = -INFINITY;
-#pragma unroll
-        for (int nb = 0; nb < NBS; nb++) {
-#pragma unroll
-            for (int e = 0; e < 2; e++) {
-                const bool ok = rb + nb * 8 + 2 * c4 + e < R;
-                S[nb][e] = ok ? S[nb][e] * scale : -INFINITY;
-                S[nb][2 + e] = ok ? S[nb][2 + e] * scale : -INFINITY;
-                t0 = fmaxf(t0, S[nb][e]);
-                t1 = fmaxf(t1, S[nb][2 + e]);
-            }
+        s0 = rb + rown < R ? s0 * scale : -INFINITY;
+        s1 = rb + rown + 1 < R ? s1 * scale : -INFINITY;
+        float tm = fmaxf(s0, s1);
+        tm = fmaxf(tm, __shfl_xor_sync(0xffffffffu, tm, 1));
+        tm = fmaxf(tm, __shfl_xor_sync(0xffffffffu, tm, 2));
+        tm = fmaxf(tm, __shfl_xor_sync(0xffffffffu, tm, 4));
+        tm = fmaxf(tm, __shfl_xor_sync(0xffffffffu, tm, 8));
+        const float nm = fmaxf(m_run, tm);  // finite: row rb < R is valid
+        const float cf = expf(m_run - nm);
+        m_run = nm;
+        const float p0 = expf(s0 - nm), p1 = expf(s1 - nm);
+        l_run = l_run * cf + (p0 + p1);
+        {
+            u16 h0, h1, q0, q1;
+            split_h(p0 * AT_PSCALE, &h0, &q0);
+            split_h(p1 * AT_PSCALE, &h1, &q1);
+            *reinterpret_cast<u32*>(pH + hown * AT_PS + rown * 2) = pack2(h0, h1);
+            if (SPLIT) *reinterpret_cast<u32*>(pL + hown * AT_PS + rown * 2) = pack2(q0, q1);
         }
-        t0 = fmaxf(t0, __shfl_xor_sync(0xffffffffu, t0, 1));
-        t0 = fmaxf(t0, __shfl_xor_sync(0xffffffffu, t0, 2));
-        t1 = fmaxf(t1, __shfl_xor_sync(0xffffffffu, t1, 1));
-        t1 = fmaxf(t1, __shfl_xor_sync(0xffffffffu, t1, 2));
-        const float n0 = fmaxf(m0, t0), n1 = fmaxf(m1, t1);  // finite: row rb < R is valid
-        const float c0 = expf(m0 - n0), c1 = expf(m1 - n1);
-        m0 = n0;
-        m1 = n1;
-        float s0 = 0.f, s1 = 0.f;
-#pragma unroll
-        for (int nb = 0; nb < NBS; nb++) {
-#pragma unroll
-            for (int e = 0; e < 2; e++) {
-                S[nb][e] = expf(S[nb][e] - n0);
-                S[nb][2 + e] = expf(S[nb][2 + e] - n1);
-                s0 += S[nb][e];
-                s1 += S[nb][2 + e];
-            }
-        }
-        l0 = l0 * c0 + s0;
-        l1 = l1 * c1 + s1;
+        if ((lane & 15) == 0) sC[mg * 16 + hown] = cf;
+        bar_named(3 + mg, 8 * 32);
+
+        // O = O·c + P·V over this warp's eighth of the dims.
+        const float c0 = sC[mg * 16 + g], c1 = sC[mg * 16 + g + 8];
 #pragma unroll
         for (int i = 0; i < NBO; i++) {
             O[i][0] *= c0;
@@ -305,25 +304,17 @@ __device__ __forceinline__ void attn_tc_body(
             O[i][2] *= c1;
             O[i][3] *= c1;
         }
-
-        // O += P·V over this warp's quarter of the dims.
 #pragma unroll
         for (int kk = 0; kk < AT_BN / 16; kk++) {
+            const int pr = (lane & 7) + ((lane >> 3) & 1) * 8;
+            const int pc = (kk * 16 + (lane >> 4) * 8) * 2;
             u32 ph[4], pl[4];
-#pragma unroll
-            for (int r = 0; r < 4; r++) {
-                // r: 0 = (head g, rows 2c..), 1 = (head g+8), 2/3 = the same for rows 8+2c..
-                const float* src = S[2 * kk + (r >> 1)] + (r & 1) * 2;
-                u16 h0, h1, q0, q1;
-                split_h(src[0] * AT_PSCALE, &h0, &q0);
-                split_h(src[1] * AT_PSCALE, &h1, &q1);
-                ph[r] = pack2(h0, h1);
-                pl[r] = pack2(q0, q1);
-            }
+            ldsm4(ph, pH + pr * AT_PS + pc);
+            if (SPLIT) ldsm4(pl, pL + pr * AT_PS + pc);
             const int vr = kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
 #pragma unroll
             for (int nbp = 0; nbp < NBO / 2; nbp++) {
-                const int vc = ((dq * DQ) >> 3) + 2 * nbp + (lane >> 4);
+                const int vc = ((e * DQ) >> 3) + 2 * nbp + (lane >> 4);
                 u32 vh[4];
                 ldsm4t(vh, kt + at_swz(vr, vc, KCH));
                 mma16(O[2 * nbp], ph, vh[0], vh[1]);
@@ -338,20 +329,26 @@ __device__ __forceinline__ void attn_tc_body(
                 }
             }
         }
-        __syncthreads();  // the stage and sX are reused by the next tiles
     }
 
-    // Finish: quad sums, the sink, inverse RoPE on the tail, f32 out.
-    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
-    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+    // Finish: the owned heads' sums over their 16 lanes, then per (head, dims): the sink,
+    // inverse RoPE on the tail, f32 out.
+    l_run += __shfl_xor_sync(0xffffffffu, l_run, 1);
+    l_run += __shfl_xor_sync(0xffffffffu, l_run, 2);
+    l_run += __shfl_xor_sync(0xffffffffu, l_run, 4);
+    l_run += __shfl_xor_sync(0xffffffffu, l_run, 8);
+    if ((lane & 15) == 0) {
+        sM[mg * 16 + hown] = m_run;
+        sL[mg * 16 + hown] = l_run;
+    }
+    __syncthreads();
     const int n_nope = HD - n_rot;
 #pragma unroll
     for (int half = 0; half < 2; half++) {
-        const int hg = hb * AT_HPC + mg * 16 + g + 8 * half;
+        const int hl = mg * 16 + g + 8 * half;
+        const int hg = hb * AT_HPC + hl;
         if (hg >= nh) continue;
-        const double m = (double)(half ? m1 : m0), l = (double)(half ? l1 : l0);
+        const double m = (double)sM[hl], l = (double)sL[hl];
         const double sk = (double)sinks[hg];
         const double M = fmax(sk, m);
         const double corr = exp(m - M);
@@ -359,7 +356,7 @@ __device__ __forceinline__ void attn_tc_body(
         float* out = heads + ((i64)t * nh + hg) * HD;
 #pragma unroll
         for (int nb = 0; nb < NBO; nb++) {
-            const int d = dq * DQ + nb * 8 + 2 * c4;
+            const int d = e * DQ + nb * 8 + 2 * c4;
             float v0 = (float)((double)O[nb][2 * half] * f);
             float v1 = (float)((double)O[nb][2 * half + 1] * f);
             if (d >= n_nope) {
