@@ -128,11 +128,13 @@ struct AtLay {
     static constexpr int K_STAGE = AT_BN * KCH * 16;
     static constexpr int X_BYTES = AT_WARPS * 16 * AT_XS * 4;  // S partials: per warp 16 heads × 32 rows
     static constexpr int P_BYTES = 2 * 2 * 16 * AT_PS;         // P: per m-group hi, lo: 16 heads × 32 rows f16
-    static constexpr int F_BYTES = 3 * AT_HPC * 4;             // per head: correction, final max, final sum
+    static constexpr int F_BYTES = AT_HPC * 4 + AT_HPC * 8;    // per head: correction, final factor (f64)
+    static constexpr int RC_BYTES = (HD / 2) * 8;              // RoPE (cos, sin) per pair of the token
     static constexpr int X_OFF = 2 * K_STAGE;
     static constexpr int P_OFF = X_OFF + X_BYTES;
     static constexpr int F_OFF = P_OFF + P_BYTES;
-    static constexpr int TOTAL = F_OFF + F_BYTES;
+    static constexpr int RC_OFF = F_OFF + F_BYTES;
+    static constexpr int TOTAL = RC_OFF + RC_BYTES;
 };
 
 // Byte offset of chunk `ch` of row `r` in a tile of `nch` chunks per row (XOR swizzle: the 8
@@ -158,8 +160,8 @@ __device__ __forceinline__ void attn_tc_body(
     float* sX = reinterpret_cast<float*>(at_smem + L::X_OFF);
     unsigned char* sP = at_smem + L::P_OFF;
     float* sC = reinterpret_cast<float*>(at_smem + L::F_OFF);  // [32] per-tile correction
-    float* sM = sC + AT_HPC;                                   // [32] final running max
-    float* sL = sM + AT_HPC;                                   // [32] final sum
+    double* sF = reinterpret_cast<double*>(sC + AT_HPC);       // [32] final output factor
+    float2* sRC = reinterpret_cast<float2*>(at_smem + L::RC_OFF);  // [n_rot / 2] RoPE (cos, sin)
 
     const int tid = threadIdx.x, w = tid >> 5, lane = tid & 31;
     const int g = lane >> 2, c4 = lane & 3;
@@ -174,25 +176,38 @@ __device__ __forceinline__ void attn_tc_body(
     const int R = (int)(n_raw + n_c);
     const int ntiles = (R + AT_BN - 1) / AT_BN;
     const int* sel = isel + (i64)t * topk;
+    const int lo_slot = (int)(lo % raw_cap);  // ring slot of window row 0 (n_raw <= raw_cap)
 
-    // Gather tile j into stage st: thread → row tid/16, chunks tid%16, +16, ...
-    auto issue = [&](int j, int st) {
-        const int row = tid >> 4, sub = tid & 15;
-        int r = j * AT_BN + row;
+    // Source row of this thread's row (tid / 16) of tile j: ring slot s as s, compressed row c
+    // as -1 - c. Formed one tile ahead of its gather, so that the indexer pick's load is not
+    // waited for at the gather.
+    auto src_of = [&](int j) -> int {
+        int r = j * AT_BN + (tid >> 4);
         if (r >= R) r = 0;
-        const u16* src;
         if (r < n_raw) {
-            src = ring16 + ((lo + r) % raw_cap) * (2 * HD);
-        } else {
-            const i64 ci = use_sel ? (i64)sel[r - n_raw] : (i64)(r - n_raw);
-            src = comp16 + ci * (2 * HD);
+            const int slot = lo_slot + r;
+            return slot >= raw_cap ? slot - raw_cap : slot;
         }
+        return -1 - (use_sel ? __ldg(sel + (r - n_raw)) : r - n_raw);
+    };
+    // Gather a tile into stage st: thread → row tid/16, chunks tid%16, +16, ...
+    auto issue = [&](int src_row, int st) {
+        const int row = tid >> 4, sub = tid & 15;
+        const u16* src = src_row >= 0 ? ring16 + (i64)src_row * (2 * HD) : comp16 + (i64)(-1 - src_row) * (2 * HD);
         unsigned char* dst = sK + st * L::K_STAGE;
 #pragma unroll
         for (int k = sub; k < KCH; k += 16) cp16(dst + at_swz(row, k, KCH), src + k * 8);
         cp_commit();
     };
-    issue(0, 0);
+    issue(src_of(0), 0);
+    int src_next = src_of(1);
+
+    // RoPE (cos, sin) of the token's position, one pair per thread (as fwd.cu, f64).
+    if (tid < n_rot / 2) {
+        float c, sn;
+        at_rope_cs(inv_freq, tid, p, &c, &sn);
+        sRC[tid] = make_float2(c, sn);
+    }
 
     // Q (f32) → this warp's A fragments (heads 16·mg + g, +8; dims of its eighth), hi [lo],
     // in registers for the whole kernel; heads past nh are zero.
@@ -228,7 +243,10 @@ __device__ __forceinline__ void attn_tc_body(
     for (int j = 0; j < ntiles; j++) {
         cp_wait<0>();
         __syncthreads();  // tile j landed; every warp is done with tile j - 1 (its stage, sX, sP)
-        if (j + 1 < ntiles) issue(j + 1, (j + 1) & 1);
+        if (j + 1 < ntiles) {
+            issue(src_next, (j + 1) & 1);
+            src_next = src_of(j + 2);
+        }
         const unsigned char* kt = sK + (j & 1) * L::K_STAGE;
 
         // Partial S over this warp's eighth of the dims.
@@ -337,9 +355,15 @@ __device__ __forceinline__ void attn_tc_body(
     l_run += __shfl_xor_sync(0xffffffffu, l_run, 2);
     l_run += __shfl_xor_sync(0xffffffffu, l_run, 4);
     l_run += __shfl_xor_sync(0xffffffffu, l_run, 8);
-    if ((lane & 15) == 0) {
-        sM[mg * 16 + hown] = m_run;
-        sL[mg * 16 + hown] = l_run;
+    {
+        const int hg = hb * AT_HPC + mg * 16 + hown;
+        if ((lane & 15) == 0 && hg < nh) {
+            const double m = (double)m_run, l = (double)l_run;
+            const double sk = (double)sinks[hg];
+            const double M = fmax(sk, m);
+            const double corr = exp(m - M);
+            sF[mg * 16 + hown] = corr / (exp(sk - M) + l * corr) / (double)AT_PSCALE;
+        }
     }
     __syncthreads();
     const int n_nope = HD - n_rot;
@@ -348,11 +372,7 @@ __device__ __forceinline__ void attn_tc_body(
         const int hl = mg * 16 + g + 8 * half;
         const int hg = hb * AT_HPC + hl;
         if (hg >= nh) continue;
-        const double m = (double)sM[hl], l = (double)sL[hl];
-        const double sk = (double)sinks[hg];
-        const double M = fmax(sk, m);
-        const double corr = exp(m - M);
-        const double f = corr / (exp(sk - M) + l * corr) / (double)AT_PSCALE;
+        const double f = sF[hl];
         float* out = heads + ((i64)t * nh + hg) * HD;
 #pragma unroll
         for (int nb = 0; nb < NBO; nb++) {
@@ -360,9 +380,8 @@ __device__ __forceinline__ void attn_tc_body(
             float v0 = (float)((double)O[nb][2 * half] * f);
             float v1 = (float)((double)O[nb][2 * half + 1] * f);
             if (d >= n_nope) {
-                float c, s;
-                at_rope_cs(inv_freq, (d - n_nope) >> 1, p, &c, &s);
-                at_rope_inv(&v0, &v1, c, s);
+                const float2 cs = sRC[(d - n_nope) >> 1];
+                at_rope_inv(&v0, &v1, cs.x, cs.y);
             }
             *reinterpret_cast<float2*>(out + d) = make_float2(v0, v1);
         }
