@@ -65,6 +65,9 @@ __device__ __forceinline__ void mma16(float* d, const u32* a, u32 b0, u32 b1) {
 __device__ __forceinline__ void bar_named(int id, int count) {
     asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
 }
+__device__ __forceinline__ void bar_arrive(int id, int count) {
+    asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+}
 __device__ __forceinline__ float h2f(u16 h) {
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
@@ -134,7 +137,9 @@ struct AtLay {
     static constexpr int P_OFF = X_OFF + X_BYTES;
     static constexpr int F_OFF = P_OFF + P_BYTES;
     static constexpr int RC_OFF = F_OFF + F_BYTES;
-    static constexpr int TOTAL = RC_OFF + RC_BYTES;
+    static constexpr int QL_OFF = RC_OFF + RC_BYTES;
+    static constexpr int QL_BYTES = SPLIT ? AT_HPC * CH * 16 : 0;  // Q lo: 32 heads × HD f16
+    static constexpr int TOTAL = QL_OFF + QL_BYTES;
 };
 
 // Byte offset of chunk `ch` of row `r` in a tile of `nch` chunks per row (XOR swizzle: the 8
@@ -154,7 +159,7 @@ __device__ __forceinline__ void attn_tc_body(
     constexpr int KS = DQ / 16;     // QK k-steps per warp
     constexpr int NBO = DQ / 8;     // O n-blocks per warp
     constexpr int NBS = AT_BN / 8;  // S n-blocks
-    static_assert(KS >= 1 && NBO % 2 == 0 && KCH >= 16, "tile shape");
+    static_assert(KS >= 1 && NBO % 2 == 0 && KCH >= 8, "tile shape");
     extern __shared__ __align__(128) unsigned char at_smem[];
     unsigned char* sK = at_smem;
     float* sX = reinterpret_cast<float*>(at_smem + L::X_OFF);
@@ -162,10 +167,14 @@ __device__ __forceinline__ void attn_tc_body(
     float* sC = reinterpret_cast<float*>(at_smem + L::F_OFF);  // [32] per-tile correction
     double* sF = reinterpret_cast<double*>(sC + AT_HPC);       // [32] final output factor
     float2* sRC = reinterpret_cast<float2*>(at_smem + L::RC_OFF);  // [n_rot / 2] RoPE (cos, sin)
+    unsigned char* sQL = at_smem + L::QL_OFF;                  // Q lo rows (swizzled like a tile)
 
     const int tid = threadIdx.x, w = tid >> 5, lane = tid & 31;
     const int g = lane >> 2, c4 = lane & 3;
-    const int mg = w & 1, e = w >> 1;  // m-group (16 heads), eighth of the dims
+    // m-group (16 heads) and eighth of the dims: warps 0-3, 8-11 are m-group 0, warps 4-7,
+    // 12-15 m-group 1, so that every scheduler holds two warps of each.
+    const int mg = (w >> 2) & 1, e = (w & 3) | ((w >> 3) << 2);
+    const int li = e * 32 + lane;  // index of the thread within its m-group
     const int hb = blockIdx.x, t = blockIdx.y;
     const i64 p = (i64)*pos0p + t;
     const i64 n_raw = (p + 1) < (i64)window ? (p + 1) : (i64)window;
@@ -178,11 +187,11 @@ __device__ __forceinline__ void attn_tc_body(
     const int* sel = isel + (i64)t * topk;
     const int lo_slot = (int)(lo % raw_cap);  // ring slot of window row 0 (n_raw <= raw_cap)
 
-    // Source row of this thread's row (tid / 16) of tile j: ring slot s as s, compressed row c
+    // Source row of this thread's row (li / 8; m-group 1 gathers) of tile j: ring slot s as s, compressed row c
     // as -1 - c. Formed one tile ahead of its gather, so that the indexer pick's load is not
     // waited for at the gather.
     auto src_of = [&](int j) -> int {
-        int r = j * AT_BN + (tid >> 4);
+        int r = j * AT_BN + (li >> 3);
         if (r >= R) r = 0;
         if (r < n_raw) {
             const int slot = lo_slot + r;
@@ -190,17 +199,28 @@ __device__ __forceinline__ void attn_tc_body(
         }
         return -1 - (use_sel ? __ldg(sel + (r - n_raw)) : r - n_raw);
     };
-    // Gather a tile into stage st: thread → row tid/16, chunks tid%16, +16, ...
+    // Gather a tile into stage st (m-group 1): thread → row li/8, chunks li%8, +8, ...
     auto issue = [&](int src_row, int st) {
-        const int row = tid >> 4, sub = tid & 15;
+        const int row = li >> 3, sub = li & 7;
         const u16* src = src_row >= 0 ? ring16 + (i64)src_row * (2 * HD) : comp16 + (i64)(-1 - src_row) * (2 * HD);
         unsigned char* dst = sK + st * L::K_STAGE;
 #pragma unroll
-        for (int k = sub; k < KCH; k += 16) cp16(dst + at_swz(row, k, KCH), src + k * 8);
+        for (int k = sub; k < KCH; k += 8) cp16(dst + at_swz(row, k, KCH), src + k * 8);
         cp_commit();
     };
-    issue(src_of(0), 0);
-    int src_next = src_of(1);
+    // The two m-groups run decoupled (ping-pong: one's softmax overlaps the other's mmas),
+    // synchronised through named barriers on the 2-stage ring; m-group 1 gathers:
+    //   F_j (id 6): tile j landed — m-group 1 arrives (after its own wait + barrier G, id 7),
+    //               m-group 0 waits at the top of tile j;
+    //   E_j (id 5): m-group 0 is done with tile j - 1 — it arrives after F_j, m-group 1 waits
+    //               before gathering tile j + 1 into that stage.
+    // Arrivals of one phase cannot mix with the next: each side passes the other's barrier of
+    // tile j before it can arrive at its own barrier of tile j + 1.
+    int src_next = 0;
+    if (mg == 1) {
+        issue(src_of(0), 0);
+        src_next = src_of(1);
+    }
 
     // RoPE (cos, sin) of the token's position, one pair per thread (as fwd.cu, f64).
     if (tid < n_rot / 2) {
@@ -209,9 +229,10 @@ __device__ __forceinline__ void attn_tc_body(
         sRC[tid] = make_float2(c, sn);
     }
 
-    // Q (f32) → this warp's A fragments (heads 16·mg + g, +8; dims of its eighth), hi [lo],
-    // in registers for the whole kernel; heads past nh are zero.
-    u32 qh[KS][4], ql[KS][4];
+    // Q (f32) → this warp's A fragments (heads 16·mg + g, +8; dims of its eighth): hi in
+    // registers for the whole kernel, lo in shared memory (read back with ldmatrix by the same
+    // warp); heads past nh are zero.
+    u32 qh[KS][4];
 #pragma unroll
     for (int ks = 0; ks < KS; ks++) {
 #pragma unroll
@@ -224,8 +245,17 @@ __device__ __forceinline__ void attn_tc_body(
             split_h(v.x, &h0, &l0);
             split_h(v.y, &h1, &l1);
             qh[ks][r] = pack2(h0, h1);
-            ql[ks][r] = pack2(l0, l1);
+            if (SPLIT) {
+                const int hl = mg * 16 + g + 8 * (r & 1);
+                *reinterpret_cast<u32*>(sQL + at_swz(hl, d >> 3, CH) + (d & 7) * 2) = pack2(l0, l1);
+            }
         }
+    }
+    __syncwarp();
+    if (mg == 1) {  // publish tile 0 (F_0)
+        cp_wait<0>();
+        bar_named(7, 8 * 32);
+        bar_arrive(6, 16 * 32);
     }
 
     float O[NBO][4];
@@ -237,13 +267,17 @@ __device__ __forceinline__ void attn_tc_body(
     const int rown = 2 * (lane & 15);
     float m_run = -INFINITY, l_run = 0.f;
     float* xw = sX + w * (16 * AT_XS);
+    auto wid = [&](int k) { return (k & 3) + 4 * mg + 8 * (k >> 2); };  // warp of eighth k
     unsigned char* pH = sP + mg * (2 * 16 * AT_PS);
     unsigned char* pL = pH + 16 * AT_PS;
 
     for (int j = 0; j < ntiles; j++) {
-        cp_wait<0>();
-        __syncthreads();  // tile j landed; every warp is done with tile j - 1 (its stage, sX, sP)
-        if (j + 1 < ntiles) {
+        const bool more = j + 1 < ntiles;
+        if (mg == 0) {
+            bar_named(6, 16 * 32);                // F_j
+            if (more) bar_arrive(5, 16 * 32);     // E_j
+        } else if (more) {
+            bar_named(5, 16 * 32);                // E_j
             issue(src_next, (j + 1) & 1);
             src_next = src_of(j + 2);
         }
@@ -256,6 +290,11 @@ __device__ __forceinline__ void attn_tc_body(
 #pragma unroll
         for (int ks = 0; ks < KS; ks++) {
             const int kc = (e * DQ + ks * 16) >> 3;
+            u32 ql[4];
+            if (SPLIT) {
+                const int ar = mg * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
+                ldsm4(ql, sQL + at_swz(ar, kc + (lane >> 4), CH));
+            }
 #pragma unroll
             for (int np = 0; np < NBS / 2; np++) {
                 const int br = np * 16 + (lane & 7) + (lane >> 4) * 8;
@@ -269,8 +308,8 @@ __device__ __forceinline__ void attn_tc_body(
                     ldsm4(bl, kt + at_swz(br, bc + CH, KCH));
                     mma16(S[2 * np], qh[ks], bl[0], bl[1]);
                     mma16(S[2 * np + 1], qh[ks], bl[2], bl[3]);
-                    mma16(S[2 * np], ql[ks], bh[0], bh[1]);
-                    mma16(S[2 * np + 1], ql[ks], bh[2], bh[3]);
+                    mma16(S[2 * np], ql, bh[0], bh[1]);
+                    mma16(S[2 * np + 1], ql, bh[2], bh[3]);
                 }
             }
         }
@@ -285,7 +324,7 @@ __device__ __forceinline__ void attn_tc_body(
         float2 xs[8];
 #pragma unroll
         for (int k = 0; k < 8; k++)
-            xs[k] = *reinterpret_cast<const float2*>(sX + (mg + 2 * k) * (16 * AT_XS) + hown * AT_XS + rown);
+            xs[k] = *reinterpret_cast<const float2*>(sX + wid(k) * (16 * AT_XS) + hown * AT_XS + rown);
         float s0 = ((xs[0].x + xs[1].x) + (xs[2].x + xs[3].x)) + ((xs[4].x + xs[5].x) + (xs[6].x + xs[7].x));
         float s1 = ((xs[0].y + xs[1].y) + (xs[2].y + xs[3].y)) + ((xs[4].y + xs[5].y) + (xs[6].y + xs[7].y));
 
@@ -312,6 +351,11 @@ __device__ __forceinline__ void attn_tc_body(
         }
         if ((lane & 15) == 0) sC[mg * 16 + hown] = cf;
         bar_named(3 + mg, 8 * 32);
+        if (mg == 1 && more) {  // publish tile j + 1 (F_{j+1})
+            cp_wait<0>();
+            bar_named(7, 8 * 32);
+            bar_arrive(6, 16 * 32);
+        }
 
         // O = O·c + P·V over this warp's eighth of the dims.
         const float c0 = sC[mg * 16 + g], c1 = sC[mg * 16 + g + 8];
