@@ -9,21 +9,26 @@
 // here FlashAttention-style with mma.sync m16n8k16 (f16 operands, f32 accumulation) and an
 // online softmax in f32 registers:
 //
-//   * one CTA = one token × 32 heads (grid: head blocks × tokens), 8 warps: warp w owns heads
-//     16·(w & 1) .. +16 (its "m-group") and output dims (w >> 1)·hd/4 .. +hd/4 (its quarter);
+//   * one CTA = one token × 32 heads (grid: head blocks × tokens), 16 warps in two "m-groups"
+//     of 8 (m-group 0: warps 0-3 and 8-11, m-group 1: warps 4-7 and 12-15, so every scheduler
+//     holds two of each); an m-group owns 16 heads, each of its warps an eighth of the dims
+//     (hd/8) for S's K range and for O's output columns. Q's hi fragments stay in registers
+//     for the whole CTA, its lo part in shared memory (ldmatrix);
 //   * the rows are gathered 32 at a time (a "tile") into shared memory with cp.async (2-stage
 //     ring, XOR-swizzled 16-byte chunks, read with ldmatrix); rows past the token's count are
-//     replaced by a valid row and masked to -inf;
-//   * S: each warp multiplies its 16 heads by the tile over its quarter of the dims, the four
-//     quarters' partial sums meet in shared memory and every warp of the m-group adds them in
-//     the same fixed order, so the four copies of S (and of the softmax) are bit-identical;
-//   * softmax: running max / sum per head (f32, expf), O rescaled per tile; P carried as
-//     p·2^14 (exact power of two, undone at the end) so that its low part stays out of f16
-//     subnormals;
-//   * O: each warp multiplies P (16 heads × 32 rows, straight from the S registers) by its
-//     quarter of the tile (ldmatrix.trans);
-//   * finish as ds4_attention: the sink joins the softmax denominator, inverse RoPE on the
-//     tail in f64, f32 output.
+//     replaced by a valid row and masked to -inf. m-group 1 gathers; the two m-groups run
+//     decoupled ("ping-pong", so that one's softmax overlaps the other's mmas), the ring being
+//     handed over by named barriers (see the loop);
+//   * S: each warp multiplies its 16 heads by the tile over its eighth of the dims; the eight
+//     partial sums meet in shared memory and each warp of the m-group adds them, in a fixed
+//     order, for the 2 heads × 32 rows it owns;
+//   * softmax (by the owner, once per head): running max / sum per head (f32, expf); P carried
+//     as p·2^14 (exact power of two, undone at the end) so that its low part stays out of f16
+//     subnormals, written to shared memory as f16 hi / lo with the per-head rescale factor;
+//   * O: each warp rescales its O, then multiplies P (16 heads × 32 rows, ldmatrix) by its
+//     eighth of the tile (ldmatrix.trans);
+//   * finish as ds4_attention: the sink joins the softmax denominator (f64, once per head),
+//     inverse RoPE on the tail (cos / sin in f64 once per CTA), f32 output.
 //
 // Precision (template SPLIT): with SPLIT every operand is carried as two f16 (x ≈ hi + lo,
 // hi = f16(x), lo = f16(x - hi): 22 bits) and each product takes three mmas (hi·hi + hi·lo +
