@@ -9,21 +9,26 @@
 // here FlashAttention-style with mma.sync m16n8k16 (f16 operands, f32 accumulation) and an
 // online softmax in f32 registers:
 //
-//   * one CTA = one token × 32 heads (grid: head blocks × tokens), 8 warps: warp w owns heads
-//     16·(w & 1) .. +16 (its "m-group") and output dims (w >> 1)·hd/4 .. +hd/4 (its quarter);
+//   * one CTA = one token × 32 heads (grid: head blocks × tokens), 16 warps in two "m-groups"
+//     of 8 (m-group 0: warps 0-3 and 8-11, m-group 1: warps 4-7 and 12-15, so every scheduler
+//     holds two of each); an m-group owns 16 heads, each of its warps an eighth of the dims
+//     (hd/8) for S's K range and for O's output columns. Q's hi fragments stay in registers
+//     for the whole CTA, its lo part in shared memory (ldmatrix);
 //   * the rows are gathered 32 at a time (a "tile") into shared memory with cp.async (2-stage
 //     ring, XOR-swizzled 16-byte chunks, read with ldmatrix); rows past the token's count are
-//     replaced by a valid row and masked to -inf;
-//   * S: each warp multiplies its 16 heads by the tile over its quarter of the dims, the four
-//     quarters' partial sums meet in shared memory and every warp of the m-group adds them in
-//     the same fixed order, so the four copies of S (and of the softmax) are bit-identical;
-//   * softmax: running max / sum per head (f32, expf), O rescaled per tile; P carried as
-//     p·2^14 (exact power of two, undone at the end) so that its low part stays out of f16
-//     subnormals;
-//   * O: each warp multiplies P (16 heads × 32 rows, straight from the S registers) by its
-//     quarter of the tile (ldmatrix.trans);
-//   * finish as ds4_attention: the sink joins the softmax denominator, inverse RoPE on the
-//     tail in f64, f32 output.
+//     replaced by a valid row and masked to -inf. m-group 1 gathers; the two m-groups run
+//     decoupled ("ping-pong", so that one's softmax overlaps the other's mmas), the ring being
+//     handed over by named barriers (see the loop);
+//   * S: each warp multiplies its 16 heads by the tile over its eighth of the dims; the eight
+//     partial sums meet in shared memory and each warp of the m-group adds them, in a fixed
+//     order, for the 2 heads × 32 rows it owns;
+//   * softmax (by the owner, once per head): running max / sum per head (f32, expf); P carried
+//     as p·2^14 (exact power of two, undone at the end) so that its low part stays out of f16
+//     subnormals, written to shared memory as f16 hi / lo with the per-head rescale factor;
+//   * O: each warp rescales its O, then multiplies P (16 heads × 32 rows, ldmatrix) by its
+//     eighth of the tile (ldmatrix.trans);
+//   * finish as ds4_attention: the sink joins the softmax denominator (f64, once per head),
+//     inverse RoPE on the tail (cos / sin in f64 once per CTA), f32 output.
 //
 // Precision (template SPLIT): with SPLIT every operand is carried as two f16 (x ≈ hi + lo,
 // hi = f16(x), lo = f16(x - hi): 22 bits) and each product takes three mmas (hi·hi + hi·lo +
@@ -40,7 +45,10 @@ typedef unsigned short u16;
 typedef unsigned int u32;
 typedef long long i64;
 
-#define AT_THREADS 256
+#define AT_THREADS 512
+#define AT_WARPS 16
+#define AT_XS 40  // sX row stride (floats): conflict-free float2 stores of mma fragments
+#define AT_PS 80  // sP row stride (bytes): conflict-free ldmatrix
 #define AT_HPC 32  // heads per CTA
 #define AT_BN 32   // rows per tile
 #define AT_PSCALE 16384.0f
@@ -61,6 +69,9 @@ __device__ __forceinline__ void mma16(float* d, const u32* a, u32 b0, u32 b1) {
 }
 __device__ __forceinline__ void bar_named(int id, int count) {
     asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+}
+__device__ __forceinline__ void bar_arrive(int id, int count) {
+    asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(count) : "memory");
 }
 __device__ __forceinline__ float h2f(u16 h) {
     float f;
@@ -120,13 +131,20 @@ extern "C" __global__ void __launch_bounds__(256)
 // Shared-memory layout (bytes) of one variant.
 template <int HD, bool SPLIT>
 struct AtLay {
-    static constexpr int CH = HD / 8;                       // 16-byte chunks per f16 half-row
-    static constexpr int QROWS = SPLIT ? 2 * AT_HPC : AT_HPC;  // Q hi rows, then lo rows
-    static constexpr int KCH = SPLIT ? 2 * CH : CH;        // chunks per tile row (hi | lo)
-    static constexpr int Q_BYTES = QROWS * CH * 16;
+    static constexpr int CH = HD / 8;                 // 16-byte chunks per f16 half-row
+    static constexpr int KCH = SPLIT ? 2 * CH : CH;  // chunks per tile row (hi | lo)
     static constexpr int K_STAGE = AT_BN * KCH * 16;
-    static constexpr int X_BYTES = 8 * 16 * 32 * 4;        // S partials: 8 warps × 16 regs × 32 lanes
-    static constexpr int TOTAL = Q_BYTES + 2 * K_STAGE + X_BYTES;
+    static constexpr int X_BYTES = AT_WARPS * 16 * AT_XS * 4;  // S partials: per warp 16 heads × 32 rows
+    static constexpr int P_BYTES = 2 * 2 * 16 * AT_PS;         // P: per m-group hi, lo: 16 heads × 32 rows f16
+    static constexpr int F_BYTES = AT_HPC * 4 + AT_HPC * 8;    // per head: correction, final factor (f64)
+    static constexpr int RC_BYTES = (HD / 2) * 8;              // RoPE (cos, sin) per pair of the token
+    static constexpr int X_OFF = 2 * K_STAGE;
+    static constexpr int P_OFF = X_OFF + X_BYTES;
+    static constexpr int F_OFF = P_OFF + P_BYTES;
+    static constexpr int RC_OFF = F_OFF + F_BYTES;
+    static constexpr int QL_OFF = RC_OFF + RC_BYTES;
+    static constexpr int QL_BYTES = SPLIT ? AT_HPC * CH * 16 : 0;  // Q lo: 32 heads × HD f16
+    static constexpr int TOTAL = QL_OFF + QL_BYTES;
 };
 
 // Byte offset of chunk `ch` of row `r` in a tile of `nch` chunks per row (XOR swizzle: the 8
@@ -142,18 +160,26 @@ __device__ __forceinline__ void attn_tc_body(
     typedef AtLay<HD, SPLIT> L;
     constexpr int CH = L::CH;
     constexpr int KCH = L::KCH;
-    constexpr int DQ = HD / 4;      // output dims per warp (and QK K-range per warp)
+    constexpr int DQ = HD / 8;      // output dims per warp (and QK K-range per warp)
     constexpr int KS = DQ / 16;     // QK k-steps per warp
     constexpr int NBO = DQ / 8;     // O n-blocks per warp
     constexpr int NBS = AT_BN / 8;  // S n-blocks
+    static_assert(KS >= 1 && NBO % 2 == 0 && KCH >= 8, "tile shape");
     extern __shared__ __align__(128) unsigned char at_smem[];
-    unsigned char* sQ = at_smem;
-    unsigned char* sK = at_smem + L::Q_BYTES;
-    float* sX = reinterpret_cast<float*>(at_smem + L::Q_BYTES + 2 * L::K_STAGE);
+    unsigned char* sK = at_smem;
+    float* sX = reinterpret_cast<float*>(at_smem + L::X_OFF);
+    unsigned char* sP = at_smem + L::P_OFF;
+    float* sC = reinterpret_cast<float*>(at_smem + L::F_OFF);  // [32] per-tile correction
+    double* sF = reinterpret_cast<double*>(sC + AT_HPC);       // [32] final output factor
+    float2* sRC = reinterpret_cast<float2*>(at_smem + L::RC_OFF);  // [n_rot / 2] RoPE (cos, sin)
+    unsigned char* sQL = at_smem + L::QL_OFF;                  // Q lo rows (swizzled like a tile)
 
     const int tid = threadIdx.x, w = tid >> 5, lane = tid & 31;
     const int g = lane >> 2, c4 = lane & 3;
-    const int mg = w & 1, dq = w >> 1;
+    // m-group (16 heads) and eighth of the dims: warps 0-3, 8-11 are m-group 0, warps 4-7,
+    // 12-15 m-group 1, so that every scheduler holds two warps of each.
+    const int mg = (w >> 2) & 1, e = (w & 3) | ((w >> 3) << 2);
+    const int li = e * 32 + lane;  // index of the thread within its m-group
     const int hb = blockIdx.x, t = blockIdx.y;
     const i64 p = (i64)*pos0p + t;
     const i64 n_raw = (p + 1) < (i64)window ? (p + 1) : (i64)window;
@@ -164,140 +190,180 @@ __device__ __forceinline__ void attn_tc_body(
     const int R = (int)(n_raw + n_c);
     const int ntiles = (R + AT_BN - 1) / AT_BN;
     const int* sel = isel + (i64)t * topk;
+    const int lo_slot = (int)(lo % raw_cap);  // ring slot of window row 0 (n_raw <= raw_cap)
 
-    // Q (f32) → hi [lo] f16 rows in shared memory; heads past nh are zero.
-    for (int i = tid; i < AT_HPC * HD / 4; i += AT_THREADS) {
-        const int h = i / (HD / 4), d4 = i - h * (HD / 4);
-        const int hg = hb * AT_HPC + h;
-        float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
-        if (hg < nh) v = reinterpret_cast<const float4*>(q + ((i64)t * nh + hg) * HD)[d4];
-        u16 hh[4], ll[4];
-        split_h(v.x, &hh[0], &ll[0]);
-        split_h(v.y, &hh[1], &ll[1]);
-        split_h(v.z, &hh[2], &ll[2]);
-        split_h(v.w, &hh[3], &ll[3]);
-        const int off = (d4 & 1) * 8;
-        *reinterpret_cast<uint2*>(sQ + at_swz(h, d4 >> 1, CH) + off) =
-            make_uint2(pack2(hh[0], hh[1]), pack2(hh[2], hh[3]));
-        if (SPLIT) {
-            *reinterpret_cast<uint2*>(sQ + at_swz(AT_HPC + h, d4 >> 1, CH) + off) =
-                make_uint2(pack2(ll[0], ll[1]), pack2(ll[2], ll[3]));
-        }
-    }
-
-    // Gather tile j into stage st: thread → row tid/8, chunks tid%8, +8, ...
-    auto issue = [&](int j, int st) {
-        const int row = tid >> 3, sub = tid & 7;
-        int r = j * AT_BN + row;
+    // Source row of this thread's row (li / 8; m-group 1 gathers) of tile j: ring slot s as s, compressed row c
+    // as -1 - c. Formed one tile ahead of its gather, so that the indexer pick's load is not
+    // waited for at the gather.
+    auto src_of = [&](int j) -> int {
+        int r = j * AT_BN + (li >> 3);
         if (r >= R) r = 0;
-        const u16* src;
         if (r < n_raw) {
-            src = ring16 + ((lo + r) % raw_cap) * (2 * HD);
-        } else {
-            const i64 ci = use_sel ? (i64)sel[r - n_raw] : (i64)(r - n_raw);
-            src = comp16 + ci * (2 * HD);
+            const int slot = lo_slot + r;
+            return slot >= raw_cap ? slot - raw_cap : slot;
         }
+        return -1 - (use_sel ? __ldg(sel + (r - n_raw)) : r - n_raw);
+    };
+    // Gather a tile into stage st (m-group 1): thread → row li/8, chunks li%8, +8, ...
+    auto issue = [&](int src_row, int st) {
+        const int row = li >> 3, sub = li & 7;
+        const u16* src = src_row >= 0 ? ring16 + (i64)src_row * (2 * HD) : comp16 + (i64)(-1 - src_row) * (2 * HD);
         unsigned char* dst = sK + st * L::K_STAGE;
 #pragma unroll
         for (int k = sub; k < KCH; k += 8) cp16(dst + at_swz(row, k, KCH), src + k * 8);
         cp_commit();
     };
+    // The two m-groups run decoupled (ping-pong: one's softmax overlaps the other's mmas),
+    // synchronised through named barriers on the 2-stage ring; m-group 1 gathers:
+    //   F_j (id 6): tile j landed — m-group 1 arrives (after its own wait + barrier G, id 7),
+    //               m-group 0 waits at the top of tile j;
+    //   E_j (id 5): m-group 0 is done with tile j - 1 — it arrives after F_j, m-group 1 waits
+    //               before gathering tile j + 1 into that stage.
+    // Arrivals of one phase cannot mix with the next: each side passes the other's barrier of
+    // tile j before it can arrive at its own barrier of tile j + 1.
+    int src_next = 0;
+    if (mg == 1) {
+        issue(src_of(0), 0);
+        src_next = src_of(1);
+    }
+
+    // RoPE (cos, sin) of the token's position, one pair per thread (as fwd.cu, f64).
+    if (tid < n_rot / 2) {
+        float c, sn;
+        at_rope_cs(inv_freq, tid, p, &c, &sn);
+        sRC[tid] = make_float2(c, sn);
+    }
+
+    // Q (f32) → this warp's A fragments (heads 16·mg + g, +8; dims of its eighth): hi in
+    // registers for the whole kernel, lo in shared memory (read back with ldmatrix by the same
+    // warp); heads past nh are zero.
+    u32 qh[KS][4];
+#pragma unroll
+    for (int ks = 0; ks < KS; ks++) {
+#pragma unroll
+        for (int r = 0; r < 4; r++) {
+            const int hg = hb * AT_HPC + mg * 16 + g + 8 * (r & 1);
+            const int d = e * DQ + ks * 16 + 8 * (r >> 1) + 2 * c4;
+            float2 v = make_float2(0.f, 0.f);
+            if (hg < nh) v = *reinterpret_cast<const float2*>(q + ((i64)t * nh + hg) * HD + d);
+            u16 h0, h1, l0, l1;
+            split_h(v.x, &h0, &l0);
+            split_h(v.y, &h1, &l1);
+            qh[ks][r] = pack2(h0, h1);
+            if (SPLIT) {
+                const int hl = mg * 16 + g + 8 * (r & 1);
+                *reinterpret_cast<u32*>(sQL + at_swz(hl, d >> 3, CH) + (d & 7) * 2) = pack2(l0, l1);
+            }
+        }
+    }
+    __syncwarp();
+    if (mg == 1) {  // publish tile 0 (F_0)
+        cp_wait<0>();
+        bar_named(7, 8 * 32);
+        bar_arrive(6, 16 * 32);
+    }
 
     float O[NBO][4];
 #pragma unroll
     for (int i = 0; i < NBO; i++) O[i][0] = O[i][1] = O[i][2] = O[i][3] = 0.f;
-    float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;  // heads g, g+8 of the m-group
+    // Softmax state of the head this lane owns (m-group head 2e + lane/16, rows 2·(lane%16), +1
+    // of each tile): running max, running partial sum (summed over the 16 lanes at the end).
+    const int hown = 2 * e + (lane >> 4);
+    const int rown = 2 * (lane & 15);
+    float m_run = -INFINITY, l_run = 0.f;
+    float* xw = sX + w * (16 * AT_XS);
+    auto wid = [&](int k) { return (k & 3) + 4 * mg + 8 * (k >> 2); };  // warp of eighth k
+    unsigned char* pH = sP + mg * (2 * 16 * AT_PS);
+    unsigned char* pL = pH + 16 * AT_PS;
 
-    issue(0, 0);
     for (int j = 0; j < ntiles; j++) {
-        if (j + 1 < ntiles) {
-            issue(j + 1, (j + 1) & 1);
-            cp_wait<1>();
-        } else {
-            cp_wait<0>();
+        const bool more = j + 1 < ntiles;
+        if (mg == 0) {
+            bar_named(6, 16 * 32);                // F_j
+            if (more) bar_arrive(5, 16 * 32);     // E_j
+        } else if (more) {
+            bar_named(5, 16 * 32);                // E_j
+            issue(src_next, (j + 1) & 1);
+            src_next = src_of(j + 2);
         }
-        __syncthreads();
         const unsigned char* kt = sK + (j & 1) * L::K_STAGE;
 
-        // Partial S over this warp's quarter of the dims.
+        // Partial S over this warp's eighth of the dims.
         float S[NBS][4];
 #pragma unroll
         for (int i = 0; i < NBS; i++) S[i][0] = S[i][1] = S[i][2] = S[i][3] = 0.f;
 #pragma unroll
         for (int ks = 0; ks < KS; ks++) {
-            const int kc = (dq * DQ + ks * 16) >> 3;
-            const int ar = mg * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
-            const int ac = kc + (lane >> 4);
-            u32 ah[4], al[4];
-            ldsm4(ah, sQ + at_swz(ar, ac, CH));
-            if (SPLIT) ldsm4(al, sQ + at_swz(AT_HPC + ar, ac, CH));
+            const int kc = (e * DQ + ks * 16) >> 3;
+            u32 ql[4];
+            if (SPLIT) {
+                const int ar = mg * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
+                ldsm4(ql, sQL + at_swz(ar, kc + (lane >> 4), CH));
+            }
 #pragma unroll
             for (int np = 0; np < NBS / 2; np++) {
                 const int br = np * 16 + (lane & 7) + (lane >> 4) * 8;
                 const int bc = kc + ((lane >> 3) & 1);
                 u32 bh[4];
                 ldsm4(bh, kt + at_swz(br, bc, KCH));
-                mma16(S[2 * np], ah, bh[0], bh[1]);
-                mma16(S[2 * np + 1], ah, bh[2], bh[3]);
+                mma16(S[2 * np], qh[ks], bh[0], bh[1]);
+                mma16(S[2 * np + 1], qh[ks], bh[2], bh[3]);
                 if (SPLIT) {
                     u32 bl[4];
                     ldsm4(bl, kt + at_swz(br, bc + CH, KCH));
-                    mma16(S[2 * np], ah, bl[0], bl[1]);
-                    mma16(S[2 * np + 1], ah, bl[2], bl[3]);
-                    mma16(S[2 * np], al, bh[0], bh[1]);
-                    mma16(S[2 * np + 1], al, bh[2], bh[3]);
+                    mma16(S[2 * np], qh[ks], bl[0], bl[1]);
+                    mma16(S[2 * np + 1], qh[ks], bl[2], bl[3]);
+                    mma16(S[2 * np], ql, bh[0], bh[1]);
+                    mma16(S[2 * np + 1], ql, bh[2], bh[3]);
                 }
             }
         }
-        // Sum the four quarters in a fixed order (identical S in the four warps).
-        float* xw = sX + w * (16 * 32);
+        // Partials → sX as [head][row]; the 8 warps of the m-group then each sum (fixed order)
+        // and soft-max the 2 heads × 32 rows they own.
 #pragma unroll
-        for (int i = 0; i < 16; i++) xw[i * 32 + lane] = S[i >> 2][i & 3];
-        bar_named(1 + mg, 128);
+        for (int nb = 0; nb < NBS; nb++) {
+            *reinterpret_cast<float2*>(xw + g * AT_XS + nb * 8 + 2 * c4) = make_float2(S[nb][0], S[nb][1]);
+            *reinterpret_cast<float2*>(xw + (g + 8) * AT_XS + nb * 8 + 2 * c4) = make_float2(S[nb][2], S[nb][3]);
+        }
+        bar_named(1 + mg, 8 * 32);  // the 8 warps of the m-group
+        float2 xs[8];
 #pragma unroll
-        for (int i = 0; i < 16; i++) {
-            const float x0 = sX[(mg + 0) * 512 + i * 32 + lane];
-            const float x1 = sX[(mg + 2) * 512 + i * 32 + lane];
-            const float x2 = sX[(mg + 4) * 512 + i * 32 + lane];
-            const float x3 = sX[(mg + 6) * 512 + i * 32 + lane];
-            S[i >> 2][i & 3] = (x0 + x1) + (x2 + x3);
+        for (int k = 0; k < 8; k++)
+            xs[k] = *reinterpret_cast<const float2*>(sX + wid(k) * (16 * AT_XS) + hown * AT_XS + rown);
+        float s0 = ((xs[0].x + xs[1].x) + (xs[2].x + xs[3].x)) + ((xs[4].x + xs[5].x) + (xs[6].x + xs[7].x));
+        float s1 = ((xs[0].y + xs[1].y) + (xs[2].y + xs[3].y)) + ((xs[4].y + xs[5].y) + (xs[6].y + xs[7].y));
+
+        // Online softmax (f32) of the owned head.
+        const int rb = j * AT_BN;
+        s0 = rb + rown < R ? s0 * scale : -INFINITY;
+        s1 = rb + rown + 1 < R ? s1 * scale : -INFINITY;
+        float tm = fmaxf(s0, s1);
+        tm = fmaxf(tm, __shfl_xor_sync(0xffffffffu, tm, 1));
+        tm = fmaxf(tm, __shfl_xor_sync(0xffffffffu, tm, 2));
+        tm = fmaxf(tm, __shfl_xor_sync(0xffffffffu, tm, 4));
+        tm = fmaxf(tm, __shfl_xor_sync(0xffffffffu, tm, 8));
+        const float nm = fmaxf(m_run, tm);  // finite: row rb < R is valid
+        const float cf = expf(m_run - nm);
+        m_run = nm;
+        const float p0 = expf(s0 - nm), p1 = expf(s1 - nm);
+        l_run = l_run * cf + (p0 + p1);
+        {
+            u16 h0, h1, q0, q1;
+            split_h(p0 * AT_PSCALE, &h0, &q0);
+            split_h(p1 * AT_PSCALE, &h1, &q1);
+            *reinterpret_cast<u32*>(pH + hown * AT_PS + rown * 2) = pack2(h0, h1);
+            if (SPLIT) *reinterpret_cast<u32*>(pL + hown * AT_PS + rown * 2) = pack2(q0, q1);
+        }
+        if ((lane & 15) == 0) sC[mg * 16 + hown] = cf;
+        bar_named(3 + mg, 8 * 32);
+        if (mg == 1 && more) {  // publish tile j + 1 (F_{j+1})
+            cp_wait<0>();
+            bar_named(7, 8 * 32);
+            bar_arrive(6, 16 * 32);
         }
 
-        // Online softmax (f32): scores, masks, running max and sum per head.
-        const int rb = j * AT_BN;
-        float t0 = -INFINITY, t1 = -INFINITY;
-#pragma unroll
-        for (int nb = 0; nb < NBS; nb++) {
-#pragma unroll
-            for (int e = 0; e < 2; e++) {
-                const bool ok = rb + nb * 8 + 2 * c4 + e < R;
-                S[nb][e] = ok ? S[nb][e] * scale : -INFINITY;
-                S[nb][2 + e] = ok ? S[nb][2 + e] * scale : -INFINITY;
-                t0 = fmaxf(t0, S[nb][e]);
-                t1 = fmaxf(t1, S[nb][2 + e]);
-            }
-        }
-        t0 = fmaxf(t0, __shfl_xor_sync(0xffffffffu, t0, 1));
-        t0 = fmaxf(t0, __shfl_xor_sync(0xffffffffu, t0, 2));
-        t1 = fmaxf(t1, __shfl_xor_sync(0xffffffffu, t1, 1));
-        t1 = fmaxf(t1, __shfl_xor_sync(0xffffffffu, t1, 2));
-        const float n0 = fmaxf(m0, t0), n1 = fmaxf(m1, t1);  // finite: row rb < R is valid
-        const float c0 = expf(m0 - n0), c1 = expf(m1 - n1);
-        m0 = n0;
-        m1 = n1;
-        float s0 = 0.f, s1 = 0.f;
-#pragma unroll
-        for (int nb = 0; nb < NBS; nb++) {
-#pragma unroll
-            for (int e = 0; e < 2; e++) {
-                S[nb][e] = expf(S[nb][e] - n0);
-                S[nb][2 + e] = expf(S[nb][2 + e] - n1);
-                s0 += S[nb][e];
-                s1 += S[nb][2 + e];
-            }
-        }
-        l0 = l0 * c0 + s0;
-        l1 = l1 * c1 + s1;
+        // O = O·c + P·V over this warp's eighth of the dims.
+        const float c0 = sC[mg * 16 + g], c1 = sC[mg * 16 + g + 8];
 #pragma unroll
         for (int i = 0; i < NBO; i++) {
             O[i][0] *= c0;
@@ -305,25 +371,17 @@ __device__ __forceinline__ void attn_tc_body(
             O[i][2] *= c1;
             O[i][3] *= c1;
         }
-
-        // O += P·V over this warp's quarter of the dims.
 #pragma unroll
         for (int kk = 0; kk < AT_BN / 16; kk++) {
+            const int pr = (lane & 7) + ((lane >> 3) & 1) * 8;
+            const int pc = (kk * 16 + (lane >> 4) * 8) * 2;
             u32 ph[4], pl[4];
-#pragma unroll
-            for (int r = 0; r < 4; r++) {
-                // r: 0 = (head g, rows 2c..), 1 = (head g+8), 2/3 = the same for rows 8+2c..
-                const float* src = S[2 * kk + (r >> 1)] + (r & 1) * 2;
-                u16 h0, h1, q0, q1;
-                split_h(src[0] * AT_PSCALE, &h0, &q0);
-                split_h(src[1] * AT_PSCALE, &h1, &q1);
-                ph[r] = pack2(h0, h1);
-                pl[r] = pack2(q0, q1);
-            }
+            ldsm4(ph, pH + pr * AT_PS + pc);
+            if (SPLIT) ldsm4(pl, pL + pr * AT_PS + pc);
             const int vr = kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
 #pragma unroll
             for (int nbp = 0; nbp < NBO / 2; nbp++) {
-                const int vc = ((dq * DQ) >> 3) + 2 * nbp + (lane >> 4);
+                const int vc = ((e * DQ) >> 3) + 2 * nbp + (lane >> 4);
                 u32 vh[4];
                 ldsm4t(vh, kt + at_swz(vr, vc, KCH));
                 mma16(O[2 * nbp], ph, vh[0], vh[1]);
@@ -338,34 +396,41 @@ __device__ __forceinline__ void attn_tc_body(
                 }
             }
         }
-        __syncthreads();  // the stage and sX are reused by the next tiles
     }
 
-    // Finish: quad sums, the sink, inverse RoPE on the tail, f32 out.
-    l0 += __shfl_xor_sync(0xffffffffu, l0, 1);
-    l0 += __shfl_xor_sync(0xffffffffu, l0, 2);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, 1);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, 2);
+    // Finish: the owned heads' sums over their 16 lanes, then per (head, dims): the sink,
+    // inverse RoPE on the tail, f32 out.
+    l_run += __shfl_xor_sync(0xffffffffu, l_run, 1);
+    l_run += __shfl_xor_sync(0xffffffffu, l_run, 2);
+    l_run += __shfl_xor_sync(0xffffffffu, l_run, 4);
+    l_run += __shfl_xor_sync(0xffffffffu, l_run, 8);
+    {
+        const int hg = hb * AT_HPC + mg * 16 + hown;
+        if ((lane & 15) == 0 && hg < nh) {
+            const double m = (double)m_run, l = (double)l_run;
+            const double sk = (double)sinks[hg];
+            const double M = fmax(sk, m);
+            const double corr = exp(m - M);
+            sF[mg * 16 + hown] = corr / (exp(sk - M) + l * corr) / (double)AT_PSCALE;
+        }
+    }
+    __syncthreads();
     const int n_nope = HD - n_rot;
 #pragma unroll
     for (int half = 0; half < 2; half++) {
-        const int hg = hb * AT_HPC + mg * 16 + g + 8 * half;
+        const int hl = mg * 16 + g + 8 * half;
+        const int hg = hb * AT_HPC + hl;
         if (hg >= nh) continue;
-        const double m = (double)(half ? m1 : m0), l = (double)(half ? l1 : l0);
-        const double sk = (double)sinks[hg];
-        const double M = fmax(sk, m);
-        const double corr = exp(m - M);
-        const double f = corr / (exp(sk - M) + l * corr) / (double)AT_PSCALE;
+        const double f = sF[hl];
         float* out = heads + ((i64)t * nh + hg) * HD;
 #pragma unroll
         for (int nb = 0; nb < NBO; nb++) {
-            const int d = dq * DQ + nb * 8 + 2 * c4;
+            const int d = e * DQ + nb * 8 + 2 * c4;
             float v0 = (float)((double)O[nb][2 * half] * f);
             float v1 = (float)((double)O[nb][2 * half + 1] * f);
             if (d >= n_nope) {
-                float c, s;
-                at_rope_cs(inv_freq, (d - n_nope) >> 1, p, &c, &s);
-                at_rope_inv(&v0, &v1, c, s);
+                const float2 cs = sRC[(d - n_nope) >> 1];
+                at_rope_inv(&v0, &v1, cs.x, cs.y);
             }
             *reinterpret_cast<float2*>(out + d) = make_float2(v0, v1);
         }

@@ -21,7 +21,7 @@
 //!
 //! The rows live in the KV state as f32; [`AttnTc::attention`] first rewrites the ring (every
 //! slot) and the compressed rows visible to the chunk as `[row][hi | lo]` f16 into the route's
-//! scratch (`ds4_attn_tc_prep`), then runs one CTA per (token, 32 heads). Decode (and chunks
+//! scratch (`ds4_attn_tc_prep`), then runs one CTA of 16 warps per (token, 32 heads). Decode (and chunks
 //! shorter than the route minimum) keep the exact kernel.
 
 use std::sync::Arc;
@@ -36,7 +36,8 @@ use crate::rt::{A, DBuf, drv, launch};
 pub const HEAD_DIMS: [usize; 2] = [512, 128];
 /// Heads per CTA (`AT_HPC`).
 const HPC: usize = 32;
-const THREADS: u32 = 256;
+/// Threads per CTA (`AT_THREADS`: 16 warps).
+const THREADS: u32 = 512;
 
 fn aerr(msg: impl std::fmt::Display) -> CudaError {
     CudaError::Driver(format!("attn_tc: {msg}"))
