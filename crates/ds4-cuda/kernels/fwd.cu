@@ -22,6 +22,7 @@ namespace cg = cooperative_groups;
 #define MAX_HC 16
 
 typedef long long i64;
+typedef signed char i8;
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
@@ -1315,19 +1316,126 @@ __device__ __forceinline__ int cl_d(int u) {
     return (u * CL + (int)blockIdx.x) * CL_T + (int)threadIdx.x;
 }
 
-// y[d] = Σ_h w[h]·x[h][d], then out = RMSNorm(y)·norm_w (y == out allowed).
+// Activation quantization fused into the decode kernels that produce a GEMV input (numerics of
+// ds4_quant_q8_0 / ds4_quant_q8_k in gemv.cu, layouts of gemv.rs act_layout for one row).
+// Null pointers: that format is not written.
+struct DecQ {
+    i8* q0;     // Q8_0 qs (one byte per value)
+    float* d0;  // Q8_0 scales (one per 32)
+    i8* qk;     // Q8_K qs
+    float* dk;  // Q8_K d (one per 256)
+    short* bk;  // Q8_K bsums (16 per 256)
+};
+
+// Q8_0 of one 32-block held one value per lane (element blk·32 + lane); all lanes call, the warp
+// is either wholly on or wholly off.
+__device__ __forceinline__ void q8_0_warp(float v, bool on, i64 blk, i8* qs, float* dq) {
+    const unsigned FULL = 0xffffffffu;
+    const int lane = threadIdx.x & 31;
+    const float a = fabsf(v);
+    float am = (on && a > 0.f) ? a : 0.f;  // NaN never wins (CPU: `a > amax` is false)
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) am = fmaxf(am, __shfl_xor_sync(FULL, am, o));
+    if (!on) return;
+    const float dd = am / 127.0f;
+    const float id = dd != 0.f ? 1.0f / dd : 0.f;
+    const float p = __fmul_rn(v, id);
+    int q = (p == p) ? __float2int_rn(p) : 0;
+    q = max(-128, min(127, q));
+    qs[blk * 32 + lane] = (i8)q;
+    if (lane == 0) dq[blk] = dd;
+}
+
+// Q8_K of 256-blocks held one value per thread by 8 consecutive warps of the block (element
+// blk·256 + idx, idx = (thread % 256)); every thread of the block calls (block barriers), each
+// group of 8 warps is wholly on or off. max = the value of largest |x| (first on ties).
+__device__ void q8_k_group(float v, bool on, int idx, i64 blk, i8* qs, float* dq, short* bs) {
+    const unsigned FULL = 0xffffffffu;
+    __shared__ float s_a[32], s_v[32];
+    __shared__ int s_i[32];
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+    const float aa = fabsf(v);
+    float ba = 0.f, bv = 0.f;
+    int bi = 0x7fffffff;
+    if (on && aa > 0.f) {
+        ba = aa;
+        bv = v;
+        bi = idx;
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const float oa = __shfl_xor_sync(FULL, ba, o);
+        const float ov = __shfl_xor_sync(FULL, bv, o);
+        const int oi = __shfl_xor_sync(FULL, bi, o);
+        if (oa > ba || (oa == ba && oi < bi)) {
+            ba = oa;
+            bv = ov;
+            bi = oi;
+        }
+    }
+    if (lane == 0) {
+        s_a[w] = ba;
+        s_v[w] = bv;
+        s_i[w] = bi;
+    }
+    __syncthreads();
+    ba = 0.f;
+    bv = 0.f;
+    bi = 0x7fffffff;
+    const int g0 = w & ~7;
+#pragma unroll
+    for (int j = 0; j < 8; j++) {
+        const float oa = s_a[g0 + j];
+        const float ov = s_v[g0 + j];
+        const int oi = s_i[g0 + j];
+        if (oa > ba || (oa == ba && oi < bi)) {
+            ba = oa;
+            bv = ov;
+            bi = oi;
+        }
+    }
+    __syncthreads();  // s_a / s_v / s_i are free for the next call
+    if (!on) return;
+    const float iscale = ba != 0.f ? -127.0f / bv : 0.f;
+    const float p = __fmul_rn(iscale, v);
+    const int qi = (p == p) ? __float2int_rn(p) : 0;
+    const int q = ba != 0.f ? max(-128, min(127, qi)) : 0;
+    qs[blk * 256 + idx] = (i8)q;
+    int s = q;
+#pragma unroll
+    for (int o = 8; o > 0; o >>= 1) s += __shfl_xor_sync(FULL, s, o);
+    if ((lane & 15) == 0) bs[blk * 16 + (idx >> 4)] = (short)s;
+    if (idx == 0) dq[blk] = ba != 0.f ? 1.0f / iscale : 0.f;
+}
+
+// y[d] = Σ_h w[h]·x[h][d], then out = RMSNorm(y)·norm_w (y == out allowed), w[h] =
+// sigmoid(mix[h]·scale + base[h]) + hc_eps (scale = scale_p[0], or scale_v when scale_p is
+// null). x and norm_w are loaded before the weights are computed. With qo's pointers set, out
+// is also quantized (needs e % 256 == 0 for Q8_K, e % 32 for Q8_0, e ≤ CL·CL_T·CL_EPT).
 template <int NH>
-__device__ void collapse_norm_dec(const float* w_sh, int hc, const float* x, int e,
-                                  const float* norm_w, float rms_eps, float* y, float* out) {
+__device__ void collapse_norm_dec(const float* mix, const float* scale_p, float scale_v,
+                                  const float* base, float hc_eps, int hc, const float* x, int e,
+                                  const float* norm_w, float rms_eps, float* y, float* out,
+                                  DecQ qo) {
     __shared__ double sh[32];
     __shared__ double s_part;
+    __shared__ float w_sh[MAX_HC];
     float xv[CL_EPT][NH];
+    float nv[CL_EPT];
 #pragma unroll
     for (int u = 0; u < CL_EPT; u++) {
         const int d = cl_d(u);
 #pragma unroll
         for (int h = 0; h < NH; h++) xv[u][h] = (d < e && h < hc) ? x[(i64)h * e + d] : 0.0f;
+        nv[u] = d < e ? norm_w[d] : 0.0f;
     }
+    if (threadIdx.x < hc) {
+        const int i = threadIdx.x;
+        const float sc = scale_p ? scale_p[0] : scale_v;
+        w_sh[i] = (float)(sigmoid_d((double)mix[i] * (double)sc + (double)base[i]) +
+                          (double)hc_eps);
+    }
+    __syncthreads();
     float yv[CL_EPT];
     double ss = 0.0;
 #pragma unroll
@@ -1357,7 +1465,10 @@ __device__ void collapse_norm_dec(const float* w_sh, int hc, const float* x, int
 #pragma unroll
     for (int u = 0; u < CL_EPT; u++) {
         const int d = cl_d(u);
-        if (d < e) out[d] = (float)(((double)yv[u] * s) * (double)norm_w[d]);
+        const float o = (float)(((double)yv[u] * s) * (double)nv[u]);
+        if (d < e) out[d] = o;
+        if (qo.q0) q8_0_warp(o, d < e, (i64)(d >> 5), qo.q0, qo.d0);
+        if (qo.qk) q8_k_group(o, d < e, d & 255, (i64)(d >> 8), qo.qk, qo.dk, qo.bk);
     }
     for (int d = cl_d(CL_EPT); d < e; d += CL * CL_T) {
         out[d] = (float)(((double)y[d] * s) * (double)norm_w[d]);
@@ -1365,24 +1476,90 @@ __device__ void collapse_norm_dec(const float* w_sh, int hc, const float* x, int
 }
 
 // HC pre of one token (ops::hc_collapse + rms_norm; the split is ds4_hc_split_dec):
-// xin = Σ_h pre[h]·x[h], a = RMSNorm(xin)·norm_w. One cluster: grid CL, block CL_T.
+// xin = Σ_h pre[h]·x[h], a = RMSNorm(xin)·norm_w, and (pointers set) a's Q8_0 / Q8_K activation
+// quantization for the projections that read it. One cluster: grid CL, block CL_T.
 extern "C" __global__ void __cluster_dims__(CL, 1, 1) __launch_bounds__(CL_T)
     ds4_hc_pre_dec(const float* mix, const float* scale, const float* base, int hc, float hc_eps,
                    const float* x, int e, const float* norm_w, float rms_eps, float* xin,
-                   float* a) {
+                   float* a, i8* q0, float* d0, i8* qk, float* dk, short* bk) {
     PDL_ENTRY();
-    __shared__ float s_pre[MAX_HC];
-    if (threadIdx.x < hc) {
-        const int i = threadIdx.x;
-        s_pre[i] = (float)(sigmoid_d((double)mix[i] * (double)scale[0] + (double)base[i]) +
-                           (double)hc_eps);
+    const DecQ qo = {q0, d0, qk, dk, bk};
+    if (hc == 4) {
+        collapse_norm_dec<4>(mix, scale, 0.0f, base, hc_eps, hc, x, e, norm_w, rms_eps, xin, a, qo);
+    } else {
+        collapse_norm_dec<MAX_HC>(mix, scale, 0.0f, base, hc_eps, hc, x, e, norm_w, rms_eps, xin,
+                                  a, qo);
+    }
+}
+
+// HC pre of one token with the site's mix product in the same cluster (hc = 4: 24 mix rows):
+// mix[r] = Σ_i fn[r][i]·flat[i] over the hc·e inputs (F16 weights; f64 sum of exact products,
+// as the F16 matvec), written to `mix` for the split kernel; then ds4_hc_pre_dec (collapse, norm,
+// quantization). Needs e ≤ CL·CL_T·CL_EPT. One cluster: grid CL, block CL_T.
+#define HCM_HC 4
+#define HCM_NM 24
+extern "C" __global__ void __cluster_dims__(CL, 1, 1) __launch_bounds__(CL_T, 1)
+    ds4_hc_pre_mix_dec(const float* __restrict__ flat, const __half* __restrict__ fn, float* mix,
+                       const float* scale, const float* base, float hc_eps, const float* x, int e,
+                       const float* norm_w, float rms_eps, float* xin, float* a, i8* q0,
+                       float* d0, i8* qk, float* dk, short* bk) {
+    PDL_ENTRY();
+    __shared__ double s_red[CL_T / 32][HCM_NM];
+    __shared__ double s_blk[HCM_NM];
+    __shared__ float s_mix[HCM_NM];
+    const i64 he = (i64)HCM_HC * e;
+    // The collapse's inputs, wanted after the mix: start fetching them now.
+#pragma unroll
+    for (int u = 0; u < CL_EPT; u++) {
+        const int d = cl_d(u);
+        if (d < e) {
+#pragma unroll
+            for (int h = 0; h < HCM_HC; h++)
+                asm volatile("prefetch.global.L1 [%0];" ::"l"(x + (i64)h * e + d));
+            asm volatile("prefetch.global.L1 [%0];" ::"l"(norm_w + d));
+        }
+    }
+    double acc[HCM_NM];
+#pragma unroll
+    for (int r = 0; r < HCM_NM; r++) acc[r] = 0.0;
+#pragma unroll 1
+    for (int u = 0; u < CL_EPT; u++) {
+        const int d = cl_d(u);
+        if (d < e) {
+#pragma unroll
+            for (int j = 0; j < HCM_HC; j++) {
+                const double fl = (double)flat[(i64)j * e + d];
+#pragma unroll
+                for (int r = 0; r < HCM_NM; r++)
+                    acc[r] += (double)__half2float(fn[(i64)r * he + (i64)j * e + d]) * fl;
+            }
+        }
+    }
+    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+#pragma unroll
+    for (int r = 0; r < HCM_NM; r++) {
+        const double v = warp_sum_d(acc[r]);
+        if (lane == 0) s_red[w][r] = v;
     }
     __syncthreads();
-    if (hc == 4) {
-        collapse_norm_dec<4>(s_pre, hc, x, e, norm_w, rms_eps, xin, a);
-    } else {
-        collapse_norm_dec<MAX_HC>(s_pre, hc, x, e, norm_w, rms_eps, xin, a);
+    if (threadIdx.x < HCM_NM) {
+        double t = 0.0;
+        for (int ww = 0; ww < CL_T / 32; ww++) t += s_red[ww][threadIdx.x];
+        s_blk[threadIdx.x] = t;
     }
+    cg::cluster_group cl = cg::this_cluster();
+    cl.sync();
+    if (threadIdx.x < HCM_NM) {
+        double t = 0.0;
+#pragma unroll
+        for (int rk = 0; rk < CL; rk++) t += *cl.map_shared_rank(&s_blk[threadIdx.x], rk);
+        s_mix[threadIdx.x] = (float)t;
+        if (blockIdx.x == 0) mix[threadIdx.x] = (float)t;
+    }
+    cl.sync();  // s_mix is complete, and no block leaves before every block has read s_blk
+    const DecQ qo = {q0, d0, qk, dk, bk};
+    collapse_norm_dec<HCM_HC>(s_mix, scale, 0.0f, base, hc_eps, HCM_HC, x, e, norm_w, rms_eps,
+                              xin, a, qo);
 }
 
 // The split (post, comb) of one token alone: one warp. The decode step runs it on a side stream,
@@ -1406,17 +1583,13 @@ extern "C" __global__ void __cluster_dims__(CL, 1, 1) __launch_bounds__(CL_T)
     ds4_hc_head_dec(const float* mix, float scale, const float* base, float hc_eps,
                     const float* x, int hc, int e, const float* norm_w, float rms_eps, float* hn) {
     PDL_ENTRY();
-    __shared__ float s_w[MAX_HC];
-    if (threadIdx.x < hc) {
-        const int i = threadIdx.x;
-        s_w[i] = (float)(sigmoid_d((double)mix[i] * (double)scale + (double)base[i]) +
-                         (double)hc_eps);
-    }
-    __syncthreads();
+    const DecQ qo = {nullptr, nullptr, nullptr, nullptr, nullptr};
     if (hc == 4) {
-        collapse_norm_dec<4>(s_w, hc, x, e, norm_w, rms_eps, hn, hn);
+        collapse_norm_dec<4>(mix, nullptr, scale, base, hc_eps, hc, x, e, norm_w, rms_eps, hn, hn,
+                             qo);
     } else {
-        collapse_norm_dec<MAX_HC>(s_w, hc, x, e, norm_w, rms_eps, hn, hn);
+        collapse_norm_dec<MAX_HC>(mix, nullptr, scale, base, hc_eps, hc, x, e, norm_w, rms_eps,
+                                  hn, hn, qo);
     }
 }
 
@@ -1425,10 +1598,12 @@ extern "C" __global__ void __cluster_dims__(CL, 1, 1) __launch_bounds__(CL_T)
 // block CL_T.
 template <int NH>
 __device__ void hc_post_dec_body(const float* f, const float* routed, int k, const float* x,
-                                 const float* s_post, const float* s_comb, int hc, int e,
-                                 float* xo, float* flat, float eps) {
+                                 const float* post, const float* comb, int hc, int e, float* xo,
+                                 float* flat, float eps) {
     __shared__ double sh[32];
     __shared__ double s_part;
+    __shared__ float s_post[MAX_HC];
+    __shared__ float s_comb[MAX_HC * MAX_HC];
     float xv[CL_EPT][NH];
     float fv[CL_EPT];
     float rv[CL_EPT];
@@ -1441,6 +1616,10 @@ __device__ void hc_post_dec_body(const float* f, const float* routed, int k, con
 #pragma unroll
         for (int i = 0; i < NH; i++) xv[u][i] = (on && i < hc) ? x[(i64)i * e + d] : 0.0f;
     }
+    // post / comb after the element loads (their latencies overlap).
+    for (int i = threadIdx.x; i < hc; i += blockDim.x) s_post[i] = post[i];
+    for (int i = threadIdx.x; i < hc * hc; i += blockDim.x) s_comb[i] = comb[i];
+    __syncthreads();
     float o[CL_EPT][NH];
     double ss = 0.0;
 #pragma unroll
@@ -1508,15 +1687,10 @@ extern "C" __global__ void __cluster_dims__(CL, 1, 1) __launch_bounds__(CL_T)
     ds4_hc_post_dec(const float* f, const float* routed, int k, const float* x, const float* post,
                     const float* comb, int hc, int e, float* xo, float* flat, float eps) {
     PDL_ENTRY();
-    __shared__ float s_post[MAX_HC];
-    __shared__ float s_comb[MAX_HC * MAX_HC];
-    for (int i = threadIdx.x; i < hc; i += blockDim.x) s_post[i] = post[i];
-    for (int i = threadIdx.x; i < hc * hc; i += blockDim.x) s_comb[i] = comb[i];
-    __syncthreads();
     if (hc == 4) {
-        hc_post_dec_body<4>(f, routed, k, x, s_post, s_comb, hc, e, xo, flat, eps);
+        hc_post_dec_body<4>(f, routed, k, x, post, comb, hc, e, xo, flat, eps);
     } else {
-        hc_post_dec_body<MAX_HC>(f, routed, k, x, s_post, s_comb, hc, e, xo, flat, eps);
+        hc_post_dec_body<MAX_HC>(f, routed, k, x, post, comb, hc, e, xo, flat, eps);
     }
 }
 
@@ -2584,4 +2758,59 @@ extern "C" __global__ void __launch_bounds__(256) ds4_rms_norm_rows_warp(
             orow[c] = r;
         }
     }
+}
+
+// Decode: RMSNorm of one short row (ds4_rms_norm_rows' numerics; the q_a norm) and, with q0 set,
+// its Q8_0 activation quantization for the next projection (ds4_quant_q8_0's numerics). One
+// block, a float4 of four consecutive values per thread (dim % 32 == 0, dim ≤ 4096, 16-byte
+// aligned), the weights loaded with the row, before the f64 sum of squares.
+extern "C" __global__ void __launch_bounds__(1024) ds4_rms_q8_dec(const float* x, const float* w,
+                                                                  int dim, float eps, float* out,
+                                                                  i8* q0, float* d0) {
+    PDL_ENTRY();
+    __shared__ double sh[32];
+    const int t = threadIdx.x;
+    const bool on = t < (dim >> 2);
+    const float4 z = make_float4(0.f, 0.f, 0.f, 0.f);
+    const float4 v = on ? ((const float4*)x)[t] : z;
+    const float4 wv = (on && w) ? ((const float4*)w)[t] : z;
+    double ss = 0.0;
+#pragma unroll
+    for (int q = 0; q < 4; q++) {
+        const double d = (double)f4_get(v, q);
+        ss += d * d;
+    }
+    ss = block_sum_d(ss, sh);
+    const double s = 1.0 / sqrt(ss / (double)dim + (double)eps);
+    float4 r;
+#pragma unroll
+    for (int q = 0; q < 4; q++) {
+        double y = (double)f4_get(v, q) * s;
+        if (w) y = y * (double)f4_get(wv, q);
+        f4_set(r, q, (float)y);
+    }
+    if (on) ((float4*)out)[t] = r;
+    if (!q0) return;
+    // Eight lanes per 32-block (dim % 32 == 0: a group is wholly on or off).
+    float am = 0.f;
+#pragma unroll
+    for (int q = 0; q < 4; q++) {
+        const float a = fabsf(f4_get(r, q));
+        if (a > am) am = a;  // NaN never wins (CPU: `a > amax` is false)
+    }
+#pragma unroll
+    for (int o = 4; o > 0; o >>= 1) am = fmaxf(am, __shfl_xor_sync(0xffffffffu, am, o));
+    if (!on) return;
+    const float dd = am / 127.0f;
+    const float id = dd != 0.f ? 1.0f / dd : 0.f;
+    u32 word = 0;
+#pragma unroll
+    for (int q = 0; q < 4; q++) {
+        const float p = __fmul_rn(f4_get(r, q), id);
+        int qi = (p == p) ? __float2int_rn(p) : 0;
+        qi = max(-128, min(127, qi));
+        word |= (u32)(qi & 255) << (8 * q);
+    }
+    ((u32*)q0)[t] = word;
+    if ((t & 7) == 0) d0[t >> 3] = dd;
 }

@@ -33,8 +33,8 @@ use ds4_model::{
 
 use crate::attn_tc::{AttnPrecision, AttnTc};
 use crate::fwd::{
-    ATT_TARGET_BLOCKS, AttnLaunch, CompDec, CompLaunch, Fwd, IDX_TILE, QkvDec, attn_dec_bytes,
-    attn_dec_fits, attn_dec_stride, attn_splits,
+    ATT_TARGET_BLOCKS, AttnLaunch, CompDec, CompLaunch, DecQuant, Fwd, IDX_TILE, QkvDec,
+    attn_dec_bytes, attn_dec_fits, attn_dec_stride, attn_splits,
 };
 use crate::gemv::{DevWeight, Gemv};
 use crate::rt::{DBuf, dtoh, htod};
@@ -58,6 +58,24 @@ struct Dv<'a, T> {
     len: usize,
     stream: &'a Arc<CudaStream>,
     _t: PhantomData<T>,
+}
+
+/// A fused decode quantization into one format (`Gemv::act_ptrs`'s tuple).
+fn dec_quant(q8k: bool, qs: u64, d: u64, bs: u64) -> DecQuant {
+    if q8k {
+        DecQuant {
+            qk: qs,
+            dk: d,
+            bk: bs,
+            ..DecQuant::default()
+        }
+    } else {
+        DecQuant {
+            q0: qs,
+            d0: d,
+            ..DecQuant::default()
+        }
+    }
 }
 
 fn dv<T>(stream: &Arc<CudaStream>, ptr: u64, len: usize) -> Dv<'_, T> {
@@ -196,6 +214,9 @@ struct Scratch {
     logits: DBuf,
     act: DBuf,
     mid_act: DBuf,
+    /// Decode: the shared expert's quantization of `b`, written by the FFN HC pre alongside the
+    /// routed experts' one in `act`.
+    act_sh: DBuf,
 }
 
 /// Captured decode graphs (one per variant: without / with indexer scoring).
@@ -504,6 +525,7 @@ impl CudaBackend {
             .unwrap_or(0);
         let mut act_bytes = 0usize;
         let mut mid_act_bytes = 0usize;
+        let mut act_sh_bytes = 0usize;
         for l in &layers {
             let mut ws: Vec<&DevWeight> = vec![
                 &l.hc_attn.fn_,
@@ -528,6 +550,7 @@ impl CudaBackend {
                 act_bytes = act_bytes.max(Gemv::act_bytes(w.ty(), w.cols() * w.n_mat(), n));
             }
             act_bytes = act_bytes.max(Gemv::act_bytes(l.gate_exps.ty(), e, n));
+            act_sh_bytes = act_sh_bytes.max(Gemv::act_bytes(l.gate_sh.ty(), e, 1));
             mid_act_bytes = mid_act_bytes.max(Gemv::act_bytes(
                 l.down_exps.ty(),
                 s.n_ff_exp,
@@ -588,6 +611,7 @@ impl CudaBackend {
             logits: f32b(LOGIT_ROWS.min(n) * s.n_vocab)?,
             act: DBuf::zeroed(&stream, act_bytes)?,
             mid_act: DBuf::zeroed(&stream, mid_act_bytes)?,
+            act_sh: DBuf::zeroed(&stream, act_sh_bytes.max(256))?,
         };
         let inv_plain = DBuf::from_slice(&stream, &model.plan.rope_plain.inv_freq)?;
         let inv_comp = DBuf::from_slice(&stream, &model.plan.rope_compressed.inv_freq)?;
@@ -1041,7 +1065,7 @@ impl CudaBackend {
             self.hc_pre(&l.hc_ffn, sc.x1.ptr, l.ffn_norm.ptr, sc.b.ptr, n)?;
             self.mm(&l.router, sc.b.ptr, n, sc.rlog.ptr)?;
             self.route(il, l, n)?;
-            self.moe(l, n)?;
+            self.moe(l, n, false)?;
             // F = routed (summed over the k experts by moe_down) + shared, then HC post.
             fw.hc_post(
                 sc.sh_out.ptr,
@@ -1122,9 +1146,21 @@ impl CudaBackend {
         let qat = self.opts.qat;
 
         // ---- attention sublayer
-        self.mm(&l.hc_attn.fn_, sc.flat.ptr, 1, sc.mix.ptr)?;
-        self.hc_pre_dec(&l.hc_attn, sc.x.ptr, l.attn_norm.ptr, sc.a.ptr)?;
-        let mut held = self.mm_shared(&l.q_a, sc.a.ptr, sc.qr.ptr, None)?;
+        // The HC pre (with its mix product) also quantizes `a` for q_a (and the projections
+        // sharing its format).
+        let q_a_cols = l.q_a.cols() * l.q_a.n_mat();
+        let qa = match Gemv::act_ptrs(l.q_a.ty(), q_a_cols, sc.act.ptr) {
+            Some((q8k, qs, d, bs)) if q_a_cols == e => dec_quant(q8k, qs, d, bs),
+            _ => DecQuant::default(),
+        };
+        let qa = if qa.fits_hc(e) {
+            qa
+        } else {
+            DecQuant::default()
+        };
+        self.hc_pre_site(&l.hc_attn, sc.x.ptr, l.attn_norm.ptr, sc.a.ptr, qa)?;
+        let held0 = (qa != DecQuant::default()).then(|| (l.q_a.ty(), q_a_cols));
+        let mut held = self.mm_shared(&l.q_a, sc.a.ptr, sc.qr.ptr, held0)?;
         held = self.mm_shared(&l.kv, sc.a.ptr, sc.kvp.ptr, held)?;
         let mut comp = [CompDec::default(); 2];
         if let Some(c) = &l.comp {
@@ -1172,8 +1208,22 @@ impl CudaBackend {
                 qat_mode: if qat { 2 } else { 0 },
             };
         }
-        fw.rms_rows(sc.qr.ptr, ql, l.q_a_norm.ptr, ql, eps, sc.qrn.ptr, ql, 1)?;
-        let held_q = self.mm_shared(&l.q_b, sc.qrn.ptr, sc.q.ptr, None)?;
+        // q_a norm, with q_b's Q8_0 quantization of its output in the same launch.
+        let q_b_cols = l.q_b.cols() * l.q_b.n_mat();
+        let mut held_q = None;
+        if Fwd::rms_q8_fits(ql) {
+            let (q0, d0) = match Gemv::act_ptrs(l.q_b.ty(), q_b_cols, sc.act.ptr) {
+                Some((false, qs, d, _)) if q_b_cols == ql => {
+                    held_q = Some((l.q_b.ty(), q_b_cols));
+                    (qs, d)
+                }
+                _ => (0, 0),
+            };
+            fw.rms_q8_dec(sc.qr.ptr, l.q_a_norm.ptr, ql, eps, sc.qrn.ptr, q0, d0)?;
+        } else {
+            fw.rms_rows(sc.qr.ptr, ql, l.q_a_norm.ptr, ql, eps, sc.qrn.ptr, ql, 1)?;
+        }
+        let held_q = self.mm_shared(&l.q_b, sc.qrn.ptr, sc.q.ptr, held_q)?;
         let run_indexer = indexer && l.idx.is_some();
         if let (Some(ix), true) = (&l.idx, run_indexer) {
             self.mm_shared(&ix.q_b, sc.qrn.ptr, sc.iq.ptr, held_q)?;
@@ -1245,11 +1295,13 @@ impl CudaBackend {
         )?;
 
         // ---- FFN sublayer
-        self.mm(&l.hc_ffn.fn_, sc.flat.ptr, 1, sc.mix.ptr)?;
-        self.hc_pre_dec(&l.hc_ffn, sc.x1.ptr, l.ffn_norm.ptr, sc.b.ptr)?;
+        // The HC pre (with its mix product) also quantizes `b` for the routed experts (into act) and the shared
+        // expert (into act_sh) when their formats differ and nothing in between reuses act.
+        let qb = self.ffn_quant(l);
+        self.hc_pre_site(&l.hc_ffn, sc.x1.ptr, l.ffn_norm.ptr, sc.b.ptr, qb)?;
         self.mm(&l.router, sc.b.ptr, 1, sc.rlog.ptr)?;
         self.route(il, l, 1)?;
-        self.moe(l, 1)?;
+        self.moe(l, 1, qb != DecQuant::default())?;
         fw.join_side()?;
         fw.hc_post_dec(
             sc.sh_out.ptr,
@@ -1266,10 +1318,67 @@ impl CudaBackend {
         )
     }
 
+    /// HC pre of a decode site from `sc.flat`: the mix product and the collapse + norm (+ `q`)
+    /// in one launch where the kernel takes the site (hc 4, F16 fn), else the F16/F32 matvec
+    /// and [`CudaBackend::hc_pre_dec`]; the split goes to the side stream after the mix.
+    fn hc_pre_site(
+        &self,
+        hw: &DevHc,
+        x: u64,
+        norm: u64,
+        out: u64,
+        q: DecQuant,
+    ) -> Result<(), CudaError> {
+        let s = self.s();
+        let sc = &self.sc;
+        let f = &hw.fn_;
+        let fused = f.ty() == GgmlType::F16
+            && f.n_mat() == 1
+            && Fwd::hc_pre_mix_fits(s.hc_mult, s.n_embd, f.rows(), f.cols());
+        if !fused {
+            self.mm(f, sc.flat.ptr, 1, sc.mix.ptr)?;
+            return self.hc_pre_dec(hw, x, norm, out, q);
+        }
+        let (fp, _g) = f.data().device_ptr(&self.stream);
+        self.fwd.hc_pre_mix_dec(
+            sc.flat.ptr,
+            fp,
+            sc.mix.ptr,
+            hw.scale.ptr,
+            hw.base.ptr,
+            s.hc_mult,
+            s.hc_eps,
+            x,
+            s.n_embd,
+            norm,
+            s.rms_eps,
+            sc.xin.ptr,
+            out,
+            q,
+        )?;
+        self.fwd.hc_split_side(
+            sc.mix.ptr,
+            hw.scale.ptr,
+            hw.base.ptr,
+            s.hc_mult,
+            s.sinkhorn_iters,
+            s.hc_eps,
+            sc.post.ptr,
+            sc.comb.ptr,
+        )
+    }
+
     /// HC pre of a site for one token (its mix product already in sc.mix): the split (post,
     /// comb) goes to the side stream — only the HC post needs it — and the collapse + norm runs
     /// here. The caller joins the side stream before the HC post.
-    fn hc_pre_dec(&self, hw: &DevHc, x: u64, norm: u64, out: u64) -> Result<(), CudaError> {
+    fn hc_pre_dec(
+        &self,
+        hw: &DevHc,
+        x: u64,
+        norm: u64,
+        out: u64,
+        q: DecQuant,
+    ) -> Result<(), CudaError> {
         let s = self.s();
         let sc = &self.sc;
         self.fwd.hc_split_side(
@@ -1294,7 +1403,51 @@ impl CudaBackend {
             s.rms_eps,
             sc.xin.ptr,
             out,
+            q,
         )
+    }
+
+    /// The quantizations of `b` the FFN HC pre of a decode step writes (see decode_layer): the
+    /// routed experts' format into `act`, the shared expert's into `act_sh`; none (default) when
+    /// the two formats are the same, the router's input is quantized, a tensor-core route
+    /// would read act, or the kernel can't fuse it.
+    fn ffn_quant(&self, l: &DevLayer) -> DecQuant {
+        let s = self.s();
+        let sc = &self.sc;
+        let e = s.n_embd;
+        let k = s.n_expert_used;
+        let none = DecQuant::default();
+        if Gemv::act_ptrs(l.router.ty(), e, 0).is_some()
+            || l.gate_exps.cols() != e
+            || l.gate_sh.cols() != e
+            || l.gate_sh.n_mat() != 1
+        {
+            return none;
+        }
+        if let Some(tc) = self.tc.as_ref()
+            && (tc.takes_moe_gate_up(&l.gate_exps, &l.up_exps, 1, k)
+                || tc.takes_gate_up(&l.gate_sh, &l.up_sh, 1))
+        {
+            return none;
+        }
+        let (Some(r), Some(h)) = (
+            Gemv::act_ptrs(l.gate_exps.ty(), e, sc.act.ptr),
+            Gemv::act_ptrs(l.gate_sh.ty(), e, sc.act_sh.ptr),
+        ) else {
+            return none;
+        };
+        if r.0 == h.0 || Gemv::act_bytes(l.gate_sh.ty(), e, 1) > sc.act_sh.bytes {
+            return none;
+        }
+        let (qr, qh) = (dec_quant(r.0, r.1, r.2, r.3), dec_quant(h.0, h.1, h.2, h.3));
+        let q = DecQuant {
+            q0: qr.q0 | qh.q0,
+            d0: qr.d0 | qh.d0,
+            qk: qr.qk | qh.qk,
+            dk: qr.dk | qh.dk,
+            bk: qr.bk | qh.bk,
+        };
+        if q.fits_hc(e) { q } else { none }
     }
 
     /// The attention launch of layer `l` over its KV state `kvs` (queries in sc.q, output into
@@ -1458,7 +1611,9 @@ impl CudaBackend {
     }
 
     /// Routed experts (only the selected ones are read) and the shared expert.
-    fn moe(&self, l: &DevLayer, n: usize) -> Result<(), CudaError> {
+    /// `pre_q` (decode only, see [`CudaBackend::ffn_quant`]): `b` is already quantized for the
+    /// routed experts in act and for the shared expert in act_sh.
+    fn moe(&self, l: &DevLayer, n: usize, pre_q: bool) -> Result<(), CudaError> {
         let s = self.s();
         let sc = &self.sc;
         let st = &self.stream;
@@ -1470,8 +1625,10 @@ impl CudaBackend {
         let ids = dv::<i32>(st, sc.sel.ptr, n * k);
         let wts = dv::<f32>(st, sc.wts.ptr, n * k);
         let mut mid = dv::<f32>(st, sc.mid.ptr, n * k * ff);
-        self.gemv
-            .quantize_act(st, l.gate_exps.ty(), &b, n, e, &mut act)?;
+        if !pre_q {
+            self.gemv
+                .quantize_act(st, l.gate_exps.ty(), &b, n, e, &mut act)?;
+        }
         let act_r = dv::<u8>(st, sc.act.ptr, sc.act.bytes);
         let tc = self.tc.as_ref();
         if let Some(tc) = tc.filter(|t| t.takes_moe_gate_up(&l.gate_exps, &l.up_exps, n, k)) {
@@ -1537,8 +1694,12 @@ impl CudaBackend {
             )?;
         }
         // Shared expert.
-        self.gemv
-            .quantize_act(st, l.gate_sh.ty(), &b, n, e, &mut act)?;
+        let act_sh = dv::<u8>(st, sc.act_sh.ptr, sc.act_sh.bytes);
+        if !pre_q {
+            self.gemv
+                .quantize_act(st, l.gate_sh.ty(), &b, n, e, &mut act)?;
+        }
+        let act_r = if pre_q { act_sh } else { act_r };
         let mut sh_mid = dv::<f32>(st, sc.sh_mid.ptr, n * ff);
         if let Some(tc) = tc.filter(|t| t.takes_gate_up(&l.gate_sh, &l.up_sh, n)) {
             // SAFETY: act holds b quantized for the shared expert, sh_mid is [n][ff].

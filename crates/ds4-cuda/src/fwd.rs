@@ -100,6 +100,33 @@ pub enum IdxKernel {
 /// CL_T in fwd.cu).
 const DEC_HC_BLOCKS: usize = 8;
 const DEC_HC_THREADS: usize = 512;
+
+/// Device addresses of an activation quantization fused into a decode kernel (0 = that format
+/// is not written): Q8_0 (`q0` qs, `d0` scales) and Q8_K (`qk` qs, `dk` scales, `bk` bsums), in
+/// the one-row layouts of the GEMV activations (`Gemv::act_ptrs`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DecQuant {
+    pub q0: u64,
+    pub d0: u64,
+    pub qk: u64,
+    pub dk: u64,
+    pub bk: u64,
+}
+
+impl DecQuant {
+    /// Whether a cluster HC kernel can quantize `e` values (every value in registers, whole
+    /// warps / 256-groups).
+    pub fn fits_hc(&self, e: usize) -> bool {
+        let on0 = self.q0 != 0;
+        let onk = self.qk != 0;
+        if !on0 && !onk {
+            return true;
+        }
+        e <= DEC_HC_BLOCKS * DEC_HC_THREADS * 4
+            && (!on0 || e.is_multiple_of(32))
+            && (!onk || e.is_multiple_of(256))
+    }
+}
 /// Threads of `ds4_qkv_dec`.
 const QKV_DEC_THREADS: usize = 512;
 /// Row chunks of `ds4_attn_dec_scores` (its grid is fixed when a decode step is captured; at
@@ -198,7 +225,7 @@ pub(crate) struct QkvDec {
 const _: () = assert!(std::mem::size_of::<CompDec>() == 88);
 const _: () = assert!(std::mem::size_of::<QkvDec>() == 336);
 
-fn cerr(msg: impl Into<String>) -> CudaError {
+pub(crate) fn cerr(msg: impl Into<String>) -> CudaError {
     CudaError::Driver(msg.into())
 }
 
@@ -237,6 +264,8 @@ pub(crate) struct Fwd {
     indexer_mma128: CudaFunction,
     indexer_mma2x64: CudaFunction,
     hc_split_dec: CudaFunction,
+    rms_q8_dec: CudaFunction,
+    hc_pre_mix_dec: CudaFunction,
     /// Side stream of the decode step (the HC split runs there, off the critical path) and the
     /// events that fork it from and join it back into `stream`.
     side: Arc<CudaStream>,
@@ -332,6 +361,8 @@ impl Fwd {
             indexer_mma128: big_smem(f("ds4_indexer_mma128")?, indexer_mma_smem(1, 128))?,
             indexer_mma2x64: big_smem(f("ds4_indexer_mma2x64")?, indexer_mma_smem(2, 64))?,
             hc_split_dec: f("ds4_hc_split_dec")?,
+            rms_q8_dec: f("ds4_rms_q8_dec")?,
+            hc_pre_mix_dec: f("ds4_hc_pre_mix_dec")?,
             side: stream
                 .fork()
                 .map_err(|e| cerr(format!("side stream: {e}")))?,
@@ -1112,7 +1143,8 @@ impl Fwd {
     // ---- decode-step kernels (one token)
 
     /// HC pre of one token without the split: `xin = Σ pre·x`, `a = RMSNorm(xin, norm)` (the
-    /// split is [`Fwd::hc_split_side`] / [`Fwd::hc_split`]).
+    /// split is [`Fwd::hc_split_side`] / [`Fwd::hc_split`]); `q` (default: none) also writes
+    /// `a`'s activation quantization (see [`DecQuant`]).
     pub fn hc_pre_dec(
         &self,
         mix: u64,
@@ -1126,7 +1158,13 @@ impl Fwd {
         rms_eps: f32,
         xin: u64,
         a: u64,
+        q: DecQuant,
     ) -> Result<(), CudaError> {
+        if !q.fits_hc(e) {
+            return Err(cerr(format!(
+                "hc_pre_dec: quantization of {e} values not fused"
+            )));
+        }
         self.go(
             &self.hc_pre_dec,
             (DEC_HC_BLOCKS, 1, 1),
@@ -1144,8 +1182,113 @@ impl Fwd {
                 A::F(rms_eps),
                 A::P(xin),
                 A::P(a),
+                A::P(q.q0),
+                A::P(q.d0),
+                A::P(q.qk),
+                A::P(q.dk),
+                A::P(q.bk),
             ],
         )
+    }
+
+    /// Whether [`Fwd::hc_pre_mix_dec`] takes a site with `hc` streams of `e` and an F16 `fn`
+    /// matrix of `rows` × `cols`.
+    pub fn hc_pre_mix_fits(hc: usize, e: usize, rows: usize, cols: usize) -> bool {
+        hc == 4
+            && rows == (2 + hc) * hc
+            && cols == hc * e
+            && e <= DEC_HC_BLOCKS * DEC_HC_THREADS * 4
+    }
+
+    /// HC pre of one token with the site's mix product in the same launch: `mix = fn·flat`
+    /// (`fn` F16 `[(2+hc)·hc][hc·e]`, written to `mix` for the split), then as
+    /// [`Fwd::hc_pre_dec`]. Only where [`Fwd::hc_pre_mix_fits`].
+    pub fn hc_pre_mix_dec(
+        &self,
+        flat: u64,
+        fn_: u64,
+        mix: u64,
+        scale: u64,
+        base: u64,
+        hc: usize,
+        hc_eps: f32,
+        x: u64,
+        e: usize,
+        norm: u64,
+        rms_eps: f32,
+        xin: u64,
+        a: u64,
+        q: DecQuant,
+    ) -> Result<(), CudaError> {
+        if !Self::hc_pre_mix_fits(hc, e, (2 + hc) * hc, hc * e) || !q.fits_hc(e) {
+            return Err(cerr(format!("hc_pre_mix_dec: hc {hc} e {e} not supported")));
+        }
+        self.go(
+            &self.hc_pre_mix_dec,
+            (DEC_HC_BLOCKS, 1, 1),
+            DEC_HC_THREADS,
+            0,
+            &[
+                A::P(flat),
+                A::P(fn_),
+                A::P(mix),
+                A::P(scale),
+                A::P(base),
+                A::F(hc_eps),
+                A::P(x),
+                A::I(e as i32),
+                A::P(norm),
+                A::F(rms_eps),
+                A::P(xin),
+                A::P(a),
+                A::P(q.q0),
+                A::P(q.d0),
+                A::P(q.qk),
+                A::P(q.dk),
+                A::P(q.bk),
+            ],
+        )
+    }
+
+    /// RMSNorm of one row of `dim` floats (`w` = 0: no weight) into `out`, and with `q0`/`d0`
+    /// set (non-zero) its Q8_0 activation quantization (qs, scales) in the same launch.
+    /// Needs `dim % 32 == 0`, `dim ≤ 4096` and 16-byte aligned x / w / out / q0.
+    pub fn rms_q8_dec(
+        &self,
+        x: u64,
+        w: u64,
+        dim: usize,
+        eps: f32,
+        out: u64,
+        q0: u64,
+        d0: u64,
+    ) -> Result<(), CudaError> {
+        if !Self::rms_q8_fits(dim) || !aligned16(&[x, w, out, q0]) {
+            return Err(cerr(format!(
+                "rms_q8_dec: dim {dim} or alignment unsupported"
+            )));
+        }
+        let threads = (dim / 4).next_multiple_of(32);
+        self.go(
+            &self.rms_q8_dec,
+            (1, 1, 1),
+            threads,
+            0,
+            &[
+                A::P(x),
+                A::P(w),
+                A::I(dim as i32),
+                A::F(eps),
+                A::P(out),
+                A::P(q0),
+                A::P(d0),
+            ],
+        )
+    }
+
+    /// Whether [`Fwd::rms_q8_dec`] takes rows of `dim` floats.
+    pub fn rms_q8_fits(dim: usize) -> bool {
+        dim > 0 && dim.is_multiple_of(32) && dim <= 4096
     }
 
     fn split_args(

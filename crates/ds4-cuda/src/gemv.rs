@@ -772,6 +772,23 @@ impl Gemv {
         }
     }
 
+    /// Device addresses of one row of `cols` activations quantized for weights of type `ty` in a
+    /// scratch at `base`, in the layout [`Gemv::quantize_act`] writes for `n = 1`:
+    /// `Some((q8_k, qs, d, bsums))` (`q8_k` false: Q8_0, bsums 0); None for float activations
+    /// and unsupported types, or when `cols` is not a multiple of the block.
+    pub fn act_ptrs(ty: GgmlType, cols: usize, base: u64) -> Option<(bool, u64, u64, u64)> {
+        let ak = Kind::of(ty)?.act();
+        let (_, od, ob) = act_layout(ak, cols, 1);
+        match ak {
+            ActKind::Float => None,
+            ActKind::Q8_0 if cols.is_multiple_of(32) => Some((false, base, base + od as u64, 0)),
+            ActKind::Q8K if cols.is_multiple_of(256) => {
+                Some((true, base, base + od as u64, base + ob as u64))
+            }
+            _ => None,
+        }
+    }
+
     /// Quantize `n` rows of `x` (`[n][cols]` f32) into `act` for weights of type `ty` (no-op for
     /// float types). `cols` must be a multiple of 32 (Q8_0) or 256 (K-quants, IQ2_XXS).
     #[allow(clippy::too_many_arguments)]

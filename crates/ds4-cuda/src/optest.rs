@@ -771,7 +771,18 @@ impl GpuOps {
             )?;
         }
         self.fwd.hc_pre_dec(
-            dm.ptr, ds.ptr, db.ptr, hc, hc_eps, dx.ptr, e, dn.ptr, rms_eps, xin.ptr, a.ptr,
+            dm.ptr,
+            ds.ptr,
+            db.ptr,
+            hc,
+            hc_eps,
+            dx.ptr,
+            e,
+            dn.ptr,
+            rms_eps,
+            xin.ptr,
+            a.ptr,
+            crate::fwd::DecQuant::default(),
         )?;
         if side {
             self.fwd.join_side()?;
@@ -782,6 +793,155 @@ impl GpuOps {
             xin: self.down(&xin, e)?,
             a: self.down(&a, e)?,
         })
+    }
+
+    /// HC pre collapse + norm of one token (`ds4_hc_pre_dec`) with the fused activation
+    /// quantization of `a` into the one-row layouts of `q8_0` (a Q8_0-activation weight type)
+    /// and/or `q8_k` (a Q8_K-activation type); returns `(a, q8_0 act bytes, q8_k act bytes)`
+    /// (an empty vector for a format not asked for).
+    pub fn hc_pre_dec_quant(
+        &self,
+        mix: &[f32],
+        scale: &[f32],
+        base: &[f32],
+        hc: usize,
+        hc_eps: f32,
+        x: &[f32],
+        e: usize,
+        norm: &[f32],
+        rms_eps: f32,
+        q8_0: Option<ds4_gguf::GgmlType>,
+        q8_k: Option<ds4_gguf::GgmlType>,
+    ) -> Result<(Vec<f32>, Vec<u8>, Vec<u8>), CudaError> {
+        let (_, a, q0, qk) = self.hc_pre_mix_dec(
+            mix, None, scale, base, hc, hc_eps, x, e, norm, rms_eps, q8_0, q8_k,
+        )?;
+        Ok((a, q0, qk))
+    }
+
+    /// [`GpuOps::hc_pre_dec_quant`], and with `fused = Some((flat, fn))` (fn: F16 bits
+    /// `[(2+hc)·hc][hc·e]`) the mix product in the same launch (`ds4_hc_pre_mix_dec`; `mix`
+    /// unused); returns `(mix, a, q8_0 act, q8_k act)`.
+    pub fn hc_pre_mix_dec(
+        &self,
+        mix: &[f32],
+        fused: Option<(&[f32], &[u16])>,
+        scale: &[f32],
+        base: &[f32],
+        hc: usize,
+        hc_eps: f32,
+        x: &[f32],
+        e: usize,
+        norm: &[f32],
+        rms_eps: f32,
+        q8_0: Option<ds4_gguf::GgmlType>,
+        q8_k: Option<ds4_gguf::GgmlType>,
+    ) -> Result<(Vec<f32>, Vec<f32>, Vec<u8>, Vec<u8>), CudaError> {
+        use crate::gemv::Gemv;
+        let (dm, ds, db, dx, dn) = (
+            self.up(mix)?,
+            self.up(scale)?,
+            self.up(base)?,
+            self.up(x)?,
+            self.up(norm)?,
+        );
+        let xin = self.zeros(e)?;
+        let a = self.zeros(e)?;
+        let mut q = crate::fwd::DecQuant::default();
+        let mut bufs = Vec::new();
+        for (ty, want_k) in [(q8_0, false), (q8_k, true)] {
+            let Some(ty) = ty else {
+                bufs.push(None);
+                continue;
+            };
+            let bytes = Gemv::act_bytes(ty, e, 1);
+            let buf = DBuf::zeroed(&self.stream, bytes)?;
+            let (k, qs, d, bs) = Gemv::act_ptrs(ty, e, buf.ptr)
+                .ok_or_else(|| crate::fwd::cerr(format!("{ty:?}: no activation quantization")))?;
+            if k != want_k {
+                return Err(crate::fwd::cerr(format!("{ty:?}: wrong activation format")));
+            }
+            if k {
+                (q.qk, q.dk, q.bk) = (qs, d, bs);
+            } else {
+                (q.q0, q.d0) = (qs, d);
+            }
+            bufs.push(Some((buf, bytes)));
+        }
+        let nm = (2 + hc) * hc;
+        let dmix = self.zeros(nm)?;
+        match fused {
+            Some((flat, fnw)) => {
+                let (dfl, dfn) = (self.up(flat)?, self.up(fnw)?);
+                self.fwd.hc_pre_mix_dec(
+                    dfl.ptr, dfn.ptr, dmix.ptr, ds.ptr, db.ptr, hc, hc_eps, dx.ptr, e, dn.ptr,
+                    rms_eps, xin.ptr, a.ptr, q,
+                )?;
+            }
+            None => self.fwd.hc_pre_dec(
+                dm.ptr, ds.ptr, db.ptr, hc, hc_eps, dx.ptr, e, dn.ptr, rms_eps, xin.ptr, a.ptr, q,
+            )?,
+        }
+        let mix_out = if fused.is_some() {
+            self.down(&dmix, nm)?
+        } else {
+            mix.to_vec()
+        };
+        let a = self.down(&a, e)?;
+        let mut out = Vec::new();
+        for b in &bufs {
+            out.push(match b {
+                Some((buf, bytes)) => self.down::<u8>(buf, *bytes)?,
+                None => Vec::new(),
+            });
+        }
+        let qk = out.pop().unwrap_or_default();
+        let q0 = out.pop().unwrap_or_default();
+        Ok((mix_out, a, q0, qk))
+    }
+
+    /// RMSNorm of one row (`ds4_rms_q8_dec`; `w` empty: no weight) and, with `quant`, its Q8_0
+    /// activation quantization; returns `(out, act bytes)` (act empty without `quant`).
+    pub fn rms_q8_dec(
+        &self,
+        x: &[f32],
+        w: &[f32],
+        eps: f32,
+        quant: bool,
+    ) -> Result<(Vec<f32>, Vec<u8>), CudaError> {
+        use crate::gemv::Gemv;
+        let dim = x.len();
+        let dx = self.up(x)?;
+        let dw = if w.is_empty() {
+            None
+        } else {
+            Some(self.up(w)?)
+        };
+        let out = self.zeros(dim)?;
+        let ty = ds4_gguf::GgmlType::Q8_0;
+        let bytes = Gemv::act_bytes(ty, dim, 1);
+        let act = DBuf::zeroed(&self.stream, bytes.max(16))?;
+        let (q0, d0) = match (quant, Gemv::act_ptrs(ty, dim, act.ptr)) {
+            (true, Some((false, qs, d, _))) => (qs, d),
+            (true, _) => return Err(crate::fwd::cerr("rms_q8_dec: no Q8_0 layout")),
+            _ => (0, 0),
+        };
+        self.fwd.rms_q8_dec(
+            dx.ptr,
+            dw.as_ref().map_or(0, |b| b.ptr),
+            dim,
+            eps,
+            out.ptr,
+            q0,
+            d0,
+        )?;
+        let o = self.down(&out, dim)?;
+        let a = if quant {
+            self.down::<u8>(&act, bytes)?
+        } else {
+            Vec::new()
+        };
+        Ok((o, a))
     }
 
     /// HC post of one token (`ds4_hc_post_dec`); returns `(xo, flat)`.

@@ -925,6 +925,181 @@ fn hc_pre_decode() {
     }
 }
 
+/// Compare a one-row device Q8_0 activation layout (qs, then the f32 scales at the next
+/// 256-byte boundary) with ds4_quant's quantization of `x`: bit-identical.
+fn check_act_q8_0(name: &str, act: &[u8], x: &[f32]) {
+    let e = x.len();
+    let od = e.div_ceil(256) * 256;
+    let want = ds4_quant::act::quantize_q8_0_act_vec(x);
+    for (b, w) in want.iter().enumerate() {
+        let d = f32::from_le_bytes(act[od + 4 * b..od + 4 * b + 4].try_into().unwrap());
+        assert_eq!(d.to_bits(), w.d.to_bits(), "{name}: Q8_0 block {b}: d");
+        let qs: Vec<i8> = act[32 * b..32 * b + 32].iter().map(|&v| v as i8).collect();
+        assert_eq!(&qs[..], &w.qs[..], "{name}: Q8_0 block {b}: qs");
+    }
+    println!("{name}: {} Q8_0 blocks bit-identical", want.len());
+}
+
+/// The same for a one-row Q8_K layout (qs, d, bsums at 256-byte boundaries).
+fn check_act_q8_k(name: &str, act: &[u8], x: &[f32]) {
+    let e = x.len();
+    let od = e.div_ceil(256) * 256;
+    let ob = (od + 4 * (e / 256)).div_ceil(256) * 256;
+    let want = ds4_quant::act::quantize_q8_k_vec(x);
+    for (b, w) in want.iter().enumerate() {
+        let d = f32::from_le_bytes(act[od + 4 * b..od + 4 * b + 4].try_into().unwrap());
+        assert_eq!(d.to_bits(), w.d.to_bits(), "{name}: Q8_K block {b}: d");
+        let qs: Vec<i8> = act[256 * b..256 * b + 256]
+            .iter()
+            .map(|&v| v as i8)
+            .collect();
+        assert_eq!(&qs[..], &w.qs[..], "{name}: Q8_K block {b}: qs");
+        for g in 0..16 {
+            let o = ob + 2 * (16 * b + g);
+            let s = i16::from_le_bytes([act[o], act[o + 1]]);
+            assert_eq!(s, w.bsums[g], "{name}: Q8_K block {b}: bsums[{g}]");
+        }
+    }
+    println!("{name}: {} Q8_K blocks bit-identical", want.len());
+}
+
+#[test]
+fn hc_pre_decode_fused_quant() {
+    use ds4_gguf::GgmlType;
+    let Some(g) = gpu() else { return };
+    let mut r = Rng(23);
+    for (hc, e) in [
+        (4usize, 4096usize),
+        (4, 256),
+        (2, 2048),
+        (6, 512),
+        (4, 16384),
+    ] {
+        let iters = 20;
+        let nm = (2 + hc) * hc;
+        let mix = r.vec(nm, 1.0);
+        let scale: Vec<f32> = (0..3).map(|_| 0.5 + r.unif()).collect();
+        let base = r.vec(nm, 0.5);
+        let mut x = r.vec(hc * e, 1.0);
+        let mut norm: Vec<f32> = (0..e).map(|_| 1.0 + r.normal(0.15)).collect();
+        if e >= 1024 {
+            // An all-zero 256-block (d = 0, q = 0) and, in the next one, a tie of |a| between
+            // opposite values (Q8_K takes the first: the sign of every q depends on it).
+            for v in &mut norm[256..512] {
+                *v = 0.0;
+            }
+            for h in 0..hc {
+                x[h * e + 600] = x[h * e + 520];
+            }
+            norm[520] = 50.0;
+            norm[600] = -50.0;
+        }
+        let (_, _, _, a_cpu) = cpu_hc_pre(&mix, &scale, &base, hc, iters, &x, e, &norm);
+        for (q0, qk) in [
+            (Some(GgmlType::Q8_0), Some(GgmlType::IQ2_XXS)),
+            (Some(GgmlType::Q8_0), None),
+            (None, Some(GgmlType::Q2_K)),
+        ] {
+            let (a, act0, actk) = g
+                .hc_pre_dec_quant(&mix, &scale, &base, hc, 1e-6, &x, e, &norm, 1e-6, q0, qk)
+                .unwrap();
+            let tag = format!("hc {hc} e {e} q8_0 {} q8_k {}", q0.is_some(), qk.is_some());
+            check(&format!("hc_pre_dec_quant a {tag}"), &a, &a_cpu);
+            if q0.is_some() {
+                check_act_q8_0(&format!("hc_pre_dec_quant {tag}"), &act0, &a);
+            }
+            if qk.is_some() {
+                check_act_q8_k(&format!("hc_pre_dec_quant {tag}"), &actk, &a);
+            }
+        }
+    }
+}
+
+#[test]
+fn hc_pre_mix_decode_fused() {
+    use ds4_gguf::GgmlType;
+    use ds4_quant::dot::vec_dot_f16_f32;
+    use ds4_quant::f32_to_f16;
+    let Some(g) = gpu() else { return };
+    let mut r = Rng(31);
+    let hc = 4;
+    let nm = (2 + hc) * hc;
+    for e in [4096usize, 256, 1024, 16384] {
+        let he = hc * e;
+        let flat = r.vec(he, 1.0);
+        let fnw: Vec<u16> = (0..nm * he).map(|_| f32_to_f16(r.normal(0.02))).collect();
+        let scale: Vec<f32> = (0..3).map(|_| 0.5 + r.unif()).collect();
+        let base = r.vec(nm, 0.5);
+        let x = r.vec(he, 1.0);
+        let norm: Vec<f32> = (0..e).map(|_| 1.0 + r.normal(0.15)).collect();
+        // CPU: the F16 matvec (f64 accumulation), then the HC pre on that mix.
+        let mix: Vec<f32> = (0..nm)
+            .map(|row| vec_dot_f16_f32(&fnw[row * he..(row + 1) * he], &flat))
+            .collect();
+        let (_, _, _, a_cpu) = cpu_hc_pre(&mix, &scale, &base, hc, 20, &x, e, &norm);
+        for run in 0..2 {
+            let (gmix, a, act0, actk) = g
+                .hc_pre_mix_dec(
+                    &mix,
+                    Some((&flat, &fnw)),
+                    &scale,
+                    &base,
+                    hc,
+                    1e-6,
+                    &x,
+                    e,
+                    &norm,
+                    1e-6,
+                    Some(GgmlType::Q8_0),
+                    Some(GgmlType::IQ2_XXS),
+                )
+                .unwrap();
+            let tag = format!("e {e} run {run}");
+            check(&format!("hc_pre_mix_dec mix {tag}"), &gmix, &mix);
+            let same = gmix
+                .iter()
+                .zip(&mix)
+                .filter(|(a, b)| a.to_bits() == b.to_bits())
+                .count();
+            println!("hc_pre_mix_dec mix {tag}: {same}/{nm} bit-identical");
+            check(&format!("hc_pre_mix_dec a {tag}"), &a, &a_cpu);
+            check_act_q8_0(&format!("hc_pre_mix_dec {tag}"), &act0, &a);
+            check_act_q8_k(&format!("hc_pre_mix_dec {tag}"), &actk, &a);
+        }
+    }
+}
+
+#[test]
+fn rms_q8_decode() {
+    let Some(g) = gpu() else { return };
+    let mut r = Rng(29);
+    for dim in [1024usize, 32, 96, 4096, 512] {
+        let mut x = r.vec(dim, 1.0);
+        if dim >= 96 {
+            for v in &mut x[32..64] {
+                *v = 0.0; // an all-zero Q8_0 block
+            }
+        }
+        let w: Vec<f32> = (0..dim).map(|_| 1.0 + r.normal(0.15)).collect();
+        for (with_w, quant) in [(true, true), (false, true), (true, false)] {
+            let mut want = vec![0f32; dim];
+            if with_w {
+                ops::rms_norm(&x, &w, 1e-6, &mut want);
+            } else {
+                ops::rms_norm_noweight(&x, 1e-6, &mut want);
+            }
+            let (out, act) = g
+                .rms_q8_dec(&x, if with_w { &w } else { &[] }, 1e-6, quant)
+                .unwrap();
+            let tag = format!("dim {dim} w {with_w} quant {quant}");
+            check(&format!("rms_q8_dec {tag}"), &out, &want);
+            if quant {
+                check_act_q8_0(&format!("rms_q8_dec {tag}"), &act, &out);
+            }
+        }
+    }
+}
+
 #[test]
 fn hc_post_decode_and_flat() {
     let Some(g) = gpu() else { return };
