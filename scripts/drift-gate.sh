@@ -9,7 +9,9 @@
 # many layers to /dev/shm (`ds4 synth`) and runs a 32-token and a LONG_TOKENS-token random prompt.
 #
 # Configurations: the exact path (`--quality` and DS4_CUDA_TC_DISABLE=1), each route alone
-# (dense and attn_out in their default f16 form; dense_i8 = both in their int8 form)
+# (dense and attn_out in their default int8 form); DENSE_F16_INFO=1 adds dense_f16 (both in their
+# opt-in f16 form, DS4_CUDA_TC_DENSE_F16=1), reported as info, not gated (it misses the relative
+# tier on two fixtures' short prompts: bench/results/h100/dense-f16.md).
 # (ATTN, the tensor-core chunk attention, on every model: it applies to any chunk of >= 16
 # tokens), all routes; ATTN_F16_INFO=1 adds the f16-operand attention variant, reported, not gated. Logits: every prompt position (`--dump-prompt-logits`); the long prompt: the last prompt
 # position and 3 greedy steps (`--dump-logits -n 4`). Compared row by row with `ds4 drift`.
@@ -57,7 +59,7 @@ ROUTES="DENSE ATTN_OUT F16 MOE_GATE MOE_UP MOE_DOWN ATTN"
 declare -A KEEP=(
   [quality]=""
   [dense]="DENSE"
-  [dense_i8]="DENSE ATTN_OUT"
+  [dense_f16]="DENSE ATTN_OUT"
   [attn_out]="ATTN_OUT"
   [f16]="F16"
   [moe_gate_up]="MOE_GATE MOE_UP"
@@ -70,6 +72,7 @@ declare -A KEEP=(
 # only with ATTN_F16_INFO=1 and reported as "info", never gated (it is expected to miss the
 # tight tier: see src/attn_tc.rs).
 ATTN_F16_INFO=${ATTN_F16_INFO:-0}
+DENSE_F16_INFO=${DENSE_F16_INFO:-0}
 
 cfg_env() { # env assignments for a configuration
   local keep=${KEEP[$1]}
@@ -77,7 +80,7 @@ cfg_env() { # env assignments for a configuration
   [ "$keep" = ALL ] && return
   local r out=""
   [ "$1" = attn_f16 ] && out="DS4_CUDA_TC_ATTN_F16=1"
-  [ "$1" = dense_i8 ] && out="DS4_CUDA_TC_DENSE_INT8=1"
+  [ "$1" = dense_f16 ] && out="DS4_CUDA_TC_DENSE_F16=1"
   for r in $ROUTES; do
     case " $keep " in *" $r "*) ;; *) out="$out DS4_CUDA_TC_${r}_DISABLE=1" ;; esac
   done
@@ -87,10 +90,12 @@ cfg_env() { # env assignments for a configuration
 cfgs_for() { # configurations worth running (routes that cannot apply are skipped)
   local extra=""
   [ "$ATTN_F16_INFO" = 1 ] && extra=" attn_f16"
+  local f16x=""
+  [ "$DENSE_F16_INFO" = 1 ] && f16x=" dense_f16"
   case "$1" in
     *f32) echo "attn all$extra" ;;
     *f16) echo "f16 attn all$extra" ;;
-    *) echo "dense attn_out dense_i8 f16 moe_gate_up moe_down attn all$extra" ;;
+    *) echo "dense attn_out f16 moe_gate_up moe_down attn all$extra$f16x" ;;
   esac
 }
 
@@ -143,7 +148,7 @@ tight() { # label model ids cfgs...
     t1=$(json_num "$js" top1_mismatch); nf=$(json_num "$js" nonfinite)
     if awk -v r="$rms" -v m="$TIGHT_MAX_RMS" -v o="$top20" -v mo="$TIGHT_MIN_TOP20" -v t="$t1" -v f="$nf" \
       'BEGIN { exit !(r <= m && o >= mo && t == 0 && f == 0) }'; then :; else st=FAIL; FAIL=1; fi
-    if [ "$cfg" = attn_f16 ]; then st="info($st)"; FAIL=$FAIL_SAVED; fi
+    case "$cfg" in attn_f16 | dense_f16) st="info($st)"; FAIL=$FAIL_SAVED ;; esac
     ROWS+=("$(printf '%-46s tight   rows %4s  rms %.2e (≤ %s)  top20 ≥ %2s  top1x %s  %s' \
       "$label/$cfg qat=off" "$(json_num "$js" rows)" "$rms" "$TIGHT_MAX_RMS" "$top20" "$t1" "$st")")
   done
@@ -185,7 +190,7 @@ relative() { # label model ids ctx cfgs...
     q_t1=$(json_num "$qj" top1_mismatch)
     if awk -v c="$c_rms" -v f="$f_rms" -v ct="$c_t1" -v ft="$f_t1" -v nf="$nf" \
       'BEGIN { exit !(c <= 1.10 * f + 0.02 && ct <= 2 * ft + 2 && nf == 0) }'; then :; else st=FAIL; FAIL=1; fi
-    if [ "$cfg" = attn_f16 ]; then st="info($st)"; FAIL=$FAIL_SAVED; fi
+    case "$cfg" in attn_f16 | dense_f16) st="info($st)"; FAIL=$FAIL_SAVED ;; esac
     ROWS+=("$(printf '%-46s rel     rows %4s  mean rms vs cpu %.3e  top1x %3s | vs exact: mean rms %.3e top20 ≥ %2s top1x %3s  %s' \
       "$label/$cfg" "$f_rows" "$c_rms" "$c_t1" "$q_rms" "$q_top20" "$q_t1" "$st")")
   done
@@ -251,7 +256,8 @@ if [ "$SYNTH_LAYERS" -gt 0 ]; then
           greedy=$(grep -E '^ *"same_top1":' "$js" | awk '/true/ && !d { n++; next } { d = 1 } END { print n + 0 }')
           nf=$(json_num "$js" nonfinite)
           st=PASS
-          awk -v r="$rms" -v m="$MAX_RMS_LONG" -v t="$same" -v f="$nf" 'BEGIN { exit !(r <= m && t == 1 && f == 0) }' || { st=FAIL; FAIL=1; }
+          awk -v r="$rms" -v m="$MAX_RMS_LONG" -v t="$same" -v f="$nf" 'BEGIN { exit !(r <= m && t == 1 && f == 0) }' || st=FAIL
+          if [ "$cfg" = dense_f16 ]; then st="info($st)"; elif [ "$st" = FAIL ]; then FAIL=1; fi
           ROWS+=("$(printf '%-46s long    last prompt row: rms %.3e (<= %s) same top-1 %s top20 %s; greedy steps agreeing %s of %s  %s' \
             "$model/long$LONG_TOKENS/$cfg" "$rms" "$MAX_RMS_LONG" "$([ "$same" = 1 ] && echo yes || echo NO)" "$top20" \
             "$((greedy > 0 ? greedy - 1 : 0))" "$(( $(json_num "$js" rows) - 1 ))" "$st")")

@@ -50,10 +50,10 @@ mod bench {
         ctx: Arc<CudaContext>,
         stream: Arc<CudaStream>,
         g: Gemv,
-        /// Default routes (dense / attn_out in their f16 form).
+        /// Default routes (dense / attn_out in their int8 form).
         tc: Tc,
-        /// dense / attn_out in their int8 form (`DS4_CUDA_TC_DENSE_INT8`).
-        tc8: Tc,
+        /// dense / attn_out in their opt-in f16 form (`DS4_CUDA_TC_DENSE_F16`).
+        tcf: Tc,
         rng: Rng,
         reps: usize,
         card: String,
@@ -145,8 +145,8 @@ mod bench {
             ));
         }
 
-        fn tcr(&self, int8: bool) -> &Tc {
-            if int8 { &self.tc8 } else { &self.tc }
+        fn tcr(&self, f16: bool) -> &Tc {
+            if f16 { &self.tcf } else { &self.tc }
         }
 
         /// A plain or grouped matmul (Q8_0 or F16); `int8`: the int8 form of dense / attn_out.
@@ -160,7 +160,7 @@ mod bench {
             rows: usize,
             n_mat: usize,
             ns: &[usize],
-            int8: bool,
+            f16: bool,
         ) -> Result<()> {
             let w = self.upload(ty, cols, rows, n_mat)?;
             let cx = cols * n_mat;
@@ -176,7 +176,7 @@ mod bench {
                 let tc_ms = self.time(reps, || {
                     self.g.quantize_act(&self.stream, ty, &x, n, cx, &mut act)?;
                     // SAFETY: act quantized for w, x [n][cx], y [n][rows·n_mat].
-                    unsafe { self.tcr(int8).matmul(&self.stream, &w, xp, ap, n, yp)? };
+                    unsafe { self.tcr(f16).matmul(&self.stream, &w, xp, ap, n, yp)? };
                     Ok(())
                 })?;
                 let _ = ap;
@@ -196,7 +196,7 @@ mod bench {
             Ok(())
         }
 
-        fn shared_gate_up(&mut self, ns: &[usize], int8: bool) -> Result<()> {
+        fn shared_gate_up(&mut self, ns: &[usize], f16: bool) -> Result<()> {
             let ty = GgmlType::Q8_0;
             let (cols, rows) = (4096, 2048);
             let gate = self.upload(ty, cols, rows, 1)?;
@@ -215,7 +215,7 @@ mod bench {
                 let tc_ms = self.time(reps, || {
                     // SAFETY: act quantized, mid [n][rows].
                     unsafe {
-                        self.tcr(int8)
+                        self.tcr(f16)
                             .gate_up(&self.stream, &gate, &up, ap, n, 10.0, mp)?
                     };
                     Ok(())
@@ -231,7 +231,7 @@ mod bench {
                     None
                 };
                 self.report(
-                    if int8 { "dense_i8" } else { "dense" },
+                    if f16 { "dense_f16" } else { "dense" },
                     "shexp gate+up",
                     n,
                     (2 * n * rows * cols) as f64,
@@ -503,16 +503,16 @@ mod bench {
             n_expert: 256,
             n_expert_used: 6,
             down_rows: 4096,
-            max_dense_elems: 2 * 4096 * 2048 * 4,
+            max_dense_elems: 32768 * 1024,
             max_dense_cols: 8 * 4096,
             max_pair_rows: 2048,
         };
         let tc = Tc::new(&ctx, &stream, cfg, TcRoutes::all())?;
-        let int8_routes = TcRoutes {
-            dense_f16: false,
+        let f16_routes = TcRoutes {
+            dense_f16: true,
             ..TcRoutes::all()
         };
-        let tc8 = Tc::new(&ctx, &stream, cfg, int8_routes)?;
+        let tcf = Tc::new(&ctx, &stream, cfg, f16_routes)?;
         let card = info.name.replace(',', " ");
         println!("tc_bench on {card} (routes vs exact path; ms = median of {reps})");
         println!(
@@ -524,7 +524,7 @@ mod bench {
             stream,
             g,
             tc,
-            tc8,
+            tcf,
             rng: Rng(42),
             reps,
             card,
@@ -539,25 +539,16 @@ mod bench {
         if only.as_deref() == Some("attn") {
             return b.write_csv(csv.as_deref());
         }
-        // dense / attn_out: the f16 form (default) and the int8 form ("_i8").
-        for int8 in [false, true] {
-            let sfx = if int8 { "_i8" } else { "" };
+        // dense / attn_out: the int8 form (default) and the opt-in f16 form ("_f16").
+        for f16 in [false, true] {
+            let sfx = if f16 { "_f16" } else { "" };
             let (dense, attn_out) = (format!("dense{sfx}"), format!("attn_out{sfx}"));
-            b.matmul(&dense, "q_a 4096->1024", q8, 4096, 1024, 1, &ns, int8)?;
-            b.matmul(&dense, "q_b 1024->32768", q8, 1024, 32768, 1, &ns, int8)?;
-            b.matmul(&dense, "kv 4096->512", q8, 4096, 512, 1, &ns, int8)?;
-            b.matmul(&dense, "out_b 8192->4096", q8, 8192, 4096, 1, &ns, int8)?;
-            b.matmul(
-                &dense,
-                "shexp down 2048->4096",
-                q8,
-                2048,
-                4096,
-                1,
-                &ns,
-                int8,
-            )?;
-            b.shared_gate_up(&ns, int8)?;
+            b.matmul(&dense, "q_a 4096->1024", q8, 4096, 1024, 1, &ns, f16)?;
+            b.matmul(&dense, "q_b 1024->32768", q8, 1024, 32768, 1, &ns, f16)?;
+            b.matmul(&dense, "kv 4096->512", q8, 4096, 512, 1, &ns, f16)?;
+            b.matmul(&dense, "out_b 8192->4096", q8, 8192, 4096, 1, &ns, f16)?;
+            b.matmul(&dense, "shexp down 2048->4096", q8, 2048, 4096, 1, &ns, f16)?;
+            b.shared_gate_up(&ns, f16)?;
             b.matmul(
                 &attn_out,
                 "out_a 8x(4096->1024)",
@@ -566,7 +557,7 @@ mod bench {
                 1024,
                 8,
                 &ns,
-                int8,
+                f16,
             )?;
         }
         b.matmul(

@@ -7,8 +7,8 @@
 //!
 //! | route (switch) | weights | operands | numerics vs the exact path |
 //! |---|---|---|---|
-//! | `dense` (`DS4_CUDA_TC_DENSE_DISABLE`), f16 form (default) | Q8_0 q_a, q_b, kv, out_b, shared gate/up/down | weights `q·d` and ds4's int8 activations `q_x·d_x` rounded to f16 after a power-of-two scaling, cuBLAS f16 GEMM with f32 accumulation ([`crate::tc_f16`]) | ≤ 2^-10 relative per product vs the exact path's product |
-//! | `dense`, int8 form (`DS4_CUDA_TC_DENSE_INT8=1`; also the LM head, too large for the f16 scratch) | as above | int8 × int8 (`mma m16n8k32 s8`), activations from [`Gemv::quantize_act`] | each 32-block's integer dot exact; the block term `(d_w·d_x)·isum` added with one FMA |
+//! | `dense` (`DS4_CUDA_TC_DENSE_DISABLE`), f16 form (opt-in: `DS4_CUDA_TC_DENSE_F16=1`) | Q8_0 q_a, q_b, kv, out_b, shared gate/up/down | weights `q·d` and ds4's int8 activations `q_x·d_x` rounded to f16 after a power-of-two scaling, cuBLAS f16 GEMM with f32 accumulation ([`crate::tc_f16`]) | ≤ 2^-10 relative per product vs the exact path's product |
+//! | `dense`, int8 form (default; always for the LM head, too large for the f16 scratch) | as above | int8 × int8 (`mma m16n8k32 s8`), activations from [`Gemv::quantize_act`] | each 32-block's integer dot exact; the block term `(d_w·d_x)·isum` added with one FMA |
 //! | `attn_out` (`…_ATTN_OUT_DISABLE`) | Q8_0 `attn_output_a` (8 groups) | as dense (f16 form: a strided-batched GEMM) | as dense |
 //! | `f16` (`…_F16_DISABLE`) | F16 HC mixing, router, compressors, indexer | f16 × (f16 hi + f16 lo) (`mma m16n8k16`), f32 accumulation | ~f32 (x carried to 22 bits) |
 //! | `moe_gate` + `moe_up` (fused) | IQ2_XXS / Q2_K / Q4_K / Q8_0 routed gate and up, SwiGLU and the routing weight fused | int8 × Q8_K int8, weights dequantised to exact int8 in shared memory | every super-block's integer sums exact, its f32 term formed as on the CPU |

@@ -76,12 +76,13 @@ fn route_switches_from_the_environment() {
         ..TcRoutes::none()
     };
     assert!(attn_only.any());
-    assert!(all.describe().contains("dense=on(f16)") && all.describe().contains("attn=on"));
-    let i8r = all.with_vars(env(&[("DS4_CUDA_TC_DENSE_INT8", "1")]));
-    assert!(!i8r.dense_f16 && i8r.dense && i8r.attn_out);
-    assert!(i8r.describe().contains("dense=on(int8) attn_out=on(int8)"));
+    assert!(all.describe().contains("dense=on ") && all.describe().contains("attn=on"));
+    assert!(!all.dense_f16);
+    let f = all.with_vars(env(&[("DS4_CUDA_TC_DENSE_F16", "1")]));
+    assert!(f.dense_f16 && f.dense && f.attn_out);
+    assert!(f.describe().contains("dense=on(f16) attn_out=on(f16)"));
     assert!(
-        all.with_vars(env(&[("DS4_CUDA_TC_DENSE_INT8", "0")]))
+        !f.with_vars(env(&[("DS4_CUDA_TC_DENSE_F16", "0")]))
             .dense_f16
     );
     assert!(TcRoutes::none().describe().contains("attn=off"));
@@ -135,12 +136,12 @@ mod gpu {
             max_dense_cols: 8192,
             max_pair_rows: 2048,
         };
-        let int8 = TcRoutes {
-            dense_f16: false,
+        let f16 = TcRoutes {
+            dense_f16: true,
             ..TcRoutes::all()
         };
-        let tc = Tc::new(&ctx, &stream, cfg, int8).expect("load tc kernels");
-        let tcf = Tc::new(&ctx, &stream, cfg, TcRoutes::all()).expect("load tc kernels (f16)");
+        let tc = Tc::new(&ctx, &stream, cfg, TcRoutes::all()).expect("load tc kernels");
+        let tcf = Tc::new(&ctx, &stream, cfg, f16).expect("load tc kernels (f16)");
         Some(Dev { stream, g, tc, tcf })
     }
 
