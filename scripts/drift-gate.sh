@@ -9,11 +9,11 @@
 # many layers to /dev/shm (`ds4 synth`) and runs a 32-token and a LONG_TOKENS-token random prompt.
 #
 # Configurations: the exact path (`--quality` and DS4_CUDA_TC_DISABLE=1), each route alone
-# (dense and attn_out in their default int8 form); DENSE_F16_INFO=1 adds dense_f16 (both in their
-# opt-in f16 form, DS4_CUDA_TC_DENSE_F16=1), reported as info, not gated (it misses the relative
-# tier on two fixtures' short prompts: bench/results/h100/dense-f16.md).
 # (ATTN, the tensor-core chunk attention, on every model: it applies to any chunk of >= 16
-# tokens), all routes; ATTN_F16_INFO=1 adds the f16-operand attention variant, reported, not gated. Logits: every prompt position (`--dump-prompt-logits`); the long prompt: the last prompt
+# tokens; dense and attn_out in their default int8 form), all routes; ATTN_F16_INFO=1 adds the
+# f16-operand attention variant and DENSE_F16_INFO=1 dense_f16 (dense and attn_out in their opt-in
+# f16 form, DS4_CUDA_TC_DENSE_F16=1; it misses the relative tier on two fixtures' short prompts:
+# bench/results/h100/dense-f16.md), both reported as info, not gated. Logits: every prompt position (`--dump-prompt-logits`); the long prompt: the last prompt
 # position and 3 greedy steps (`--dump-logits -n 4`). Compared row by row with `ds4 drift`.
 #
 # Three tiers, because the random-weight models amplify any 1-ulp difference: int8 activation
@@ -54,6 +54,8 @@ D=${OUT:-/tmp/drift-gate}/drift
 mkdir -p "$D"
 DS4="$BIN/ds4"
 THREADS=$(nproc 2>/dev/null || echo 8)
+# The configurations set every route switch themselves.
+unset DS4_CUDA_TC_DENSE_F16 DS4_CUDA_TC_ATTN_F16 DS4_CUDA_TC_DISABLE
 
 ROUTES="DENSE ATTN_OUT F16 MOE_GATE MOE_UP MOE_DOWN ATTN"
 declare -A KEEP=(

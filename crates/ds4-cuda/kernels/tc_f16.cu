@@ -94,7 +94,7 @@ extern "C" __global__ void __launch_bounds__(256) ds4_tcf_convert(const i8* __re
                                                                   const i8* __restrict__ q0, const u16* __restrict__ d0,
                                                                   i64 nb0, const i8* __restrict__ q1,
                                                                   const u16* __restrict__ d1, i64 nb1,
-                                                                  const u32* __restrict__ slot, u16* __restrict__ xh,
+                                                                  u32* slot, u16* __restrict__ xh,
                                                                   u16* __restrict__ wh) {
     PDL_ENTRY();
     // Bounds: |q| ≤ 127 for both operands.

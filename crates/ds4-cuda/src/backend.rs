@@ -809,6 +809,10 @@ impl CudaBackend {
         } else {
             None
         };
+        // Tc may have fallen back from the f16 form of dense / attn_out (no libcublas).
+        if let Some(t) = &tc {
+            routes.dense_f16 = t.routes().dense_f16;
+        }
         eprintln!(
             "ds4-cuda: tensor-core prefill routes (chunks of >= {} tokens): {}{attn_note}",
             crate::tc::MIN_TOKENS,

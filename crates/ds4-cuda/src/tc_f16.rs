@@ -51,6 +51,8 @@ pub(crate) struct F16Limits {
 pub(crate) struct DenseF16 {
     _module: Arc<CudaModule>,
     blas: CudaBlas,
+    /// The stream the cuBLAS handle runs on (its address): every call must use it.
+    cu_stream: usize,
     lim: F16Limits,
     sms: u32,
     absmax: CudaFunction,
@@ -115,6 +117,7 @@ impl DenseF16 {
             convert: func("ds4_tcf_convert")?,
             swiglu: func("ds4_tcf_swiglu")?,
             _module: module,
+            cu_stream: stream.cu_stream() as usize,
             blas,
             lim,
             sms,
@@ -161,6 +164,13 @@ impl DenseF16 {
         w0: &DevWeight,
         w1: Option<&DevWeight>,
     ) -> Result<(), CudaError> {
+        // The GEMM runs on the handle's stream: the conversions must be ordered before it.
+        if stream.cu_stream() as usize != self.cu_stream {
+            return Err(berr(
+                "called on another stream than the one it was created for",
+            ));
+        }
+        stream.context().bind_to_thread().map_err(drv)?;
         // SAFETY: slot is a live 16-byte allocation.
         unsafe { result::memset_d8_async(self.slot.ptr, 0, 16, stream.cu_stream()) }
             .map_err(drv)?;
