@@ -18,7 +18,7 @@ for mode in routes ${PROFILE_QUALITY:+quality}; do
   # run prefill-only (gen 1) and prefill+decode (gen G) and diff the per-name sums.
   for g in 1 $((G+1)); do
     "$NCU" --clock-control none --cache-control none --metrics gpu__time_duration.sum --csv --page raw \
-      --print-units base "$DS4" bench -m "$M" --backend cuda $extra --ctx-start "$P" --ctx-max "$P" \
+      --print-units base "$DS4" bench -m "$M" --backend cuda --no-warmup $extra --ctx-start "$P" --ctx-max "$P" \
       --gen-tokens "$g" > "$OUT/ncu-$mode-g$g.csv" 2> "$OUT/ncu-$mode-g$g.err"
   done
   python3 - "$OUT/ncu-$mode-g1.csv" "$OUT/ncu-$mode-g$((G+1)).csv" "$G" "$L" "$P" > "$OUT/profile-$mode.txt" <<'PY'

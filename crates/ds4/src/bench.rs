@@ -86,6 +86,9 @@ pub struct Args {
     /// the new slice since the previous frontier.
     #[arg(long)]
     pub whole_prompt: bool,
+    /// Skip the untimed warm-up prefill (profilers that count every kernel).
+    #[arg(long)]
+    pub no_warmup: bool,
     /// Tokens per prefill chunk.
     #[arg(long, default_value_t = ds4_model::session::DEFAULT_PREFILL_CHUNK)]
     pub prefill_chunk: usize,
@@ -706,7 +709,7 @@ pub fn run(a: Args) -> Result<()> {
         None => Box::new(std::io::stdout().lock()),
     };
     write_header(&mut out)?;
-    if let Some(&first) = fr.first() {
+    if let Some(&first) = fr.first().filter(|_| !a.no_warmup) {
         session
             .sync(&prompt[..first])
             .with_context(|| format!("warm-up prefill of {first} tokens"))?;
