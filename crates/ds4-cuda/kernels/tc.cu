@@ -938,6 +938,81 @@ extern "C" __global__ void ds4_tc_splitk_sum(const float* __restrict__ part, int
 }
 
 // ------------------------------------------------------------------------------------------
+// F16 route, skinny matrices (≤ 32 rows: the HC mixing `fn`, 24 × 16384): a tiled GEMM would
+// leave most of a 128-row tile idle and pass the activations through the hi/lo preparation, so
+// these read the f32 activations directly. y[t][r] = Σ_c w[r][c]·x[t][c] with f32 products of
+// the f16 weight and the f32 activation and f32 sums (at least as close to the exact f64 path as
+// the tiled route's f16 hi + lo operands). A block takes SK_T tokens; each thread walks columns
+// 4 at a time (float4 of x per token, 8 bytes of w per row) with RM × SK_T accumulators, then
+// the block reduces them in a fixed order (warp butterflies, then warps in order):
+// deterministic. Requires cols % 4 == 0 and 16-byte aligned rows of x and 8-byte rows of w.
+#define SK_T 4
+template <int RM>
+__device__ __forceinline__ void tc_f16_skinny(const float* __restrict__ x, int cols, const u16* __restrict__ w,
+                                              int R, int n, float* __restrict__ y) {
+    __shared__ float s_red[8][RM * SK_T];
+    const int t0 = blockIdx.x * SK_T;
+    const int c4n = cols >> 2;
+    float acc[RM][SK_T];
+#pragma unroll
+    for (int r = 0; r < RM; r++)
+#pragma unroll
+        for (int t = 0; t < SK_T; t++) acc[r][t] = 0.f;
+    for (int c4 = threadIdx.x; c4 < c4n; c4 += blockDim.x) {
+        float4 xv[SK_T];
+#pragma unroll
+        for (int t = 0; t < SK_T; t++)
+            xv[t] = t0 + t < n ? __ldg((const float4*)(x + (i64)(t0 + t) * cols) + c4) : make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+        for (int r = 0; r < RM; r++) {
+            if (r < R) {
+                const uint2 wv = __ldg((const uint2*)(w + (i64)r * cols) + c4);
+                const float w0 = h2f(wv.x & 0xffffu), w1 = h2f(wv.x >> 16);
+                const float w2 = h2f(wv.y & 0xffffu), w3 = h2f(wv.y >> 16);
+#pragma unroll
+                for (int t = 0; t < SK_T; t++) {
+                    float a = acc[r][t];
+                    a = __fmaf_rn(w0, xv[t].x, a);
+                    a = __fmaf_rn(w1, xv[t].y, a);
+                    a = __fmaf_rn(w2, xv[t].z, a);
+                    a = __fmaf_rn(w3, xv[t].w, a);
+                    acc[r][t] = a;
+                }
+            }
+        }
+    }
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+    for (int r = 0; r < RM; r++)
+#pragma unroll
+        for (int t = 0; t < SK_T; t++) {
+            float v = acc[r][t];
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) v = __fadd_rn(v, __shfl_xor_sync(FULL_MASK, v, o));
+            if (lane == 0) s_red[warp][r * SK_T + t] = v;
+        }
+    __syncthreads();
+    const int nw = blockDim.x >> 5;
+    for (int i = threadIdx.x; i < RM * SK_T; i += blockDim.x) {
+        const int r = i / SK_T, t = i % SK_T;
+        if (r >= R || t0 + t >= n) continue;
+        float v = s_red[0][i];
+        for (int k = 1; k < nw; k++) v = __fadd_rn(v, s_red[k][i]);
+        y[(i64)(t0 + t) * R + r] = v;
+    }
+}
+#define TC_SKINNY(RM)                                                                                         \
+    extern "C" __global__ void __launch_bounds__(256) ds4_tc_f16_skinny_##RM(                                 \
+        const float* __restrict__ x, int cols, const u16* __restrict__ w, int R, int n,                      \
+        float* __restrict__ y) { PDL_ENTRY();                                                                 \
+        tc_f16_skinny<RM>(x, cols, w, R, n, y);                                                               \
+    }
+TC_SKINNY(8)
+TC_SKINNY(16)
+TC_SKINNY(24)
+TC_SKINNY(32)
+
+// ------------------------------------------------------------------------------------------
 // F16 route activations: per row t, e = 15 − exponent(max|x|) (clamped to ±100), x·2^e split
 // into f16 hi + lo, ascale[t] = 2^-e. One block per row (blockDim ≤ 256, whole warps). Rows of
 // cols % 4 == 0 and ≤ blockDim·4·PREP_U columns (16-byte aligned) are read once into registers
