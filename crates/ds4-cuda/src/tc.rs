@@ -10,7 +10,7 @@
 //! | `dense` (`DS4_CUDA_TC_DENSE_DISABLE`), f16 form (opt-in: `DS4_CUDA_TC_DENSE_F16=1`) | Q8_0 q_a, q_b, kv, out_b, shared gate/up/down | weights `q·d` and ds4's int8 activations `q_x·d_x` rounded to f16 after a power-of-two scaling, cuBLAS f16 GEMM with f32 accumulation ([`crate::tc_f16`]) | ≤ 2^-10 relative per product vs the exact path's product |
 //! | `dense`, int8 form (default; always for the LM head, too large for the f16 scratch) | as above | int8 × int8 (`mma m16n8k32 s8`), activations from [`Gemv::quantize_act`] | each 32-block's integer dot exact; the block term `(d_w·d_x)·isum` added with one FMA |
 //! | `attn_out` (`…_ATTN_OUT_DISABLE`) | Q8_0 `attn_output_a` (8 groups) | as dense (f16 form: a strided-batched GEMM) | as dense |
-//! | `f16` (`…_F16_DISABLE`) | F16 HC mixing, router, compressors, indexer | f16 × (f16 hi + f16 lo) (`mma m16n8k16`), f32 accumulation; matrices of ≤ 32 rows (HC mixing): f16 weight × f32 activation products on the CUDA cores, f32 sums | ~f32 (x carried to 22 bits; skinny: f32) |
+//! | `f16` (`…_F16_DISABLE`) | F16 HC mixing, router, compressors, indexer | f16 × (f16 hi + f16 lo) (`mma m16n8k16`), f32 accumulation | ~f32 (x carried to 22 bits) |
 //! | `moe_gate` + `moe_up` (fused) | IQ2_XXS / Q2_K / Q4_K / Q8_0 routed gate and up, SwiGLU and the routing weight fused | int8 × Q8_K int8, weights dequantised to exact int8 in shared memory | every super-block's integer sums exact, its f32 term formed as on the CPU |
 //! | `moe_down` (`…_MOE_DOWN_DISABLE`) | routed down + fixed-order 6-expert sum | as gate/up | as gate/up; the sum over the k experts in slot order in f64 like the CPU |
 //! | `attn` (`…_ATTN_DISABLE`) | chunk attention over the window + compressed rows (`crate::attn_tc`) | f16 hi + lo (`mma m16n8k16`, 3 per product), f32 accumulation, f32 online softmax | ~1e-6 relative (`DS4_CUDA_TC_ATTN_F16=1`: plain f16, ~1e-3) |
@@ -57,10 +57,6 @@ const BM: usize = 128;
 const SPLITK_BYTES: usize = 32 << 20;
 /// Most split-K parts.
 const MAX_SPLITS: usize = 16;
-/// F16 matrices of at most this many rows (single) run the skinny kernels.
-const SKINNY_ROWS: usize = 32;
-/// Tokens per block of the skinny kernels (`SK_T` in tc.cu).
-const SKINNY_TOKENS: usize = 4;
 const THREADS: u32 = 256;
 
 fn terr(msg: impl std::fmt::Display) -> CudaError {
@@ -240,8 +236,6 @@ pub struct Tc {
     /// Resident CTAs per SM of each kind's GEMM (indexed by `WKind`).
     minb: [u32; 5],
     prep: CudaFunction,
-    /// Skinny F16 kernels for ≤ 8 / 16 / 24 / 32 rows (`ds4_tc_f16_skinny_*`).
-    skinny: [CudaFunction; 4],
     bucket: CudaFunction,
     sum: CudaFunction,
     splitk_sum: CudaFunction,
@@ -372,12 +366,6 @@ impl Tc {
         let pairs = moe_tok * cfg.n_expert_used;
         Ok(Tc {
             prep: func("ds4_tc_f16_prep")?,
-            skinny: [
-                func("ds4_tc_f16_skinny_8")?,
-                func("ds4_tc_f16_skinny_16")?,
-                func("ds4_tc_f16_skinny_24")?,
-                func("ds4_tc_f16_skinny_32")?,
-            ],
             bucket: func("ds4_tc_moe_bucket")?,
             sum: func("ds4_tc_moe_sum")?,
             splitk_sum: func("ds4_tc_splitk_sum")?,
@@ -601,30 +589,6 @@ impl Tc {
                 if n <= 32 { 32 } else { 64 }
             }
             WKind::F16 => {
-                if w.n_mat() == 1
-                    && w.rows() <= SKINNY_ROWS
-                    && w.cols().is_multiple_of(4)
-                    && x.is_multiple_of(16)
-                    && w0.is_multiple_of(8)
-                {
-                    // Skinny matrix (the HC mixing `fn`): f32 activations read directly.
-                    let f = &self.skinny[w.rows().div_ceil(8) - 1];
-                    return launch(
-                        stream,
-                        f,
-                        (n.div_ceil(SKINNY_TOKENS) as u32, 1, 1),
-                        THREADS,
-                        0,
-                        &[
-                            A::P(x),
-                            A::I(w.cols() as i32),
-                            A::P(w0),
-                            A::I(w.rows() as i32),
-                            A::I(n as i32),
-                            A::P(y),
-                        ],
-                    );
-                }
                 if cx > self.cfg.max_f16_cols {
                     return Err(terr("F16 activations exceed the scratch"));
                 }
