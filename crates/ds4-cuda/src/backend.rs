@@ -1360,6 +1360,13 @@ impl CudaBackend {
             out,
             q,
         )?;
+        self.split_side(hw)
+    }
+
+    /// The HC split (post, comb) of a site from `sc.mix`, on the side stream.
+    fn split_side(&self, hw: &DevHc) -> Result<(), CudaError> {
+        let s = self.s();
+        let sc = &self.sc;
         self.fwd.hc_split_side(
             sc.mix.ptr,
             hw.scale.ptr,
@@ -1385,16 +1392,7 @@ impl CudaBackend {
     ) -> Result<(), CudaError> {
         let s = self.s();
         let sc = &self.sc;
-        self.fwd.hc_split_side(
-            sc.mix.ptr,
-            hw.scale.ptr,
-            hw.base.ptr,
-            s.hc_mult,
-            s.sinkhorn_iters,
-            s.hc_eps,
-            sc.post.ptr,
-            sc.comb.ptr,
-        )?;
+        self.split_side(hw)?;
         self.fwd.hc_pre_dec(
             sc.mix.ptr,
             hw.scale.ptr,

@@ -493,24 +493,7 @@ impl GpuOps {
                 blocks,
             )
         };
-        once()?;
-        self.stream.synchronize().map_err(crate::rt::drv)?;
-        let ev = || {
-            self._ctx
-                .new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
-                .map_err(crate::rt::drv)
-        };
-        let mut times = Vec::with_capacity(reps);
-        for _ in 0..reps {
-            let (e0, e1) = (ev()?, ev()?);
-            e0.record(&self.stream).map_err(crate::rt::drv)?;
-            once()?;
-            e1.record(&self.stream).map_err(crate::rt::drv)?;
-            e1.synchronize().map_err(crate::rt::drv)?;
-            times.push(e0.elapsed_ms(&e1).map_err(crate::rt::drv)? as f64);
-        }
-        times.sort_by(f64::total_cmp);
-        let ms = times.get(times.len() / 2).copied().unwrap_or(0.0);
+        let ms = self.median_ms(reps, once)?.unwrap_or(0.0);
         Ok((self.down(&scores, n * stride)?, ms))
     }
 
@@ -631,24 +614,7 @@ impl GpuOps {
                 None => self.fwd.attention(&l, n, nsplit),
             }
         };
-        once()?;
-        self.stream.synchronize().map_err(crate::rt::drv)?;
-        let ev = || {
-            self._ctx
-                .new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
-                .map_err(crate::rt::drv)
-        };
-        let mut times = Vec::with_capacity(reps);
-        for _ in 0..reps {
-            let (e0, e1) = (ev()?, ev()?);
-            e0.record(&self.stream).map_err(crate::rt::drv)?;
-            once()?;
-            e1.record(&self.stream).map_err(crate::rt::drv)?;
-            e1.synchronize().map_err(crate::rt::drv)?;
-            times.push(e0.elapsed_ms(&e1).map_err(crate::rt::drv)? as f64);
-        }
-        times.sort_by(f64::total_cmp);
-        let ms = times.get(times.len() / 2).copied().unwrap_or(f64::NAN);
+        let ms = self.median_ms(reps, once)?.unwrap_or(f64::NAN);
         Ok((self.down(&heads, n * nh * hd)?, ms))
     }
 
@@ -1157,6 +1123,33 @@ pub struct SmallOpsShape {
 }
 
 impl GpuOps {
+    /// Run `once` as a warm-up, then `reps` times between CUDA events: the median
+    /// milliseconds (None when `reps` is 0).
+    fn median_ms(
+        &self,
+        reps: usize,
+        mut once: impl FnMut() -> Result<(), CudaError>,
+    ) -> Result<Option<f64>, CudaError> {
+        once()?;
+        self.stream.synchronize().map_err(crate::rt::drv)?;
+        let ev = || {
+            self._ctx
+                .new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
+                .map_err(crate::rt::drv)
+        };
+        let mut times = Vec::with_capacity(reps);
+        for _ in 0..reps {
+            let (e0, e1) = (ev()?, ev()?);
+            e0.record(&self.stream).map_err(crate::rt::drv)?;
+            once()?;
+            e1.record(&self.stream).map_err(crate::rt::drv)?;
+            e1.synchronize().map_err(crate::rt::drv)?;
+            times.push(e0.elapsed_ms(&e1).map_err(crate::rt::drv)? as f64);
+        }
+        times.sort_by(f64::total_cmp);
+        Ok(times.get(times.len() / 2).copied())
+    }
+
     /// Time the chunk (prefill) versions of the small memory-bound kernels at `s` on random
     /// inputs, each through the launch wrapper the backend uses: returns (name, median µs of
     /// `reps` runs after one warm-up).
@@ -1219,26 +1212,10 @@ impl GpuOps {
             self.zeros(n)?,
         );
 
-        let ev = || {
-            self._ctx
-                .new_event(Some(cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT))
-                .map_err(crate::rt::drv)
-        };
         let mut out = Vec::new();
         let mut time = |name: String, f: &mut dyn FnMut() -> Result<(), CudaError>| {
-            f()?;
-            self.stream.synchronize().map_err(crate::rt::drv)?;
-            let mut t = Vec::with_capacity(reps);
-            for _ in 0..reps {
-                let (e0, e1) = (ev()?, ev()?);
-                e0.record(&self.stream).map_err(crate::rt::drv)?;
-                f()?;
-                e1.record(&self.stream).map_err(crate::rt::drv)?;
-                e1.synchronize().map_err(crate::rt::drv)?;
-                t.push(e0.elapsed_ms(&e1).map_err(crate::rt::drv)? as f64 * 1e3);
-            }
-            t.sort_by(f64::total_cmp);
-            out.push((name, t.get(t.len() / 2).copied().unwrap_or(f64::NAN)));
+            let ms = self.median_ms(reps, f)?;
+            out.push((name, ms.map_or(f64::NAN, |m| m * 1e3)));
             Ok::<(), CudaError>(())
         };
         let fw = &self.fwd;
