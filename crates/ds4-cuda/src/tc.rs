@@ -58,6 +58,8 @@ const SPLITK_BYTES: usize = 32 << 20;
 /// Most split-K parts.
 const MAX_SPLITS: usize = 16;
 const THREADS: u32 = 256;
+/// Warps per CTA of the skinny F16 kernels (`SK_WARPS` in kernels/tc_skinny.cu).
+const SKINNY_WARPS: u32 = 16;
 
 fn terr(msg: impl std::fmt::Display) -> CudaError {
     CudaError::Driver(format!("tc: {msg}"))
@@ -250,6 +252,8 @@ pub struct Tc {
     part: DBuf,
     /// The f16 (cuBLAS) form of `dense` / `attn_out`, when [`TcRoutes::dense_f16`].
     f16d: Option<DenseF16>,
+    /// `ds4_tc_skinny_tf32_{1..4}` (kernels/tc_skinny.cu): F16 matrices of ≤ 32 rows, when on.
+    skinny: Option<(Arc<CudaModule>, Vec<CudaFunction>)>,
 }
 
 impl std::fmt::Debug for Tc {
@@ -362,6 +366,20 @@ impl Tc {
                 None
             };
         let f16_elems = cfg.max_tokens * cfg.max_f16_cols;
+        // The skinny F16 kernels; `DS4_CUDA_TC_F16_SKINNY=0` keeps those matrices on the general
+        // f16 kernel (A/B measurements).
+        let skinny = if std::env::var("DS4_CUDA_TC_F16_SKINNY").as_deref() == Ok("0") {
+            None
+        } else {
+            let m = crate::device::load_module(ctx, "tc_skinny")?;
+            let fs = (1..=4)
+                .map(|nt| {
+                    m.load_function(&format!("ds4_tc_skinny_tf32_{nt}"))
+                        .map_err(|e| terr(format!("kernel ds4_tc_skinny_tf32_{nt}: {e}")))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            Some((m, fs))
+        };
         let moe_tok = cfg.max_tokens.min(MOE_MAX_TOKENS);
         let pairs = moe_tok * cfg.n_expert_used;
         Ok(Tc {
@@ -385,6 +403,7 @@ impl Tc {
             perm: DBuf::zeroed(stream, pairs * 4)?,
             part: DBuf::zeroed(stream, pairs * cfg.down_rows * 4)?,
             f16d,
+            skinny,
         })
     }
 
@@ -422,6 +441,19 @@ impl Tc {
         self.f16d
             .as_ref()
             .filter(|f| w.ty() == GgmlType::Q8_0 && f.fits(w, n))
+    }
+
+    /// The skinny tf32 kernel for F16 matrix `w` (data at `w0`; one matrix of ≤ 32 rows, aligned
+    /// rows) applied to activations at `x`, when on.
+    fn skinny_for(&self, w: &DevWeight, w0: u64, x: u64) -> Option<&CudaFunction> {
+        let (fs, rows) = (&self.skinny.as_ref()?.1, w.rows());
+        let ok = w.ty() == GgmlType::F16
+            && w.n_mat() == 1
+            && (1..=32).contains(&rows)
+            && w.cols().is_multiple_of(16)
+            && x.is_multiple_of(16)
+            && w0.is_multiple_of(8);
+        ok.then(|| &fs[rows.div_ceil(8) - 1])
     }
 
     /// Whether [`Tc::matmul`] of `w` runs on the f16 form of dense / attn_out.
@@ -589,6 +621,25 @@ impl Tc {
                 if n <= 32 { 32 } else { 64 }
             }
             WKind::F16 => {
+                if let Some(f) = self.skinny_for(w, w0, x) {
+                    let rows = w.rows() as i32;
+                    return launch(
+                        stream,
+                        f,
+                        (n.div_ceil(16) as u32, 1, 1),
+                        32 * SKINNY_WARPS,
+                        0,
+                        &[
+                            A::P(x),
+                            A::P(w0),
+                            A::I(rows),
+                            A::I(w.cols() as i32),
+                            A::I(n as i32),
+                            A::P(y),
+                            A::I(rows),
+                        ],
+                    );
+                }
                 if cx > self.cfg.max_f16_cols {
                     return Err(terr("F16 activations exceed the scratch"));
                 }

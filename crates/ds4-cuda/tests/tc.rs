@@ -26,7 +26,8 @@
 //!   products.
 //! * F16 weights vs the CPU (f32 products, f32 accumulation): `≤ 1e-4·(1 + |cpu|)` as gemv's
 //!   F16 test: x is carried as f16 hi + lo (22 bits, ≤ 2.4e-7 relative per element), products
-//!   are exact, f32 accumulation in another order (4096–16384 terms).
+//!   are exact, f32 accumulation in another order (4096–16384 terms). Matrices of ≤ 32 rows
+//!   take the skinny kernel (x as tf32 hi + lo, 22 bits, in f32's exponent range): same bound.
 //!
 //! Every check uses fresh random inputs, poisons the outputs with NaN first and fails on any
 //! non-finite output (except where NaN is the expected answer).
@@ -265,6 +266,13 @@ mod gpu {
         let cases = [
             (4096usize, 256usize, 1usize, 48usize),
             (16384, 24, 1, 20),
+            // ≤ 32 rows: the skinny tf32 kernel (tc_skinny.cu): partial token tiles, 1..4 n8
+            // tiles, partial n8 tiles, a K tail outside the unrolled loop.
+            (16384, 24, 1, 300),
+            (2048, 8, 1, 17),
+            (4096, 32, 1, 64),
+            (1040, 13, 1, 33),
+            (256, 1, 1, 16),
             (1024, 520, 1, 70),
             (512, 64, 4, 33),
         ];
