@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! cargo build --release -p ds4-cuda --features cuda --example tc_bench
-//! tc_bench [--csv PATH] [--tokens 512,2048,8192] [--reps N] [--only attn|matmul]
+//! tc_bench [--csv PATH] [--tokens 512,2048,8192] [--reps N] [--only attn|matmul] [--case SUBSTR]
 //! ```
 //!
 //! For every route's Flash shapes (n_embd 4096, q_lora 1024, 64 heads × 512, 8 output groups of
@@ -56,6 +56,8 @@ mod bench {
         tcf: Tc,
         rng: Rng,
         reps: usize,
+        /// `--case SUBSTR`: only the matmul / gate-up / MoE cases whose name contains it.
+        case: Option<String>,
         card: String,
         rows: Vec<String>,
     }
@@ -145,6 +147,10 @@ mod bench {
             ));
         }
 
+        fn wanted(&self, case: &str) -> bool {
+            self.case.as_deref().is_none_or(|c| case.contains(c))
+        }
+
         fn tcr(&self, f16: bool) -> &Tc {
             if f16 { &self.tcf } else { &self.tc }
         }
@@ -162,6 +168,9 @@ mod bench {
             ns: &[usize],
             f16: bool,
         ) -> Result<()> {
+            if !self.wanted(case) {
+                return Ok(());
+            }
             let w = self.upload(ty, cols, rows, n_mat)?;
             let cx = cols * n_mat;
             for (i, &n) in ns.iter().enumerate() {
@@ -197,6 +206,9 @@ mod bench {
         }
 
         fn shared_gate_up(&mut self, ns: &[usize], f16: bool) -> Result<()> {
+            if !self.wanted("shexp gate+up") {
+                return Ok(());
+            }
             let ty = GgmlType::Q8_0;
             let (cols, rows) = (4096, 2048);
             let gate = self.upload(ty, cols, rows, 1)?;
@@ -244,6 +256,9 @@ mod bench {
         }
 
         fn moe(&mut self, ns: &[usize]) -> Result<()> {
+            if !self.wanted("gate+up iq2_xxs") && !self.wanted("down q2_k + sum6") {
+                return Ok(());
+            }
             let (e, ff, ne, k) = (4096usize, 2048usize, 256usize, 6usize);
             let gate = self.upload(GgmlType::IQ2_XXS, e, ff, ne)?;
             let up = self.upload(GgmlType::IQ2_XXS, e, ff, ne)?;
@@ -465,6 +480,7 @@ mod bench {
         let mut ns: Vec<usize> = vec![512, 2048, 8192];
         let mut reps = 7usize;
         let mut only: Option<String> = None;
+        let mut case: Option<String> = None;
         let mut i = 1;
         while i < args.len() {
             match args[i].as_str() {
@@ -487,6 +503,10 @@ mod bench {
                 }
                 "--only" => {
                     only = Some(args.get(i + 1).context("--only attn|matmul")?.clone());
+                    i += 2;
+                }
+                "--case" => {
+                    case = Some(args.get(i + 1).context("--case SUBSTR")?.clone());
                     i += 2;
                 }
                 a => bail!("unknown argument {a}"),
@@ -527,6 +547,7 @@ mod bench {
             tcf,
             rng: Rng(42),
             reps,
+            case,
             card,
             rows: Vec::new(),
         };
