@@ -89,7 +89,7 @@ pub struct Args {
     /// Skip the untimed warm-up prefill (profilers that count every kernel).
     #[arg(long)]
     pub no_warmup: bool,
-    /// Tokens per prefill chunk.
+    /// Tokens per prefill chunk (on CUDA also the tokens of one pass, which sizes its scratch).
     #[arg(long, default_value_t = ds4_model::session::DEFAULT_PREFILL_CHUNK)]
     pub prefill_chunk: usize,
     /// Write the CSV here instead of stdout.
@@ -670,9 +670,12 @@ pub fn run(a: Args) -> Result<()> {
             ),
             BackendChoice::Cuda => {
                 let info = ds4_cuda::probe(a.load.device).context("--backend cuda")?;
-                let b =
-                    ds4_cuda::CudaBackend::new(model.clone(), ctx, common::cuda_options(&a.load))
-                        .context("--backend cuda")?;
+                let b = ds4_cuda::CudaBackend::new(
+                    model.clone(),
+                    ctx,
+                    common::cuda_options(&a.load, a.prefill_chunk),
+                )
+                .context("--backend cuda")?;
                 let w = b.decode_read_bytes() as u64;
                 (Box::new(b), info.name, w)
             }

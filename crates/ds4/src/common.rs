@@ -53,7 +53,7 @@ pub struct ModelArgs {
     /// Context size (tokens) of the session.
     #[arg(short = 'c', long, default_value_t = ds4_model::session::DEFAULT_CTX)]
     pub ctx: usize,
-    /// Tokens per prefill chunk.
+    /// Tokens per prefill chunk (on CUDA also the tokens of one pass, which sizes its scratch).
     #[arg(long, default_value_t = ds4_model::session::DEFAULT_PREFILL_CHUNK)]
     pub prefill_chunk: usize,
 }
@@ -115,12 +115,15 @@ pub fn load_tokenizer(gguf: &Gguf, path: &Path) -> Result<Tokenizer> {
         .with_context(|| format!("{} has no usable tokenizer", path.display()))
 }
 
-/// CUDA backend options from the flags.
-pub fn cuda_options(a: &LoadArgs) -> ds4_cuda::CudaOptions {
+/// CUDA backend options from the flags; the backend's pass size (`max_chunk`, the tokens one
+/// prefill pass evaluates and its scratch is sized for) follows `--prefill-chunk`, so a chunk
+/// of P tokens is one pass, as the session schedules it.
+pub fn cuda_options(a: &LoadArgs, prefill_chunk: usize) -> ds4_cuda::CudaOptions {
     ds4_cuda::CudaOptions {
         device: a.device,
         qat: !a.no_qat,
         quality: a.quality,
+        max_chunk: prefill_chunk.max(1),
         ..Default::default()
     }
 }
@@ -139,9 +142,20 @@ pub fn new_backend(
     }
 }
 
-/// A backend of the chosen kind with room for `ctx` tokens.
-pub fn make_backend(a: &LoadArgs, engine: &Engine, ctx: usize) -> Result<Box<dyn Backend>> {
-    Ok(new_backend(a.backend, engine, &cuda_options(a), ctx)?)
+/// A backend of the chosen kind with room for `ctx` tokens, evaluating prefill chunks of up to
+/// `prefill_chunk` tokens in one pass.
+pub fn make_backend(
+    a: &LoadArgs,
+    engine: &Engine,
+    ctx: usize,
+    prefill_chunk: usize,
+) -> Result<Box<dyn Backend>> {
+    Ok(new_backend(
+        a.backend,
+        engine,
+        &cuda_options(a, prefill_chunk),
+        ctx,
+    )?)
 }
 
 /// A session on the chosen backend.
@@ -152,7 +166,7 @@ pub fn make_session(a: &ModelArgs, lm: &LoadedModel) -> Result<Session> {
     if a.prefill_chunk == 0 {
         bail!("--prefill-chunk must be at least 1");
     }
-    let backend = make_backend(&a.load, &lm.engine, a.ctx)?;
+    let backend = make_backend(&a.load, &lm.engine, a.ctx, a.prefill_chunk)?;
     Ok(Session::with_backend(
         backend,
         SessionOptions {

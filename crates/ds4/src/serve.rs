@@ -58,7 +58,7 @@ pub fn run(a: Args) -> Result<()> {
         a.load.backend,
     );
     let kind = a.load.backend;
-    let cuda = common::cuda_options(&a.load);
+    let cuda = common::cuda_options(&a.load, a.serve.prefill_chunk);
     let engine = lm.engine.clone();
     let bundle = ds4_server::EngineBundle {
         tokenizer: tok,
