@@ -877,6 +877,324 @@ struct Tc {
     }
 };
 
+// ------------------------------------------------------------------------------------------
+// wg: Q8_0 with wgmma (sm_90a; ds4_tc_q8_0_wg64_*, ds4_tc_q8_0_wg128_*), dense and grouped
+// matrices (and pair lists, as d0). A CTA of two warpgroups computes 128 weight rows × BN
+// tokens; warpgroup i takes rows 64i..64i+63 with one wgmma m64nBNk32 s8·s8→s32 per Q8_0 block
+// (so each block's integer dot is exact, as in d0), operands read from shared memory through
+// matrix descriptors (128-byte swizzle, K-major). Two accumulator sets: the wgmma of block b
+// runs while the float epilogue of block b-1 is applied to the other set (commit_group /
+// wait_group 1). The block term is formed as in d0: fi = float(isum) exactly (magic-number
+// conversion, here by an integer add since wgmma's C operand is its D), pw = d_w·d_x rounded,
+// acc = fma(pw, fi, acc); only the order of the f32 sum over blocks is the route's own.
+// K advances in stages of 128 bytes (4 blocks: one swizzle atom row) through a 4-stage
+// cp.async ring, loads running 2 stages ahead (a stage's buffer is refilled only after every
+// warpgroup has waited for its last wgmma and read its scales).
+__device__ __forceinline__ void wgmma_s8_n64(int* d, u64 da, u64 db) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, 0, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k32.s32.s8.s8 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p;\n}\n"
+        : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7]), "+r"(d[8]), "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]), "+r"(d[14]), "+r"(d[15]), "+r"(d[16]), "+r"(d[17]), "+r"(d[18]), "+r"(d[19]), "+r"(d[20]), "+r"(d[21]), "+r"(d[22]), "+r"(d[23]), "+r"(d[24]), "+r"(d[25]), "+r"(d[26]), "+r"(d[27]), "+r"(d[28]), "+r"(d[29]), "+r"(d[30]), "+r"(d[31])
+        : "l"(da), "l"(db));
+#else
+    __trap();
+#endif
+}
+
+__device__ __forceinline__ void wgmma_s8_n128(int* d, u64 da, u64 db) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, 0, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n128k32.s32.s8.s8 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p;\n}\n"
+        : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7]), "+r"(d[8]), "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]), "+r"(d[14]), "+r"(d[15]), "+r"(d[16]), "+r"(d[17]), "+r"(d[18]), "+r"(d[19]), "+r"(d[20]), "+r"(d[21]), "+r"(d[22]), "+r"(d[23]), "+r"(d[24]), "+r"(d[25]), "+r"(d[26]), "+r"(d[27]), "+r"(d[28]), "+r"(d[29]), "+r"(d[30]), "+r"(d[31]), "+r"(d[32]), "+r"(d[33]), "+r"(d[34]), "+r"(d[35]), "+r"(d[36]), "+r"(d[37]), "+r"(d[38]), "+r"(d[39]), "+r"(d[40]), "+r"(d[41]), "+r"(d[42]), "+r"(d[43]), "+r"(d[44]), "+r"(d[45]), "+r"(d[46]), "+r"(d[47]), "+r"(d[48]), "+r"(d[49]), "+r"(d[50]), "+r"(d[51]), "+r"(d[52]), "+r"(d[53]), "+r"(d[54]), "+r"(d[55]), "+r"(d[56]), "+r"(d[57]), "+r"(d[58]), "+r"(d[59]), "+r"(d[60]), "+r"(d[61]), "+r"(d[62]), "+r"(d[63])
+        : "l"(da), "l"(db));
+#else
+    __trap();
+#endif
+}
+
+namespace wg {
+constexpr int NS = 4;    // ring stages (loads run NS - 1 ahead)
+constexpr int KS = 128;  // K bytes of a stage (4 Q8_0 blocks)
+
+template <int BN, bool DB>
+struct Lay {
+    static constexpr int A_ST = TC_BM * KS;  // int8 weights, 128 B a row, swizzled
+    static constexpr int B_ST = BN * KS;     // int8 activations, 128 B a row, swizzled
+    static constexpr int AM_ST = TC_BM * 8;  // f16 d of the 4 blocks of a row
+    static constexpr int BM_ST = BN * 16;    // f32 activation scales, [4][BN]
+    static constexpr int S_A = 0;
+    static constexpr int S_B = A_ST;
+    static constexpr int S_AM = S_B + B_ST;
+    static constexpr int S_BM = S_AM + AM_ST;
+    static constexpr int STAGE = (S_BM + BM_ST + 1023) / 1024 * 1024;
+    static constexpr int O_SRC = 0;
+    static constexpr int O_AROW = BN * 4;
+    static constexpr int O_ST = 1024;  // 1024-aligned stages (the swizzle uses address bits 4..9)
+    static constexpr int TOTAL = O_ST + NS * STAGE + 1024;  // + slack to align the base
+    static constexpr int MINB = BN <= 64 ? 2 : 1;
+};
+
+// Matrix descriptor of a K-major, 128-byte-swizzled tile at shared address `a`: rows of 128
+// bytes, 8-row groups 1024 bytes apart (SBO); LBO unused for this layout.
+__device__ __forceinline__ u64 gdesc(u32 a) {
+    return (u64)((a & 0x3FFFF) >> 4) | ((u64)1 << 16) | ((u64)(1024 >> 4) << 32) | ((u64)1 << 62);
+}
+// Byte offset of 16-byte chunk ch (0..7) of row r in a 128-byte-row, 128B-swizzled tile.
+__device__ __forceinline__ int swz128(int r, int ch) { return r * 128 + ((ch ^ (r & 7)) << 4); }
+
+__device__ __forceinline__ void wg_arrive() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wg_wait() {
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+template <int N>
+__device__ __forceinline__ void fence_regs(int (&d)[N]) {
+#pragma unroll
+    for (int i = 0; i < N; i++) asm volatile("" : "+r"(d[i])::"memory");
+}
+__device__ __forceinline__ void fence_async_smem() {
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
+template <int BN, int MODE, bool DB>
+struct Tc {
+    typedef Lay<BN, DB> L;
+    static constexpr int NA = BN / 2;  // accumulators per thread per set
+    static constexpr int OUTR = (MODE == M_SWIGLU) ? TC_BM / 2 : TC_BM;
+
+    // A row j of the tile → output row and weight tensor. SWIGLU: rows 16i..16i+7 are gate
+    // rows r0+8i.., rows 16i+8..16i+15 the same rows of up (a thread holds both).
+    __device__ static __forceinline__ int out_row(int r0, int j, int& mat) {
+        if (MODE == M_SWIGLU) {
+            mat = (j >> 3) & 1;
+            return r0 + 8 * (j >> 4) + (j & 7);
+        }
+        mat = 0;
+        return r0 + j;
+    }
+
+    __device__ static void issue(const TcArgs& P, u8* st, const int* s_arow, int kb, int m, int r0,
+                                 int CB, int acol) {
+        const int tid = threadIdx.x;
+        const int kbyte = kb * KS;
+        // ---- A: 128 rows × 8 chunks
+#pragma unroll
+        for (int i = 0; i < TC_BM * 8 / TC_THREADS; i++) {
+            const int c = tid + TC_THREADS * i;
+            const int j = c >> 3, ch = c & 7;
+            if (kbyte + 16 * ch < CB) {
+                int mat;
+                const int r = min(out_row(r0, j, mat), P.R - 1);
+                const i64 rr = (i64)m * P.R + r;
+                cp16(st + L::S_A + swz128(j, ch), (mat ? P.wb0 : P.wa0) + rr * CB + kbyte + 16 * ch);
+            }
+        }
+        // ---- A scales: 128 rows × 4 f16 (two 4-byte copies a row)
+        {
+            const int j = tid >> 1, w = tid & 1;
+            if (4 * kb + 2 * w < P.nb) {
+                int mat;
+                const int r = min(out_row(r0, j, mat), P.R - 1);
+                const i64 rr = (i64)m * P.R + r;
+                cp4(st + L::S_AM + j * 8 + 4 * w, (mat ? P.wb1 : P.wa1) + 2 * (rr * P.nb + 4 * kb + 2 * w));
+            }
+        }
+        // ---- B: BN rows × 8 chunks
+#pragma unroll
+        for (int i = 0; i < BN * 8 / TC_THREADS; i++) {
+            const int c = tid + TC_THREADS * i;
+            const int b = c >> 3, ch = c & 7;
+            if (kbyte + 16 * ch < CB) {
+                const i64 e0 = (i64)s_arow[b] * P.Cx + acol;
+                cp16(st + L::S_B + swz128(b, ch), P.aq + e0 + kbyte + 16 * ch);
+            }
+        }
+        // ---- B scales: BN rows × 4 f32, stored [block][token]
+#pragma unroll
+        for (int i = 0; i < BN * 4 / TC_THREADS; i++) {
+            const int c = tid + TC_THREADS * i;
+            const int b = c >> 2, s = c & 3;
+            if (4 * kb + s < P.nb) {
+                const i64 e0 = (i64)s_arow[b] * P.Cx + acol;
+                cp4(st + L::S_BM + 4 * (s * BN + b), P.ad + 4 * (e0 / 32 + 4 * kb + s));
+            }
+        }
+    }
+
+    // acc += (d_w·d_x)·isum for block `blk` of stage tile `st` (the d0 form).
+    __device__ static __forceinline__ void epi(float (&facc)[NA], const int (&d)[NA], const u8* st, int blk,
+                                               int jr, int tg) {
+        const float wd0 = h2f(*(const u16*)(st + L::S_AM + jr * 8 + 2 * blk));
+        const float wd1 = h2f(*(const u16*)(st + L::S_AM + (jr + 8) * 8 + 2 * blk));
+        const float* xs = (const float*)(st + L::S_BM) + blk * BN + 2 * tg;
+#pragma unroll
+        for (int j = 0; j < BN / 8; j++) {
+            const float2 x = *(const float2*)(xs + 8 * j);
+#pragma unroll
+            for (int q = 0; q < 4; q++) {
+                const float pw = __fmul_rn((q >> 1) ? wd1 : wd0, (q & 1) ? x.y : x.x);
+                const float fi = __fsub_rn(__int_as_float(d[4 * j + q] + MAGIC_I), MAGIC_F);
+                facc[4 * j + q] = __fmaf_rn(pw, fi, facc[4 * j + q]);
+            }
+        }
+    }
+
+    __device__ static __forceinline__ void mma(int (&d)[NA], u64 da, u64 db) {
+        fence_regs(d);
+        wg_arrive();
+        if (BN == 64) wgmma_s8_n64(d, da, db);
+        else wgmma_s8_n128(d, da, db);
+        wg_commit();
+    }
+
+    // The S blocks of one stage, straight-line so that ptxas can track the wgmma groups
+    // (nothing in flight across stages). DB: block b+1's wgmma runs during block b's epilogue.
+    template <int S>
+    __device__ static __forceinline__ void stage(float (&facc)[NA], int (&acc0)[NA], int (&acc1)[NA],
+                                                 const u8* st, u64 da, u64 db, int jr, int tg) {
+        if (DB) {
+            mma(acc0, da, db);
+#pragma unroll
+            for (int s = 1; s < S; s++) {
+                if (s & 1) mma(acc1, da + 2 * s, db + 2 * s);
+                else mma(acc0, da + 2 * s, db + 2 * s);
+                wg_wait<1>();
+                if (s & 1) {
+                    fence_regs(acc0);
+                    epi(facc, acc0, st, s - 1, jr, tg);
+                } else {
+                    fence_regs(acc1);
+                    epi(facc, acc1, st, s - 1, jr, tg);
+                }
+            }
+            wg_wait<0>();
+            fence_regs(acc1);  // S is even: the last block is in set 1
+            epi(facc, acc1, st, S - 1, jr, tg);
+        } else {
+#pragma unroll
+            for (int s = 0; s < S; s++) {
+                mma(acc0, da + 2 * s, db + 2 * s);
+                wg_wait<0>();
+                fence_regs(acc0);
+                epi(facc, acc0, st, s, jr, tg);
+            }
+        }
+    }
+
+    __device__ static void run(const TcArgs& P) {
+        extern __shared__ __align__(1024) u8 sm_raw[];
+        u8* sm = sm_raw + ((1024 - (smem_u32(sm_raw) & 1023)) & 1023);
+        const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+        const int wgi = warp >> 2, w4 = warp & 3;
+        const int g = lane >> 2, tg = lane & 3;
+        int* s_src = (int*)(sm + L::O_SRC);
+        int* s_arow = (int*)(sm + L::O_AROW);
+
+        int m, nvalid, base, sp = 0;
+        TC_TILE_OR_RETURN(P, BN, m, nvalid, base, sp);
+        const int r0 = blockIdx.y * OUTR;
+        const int acol = P.grouped ? m * P.C : 0;
+        if (tid < BN) {
+            const int b = tid < nvalid ? tid : 0;
+            const int src = P.list ? __ldg(P.list + base + b) : base + b;
+            s_src[tid] = src;
+            s_arow[tid] = src / P.kdiv;
+        }
+        __syncthreads();
+
+        const int CB = P.C;
+        // Host split-K counts stages of 256 bytes; here a stage is 128.
+        const int kb0 = 2 * sp * P.kspl;
+        const int kend = min((CB + KS - 1) / KS, (int)min((i64)2 * ((i64)sp * P.kspl + P.kspl), (i64)1 << 30));
+        const int nk = kend - kb0;
+        const int jr = 64 * wgi + 16 * w4 + g;  // this thread's A rows: jr, jr + 8
+        const u32 st0 = smem_u32(sm + L::O_ST);
+        const u64 da0 = gdesc(st0 + L::S_A + 64 * KS * wgi);
+        const u64 db0 = gdesc(st0 + L::S_B);
+
+        float facc[NA];
+        int acc0[NA], acc1[NA];  // acc1: DB only
+#pragma unroll
+        for (int i = 0; i < NA; i++) {
+            facc[i] = 0.f;
+            acc0[i] = 0;
+            acc1[i] = 0;
+        }
+
+#pragma unroll 1
+        for (int s = 0; s < NS - 1; s++) {
+            if (s < nk) issue(P, sm + L::O_ST + s * L::STAGE, s_arow, kb0 + s, m, r0, CB, acol);
+            cp_commit();
+        }
+#pragma unroll 1
+        for (int ki = 0; ki < nk; ki++) {
+            const int kb = kb0 + ki;
+            cp_wait<NS - 2>();
+            fence_async_smem();
+            __syncthreads();
+            if (ki + NS - 1 < nk)
+                issue(P, sm + L::O_ST + ((ki + NS - 1) % NS) * L::STAGE, s_arow, kb + NS - 1, m, r0, CB, acol);
+            cp_commit();
+            const int buf = ki % NS;
+            const u8* st = sm + L::O_ST + buf * L::STAGE;
+            const u64 doff = (u64)((buf * L::STAGE) >> 4);
+            // Only the last stage can be short (C is a multiple of 64: 2 blocks).
+            if (CB - kb * KS >= KS) stage<4>(facc, acc0, acc1, st, da0 + doff, db0 + doff, jr, tg);
+            else stage<2>(facc, acc0, acc1, st, da0 + doff, db0 + doff, jr, tg);
+        }
+
+        // ---- store
+#pragma unroll
+        for (int j = 0; j < BN / 8; j++)
+#pragma unroll
+            for (int c = 0; c < 2; c++) {
+                const int col = 8 * j + 2 * tg + c;
+                if (col >= nvalid) continue;
+                const int src = s_src[col];
+                if (MODE == M_STORE) {
+                    float* yrow = P.y + (i64)sp * P.ysplit + (i64)src * P.ldy + (P.grouped ? (i64)m * P.R : 0);
+#pragma unroll
+                    for (int h = 0; h < 2; h++) {
+                        const int r = r0 + jr + 8 * h;
+                        if (r < P.R) yrow[r] = facc[4 * j + 2 * h + c];
+                    }
+                } else {
+                    const int r = r0 + 32 * wgi + 8 * w4 + g;
+                    if (r >= P.R) continue;
+                    const double wt = P.wts ? (double)__ldg(P.wts + src) : 1.0;
+                    float* yrow = P.y + (i64)src * P.ldy;
+                    float gv = facc[4 * j + c];
+                    float uv = facc[4 * j + 2 + c];
+                    if (P.clamp > 1e-6f) {
+                        gv = fminf(gv, P.clamp);
+                        uv = fminf(fmaxf(uv, -P.clamp), P.clamp);
+                    }
+                    const double gd = (double)gv;
+                    const double silu = gd / (1.0 + exp(-gd));
+                    yrow[r] = (float)(silu * (double)uv * wt);
+                }
+            }
+    }
+};
+}  // namespace wg
+
+#define TC_INST_WG(name, BN, MODE, DB)                                                          \
+    extern "C" __global__ void __launch_bounds__(TC_THREADS, (wg::Lay<BN, DB>::MINB))            \
+        ds4_tc_##name(const TcArgs P) {                                                          \
+        PDL_ENTRY();                                                                             \
+        wg::Tc<BN, MODE, DB>::run(P);                                                            \
+    }
+TC_INST_WG(q8_0_wg64_s, 64, M_STORE, true)
+TC_INST_WG(q8_0_wg64_g, 64, M_SWIGLU, true)
+TC_INST_WG(q8_0_wg64s_s, 64, M_STORE, false)
+TC_INST_WG(q8_0_wg64s_g, 64, M_SWIGLU, false)
+TC_INST_WG(q8_0_wg128_s, 128, M_STORE, true)
+TC_INST_WG(q8_0_wg128_g, 128, M_SWIGLU, true)
+
+
 #define TC_INST(name, T, BN, MODE)                                                              \
     extern "C" __global__ void __launch_bounds__(TC_THREADS, (Lay<T, BN>::MINB))                 \
         ds4_tc_##name(const TcArgs P) { PDL_ENTRY();                                                          \
@@ -924,6 +1242,12 @@ extern "C" __global__ void ds4_tc_smem_sizes(int* out) {
     out[12] = Lay<W_Q2K, 64>::MINB;
     out[13] = Lay<W_Q4K, 64>::MINB;
     out[14] = d0::Lay<W_F16, 64>::MINB;
+    out[15] = wg::Lay<64, true>::TOTAL;
+    out[16] = wg::Lay<64, false>::TOTAL;
+    out[17] = wg::Lay<128, true>::TOTAL;
+    out[18] = wg::Lay<64, true>::MINB;
+    out[19] = wg::Lay<64, false>::MINB;
+    out[20] = wg::Lay<128, true>::MINB;
 }
 
 // Split-K reduction: y[i] = Σ_s part[s·total + i], splits in order (deterministic).

@@ -212,6 +212,37 @@ struct Kern {
     smem: u32,
 }
 
+/// The dense Q8_0 GEMM kernel family used for chunks of more than 32 tokens
+/// (`DS4_CUDA_TC_DENSE_WG`: `0` = the mma.sync kernels `ds4_tc_q8_0_64_*`, `64` (default) =
+/// wgmma with two accumulator sets, `64s` = wgmma with one, `128` = wgmma, 128-token tiles).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum WgVar {
+    Off,
+    Wg64,
+    Wg64s,
+    Wg128,
+}
+
+impl WgVar {
+    fn from_env() -> WgVar {
+        match std::env::var("DS4_CUDA_TC_DENSE_WG").as_deref() {
+            Ok("0") => WgVar::Off,
+            Ok("64s") => WgVar::Wg64s,
+            Ok("128") => WgVar::Wg128,
+            _ => WgVar::Wg64,
+        }
+    }
+    /// Kernel name stem, tokens per tile and index in the wgmma part of `ds4_tc_smem_sizes`.
+    fn info(self) -> Option<(&'static str, usize, usize)> {
+        match self {
+            WgVar::Off => None,
+            WgVar::Wg64 => Some(("wg64", 64, 0)),
+            WgVar::Wg64s => Some(("wg64s", 64, 1)),
+            WgVar::Wg128 => Some(("wg128", 128, 2)),
+        }
+    }
+}
+
 /// Variant table order (must match `ds4_tc_smem_sizes`).
 const SMEM_ORDER: [(WKind, usize); 9] = [
     (WKind::Q8_0, 32),
@@ -235,6 +266,8 @@ pub struct Tc {
     gemm: Vec<((WKind, usize, bool), Kern)>,
     /// Resident CTAs per SM of each kind's GEMM (indexed by `WKind`).
     minb: [u32; 5],
+    /// The wgmma dense Q8_0 kernels in use (store, SwiGLU), their tile width and CTAs per SM.
+    wg: Option<(Kern, Kern, usize, u32)>,
     prep: CudaFunction,
     bucket: CudaFunction,
     sum: CudaFunction,
@@ -287,7 +320,7 @@ impl Tc {
             )
             .map_err(drv)? as u32;
         // Shared-memory sizes as the kernels compute them.
-        let sizes_buf = DBuf::zeroed(stream, 16 * 4)?;
+        let sizes_buf = DBuf::zeroed(stream, 32 * 4)?;
         launch(
             stream,
             &func("ds4_tc_smem_sizes")?,
@@ -296,7 +329,7 @@ impl Tc {
             0,
             &[A::P(sizes_buf.ptr)],
         )?;
-        let mut sizes = [0i32; 16];
+        let mut sizes = [0i32; 32];
         crate::rt::dtoh(stream, &mut sizes, sizes_buf.ptr)?;
         if sizes[9] as usize != std::mem::size_of::<TcArgs>() {
             return Err(terr(format!(
@@ -341,6 +374,27 @@ impl Tc {
                 gemm.push(((kind, bn, swiglu), Kern { f, smem }));
             }
         }
+        let wg = match WgVar::from_env().info() {
+            None => None,
+            Some((stem, bn, i)) => {
+                let smem = sizes[15 + i] as u32;
+                if smem > smem_max {
+                    return Err(terr(format!(
+                        "{stem} tile needs {smem} B of shared memory, the device allows {smem_max}"
+                    )));
+                }
+                let load = |mode: &str| -> Result<Kern, CudaError> {
+                    let f = func(&format!("ds4_tc_q8_0_{stem}_{mode}"))?;
+                    f.set_attribute(
+                        sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        smem as i32,
+                    )
+                    .map_err(drv)?;
+                    Ok(Kern { f, smem })
+                };
+                Some((load("s")?, load("g")?, bn, sizes[18 + i].max(1) as u32))
+            }
+        };
         let mut routes = routes;
         let f16d =
             if routes.dense_f16 && (routes.dense || routes.attn_out) && cfg.max_dense_elems > 0 {
@@ -371,6 +425,7 @@ impl Tc {
             splitk_sum: func("ds4_tc_splitk_sum")?,
             splitk: DBuf::zeroed(stream, SPLITK_BYTES)?,
             minb,
+            wg,
             _module: module,
             routes,
             cfg,
@@ -582,11 +637,24 @@ impl Tc {
             y,
             ..TcArgs::new()
         };
+        let mut wgk = None;
         let bn = match kind {
             WKind::Q8_0 => {
                 a.aq = act;
                 a.ad = act + act_d_offset(cx, n);
-                if n <= 32 { 32 } else { 64 }
+                match &self.wg {
+                    Some((ks, _, wbn, wminb)) if n > 32 => {
+                        wgk = Some((ks, *wminb));
+                        *wbn
+                    }
+                    _ => {
+                        if n <= 32 {
+                            32
+                        } else {
+                            64
+                        }
+                    }
+                }
             }
             WKind::F16 => {
                 if cx > self.cfg.max_f16_cols {
@@ -613,11 +681,14 @@ impl Tc {
             }
             _ => return Err(terr(format!("{:?} is not a dense route type", w.ty()))),
         };
-        let k = self.kern(kind, bn, false)?;
+        let (k, minb) = match wgk {
+            Some(x) => x,
+            None => (self.kern(kind, bn, false)?, self.minb[kind as usize]),
+        };
         // Split K when the tiles would not fill the card (fixed-order partial-sum reduction).
         let nkb = (w.cols() * if kind == WKind::F16 { 2 } else { 1 }).div_ceil(256);
         let ctas = n.div_ceil(bn) * w.rows().div_ceil(BM) * w.n_mat();
-        let target = self.sms as usize * self.minb[kind as usize] as usize;
+        let target = self.sms as usize * minb as usize;
         let total = n * rt;
         let mut nspl = 1;
         if ctas < target && nkb > 1 {
@@ -715,8 +786,13 @@ impl Tc {
             clamp,
             ..TcArgs::new()
         };
-        let bn = if n <= 32 { 32 } else { 64 };
-        let k = self.kern(WKind::Q8_0, bn, true)?;
+        let (k, bn) = match &self.wg {
+            Some((_, kg, wbn, _)) if n > 32 => (kg, *wbn),
+            _ => {
+                let bn = if n <= 32 { 32 } else { 64 };
+                (self.kern(WKind::Q8_0, bn, true)?, bn)
+            }
+        };
         let grid = (
             n.div_ceil(bn) as u32,
             gate.rows().div_ceil(BM / 2) as u32,
