@@ -8,7 +8,7 @@
 //! | route (switch) | weights | operands | numerics vs the exact path |
 //! |---|---|---|---|
 //! | `dense` (`DS4_CUDA_TC_DENSE_DISABLE`), f16 form (opt-in: `DS4_CUDA_TC_DENSE_F16=1`) | Q8_0 q_a, q_b, kv, out_b, shared gate/up/down | weights `q·d` and ds4's int8 activations `q_x·d_x` rounded to f16 after a power-of-two scaling, cuBLAS f16 GEMM with f32 accumulation ([`crate::tc_f16`]) | ≤ 2^-10 relative per product vs the exact path's product |
-//! | `dense`, int8 form (default; always for the LM head, too large for the f16 scratch) | as above | int8 × int8 (`mma m16n8k32 s8`), activations from [`Gemv::quantize_act`] | each 32-block's integer dot exact; the block term `(d_w·d_x)·isum` added with one FMA |
+//! | `dense`, int8 form (default; always for the LM head, too large for the f16 scratch) | as above | int8 × int8 (`wgmma m64n64k32 s8` for chunks of more than 32 tokens, `mma m16n8k32 s8` otherwise; `DS4_CUDA_TC_DENSE_WG=0`: mma.sync always), activations from [`Gemv::quantize_act`] | each 32-block's integer dot exact; the block term `(d_w·d_x)·isum` added with one FMA |
 //! | `attn_out` (`…_ATTN_OUT_DISABLE`) | Q8_0 `attn_output_a` (8 groups) | as dense (f16 form: a strided-batched GEMM) | as dense |
 //! | `f16` (`…_F16_DISABLE`) | F16 HC mixing, router, compressors, indexer | f16 × (f16 hi + f16 lo) (`mma m16n8k16`), f32 accumulation | ~f32 (x carried to 22 bits) |
 //! | `moe_gate` + `moe_up` (fused) | IQ2_XXS / Q2_K / Q4_K / Q8_0 routed gate and up, SwiGLU and the routing weight fused | int8 × Q8_K int8, weights dequantised to exact int8 in shared memory | every super-block's integer sums exact, its f32 term formed as on the CPU |
@@ -212,36 +212,39 @@ struct Kern {
     smem: u32,
 }
 
-/// The dense Q8_0 GEMM kernel family used for chunks of more than 32 tokens
-/// (`DS4_CUDA_TC_DENSE_WG`: `0` = the mma.sync kernels `ds4_tc_q8_0_64_*`, `64` (default) =
-/// wgmma with two accumulator sets, `64s` = wgmma with one, `128` = wgmma, 128-token tiles).
+/// The dense Q8_0 GEMM kernels for chunks of more than 32 tokens (`DS4_CUDA_TC_DENSE_WG`):
+/// `64` (default) = `ds4_tc_q8_0_wg64_*`, wgmma (sm_90a) on 128-row × 64-token tiles, the exact
+/// block integer dot converted by `I2FP`; `64m` = `ds4_tc_q8_0_wg64m_*`, the same with d0's
+/// magic-number conversion (same values, one more instruction per output and block); `0` = the
+/// mma.sync kernels `ds4_tc_q8_0_64_*` (d0). Chunks of at most 32 tokens use d0's 32-token
+/// kernels, and routed experts d0's kernels, in every case.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum WgVar {
     Off,
     Wg64,
-    Wg64s,
-    Wg128,
+    Wg64m,
 }
 
 impl WgVar {
     fn from_env() -> WgVar {
         match std::env::var("DS4_CUDA_TC_DENSE_WG").as_deref() {
             Ok("0") => WgVar::Off,
-            Ok("64s") => WgVar::Wg64s,
-            Ok("128") => WgVar::Wg128,
+            Ok("64m") => WgVar::Wg64m,
             _ => WgVar::Wg64,
         }
     }
-    /// Kernel name stem, tokens per tile and index in the wgmma part of `ds4_tc_smem_sizes`.
-    fn info(self) -> Option<(&'static str, usize, usize)> {
+    /// Kernel name stem (`ds4_tc_q8_0_{stem}_{s,g}`).
+    fn stem(self) -> Option<&'static str> {
         match self {
             WgVar::Off => None,
-            WgVar::Wg64 => Some(("wg64", 64, 0)),
-            WgVar::Wg64s => Some(("wg64s", 64, 1)),
-            WgVar::Wg128 => Some(("wg128", 128, 2)),
+            WgVar::Wg64 => Some("wg64"),
+            WgVar::Wg64m => Some("wg64m"),
         }
     }
 }
+
+/// Tokens per tile of the wgmma kernels.
+const WG_BN: usize = 64;
 
 /// Variant table order (must match `ds4_tc_smem_sizes`).
 const SMEM_ORDER: [(WKind, usize); 9] = [
@@ -374,10 +377,11 @@ impl Tc {
                 gemm.push(((kind, bn, swiglu), Kern { f, smem }));
             }
         }
-        let wg = match WgVar::from_env().info() {
+        // The wgmma dense kernels: shared memory and CTAs per SM at sizes[15], sizes[16].
+        let wg = match WgVar::from_env().stem() {
             None => None,
-            Some((stem, bn, i)) => {
-                let smem = sizes[15 + i] as u32;
+            Some(stem) => {
+                let smem = sizes[15] as u32;
                 if smem > smem_max {
                     return Err(terr(format!(
                         "{stem} tile needs {smem} B of shared memory, the device allows {smem_max}"
@@ -392,7 +396,7 @@ impl Tc {
                     .map_err(drv)?;
                     Ok(Kern { f, smem })
                 };
-                Some((load("s")?, load("g")?, bn, sizes[18 + i].max(1) as u32))
+                Some((load("s")?, load("g")?, WG_BN, sizes[16].max(1) as u32))
             }
         };
         let mut routes = routes;
