@@ -2,8 +2,12 @@
 //!
 //! ```text
 //! cargo build --release -p ds4-cuda --features cuda --example tc_bench
-//! tc_bench [--csv PATH] [--tokens 512,2048,8192] [--reps N] [--only attn|matmul] [--case SUBSTR]
+//! tc_bench [--csv PATH] [--tokens 512,2048,8192] [--reps N] [--only attn|matmul|dense]
+//!          [--skip-exact] [--case SUBSTR]
 //! ```
+//!
+//! `--only dense`: the int8 dense / attn_out rows and the LM head only; `--skip-exact`: the
+//! exact path is run once (untimed, for `rel` at the smallest token count), its times are NaN.
 //!
 //! For every route's Flash shapes (n_embd 4096, q_lora 1024, 64 heads × 512, 8 output groups of
 //! 1024, 256 experts of 2048 with 6 used, vocab 129280) and every token count: the route and the
@@ -58,6 +62,7 @@ mod bench {
         reps: usize,
         /// `--case SUBSTR`: only the matmul / gate-up / MoE cases whose name contains it.
         case: Option<String>,
+        skip_exact: bool,
         card: String,
         rows: Vec<String>,
     }
@@ -189,11 +194,19 @@ mod bench {
                     Ok(())
                 })?;
                 let _ = ap;
-                let q_ms = self.time(reps.min(5), || {
-                    self.g
-                        .matvec_x(&self.stream, &w, &x, &mut act, n, &mut yq)?;
-                    Ok(())
-                })?;
+                let q_ms = if self.skip_exact {
+                    if i == 0 {
+                        self.g
+                            .matvec_x(&self.stream, &w, &x, &mut act, n, &mut yq)?;
+                    }
+                    f64::NAN
+                } else {
+                    self.time(reps.min(5), || {
+                        self.g
+                            .matvec_x(&self.stream, &w, &x, &mut act, n, &mut yq)?;
+                        Ok(())
+                    })?
+                };
                 let rel = if i == 0 {
                     Some(self.compare(&yt, &yq)?)
                 } else {
@@ -232,11 +245,35 @@ mod bench {
                     };
                     Ok(())
                 })?;
-                let q_ms = self.time(reps.min(5), || {
-                    self.g
-                        .gate_up_swiglu(&self.stream, &gate, &up, &x, &act, n, 10.0, &mut mq)?;
-                    Ok(())
-                })?;
+                let q_ms = if self.skip_exact {
+                    if i == 0 {
+                        self.g.gate_up_swiglu(
+                            &self.stream,
+                            &gate,
+                            &up,
+                            &x,
+                            &act,
+                            n,
+                            10.0,
+                            &mut mq,
+                        )?;
+                    }
+                    f64::NAN
+                } else {
+                    self.time(reps.min(5), || {
+                        self.g.gate_up_swiglu(
+                            &self.stream,
+                            &gate,
+                            &up,
+                            &x,
+                            &act,
+                            n,
+                            10.0,
+                            &mut mq,
+                        )?;
+                        Ok(())
+                    })?
+                };
                 let rel = if i == 0 {
                     Some(self.compare(&mt, &mq)?)
                 } else {
@@ -481,6 +518,7 @@ mod bench {
         let mut reps = 7usize;
         let mut only: Option<String> = None;
         let mut case: Option<String> = None;
+        let mut skip_exact = false;
         let mut i = 1;
         while i < args.len() {
             match args[i].as_str() {
@@ -502,12 +540,16 @@ mod bench {
                     i += 2;
                 }
                 "--only" => {
-                    only = Some(args.get(i + 1).context("--only attn|matmul")?.clone());
+                    only = Some(args.get(i + 1).context("--only attn|matmul|dense")?.clone());
                     i += 2;
                 }
                 "--case" => {
                     case = Some(args.get(i + 1).context("--case SUBSTR")?.clone());
                     i += 2;
+                }
+                "--skip-exact" => {
+                    skip_exact = true;
+                    i += 1;
                 }
                 a => bail!("unknown argument {a}"),
             }
@@ -548,12 +590,14 @@ mod bench {
             rng: Rng(42),
             reps,
             case,
+            skip_exact,
             card,
             rows: Vec::new(),
         };
         let q8 = GgmlType::Q8_0;
         let f16 = GgmlType::F16;
-        if only.as_deref() != Some("matmul") {
+        let dense_only = only.as_deref() == Some("dense");
+        if only.as_deref() != Some("matmul") && !dense_only {
             let ops = GpuOps::new(0)?;
             b.attention(&ops, &ns)?;
         }
@@ -562,6 +606,9 @@ mod bench {
         }
         // dense / attn_out: the int8 form (default) and the opt-in f16 form ("_f16").
         for f16 in [false, true] {
+            if f16 && dense_only {
+                continue;
+            }
             let sfx = if f16 { "_f16" } else { "" };
             let (dense, attn_out) = (format!("dense{sfx}"), format!("attn_out{sfx}"));
             b.matmul(&dense, "q_a 4096->1024", q8, 4096, 1024, 1, &ns, f16)?;
@@ -591,6 +638,9 @@ mod bench {
             &[64],
             true,
         )?;
+        if dense_only {
+            return b.write_csv(csv.as_deref());
+        }
         b.matmul(
             "f16",
             "compressor 4096->1024",

@@ -4,7 +4,7 @@
 // Self-contained but for iq2_grid.cuh, which build.rs splices in for NVRTC, so that NVRTC can
 // compile it as well as nvcc.
 //
-// Two GEMM templates, one per group of weight types:
+// Two mma.sync GEMM templates, one per group of weight types, and a wgmma one for dense Q8_0:
 //   d0::Lay / d0::Tc  Q8_0 and F16 (ds4_tc_q8_0_*, ds4_tc_f16_64_s; TC_INST_D0): the weights are
 //                     copied into shared memory as stored. This is the code of commit b0637e2,
 //                     kept as it was (same SASS as b0637e2 with PDL_ENTRY() added).
@@ -14,7 +14,9 @@
 //                     gate/up, Q2_K down): per-row address tables, interleaved warp columns,
 //                     tiles past the valid pairs skipped, register IQ2_XXS signs, Q2_K mins from
 //                     activation sums.
-// They are two because the rewrite's skeleton changes measured 3-10% slower for the latency-
+//   wg                dense Q8_0 with wgmma (ds4_tc_q8_0_wg64_*, sm_90a; see the section): the
+//                     default for dense chunks of more than 32 tokens, 1.4-1.5x d0 on an H100.
+// The mma.sync templates are two because the rewrite's skeleton changes measured 3-10% slower for the latency-
 // bound Q8_0 / F16 kernels on an H200 (bench/results/h200/tc-prefill.md, "Session 4"); each
 // template holds only the code of its own types. Both serve dense matrices (tokens) and routed
 // experts (MoE pair lists, P.list), in M_STORE and M_SWIGLU modes.
@@ -877,6 +879,301 @@ struct Tc {
     }
 };
 
+// ------------------------------------------------------------------------------------------
+// wg: dense Q8_0 with wgmma (sm_90a; ds4_tc_q8_0_wg64_*, the default for chunks of more than 32
+// tokens; ds4_tc_q8_0_wg64m_*: the same with the magic-number conversion; src/tc.rs `WgVar`).
+// A CTA of two warpgroups computes 128 weight rows × 64 tokens; warpgroup i takes rows
+// 64i..64i+63 with one wgmma m64n64k32 s8·s8→s32 per Q8_0 block, so each block's integer dot
+// is exact as in d0. Operands come from shared memory through matrix descriptors (K-major,
+// 128-byte swizzle: row r's 16-byte chunk c at r·128 + ((c ^ (r & 7)) << 4), 8-row groups 1024
+// bytes apart); K advances in stages of 128 bytes (4 blocks, one swizzle-atom row) through a
+// 4-stage cp.async ring, loads 3 stages ahead (fence.proxy.async before the barrier that
+// publishes a stage to the tensor cores).
+// The block term is d0's: fi = float(isum) exactly, pw = d_w·d_x rounded, acc = fma(pw, fi,
+// acc); only the f32 order of the sum over blocks is the route's own. The exact conversion is
+// one I2FP here (isum = wgmma's D; d0's magic number rides on mma.sync's C operand, which wgmma
+// does not have, and IADD + FADD cost one more issue slot per output per block: the wg64m
+// kernels keep that form, same values: __int_as_float(d + 0x4B400000) − 12582912 == (float)d
+// for |d| < 2^22, |isum| ≤ 32·128·127).
+// Measured (H100, bench/results/h100/dense-wgmma-s6.md): 1.5× the d0 kernel at 2048-8192
+// tokens; a second accumulator set (block b+1's wgmma under block b's epilogue) was slower
+// (spills at 2 CTAs/SM) and 128-token tiles no faster, so neither is kept. The kernel is
+// issue-bound (ncu: 69% issue slots busy) on the per-output epilogue (I2FP, FMUL, FFMA).
+__device__ __forceinline__ void wgmma_s8_n64(int* d, u64 da, u64 db) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, 0, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k32.s32.s8.s8 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p;\n}\n"
+        : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3]), "+r"(d[4]), "+r"(d[5]), "+r"(d[6]), "+r"(d[7]), "+r"(d[8]), "+r"(d[9]), "+r"(d[10]), "+r"(d[11]), "+r"(d[12]), "+r"(d[13]), "+r"(d[14]), "+r"(d[15]), "+r"(d[16]), "+r"(d[17]), "+r"(d[18]), "+r"(d[19]), "+r"(d[20]), "+r"(d[21]), "+r"(d[22]), "+r"(d[23]), "+r"(d[24]), "+r"(d[25]), "+r"(d[26]), "+r"(d[27]), "+r"(d[28]), "+r"(d[29]), "+r"(d[30]), "+r"(d[31])
+        : "l"(da), "l"(db));
+#else
+    __trap();
+#endif
+}
+
+namespace wg {
+constexpr int BN = 64;   // tokens per CTA (wgmma N)
+constexpr int NS = 4;    // ring stages (loads run NS - 1 ahead)
+constexpr int KS = 128;  // K bytes of a stage (4 Q8_0 blocks)
+
+struct Lay {
+    static constexpr int A_ST = TC_BM * KS;  // int8 weights, 128 B a row, swizzled
+    static constexpr int B_ST = BN * KS;     // int8 activations, 128 B a row, swizzled
+    static constexpr int AM_ST = TC_BM * 8;  // f16 d of the 4 blocks of a row
+    static constexpr int BM_ST = BN * 16;    // f32 activation scales, [4][BN]
+    static constexpr int S_A = 0;
+    static constexpr int S_B = A_ST;
+    static constexpr int S_AM = S_B + B_ST;
+    static constexpr int S_BM = S_AM + AM_ST;
+    static constexpr int STAGE = (S_BM + BM_ST + 1023) / 1024 * 1024;
+    static constexpr int O_SRC = 0;
+    static constexpr int O_AROW = BN * 4;
+    static constexpr int O_ST = 1024;                       // 1024-aligned stages (the swizzle
+    static constexpr int TOTAL = O_ST + NS * STAGE + 1024;  // uses address bits 4..9) + slack
+    static constexpr int MINB = 2;                          // to align the base
+};
+
+// Matrix descriptor of a K-major, 128-byte-swizzled tile at shared address `a`: rows of 128
+// bytes, 8-row groups 1024 bytes apart (SBO); LBO unused for this layout.
+__device__ __forceinline__ u64 gdesc(u32 a) {
+    return (u64)((a & 0x3FFFF) >> 4) | ((u64)1 << 16) | ((u64)(1024 >> 4) << 32) | ((u64)1 << 62);
+}
+// Byte offset of 16-byte chunk ch (0..7) of row r in a 128-byte-row, 128B-swizzled tile.
+__device__ __forceinline__ int swz128(int r, int ch) { return r * 128 + ((ch ^ (r & 7)) << 4); }
+
+__device__ __forceinline__ void wg_arrive() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wg_wait0() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void fence_regs(int (&d)[N]) {
+#pragma unroll
+    for (int i = 0; i < N; i++) asm volatile("" : "+r"(d[i])::"memory");
+}
+__device__ __forceinline__ void fence_async_smem() {
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+
+template <int MODE, bool I2F>
+struct Tc {
+    typedef Lay L;
+    static constexpr int NA = BN / 2;  // accumulators per thread
+    static constexpr int OUTR = (MODE == M_SWIGLU) ? TC_BM / 2 : TC_BM;
+
+    // A row j of the tile → output row and weight tensor. SWIGLU: rows 16i..16i+7 are gate
+    // rows r0+8i.., rows 16i+8..16i+15 the same rows of up (a thread holds both).
+    __device__ static __forceinline__ int out_row(int r0, int j, int& mat) {
+        if (MODE == M_SWIGLU) {
+            mat = (j >> 3) & 1;
+            return r0 + 8 * (j >> 4) + (j & 7);
+        }
+        mat = 0;
+        return r0 + j;
+    }
+
+    // Global source addresses of this thread's copies (K stage 0), formed once per CTA:
+    // A rows (tid >> 3) + 32i at chunk tid & 7, the A scales of row tid >> 1, B rows likewise,
+    // the B scales of block tid & 3 of row tid >> 2.
+    static constexpr int NAC = TC_BM * 8 / TC_THREADS;
+    static constexpr int NBC = BN * 8 / TC_THREADS;
+    struct Src {
+        const u8* a[NAC];
+        const u8* am;
+        const u8* b[NBC];
+        const u8* bm;
+    };
+
+    __device__ static __forceinline__ void src_init(Src& S, const TcArgs& P, const int* s_arow, int m, int r0,
+                                                    int acol) {
+        const int tid = threadIdx.x, ch = tid & 7;
+#pragma unroll
+        for (int i = 0; i < NAC; i++) {
+            int mat;
+            const int r = min(out_row(r0, (tid >> 3) + 32 * i, mat), P.R - 1);
+            const i64 rr = (i64)m * P.R + r;
+            S.a[i] = (mat ? P.wb0 : P.wa0) + rr * P.C + 16 * ch;
+        }
+        {
+            int mat;
+            const int r = min(out_row(r0, tid >> 1, mat), P.R - 1);
+            const i64 rr = (i64)m * P.R + r;
+            S.am = (mat ? P.wb1 : P.wa1) + 2 * (rr * P.nb + 2 * (tid & 1));
+        }
+#pragma unroll
+        for (int i = 0; i < NBC; i++)
+            S.b[i] = P.aq + (i64)s_arow[(tid >> 3) + 32 * i] * P.Cx + acol + 16 * ch;
+        const i64 e0 = (i64)s_arow[tid >> 2] * P.Cx + acol;
+        S.bm = P.ad + 4 * (e0 / 32 + (tid & 3));
+    }
+
+    // Copy K stage kb (128 bytes a row) into the stage tile st (cp.async).
+    __device__ static __forceinline__ void issue(const Src& S, u8* st, int kb, int CB, int nb) {
+        const int tid = threadIdx.x, ch = tid & 7;
+        const int kbyte = kb * KS;
+        if (kbyte + 16 * ch < CB) {
+#pragma unroll
+            for (int i = 0; i < NAC; i++) cp16(st + L::S_A + swz128((tid >> 3) + 32 * i, ch), S.a[i] + kbyte);
+#pragma unroll
+            for (int i = 0; i < NBC; i++) cp16(st + L::S_B + swz128((tid >> 3) + 32 * i, ch), S.b[i] + kbyte);
+        }
+        if (4 * kb + 2 * (tid & 1) < nb) cp4(st + L::S_AM + (tid >> 1) * 8 + 4 * (tid & 1), S.am + 8 * kb);
+        if (4 * kb + (tid & 3) < nb) cp4(st + L::S_BM + 4 * ((tid & 3) * BN + (tid >> 2)), S.bm + 16 * kb);
+    }
+
+    // The scales of block `blk` of stage tile `st` for this thread's rows and columns.
+    struct Scl {
+        float wd0, wd1;
+        float2 x[BN / 8];
+    };
+    __device__ static __forceinline__ void scales(Scl& c, const u8* st, int blk, int jr, int tg) {
+        c.wd0 = h2f(*(const u16*)(st + L::S_AM + jr * 8 + 2 * blk));
+        c.wd1 = h2f(*(const u16*)(st + L::S_AM + (jr + 8) * 8 + 2 * blk));
+        const float* xs = (const float*)(st + L::S_BM) + blk * BN + 2 * tg;
+#pragma unroll
+        for (int j = 0; j < BN / 8; j++) c.x[j] = *(const float2*)(xs + 8 * j);
+    }
+    // acc += (d_w·d_x)·isum (the d0 form; isum → float exactly). Accumulator d[4j + q] is row
+    // jr + 8·(q >> 1), token 8j + 2·tg + (q & 1) (the wgmma m64nNk32 D fragment).
+    __device__ static __forceinline__ void epi(float (&facc)[NA], const int (&d)[NA], const Scl& c) {
+#pragma unroll
+        for (int j = 0; j < BN / 8; j++) {
+#pragma unroll
+            for (int q = 0; q < 4; q++) {
+                const float pw = __fmul_rn((q >> 1) ? c.wd1 : c.wd0, (q & 1) ? c.x[j].y : c.x[j].x);
+                const float fi = I2F ? __int2float_rn(d[4 * j + q])
+                                     : __fsub_rn(__int_as_float(d[4 * j + q] + MAGIC_I), MAGIC_F);
+                facc[4 * j + q] = __fmaf_rn(pw, fi, facc[4 * j + q]);
+            }
+        }
+    }
+
+    // The S blocks of one stage: wgmma (D = A·B), the block's scales read under it, wait,
+    // epilogue. Straight-line with nothing in flight across stages, so ptxas tracks the wgmma
+    // groups without serialising them.
+    template <int S>
+    __device__ static __forceinline__ void stage(float (&facc)[NA], int (&acc)[NA], const u8* st, u64 da, u64 db,
+                                                 int jr, int tg) {
+        Scl c;
+#pragma unroll
+        for (int s = 0; s < S; s++) {
+            fence_regs(acc);
+            wg_arrive();
+            wgmma_s8_n64(acc, da + 2 * s, db + 2 * s);  // + 32 bytes of K a block
+            wg_commit();
+            scales(c, st, s, jr, tg);
+            wg_wait0();
+            fence_regs(acc);
+            epi(facc, acc, c);
+        }
+    }
+
+    __device__ static void run(const TcArgs& P) {
+        extern __shared__ __align__(1024) u8 sm_raw[];
+        u8* sm = sm_raw + ((1024 - (smem_u32(sm_raw) & 1023)) & 1023);
+        const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+        const int wgi = warp >> 2, w4 = warp & 3;
+        const int g = lane >> 2, tg = lane & 3;
+        int* s_src = (int*)(sm + L::O_SRC);
+        int* s_arow = (int*)(sm + L::O_AROW);
+
+        int m, nvalid, base, sp = 0;
+        TC_TILE_OR_RETURN(P, BN, m, nvalid, base, sp);
+        const int r0 = blockIdx.y * OUTR;
+        const int acol = P.grouped ? m * P.C : 0;
+        if (tid < BN) {
+            const int b = tid < nvalid ? tid : 0;
+            const int src = P.list ? __ldg(P.list + base + b) : base + b;
+            s_src[tid] = src;
+            s_arow[tid] = src / P.kdiv;
+        }
+        __syncthreads();
+
+        const int CB = P.C;
+        // Split-K: the host counts K in stages of 256 bytes, here a stage is 128.
+        const int kb0 = 2 * sp * P.kspl;
+        const int kend = min((CB + KS - 1) / KS, (int)min((i64)2 * ((i64)sp * P.kspl + P.kspl), (i64)1 << 30));
+        const int nk = kend - kb0;
+        const int jr = 64 * wgi + 16 * w4 + g;  // this thread's A rows: jr, jr + 8
+        const u32 st0 = smem_u32(sm + L::O_ST);
+        const u64 da0 = gdesc(st0 + L::S_A + 64 * KS * wgi);
+        const u64 db0 = gdesc(st0 + L::S_B);
+
+        float facc[NA];
+        int acc[NA];
+#pragma unroll
+        for (int i = 0; i < NA; i++) {
+            facc[i] = 0.f;
+            acc[i] = 0;
+        }
+
+        Src S;
+        src_init(S, P, s_arow, m, r0, acol);
+#pragma unroll 1
+        for (int s = 0; s < NS - 1; s++) {
+            if (s < nk) issue(S, sm + L::O_ST + s * L::STAGE, kb0 + s, CB, P.nb);
+            cp_commit();
+        }
+#pragma unroll 1
+        for (int ki = 0; ki < nk; ki++) {
+            const int kb = kb0 + ki;
+            cp_wait<NS - 2>();
+            fence_async_smem();
+            __syncthreads();
+            if (ki + NS - 1 < nk) issue(S, sm + L::O_ST + ((ki + NS - 1) % NS) * L::STAGE, kb + NS - 1, CB, P.nb);
+            cp_commit();
+            const int buf = ki % NS;
+            const u8* st = sm + L::O_ST + buf * L::STAGE;
+            const u64 doff = (u64)((buf * L::STAGE) >> 4);
+            // Only the last stage can be short (C is a multiple of 64: 2 blocks).
+            if (CB - kb * KS >= KS) stage<4>(facc, acc, st, da0 + doff, db0 + doff, jr, tg);
+            else stage<2>(facc, acc, st, da0 + doff, db0 + doff, jr, tg);
+        }
+
+        // ---- store
+#pragma unroll
+        for (int j = 0; j < BN / 8; j++)
+#pragma unroll
+            for (int c = 0; c < 2; c++) {
+                const int col = 8 * j + 2 * tg + c;
+                if (col >= nvalid) continue;
+                const int src = s_src[col];
+                if (MODE == M_STORE) {
+                    float* yrow = P.y + (i64)sp * P.ysplit + (i64)src * P.ldy + (P.grouped ? (i64)m * P.R : 0);
+#pragma unroll
+                    for (int h = 0; h < 2; h++) {
+                        const int r = r0 + jr + 8 * h;
+                        if (r < P.R) yrow[r] = facc[4 * j + 2 * h + c];
+                    }
+                } else {
+                    const int r = r0 + 32 * wgi + 8 * w4 + g;
+                    if (r >= P.R) continue;
+                    const double wt = P.wts ? (double)__ldg(P.wts + src) : 1.0;
+                    float* yrow = P.y + (i64)src * P.ldy;
+                    float gv = facc[4 * j + c];
+                    float uv = facc[4 * j + 2 + c];
+                    if (P.clamp > 1e-6f) {
+                        gv = fminf(gv, P.clamp);
+                        uv = fminf(fmaxf(uv, -P.clamp), P.clamp);
+                    }
+                    const double gd = (double)gv;
+                    const double silu = gd / (1.0 + exp(-gd));
+                    yrow[r] = (float)(silu * (double)uv * wt);
+                }
+            }
+    }
+};
+}  // namespace wg
+
+#define TC_INST_WG(name, MODE, I2F)                                                             \
+    extern "C" __global__ void __launch_bounds__(TC_THREADS, (wg::Lay::MINB))                    \
+        ds4_tc_##name(const TcArgs P) { PDL_ENTRY();                                             \
+        wg::Tc<MODE, I2F>::run(P);                                                               \
+    }
+TC_INST_WG(q8_0_wg64_s, M_STORE, true)
+TC_INST_WG(q8_0_wg64_g, M_SWIGLU, true)
+TC_INST_WG(q8_0_wg64m_s, M_STORE, false)
+TC_INST_WG(q8_0_wg64m_g, M_SWIGLU, false)
+
+
 #define TC_INST(name, T, BN, MODE)                                                              \
     extern "C" __global__ void __launch_bounds__(TC_THREADS, (Lay<T, BN>::MINB))                 \
         ds4_tc_##name(const TcArgs P) { PDL_ENTRY();                                                          \
@@ -924,6 +1221,8 @@ extern "C" __global__ void ds4_tc_smem_sizes(int* out) {
     out[12] = Lay<W_Q2K, 64>::MINB;
     out[13] = Lay<W_Q4K, 64>::MINB;
     out[14] = d0::Lay<W_F16, 64>::MINB;
+    out[15] = wg::Lay::TOTAL;  // ds4_tc_q8_0_wg64_*, wg64m_*
+    out[16] = wg::Lay::MINB;
 }
 
 // Split-K reduction: y[i] = Σ_s part[s·total + i], splits in order (deterministic).

@@ -8,7 +8,7 @@
 //! | route (switch) | weights | operands | numerics vs the exact path |
 //! |---|---|---|---|
 //! | `dense` (`DS4_CUDA_TC_DENSE_DISABLE`), f16 form (opt-in: `DS4_CUDA_TC_DENSE_F16=1`) | Q8_0 q_a, q_b, kv, out_b, shared gate/up/down | weights `q·d` and ds4's int8 activations `q_x·d_x` rounded to f16 after a power-of-two scaling, cuBLAS f16 GEMM with f32 accumulation ([`crate::tc_f16`]) | ≤ 2^-10 relative per product vs the exact path's product |
-//! | `dense`, int8 form (default; always for the LM head, too large for the f16 scratch) | as above | int8 × int8 (`mma m16n8k32 s8`), activations from [`Gemv::quantize_act`] | each 32-block's integer dot exact; the block term `(d_w·d_x)·isum` added with one FMA |
+//! | `dense`, int8 form (default; always for the LM head, too large for the f16 scratch) | as above | int8 × int8 (`wgmma m64n64k32 s8` for chunks of more than 32 tokens, `mma m16n8k32 s8` otherwise; `DS4_CUDA_TC_DENSE_WG=0`: mma.sync always), activations from [`Gemv::quantize_act`] | each 32-block's integer dot exact; the block term `(d_w·d_x)·isum` added with one FMA |
 //! | `attn_out` (`…_ATTN_OUT_DISABLE`) | Q8_0 `attn_output_a` (8 groups) | as dense (f16 form: a strided-batched GEMM) | as dense |
 //! | `f16` (`…_F16_DISABLE`) | F16 HC mixing, router, compressors, indexer | f16 × (f16 hi + f16 lo) (`mma m16n8k16`), f32 accumulation; matrices of ≤ 32 rows (HC mixing): f16 × (tf32 hi + lo) (`mma m16n8k8`, kernels/tc_skinny.cu, x read once, no prep pass; `DS4_CUDA_TC_F16_SKINNY=0` turns it off) | ~f32 (x carried to 22 bits) |
 //! | `moe_gate` + `moe_up` (fused) | IQ2_XXS / Q2_K / Q4_K / Q8_0 routed gate and up, SwiGLU and the routing weight fused | int8 × Q8_K int8, weights dequantised to exact int8 in shared memory | every super-block's integer sums exact, its f32 term formed as on the CPU |
@@ -214,6 +214,40 @@ struct Kern {
     smem: u32,
 }
 
+/// The dense Q8_0 GEMM kernels for chunks of more than 32 tokens (`DS4_CUDA_TC_DENSE_WG`):
+/// `64` (default) = `ds4_tc_q8_0_wg64_*`, wgmma (sm_90a) on 128-row × 64-token tiles, the exact
+/// block integer dot converted by `I2FP`; `64m` = `ds4_tc_q8_0_wg64m_*`, the same with d0's
+/// magic-number conversion (same values, one more instruction per output and block); `0` = the
+/// mma.sync kernels `ds4_tc_q8_0_64_*` (d0). Chunks of at most 32 tokens use d0's 32-token
+/// kernels, and routed experts d0's kernels, in every case.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum WgVar {
+    Off,
+    Wg64,
+    Wg64m,
+}
+
+impl WgVar {
+    fn from_env() -> WgVar {
+        match std::env::var("DS4_CUDA_TC_DENSE_WG").as_deref() {
+            Ok("0") => WgVar::Off,
+            Ok("64m") => WgVar::Wg64m,
+            _ => WgVar::Wg64,
+        }
+    }
+    /// Kernel name stem (`ds4_tc_q8_0_{stem}_{s,g}`).
+    fn stem(self) -> Option<&'static str> {
+        match self {
+            WgVar::Off => None,
+            WgVar::Wg64 => Some("wg64"),
+            WgVar::Wg64m => Some("wg64m"),
+        }
+    }
+}
+
+/// Tokens per tile of the wgmma kernels.
+const WG_BN: usize = 64;
+
 /// Variant table order (must match `ds4_tc_smem_sizes`).
 const SMEM_ORDER: [(WKind, usize); 9] = [
     (WKind::Q8_0, 32),
@@ -237,6 +271,8 @@ pub struct Tc {
     gemm: Vec<((WKind, usize, bool), Kern)>,
     /// Resident CTAs per SM of each kind's GEMM (indexed by `WKind`).
     minb: [u32; 5],
+    /// The wgmma dense Q8_0 kernels in use (store, SwiGLU), their tile width and CTAs per SM.
+    wg: Option<(Kern, Kern, usize, u32)>,
     prep: CudaFunction,
     bucket: CudaFunction,
     sum: CudaFunction,
@@ -291,7 +327,7 @@ impl Tc {
             )
             .map_err(drv)? as u32;
         // Shared-memory sizes as the kernels compute them.
-        let sizes_buf = DBuf::zeroed(stream, 16 * 4)?;
+        let sizes_buf = DBuf::zeroed(stream, 32 * 4)?;
         launch(
             stream,
             &func("ds4_tc_smem_sizes")?,
@@ -300,7 +336,7 @@ impl Tc {
             0,
             &[A::P(sizes_buf.ptr)],
         )?;
-        let mut sizes = [0i32; 16];
+        let mut sizes = [0i32; 32];
         crate::rt::dtoh(stream, &mut sizes, sizes_buf.ptr)?;
         if sizes[9] as usize != std::mem::size_of::<TcArgs>() {
             return Err(terr(format!(
@@ -345,6 +381,28 @@ impl Tc {
                 gemm.push(((kind, bn, swiglu), Kern { f, smem }));
             }
         }
+        // The wgmma dense kernels: shared memory and CTAs per SM at sizes[15], sizes[16].
+        let wg = match WgVar::from_env().stem() {
+            None => None,
+            Some(stem) => {
+                let smem = sizes[15] as u32;
+                if smem > smem_max {
+                    return Err(terr(format!(
+                        "{stem} tile needs {smem} B of shared memory, the device allows {smem_max}"
+                    )));
+                }
+                let load = |mode: &str| -> Result<Kern, CudaError> {
+                    let f = func(&format!("ds4_tc_q8_0_{stem}_{mode}"))?;
+                    f.set_attribute(
+                        sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        smem as i32,
+                    )
+                    .map_err(drv)?;
+                    Ok(Kern { f, smem })
+                };
+                Some((load("s")?, load("g")?, WG_BN, sizes[16].max(1) as u32))
+            }
+        };
         let mut routes = routes;
         let f16d =
             if routes.dense_f16 && (routes.dense || routes.attn_out) && cfg.max_dense_elems > 0 {
@@ -389,6 +447,7 @@ impl Tc {
             splitk_sum: func("ds4_tc_splitk_sum")?,
             splitk: DBuf::zeroed(stream, SPLITK_BYTES)?,
             minb,
+            wg,
             _module: module,
             routes,
             cfg,
@@ -614,11 +673,24 @@ impl Tc {
             y,
             ..TcArgs::new()
         };
+        let mut wgk = None;
         let bn = match kind {
             WKind::Q8_0 => {
                 a.aq = act;
                 a.ad = act + act_d_offset(cx, n);
-                if n <= 32 { 32 } else { 64 }
+                match &self.wg {
+                    Some((ks, _, wbn, wminb)) if n > 32 => {
+                        wgk = Some((ks, *wminb));
+                        *wbn
+                    }
+                    _ => {
+                        if n <= 32 {
+                            32
+                        } else {
+                            64
+                        }
+                    }
+                }
             }
             WKind::F16 => {
                 if let Some(f) = self.skinny_for(w, w0, x) {
@@ -664,11 +736,14 @@ impl Tc {
             }
             _ => return Err(terr(format!("{:?} is not a dense route type", w.ty()))),
         };
-        let k = self.kern(kind, bn, false)?;
+        let (k, minb) = match wgk {
+            Some(x) => x,
+            None => (self.kern(kind, bn, false)?, self.minb[kind as usize]),
+        };
         // Split K when the tiles would not fill the card (fixed-order partial-sum reduction).
         let nkb = (w.cols() * if kind == WKind::F16 { 2 } else { 1 }).div_ceil(256);
         let ctas = n.div_ceil(bn) * w.rows().div_ceil(BM) * w.n_mat();
-        let target = self.sms as usize * self.minb[kind as usize] as usize;
+        let target = self.sms as usize * minb as usize;
         let total = n * rt;
         let mut nspl = 1;
         if ctas < target && nkb > 1 {
@@ -766,8 +841,13 @@ impl Tc {
             clamp,
             ..TcArgs::new()
         };
-        let bn = if n <= 32 { 32 } else { 64 };
-        let k = self.kern(WKind::Q8_0, bn, true)?;
+        let (k, bn) = match &self.wg {
+            Some((_, kg, wbn, _)) if n > 32 => (kg, *wbn),
+            _ => {
+                let bn = if n <= 32 { 32 } else { 64 };
+                (self.kern(WKind::Q8_0, bn, true)?, bn)
+            }
+        };
         let grid = (
             n.div_ceil(bn) as u32,
             gate.rows().div_ceil(BM / 2) as u32,
