@@ -1339,11 +1339,11 @@ impl CudaBackend {
         let fused = f.ty() == GgmlType::F16
             && f.n_mat() == 1
             && Fwd::hc_pre_mix_fits(s.hc_mult, s.n_embd, f.rows(), f.cols());
-        if !fused {
+        let (fp, _g) = f.data().device_ptr(&self.stream);
+        if !fused || fp % 16 != 0 || sc.flat.ptr % 16 != 0 {
             self.mm(f, sc.flat.ptr, 1, sc.mix.ptr)?;
             return self.hc_pre_dec(hw, x, norm, out, q);
         }
-        let (fp, _g) = f.data().device_ptr(&self.stream);
         self.fwd.hc_pre_mix_dec(
             sc.flat.ptr,
             fp,
