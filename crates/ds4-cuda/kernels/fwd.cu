@@ -1499,14 +1499,18 @@ extern "C" __global__ void __cluster_dims__(CL, 1, 1) __launch_bounds__(CL_T)
 // part[b][r] = Σ fn[r][i]·flat[i] over them (f64 sums of exact f16×f32 products, as the F16
 // matvec; only the order of the f64 additions differs). Thread t: 8 columns (one 16-byte load
 // per row), rows t/16 + 8·k. ds4_hc_pre_mix_dec adds the partials. Grid he / HCP_COLS, block
-// HCP_T; needs he % HCP_COLS == 0 and 16-byte aligned flat / fn.
+// HCP_T; needs he % HCP_COLS == 0 and 16-byte aligned flat / xo / fn.
+// nss > 0: flat is first computed here from ds4_hc_post_wide's output: flat = RMSNorm_noweight(xo)
+// (ss = the nss block partials of Σ xo², added in block order by every warp alike; the
+// ds4_hc_post_dec expressions) and written to flat (the row-group-0 threads).
 #define HCM_HC 4
 #define HCM_NM 24
 #define HCP_COLS 128
 #define HCP_T 128
 extern "C" __global__ void __launch_bounds__(HCP_T)
-    ds4_hc_mix_part(const float* __restrict__ flat, const __half* __restrict__ fn,
-                    double* __restrict__ part, int he) {
+    ds4_hc_mix_part(float* __restrict__ flat, const float* __restrict__ xo,
+                    const double* __restrict__ ssp, int nss, float eps,
+                    const __half* __restrict__ fn, double* __restrict__ part, int he) {
     PDL_ENTRY();
     constexpr int RG = HCP_T / 16, RK = HCM_NM / RG;  // 8 row groups of 3 rows
     const int t = threadIdx.x, cgi = t & 15, rg = t >> 4;
@@ -1515,8 +1519,24 @@ extern "C" __global__ void __launch_bounds__(HCP_T)
 #pragma unroll
     for (int k = 0; k < RK; k++)
         w[k] = __ldg(reinterpret_cast<const uint4*>(fn + (i64)(rg + RG * k) * he + c0));
-    const float4 f0 = *reinterpret_cast<const float4*>(flat + c0);
-    const float4 f1 = *reinterpret_cast<const float4*>(flat + c0 + 4);
+    const float* src = nss > 0 ? xo : flat;
+    float4 f0 = *reinterpret_cast<const float4*>(src + c0);
+    float4 f1 = *reinterpret_cast<const float4*>(src + c0 + 4);
+    if (nss > 0) {
+        const int lane = t & 31;
+        double ss = 0.0;
+        for (int i = lane; i < nss; i += 32) ss += ssp[i];
+        const double tot = warp_sum_d(ss);  // the same value in every lane and warp
+        const double s = 1.0 / sqrt(tot / (double)he + (double)eps);
+        f0 = make_float4((float)((double)f0.x * s), (float)((double)f0.y * s),
+                         (float)((double)f0.z * s), (float)((double)f0.w * s));
+        f1 = make_float4((float)((double)f1.x * s), (float)((double)f1.y * s),
+                         (float)((double)f1.z * s), (float)((double)f1.w * s));
+        if (rg == 0) {
+            *reinterpret_cast<float4*>(flat + c0) = f0;
+            *reinterpret_cast<float4*>(flat + c0 + 4) = f1;
+        }
+    }
     const double fl[8] = {(double)f0.x, (double)f0.y, (double)f0.z, (double)f0.w,
                           (double)f1.x, (double)f1.y, (double)f1.z, (double)f1.w};
     double acc[RK];
@@ -1541,6 +1561,58 @@ extern "C" __global__ void __launch_bounds__(HCP_T)
     if (cgi == 0) {
 #pragma unroll
         for (int k = 0; k < RK; k++) part[(i64)blockIdx.x * HCM_NM + rg + RG * k] = acc[k];
+    }
+}
+
+// HC post of one token (hc = 4) over many blocks, without the cluster: xo as ds4_hc_post_dec
+// (f = Σ_k routed (f64) + f when routed), and each block's f64 Σ xo² (its values, warp sums
+// added in warp order) in ssp[block]; ds4_hc_mix_part finishes the next site's no-weight
+// RMSNorm into flat. Element d = thread. Grid e / HPW_T, block HPW_T; needs e % HPW_T == 0.
+#define HPW_T 128
+extern "C" __global__ void __launch_bounds__(HPW_T)
+    ds4_hc_post_wide(const float* __restrict__ f, const float* __restrict__ routed, int k,
+                     const float* __restrict__ x, const float* __restrict__ post,
+                     const float* __restrict__ comb, int e, float* __restrict__ xo,
+                     double* __restrict__ ssp) {
+    PDL_ENTRY();
+    __shared__ double s_red[HPW_T / 32];
+    const int d = blockIdx.x * HPW_T + threadIdx.x;
+    const float fv = f[d];
+    float xv[HCM_HC];
+#pragma unroll
+    for (int i = 0; i < HCM_HC; i++) xv[i] = x[(i64)i * e + d];
+    double acc = 0.0;
+    if (routed) {
+        for (int j = 0; j < k; j++) acc += (double)routed[(i64)j * e + d];
+    }
+    double pj[HCM_HC], cm[HCM_HC * HCM_HC];
+#pragma unroll
+    for (int i = 0; i < HCM_HC; i++) pj[i] = (double)post[i];
+#pragma unroll
+    for (int i = 0; i < HCM_HC * HCM_HC; i++) cm[i] = (double)comb[i];
+    const float fd = routed ? (float)acc + fv : fv;
+    const double fdd = (double)fd;
+    double xd[HCM_HC];
+#pragma unroll
+    for (int i = 0; i < HCM_HC; i++) xd[i] = (double)xv[i];
+    double ss = 0.0;
+#pragma unroll
+    for (int j = 0; j < HCM_HC; j++) {
+        double a = pj[j] * fdd;
+#pragma unroll
+        for (int i = 0; i < HCM_HC; i++) a = __fma_rn(cm[i * HCM_HC + j], xd[i], a);  // exact products
+        const float v = (float)a;
+        xo[(i64)j * e + d] = v;
+        ss = __fma_rn((double)v, (double)v, ss);
+    }
+    ss = warp_sum_d(ss);
+    if ((threadIdx.x & 31) == 0) s_red[threadIdx.x >> 5] = ss;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        double t = 0.0;
+#pragma unroll
+        for (int w = 0; w < HPW_T / 32; w++) t += s_red[w];
+        ssp[blockIdx.x] = t;
     }
 }
 

@@ -106,6 +106,9 @@ const HCM_ROWS: usize = 24;
 const HCP_COLS: usize = 128;
 const HCP_T: usize = 128;
 const HCM_MAX_PARTS: usize = 4 * DEC_HC_BLOCKS * DEC_HC_THREADS * 4 / HCP_COLS;
+/// `ds4_hc_post_wide`: threads (elements) per block (HPW_T in fwd.cu) and the most blocks.
+const HPW_T: usize = 128;
+const HPW_MAX_PARTS: usize = DEC_HC_BLOCKS * DEC_HC_THREADS * 4 / HPW_T;
 
 /// Device addresses of an activation quantization fused into a decode kernel (0 = that format
 /// is not written): Q8_0 (`q0` qs, `d0` scales) and Q8_K (`qk` qs, `dk` scales, `bk` bsums), in
@@ -273,6 +276,7 @@ pub(crate) struct Fwd {
     rms_q8_dec: CudaFunction,
     hc_pre_mix_dec: CudaFunction,
     hc_mix_part: CudaFunction,
+    hc_post_wide: CudaFunction,
     /// Side stream of the decode step (the HC split runs there, off the critical path) and the
     /// events that fork it from and join it back into `stream`.
     side: Arc<CudaStream>,
@@ -282,6 +286,8 @@ pub(crate) struct Fwd {
     dec: DBuf,
     /// Partial sums of the decode HC mix product (`ds4_hc_mix_part`: HCM_ROWS f64 per block).
     mixp: DBuf,
+    /// Block partials of Σ xo² from `ds4_hc_post_wide` (f64 per block).
+    ssp: DBuf,
 }
 
 /// Geometry of a compressor launch.
@@ -373,6 +379,7 @@ impl Fwd {
             rms_q8_dec: f("ds4_rms_q8_dec")?,
             hc_pre_mix_dec: f("ds4_hc_pre_mix_dec")?,
             hc_mix_part: f("ds4_hc_mix_part")?,
+            hc_post_wide: f("ds4_hc_post_wide")?,
             side: stream
                 .fork()
                 .map_err(|e| cerr(format!("side stream: {e}")))?,
@@ -384,6 +391,7 @@ impl Fwd {
                 .map_err(|e| cerr(format!("event: {e}")))?,
             dec: DBuf::zeroed(&stream, DEC_COUNTERS * 4)?,
             mixp: DBuf::zeroed(&stream, HCM_MAX_PARTS * HCM_ROWS * 8)?,
+            ssp: DBuf::zeroed(&stream, HPW_MAX_PARTS * 8)?,
             stream,
         })
     }
@@ -1216,9 +1224,12 @@ impl Fwd {
     /// `[(2+hc)·hc][hc·e]`, written to `mix` for the split), then as [`Fwd::hc_pre_dec`].
     /// Two launches: the product's partial sums over hc·e/128 blocks (`ds4_hc_mix_part`), then
     /// the cluster that adds them and runs the collapse / norm / quantization. Only where
-    /// [`Fwd::hc_pre_mix_fits`]; `flat` and `fn_` 16-byte aligned.
+    /// [`Fwd::hc_pre_mix_fits`]; `flat`, `x` and `fn_` 16-byte aligned. `post_eps = Some(eps)`:
+    /// the streams `x` come from [`Fwd::hc_post_wide`], and `flat = RMSNorm_noweight(x, eps)` is
+    /// computed (and written) by the product launch first.
     pub fn hc_pre_mix_dec(
         &self,
+        post_eps: Option<f32>,
         flat: u64,
         fn_: u64,
         mix: u64,
@@ -1236,12 +1247,14 @@ impl Fwd {
     ) -> Result<(), CudaError> {
         if !Self::hc_pre_mix_fits(hc, e, (2 + hc) * hc, hc * e)
             || !q.fits_hc(e)
-            || !aligned16(&[flat, fn_])
+            || !aligned16(&[flat, fn_, x])
+            || (post_eps.is_some() && !Self::hc_post_wide_fits(hc, e))
         {
             return Err(cerr(format!("hc_pre_mix_dec: hc {hc} e {e} not supported")));
         }
         let parts = hc * e / HCP_COLS;
         debug_assert!(parts <= HCM_MAX_PARTS && (2 + hc) * hc == HCM_ROWS);
+        let nss = if post_eps.is_some() { e / HPW_T } else { 0 };
         self.go(
             &self.hc_mix_part,
             (parts, 1, 1),
@@ -1249,6 +1262,10 @@ impl Fwd {
             0,
             &[
                 A::P(flat),
+                A::P(x),
+                A::P(self.ssp.ptr),
+                A::I(nss as i32),
+                A::F(post_eps.unwrap_or(0.0)),
                 A::P(fn_),
                 A::P(self.mixp.ptr),
                 A::I((hc * e) as i32),
@@ -1421,6 +1438,48 @@ impl Fwd {
                 A::P(xo),
                 A::P(flat),
                 A::F(eps),
+            ],
+        )
+    }
+
+    /// Whether [`Fwd::hc_post_wide`] takes `hc` streams of `e`.
+    pub fn hc_post_wide_fits(hc: usize, e: usize) -> bool {
+        hc == 4 && e > 0 && e.is_multiple_of(HPW_T) && e / HPW_T <= HPW_MAX_PARTS
+    }
+
+    /// HC post of one token over many blocks (no cluster): `xo` as [`Fwd::hc_post_dec`], and
+    /// the block partials of Σ xo² for the next site's no-weight RMSNorm, which
+    /// [`Fwd::hc_pre_mix_dec`] with `post_eps` finishes (flat is not written here).
+    pub fn hc_post_wide(
+        &self,
+        f: u64,
+        routed: u64,
+        k: usize,
+        x: u64,
+        post: u64,
+        comb: u64,
+        hc: usize,
+        e: usize,
+        xo: u64,
+    ) -> Result<(), CudaError> {
+        if !Self::hc_post_wide_fits(hc, e) {
+            return Err(cerr(format!("hc_post_wide: hc {hc} e {e} not supported")));
+        }
+        self.go(
+            &self.hc_post_wide,
+            (e / HPW_T, 1, 1),
+            HPW_T,
+            0,
+            &[
+                A::P(f),
+                A::P(routed),
+                A::I(k as i32),
+                A::P(x),
+                A::P(post),
+                A::P(comb),
+                A::I(e as i32),
+                A::P(xo),
+                A::P(self.ssp.ptr),
             ],
         )
     }
