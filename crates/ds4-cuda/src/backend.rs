@@ -1368,9 +1368,9 @@ impl CudaBackend {
         let ok = f.ty() == GgmlType::F16
             && f.n_mat() == 1
             && Fwd::hc_pre_mix_fits(s.hc_mult, s.n_embd, f.rows(), f.cols())
-            && fp % 16 == 0
-            && x % 16 == 0
-            && self.sc.flat.ptr % 16 == 0;
+            && fp.is_multiple_of(16)
+            && x.is_multiple_of(16)
+            && self.sc.flat.ptr.is_multiple_of(16);
         ok.then_some(fp)
     }
 
