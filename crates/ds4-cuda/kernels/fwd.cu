@@ -1419,7 +1419,7 @@ __device__ void collapse_norm_dec(const float* mix, const float* scale_p, float 
                                   DecQ qo) {
     __shared__ double sh[32];
     __shared__ double s_part;
-    __shared__ float w_sh[MAX_HC];
+    __shared__ double w_sh[MAX_HC];  // f32 values held as f64 (no per-use conversion)
     float xv[CL_EPT][NH];
     float nv[CL_EPT];
 #pragma unroll
@@ -1432,8 +1432,8 @@ __device__ void collapse_norm_dec(const float* mix, const float* scale_p, float 
     if (threadIdx.x < hc) {
         const int i = threadIdx.x;
         const float sc = scale_p ? scale_p[0] : scale_v;
-        w_sh[i] = (float)(sigmoid_d((double)mix[i] * (double)sc + (double)base[i]) +
-                          (double)hc_eps);
+        w_sh[i] = (double)(float)(sigmoid_d((double)mix[i] * (double)sc + (double)base[i]) +
+                                  (double)hc_eps);
     }
     __syncthreads();
     float yv[CL_EPT];
@@ -1443,22 +1443,24 @@ __device__ void collapse_norm_dec(const float* mix, const float* scale_p, float 
         double acc = 0.0;
 #pragma unroll
         for (int h = 0; h < NH; h++) {
-            if (h < hc) acc += (double)w_sh[h] * (double)xv[u][h];
+            // f32·f32 is exact in f64: the fma rounds as the CPU's mul + add.
+            if (h < hc) acc = __fma_rn(w_sh[h], (double)xv[u][h], acc);
         }
         yv[u] = (float)acc;
         const int d = cl_d(u);
         if (d < e) {
             y[d] = yv[u];
-            ss += (double)yv[u] * (double)yv[u];
+            const double yd = (double)yv[u];
+            ss = __fma_rn(yd, yd, ss);
         }
     }
     // Beyond CL·CL_T·CL_EPT elements: no register copy (re-read below).
     for (int d = cl_d(CL_EPT); d < e; d += CL * CL_T) {
         double acc = 0.0;
-        for (int h = 0; h < hc; h++) acc += (double)w_sh[h] * (double)x[(i64)h * e + d];
+        for (int h = 0; h < hc; h++) acc = __fma_rn(w_sh[h], (double)x[(i64)h * e + d], acc);
         const float v = (float)acc;
         y[d] = v;
-        ss += (double)v * (double)v;
+        ss = __fma_rn((double)v, (double)v, ss);
     }
     const double tot = cluster_sum_d(ss, sh, &s_part);
     const double s = 1.0 / sqrt(tot / (double)e + (double)rms_eps);
@@ -1492,22 +1494,139 @@ extern "C" __global__ void __cluster_dims__(CL, 1, 1) __launch_bounds__(CL_T)
     }
 }
 
-// HC pre of one token with the site's mix product in the same cluster (hc = 4: 24 mix rows):
-// mix[r] = Σ_i fn[r][i]·flat[i] over the hc·e inputs (F16 weights; f64 sum of exact products,
-// as the F16 matvec), written to `mix` for the split kernel; then ds4_hc_pre_dec (collapse, norm,
-// quantization). Needs e ≤ CL·CL_T·CL_EPT. One cluster: grid CL, block CL_T.
+// HC mix product of one token (hc = 4: 24 rows) over many blocks: block b takes the HCP_COLS
+// columns [b·HCP_COLS, (b+1)·HCP_COLS) of fn [24][he] (F16) and flat [he], and writes
+// part[b][r] = Σ fn[r][i]·flat[i] over them (f64 sums of exact f16×f32 products, as the F16
+// matvec; only the order of the f64 additions differs). Thread t: 8 columns (one 16-byte load
+// per row), rows t/16 + 8·k. ds4_hc_pre_mix_dec adds the partials. Grid he / HCP_COLS, block
+// HCP_T; needs he % HCP_COLS == 0 and 16-byte aligned flat / xo / fn.
+// nss > 0: flat is first computed here from ds4_hc_post_wide's output: flat = RMSNorm_noweight(xo)
+// (ss = the nss block partials of Σ xo², added in block order by every warp alike; the
+// ds4_hc_post_dec expressions) and written to flat (the row-group-0 threads).
 #define HCM_HC 4
 #define HCM_NM 24
+#define HCP_COLS 128
+#define HCP_T 128
+extern "C" __global__ void __launch_bounds__(HCP_T)
+    ds4_hc_mix_part(float* __restrict__ flat, const float* __restrict__ xo,
+                    const double* __restrict__ ssp, int nss, float eps,
+                    const __half* __restrict__ fn, double* __restrict__ part, int he) {
+    PDL_ENTRY();
+    constexpr int RG = HCP_T / 16, RK = HCM_NM / RG;  // 8 row groups of 3 rows
+    const int t = threadIdx.x, cgi = t & 15, rg = t >> 4;
+    const i64 c0 = (i64)blockIdx.x * HCP_COLS + cgi * 8;
+    uint4 w[RK];
+#pragma unroll
+    for (int k = 0; k < RK; k++)
+        w[k] = __ldg(reinterpret_cast<const uint4*>(fn + (i64)(rg + RG * k) * he + c0));
+    const float* src = nss > 0 ? xo : flat;
+    float4 f0 = *reinterpret_cast<const float4*>(src + c0);
+    float4 f1 = *reinterpret_cast<const float4*>(src + c0 + 4);
+    if (nss > 0) {
+        const int lane = t & 31;
+        double ss = 0.0;
+        for (int i = lane; i < nss; i += 32) ss += ssp[i];
+        const double tot = warp_sum_d(ss);  // the same value in every lane and warp
+        const double s = 1.0 / sqrt(tot / (double)he + (double)eps);
+        f0 = make_float4((float)((double)f0.x * s), (float)((double)f0.y * s),
+                         (float)((double)f0.z * s), (float)((double)f0.w * s));
+        f1 = make_float4((float)((double)f1.x * s), (float)((double)f1.y * s),
+                         (float)((double)f1.z * s), (float)((double)f1.w * s));
+        if (rg == 0) {
+            *reinterpret_cast<float4*>(flat + c0) = f0;
+            *reinterpret_cast<float4*>(flat + c0 + 4) = f1;
+        }
+    }
+    const double fl[8] = {(double)f0.x, (double)f0.y, (double)f0.z, (double)f0.w,
+                          (double)f1.x, (double)f1.y, (double)f1.z, (double)f1.w};
+    double acc[RK];
+#pragma unroll
+    for (int k = 0; k < RK; k++) {
+        const __half2* h = reinterpret_cast<const __half2*>(&w[k]);
+        double a = 0.0;
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            const float2 v = __half22float2(h[i]);
+            a = __fma_rn((double)v.x, fl[2 * i], a);  // exact product (11 × 24 bits)
+            a = __fma_rn((double)v.y, fl[2 * i + 1], a);
+        }
+        acc[k] = a;
+    }
+    // Sum over the 16 column groups of a half warp (the other half is another row group).
+#pragma unroll
+    for (int k = 0; k < RK; k++) {
+#pragma unroll
+        for (int o = 8; o > 0; o >>= 1) acc[k] += __shfl_xor_sync(0xffffffffu, acc[k], o);
+    }
+    if (cgi == 0) {
+#pragma unroll
+        for (int k = 0; k < RK; k++) part[(i64)blockIdx.x * HCM_NM + rg + RG * k] = acc[k];
+    }
+}
+
+// HC post of one token (hc = 4) over many blocks, without the cluster: xo as ds4_hc_post_dec
+// (f = Σ_k routed (f64) + f when routed), and each block's f64 Σ xo² (its values, warp sums
+// added in warp order) in ssp[block]; ds4_hc_mix_part finishes the next site's no-weight
+// RMSNorm into flat. Element d = thread. Grid e / HPW_T, block HPW_T; needs e % HPW_T == 0.
+#define HPW_T 128
+extern "C" __global__ void __launch_bounds__(HPW_T)
+    ds4_hc_post_wide(const float* __restrict__ f, const float* __restrict__ routed, int k,
+                     const float* __restrict__ x, const float* __restrict__ post,
+                     const float* __restrict__ comb, int e, float* __restrict__ xo,
+                     double* __restrict__ ssp) {
+    PDL_ENTRY();
+    __shared__ double s_red[HPW_T / 32];
+    const int d = blockIdx.x * HPW_T + threadIdx.x;
+    const float fv = f[d];
+    float xv[HCM_HC];
+#pragma unroll
+    for (int i = 0; i < HCM_HC; i++) xv[i] = x[(i64)i * e + d];
+    double acc = 0.0;
+    if (routed) {
+        for (int j = 0; j < k; j++) acc += (double)routed[(i64)j * e + d];
+    }
+    double pj[HCM_HC], cm[HCM_HC * HCM_HC];
+#pragma unroll
+    for (int i = 0; i < HCM_HC; i++) pj[i] = (double)post[i];
+#pragma unroll
+    for (int i = 0; i < HCM_HC * HCM_HC; i++) cm[i] = (double)comb[i];
+    const float fd = routed ? (float)acc + fv : fv;
+    const double fdd = (double)fd;
+    double xd[HCM_HC];
+#pragma unroll
+    for (int i = 0; i < HCM_HC; i++) xd[i] = (double)xv[i];
+    double ss = 0.0;
+#pragma unroll
+    for (int j = 0; j < HCM_HC; j++) {
+        double a = pj[j] * fdd;
+#pragma unroll
+        for (int i = 0; i < HCM_HC; i++) a = __fma_rn(cm[i * HCM_HC + j], xd[i], a);  // exact products
+        const float v = (float)a;
+        xo[(i64)j * e + d] = v;
+        ss = __fma_rn((double)v, (double)v, ss);
+    }
+    ss = warp_sum_d(ss);
+    if ((threadIdx.x & 31) == 0) s_red[threadIdx.x >> 5] = ss;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        double t = 0.0;
+#pragma unroll
+        for (int w = 0; w < HPW_T / 32; w++) t += s_red[w];
+        ssp[blockIdx.x] = t;
+    }
+}
+
+// HC pre of one token after ds4_hc_mix_part (hc = 4: 24 mix rows): every block adds the
+// nparts partials of each row (f64, a fixed order: the same in every block), block 0 writes
+// mix (for the split kernel); then ds4_hc_pre_dec (collapse, norm, quantization). Needs
+// e ≤ CL·CL_T·CL_EPT. One cluster: grid CL, block CL_T.
 extern "C" __global__ void __cluster_dims__(CL, 1, 1) __launch_bounds__(CL_T, 1)
-    ds4_hc_pre_mix_dec(const float* __restrict__ flat, const __half* __restrict__ fn, float* mix,
+    ds4_hc_pre_mix_dec(const double* __restrict__ part, int nparts, float* mix,
                        const float* scale, const float* base, float hc_eps, const float* x, int e,
                        const float* norm_w, float rms_eps, float* xin, float* a, i8* q0,
                        float* d0, i8* qk, float* dk, short* bk) {
     PDL_ENTRY();
-    __shared__ double s_red[CL_T / 32][HCM_NM];
-    __shared__ double s_blk[HCM_NM];
     __shared__ float s_mix[HCM_NM];
-    const i64 he = (i64)HCM_HC * e;
     // The collapse's inputs, wanted after the mix: start fetching them now.
 #pragma unroll
     for (int u = 0; u < CL_EPT; u++) {
@@ -1519,44 +1638,19 @@ extern "C" __global__ void __cluster_dims__(CL, 1, 1) __launch_bounds__(CL_T, 1)
             asm volatile("prefetch.global.L1 [%0];" ::"l"(norm_w + d));
         }
     }
-    double acc[HCM_NM];
+    if (threadIdx.x < HCM_NM * 16) {  // 12 whole warps: row r = t / 16, partials j, j+16, …
+        const int r = threadIdx.x >> 4, j = threadIdx.x & 15;
+        double t = 0.0;
+#pragma unroll 8
+        for (int g = j; g < nparts; g += 16) t += part[(i64)g * HCM_NM + r];
 #pragma unroll
-    for (int r = 0; r < HCM_NM; r++) acc[r] = 0.0;
-#pragma unroll 1
-    for (int u = 0; u < CL_EPT; u++) {
-        const int d = cl_d(u);
-        if (d < e) {
-#pragma unroll
-            for (int j = 0; j < HCM_HC; j++) {
-                const double fl = (double)flat[(i64)j * e + d];
-#pragma unroll
-                for (int r = 0; r < HCM_NM; r++)
-                    acc[r] += (double)__half2float(fn[(i64)r * he + (i64)j * e + d]) * fl;
-            }
+        for (int o = 8; o > 0; o >>= 1) t += __shfl_xor_sync(0xffffffffu, t, o);
+        if (j == 0) {
+            s_mix[r] = (float)t;
+            if (blockIdx.x == 0) mix[r] = (float)t;
         }
     }
-    const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
-#pragma unroll
-    for (int r = 0; r < HCM_NM; r++) {
-        const double v = warp_sum_d(acc[r]);
-        if (lane == 0) s_red[w][r] = v;
-    }
     __syncthreads();
-    if (threadIdx.x < HCM_NM) {
-        double t = 0.0;
-        for (int ww = 0; ww < CL_T / 32; ww++) t += s_red[ww][threadIdx.x];
-        s_blk[threadIdx.x] = t;
-    }
-    cg::cluster_group cl = cg::this_cluster();
-    cl.sync();
-    if (threadIdx.x < HCM_NM) {
-        double t = 0.0;
-#pragma unroll
-        for (int rk = 0; rk < CL; rk++) t += *cl.map_shared_rank(&s_blk[threadIdx.x], rk);
-        s_mix[threadIdx.x] = (float)t;
-        if (blockIdx.x == 0) mix[threadIdx.x] = (float)t;
-    }
-    cl.sync();  // s_mix is complete, and no block leaves before every block has read s_blk
     const DecQ qo = {q0, d0, qk, dk, bk};
     collapse_norm_dec<HCM_HC>(s_mix, scale, 0.0f, base, hc_eps, HCM_HC, x, e, norm_w, rms_eps,
                               xin, a, qo);
@@ -1596,14 +1690,25 @@ extern "C" __global__ void __cluster_dims__(CL, 1, 1) __launch_bounds__(CL_T)
 // HC post of one token (ops::hc_post; f = Σ_k routed (f64) + f when routed), then the next
 // site's no-weight RMSNorm into flat (skipped when flat is null). One cluster: grid CL,
 // block CL_T.
+template <bool C, typename A, typename B>
+struct Sel {
+    typedef A T;
+};
+template <typename A, typename B>
+struct Sel<false, A, B> {
+    typedef B T;
+};
+
 template <int NH>
 __device__ void hc_post_dec_body(const float* f, const float* routed, int k, const float* x,
                                  const float* post, const float* comb, int hc, int e, float* xo,
                                  float* flat, float eps) {
     __shared__ double sh[32];
     __shared__ double s_part;
-    __shared__ float s_post[MAX_HC];
-    __shared__ float s_comb[MAX_HC * MAX_HC];
+    // post / comb (f32 values) held as f64: no conversion per use. Every product below is
+    // f32·f32, exact in f64, so the fma rounds as the CPU's multiply + add.
+    __shared__ double s_post[MAX_HC];
+    __shared__ double s_comb[MAX_HC * MAX_HC];
     float xv[CL_EPT][NH];
     float fv[CL_EPT];
     float rv[CL_EPT];
@@ -1617,10 +1722,12 @@ __device__ void hc_post_dec_body(const float* f, const float* routed, int k, con
         for (int i = 0; i < NH; i++) xv[u][i] = (on && i < hc) ? x[(i64)i * e + d] : 0.0f;
     }
     // post / comb after the element loads (their latencies overlap).
-    for (int i = threadIdx.x; i < hc; i += blockDim.x) s_post[i] = post[i];
-    for (int i = threadIdx.x; i < hc * hc; i += blockDim.x) s_comb[i] = comb[i];
+    for (int i = threadIdx.x; i < hc; i += blockDim.x) s_post[i] = (double)post[i];
+    for (int i = threadIdx.x; i < hc * hc; i += blockDim.x) s_comb[i] = (double)comb[i];
     __syncthreads();
-    float o[CL_EPT][NH];
+    // The f32 outputs, kept as f64 for the norm and flat where registers allow (hc = 4).
+    typedef typename Sel<(NH <= 4), double, float>::T OT;
+    OT o[CL_EPT][NH];
     double ss = 0.0;
 #pragma unroll
     for (int u = 0; u < CL_EPT; u++) {
@@ -1638,18 +1745,22 @@ __device__ void hc_post_dec_body(const float* f, const float* routed, int k, con
         } else {
             fd = fv[u];
         }
+        const double fdd = (double)fd;
+        double xd[NH];
+#pragma unroll
+        for (int i = 0; i < NH; i++) xd[i] = (double)xv[u][i];
 #pragma unroll
         for (int j = 0; j < NH; j++) {
             if (j < hc) {
-                double acc = (double)s_post[j] * (double)fd;
+                double acc = s_post[j] * fdd;
 #pragma unroll
                 for (int i = 0; i < NH; i++) {
-                    if (i < hc) acc += (double)s_comb[i * hc + j] * (double)xv[u][i];
+                    if (i < hc) acc = __fma_rn(s_comb[i * hc + j], xd[i], acc);
                 }
                 const float v = (float)acc;
-                o[u][j] = v;
                 xo[(i64)j * e + d] = v;
-                ss += (double)v * (double)v;
+                o[u][j] = (OT)v;
+                ss = __fma_rn((double)v, (double)v, ss);
             }
         }
     }
@@ -1659,11 +1770,11 @@ __device__ void hc_post_dec_body(const float* f, const float* routed, int k, con
         for (int j = 0; j < (routed ? k : 0); j++) acc += (double)routed[(i64)j * e + d];
         const float fd = routed ? (float)acc + f[d] : f[d];
         for (int j = 0; j < hc; j++) {
-            double a2 = (double)s_post[j] * (double)fd;
-            for (int i = 0; i < hc; i++) a2 += (double)s_comb[i * hc + j] * (double)x[(i64)i * e + d];
+            double a2 = s_post[j] * (double)fd;
+            for (int i = 0; i < hc; i++) a2 = __fma_rn(s_comb[i * hc + j], (double)x[(i64)i * e + d], a2);
             const float v = (float)a2;
             xo[(i64)j * e + d] = v;
-            ss += (double)v * (double)v;
+            ss = __fma_rn((double)v, (double)v, ss);
         }
     }
     if (!flat) return;
@@ -1683,6 +1794,13 @@ __device__ void hc_post_dec_body(const float* f, const float* routed, int k, con
     }
 }
 
+// Any hc (not inlined: its register pressure stays out of the hc = 4 path).
+__device__ __noinline__ void hc_post_dec_any(const float* f, const float* routed, int k,
+                                             const float* x, const float* post, const float* comb,
+                                             int hc, int e, float* xo, float* flat, float eps) {
+    hc_post_dec_body<MAX_HC>(f, routed, k, x, post, comb, hc, e, xo, flat, eps);
+}
+
 extern "C" __global__ void __cluster_dims__(CL, 1, 1) __launch_bounds__(CL_T)
     ds4_hc_post_dec(const float* f, const float* routed, int k, const float* x, const float* post,
                     const float* comb, int hc, int e, float* xo, float* flat, float eps) {
@@ -1690,7 +1808,7 @@ extern "C" __global__ void __cluster_dims__(CL, 1, 1) __launch_bounds__(CL_T)
     if (hc == 4) {
         hc_post_dec_body<4>(f, routed, k, x, post, comb, hc, e, xo, flat, eps);
     } else {
-        hc_post_dec_body<MAX_HC>(f, routed, k, x, post, comb, hc, e, xo, flat, eps);
+        hc_post_dec_any(f, routed, k, x, post, comb, hc, e, xo, flat, eps);
     }
 }
 

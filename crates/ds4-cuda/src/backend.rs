@@ -1162,7 +1162,10 @@ impl CudaBackend {
         } else {
             DecQuant::default()
         };
-        self.hc_pre_site(&l.hc_attn, sc.x.ptr, l.attn_norm.ptr, sc.a.ptr, qa)?;
+        // Layer il > 0: the previous layer's FFN post ran wide where this site takes it (the
+        // same condition there), and this site's product launch finishes its norm.
+        let wide_in = il > 0 && self.post_wide_ok(&l.hc_attn, sc.x.ptr);
+        self.hc_pre_site(&l.hc_attn, sc.x.ptr, l.attn_norm.ptr, sc.a.ptr, qa, wide_in)?;
         let held0 = (qa != DecQuant::default()).then(|| (l.q_a.ty(), q_a_cols));
         let mut held = self.mm_shared(&l.q_a, sc.a.ptr, sc.qr.ptr, held0)?;
         held = self.mm_shared(&l.kv, sc.a.ptr, sc.kvp.ptr, held)?;
@@ -1284,29 +1287,63 @@ impl CudaBackend {
         self.mm(&l.out_a, sc.heads.ptr, 1, sc.low.ptr)?;
         self.mm(&l.out_b, sc.low.ptr, 1, sc.fout.ptr)?;
         fw.join_side()?;
-        fw.hc_post_dec(
-            sc.fout.ptr,
-            0,
-            0,
-            sc.x.ptr,
-            sc.post.ptr,
-            sc.comb.ptr,
-            hc,
-            e,
-            sc.x1.ptr,
-            sc.flat.ptr,
-            eps,
-        )?;
+        let wide_a = self.post_wide_ok(&l.hc_ffn, sc.x1.ptr);
+        if wide_a {
+            fw.hc_post_wide(
+                sc.fout.ptr,
+                0,
+                0,
+                sc.x.ptr,
+                sc.post.ptr,
+                sc.comb.ptr,
+                hc,
+                e,
+                sc.x1.ptr,
+            )?;
+        } else {
+            fw.hc_post_dec(
+                sc.fout.ptr,
+                0,
+                0,
+                sc.x.ptr,
+                sc.post.ptr,
+                sc.comb.ptr,
+                hc,
+                e,
+                sc.x1.ptr,
+                sc.flat.ptr,
+                eps,
+            )?;
+        }
 
         // ---- FFN sublayer
         // The HC pre (with its mix product) also quantizes `b` for the routed experts (into act) and the shared
         // expert (into act_sh) when their formats differ and nothing in between reuses act.
         let qb = self.ffn_quant(l);
-        self.hc_pre_site(&l.hc_ffn, sc.x1.ptr, l.ffn_norm.ptr, sc.b.ptr, qb)?;
+        self.hc_pre_site(&l.hc_ffn, sc.x1.ptr, l.ffn_norm.ptr, sc.b.ptr, qb, wide_a)?;
         self.mm(&l.router, sc.b.ptr, 1, sc.rlog.ptr)?;
         self.route(il, l, 1)?;
         self.moe(l, 1, qb != DecQuant::default())?;
         fw.join_side()?;
+        // Wide where the next layer's attention site finishes the norm (not before the
+        // output head, which reads flat).
+        let wide_f = self
+            .layers
+            .get(il + 1)
+            .is_some_and(|nl| self.post_wide_ok(&nl.hc_attn, sc.x.ptr));
+        if wide_f {
+            return fw.hc_post_wide(
+                sc.sh_out.ptr,
+                sc.routed.ptr,
+                1,
+                sc.x1.ptr,
+                sc.post.ptr,
+                sc.comb.ptr,
+                hc,
+                e,
+                sc.x.ptr,
+            );
+        }
         fw.hc_post_dec(
             sc.sh_out.ptr,
             sc.routed.ptr,
@@ -1322,9 +1359,37 @@ impl CudaBackend {
         )
     }
 
+    /// The F16 `fn` address of a decode site where its mix product runs in
+    /// [`Fwd::hc_pre_mix_dec`] (hc 4, F16, 16-byte aligned `fn`, `flat` and streams `x`).
+    fn mix_fused(&self, hw: &DevHc, x: u64) -> Option<u64> {
+        let s = self.s();
+        let f = &hw.fn_;
+        let (fp, _g) = f.data().device_ptr(&self.stream);
+        let ok = f.ty() == GgmlType::F16
+            && f.n_mat() == 1
+            && Fwd::hc_pre_mix_fits(s.hc_mult, s.n_embd, f.rows(), f.cols())
+            && fp.is_multiple_of(16)
+            && x.is_multiple_of(16)
+            && self.sc.flat.ptr.is_multiple_of(16);
+        ok.then_some(fp)
+    }
+
+    /// Whether the HC post that feeds the decode site `hw` (streams `x`) runs wide
+    /// ([`Fwd::hc_post_wide`], the norm finished by the site's product launch);
+    /// `DS4_CUDA_HC_POST_WIDE=0` turns it off.
+    fn post_wide_ok(&self, hw: &DevHc, x: u64) -> bool {
+        static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let on =
+            *ON.get_or_init(|| std::env::var("DS4_CUDA_HC_POST_WIDE").map_or(true, |v| v != "0"));
+        let s = self.s();
+        on && Fwd::hc_post_wide_fits(s.hc_mult, s.n_embd) && self.mix_fused(hw, x).is_some()
+    }
+
     /// HC pre of a decode site from `sc.flat`: the mix product and the collapse + norm (+ `q`)
     /// in one launch where the kernel takes the site (hc 4, F16 fn), else the F16/F32 matvec
     /// and [`CudaBackend::hc_pre_dec`]; the split goes to the side stream after the mix.
+    /// `wide_in`: the streams come from [`Fwd::hc_post_wide`] (flat not yet written; only
+    /// where [`CudaBackend::post_wide_ok`] said so).
     fn hc_pre_site(
         &self,
         hw: &DevHc,
@@ -1332,19 +1397,19 @@ impl CudaBackend {
         norm: u64,
         out: u64,
         q: DecQuant,
+        wide_in: bool,
     ) -> Result<(), CudaError> {
         let s = self.s();
         let sc = &self.sc;
-        let f = &hw.fn_;
-        let fused = f.ty() == GgmlType::F16
-            && f.n_mat() == 1
-            && Fwd::hc_pre_mix_fits(s.hc_mult, s.n_embd, f.rows(), f.cols());
-        if !fused {
-            self.mm(f, sc.flat.ptr, 1, sc.mix.ptr)?;
+        let Some(fp) = self.mix_fused(hw, x) else {
+            if wide_in {
+                return Err(cerr("hc_pre_site: wide HC post without the fused product"));
+            }
+            self.mm(&hw.fn_, sc.flat.ptr, 1, sc.mix.ptr)?;
             return self.hc_pre_dec(hw, x, norm, out, q);
-        }
-        let (fp, _g) = f.data().device_ptr(&self.stream);
+        };
         self.fwd.hc_pre_mix_dec(
+            wide_in.then_some(s.rms_eps),
             sc.flat.ptr,
             fp,
             sc.mix.ptr,

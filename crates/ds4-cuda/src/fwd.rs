@@ -100,6 +100,15 @@ pub enum IdxKernel {
 /// CL_T in fwd.cu).
 const DEC_HC_BLOCKS: usize = 8;
 const DEC_HC_THREADS: usize = 512;
+/// `ds4_hc_mix_part`: mix rows (hc = 4), columns and threads per block (HCM_NM, HCP_COLS,
+/// HCP_T in fwd.cu), and the most blocks (hc·e ≤ 4 · the cluster's element capacity).
+const HCM_ROWS: usize = 24;
+const HCP_COLS: usize = 128;
+const HCP_T: usize = 128;
+const HCM_MAX_PARTS: usize = 4 * DEC_HC_BLOCKS * DEC_HC_THREADS * 4 / HCP_COLS;
+/// `ds4_hc_post_wide`: threads (elements) per block (HPW_T in fwd.cu) and the most blocks.
+const HPW_T: usize = 128;
+const HPW_MAX_PARTS: usize = DEC_HC_BLOCKS * DEC_HC_THREADS * 4 / HPW_T;
 
 /// Device addresses of an activation quantization fused into a decode kernel (0 = that format
 /// is not written): Q8_0 (`q0` qs, `d0` scales) and Q8_K (`qk` qs, `dk` scales, `bk` bsums), in
@@ -266,6 +275,8 @@ pub(crate) struct Fwd {
     hc_split_dec: CudaFunction,
     rms_q8_dec: CudaFunction,
     hc_pre_mix_dec: CudaFunction,
+    hc_mix_part: CudaFunction,
+    hc_post_wide: CudaFunction,
     /// Side stream of the decode step (the HC split runs there, off the critical path) and the
     /// events that fork it from and join it back into `stream`.
     side: Arc<CudaStream>,
@@ -273,6 +284,10 @@ pub(crate) struct Fwd {
     ev_join: CudaEvent,
     /// DEC_COUNTERS u32 counters (zero between launches).
     dec: DBuf,
+    /// Partial sums of the decode HC mix product (`ds4_hc_mix_part`: HCM_ROWS f64 per block).
+    mixp: DBuf,
+    /// Block partials of Σ xo² from `ds4_hc_post_wide` (f64 per block).
+    ssp: DBuf,
 }
 
 /// Geometry of a compressor launch.
@@ -363,6 +378,8 @@ impl Fwd {
             hc_split_dec: f("ds4_hc_split_dec")?,
             rms_q8_dec: f("ds4_rms_q8_dec")?,
             hc_pre_mix_dec: f("ds4_hc_pre_mix_dec")?,
+            hc_mix_part: f("ds4_hc_mix_part")?,
+            hc_post_wide: f("ds4_hc_post_wide")?,
             side: stream
                 .fork()
                 .map_err(|e| cerr(format!("side stream: {e}")))?,
@@ -373,6 +390,8 @@ impl Fwd {
                 .new_event(None)
                 .map_err(|e| cerr(format!("event: {e}")))?,
             dec: DBuf::zeroed(&stream, DEC_COUNTERS * 4)?,
+            mixp: DBuf::zeroed(&stream, HCM_MAX_PARTS * HCM_ROWS * 8)?,
+            ssp: DBuf::zeroed(&stream, HPW_MAX_PARTS * 8)?,
             stream,
         })
     }
@@ -1197,14 +1216,20 @@ impl Fwd {
         hc == 4
             && rows == (2 + hc) * hc
             && cols == hc * e
+            && (hc * e).is_multiple_of(HCP_COLS)
             && e <= DEC_HC_BLOCKS * DEC_HC_THREADS * 4
     }
 
-    /// HC pre of one token with the site's mix product in the same launch: `mix = fn·flat`
-    /// (`fn` F16 `[(2+hc)·hc][hc·e]`, written to `mix` for the split), then as
-    /// [`Fwd::hc_pre_dec`]. Only where [`Fwd::hc_pre_mix_fits`].
+    /// HC pre of one token with the site's mix product: `mix = fn·flat` (`fn` F16
+    /// `[(2+hc)·hc][hc·e]`, written to `mix` for the split), then as [`Fwd::hc_pre_dec`].
+    /// Two launches: the product's partial sums over hc·e/128 blocks (`ds4_hc_mix_part`), then
+    /// the cluster that adds them and runs the collapse / norm / quantization. Only where
+    /// [`Fwd::hc_pre_mix_fits`]; `flat`, `x` and `fn_` 16-byte aligned. `post_eps = Some(eps)`:
+    /// the streams `x` come from [`Fwd::hc_post_wide`], and `flat = RMSNorm_noweight(x, eps)` is
+    /// computed (and written) by the product launch first.
     pub fn hc_pre_mix_dec(
         &self,
+        post_eps: Option<f32>,
         flat: u64,
         fn_: u64,
         mix: u64,
@@ -1220,17 +1245,40 @@ impl Fwd {
         a: u64,
         q: DecQuant,
     ) -> Result<(), CudaError> {
-        if !Self::hc_pre_mix_fits(hc, e, (2 + hc) * hc, hc * e) || !q.fits_hc(e) {
+        if !Self::hc_pre_mix_fits(hc, e, (2 + hc) * hc, hc * e)
+            || !q.fits_hc(e)
+            || !aligned16(&[flat, fn_, x])
+            || (post_eps.is_some() && !Self::hc_post_wide_fits(hc, e))
+        {
             return Err(cerr(format!("hc_pre_mix_dec: hc {hc} e {e} not supported")));
         }
+        let parts = hc * e / HCP_COLS;
+        debug_assert!(parts <= HCM_MAX_PARTS && (2 + hc) * hc == HCM_ROWS);
+        let nss = if post_eps.is_some() { e / HPW_T } else { 0 };
+        self.go(
+            &self.hc_mix_part,
+            (parts, 1, 1),
+            HCP_T,
+            0,
+            &[
+                A::P(flat),
+                A::P(x),
+                A::P(self.ssp.ptr),
+                A::I(nss as i32),
+                A::F(post_eps.unwrap_or(0.0)),
+                A::P(fn_),
+                A::P(self.mixp.ptr),
+                A::I((hc * e) as i32),
+            ],
+        )?;
         self.go(
             &self.hc_pre_mix_dec,
             (DEC_HC_BLOCKS, 1, 1),
             DEC_HC_THREADS,
             0,
             &[
-                A::P(flat),
-                A::P(fn_),
+                A::P(self.mixp.ptr),
+                A::I(parts as i32),
                 A::P(mix),
                 A::P(scale),
                 A::P(base),
@@ -1390,6 +1438,48 @@ impl Fwd {
                 A::P(xo),
                 A::P(flat),
                 A::F(eps),
+            ],
+        )
+    }
+
+    /// Whether [`Fwd::hc_post_wide`] takes `hc` streams of `e`.
+    pub fn hc_post_wide_fits(hc: usize, e: usize) -> bool {
+        hc == 4 && e > 0 && e.is_multiple_of(HPW_T) && e / HPW_T <= HPW_MAX_PARTS
+    }
+
+    /// HC post of one token over many blocks (no cluster): `xo` as [`Fwd::hc_post_dec`], and
+    /// the block partials of Σ xo² for the next site's no-weight RMSNorm, which
+    /// [`Fwd::hc_pre_mix_dec`] with `post_eps` finishes (flat is not written here).
+    pub fn hc_post_wide(
+        &self,
+        f: u64,
+        routed: u64,
+        k: usize,
+        x: u64,
+        post: u64,
+        comb: u64,
+        hc: usize,
+        e: usize,
+        xo: u64,
+    ) -> Result<(), CudaError> {
+        if !Self::hc_post_wide_fits(hc, e) {
+            return Err(cerr(format!("hc_post_wide: hc {hc} e {e} not supported")));
+        }
+        self.go(
+            &self.hc_post_wide,
+            (e / HPW_T, 1, 1),
+            HPW_T,
+            0,
+            &[
+                A::P(f),
+                A::P(routed),
+                A::I(k as i32),
+                A::P(x),
+                A::P(post),
+                A::P(comb),
+                A::I(e as i32),
+                A::P(xo),
+                A::P(self.ssp.ptr),
             ],
         )
     }

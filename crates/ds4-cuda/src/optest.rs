@@ -840,8 +840,8 @@ impl GpuOps {
             Some((flat, fnw)) => {
                 let (dfl, dfn) = (self.up(flat)?, self.up(fnw)?);
                 self.fwd.hc_pre_mix_dec(
-                    dfl.ptr, dfn.ptr, dmix.ptr, ds.ptr, db.ptr, hc, hc_eps, dx.ptr, e, dn.ptr,
-                    rms_eps, xin.ptr, a.ptr, q,
+                    None, dfl.ptr, dfn.ptr, dmix.ptr, ds.ptr, db.ptr, hc, hc_eps, dx.ptr, e,
+                    dn.ptr, rms_eps, xin.ptr, a.ptr, q,
                 )?;
             }
             None => self.fwd.hc_pre_dec(
@@ -943,6 +943,77 @@ impl GpuOps {
             eps,
         )?;
         Ok((self.down(&xo, hc * e)?, self.down(&flat, hc * e)?))
+    }
+
+    /// The wide HC post of one token (`ds4_hc_post_wide`, hc = 4) and then the next site's
+    /// product launch finishing its no-weight norm (`Fwd::hc_pre_mix_dec` with `post_eps`;
+    /// hc_eps 1e-6, no quantization); `fnw`: F16 bits `[24][4·e]`. Returns `(xo, flat, mix, a)`.
+    pub fn hc_post_wide_mix(
+        &self,
+        f: &[f32],
+        routed: Option<(&[f32], usize)>,
+        x: &[f32],
+        post: &[f32],
+        comb: &[f32],
+        e: usize,
+        eps: f32,
+        fnw: &[u16],
+        scale: &[f32],
+        base: &[f32],
+        norm: &[f32],
+    ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>), CudaError> {
+        let hc = 4;
+        let (df, dx, dp, dc) = (self.up(f)?, self.up(x)?, self.up(post)?, self.up(comb)?);
+        let (dr, k) = match routed {
+            Some((r, k)) => (Some(self.up(r)?), k),
+            None => (None, 0),
+        };
+        let xo = self.zeros(hc * e)?;
+        let flat = self.zeros(hc * e)?;
+        self.fwd.hc_post_wide(
+            df.ptr,
+            dr.as_ref().map_or(0, |b| b.ptr),
+            k,
+            dx.ptr,
+            dp.ptr,
+            dc.ptr,
+            hc,
+            e,
+            xo.ptr,
+        )?;
+        let (dfn, ds, db, dn) = (
+            self.up(fnw)?,
+            self.up(scale)?,
+            self.up(base)?,
+            self.up(norm)?,
+        );
+        let nm = (2 + hc) * hc;
+        let dmix = self.zeros(nm)?;
+        let xin = self.zeros(e)?;
+        let a = self.zeros(e)?;
+        self.fwd.hc_pre_mix_dec(
+            Some(eps),
+            flat.ptr,
+            dfn.ptr,
+            dmix.ptr,
+            ds.ptr,
+            db.ptr,
+            hc,
+            1e-6,
+            xo.ptr,
+            e,
+            dn.ptr,
+            eps,
+            xin.ptr,
+            a.ptr,
+            crate::fwd::DecQuant::default(),
+        )?;
+        Ok((
+            self.down(&xo, hc * e)?,
+            self.down(&flat, hc * e)?,
+            self.down(&dmix, nm)?,
+            self.down(&a, e)?,
+        ))
     }
 
     /// HC head + output norm of one token (`ds4_hc_head_dec`).

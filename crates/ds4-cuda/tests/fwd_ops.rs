@@ -1152,6 +1152,86 @@ fn hc_post_decode_and_flat() {
     }
 }
 
+/// The wide HC post (no cluster; block partials of Σ xo²) followed by the next site's mix
+/// product launch, which finishes the no-weight norm into flat: xo, flat, mix and the site's
+/// `a` against the CPU (ops::hc_post, rms_norm_noweight, the F16 matvec, the HC pre).
+#[test]
+fn hc_post_wide_then_mix() {
+    use ds4_quant::dot::vec_dot_f16_f32;
+    use ds4_quant::f32_to_f16;
+    let Some(g) = gpu() else { return };
+    let mut r = Rng(37);
+    let hc = 4;
+    let nm = (2 + hc) * hc;
+    for (e, k) in [(4096usize, 1usize), (4096, 3), (256, 1), (16384, 1)] {
+        let he = hc * e;
+        let f = r.vec(e, 1.0);
+        let routed = r.vec(k * e, 1.0);
+        let x = r.vec(he, 1.0);
+        let post: Vec<f32> = (0..hc).map(|_| 2.0 * r.unif()).collect();
+        let comb: Vec<f32> = (0..hc * hc).map(|_| r.unif()).collect();
+        let fnw: Vec<u16> = (0..nm * he).map(|_| f32_to_f16(r.normal(0.02))).collect();
+        let scale: Vec<f32> = (0..3).map(|_| 0.5 + r.unif()).collect();
+        let base = r.vec(nm, 0.5);
+        let norm: Vec<f32> = (0..e).map(|_| 1.0 + r.normal(0.15)).collect();
+        for with_routed in [false, true] {
+            let ft: Vec<f32> = (0..e)
+                .map(|d| {
+                    if with_routed {
+                        let acc: f64 = (0..k).map(|j| routed[j * e + d] as f64).sum();
+                        (acc as f32) + f[d]
+                    } else {
+                        f[d]
+                    }
+                })
+                .collect();
+            let mut want = vec![0f32; he];
+            ops::hc_post(&ft, &x, &post, &comb, &mut want);
+            let mut wflat = vec![0f32; he];
+            ops::rms_norm_noweight(&want, 1e-6, &mut wflat);
+            let mix: Vec<f32> = (0..nm)
+                .map(|row| vec_dot_f16_f32(&fnw[row * he..(row + 1) * he], &wflat))
+                .collect();
+            let (_, _, _, a_cpu) = cpu_hc_pre(&mix, &scale, &base, hc, 20, &want, e, &norm);
+            for run in 0..2 {
+                let (xo, flat, gmix, a) = g
+                    .hc_post_wide_mix(
+                        &f,
+                        with_routed.then_some((&routed[..], k)),
+                        &x,
+                        &post,
+                        &comb,
+                        e,
+                        1e-6,
+                        &fnw,
+                        &scale,
+                        &base,
+                        &norm,
+                    )
+                    .unwrap();
+                let tag = format!("e {e} k {k} routed {with_routed} run {run}");
+                check(&format!("hc_post_wide xo {tag}"), &xo, &want);
+                check(&format!("hc_post_wide flat {tag}"), &flat, &wflat);
+                check(&format!("hc_post_wide mix {tag}"), &gmix, &mix);
+                check(&format!("hc_post_wide a {tag}"), &a, &a_cpu);
+                let same = |p: &[f32], q: &[f32]| {
+                    p.iter()
+                        .zip(q)
+                        .filter(|(a, b)| a.to_bits() == b.to_bits())
+                        .count()
+                };
+                println!(
+                    "hc_post_wide {tag}: bit-identical xo {}/{he} flat {}/{he} mix {}/{nm} a {}/{e}",
+                    same(&xo, &want),
+                    same(&flat, &wflat),
+                    same(&gmix, &mix),
+                    same(&a, &a_cpu)
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn hc_head_decode() {
     let Some(g) = gpu() else { return };
