@@ -553,7 +553,6 @@ struct Tc {
         float* mdm = (float*)(sm + L::O_MDM);
         u8* msc = sm + L::O_MSC;
         u8* mmn = sm + L::O_MMN;
-        const uint2* grid = (const uint2*)(sm + L::O_TAB);
         if (T == W_IQ2) {
             // Sub-block s = tid & 7 of rows j = tid / 8 + 32·it. Weight k of a group of 8 (grid
             // byte k): selector nibble k = grid code | sign << 2 picks byte k of the ±grid
@@ -580,12 +579,14 @@ struct Tc {
                 const int j = j0 + 32 * it;
                 const u8* rw = raw + j * L::RAWB;
                 const uint2 aux = *(const uint2*)(rw + 8 * s);
-                // Table byte offsets: index·4 taken from the pre-shifted words.
-                const u32 ax4 = aux.x << 2, ay4 = aux.y << 2;
+                // Table byte offsets: index·4 taken from the words shifted left by 2 (aux.x as a
+                // 34-bit value: a funnel shift keeps its top two bits for group 3; the sign
+                // bits of aux.y end at bit 27).
+                const u32 ax4 = aux.x << 2, axh = aux.x >> 30, ay4 = aux.y << 2;
                 u32 o[8];
 #pragma unroll
                 for (int i = 0; i < 4; i++) {
-                    const u32 sel = *(const u32*)(ct + ((ax4 >> shx[i]) & 0x3fcu)) |
+                    const u32 sel = *(const u32*)(ct + (__funnelshift_r(ax4, axh, shx[i]) & 0x3fcu)) |
                                     *(const u32*)(stb + ((ay4 >> shy[i]) & 0x1fcu));
                     o[2 * i] = prmt(pp, pn, sel);
                     o[2 * i + 1] = prmt(pp, pn, sel >> 16);
@@ -600,35 +601,15 @@ struct Tc {
                 *(uint4*)(tile + ro + c0) = make_uint4(o[0], o[1], o[2], o[3]);
                 *(uint4*)(tile + ro + c1) = make_uint4(o[4], o[5], o[6], o[7]);
             }
-            return;
         }
+        // Q2_K, Q4_K
 #pragma unroll
-        for (int it = 0; it < TC_BM * 8 / TC_THREADS; it++) {
+        for (int it = 0; (T != W_IQ2) && it < TC_BM * 8 / TC_THREADS; it++) {
             const int u = tid + TC_THREADS * it;
             const int j = u >> 3, s = u & 7;
             const u8* rw = raw + j * L::RAWB;
             u32 o[8];
-            if (T == W_IQ2) {
-                const uint2 aux = *(const uint2*)(rw + 8 * s);
-#pragma unroll
-                for (int i = 0; i < 4; i++) {
-                    const uint2 gv = grid[(aux.x >> (8 * i)) & 255];
-                    // Sign bits in registers (a table read here costs ~8 shared-memory
-                    // wavefronts per warp): 7 stored bits + even parity, bit b negates byte b.
-                    const u32 s7 = (aux.y >> (7 * i)) & 127u;
-                    const u32 s8 = s7 | (((0x6996u >> ((s7 ^ (s7 >> 4)) & 15u)) & 1u) << 7);
-                    const u32 lo = ((s8 & 15u) * 0x00204081u) & 0x01010101u;
-                    const u32 hi = ((s8 >> 4) * 0x00204081u) & 0x01010101u;
-                    o[2 * i] = (gv.x ^ (lo * 0xffu)) + lo;
-                    o[2 * i + 1] = (gv.y ^ (hi * 0xffu)) + hi;
-                }
-                msc[j * 8 + s] = (u8)(2 * (aux.y >> 28) + 1);
-                if (s == 0) {
-                    const u64 pd = ((const u64*)(sm + L::O_PA))[TC_BM + j] + 2 * kb;  // address of d
-                    const u32 dw = *(const u32*)(rw + 64);
-                    md[j] = h2f((pd & 2) ? (dw >> 16) : (dw & 0xffffu));
-                }
-            } else if (T == W_Q2K) {
+            if (T == W_Q2K) {
                 const int n = s >> 2, sh = 2 * (s & 3);
                 const u32* q = (const u32*)(rw + 32 * n);
                 const u32 sc0 = rw[64 + 2 * s], sc1 = rw[64 + 2 * s + 1];
