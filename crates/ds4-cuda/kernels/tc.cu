@@ -13,10 +13,10 @@
 //                     per stage. The session-4 rewrite for the routed MoE experts (IQ2_XXS
 //                     gate/up, Q2_K down): per-row address tables, interleaved warp columns,
 //                     tiles past the valid pairs skipped, register IQ2_XXS signs, Q2_K mins from
-//                     activation sums. Session 6: IQ2_XXS with the sub-block scale folded into
-//                     two int8 tiles (ls·(±grid) = 32·hi + lo, byte-permute palettes; raw blocks
-//                     through registers), IQ2_XXS / Q2_K mmas of the warp's valid n8 tiles in
-//                     warp-uniform code (no predicated mma.sync, no WARPSYNC per mma).
+//                     activation sums. Session 6: IQ2_XXS dequant through grid-code and sign
+//                     tables forming a prmt selector into the ±grid palette; IQ2_XXS / Q2_K
+//                     mmas of the warp's valid n8 tiles in warp-uniform code (no predicated
+//                     mma.sync, no WARPSYNC per mma).
 // They are two because the rewrite's skeleton changes measured 3-10% slower for the latency-
 // bound Q8_0 / F16 kernels on an H200 (bench/results/h200/tc-prefill.md, "Session 4"); each
 // template holds only the code of its own types. Both serve dense matrices (tokens) and routed
@@ -33,9 +33,7 @@
 // does on the CPU:
 //   Q8_0    acc += (d_w·d_x) · isum               (one FMA per block; the CPU rounds the product
 //                                                  (d_w·d_x)·isum before adding)
-//   IQ2_XXS isum = Σ_sub ls·Σ q8·(±grid)           (s32), acc += (d·yd)·isum, y = 0.125·acc;
-//           formed as isum = 32·Σ q8·hi + Σ q8·lo with ls·(±grid) = 32·hi + lo (hi in
-//           [-42, 41], lo in [0, 31]: two int8 mmas per tile and K step, the same integer)
+//   IQ2_XXS isum = Σ_sub ls·Σ q8·(±grid)           (s32), acc += (d·yd)·isum, y = 0.125·acc
 //   Q2_K    isum = Σ (sc&15)·q2·q8 (scale folded into the int8 weight, ≤ 45),
 //           summ = Σ_j (sc_j>>4)·Σ_{k in j} q8 (per-16 activation sums × the mins: two
 //           m16n8k16 mmas per stage),
@@ -121,6 +119,12 @@ __device__ __forceinline__ void mma_s8k16(int* d, u32 a0, u32 a1, u32 b0, const 
         "{%7,%8,%9,%10};\n"
         : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3])
         : "r"(a0), "r"(a1), "r"(b0), "r"(c[0]), "r"(c[1]), "r"(c[2]), "r"(c[3]));
+}
+// Byte permute (selector nibbles of c: bits 0..2 pick a byte of {b, a}; bit 3 must be 0 here).
+__device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 c) {
+    u32 d;
+    asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
 }
 // d += a·b (f16 × f16 → f32, m16n8k16)
 __device__ __forceinline__ void mma_f16(float* d, const u32* a, u32 b0, u32 b1) {
@@ -468,17 +472,13 @@ struct Lay {
     // Staged bytes of one 256-weight block of a row (rounded up to 16): IQ2_XXS qs 64 + the
     // aligned 4-byte word holding d; Q2_K qs 64 + scales 16 + d, dmin 4; Q4_K the whole block.
     static constexpr int RAWB = T == W_IQ2 ? 80 : T == W_Q2K ? 96 : 144;
-    // IQ2_XXS: no raw stage (each thread loads its own raw sub-blocks into registers one
-    // stage ahead, see Tc::iq2_load), which leaves room for the two dequantised tiles.
-    static constexpr int A_ST = (T == W_IQ2) ? 0 : TC_BM * RAWB;  // raw weight blocks
+    static constexpr int A_ST = TC_BM * RAWB;  // raw weight blocks
     static constexpr int B_ST = BN * 256;      // int8 activations
     static constexpr int BM_ST = BN * 4;       // f32 activation scale (one per 256)
-    static constexpr int D_ST = (T == W_IQ2) ? TC_BM * 4 : 0;  // IQ2_XXS: aligned word holding d
     static constexpr int S_A = 0;
     static constexpr int S_B = al128(A_ST);
     static constexpr int S_BM = S_B + al128(B_ST);
-    static constexpr int S_D = S_BM + al128(BM_ST);
-    static constexpr int STAGE = S_D + al128(D_ST);
+    static constexpr int STAGE = S_BM + al128(BM_ST);
     static constexpr int O_SRC = 0;
     static constexpr int O_AROW = BN * 4;
     // Per-row source addresses, formed once per CTA (issue() only adds the K offset):
@@ -487,13 +487,11 @@ struct Lay {
     static constexpr int O_PB = O_PA + 3 * TC_BM * 8;
     static constexpr int O_TAB = al128(O_PB + 2 * BN * 8);
     // IQ2_XXS tables: grid magnitude codes (u32 [256], nibble k = code of byte k: 0x08 → 0,
-    // 0x19 → 1, 0x2b → 2), sign spread (u32 [128], 7 stored sign bits + parity, bit k → bit
-    // 4k+2), and per scale ls the byte palettes of ls·(±grid) = 32·hi + lo (uint4 [16]).
-    static constexpr int TABB = (T == W_IQ2) ? 256 * 4 + 128 * 4 + 16 * 16 : 0;
+    // 0x19 → 1, 0x2b → 2) and sign spread (u32 [128]: 7 stored sign bits + parity, bit k →
+    // bit 4k+2); code | sign is the byte_perm selector of ±grid (see dequant).
+    static constexpr int TABB = (T == W_IQ2) ? 256 * 4 + 128 * 4 : 0;
     static constexpr int O_TILE = O_TAB + TABB;
-    // IQ2_XXS: two int8 tiles, hi and lo of w = ls·(±grid) = 32·hi + lo (hi in [-42, 41], lo
-    // in [0, 31]); the others one tile.
-    static constexpr int TILEB = TC_BM * 256 * ((T == W_IQ2) ? 2 : 1);
+    static constexpr int TILEB = TC_BM * 256;
     static constexpr int O_MD = O_TILE + TILEB;       // f32 [BM] d
     static constexpr int O_MDM = O_MD + TC_BM * 4;    // f32 [BM] dmin
     static constexpr int O_MSC = O_MDM + TC_BM * 4;   // u8 [BM][8] ls / sc
@@ -519,11 +517,9 @@ struct Tc {
         const int kbyte = kb * 256;
         const int ch = tid & 15;
         // ---- A (raw blocks; the rows have odd strides, hence the address tables)
-        // (IQ2_XXS: none, its raw blocks go through registers; see iq2_load.)
         constexpr int NCH = T == W_IQ2 ? 5 : T == W_Q2K ? 6 : 9;
-        constexpr int NA = (T == W_IQ2) ? 0 : (TC_BM * NCH + TC_THREADS - 1) / TC_THREADS;
 #pragma unroll
-        for (int i = 0; i < NA; i++) {
+        for (int i = 0; i < (TC_BM * NCH + TC_THREADS - 1) / TC_THREADS; i++) {
             const int c = tid + TC_THREADS * i;
             if (c < TC_BM * NCH) {
                 const int j = c / NCH, q = c % NCH;
@@ -549,7 +545,6 @@ struct Tc {
             }
         }
         if (tid < BN) cp4(st + L::S_BM + 4 * tid, (const u8*)pb[BN + tid] + 4 * kb);
-        if (T == W_IQ2 && tid < TC_BM) cp4(st + L::S_D + 4 * tid, (const u8*)((pa[TC_BM + tid] + 2 * kb) & ~3ull));
     }
 
     // Raw weight blocks of stage `buf` → int8 tile + per-row metadata.
@@ -561,26 +556,43 @@ struct Tc {
         float* mdm = (float*)(sm + L::O_MDM);
         u8* msc = sm + L::O_MSC;
         u8* mmn = sm + L::O_MMN;
-        const uint2* grid = (const uint2*)(sm + L::O_TAB);
+        if (T == W_IQ2) {
+            // Sub-block s = tid & 7 of rows j = tid / 8 + 32·it. Weight k of a group of 8 (grid
+            // byte k): selector nibble k = grid code | sign << 2 picks byte k of the ±grid
+            // palette (bytes 0..2: +8, +25, +43; 4..6: −8, −25, −43), exactly the old
+            // (grid ^ mask) + lsb result. Lanes s >= 4 compute groups 2, 3 (chunk 2s+1) first
+            // and store that chunk first (bank-conflict-free stores, as below).
+            const u32* ctab = (const u32*)(sm + L::O_TAB);
+            const u32* stab = ctab + 256;
+            const u32 pp = 0x002b1908u, pn = 0x00d5e7f8u;
+            const int s = tid & 7, j0 = tid >> 3;
+            const int io = (s >= 4) ? 2 : 0;
+            const int c0 = swz(j0, 2 * s + (io >> 1)), c1 = swz(j0, 2 * s + 1 - (io >> 1));
+            // Per-lane shifts of group i (the order swap makes them lane-dependent).
+            int shx[4], shy[4];
 #pragma unroll
-        for (int it = 0; it < TC_BM * 8 / TC_THREADS; it++) {
-            const int u = tid + TC_THREADS * it;
-            const int j = u >> 3, s = u & 7;
-            const u8* rw = raw + j * L::RAWB;
-            u32 o[8];
-            if (T == W_IQ2) {
+            for (int i = 0; i < 4; i++) {
+                shx[i] = 8 * (i ^ io);
+                shy[i] = 7 * (i ^ io);
+            }
+            const u8* ct = (const u8*)ctab;
+            const u8* stb = (const u8*)stab;
+#pragma unroll
+            for (int it = 0; it < TC_BM * 8 / TC_THREADS; it++) {
+                const int j = j0 + 32 * it;
+                const u8* rw = raw + j * L::RAWB;
                 const uint2 aux = *(const uint2*)(rw + 8 * s);
+                // Table byte offsets: index·4 taken from the words shifted left by 2 (aux.x as a
+                // 34-bit value: a funnel shift keeps its top two bits for group 3; the sign
+                // bits of aux.y end at bit 27).
+                const u32 ax4 = aux.x << 2, axh = aux.x >> 30, ay4 = aux.y << 2;
+                u32 o[8];
 #pragma unroll
                 for (int i = 0; i < 4; i++) {
-                    const uint2 gv = grid[(aux.x >> (8 * i)) & 255];
-                    // Sign bits in registers (a table read here costs ~8 shared-memory
-                    // wavefronts per warp): 7 stored bits + even parity, bit b negates byte b.
-                    const u32 s7 = (aux.y >> (7 * i)) & 127u;
-                    const u32 s8 = s7 | (((0x6996u >> ((s7 ^ (s7 >> 4)) & 15u)) & 1u) << 7);
-                    const u32 lo = ((s8 & 15u) * 0x00204081u) & 0x01010101u;
-                    const u32 hi = ((s8 >> 4) * 0x00204081u) & 0x01010101u;
-                    o[2 * i] = (gv.x ^ (lo * 0xffu)) + lo;
-                    o[2 * i + 1] = (gv.y ^ (hi * 0xffu)) + hi;
+                    const u32 sel = *(const u32*)(ct + (__funnelshift_r(ax4, axh, shx[i]) & 0x3fcu)) |
+                                    *(const u32*)(stb + ((ay4 >> shy[i]) & 0x1fcu));
+                    o[2 * i] = prmt(pp, pn, sel);
+                    o[2 * i + 1] = prmt(pp, pn, sel >> 16);
                 }
                 msc[j * 8 + s] = (u8)(2 * (aux.y >> 28) + 1);
                 if (s == 0) {
@@ -588,7 +600,19 @@ struct Tc {
                     const u32 dw = *(const u32*)(rw + 64);
                     md[j] = h2f((pd & 2) ? (dw >> 16) : (dw & 0xffffu));
                 }
-            } else if (T == W_Q2K) {
+                const int ro = it * 32 * 256;
+                *(uint4*)(tile + ro + c0) = make_uint4(o[0], o[1], o[2], o[3]);
+                *(uint4*)(tile + ro + c1) = make_uint4(o[4], o[5], o[6], o[7]);
+            }
+        }
+        // Q2_K, Q4_K
+#pragma unroll
+        for (int it = 0; (T != W_IQ2) && it < TC_BM * 8 / TC_THREADS; it++) {
+            const int u = tid + TC_THREADS * it;
+            const int j = u >> 3, s = u & 7;
+            const u8* rw = raw + j * L::RAWB;
+            u32 o[8];
+            if (T == W_Q2K) {
                 const int n = s >> 2, sh = 2 * (s & 3);
                 const u32* q = (const u32*)(rw + 32 * n);
                 const u32 sc0 = rw[64 + 2 * s], sc1 = rw[64 + 2 * s + 1];
@@ -642,98 +666,49 @@ struct Tc {
         }
     }
 
-    // ---- IQ2_XXS (session 6): raw sub-blocks through registers, ls folded into the weights.
-    // Thread tid dequantises sub-block s = tid & 7 of rows j = tid / 8 + 32·it (it = 0..3).
-    // Its raw 8 bytes (4 grid indices, 7-bit signs ×4, 4-bit scale) and the row's f16 d are
-    // loaded into registers one stage ahead (global loads in flight during the mma phase).
-    __device__ static __forceinline__ void iq2_load(const u8* sm, int kb, uint2 (&rq)[4]) {
-        const int tid = threadIdx.x;
-        const u64* pa = (const u64*)(sm + L::O_PA);
-#pragma unroll
-        for (int it = 0; it < 4; it++) {
-            const int j = (tid >> 3) + 32 * it;
-            rq[it] = __ldg((const uint2*)(pa[j] + 64 * (u64)kb + 8 * (tid & 7)));
-        }
-    }
-    // Registers → the hi and lo int8 tiles (w = ls·(±grid) = 32·hi + lo, exact) and md.
-    // Weight k of a group of 8: selector nibble k = grid code | sign << 2 picks byte k from
-    // the scale's 8-byte palette (bytes 0..2: +grid codes, 4..6: −grid codes).
-    __device__ static __forceinline__ void iq2_dequant(u8* sm, int kb, int buf, const uint2 (&rq)[4]) {
-        const int tid = threadIdx.x;
-        const int s = tid & 7, j0 = tid >> 3;
-        u8* th = sm + L::O_TILE;
-        u8* tl = th + TC_BM * 256;
-        const u32* ctab = (const u32*)(sm + L::O_TAB);
-        const u32* stab = ctab + 256;
-        const uint4* pal = (const uint4*)(sm + L::O_TAB + 256 * 4 + 128 * 4);
-        float* md = (float*)(sm + L::O_MD);
-        // Lanes s >= 4 store chunk 2s+1 first (bank-conflict-free stores, as before): they
-        // compute the grid groups 2, 3 (chunk 2s+1) into o[0..3] and 0, 1 into o[4..7].
-        const int io = (s >= 4) ? 2 : 0;
-        const int c0 = swz(j0, 2 * s + (io >> 1)), c1 = swz(j0, 2 * s + 1 - (io >> 1));
-#pragma unroll
-        for (int it = 0; it < 4; it++) {
-            const uint2 aux = rq[it];
-            const uint4 pv = pal[aux.y >> 28];
-            u32 oh[8], ol[8];
-#pragma unroll
-            for (int i = 0; i < 4; i++) {
-                const int ii = i ^ io;
-                const u32 sel = ctab[(aux.x >> (8 * ii)) & 255u] | stab[(aux.y >> (7 * ii)) & 127u];
-                const u32 sh = sel >> 16;
-                oh[2 * i] = __byte_perm(pv.x, pv.y, sel);
-                oh[2 * i + 1] = __byte_perm(pv.x, pv.y, sh);
-                ol[2 * i] = __byte_perm(pv.z, pv.w, sel);
-                ol[2 * i + 1] = __byte_perm(pv.z, pv.w, sh);
-            }
-            const int ro = it * 32 * 256;
-            *(uint4*)(th + ro + c0) = make_uint4(oh[0], oh[1], oh[2], oh[3]);
-            *(uint4*)(th + ro + c1) = make_uint4(oh[4], oh[5], oh[6], oh[7]);
-            *(uint4*)(tl + ro + c0) = make_uint4(ol[0], ol[1], ol[2], ol[3]);
-            *(uint4*)(tl + ro + c1) = make_uint4(ol[4], ol[5], ol[6], ol[7]);
-            if (s == 0) {
-                const int j = j0 + 32 * it;
-                const u64 pd = ((const u64*)(sm + L::O_PA))[TC_BM + j] + 2 * kb;  // address of d
-                const u32 dw = *(const u32*)(sm + L::O_ST + buf * L::STAGE + L::S_D + 4 * j);
-                md[j] = h2f((pd & 2) ? (dw >> 16) : (dw & 0xffffu));
-            }
-        }
-    }
-
-    // The tile's mmas for the NV valid n8 tiles of this warp (warp-uniform: no predicated
-    // mma, so no per-mma WARPSYNC). NPASS = 1: iacc += A0·B over the 8 K steps. NPASS = 2
-    // (IQ2_XXS): iacc = 32·(A0·B) + A1·B (hi then lo tile; the hi sum is shifted by 5 before
-    // the lo pass), the exact Σ ls·Σ q8·(±grid) of the super-block.
-    template <int NV, int NPASS>
-    __device__ static __forceinline__ void mma_tile(const u8* A0, const u8* A1, const u8* Bs, const int (&aoff)[2],
-                                                    const int (&boff)[NT / 2], int (&iacc)[2][NT][4]) {
+    // The tile's mmas for the NV valid n8 tiles of this warp (NV warp-uniform: no predicated
+    // mma, hence no WARPSYNC per mma). LS = 0: iacc += A·B over the 8 K steps (Q2_K: scale in
+    // the weights). LS = 1 (IQ2_XXS): iacc += ls·(A·B) per 32-wide sub-block, ls the 8-bit
+    // scales of the thread's rows (lsv: byte s = step s).
+    template <int NV, int LS>
+    __device__ static __forceinline__ void mma_tile(const u8* As, const u8* Bs, const int (&aoff)[2],
+                                                    const int (&boff)[NT / 2], const u64 (&lsv)[2][2],
+                                                    int (&iacc)[2][NT][4]) {
         constexpr int NP = (NV + 1) / 2;
+        const int zero4[4] = {0, 0, 0, 0};
+        // Unrolled by 2 (LS) / 4, not 8: fully unrolled, ptxas prefetches fragments further ahead
+        // and spills (128-register limit of two CTAs per SM; the factors are the spill-free ones).
+#pragma unroll (LS ? 2 : 4)
+        for (int s = 0; s < 8; s++) {
+            u32 a[2][4];
 #pragma unroll
-        for (int pass = 0; pass < NPASS; pass++) {
-            const u8* At = pass ? A1 : A0;
-            if (pass == 1) {
+            for (int mi = 0; mi < 2; mi++) ldsm4(a[mi], As + (aoff[mi] ^ (s << 5)));
+            u32 b[2 * NP][2];
+#pragma unroll
+            for (int p = 0; p < NP; p++) {
+                u32 r[4];
+                ldsm4(r, Bs + (boff[p] ^ (s << 5)));
+                b[2 * p][0] = r[0];
+                b[2 * p][1] = r[1];
+                b[2 * p + 1][0] = r[2];
+                b[2 * p + 1][1] = r[3];
+            }
+            if (LS) {
+                int ls[2][2];
 #pragma unroll
                 for (int mi = 0; mi < 2; mi++)
 #pragma unroll
-                    for (int ni = 0; ni < NV; ni++)
+                    for (int h = 0; h < 2; h++) ls[mi][h] = (int)((lsv[mi][h] >> (8 * s)) & 255u);
 #pragma unroll
-                        for (int q = 0; q < 4; q++) iacc[mi][ni][q] <<= 5;
-            }
-#pragma unroll 4
-            for (int s = 0; s < 8; s++) {
-                u32 a[2][4];
+                for (int mi = 0; mi < 2; mi++)
 #pragma unroll
-                for (int mi = 0; mi < 2; mi++) ldsm4(a[mi], At + (aoff[mi] ^ (s << 5)));
-                u32 b[2 * NP][2];
+                    for (int ni = 0; ni < NV; ni++) {
+                        int d[4];
+                        mma_s8(d, a[mi], b[ni][0], b[ni][1], zero4);
 #pragma unroll
-                for (int p = 0; p < NP; p++) {
-                    u32 r[4];
-                    ldsm4(r, Bs + (boff[p] ^ (s << 5)));
-                    b[2 * p][0] = r[0];
-                    b[2 * p][1] = r[1];
-                    b[2 * p + 1][0] = r[2];
-                    b[2 * p + 1][1] = r[3];
-                }
+                        for (int q = 0; q < 4; q++) iacc[mi][ni][q] += ls[mi][q >> 1] * d[q];
+                    }
+            } else {
 #pragma unroll
                 for (int mi = 0; mi < 2; mi++)
 #pragma unroll
@@ -741,12 +716,12 @@ struct Tc {
             }
         }
     }
-    template <int NV, int NPASS>
-    __device__ static __forceinline__ void mma_dispatch(int nvw, const u8* A0, const u8* A1, const u8* Bs,
-                                                        const int (&aoff)[2], const int (&boff)[NT / 2],
+    template <int NV, int LS>
+    __device__ static __forceinline__ void mma_dispatch(int nvw, const u8* As, const u8* Bs, const int (&aoff)[2],
+                                                        const int (&boff)[NT / 2], const u64 (&lsv)[2][2],
                                                         int (&iacc)[2][NT][4]) {
-        if (nvw >= NV) mma_tile<NV, NPASS>(A0, A1, Bs, aoff, boff, iacc);
-        else if (NV > 1) mma_dispatch<(NV > 1 ? NV - 1 : 1), NPASS>(nvw, A0, A1, Bs, aoff, boff, iacc);
+        if (nvw >= NV) mma_tile<NV, LS>(As, Bs, aoff, boff, lsv, iacc);
+        else if (NV > 1) mma_dispatch<(NV > 1 ? NV - 1 : 1), LS>(nvw, As, Bs, aoff, boff, lsv, iacc);
     }
 
     __device__ static void run(const TcArgs& P) {
@@ -809,20 +784,6 @@ struct Tc {
                 for (int k = 0; k < 8; k++) sp |= ((s8 >> k) & 1u) << (4 * k + 2);
                 ctab[256 + tid] = sp;
             }
-            if (tid < 16) {
-                const int ls = 2 * tid + 1;
-                const int gm[3] = {8, 25, 43};
-                u32 hp = 0, hn = 0, lp = 0, ln = 0;
-#pragma unroll
-                for (int c = 0; c < 3; c++) {
-                    const int w = ls * gm[c];
-                    hp |= (u32)((w >> 5) & 255) << (8 * c);
-                    lp |= (u32)(w & 31) << (8 * c);
-                    hn |= (u32)(((-w) >> 5) & 255) << (8 * c);
-                    ln |= (u32)((-w) & 31) << (8 * c);
-                }
-                ((uint4*)(sm + L::O_TAB + 256 * 4 + 128 * 4))[tid] = make_uint4(hp, hn, lp, ln);
-            }
         }
         __syncthreads();
 
@@ -858,18 +819,10 @@ struct Tc {
 
         // Valid n8 tiles of this warp (tiles ni < nvw hold pairs < nvalid; warp-uniform).
         const int nvw = min(NT, (nvalid - 8 * wn + 15) / 16);
-        // IQ2_XXS: raw blocks in registers one stage ahead (iq2_load), B through the ring.
-        uint2 rq[4];
-        if (T == W_IQ2) {
-            if (nk > 0) issue(sm, kb0, 0, CB);
-            cp_commit();
-            if (nk > 0) iq2_load(sm, kb0, rq);
-        } else {
 #pragma unroll 1
-            for (int s = 0; s < NS - 1; s++) {
-                if (s < nk) issue(sm, kb0 + s, s, CB);
-                cp_commit();
-            }
+        for (int s = 0; s < NS - 1; s++) {
+            if (s < nk) issue(sm, kb0 + s, s, CB);
+            cp_commit();
         }
 #pragma unroll 1
         for (int ki = 0; ki < nk; ki++) {
@@ -878,26 +831,13 @@ struct Tc {
             const u8* st = sm + L::O_ST + buf * L::STAGE;
             const u8* As = sm + L::O_TILE;
             const u8* Bs = st + L::S_B;
-            if (T == W_IQ2) {
-                cp_wait<0>();     // this stage's B and d words (this thread's copies)
-                __syncthreads();  // every thread's; the previous stage's mmas and epilogue are done
-                if (ki + 1 < nk) issue(sm, kb + 1, (ki + 1) % NS, CB);
-                cp_commit();
-                iq2_dequant(sm, kb, buf, rq);
-                if (ki + 1 < nk) iq2_load(sm, kb + 1, rq);
-                __syncthreads();
-                mma_dispatch<NT, 2>(nvw, As, As + TC_BM * 256, Bs, aoff, boff, iacc);
-            } else {
+            {
             cp_wait<NS - 2>();
             __syncthreads();
             if (ki + NS - 1 < nk) issue(sm, kb + NS - 1, (ki + NS - 1) % NS, CB);
             cp_commit();
             dequant(sm, kb, buf);
             __syncthreads();
-            if (T == W_Q2K) {
-                mma_dispatch<NT, 1>(nvw, As, As, Bs, aoff, boff, iacc);
-            } else {
-            const int steps = min(8, (CB - kb * 256) / 32);
             // IQ2_XXS: the 8 sub-block scales of each of this thread's rows, one load per stage.
             u64 lsv[2][2] = {{0, 0}, {0, 0}};
             if (T == W_IQ2) {
@@ -907,6 +847,11 @@ struct Tc {
                     for (int h = 0; h < 2; h++)
                         lsv[mi][h] = *(const u64*)(sm + L::O_MSC + (32 * wm + 16 * mi + g + 8 * h) * 8);
             }
+            if (T == W_Q2K || T == W_IQ2) {
+                // K-quant super-blocks are whole stages: always 8 steps.
+                mma_dispatch<NT, (T == W_IQ2) ? 1 : 0>(nvw, As, Bs, aoff, boff, lsv, iacc);
+            } else {
+            const int steps = min(8, (CB - kb * 256) / 32);
             auto step = [&](const int s) {
                 // Unused, but captured as when this lambda also served Q8_0 (it read the Q8_0
                 // scales from st): without the capture LLVM orders one address computation of
