@@ -13,7 +13,10 @@
 //                     per stage. The session-4 rewrite for the routed MoE experts (IQ2_XXS
 //                     gate/up, Q2_K down): per-row address tables, interleaved warp columns,
 //                     tiles past the valid pairs skipped, register IQ2_XXS signs, Q2_K mins from
-//                     activation sums.
+//                     activation sums. Session 6: IQ2_XXS dequant through grid-code and sign
+//                     tables forming a prmt selector into the ±grid palette; IQ2_XXS / Q2_K
+//                     mmas of the warp's valid n8 tiles in warp-uniform code (no predicated
+//                     mma.sync, no WARPSYNC per mma).
 //   wg                dense Q8_0 with wgmma (ds4_tc_q8_0_wg64_*, sm_90a; see the section): the
 //                     default for dense chunks of more than 32 tokens, 1.4-1.5x d0 on an H100.
 // The mma.sync templates are two because the rewrite's skeleton changes measured 3-10% slower for the latency-
@@ -118,6 +121,12 @@ __device__ __forceinline__ void mma_s8k16(int* d, u32 a0, u32 a1, u32 b0, const 
         "{%7,%8,%9,%10};\n"
         : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3])
         : "r"(a0), "r"(a1), "r"(b0), "r"(c[0]), "r"(c[1]), "r"(c[2]), "r"(c[3]));
+}
+// Byte permute (selector nibbles of c: bits 0..2 pick a byte of {b, a}; bit 3 must be 0 here).
+__device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 c) {
+    u32 d;
+    asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+    return d;
 }
 // d += a·b (f16 × f16 → f32, m16n8k16)
 __device__ __forceinline__ void mma_f16(float* d, const u32* a, u32 b0, u32 b1) {
@@ -479,7 +488,10 @@ struct Lay {
     static constexpr int O_PA = al128(2 * BN * 4);
     static constexpr int O_PB = O_PA + 3 * TC_BM * 8;
     static constexpr int O_TAB = al128(O_PB + 2 * BN * 8);
-    static constexpr int TABB = (T == W_IQ2) ? 256 * 8 : 0;
+    // IQ2_XXS tables: grid magnitude codes (u32 [256], nibble k = code of byte k: 0x08 → 0,
+    // 0x19 → 1, 0x2b → 2) and sign spread (u32 [128]: 7 stored sign bits + parity, bit k →
+    // bit 4k+2); code | sign is the byte_perm selector of ±grid (see dequant).
+    static constexpr int TABB = (T == W_IQ2) ? 256 * 4 + 128 * 4 : 0;
     static constexpr int O_TILE = O_TAB + TABB;
     static constexpr int TILEB = TC_BM * 256;
     static constexpr int O_MD = O_TILE + TILEB;       // f32 [BM] d
@@ -546,24 +558,43 @@ struct Tc {
         float* mdm = (float*)(sm + L::O_MDM);
         u8* msc = sm + L::O_MSC;
         u8* mmn = sm + L::O_MMN;
-        const uint2* grid = (const uint2*)(sm + L::O_TAB);
-        for (int u = tid; u < TC_BM * 8; u += TC_THREADS) {
-            const int j = u >> 3, s = u & 7;
-            const u8* rw = raw + j * L::RAWB;
-            u32 o[8];
-            if (T == W_IQ2) {
+        if (T == W_IQ2) {
+            // Sub-block s = tid & 7 of rows j = tid / 8 + 32·it. Weight k of a group of 8 (grid
+            // byte k): selector nibble k = grid code | sign << 2 picks byte k of the ±grid
+            // palette (bytes 0..2: +8, +25, +43; 4..6: −8, −25, −43), exactly the old
+            // (grid ^ mask) + lsb result. Lanes s >= 4 compute groups 2, 3 (chunk 2s+1) first
+            // and store that chunk first (bank-conflict-free stores, as below).
+            const u32* ctab = (const u32*)(sm + L::O_TAB);
+            const u32* stab = ctab + 256;
+            const u32 pp = 0x002b1908u, pn = 0x00d5e7f8u;
+            const int s = tid & 7, j0 = tid >> 3;
+            const int io = (s >= 4) ? 2 : 0;
+            const int c0 = swz(j0, 2 * s + (io >> 1)), c1 = swz(j0, 2 * s + 1 - (io >> 1));
+            // Per-lane shifts of group i (the order swap makes them lane-dependent).
+            int shx[4], shy[4];
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                shx[i] = 8 * (i ^ io);
+                shy[i] = 7 * (i ^ io);
+            }
+            const u8* ct = (const u8*)ctab;
+            const u8* stb = (const u8*)stab;
+#pragma unroll
+            for (int it = 0; it < TC_BM * 8 / TC_THREADS; it++) {
+                const int j = j0 + 32 * it;
+                const u8* rw = raw + j * L::RAWB;
                 const uint2 aux = *(const uint2*)(rw + 8 * s);
+                // Table byte offsets: index·4 taken from the words shifted left by 2 (aux.x as a
+                // 34-bit value: a funnel shift keeps its top two bits for group 3; the sign
+                // bits of aux.y end at bit 27).
+                const u32 ax4 = aux.x << 2, axh = aux.x >> 30, ay4 = aux.y << 2;
+                u32 o[8];
 #pragma unroll
                 for (int i = 0; i < 4; i++) {
-                    const uint2 gv = grid[(aux.x >> (8 * i)) & 255];
-                    // Sign bits in registers (a table read here costs ~8 shared-memory
-                    // wavefronts per warp): 7 stored bits + even parity, bit b negates byte b.
-                    const u32 s7 = (aux.y >> (7 * i)) & 127u;
-                    const u32 s8 = s7 | (((0x6996u >> ((s7 ^ (s7 >> 4)) & 15u)) & 1u) << 7);
-                    const u32 lo = ((s8 & 15u) * 0x00204081u) & 0x01010101u;
-                    const u32 hi = ((s8 >> 4) * 0x00204081u) & 0x01010101u;
-                    o[2 * i] = (gv.x ^ (lo * 0xffu)) + lo;
-                    o[2 * i + 1] = (gv.y ^ (hi * 0xffu)) + hi;
+                    const u32 sel = *(const u32*)(ct + (__funnelshift_r(ax4, axh, shx[i]) & 0x3fcu)) |
+                                    *(const u32*)(stb + ((ay4 >> shy[i]) & 0x1fcu));
+                    o[2 * i] = prmt(pp, pn, sel);
+                    o[2 * i + 1] = prmt(pp, pn, sel >> 16);
                 }
                 msc[j * 8 + s] = (u8)(2 * (aux.y >> 28) + 1);
                 if (s == 0) {
@@ -571,7 +602,19 @@ struct Tc {
                     const u32 dw = *(const u32*)(rw + 64);
                     md[j] = h2f((pd & 2) ? (dw >> 16) : (dw & 0xffffu));
                 }
-            } else if (T == W_Q2K) {
+                const int ro = it * 32 * 256;
+                *(uint4*)(tile + ro + c0) = make_uint4(o[0], o[1], o[2], o[3]);
+                *(uint4*)(tile + ro + c1) = make_uint4(o[4], o[5], o[6], o[7]);
+            }
+        }
+        // Q2_K, Q4_K
+#pragma unroll
+        for (int it = 0; (T != W_IQ2) && it < TC_BM * 8 / TC_THREADS; it++) {
+            const int u = tid + TC_THREADS * it;
+            const int j = u >> 3, s = u & 7;
+            const u8* rw = raw + j * L::RAWB;
+            u32 o[8];
+            if (T == W_Q2K) {
                 const int n = s >> 2, sh = 2 * (s & 3);
                 const u32* q = (const u32*)(rw + 32 * n);
                 const u32 sc0 = rw[64 + 2 * s], sc1 = rw[64 + 2 * s + 1];
@@ -625,6 +668,64 @@ struct Tc {
         }
     }
 
+    // The tile's mmas for the NV valid n8 tiles of this warp (NV warp-uniform: no predicated
+    // mma, hence no WARPSYNC per mma). LS = 0: iacc += A·B over the 8 K steps (Q2_K: scale in
+    // the weights). LS = 1 (IQ2_XXS): iacc += ls·(A·B) per 32-wide sub-block, ls the 8-bit
+    // scales of the thread's rows (lsv: byte s = step s).
+    template <int NV, int LS>
+    __device__ static __forceinline__ void mma_tile(const u8* As, const u8* Bs, const int (&aoff)[2],
+                                                    const int (&boff)[NT / 2], const u64 (&lsv)[2][2],
+                                                    int (&iacc)[2][NT][4]) {
+        constexpr int NP = (NV + 1) / 2;
+        const int zero4[4] = {0, 0, 0, 0};
+        // Unrolled by 2 (LS) / 4, not 8: fully unrolled, ptxas prefetches fragments further ahead
+        // and spills (128-register limit of two CTAs per SM; the factors are the spill-free ones).
+#pragma unroll (LS ? 2 : 4)
+        for (int s = 0; s < 8; s++) {
+            u32 a[2][4];
+#pragma unroll
+            for (int mi = 0; mi < 2; mi++) ldsm4(a[mi], As + (aoff[mi] ^ (s << 5)));
+            u32 b[2 * NP][2];
+#pragma unroll
+            for (int p = 0; p < NP; p++) {
+                u32 r[4];
+                ldsm4(r, Bs + (boff[p] ^ (s << 5)));
+                b[2 * p][0] = r[0];
+                b[2 * p][1] = r[1];
+                b[2 * p + 1][0] = r[2];
+                b[2 * p + 1][1] = r[3];
+            }
+            if (LS) {
+                int ls[2][2];
+#pragma unroll
+                for (int mi = 0; mi < 2; mi++)
+#pragma unroll
+                    for (int h = 0; h < 2; h++) ls[mi][h] = (int)((lsv[mi][h] >> (8 * s)) & 255u);
+#pragma unroll
+                for (int mi = 0; mi < 2; mi++)
+#pragma unroll
+                    for (int ni = 0; ni < NV; ni++) {
+                        int d[4];
+                        mma_s8(d, a[mi], b[ni][0], b[ni][1], zero4);
+#pragma unroll
+                        for (int q = 0; q < 4; q++) iacc[mi][ni][q] += ls[mi][q >> 1] * d[q];
+                    }
+            } else {
+#pragma unroll
+                for (int mi = 0; mi < 2; mi++)
+#pragma unroll
+                    for (int ni = 0; ni < NV; ni++) mma_s8(iacc[mi][ni], a[mi], b[ni][0], b[ni][1], iacc[mi][ni]);
+            }
+        }
+    }
+    template <int NV, int LS>
+    __device__ static __forceinline__ void mma_dispatch(int nvw, const u8* As, const u8* Bs, const int (&aoff)[2],
+                                                        const int (&boff)[NT / 2], const u64 (&lsv)[2][2],
+                                                        int (&iacc)[2][NT][4]) {
+        if (nvw >= NV) mma_tile<NV, LS>(As, Bs, aoff, boff, lsv, iacc);
+        else if (NV > 1) mma_dispatch<(NV > 1 ? NV - 1 : 1), LS>(nvw, As, Bs, aoff, boff, lsv, iacc);
+    }
+
     __device__ static void run(const TcArgs& P) {
         extern __shared__ __align__(128) u8 sm[];
         const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -670,10 +771,20 @@ struct Tc {
             }
         }
         if (T == W_IQ2) {
-            uint2* grid = (uint2*)(sm + L::O_TAB);
+            u32* ctab = (u32*)(sm + L::O_TAB);
             for (int i = tid; i < 256; i += TC_THREADS) {
                 const u64 gv = ds4_iq2xxs_grid[i];
-                grid[i] = make_uint2((u32)gv, (u32)(gv >> 32));
+                u32 c = 0;
+#pragma unroll
+                for (int k = 0; k < 8; k++) c |= ((u32)(gv >> (8 * k + 4)) & 3u) << (4 * k);
+                ctab[i] = c;
+            }
+            if (tid < 128) {
+                const u32 s8 = (u32)tid | ((u32)(__popc(tid) & 1) << 7);
+                u32 sp = 0;
+#pragma unroll
+                for (int k = 0; k < 8; k++) sp |= ((s8 >> k) & 1u) << (4 * k + 2);
+                ctab[256 + tid] = sp;
             }
         }
         __syncthreads();
@@ -708,6 +819,8 @@ struct Tc {
             boff[p] = swz(8 * (4 * p + 2 * (q >> 1) + wn) + (lane & 7), q & 1);
         }
 
+        // Valid n8 tiles of this warp (tiles ni < nvw hold pairs < nvalid; warp-uniform).
+        const int nvw = min(NT, (nvalid - 8 * wn + 15) / 16);
 #pragma unroll 1
         for (int s = 0; s < NS - 1; s++) {
             if (s < nk) issue(sm, kb0 + s, s, CB);
@@ -716,17 +829,17 @@ struct Tc {
 #pragma unroll 1
         for (int ki = 0; ki < nk; ki++) {
             const int kb = kb0 + ki;
+            const int buf = ki % NS;
+            const u8* st = sm + L::O_ST + buf * L::STAGE;
+            const u8* As = sm + L::O_TILE;
+            const u8* Bs = st + L::S_B;
+            {
             cp_wait<NS - 2>();
             __syncthreads();
             if (ki + NS - 1 < nk) issue(sm, kb + NS - 1, (ki + NS - 1) % NS, CB);
             cp_commit();
-            const int buf = ki % NS;
-            const u8* st = sm + L::O_ST + buf * L::STAGE;
             dequant(sm, kb, buf);
             __syncthreads();
-            const u8* As = sm + L::O_TILE;
-            const u8* Bs = st + L::S_B;
-            const int steps = min(8, (CB - kb * 256) / 32);
             // IQ2_XXS: the 8 sub-block scales of each of this thread's rows, one load per stage.
             u64 lsv[2][2] = {{0, 0}, {0, 0}};
             if (T == W_IQ2) {
@@ -736,6 +849,11 @@ struct Tc {
                     for (int h = 0; h < 2; h++)
                         lsv[mi][h] = *(const u64*)(sm + L::O_MSC + (32 * wm + 16 * mi + g + 8 * h) * 8);
             }
+            if (T == W_Q2K || T == W_IQ2) {
+                // K-quant super-blocks are whole stages: always 8 steps.
+                mma_dispatch<NT, (T == W_IQ2) ? 1 : 0>(nvw, As, Bs, aoff, boff, lsv, iacc);
+            } else {
+            const int steps = min(8, (CB - kb * 256) / 32);
             auto step = [&](const int s) {
                 // Unused, but captured as when this lambda also served Q8_0 (it read the Q8_0
                 // scales from st): without the capture LLVM orders one address computation of
@@ -804,6 +922,8 @@ struct Tc {
             };
 #pragma unroll
             for (int s = 0; s < 8; s++) if (s < steps) step(s);
+            }
+            }
             // K-quants: the super-block's float term, exactly as the CPU forms it.
             if (T == W_IQ2 || T == W_Q2K || T == W_Q4K) {
                 const float* md = (const float*)(sm + L::O_MD);
