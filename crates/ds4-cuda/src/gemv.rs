@@ -238,7 +238,14 @@ impl Kind {
         match self {
             Kind::F32 | Kind::F16 | Kind::Bf16 | Kind::Q8_0 => &[("", 2, 4)],
             Kind::Q2K => &[("", 4, 2)],
-            Kind::Iq2Xxs => &[("", 4, 2), ("_lb3", 4, 2)],
+            // The pipelined kernels first (their loads of the next step overlap the decode of
+            // the current one), then the chunked ones.
+            Kind::Iq2Xxs => &[
+                ("_pipe_lb3", 4, 1),
+                ("_pipe", 4, 1),
+                ("", 4, 2),
+                ("_lb3", 4, 2),
+            ],
             Kind::Q4K => &[("", 8, 1)],
         }
     }
@@ -249,7 +256,7 @@ impl Kind {
         match self {
             Kind::F32 | Kind::F16 | Kind::Bf16 => &[("", 1, 8)],
             Kind::Q8_0 => &[("", 2, 4)],
-            Kind::Q2K | Kind::Iq2Xxs => &[("_4x1", 4, 1), ("", 4, 2)],
+            Kind::Q2K | Kind::Iq2Xxs => &[("_4x1_lb3", 4, 1), ("_4x1", 4, 1), ("", 4, 2)],
             Kind::Q4K => &[("", 8, 1)],
         }
     }
@@ -426,6 +433,27 @@ impl Default for Tuning {
             down_variant: 0,
             max_blocks_per_sm: 0,
         }
+    }
+}
+
+impl Tuning {
+    /// The defaults, with the MoE kernel variants taken from `DS4_CUDA_MOE_GU_VARIANT` and
+    /// `DS4_CUDA_MOE_DOWN_VARIANT` when set (indexes into the per-kind variant lists; for A/B
+    /// timing of whole decode steps).
+    pub fn from_env() -> Self {
+        let var = |name: &str| {
+            std::env::var(name)
+                .ok()
+                .and_then(|v| v.trim().parse::<u32>().ok())
+        };
+        let mut t = Tuning::default();
+        if let Some(v) = var("DS4_CUDA_MOE_GU_VARIANT") {
+            t.gate_up_variant = v;
+        }
+        if let Some(v) = var("DS4_CUDA_MOE_DOWN_VARIANT") {
+            t.down_variant = v;
+        }
+        t
     }
 }
 
@@ -629,7 +657,7 @@ impl Gemv {
             down,
             quant_q8_0,
             quant_q8_k,
-            tuning: Tuning::default(),
+            tuning: Tuning::from_env(),
         })
     }
 
