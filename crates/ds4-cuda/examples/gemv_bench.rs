@@ -592,10 +592,13 @@ mod bench {
         };
         let iq2 = GgmlType::IQ2_XXS;
         moe(&mut c, &mut rows, iq2, GgmlType::Q2_K, 1, &gsw, &dsw)?;
-        let (g0, d0) = (&[0u32][..], &[(0u32, 0u32)][..]);
-        moe(&mut c, &mut rows, GgmlType::Q4_K, GgmlType::Q4_K, 1, g0, d0)?;
-        moe(&mut c, &mut rows, iq2, GgmlType::Q2_K, 2, g0, d0)?;
-        moe(&mut c, &mut rows, iq2, GgmlType::Q2_K, 8, g0, d0)?;
+        // `--moe-sweep` alone: only the decode (1-token) Flash MoE rows, every variant.
+        if !moe_sweep || sweep {
+            let (g0, d0) = (&[0u32][..], &[(0u32, 0u32)][..]);
+            moe(&mut c, &mut rows, GgmlType::Q4_K, GgmlType::Q4_K, 1, g0, d0)?;
+            moe(&mut c, &mut rows, iq2, GgmlType::Q2_K, 2, g0, d0)?;
+            moe(&mut c, &mut rows, iq2, GgmlType::Q2_K, 8, g0, d0)?;
+        }
 
         let mut f = std::fs::File::create(&csv).with_context(|| format!("create {csv}"))?;
         writeln!(

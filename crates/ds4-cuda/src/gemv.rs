@@ -238,13 +238,14 @@ impl Kind {
         match self {
             Kind::F32 | Kind::F16 | Kind::Bf16 | Kind::Q8_0 => &[("", 2, 4)],
             Kind::Q2K => &[("", 4, 2)],
-            // The pipelined kernels first (their loads of the next step overlap the decode of
-            // the current one), then the chunked ones.
+            // `_pipe*`: software-pipelined (the next step's loads in flight during the decode
+            // of the current one); measured slower than the default on the H200 (20.7 / 21.0
+            // vs 19.6 µs, Flash k = 6, bench/results/h100/decode-moe-s6.md), kept selectable.
             Kind::Iq2Xxs => &[
-                ("_pipe_lb3", 4, 1),
-                ("_pipe", 4, 1),
                 ("", 4, 2),
                 ("_lb3", 4, 2),
+                ("_pipe_lb3", 4, 1),
+                ("_pipe", 4, 1),
             ],
             Kind::Q4K => &[("", 8, 1)],
         }
@@ -256,6 +257,8 @@ impl Kind {
         match self {
             Kind::F32 | Kind::F16 | Kind::Bf16 => &[("", 1, 8)],
             Kind::Q8_0 => &[("", 2, 4)],
+            // `_lb3`: the 4×1 tiles capped at 85 registers (3 resident blocks of 256 threads
+            // instead of 2): 11.6 vs 14.7 µs for the Flash Q2_K down, k = 6, on the H200.
             Kind::Q2K | Kind::Iq2Xxs => &[("_4x1_lb3", 4, 1), ("_4x1", 4, 1), ("", 4, 2)],
             Kind::Q4K => &[("", 8, 1)],
         }
