@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! cargo build --release -p ds4-cuda --features cuda --example gemv_bench
-//! gemv_bench [--csv PATH] [--commit HASH] [--sweep] [--only NAME,NAME]
+//! gemv_bench [--csv PATH] [--commit HASH] [--sweep] [--moe-sweep] [--only NAME,NAME]
 //! ```
 //!
 //! Measures first the device-to-device copy bandwidth (bytes read + written) and a pure
@@ -578,10 +578,11 @@ mod bench {
             shared_gate_up(&mut c, &mut rows, q8, 4096, 2048, n, auto)?;
         }
         // Routed experts: 6 of 256, decode and 2-token.
-        let (gsw, dsw): (Vec<u32>, Vec<(u32, u32)>) = if sweep {
+        let moe_sweep = sweep || args.iter().any(|a| a == "--moe-sweep");
+        let (gsw, dsw): (Vec<u32>, Vec<(u32, u32)>) = if moe_sweep {
             (
-                vec![0, 1],
-                [0u32, 1]
+                vec![0, 1, 2, 3],
+                [0u32, 1, 2]
                     .into_iter()
                     .flat_map(|v| [0u32, 1, 2, 3, 6].map(|s| (v, s)))
                     .collect(),
@@ -591,10 +592,13 @@ mod bench {
         };
         let iq2 = GgmlType::IQ2_XXS;
         moe(&mut c, &mut rows, iq2, GgmlType::Q2_K, 1, &gsw, &dsw)?;
-        let (g0, d0) = (&[0u32][..], &[(0u32, 0u32)][..]);
-        moe(&mut c, &mut rows, GgmlType::Q4_K, GgmlType::Q4_K, 1, g0, d0)?;
-        moe(&mut c, &mut rows, iq2, GgmlType::Q2_K, 2, g0, d0)?;
-        moe(&mut c, &mut rows, iq2, GgmlType::Q2_K, 8, g0, d0)?;
+        // `--moe-sweep` alone: only the decode (1-token) Flash MoE rows, every variant.
+        if !moe_sweep || sweep {
+            let (g0, d0) = (&[0u32][..], &[(0u32, 0u32)][..]);
+            moe(&mut c, &mut rows, GgmlType::Q4_K, GgmlType::Q4_K, 1, g0, d0)?;
+            moe(&mut c, &mut rows, iq2, GgmlType::Q2_K, 2, g0, d0)?;
+            moe(&mut c, &mut rows, iq2, GgmlType::Q2_K, 8, g0, d0)?;
+        }
 
         let mut f = std::fs::File::create(&csv).with_context(|| format!("create {csv}"))?;
         writeln!(

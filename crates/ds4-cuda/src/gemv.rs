@@ -238,7 +238,15 @@ impl Kind {
         match self {
             Kind::F32 | Kind::F16 | Kind::Bf16 | Kind::Q8_0 => &[("", 2, 4)],
             Kind::Q2K => &[("", 4, 2)],
-            Kind::Iq2Xxs => &[("", 4, 2), ("_lb3", 4, 2)],
+            // `_pipe*`: software-pipelined (the next step's loads in flight during the decode
+            // of the current one); measured slower than the default on the H200 (20.7 / 21.0
+            // vs 19.6 µs, Flash k = 6, bench/results/h100/decode-moe-s6.md), kept selectable.
+            Kind::Iq2Xxs => &[
+                ("", 4, 2),
+                ("_lb3", 4, 2),
+                ("_pipe_lb3", 4, 1),
+                ("_pipe", 4, 1),
+            ],
             Kind::Q4K => &[("", 8, 1)],
         }
     }
@@ -249,7 +257,9 @@ impl Kind {
         match self {
             Kind::F32 | Kind::F16 | Kind::Bf16 => &[("", 1, 8)],
             Kind::Q8_0 => &[("", 2, 4)],
-            Kind::Q2K | Kind::Iq2Xxs => &[("_4x1", 4, 1), ("", 4, 2)],
+            // `_lb3`: the 4×1 tiles capped at 85 registers (3 resident blocks of 256 threads
+            // instead of 2): 11.6 vs 14.7 µs for the Flash Q2_K down, k = 6, on the H200.
+            Kind::Q2K | Kind::Iq2Xxs => &[("_4x1_lb3", 4, 1), ("_4x1", 4, 1), ("", 4, 2)],
             Kind::Q4K => &[("", 8, 1)],
         }
     }
@@ -426,6 +436,27 @@ impl Default for Tuning {
             down_variant: 0,
             max_blocks_per_sm: 0,
         }
+    }
+}
+
+impl Tuning {
+    /// The defaults, with the MoE kernel variants taken from `DS4_CUDA_MOE_GU_VARIANT` and
+    /// `DS4_CUDA_MOE_DOWN_VARIANT` when set (indexes into the per-kind variant lists; for A/B
+    /// timing of whole decode steps).
+    pub fn from_env() -> Self {
+        let var = |name: &str| {
+            std::env::var(name)
+                .ok()
+                .and_then(|v| v.trim().parse::<u32>().ok())
+        };
+        let mut t = Tuning::default();
+        if let Some(v) = var("DS4_CUDA_MOE_GU_VARIANT") {
+            t.gate_up_variant = v;
+        }
+        if let Some(v) = var("DS4_CUDA_MOE_DOWN_VARIANT") {
+            t.down_variant = v;
+        }
+        t
     }
 }
 
@@ -629,7 +660,7 @@ impl Gemv {
             down,
             quant_q8_0,
             quant_q8_k,
-            tuning: Tuning::default(),
+            tuning: Tuning::from_env(),
         })
     }
 
