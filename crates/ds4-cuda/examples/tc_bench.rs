@@ -91,6 +91,18 @@ mod bench {
         }
 
         /// Median milliseconds of `f` over `reps` runs after one warm-up.
+        /// The exact path's time (median of up to 5), or with `--skip-exact` NaN after one
+        /// untimed run when `first` (its output is still compared at the first token count).
+        fn exact_ms(&self, first: bool, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+            if !self.skip_exact {
+                return self.time(self.reps.min(5), f);
+            }
+            if first {
+                f()?;
+            }
+            Ok(f64::NAN)
+        }
+
         fn time(&self, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
             f()?;
             self.stream.synchronize()?;
@@ -194,19 +206,11 @@ mod bench {
                     Ok(())
                 })?;
                 let _ = ap;
-                let q_ms = if self.skip_exact {
-                    if i == 0 {
-                        self.g
-                            .matvec_x(&self.stream, &w, &x, &mut act, n, &mut yq)?;
-                    }
-                    f64::NAN
-                } else {
-                    self.time(reps.min(5), || {
-                        self.g
-                            .matvec_x(&self.stream, &w, &x, &mut act, n, &mut yq)?;
-                        Ok(())
-                    })?
-                };
+                let q_ms = self.exact_ms(i == 0, || {
+                    self.g
+                        .matvec_x(&self.stream, &w, &x, &mut act, n, &mut yq)?;
+                    Ok(())
+                })?;
                 let rel = if i == 0 {
                     Some(self.compare(&yt, &yq)?)
                 } else {
@@ -245,35 +249,11 @@ mod bench {
                     };
                     Ok(())
                 })?;
-                let q_ms = if self.skip_exact {
-                    if i == 0 {
-                        self.g.gate_up_swiglu(
-                            &self.stream,
-                            &gate,
-                            &up,
-                            &x,
-                            &act,
-                            n,
-                            10.0,
-                            &mut mq,
-                        )?;
-                    }
-                    f64::NAN
-                } else {
-                    self.time(reps.min(5), || {
-                        self.g.gate_up_swiglu(
-                            &self.stream,
-                            &gate,
-                            &up,
-                            &x,
-                            &act,
-                            n,
-                            10.0,
-                            &mut mq,
-                        )?;
-                        Ok(())
-                    })?
-                };
+                let q_ms = self.exact_ms(i == 0, || {
+                    self.g
+                        .gate_up_swiglu(&self.stream, &gate, &up, &x, &act, n, 10.0, &mut mq)?;
+                    Ok(())
+                })?;
                 let rel = if i == 0 {
                     Some(self.compare(&mt, &mq)?)
                 } else {
