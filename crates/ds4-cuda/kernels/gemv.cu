@@ -874,108 +874,6 @@ __device__ __forceinline__ void gate_up_body(const WP& wg, const WP& wu, const A
     }
 }
 
-// Software-pipelined variant (one step per chunk, U = 1): the warp walks the flattened
-// sequence of (unit, column step) pairs and issues the loads of the next pair before it
-// decodes the current one (two register buffers), so that every warp keeps a step of loads in
-// flight while it computes instead of alternating load and compute phases. Same arithmetic in
-// the same order as gate_up_body (per unit: the steps in order, then lane_reduce).
-template <int T, int RR>
-__device__ __forceinline__ void gate_up_pipe_body(const WP& wg, const WP& wu, const AP& ap,
-                                                  const int* __restrict__ ids, const float* __restrict__ wts,
-                                                  float* __restrict__ mid, int Rm, int n_mat, int n, int k,
-                                                  float clamp) {
-    typedef Ty<T> K;
-    constexpr int L = K::LPB, NA = RR / L, PR = RR / 2;
-    const int lane = threadIdx.x & 31;
-    const Tabs tb = make_tabs(lane);
-    const int tiles = (Rm + PR - 1) / PR;
-    const int units = n * k * tiles;  // < 2^31 (checked on the host): 32-bit index math
-    const int nw = gridDim.x * (blockDim.x >> 5);
-    const int nit = (wg.C + K::COLS - 1) / K::COLS;
-    auto expert = [&](int tj) {
-        const int e = ids ? __ldg(ids + tj) : 0;
-        return (e < 0 || e >= n_mat) ? -1 : e;
-    };
-    auto load_step = [&](typename K::F (&f)[1][RR], int uu, int s) {
-        const int tj = (int)((unsigned)uu / (unsigned)tiles);
-        const int r0 = (int)((unsigned)uu % (unsigned)tiles) * PR;
-        const int e = expert(tj);
-#pragma unroll
-        for (int v = 0; v < RR; v++) {
-            const int pr = r0 + (v >> 1);
-            if (e >= 0 && pr < Rm) K::load(f[0][v], (v & 1) ? wu : wg, (i64)e * Rm + pr, s, lane);
-            else K::zero(f[0][v]);
-        }
-    };
-    double acc[1][NA];
-#pragma unroll
-    for (int a = 0; a < NA; a++) acc[0][a] = 0.0;
-    // Decode step s of unit uu from f; after the last step, write the unit's outputs.
-    auto step = [&](const typename K::F (&f)[1][RR], int uu, int s) {
-        const int tj = (int)((unsigned)uu / (unsigned)tiles);
-        const int r0 = (int)((unsigned)uu % (unsigned)tiles) * PR;
-        const int t = (int)((unsigned)tj / (unsigned)k);
-        const int e = expert(tj);
-        if (e >= 0) {
-            accum_chunk<T, RR, 1, 1>(
-                f, 1, 1, lane, tb,
-                [&](typename K::A& a, int, int) { K::act(a, ap, wg, (i64)t * wg.C, s, lane); }, acc);
-        }
-        if (s + 1 < nit) return;
-        if (e < 0) {
-            if (lane < PR && r0 + lane < Rm) mid[(i64)tj * Rm + r0 + lane] = __int_as_float(0x7fc00000);
-        } else {
-            lane_reduce<L>(acc);
-            const double wt = ids ? (double)__ldg(wts + tj) : 1.0;
-            if constexpr (L == 1) {
-                if (lane == 0) {
-#pragma unroll
-                    for (int p = 0; p < PR; p++)
-                        if (r0 + p < Rm) swiglu_out<T>(acc[0][2 * p], acc[0][2 * p + 1], clamp, wt, mid + (i64)tj * Rm + r0 + p);
-                }
-            } else {
-#pragma unroll
-                for (int a = 0; a < NA; a++) {
-                    const double other = __shfl_xor_sync(FULL_MASK, acc[0][a], 1);
-                    const int pr = r0 + (a * L + lane) / 2;
-                    if (lane < L && !(lane & 1) && pr < Rm) swiglu_out<T>(acc[0][a], other, clamp, wt, mid + (i64)tj * Rm + pr);
-                }
-            }
-        }
-#pragma unroll
-        for (int a = 0; a < NA; a++) acc[0][a] = 0.0;
-    };
-    int u = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), s = 0;
-    typename K::F fa[1][RR], fb[1][RR];
-    if (u < units) load_step(fa, u, 0);
-    if (T == T_IQ2_XXS) {
-        iq2_init(s_tab);
-        __syncthreads();
-    }
-    while (u < units) {
-        int u2 = u, s2 = s + 1;
-        if (s2 == nit) {
-            s2 = 0;
-            u2 += nw;
-        }
-        if (u2 < units) load_step(fb, u2, s2);
-        step(fa, u, s);
-        u = u2;
-        s = s2;
-        if (u >= units) break;
-        u2 = u;
-        s2 = s + 1;
-        if (s2 == nit) {
-            s2 = 0;
-            u2 += nw;
-        }
-        if (u2 < units) load_step(fa, u2, s2);
-        step(fb, u, s);
-        u = u2;
-        s = s2;
-    }
-}
-
 #define MOE_GU_ARGS                                                                           \
     const u8 *g0, const u8 *g1, const u8 *g2, const u8 *u0, const u8 *u1, const u8 *u2,      \
         const i8 *aq, const float *ad, const short *abs_, const float *x, const int *ids,     \
@@ -997,15 +895,6 @@ MOE_GU_INST(q2_k, T_Q2_K, 256, 4, 2, 1)
 MOE_GU_INST(q4_k, T_Q4_K, 256, 8, 1, 1)
 MOE_GU_INST(iq2_xxs, T_IQ2_XXS, 256, 4, 2, 1)
 MOE_GU_INST(iq2_xxs_lb3, T_IQ2_XXS, 256, 4, 2, 3)
-#define MOE_GU_PIPE_INST(name, T, BS, RR, MINB)                                               \
-    extern "C" __global__ void __launch_bounds__(256, MINB) ds4_moe_gate_up_##name(MOE_GU_ARGS) { PDL_ENTRY(); \
-        const WP wg = {g0, g1, g2, C, C / BS};                                                \
-        const WP wu = {u0, u1, u2, C, C / BS};                                                \
-        const AP a = {aq, ad, abs_, x};                                                       \
-        gate_up_pipe_body<T, RR>(wg, wu, a, ids, wts, mid, R, n_mat, n, k, clamp);            \
-    }
-MOE_GU_PIPE_INST(iq2_xxs_pipe, T_IQ2_XXS, 256, 4, 1)
-MOE_GU_PIPE_INST(iq2_xxs_pipe_lb3, T_IQ2_XXS, 256, 4, 3)
 
 // ------------------------------------------------------------------------------------------
 // Routed MoE down: out[t][r] = (float) Σ_j (double)(float)(scale · acc_j), acc_j the double

@@ -238,15 +238,7 @@ impl Kind {
         match self {
             Kind::F32 | Kind::F16 | Kind::Bf16 | Kind::Q8_0 => &[("", 2, 4)],
             Kind::Q2K => &[("", 4, 2)],
-            // `_pipe*`: software-pipelined (the next step's loads in flight during the decode
-            // of the current one); measured slower than the default on the H200 (20.7 / 21.0
-            // vs 19.6 µs, Flash k = 6, bench/results/h100/decode-moe-s6.md), kept selectable.
-            Kind::Iq2Xxs => &[
-                ("", 4, 2),
-                ("_lb3", 4, 2),
-                ("_pipe_lb3", 4, 1),
-                ("_pipe", 4, 1),
-            ],
+            Kind::Iq2Xxs => &[("", 4, 2), ("_lb3", 4, 2)],
             Kind::Q4K => &[("", 8, 1)],
         }
     }
