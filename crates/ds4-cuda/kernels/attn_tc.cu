@@ -52,6 +52,7 @@ typedef long long i64;
 #define AT_HPC 32  // heads per CTA
 #define AT_BN 32   // rows per tile
 #define AT_PSCALE 16384.0f
+#define AT_SELMAX 512  // indexer picks staged in shared memory (more: read from global memory)
 
 __device__ __forceinline__ void ldsm4t(u32* r, const void* p) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
@@ -85,6 +86,16 @@ __device__ __forceinline__ void split_h(float x, u16* hi, u16* lo) {
     *lo = f2h(x - h2f(*hi));
 }
 __device__ __forceinline__ u32 pack2(u16 lo_k, u16 hi_k) { return (u32)lo_k | ((u32)hi_k << 16); }
+// 4-byte cp.async (the indexer picks into shared memory).
+__device__ __forceinline__ void at_cp4(void* dst, const void* src) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(smem_u32(dst)), "l"(src) : "memory");
+}
+// a·b + c·d in f32 with the rounding error of c·d added back (two-product): within ~1 ulp.
+__device__ __forceinline__ float at_dot2(float a, float b, float c, float d) {
+    const float p = c * d;
+    const float e = fmaf(c, d, -p);
+    return fmaf(a, b, p) + e;
+}
 
 // As fwd.cu rope_cs / rope_pair (the exact kernel's inverse RoPE, f64).
 __device__ __forceinline__ void at_rope_cs(const double* inv_freq, int k, i64 pos, float* c, float* s) {
@@ -92,12 +103,11 @@ __device__ __forceinline__ void at_rope_cs(const double* inv_freq, int k, i64 po
     *c = (float)cos(th);
     *s = (float)sin(th);
 }
+// (f32 with two-product error terms: within ~1 ulp of the f64 form of fwd.cu's rope_pair.)
 __device__ __forceinline__ void at_rope_inv(float* x0, float* x1, float c, float s) {
-    const double cc = (double)c;
-    const double ss = -(double)s;
-    const double a = (double)*x0, b = (double)*x1;
-    *x0 = (float)(a * cc - b * ss);
-    *x1 = (float)(a * ss + b * cc);
+    const float a = *x0, b = *x1;
+    *x0 = at_dot2(a, c, b, s);
+    *x1 = at_dot2(b, c, -a, s);
 }
 
 // f32 rows → [row][hi hd | lo hd] f16. `rows` rows, or with ratio > 0 only the compressed rows
@@ -144,7 +154,8 @@ struct AtLay {
     static constexpr int RC_OFF = F_OFF + F_BYTES;
     static constexpr int QL_OFF = RC_OFF + RC_BYTES;
     static constexpr int QL_BYTES = SPLIT ? AT_HPC * CH * 16 : 0;  // Q lo: 32 heads × HD f16
-    static constexpr int TOTAL = QL_OFF + QL_BYTES;
+    static constexpr int SEL_OFF = QL_OFF + QL_BYTES;              // the token's indexer picks
+    static constexpr int TOTAL = SEL_OFF + AT_SELMAX * 4;
 };
 
 // Byte offset of chunk `ch` of row `r` in a tile of `nch` chunks per row (XOR swizzle: the 8
@@ -173,6 +184,7 @@ __device__ __forceinline__ void attn_tc_body(
     double* sF = reinterpret_cast<double*>(sC + AT_HPC);       // [32] final output factor
     float2* sRC = reinterpret_cast<float2*>(at_smem + L::RC_OFF);  // [n_rot / 2] RoPE (cos, sin)
     unsigned char* sQL = at_smem + L::QL_OFF;                  // Q lo rows (swizzled like a tile)
+    int* sSel = reinterpret_cast<int*>(at_smem + L::SEL_OFF);  // [topk] the token's picks
 
     const int tid = threadIdx.x, w = tid >> 5, lane = tid & 31;
     const int g = lane >> 2, c4 = lane & 3;
@@ -191,26 +203,31 @@ __device__ __forceinline__ void attn_tc_body(
     const int ntiles = (R + AT_BN - 1) / AT_BN;
     const int* sel = isel + (i64)t * topk;
     const int lo_slot = (int)(lo % raw_cap);  // ring slot of window row 0 (n_raw <= raw_cap)
+    // The picks are staged in shared memory (m-group 1, with tile 0's gather), so that forming
+    // a gather's source rows never waits for a global load.
+    const bool sel_smem = use_sel && topk <= AT_SELMAX;
 
     // Source row of this thread's row (li / 8; m-group 1 gathers) of tile j: ring slot s as s, compressed row c
-    // as -1 - c. Formed one tile ahead of its gather, so that the indexer pick's load is not
-    // waited for at the gather.
-    auto src_of = [&](int j) -> int {
+    // as -1 - c. Formed one tile ahead of its gather; `staged`: the picks are in sSel (true
+    // from tile 1 on).
+    auto src_of = [&](int j, bool staged) -> int {
         int r = j * AT_BN + (li >> 3);
         if (r >= R) r = 0;
         if (r < n_raw) {
             const int slot = lo_slot + r;
             return slot >= raw_cap ? slot - raw_cap : slot;
         }
-        return -1 - (use_sel ? __ldg(sel + (r - n_raw)) : r - n_raw);
+        const int c = r - n_raw;
+        return -1 - (use_sel ? (staged && sel_smem ? sSel[c] : __ldg(sel + c)) : c);
     };
-    // Gather a tile into stage st (m-group 1): thread → row li/8, chunks li%8, +8, ...
+    // Gather a tile into stage st (m-group 1): thread → row li/8, chunks li%8, +8, ... (the
+    // swizzle keeps chunk k + 8i at the row's swizzled chunk k plus 8i).
     auto issue = [&](int src_row, int st) {
         const int row = li >> 3, sub = li & 7;
-        const u16* src = src_row >= 0 ? ring16 + (i64)src_row * (2 * HD) : comp16 + (i64)(-1 - src_row) * (2 * HD);
-        unsigned char* dst = sK + st * L::K_STAGE;
+        const u16* src = (src_row >= 0 ? ring16 + (i64)src_row * (2 * HD) : comp16 + (i64)(-1 - src_row) * (2 * HD)) + sub * 8;
+        unsigned char* dst = sK + st * L::K_STAGE + at_swz(row, sub, KCH);
 #pragma unroll
-        for (int k = sub; k < KCH; k += 8) cp16(dst + at_swz(row, k, KCH), src + k * 8);
+        for (int i = 0; i < KCH / 8; i++) cp16(dst + i * 128, src + i * 64);
         cp_commit();
     };
     // The two m-groups run decoupled (ping-pong: one's softmax overlaps the other's mmas),
@@ -223,8 +240,9 @@ __device__ __forceinline__ void attn_tc_body(
     // tile j before it can arrive at its own barrier of tile j + 1.
     int src_next = 0;
     if (mg == 1) {
-        issue(src_of(0), 0);
-        src_next = src_of(1);
+        if (sel_smem)
+            for (int i = li; i < topk; i += 8 * 32) at_cp4(sSel + i, sel + i);
+        issue(src_of(0, false), 0);  // commits the picks too
     }
 
     // RoPE (cos, sin) of the token's position, one pair per thread (as fwd.cu, f64).
@@ -261,6 +279,7 @@ __device__ __forceinline__ void attn_tc_body(
         cp_wait<0>();
         bar_named(7, 8 * 32);
         bar_arrive(6, 16 * 32);
+        src_next = src_of(1, true);  // after bar 7: the picks are in sSel
     }
 
     float O[NBO][4];
@@ -284,7 +303,7 @@ __device__ __forceinline__ void attn_tc_body(
         } else if (more) {
             bar_named(5, 16 * 32);                // E_j
             issue(src_next, (j + 1) & 1);
-            src_next = src_of(j + 2);
+            src_next = src_of(j + 2, true);
         }
         const unsigned char* kt = sK + (j & 1) * L::K_STAGE;
 
@@ -421,13 +440,16 @@ __device__ __forceinline__ void attn_tc_body(
         const int hl = mg * 16 + g + 8 * half;
         const int hg = hb * AT_HPC + hl;
         if (hg >= nh) continue;
+        // f as an f32 pair (f ≈ fh + fl): o·fh + o·fl is o·f rounded once (as the f64 form was).
         const double f = sF[hl];
+        const float fh = (float)f, fl = (float)(f - (double)fh);
         float* out = heads + ((i64)t * nh + hg) * HD;
 #pragma unroll
         for (int nb = 0; nb < NBO; nb++) {
             const int d = e * DQ + nb * 8 + 2 * c4;
-            float v0 = (float)((double)O[nb][2 * half] * f);
-            float v1 = (float)((double)O[nb][2 * half + 1] * f);
+            const float o0 = O[nb][2 * half], o1 = O[nb][2 * half + 1];
+            float v0 = fmaf(o0, fh, o0 * fl);
+            float v1 = fmaf(o1, fh, o1 * fl);
             if (d >= n_nope) {
                 const float2 cs = sRC[(d - n_nope) >> 1];
                 at_rope_inv(&v0, &v1, cs.x, cs.y);
