@@ -411,10 +411,11 @@ mod bench {
             let (nh, hd, window, topk) = (64usize, 512usize, 128usize, 512usize);
             let rope = RopeParams::plain(64, 10000.0);
             // (case, ratio, indexer, pos0)
-            let cases: [(&str, usize, bool, usize); 3] = [
+            let cases: [(&str, usize, bool, usize); 4] = [
                 ("swa w128 pos0", 0, false, 0),
                 ("csa w128+top512 pos0", 4, true, 0),
                 ("csa w128+top512 pos8k", 4, true, 8192),
+                ("hca w128+all pos8k", 128, false, 8192),
             ];
             let block: Vec<f32> = (0..16 * nh * hd)
                 .map(|_| ((self.rng.next() % 20001) as f32 - 10000.0) * 1e-4 * 1.7)
@@ -468,7 +469,14 @@ mod bench {
                         pos0,
                         n,
                     };
-                    let (want, q_ms) = ops.attention_timed(&a, None, self.reps.min(3))?;
+                    // --skip-exact: the exact kernel runs untimed, at the first token count only.
+                    let (want, q_ms) = if self.skip_exact && i > 0 {
+                        (Vec::new(), f64::NAN)
+                    } else if self.skip_exact {
+                        (ops.attention_timed(&a, None, 0)?.0, f64::NAN)
+                    } else {
+                        ops.attention_timed(&a, None, self.reps.min(3))?
+                    };
                     for (route, prec) in [
                         ("attn", AttnPrecision::Split),
                         ("attn_f16", AttnPrecision::F16),

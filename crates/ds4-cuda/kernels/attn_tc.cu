@@ -147,7 +147,7 @@ struct AtLay {
     static constexpr int X_BYTES = AT_WARPS * 16 * AT_XS * 4;  // S partials: per warp 16 heads × 32 rows
     static constexpr int P_BYTES = 2 * 2 * 16 * AT_PS;         // P: per m-group hi, lo: 16 heads × 32 rows f16
     static constexpr int F_BYTES = AT_HPC * 4 + AT_HPC * 8;    // per head: correction, final factor (f64)
-    static constexpr int RC_BYTES = (HD / 2) * 8;              // RoPE (cos, sin) per pair of the token
+    static constexpr int RC_BYTES = 4 * (HD / 2) * 8;          // RoPE (cos, sin) per pair: [m-group][item parity]
     static constexpr int X_OFF = 2 * K_STAGE;
     static constexpr int P_OFF = X_OFF + X_BYTES;
     static constexpr int F_OFF = P_OFF + P_BYTES;
@@ -155,7 +155,7 @@ struct AtLay {
     static constexpr int QL_OFF = RC_OFF + RC_BYTES;
     static constexpr int QL_BYTES = SPLIT ? AT_HPC * CH * 16 : 0;  // Q lo: 32 heads × HD f16
     static constexpr int SEL_OFF = QL_OFF + QL_BYTES;              // the token's indexer picks
-    static constexpr int TOTAL = SEL_OFF + AT_SELMAX * 4;
+    static constexpr int TOTAL = SEL_OFF + 2 * AT_SELMAX * 4;
 };
 
 // Byte offset of chunk `ch` of row `r` in a tile of `nch` chunks per row (XOR swizzle: the 8
@@ -167,7 +167,7 @@ __device__ __forceinline__ void attn_tc_body(
     const float* __restrict__ q, const u16* __restrict__ ring16, int raw_cap, int window,
     const u16* __restrict__ comp16, int ratio, int has_indexer, const int* __restrict__ isel, int topk,
     const float* __restrict__ sinks, float scale, int nh, int n_rot, const double* __restrict__ inv_freq,
-    const int* __restrict__ pos0p, float* __restrict__ heads) {
+    const int* __restrict__ pos0p, float* __restrict__ heads, int n_tok) {
     typedef AtLay<HD, SPLIT> L;
     constexpr int CH = L::CH;
     constexpr int KCH = L::KCH;
@@ -182,9 +182,9 @@ __device__ __forceinline__ void attn_tc_body(
     unsigned char* sP = at_smem + L::P_OFF;
     float* sC = reinterpret_cast<float*>(at_smem + L::F_OFF);  // [32] per-tile correction
     double* sF = reinterpret_cast<double*>(sC + AT_HPC);       // [32] final output factor
-    float2* sRC = reinterpret_cast<float2*>(at_smem + L::RC_OFF);  // [n_rot / 2] RoPE (cos, sin)
+    float2* sRC = reinterpret_cast<float2*>(at_smem + L::RC_OFF);  // [m-group][item parity][HD / 2]
     unsigned char* sQL = at_smem + L::QL_OFF;                  // Q lo rows (swizzled like a tile)
-    int* sSel = reinterpret_cast<int*>(at_smem + L::SEL_OFF);  // [topk] the token's picks
+    int* sSel = reinterpret_cast<int*>(at_smem + L::SEL_OFF);  // [item parity][AT_SELMAX] picks
 
     const int tid = threadIdx.x, w = tid >> 5, lane = tid & 31;
     const int g = lane >> 2, c4 = lane & 3;
@@ -192,33 +192,54 @@ __device__ __forceinline__ void attn_tc_body(
     // 12-15 m-group 1, so that every scheduler holds two warps of each.
     const int mg = (w >> 2) & 1, e = (w & 3) | ((w >> 3) << 2);
     const int li = e * 32 + lane;  // index of the thread within its m-group
-    const int hb = blockIdx.x, t = blockIdx.y;
-    const i64 p = (i64)*pos0p + t;
-    const i64 n_raw = (p + 1) < (i64)window ? (p + 1) : (i64)window;
-    const i64 lo = p + 1 - n_raw;
-    const i64 nv = ratio ? (p + 1) / ratio : 0;
-    const bool use_sel = has_indexer && nv > topk;
-    const i64 n_c = use_sel ? (i64)topk : nv;
-    const int R = (int)(n_raw + n_c);
-    const int ntiles = (R + AT_BN - 1) / AT_BN;
-    const int* sel = isel + (i64)t * topk;
-    const int lo_slot = (int)(lo % raw_cap);  // ring slot of window row 0 (n_raw <= raw_cap)
-    // The picks are staged in shared memory (m-group 1, with tile 0's gather), so that forming
-    // a gather's source rows never waits for a global load.
-    const bool sel_smem = use_sel && topk <= AT_SELMAX;
+    const int nhb = (nh + AT_HPC - 1) / AT_HPC;
+    const int n_items = nhb * n_tok;  // item = token * nhb + head block
+    const i64 pos0 = (i64)*pos0p;
 
-    // Source row of this thread's row (li / 8; m-group 1 gathers) of tile j: ring slot s as s, compressed row c
-    // as -1 - c. Formed one tile ahead of its gather; `staged`: the picks are in sSel (true
-    // from tile 1 on).
-    auto src_of = [&](int j, bool staged) -> int {
+    // One (token, head block) item: its rows are the raw window (ring slots from lo_slot) then
+    // the compressed rows (all visible ones, or the indexer's picks).
+    struct Item {
+        int t, hb, n_raw, lo_slot, R, ntiles;
+        bool use_sel;
+    };
+    // (32-bit unsigned arithmetic: positions are below 2^32.)
+    auto item_of = [&](int it) -> Item {
+        Item I;
+        I.t = it / nhb;
+        I.hb = it - I.t * nhb;
+        const u32 p1 = (u32)(pos0 + I.t) + 1u;  // p + 1
+        const u32 n_raw = p1 < (u32)window ? p1 : (u32)window;
+        const u32 nv = ratio ? p1 / (u32)ratio : 0u;
+        I.use_sel = has_indexer && nv > (u32)topk;
+        const u32 n_c = I.use_sel ? (u32)topk : nv;
+        I.n_raw = (int)n_raw;
+        I.lo_slot = (int)((p1 - n_raw) % (u32)raw_cap);  // ring slot of window row 0 (n_raw <= raw_cap)
+        I.R = (int)(n_raw + n_c);
+        I.ntiles = (I.R + AT_BN - 1) / AT_BN;
+        return I;
+    };
+    // Source row of this thread's row (li / 8; m-group 1 gathers) of tile j of item I: ring slot
+    // s as s, compressed row c as -1 - c. Formed one tile ahead of its gather; `buf` >= 0: I's
+    // picks are staged in sSel buffer `buf` (from tile 2 of the item on), else they are read
+    // from global memory.
+    auto src_of = [&](const Item& I, int j, int buf) -> int {
         int r = j * AT_BN + (li >> 3);
-        if (r >= R) r = 0;
-        if (r < n_raw) {
-            const int slot = lo_slot + r;
+        if (r >= I.R) r = 0;
+        if (r < I.n_raw) {
+            const int slot = I.lo_slot + r;
             return slot >= raw_cap ? slot - raw_cap : slot;
         }
-        const int c = r - n_raw;
-        return -1 - (use_sel ? (staged && sel_smem ? sSel[c] : __ldg(sel + c)) : c);
+        const int c = r - I.n_raw;
+        if (!I.use_sel) return -1 - c;
+        return -1 - (buf >= 0 ? sSel[buf * AT_SELMAX + c] : __ldg(isel + (i64)I.t * topk + c));
+    };
+    // Stage the picks of token t into sSel buffer `buf` (m-group 1; committed with the gather
+    // that follows).
+    auto stage_sel = [&](int t, int buf) {
+        if (topk <= AT_SELMAX) {
+            const int* sel = isel + (i64)t * topk;
+            for (int i = li; i < topk; i += 8 * 32) at_cp4(sSel + buf * AT_SELMAX + i, sel + i);
+        }
     };
     // Gather a tile into stage st (m-group 1): thread → row li/8, chunks li%8, +8, ... (the
     // swizzle keeps chunk k + 8i at the row's swizzled chunk k plus 8i).
@@ -230,232 +251,292 @@ __device__ __forceinline__ void attn_tc_body(
         for (int i = 0; i < KCH / 8; i++) cp16(dst + i * 128, src + i * 64);
         cp_commit();
     };
+
+    // Persistent CTAs: the CTA runs items blockIdx.x, + gridDim.x, ... (the grid is at most one
+    // CTA per SM) and their tiles as one stream: gt counts the CTA's tiles, the ring stage of
+    // tile gt is gt & 1, and m-group 1 gathers the tile after the current one also when it is
+    // the next item's first (an item's first tile is not waited for; the epilogue of one item
+    // overlaps the other m-group's work).
+    //
     // The two m-groups run decoupled (ping-pong: one's softmax overlaps the other's mmas),
     // synchronised through named barriers on the 2-stage ring; m-group 1 gathers:
-    //   F_j (id 6): tile j landed — m-group 1 arrives (after its own wait + barrier G, id 7),
-    //               m-group 0 waits at the top of tile j;
-    //   E_j (id 5): m-group 0 is done with tile j - 1 — it arrives after F_j, m-group 1 waits
-    //               before gathering tile j + 1 into that stage.
+    //   F_gt (id 6): tile gt landed — m-group 1 arrives (after its own wait + barrier G, id 7),
+    //                m-group 0 waits at the top of tile gt;
+    //   E_gt (id 5): m-group 0 is done with tile gt - 1 — it arrives after F_gt, m-group 1
+    //                waits before gathering tile gt + 1 into that stage.
     // Arrivals of one phase cannot mix with the next: each side passes the other's barrier of
-    // tile j before it can arrive at its own barrier of tile j + 1.
-    int src_next = 0;
+    // tile gt before it can arrive at its own barrier of tile gt + 1. Both m-groups agree on
+    // whether a tile follows (`more`). Per m-group state (Q lo rows, RoPE table, sF, sC, P) is
+    // ordered by the m-group's own barriers (ids 1 + mg, 3 + mg); the RoPE table and the picks
+    // are double-buffered by item parity.
+    int item = blockIdx.x;
+    if (item >= n_items) return;
+    Item cur = item_of(item);
+    // Producer (m-group 1): nx_* = the next tile to gather (source row; whether it is an
+    // item's first tile, and then that item's token and sSel buffer); pc* = the tile after it.
+    int nx_src = 0, nx_first = 0, nx_t = 0, nx_buf = 0;
+    bool nx_sel = false;
+    Item pc = cur;
+    int pc_it = item, pc_j = 1, pc_k = 0;
+    auto pc_take = [&]() {  // nx ← pc, then pc → the following tile of the stream
+        if (pc_j >= pc.ntiles) {
+            pc_it += gridDim.x;
+            pc_j = 0;
+            pc_k++;
+            if (pc_it < n_items) pc = item_of(pc_it);
+        }
+        if (pc_it < n_items) {
+            nx_src = src_of(pc, pc_j, (pc_j >= 2 && topk <= AT_SELMAX) ? (pc_k & 1) : -1);
+            nx_first = pc_j == 0;
+            nx_t = pc.t;
+            nx_sel = pc.use_sel;
+            nx_buf = pc_k & 1;
+        }
+        pc_j++;
+    };
     if (mg == 1) {
-        if (sel_smem)
-            for (int i = li; i < topk; i += 8 * 32) at_cp4(sSel + i, sel + i);
-        issue(src_of(0, false), 0);  // commits the picks too
+        if (cur.use_sel) stage_sel(cur.t, 0);
+        issue(src_of(cur, 0, -1), 0);  // commits the picks too
     }
 
-    // RoPE (cos, sin) of the token's position, one pair per thread (as fwd.cu, f64).
-    if (tid < n_rot / 2) {
-        float c, sn;
-        at_rope_cs(inv_freq, tid, p, &c, &sn);
-        sRC[tid] = make_float2(c, sn);
-    }
-
-    // Q (f32) → this warp's A fragments (heads 16·mg + g, +8; dims of its eighth): hi in
-    // registers for the whole kernel, lo in shared memory (read back with ldmatrix by the same
-    // warp); heads past nh are zero.
-    u32 qh[KS][4];
-#pragma unroll
-    for (int ks = 0; ks < KS; ks++) {
-#pragma unroll
-        for (int r = 0; r < 4; r++) {
-            const int hg = hb * AT_HPC + mg * 16 + g + 8 * (r & 1);
-            const int d = e * DQ + ks * 16 + 8 * (r >> 1) + 2 * c4;
-            float2 v = make_float2(0.f, 0.f);
-            if (hg < nh) v = *reinterpret_cast<const float2*>(q + ((i64)t * nh + hg) * HD + d);
-            u16 h0, h1, l0, l1;
-            split_h(v.x, &h0, &l0);
-            split_h(v.y, &h1, &l1);
-            qh[ks][r] = pack2(h0, h1);
-            if (SPLIT) {
-                const int hl = mg * 16 + g + 8 * (r & 1);
-                *reinterpret_cast<u32*>(sQL + at_swz(hl, d >> 3, CH) + (d & 7) * 2) = pack2(l0, l1);
-            }
+    int gt = 0;  // the CTA's tile counter
+    for (int kit = 0;; kit++) {  // kit: the CTA's item count
+        const int t = cur.t, hb = cur.hb;
+        const i64 p = pos0 + t;
+        float2* rc = sRC + (mg * 2 + (kit & 1)) * (HD / 2);
+        // RoPE (cos, sin) of the token's position, one pair per thread of the m-group (as
+        // fwd.cu, f64).
+        for (int i = li; i < n_rot / 2; i += 8 * 32) {
+            float c, sn;
+            at_rope_cs(inv_freq, i, p, &c, &sn);
+            rc[i] = make_float2(c, sn);
         }
-    }
-    __syncwarp();
-    if (mg == 1) {  // publish tile 0 (F_0)
-        cp_wait<0>();
-        bar_named(7, 8 * 32);
-        bar_arrive(6, 16 * 32);
-        src_next = src_of(1, true);  // after bar 7: the picks are in sSel
-    }
 
-    float O[NBO][4];
-#pragma unroll
-    for (int i = 0; i < NBO; i++) O[i][0] = O[i][1] = O[i][2] = O[i][3] = 0.f;
-    // Softmax state of the head this lane owns (m-group head 2e + lane/16, rows 2·(lane%16), +1
-    // of each tile): running max, running partial sum (summed over the 16 lanes at the end).
-    const int hown = 2 * e + (lane >> 4);
-    const int rown = 2 * (lane & 15);
-    float m_run = -INFINITY, l_run = 0.f;
-    float* xw = sX + w * (16 * AT_XS);
-    auto wid = [&](int k) { return (k & 3) + 4 * mg + 8 * (k >> 2); };  // warp of eighth k
-    unsigned char* pH = sP + mg * (2 * 16 * AT_PS);
-    unsigned char* pL = pH + 16 * AT_PS;
-
-    for (int j = 0; j < ntiles; j++) {
-        const bool more = j + 1 < ntiles;
-        if (mg == 0) {
-            bar_named(6, 16 * 32);                // F_j
-            if (more) bar_arrive(5, 16 * 32);     // E_j
-        } else if (more) {
-            bar_named(5, 16 * 32);                // E_j
-            issue(src_next, (j + 1) & 1);
-            src_next = src_of(j + 2, true);
-        }
-        const unsigned char* kt = sK + (j & 1) * L::K_STAGE;
-
-        // Partial S over this warp's eighth of the dims.
-        float S[NBS][4];
-#pragma unroll
-        for (int i = 0; i < NBS; i++) S[i][0] = S[i][1] = S[i][2] = S[i][3] = 0.f;
-#pragma unroll
-        for (int ks = 0; ks < KS; ks++) {
-            const int kc = (e * DQ + ks * 16) >> 3;
-            u32 ql[4];
-            if (SPLIT) {
-                const int ar = mg * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
-                ldsm4(ql, sQL + at_swz(ar, kc + (lane >> 4), CH));
-            }
-#pragma unroll
-            for (int np = 0; np < NBS / 2; np++) {
-                const int br = np * 16 + (lane & 7) + (lane >> 4) * 8;
-                const int bc = kc + ((lane >> 3) & 1);
-                u32 bh[4];
-                ldsm4(bh, kt + at_swz(br, bc, KCH));
-                mma16(S[2 * np], qh[ks], bh[0], bh[1]);
-                mma16(S[2 * np + 1], qh[ks], bh[2], bh[3]);
-                if (SPLIT) {
-                    u32 bl[4];
-                    ldsm4(bl, kt + at_swz(br, bc + CH, KCH));
-                    mma16(S[2 * np], qh[ks], bl[0], bl[1]);
-                    mma16(S[2 * np + 1], qh[ks], bl[2], bl[3]);
-                    mma16(S[2 * np], ql, bh[0], bh[1]);
-                    mma16(S[2 * np + 1], ql, bh[2], bh[3]);
+        // L2 prefetch of the next item's Q rows (128-byte lines), so that its load at the next
+        // item's start hits L2.
+        if (item + (int)gridDim.x < n_items) {
+            const int nit = item + (int)gridDim.x;
+            const int nt = nit / nhb, nhb0 = (nit - nt * nhb) * AT_HPC;
+            constexpr int LPH = HD / 32;  // lines per head
+            for (int i = tid; i < AT_HPC * LPH; i += AT_THREADS) {
+                const int h = nhb0 + i / LPH;
+                if (h < nh) {
+                    const float* a = q + ((i64)nt * nh + h) * HD + (i % LPH) * 32;
+                    asm volatile("prefetch.global.L2 [%0];\n" ::"l"(a));
                 }
             }
         }
-        // Partials → sX as [head][row]; the 8 warps of the m-group then each sum (fixed order)
-        // and soft-max the 2 heads × 32 rows they own.
-#pragma unroll
-        for (int nb = 0; nb < NBS; nb++) {
-            *reinterpret_cast<float2*>(xw + g * AT_XS + nb * 8 + 2 * c4) = make_float2(S[nb][0], S[nb][1]);
-            *reinterpret_cast<float2*>(xw + (g + 8) * AT_XS + nb * 8 + 2 * c4) = make_float2(S[nb][2], S[nb][3]);
-        }
-        bar_named(1 + mg, 8 * 32);  // the 8 warps of the m-group
-        float2 xs[8];
-#pragma unroll
-        for (int k = 0; k < 8; k++)
-            xs[k] = *reinterpret_cast<const float2*>(sX + wid(k) * (16 * AT_XS) + hown * AT_XS + rown);
-        float s0 = ((xs[0].x + xs[1].x) + (xs[2].x + xs[3].x)) + ((xs[4].x + xs[5].x) + (xs[6].x + xs[7].x));
-        float s1 = ((xs[0].y + xs[1].y) + (xs[2].y + xs[3].y)) + ((xs[4].y + xs[5].y) + (xs[6].y + xs[7].y));
 
-        // Online softmax (f32) of the owned head.
-        const int rb = j * AT_BN;
-        s0 = rb + rown < R ? s0 * scale : -INFINITY;
-        s1 = rb + rown + 1 < R ? s1 * scale : -INFINITY;
-        float tm = fmaxf(s0, s1);
-        tm = fmaxf(tm, __shfl_xor_sync(0xffffffffu, tm, 1));
-        tm = fmaxf(tm, __shfl_xor_sync(0xffffffffu, tm, 2));
-        tm = fmaxf(tm, __shfl_xor_sync(0xffffffffu, tm, 4));
-        tm = fmaxf(tm, __shfl_xor_sync(0xffffffffu, tm, 8));
-        const float nm = fmaxf(m_run, tm);  // finite: row rb < R is valid
-        const float cf = expf(m_run - nm);
-        m_run = nm;
-        const float p0 = expf(s0 - nm), p1 = expf(s1 - nm);
-        l_run = l_run * cf + (p0 + p1);
-        {
-            u16 h0, h1, q0, q1;
-            split_h(p0 * AT_PSCALE, &h0, &q0);
-            split_h(p1 * AT_PSCALE, &h1, &q1);
-            *reinterpret_cast<u32*>(pH + hown * AT_PS + rown * 2) = pack2(h0, h1);
-            if (SPLIT) *reinterpret_cast<u32*>(pL + hown * AT_PS + rown * 2) = pack2(q0, q1);
+        // Q (f32) → this warp's A fragments (heads 16·mg + g, +8; dims of its eighth): hi in
+        // registers for the item, lo in shared memory (read back with ldmatrix by the same
+        // warp only); heads past nh are zero.
+        u32 qh[KS][4];
+#pragma unroll
+        for (int ks = 0; ks < KS; ks++) {
+#pragma unroll
+            for (int r = 0; r < 4; r++) {
+                const int hg = hb * AT_HPC + mg * 16 + g + 8 * (r & 1);
+                const int d = e * DQ + ks * 16 + 8 * (r >> 1) + 2 * c4;
+                float2 v = make_float2(0.f, 0.f);
+                if (hg < nh) v = *reinterpret_cast<const float2*>(q + ((i64)t * nh + hg) * HD + d);
+                u16 h0, h1, l0, l1;
+                split_h(v.x, &h0, &l0);
+                split_h(v.y, &h1, &l1);
+                qh[ks][r] = pack2(h0, h1);
+                if (SPLIT) {
+                    const int hl = mg * 16 + g + 8 * (r & 1);
+                    *reinterpret_cast<u32*>(sQL + at_swz(hl, d >> 3, CH) + (d & 7) * 2) = pack2(l0, l1);
+                }
+            }
         }
-        if ((lane & 15) == 0) sC[mg * 16 + hown] = cf;
-        bar_named(3 + mg, 8 * 32);
-        if (mg == 1 && more) {  // publish tile j + 1 (F_{j+1})
+        __syncwarp();
+        if (kit == 0 && mg == 1) {  // publish tile 0 (F_0)
             cp_wait<0>();
             bar_named(7, 8 * 32);
             bar_arrive(6, 16 * 32);
+            pc_take();
         }
 
-        // O = O·c + P·V over this warp's eighth of the dims.
-        const float c0 = sC[mg * 16 + g], c1 = sC[mg * 16 + g + 8];
+        float O[NBO][4];
 #pragma unroll
-        for (int i = 0; i < NBO; i++) {
-            O[i][0] *= c0;
-            O[i][1] *= c0;
-            O[i][2] *= c1;
-            O[i][3] *= c1;
-        }
+        for (int i = 0; i < NBO; i++) O[i][0] = O[i][1] = O[i][2] = O[i][3] = 0.f;
+        // Softmax state of the head this lane owns (m-group head 2e + lane/16, rows 2·(lane%16), +1
+        // of each tile): running max, running partial sum (summed over the 16 lanes at the end).
+        const int hown = 2 * e + (lane >> 4);
+        const int rown = 2 * (lane & 15);
+        float m_run = -INFINITY, l_run = 0.f;
+        float* xw = sX + w * (16 * AT_XS);
+        auto wid = [&](int kk) { return (kk & 3) + 4 * mg + 8 * (kk >> 2); };  // warp of eighth kk
+        unsigned char* pH = sP + mg * (2 * 16 * AT_PS);
+        unsigned char* pL = pH + 16 * AT_PS;
+        const bool next_item = item + (int)gridDim.x < n_items;
+
+        for (int j = 0; j < cur.ntiles; j++, gt++) {
+            const bool more = j + 1 < cur.ntiles || next_item;
+            if (mg == 0) {
+                bar_named(6, 16 * 32);                // F_gt
+                if (more) bar_arrive(5, 16 * 32);     // E_gt
+            } else if (more) {
+                bar_named(5, 16 * 32);                // E_gt
+                if (nx_first && nx_sel) stage_sel(nx_t, nx_buf);
+                issue(nx_src, (gt + 1) & 1);
+                pc_take();
+            }
+            const unsigned char* kt = sK + (gt & 1) * L::K_STAGE;
+
+            // Partial S over this warp's eighth of the dims.
+            float S[NBS][4];
 #pragma unroll
-        for (int kk = 0; kk < AT_BN / 16; kk++) {
-            const int pr = (lane & 7) + ((lane >> 3) & 1) * 8;
-            const int pc = (kk * 16 + (lane >> 4) * 8) * 2;
-            u32 ph[4], pl[4];
-            ldsm4(ph, pH + pr * AT_PS + pc);
-            if (SPLIT) ldsm4(pl, pL + pr * AT_PS + pc);
-            const int vr = kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
+            for (int i = 0; i < NBS; i++) S[i][0] = S[i][1] = S[i][2] = S[i][3] = 0.f;
 #pragma unroll
-            for (int nbp = 0; nbp < NBO / 2; nbp++) {
-                const int vc = ((e * DQ) >> 3) + 2 * nbp + (lane >> 4);
-                u32 vh[4];
-                ldsm4t(vh, kt + at_swz(vr, vc, KCH));
-                mma16(O[2 * nbp], ph, vh[0], vh[1]);
-                mma16(O[2 * nbp + 1], ph, vh[2], vh[3]);
+            for (int ks = 0; ks < KS; ks++) {
+                const int kc = (e * DQ + ks * 16) >> 3;
+                u32 ql[4];
                 if (SPLIT) {
-                    u32 vl[4];
-                    ldsm4t(vl, kt + at_swz(vr, vc + CH, KCH));
-                    mma16(O[2 * nbp], ph, vl[0], vl[1]);
-                    mma16(O[2 * nbp + 1], ph, vl[2], vl[3]);
-                    mma16(O[2 * nbp], pl, vh[0], vh[1]);
-                    mma16(O[2 * nbp + 1], pl, vh[2], vh[3]);
+                    const int ar = mg * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
+                    ldsm4(ql, sQL + at_swz(ar, kc + (lane >> 4), CH));
+                }
+#pragma unroll
+                for (int np = 0; np < NBS / 2; np++) {
+                    const int br = np * 16 + (lane & 7) + (lane >> 4) * 8;
+                    const int bc = kc + ((lane >> 3) & 1);
+                    u32 bh[4];
+                    ldsm4(bh, kt + at_swz(br, bc, KCH));
+                    mma16(S[2 * np], qh[ks], bh[0], bh[1]);
+                    mma16(S[2 * np + 1], qh[ks], bh[2], bh[3]);
+                    if (SPLIT) {
+                        u32 bl[4];
+                        ldsm4(bl, kt + at_swz(br, bc + CH, KCH));
+                        mma16(S[2 * np], qh[ks], bl[0], bl[1]);
+                        mma16(S[2 * np + 1], qh[ks], bl[2], bl[3]);
+                        mma16(S[2 * np], ql, bh[0], bh[1]);
+                        mma16(S[2 * np + 1], ql, bh[2], bh[3]);
+                    }
+                }
+            }
+            // Partials → sX as [head][row]; the 8 warps of the m-group then each sum (fixed order)
+            // and soft-max the 2 heads × 32 rows they own.
+#pragma unroll
+            for (int nb = 0; nb < NBS; nb++) {
+                *reinterpret_cast<float2*>(xw + g * AT_XS + nb * 8 + 2 * c4) = make_float2(S[nb][0], S[nb][1]);
+                *reinterpret_cast<float2*>(xw + (g + 8) * AT_XS + nb * 8 + 2 * c4) = make_float2(S[nb][2], S[nb][3]);
+            }
+            bar_named(1 + mg, 8 * 32);  // the 8 warps of the m-group
+            float2 xs[8];
+#pragma unroll
+            for (int k = 0; k < 8; k++)
+                xs[k] = *reinterpret_cast<const float2*>(sX + wid(k) * (16 * AT_XS) + hown * AT_XS + rown);
+            float s0 = ((xs[0].x + xs[1].x) + (xs[2].x + xs[3].x)) + ((xs[4].x + xs[5].x) + (xs[6].x + xs[7].x));
+            float s1 = ((xs[0].y + xs[1].y) + (xs[2].y + xs[3].y)) + ((xs[4].y + xs[5].y) + (xs[6].y + xs[7].y));
+
+            // Online softmax (f32) of the owned head.
+            const int rb = j * AT_BN;
+            s0 = rb + rown < cur.R ? s0 * scale : -INFINITY;
+            s1 = rb + rown + 1 < cur.R ? s1 * scale : -INFINITY;
+            float tm = fmaxf(s0, s1);
+            tm = fmaxf(tm, __shfl_xor_sync(0xffffffffu, tm, 1));
+            tm = fmaxf(tm, __shfl_xor_sync(0xffffffffu, tm, 2));
+            tm = fmaxf(tm, __shfl_xor_sync(0xffffffffu, tm, 4));
+            tm = fmaxf(tm, __shfl_xor_sync(0xffffffffu, tm, 8));
+            const float nm = fmaxf(m_run, tm);  // finite: row rb < R is valid
+            const float cf = expf(m_run - nm);
+            m_run = nm;
+            const float p0 = expf(s0 - nm), p1 = expf(s1 - nm);
+            l_run = l_run * cf + (p0 + p1);
+            {
+                u16 h0, h1, q0, q1;
+                split_h(p0 * AT_PSCALE, &h0, &q0);
+                split_h(p1 * AT_PSCALE, &h1, &q1);
+                *reinterpret_cast<u32*>(pH + hown * AT_PS + rown * 2) = pack2(h0, h1);
+                if (SPLIT) *reinterpret_cast<u32*>(pL + hown * AT_PS + rown * 2) = pack2(q0, q1);
+            }
+            if ((lane & 15) == 0) sC[mg * 16 + hown] = cf;
+            bar_named(3 + mg, 8 * 32);
+            if (mg == 1 && more) {  // publish the next tile (F_{gt+1})
+                cp_wait<0>();
+                bar_named(7, 8 * 32);
+                bar_arrive(6, 16 * 32);
+            }
+
+            // O = O·c + P·V over this warp's eighth of the dims.
+            const float c0 = sC[mg * 16 + g], c1 = sC[mg * 16 + g + 8];
+#pragma unroll
+            for (int i = 0; i < NBO; i++) {
+                O[i][0] *= c0;
+                O[i][1] *= c0;
+                O[i][2] *= c1;
+                O[i][3] *= c1;
+            }
+#pragma unroll
+            for (int kk = 0; kk < AT_BN / 16; kk++) {
+                const int pr = (lane & 7) + ((lane >> 3) & 1) * 8;
+                const int pc = (kk * 16 + (lane >> 4) * 8) * 2;
+                u32 ph[4], pl[4];
+                ldsm4(ph, pH + pr * AT_PS + pc);
+                if (SPLIT) ldsm4(pl, pL + pr * AT_PS + pc);
+                const int vr = kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
+#pragma unroll
+                for (int nbp = 0; nbp < NBO / 2; nbp++) {
+                    const int vc = ((e * DQ) >> 3) + 2 * nbp + (lane >> 4);
+                    u32 vh[4];
+                    ldsm4t(vh, kt + at_swz(vr, vc, KCH));
+                    mma16(O[2 * nbp], ph, vh[0], vh[1]);
+                    mma16(O[2 * nbp + 1], ph, vh[2], vh[3]);
+                    if (SPLIT) {
+                        u32 vl[4];
+                        ldsm4t(vl, kt + at_swz(vr, vc + CH, KCH));
+                        mma16(O[2 * nbp], ph, vl[0], vl[1]);
+                        mma16(O[2 * nbp + 1], ph, vl[2], vl[3]);
+                        mma16(O[2 * nbp], pl, vh[0], vh[1]);
+                        mma16(O[2 * nbp + 1], pl, vh[2], vh[3]);
+                    }
                 }
             }
         }
-    }
 
-    // Finish: the owned heads' sums over their 16 lanes, then per (head, dims): the sink,
-    // inverse RoPE on the tail, f32 out.
-    l_run += __shfl_xor_sync(0xffffffffu, l_run, 1);
-    l_run += __shfl_xor_sync(0xffffffffu, l_run, 2);
-    l_run += __shfl_xor_sync(0xffffffffu, l_run, 4);
-    l_run += __shfl_xor_sync(0xffffffffu, l_run, 8);
-    {
-        const int hg = hb * AT_HPC + mg * 16 + hown;
-        if ((lane & 15) == 0 && hg < nh) {
-            const double m = (double)m_run, l = (double)l_run;
-            const double sk = (double)sinks[hg];
-            const double M = fmax(sk, m);
-            const double corr = exp(m - M);
-            sF[mg * 16 + hown] = corr / (exp(sk - M) + l * corr) / (double)AT_PSCALE;
-        }
-    }
-    __syncthreads();
-    const int n_nope = HD - n_rot;
-#pragma unroll
-    for (int half = 0; half < 2; half++) {
-        const int hl = mg * 16 + g + 8 * half;
-        const int hg = hb * AT_HPC + hl;
-        if (hg >= nh) continue;
-        // f as an f32 pair (f ≈ fh + fl): o·fh + o·fl is o·f rounded once (as the f64 form was).
-        const double f = sF[hl];
-        const float fh = (float)f, fl = (float)(f - (double)fh);
-        float* out = heads + ((i64)t * nh + hg) * HD;
-#pragma unroll
-        for (int nb = 0; nb < NBO; nb++) {
-            const int d = e * DQ + nb * 8 + 2 * c4;
-            const float o0 = O[nb][2 * half], o1 = O[nb][2 * half + 1];
-            float v0 = fmaf(o0, fh, o0 * fl);
-            float v1 = fmaf(o1, fh, o1 * fl);
-            if (d >= n_nope) {
-                const float2 cs = sRC[(d - n_nope) >> 1];
-                at_rope_inv(&v0, &v1, cs.x, cs.y);
+        // Finish: the owned heads' sums over their 16 lanes, then per (head, dims): the sink,
+        // inverse RoPE on the tail, f32 out (per m-group: the other one may be a tile ahead).
+        l_run += __shfl_xor_sync(0xffffffffu, l_run, 1);
+        l_run += __shfl_xor_sync(0xffffffffu, l_run, 2);
+        l_run += __shfl_xor_sync(0xffffffffu, l_run, 4);
+        l_run += __shfl_xor_sync(0xffffffffu, l_run, 8);
+        {
+            const int hg = hb * AT_HPC + mg * 16 + hown;
+            if ((lane & 15) == 0 && hg < nh) {
+                const double m = (double)m_run, l = (double)l_run;
+                const double sk = (double)sinks[hg];
+                const double M = fmax(sk, m);
+                const double corr = exp(m - M);
+                sF[mg * 16 + hown] = corr / (exp(sk - M) + l * corr) / (double)AT_PSCALE;
             }
-            *reinterpret_cast<float2*>(out + d) = make_float2(v0, v1);
         }
+        bar_named(1 + mg, 8 * 32);  // sF and the RoPE table of the m-group
+        const int n_nope = HD - n_rot;
+#pragma unroll
+        for (int half = 0; half < 2; half++) {
+            const int hl = mg * 16 + g + 8 * half;
+            const int hg = hb * AT_HPC + hl;
+            if (hg >= nh) continue;
+            // f as an f32 pair (f ≈ fh + fl): o·fh + o·fl is o·f rounded once (as the f64 form was).
+            const double f = sF[hl];
+            const float fh = (float)f, fl = (float)(f - (double)fh);
+            float* out = heads + ((i64)t * nh + hg) * HD;
+#pragma unroll
+            for (int nb = 0; nb < NBO; nb++) {
+                const int d = e * DQ + nb * 8 + 2 * c4;
+                const float o0 = O[nb][2 * half], o1 = O[nb][2 * half + 1];
+                float v0 = fmaf(o0, fh, o0 * fl);
+                float v1 = fmaf(o1, fh, o1 * fl);
+                if (d >= n_nope) {
+                    const float2 cs = rc[(d - n_nope) >> 1];
+                    at_rope_inv(&v0, &v1, cs.x, cs.y);
+                }
+                *reinterpret_cast<float2*>(out + d) = make_float2(v0, v1);
+            }
+        }
+        if (!next_item) break;
+        item += gridDim.x;
+        cur = item_of(item);
     }
 }
 
@@ -463,8 +544,8 @@ __device__ __forceinline__ void attn_tc_body(
     const float *__restrict__ q, const u16 *__restrict__ ring16, int raw_cap, int window,          \
         const u16 *__restrict__ comp16, int ratio, int has_indexer, const int *__restrict__ isel,  \
         int topk, const float *__restrict__ sinks, float scale, int nh, int n_rot,                 \
-        const double *__restrict__ inv_freq, const int *__restrict__ pos0p, float *__restrict__ heads
-#define AT_PASS q, ring16, raw_cap, window, comp16, ratio, has_indexer, isel, topk, sinks, scale, nh, n_rot, inv_freq, pos0p, heads
+        const double *__restrict__ inv_freq, const int *__restrict__ pos0p, float *__restrict__ heads, int n_tok
+#define AT_PASS q, ring16, raw_cap, window, comp16, ratio, has_indexer, isel, topk, sinks, scale, nh, n_rot, inv_freq, pos0p, heads, n_tok
 
 #define AT_KERNEL(hd, split, name)                                                                 \
     extern "C" __global__ void __launch_bounds__(AT_THREADS, 1) name(AT_ARGS) { PDL_ENTRY();                  \

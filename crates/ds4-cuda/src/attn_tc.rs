@@ -21,8 +21,10 @@
 //!
 //! The rows live in the KV state as f32; [`AttnTc::attention`] first rewrites the ring (every
 //! slot) and the compressed rows visible to the chunk as `[row][hi | lo]` f16 into the route's
-//! scratch (`ds4_attn_tc_prep`), then runs one CTA of 16 warps per (token, 32 heads). Decode (and chunks
-//! shorter than the route minimum) keep the exact kernel.
+//! scratch (`ds4_attn_tc_prep`), then runs persistent CTAs of 16 warps (one per SM), each over
+//! (token, 32 heads) items `blockIdx.x`, `+ gridDim.x`, … with their row tiles as one stream (the
+//! next item's first tile is gathered while the current item's last one is processed). Decode
+//! (and chunks shorter than the route minimum) keep the exact kernel.
 
 use std::sync::Arc;
 
@@ -81,6 +83,8 @@ pub struct AttnTc {
     raw_cap: usize,
     comp_rows: usize,
     prep_blocks: u32,
+    /// Persistent grid: at most one CTA per SM.
+    sms: u32,
     scratch: DBuf,
 }
 
@@ -170,6 +174,7 @@ impl AttnTc {
             raw_cap,
             comp_rows,
             prep_blocks: sms * 4,
+            sms,
             scratch,
         })
     }
@@ -216,7 +221,8 @@ impl AttnTc {
                 a.hd, a.raw_cap, self.hd, self.raw_cap, self.comp_rows
             )));
         }
-        if n > 65535 {
+        let items = a.nh.div_ceil(HPC) * n;
+        if items > i32::MAX as usize {
             return Err(aerr(format!("{n} tokens in one launch")));
         }
         let hd = self.hd;
@@ -247,7 +253,7 @@ impl AttnTc {
         launch(
             stream,
             &self.kern,
-            (a.nh.div_ceil(HPC) as u32, n as u32, 1),
+            ((items as u32).min(self.sms), 1, 1),
             THREADS,
             self.smem,
             &[
@@ -267,6 +273,7 @@ impl AttnTc {
                 A::P(a.inv_freq),
                 A::P(a.pos),
                 A::P(a.heads),
+                A::I(n as i32),
             ],
         )
     }

@@ -852,6 +852,20 @@ mod gpu {
                 n: 24,
                 qscale: 1.0,
             },
+            // More (token, head block) items than SMs: every persistent CTA runs several items
+            // (short and long ones, ring wrap, picks staged per item).
+            flash(
+                "csa, top-512, 300 tokens",
+                4,
+                true,
+                512,
+                2150,
+                300,
+                128 + 2048,
+                1.0,
+            ),
+            flash("window, 300 tokens from 0", 0, false, 512, 0, 300, 428, 1.0),
+            flash("hca, 300 tokens", 128, false, 512, 1000, 300, 428, 1.0),
             // flashdims: 4 heads of 512, a chunk longer than the window.
             AttnCase {
                 nh: 4,
