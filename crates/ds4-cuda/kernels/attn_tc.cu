@@ -9,16 +9,21 @@
 // here FlashAttention-style with mma.sync m16n8k16 (f16 operands, f32 accumulation) and an
 // online softmax in f32 registers:
 //
-//   * one CTA = one token × 32 heads (grid: head blocks × tokens), 16 warps in two "m-groups"
-//     of 8 (m-group 0: warps 0-3 and 8-11, m-group 1: warps 4-7 and 12-15, so every scheduler
-//     holds two of each); an m-group owns 16 heads, each of its warps an eighth of the dims
-//     (hd/8) for S's K range and for O's output columns. Q's hi fragments stay in registers
-//     for the whole CTA, its lo part in shared memory (ldmatrix);
+//   * an "item" = one token × 32 heads; persistent CTAs (grid: at most one per SM) run items
+//     blockIdx.x, + gridDim.x, ... with their row tiles as one stream (the next item's first
+//     tile and indexer picks are gathered under the current item's last tile; each m-group
+//     finishes an item on its own, so one item's epilogue and the next one's Q load overlap the
+//     other m-group's mmas). 16 warps in two "m-groups" of 8 (m-group 0: warps 0-3 and 8-11,
+//     m-group 1: warps 4-7 and 12-15, so every scheduler holds two of each); an m-group owns 16
+//     heads, each of its warps an eighth of the dims (hd/8) for S's K range and for O's output
+//     columns. Q's hi fragments stay in registers for the item, its lo part in shared memory
+//     (ldmatrix);
 //   * the rows are gathered 32 at a time (a "tile") into shared memory with cp.async (2-stage
 //     ring, XOR-swizzled 16-byte chunks, read with ldmatrix); rows past the token's count are
-//     replaced by a valid row and masked to -inf. m-group 1 gathers; the two m-groups run
-//     decoupled ("ping-pong", so that one's softmax overlaps the other's mmas), the ring being
-//     handed over by named barriers (see the loop);
+//     replaced by a valid row and masked to -inf. The token's indexer picks are staged in
+//     shared memory (so forming a gather's source rows never waits for a global load).
+//     m-group 1 gathers; the two m-groups run decoupled ("ping-pong", so that one's softmax
+//     overlaps the other's mmas), the ring being handed over by named barriers (see the loop);
 //   * S: each warp multiplies its 16 heads by the tile over its eighth of the dims; the eight
 //     partial sums meet in shared memory and each warp of the m-group adds them, in a fixed
 //     order, for the 2 heads × 32 rows it owns;
@@ -28,7 +33,9 @@
 //   * O: each warp rescales its O, then multiplies P (16 heads × 32 rows, ldmatrix) by its
 //     eighth of the tile (ldmatrix.trans);
 //   * finish as ds4_attention: the sink joins the softmax denominator (f64, once per head),
-//     inverse RoPE on the tail (cos / sin in f64 once per CTA), f32 output.
+//     inverse RoPE on the tail (cos / sin in f64 once per item), f32 output; the output scale
+//     and the RoPE rotation in f32 with error terms (within ~1 ulp of the f64 forms, without
+//     f64 conversions per output).
 //
 // Precision (template SPLIT): with SPLIT every operand is carried as two f16 (x ≈ hi + lo,
 // hi = f16(x), lo = f16(x - hi): 22 bits) and each product takes three mmas (hi·hi + hi·lo +
