@@ -1034,9 +1034,21 @@ impl CudaBackend {
                 self.raw_cap,
                 n,
             )?;
+            // What the tensor-core f16 scratch holds over the compressor / indexer products.
+            let mut f16_held = None;
             if let Some(c) = &l.comp {
                 let (k, v) = frontier(&kvs.st_kv, &kvs.st_sc)?;
-                self.compressor(c, k, v, kvs.comp.ptr, sc.ckv.ptr, sc.csc.ptr, n, 1)?;
+                self.compressor(
+                    c,
+                    k,
+                    v,
+                    kvs.comp.ptr,
+                    sc.ckv.ptr,
+                    sc.csc.ptr,
+                    n,
+                    1,
+                    &mut f16_held,
+                )?;
             }
             if let Some(ix) = &l.idx {
                 let icomp = kvs
@@ -1044,9 +1056,19 @@ impl CudaBackend {
                     .as_ref()
                     .ok_or_else(|| cerr("indexer rows missing"))?;
                 let (k, v) = frontier(&kvs.ist_kv, &kvs.ist_sc)?;
-                self.compressor(&ix.comp, k, v, icomp.ptr, sc.ikv.ptr, sc.isc.ptr, n, 2)?;
+                self.compressor(
+                    &ix.comp,
+                    k,
+                    v,
+                    icomp.ptr,
+                    sc.ikv.ptr,
+                    sc.isc.ptr,
+                    n,
+                    2,
+                    &mut f16_held,
+                )?;
                 if indexer {
-                    self.indexer(l, ix, icomp.ptr, n)?;
+                    self.indexer(l, ix, icomp.ptr, n, &mut f16_held)?;
                 }
                 if let Some(tr) = trace.as_deref_mut() {
                     self.trace_indexer(tr, il, n, indexer)?;
@@ -1647,6 +1669,38 @@ impl CudaBackend {
         )
     }
 
+    /// [`CudaBackend::mm`] where `held` tracks what the tensor-core f16 activation scratch
+    /// holds (`(x, cols)` of its last prep, None: unknown): an F16 product of the same `x` and
+    /// width skips the prep pass (same operands). Every F16 product between the reset of `held`
+    /// and its last use goes through here.
+    fn mm_held(
+        &self,
+        w: &DevWeight,
+        x: u64,
+        n: usize,
+        y: u64,
+        held: &mut Option<(u64, usize)>,
+    ) -> Result<(), CudaError> {
+        let cx = w.cols() * w.n_mat();
+        match self
+            .tc
+            .as_ref()
+            .filter(|t| w.ty() == GgmlType::F16 && t.takes_matmul(w, n))
+        {
+            Some(t) => {
+                let same = *held == Some((x, cx));
+                // SAFETY: x is [n][cols·n_mat] f32, y [n][rows·n_mat]; `same` only where the
+                // scratch holds x's prep (held, maintained by every F16 product in between).
+                let now = unsafe { t.matmul_f16_reuse(&self.stream, w, x, n, y, same)? };
+                if now {
+                    *held = Some((x, cx));
+                }
+                Ok(())
+            }
+            None => self.mm(w, x, n, y),
+        }
+    }
+
     /// Whether a chunk HC post may skip `flat` and leave the factors to the mix product of
     /// `next` ([`Tc::matmul_scaled`]: same values); never while tracing.
     fn flat_scaled(&self, next: &DevWeight, n: usize, tracing: bool) -> bool {
@@ -1779,11 +1833,12 @@ impl CudaBackend {
         csc: u64,
         n: usize,
         qat_kind: i32,
+        held: &mut Option<(u64, usize)>,
     ) -> Result<(), CudaError> {
         let s = self.s();
         let g = c.geom;
-        self.mm(&c.kv, self.sc.a.ptr, n, ckv)?;
-        self.mm(&c.gate, self.sc.a.ptr, n, csc)?;
+        self.mm_held(&c.kv, self.sc.a.ptr, n, ckv, held)?;
+        self.mm_held(&c.gate, self.sc.a.ptr, n, csc, held)?;
         let cl = CompLaunch {
             ratio: g.ratio,
             overlap: g.overlap,
@@ -1809,13 +1864,21 @@ impl CudaBackend {
     }
 
     /// Lightning indexer: queries, scores and top-k for the chunk's tokens that need it.
-    fn indexer(&self, l: &DevLayer, ix: &DevIdx, icomp: u64, n: usize) -> Result<(), CudaError> {
+    fn indexer(
+        &self,
+        l: &DevLayer,
+        ix: &DevIdx,
+        icomp: u64,
+        n: usize,
+        held: &mut Option<(u64, usize)>,
+    ) -> Result<(), CudaError> {
         let s = self.s();
         let sc = &self.sc;
         let nih = s.index_heads;
         let ihd = s.index_head_dim;
-        self.mm(&ix.q_b, sc.qrn.ptr, n, sc.iq.ptr)?;
-        self.mm(&ix.proj, sc.a.ptr, n, sc.iw.ptr)?;
+        // proj first: it reads `a`, whose f16 prep the compressors may have left.
+        self.mm_held(&ix.proj, sc.a.ptr, n, sc.iw.ptr, held)?;
+        self.mm_held(&ix.q_b, sc.qrn.ptr, n, sc.iq.ptr, held)?;
         let wscale = 1.0 / ((ihd * nih) as f64).sqrt();
         self.fwd.indexer_q(
             sc.iq.ptr,

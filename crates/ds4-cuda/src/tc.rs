@@ -707,8 +707,50 @@ impl Tc {
         n: usize,
         y: u64,
     ) -> Result<(), CudaError> {
+        // SAFETY: this function's contract.
+        unsafe { self.matmul_inner(stream, w, x, act, n, y, false) }.map(|_| ())
+    }
+
+    /// [`Tc::matmul`] of an F16 weight that may reuse the f16 activation scratch: with
+    /// `prep_held` the prep pass is skipped. Returns whether the scratch now holds `x`'s prep
+    /// (the general F16 kernel ran; the skinny kernel reads `x` itself and leaves it as it was).
+    ///
+    /// # Safety
+    /// As [`Tc::matmul`] for F16; with `prep_held`, the last call of this [`Tc`] that returned
+    /// `true` was for the same `x`, `n` and `cols·n_mat`, no other F16 product ran on this
+    /// `Tc` since (a skinny one aside), and `x` is unchanged.
+    pub unsafe fn matmul_f16_reuse(
+        &self,
+        stream: &Arc<CudaStream>,
+        w: &DevWeight,
+        x: u64,
+        n: usize,
+        y: u64,
+        prep_held: bool,
+    ) -> Result<bool, CudaError> {
+        if w.ty() != GgmlType::F16 {
+            return Err(terr(format!("{:?} weights for the f16 reuse", w.ty())));
+        }
         if n == 0 {
-            return Ok(());
+            return Ok(prep_held);
+        }
+        // SAFETY: this function's contract.
+        unsafe { self.matmul_inner(stream, w, x, 0, n, y, prep_held) }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn matmul_inner(
+        &self,
+        stream: &Arc<CudaStream>,
+        w: &DevWeight,
+        x: u64,
+        act: u64,
+        n: usize,
+        y: u64,
+        prep_held: bool,
+    ) -> Result<bool, CudaError> {
+        if n == 0 {
+            return Ok(false);
         }
         let kind = WKind::of(w.ty()).ok_or_else(|| terr(format!("{:?} weights", w.ty())))?;
         let rt = w.rows() * w.n_mat();
@@ -719,7 +761,8 @@ impl Tc {
             let cx = w.cols() * w.n_mat();
             // SAFETY: act holds x quantized for w, y is [n][rows·n_mat] (this function's
             // contract).
-            return unsafe { f.matmul(stream, w, act, act + act_d_offset(cx, n), n, y) };
+            return unsafe { f.matmul(stream, w, act, act + act_d_offset(cx, n), n, y) }
+                .map(|_| false);
         }
         let cx = w.cols() * w.n_mat();
         let (w0, w1, w2) = regions(w, stream);
@@ -775,25 +818,28 @@ impl Tc {
                             A::P(y),
                             A::I(rows),
                         ],
-                    );
+                    )
+                    .map(|_| prep_held);
                 }
                 if cx > self.cfg.max_f16_cols {
                     return Err(terr("F16 activations exceed the scratch"));
                 }
-                launch(
-                    stream,
-                    &self.prep,
-                    (n as u32, 1, 1),
-                    256,
-                    0,
-                    &[
-                        A::P(x),
-                        A::I(cx as i32),
-                        A::P(self.f16_hi.ptr),
-                        A::P(self.f16_lo.ptr),
-                        A::P(self.f16_scale.ptr),
-                    ],
-                )?;
+                if !prep_held {
+                    launch(
+                        stream,
+                        &self.prep,
+                        (n as u32, 1, 1),
+                        256,
+                        0,
+                        &[
+                            A::P(x),
+                            A::I(cx as i32),
+                            A::P(self.f16_hi.ptr),
+                            A::P(self.f16_lo.ptr),
+                            A::P(self.f16_scale.ptr),
+                        ],
+                    )?;
+                }
                 a.aq = self.f16_hi.ptr;
                 a.ad = self.f16_lo.ptr;
                 a.ascale = self.f16_scale.ptr;
@@ -847,7 +893,7 @@ impl Tc {
                 ],
             )?;
         }
-        Ok(())
+        Ok(kind == WKind::F16)
     }
 
     /// Dense gate/up/SwiGLU (shared expert): `mid[t][r] = silu(min(g,c))·clamp(u,±c)` as

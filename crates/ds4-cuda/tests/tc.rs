@@ -366,6 +366,55 @@ mod gpu {
         }
     }
 
+    /// An F16 product that reuses the f16 prep of the previous one (same x: the compressor /
+    /// indexer products of `a`) gives the bits of a plain product; a skinny product in between
+    /// leaves the scratch alone.
+    #[test]
+    fn f16_prep_reuse() {
+        let Some(d) = dev() else { return };
+        let mut rng = Rng(14);
+        let ty = GgmlType::F16;
+        let (cols, n) = (4096usize, 70usize);
+        let (_, w1) = upload(&d, &mut rng, ty, cols, 512, 1);
+        let (_, w2) = upload(&d, &mut rng, ty, cols, 136, 1);
+        let (_, ws) = upload(&d, &mut rng, ty, cols, 24, 1);
+        let x = rng.vec(n * cols, 1.0);
+        let dx = d.stream.clone_htod(&x).unwrap();
+        let plain = |w: &DevWeight, rows: usize| {
+            let y = nan_buf(&d, n * rows);
+            // SAFETY: x [n][cols], y [n][rows].
+            unsafe {
+                d.tc.matmul(&d.stream, w, ptr(&d, &dx), 0, n, ptr(&d, &y))
+                    .unwrap()
+            };
+            d.stream.clone_dtoh(&y).unwrap()
+        };
+        let want1 = plain(&w1, 512);
+        let want2 = plain(&w2, 136);
+        let (y1, y2, ys) = (nan_buf(&d, n * 512), nan_buf(&d, n * 136), nan_buf(&d, n * 24));
+        // SAFETY: as above; the reuse follows a product of the same x (skinny aside).
+        let (h1, hs, h2) = unsafe {
+            let h1 = d
+                .tc
+                .matmul_f16_reuse(&d.stream, &w1, ptr(&d, &dx), n, ptr(&d, &y1), false)
+                .unwrap();
+            let hs = d
+                .tc
+                .matmul_f16_reuse(&d.stream, &ws, ptr(&d, &dx), n, ptr(&d, &ys), true)
+                .unwrap();
+            let h2 = d
+                .tc
+                .matmul_f16_reuse(&d.stream, &w2, ptr(&d, &dx), n, ptr(&d, &y2), true)
+                .unwrap();
+            (h1, hs, h2)
+        };
+        assert!(h1 && hs && h2, "scratch state {h1} {hs} {h2}");
+        let same = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(p, q)| p.to_bits() == q.to_bits());
+        assert!(same(&d.stream.clone_dtoh(&y1).unwrap(), &want1), "first product");
+        assert!(same(&d.stream.clone_dtoh(&y2).unwrap(), &want2), "reused prep");
+        println!("f16 prep reuse: bit-identical");
+    }
+
     #[test]
     fn shared_gate_up_matches_exact_path() {
         let Some(d) = dev() else { return };
