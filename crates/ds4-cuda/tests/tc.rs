@@ -391,27 +391,34 @@ mod gpu {
         };
         let want1 = plain(&w1, 512);
         let want2 = plain(&w2, 136);
-        let (y1, y2, ys) = (nan_buf(&d, n * 512), nan_buf(&d, n * 136), nan_buf(&d, n * 24));
+        let (y1, y2, ys) = (
+            nan_buf(&d, n * 512),
+            nan_buf(&d, n * 136),
+            nan_buf(&d, n * 24),
+        );
         // SAFETY: as above; the reuse follows a product of the same x (skinny aside).
         let (h1, hs, h2) = unsafe {
-            let h1 = d
-                .tc
-                .matmul_f16_reuse(&d.stream, &w1, ptr(&d, &dx), n, ptr(&d, &y1), false)
-                .unwrap();
-            let hs = d
-                .tc
-                .matmul_f16_reuse(&d.stream, &ws, ptr(&d, &dx), n, ptr(&d, &ys), true)
-                .unwrap();
-            let h2 = d
-                .tc
-                .matmul_f16_reuse(&d.stream, &w2, ptr(&d, &dx), n, ptr(&d, &y2), true)
-                .unwrap();
+            let h1 =
+                d.tc.matmul_f16_reuse(&d.stream, &w1, ptr(&d, &dx), n, ptr(&d, &y1), false)
+                    .unwrap();
+            let hs =
+                d.tc.matmul_f16_reuse(&d.stream, &ws, ptr(&d, &dx), n, ptr(&d, &ys), true)
+                    .unwrap();
+            let h2 =
+                d.tc.matmul_f16_reuse(&d.stream, &w2, ptr(&d, &dx), n, ptr(&d, &y2), true)
+                    .unwrap();
             (h1, hs, h2)
         };
         assert!(h1 && hs && h2, "scratch state {h1} {hs} {h2}");
         let same = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(p, q)| p.to_bits() == q.to_bits());
-        assert!(same(&d.stream.clone_dtoh(&y1).unwrap(), &want1), "first product");
-        assert!(same(&d.stream.clone_dtoh(&y2).unwrap(), &want2), "reused prep");
+        assert!(
+            same(&d.stream.clone_dtoh(&y1).unwrap(), &want1),
+            "first product"
+        );
+        assert!(
+            same(&d.stream.clone_dtoh(&y2).unwrap(), &want2),
+            "reused prep"
+        );
         println!("f16 prep reuse: bit-identical");
     }
 
