@@ -174,7 +174,8 @@ __device__ __forceinline__ void attn_tc_body(
     const float* __restrict__ q, const u16* __restrict__ ring16, int raw_cap, int window,
     const u16* __restrict__ comp16, int ratio, int has_indexer, const int* __restrict__ isel, int topk,
     const float* __restrict__ sinks, float scale, int nh, int n_rot, const double* __restrict__ inv_freq,
-    const int* __restrict__ pos0p, float* __restrict__ heads, int n_tok) {
+    const int* __restrict__ pos0p, float* __restrict__ heads, signed char* __restrict__ q8s,
+    float* __restrict__ q8d, int n_tok) {
     typedef AtLay<HD, SPLIT> L;
     constexpr int CH = L::CH;
     constexpr int KCH = L::KCH;
@@ -523,11 +524,14 @@ __device__ __forceinline__ void attn_tc_body(
         for (int half = 0; half < 2; half++) {
             const int hl = mg * 16 + g + 8 * half;
             const int hg = hb * AT_HPC + hl;
-            if (hg >= nh) continue;
+            // Heads past nh compute on (the Q8_0 shuffles below need the whole warp) but store
+            // nothing; a head's 4 lanes (one g) agree on it.
+            const bool hv = hg < nh;
             // f as an f32 pair (f ≈ fh + fl): o·fh + o·fl is o·f rounded once (as the f64 form was).
             const double f = sF[hl];
             const float fh = (float)f, fl = (float)(f - (double)fh);
-            float* out = heads + ((i64)t * nh + hg) * HD;
+            const i64 row = ((i64)t * nh + hg) * HD;
+            float v[NBO][2];
 #pragma unroll
             for (int nb = 0; nb < NBO; nb++) {
                 const int d = e * DQ + nb * 8 + 2 * c4;
@@ -538,7 +542,46 @@ __device__ __forceinline__ void attn_tc_body(
                     const float2 cs = rc[(d - n_nope) >> 1];
                     at_rope_inv(&v0, &v1, cs.x, cs.y);
                 }
-                *reinterpret_cast<float2*>(out + d) = make_float2(v0, v1);
+                v[nb][0] = v0;
+                v[nb][1] = v1;
+                if (hv && heads) *reinterpret_cast<float2*>(heads + row + d) = make_float2(v0, v1);
+            }
+            // Q8_0 activation quantization of the output row for out_a (ds4_quant_q8_0's
+            // numerics and layout: qs[t·cols + i], d[(t·cols + i) / 32]): a 32-dim block is 4
+            // n-blocks × the 4 lanes of one g (DQ % 32 == 0 only; the launcher passes q8s = 0
+            // otherwise).
+            if constexpr (DQ % 32 == 0) {
+                if (q8s) {
+#pragma unroll
+                    for (int b0 = 0; b0 < NBO; b0 += 4) {
+                        float am = 0.f;
+#pragma unroll
+                        for (int nb = b0; nb < b0 + 4; nb++)
+#pragma unroll
+                            for (int k = 0; k < 2; k++) {
+                                const float a = fabsf(v[nb][k]);
+                                if (a > am) am = a;  // NaN never wins (CPU: `a > amax` is false)
+                            }
+                        am = fmaxf(am, __shfl_xor_sync(0xffffffffu, am, 1));
+                        am = fmaxf(am, __shfl_xor_sync(0xffffffffu, am, 2));
+                        const float dd = am / 127.0f;
+                        const float id = dd != 0.f ? 1.0f / dd : 0.f;
+#pragma unroll
+                        for (int nb = b0; nb < b0 + 4; nb++) {
+                            const int d = e * DQ + nb * 8 + 2 * c4;
+                            u32 word = 0;
+#pragma unroll
+                            for (int k = 0; k < 2; k++) {
+                                const float pq = __fmul_rn(v[nb][k], id);
+                                int qi = (pq == pq) ? __float2int_rn(pq) : 0;
+                                qi = max(-128, min(127, qi));
+                                word |= (u32)(qi & 255) << (8 * k);
+                            }
+                            if (hv) *reinterpret_cast<unsigned short*>(q8s + row + d) = (unsigned short)word;
+                        }
+                        if (hv && c4 == 0) q8d[(row + e * DQ + b0 * 8) >> 5] = dd;
+                    }
+                }
             }
         }
         if (!next_item) break;
@@ -551,8 +594,9 @@ __device__ __forceinline__ void attn_tc_body(
     const float *__restrict__ q, const u16 *__restrict__ ring16, int raw_cap, int window,          \
         const u16 *__restrict__ comp16, int ratio, int has_indexer, const int *__restrict__ isel,  \
         int topk, const float *__restrict__ sinks, float scale, int nh, int n_rot,                 \
-        const double *__restrict__ inv_freq, const int *__restrict__ pos0p, float *__restrict__ heads, int n_tok
-#define AT_PASS q, ring16, raw_cap, window, comp16, ratio, has_indexer, isel, topk, sinks, scale, nh, n_rot, inv_freq, pos0p, heads, n_tok
+        const double *__restrict__ inv_freq, const int *__restrict__ pos0p, float *__restrict__ heads,         \
+        signed char *__restrict__ q8s, float *__restrict__ q8d, int n_tok
+#define AT_PASS q, ring16, raw_cap, window, comp16, ratio, has_indexer, isel, topk, sinks, scale, nh, n_rot, inv_freq, pos0p, heads, q8s, q8d, n_tok
 
 #define AT_KERNEL(hd, split, name)                                                                 \
     extern "C" __global__ void __launch_bounds__(AT_THREADS, 1) name(AT_ARGS) { PDL_ENTRY();                  \

@@ -2563,7 +2563,8 @@ __device__ __forceinline__ void f4_set(float4& v, int k, float x) {
 extern "C" __global__ void __launch_bounds__(256, 2) ds4_hc_pre_fast(
     const float* mix, int nm, const float* scale, const float* base, int iters, float hc_eps,
     const float* __restrict__ x, int e, const float* __restrict__ norm_w, float rms_eps,
-    float* post, float* comb, float* __restrict__ xin, float* __restrict__ a, int n) {
+    float* post, float* comb, float* __restrict__ xin, float* __restrict__ a, int n,
+    i8* __restrict__ q0, float* __restrict__ d0) {
     PDL_ENTRY();
     constexpr int HC = 4;
     __shared__ float s_pre[FP_TOK][HC];
@@ -2627,11 +2628,13 @@ extern "C" __global__ void __launch_bounds__(256, 2) ds4_hc_pre_fast(
                 for (int h = 0; h < HC; h++) xv[h][u] = c < e4 ? xt[h * e4 + c] : make_float4(0, 0, 0, 0);
             }
         }
-        float4* xo = (float4*)(xin + (i64)t * e);
+        if (xin) {
+            float4* xo = (float4*)(xin + (i64)t * e);
 #pragma unroll
-        for (int u = 0; u < FP_U; u++) {
-            const int c = threadIdx.x + u * T;
-            if (c < e4) xo[c] = yv[u];
+            for (int u = 0; u < FP_U; u++) {
+                const int c = threadIdx.x + u * T;
+                if (c < e4) xo[c] = yv[u];
+            }
         }
         ss = block_sum_d(ss, sh);
         const double s = 1.0 / sqrt(ss / (double)e + (double)rms_eps);
@@ -2640,13 +2643,39 @@ extern "C" __global__ void __launch_bounds__(256, 2) ds4_hc_pre_fast(
 #pragma unroll
         for (int u = 0; u < FP_U; u++) {
             const int c = threadIdx.x + u * T;
-            if (c < e4) {
-                const float4 wv = w4[c];
-                float4 r;
+            const bool ok = c < e4;
+            const float4 wv = ok ? w4[c] : make_float4(0, 0, 0, 0);
+            float4 r;
 #pragma unroll
-                for (int q = 0; q < 4; q++)
-                    f4_set(r, q, (float)(((double)f4_get(yv[u], q) * s) * (double)f4_get(wv, q)));
-                ao[c] = r;
+            for (int q = 0; q < 4; q++)
+                f4_set(r, q, (float)(((double)f4_get(yv[u], q) * s) * (double)f4_get(wv, q)));
+            if (ok) ao[c] = r;
+            // With q0: `a`'s Q8_0 activation quantization (ds4_quant_q8_0's numerics and
+            // layout: q0[t·e + i], d0[(t·e + i) / 32]); a 32-block is the float4s of 8
+            // consecutive lanes (e % 32 == 0: a group is wholly in or out of range).
+            if (q0) {
+                float am = 0.f;
+#pragma unroll
+                for (int q = 0; q < 4; q++) {
+                    const float av = fabsf(f4_get(r, q));
+                    if (av > am) am = av;  // NaN never wins (CPU: `a > amax` is false)
+                }
+#pragma unroll
+                for (int o = 4; o > 0; o >>= 1) am = fmaxf(am, __shfl_xor_sync(0xffffffffu, am, o));
+                if (ok) {
+                    const float dd = am / 127.0f;
+                    const float id = dd != 0.f ? 1.0f / dd : 0.f;
+                    u32 word = 0;
+#pragma unroll
+                    for (int q = 0; q < 4; q++) {
+                        const float p = __fmul_rn(f4_get(r, q), id);
+                        int qi = (p == p) ? __float2int_rn(p) : 0;
+                        qi = max(-128, min(127, qi));
+                        word |= (u32)(qi & 255) << (8 * q);
+                    }
+                    ((u32*)(q0 + (i64)t * e))[c] = word;
+                    if ((threadIdx.x & 7) == 0) d0[((i64)t * e >> 5) + (c >> 3)] = dd;
+                }
             }
         }
     }
@@ -2657,7 +2686,7 @@ extern "C" __global__ void __launch_bounds__(256, 2) ds4_hc_pre_fast(
 extern "C" __global__ void __launch_bounds__(256, 2) ds4_hc_post_fast(
     const float* __restrict__ f, const float* __restrict__ routed, int k,
     const float* __restrict__ x, const float* __restrict__ post, const float* __restrict__ comb,
-    int e, float* __restrict__ xo, float* __restrict__ flat, float eps) {
+    int e, float* __restrict__ xo, float* __restrict__ flat, float eps, double* __restrict__ fscale) {
     PDL_ENTRY();
     constexpr int HC = 4;
     __shared__ double sh[32];
@@ -2744,9 +2773,13 @@ extern "C" __global__ void __launch_bounds__(256, 2) ds4_hc_post_fast(
             for (int j = 0; j < HC; j++) ot[j * e4 + c] = ov[j][u];
         }
     }
-    if (!flat) return;
+    if (!flat && !fscale) return;
     ss = block_sum_d(ss, sh);
     const double s = 1.0 / sqrt(ss / (double)(HC * e) + (double)eps);
+    // fscale: the norm factor per token, for a consumer that forms flat = (float)(xo·s) itself
+    // (ds4_tc_skinny_tf32s_*); flat = 0 then skips the rows.
+    if (fscale && threadIdx.x == 0) fscale[t] = s;
+    if (!flat) return;
     float4* fo = (float4*)(flat + (i64)t * HC * e);
 #pragma unroll
     for (int u = 0; u < FP_U; u++) {

@@ -38,16 +38,25 @@ __device__ __forceinline__ void mma_tf32(float* d, u32 a0, u32 a1, u32 a2, u32 a
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-template <int NT>
+template <int NT, bool SC>
 __device__ __forceinline__ void skinny_group(const float* xa, const float* xb, const __half* const* wr,
-                                             int c, float (&acc)[NT][4]) {
+                                             int c, float (&acc)[NT][4], double sa, double sb) {
     const float4 va = *(const float4*)(xa + c);
     const float4 vb = *(const float4*)(xb + c);
     uint2 wv[NT];
 #pragma unroll
     for (int j = 0; j < NT; j++) wv[j] = *(const uint2*)(wr[j] + c);
-    const float fa[4] = {va.x, va.y, va.z, va.w};
-    const float fb[4] = {vb.x, vb.y, vb.z, vb.w};
+    float fa[4] = {va.x, va.y, va.z, va.w};
+    float fb[4] = {vb.x, vb.y, vb.z, vb.w};
+    if (SC) {
+        // x is the unnormalised row and sa / sb its token's RMSNorm factor: the operand is
+        // (float)(x·s) in f64, the value ds4_hc_post_fast would have stored as `flat`.
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            fa[i] = (float)((double)fa[i] * sa);
+            fb[i] = (float)((double)fb[i] * sb);
+        }
+    }
     u32 ha[4], la[4], hb[4], lb[4];
 #pragma unroll
     for (int i = 0; i < 4; i++) {
@@ -69,16 +78,19 @@ __device__ __forceinline__ void skinny_group(const float* xa, const float* xb, c
 }
 
 // x [n][cols] f32, w [rows][cols] f16 (rows ≤ 8·NT), y [n][ldy] f32 (columns 0..rows).
-// Grid ceil(n / 16), block 32·SK_WARPS.
-template <int NT>
+// Grid ceil(n / 16), block 32·SK_WARPS. SC: the operand row t is (float)(x[t]·xs[t]) (f64).
+template <int NT, bool SC>
 __device__ void skinny_tf32(const float* __restrict__ x, const __half* __restrict__ w, int rows,
-                            int cols, int n, float* __restrict__ y, int ldy) {
+                            int cols, int n, float* __restrict__ y, int ldy,
+                            const double* __restrict__ xs) {
     __shared__ float s_part[SK_WARPS][NT * 4][32];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, tg = lane & 3;
     const int t0 = blockIdx.x * 16;
     const float* xa = x + (i64)min(t0 + g, n - 1) * cols + 4 * tg;
     const float* xb = x + (i64)min(t0 + g + 8, n - 1) * cols + 4 * tg;
+    const double sa = SC ? xs[min(t0 + g, n - 1)] : 1.0;
+    const double sb = SC ? xs[min(t0 + g + 8, n - 1)] : 1.0;
     const __half* wr[NT];
 #pragma unroll
     for (int j = 0; j < NT; j++) wr[j] = w + (i64)min(8 * j + g, rows - 1) * cols + 4 * tg;
@@ -92,10 +104,11 @@ __device__ void skinny_tf32(const float* __restrict__ x, const __half* __restric
 #pragma unroll 1
     for (; gi + (SK_UNROLL - 1) * SK_WARPS < ng; gi += SK_UNROLL * SK_WARPS) {
 #pragma unroll
-        for (int u = 0; u < SK_UNROLL; u++) skinny_group<NT>(xa, xb, wr, 16 * (gi + u * SK_WARPS), acc);
+        for (int u = 0; u < SK_UNROLL; u++)
+            skinny_group<NT, SC>(xa, xb, wr, 16 * (gi + u * SK_WARPS), acc, sa, sb);
     }
 #pragma unroll 1
-    for (; gi < ng; gi += SK_WARPS) skinny_group<NT>(xa, xb, wr, 16 * gi, acc);
+    for (; gi < ng; gi += SK_WARPS) skinny_group<NT, SC>(xa, xb, wr, 16 * gi, acc, sa, sb);
 #pragma unroll
     for (int j = 0; j < NT; j++)
 #pragma unroll
@@ -118,7 +131,12 @@ __device__ void skinny_tf32(const float* __restrict__ x, const __half* __restric
     extern "C" __global__ void __launch_bounds__(32 * SK_WARPS) ds4_tc_skinny_tf32_##NT(              \
         const float* __restrict__ x, const __half* __restrict__ w, int rows, int cols, int n,          \
         float* __restrict__ y, int ldy) { PDL_ENTRY();                                               \
-        skinny_tf32<NT>(x, w, rows, cols, n, y, ldy);                                                 \
+        skinny_tf32<NT, false>(x, w, rows, cols, n, y, ldy, nullptr);                                 \
+    }                                                                                                 \
+    extern "C" __global__ void __launch_bounds__(32 * SK_WARPS) ds4_tc_skinny_tf32s_##NT(             \
+        const float* __restrict__ x, const __half* __restrict__ w, int rows, int cols, int n,          \
+        float* __restrict__ y, int ldy, const double* __restrict__ xs) { PDL_ENTRY();                \
+        skinny_tf32<NT, true>(x, w, rows, cols, n, y, ldy, xs);                                       \
     }
 SK_INST(1)
 SK_INST(2)

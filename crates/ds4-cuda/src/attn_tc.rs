@@ -198,20 +198,39 @@ impl AttnTc {
             && a.n_rot.is_multiple_of(2)
     }
 
+    /// Whether [`AttnTc::attention`] can also write the Q8_0 activation quantization of its
+    /// output (a 32-dim block within one warp's eighth of the head dims).
+    pub(crate) fn q8_fits(&self) -> bool {
+        (self.hd / 8).is_multiple_of(32)
+    }
+
     /// Attention (+ inverse RoPE) of the `n` tokens of `a` into `a.heads`, as
     /// [`crate::fwd::Fwd::attention`] computes it (`a.part` unused). `comp_rows` is the size
     /// (rows) of the layer's compressed-row buffer `a.comp` (0 without one).
+    /// With `q8 = Some((qs, d))` (only where [`AttnTc::q8_fits`]) the kernel also writes the
+    /// `[n][nh·hd]` output quantized as `Gemv::quantize_act(Q8_0, heads, n, nh·hd)` does (same
+    /// bytes: `qs` its int8 values, `d` its scales, i.e. `act` and `act + align256(n·nh·hd)`);
+    /// `a.heads = 0` then skips the f32 output.
     ///
     /// # Safety
     /// Every address of `a` is a live device allocation of the sizes the exact kernel reads
-    /// and writes for these `n` tokens, on `stream`.
+    /// and writes for these `n` tokens, on `stream`; `q8` (if any) has room for the Q8_0
+    /// activation layout of `n` rows of `nh·hd`.
     pub(crate) unsafe fn attention(
         &self,
         stream: &CudaStream,
         a: &AttnLaunch,
         comp_rows: usize,
         n: usize,
+        q8: Option<(u64, u64)>,
     ) -> Result<(), CudaError> {
+        if q8.is_some() && !self.q8_fits() {
+            return Err(aerr(format!("Q8_0 output with head dim {}", self.hd)));
+        }
+        if q8.is_none() && a.heads == 0 {
+            return Err(aerr("no output".to_string()));
+        }
+        let (q8s, q8d) = q8.unwrap_or((0, 0));
         if n == 0 {
             return Ok(());
         }
@@ -273,6 +292,8 @@ impl AttnTc {
                 A::P(a.inv_freq),
                 A::P(a.pos),
                 A::P(a.heads),
+                A::P(q8s),
+                A::P(q8d),
                 A::I(n as i32),
             ],
         )

@@ -213,6 +213,11 @@ struct Scratch {
     hn: DBuf,
     logits: DBuf,
     act: DBuf,
+    /// Q8_0 activations of `a` (then of `b`) `[n][n_embd]`, written by the chunk HC pre
+    /// ([`Fwd::hc_pre`]'s fused quantization) for the projections that read them.
+    act_pre: DBuf,
+    /// Per-token f64 norm factors of the last chunk HC post (`flat = (float)(x·s)`).
+    fscale: DBuf,
     mid_act: DBuf,
     /// Decode: the shared expert's quantization of `b`, written by the FFN HC pre alongside the
     /// routed experts' one in `act`.
@@ -610,6 +615,8 @@ impl CudaBackend {
             hn: f32b(n * e)?,
             logits: f32b(LOGIT_ROWS.min(n) * s.n_vocab)?,
             act: DBuf::zeroed(&stream, act_bytes)?,
+            act_pre: DBuf::zeroed(&stream, Gemv::act_bytes(GgmlType::Q8_0, e, n).max(256))?,
+            fscale: DBuf::zeroed(&stream, n * 8)?,
             mid_act: DBuf::zeroed(&stream, mid_act_bytes)?,
             act_sh: DBuf::zeroed(&stream, act_sh_bytes.max(256))?,
         };
@@ -985,6 +992,9 @@ impl CudaBackend {
         }
         fw.rms_rows(sc.x.ptr, hcd, 0, hcd, eps, sc.flat.ptr, hcd, n)?;
 
+        // Whether the last HC post left `flat` to the next mix product (norm factors in
+        // sc.fscale; see flat_scaled).
+        let mut attn_scaled = false;
         for (il, l) in self.layers.iter().enumerate() {
             let kvs = &self.kv[il];
             let inv = match l.rope {
@@ -996,13 +1006,20 @@ impl CudaBackend {
                 continue;
             }
             // ---- attention sublayer
-            self.mm(&l.hc_attn.fn_, sc.flat.ptr, n, sc.mix.ptr)?;
-            self.hc_pre(&l.hc_attn, sc.x.ptr, l.attn_norm.ptr, sc.a.ptr, n)?;
-            self.mm(&l.q_a, sc.a.ptr, n, sc.qr.ptr)?;
+            self.mix_mm(&l.hc_attn.fn_, sc.x.ptr, n, attn_scaled)?;
+            let pre_a = self.hc_pre_chunk(
+                &l.hc_attn,
+                sc.x.ptr,
+                l.attn_norm.ptr,
+                sc.a.ptr,
+                n,
+                [&l.q_a, &l.kv],
+            )?;
+            self.mm_pre(&l.q_a, sc.a.ptr, n, sc.qr.ptr, pre_a)?;
             fw.rms_rows(sc.qr.ptr, ql, l.q_a_norm.ptr, ql, eps, sc.qrn.ptr, ql, n)?;
             self.mm(&l.q_b, sc.qrn.ptr, n, sc.q.ptr)?;
             fw.head_norm_rope(sc.q.ptr, nh, hd, s.n_rot, eps, inv, pos, n)?;
-            self.mm(&l.kv, sc.a.ptr, n, sc.kvp.ptr)?;
+            self.mm_pre(&l.kv, sc.a.ptr, n, sc.kvp.ptr, pre_a)?;
             fw.kv_finish(
                 sc.kvp.ptr,
                 l.kv_norm.ptr,
@@ -1017,9 +1034,21 @@ impl CudaBackend {
                 self.raw_cap,
                 n,
             )?;
+            // What the tensor-core f16 scratch holds over the compressor / indexer products.
+            let mut f16_held = None;
             if let Some(c) = &l.comp {
                 let (k, v) = frontier(&kvs.st_kv, &kvs.st_sc)?;
-                self.compressor(c, k, v, kvs.comp.ptr, sc.ckv.ptr, sc.csc.ptr, n, 1)?;
+                self.compressor(
+                    c,
+                    k,
+                    v,
+                    kvs.comp.ptr,
+                    sc.ckv.ptr,
+                    sc.csc.ptr,
+                    n,
+                    1,
+                    &mut f16_held,
+                )?;
             }
             if let Some(ix) = &l.idx {
                 let icomp = kvs
@@ -1027,28 +1056,84 @@ impl CudaBackend {
                     .as_ref()
                     .ok_or_else(|| cerr("indexer rows missing"))?;
                 let (k, v) = frontier(&kvs.ist_kv, &kvs.ist_sc)?;
-                self.compressor(&ix.comp, k, v, icomp.ptr, sc.ikv.ptr, sc.isc.ptr, n, 2)?;
+                self.compressor(
+                    &ix.comp,
+                    k,
+                    v,
+                    icomp.ptr,
+                    sc.ikv.ptr,
+                    sc.isc.ptr,
+                    n,
+                    2,
+                    &mut f16_held,
+                )?;
                 if indexer {
-                    self.indexer(l, ix, icomp.ptr, n)?;
+                    self.indexer(l, ix, icomp.ptr, n, &mut f16_held)?;
                 }
                 if let Some(tr) = trace.as_deref_mut() {
                     self.trace_indexer(tr, il, n, indexer)?;
                 }
             }
-            let a = self.attn_launch(l, kvs, inv);
+            let mut a = self.attn_launch(l, kvs, inv);
             let comp_rows = kvs.comp.bytes / (hd * 4);
             match self
                 .tc_attn
                 .as_ref()
                 .filter(|t| n >= crate::tc::MIN_TOKENS && t.fits(&a, comp_rows))
             {
-                // SAFETY: the addresses of `a` are this layer's KV state and the chunk scratch,
-                // sized for max_chunk tokens (as for the exact kernel).
-                Some(t) => unsafe { t.attention(&self.stream, &a, comp_rows, n)? },
-                None => fw.attention(&a, n, attn_splits(n, nh))?,
+                Some(t) => {
+                    // The route also writes its output Q8_0-quantized for out_a (the bytes
+                    // quantize_act would write into act), skipping the f32 heads when nothing
+                    // else reads them (no trace).
+                    let cols = l.out_a.cols() * l.out_a.n_mat();
+                    let tcm = self
+                        .tc
+                        .as_ref()
+                        .filter(|tc| tc.takes_matmul(&l.out_a, n) && trace.is_none());
+                    match tcm.filter(|_| {
+                        t.q8_fits()
+                            && l.out_a.ty() == GgmlType::Q8_0
+                            && cols == nh * hd
+                            && Gemv::act_bytes(GgmlType::Q8_0, cols, n) <= sc.act.bytes
+                    }) {
+                        Some(tc) => {
+                            let od = (n * cols).div_ceil(256) as u64 * 256;
+                            a.heads = 0;
+                            // SAFETY: the addresses of `a` are this layer's KV state and the
+                            // chunk scratch, sized for max_chunk tokens; act holds the Q8_0
+                            // layout of n rows of nh·hd (checked above), then feeds out_a.
+                            unsafe {
+                                t.attention(
+                                    &self.stream,
+                                    &a,
+                                    comp_rows,
+                                    n,
+                                    Some((sc.act.ptr, sc.act.ptr + od)),
+                                )?;
+                                tc.matmul(
+                                    &self.stream,
+                                    &l.out_a,
+                                    sc.heads.ptr,
+                                    sc.act.ptr,
+                                    n,
+                                    sc.low.ptr,
+                                )?;
+                            }
+                        }
+                        None => {
+                            // SAFETY: as above, f32 heads only.
+                            unsafe { t.attention(&self.stream, &a, comp_rows, n, None)? };
+                            self.mm(&l.out_a, sc.heads.ptr, n, sc.low.ptr)?;
+                        }
+                    }
+                }
+                None => {
+                    fw.attention(&a, n, attn_splits(n, nh))?;
+                    self.mm(&l.out_a, sc.heads.ptr, n, sc.low.ptr)?;
+                }
             }
-            self.mm(&l.out_a, sc.heads.ptr, n, sc.low.ptr)?;
             self.mm(&l.out_b, sc.low.ptr, n, sc.fout.ptr)?;
+            let ffn_scaled = self.flat_scaled(&l.hc_ffn.fn_, n, trace.is_some());
             fw.hc_post(
                 sc.fout.ptr,
                 0,
@@ -1059,18 +1144,32 @@ impl CudaBackend {
                 hc,
                 e,
                 sc.x1.ptr,
-                sc.flat.ptr,
+                if ffn_scaled { 0 } else { sc.flat.ptr },
                 eps,
                 n,
+                if ffn_scaled { sc.fscale.ptr } else { 0 },
             )?;
 
             // ---- FFN sublayer
-            self.mm(&l.hc_ffn.fn_, sc.flat.ptr, n, sc.mix.ptr)?;
-            self.hc_pre(&l.hc_ffn, sc.x1.ptr, l.ffn_norm.ptr, sc.b.ptr, n)?;
+            self.mix_mm(&l.hc_ffn.fn_, sc.x1.ptr, n, ffn_scaled)?;
+            let pre_b = self.hc_pre_chunk(
+                &l.hc_ffn,
+                sc.x1.ptr,
+                l.ffn_norm.ptr,
+                sc.b.ptr,
+                n,
+                [&l.gate_sh, &l.up_sh],
+            )?;
             self.mm(&l.router, sc.b.ptr, n, sc.rlog.ptr)?;
             self.route(il, l, n)?;
-            self.moe(l, n, false)?;
+            self.moe(l, n, false, pre_b)?;
             // F = routed (summed over the k experts by moe_down) + shared, then HC post.
+            // The next layer's mix product forms flat itself where it can (the last layer's
+            // flat feeds the output head).
+            attn_scaled = self
+                .layers
+                .get(il + 1)
+                .is_some_and(|nl| self.flat_scaled(&nl.hc_attn.fn_, n, trace.is_some()));
             fw.hc_post(
                 sc.sh_out.ptr,
                 sc.routed.ptr,
@@ -1081,9 +1180,10 @@ impl CudaBackend {
                 hc,
                 e,
                 sc.x.ptr,
-                sc.flat.ptr,
+                if attn_scaled { 0 } else { sc.flat.ptr },
                 eps,
                 n,
+                if attn_scaled { sc.fscale.ptr } else { 0 },
             )?;
             if let Some(tr) = trace.as_deref_mut() {
                 self.trace_layer(tr, il, n)?;
@@ -1323,7 +1423,7 @@ impl CudaBackend {
         self.hc_pre_site(&l.hc_ffn, sc.x1.ptr, l.ffn_norm.ptr, sc.b.ptr, qb, wide_a)?;
         self.mm(&l.router, sc.b.ptr, 1, sc.rlog.ptr)?;
         self.route(il, l, 1)?;
-        self.moe(l, 1, qb != DecQuant::default())?;
+        self.moe(l, 1, qb != DecQuant::default(), None)?;
         fw.join_side()?;
         // Wide where the next layer's attention site finishes the norm (not before the
         // output head, which reads flat).
@@ -1569,6 +1669,135 @@ impl CudaBackend {
         )
     }
 
+    /// [`CudaBackend::mm`] where `held` tracks what the tensor-core f16 activation scratch
+    /// holds (`(x, cols)` of its last prep, None: unknown): an F16 product of the same `x` and
+    /// width skips the prep pass (same operands). Every F16 product between the reset of `held`
+    /// and its last use goes through here.
+    fn mm_held(
+        &self,
+        w: &DevWeight,
+        x: u64,
+        n: usize,
+        y: u64,
+        held: &mut Option<(u64, usize)>,
+    ) -> Result<(), CudaError> {
+        let cx = w.cols() * w.n_mat();
+        match self
+            .tc
+            .as_ref()
+            .filter(|t| w.ty() == GgmlType::F16 && t.takes_matmul(w, n))
+        {
+            Some(t) => {
+                let same = *held == Some((x, cx));
+                // SAFETY: x is [n][cols·n_mat] f32, y [n][rows·n_mat]; `same` only where the
+                // scratch holds x's prep (held, maintained by every F16 product in between).
+                let now = unsafe { t.matmul_f16_reuse(&self.stream, w, x, n, y, same)? };
+                if now {
+                    *held = Some((x, cx));
+                }
+                Ok(())
+            }
+            None => self.mm(w, x, n, y),
+        }
+    }
+
+    /// Whether a chunk HC post may skip `flat` and leave the factors to the mix product of
+    /// `next` ([`Tc::matmul_scaled`]: same values); never while tracing.
+    fn flat_scaled(&self, next: &DevWeight, n: usize, tracing: bool) -> bool {
+        let s = self.s();
+        !tracing
+            && n > 1
+            && Fwd::hc_post_fast_fits(s.hc_mult, s.n_embd)
+            && self
+                .tc
+                .as_ref()
+                .is_some_and(|t| t.takes_matmul_scaled(next, n, &self.stream))
+    }
+
+    /// The HC mix product of a chunk site: from `flat`, or (`scaled`, see
+    /// [`CudaBackend::flat_scaled`]) from the streams `x` and the norm factors.
+    fn mix_mm(&self, w: &DevWeight, x: u64, n: usize, scaled: bool) -> Result<(), CudaError> {
+        let sc = &self.sc;
+        match self.tc.as_ref().filter(|_| scaled) {
+            // SAFETY: x is [n][hc·e] (the HC post's output), fscale [n] its norm factors
+            // (written by that HC post), mix [n][rows].
+            Some(t) => unsafe { t.matmul_scaled(&self.stream, w, x, sc.fscale.ptr, n, sc.mix.ptr) },
+            None => self.mm(w, sc.flat.ptr, n, sc.mix.ptr),
+        }
+    }
+
+    /// HC pre of a chunk site: on the fast path `xin` (read by nothing in a chunk) is skipped
+    /// and, when either of `users` is Q8_0 over `n_embd` columns, `out`'s Q8_0 activations are
+    /// written into `sc.act_pre` (returned; see [`CudaBackend::mm_pre`]).
+    fn hc_pre_chunk(
+        &self,
+        hw: &DevHc,
+        x: u64,
+        norm: u64,
+        out: u64,
+        n: usize,
+        users: [&DevWeight; 2],
+    ) -> Result<Option<u64>, CudaError> {
+        let s = self.s();
+        let sc = &self.sc;
+        let e = s.n_embd;
+        if !Fwd::hc_pre_fast_fits(s.hc_mult, e) {
+            self.hc_pre(hw, x, norm, out, n)?;
+            return Ok(None);
+        }
+        let q = users
+            .iter()
+            .any(|w| w.ty() == GgmlType::Q8_0 && w.cols() * w.n_mat() == e)
+            && Gemv::act_bytes(GgmlType::Q8_0, e, n) <= sc.act_pre.bytes;
+        let od = (n * e).div_ceil(256) as u64 * 256;
+        let q8 = q.then_some((sc.act_pre.ptr, sc.act_pre.ptr + od));
+        self.fwd.hc_pre(
+            sc.mix.ptr,
+            hw.scale.ptr,
+            hw.base.ptr,
+            s.hc_mult,
+            s.sinkhorn_iters,
+            s.hc_eps,
+            x,
+            e,
+            norm,
+            s.rms_eps,
+            sc.post.ptr,
+            sc.comb.ptr,
+            0,
+            out,
+            n,
+            q8,
+        )?;
+        Ok(q.then_some(sc.act_pre.ptr))
+    }
+
+    /// `y[t] = W·x[t]` where `pre` (from [`CudaBackend::hc_pre_chunk`]) holds `x`'s Q8_0
+    /// activations over `n_embd` columns: a Q8_0 weight of that width reads them instead of
+    /// quantizing `x` again (same bytes); anything else is [`CudaBackend::mm`].
+    fn mm_pre(
+        &self,
+        w: &DevWeight,
+        x: u64,
+        n: usize,
+        y: u64,
+        pre: Option<u64>,
+    ) -> Result<(), CudaError> {
+        let e = self.s().n_embd;
+        let Some(p) = pre.filter(|_| w.ty() == GgmlType::Q8_0 && w.cols() * w.n_mat() == e) else {
+            return self.mm(w, x, n, y);
+        };
+        let st = &self.stream;
+        if let Some(tc) = self.tc.as_ref().filter(|t| t.takes_matmul(w, n)) {
+            // SAFETY: p holds x quantized for w (hc_pre_chunk), x is [n][e], y [n][rows·n_mat].
+            return unsafe { tc.matmul(st, w, x, p, n, y) };
+        }
+        let xs = dv::<f32>(st, x, n * e);
+        let act = dv::<u8>(st, p, self.sc.act_pre.bytes);
+        let mut ys = dv::<f32>(st, y, n * w.rows() * w.n_mat());
+        self.gemv.matvec(st, w, &xs, &act, n, &mut ys)
+    }
+
     fn hc_pre(&self, hw: &DevHc, x: u64, norm: u64, out: u64, n: usize) -> Result<(), CudaError> {
         let s = self.s();
         let sc = &self.sc;
@@ -1588,6 +1817,7 @@ impl CudaBackend {
             sc.xin.ptr,
             out,
             n,
+            None,
         )
     }
 
@@ -1603,11 +1833,12 @@ impl CudaBackend {
         csc: u64,
         n: usize,
         qat_kind: i32,
+        held: &mut Option<(u64, usize)>,
     ) -> Result<(), CudaError> {
         let s = self.s();
         let g = c.geom;
-        self.mm(&c.kv, self.sc.a.ptr, n, ckv)?;
-        self.mm(&c.gate, self.sc.a.ptr, n, csc)?;
+        self.mm_held(&c.kv, self.sc.a.ptr, n, ckv, held)?;
+        self.mm_held(&c.gate, self.sc.a.ptr, n, csc, held)?;
         let cl = CompLaunch {
             ratio: g.ratio,
             overlap: g.overlap,
@@ -1633,13 +1864,21 @@ impl CudaBackend {
     }
 
     /// Lightning indexer: queries, scores and top-k for the chunk's tokens that need it.
-    fn indexer(&self, l: &DevLayer, ix: &DevIdx, icomp: u64, n: usize) -> Result<(), CudaError> {
+    fn indexer(
+        &self,
+        l: &DevLayer,
+        ix: &DevIdx,
+        icomp: u64,
+        n: usize,
+        held: &mut Option<(u64, usize)>,
+    ) -> Result<(), CudaError> {
         let s = self.s();
         let sc = &self.sc;
         let nih = s.index_heads;
         let ihd = s.index_head_dim;
-        self.mm(&ix.q_b, sc.qrn.ptr, n, sc.iq.ptr)?;
-        self.mm(&ix.proj, sc.a.ptr, n, sc.iw.ptr)?;
+        // proj first: it reads `a`, whose f16 prep the compressors may have left.
+        self.mm_held(&ix.proj, sc.a.ptr, n, sc.iw.ptr, held)?;
+        self.mm_held(&ix.q_b, sc.qrn.ptr, n, sc.iq.ptr, held)?;
         let wscale = 1.0 / ((ihd * nih) as f64).sqrt();
         self.fwd.indexer_q(
             sc.iq.ptr,
@@ -1680,7 +1919,15 @@ impl CudaBackend {
     /// Routed experts (only the selected ones are read) and the shared expert.
     /// `pre_q` (decode only, see [`CudaBackend::ffn_quant`]): `b` is already quantized for the
     /// routed experts in act and for the shared expert in act_sh.
-    fn moe(&self, l: &DevLayer, n: usize, pre_q: bool) -> Result<(), CudaError> {
+    /// `sh_pre` (chunks): `sc.act_pre` address holding `b`'s Q8_0 activations (see
+    /// [`CudaBackend::hc_pre_chunk`]), used for a Q8_0 shared gate / up of `n_embd` columns.
+    fn moe(
+        &self,
+        l: &DevLayer,
+        n: usize,
+        pre_q: bool,
+        sh_pre: Option<u64>,
+    ) -> Result<(), CudaError> {
         let s = self.s();
         let sc = &self.sc;
         let st = &self.stream;
@@ -1762,25 +2009,27 @@ impl CudaBackend {
         }
         // Shared expert.
         let act_sh = dv::<u8>(st, sc.act_sh.ptr, sc.act_sh.bytes);
-        if !pre_q {
+        let sh_pre = sh_pre.filter(|_| {
+            !pre_q
+                && l.gate_sh.ty() == GgmlType::Q8_0
+                && l.up_sh.ty() == GgmlType::Q8_0
+                && l.gate_sh.cols() == e
+                && l.up_sh.cols() == e
+        });
+        if !pre_q && sh_pre.is_none() {
             self.gemv
                 .quantize_act(st, l.gate_sh.ty(), &b, n, e, &mut act)?;
         }
-        let act_r = if pre_q { act_sh } else { act_r };
+        let act_ptr = sh_pre.unwrap_or(sc.act.ptr);
+        let act_r = match sh_pre {
+            Some(p) => dv::<u8>(st, p, sc.act_pre.bytes),
+            None if pre_q => act_sh,
+            None => act_r,
+        };
         let mut sh_mid = dv::<f32>(st, sc.sh_mid.ptr, n * ff);
         if let Some(tc) = tc.filter(|t| t.takes_gate_up(&l.gate_sh, &l.up_sh, n)) {
             // SAFETY: act holds b quantized for the shared expert, sh_mid is [n][ff].
-            unsafe {
-                tc.gate_up(
-                    st,
-                    &l.gate_sh,
-                    &l.up_sh,
-                    sc.act.ptr,
-                    n,
-                    l.clamp,
-                    sc.sh_mid.ptr,
-                )?
-            };
+            unsafe { tc.gate_up(st, &l.gate_sh, &l.up_sh, act_ptr, n, l.clamp, sc.sh_mid.ptr)? };
         } else {
             self.gemv.gate_up_swiglu(
                 st,

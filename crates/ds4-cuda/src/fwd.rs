@@ -536,7 +536,16 @@ impl Fwd {
         )
     }
 
+    /// Whether [`Fwd::hc_pre`] takes its chunk fast path for this shape (then `xin` may be 0
+    /// and `q8` may be given; `e % 32 == 0` for `q8`).
+    pub fn hc_pre_fast_fits(hc: usize, e: usize) -> bool {
+        hc == 4 && e.is_multiple_of(32) && e / 4 <= FP_T * FP_U
+    }
+
     /// HC pre: `mix` `[n][(2+hc)·hc]` → `post`, `comb`, `xin = Σ pre·x`, `a = RMSNorm(xin, norm)`.
+    /// On the chunk fast path ([`Fwd::hc_pre_fast_fits`]) `xin = 0` skips that output and
+    /// `q8 = Some((qs, d))` also writes `a` quantized as `Gemv::quantize_act(Q8_0, a, n, e)`
+    /// does (same bytes; `qs` = act, `d` = act + align256(n·e)); elsewhere both are errors.
     pub fn hc_pre(
         &self,
         mix: u64,
@@ -554,8 +563,18 @@ impl Fwd {
         xin: u64,
         a: u64,
         n: usize,
+        q8: Option<(u64, u64)>,
     ) -> Result<(), CudaError> {
-        if hc == 4 && e.is_multiple_of(4) && e / 4 <= FP_T * FP_U && aligned16(&[x, norm, xin, a]) {
+        let fast =
+            hc == 4 && e.is_multiple_of(4) && e / 4 <= FP_T * FP_U && aligned16(&[x, norm, xin, a]);
+        let q8_ok = Self::hc_pre_fast_fits(hc, e) && q8.is_none_or(|(q, _)| q % 4 == 0);
+        if (q8.is_some() && !(fast && q8_ok)) || (xin == 0 && !fast) {
+            return Err(CudaError::Driver(format!(
+                "hc_pre: no fast path (hc {hc}, e {e}) for a Q8_0 output or a skipped xin"
+            )));
+        }
+        let (q0, d0) = q8.unwrap_or((0, 0));
+        if fast {
             return self.go(
                 &self.hc_pre_fast,
                 (n.div_ceil(FP_TOK), 1, 1),
@@ -577,6 +596,8 @@ impl Fwd {
                     A::P(xin),
                     A::P(a),
                     A::I(n as i32),
+                    A::P(q0),
+                    A::P(d0),
                 ],
             );
         }
@@ -605,8 +626,15 @@ impl Fwd {
         )
     }
 
+    /// Whether [`Fwd::hc_post`] takes its chunk fast path for this shape (given 16-byte
+    /// aligned buffers); only there may `fscale` be given.
+    pub fn hc_post_fast_fits(hc: usize, e: usize) -> bool {
+        hc == 4 && e.is_multiple_of(4) && e / 4 <= FP_T * FP_U
+    }
+
     /// HC post: `xo = post ⊗ (f + Σ_k routed) + combᵀ x` (routed `[n][k][e]` or 0), then
-    /// `flat = RMSNorm_noweight(xo)` (flat = 0: skipped).
+    /// `flat = RMSNorm_noweight(xo)` (flat = 0: skipped). `fscale` (fast path only, 0: none)
+    /// gets the f64 norm factor `s` of each token (`flat = (float)(xo·s)`).
     pub fn hc_post(
         &self,
         f: u64,
@@ -621,12 +649,9 @@ impl Fwd {
         flat: u64,
         eps: f32,
         n: usize,
+        fscale: u64,
     ) -> Result<(), CudaError> {
-        if hc == 4
-            && e.is_multiple_of(4)
-            && e / 4 <= FP_T * FP_U
-            && aligned16(&[f, routed, x, xo, flat])
-        {
+        if Self::hc_post_fast_fits(hc, e) && aligned16(&[f, routed, x, xo, flat, fscale]) {
             let threads = (e / 4).div_ceil(FP_U).next_multiple_of(32).clamp(32, FP_T);
             return self.go(
                 &self.hc_post_fast,
@@ -644,8 +669,14 @@ impl Fwd {
                     A::P(xo),
                     A::P(flat),
                     A::F(eps),
+                    A::P(fscale),
                 ],
             );
+        }
+        if fscale != 0 {
+            return Err(CudaError::Driver(format!(
+                "hc_post: no fast path (hc {hc}, e {e}) for the norm factors"
+            )));
         }
         self.go(
             &self.hc_post,

@@ -198,7 +198,7 @@ impl GpuOps {
         let a = self.zeros(n * e)?;
         self.fwd.hc_pre(
             dm.ptr, ds.ptr, db.ptr, hc, iters, hc_eps, dx.ptr, e, dn.ptr, rms_eps, post.ptr,
-            comb.ptr, xin.ptr, a.ptr, n,
+            comb.ptr, xin.ptr, a.ptr, n, None,
         )?;
         Ok(HcPreOut {
             post: self.down(&post, n * hc)?,
@@ -206,6 +206,65 @@ impl GpuOps {
             xin: self.down(&xin, n * e)?,
             a: self.down(&a, n * e)?,
         })
+    }
+
+    /// [`GpuOps::hc_pre`] on the chunk fast path with `xin` skipped and `a`'s Q8_0 activation
+    /// quantization fused: returns `(out, act)` (`out.xin` empty; `act` the `[n][e]` Q8_0
+    /// layout of `Gemv::quantize_act`: int8 values, then the f32 scales at align256(n·e)).
+    pub fn hc_pre_q8(
+        &self,
+        mix: &[f32],
+        scale: &[f32],
+        base: &[f32],
+        hc: usize,
+        iters: usize,
+        hc_eps: f32,
+        x: &[f32],
+        e: usize,
+        norm: &[f32],
+        rms_eps: f32,
+        n: usize,
+    ) -> Result<(HcPreOut, Vec<u8>), CudaError> {
+        let (dm, ds, db, dx, dn) = (
+            self.up(mix)?,
+            self.up(scale)?,
+            self.up(base)?,
+            self.up(x)?,
+            self.up(norm)?,
+        );
+        let post = self.zeros(n * hc)?;
+        let comb = self.zeros(n * hc * hc)?;
+        let a = self.zeros(n * e)?;
+        let bytes = crate::gemv::Gemv::act_bytes(ds4_gguf::GgmlType::Q8_0, e, n);
+        let act = DBuf::from_slice(&self.stream, &vec![0xa5u8; bytes])?;
+        let od = (n * e).div_ceil(256) * 256;
+        self.fwd.hc_pre(
+            dm.ptr,
+            ds.ptr,
+            db.ptr,
+            hc,
+            iters,
+            hc_eps,
+            dx.ptr,
+            e,
+            dn.ptr,
+            rms_eps,
+            post.ptr,
+            comb.ptr,
+            0,
+            a.ptr,
+            n,
+            Some((act.ptr, act.ptr + od as u64)),
+        )?;
+        Ok((
+            HcPreOut {
+                post: self.down(&post, n * hc)?,
+                comb: self.down(&comb, n * hc * hc)?,
+                xin: Vec::new(),
+                a: self.down(&a, n * e)?,
+            },
+            self.down(&act, bytes)?,
+        ))
     }
 
     /// HC post of `n` tokens (`routed`: `[n][k][e]` and `k`), returns `(xo, flat)`.
@@ -241,8 +300,53 @@ impl GpuOps {
             flat.ptr,
             eps,
             n,
+            0,
         )?;
         Ok((self.down(&xo, n * hc * e)?, self.down(&flat, n * hc * e)?))
+    }
+
+    /// [`GpuOps::hc_post`] on the chunk fast path with the per-token norm factors also
+    /// written: returns `(xo, flat, fscale)`.
+    pub fn hc_post_scaled(
+        &self,
+        f: &[f32],
+        routed: Option<(&[f32], usize)>,
+        x: &[f32],
+        post: &[f32],
+        comb: &[f32],
+        hc: usize,
+        e: usize,
+        eps: f32,
+        n: usize,
+    ) -> Result<(Vec<f32>, Vec<f32>, Vec<f64>), CudaError> {
+        let (df, dx, dp, dc) = (self.up(f)?, self.up(x)?, self.up(post)?, self.up(comb)?);
+        let (dr, k) = match routed {
+            Some((r, k)) => (Some(self.up(r)?), k),
+            None => (None, 0),
+        };
+        let xo = self.zeros(n * hc * e)?;
+        let flat = self.zeros(n * hc * e)?;
+        let fs = self.up(&vec![f64::NAN; n])?;
+        self.fwd.hc_post(
+            df.ptr,
+            dr.as_ref().map_or(0, |b| b.ptr),
+            k,
+            dx.ptr,
+            dp.ptr,
+            dc.ptr,
+            hc,
+            e,
+            xo.ptr,
+            flat.ptr,
+            eps,
+            n,
+            fs.ptr,
+        )?;
+        Ok((
+            self.down(&xo, n * hc * e)?,
+            self.down(&flat, n * hc * e)?,
+            self.down(&fs, n)?,
+        ))
     }
 
     /// HC head + output norm of `n` tokens.
@@ -610,12 +714,78 @@ impl GpuOps {
         let once = || -> Result<(), CudaError> {
             match &tc {
                 // SAFETY: every address of `l` is an upload above, sized for n tokens.
-                Some(t) => unsafe { t.attention(&self.stream, &l, comp_rows, n) },
+                Some(t) => unsafe { t.attention(&self.stream, &l, comp_rows, n, None) },
                 None => self.fwd.attention(&l, n, nsplit),
             }
         };
         let ms = self.median_ms(reps, once)?.unwrap_or(f64::NAN);
         Ok((self.down(&heads, n * nh * hd)?, ms))
+    }
+
+    /// The tensor-core attention route with its fused Q8_0 output (hd / 8 a multiple of 32):
+    /// returns `(heads, act, act_only)`: the f32 output and the `[n][nh·hd]` Q8_0 activation
+    /// layout written together, then the layout of a second run without the f32 output.
+    pub fn attention_route_q8(
+        &self,
+        a: &AttnInputs<'_>,
+        prec: AttnPrecision,
+    ) -> Result<(Vec<f32>, Vec<u8>, Vec<u8>), CudaError> {
+        let (n, nh, hd) = (a.n, a.nh, a.hd);
+        let (dq, dr, dc) = (self.up(a.q)?, self.up(a.ring)?, self.up(a.comp)?);
+        let (ds, dsk, di) = (self.up(a.isel)?, self.up(a.sinks)?, self.up(a.inv_freq)?);
+        let part = DBuf::zeroed(&self.stream, 16)?;
+        let heads = self.up(&vec![f32::NAN; n * nh * hd])?;
+        let bytes = crate::gemv::Gemv::act_bytes(ds4_gguf::GgmlType::Q8_0, nh * hd, n);
+        let od = (n * nh * hd).div_ceil(256) * 256;
+        let act = DBuf::from_slice(&self.stream, &vec![0xa5u8; bytes])?;
+        let act2 = DBuf::from_slice(&self.stream, &vec![0x5au8; bytes])?;
+        self.set_pos(a.pos0)?;
+        let mut l = AttnLaunch {
+            q: dq.ptr,
+            ring: dr.ptr,
+            raw_cap: a.raw_cap,
+            window: a.window,
+            comp: dc.ptr,
+            ratio: a.ratio,
+            has_indexer: a.has_indexer,
+            isel: ds.ptr,
+            topk: a.topk,
+            sinks: dsk.ptr,
+            scale: a.scale,
+            nh,
+            hd,
+            n_rot: a.n_rot,
+            inv_freq: di.ptr,
+            pos: self.pos.ptr,
+            part: part.ptr,
+            heads: heads.ptr,
+        };
+        let comp_rows = if a.ratio > 0 { a.comp.len() / hd } else { 0 };
+        let t = AttnTc::new(&self._ctx, &self.stream, hd, a.raw_cap, comp_rows, prec)?;
+        // SAFETY: every address of `l` is an upload above, sized for n tokens; act / act2 hold
+        // the Q8_0 layout of n rows of nh·hd.
+        unsafe {
+            t.attention(
+                &self.stream,
+                &l,
+                comp_rows,
+                n,
+                Some((act.ptr, act.ptr + od as u64)),
+            )?;
+            l.heads = 0;
+            t.attention(
+                &self.stream,
+                &l,
+                comp_rows,
+                n,
+                Some((act2.ptr, act2.ptr + od as u64)),
+            )?;
+        }
+        Ok((
+            self.down(&heads, n * nh * hd)?,
+            self.down(&act, bytes)?,
+            self.down(&act2, bytes)?,
+        ))
     }
 
     /// Router of `n` tokens: returns `(probs, sel, wts)`.
@@ -1293,17 +1463,18 @@ impl GpuOps {
         time(format!("hc_pre n={n} hc={hc} e={e}"), &mut || {
             fw.hc_pre(
                 mix.ptr, scale.ptr, base.ptr, hc, 20, 1e-6, x.ptr, e, norm.ptr, 1e-6, opost.ptr,
-                ocomb.ptr, xin.ptr, a.ptr, n,
+                ocomb.ptr, xin.ptr, a.ptr, n, None,
             )
         })?;
         time(format!("hc_post+flat n={n} (attn, no routed)"), &mut || {
             fw.hc_post(
-                f.ptr, 0, 0, x.ptr, post.ptr, comb.ptr, hc, e, xo.ptr, flat.ptr, 1e-6, n,
+                f.ptr, 0, 0, x.ptr, post.ptr, comb.ptr, hc, e, xo.ptr, flat.ptr, 1e-6, n, 0,
             )
         })?;
         time(format!("hc_post+flat n={n} (ffn, routed k=1)"), &mut || {
             fw.hc_post(
                 f.ptr, routed.ptr, 1, x.ptr, post.ptr, comb.ptr, hc, e, xo.ptr, flat.ptr, 1e-6, n,
+                0,
             )
         })?;
         time(format!("head_norm_rope n={n} {nh}x{hd}"), &mut || {

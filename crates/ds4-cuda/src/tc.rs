@@ -430,10 +430,13 @@ impl Tc {
             None
         } else {
             let m = crate::device::load_module(ctx, "tc_skinny")?;
-            let fs = (1..=4)
-                .map(|nt| {
-                    m.load_function(&format!("ds4_tc_skinny_tf32_{nt}"))
-                        .map_err(|e| terr(format!("kernel ds4_tc_skinny_tf32_{nt}: {e}")))
+            // [plain 1..=4, scaled (ds4_tc_skinny_tf32s_*) 1..=4]
+            let fs = ["", "s"]
+                .iter()
+                .flat_map(|v| (1..=4).map(move |nt| format!("ds4_tc_skinny_tf32{v}_{nt}")))
+                .map(|name| {
+                    m.load_function(&name)
+                        .map_err(|e| terr(format!("kernel {name}: {e}")))
                 })
                 .collect::<Result<Vec<_>, _>>()?;
             Some((m, fs))
@@ -513,6 +516,68 @@ impl Tc {
             && x.is_multiple_of(16)
             && w0.is_multiple_of(8);
         ok.then(|| &fs[rows.div_ceil(8) - 1])
+    }
+
+    /// Whether [`Tc::matmul_scaled`] takes `w` for `n` tokens: [`Tc::matmul`] would run it on
+    /// the skinny tf32 kernel (F16, one matrix of ≤ 32 rows).
+    pub fn takes_matmul_scaled(&self, w: &DevWeight, n: usize, stream: &CudaStream) -> bool {
+        let (w0, _, _) = regions(w, stream);
+        self.takes_matmul(w, n) && self.skinny_for(w, w0, 0).is_some()
+    }
+
+    /// `y[t] = W·((float)(x[t]·xs[t]))` (the product in f64, per token `t`): the same values as
+    /// [`Tc::matmul`] of the rows `(float)(x[t]·xs[t])` (what `ds4_hc_post_fast` stores as
+    /// `flat`), without those rows in memory. Only where [`Tc::takes_matmul_scaled`].
+    ///
+    /// # Safety
+    /// `x` is `[n][cols]` f32 (16-byte aligned), `xs` `[n]` f64, `y` has room for `n·rows`
+    /// f32; all live device allocations used on `stream`.
+    pub unsafe fn matmul_scaled(
+        &self,
+        stream: &Arc<CudaStream>,
+        w: &DevWeight,
+        x: u64,
+        xs: u64,
+        n: usize,
+        y: u64,
+    ) -> Result<(), CudaError> {
+        if n == 0 {
+            return Ok(());
+        }
+        let (w0, _, _) = regions(w, stream);
+        let f = match (self.takes_matmul(w, n), self.skinny_for(w, w0, x)) {
+            (true, Some(_)) => {
+                let fs = &self
+                    .skinny
+                    .as_ref()
+                    .ok_or_else(|| terr("no skinny kernels"))?
+                    .1;
+                &fs[4 + w.rows().div_ceil(8) - 1]
+            }
+            _ => {
+                return Err(terr(format!(
+                    "unsupported scaled matmul {w:?} for {n} tokens"
+                )));
+            }
+        };
+        let rows = w.rows() as i32;
+        launch(
+            stream,
+            f,
+            (n.div_ceil(16) as u32, 1, 1),
+            32 * SKINNY_WARPS,
+            0,
+            &[
+                A::P(x),
+                A::P(w0),
+                A::I(rows),
+                A::I(w.cols() as i32),
+                A::I(n as i32),
+                A::P(y),
+                A::I(rows),
+                A::P(xs),
+            ],
+        )
     }
 
     /// Whether [`Tc::matmul`] of `w` runs on the f16 form of dense / attn_out.
@@ -642,8 +707,50 @@ impl Tc {
         n: usize,
         y: u64,
     ) -> Result<(), CudaError> {
+        // SAFETY: this function's contract.
+        unsafe { self.matmul_inner(stream, w, x, act, n, y, false) }.map(|_| ())
+    }
+
+    /// [`Tc::matmul`] of an F16 weight that may reuse the f16 activation scratch: with
+    /// `prep_held` the prep pass is skipped. Returns whether the scratch now holds `x`'s prep
+    /// (the general F16 kernel ran; the skinny kernel reads `x` itself and leaves it as it was).
+    ///
+    /// # Safety
+    /// As [`Tc::matmul`] for F16; with `prep_held`, the last call of this [`Tc`] that returned
+    /// `true` was for the same `x`, `n` and `cols·n_mat`, no other F16 product ran on this
+    /// `Tc` since (a skinny one aside), and `x` is unchanged.
+    pub unsafe fn matmul_f16_reuse(
+        &self,
+        stream: &Arc<CudaStream>,
+        w: &DevWeight,
+        x: u64,
+        n: usize,
+        y: u64,
+        prep_held: bool,
+    ) -> Result<bool, CudaError> {
+        if w.ty() != GgmlType::F16 {
+            return Err(terr(format!("{:?} weights for the f16 reuse", w.ty())));
+        }
         if n == 0 {
-            return Ok(());
+            return Ok(prep_held);
+        }
+        // SAFETY: this function's contract.
+        unsafe { self.matmul_inner(stream, w, x, 0, n, y, prep_held) }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn matmul_inner(
+        &self,
+        stream: &Arc<CudaStream>,
+        w: &DevWeight,
+        x: u64,
+        act: u64,
+        n: usize,
+        y: u64,
+        prep_held: bool,
+    ) -> Result<bool, CudaError> {
+        if n == 0 {
+            return Ok(false);
         }
         let kind = WKind::of(w.ty()).ok_or_else(|| terr(format!("{:?} weights", w.ty())))?;
         let rt = w.rows() * w.n_mat();
@@ -654,7 +761,8 @@ impl Tc {
             let cx = w.cols() * w.n_mat();
             // SAFETY: act holds x quantized for w, y is [n][rows·n_mat] (this function's
             // contract).
-            return unsafe { f.matmul(stream, w, act, act + act_d_offset(cx, n), n, y) };
+            return unsafe { f.matmul(stream, w, act, act + act_d_offset(cx, n), n, y) }
+                .map(|_| false);
         }
         let cx = w.cols() * w.n_mat();
         let (w0, w1, w2) = regions(w, stream);
@@ -710,25 +818,28 @@ impl Tc {
                             A::P(y),
                             A::I(rows),
                         ],
-                    );
+                    )
+                    .map(|_| prep_held);
                 }
                 if cx > self.cfg.max_f16_cols {
                     return Err(terr("F16 activations exceed the scratch"));
                 }
-                launch(
-                    stream,
-                    &self.prep,
-                    (n as u32, 1, 1),
-                    256,
-                    0,
-                    &[
-                        A::P(x),
-                        A::I(cx as i32),
-                        A::P(self.f16_hi.ptr),
-                        A::P(self.f16_lo.ptr),
-                        A::P(self.f16_scale.ptr),
-                    ],
-                )?;
+                if !prep_held {
+                    launch(
+                        stream,
+                        &self.prep,
+                        (n as u32, 1, 1),
+                        256,
+                        0,
+                        &[
+                            A::P(x),
+                            A::I(cx as i32),
+                            A::P(self.f16_hi.ptr),
+                            A::P(self.f16_lo.ptr),
+                            A::P(self.f16_scale.ptr),
+                        ],
+                    )?;
+                }
                 a.aq = self.f16_hi.ptr;
                 a.ad = self.f16_lo.ptr;
                 a.ascale = self.f16_scale.ptr;
@@ -782,7 +893,7 @@ impl Tc {
                 ],
             )?;
         }
-        Ok(())
+        Ok(kind == WKind::F16)
     }
 
     /// Dense gate/up/SwiGLU (shared expert): `mid[t][r] = silu(min(g,c))·clamp(u,±c)` as

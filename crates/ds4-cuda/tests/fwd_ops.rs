@@ -152,6 +152,90 @@ fn hc_pre_split_collapse_norm() {
     check("hc_pre a", &out.a, &a);
 }
 
+/// The chunk HC pre with `xin` skipped and `a`'s Q8_0 activations fused (the backend's chunk
+/// sites): the same `post`, `comb`, `a` as the plain launch (bit for bit), and the bytes
+/// quantize_act writes for `a` (bit for bit with ds4_quant). Token counts not a multiple of
+/// the 8 tokens per block; widths where some lanes hold no column.
+#[test]
+fn hc_pre_chunk_fused_q8() {
+    let Some(g) = gpu() else { return };
+    let mut r = Rng(31);
+    let (hc, iters) = (4usize, 20usize);
+    for (e, n) in [(4096usize, 19usize), (1024, 9), (256, 3), (2048, 1)] {
+        let nm = (2 + hc) * hc;
+        let mix = r.vec(n * nm, 1.0);
+        let scale: Vec<f32> = (0..3).map(|_| 0.5 + r.unif()).collect();
+        let base = r.vec(nm, 0.5);
+        let x = r.vec(n * hc * e, 1.0);
+        let mut norm: Vec<f32> = (0..e).map(|_| 1.0 + r.normal(0.15)).collect();
+        // An all-zero 32-block (d = 0, q = 0).
+        for v in &mut norm[64..96] {
+            *v = 0.0;
+        }
+        let plain = g
+            .hc_pre(&mix, &scale, &base, hc, iters, 1e-6, &x, e, &norm, 1e-6, n)
+            .unwrap();
+        let (out, act) = g
+            .hc_pre_q8(&mix, &scale, &base, hc, iters, 1e-6, &x, e, &norm, 1e-6, n)
+            .unwrap();
+        let tag = format!("hc_pre q8 e {e} n {n}");
+        let same = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+        assert!(same(&out.post, &plain.post), "{tag}: post");
+        assert!(same(&out.comb, &plain.comb), "{tag}: comb");
+        assert!(same(&out.a, &plain.a), "{tag}: a");
+        let mut a_cpu = vec![0f32; n * e];
+        for t in 0..n {
+            let (_, _, _, a) = cpu_hc_pre(
+                &mix[t * nm..(t + 1) * nm],
+                &scale,
+                &base,
+                hc,
+                iters,
+                &x[t * hc * e..(t + 1) * hc * e],
+                e,
+                &norm,
+            );
+            a_cpu[t * e..(t + 1) * e].copy_from_slice(&a);
+        }
+        check(&format!("{tag} a vs cpu"), &out.a, &a_cpu);
+        check_act_q8_0(&tag, &act, &out.a);
+    }
+}
+
+/// The chunk HC post with the per-token norm factors (the scaled skinny mix product forms
+/// flat from them): the same xo / flat as the plain launch, and (float)(xo·s) = flat bit for
+/// bit. Flash width and a narrow one; the FFN site's summed routed rows (k = 1) and k = 3.
+#[test]
+fn hc_post_norm_factors() {
+    let Some(g) = gpu() else { return };
+    let mut r = Rng(33);
+    let hc = 4usize;
+    for (e, n, k) in [(4096usize, 5usize, 1usize), (256, 3, 3), (1024, 2, 0)] {
+        let f = r.vec(n * e, 1.0);
+        let routed = r.vec(n * k.max(1) * e, 1.0);
+        let x = r.vec(n * hc * e, 1.0);
+        let post: Vec<f32> = (0..n * hc).map(|_| 2.0 * r.unif()).collect();
+        let comb: Vec<f32> = (0..n * hc * hc).map(|_| r.unif()).collect();
+        let rt = (k > 0).then_some((&routed[..], k));
+        let (xo0, flat0) = g.hc_post(&f, rt, &x, &post, &comb, hc, e, 1e-6, n).unwrap();
+        let (xo, flat, fs) = g
+            .hc_post_scaled(&f, rt, &x, &post, &comb, hc, e, 1e-6, n)
+            .unwrap();
+        let same = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+        assert!(same(&xo, &xo0), "e {e}: xo");
+        assert!(same(&flat, &flat0), "e {e}: flat");
+        for (i, (&v, &fl)) in xo.iter().zip(&flat).enumerate() {
+            let y = (v as f64 * fs[i / (hc * e)]) as f32;
+            assert_eq!(
+                y.to_bits(),
+                fl.to_bits(),
+                "e {e}: element {i}: xo·s {y} flat {fl}"
+            );
+        }
+        println!("hc_post e {e} n {n} k {k}: (float)(xo·s) = flat bit for bit");
+    }
+}
+
 #[test]
 fn hc_post_and_flat() {
     let Some(g) = gpu() else { return };

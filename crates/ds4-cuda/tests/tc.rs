@@ -322,7 +322,104 @@ mod gpu {
                 }
             }
             check(&format!("F16 {cols}x{rows}x{n_mat} n={n}"), &gn, &wn, 1e-4);
+            if d.tc.takes_matmul_scaled(&w, n, &d.stream) {
+                // The scaled skinny form (hc_post's flat formed in the kernel): the rows
+                // x·s (f64 product, rounded to f32) give the same bits as the plain kernel
+                // on those rows.
+                let raw = rng.vec(n * cx, 3.0);
+                let xs: Vec<f64> = (0..n).map(|t| 0.37 / (1.0 + t as f64).sqrt()).collect();
+                let xf: Vec<f32> = raw
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &v)| (v as f64 * xs[i / cx]) as f32)
+                    .collect();
+                let (draw, dxs, dxf) = (
+                    d.stream.clone_htod(&raw).unwrap(),
+                    d.stream.clone_htod(&xs).unwrap(),
+                    d.stream.clone_htod(&xf).unwrap(),
+                );
+                let (y0, y1) = (nan_buf(&d, n * rows), nan_buf(&d, n * rows));
+                // SAFETY: raw / xf [n][cx], xs [n], y0 / y1 [n][rows].
+                unsafe {
+                    d.tc.matmul(&d.stream, &w, ptr(&d, &dxf), 0, n, ptr(&d, &y0))
+                        .unwrap();
+                    d.tc.matmul_scaled(
+                        &d.stream,
+                        &w,
+                        ptr(&d, &draw),
+                        ptr(&d, &dxs),
+                        n,
+                        ptr(&d, &y1),
+                    )
+                    .unwrap();
+                }
+                let (a, b) = (
+                    d.stream.clone_dtoh(&y0).unwrap(),
+                    d.stream.clone_dtoh(&y1).unwrap(),
+                );
+                assert!(
+                    a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits()),
+                    "F16 {cols}x{rows} n={n}: scaled skinny differs"
+                );
+                println!("F16 {cols}x{rows} n={n}: scaled skinny bit-identical");
+            }
         }
+    }
+
+    /// An F16 product that reuses the f16 prep of the previous one (same x: the compressor /
+    /// indexer products of `a`) gives the bits of a plain product; a skinny product in between
+    /// leaves the scratch alone.
+    #[test]
+    fn f16_prep_reuse() {
+        let Some(d) = dev() else { return };
+        let mut rng = Rng(14);
+        let ty = GgmlType::F16;
+        let (cols, n) = (4096usize, 70usize);
+        let (_, w1) = upload(&d, &mut rng, ty, cols, 512, 1);
+        let (_, w2) = upload(&d, &mut rng, ty, cols, 136, 1);
+        let (_, ws) = upload(&d, &mut rng, ty, cols, 24, 1);
+        let x = rng.vec(n * cols, 1.0);
+        let dx = d.stream.clone_htod(&x).unwrap();
+        let plain = |w: &DevWeight, rows: usize| {
+            let y = nan_buf(&d, n * rows);
+            // SAFETY: x [n][cols], y [n][rows].
+            unsafe {
+                d.tc.matmul(&d.stream, w, ptr(&d, &dx), 0, n, ptr(&d, &y))
+                    .unwrap()
+            };
+            d.stream.clone_dtoh(&y).unwrap()
+        };
+        let want1 = plain(&w1, 512);
+        let want2 = plain(&w2, 136);
+        let (y1, y2, ys) = (
+            nan_buf(&d, n * 512),
+            nan_buf(&d, n * 136),
+            nan_buf(&d, n * 24),
+        );
+        // SAFETY: as above; the reuse follows a product of the same x (skinny aside).
+        let (h1, hs, h2) = unsafe {
+            let h1 =
+                d.tc.matmul_f16_reuse(&d.stream, &w1, ptr(&d, &dx), n, ptr(&d, &y1), false)
+                    .unwrap();
+            let hs =
+                d.tc.matmul_f16_reuse(&d.stream, &ws, ptr(&d, &dx), n, ptr(&d, &ys), true)
+                    .unwrap();
+            let h2 =
+                d.tc.matmul_f16_reuse(&d.stream, &w2, ptr(&d, &dx), n, ptr(&d, &y2), true)
+                    .unwrap();
+            (h1, hs, h2)
+        };
+        assert!(h1 && hs && h2, "scratch state {h1} {hs} {h2}");
+        let same = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(p, q)| p.to_bits() == q.to_bits());
+        assert!(
+            same(&d.stream.clone_dtoh(&y1).unwrap(), &want1),
+            "first product"
+        );
+        assert!(
+            same(&d.stream.clone_dtoh(&y2).unwrap(), &want2),
+            "reused prep"
+        );
+        println!("f16 prep reuse: bit-identical");
     }
 
     #[test]
@@ -937,7 +1034,40 @@ mod gpu {
                     &want,
                     tol,
                 );
+                if hd / 8 % 32 == 0 {
+                    // The fused Q8_0 output (out_a's activations): the same f32 heads, and
+                    // the bytes quantize_act writes for them, with or without the f32 output.
+                    let (heads, act, act_only) =
+                        g.attention_route_q8(&a, prec).expect("route attention q8");
+                    let tag = format!("attention {} ({}) q8", c.name, prec.name());
+                    assert!(
+                        heads
+                            .iter()
+                            .zip(&got)
+                            .all(|(x, y)| x.to_bits() == y.to_bits()),
+                        "{tag}: f32 heads differ from the plain route"
+                    );
+                    check_act_q8_0_rows(&tag, &act, &heads);
+                    assert!(
+                        act == act_only,
+                        "{tag}: Q8_0 output differs without f32 heads"
+                    );
+                }
             }
         }
+    }
+
+    /// Compare a device Q8_0 activation layout of rows `x` (int8 values, then the f32 scales
+    /// at the next 256-byte boundary) with ds4_quant's quantization: bit-identical.
+    fn check_act_q8_0_rows(name: &str, act: &[u8], x: &[f32]) {
+        let od = x.len().div_ceil(256) * 256;
+        let want = ds4_quant::act::quantize_q8_0_act_vec(x);
+        for (b, w) in want.iter().enumerate() {
+            let d = f32::from_le_bytes(act[od + 4 * b..od + 4 * b + 4].try_into().unwrap());
+            assert_eq!(d.to_bits(), w.d.to_bits(), "{name}: Q8_0 block {b}: d");
+            let qs: Vec<i8> = act[32 * b..32 * b + 32].iter().map(|&v| v as i8).collect();
+            assert_eq!(&qs[..], &w.qs[..], "{name}: Q8_0 block {b}: qs");
+        }
+        println!("{name}: {} Q8_0 blocks bit-identical", want.len());
     }
 }
