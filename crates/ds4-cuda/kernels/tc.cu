@@ -468,8 +468,12 @@ struct Tc {
 template <int T, int BN>
 struct Lay {
     // Pipeline depth and CTAs per SM: two CTAs of 2 stages where registers and shared memory
-    // allow it (IQ2_XXS, Q2_K), one CTA of 3 stages for Q4_K.
-    static constexpr int NS = (T == W_Q4K) ? 3 : 2;
+    // allow it (IQ2_XXS, Q2_K at BN ≤ 64), one CTA of 3 stages for Q4_K and for the 128-pair
+    // MoE tiles (BN = 128: 64 f32 + 64 s32 accumulators per thread need ptxas's 255 registers,
+    // one CTA per SM; the dequantised weight tile then serves twice the pairs, but with no
+    // second CTA to overlap the dequantisation and the mmas it measured slower than BN = 64 on
+    // an H100: opt-in, bench/results/h100/moe-bn128-s7.md).
+    static constexpr int NS = (T == W_Q4K || BN >= 128) ? 3 : 2;
     static constexpr int MINB = (NS == 2) ? 2 : 1;
     // Staged bytes of one 256-weight block of a row (rounded up to 16): IQ2_XXS qs 64 + the
     // aligned 4-byte word holding d; Q2_K qs 64 + scales 16 + d, dmin 4; Q4_K the whole block.
@@ -1321,6 +1325,9 @@ TC_INST(q4_k_64_s, W_Q4K, 64, M_STORE)
 TC_INST(q4_k_32_g, W_Q4K, 32, M_SWIGLU)
 TC_INST(q4_k_64_g, W_Q4K, 64, M_SWIGLU)
 TC_INST_D0(f16_64_s, W_F16, 64, M_STORE)
+// 128-pair tiles of the routed MoE GEMMs (IQ2_XXS gate+up, Q2_K down; opt-in, src/tc.rs `moe_bn`).
+TC_INST(iq2_xxs_128_g, W_IQ2, 128, M_SWIGLU)
+TC_INST(q2_k_128_s, W_Q2K, 128, M_STORE)
 
 // Dynamic shared memory of each variant, in the order of TC_INST above (read once at start-up).
 extern "C" __global__ void ds4_tc_smem_sizes(int* out) {
@@ -1343,6 +1350,10 @@ extern "C" __global__ void ds4_tc_smem_sizes(int* out) {
     out[14] = d0::Lay<W_F16, 64>::MINB;
     out[15] = wg::Lay::TOTAL;  // ds4_tc_q8_0_wg64_*, wg64m_*
     out[16] = wg::Lay::MINB;
+    out[17] = Lay<W_IQ2, 128>::TOTAL;  // ds4_tc_iq2_xxs_128_g
+    out[18] = Lay<W_IQ2, 128>::MINB;
+    out[19] = Lay<W_Q2K, 128>::TOTAL;  // ds4_tc_q2_k_128_s
+    out[20] = Lay<W_Q2K, 128>::MINB;
 }
 
 // Split-K reduction: y[i] = Σ_s part[s·total + i], splits in order (deterministic).

@@ -28,7 +28,17 @@
 //! capture-safe), then each CTA takes up to BN pairs of one expert and 64 (gate+up) or 128
 //! (down) weight rows. Down writes one row per pair; `ds4_tc_moe_sum` adds a token's k rows in
 //! slot order (deterministic, no atomics on outputs). Chunks are processed in sub-batches of
-//! at most [`MOE_MAX_TOKENS`] tokens (bounds the per-pair scratch).
+//! at most [`MOE_MAX_TOKENS`] tokens (bounds the per-pair scratch), or, when the pass is larger
+//! (`TcConfig::max_tokens` ≥ 2·[`MOE_MAX_TOKENS`], e.g. `--prefill-chunk 8192`), of up to the
+//! pass size capped at [`MOE_MAX_PASS_TOKENS`] (fuller 64-pair tiles: on an H100 at 8192
+//! tokens, one sub-batch instead of four makes gate+up 1.13× and down 1.13× faster,
+//! bench/results/h100/moe-bn128-s7.md). Tiles take 32 or 64 pairs; 128-pair kernels exist for
+//! IQ2_XXS gate+up and Q2_K down (one CTA per SM: the dequantised weight tile serves twice the
+//! pairs) but measured slower than 64-pair tiles at ~192 pairs per expert (gate+up 9.57 vs
+//! 8.43 ms, down 4.71 vs 4.51 ms at 8192 tokens, H100), so they are opt-in. Every width gives
+//! bit-identical results (same per-super-block order). `DS4_CUDA_TC_MOE_BN=32|64|128` forces
+//! the width (where that kernel exists) and `DS4_CUDA_TC_MOE_BATCH=N` the sub-batch (A/B
+//! measurements).
 //!
 //! The compute calls only enqueue kernels on the stream (graph-capture safe); they take raw
 //! device addresses and are `unsafe`: the caller guarantees the buffer sizes stated on each.
@@ -48,8 +58,27 @@ use crate::{CudaError, TcRoutes};
 
 /// Smallest number of tokens that takes a route.
 pub const MIN_TOKENS: usize = TcRoutes::MIN_TOKENS;
-/// Tokens per routed-MoE sub-batch.
+/// Tokens per routed-MoE sub-batch for passes of fewer than 2·`MOE_MAX_TOKENS` tokens.
 pub const MOE_MAX_TOKENS: usize = 2048;
+/// Most tokens per routed-MoE sub-batch of a larger pass (the sub-batch follows
+/// `TcConfig::max_tokens` up to this): the per-pair scratch is `tokens·k·down_rows·4` bytes
+/// (805 MB at 8192 × 6 × 4096).
+pub const MOE_MAX_PASS_TOKENS: usize = 8192;
+
+/// Tokens per routed-MoE sub-batch for `cfg` (see the module docs); `DS4_CUDA_TC_MOE_BATCH`
+/// overrides it (bounded by `cfg.max_tokens`).
+fn moe_batch(cfg: &TcConfig) -> usize {
+    let env = std::env::var("DS4_CUDA_TC_MOE_BATCH")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|&v| v >= 1);
+    let auto = if cfg.max_tokens >= 2 * MOE_MAX_TOKENS {
+        MOE_MAX_PASS_TOKENS
+    } else {
+        MOE_MAX_TOKENS
+    };
+    env.unwrap_or(auto).min(cfg.max_tokens).max(1)
+}
 
 /// Weight rows one CTA covers (shared-memory A rows).
 const BM: usize = 128;
@@ -212,6 +241,8 @@ pub struct TcConfig {
 struct Kern {
     f: CudaFunction,
     smem: u32,
+    /// Resident CTAs per SM (the kernel's `__launch_bounds__` minimum).
+    minb: u32,
 }
 
 /// The dense Q8_0 GEMM kernels for chunks of more than 32 tokens (`DS4_CUDA_TC_DENSE_WG`):
@@ -248,17 +279,21 @@ impl WgVar {
 /// Tokens per tile of the wgmma kernels.
 const WG_BN: usize = 64;
 
-/// Variant table order (must match `ds4_tc_smem_sizes`).
-const SMEM_ORDER: [(WKind, usize); 9] = [
-    (WKind::Q8_0, 32),
-    (WKind::Q8_0, 64),
-    (WKind::Iq2Xxs, 32),
-    (WKind::Iq2Xxs, 64),
-    (WKind::Q2K, 32),
-    (WKind::Q2K, 64),
-    (WKind::Q4K, 32),
-    (WKind::Q4K, 64),
-    (WKind::F16, 64),
+/// GEMM kernel variants: (kind, tile width BN, index of its shared-memory size and of its CTAs
+/// per SM in `ds4_tc_smem_sizes`' output, modes instantiated: false = store, true = SwiGLU).
+const SMEM_ORDER: [(WKind, usize, usize, usize, &[bool]); 11] = [
+    (WKind::Q8_0, 32, 0, 10, &[false, true]),
+    (WKind::Q8_0, 64, 1, 10, &[false, true]),
+    (WKind::Iq2Xxs, 32, 2, 11, &[false, true]),
+    (WKind::Iq2Xxs, 64, 3, 11, &[false, true]),
+    (WKind::Q2K, 32, 4, 12, &[false, true]),
+    (WKind::Q2K, 64, 5, 12, &[false, true]),
+    (WKind::Q4K, 32, 6, 13, &[false, true]),
+    (WKind::Q4K, 64, 7, 13, &[false, true]),
+    (WKind::F16, 64, 8, 14, &[false]),
+    // 128-pair routed-MoE tiles (one CTA per SM): IQ2_XXS gate+up, Q2_K down.
+    (WKind::Iq2Xxs, 128, 17, 18, &[true]),
+    (WKind::Q2K, 128, 19, 20, &[false]),
 ];
 
 /// The tensor-core route kernels, their scratch and the routes in force.
@@ -269,8 +304,10 @@ pub struct Tc {
     sms: u32,
     /// (kind, bn, swiglu) → kernel.
     gemm: Vec<((WKind, usize, bool), Kern)>,
-    /// Resident CTAs per SM of each kind's GEMM (indexed by `WKind`).
-    minb: [u32; 5],
+    /// Tokens per routed-MoE sub-batch ([`moe_batch`]).
+    moe_tok: usize,
+    /// Forced routed-MoE tile width (`DS4_CUDA_TC_MOE_BN`, [`Tc::set_moe_bn`]).
+    moe_bn_force: Option<usize>,
     /// The wgmma dense Q8_0 kernels in use (store, SwiGLU), their tile width and CTAs per SM.
     wg: Option<(Kern, Kern, usize, u32)>,
     prep: CudaFunction,
@@ -345,27 +382,16 @@ impl Tc {
                 std::mem::size_of::<TcArgs>()
             )));
         }
-        let minb = [
-            sizes[10].max(1) as u32,
-            sizes[11].max(1) as u32,
-            sizes[12].max(1) as u32,
-            sizes[13].max(1) as u32,
-            sizes[14].max(1) as u32,
-        ];
         let mut gemm = Vec::new();
-        for (i, &(kind, bn)) in SMEM_ORDER.iter().enumerate() {
-            let smem = sizes[i] as u32;
+        for &(kind, bn, si, mi, modes) in SMEM_ORDER.iter() {
+            let smem = sizes[si] as u32;
+            let minb = sizes[mi].max(1) as u32;
             if smem > smem_max {
                 return Err(terr(format!(
                     "{} tile needs {smem} B of shared memory, the device allows {smem_max}",
                     kind.name()
                 )));
             }
-            let modes: &[bool] = if kind == WKind::F16 {
-                &[false]
-            } else {
-                &[false, true]
-            };
             for &swiglu in modes {
                 let name = format!(
                     "ds4_tc_{}_{bn}_{}",
@@ -378,7 +404,7 @@ impl Tc {
                     smem as i32,
                 )
                 .map_err(drv)?;
-                gemm.push(((kind, bn, swiglu), Kern { f, smem }));
+                gemm.push(((kind, bn, swiglu), Kern { f, smem, minb }));
             }
         }
         // The wgmma dense kernels: shared memory and CTAs per SM at sizes[15], sizes[16].
@@ -398,7 +424,11 @@ impl Tc {
                         smem as i32,
                     )
                     .map_err(drv)?;
-                    Ok(Kern { f, smem })
+                    Ok(Kern {
+                        f,
+                        smem,
+                        minb: sizes[16].max(1) as u32,
+                    })
                 };
                 Some((load("s")?, load("g")?, WG_BN, sizes[16].max(1) as u32))
             }
@@ -441,15 +471,20 @@ impl Tc {
                 .collect::<Result<Vec<_>, _>>()?;
             Some((m, fs))
         };
-        let moe_tok = cfg.max_tokens.min(MOE_MAX_TOKENS);
+        let moe_tok = moe_batch(&cfg);
         let pairs = moe_tok * cfg.n_expert_used;
+        let moe_bn_force = std::env::var("DS4_CUDA_TC_MOE_BN")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .filter(|b| [32, 64, 128].contains(b));
         Ok(Tc {
             prep: func("ds4_tc_f16_prep")?,
             bucket: func("ds4_tc_moe_bucket")?,
             sum: func("ds4_tc_moe_sum")?,
             splitk_sum: func("ds4_tc_splitk_sum")?,
             splitk: DBuf::zeroed(stream, SPLITK_BYTES)?,
-            minb,
+            moe_tok,
+            moe_bn_force,
             wg,
             _module: module,
             routes,
@@ -849,7 +884,10 @@ impl Tc {
         };
         let (k, minb) = match wgk {
             Some(x) => x,
-            None => (self.kern(kind, bn, false)?, self.minb[kind as usize]),
+            None => {
+                let k = self.kern(kind, bn, false)?;
+                (k, k.minb)
+            }
         };
         // Split K when the tiles would not fill the card (fixed-order partial-sum reduction).
         let nkb = (w.cols() * if kind == WKind::F16 { 2 } else { 1 }).div_ceil(256);
@@ -967,8 +1005,32 @@ impl Tc {
         self.launch_gemm(stream, k, grid, &a)
     }
 
-    fn moe_bn(&self, nt: usize, k: usize, n_exp: usize) -> usize {
-        if nt * k >= 40 * n_exp { 64 } else { 32 }
+    /// Routed-MoE tile width for `nt` tokens of `k` pairs over `n_exp` experts: 64 pairs from
+    /// 40 per expert on average, else 32; [`Tc::set_moe_bn`] / `DS4_CUDA_TC_MOE_BN` force one
+    /// (128: opt-in, measured slower, see the module docs).
+    fn moe_bn(&self, kind: WKind, swiglu: bool, nt: usize, k: usize, n_exp: usize) -> usize {
+        let auto = if nt * k >= 40 * n_exp { 64 } else { 32 };
+        let bn = self.moe_bn_force.unwrap_or(auto);
+        if bn == 128 && self.kern(kind, 128, swiglu).is_err() {
+            64
+        } else {
+            bn
+        }
+    }
+
+    /// Force the routed-MoE tile width (32, 64 or 128; 128 falls back to 64 for the types
+    /// without a 128-pair kernel), or `None` for the automatic choice (A/B tests).
+    pub fn set_moe_bn(&mut self, bn: Option<usize>) -> Result<(), CudaError> {
+        if bn.is_some_and(|b| ![32, 64, 128].contains(&b)) {
+            return Err(terr(format!("MoE tile width {bn:?}")));
+        }
+        self.moe_bn_force = bn;
+        Ok(())
+    }
+
+    /// Tokens per routed-MoE sub-batch.
+    pub fn moe_batch_tokens(&self) -> usize {
+        self.moe_tok
     }
 
     fn bucket(
@@ -1043,8 +1105,8 @@ impl Tc {
         let ab = kind.act_block();
         let mut t0 = 0;
         while t0 < n {
-            let nt = (n - t0).min(MOE_MAX_TOKENS).min(self.cfg.max_tokens);
-            let bn = self.moe_bn(nt, k, n_exp);
+            let nt = (n - t0).min(self.moe_tok);
+            let bn = self.moe_bn(kind, true, nt, k, n_exp);
             self.bucket(stream, ids + (4 * t0 * k) as u64, nt * k, n_exp, bn)?;
             let a = TcArgs {
                 wa0: g0,
@@ -1117,8 +1179,8 @@ impl Tc {
         let ab = kind.act_block();
         let mut t0 = 0;
         while t0 < n {
-            let nt = (n - t0).min(MOE_MAX_TOKENS).min(self.cfg.max_tokens);
-            let bn = self.moe_bn(nt, k, n_exp);
+            let nt = (n - t0).min(self.moe_tok);
+            let bn = self.moe_bn(kind, false, nt, k, n_exp);
             let ids_t = ids + (4 * t0 * k) as u64;
             self.bucket(stream, ids_t, nt * k, n_exp, bn)?;
             let r0 = t0 * k;

@@ -803,6 +803,118 @@ mod gpu {
         );
     }
 
+    /// The opt-in 128-pair tiles (IQ2_XXS gate+up, Q2_K down) give the 64-pair tiles' results
+    /// bit for bit (and so does the automatic width) on shapes with many pairs per expert and
+    /// partial last tiles; the gate/up result also against the exact path (tolerance as above).
+    #[test]
+    fn moe_bn128_matches_bn64_bit_for_bit() {
+        let Some(d) = dev() else { return };
+        let mut rng = Rng(16);
+        let (e_dim, ff, n_mat, k) = (512usize, 256usize, 16usize, 6usize);
+        let cfg = TcConfig {
+            max_tokens: 1000,
+            max_f16_cols: 256,
+            n_expert: n_mat,
+            n_expert_used: k,
+            down_rows: e_dim,
+            max_dense_elems: 0,
+            max_dense_cols: 0,
+            max_pair_rows: 0,
+        };
+        let mut tc = Tc::new(d.stream.context(), &d.stream, cfg, TcRoutes::all()).expect("tc");
+        let (_, gate) = upload(&d, &mut rng, GgmlType::IQ2_XXS, e_dim, ff, n_mat);
+        let (_, up) = upload(&d, &mut rng, GgmlType::IQ2_XXS, e_dim, ff, n_mat);
+        let (_, down) = upload(&d, &mut rng, GgmlType::Q2_K, ff, e_dim, n_mat);
+        // 375 and ~112 pairs per expert on average.
+        for n in [1000usize, 300] {
+            let x = rng.vec(n * e_dim, 3.0);
+            let ids = pick_ids(&mut rng, n, k, n_mat);
+            let wts: Vec<f32> = (0..n * k).map(|_| rng.unif() as f32 * 0.5 + 0.05).collect();
+            let dx = d.stream.clone_htod(&x).unwrap();
+            let dids = d.stream.clone_htod(&ids).unwrap();
+            let dw = d.stream.clone_htod(&wts).unwrap();
+            let mut act = byte_buf(&d, Gemv::act_bytes(GgmlType::IQ2_XXS, e_dim, n));
+            d.g.quantize_act(&d.stream, GgmlType::IQ2_XXS, &dx, n, e_dim, &mut act)
+                .unwrap();
+            let mut want_mid = nan_buf(&d, n * k * ff);
+            d.g.moe_gate_up(
+                &d.stream,
+                &gate,
+                &up,
+                &dx,
+                &act,
+                &dids,
+                &dw,
+                n,
+                k,
+                10.0,
+                &mut want_mid,
+            )
+            .unwrap();
+            let want_mid_h = d.stream.clone_dtoh(&want_mid).unwrap();
+            let mut mid_act = byte_buf(&d, Gemv::act_bytes(GgmlType::Q2_K, ff, n * k));
+            d.g.quantize_act(
+                &d.stream,
+                GgmlType::Q2_K,
+                &want_mid,
+                n * k,
+                ff,
+                &mut mid_act,
+            )
+            .unwrap();
+            let mut res = Vec::new();
+            for bn in [Some(64), Some(128), None] {
+                tc.set_moe_bn(bn).unwrap();
+                let mid = nan_buf(&d, n * k * ff);
+                let out = nan_buf(&d, n * e_dim);
+                // SAFETY: act quantized for the experts, ids/wts [n][k], mid [n·k][ff];
+                // mid_act quantized for down, out [n][e_dim].
+                unsafe {
+                    tc.moe_gate_up(
+                        &d.stream,
+                        &gate,
+                        &up,
+                        ptr(&d, &act),
+                        ptr(&d, &dids),
+                        ptr(&d, &dw),
+                        n,
+                        k,
+                        10.0,
+                        ptr(&d, &mid),
+                    )
+                    .unwrap();
+                    tc.moe_down(
+                        &d.stream,
+                        &down,
+                        ptr(&d, &mid_act),
+                        ptr(&d, &dids),
+                        n,
+                        k,
+                        ptr(&d, &out),
+                    )
+                    .unwrap();
+                }
+                let mid = d.stream.clone_dtoh(&mid).unwrap();
+                let out = d.stream.clone_dtoh(&out).unwrap();
+                res.push((mid, out));
+            }
+            check(
+                &format!("moe gate/up bn 128 n={n}"),
+                &res[1].0,
+                &want_mid_h,
+                1e-5,
+            );
+            let same = |a: &[f32], b: &[f32]| {
+                a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())
+            };
+            for (i, what) in [(1, "bn 128"), (2, "auto")] {
+                assert!(same(&res[i].0, &res[0].0), "gate/up {what} vs bn 64, n={n}");
+                assert!(same(&res[i].1, &res[0].1), "down {what} vs bn 64, n={n}");
+                assert!(res[i].1.iter().all(|v| v.is_finite()), "down {what} n={n}");
+            }
+        }
+    }
+
     #[test]
     fn moe_bad_ids_give_nan() {
         let Some(d) = dev() else { return };
