@@ -572,10 +572,7 @@ __device__ __forceinline__ void attn_tc_body(
                             u32 word = 0;
 #pragma unroll
                             for (int k = 0; k < 2; k++) {
-                                const float pq = __fmul_rn(v[nb][k], id);
-                                int qi = (pq == pq) ? __float2int_rn(pq) : 0;
-                                qi = max(-128, min(127, qi));
-                                word |= (u32)(qi & 255) << (8 * k);
+                                word |= (u32)(q8_round(v[nb][k], id) & 255) << (8 * k);
                             }
                             if (hv) *reinterpret_cast<unsigned short*>(q8s + row + d) = (unsigned short)word;
                         }

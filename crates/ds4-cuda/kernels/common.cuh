@@ -32,3 +32,11 @@ __device__ __forceinline__ u16 f2h(float f) {
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
     return h;
 }
+
+// ds4's int8 activation rounding (Q8_0 and the other per-block quantizations): v·id rounded
+// once, to nearest even, NaN → 0, clamped to [-128, 127] (the CPU's `quantize_row_q8_0`).
+__device__ __forceinline__ int q8_round(float v, float id) {
+    const float p = __fmul_rn(v, id);
+    const int q = (p == p) ? __float2int_rn(p) : 0;
+    return max(-128, min(127, q));
+}

@@ -1339,10 +1339,7 @@ __device__ __forceinline__ void q8_0_warp(float v, bool on, i64 blk, i8* qs, flo
     if (!on) return;
     const float dd = am / 127.0f;
     const float id = dd != 0.f ? 1.0f / dd : 0.f;
-    const float p = __fmul_rn(v, id);
-    int q = (p == p) ? __float2int_rn(p) : 0;
-    q = max(-128, min(127, q));
-    qs[blk * 32 + lane] = (i8)q;
+    qs[blk * 32 + lane] = (i8)q8_round(v, id);
     if (lane == 0) dq[blk] = dd;
 }
 
@@ -2668,10 +2665,7 @@ extern "C" __global__ void __launch_bounds__(256, 2) ds4_hc_pre_fast(
                     u32 word = 0;
 #pragma unroll
                     for (int q = 0; q < 4; q++) {
-                        const float p = __fmul_rn(f4_get(r, q), id);
-                        int qi = (p == p) ? __float2int_rn(p) : 0;
-                        qi = max(-128, min(127, qi));
-                        word |= (u32)(qi & 255) << (8 * q);
+                        word |= (u32)(q8_round(f4_get(r, q), id) & 255) << (8 * q);
                     }
                     ((u32*)(q0 + (i64)t * e))[c] = word;
                     if ((threadIdx.x & 7) == 0) d0[((i64)t * e >> 5) + (c >> 3)] = dd;
@@ -2957,10 +2951,7 @@ extern "C" __global__ void __launch_bounds__(1024) ds4_rms_q8_dec(const float* x
     u32 word = 0;
 #pragma unroll
     for (int q = 0; q < 4; q++) {
-        const float p = __fmul_rn(f4_get(r, q), id);
-        int qi = (p == p) ? __float2int_rn(p) : 0;
-        qi = max(-128, min(127, qi));
-        word |= (u32)(qi & 255) << (8 * q);
+        word |= (u32)(q8_round(f4_get(r, q), id) & 255) << (8 * q);
     }
     ((u32*)q0)[t] = word;
     if ((t & 7) == 0) d0[t >> 3] = dd;

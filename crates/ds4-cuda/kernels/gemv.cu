@@ -1064,10 +1064,7 @@ extern "C" __global__ void ds4_quant_q8_0(const float* __restrict__ x, i8* __res
             u32 word = 0;
 #pragma unroll
             for (int k = 0; k < 4; k++) {
-                const float p = __fmul_rn(e[k], id);
-                int q = (p == p) ? __float2int_rn(p) : 0;
-                q = max(-128, min(127, q));
-                word |= (u32)(q & 255) << (8 * k);
+                word |= (u32)(q8_round(e[k], id) & 255) << (8 * k);
             }
             ((u32*)qs)[b * 8 + (lane & 7)] = word;
             if ((lane & 7) == 0) d[b] = dd;

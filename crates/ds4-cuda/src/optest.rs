@@ -49,6 +49,36 @@ pub struct AttnInputs<'a> {
     pub n: usize,
 }
 
+/// The device copies of an [`AttnInputs`]'s arrays (q, ring, comp, isel, sinks, inv_freq).
+struct AttnUploads([DBuf; 6]);
+
+impl AttnUploads {
+    /// The launch description over these uploads (`pos`, `part`, `heads` device addresses).
+    fn launch(&self, a: &AttnInputs<'_>, pos: u64, part: u64, heads: u64) -> AttnLaunch {
+        let [q, ring, comp, isel, sinks, inv_freq] = &self.0;
+        AttnLaunch {
+            q: q.ptr,
+            ring: ring.ptr,
+            raw_cap: a.raw_cap,
+            window: a.window,
+            comp: comp.ptr,
+            ratio: a.ratio,
+            has_indexer: a.has_indexer,
+            isel: isel.ptr,
+            topk: a.topk,
+            sinks: sinks.ptr,
+            scale: a.scale,
+            nh: a.nh,
+            hd: a.hd,
+            n_rot: a.n_rot,
+            inv_freq: inv_freq.ptr,
+            pos,
+            part,
+            heads,
+        }
+    }
+}
+
 /// Outputs of [`GpuOps::hc_pre`].
 #[derive(Clone, Debug)]
 pub struct HcPreOut {
@@ -124,6 +154,17 @@ impl GpuOps {
             fwd,
             pos,
         })
+    }
+
+    fn attn_upload(&self, a: &AttnInputs<'_>) -> Result<AttnUploads, CudaError> {
+        Ok(AttnUploads([
+            self.up(a.q)?,
+            self.up(a.ring)?,
+            self.up(a.comp)?,
+            self.up(a.isel)?,
+            self.up(a.sinks)?,
+            self.up(a.inv_freq)?,
+        ]))
     }
 
     fn up<T: Copy>(&self, v: &[T]) -> Result<DBuf, CudaError> {
@@ -670,8 +711,7 @@ impl GpuOps {
     ) -> Result<(Vec<f32>, f64), CudaError> {
         let (n, nh, hd) = (a.n, a.nh, a.hd);
         let nsplit = attn_splits(n, nh);
-        let (dq, dr, dc) = (self.up(a.q)?, self.up(a.ring)?, self.up(a.comp)?);
-        let (ds, dsk, di) = (self.up(a.isel)?, self.up(a.sinks)?, self.up(a.inv_freq)?);
+        let up = self.attn_upload(a)?;
         let part = if route.is_none() && nsplit > 1 {
             DBuf::zeroed(&self.stream, n * nh * nsplit * (hd + 2) * 8)?
         } else {
@@ -679,26 +719,7 @@ impl GpuOps {
         };
         let heads = self.up(&vec![f32::NAN; n * nh * hd])?;
         self.set_pos(a.pos0)?;
-        let l = AttnLaunch {
-            q: dq.ptr,
-            ring: dr.ptr,
-            raw_cap: a.raw_cap,
-            window: a.window,
-            comp: dc.ptr,
-            ratio: a.ratio,
-            has_indexer: a.has_indexer,
-            isel: ds.ptr,
-            topk: a.topk,
-            sinks: dsk.ptr,
-            scale: a.scale,
-            nh,
-            hd,
-            n_rot: a.n_rot,
-            inv_freq: di.ptr,
-            pos: self.pos.ptr,
-            part: part.ptr,
-            heads: heads.ptr,
-        };
+        let l = up.launch(a, self.pos.ptr, part.ptr, heads.ptr);
         let comp_rows = if a.ratio > 0 { a.comp.len() / hd } else { 0 };
         let tc = match route {
             Some(p) => Some(AttnTc::new(
@@ -731,8 +752,7 @@ impl GpuOps {
         prec: AttnPrecision,
     ) -> Result<(Vec<f32>, Vec<u8>, Vec<u8>), CudaError> {
         let (n, nh, hd) = (a.n, a.nh, a.hd);
-        let (dq, dr, dc) = (self.up(a.q)?, self.up(a.ring)?, self.up(a.comp)?);
-        let (ds, dsk, di) = (self.up(a.isel)?, self.up(a.sinks)?, self.up(a.inv_freq)?);
+        let up = self.attn_upload(a)?;
         let part = DBuf::zeroed(&self.stream, 16)?;
         let heads = self.up(&vec![f32::NAN; n * nh * hd])?;
         let bytes = crate::gemv::Gemv::act_bytes(ds4_gguf::GgmlType::Q8_0, nh * hd, n);
@@ -740,26 +760,7 @@ impl GpuOps {
         let act = DBuf::from_slice(&self.stream, &vec![0xa5u8; bytes])?;
         let act2 = DBuf::from_slice(&self.stream, &vec![0x5au8; bytes])?;
         self.set_pos(a.pos0)?;
-        let mut l = AttnLaunch {
-            q: dq.ptr,
-            ring: dr.ptr,
-            raw_cap: a.raw_cap,
-            window: a.window,
-            comp: dc.ptr,
-            ratio: a.ratio,
-            has_indexer: a.has_indexer,
-            isel: ds.ptr,
-            topk: a.topk,
-            sinks: dsk.ptr,
-            scale: a.scale,
-            nh,
-            hd,
-            n_rot: a.n_rot,
-            inv_freq: di.ptr,
-            pos: self.pos.ptr,
-            part: part.ptr,
-            heads: heads.ptr,
-        };
+        let mut l = up.launch(a, self.pos.ptr, part.ptr, heads.ptr);
         let comp_rows = if a.ratio > 0 { a.comp.len() / hd } else { 0 };
         let t = AttnTc::new(&self._ctx, &self.stream, hd, a.raw_cap, comp_rows, prec)?;
         // SAFETY: every address of `l` is an upload above, sized for n tokens; act / act2 hold

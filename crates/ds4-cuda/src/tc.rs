@@ -190,6 +190,35 @@ impl WKind {
 }
 
 /// Region addresses of a weight in gemv's device layout (see `gemv.rs`, "Device layouts").
+/// One launch of a skinny tf32 kernel (`ds4_tc_skinny_tf32_*`, or the scaled `..._tf32s_*` with
+/// the per-token f64 factors `xs`): `y[t] = W·x[t]` for `n` tokens.
+#[allow(clippy::too_many_arguments)]
+fn skinny_launch(
+    stream: &CudaStream,
+    f: &CudaFunction,
+    w: &DevWeight,
+    w0: u64,
+    x: u64,
+    n: usize,
+    y: u64,
+    xs: Option<u64>,
+) -> Result<(), CudaError> {
+    let rows = w.rows() as i32;
+    let mut args = vec![
+        A::P(x),
+        A::P(w0),
+        A::I(rows),
+        A::I(w.cols() as i32),
+        A::I(n as i32),
+        A::P(y),
+        A::I(rows),
+    ];
+    if let Some(xs) = xs {
+        args.push(A::P(xs));
+    }
+    launch(stream, f, (n.div_ceil(16) as u32, 1, 1), 32 * SKINNY_WARPS, 0, &args)
+}
+
 fn regions(w: &DevWeight, stream: &CudaStream) -> (u64, u64, u64) {
     let (p, _g) = w.data().device_ptr(stream);
     let rt = w.rows() * w.n_mat();
@@ -595,24 +624,7 @@ impl Tc {
                 )));
             }
         };
-        let rows = w.rows() as i32;
-        launch(
-            stream,
-            f,
-            (n.div_ceil(16) as u32, 1, 1),
-            32 * SKINNY_WARPS,
-            0,
-            &[
-                A::P(x),
-                A::P(w0),
-                A::I(rows),
-                A::I(w.cols() as i32),
-                A::I(n as i32),
-                A::P(y),
-                A::I(rows),
-                A::P(xs),
-            ],
-        )
+        skinny_launch(stream, f, w, w0, x, n, y, Some(xs))
     }
 
     /// Whether [`Tc::matmul`] of `w` runs on the f16 form of dense / attn_out.
@@ -837,24 +849,7 @@ impl Tc {
             }
             WKind::F16 => {
                 if let Some(f) = self.skinny_for(w, w0, x) {
-                    let rows = w.rows() as i32;
-                    return launch(
-                        stream,
-                        f,
-                        (n.div_ceil(16) as u32, 1, 1),
-                        32 * SKINNY_WARPS,
-                        0,
-                        &[
-                            A::P(x),
-                            A::P(w0),
-                            A::I(rows),
-                            A::I(w.cols() as i32),
-                            A::I(n as i32),
-                            A::P(y),
-                            A::I(rows),
-                        ],
-                    )
-                    .map(|_| prep_held);
+                    return skinny_launch(stream, f, w, w0, x, n, y, None).map(|_| prep_held);
                 }
                 if cx > self.cfg.max_f16_cols {
                     return Err(terr("F16 activations exceed the scratch"));
