@@ -216,7 +216,14 @@ fn skinny_launch(
     if let Some(xs) = xs {
         args.push(A::P(xs));
     }
-    launch(stream, f, (n.div_ceil(16) as u32, 1, 1), 32 * SKINNY_WARPS, 0, &args)
+    launch(
+        stream,
+        f,
+        (n.div_ceil(16) as u32, 1, 1),
+        32 * SKINNY_WARPS,
+        0,
+        &args,
+    )
 }
 
 fn regions(w: &DevWeight, stream: &CudaStream) -> (u64, u64, u64) {
