@@ -189,7 +189,6 @@ impl WKind {
     }
 }
 
-/// Region addresses of a weight in gemv's device layout (see `gemv.rs`, "Device layouts").
 /// One launch of a skinny tf32 kernel (`ds4_tc_skinny_tf32_*`, or the scaled `..._tf32s_*` with
 /// the per-token f64 factors `xs`): `y[t] = W·x[t]` for `n` tokens.
 #[allow(clippy::too_many_arguments)]
@@ -226,6 +225,7 @@ fn skinny_launch(
     )
 }
 
+/// Region addresses of a weight in gemv's device layout (see `gemv.rs`, "Device layouts").
 fn regions(w: &DevWeight, stream: &CudaStream) -> (u64, u64, u64) {
     let (p, _g) = w.data().device_ptr(stream);
     let rt = w.rows() * w.n_mat();
@@ -344,8 +344,8 @@ pub struct Tc {
     moe_tok: usize,
     /// Forced routed-MoE tile width (`DS4_CUDA_TC_MOE_BN`, [`Tc::set_moe_bn`]).
     moe_bn_force: Option<usize>,
-    /// The wgmma dense Q8_0 kernels in use (store, SwiGLU), their tile width and CTAs per SM.
-    wg: Option<(Kern, Kern, usize, u32)>,
+    /// The wgmma dense Q8_0 kernels in use (store, SwiGLU) and their tile width.
+    wg: Option<(Kern, Kern, usize)>,
     prep: CudaFunction,
     bucket: CudaFunction,
     sum: CudaFunction,
@@ -466,7 +466,7 @@ impl Tc {
                         minb: sizes[16].max(1) as u32,
                     })
                 };
-                Some((load("s")?, load("g")?, WG_BN, sizes[16].max(1) as u32))
+                Some((load("s")?, load("g")?, WG_BN))
             }
         };
         let mut routes = routes;
@@ -577,8 +577,9 @@ impl Tc {
     }
 
     /// The skinny tf32 kernel for F16 matrix `w` (data at `w0`; one matrix of ≤ 32 rows, aligned
-    /// rows) applied to activations at `x`, when on.
-    fn skinny_for(&self, w: &DevWeight, w0: u64, x: u64) -> Option<&CudaFunction> {
+    /// rows) applied to activations at `x`, when on; `scaled`: the `..._tf32s_*` form of
+    /// [`Tc::matmul_scaled`].
+    fn skinny_for(&self, w: &DevWeight, w0: u64, x: u64, scaled: bool) -> Option<&CudaFunction> {
         let (fs, rows) = (&self.skinny.as_ref()?.1, w.rows());
         let ok = w.ty() == GgmlType::F16
             && w.n_mat() == 1
@@ -586,14 +587,14 @@ impl Tc {
             && w.cols().is_multiple_of(16)
             && x.is_multiple_of(16)
             && w0.is_multiple_of(8);
-        ok.then(|| &fs[rows.div_ceil(8) - 1])
+        ok.then(|| &fs[4 * usize::from(scaled) + rows.div_ceil(8) - 1])
     }
 
     /// Whether [`Tc::matmul_scaled`] takes `w` for `n` tokens: [`Tc::matmul`] would run it on
     /// the skinny tf32 kernel (F16, one matrix of ≤ 32 rows).
     pub fn takes_matmul_scaled(&self, w: &DevWeight, n: usize, stream: &CudaStream) -> bool {
         let (w0, _, _) = regions(w, stream);
-        self.takes_matmul(w, n) && self.skinny_for(w, w0, 0).is_some()
+        self.takes_matmul(w, n) && self.skinny_for(w, w0, 0, true).is_some()
     }
 
     /// `y[t] = W·((float)(x[t]·xs[t]))` (the product in f64, per token `t`): the same values as
@@ -616,21 +617,10 @@ impl Tc {
             return Ok(());
         }
         let (w0, _, _) = regions(w, stream);
-        let f = match (self.takes_matmul(w, n), self.skinny_for(w, w0, x)) {
-            (true, Some(_)) => {
-                let fs = &self
-                    .skinny
-                    .as_ref()
-                    .ok_or_else(|| terr("no skinny kernels"))?
-                    .1;
-                &fs[4 + w.rows().div_ceil(8) - 1]
-            }
-            _ => {
-                return Err(terr(format!(
-                    "unsupported scaled matmul {w:?} for {n} tokens"
-                )));
-            }
-        };
+        let f = self
+            .skinny_for(w, w0, x, true)
+            .filter(|_| self.takes_matmul(w, n))
+            .ok_or_else(|| terr(format!("unsupported scaled matmul {w:?} for {n} tokens")))?;
         skinny_launch(stream, f, w, w0, x, n, y, Some(xs))
     }
 
@@ -841,8 +831,8 @@ impl Tc {
                 a.aq = act;
                 a.ad = act + act_d_offset(cx, n);
                 match &self.wg {
-                    Some((ks, _, wbn, wminb)) if n > 32 => {
-                        wgk = Some((ks, *wminb));
+                    Some((ks, _, wbn)) if n > 32 => {
+                        wgk = Some(ks);
                         *wbn
                     }
                     _ => {
@@ -855,7 +845,7 @@ impl Tc {
                 }
             }
             WKind::F16 => {
-                if let Some(f) = self.skinny_for(w, w0, x) {
+                if let Some(f) = self.skinny_for(w, w0, x, false) {
                     return skinny_launch(stream, f, w, w0, x, n, y, None).map(|_| prep_held);
                 }
                 if cx > self.cfg.max_f16_cols {
@@ -884,13 +874,11 @@ impl Tc {
             }
             _ => return Err(terr(format!("{:?} is not a dense route type", w.ty()))),
         };
-        let (k, minb) = match wgk {
-            Some(x) => x,
-            None => {
-                let k = self.kern(kind, bn, false)?;
-                (k, k.minb)
-            }
+        let k = match wgk {
+            Some(k) => k,
+            None => self.kern(kind, bn, false)?,
         };
+        let minb = k.minb;
         // Split K when the tiles would not fill the card (fixed-order partial-sum reduction).
         let nkb = (w.cols() * if kind == WKind::F16 { 2 } else { 1 }).div_ceil(256);
         let ctas = n.div_ceil(bn) * w.rows().div_ceil(BM) * w.n_mat();
@@ -993,7 +981,7 @@ impl Tc {
             ..TcArgs::new()
         };
         let (k, bn) = match &self.wg {
-            Some((_, kg, wbn, _)) if n > 32 => (kg, *wbn),
+            Some((_, kg, wbn)) if n > 32 => (kg, *wbn),
             _ => {
                 let bn = if n <= 32 { 32 } else { 64 };
                 (self.kern(WKind::Q8_0, bn, true)?, bn)
