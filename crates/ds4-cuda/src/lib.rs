@@ -60,6 +60,10 @@ pub struct CudaOptions {
     /// Most tokens evaluated in one pass (longer evals are split); sizes the scratch buffers
     /// and the raw KV ring (`window + max_chunk` rows per layer).
     pub max_chunk: usize,
+    /// Shrink `max_chunk` (halving, not below [`MIN_FIT_PASS_TOKENS`]) until the estimated KV
+    /// state and pass scratch fit the device memory left after the weights (the CLI sets it when
+    /// `--prefill-chunk` is not given, with `max_chunk` = [`DEFAULT_PASS_TOKENS`]).
+    pub fit_chunk: bool,
     /// Capture single-token decode steps as CUDA graphs and replay them.
     pub graphs: bool,
     /// `--quality`: exact decode-style kernels only (every tensor-core prefill route off).
@@ -199,12 +203,22 @@ impl Default for TcRoutes {
     }
 }
 
+/// Default tokens of one prefill pass on CUDA when `--prefill-chunk` is not given: 8192-token
+/// passes run the routed MoE in fuller 64-pair tiles and the dense products in fewer, larger
+/// launches (+13% prefill at 8k-32k tokens on an H200 over 2048, bench/README.md). Chunking is a
+/// speed knob only: the exact path gives bit-identical logits for any pass size, the routes
+/// differ by their own rounding (same drift from the exact path).
+pub const DEFAULT_PASS_TOKENS: usize = 8192;
+/// The smallest pass [`CudaOptions::fit_chunk`] shrinks to (ds4's default prefill chunk).
+pub const MIN_FIT_PASS_TOKENS: usize = 2048;
+
 impl Default for CudaOptions {
     fn default() -> Self {
         CudaOptions {
             device: 0,
             qat: true,
             max_chunk: 2048,
+            fit_chunk: false,
             graphs: true,
             quality: false,
             tc: TcRoutes::all(),

@@ -88,9 +88,10 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 100_000)]
     pub tool_memory_max_ids: usize,
 
-    /// Tokens per prefill chunk (cancellation and keep-alives happen between chunks).
-    #[arg(long, default_value_t = 2048)]
-    pub prefill_chunk: usize,
+    /// Tokens per prefill chunk (cancellation and keep-alives happen between chunks). Default:
+    /// the backend's (`ds4 serve`: 8192 on CUDA, 2048 on the CPU; 2048 here).
+    #[arg(long)]
+    pub prefill_chunk: Option<usize>,
 
     /// Default temperature (requests may override it; thinking mode forces 1).
     #[arg(long, default_value_t = 1.0)]
@@ -153,7 +154,7 @@ impl Default for ServeArgs {
             cors: false,
             disable_exact_dsml_tool_replay: false,
             tool_memory_max_ids: 100_000,
-            prefill_chunk: 2048,
+            prefill_chunk: None,
             temp: 1.0,
             top_p: 1.0,
             top_k: 0,
@@ -168,12 +169,17 @@ impl Default for ServeArgs {
 }
 
 impl ServeArgs {
+    /// The prefill chunk in force (`--prefill-chunk`, else ds4's 2048).
+    pub fn chunk(&self) -> usize {
+        self.prefill_chunk.unwrap_or(2048)
+    }
+
     /// Check the flag combinations ds4 refuses.
     pub fn validate(&self) -> Result<(), String> {
         if self.ctx < 2 {
             return Err("--ctx must be at least 2".into());
         }
-        if self.prefill_chunk == 0 {
+        if self.prefill_chunk == Some(0) {
             return Err("--prefill-chunk must be at least 1".into());
         }
         if self.queue_max == 0 {

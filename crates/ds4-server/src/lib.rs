@@ -99,7 +99,7 @@ impl Server {
             backend,
             SessionOptions {
                 ctx: args.ctx,
-                prefill_chunk: args.prefill_chunk,
+                prefill_chunk: args.chunk(),
             },
         )?;
         let store = match &args.kv_disk_dir {
@@ -151,7 +151,7 @@ impl Server {
         let shutdown = CancellationToken::new();
         let cfg = worker::WorkerConfig {
             ctx: args.ctx,
-            prefill_chunk: args.prefill_chunk,
+            prefill_chunk: args.chunk(),
             min_tokens: args.kv_cache_min_tokens,
             cold_max: args.kv_cache_cold_max_tokens,
             frontier: args.continued_frontier(),

@@ -89,9 +89,11 @@ pub struct Args {
     /// Skip the untimed warm-up prefill (profilers that count every kernel).
     #[arg(long)]
     pub no_warmup: bool,
-    /// Tokens per prefill chunk (on CUDA also the tokens of one pass, which sizes its scratch).
-    #[arg(long, default_value_t = ds4_model::session::DEFAULT_PREFILL_CHUNK)]
-    pub prefill_chunk: usize,
+    /// Tokens per prefill chunk, on CUDA also the tokens of one pass (sizes its scratch).
+    /// Default: 8192 on CUDA (smaller if the device memory left after the weights is short),
+    /// 2048 on the CPU (ds4's).
+    #[arg(long)]
+    pub prefill_chunk: Option<usize>,
     /// Write the CSV here instead of stdout.
     #[arg(long)]
     pub csv: Option<PathBuf>,
@@ -641,7 +643,7 @@ pub fn run(a: Args) -> Result<()> {
     if a.gen_tokens == 0 {
         bail!("--gen-tokens must be at least 1");
     }
-    if a.prefill_chunk == 0 {
+    if a.prefill_chunk == Some(0) {
         bail!("--prefill-chunk must be at least 1");
     }
     let need = a.ctx_max + a.gen_tokens;
@@ -692,7 +694,7 @@ pub fn run(a: Args) -> Result<()> {
         backend,
         SessionOptions {
             ctx,
-            prefill_chunk: a.prefill_chunk,
+            prefill_chunk: common::prefill_chunk(&a.load, a.prefill_chunk),
         },
     )?;
     eprintln!(

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use ds4_gguf::Gguf;
+use ds4_model::session::DEFAULT_PREFILL_CHUNK;
 use ds4_model::{Backend, Engine, EngineOptions, Model, Session, SessionOptions};
 use ds4_tokenizer::Tokenizer;
 
@@ -53,9 +54,11 @@ pub struct ModelArgs {
     /// Context size (tokens) of the session.
     #[arg(short = 'c', long, default_value_t = ds4_model::session::DEFAULT_CTX)]
     pub ctx: usize,
-    /// Tokens per prefill chunk (on CUDA also the tokens of one pass, which sizes its scratch).
-    #[arg(long, default_value_t = ds4_model::session::DEFAULT_PREFILL_CHUNK)]
-    pub prefill_chunk: usize,
+    /// Tokens per prefill chunk, on CUDA also the tokens of one pass (sizes its scratch).
+    /// Default: 8192 on CUDA (smaller if the device memory left after the weights is short),
+    /// 2048 on the CPU (ds4's).
+    #[arg(long)]
+    pub prefill_chunk: Option<usize>,
 }
 
 /// Where the model came from.
@@ -115,15 +118,26 @@ pub fn load_tokenizer(gguf: &Gguf, path: &Path) -> Result<Tokenizer> {
         .with_context(|| format!("{} has no usable tokenizer", path.display()))
 }
 
+/// The prefill chunk: `--prefill-chunk` if given, else [`ds4_cuda::DEFAULT_PASS_TOKENS`] on
+/// CUDA and ds4's [`DEFAULT_PREFILL_CHUNK`] on the CPU.
+pub fn prefill_chunk(a: &LoadArgs, arg: Option<usize>) -> usize {
+    arg.unwrap_or(match a.backend {
+        BackendChoice::Cuda => ds4_cuda::DEFAULT_PASS_TOKENS,
+        BackendChoice::Cpu => DEFAULT_PREFILL_CHUNK,
+    })
+}
+
 /// CUDA backend options from the flags; the backend's pass size (`max_chunk`, the tokens one
-/// prefill pass evaluates and its scratch is sized for) follows `--prefill-chunk`, so a chunk
-/// of P tokens is one pass, as the session schedules it.
-pub fn cuda_options(a: &LoadArgs, prefill_chunk: usize) -> ds4_cuda::CudaOptions {
+/// prefill pass evaluates and its scratch is sized for) follows the prefill chunk, so a chunk
+/// of P tokens is one pass, as the session schedules it. Without `--prefill-chunk` the backend
+/// may shrink the pass to fit its memory (`CudaOptions::fit_chunk`).
+pub fn cuda_options(a: &LoadArgs, arg: Option<usize>) -> ds4_cuda::CudaOptions {
     ds4_cuda::CudaOptions {
         device: a.device,
         qat: !a.no_qat,
         quality: a.quality,
-        max_chunk: prefill_chunk.max(1),
+        max_chunk: prefill_chunk(a, arg).max(1),
+        fit_chunk: arg.is_none(),
         ..Default::default()
     }
 }
@@ -143,12 +157,12 @@ pub fn new_backend(
 }
 
 /// A backend of the chosen kind with room for `ctx` tokens, evaluating prefill chunks of up to
-/// `prefill_chunk` tokens in one pass.
+/// the prefill chunk's tokens in one pass.
 pub fn make_backend(
     a: &LoadArgs,
     engine: &Engine,
     ctx: usize,
-    prefill_chunk: usize,
+    prefill_chunk: Option<usize>,
 ) -> Result<Box<dyn Backend>> {
     Ok(new_backend(
         a.backend,
@@ -163,7 +177,7 @@ pub fn make_session(a: &ModelArgs, lm: &LoadedModel) -> Result<Session> {
     if a.ctx < 2 {
         bail!("--ctx must be at least 2");
     }
-    if a.prefill_chunk == 0 {
+    if a.prefill_chunk == Some(0) {
         bail!("--prefill-chunk must be at least 1");
     }
     let backend = make_backend(&a.load, &lm.engine, a.ctx, a.prefill_chunk)?;
@@ -171,7 +185,7 @@ pub fn make_session(a: &ModelArgs, lm: &LoadedModel) -> Result<Session> {
         backend,
         SessionOptions {
             ctx: a.ctx,
-            prefill_chunk: a.prefill_chunk,
+            prefill_chunk: prefill_chunk(&a.load, a.prefill_chunk),
         },
     )?)
 }

@@ -38,7 +38,7 @@ pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-pub fn run(a: Args) -> Result<()> {
+pub fn run(mut a: Args) -> Result<()> {
     init_logging();
     a.serve
         .validate()
@@ -59,6 +59,7 @@ pub fn run(a: Args) -> Result<()> {
     );
     let kind = a.load.backend;
     let cuda = common::cuda_options(&a.load, a.serve.prefill_chunk);
+    a.serve.prefill_chunk = Some(common::prefill_chunk(&a.load, a.serve.prefill_chunk));
     let engine = lm.engine.clone();
     let bundle = ds4_server::EngineBundle {
         tokenizer: tok,
