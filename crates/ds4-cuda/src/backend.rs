@@ -37,6 +37,7 @@ use crate::fwd::{
     attn_dec_bytes, attn_dec_fits, attn_dec_stride, attn_splits,
 };
 use crate::gemv::{DevWeight, Gemv};
+use crate::pass::{fit_pass, kv_bytes, pass_bytes};
 use crate::rt::{DBuf, dtoh, htod};
 use crate::tc::{Tc, TcConfig};
 use crate::{CudaError, CudaOptions};
@@ -300,60 +301,6 @@ fn frontier(k: &Option<DBuf>, v: &Option<DBuf>) -> Result<(u64, u64), CudaError>
 
 const GIB: f64 = (1u64 << 30) as f64;
 
-/// Estimated device bytes of the KV state for `ctx` tokens (compressed and indexer rows; the raw
-/// ring is counted per pass token in [`pass_bytes`]).
-fn kv_bytes(s: &Shape, plan: &ds4_model::Plan, ctx: usize) -> usize {
-    plan.layers
-        .iter()
-        .map(|l| {
-            let rows = ctx.checked_div(l.attn.ratio()).map_or(0, |r| r + 1);
-            let idx = if l.attn.has_indexer() {
-                s.index_head_dim
-            } else {
-                0
-            };
-            // f32 rows, plus the attention route's f16 hi/lo copy of the visible rows.
-            rows * (2 * s.head_dim + idx) * 4
-        })
-        .sum()
-}
-
-/// Estimated device bytes that scale with the pass size `n`: the chunk scratch (the f32
-/// activations of every sublayer), the raw KV rings, the routed-MoE partial sums, the Q8_0
-/// activations, with a quarter more for what is not itemised (tensor-core staging, picks).
-fn pass_bytes(s: &Shape, n: usize) -> usize {
-    let hcd = s.hc_dim();
-    let (e, nh, hd, k) = (s.n_embd, s.n_head, s.head_dim, s.n_expert_used);
-    let f32s = 3 * hcd
-        + 7 * e
-        + 2 * s.q_lora_rank
-        + 2 * nh * hd
-        + 5 * hd
-        + 4 * s.index_head_dim
-        + s.index_heads * (s.index_head_dim + 1)
-        + s.index_topk
-        + s.o_groups * s.o_lora_rank
-        + 2 * s.n_expert
-        + k * s.n_ff_exp
-        + s.n_ff_exp
-        + k * e // tc MoE per-pair partial sums
-        + s.n_layer * hd; // raw rings
-    let q8 = nh * hd + e + k * s.n_ff_exp; // int8 activations (+ scales below)
-    (f32s * 4 + q8 * 9 / 8) * n * 5 / 4
-}
-
-/// The largest pass ≤ `want` (halving, not below [`crate::MIN_FIT_PASS_TOKENS`]) whose estimated
-/// KV state and scratch leave 1.5 GiB of `free` device memory.
-fn fit_pass(s: &Shape, plan: &ds4_model::Plan, ctx: usize, want: usize, free: usize) -> usize {
-    let reserve = (3usize << 30) / 2 + SCORE_BYTES;
-    let kv = kv_bytes(s, plan, ctx);
-    let mut n = want;
-    while n > crate::MIN_FIT_PASS_TOKENS && kv + pass_bytes(s, n) + reserve > free {
-        n = (n / 2).max(crate::MIN_FIT_PASS_TOKENS);
-    }
-    n.min(want)
-}
-
 fn ggml_id(ty: GgmlType) -> Option<i32> {
     Some(match ty {
         GgmlType::F32 => 0,
@@ -511,7 +458,7 @@ impl CudaBackend {
 
         let max_chunk = if opts.fit_chunk {
             let (free, _) = dctx.mem_get_info().map_err(crate::rt::drv)?;
-            let pass = fit_pass(&s, &model.plan, ctx, max_chunk, free);
+            let pass = fit_pass(&s, &model.plan, ctx, max_chunk, free, SCORE_BYTES);
             if pass < max_chunk {
                 eprintln!(
                     "ds4-cuda: prefill passes of {pass} tokens ({max_chunk} need ~{:.1} GiB of the \

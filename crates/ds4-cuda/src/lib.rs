@@ -230,6 +230,7 @@ impl Default for CudaOptions {
 mod device;
 #[cfg(feature = "cuda")]
 mod fwd;
+pub mod pass;
 #[cfg(feature = "cuda")]
 mod rt;
 
