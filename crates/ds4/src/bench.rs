@@ -690,15 +690,16 @@ pub fn run(a: Args) -> Result<()> {
         );
     }
     let commit = commit();
+    let chunk = common::prefill_chunk(&a.load, a.prefill_chunk);
     let mut session = Session::with_backend(
         backend,
         SessionOptions {
             ctx,
-            prefill_chunk: common::prefill_chunk(&a.load, a.prefill_chunk),
+            prefill_chunk: chunk,
         },
     )?;
     eprintln!(
-        "ds4: bench {} on {backend_name} ({card}), {} frontiers {}..{}, {} gen tokens, ctx {ctx}, weights read per decode step {:.3} GB",
+        "ds4: bench {} on {backend_name} ({card}), {} frontiers {}..{}, {} gen tokens, ctx {ctx}, prefill chunk {chunk}, weights read per decode step {:.3} GB",
         lm.path.display(),
         fr.len(),
         a.ctx_start,
