@@ -620,6 +620,9 @@ impl GpuOps {
         let (dq, dw, dc) = (self.up(iq)?, self.up(iw)?, self.up(icomp)?);
         let scores = self.up(&vec![f32::NAN; n * stride])?;
         self.set_pos(pos0)?;
+        if nih == 64 && ihd == 128 {
+            self.fwd.reserve_idx8(n, stride)?;
+        }
         let once = || {
             self.fwd.indexer_scores(
                 kernel,
@@ -640,6 +643,18 @@ impl GpuOps {
         };
         let ms = self.median_ms(reps, once)?.unwrap_or(0.0);
         Ok((self.down(&scores, n * stride)?, ms))
+    }
+
+    /// Whether the last int8 indexer launch ([`IdxKernel::Int8`]) found a row that is not
+    /// int8·2^e and so ran the FP64 kernel (false before any).
+    pub fn idx8_fell_back(&self) -> Result<bool, CudaError> {
+        let Some(p) = self.fwd.idx8_slots() else {
+            return Ok(false);
+        };
+        let mut v = vec![0i32; crate::fwd::IDX8_SLOTS];
+        self.stream.synchronize().map_err(crate::rt::drv)?;
+        dtoh(&self.stream, &mut v, p)?;
+        Ok(v.iter().any(|&x| x != 0))
     }
 
     /// Attention of `n` tokens at `pos0..` (`nsplit` 0: the backend's choice).
