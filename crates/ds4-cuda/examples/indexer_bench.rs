@@ -192,10 +192,24 @@ mod bench {
                 .map(|nv| (nv * nih * ihd) as f64)
                 .sum();
             let mut base: Option<(Vec<f32>, f64)> = None;
-            for kernel in [IdxKernel::Mma2x64, IdxKernel::Int8, IdxKernel::Auto] {
+            for (kernel, var) in [
+                (IdxKernel::Mma2x64, 0usize),
+                (IdxKernel::Int8, 0),
+                (IdxKernel::Int8, 1),
+                (IdxKernel::Int8, 2),
+                (IdxKernel::Int8, 3),
+                (IdxKernel::Auto, 0),
+            ] {
+                g.set_idx8_variant(var);
                 let (s, ms) = g.indexer_scores_timed(
                     kernel, q, w, k, nih, ihd, ratio, topk, pos0, n, stride, blocks, reps,
                 )?;
+                let kname = match (kernel, var) {
+                    (IdxKernel::Int8, 1) => "Int8b3".to_string(),
+                    (IdxKernel::Int8, 2) => "Int8bl".to_string(),
+                    (IdxKernel::Int8, 3) => "Int8b3bl".to_string(),
+                    _ => format!("{kernel:?}"),
+                };
                 let fell = kernel != IdxKernel::Mma2x64 && g.idx8_fell_back()?;
                 let mut diff = 0usize;
                 if let Some((b, _)) = &base {
@@ -217,7 +231,7 @@ mod bench {
                 let line = format!(
                     "| {label:<17} | {:<5} | {:<8} | {:>9.1} | {:>6.2}x | {:>8.0} | {diff} | {fell} |",
                     qat,
-                    format!("{kernel:?}"),
+                    kname,
                     ms * 1e3,
                     speed,
                     gmac
@@ -225,12 +239,38 @@ mod bench {
                 println!("{line}");
                 table.push(line);
                 rows_csv.push(format!(
-                    "{label},{qat},{kernel:?},{:.1},{speed:.3},{gmac:.0},{diff},{fell}",
+                    "{label},{qat},{kname},{:.1},{speed:.3},{gmac:.0},{diff},{fell}",
                     ms * 1e3
                 ));
                 if base.is_none() {
                     base = Some((s, ms));
                 }
+            }
+        }
+        // Query prep (RoPE + Hadamard/FP4): block per head vs warp per head.
+        let inv_freq: Vec<f64> = (0..32).map(|k| 160000f64.powf(-(k as f64) / 32.0)).collect();
+        let ws = 1.0 / ((ihd * nih) as f64).sqrt();
+        for n in [2048usize, 8192] {
+            let (q, w) = (&q_plain[..n * nih * ihd], &w[..n * nih]);
+            let (oq, ow, t_old) =
+                g.indexer_q_timed(false, q, w, nih, ihd, 64, &inv_freq, 6144, true, ws, n, reps)?;
+            let (nq, nw, t_new) =
+                g.indexer_q_timed(true, q, w, nih, ihd, 64, &inv_freq, 6144, true, ws, n, reps)?;
+            let diff = oq.iter().zip(&nq).filter(|(a, b)| a.to_bits() != b.to_bits()).count()
+                + ow.iter().zip(&nw).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+            for (kernel, ms) in [("q_block", t_old), ("q_warp", t_new)] {
+                let line = format!(
+                    "| indexer_q {n:<7} | true  | {kernel:<8} | {:>9.1} | {:>6.2}x |        - | {diff} | - |",
+                    ms * 1e3,
+                    t_old / ms
+                );
+                println!("{line}");
+                table.push(line);
+                rows_csv.push(format!(
+                    "indexer_q {n},true,{kernel},{:.1},{:.3},,{diff},",
+                    ms * 1e3,
+                    t_old / ms
+                ));
             }
         }
         println!();

@@ -803,6 +803,85 @@ extern "C" __global__ void ds4_indexer_q(float* iq, float* iw, int nih, int ihd,
     }
 }
 
+// ds4_indexer_q for ihd = 128, one warp per head (lane: elements 4·lane..+3 in registers),
+// 8 heads per block of 256 threads, grid (nih / 8, n); the RoPE cos/sin of the token are
+// computed once per block. Every value goes through the same float expressions as
+// ds4_indexer_q (rope_pair, the Hadamard butterflies a+b / a-b, ×(float)(1/sqrt(128)),
+// fp4_block_warp's scale and rounding), so the result is bit-identical.
+extern "C" __global__ void __launch_bounds__(256) ds4_indexer_q_warp(
+    float* iq, float* iw, int nih, int n_rot, const double* inv_freq, const int* pos0p, int qat,
+    double wscale) {
+    PDL_ENTRY();
+    constexpr int IHD = 128;
+    __shared__ float s_c[IHD / 2], s_s[IHD / 2];
+    const int t = blockIdx.y, lane = threadIdx.x & 31;
+    const int h = blockIdx.x * 8 + (threadIdx.x >> 5);
+    const int half = n_rot / 2, start = IHD - n_rot;
+    const i64 pos = (i64)*pos0p + t;
+    float4* x4 = (float4*)(iq + ((i64)t * nih + h) * IHD) + lane;
+    const float4 v4 = *x4;
+    for (int k = threadIdx.x; k < half; k += blockDim.x) rope_cs(inv_freq, k, pos, &s_c[k], &s_s[k]);
+    if (threadIdx.x < 8 && blockIdx.x * 8 + threadIdx.x < nih) {
+        float* wp = iw + (i64)t * nih + blockIdx.x * 8 + threadIdx.x;
+        *wp = (float)((double)*wp * wscale);
+    }
+    __syncthreads();
+    float x[4] = {v4.x, v4.y, v4.z, v4.w};
+#pragma unroll
+    for (int p = 0; p < 2; p++) {
+        const int i = 4 * lane + 2 * p;  // pair (i, i+1)
+        if (i >= start) {
+            const int k = (i - start) >> 1;
+            rope_pair(&x[2 * p], &x[2 * p + 1], s_c[k], s_s[k], false);
+        }
+    }
+    if (qat) {
+        // strides 1, 2 inside the lane
+        {
+            const float a0 = x[0], b0 = x[1], a1 = x[2], b1 = x[3];
+            x[0] = a0 + b0;
+            x[1] = a0 - b0;
+            x[2] = a1 + b1;
+            x[3] = a1 - b1;
+        }
+        {
+            const float a0 = x[0], b0 = x[2], a1 = x[1], b1 = x[3];
+            x[0] = a0 + b0;
+            x[2] = a0 - b0;
+            x[1] = a1 + b1;
+            x[3] = a1 - b1;
+        }
+        // strides 4 .. 64: lane strides 1 .. 16
+#pragma unroll
+        for (int ls = 1; ls < 32; ls <<= 1) {
+            const bool upper = (lane & ls) != 0;
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                const float o = __shfl_xor_sync(0xffffffffu, x[j], ls);
+                x[j] = upper ? o - x[j] : x[j] + o;
+            }
+        }
+        const float sc = (float)(1.0 / sqrt((double)IHD));
+#pragma unroll
+        for (int j = 0; j < 4; j++) x[j] = x[j] * sc;
+        // FP4 per 32-block = 8 lanes
+        float a = 0.0f;
+#pragma unroll
+        for (int j = 0; j < 4; j++) a = fmaxf(a, fmaxf(0.0f, fabsf(x[j])));
+#pragma unroll
+        for (int o = 1; o < 8; o <<= 1) a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, o));
+        const float amax = fmaxf(a, 6.0f * 1.17549435e-38f);
+        const float scale = pow2_scale(amax, 6.0f);
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            float v = x[j] / scale;
+            v = fminf(fmaxf(v, -6.0f), 6.0f);
+            x[j] = e2m1_round(v) * scale;
+        }
+    }
+    *x4 = make_float4(x[0], x[1], x[2], x[3]);
+}
+
 #define IDX_TILE 8
 
 // Scores (ops::indexer_scores) of tokens t0..t0+gridDim.y-1 that see more than topk rows:
@@ -2556,7 +2635,7 @@ extern "C" __global__ void __launch_bounds__(256, 1) ds4_indexer_mma2x64(
 // form: QAT off, NaN/inf, a wide exponent spread). ds4_indexer_i8 runs only when every flag is
 // 0; ds4_indexer_mma2x64_fb (the FP64 kernel, y-strided) only when one is set.
 
-#define IDX8_SLOTS 256
+#define IDX8_SLOTS 1024
 #define IDX8_KS 144  // shared row stride of the code tiles (bytes): conflict-free LDS.128
 
 __device__ __forceinline__ double idx8_pow2(int e) {
@@ -2613,19 +2692,25 @@ __device__ __forceinline__ bool idx8_row(const float* __restrict__ src, i8* __re
     return bad;
 }
 
-// Query heads of tokens t0..t0+nt-1 (nq = nt·64 rows of iq from token t0) and the compressed
-// rows 0..nv-1, nv = (pos + t0 + nt) / ratio. Grid IDX8_SLOTS blocks of 256 threads, every
-// block writes slots[blockIdx.x].
+// Query heads of the tokens t0..t0+nt-1 that are scored (they see more than topk rows; rows
+// of iq from token t0) and the compressed rows 0..nv-1, nv = (pos + t0 + nt) / ratio. Grid
+// IDX8_SLOTS blocks of 256 threads, every block writes slots[blockIdx.x].
 extern "C" __global__ void __launch_bounds__(256) ds4_idx8_prep(
-    const float* __restrict__ iq, const float* __restrict__ icomp, int ratio, const int* pos0p,
-    int t0, int nt, i8* __restrict__ q8, int* __restrict__ qe, i8* __restrict__ k8,
-    double* __restrict__ ks, int* __restrict__ slots) {
+    const float* __restrict__ iq, const float* __restrict__ icomp, int ratio, int topk,
+    const int* pos0p, int t0, int nt, i8* __restrict__ q8, int* __restrict__ qe,
+    i8* __restrict__ k8, double* __restrict__ ks, int* __restrict__ slots) {
     PDL_ENTRY();
+    const int pb = *pos0p + t0;  // position of the batch's first token
+    const int nv = (pb + nt) / ratio;
     const int nq = nt * IDXM_NIH;
-    const int nv = (*pos0p + t0 + nt) / ratio;
+    // First scored token: (pb + t + 1) / ratio > topk.
+    const int tf = min(nt, max(0, (topk + 1) * ratio - 1 - pb));
+    const int q0 = tf * IDXM_NIH;
+    const int total = nv > topk ? nq - q0 + nv : 0;
     const int warps = gridDim.x * 8;
     bool bad = false;
-    for (int r = blockIdx.x * 8 + (threadIdx.x >> 5); r < nq + nv; r += warps) {
+    for (int i = blockIdx.x * 8 + (threadIdx.x >> 5); i < total; i += warps) {
+        const int r = q0 + i;
         if (r < nq) {
             bad |= idx8_row(iq + ((i64)t0 * IDXM_NIH + r) * IDXM_IHD, q8 + (i64)r * IDXM_IHD, qe + r);
         } else {
@@ -2670,11 +2755,13 @@ __device__ __forceinline__ void cp_async_zfill(void* dst, const void* src, int b
 // is permuted identically for both operands (MMA step s, register half j of lane group tig
 // covers the 4 bytes at word 8·tig + 2·s + j), so a lane's B operand of one n8 tile is two
 // LDS.128. Code tiles are double-buffered with cp.async (rows past nv zero-filled).
-extern "C" __global__ void __launch_bounds__(256, 2) ds4_indexer_i8(
+// BL: branch-free epilogue (relu as a select of +0.0: s never is -0.0, so adding +0.0 where
+// the reference skips leaves it unchanged).
+template <bool BL>
+__device__ __forceinline__ void idx8_body(
     const i8* __restrict__ q8, const int* __restrict__ qe, const float* __restrict__ iw,
     const i8* __restrict__ k8, const double* __restrict__ ks, const int* __restrict__ slots,
     int ratio, int topk, const int* pos0p, int t0, int nt, float* scores, i64 sstride) {
-    PDL_ENTRY();
     constexpr int R = 64;
     __shared__ __align__(16) unsigned char s_k[2][R * IDX8_KS];
     __shared__ __align__(16) double s_ks[2][R];
@@ -2779,7 +2866,12 @@ extern "C" __global__ void __launch_bounds__(256, 2) ds4_indexer_i8(
 #pragma unroll
                     for (int j = 0; j < 2; j++) {
                         const int I = acc[mi][ni][2 * j + e];
-                        if (I > 0) {
+                        if (BL) {
+                            const double m = __hiloint2double(0x43380000, I ^ (int)0x80000000);
+                            const double d = __fma_rn(m, sk, nc);  // = I·2^ek exactly
+                            const double pr = __dmul_rn(wq[mi][j], d);
+                            s = __dadd_rn(s, I > 0 ? pr : 0.0);
+                        } else if (I > 0) {
                             const double m = __hiloint2double(0x43380000, I ^ (int)0x80000000);
                             const double d = __fma_rn(m, sk, nc);  // = I·2^ek exactly
                             s = __dadd_rn(s, __dmul_rn(wq[mi][j], d));
@@ -2805,6 +2897,19 @@ extern "C" __global__ void __launch_bounds__(256, 2) ds4_indexer_i8(
         }
     }
 }
+
+#define IDX8_KERNEL(name, minb, bl)                                                              \
+    extern "C" __global__ void __launch_bounds__(256, minb) name(                                \
+        const i8* __restrict__ q8, const int* __restrict__ qe, const float* __restrict__ iw,     \
+        const i8* __restrict__ k8, const double* __restrict__ ks, const int* __restrict__ slots, \
+        int ratio, int topk, const int* pos0p, int t0, int nt, float* scores, i64 sstride) { PDL_ENTRY(); \
+        idx8_body<bl>(q8, qe, iw, k8, ks, slots, ratio, topk, pos0p, t0, nt, scores, sstride);   \
+    }
+// Variants (IdxKernel::Int8 picks one, see fwd.rs): 2 or 3 blocks per SM, branch or select.
+IDX8_KERNEL(ds4_indexer_i8, 2, false)
+IDX8_KERNEL(ds4_indexer_i8_b3, 3, false)
+IDX8_KERNEL(ds4_indexer_i8_bl, 2, true)
+IDX8_KERNEL(ds4_indexer_i8_b3bl, 3, true)
 
 // ds4_indexer_mma2x64 behind the int8 kernel: runs only when ds4_idx8_prep flagged a row, over
 // the token pairs blockIdx.y, +gridDim.y, ... (a short grid: the common no-op case is cheap).

@@ -102,7 +102,7 @@ pub enum IdxKernel {
 }
 
 /// Blocks of `ds4_idx8_prep` (one flag each; IDX8_SLOTS in fwd.cu).
-pub(crate) const IDX8_SLOTS: usize = 256;
+pub(crate) const IDX8_SLOTS: usize = 1024;
 
 /// `DS4_CUDA_IDX_KERNEL=f64`: chunks score on `ds4_indexer_mma2x64` (the FP64 tensor cores)
 /// instead of the int8 path ([`IdxKernel::Int8`]).
@@ -284,6 +284,7 @@ pub(crate) struct Fwd {
     comp_emit: CudaFunction,
     comp_frontier: CudaFunction,
     indexer_q: CudaFunction,
+    indexer_q_warp: CudaFunction,
     indexer_scores: CudaFunction,
     topk: CudaFunction,
     attention: CudaFunction,
@@ -302,7 +303,10 @@ pub(crate) struct Fwd {
     indexer_mma2x64: CudaFunction,
     indexer_mma2x64_fb: CudaFunction,
     idx8_prep: CudaFunction,
-    indexer_i8: CudaFunction,
+    /// `ds4_indexer_i8`, `_b3`, `_bl`, `_b3bl` (2 / 3 blocks per SM, branch / select epilogue).
+    indexer_i8: [CudaFunction; 4],
+    /// Which of them [`IdxKernel::Int8`] launches (`DS4_CUDA_IDX8_VARIANT`, default 0).
+    idx8_variant: std::sync::atomic::AtomicUsize,
     /// Int8 indexer scratch ([`Fwd::reserve_idx8`]).
     idx8: Mutex<Option<Idx8Buf>>,
     hc_split_dec: CudaFunction,
@@ -392,6 +396,7 @@ impl Fwd {
             comp_emit: f("ds4_comp_emit")?,
             comp_frontier: f("ds4_comp_frontier")?,
             indexer_q: f("ds4_indexer_q")?,
+            indexer_q_warp: f("ds4_indexer_q_warp")?,
             indexer_scores: f("ds4_indexer_scores")?,
             topk: f("ds4_topk")?,
             attention: f("ds4_attention")?,
@@ -410,7 +415,19 @@ impl Fwd {
             indexer_mma2x64: big_smem(f("ds4_indexer_mma2x64")?, indexer_mma_smem(2, 64))?,
             indexer_mma2x64_fb: big_smem(f("ds4_indexer_mma2x64_fb")?, indexer_mma_smem(2, 64))?,
             idx8_prep: f("ds4_idx8_prep")?,
-            indexer_i8: f("ds4_indexer_i8")?,
+            indexer_i8: [
+                f("ds4_indexer_i8")?,
+                f("ds4_indexer_i8_b3")?,
+                f("ds4_indexer_i8_bl")?,
+                f("ds4_indexer_i8_b3bl")?,
+            ],
+            idx8_variant: std::sync::atomic::AtomicUsize::new(
+                std::env::var("DS4_CUDA_IDX8_VARIANT")
+                    .ok()
+                    .and_then(|v| v.parse::<usize>().ok())
+                    .filter(|&v| v < 4)
+                    .unwrap_or(0),
+            ),
             idx8: Mutex::new(None),
             hc_split_dec: f("ds4_hc_split_dec")?,
             rms_q8_dec: f("ds4_rms_q8_dec")?,
@@ -922,7 +939,8 @@ impl Fwd {
         )
     }
 
-    /// Indexer queries: RoPE + Hadamard/FP4 (qat) per head, weights × `wscale`.
+    /// Indexer queries: RoPE + Hadamard/FP4 (qat) per head, weights × `wscale`
+    /// (`ds4_indexer_q_warp` where the shape fits, else `ds4_indexer_q`; bit-identical).
     pub fn indexer_q(
         &self,
         iq: u64,
@@ -936,6 +954,44 @@ impl Fwd {
         wscale: f64,
         n: usize,
     ) -> Result<(), CudaError> {
+        let warp = ihd == 128 && nih.is_multiple_of(8) && n_rot.is_multiple_of(2) && iq % 16 == 0;
+        self.indexer_q_with(warp, iq, iw, nih, ihd, n_rot, inv_freq, pos, qat, wscale, n)
+    }
+
+    /// [`Fwd::indexer_q`] with the kernel chosen: `warp` (`ds4_indexer_q_warp`: ihd 128, nih
+    /// a multiple of 8, iq 16-byte aligned) or the block-per-head `ds4_indexer_q`.
+    pub fn indexer_q_with(
+        &self,
+        warp: bool,
+        iq: u64,
+        iw: u64,
+        nih: usize,
+        ihd: usize,
+        n_rot: usize,
+        inv_freq: u64,
+        pos: u64,
+        qat: bool,
+        wscale: f64,
+        n: usize,
+    ) -> Result<(), CudaError> {
+        if warp {
+            return self.go(
+                &self.indexer_q_warp,
+                (nih / 8, n, 1),
+                256,
+                0,
+                &[
+                    A::P(iq),
+                    A::P(iw),
+                    A::I(nih as i32),
+                    A::I(n_rot as i32),
+                    A::P(inv_freq),
+                    A::P(pos),
+                    A::I(qat as i32),
+                    A::D(wscale),
+                ],
+            );
+        }
         self.go(
             &self.indexer_q,
             (nih, n, 1),
@@ -1139,6 +1195,12 @@ impl Fwd {
         }
     }
 
+    /// Select the int8 scores kernel variant (0..4, see `indexer_i8`).
+    pub fn set_idx8_variant(&self, v: usize) {
+        self.idx8_variant
+            .store(v.min(3), std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Address of the int8 path's prep flags (IDX8_SLOTS i32; any non-zero after a launch:
     /// that launch fell back to the FP64 kernel), if reserved.
     pub fn idx8_slots(&self) -> Option<u64> {
@@ -1171,6 +1233,7 @@ impl Fwd {
                 A::P(iq),
                 A::P(icomp),
                 A::I(ratio as i32),
+                A::I(topk as i32),
                 A::P(pos),
                 A::I(t0 as i32),
                 A::I(nt as i32),
@@ -1187,8 +1250,11 @@ impl Fwd {
             .min(blocks)
             .min((2 * ATT_TARGET_BLOCKS).div_ceil(gy.max(1)))
             .max(1);
+        let v = self
+            .idx8_variant
+            .load(std::sync::atomic::Ordering::Relaxed);
         self.go(
-            &self.indexer_i8,
+            &self.indexer_i8[v],
             (gx, gy, 1),
             256,
             0,

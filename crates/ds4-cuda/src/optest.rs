@@ -552,6 +552,41 @@ impl GpuOps {
         Ok((self.down(&dq, iq.len())?, self.down(&dw, iw.len())?))
     }
 
+    /// Indexer queries with the kernel chosen (`warp`: `ds4_indexer_q_warp`, else the
+    /// block-per-head `ds4_indexer_q`): `(iq, iw)` of one run, and the median milliseconds of
+    /// `reps` further runs (in place, so they run on already-transformed values; 0 with reps 0).
+    pub fn indexer_q_timed(
+        &self,
+        warp: bool,
+        iq: &[f32],
+        iw: &[f32],
+        nih: usize,
+        ihd: usize,
+        n_rot: usize,
+        inv_freq: &[f64],
+        pos0: usize,
+        qat: bool,
+        wscale: f64,
+        n: usize,
+        reps: usize,
+    ) -> Result<(Vec<f32>, Vec<f32>, f64), CudaError> {
+        let (dq, dw, di) = (self.up(iq)?, self.up(iw)?, self.up(inv_freq)?);
+        self.set_pos(pos0)?;
+        let once = || {
+            self.fwd.indexer_q_with(
+                warp, dq.ptr, dw.ptr, nih, ihd, n_rot, di.ptr, self.pos.ptr, qat, wscale, n,
+            )
+        };
+        once()?;
+        let out = (self.down(&dq, iq.len())?, self.down(&dw, iw.len())?);
+        let ms = if reps > 0 {
+            self.median_ms(reps, once)?.unwrap_or(0.0)
+        } else {
+            0.0
+        };
+        Ok((out.0, out.1, ms))
+    }
+
     /// Indexer scores and top-k of `n` tokens at `pos0..` over `icomp` (rows of `ihd`):
     /// returns `(scores [n][stride], isel [n][topk])`; `stride = icomp rows` rounded up.
     pub fn indexer_select(
@@ -643,6 +678,11 @@ impl GpuOps {
         };
         let ms = self.median_ms(reps, once)?.unwrap_or(0.0);
         Ok((self.down(&scores, n * stride)?, ms))
+    }
+
+    /// Int8 indexer scores kernel variant (0: `ds4_indexer_i8`, 1: `_b3`, 2: `_bl`, 3: `_b3bl`).
+    pub fn set_idx8_variant(&self, v: usize) {
+        self.fwd.set_idx8_variant(v);
     }
 
     /// Whether the last int8 indexer launch ([`IdxKernel::Int8`]) found a row that is not

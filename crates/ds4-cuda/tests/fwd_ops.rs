@@ -569,6 +569,41 @@ fn indexer_queries() {
     }
 }
 
+/// `ds4_indexer_q_warp` (warp per head, registers) is bit-identical to the block-per-head
+/// `ds4_indexer_q` (queries and weights), QAT on and off, with tiny and large heads.
+#[test]
+fn indexer_queries_warp_bit_identical() {
+    let Some(g) = gpu() else { return };
+    let mut r = Rng(29);
+    let (_, comp) = flash_rope();
+    let (nih, ihd) = (64usize, 128usize);
+    let ws = 1.0 / ((ihd * nih) as f64).sqrt();
+    for (pos0, n) in [(0usize, 5usize), (30011, 300)] {
+        let mut iq = r.vec(n * nih * ihd, 1.0);
+        for (i, h) in iq.chunks_exact_mut(ihd).enumerate() {
+            match i % 37 {
+                1 => h.iter_mut().for_each(|v| *v *= 1e-39),
+                2 => h.iter_mut().for_each(|v| *v *= 1e30),
+                3 => h.fill(0.0),
+                _ => {}
+            }
+        }
+        let iw = r.vec(n * nih, 1.0);
+        for qat in [false, true] {
+            let (oq, ow, _) = g
+                .indexer_q_timed(false, &iq, &iw, nih, ihd, 64, &comp.inv_freq, pos0, qat, ws, n, 0)
+                .unwrap();
+            let (nq, nw, _) = g
+                .indexer_q_timed(true, &iq, &iw, nih, ihd, 64, &comp.inv_freq, pos0, qat, ws, n, 0)
+                .unwrap();
+            let dq = oq.iter().zip(&nq).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+            let dw = ow.iter().zip(&nw).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+            println!("indexer_q warp pos {pos0} n {n} qat {qat}: {dq} q, {dw} w differ");
+            assert_eq!((dq, dw), (0, 0), "indexer_q warp pos {pos0} qat {qat}");
+        }
+    }
+}
+
 #[test]
 fn indexer_scores_and_topk() {
     let Some(g) = gpu() else { return };
