@@ -169,7 +169,8 @@ mod bench {
             k.iter_mut().for_each(|v| *v = ds4_quant::fp::f16_round(*v));
         });
         let mut table = Vec::new();
-        let mut rows_csv = vec!["case,qat,kernel,time_us,vs_mma2x64,gmac_s,diff,fell_back".to_string()];
+        let mut rows_csv =
+            vec!["case,qat,kernel,time_us,vs_mma2x64,gmac_s,diff,fell_back".to_string()];
         for (n, pos0, qat) in [
             (2048usize, 0usize, true),
             (2048, 6144, true),
@@ -184,7 +185,11 @@ mod bench {
             let ctx = (pos0 + n).next_multiple_of(4096);
             let stride = (ctx / ratio + 1).next_multiple_of(4);
             let blocks = stride.div_ceil(8).clamp(1, 264);
-            let (q, k) = if qat { (&q_qat, &k_qat) } else { (&q_plain, &k_plain) };
+            let (q, k) = if qat {
+                (&q_qat, &k_qat)
+            } else {
+                (&q_plain, &k_plain)
+            };
             let (q, k, w) = (&q[..n * nih * ihd], &k[..nrows * ihd], &w[..n * nih]);
             let macs: f64 = (0..n)
                 .map(|t| (pos0 + t + 1) / ratio)
@@ -198,7 +203,7 @@ mod bench {
                 (IdxKernel::Int8, 1),
                 (IdxKernel::Int8, 2),
                 (IdxKernel::Int8, 3),
-                (IdxKernel::Auto, 0),
+                (IdxKernel::Auto, 2),
             ] {
                 g.set_idx8_variant(var);
                 let (s, ms) = g.indexer_scores_timed(
@@ -227,7 +232,11 @@ mod bench {
                     }
                 }
                 let speed = base.as_ref().map_or(1.0, |(_, b)| b / ms);
-                let gmac = if ms > 0.0 { macs / (ms * 1e-3) / 1e9 } else { 0.0 };
+                let gmac = if ms > 0.0 {
+                    macs / (ms * 1e-3) / 1e9
+                } else {
+                    0.0
+                };
                 let line = format!(
                     "| {label:<17} | {:<5} | {:<8} | {:>9.1} | {:>6.2}x | {:>8.0} | {diff} | {fell} |",
                     qat,
@@ -248,16 +257,26 @@ mod bench {
             }
         }
         // Query prep (RoPE + Hadamard/FP4): block per head vs warp per head.
-        let inv_freq: Vec<f64> = (0..32).map(|k| 160000f64.powf(-(k as f64) / 32.0)).collect();
+        let inv_freq: Vec<f64> = (0..32)
+            .map(|k| 160000f64.powf(-(k as f64) / 32.0))
+            .collect();
         let ws = 1.0 / ((ihd * nih) as f64).sqrt();
         for n in [2048usize, 8192] {
             let (q, w) = (&q_plain[..n * nih * ihd], &w[..n * nih]);
-            let (oq, ow, t_old) =
-                g.indexer_q_timed(false, q, w, nih, ihd, 64, &inv_freq, 6144, true, ws, n, reps)?;
+            let (oq, ow, t_old) = g.indexer_q_timed(
+                false, q, w, nih, ihd, 64, &inv_freq, 6144, true, ws, n, reps,
+            )?;
             let (nq, nw, t_new) =
                 g.indexer_q_timed(true, q, w, nih, ihd, 64, &inv_freq, 6144, true, ws, n, reps)?;
-            let diff = oq.iter().zip(&nq).filter(|(a, b)| a.to_bits() != b.to_bits()).count()
-                + ow.iter().zip(&nw).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+            let diff = oq
+                .iter()
+                .zip(&nq)
+                .filter(|(a, b)| a.to_bits() != b.to_bits())
+                .count()
+                + ow.iter()
+                    .zip(&nw)
+                    .filter(|(a, b)| a.to_bits() != b.to_bits())
+                    .count();
             for (kernel, ms) in [("q_block", t_old), ("q_warp", t_new)] {
                 let line = format!(
                     "| indexer_q {n:<7} | true  | {kernel:<8} | {:>9.1} | {:>6.2}x |        - | {diff} | - |",
@@ -274,8 +293,12 @@ mod bench {
             }
         }
         println!();
-        println!("| case              | qat   | kernel   |   time us | vs f64  |   GMAC/s | diff | fell back |");
-        println!("|-------------------|-------|----------|----------:|--------:|---------:|-----:|-----------|");
+        println!(
+            "| case              | qat   | kernel   |   time us | vs f64  |   GMAC/s | diff | fell back |"
+        );
+        println!(
+            "|-------------------|-------|----------|----------:|--------:|---------:|-----:|-----------|"
+        );
         for l in &table {
             println!("{l}");
         }

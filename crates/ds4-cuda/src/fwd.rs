@@ -305,7 +305,8 @@ pub(crate) struct Fwd {
     idx8_prep: CudaFunction,
     /// `ds4_indexer_i8`, `_b3`, `_bl`, `_b3bl` (2 / 3 blocks per SM, branch / select epilogue).
     indexer_i8: [CudaFunction; 4],
-    /// Which of them [`IdxKernel::Int8`] launches (`DS4_CUDA_IDX8_VARIANT`, default 0).
+    /// Which of them [`IdxKernel::Int8`] launches (`DS4_CUDA_IDX8_VARIANT`, default 2:
+    /// `_bl`, the fastest on an H200, see bench/results/h200/indexer-int8-s8.md).
     idx8_variant: std::sync::atomic::AtomicUsize,
     /// Int8 indexer scratch ([`Fwd::reserve_idx8`]).
     idx8: Mutex<Option<Idx8Buf>>,
@@ -426,7 +427,7 @@ impl Fwd {
                     .ok()
                     .and_then(|v| v.parse::<usize>().ok())
                     .filter(|&v| v < 4)
-                    .unwrap_or(0),
+                    .unwrap_or(2),
             ),
             idx8: Mutex::new(None),
             hc_split_dec: f("ds4_hc_split_dec")?,
@@ -954,7 +955,8 @@ impl Fwd {
         wscale: f64,
         n: usize,
     ) -> Result<(), CudaError> {
-        let warp = ihd == 128 && nih.is_multiple_of(8) && n_rot.is_multiple_of(2) && iq % 16 == 0;
+        let warp =
+            ihd == 128 && nih.is_multiple_of(8) && n_rot.is_multiple_of(2) && iq.is_multiple_of(16);
         self.indexer_q_with(warp, iq, iw, nih, ihd, n_rot, inv_freq, pos, qat, wscale, n)
     }
 
@@ -1067,7 +1069,9 @@ impl Fwd {
     /// seeing up to `rows` compressed rows (grows, never shrinks).
     pub fn reserve_idx8(&self, tokens: usize, rows: usize) -> Result<(), CudaError> {
         let mut g = self.idx8.lock().unwrap_or_else(|e| e.into_inner());
-        if g.as_ref().is_some_and(|b| b.tokens >= tokens && b.rows >= rows) {
+        if g.as_ref()
+            .is_some_and(|b| b.tokens >= tokens && b.rows >= rows)
+        {
             return Ok(());
         }
         let (tokens, rows) = g
@@ -1250,9 +1254,7 @@ impl Fwd {
             .min(blocks)
             .min((2 * ATT_TARGET_BLOCKS).div_ceil(gy.max(1)))
             .max(1);
-        let v = self
-            .idx8_variant
-            .load(std::sync::atomic::Ordering::Relaxed);
+        let v = self.idx8_variant.load(std::sync::atomic::Ordering::Relaxed);
         self.go(
             &self.indexer_i8[v],
             (gx, gy, 1),

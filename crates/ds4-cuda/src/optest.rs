@@ -574,7 +574,17 @@ impl GpuOps {
         self.set_pos(pos0)?;
         let once = || {
             self.fwd.indexer_q_with(
-                warp, dq.ptr, dw.ptr, nih, ihd, n_rot, di.ptr, self.pos.ptr, qat, wscale, n,
+                warp,
+                dq.ptr,
+                dw.ptr,
+                nih,
+                ihd,
+                n_rot,
+                di.ptr,
+                self.pos.ptr,
+                qat,
+                wscale,
+                n,
             )
         };
         once()?;
@@ -680,7 +690,8 @@ impl GpuOps {
         Ok((self.down(&scores, n * stride)?, ms))
     }
 
-    /// Int8 indexer scores kernel variant (0: `ds4_indexer_i8`, 1: `_b3`, 2: `_bl`, 3: `_b3bl`).
+    /// Int8 indexer scores kernel variant (0: `ds4_indexer_i8`, 1: `_b3`, 2: `_bl` (the
+    /// default), 3: `_b3bl`).
     pub fn set_idx8_variant(&self, v: usize) {
         self.fwd.set_idx8_variant(v);
     }
