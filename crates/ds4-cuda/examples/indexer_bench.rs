@@ -64,6 +64,14 @@ mod bench {
         let info = ds4_cuda::probe(0).context("no CUDA device")?;
         println!("device: {info:?}");
         let g = GpuOps::new(0)?;
+        if args.iter().any(|a| a == "--int8") {
+            let csv = args
+                .iter()
+                .position(|a| a == "--csv")
+                .and_then(|i| args.get(i + 1))
+                .cloned();
+            return int8(&g, reps, csv);
+        }
         let (nih, ihd, ratio, topk) = (64usize, 128usize, 4usize, 512usize);
         let mut rng = Rng(42);
         let mut table = Vec::new();
@@ -137,6 +145,165 @@ mod bench {
         println!("|--------------------|----------|-----------:|--------:|---------:|-----:|");
         for l in &table {
             println!("{l}");
+        }
+        Ok(())
+    }
+
+    /// `--int8`: `Mma2x64` (FP64 tensor cores) against `Int8` (int8 tensor cores + prep +
+    /// gated fallback) and `Auto` on QAT inputs (keys f16-rounded, as the cache holds them),
+    /// chunks of 2048 / 8192 tokens at positions 0 / 6144 / 30720, plus the QAT-off fallback.
+    fn int8(g: &GpuOps, reps: usize, csv: Option<String>) -> Result<()> {
+        use ds4_model::ops;
+        let (nih, ihd, ratio, topk) = (64usize, 128usize, 4usize, 512usize);
+        let mut rng = Rng(7);
+        let nmax = 8192usize;
+        let rows_max = (30720 + nmax) / ratio;
+        let q_plain = vec(&mut rng, nmax * nih * ihd, 1.0);
+        let k_plain = vec(&mut rng, rows_max * ihd, 1.0);
+        let w = vec(&mut rng, nmax * nih, 0.02);
+        let mut q_qat = q_plain.clone();
+        q_qat.chunks_exact_mut(ihd).for_each(ops::indexer_qat);
+        let mut k_qat = k_plain.clone();
+        k_qat.chunks_exact_mut(ihd).for_each(|k| {
+            ops::indexer_qat(k);
+            k.iter_mut().for_each(|v| *v = ds4_quant::fp::f16_round(*v));
+        });
+        let mut table = Vec::new();
+        let mut rows_csv =
+            vec!["case,qat,kernel,time_us,vs_mma2x64,gmac_s,diff,fell_back".to_string()];
+        for (n, pos0, qat) in [
+            (2048usize, 0usize, true),
+            (2048, 6144, true),
+            (2048, 30720, true),
+            (8192, 0, true),
+            (8192, 6144, true),
+            (8192, 30720, true),
+            (2048, 6144, false),
+        ] {
+            let label = format!("chunk {n} @{pos0}");
+            let nrows = (pos0 + n) / ratio;
+            let ctx = (pos0 + n).next_multiple_of(4096);
+            let stride = (ctx / ratio + 1).next_multiple_of(4);
+            let blocks = stride.div_ceil(8).clamp(1, 264);
+            let (q, k) = if qat {
+                (&q_qat, &k_qat)
+            } else {
+                (&q_plain, &k_plain)
+            };
+            let (q, k, w) = (&q[..n * nih * ihd], &k[..nrows * ihd], &w[..n * nih]);
+            let macs: f64 = (0..n)
+                .map(|t| (pos0 + t + 1) / ratio)
+                .filter(|&nv| nv > topk)
+                .map(|nv| (nv * nih * ihd) as f64)
+                .sum();
+            let mut base: Option<(Vec<f32>, f64)> = None;
+            for (kernel, var) in [
+                (IdxKernel::Mma2x64, 0usize),
+                (IdxKernel::Int8, 0),
+                (IdxKernel::Int8, 1),
+                (IdxKernel::Int8, 2),
+                (IdxKernel::Int8, 3),
+                (IdxKernel::Auto, 2),
+            ] {
+                g.set_idx8_variant(var);
+                let (s, ms) = g.indexer_scores_timed(
+                    kernel, q, w, k, nih, ihd, ratio, topk, pos0, n, stride, blocks, reps,
+                )?;
+                let kname = match (kernel, var) {
+                    (IdxKernel::Int8, 1) => "Int8b3".to_string(),
+                    (IdxKernel::Int8, 2) => "Int8bl".to_string(),
+                    (IdxKernel::Int8, 3) => "Int8b3bl".to_string(),
+                    _ => format!("{kernel:?}"),
+                };
+                let fell = kernel != IdxKernel::Mma2x64 && g.idx8_fell_back()?;
+                let mut diff = 0usize;
+                if let Some((b, _)) = &base {
+                    for t in 0..n {
+                        let nv = (pos0 + t + 1) / ratio;
+                        if nv <= topk {
+                            continue;
+                        }
+                        let row = t * stride..t * stride + nv;
+                        diff += s[row.clone()]
+                            .iter()
+                            .zip(&b[row])
+                            .filter(|(x, y)| x.to_bits() != y.to_bits())
+                            .count();
+                    }
+                }
+                let speed = base.as_ref().map_or(1.0, |(_, b)| b / ms);
+                let gmac = if ms > 0.0 {
+                    macs / (ms * 1e-3) / 1e9
+                } else {
+                    0.0
+                };
+                let line = format!(
+                    "| {label:<17} | {:<5} | {:<8} | {:>9.1} | {:>6.2}x | {:>8.0} | {diff} | {fell} |",
+                    qat,
+                    kname,
+                    ms * 1e3,
+                    speed,
+                    gmac
+                );
+                println!("{line}");
+                table.push(line);
+                rows_csv.push(format!(
+                    "{label},{qat},{kname},{:.1},{speed:.3},{gmac:.0},{diff},{fell}",
+                    ms * 1e3
+                ));
+                if base.is_none() {
+                    base = Some((s, ms));
+                }
+            }
+        }
+        // Query prep (RoPE + Hadamard/FP4): block per head vs warp per head.
+        let inv_freq: Vec<f64> = (0..32)
+            .map(|k| 160000f64.powf(-(k as f64) / 32.0))
+            .collect();
+        let ws = 1.0 / ((ihd * nih) as f64).sqrt();
+        for n in [2048usize, 8192] {
+            let (q, w) = (&q_plain[..n * nih * ihd], &w[..n * nih]);
+            let (oq, ow, t_old) = g.indexer_q_timed(
+                false, q, w, nih, ihd, 64, &inv_freq, 6144, true, ws, n, reps,
+            )?;
+            let (nq, nw, t_new) =
+                g.indexer_q_timed(true, q, w, nih, ihd, 64, &inv_freq, 6144, true, ws, n, reps)?;
+            let diff = oq
+                .iter()
+                .zip(&nq)
+                .filter(|(a, b)| a.to_bits() != b.to_bits())
+                .count()
+                + ow.iter()
+                    .zip(&nw)
+                    .filter(|(a, b)| a.to_bits() != b.to_bits())
+                    .count();
+            for (kernel, ms) in [("q_block", t_old), ("q_warp", t_new)] {
+                let line = format!(
+                    "| indexer_q {n:<7} | true  | {kernel:<8} | {:>9.1} | {:>6.2}x |        - | {diff} | - |",
+                    ms * 1e3,
+                    t_old / ms
+                );
+                println!("{line}");
+                table.push(line);
+                rows_csv.push(format!(
+                    "indexer_q {n},true,{kernel},{:.1},{:.3},,{diff},",
+                    ms * 1e3,
+                    t_old / ms
+                ));
+            }
+        }
+        println!();
+        println!(
+            "| case              | qat   | kernel   |   time us | vs f64  |   GMAC/s | diff | fell back |"
+        );
+        println!(
+            "|-------------------|-------|----------|----------:|--------:|---------:|-----:|-----------|"
+        );
+        for l in &table {
+            println!("{l}");
+        }
+        if let Some(path) = csv {
+            std::fs::write(&path, rows_csv.join("\n") + "\n").context("--csv")?;
         }
         Ok(())
     }

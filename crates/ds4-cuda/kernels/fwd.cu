@@ -803,6 +803,85 @@ extern "C" __global__ void ds4_indexer_q(float* iq, float* iw, int nih, int ihd,
     }
 }
 
+// ds4_indexer_q for ihd = 128, one warp per head (lane: elements 4·lane..+3 in registers),
+// 8 heads per block of 256 threads, grid (nih / 8, n); the RoPE cos/sin of the token are
+// computed once per block. Every value goes through the same float expressions as
+// ds4_indexer_q (rope_pair, the Hadamard butterflies a+b / a-b, ×(float)(1/sqrt(128)),
+// fp4_block_warp's scale and rounding), so the result is bit-identical.
+extern "C" __global__ void __launch_bounds__(256) ds4_indexer_q_warp(
+    float* iq, float* iw, int nih, int n_rot, const double* inv_freq, const int* pos0p, int qat,
+    double wscale) {
+    PDL_ENTRY();
+    constexpr int IHD = 128;
+    __shared__ float s_c[IHD / 2], s_s[IHD / 2];
+    const int t = blockIdx.y, lane = threadIdx.x & 31;
+    const int h = blockIdx.x * 8 + (threadIdx.x >> 5);
+    const int half = n_rot / 2, start = IHD - n_rot;
+    const i64 pos = (i64)*pos0p + t;
+    float4* x4 = (float4*)(iq + ((i64)t * nih + h) * IHD) + lane;
+    const float4 v4 = *x4;
+    for (int k = threadIdx.x; k < half; k += blockDim.x) rope_cs(inv_freq, k, pos, &s_c[k], &s_s[k]);
+    if (threadIdx.x < 8 && blockIdx.x * 8 + threadIdx.x < nih) {
+        float* wp = iw + (i64)t * nih + blockIdx.x * 8 + threadIdx.x;
+        *wp = (float)((double)*wp * wscale);
+    }
+    __syncthreads();
+    float x[4] = {v4.x, v4.y, v4.z, v4.w};
+#pragma unroll
+    for (int p = 0; p < 2; p++) {
+        const int i = 4 * lane + 2 * p;  // pair (i, i+1)
+        if (i >= start) {
+            const int k = (i - start) >> 1;
+            rope_pair(&x[2 * p], &x[2 * p + 1], s_c[k], s_s[k], false);
+        }
+    }
+    if (qat) {
+        // strides 1, 2 inside the lane
+        {
+            const float a0 = x[0], b0 = x[1], a1 = x[2], b1 = x[3];
+            x[0] = a0 + b0;
+            x[1] = a0 - b0;
+            x[2] = a1 + b1;
+            x[3] = a1 - b1;
+        }
+        {
+            const float a0 = x[0], b0 = x[2], a1 = x[1], b1 = x[3];
+            x[0] = a0 + b0;
+            x[2] = a0 - b0;
+            x[1] = a1 + b1;
+            x[3] = a1 - b1;
+        }
+        // strides 4 .. 64: lane strides 1 .. 16
+#pragma unroll
+        for (int ls = 1; ls < 32; ls <<= 1) {
+            const bool upper = (lane & ls) != 0;
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                const float o = __shfl_xor_sync(0xffffffffu, x[j], ls);
+                x[j] = upper ? o - x[j] : x[j] + o;
+            }
+        }
+        const float sc = (float)(1.0 / sqrt((double)IHD));
+#pragma unroll
+        for (int j = 0; j < 4; j++) x[j] = x[j] * sc;
+        // FP4 per 32-block = 8 lanes
+        float a = 0.0f;
+#pragma unroll
+        for (int j = 0; j < 4; j++) a = fmaxf(a, fmaxf(0.0f, fabsf(x[j])));
+#pragma unroll
+        for (int o = 1; o < 8; o <<= 1) a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, o));
+        const float amax = fmaxf(a, 6.0f * 1.17549435e-38f);
+        const float scale = pow2_scale(amax, 6.0f);
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            float v = x[j] / scale;
+            v = fminf(fmaxf(v, -6.0f), 6.0f);
+            x[j] = e2m1_round(v) * scale;
+        }
+    }
+    *x4 = make_float4(x[0], x[1], x[2], x[3]);
+}
+
 #define IDX_TILE 8
 
 // Scores (ops::indexer_scores) of tokens t0..t0+gridDim.y-1 that see more than topk rows:
@@ -2365,7 +2444,7 @@ template <int NI, int TPB>
 __device__ __forceinline__ void idxm_body(const float* __restrict__ iq, const float* __restrict__ iw,
                                           const float* __restrict__ icomp, int ratio, int topk,
                                           const int* pos0p, int t0, int nt, float* scores,
-                                          i64 sstride) {
+                                          i64 sstride, int by) {
     constexpr int RG = 4 / TPB;                          // warp row groups
     constexpr int R = RG * 8 * NI;                       // rows per tile
     constexpr int NPF = R * IDXM_IHD / 1024;             // float4 of k per thread per tile
@@ -2375,7 +2454,7 @@ __device__ __forceinline__ void idxm_body(const float* __restrict__ iq, const fl
     const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5;
     const int g = lane >> 2, tig = lane & 3;
     const int hw = w & 1, tk = (w >> 1) % TPB, rg = w / (2 * TPB);
-    const int tb = TPB * blockIdx.y;      // the block's first token (index into scores)
+    const int tb = TPB * by;              // the block's first token (index into scores)
     const int nb = TPB == 1 ? 1 : min(TPB, nt - tb);  // the block's tokens
     // The tokens' queries and head weights do not depend on the position. With one row group
     // of tiles (decode, latency-bound) the query loads go out together with the position's and
@@ -2514,7 +2593,7 @@ extern "C" __global__ void __launch_bounds__(256) ds4_indexer_mma32(
     const float* iq, const float* iw, const float* icomp, int ratio, int topk, const int* pos0p,
     int t0, int nt, float* scores, i64 sstride) {
     PDL_ENTRY();
-    idxm_body<1, 1>(iq, iw, icomp, ratio, topk, pos0p, t0, nt, scores, sstride);
+    idxm_body<1, 1>(iq, iw, icomp, ratio, topk, pos0p, t0, nt, scores, sstride, blockIdx.y);
 }
 
 // Chunks: one token per block, row tiles of 128 (one block walks all the token's tiles).
@@ -2522,7 +2601,7 @@ extern "C" __global__ void __launch_bounds__(256, 1) ds4_indexer_mma128(
     const float* iq, const float* iw, const float* icomp, int ratio, int topk, const int* pos0p,
     int t0, int nt, float* scores, i64 sstride) {
     PDL_ENTRY();
-    idxm_body<4, 1>(iq, iw, icomp, ratio, topk, pos0p, t0, nt, scores, sstride);
+    idxm_body<4, 1>(iq, iw, icomp, ratio, topk, pos0p, t0, nt, scores, sstride, blockIdx.y);
 }
 
 // Chunks: two adjacent tokens per block share each row tile of 64 (half the row staging per
@@ -2531,7 +2610,319 @@ extern "C" __global__ void __launch_bounds__(256, 1) ds4_indexer_mma2x64(
     const float* iq, const float* iw, const float* icomp, int ratio, int topk, const int* pos0p,
     int t0, int nt, float* scores, i64 sstride) {
     PDL_ENTRY();
-    idxm_body<4, 2>(iq, iw, icomp, ratio, topk, pos0p, t0, nt, scores, sstride);
+    idxm_body<4, 2>(iq, iw, icomp, ratio, topk, pos0p, t0, nt, scores, sstride, blockIdx.y);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Indexer scores on the int8 tensor cores (`mma.sync.m16n8k32.s8.s8.s32`), bit-identical to
+// ds4_indexer_mma2x64 (and so to ops::indexer_scores) whenever every operand row is an int8
+// code row times a power of two, which the QAT (Hadamard + FP4 E2M1 with a power-of-two scale
+// per 32-block, §3.6.1) makes true for the query heads and the compressed rows: an FP4 value is
+// (2v)·scale/2 with 2v ∈ {0, ±1, ±2, ±3, ±4, ±6, ±8, ±12}, and a row whose block scales span at
+// most a factor 8 fits one exponent e per row with |code| ≤ 127 (f16 rounding of the stored
+// rows keeps this true: it only rounds to coarser multiples of 2^-24).
+//
+// Exactness: with q_h = Q·2^eq and k_c = K·2^ek (Q, K int8 codes), q_h·k_c = I·2^(eq+ek) where
+// I = Σ Q_i·K_i is an exact int32 (|I| ≤ 128·127² < 2^21). The f64 reference sums the exact
+// products Q_i·K_i·2^(eq+ek): every partial sum is a multiple of 2^(eq+ek) below 2^21 of it,
+// so it is exact in any order and equals I·2^(eq+ek). The epilogue then rounds w·d as the
+// reference does: w' = w·2^eq and d' = I·2^ek are exact, w'·d' has the real value of w·d, so
+// it rounds to the same f64. Heads are summed in mma2x64's order (per thread 4 heads in
+// sequence, a pairwise tree over the 8 lane groups, then the two 32-head halves).
+//
+// ds4_idx8_prep converts the rows (query heads of the batch, compressed rows visible to its
+// last token) into codes + exponent and writes one flag per block (1: some row is not of that
+// form: QAT off, NaN/inf, a wide exponent spread). ds4_indexer_i8 runs only when every flag is
+// 0; ds4_indexer_mma2x64_fb (the FP64 kernel, y-strided) only when one is set.
+
+#define IDX8_SLOTS 1024
+#define IDX8_KS 144  // shared row stride of the code tiles (bytes): conflict-free LDS.128
+
+__device__ __forceinline__ double idx8_pow2(int e) {
+    return __longlong_as_double((long long)(1023 + e) << 52);
+}
+
+// One warp per row of 128 floats: codes[row][128] = x·2^-e (int8), e per row (exponent of the
+// lowest set bit over the row; all-zero rows: 0). Returns true when the row is not exact.
+__device__ __forceinline__ bool idx8_row(const float* __restrict__ src, i8* __restrict__ codes,
+                                         int* e_out) {
+    const int lane = threadIdx.x & 31;
+    const float4 v = __ldg((const float4*)src + lane);
+    const float xs[4] = {v.x, v.y, v.z, v.w};
+    int lo = 1 << 20, hi = -(1 << 20);
+    bool bad = false;
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        const u32 u = __float_as_uint(xs[i]);
+        if ((u & 0x7fffffffu) == 0) continue;
+        const int E = (u >> 23) & 255;
+        const u32 M = u & 0x7fffffu;
+        if (E == 255) {
+            bad = true;
+            continue;
+        }
+        int l, h;
+        if (E) {
+            l = E - 150 + __ffs(M | 0x800000u) - 1;
+            h = E - 127;
+        } else {
+            l = -149 + __ffs(M) - 1;
+            h = -149 + 31 - __clz(M);
+        }
+        lo = min(lo, l);
+        hi = max(hi, h);
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        lo = min(lo, __shfl_xor_sync(0xffffffffu, lo, o));
+        hi = max(hi, __shfl_xor_sync(0xffffffffu, hi, o));
+    }
+    bad = __any_sync(0xffffffffu, bad);
+    const bool any = hi > -(1 << 20);
+    if (any && hi - lo > 6) bad = true;  // |code| < 2^(hi-lo+1) must stay ≤ 127
+    const int e = (any && !bad) ? lo : 0;
+    u32 word = 0;
+    if (!bad) {
+        const double s = idx8_pow2(-e);
+#pragma unroll
+        for (int i = 0; i < 4; i++) word |= ((u32)__double2int_rz((double)xs[i] * s) & 255u) << (8 * i);
+    }
+    ((u32*)codes)[lane] = word;
+    if (lane == 0) *e_out = e;
+    return bad;
+}
+
+// Query heads of the tokens t0..t0+nt-1 that are scored (they see more than topk rows; rows
+// of iq from token t0) and the compressed rows 0..nv-1, nv = (pos + t0 + nt) / ratio. Grid
+// IDX8_SLOTS blocks of 256 threads, every block writes slots[blockIdx.x].
+extern "C" __global__ void __launch_bounds__(256) ds4_idx8_prep(
+    const float* __restrict__ iq, const float* __restrict__ icomp, int ratio, int topk,
+    const int* pos0p, int t0, int nt, i8* __restrict__ q8, int* __restrict__ qe,
+    i8* __restrict__ k8, double* __restrict__ ks, int* __restrict__ slots) {
+    PDL_ENTRY();
+    const int pb = *pos0p + t0;  // position of the batch's first token
+    const int nv = (pb + nt) / ratio;
+    const int nq = nt * IDXM_NIH;
+    // First scored token: (pb + t + 1) / ratio > topk.
+    const int tf = min(nt, max(0, (topk + 1) * ratio - 1 - pb));
+    const int q0 = tf * IDXM_NIH;
+    const int total = nv > topk ? nq - q0 + nv : 0;
+    const int warps = gridDim.x * 8;
+    bool bad = false;
+    for (int i = blockIdx.x * 8 + (threadIdx.x >> 5); i < total; i += warps) {
+        const int r = q0 + i;
+        if (r < nq) {
+            bad |= idx8_row(iq + ((i64)t0 * IDXM_NIH + r) * IDXM_IHD, q8 + (i64)r * IDXM_IHD, qe + r);
+        } else {
+            const int c = r - nq;
+            int e;
+            bad |= idx8_row(icomp + (i64)c * IDXM_IHD, k8 + (i64)c * IDXM_IHD, &e);
+            if ((threadIdx.x & 31) == 0) ks[c] = idx8_pow2(e);
+        }
+    }
+    const int any = __syncthreads_or(bad);
+    if (threadIdx.x == 0) slots[blockIdx.x] = any;
+}
+
+__device__ __forceinline__ bool idx8_any_bad(const int* slots) {
+    int b = 0;
+    for (int i = threadIdx.x; i < IDX8_SLOTS; i += blockDim.x) b |= __ldcg(slots + i);
+    return __syncthreads_or(b) != 0;
+}
+
+__device__ __forceinline__ void imma_16x8x32(int* c, const u32* a, u32 b0, u32 b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ void cp_async_zfill(void* dst, const void* src, int bytes, int src_bytes) {
+    if (bytes == 16)
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src),
+                     "r"(src_bytes)
+                     : "memory");
+    else
+        asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;\n" ::"r"(smem_u32(dst)), "l"(src),
+                     "r"(src_bytes)
+                     : "memory");
+}
+
+// Geometry of ds4_indexer_mma2x64: block = 2 adjacent tokens (blockIdx.y) × row tiles of 64
+// (blockIdx.x, +gridDim.x, ...); warp w: token tk = (w>>1)&1, heads 32·(w&1)..+32 (two m16
+// tiles, query codes held in registers), rows 32·(w>>2)..+32 (four n8 tiles). The k dimension
+// is permuted identically for both operands (MMA step s, register half j of lane group tig
+// covers the 4 bytes at word 8·tig + 2·s + j), so a lane's B operand of one n8 tile is two
+// LDS.128. Code tiles are double-buffered with cp.async (rows past nv zero-filled).
+// BL: branch-free epilogue (relu as a select of +0.0: s never is -0.0, so adding +0.0 where
+// the reference skips leaves it unchanged).
+template <bool BL>
+__device__ __forceinline__ void idx8_body(
+    const i8* __restrict__ q8, const int* __restrict__ qe, const float* __restrict__ iw,
+    const i8* __restrict__ k8, const double* __restrict__ ks, const int* __restrict__ slots,
+    int ratio, int topk, const int* pos0p, int t0, int nt, float* scores, i64 sstride) {
+    constexpr int R = 64;
+    __shared__ __align__(16) unsigned char s_k[2][R * IDX8_KS];
+    __shared__ __align__(16) double s_ks[2][R];
+    __shared__ double s_part[2][2][R][9];  // [token][head half][row][lane group] (+1 pad)
+    if (idx8_any_bad(slots)) return;
+    const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5;
+    const int g = lane >> 2, tig = lane & 3;
+    const int hw = w & 1, tk = (w >> 1) & 1, rg = w >> 2;
+    const int tb = 2 * blockIdx.y;
+    const int nb = min(2, nt - tb);
+    const int p0 = *pos0p + t0 + tb;
+    const int nv = (p0 + nb) / ratio;
+    if (nv <= topk) return;
+    const int n_tiles = (nv + R - 1) / R;
+    if ((int)blockIdx.x >= n_tiles) return;
+    auto stage = [&](int tile, int buf) {
+        const int r0 = tile * R;
+#pragma unroll
+        for (int j = 0; j < 2; j++) {
+            const int c = tid + 256 * j;
+            const int r = c >> 3, part = c & 7;
+            const int row = r0 + r;
+            const bool ok = row < nv;
+            cp_async_zfill(&s_k[buf][r * IDX8_KS + part * 16], k8 + (i64)(ok ? row : 0) * IDXM_IHD + part * 16,
+                           16, ok ? 16 : 0);
+        }
+        if (tid < R) {
+            const int row = r0 + tid;
+            const bool ok = row < nv;
+            cp_async_zfill(&s_ks[buf][tid], ks + (ok ? row : 0), 8, ok ? 8 : 0);
+        }
+        asm volatile("cp.async.commit_group;\n" ::: "memory");
+    };
+    stage(blockIdx.x, 0);
+    // Query codes (A operands) and w' = w·2^eq of this lane's four heads.
+    u32 a[2][4][4];
+    double wq[2][2];
+    {
+        const bool tok = tk < nb;
+        const int tq = tb + tk;  // token index within the batch
+#pragma unroll
+        for (int mi = 0; mi < 2; mi++) {
+#pragma unroll
+            for (int j = 0; j < 2; j++) {
+                const int h = 32 * hw + 16 * mi + 8 * j + g;
+                const uint4* src = (const uint4*)(q8 + ((i64)tq * IDXM_NIH + h) * IDXM_IHD) + 2 * tig;
+                const uint4 x0 = tok ? __ldg(src) : make_uint4(0, 0, 0, 0);
+                const uint4 x1 = tok ? __ldg(src + 1) : make_uint4(0, 0, 0, 0);
+                // step s, half jj: word 8·tig + 2s + jj → a[mi][s][2·jj + j]
+                const u32 wd[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
+#pragma unroll
+                for (int s = 0; s < 4; s++) {
+                    a[mi][s][j] = wd[2 * s];
+                    a[mi][s][2 + j] = wd[2 * s + 1];
+                }
+                wq[mi][j] = tok ? __dmul_rn((double)__ldg(iw + (i64)(t0 + tq) * IDXM_NIH + h),
+                                            idx8_pow2(__ldg(qe + (i64)tq * IDXM_NIH + h)))
+                                : 0.0;
+            }
+        }
+    }
+    const double CM = 6755401588539392.0;  // 2^52 + 2^51 + 2^31
+    int it = 0;
+    for (int tile = blockIdx.x; tile < n_tiles; tile += gridDim.x, it++) {
+        const int buf = it & 1;
+        const int r0 = tile * R;
+        if (tile + (int)gridDim.x < n_tiles) {
+            stage(tile + gridDim.x, buf ^ 1);
+            asm volatile("cp.async.wait_group 1;\n" ::: "memory");
+        } else {
+            asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+        }
+        __syncthreads();
+        int acc[2][4][4];
+#pragma unroll
+        for (int mi = 0; mi < 2; mi++)
+#pragma unroll
+            for (int ni = 0; ni < 4; ni++)
+#pragma unroll
+                for (int c = 0; c < 4; c++) acc[mi][ni][c] = 0;
+#pragma unroll
+        for (int ni = 0; ni < 4; ni++) {
+            const uint4* bp = (const uint4*)&s_k[buf][(32 * rg + 8 * ni + g) * IDX8_KS] + 2 * tig;
+            const uint4 b0 = bp[0], b1 = bp[1];
+            const u32 bw[8] = {b0.x, b0.y, b0.z, b0.w, b1.x, b1.y, b1.z, b1.w};
+#pragma unroll
+            for (int s = 0; s < 4; s++)
+#pragma unroll
+                for (int mi = 0; mi < 2; mi++) imma_16x8x32(acc[mi][ni], a[mi][s], bw[2 * s], bw[2 * s + 1]);
+        }
+        // acc[mi][ni][c]: head 32·hw + 16·mi + g + 8·(c >> 1), row 32·rg + 8·ni + 2·tig + (c & 1).
+#pragma unroll
+        for (int ni = 0; ni < 4; ni++) {
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                const int r = 32 * rg + 8 * ni + 2 * tig + e;
+                const double sk = s_ks[buf][r];
+                const double nc = -CM * sk;
+                double s = 0.0;
+#pragma unroll
+                for (int mi = 0; mi < 2; mi++) {
+#pragma unroll
+                    for (int j = 0; j < 2; j++) {
+                        const int I = acc[mi][ni][2 * j + e];
+                        if (BL) {
+                            const double m = __hiloint2double(0x43380000, I ^ (int)0x80000000);
+                            const double d = __fma_rn(m, sk, nc);  // = I·2^ek exactly
+                            const double pr = __dmul_rn(wq[mi][j], d);
+                            s = __dadd_rn(s, I > 0 ? pr : 0.0);
+                        } else if (I > 0) {
+                            const double m = __hiloint2double(0x43380000, I ^ (int)0x80000000);
+                            const double d = __fma_rn(m, sk, nc);  // = I·2^ek exactly
+                            s = __dadd_rn(s, __dmul_rn(wq[mi][j], d));
+                        }
+                    }
+                }
+                s_part[tk][hw][r][g] = s;
+            }
+        }
+        __syncthreads();
+        if (tid < 2 * R) {
+            const int k = tid / R, r = tid % R;
+            const int nvk = (p0 + k + 1) / ratio;
+            if (k < nb && nvk > topk && r0 + r < nvk) {
+                double t2[2];
+#pragma unroll
+                for (int h2 = 0; h2 < 2; h2++) {
+                    const double* v = s_part[k][h2][r];
+                    t2[h2] = ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
+                }
+                scores[(i64)(tb + k) * sstride + r0 + r] = (float)(t2[0] + t2[1]);
+            }
+        }
+    }
+}
+
+#define IDX8_KERNEL(name, minb, bl)                                                              \
+    extern "C" __global__ void __launch_bounds__(256, minb) name(                                \
+        const i8* __restrict__ q8, const int* __restrict__ qe, const float* __restrict__ iw,     \
+        const i8* __restrict__ k8, const double* __restrict__ ks, const int* __restrict__ slots, \
+        int ratio, int topk, const int* pos0p, int t0, int nt, float* scores, i64 sstride) { PDL_ENTRY(); \
+        idx8_body<bl>(q8, qe, iw, k8, ks, slots, ratio, topk, pos0p, t0, nt, scores, sstride);   \
+    }
+// Variants (IdxKernel::Int8 picks one, see fwd.rs): 2 or 3 blocks per SM, branch or select.
+IDX8_KERNEL(ds4_indexer_i8, 2, false)
+IDX8_KERNEL(ds4_indexer_i8_b3, 3, false)
+IDX8_KERNEL(ds4_indexer_i8_bl, 2, true)
+IDX8_KERNEL(ds4_indexer_i8_b3bl, 3, true)
+
+// ds4_indexer_mma2x64 behind the int8 kernel: runs only when ds4_idx8_prep flagged a row, over
+// the token pairs blockIdx.y, +gridDim.y, ... (a short grid: the common no-op case is cheap).
+extern "C" __global__ void __launch_bounds__(256, 1) ds4_indexer_mma2x64_fb(
+    const float* iq, const float* iw, const float* icomp, int ratio, int topk, const int* pos0p,
+    int t0, int nt, float* scores, i64 sstride, const int* slots) {
+    PDL_ENTRY();
+    if (!idx8_any_bad(slots)) return;
+    const int gy = (nt + 1) / 2;
+    for (int by = blockIdx.y; by < gy; by += gridDim.y) {
+        idxm_body<4, 2>(iq, iw, icomp, ratio, topk, pos0p, t0, nt, scores, sstride, by);
+        __syncthreads();
+    }
 }
 
 // Chunk (prefill) fast paths of the HC and Q-head kernels. Same numerics as ds4_hc_pre /

@@ -524,6 +524,12 @@ impl CudaBackend {
         // Blocks stride over the score tiles: about two waves' worth is plenty (a decode step
         // is captured with this grid; blocks past the last tile exit at once).
         let idx_blocks = score_stride.div_ceil(IDX_TILE).clamp(1, ATT_TARGET_BLOCKS);
+        // Int8 indexer scratch (query codes of one score batch, codes of every visible row):
+        // ~8 KiB per batch token. Without it (QAT off: the rows are not int8·2^e, every chunk
+        // would fall back) or with DS4_CUDA_IDX_KERNEL=f64, chunks score on the FP64 kernel.
+        if opts.qat && csa_ratio.is_some() && s.index_heads == 64 && s.index_head_dim == 128 {
+            fwd.reserve_idx8(score_batch, score_stride)?;
+        }
         let att_stride = if attn_dec_fits(hd) {
             let kinds: Vec<(usize, bool)> = model
                 .plan

@@ -5,7 +5,7 @@
 #![allow(clippy::too_many_arguments)]
 
 use std::ffi::c_void;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{CudaContext, CudaEvent, CudaFunction, CudaStream, LaunchConfig};
 
@@ -94,6 +94,34 @@ pub enum IdxKernel {
     Mma128,
     /// `ds4_indexer_mma2x64` (FP64 tensor cores, two tokens per block, 64-row tiles).
     Mma2x64,
+    /// `ds4_idx8_prep` + `ds4_indexer_i8` (int8 tensor cores on the exact int8·2^e form of the
+    /// QAT operands, same geometry and head-sum order as `Mma2x64`, bit-identical to it) +
+    /// `ds4_indexer_mma2x64_fb` (the FP64 kernel, run only when some row is not of that form).
+    /// Needs [`Fwd::reserve_idx8`] room for the batch, else it is `Mma2x64`.
+    Int8,
+}
+
+/// Blocks of `ds4_idx8_prep` (one flag each; IDX8_SLOTS in fwd.cu).
+pub(crate) const IDX8_SLOTS: usize = 1024;
+
+/// `DS4_CUDA_IDX_KERNEL=f64`: chunks score on `ds4_indexer_mma2x64` (the FP64 tensor cores)
+/// instead of the int8 path ([`IdxKernel::Int8`]).
+fn idx_kernel_f64() -> bool {
+    static F64: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *F64.get_or_init(|| std::env::var("DS4_CUDA_IDX_KERNEL").is_ok_and(|v| v == "f64"))
+}
+
+/// Scratch of the int8 indexer path: query codes `[tokens][64][128]` i8, their exponents
+/// `[tokens][64]` i32, compressed-row codes `[rows][128]` i8, row scales `[rows]` f64
+/// (2^e), and the IDX8_SLOTS prep flags.
+struct Idx8Buf {
+    tokens: usize,
+    rows: usize,
+    q8: DBuf,
+    qe: DBuf,
+    k8: DBuf,
+    ks: DBuf,
+    slots: DBuf,
 }
 
 /// Blocks (one thread-block cluster) and threads per block of the decode HC kernels (CL and
@@ -256,6 +284,7 @@ pub(crate) struct Fwd {
     comp_emit: CudaFunction,
     comp_frontier: CudaFunction,
     indexer_q: CudaFunction,
+    indexer_q_warp: CudaFunction,
     indexer_scores: CudaFunction,
     topk: CudaFunction,
     attention: CudaFunction,
@@ -272,6 +301,15 @@ pub(crate) struct Fwd {
     indexer_mma32: CudaFunction,
     indexer_mma128: CudaFunction,
     indexer_mma2x64: CudaFunction,
+    indexer_mma2x64_fb: CudaFunction,
+    idx8_prep: CudaFunction,
+    /// `ds4_indexer_i8`, `_b3`, `_bl`, `_b3bl` (2 / 3 blocks per SM, branch / select epilogue).
+    indexer_i8: [CudaFunction; 4],
+    /// Which of them [`IdxKernel::Int8`] launches (`DS4_CUDA_IDX8_VARIANT`, default 2:
+    /// `_bl`, the fastest on an H200, see bench/results/h200/indexer-int8-s8.md).
+    idx8_variant: std::sync::atomic::AtomicUsize,
+    /// Int8 indexer scratch ([`Fwd::reserve_idx8`]).
+    idx8: Mutex<Option<Idx8Buf>>,
     hc_split_dec: CudaFunction,
     rms_q8_dec: CudaFunction,
     hc_pre_mix_dec: CudaFunction,
@@ -359,6 +397,7 @@ impl Fwd {
             comp_emit: f("ds4_comp_emit")?,
             comp_frontier: f("ds4_comp_frontier")?,
             indexer_q: f("ds4_indexer_q")?,
+            indexer_q_warp: f("ds4_indexer_q_warp")?,
             indexer_scores: f("ds4_indexer_scores")?,
             topk: f("ds4_topk")?,
             attention: f("ds4_attention")?,
@@ -375,6 +414,22 @@ impl Fwd {
             indexer_mma32: big_smem(f("ds4_indexer_mma32")?, indexer_mma_smem(1, 32))?,
             indexer_mma128: big_smem(f("ds4_indexer_mma128")?, indexer_mma_smem(1, 128))?,
             indexer_mma2x64: big_smem(f("ds4_indexer_mma2x64")?, indexer_mma_smem(2, 64))?,
+            indexer_mma2x64_fb: big_smem(f("ds4_indexer_mma2x64_fb")?, indexer_mma_smem(2, 64))?,
+            idx8_prep: f("ds4_idx8_prep")?,
+            indexer_i8: [
+                f("ds4_indexer_i8")?,
+                f("ds4_indexer_i8_b3")?,
+                f("ds4_indexer_i8_bl")?,
+                f("ds4_indexer_i8_b3bl")?,
+            ],
+            idx8_variant: std::sync::atomic::AtomicUsize::new(
+                std::env::var("DS4_CUDA_IDX8_VARIANT")
+                    .ok()
+                    .and_then(|v| v.parse::<usize>().ok())
+                    .filter(|&v| v < 4)
+                    .unwrap_or(2),
+            ),
+            idx8: Mutex::new(None),
             hc_split_dec: f("ds4_hc_split_dec")?,
             rms_q8_dec: f("ds4_rms_q8_dec")?,
             hc_pre_mix_dec: f("ds4_hc_pre_mix_dec")?,
@@ -885,7 +940,8 @@ impl Fwd {
         )
     }
 
-    /// Indexer queries: RoPE + Hadamard/FP4 (qat) per head, weights × `wscale`.
+    /// Indexer queries: RoPE + Hadamard/FP4 (qat) per head, weights × `wscale`
+    /// (`ds4_indexer_q_warp` where the shape fits, else `ds4_indexer_q`; bit-identical).
     pub fn indexer_q(
         &self,
         iq: u64,
@@ -899,6 +955,45 @@ impl Fwd {
         wscale: f64,
         n: usize,
     ) -> Result<(), CudaError> {
+        let warp =
+            ihd == 128 && nih.is_multiple_of(8) && n_rot.is_multiple_of(2) && iq.is_multiple_of(16);
+        self.indexer_q_with(warp, iq, iw, nih, ihd, n_rot, inv_freq, pos, qat, wscale, n)
+    }
+
+    /// [`Fwd::indexer_q`] with the kernel chosen: `warp` (`ds4_indexer_q_warp`: ihd 128, nih
+    /// a multiple of 8, iq 16-byte aligned) or the block-per-head `ds4_indexer_q`.
+    pub fn indexer_q_with(
+        &self,
+        warp: bool,
+        iq: u64,
+        iw: u64,
+        nih: usize,
+        ihd: usize,
+        n_rot: usize,
+        inv_freq: u64,
+        pos: u64,
+        qat: bool,
+        wscale: f64,
+        n: usize,
+    ) -> Result<(), CudaError> {
+        if warp {
+            return self.go(
+                &self.indexer_q_warp,
+                (nih / 8, n, 1),
+                256,
+                0,
+                &[
+                    A::P(iq),
+                    A::P(iw),
+                    A::I(nih as i32),
+                    A::I(n_rot as i32),
+                    A::P(inv_freq),
+                    A::P(pos),
+                    A::I(qat as i32),
+                    A::D(wscale),
+                ],
+            );
+        }
         self.go(
             &self.indexer_q,
             (nih, n, 1),
@@ -970,6 +1065,31 @@ impl Fwd {
         )
     }
 
+    /// Room for the int8 indexer path ([`IdxKernel::Int8`]): batches of up to `tokens` tokens
+    /// seeing up to `rows` compressed rows (grows, never shrinks).
+    pub fn reserve_idx8(&self, tokens: usize, rows: usize) -> Result<(), CudaError> {
+        let mut g = self.idx8.lock().unwrap_or_else(|e| e.into_inner());
+        if g.as_ref()
+            .is_some_and(|b| b.tokens >= tokens && b.rows >= rows)
+        {
+            return Ok(());
+        }
+        let (tokens, rows) = g
+            .as_ref()
+            .map_or((tokens, rows), |b| (b.tokens.max(tokens), b.rows.max(rows)));
+        let st = &self.stream;
+        *g = Some(Idx8Buf {
+            tokens,
+            rows,
+            q8: DBuf::zeroed(st, tokens * IDXM_NIH * IDXM_IHD)?,
+            qe: DBuf::zeroed(st, tokens * IDXM_NIH * 4)?,
+            k8: DBuf::zeroed(st, rows * IDXM_IHD)?,
+            ks: DBuf::zeroed(st, rows * 8)?,
+            slots: DBuf::zeroed(st, IDX8_SLOTS * 4)?,
+        });
+        Ok(())
+    }
+
     /// Indexer scores only (ops::indexer_scores) of tokens `t0..t0+nt` seeing more than
     /// `topk` rows into `scores` `[nt][sstride]`, with kernel `kernel` (falls back to the
     /// generic kernel where the chosen one does not fit the shape). `blocks` bounds the row
@@ -997,11 +1117,19 @@ impl Fwd {
             && (t0 * nih * ihd).is_multiple_of(4);
         // (tokens per block, rows per tile)
         let mma = match kernel {
-            IdxKernel::Auto if mma_ok => Some(if nt <= IDXM_SMALL_BATCH {
-                (1, 32)
-            } else {
-                (2, 64)
-            }),
+            IdxKernel::Auto if mma_ok && nt <= IDXM_SMALL_BATCH => Some((1, 32)),
+            IdxKernel::Auto if mma_ok && idx_kernel_f64() => Some((2, 64)),
+            IdxKernel::Auto | IdxKernel::Int8 if mma_ok => {
+                let g = self.idx8.lock().unwrap_or_else(|e| e.into_inner());
+                match g.as_ref() {
+                    Some(b) if b.tokens >= nt && b.rows >= sstride => {
+                        return self.indexer_scores_i8(
+                            b, iq, iw, icomp, ratio, topk, pos, t0, nt, scores, sstride, blocks,
+                        );
+                    }
+                    _ => Some((2, 64)),
+                }
+            }
             IdxKernel::Mma32 if mma_ok => Some((1, 32)),
             IdxKernel::Mma128 if mma_ok => Some((1, 128)),
             IdxKernel::Mma2x64 if mma_ok => Some((2, 64)),
@@ -1069,6 +1197,104 @@ impl Fwd {
                 &args,
             )
         }
+    }
+
+    /// Select the int8 scores kernel variant (0..4, see `indexer_i8`).
+    pub fn set_idx8_variant(&self, v: usize) {
+        self.idx8_variant
+            .store(v.min(3), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Address of the int8 path's prep flags (IDX8_SLOTS i32; any non-zero after a launch:
+    /// that launch fell back to the FP64 kernel), if reserved.
+    pub fn idx8_slots(&self) -> Option<u64> {
+        let g = self.idx8.lock().unwrap_or_else(|e| e.into_inner());
+        g.as_ref().map(|b| b.slots.ptr)
+    }
+
+    /// The int8 path of [`IdxKernel::Int8`] (the grid of `Mma2x64`).
+    fn indexer_scores_i8(
+        &self,
+        b: &Idx8Buf,
+        iq: u64,
+        iw: u64,
+        icomp: u64,
+        ratio: usize,
+        topk: usize,
+        pos: u64,
+        t0: usize,
+        nt: usize,
+        scores: u64,
+        sstride: usize,
+        blocks: usize,
+    ) -> Result<(), CudaError> {
+        self.go(
+            &self.idx8_prep,
+            (IDX8_SLOTS, 1, 1),
+            256,
+            0,
+            &[
+                A::P(iq),
+                A::P(icomp),
+                A::I(ratio as i32),
+                A::I(topk as i32),
+                A::P(pos),
+                A::I(t0 as i32),
+                A::I(nt as i32),
+                A::P(b.q8.ptr),
+                A::P(b.qe.ptr),
+                A::P(b.k8.ptr),
+                A::P(b.ks.ptr),
+                A::P(b.slots.ptr),
+            ],
+        )?;
+        let gy = nt.div_ceil(2);
+        let gx = sstride
+            .div_ceil(64)
+            .min(blocks)
+            .min((2 * ATT_TARGET_BLOCKS).div_ceil(gy.max(1)))
+            .max(1);
+        let v = self.idx8_variant.load(std::sync::atomic::Ordering::Relaxed);
+        self.go(
+            &self.indexer_i8[v],
+            (gx, gy, 1),
+            256,
+            0,
+            &[
+                A::P(b.q8.ptr),
+                A::P(b.qe.ptr),
+                A::P(iw),
+                A::P(b.k8.ptr),
+                A::P(b.ks.ptr),
+                A::P(b.slots.ptr),
+                A::I(ratio as i32),
+                A::I(topk as i32),
+                A::P(pos),
+                A::I(t0 as i32),
+                A::I(nt as i32),
+                A::P(scores),
+                A::L(sstride as i64),
+            ],
+        )?;
+        self.go(
+            &self.indexer_mma2x64_fb,
+            (gx, gy.min(ATT_TARGET_BLOCKS.div_ceil(gx)), 1),
+            256,
+            indexer_mma_smem(2, 64),
+            &[
+                A::P(iq),
+                A::P(iw),
+                A::P(icomp),
+                A::I(ratio as i32),
+                A::I(topk as i32),
+                A::P(pos),
+                A::I(t0 as i32),
+                A::I(nt as i32),
+                A::P(scores),
+                A::L(sstride as i64),
+                A::P(b.slots.ptr),
+            ],
+        )
     }
 
     /// Attention (+ inverse RoPE) of `n` tokens into `heads`; `nsplit > 1` goes through `part`.

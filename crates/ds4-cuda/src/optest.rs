@@ -552,6 +552,51 @@ impl GpuOps {
         Ok((self.down(&dq, iq.len())?, self.down(&dw, iw.len())?))
     }
 
+    /// Indexer queries with the kernel chosen (`warp`: `ds4_indexer_q_warp`, else the
+    /// block-per-head `ds4_indexer_q`): `(iq, iw)` of one run, and the median milliseconds of
+    /// `reps` further runs (in place, so they run on already-transformed values; 0 with reps 0).
+    pub fn indexer_q_timed(
+        &self,
+        warp: bool,
+        iq: &[f32],
+        iw: &[f32],
+        nih: usize,
+        ihd: usize,
+        n_rot: usize,
+        inv_freq: &[f64],
+        pos0: usize,
+        qat: bool,
+        wscale: f64,
+        n: usize,
+        reps: usize,
+    ) -> Result<(Vec<f32>, Vec<f32>, f64), CudaError> {
+        let (dq, dw, di) = (self.up(iq)?, self.up(iw)?, self.up(inv_freq)?);
+        self.set_pos(pos0)?;
+        let once = || {
+            self.fwd.indexer_q_with(
+                warp,
+                dq.ptr,
+                dw.ptr,
+                nih,
+                ihd,
+                n_rot,
+                di.ptr,
+                self.pos.ptr,
+                qat,
+                wscale,
+                n,
+            )
+        };
+        once()?;
+        let out = (self.down(&dq, iq.len())?, self.down(&dw, iw.len())?);
+        let ms = if reps > 0 {
+            self.median_ms(reps, once)?.unwrap_or(0.0)
+        } else {
+            0.0
+        };
+        Ok((out.0, out.1, ms))
+    }
+
     /// Indexer scores and top-k of `n` tokens at `pos0..` over `icomp` (rows of `ihd`):
     /// returns `(scores [n][stride], isel [n][topk])`; `stride = icomp rows` rounded up.
     pub fn indexer_select(
@@ -620,6 +665,9 @@ impl GpuOps {
         let (dq, dw, dc) = (self.up(iq)?, self.up(iw)?, self.up(icomp)?);
         let scores = self.up(&vec![f32::NAN; n * stride])?;
         self.set_pos(pos0)?;
+        if nih == 64 && ihd == 128 {
+            self.fwd.reserve_idx8(n, stride)?;
+        }
         let once = || {
             self.fwd.indexer_scores(
                 kernel,
@@ -640,6 +688,24 @@ impl GpuOps {
         };
         let ms = self.median_ms(reps, once)?.unwrap_or(0.0);
         Ok((self.down(&scores, n * stride)?, ms))
+    }
+
+    /// Int8 indexer scores kernel variant (0: `ds4_indexer_i8`, 1: `_b3`, 2: `_bl` (the
+    /// default), 3: `_b3bl`).
+    pub fn set_idx8_variant(&self, v: usize) {
+        self.fwd.set_idx8_variant(v);
+    }
+
+    /// Whether the last int8 indexer launch ([`IdxKernel::Int8`]) found a row that is not
+    /// int8·2^e and so ran the FP64 kernel (false before any).
+    pub fn idx8_fell_back(&self) -> Result<bool, CudaError> {
+        let Some(p) = self.fwd.idx8_slots() else {
+            return Ok(false);
+        };
+        let mut v = vec![0i32; crate::fwd::IDX8_SLOTS];
+        self.stream.synchronize().map_err(crate::rt::drv)?;
+        dtoh(&self.stream, &mut v, p)?;
+        Ok(v.iter().any(|&x| x != 0))
     }
 
     /// Attention of `n` tokens at `pos0..` (`nsplit` 0: the backend's choice).

@@ -569,6 +569,75 @@ fn indexer_queries() {
     }
 }
 
+/// `ds4_indexer_q_warp` (warp per head, registers) is bit-identical to the block-per-head
+/// `ds4_indexer_q` (queries and weights), QAT on and off, with tiny and large heads.
+#[test]
+fn indexer_queries_warp_bit_identical() {
+    let Some(g) = gpu() else { return };
+    let mut r = Rng(29);
+    let (_, comp) = flash_rope();
+    let (nih, ihd) = (64usize, 128usize);
+    let ws = 1.0 / ((ihd * nih) as f64).sqrt();
+    for (pos0, n) in [(0usize, 5usize), (30011, 300)] {
+        let mut iq = r.vec(n * nih * ihd, 1.0);
+        for (i, h) in iq.chunks_exact_mut(ihd).enumerate() {
+            match i % 37 {
+                1 => h.iter_mut().for_each(|v| *v *= 1e-39),
+                2 => h.iter_mut().for_each(|v| *v *= 1e30),
+                3 => h.fill(0.0),
+                _ => {}
+            }
+        }
+        let iw = r.vec(n * nih, 1.0);
+        for qat in [false, true] {
+            let (oq, ow, _) = g
+                .indexer_q_timed(
+                    false,
+                    &iq,
+                    &iw,
+                    nih,
+                    ihd,
+                    64,
+                    &comp.inv_freq,
+                    pos0,
+                    qat,
+                    ws,
+                    n,
+                    0,
+                )
+                .unwrap();
+            let (nq, nw, _) = g
+                .indexer_q_timed(
+                    true,
+                    &iq,
+                    &iw,
+                    nih,
+                    ihd,
+                    64,
+                    &comp.inv_freq,
+                    pos0,
+                    qat,
+                    ws,
+                    n,
+                    0,
+                )
+                .unwrap();
+            let dq = oq
+                .iter()
+                .zip(&nq)
+                .filter(|(a, b)| a.to_bits() != b.to_bits())
+                .count();
+            let dw = ow
+                .iter()
+                .zip(&nw)
+                .filter(|(a, b)| a.to_bits() != b.to_bits())
+                .count();
+            println!("indexer_q warp pos {pos0} n {n} qat {qat}: {dq} q, {dw} w differ");
+            assert_eq!((dq, dw), (0, 0), "indexer_q warp pos {pos0} qat {qat}");
+        }
+    }
+}
+
 #[test]
 fn indexer_scores_and_topk() {
     let Some(g) = gpu() else { return };
@@ -698,6 +767,136 @@ fn indexer_scores_flash_size_all_kernels() {
                     ws.len()
                 );
                 assert!(differ <= 2, "{tag}: {differ} scores not bit-identical");
+            }
+        }
+    }
+}
+
+/// The int8 tensor-core indexer path (`IdxKernel::Int8`) on Flash-size QAT inputs (keys
+/// f16-rounded as the cache stores them): bit-identical to the CPU reference and to the FP64
+/// kernel, without falling back; edge rows: all-zero, a zero block, tiny scales (f16
+/// subnormal keys, f32-subnormal query heads), rows whose every dot is ≤ 0, negative head
+/// weights. Inputs that are not int8·2^e (QAT off, one plain key row, a wide block-scale spread
+/// in one query head) must fall back to the FP64 kernel and match it bit for bit.
+#[test]
+fn indexer_scores_int8_exact_and_fallback() {
+    let Some(g) = gpu() else { return };
+    let mut r = Rng(23);
+    let (nih, ihd, ratio, topk) = (64usize, 128usize, 4usize, 512usize);
+    // (pos0, n, ctx): partial tiles, tokens on both sides of topk, > 512 rows, long context.
+    let cases = [
+        (5888usize, 256usize, 8192usize),
+        (1900, 300, 8192),
+        (30700, 41, 32768),
+    ];
+    // mode 0: QAT (int8 path); 1: QAT off; 2: one plain key row; 3: wide spread in one head.
+    for mode in 0..4 {
+        for &(pos0, n, ctx) in &cases {
+            if mode > 0 && pos0 != 1900 {
+                continue;
+            }
+            let nrows = (pos0 + n) / ratio;
+            let stride = (ctx / ratio + 1).next_multiple_of(4);
+            let blocks = stride.div_ceil(8).clamp(1, 264);
+            let mut keys = r.vec(nrows * ihd, 1.0);
+            let mut q = r.vec(n * nih * ihd, 1.0);
+            if mode != 1 {
+                for (i, k) in keys.chunks_exact_mut(ihd).enumerate() {
+                    match i % 97 {
+                        5 => k.iter_mut().for_each(|v| *v *= 1e-6),
+                        11 => k.iter_mut().for_each(|v| *v *= 1e-8),
+                        _ => {}
+                    }
+                    ops::indexer_qat(k);
+                    match i % 97 {
+                        3 => k.fill(0.0),
+                        7 => k[32..64].fill(0.0),
+                        _ => {}
+                    }
+                    k.iter_mut().for_each(|v| *v = ds4_quant::fp::f16_round(*v));
+                }
+                for (i, h) in q.chunks_exact_mut(ihd).enumerate() {
+                    if i % 61 == 9 {
+                        h.iter_mut().for_each(|v| *v *= 1e-38);
+                    }
+                    ops::indexer_qat(h);
+                    // Token 200 (position 2100) is scored (token 1, at 1901, is not: the prep
+                    // skips the queries of tokens that see ≤ topk rows).
+                    if mode == 3 && i == 200 * nih + 13 {
+                        // Block scales 2^12 apart: no int8 code row fits the head.
+                        h[..32].iter_mut().for_each(|v| *v *= 4096.0);
+                    }
+                }
+                // Rows whose every head dot is ≤ 0: minus the sum of token 0's heads, FP4'd.
+                let mut neg = vec![0f32; ihd];
+                for h in q[..nih * ihd].chunks_exact(ihd) {
+                    neg.iter_mut().zip(h).for_each(|(a, b)| *a -= b);
+                }
+                ops::fp4_qat(&mut neg);
+                for i in (13..nrows).step_by(101) {
+                    keys[i * ihd..(i + 1) * ihd].copy_from_slice(&neg);
+                }
+                if mode == 2 {
+                    let i = nrows / 2;
+                    for v in &mut keys[i * ihd..(i + 1) * ihd] {
+                        *v = r.normal(1.0);
+                    }
+                }
+            }
+            let w = r.vec(n * nih, 0.02);
+            let mut want = vec![f32::NAN; n * stride];
+            for t in 0..n {
+                let nv = (pos0 + t + 1) / ratio;
+                if nv <= topk {
+                    continue;
+                }
+                ops::indexer_scores(
+                    &q[t * nih * ihd..(t + 1) * nih * ihd],
+                    &w[t * nih..(t + 1) * nih],
+                    &keys[..nv * ihd],
+                    ihd,
+                    &mut want[t * stride..t * stride + nv],
+                );
+            }
+            let run = |kernel| {
+                g.indexer_scores_timed(
+                    kernel, &q, &w, &keys, nih, ihd, ratio, topk, pos0, n, stride, blocks, 0,
+                )
+                .unwrap()
+                .0
+            };
+            let f64s = run(IdxKernel::Mma2x64);
+            let got = run(IdxKernel::Int8);
+            let fell_back = g.idx8_fell_back().unwrap();
+            let tag = format!("int8 mode {mode} pos {pos0} n {n}");
+            let (mut vs_cpu, mut vs_f64, mut count) = (0usize, 0usize, 0usize);
+            for t in 0..n {
+                let nv = (pos0 + t + 1) / ratio;
+                if nv <= topk {
+                    continue;
+                }
+                let row = t * stride..t * stride + nv;
+                for ((a, b), c) in got[row.clone()]
+                    .iter()
+                    .zip(&want[row.clone()])
+                    .zip(&f64s[row])
+                {
+                    vs_cpu += (a.to_bits() != b.to_bits()) as usize;
+                    vs_f64 += (a.to_bits() != c.to_bits()) as usize;
+                    count += 1;
+                }
+            }
+            println!(
+                "indexer scores {tag}: fell back {fell_back}; {vs_cpu} of {count} differ from the \
+                 CPU, {vs_f64} from Mma2x64"
+            );
+            assert!(count > 0, "{tag}: nothing scored");
+            assert_eq!(fell_back, mode != 0, "{tag}: fallback");
+            assert_eq!(vs_f64, 0, "{tag}: not bit-identical to Mma2x64");
+            if mode == 0 {
+                assert_eq!(vs_cpu, 0, "{tag}: not bit-identical to the CPU");
+            } else {
+                assert!(vs_cpu <= 2, "{tag}: {vs_cpu} differ from the CPU");
             }
         }
     }
