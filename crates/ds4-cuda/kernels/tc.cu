@@ -523,9 +523,31 @@ struct Tc {
         const int kbyte = kb * 256;
         const int ch = tid & 15;
         // ---- A (raw blocks; the rows have odd strides, hence the address tables)
+        if (T == W_IQ2 || T == W_Q2K) {
+            // The 64 qs bytes of each row as 4 × 16 B (warp w: rows 8w..8w+7 + 64·i, one cp16 per
+            // lane, no predication), then the per-row tails: warps 0-3 the d word (IQ2_XXS) / 16
+            // scale bytes (Q2_K) of row tid, warps 4-7 (Q2_K) d, dmin of row tid - 128. Fewer
+            // issue slots than the former c / 5, c % 5 chunk walk with both copy kinds predicated
+            // (ncu, bench/results/h100/moe-stalls-s8.md); same bytes, same places.
+#pragma unroll
+            for (int i = 0; i < TC_BM * 4 / TC_THREADS; i++) {
+                const int c = tid + TC_THREADS * i;
+                const int j = c >> 2, q = c & 3;
+                cp16(st + L::S_A + j * L::RAWB + 16 * q, (const u8*)pa[j] + 64 * kb + 16 * q);
+            }
+            static_assert(TC_THREADS == 2 * TC_BM, "tail split assumes 2 threads per row");
+            if (tid < TC_BM) {
+                u8* dst = st + L::S_A + tid * L::RAWB + 64;
+                if (T == W_IQ2) cp4(dst, (const u8*)((pa[TC_BM + tid] + 2 * kb) & ~3ull));  // the aligned pair holding d
+                else cp16(dst, (const u8*)pa[TC_BM + tid] + 16 * kb);
+            } else if (T == W_Q2K) {
+                const int j = tid - TC_BM;
+                cp4(st + L::S_A + j * L::RAWB + 80, (const u8*)pa[2 * TC_BM + j] + 4 * kb);
+            }
+        }
         constexpr int NCH = T == W_IQ2 ? 5 : T == W_Q2K ? 6 : 9;
 #pragma unroll
-        for (int i = 0; i < (TC_BM * NCH + TC_THREADS - 1) / TC_THREADS; i++) {
+        for (int i = 0; (T == W_Q4K) && i < (TC_BM * NCH + TC_THREADS - 1) / TC_THREADS; i++) {
             const int c = tid + TC_THREADS * i;
             if (c < TC_BM * NCH) {
                 const int j = c / NCH, q = c % NCH;
