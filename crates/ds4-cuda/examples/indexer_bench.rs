@@ -264,10 +264,33 @@ mod bench {
         for n in [2048usize, 8192] {
             let (q, w) = (&q_plain[..n * nih * ihd], &w[..n * nih]);
             let (oq, ow, t_old) = g.indexer_q_timed(
-                false, q, w, nih, ihd, 64, &inv_freq, 6144, true, ws, n, reps,
+                Some(false),
+                q,
+                w,
+                nih,
+                ihd,
+                64,
+                &inv_freq,
+                6144,
+                true,
+                ws,
+                n,
+                reps,
             )?;
-            let (nq, nw, t_new) =
-                g.indexer_q_timed(true, q, w, nih, ihd, 64, &inv_freq, 6144, true, ws, n, reps)?;
+            let (nq, nw, t_new) = g.indexer_q_timed(
+                Some(true),
+                q,
+                w,
+                nih,
+                ihd,
+                64,
+                &inv_freq,
+                6144,
+                true,
+                ws,
+                n,
+                reps,
+            )?;
             let diff = oq
                 .iter()
                 .zip(&nq)

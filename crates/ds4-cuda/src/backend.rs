@@ -1915,6 +1915,7 @@ impl CudaBackend {
         self.mm_held(&ix.q_b, sc.qrn.ptr, n, sc.iq.ptr, held)?;
         let wscale = 1.0 / ((ihd * nih) as f64).sqrt();
         self.fwd.indexer_q(
+            None,
             sc.iq.ptr,
             sc.iw.ptr,
             nih,

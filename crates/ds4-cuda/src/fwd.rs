@@ -940,10 +940,13 @@ impl Fwd {
         )
     }
 
-    /// Indexer queries: RoPE + Hadamard/FP4 (qat) per head, weights × `wscale`
-    /// (`ds4_indexer_q_warp` where the shape fits, else `ds4_indexer_q`; bit-identical).
+    /// Indexer queries: RoPE + Hadamard/FP4 (qat) per head, weights × `wscale`. `warp`: the
+    /// kernel (`Some(true)`: `ds4_indexer_q_warp`, one warp per head — ihd 128, nih a multiple
+    /// of 8, iq 16-byte aligned; `Some(false)`: the block-per-head `ds4_indexer_q`; `None`: the
+    /// warp kernel where the shape fits). Both give the same bits.
     pub fn indexer_q(
         &self,
+        warp: Option<bool>,
         iq: u64,
         iw: u64,
         nih: usize,
@@ -955,27 +958,9 @@ impl Fwd {
         wscale: f64,
         n: usize,
     ) -> Result<(), CudaError> {
-        let warp =
-            ihd == 128 && nih.is_multiple_of(8) && n_rot.is_multiple_of(2) && iq.is_multiple_of(16);
-        self.indexer_q_with(warp, iq, iw, nih, ihd, n_rot, inv_freq, pos, qat, wscale, n)
-    }
-
-    /// [`Fwd::indexer_q`] with the kernel chosen: `warp` (`ds4_indexer_q_warp`: ihd 128, nih
-    /// a multiple of 8, iq 16-byte aligned) or the block-per-head `ds4_indexer_q`.
-    pub fn indexer_q_with(
-        &self,
-        warp: bool,
-        iq: u64,
-        iw: u64,
-        nih: usize,
-        ihd: usize,
-        n_rot: usize,
-        inv_freq: u64,
-        pos: u64,
-        qat: bool,
-        wscale: f64,
-        n: usize,
-    ) -> Result<(), CudaError> {
+        let warp = warp.unwrap_or(
+            ihd == 128 && nih.is_multiple_of(8) && n_rot.is_multiple_of(2) && iq.is_multiple_of(16),
+        );
         if warp {
             return self.go(
                 &self.indexer_q_warp,

@@ -535,29 +535,17 @@ impl GpuOps {
         wscale: f64,
         n: usize,
     ) -> Result<(Vec<f32>, Vec<f32>), CudaError> {
-        let (dq, dw, di) = (self.up(iq)?, self.up(iw)?, self.up(inv_freq)?);
-        self.set_pos(pos0)?;
-        self.fwd.indexer_q(
-            dq.ptr,
-            dw.ptr,
-            nih,
-            ihd,
-            n_rot,
-            di.ptr,
-            self.pos.ptr,
-            qat,
-            wscale,
-            n,
+        let (q, w, _) = self.indexer_q_timed(
+            None, iq, iw, nih, ihd, n_rot, inv_freq, pos0, qat, wscale, n, 0,
         )?;
-        Ok((self.down(&dq, iq.len())?, self.down(&dw, iw.len())?))
+        Ok((q, w))
     }
 
-    /// Indexer queries with the kernel chosen (`warp`: `ds4_indexer_q_warp`, else the
-    /// block-per-head `ds4_indexer_q`): `(iq, iw)` of one run, and the median milliseconds of
+    /// Indexer queries with the kernel chosen as [`Fwd::indexer_q`]'s `warp`: `(iq, iw)` of one run, and the median milliseconds of
     /// `reps` further runs (in place, so they run on already-transformed values; 0 with reps 0).
     pub fn indexer_q_timed(
         &self,
-        warp: bool,
+        warp: Option<bool>,
         iq: &[f32],
         iw: &[f32],
         nih: usize,
@@ -573,7 +561,7 @@ impl GpuOps {
         let (dq, dw, di) = (self.up(iq)?, self.up(iw)?, self.up(inv_freq)?);
         self.set_pos(pos0)?;
         let once = || {
-            self.fwd.indexer_q_with(
+            self.fwd.indexer_q(
                 warp,
                 dq.ptr,
                 dw.ptr,

@@ -590,9 +590,9 @@ fn indexer_queries_warp_bit_identical() {
         }
         let iw = r.vec(n * nih, 1.0);
         for qat in [false, true] {
-            let (oq, ow, _) = g
-                .indexer_q_timed(
-                    false,
+            let [(oq, ow, _), (nq, nw, _)] = [Some(false), Some(true)].map(|warp| {
+                g.indexer_q_timed(
+                    warp,
                     &iq,
                     &iw,
                     nih,
@@ -605,23 +605,8 @@ fn indexer_queries_warp_bit_identical() {
                     n,
                     0,
                 )
-                .unwrap();
-            let (nq, nw, _) = g
-                .indexer_q_timed(
-                    true,
-                    &iq,
-                    &iw,
-                    nih,
-                    ihd,
-                    64,
-                    &comp.inv_freq,
-                    pos0,
-                    qat,
-                    ws,
-                    n,
-                    0,
-                )
-                .unwrap();
+                .unwrap()
+            });
             let dq = oq
                 .iter()
                 .zip(&nq)
