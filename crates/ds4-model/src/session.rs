@@ -29,6 +29,16 @@ impl Default for SessionOptions {
     }
 }
 
+/// The prefill chunk a snapshot header records: ds4's default `prefill_cap`,
+/// `min(ctx, 2048)`, whatever chunk this session prefills with. ds4 refuses a payload whose
+/// chunk differs from its own; the state here does not depend on the chunk (prefill in one
+/// chunk, in several and token by token give bit-identical states: tests/session.rs), so the
+/// header names the schedule ds4 uses by default and a CUDA session's 8192-token passes stay
+/// loadable by ds4.
+pub fn snapshot_chunk(ctx: usize) -> usize {
+    ctx.min(DEFAULT_PREFILL_CHUNK)
+}
+
 /// What [`Session::sync`] did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SyncOutcome {
@@ -222,7 +232,7 @@ impl Session {
             self.backend.shape(),
             &self.plan,
             self.opts.ctx,
-            self.opts.prefill_chunk,
+            snapshot_chunk(self.opts.ctx),
             &self.tokens,
             &self.logits,
             &state,
