@@ -5,8 +5,12 @@
 //!
 //! ```text
 //! cargo build --release -p ds4-cuda --features cuda --example indexer_bench
-//! indexer_bench [--reps N]
+//! indexer_bench [--reps N] [--int8 [--csv PATH]]
 //! ```
+//!
+//! `--int8`: `Mma2x64` against the int8 tensor-core path (`Int8`, every kernel variant) on
+//! QAT-form inputs, and `Auto` (which is the int8 path here: the op-test harness reserves its
+//! scratch; on random non-QAT inputs it falls back to the FP64 kernel).
 //!
 //! Cases: a 2048-token chunk at positions 2048 / 6144 / 30720 and one decode token at 8k and 32k
 //! context (score stride and row-block bound as the backend sets them for that context). Times
@@ -108,7 +112,7 @@ mod bench {
                 IdxKernel::Mma2x64,
             ] {
                 let (s, ms) = g.indexer_scores_timed(
-                    kernel, &q, &w, &keys, nih, ihd, ratio, topk, pos0, n, stride, blocks, reps,
+                    kernel, &q, &w, &keys, nih, ihd, ratio, topk, pos0, n, 0, stride, blocks, reps,
                 )?;
                 let mut diff = 0usize;
                 if let Some((b, _)) = &base {
@@ -207,7 +211,7 @@ mod bench {
             ] {
                 g.set_idx8_variant(var);
                 let (s, ms) = g.indexer_scores_timed(
-                    kernel, q, w, k, nih, ihd, ratio, topk, pos0, n, stride, blocks, reps,
+                    kernel, q, w, k, nih, ihd, ratio, topk, pos0, n, 0, stride, blocks, reps,
                 )?;
                 let kname = match (kernel, var) {
                     (IdxKernel::Int8, 1) => "Int8b3".to_string(),

@@ -545,23 +545,14 @@ struct Tc {
                 cp4(st + L::S_A + j * L::RAWB + 80, (const u8*)pa[2 * TC_BM + j] + 4 * kb);
             }
         }
-        constexpr int NCH = T == W_IQ2 ? 5 : T == W_Q2K ? 6 : 9;
+        // Q4_K: the whole 144-byte block of each row as 9 × 16 B.
+        constexpr int NCH = 9;
 #pragma unroll
         for (int i = 0; (T == W_Q4K) && i < (TC_BM * NCH + TC_THREADS - 1) / TC_THREADS; i++) {
             const int c = tid + TC_THREADS * i;
             if (c < TC_BM * NCH) {
                 const int j = c / NCH, q = c % NCH;
-                u8* dst = st + L::S_A + j * L::RAWB;
-                if (T == W_IQ2) {
-                    if (q < 4) cp16(dst + 16 * q, (const u8*)pa[j] + 64 * kb + 16 * q);
-                    else cp4(dst + 64, (const u8*)((pa[TC_BM + j] + 2 * kb) & ~3ull));  // the aligned pair holding d
-                } else if (T == W_Q2K) {
-                    if (q < 4) cp16(dst + 16 * q, (const u8*)pa[j] + 64 * kb + 16 * q);
-                    else if (q == 4) cp16(dst + 64, (const u8*)pa[TC_BM + j] + 16 * kb);
-                    else cp4(dst + 80, (const u8*)pa[2 * TC_BM + j] + 4 * kb);
-                } else {
-                    cp16(dst + 16 * q, (const u8*)pa[j] + 144 * kb + 16 * q);
-                }
+                cp16(st + L::S_A + j * L::RAWB + 16 * q, (const u8*)pa[j] + 144 * kb + 16 * q);
             }
         }
         // ---- B (activation rows of this tile)

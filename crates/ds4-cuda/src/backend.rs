@@ -37,7 +37,7 @@ use crate::fwd::{
     attn_dec_bytes, attn_dec_fits, attn_dec_stride, attn_splits,
 };
 use crate::gemv::{DevWeight, Gemv};
-use crate::pass::{fit_pass, kv_bytes, pass_bytes};
+use crate::pass::{fit_pass, kv_bytes, need_bytes, pass_bytes};
 use crate::rt::{DBuf, dtoh, htod};
 use crate::tc::{Tc, TcConfig};
 use crate::{CudaError, CudaOptions};
@@ -461,9 +461,9 @@ impl CudaBackend {
             let pass = fit_pass(&s, &model.plan, ctx, max_chunk, free, SCORE_BYTES);
             if pass < max_chunk {
                 eprintln!(
-                    "ds4-cuda: prefill passes of {pass} tokens ({max_chunk} need ~{:.1} GiB of the \
-                     {:.1} GiB free; --prefill-chunk sets it)",
-                    (kv_bytes(&s, &model.plan, ctx) + pass_bytes(&s, max_chunk)) as f64 / GIB,
+                    "ds4-cuda: prefill passes of {pass} tokens ({max_chunk} need ~{:.1} GiB with \
+                     the KV state and reserves, {:.1} GiB free; --prefill-chunk sets it)",
+                    need_bytes(&s, &model.plan, ctx, max_chunk, SCORE_BYTES) as f64 / GIB,
                     free as f64 / GIB
                 );
             }
@@ -526,8 +526,13 @@ impl CudaBackend {
         let idx_blocks = score_stride.div_ceil(IDX_TILE).clamp(1, ATT_TARGET_BLOCKS);
         // Int8 indexer scratch (query codes of one score batch, codes of every visible row):
         // ~8 KiB per batch token. Without it (QAT off: the rows are not int8·2^e, every chunk
-        // would fall back) or with DS4_CUDA_IDX_KERNEL=f64, chunks score on the FP64 kernel.
-        if opts.qat && csa_ratio.is_some() && s.index_heads == 64 && s.index_head_dim == 128 {
+        // would fall back; DS4_CUDA_IDX_KERNEL=f64: not used) chunks score on the FP64 kernel.
+        if opts.qat
+            && !crate::fwd::idx_kernel_f64()
+            && csa_ratio.is_some()
+            && s.index_heads == 64
+            && s.index_head_dim == 128
+        {
             fwd.reserve_idx8(score_batch, score_stride)?;
         }
         let att_stride = if attn_dec_fits(hd) {
@@ -666,7 +671,7 @@ impl CudaBackend {
             "ds4-cuda: prefill passes of up to {max_chunk} tokens; KV state + scratch {:.2} GiB \
              (estimate {:.2}), {:.1} GiB left",
             free_before.saturating_sub(free_after) as f64 / GIB,
-            (kv_bytes(&s, &model.plan, ctx) + pass_bytes(&s, max_chunk)) as f64 / GIB,
+            (kv_bytes(&s, &model.plan, ctx) + pass_bytes(&s, max_chunk) + SCORE_BYTES) as f64 / GIB,
             free_after as f64 / GIB
         );
         eprintln!(

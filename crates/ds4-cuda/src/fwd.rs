@@ -65,7 +65,8 @@ pub(crate) fn indexer4_smem(nih: usize, ihd: usize) -> usize {
 /// Heads and head dim of the FP64 tensor-core indexer kernels (IDXM_NIH, IDXM_IHD in fwd.cu).
 const IDXM_NIH: usize = 64;
 const IDXM_IHD: usize = 128;
-/// Token batches up to this size use the 32-row tiles (decode), larger ones the 128-row tiles.
+/// Token batches up to this size use the 32-row tiles (`Mma32`, decode), larger ones the int8
+/// path or `Mma2x64` (see [`IdxKernel::Auto`]).
 const IDXM_SMALL_BATCH: usize = 8;
 
 /// Whether the FP64 tensor-core indexer kernels (`ds4_indexer_mma32/128`) fit this shape.
@@ -83,8 +84,10 @@ pub(crate) fn indexer_mma_smem(tpb: usize, rows: usize) -> usize {
 /// `Auto`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum IdxKernel {
-    /// The tensor-core kernel where the shape fits (`Mma32` for ≤ 8 tokens, else `Mma2x64`),
-    /// else the register-blocked scalar kernel, else the generic one.
+    /// The tensor-core kernels where the shape fits: `Mma32` for ≤ 8 tokens, else `Int8` when
+    /// [`Fwd::reserve_idx8`] made room for the batch (the backend does with QAT on, unless
+    /// `DS4_CUDA_IDX_KERNEL=f64`), else `Mma2x64`; where they do not fit, the register-blocked
+    /// scalar kernel, else the generic one.
     Auto,
     /// `ds4_indexer_scores4` (f64 FMA on the CUDA cores, the CPU's exact summation order).
     Scalar4,
@@ -106,7 +109,7 @@ pub(crate) const IDX8_SLOTS: usize = 1024;
 
 /// `DS4_CUDA_IDX_KERNEL=f64`: chunks score on `ds4_indexer_mma2x64` (the FP64 tensor cores)
 /// instead of the int8 path ([`IdxKernel::Int8`]).
-fn idx_kernel_f64() -> bool {
+pub(crate) fn idx_kernel_f64() -> bool {
     static F64: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *F64.get_or_init(|| std::env::var("DS4_CUDA_IDX_KERNEL").is_ok_and(|v| v == "f64"))
 }
@@ -958,9 +961,17 @@ impl Fwd {
         wscale: f64,
         n: usize,
     ) -> Result<(), CudaError> {
-        let warp = warp.unwrap_or(
-            ihd == 128 && nih.is_multiple_of(8) && n_rot.is_multiple_of(2) && iq.is_multiple_of(16),
-        );
+        let warp_fits = ihd == 128
+            && nih.is_multiple_of(8)
+            && n_rot.is_multiple_of(2)
+            && n_rot <= ihd
+            && iq.is_multiple_of(16);
+        let warp = warp.unwrap_or(warp_fits);
+        if warp && !warp_fits {
+            return Err(CudaError::Driver(format!(
+                "ds4_indexer_q_warp does not fit {nih} heads of {ihd} with {n_rot} rotated dims"
+            )));
+        }
         if warp {
             return self.go(
                 &self.indexer_q_warp,

@@ -212,6 +212,9 @@ pub const DEFAULT_PASS_TOKENS: usize = 8192;
 /// The smallest pass [`CudaOptions::fit_chunk`] shrinks to (ds4's default prefill chunk).
 pub const MIN_FIT_PASS_TOKENS: usize = 2048;
 
+/// The library's defaults keep ds4's 2048-token chunk and no fitting (what a caller that sizes
+/// its own passes expects); the `ds4` CLI passes [`DEFAULT_PASS_TOKENS`] with `fit_chunk` on
+/// unless `--prefill-chunk` is given.
 impl Default for CudaOptions {
     fn default() -> Self {
         CudaOptions {

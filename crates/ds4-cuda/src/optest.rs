@@ -629,11 +629,13 @@ impl GpuOps {
         ))
     }
 
-    /// Indexer scores only (no top-k) of `n` tokens at `pos0..` with kernel `kernel`, inputs
-    /// uploaded once, run `reps` times after a warm-up with `stride` floats per token row and
-    /// `blocks` row blocks at most (the backend passes its `idx_blocks`). Returns the scores
-    /// `[n][stride]` of the last run (unscored entries NaN) and the median milliseconds of one
-    /// call (0 with `reps` 0).
+    /// Indexer scores only (no top-k) of tokens `t0..n` of `n` tokens at `pos0..` (a score
+    /// batch that starts inside the pass, as the backend's batches past the first do) with
+    /// kernel `kernel`, inputs uploaded once, run `reps` times after a warm-up with `stride`
+    /// floats per token row and `blocks` row blocks at most (the backend passes its
+    /// `idx_blocks`). Returns the scores `[n][stride]` of the last run (unscored entries and
+    /// the rows of tokens before `t0` NaN) and the median milliseconds of one call (0 with
+    /// `reps` 0).
     pub fn indexer_scores_timed(
         &self,
         kernel: IdxKernel,
@@ -646,15 +648,21 @@ impl GpuOps {
         topk: usize,
         pos0: usize,
         n: usize,
+        t0: usize,
         stride: usize,
         blocks: usize,
         reps: usize,
     ) -> Result<(Vec<f32>, f64), CudaError> {
+        if t0 >= n {
+            return Err(CudaError::Driver(format!(
+                "indexer batch starts at token {t0} of {n}"
+            )));
+        }
         let (dq, dw, dc) = (self.up(iq)?, self.up(iw)?, self.up(icomp)?);
         let scores = self.up(&vec![f32::NAN; n * stride])?;
         self.set_pos(pos0)?;
         if nih == 64 && ihd == 128 {
-            self.fwd.reserve_idx8(n, stride)?;
+            self.fwd.reserve_idx8(n - t0, stride)?;
         }
         let once = || {
             self.fwd.indexer_scores(
@@ -667,9 +675,9 @@ impl GpuOps {
                 ratio,
                 topk,
                 self.pos.ptr,
-                0,
-                n,
-                scores.ptr,
+                t0,
+                n - t0,
+                scores.ptr + (t0 * stride * 4) as u64,
                 stride,
                 blocks,
             )

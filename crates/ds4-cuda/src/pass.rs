@@ -4,21 +4,33 @@
 use ds4_model::Shape;
 
 /// Estimated device bytes of the KV state for `ctx` tokens (compressed and indexer rows; the raw
-/// ring is counted per pass token in [`pass_bytes`]).
+/// ring is counted per pass token in [`pass_bytes`]), with the buffers sized by the largest
+/// layer's rows: the attention route's f16 hi/lo copy of the visible rows (one scratch shared by
+/// the layers) and the int8 indexer's key codes (136 bytes a row).
 pub fn kv_bytes(s: &Shape, plan: &ds4_model::Plan, ctx: usize) -> usize {
-    plan.layers
+    let rows = |ratio: usize| ctx.checked_div(ratio).map_or(0, |r| r + 1);
+    let state: usize = plan
+        .layers
         .iter()
         .map(|l| {
-            let rows = ctx.checked_div(l.attn.ratio()).map_or(0, |r| r + 1);
             let idx = if l.attn.has_indexer() {
                 s.index_head_dim
             } else {
                 0
             };
-            // f32 rows, plus the attention route's f16 hi/lo copy of the visible rows.
-            rows * (2 * s.head_dim + idx) * 4
+            rows(l.attn.ratio()) * (s.head_dim + idx) * 4
         })
-        .sum()
+        .sum();
+    let max_rows = |indexed: bool| {
+        plan.layers
+            .iter()
+            .filter(|l| !indexed || l.attn.has_indexer())
+            .map(|l| rows(l.attn.ratio()))
+            .max()
+            .unwrap_or(0)
+    };
+    // f16 hi + lo of head_dim values a row; int8 codes + 8 scale bytes of index_head_dim.
+    state + max_rows(false) * s.head_dim * 4 + max_rows(true) * (s.index_head_dim + 8)
 }
 
 /// Estimated device bytes that scale with the pass size `n`: the chunk scratch (the f32
@@ -42,12 +54,19 @@ pub fn pass_bytes(s: &Shape, n: usize) -> usize {
         + k * e // tc MoE per-pair partial sums
         + s.n_layer * hd; // raw rings
     let q8 = nh * hd + e + k * s.n_ff_exp; // int8 activations (+ scales below)
-    (f32s * 4 + q8 * 9 / 8) * n * 5 / 4
+    let idx8 = s.index_heads * (s.index_head_dim + 4); // int8 indexer query codes + exponents
+    (f32s * 4 + q8 * 9 / 8 + idx8) * n * 5 / 4
 }
 
-/// The largest pass ≤ `want` (halving, not below [`crate::MIN_FIT_PASS_TOKENS`]) whose estimated
-/// KV state and scratch leave 1.5 GiB of `free` device memory beyond `fixed` bytes (buffers of
-/// a size independent of the pass, e.g. the indexer scores).
+/// What a pass of `n` tokens is estimated to need in all: the KV state, the pass's scratch,
+/// `fixed` bytes and a reserve of 1.5 GiB (cuBLAS, the decode graph, allocator slack).
+pub fn need_bytes(s: &Shape, plan: &ds4_model::Plan, ctx: usize, n: usize, fixed: usize) -> usize {
+    kv_bytes(s, plan, ctx) + pass_bytes(s, n) + (3usize << 30) / 2 + fixed
+}
+
+/// The largest pass ≤ `want` (halving, not below [`crate::MIN_FIT_PASS_TOKENS`]) whose
+/// [`need_bytes`] fit in `free` device memory (`fixed`: buffers of a size independent of the
+/// pass, e.g. the indexer scores).
 pub fn fit_pass(
     s: &Shape,
     plan: &ds4_model::Plan,
@@ -56,10 +75,8 @@ pub fn fit_pass(
     free: usize,
     fixed: usize,
 ) -> usize {
-    let reserve = (3usize << 30) / 2 + fixed;
-    let kv = kv_bytes(s, plan, ctx);
     let mut n = want;
-    while n > crate::MIN_FIT_PASS_TOKENS && kv + pass_bytes(s, n) + reserve > free {
+    while n > crate::MIN_FIT_PASS_TOKENS && need_bytes(s, plan, ctx, n, fixed) > free {
         n = (n / 2).max(crate::MIN_FIT_PASS_TOKENS);
     }
     n.min(want)
@@ -85,11 +102,14 @@ mod tests {
         let gib = 1usize << 30;
         // Plenty of room: the pass stays as asked.
         assert_eq!(fit_pass(&s, &plan, 65536, 8192, 60 * gib, 0), 8192);
-        // Room for ~3 GiB of scratch: 2048 (the floor) after halving twice.
-        let free = kv_bytes(&s, &plan, 65536) + pass_bytes(&s, 2048) + 2 * gib;
+        // Exactly what 2048 or 4096 need: halved twice or once.
+        let free = need_bytes(&s, &plan, 65536, 2048, 0);
         assert_eq!(fit_pass(&s, &plan, 65536, 8192, free, 0), 2048);
-        let free = kv_bytes(&s, &plan, 65536) + pass_bytes(&s, 4096) + 2 * gib;
+        let free = need_bytes(&s, &plan, 65536, 4096, 0);
         assert_eq!(fit_pass(&s, &plan, 65536, 8192, free, 0), 4096);
+        assert_eq!(fit_pass(&s, &plan, 65536, 8192, free - 1, 0), 2048);
+        // `fixed` counts.
+        assert_eq!(fit_pass(&s, &plan, 65536, 8192, free, 1), 2048);
         // Never below the floor, never above the request.
         assert_eq!(fit_pass(&s, &plan, 65536, 8192, 0, 0), 2048);
         assert_eq!(fit_pass(&s, &plan, 65536, 1024, 0, 0), 1024);

@@ -732,7 +732,7 @@ fn indexer_scores_flash_size_all_kernels() {
             ] {
                 let (got, _) = g
                     .indexer_scores_timed(
-                        kernel, &q, &w, &keys, nih, ihd, ratio, topk, pos0, n, stride, blocks, 0,
+                        kernel, &q, &w, &keys, nih, ihd, ratio, topk, pos0, n, 0, stride, blocks, 0,
                     )
                     .unwrap();
                 let tag = format!("{kernel:?} qat {qat} pos {pos0} n {n}");
@@ -762,22 +762,30 @@ fn indexer_scores_flash_size_all_kernels() {
 /// kernel, without falling back; edge rows: all-zero, a zero block, tiny scales (f16
 /// subnormal keys, f32-subnormal query heads), rows whose every dot is ≤ 0, negative head
 /// weights. Inputs that are not int8·2^e (QAT off, one plain key row, a wide block-scale spread
-/// in one query head) must fall back to the FP64 kernel and match it bit for bit.
+/// in one query head) must fall back to the FP64 kernel and match it bit for bit. Batches that
+/// start inside the pass (`t0` > 0: the backend's score batches past the first) and every
+/// kernel variant (`DS4_CUDA_IDX8_VARIANT`) are checked on the QAT inputs.
 #[test]
 fn indexer_scores_int8_exact_and_fallback() {
     let Some(g) = gpu() else { return };
     let mut r = Rng(23);
     let (nih, ihd, ratio, topk) = (64usize, 128usize, 4usize, 512usize);
-    // (pos0, n, ctx): partial tiles, tokens on both sides of topk, > 512 rows, long context.
+    // (pos0, n, ctx, t0): partial tiles, tokens on both sides of topk, > 512 rows, long
+    // context, batches from token t0 (odd counts: 173, 41, 117 tokens).
     let cases = [
-        (5888usize, 256usize, 8192usize),
-        (1900, 300, 8192),
-        (30700, 41, 32768),
+        (5888usize, 256usize, 8192usize, 0usize),
+        (1900, 300, 8192, 0),
+        (30700, 41, 32768, 0),
+        (1900, 300, 8192, 127),
+        (5888, 256, 8192, 215),
+        (2501, 117, 8192, 0),
     ];
     // mode 0: QAT (int8 path); 1: QAT off; 2: one plain key row; 3: wide spread in one head.
     for mode in 0..4 {
-        for &(pos0, n, ctx) in &cases {
-            if mode > 0 && pos0 != 1900 {
+        for &(pos0, n, ctx, t0) in &cases {
+            // The fallback modes: the (1900, 300) pass whole and from token 127, and an odd
+            // token count.
+            if (mode > 0 && pos0 != 1900 && pos0 != 2501) || (mode == 3 && pos0 != 1900) {
                 continue;
             }
             let nrows = (pos0 + n) / ratio;
@@ -845,44 +853,58 @@ fn indexer_scores_int8_exact_and_fallback() {
             }
             let run = |kernel| {
                 g.indexer_scores_timed(
-                    kernel, &q, &w, &keys, nih, ihd, ratio, topk, pos0, n, stride, blocks, 0,
+                    kernel, &q, &w, &keys, nih, ihd, ratio, topk, pos0, n, t0, stride, blocks, 0,
                 )
                 .unwrap()
                 .0
             };
             let f64s = run(IdxKernel::Mma2x64);
-            let got = run(IdxKernel::Int8);
-            let fell_back = g.idx8_fell_back().unwrap();
-            let tag = format!("int8 mode {mode} pos {pos0} n {n}");
-            let (mut vs_cpu, mut vs_f64, mut count) = (0usize, 0usize, 0usize);
-            for t in 0..n {
-                let nv = (pos0 + t + 1) / ratio;
-                if nv <= topk {
-                    continue;
+            // Every int8 variant on the QAT inputs, the default one (2) on the others.
+            let variants: &[usize] = if mode == 0 { &[0, 1, 2, 3] } else { &[2] };
+            for &var in variants {
+                g.set_idx8_variant(var);
+                let got = run(IdxKernel::Int8);
+                let fell_back = g.idx8_fell_back().unwrap();
+                let tag = format!("int8 v{var} mode {mode} pos {pos0} n {n} t0 {t0}");
+                let (mut vs_cpu, mut vs_f64, mut count) = (0usize, 0usize, 0usize);
+                for t in 0..n {
+                    let nv = (pos0 + t + 1) / ratio;
+                    let row = t * stride..t * stride + nv;
+                    if t < t0 {
+                        // Rows before the batch stay untouched.
+                        assert!(
+                            got[row].iter().all(|v| v.is_nan()),
+                            "{tag}: row {t} written"
+                        );
+                        continue;
+                    }
+                    if nv <= topk {
+                        continue;
+                    }
+                    for ((a, b), c) in got[row.clone()]
+                        .iter()
+                        .zip(&want[row.clone()])
+                        .zip(&f64s[row])
+                    {
+                        vs_cpu += (a.to_bits() != b.to_bits()) as usize;
+                        vs_f64 += (a.to_bits() != c.to_bits()) as usize;
+                        count += 1;
+                    }
                 }
-                let row = t * stride..t * stride + nv;
-                for ((a, b), c) in got[row.clone()]
-                    .iter()
-                    .zip(&want[row.clone()])
-                    .zip(&f64s[row])
-                {
-                    vs_cpu += (a.to_bits() != b.to_bits()) as usize;
-                    vs_f64 += (a.to_bits() != c.to_bits()) as usize;
-                    count += 1;
+                println!(
+                    "indexer scores {tag}: fell back {fell_back}; {vs_cpu} of {count} differ from \
+                     the CPU, {vs_f64} from Mma2x64"
+                );
+                assert!(count > 0, "{tag}: nothing scored");
+                assert_eq!(fell_back, mode != 0, "{tag}: fallback");
+                assert_eq!(vs_f64, 0, "{tag}: not bit-identical to Mma2x64");
+                if mode == 0 {
+                    assert_eq!(vs_cpu, 0, "{tag}: not bit-identical to the CPU");
+                } else {
+                    assert!(vs_cpu <= 2, "{tag}: {vs_cpu} differ from the CPU");
                 }
             }
-            println!(
-                "indexer scores {tag}: fell back {fell_back}; {vs_cpu} of {count} differ from the \
-                 CPU, {vs_f64} from Mma2x64"
-            );
-            assert!(count > 0, "{tag}: nothing scored");
-            assert_eq!(fell_back, mode != 0, "{tag}: fallback");
-            assert_eq!(vs_f64, 0, "{tag}: not bit-identical to Mma2x64");
-            if mode == 0 {
-                assert_eq!(vs_cpu, 0, "{tag}: not bit-identical to the CPU");
-            } else {
-                assert!(vs_cpu <= 2, "{tag}: {vs_cpu} differ from the CPU");
-            }
+            g.set_idx8_variant(2);
         }
     }
 }

@@ -89,7 +89,8 @@ pub struct ServeArgs {
     pub tool_memory_max_ids: usize,
 
     /// Tokens per prefill chunk (cancellation and keep-alives happen between chunks). Default:
-    /// the backend's (`ds4 serve`: 8192 on CUDA, 2048 on the CPU; 2048 here).
+    /// the backend's (8192 on CUDA, 2048 on the CPU; 2048 for a server embedded without a
+    /// backend default).
     #[arg(long)]
     pub prefill_chunk: Option<usize>,
 
