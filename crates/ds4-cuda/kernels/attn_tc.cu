@@ -310,13 +310,6 @@ __device__ __forceinline__ void attn_tc_body(
         const int t = cur.t, hb = cur.hb;
         const i64 p = pos0 + t;
         float2* rc = sRC + (mg * 2 + (kit & 1)) * (HD / 2);
-        // RoPE (cos, sin) of the token's position, one pair per thread of the m-group (as
-        // fwd.cu, f64).
-        for (int i = li; i < n_rot / 2; i += 8 * 32) {
-            float c, sn;
-            rope_cs(inv_freq, i, p, &c, &sn);
-            rc[i] = make_float2(c, sn);
-        }
 
         // L2 prefetch of the next item's Q rows (128-byte lines), so that its load at the next
         // item's start hits L2.
@@ -333,25 +326,48 @@ __device__ __forceinline__ void attn_tc_body(
             }
         }
 
+        // Q (f32) of this warp's A fragments (heads 16·mg + g, +8; dims of its eighth; heads
+        // past nh are zero), requested before the RoPE table is formed.
+        float2 qv[KS][4];
+#pragma unroll
+        for (int ks = 0; ks < KS; ks++) {
+#pragma unroll
+            for (int r = 0; r < 4; r++) {
+                const int hg = hb * AT_HPC + mg * 16 + g + 8 * (r & 1);
+                const int d = e * DQ + ks * 16 + 8 * (r >> 1) + 2 * c4;
+                qv[ks][r] = hg < nh ? *reinterpret_cast<const float2*>(q + ((i64)t * nh + hg) * HD + d)
+                                    : make_float2(0.f, 0.f);
+            }
+        }
         // With qnorm, q holds the q_b product before ds4_head_norm_rope_fast, which is done
         // here on the load with the same numerics (common.cuh): each warp finds the norm
-        // factors of 2 of the m-group's 16 heads (a warp per head row, as that kernel), then
-        // the fragments below are normalized and the RoPE tail rotated (the item's table).
+        // factors of 2 of the m-group's 16 heads (a warp per head row, as that kernel; the rows
+        // requested with the fragments above), then the fragments are normalized and the RoPE
+        // tail rotated (the item's table).
         if (qnorm) {
+            float4 hrow[2][4];
 #pragma unroll
             for (int r = 0; r < 2; r++) {
-                const int hl = mg * 16 + 2 * e + r, hg = hb * AT_HPC + hl;
-                float4 v[4];
-                head_row_load(q + ((i64)t * nh + hg) * HD, HD, hg < nh, v);
-                const double s = head_rms_scale(v, HD, eps);
-                if (lane == 0) sQS[hl] = s;
+                const int hg = hb * AT_HPC + mg * 16 + 2 * e + r;
+                head_row_load(q + ((i64)t * nh + hg) * HD, HD, hg < nh, hrow[r]);
             }
-            bar_named(1 + mg, 8 * 32);  // sQS and the RoPE table of the m-group
+#pragma unroll
+            for (int r = 0; r < 2; r++) {
+                const double s = head_rms_scale(hrow[r], HD, eps);
+                if (lane == 0) sQS[mg * 16 + 2 * e + r] = s;
+            }
         }
+        // RoPE (cos, sin) of the token's position, one pair per thread of the m-group (as
+        // fwd.cu, f64).
+        for (int i = li; i < n_rot / 2; i += 8 * 32) {
+            float c, sn;
+            rope_cs(inv_freq, i, p, &c, &sn);
+            rc[i] = make_float2(c, sn);
+        }
+        if (qnorm) bar_named(1 + mg, 8 * 32);  // sQS and the RoPE table of the m-group
 
-        // Q (f32) → this warp's A fragments (heads 16·mg + g, +8; dims of its eighth): hi in
-        // registers for the item, lo in shared memory (read back with ldmatrix by the same
-        // warp only); heads past nh are zero.
+        // → A fragments: hi in registers for the item, lo in shared memory (read back with
+        // ldmatrix by the same warp only).
         u32 qh[KS][4];
 #pragma unroll
         for (int ks = 0; ks < KS; ks++) {
@@ -359,8 +375,7 @@ __device__ __forceinline__ void attn_tc_body(
             for (int r = 0; r < 4; r++) {
                 const int hg = hb * AT_HPC + mg * 16 + g + 8 * (r & 1);
                 const int d = e * DQ + ks * 16 + 8 * (r >> 1) + 2 * c4;
-                float2 v = make_float2(0.f, 0.f);
-                if (hg < nh) v = *reinterpret_cast<const float2*>(q + ((i64)t * nh + hg) * HD + d);
+                float2 v = qv[ks][r];
                 if (qnorm && hg < nh) {
                     const double s = sQS[hg - hb * AT_HPC];
                     v.x = head_norm(v.x, s);
