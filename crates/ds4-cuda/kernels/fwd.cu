@@ -3036,13 +3036,9 @@ extern "C" __global__ void __launch_bounds__(256, 2) ds4_hc_pre_fast(
 
 // HC post (+ routed sum, + flat RMSNorm): block per token, hc = 4. Same expressions as
 // ds4_hc_post: fd = (float)Σ_k routed + f; out[j] = post[j]·fd + Σ_i comb[i][j]·x[i] (f64).
-// With `ids` ([n][k] expert ids of n_exp), the k routed rows are the tensor-core MoE down's
-// unsummed pair rows (ds4_tc_moe_sum folded in: the same f64 sum in slot order); a token with an
-// id outside [0, n_exp) has no rows and gets NaN, as that kernel gives it.
-#define HP_RK 6  // routed rows requested together
 extern "C" __global__ void __launch_bounds__(256, 2) ds4_hc_post_fast(
-    const float* __restrict__ f, const float* __restrict__ routed, int k, const int* __restrict__ ids,
-    int n_exp, const float* __restrict__ x, const float* __restrict__ post, const float* __restrict__ comb,
+    const float* __restrict__ f, const float* __restrict__ routed, int k,
+    const float* __restrict__ x, const float* __restrict__ post, const float* __restrict__ comb,
     int e, float* __restrict__ xo, float* __restrict__ flat, float eps, double* __restrict__ fscale) {
     PDL_ENTRY();
     constexpr int HC = 4;
@@ -3065,7 +3061,7 @@ extern "C" __global__ void __launch_bounds__(256, 2) ds4_hc_post_fast(
     if (threadIdx.x < HC) pj[threadIdx.x] = (double)post[(i64)t * HC + threadIdx.x];
     if (threadIdx.x < HC * HC) cm[threadIdx.x] = (double)comb[(i64)t * HC * HC + threadIdx.x];
     __syncthreads();
-    if (routed && k == 1 && !ids) {
+    if (routed && k == 1) {
         // The FFN sublayer's case (moe_down already summed the experts): the routed rows are
         // loaded together, not one round trip per column.
         const float4* rt = (const float4*)(routed + (i64)t * e);
@@ -3085,32 +3081,18 @@ extern "C" __global__ void __launch_bounds__(256, 2) ds4_hc_post_fast(
             }
         }
     } else if (routed) {
-        bool bad = false;
-        if (ids)
-            for (int j = 0; j < k; j++) {
-                const int id = ids[(i64)t * k + j];
-                if (id < 0 || id >= n_exp) bad = true;
-            }
-        const float4* rt = (const float4*)(routed + (i64)t * k * e);
 #pragma unroll
         for (int u = 0; u < FP_U; u++) {
             const int c = threadIdx.x + u * T;
             if (c < e4) {
                 double acc[4] = {0.0, 0.0, 0.0, 0.0};
-                for (int j0 = 0; j0 < k; j0 += HP_RK) {
-                    float4 r[HP_RK];
+                for (int j = 0; j < k; j++) {
+                    const float4 r = ((const float4*)(routed + ((i64)t * k + j) * e))[c];
 #pragma unroll
-                    for (int j = 0; j < HP_RK; j++)
-                        if (j0 + j < k) r[j] = rt[(i64)(j0 + j) * e4 + c];
-#pragma unroll
-                    for (int j = 0; j < HP_RK; j++)
-                        if (j0 + j < k)
-#pragma unroll
-                            for (int q = 0; q < 4; q++) acc[q] += (double)f4_get(r[j], q);
+                    for (int q = 0; q < 4; q++) acc[q] += (double)f4_get(r, q);
                 }
 #pragma unroll
-                for (int q = 0; q < 4; q++)
-                    f4_set(fv[u], q, bad ? __int_as_float(0x7fc00000) : (float)acc[q] + f4_get(fv[u], q));
+                for (int q = 0; q < 4; q++) f4_set(fv[u], q, (float)acc[q] + f4_get(fv[u], q));
             }
         }
     }

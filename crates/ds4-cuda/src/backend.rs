@@ -110,9 +110,6 @@ impl<T> DevicePtrMut<T> for Dv<'_, T> {
     }
 }
 
-/// Routed rows an HC post adds: (address, rows per token, expert ids and count when unsummed).
-type RoutedRows = (u64, usize, Option<(u64, usize)>);
-
 struct DevHc {
     fn_: DevWeight,
     scale: DBuf,
@@ -1190,7 +1187,6 @@ impl CudaBackend {
                 eps,
                 n,
                 if ffn_scaled { sc.fscale.ptr } else { 0 },
-                None,
             )?;
 
             // ---- FFN sublayer
@@ -1205,11 +1201,8 @@ impl CudaBackend {
             )?;
             self.mm(&l.router, sc.b.ptr, n, sc.rlog.ptr)?;
             self.route(il, l, n)?;
-            // The HC post below can sum the tensor-core MoE down's pair rows itself (its fast
-            // path; not while tracing, which reads sc.routed).
-            let fold = trace.is_none() && Fwd::hc_post_fast_fits(hc, e);
-            let (routed, rk, rids) = self.moe(l, n, false, pre_b, fold)?;
-            // F = routed (summed over the k experts by moe_down or the HC post) + shared.
+            self.moe(l, n, false, pre_b)?;
+            // F = routed (summed over the k experts by moe_down) + shared, then HC post.
             // The next layer's mix product forms flat itself where it can (the last layer's
             // flat feeds the output head).
             attn_scaled = self
@@ -1218,8 +1211,8 @@ impl CudaBackend {
                 .is_some_and(|nl| self.flat_scaled(&nl.hc_attn.fn_, n, trace.is_some()));
             fw.hc_post(
                 sc.sh_out.ptr,
-                routed,
-                rk,
+                sc.routed.ptr,
+                1,
                 sc.x1.ptr,
                 sc.post.ptr,
                 sc.comb.ptr,
@@ -1230,7 +1223,6 @@ impl CudaBackend {
                 eps,
                 n,
                 if attn_scaled { sc.fscale.ptr } else { 0 },
-                rids,
             )?;
             if let Some(tr) = trace.as_deref_mut() {
                 self.trace_layer(tr, il, n)?;
@@ -1470,7 +1462,7 @@ impl CudaBackend {
         self.hc_pre_site(&l.hc_ffn, sc.x1.ptr, l.ffn_norm.ptr, sc.b.ptr, qb, wide_a)?;
         self.mm(&l.router, sc.b.ptr, 1, sc.rlog.ptr)?;
         self.route(il, l, 1)?;
-        self.moe(l, 1, qb != DecQuant::default(), None, false)?;
+        self.moe(l, 1, qb != DecQuant::default(), None)?;
         fw.join_side()?;
         // Wide where the next layer's attention site finishes the norm (not before the
         // output head, which reads flat).
@@ -1969,17 +1961,13 @@ impl CudaBackend {
     /// routed experts in act and for the shared expert in act_sh.
     /// `sh_pre` (chunks): `sc.act_pre` address holding `b`'s Q8_0 activations (see
     /// [`CudaBackend::hc_pre_chunk`]), used for a Q8_0 shared gate / up of `n_embd` columns.
-    /// Returns the routed rows for the FFN HC post: `sc.routed` summed (k = 1), or with `fold`
-    /// where the tensor-core MoE down takes the chunk in one sub-batch, its unsummed pair rows
-    /// (k = n_expert_used, with the ids for [`Fwd::hc_post`] to sum them).
     fn moe(
         &self,
         l: &DevLayer,
         n: usize,
         pre_q: bool,
         sh_pre: Option<u64>,
-        fold: bool,
-    ) -> Result<RoutedRows, CudaError> {
+    ) -> Result<(), CudaError> {
         let s = self.s();
         let sc = &self.sc;
         let st = &self.stream;
@@ -2031,31 +2019,22 @@ impl CudaBackend {
         let mid_r = dv::<f32>(st, sc.mid.ptr, n * k * ff);
         let mut mid_act = dv::<u8>(st, sc.mid_act.ptr, sc.mid_act.bytes);
         let mut routed = dv::<f32>(st, sc.routed.ptr, n * e);
-        let mut rows = (sc.routed.ptr, 1, None);
         if let Some(tc) = tc.filter(|t| t.takes_moe_down(&l.down_exps, n, k)) {
             let ty = l.down_exps.ty();
             self.gemv
                 .quantize_act(st, ty, &mid_r, n * k, ff, &mut mid_act)?;
-            if fold && n <= tc.moe_batch_tokens() {
-                // SAFETY: mid_act holds mid quantized for down, sel is [n][k].
-                let p = unsafe {
-                    tc.moe_down_rows(st, &l.down_exps, sc.mid_act.ptr, sc.sel.ptr, n, k)?
-                };
-                rows = (p, k, Some((sc.sel.ptr, l.down_exps.n_mat())));
-            } else {
-                // SAFETY: mid_act holds mid quantized for down, sel is [n][k], routed [n][e].
-                unsafe {
-                    tc.moe_down(
-                        st,
-                        &l.down_exps,
-                        sc.mid_act.ptr,
-                        sc.sel.ptr,
-                        n,
-                        k,
-                        sc.routed.ptr,
-                    )?
-                };
-            }
+            // SAFETY: mid_act holds mid quantized for down, sel is [n][k], routed [n][e].
+            unsafe {
+                tc.moe_down(
+                    st,
+                    &l.down_exps,
+                    sc.mid_act.ptr,
+                    sc.sel.ptr,
+                    n,
+                    k,
+                    sc.routed.ptr,
+                )?
+            };
         } else {
             self.gemv.moe_down(
                 st,
@@ -2103,8 +2082,7 @@ impl CudaBackend {
                 &mut sh_mid,
             )?;
         }
-        self.mm(&l.down_sh, sc.sh_mid.ptr, n, sc.sh_out.ptr)?;
-        Ok(rows)
+        self.mm(&l.down_sh, sc.sh_mid.ptr, n, sc.sh_out.ptr)
     }
 
     fn trace_layer(&self, tr: &mut Trace, il: usize, n: usize) -> Result<(), CudaError> {

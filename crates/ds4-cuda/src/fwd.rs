@@ -689,10 +689,7 @@ impl Fwd {
 
     /// HC post: `xo = post ⊗ (f + Σ_k routed) + combᵀ x` (routed `[n][k][e]` or 0), then
     /// `flat = RMSNorm_noweight(xo)` (flat = 0: skipped). `fscale` (fast path only, 0: none)
-    /// gets the f64 norm factor `s` of each token (`flat = (float)(xo·s)`). `ids = Some((ids,
-    /// n_exp))` (fast path only): `routed` holds the tensor-core MoE down's unsummed pair rows
-    /// ([`crate::tc::Tc::moe_down_rows`]) and `ids` their `[n][k]` experts; the rows are summed
-    /// as `ds4_tc_moe_sum` does (a token with an id outside `0..n_exp` gets NaN).
+    /// gets the f64 norm factor `s` of each token (`flat = (float)(xo·s)`).
     pub fn hc_post(
         &self,
         f: u64,
@@ -708,9 +705,7 @@ impl Fwd {
         eps: f32,
         n: usize,
         fscale: u64,
-        ids: Option<(u64, usize)>,
     ) -> Result<(), CudaError> {
-        let (ids, n_exp) = ids.unwrap_or((0, 0));
         if Self::hc_post_fast_fits(hc, e) && aligned16(&[f, routed, x, xo, flat, fscale]) {
             let threads = (e / 4).div_ceil(FP_U).next_multiple_of(32).clamp(32, FP_T);
             return self.go(
@@ -722,8 +717,6 @@ impl Fwd {
                     A::P(f),
                     A::P(routed),
                     A::I(k as i32),
-                    A::P(ids),
-                    A::I(n_exp as i32),
                     A::P(x),
                     A::P(post),
                     A::P(comb),
@@ -735,9 +728,9 @@ impl Fwd {
                 ],
             );
         }
-        if fscale != 0 || ids != 0 {
+        if fscale != 0 {
             return Err(CudaError::Driver(format!(
-                "hc_post: no fast path (hc {hc}, e {e}) for the norm factors / unsummed rows"
+                "hc_post: no fast path (hc {hc}, e {e}) for the norm factors"
             )));
         }
         self.go(

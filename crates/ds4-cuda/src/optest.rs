@@ -309,7 +309,6 @@ impl GpuOps {
     }
 
     /// HC post of `n` tokens (`routed`: `[n][k][e]` and `k`), returns `(xo, flat)`.
-    #[allow(clippy::too_many_arguments)]
     pub fn hc_post(
         &self,
         f: &[f32],
@@ -322,88 +321,13 @@ impl GpuOps {
         eps: f32,
         n: usize,
     ) -> Result<(Vec<f32>, Vec<f32>), CudaError> {
-        let (xo, flat, _) =
-            self.hc_post_run(f, routed, None, x, post, comb, hc, e, eps, n, false)?;
-        Ok((xo, flat))
-    }
-
-    /// [`GpuOps::hc_post`] on the chunk fast path with the per-token norm factors also
-    /// written: returns `(xo, flat, fscale)`.
-    #[allow(clippy::too_many_arguments)]
-    pub fn hc_post_scaled(
-        &self,
-        f: &[f32],
-        routed: Option<(&[f32], usize)>,
-        x: &[f32],
-        post: &[f32],
-        comb: &[f32],
-        hc: usize,
-        e: usize,
-        eps: f32,
-        n: usize,
-    ) -> Result<(Vec<f32>, Vec<f32>, Vec<f64>), CudaError> {
-        self.hc_post_run(f, routed, None, x, post, comb, hc, e, eps, n, true)
-    }
-
-    /// [`GpuOps::hc_post`] on the chunk fast path with the routed rows unsummed (`rows`:
-    /// `[n·k][e]` pair rows) and their expert ids (`[n][k]` of `n_exp`; a token with an id
-    /// outside gets NaN), as the FFN sublayer runs it after `Tc::moe_down_rows`: returns
-    /// `(xo, flat)`.
-    #[allow(clippy::too_many_arguments)]
-    pub fn hc_post_pairs(
-        &self,
-        f: &[f32],
-        rows: &[f32],
-        k: usize,
-        ids: &[i32],
-        n_exp: usize,
-        x: &[f32],
-        post: &[f32],
-        comb: &[f32],
-        hc: usize,
-        e: usize,
-        eps: f32,
-        n: usize,
-    ) -> Result<(Vec<f32>, Vec<f32>), CudaError> {
-        let ids = Some((ids, n_exp));
-        let (xo, flat, _) =
-            self.hc_post_run(f, Some((rows, k)), ids, x, post, comb, hc, e, eps, n, false)?;
-        Ok((xo, flat))
-    }
-
-    /// The launch behind the `hc_post*` wrappers: returns `(xo, flat, fscale)` (`fscale`
-    /// empty unless `scaled`).
-    #[allow(clippy::too_many_arguments)]
-    fn hc_post_run(
-        &self,
-        f: &[f32],
-        routed: Option<(&[f32], usize)>,
-        ids: Option<(&[i32], usize)>,
-        x: &[f32],
-        post: &[f32],
-        comb: &[f32],
-        hc: usize,
-        e: usize,
-        eps: f32,
-        n: usize,
-        scaled: bool,
-    ) -> Result<(Vec<f32>, Vec<f32>, Vec<f64>), CudaError> {
         let (df, dx, dp, dc) = (self.up(f)?, self.up(x)?, self.up(post)?, self.up(comb)?);
         let (dr, k) = match routed {
             Some((r, k)) => (Some(self.up(r)?), k),
             None => (None, 0),
         };
-        let di = match ids {
-            Some((v, n_exp)) => Some((self.up(v)?, n_exp)),
-            None => None,
-        };
         let xo = self.zeros(n * hc * e)?;
         let flat = self.zeros(n * hc * e)?;
-        let fs = if scaled {
-            Some(self.up(&vec![f64::NAN; n])?)
-        } else {
-            None
-        };
         self.fwd.hc_post(
             df.ptr,
             dr.as_ref().map_or(0, |b| b.ptr),
@@ -417,16 +341,52 @@ impl GpuOps {
             flat.ptr,
             eps,
             n,
-            fs.as_ref().map_or(0, |b| b.ptr),
-            di.as_ref().map(|(b, n_exp)| (b.ptr, *n_exp)),
+            0,
+        )?;
+        Ok((self.down(&xo, n * hc * e)?, self.down(&flat, n * hc * e)?))
+    }
+
+    /// [`GpuOps::hc_post`] on the chunk fast path with the per-token norm factors also
+    /// written: returns `(xo, flat, fscale)`.
+    pub fn hc_post_scaled(
+        &self,
+        f: &[f32],
+        routed: Option<(&[f32], usize)>,
+        x: &[f32],
+        post: &[f32],
+        comb: &[f32],
+        hc: usize,
+        e: usize,
+        eps: f32,
+        n: usize,
+    ) -> Result<(Vec<f32>, Vec<f32>, Vec<f64>), CudaError> {
+        let (df, dx, dp, dc) = (self.up(f)?, self.up(x)?, self.up(post)?, self.up(comb)?);
+        let (dr, k) = match routed {
+            Some((r, k)) => (Some(self.up(r)?), k),
+            None => (None, 0),
+        };
+        let xo = self.zeros(n * hc * e)?;
+        let flat = self.zeros(n * hc * e)?;
+        let fs = self.up(&vec![f64::NAN; n])?;
+        self.fwd.hc_post(
+            df.ptr,
+            dr.as_ref().map_or(0, |b| b.ptr),
+            k,
+            dx.ptr,
+            dp.ptr,
+            dc.ptr,
+            hc,
+            e,
+            xo.ptr,
+            flat.ptr,
+            eps,
+            n,
+            fs.ptr,
         )?;
         Ok((
             self.down(&xo, n * hc * e)?,
             self.down(&flat, n * hc * e)?,
-            match &fs {
-                Some(b) => self.down(b, n)?,
-                None => Vec::new(),
-            },
+            self.down(&fs, n)?,
         ))
     }
 
@@ -1596,13 +1556,13 @@ impl GpuOps {
         })?;
         time(format!("hc_post+flat n={n} (attn, no routed)"), &mut || {
             fw.hc_post(
-                f.ptr, 0, 0, x.ptr, post.ptr, comb.ptr, hc, e, xo.ptr, flat.ptr, 1e-6, n, 0, None,
+                f.ptr, 0, 0, x.ptr, post.ptr, comb.ptr, hc, e, xo.ptr, flat.ptr, 1e-6, n, 0,
             )
         })?;
         time(format!("hc_post+flat n={n} (ffn, routed k=1)"), &mut || {
             fw.hc_post(
                 f.ptr, routed.ptr, 1, x.ptr, post.ptr, comb.ptr, hc, e, xo.ptr, flat.ptr, 1e-6, n,
-                0, None,
+                0,
             )
         })?;
         time(format!("head_norm_rope n={n} {nh}x{hd}"), &mut || {

@@ -1157,14 +1157,50 @@ impl Tc {
         if n == 0 {
             return Ok(());
         }
+        let kind = self.check_moe(down, n, k)?;
         let rows = down.rows();
+        if rows > self.cfg.down_rows {
+            return Err(terr("down rows exceed the scratch"));
+        }
+        let (p0, p1, p2) = regions(down, stream);
+        let cols = down.cols();
         let n_exp = down.n_mat();
+        let od = act_d_offset(cols, n * k);
+        let ab = kind.act_block();
         let mut t0 = 0;
         while t0 < n {
             let nt = (n - t0).min(self.moe_tok);
+            let bn = self.moe_bn(kind, false, nt, k, n_exp);
             let ids_t = ids + (4 * t0 * k) as u64;
-            // SAFETY: as the caller's contract, for tokens t0..t0 + nt.
-            unsafe { self.moe_down_pairs(stream, down, mid_act, ids, n, t0, nt, k)? };
+            self.bucket(stream, ids_t, nt * k, n_exp, bn)?;
+            let r0 = t0 * k;
+            let a = TcArgs {
+                wa0: p0,
+                wa1: p1,
+                wa2: p2,
+                aq: mid_act + (r0 * cols) as u64,
+                ad: mid_act + od + (4 * (r0 * cols / ab)) as u64,
+                list: self.perm.ptr,
+                cnt: self.cnt.ptr,
+                off: self.off.ptr,
+                toff: self.toff.ptr,
+                y: self.part.ptr,
+                r: rows as i32,
+                c: cols as i32,
+                nb: (cols / kind.block()) as i32,
+                cx: cols as i32,
+                n_exp: n_exp as i32,
+                kdiv: 1,
+                ldy: rows as i32,
+                ..TcArgs::new()
+            };
+            let kern = self.kern(kind, bn, false)?;
+            let grid = (
+                ((nt * k).div_ceil(bn) + n_exp) as u32,
+                rows.div_ceil(BM) as u32,
+                1,
+            );
+            self.launch_gemm(stream, kern, grid, &a)?;
             let total = nt * rows;
             let blocks = total.div_ceil(256).min(self.sms as usize * 16) as u32;
             launch(
@@ -1186,95 +1222,5 @@ impl Tc {
             t0 += nt;
         }
         Ok(())
-    }
-
-    /// [`Tc::moe_down`] without the sum, for at most [`Tc::moe_batch_tokens`] tokens (one
-    /// sub-batch): returns the address of the `[n·k][rows]` f32 pair rows (the route's scratch,
-    /// valid until its next MoE down), row `t·k + j` = `down[ids[t][j]] · mid[t][j]`; a pair
-    /// with an id outside `0..n_mat` is not written. [`crate::fwd::Fwd::hc_post`] with `ids`
-    /// sums them as `moe_down` would.
-    ///
-    /// # Safety
-    /// As [`Tc::moe_down`] (no `out`).
-    pub unsafe fn moe_down_rows(
-        &self,
-        stream: &Arc<CudaStream>,
-        down: &DevWeight,
-        mid_act: u64,
-        ids: u64,
-        n: usize,
-        k: usize,
-    ) -> Result<u64, CudaError> {
-        if n > self.moe_tok {
-            return Err(terr(format!(
-                "{n} tokens in one MoE down sub-batch (at most {})",
-                self.moe_tok
-            )));
-        }
-        if n > 0 {
-            // SAFETY: the caller's contract, tokens 0..n.
-            unsafe { self.moe_down_pairs(stream, down, mid_act, ids, n, 0, n, k)? };
-        }
-        Ok(self.part.ptr)
-    }
-
-    /// The pair rows of tokens `t0..t0 + nt` (of `n`, `nt` at most one sub-batch) into the
-    /// scratch `part`: bucketing, then one grouped GEMM.
-    ///
-    /// # Safety
-    /// As [`Tc::moe_down`].
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn moe_down_pairs(
-        &self,
-        stream: &Arc<CudaStream>,
-        down: &DevWeight,
-        mid_act: u64,
-        ids: u64,
-        n: usize,
-        t0: usize,
-        nt: usize,
-        k: usize,
-    ) -> Result<(), CudaError> {
-        let kind = self.check_moe(down, n, k)?;
-        let rows = down.rows();
-        if rows > self.cfg.down_rows {
-            return Err(terr("down rows exceed the scratch"));
-        }
-        let (p0, p1, p2) = regions(down, stream);
-        let cols = down.cols();
-        let n_exp = down.n_mat();
-        let od = act_d_offset(cols, n * k);
-        let ab = kind.act_block();
-        let bn = self.moe_bn(kind, false, nt, k, n_exp);
-        let ids_t = ids + (4 * t0 * k) as u64;
-        self.bucket(stream, ids_t, nt * k, n_exp, bn)?;
-        let r0 = t0 * k;
-        let a = TcArgs {
-            wa0: p0,
-            wa1: p1,
-            wa2: p2,
-            aq: mid_act + (r0 * cols) as u64,
-            ad: mid_act + od + (4 * (r0 * cols / ab)) as u64,
-            list: self.perm.ptr,
-            cnt: self.cnt.ptr,
-            off: self.off.ptr,
-            toff: self.toff.ptr,
-            y: self.part.ptr,
-            r: rows as i32,
-            c: cols as i32,
-            nb: (cols / kind.block()) as i32,
-            cx: cols as i32,
-            n_exp: n_exp as i32,
-            kdiv: 1,
-            ldy: rows as i32,
-            ..TcArgs::new()
-        };
-        let kern = self.kern(kind, bn, false)?;
-        let grid = (
-            ((nt * k).div_ceil(bn) + n_exp) as u32,
-            rows.div_ceil(BM) as u32,
-            1,
-        );
-        self.launch_gemm(stream, kern, grid, &a)
     }
 }
