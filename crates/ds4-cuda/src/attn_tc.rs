@@ -24,7 +24,10 @@
 //! scratch (`ds4_attn_tc_prep`), then runs persistent CTAs of 16 warps (one per SM), each over
 //! (token, 32 heads) items `blockIdx.x`, `+ gridDim.x`, … with their row tiles as one stream (the
 //! next item's first tile is gathered while the current item's last one is processed). Decode
-//! (and chunks shorter than the route minimum) keep the exact kernel.
+//! (and chunks shorter than the route minimum) keep the exact kernel. The chunk forward pass
+//! leaves the Q heads' RMSNorm + RoPE to the route (`qnorm`): the kernel applies it on its Q
+//! load with `ds4_head_norm_rope_fast`'s numerics (shared helpers in `common.cuh`), saving that
+//! kernel's read + write of the queries.
 
 use std::sync::Arc;
 
