@@ -104,13 +104,8 @@ __device__ __forceinline__ float at_dot2(float a, float b, float c, float d) {
     return fmaf(a, b, p) + e;
 }
 
-// As fwd.cu rope_cs / rope_pair (the exact kernel's inverse RoPE, f64).
-__device__ __forceinline__ void at_rope_cs(const double* inv_freq, int k, i64 pos, float* c, float* s) {
-    const double th = (double)pos * inv_freq[k];
-    *c = (float)cos(th);
-    *s = (float)sin(th);
-}
-// (f32 with two-product error terms: within ~1 ulp of the f64 form of fwd.cu's rope_pair.)
+// The exact kernel's inverse RoPE (common.cuh rope_pair, f64) in f32 with two-product error
+// terms: within ~1 ulp of the f64 form.
 __device__ __forceinline__ void at_rope_inv(float* x0, float* x1, float c, float s) {
     const float a = *x0, b = *x1;
     *x0 = at_dot2(a, c, b, s);
@@ -162,7 +157,8 @@ struct AtLay {
     static constexpr int QL_OFF = RC_OFF + RC_BYTES;
     static constexpr int QL_BYTES = SPLIT ? AT_HPC * CH * 16 : 0;  // Q lo: 32 heads × HD f16
     static constexpr int SEL_OFF = QL_OFF + QL_BYTES;              // the token's indexer picks
-    static constexpr int TOTAL = SEL_OFF + 2 * AT_SELMAX * 4;
+    static constexpr int QS_OFF = SEL_OFF + 2 * AT_SELMAX * 4;     // per head: Q norm factor (f64)
+    static constexpr int TOTAL = QS_OFF + AT_HPC * 8;
 };
 
 // Byte offset of chunk `ch` of row `r` in a tile of `nch` chunks per row (XOR swizzle: the 8
@@ -175,7 +171,7 @@ __device__ __forceinline__ void attn_tc_body(
     const u16* __restrict__ comp16, int ratio, int has_indexer, const int* __restrict__ isel, int topk,
     const float* __restrict__ sinks, float scale, int nh, int n_rot, const double* __restrict__ inv_freq,
     const int* __restrict__ pos0p, float* __restrict__ heads, signed char* __restrict__ q8s,
-    float* __restrict__ q8d, int n_tok) {
+    float* __restrict__ q8d, int n_tok, int qnorm, float eps) {
     typedef AtLay<HD, SPLIT> L;
     constexpr int CH = L::CH;
     constexpr int KCH = L::KCH;
@@ -193,6 +189,7 @@ __device__ __forceinline__ void attn_tc_body(
     float2* sRC = reinterpret_cast<float2*>(at_smem + L::RC_OFF);  // [m-group][item parity][HD / 2]
     unsigned char* sQL = at_smem + L::QL_OFF;                  // Q lo rows (swizzled like a tile)
     int* sSel = reinterpret_cast<int*>(at_smem + L::SEL_OFF);  // [item parity][AT_SELMAX] picks
+    double* sQS = reinterpret_cast<double*>(at_smem + L::QS_OFF);  // [32] Q norm factors (qnorm)
 
     const int tid = threadIdx.x, w = tid >> 5, lane = tid & 31;
     const int g = lane >> 2, c4 = lane & 3;
@@ -203,6 +200,7 @@ __device__ __forceinline__ void attn_tc_body(
     const int nhb = (nh + AT_HPC - 1) / AT_HPC;
     const int n_items = nhb * n_tok;  // item = token * nhb + head block
     const i64 pos0 = (i64)*pos0p;
+    const int n_nope = HD - n_rot;
 
     // One (token, head block) item: its rows are the raw window (ring slots from lo_slot) then
     // the compressed rows (all visible ones, or the indexer's picks).
@@ -312,13 +310,6 @@ __device__ __forceinline__ void attn_tc_body(
         const int t = cur.t, hb = cur.hb;
         const i64 p = pos0 + t;
         float2* rc = sRC + (mg * 2 + (kit & 1)) * (HD / 2);
-        // RoPE (cos, sin) of the token's position, one pair per thread of the m-group (as
-        // fwd.cu, f64).
-        for (int i = li; i < n_rot / 2; i += 8 * 32) {
-            float c, sn;
-            at_rope_cs(inv_freq, i, p, &c, &sn);
-            rc[i] = make_float2(c, sn);
-        }
 
         // L2 prefetch of the next item's Q rows (128-byte lines), so that its load at the next
         // item's start hits L2.
@@ -335,9 +326,48 @@ __device__ __forceinline__ void attn_tc_body(
             }
         }
 
-        // Q (f32) → this warp's A fragments (heads 16·mg + g, +8; dims of its eighth): hi in
-        // registers for the item, lo in shared memory (read back with ldmatrix by the same
-        // warp only); heads past nh are zero.
+        // Q (f32) of this warp's A fragments (heads 16·mg + g, +8; dims of its eighth; heads
+        // past nh are zero), requested before the RoPE table is formed.
+        float2 qv[KS][4];
+#pragma unroll
+        for (int ks = 0; ks < KS; ks++) {
+#pragma unroll
+            for (int r = 0; r < 4; r++) {
+                const int hg = hb * AT_HPC + mg * 16 + g + 8 * (r & 1);
+                const int d = e * DQ + ks * 16 + 8 * (r >> 1) + 2 * c4;
+                qv[ks][r] = hg < nh ? *reinterpret_cast<const float2*>(q + ((i64)t * nh + hg) * HD + d)
+                                    : make_float2(0.f, 0.f);
+            }
+        }
+        // With qnorm, q holds the q_b product before ds4_head_norm_rope_fast, which is done
+        // here on the load with the same numerics (common.cuh): each warp finds the norm
+        // factors of 2 of the m-group's 16 heads (a warp per head row, as that kernel; the rows
+        // requested with the fragments above), then the fragments are normalized and the RoPE
+        // tail rotated (the item's table).
+        if (qnorm) {
+            float4 hrow[2][4];
+#pragma unroll
+            for (int r = 0; r < 2; r++) {
+                const int hg = hb * AT_HPC + mg * 16 + 2 * e + r;
+                head_row_load(q + ((i64)t * nh + hg) * HD, HD, hg < nh, hrow[r]);
+            }
+#pragma unroll
+            for (int r = 0; r < 2; r++) {
+                const double s = head_rms_scale(hrow[r], HD, eps);
+                if (lane == 0) sQS[mg * 16 + 2 * e + r] = s;
+            }
+        }
+        // RoPE (cos, sin) of the token's position, one pair per thread of the m-group (as
+        // fwd.cu, f64).
+        for (int i = li; i < n_rot / 2; i += 8 * 32) {
+            float c, sn;
+            rope_cs(inv_freq, i, p, &c, &sn);
+            rc[i] = make_float2(c, sn);
+        }
+        if (qnorm) bar_named(1 + mg, 8 * 32);  // sQS and the RoPE table of the m-group
+
+        // → A fragments: hi in registers for the item, lo in shared memory (read back with
+        // ldmatrix by the same warp only).
         u32 qh[KS][4];
 #pragma unroll
         for (int ks = 0; ks < KS; ks++) {
@@ -345,8 +375,16 @@ __device__ __forceinline__ void attn_tc_body(
             for (int r = 0; r < 4; r++) {
                 const int hg = hb * AT_HPC + mg * 16 + g + 8 * (r & 1);
                 const int d = e * DQ + ks * 16 + 8 * (r >> 1) + 2 * c4;
-                float2 v = make_float2(0.f, 0.f);
-                if (hg < nh) v = *reinterpret_cast<const float2*>(q + ((i64)t * nh + hg) * HD + d);
+                float2 v = qv[ks][r];
+                if (qnorm && hg < nh) {
+                    const double s = sQS[hg - hb * AT_HPC];
+                    v.x = head_norm(v.x, s);
+                    v.y = head_norm(v.y, s);
+                    if (d >= n_nope) {
+                        const float2 cs = rc[(d - n_nope) >> 1];
+                        rope_pair(&v.x, &v.y, cs.x, cs.y, false);
+                    }
+                }
                 u16 h0, h1, l0, l1;
                 split_h(v.x, &h0, &l0);
                 split_h(v.y, &h1, &l1);
@@ -519,7 +557,6 @@ __device__ __forceinline__ void attn_tc_body(
             }
         }
         bar_named(1 + mg, 8 * 32);  // sF and the RoPE table of the m-group
-        const int n_nope = HD - n_rot;
 #pragma unroll
         for (int half = 0; half < 2; half++) {
             const int hl = mg * 16 + g + 8 * half;
@@ -592,8 +629,8 @@ __device__ __forceinline__ void attn_tc_body(
         const u16 *__restrict__ comp16, int ratio, int has_indexer, const int *__restrict__ isel,  \
         int topk, const float *__restrict__ sinks, float scale, int nh, int n_rot,                 \
         const double *__restrict__ inv_freq, const int *__restrict__ pos0p, float *__restrict__ heads,         \
-        signed char *__restrict__ q8s, float *__restrict__ q8d, int n_tok
-#define AT_PASS q, ring16, raw_cap, window, comp16, ratio, has_indexer, isel, topk, sinks, scale, nh, n_rot, inv_freq, pos0p, heads, q8s, q8d, n_tok
+        signed char *__restrict__ q8s, float *__restrict__ q8d, int n_tok, int qnorm, float eps
+#define AT_PASS q, ring16, raw_cap, window, comp16, ratio, has_indexer, isel, topk, sinks, scale, nh, n_rot, inv_freq, pos0p, heads, q8s, q8d, n_tok, qnorm, eps
 
 #define AT_KERNEL(hd, split, name)                                                                 \
     extern "C" __global__ void __launch_bounds__(AT_THREADS, 1) name(AT_ARGS) { PDL_ENTRY();                  \

@@ -40,3 +40,68 @@ __device__ __forceinline__ int q8_round(float v, float id) {
     const int q = (p == p) ? __float2int_rn(p) : 0;
     return max(-128, min(127, q));
 }
+
+__device__ __forceinline__ double warp_sum_d(double v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float f4_get(const float4& v, int k) {
+    return k == 0 ? v.x : k == 1 ? v.y : k == 2 ? v.z : v.w;
+}
+__device__ __forceinline__ void f4_set(float4& v, int k, float x) {
+    if (k == 0) v.x = x;
+    else if (k == 1) v.y = x;
+    else if (k == 2) v.z = x;
+    else v.w = x;
+}
+
+// The RoPE and Q-norm helpers below spell their f64 arithmetic with _rn intrinsics: fwd.cu is
+// built with -fmad=false, attn_tc.cu is not, and both must produce the same bits (a plain
+// a·b + c could be contracted into an fma in the latter).
+
+// cos/sin of RoPE pair k at position pos: angle in f64, rounded to f32 (RopeParams::cos_sin).
+__device__ __forceinline__ void rope_cs(const double* inv_freq, int k, long long pos, float* c, float* s) {
+    const double th = __dmul_rn((double)pos, inv_freq[k]);
+    *c = (float)cos(th);
+    *s = (float)sin(th);
+}
+
+// ops::rope_tail on one pair.
+__device__ __forceinline__ void rope_pair(float* x0, float* x1, float c, float s, bool inverse) {
+    const double cc = (double)c;
+    const double ss = inverse ? -(double)s : (double)s;
+    const double a = (double)*x0, b = (double)*x1;
+    *x0 = (float)__dsub_rn(__dmul_rn(a, cc), __dmul_rn(b, ss));
+    *x1 = (float)__dadd_rn(__dmul_rn(a, ss), __dmul_rn(b, cc));
+}
+
+// Q heads' no-weight RMSNorm, warp form (fwd.cu ds4_head_norm_rope_fast, and the tensor-core
+// attention's Q load, attn_tc.cu, which must produce the same bits): a warp holds one head row
+// of hd <= 512 floats (hd % 4 == 0, 16-byte aligned), lane l the float4 columns l, l+32, l+64,
+// l+96 (zero past the row or for an invalid head).
+__device__ __forceinline__ void head_row_load(const float* row, int hd, bool valid, float4 v[4]) {
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int u = 0; u < 4; u++) {
+        const int c = lane + 32 * u;
+        v[u] = (valid && c < (hd >> 2)) ? reinterpret_cast<const float4*>(row)[c] : make_float4(0, 0, 0, 0);
+    }
+}
+// The row's norm factor 1 / sqrt(Σx² / hd + eps) (f64; each lane sums its columns in order,
+// then warp_sum_d), the same value in every lane.
+__device__ __forceinline__ double head_rms_scale(const float4 v[4], int hd, float eps) {
+    double ss = 0.0;
+#pragma unroll
+    for (int u = 0; u < 4; u++)
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            const double d = (double)f4_get(v[u], k);
+            ss = __dadd_rn(ss, __dmul_rn(d, d));
+        }
+    ss = warp_sum_d(ss);
+    return 1.0 / sqrt(__dadd_rn(ss / (double)hd, (double)eps));
+}
+// One normalized element: x·s rounded once to f32.
+__device__ __forceinline__ float head_norm(float x, double s) { return (float)__dmul_rn((double)x, s); }

@@ -27,12 +27,6 @@ typedef signed char i8;
 // ---------------------------------------------------------------------------------------------
 // Helpers
 
-__device__ __forceinline__ double warp_sum_d(double v) {
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
-
 // Block-wide f64 sum; every thread gets the result. `sh` must hold 32 doubles.
 __device__ double block_sum_d(double v, double* sh) {
     v = warp_sum_d(v);
@@ -56,22 +50,6 @@ __device__ __forceinline__ double softplus_d(double x) {
     if (x > 20.0) return x;
     if (x < -20.0) return exp(x);
     return log1p(exp(x));
-}
-
-// cos/sin of RoPE pair k at position pos: angle in f64, rounded to f32 (RopeParams::cos_sin).
-__device__ __forceinline__ void rope_cs(const double* inv_freq, int k, i64 pos, float* c, float* s) {
-    const double th = (double)pos * inv_freq[k];
-    *c = (float)cos(th);
-    *s = (float)sin(th);
-}
-
-// ops::rope_tail on one pair.
-__device__ __forceinline__ void rope_pair(float* x0, float* x1, float c, float s, bool inverse) {
-    const double cc = (double)c;
-    const double ss = inverse ? -(double)s : (double)s;
-    const double a = (double)*x0, b = (double)*x1;
-    *x0 = (float)(a * cc - b * ss);
-    *x1 = (float)(a * ss + b * cc);
 }
 
 // ops::pow2_scale: the smallest power of two s with amax / s <= maxq.
@@ -2935,16 +2913,6 @@ extern "C" __global__ void __launch_bounds__(256, 1) ds4_indexer_mma2x64_fb(
 
 #define FP_U 4
 
-__device__ __forceinline__ float f4_get(const float4& v, int k) {
-    return k == 0 ? v.x : k == 1 ? v.y : k == 2 ? v.z : v.w;
-}
-__device__ __forceinline__ void f4_set(float4& v, int k, float x) {
-    if (k == 0) v.x = x;
-    else if (k == 1) v.y = x;
-    else if (k == 2) v.z = x;
-    else v.w = x;
-}
-
 // HC pre for FP_TOK tokens per block (one warp computes the split of each token, all at once),
 // then token by token: xin = Σ pre·x (f64), a = RMSNorm(xin)·w. blockDim = 32·FP_TOK.
 #define FP_TOK 8
@@ -3182,8 +3150,9 @@ extern "C" __global__ void __launch_bounds__(256, 2) ds4_hc_post_fast(
 }
 
 // Q heads (per-head no-weight RMSNorm + RoPE) for a block of tokens: block per token, a warp
-// per head (lane l owns float4 columns l, l+32, ...; hd ≤ 512), the token's cos/sin pairs
-// computed once into shared memory. Each warp handles two heads at a time.
+// per head (head_row_load / head_rms_scale, common.cuh; hd ≤ 512), the token's cos/sin pairs
+// computed once into shared memory. Each warp handles two heads at a time. The tensor-core
+// attention route can apply the same transform on its Q load instead (attn_tc.cu, `qnorm`).
 #define HNR_T 256
 #define HNR_MAXPAIRS 256
 extern "C" __global__ void __launch_bounds__(HNR_T) ds4_head_norm_rope_fast(
@@ -3206,27 +3175,10 @@ extern "C" __global__ void __launch_bounds__(HNR_T) ds4_head_norm_rope_fast(
     for (int h0 = w * 2; h0 < nh; h0 += nw * 2) {
         float4 v[2][4];
 #pragma unroll
-        for (int r = 0; r < 2; r++) {
-            const float4* row = (const float4*)(qt + (i64)(h0 + r) * hd);
-            const bool hv = h0 + r < nh;
-#pragma unroll
-            for (int u = 0; u < 4; u++) {
-                const int c = lane + 32 * u;
-                v[r][u] = (hv && c < hd4) ? row[c] : make_float4(0, 0, 0, 0);
-            }
-        }
+        for (int r = 0; r < 2; r++) head_row_load(qt + (i64)(h0 + r) * hd, hd, h0 + r < nh, v[r]);
 #pragma unroll
         for (int r = 0; r < 2; r++) {
-            double ss = 0.0;
-#pragma unroll
-            for (int u = 0; u < 4; u++)
-#pragma unroll
-                for (int qq = 0; qq < 4; qq++) {
-                    const double d = (double)f4_get(v[r][u], qq);
-                    ss += d * d;
-                }
-            ss = warp_sum_d(ss);
-            const double s = 1.0 / sqrt(ss / (double)hd + (double)eps);
+            const double s = head_rms_scale(v[r], hd, eps);
             if (h0 + r >= nh) continue;
             float4* row = (float4*)(qt + (i64)(h0 + r) * hd);
 #pragma unroll
@@ -3235,7 +3187,7 @@ extern "C" __global__ void __launch_bounds__(HNR_T) ds4_head_norm_rope_fast(
                 if (c >= hd4) continue;
                 float y[4];
 #pragma unroll
-                for (int qq = 0; qq < 4; qq++) y[qq] = (float)((double)f4_get(v[r][u], qq) * s);
+                for (int qq = 0; qq < 4; qq++) y[qq] = head_norm(f4_get(v[r][u], qq), s);
 #pragma unroll
                 for (int p = 0; p < 4; p += 2) {
                     const int d = c * 4 + p;

@@ -24,7 +24,10 @@
 //! scratch (`ds4_attn_tc_prep`), then runs persistent CTAs of 16 warps (one per SM), each over
 //! (token, 32 heads) items `blockIdx.x`, `+ gridDim.x`, … with their row tiles as one stream (the
 //! next item's first tile is gathered while the current item's last one is processed). Decode
-//! (and chunks shorter than the route minimum) keep the exact kernel.
+//! (and chunks shorter than the route minimum) keep the exact kernel. The chunk forward pass
+//! leaves the Q heads' RMSNorm + RoPE to the route (`qnorm`): the kernel applies it on its Q
+//! load with `ds4_head_norm_rope_fast`'s numerics (shared helpers in `common.cuh`), saving that
+//! kernel's read + write of the queries.
 
 use std::sync::Arc;
 
@@ -211,6 +214,11 @@ impl AttnTc {
     /// `[n][nh·hd]` output quantized as `Gemv::quantize_act(Q8_0, heads, n, nh·hd)` does (same
     /// bytes: `qs` its int8 values, `d` its scales, i.e. `act` and `act + align256(n·nh·hd)`);
     /// `a.heads = 0` then skips the f32 output.
+    /// With `qnorm = Some(eps)`, `a.q` holds the queries before their per-head RMSNorm + RoPE
+    /// ([`crate::fwd::Fwd::head_norm_rope`], left to this call): the kernel applies it on its Q
+    /// load with the numerics of `ds4_head_norm_rope_fast` (the form that launcher takes for
+    /// every geometry the route fits), so the output is bit-identical to that launch followed
+    /// by this call without `qnorm`; `a.q` is left as it was.
     ///
     /// # Safety
     /// Every address of `a` is a live device allocation of the sizes the exact kernel reads
@@ -223,12 +231,16 @@ impl AttnTc {
         comp_rows: usize,
         n: usize,
         q8: Option<(u64, u64)>,
+        qnorm: Option<f32>,
     ) -> Result<(), CudaError> {
         if q8.is_some() && !self.q8_fits() {
             return Err(aerr(format!("Q8_0 output with head dim {}", self.hd)));
         }
         if q8.is_none() && a.heads == 0 {
             return Err(aerr("no output".to_string()));
+        }
+        if qnorm.is_some() && !a.q.is_multiple_of(16) {
+            return Err(aerr("Q norm on an unaligned q"));
         }
         let (q8s, q8d) = q8.unwrap_or((0, 0));
         if n == 0 {
@@ -295,6 +307,8 @@ impl AttnTc {
                 A::P(q8s),
                 A::P(q8d),
                 A::I(n as i32),
+                A::I(i32::from(qnorm.is_some())),
+                A::F(qnorm.unwrap_or(0.0)),
             ],
         )
     }

@@ -1057,7 +1057,16 @@ impl CudaBackend {
             self.mm_pre(&l.q_a, sc.a.ptr, n, sc.qr.ptr, pre_a)?;
             fw.rms_rows(sc.qr.ptr, ql, l.q_a_norm.ptr, ql, eps, sc.qrn.ptr, ql, n)?;
             self.mm(&l.q_b, sc.qrn.ptr, n, sc.q.ptr)?;
-            fw.head_norm_rope(sc.q.ptr, nh, hd, s.n_rot, eps, inv, pos, n)?;
+            // The tensor-core attention route, where it takes the chunk, applies the Q heads'
+            // norm + RoPE on its Q load (same bits), unless a trace reads sc.q.
+            let comp_rows = kvs.comp.bytes / (hd * 4);
+            let tc_attn = self.tc_attn.as_ref().filter(|t| {
+                n >= crate::tc::MIN_TOKENS && t.fits(&self.attn_launch(l, kvs, inv), comp_rows)
+            });
+            let qnorm = (tc_attn.is_some() && trace.is_none()).then_some(eps);
+            if qnorm.is_none() {
+                fw.head_norm_rope(sc.q.ptr, nh, hd, s.n_rot, eps, inv, pos, n)?;
+            }
             self.mm_pre(&l.kv, sc.a.ptr, n, sc.kvp.ptr, pre_a)?;
             fw.kv_finish(
                 sc.kvp.ptr,
@@ -1114,12 +1123,7 @@ impl CudaBackend {
                 }
             }
             let mut a = self.attn_launch(l, kvs, inv);
-            let comp_rows = kvs.comp.bytes / (hd * 4);
-            match self
-                .tc_attn
-                .as_ref()
-                .filter(|t| n >= crate::tc::MIN_TOKENS && t.fits(&a, comp_rows))
-            {
+            match tc_attn {
                 Some(t) => {
                     // The route also writes its output Q8_0-quantized for out_a (the bytes
                     // quantize_act would write into act), skipping the f32 heads when nothing
@@ -1148,6 +1152,7 @@ impl CudaBackend {
                                     comp_rows,
                                     n,
                                     Some((sc.act.ptr, sc.act.ptr + od)),
+                                    qnorm,
                                 )?;
                                 tc.matmul(
                                     &self.stream,
@@ -1161,7 +1166,7 @@ impl CudaBackend {
                         }
                         None => {
                             // SAFETY: as above, f32 heads only.
-                            unsafe { t.attention(&self.stream, &a, comp_rows, n, None)? };
+                            unsafe { t.attention(&self.stream, &a, comp_rows, n, None, qnorm)? };
                             self.mm(&l.out_a, sc.heads.ptr, n, sc.low.ptr)?;
                         }
                     }

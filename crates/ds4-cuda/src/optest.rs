@@ -797,7 +797,7 @@ impl GpuOps {
         let once = || -> Result<(), CudaError> {
             match &tc {
                 // SAFETY: every address of `l` is an upload above, sized for n tokens.
-                Some(t) => unsafe { t.attention(&self.stream, &l, comp_rows, n, None) },
+                Some(t) => unsafe { t.attention(&self.stream, &l, comp_rows, n, None, None) },
                 None => self.fwd.attention(&l, n, nsplit),
             }
         };
@@ -834,6 +834,7 @@ impl GpuOps {
                 comp_rows,
                 n,
                 Some((act.ptr, act.ptr + od as u64)),
+                None,
             )?;
             l.heads = 0;
             t.attention(
@@ -842,12 +843,44 @@ impl GpuOps {
                 comp_rows,
                 n,
                 Some((act2.ptr, act2.ptr + od as u64)),
+                None,
             )?;
         }
         Ok((
             self.down(&heads, n * nh * hd)?,
             self.down(&act, bytes)?,
             self.down(&act2, bytes)?,
+        ))
+    }
+
+    /// The tensor-core attention route on raw queries with the per-head RMSNorm + RoPE fused
+    /// into its Q load (`qnorm = Some(eps)`), and the unfused sequence (`Fwd::head_norm_rope`
+    /// on the queries, then the route): returns `(fused, unfused)` f32 heads.
+    pub fn attention_route_qnorm(
+        &self,
+        a: &AttnInputs<'_>,
+        prec: AttnPrecision,
+        eps: f32,
+    ) -> Result<(Vec<f32>, Vec<f32>), CudaError> {
+        let (n, nh, hd) = (a.n, a.nh, a.hd);
+        let up = self.attn_upload(a)?;
+        let part = DBuf::zeroed(&self.stream, 16)?;
+        let fused = self.up(&vec![f32::NAN; n * nh * hd])?;
+        let unfused = self.up(&vec![f32::NAN; n * nh * hd])?;
+        self.set_pos(a.pos0)?;
+        let mut l = up.launch(a, self.pos.ptr, part.ptr, fused.ptr);
+        let comp_rows = if a.ratio > 0 { a.comp.len() / hd } else { 0 };
+        let t = AttnTc::new(&self._ctx, &self.stream, hd, a.raw_cap, comp_rows, prec)?;
+        // SAFETY: every address of `l` is an upload above, sized for n tokens.
+        unsafe { t.attention(&self.stream, &l, comp_rows, n, None, Some(eps))? };
+        self.fwd
+            .head_norm_rope(l.q, nh, hd, a.n_rot, eps, l.inv_freq, l.pos, n)?;
+        l.heads = unfused.ptr;
+        // SAFETY: as above.
+        unsafe { t.attention(&self.stream, &l, comp_rows, n, None, None)? };
+        Ok((
+            self.down(&fused, n * nh * hd)?,
+            self.down(&unfused, n * nh * hd)?,
         ))
     }
 

@@ -1165,6 +1165,22 @@ mod gpu {
                         "{tag}: Q8_0 output differs without f32 heads"
                     );
                 }
+                // The Q heads' RMSNorm + RoPE fused into the route's Q load: the same bits
+                // as ds4_head_norm_rope_fast followed by the route.
+                let (fused, unfused) = g
+                    .attention_route_qnorm(&a, prec, 1e-6)
+                    .expect("route attention qnorm");
+                let tag = format!("attention {} ({}) qnorm", c.name, prec.name());
+                let diff = fused
+                    .iter()
+                    .zip(&unfused)
+                    .filter(|(x, y)| x.to_bits() != y.to_bits())
+                    .count();
+                assert_eq!(
+                    diff, 0,
+                    "{tag}: {diff} outputs differ from the unfused launches"
+                );
+                println!("{tag}: {} outputs bit-identical", fused.len());
             }
         }
     }
