@@ -192,10 +192,12 @@ async fn streams_get_keepalives_while_waiting() {
     let s = start(args()); // keep-alive every second
     let router = s.router();
     let r = router.clone();
+    // The running job must outlast a keep-alive interval by a margin on a fast machine too
+    // (150 tokens took 0.8 s on a 2-core box: no keep-alive was due; 1000 take ~3.5 s).
     let running = tokio::spawn(async move {
         let req = Request::post("/v1/chat/completions")
             .header("content-type", "application/json")
-            .body(Body::from(long_job(150).to_string()))
+            .body(Body::from(long_job(1000).to_string()))
             .unwrap();
         r.oneshot(req)
             .await
