@@ -267,34 +267,24 @@ mod bench {
         let ws = 1.0 / ((ihd * nih) as f64).sqrt();
         for n in [2048usize, 8192] {
             let (q, w) = (&q_plain[..n * nih * ihd], &w[..n * nih]);
-            let (oq, ow, t_old) = g.indexer_q_timed(
-                Some(false),
-                q,
-                w,
-                nih,
-                ihd,
-                64,
-                &inv_freq,
-                6144,
-                true,
-                ws,
-                n,
-                reps,
-            )?;
-            let (nq, nw, t_new) = g.indexer_q_timed(
-                Some(true),
-                q,
-                w,
-                nih,
-                ihd,
-                64,
-                &inv_freq,
-                6144,
-                true,
-                ws,
-                n,
-                reps,
-            )?;
+            let run = |warp| {
+                g.indexer_q_timed(
+                    Some(warp),
+                    q,
+                    w,
+                    nih,
+                    ihd,
+                    64,
+                    &inv_freq,
+                    6144,
+                    true,
+                    ws,
+                    n,
+                    reps,
+                )
+            };
+            let (oq, ow, t_old) = run(false)?;
+            let (nq, nw, t_new) = run(true)?;
             let diff = oq
                 .iter()
                 .zip(&nq)

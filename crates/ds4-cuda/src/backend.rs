@@ -1060,9 +1060,11 @@ impl CudaBackend {
             // The tensor-core attention route, where it takes the chunk, applies the Q heads'
             // norm + RoPE on its Q load (same bits), unless a trace reads sc.q.
             let comp_rows = kvs.comp.bytes / (hd * 4);
-            let tc_attn = self.tc_attn.as_ref().filter(|t| {
-                n >= crate::tc::MIN_TOKENS && t.fits(&self.attn_launch(l, kvs, inv), comp_rows)
-            });
+            let mut a = self.attn_launch(l, kvs, inv);
+            let tc_attn = self
+                .tc_attn
+                .as_ref()
+                .filter(|t| n >= crate::tc::MIN_TOKENS && t.fits(&a, comp_rows));
             let qnorm = (tc_attn.is_some() && trace.is_none()).then_some(eps);
             if qnorm.is_none() {
                 fw.head_norm_rope(sc.q.ptr, nh, hd, s.n_rot, eps, inv, pos, n)?;
@@ -1122,7 +1124,6 @@ impl CudaBackend {
                     self.trace_indexer(tr, il, n, indexer)?;
                 }
             }
-            let mut a = self.attn_launch(l, kvs, inv);
             match tc_attn {
                 Some(t) => {
                     // The route also writes its output Q8_0-quantized for out_a (the bytes
