@@ -223,6 +223,9 @@ struct Scratch {
     /// Decode: the shared expert's quantization of `b`, written by the FFN HC pre alongside the
     /// routed experts' one in `act`.
     act_sh: DBuf,
+    /// Decode: the shared expert down's quantization of `sh_mid` (on the side stream, while the
+    /// routed experts use `act` and `mid_act`; see [`CudaBackend::shared_side`]).
+    act_sd: DBuf,
 }
 
 /// Captured decode graphs (one per variant: without / with indexer scoring).
@@ -562,6 +565,7 @@ impl CudaBackend {
         let mut act_bytes = 0usize;
         let mut mid_act_bytes = 0usize;
         let mut act_sh_bytes = 0usize;
+        let mut act_sd_bytes = 0usize;
         for l in &layers {
             let mut ws: Vec<&DevWeight> = vec![
                 &l.hc_attn.fn_,
@@ -587,6 +591,11 @@ impl CudaBackend {
             }
             act_bytes = act_bytes.max(Gemv::act_bytes(l.gate_exps.ty(), e, n));
             act_sh_bytes = act_sh_bytes.max(Gemv::act_bytes(l.gate_sh.ty(), e, 1));
+            act_sd_bytes = act_sd_bytes.max(Gemv::act_bytes(
+                l.down_sh.ty(),
+                l.down_sh.cols() * l.down_sh.n_mat(),
+                1,
+            ));
             mid_act_bytes = mid_act_bytes.max(Gemv::act_bytes(
                 l.down_exps.ty(),
                 s.n_ff_exp,
@@ -650,6 +659,7 @@ impl CudaBackend {
             fscale: DBuf::zeroed(&stream, n * 8)?,
             mid_act: DBuf::zeroed(&stream, mid_act_bytes)?,
             act_sh: DBuf::zeroed(&stream, act_sh_bytes.max(256))?,
+            act_sd: DBuf::zeroed(&stream, act_sd_bytes.max(256))?,
         };
         let inv_plain = DBuf::from_slice(&stream, &model.plan.rope_plain.inv_freq)?;
         let inv_comp = DBuf::from_slice(&stream, &model.plan.rope_compressed.inv_freq)?;
@@ -1207,7 +1217,7 @@ impl CudaBackend {
             )?;
             self.mm(&l.router, sc.b.ptr, n, sc.rlog.ptr)?;
             self.route(il, l, n)?;
-            self.moe(l, n, false, pre_b)?;
+            self.moe(l, n, false, pre_b, true)?;
             // F = routed (summed over the k experts by moe_down) + shared, then HC post.
             // The next layer's mix product forms flat itself where it can (the last layer's
             // flat feeds the output head).
@@ -1466,9 +1476,14 @@ impl CudaBackend {
         // expert (into act_sh) when their formats differ and nothing in between reuses act.
         let qb = self.ffn_quant(l);
         self.hc_pre_site(&l.hc_ffn, sc.x1.ptr, l.ffn_norm.ptr, sc.b.ptr, qb, wide_a)?;
+        let pre_q = qb != DecQuant::default();
+        let sh_side = pre_q && self.shared_side_ok(l);
+        if sh_side {
+            self.shared_side(l)?;
+        }
         self.mm(&l.router, sc.b.ptr, 1, sc.rlog.ptr)?;
         self.route(il, l, 1)?;
-        self.moe(l, 1, qb != DecQuant::default(), None)?;
+        self.moe(l, 1, pre_q, None, !sh_side)?;
         fw.join_side()?;
         // Wide where the next layer's attention site finishes the norm (not before the
         // output head, which reads flat).
@@ -1617,6 +1632,56 @@ impl CudaBackend {
             out,
             q,
         )
+    }
+
+    /// Whether the decode step runs layer `l`'s shared expert on the side stream
+    /// ([`CudaBackend::shared_side`]): its kernels are the exact ones the main stream would run
+    /// (no tensor-core route at one token). `DS4_CUDA_DEC_SHARED_SIDE=0` keeps it on the main
+    /// stream.
+    fn shared_side_ok(&self, l: &DevLayer) -> bool {
+        static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let on = *ON.get_or_init(|| {
+            std::env::var("DS4_CUDA_DEC_SHARED_SIDE").map_or(true, |v| v != "0")
+        });
+        let down_cols = l.down_sh.cols() * l.down_sh.n_mat();
+        on && self.tc.as_ref().is_none_or(|t| {
+            !t.takes_gate_up(&l.gate_sh, &l.up_sh, 1) && !t.takes_matmul(&l.down_sh, 1)
+        }) && down_cols == self.s().n_ff_exp
+            && Gemv::act_bytes(l.down_sh.ty(), down_cols, 1) <= self.sc.act_sd.bytes
+    }
+
+    /// Decode: the shared expert of layer `l` on the side stream, concurrently with the router
+    /// and the routed experts on the main stream (the shared expert is bandwidth-bound, the
+    /// routed IQ2_XXS gate/up instruction-bound). Reads `b`'s quantization in `act_sh` (the
+    /// FFN HC pre wrote it: only when [`CudaBackend::ffn_quant`] is not the default), writes
+    /// `sh_mid`, `act_sd` and `sh_out`, none of which the main stream touches before
+    /// [`Fwd::join_side`] (the HC post).
+    fn shared_side(&self, l: &DevLayer) -> Result<(), CudaError> {
+        let s = self.s();
+        let sc = &self.sc;
+        let fw = &self.fwd;
+        let side = fw.side();
+        let (e, ff) = (s.n_embd, s.n_ff_exp);
+        fw.fork_side()?;
+        let b = dv::<f32>(side, sc.b.ptr, e);
+        let act_sh = dv::<u8>(side, sc.act_sh.ptr, sc.act_sh.bytes);
+        let mut sh_mid = dv::<f32>(side, sc.sh_mid.ptr, ff);
+        self.gemv.gate_up_swiglu(
+            side,
+            &l.gate_sh,
+            &l.up_sh,
+            &b,
+            &act_sh,
+            1,
+            l.clamp,
+            &mut sh_mid,
+        )?;
+        let mid_r = dv::<f32>(side, sc.sh_mid.ptr, ff);
+        let mut act = dv::<u8>(side, sc.act_sd.ptr, sc.act_sd.bytes);
+        let mut out = dv::<f32>(side, sc.sh_out.ptr, e);
+        self.gemv
+            .matvec_x(side, &l.down_sh, &mid_r, &mut act, 1, &mut out)?;
+        fw.side_done()
     }
 
     /// The quantizations of `b` the FFN HC pre of a decode step writes (see decode_layer): the
@@ -1973,6 +2038,7 @@ impl CudaBackend {
         n: usize,
         pre_q: bool,
         sh_pre: Option<u64>,
+        shared: bool,
     ) -> Result<(), CudaError> {
         let s = self.s();
         let sc = &self.sc;
@@ -2052,6 +2118,9 @@ impl CudaBackend {
                 k,
                 &mut routed,
             )?;
+        }
+        if !shared {
+            return Ok(());
         }
         // Shared expert.
         let act_sh = dv::<u8>(st, sc.act_sh.ptr, sc.act_sh.bytes);

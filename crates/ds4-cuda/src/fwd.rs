@@ -1643,12 +1643,30 @@ impl Fwd {
         post: u64,
         comb: u64,
     ) -> Result<(), CudaError> {
-        let ev = |e: cudarc::driver::DriverError| cerr(format!("side stream: {e}"));
-        self.ev_fork.record(&self.stream).map_err(ev)?;
-        self.side.wait(&self.ev_fork).map_err(ev)?;
+        self.fork_side()?;
         let args = Self::split_args(mix, scale, base, hc, iters, hc_eps, post, comb);
         launch(&self.side, &self.hc_split_dec, (1, 1, 1), 32, 0, &args)?;
-        self.ev_join.record(&self.side).map_err(ev)
+        self.side_done()
+    }
+
+    /// The side stream, for decode work that runs concurrently with the main stream between
+    /// [`Fwd::fork_side`] and [`Fwd::side_done`].
+    pub fn side(&self) -> &Arc<CudaStream> {
+        &self.side
+    }
+
+    /// The side stream waits for everything enqueued on the main stream so far.
+    pub fn fork_side(&self) -> Result<(), CudaError> {
+        let ev = |e: cudarc::driver::DriverError| cerr(format!("side stream: {e}"));
+        self.ev_fork.record(&self.stream).map_err(ev)?;
+        self.side.wait(&self.ev_fork).map_err(ev)
+    }
+
+    /// Marks the side stream's work so far as what [`Fwd::join_side`] waits for.
+    pub fn side_done(&self) -> Result<(), CudaError> {
+        self.ev_join
+            .record(&self.side)
+            .map_err(|e| cerr(format!("side stream: {e}")))
     }
 
     /// The main stream waits for the side stream's work so far.
