@@ -1324,10 +1324,32 @@ impl CudaBackend {
         let held0 = (qa != DecQuant::default()).then(|| (l.q_a.ty(), q_a_cols));
         let mut held = self.mm_shared(&l.q_a, sc.a.ptr, sc.qr.ptr, held0)?;
         held = self.mm_shared(&l.kv, sc.a.ptr, sc.kvp.ptr, held)?;
+        // The compressor and indexer projections of `a`: on the side stream (concurrently with
+        // the q path below, joined before qkv_dec) when they all take float activations.
+        let mut projs: Vec<(&DevWeight, u64)> = Vec::with_capacity(5);
+        if let Some(c) = &l.comp {
+            projs.extend([(&c.kv, sc.ckv.ptr), (&c.gate, sc.csc.ptr)]);
+        }
+        if let Some(ix) = &l.idx {
+            projs.extend([(&ix.comp.kv, sc.ikv.ptr), (&ix.comp.gate, sc.isc.ptr)]);
+            if indexer {
+                projs.push((&ix.proj, sc.iw.ptr));
+            }
+        }
+        let proj_side = self.proj_side_ok(&projs);
+        if proj_side {
+            fw.fork_side()?;
+            for &(w, y) in &projs {
+                self.mm_float_on(fw.side(), w, sc.a.ptr, y)?;
+            }
+            fw.side_done()?;
+        } else {
+            for &(w, y) in &projs {
+                held = self.mm_shared(w, sc.a.ptr, y, held)?;
+            }
+        }
         let mut comp = [CompDec::default(); 2];
         if let Some(c) = &l.comp {
-            held = self.mm_shared(&c.kv, sc.a.ptr, sc.ckv.ptr, held)?;
-            held = self.mm_shared(&c.gate, sc.a.ptr, sc.csc.ptr, held)?;
             let (k, v) = frontier(&kvs.st_kv, &kvs.st_sc)?;
             comp[0] = CompDec {
                 ckv: sc.ckv.ptr,
@@ -1350,11 +1372,6 @@ impl CudaBackend {
                 .as_ref()
                 .ok_or_else(|| cerr("indexer rows missing"))?;
             icomp_ptr = icomp.ptr;
-            held = self.mm_shared(&ix.comp.kv, sc.a.ptr, sc.ikv.ptr, held)?;
-            held = self.mm_shared(&ix.comp.gate, sc.a.ptr, sc.isc.ptr, held)?;
-            if indexer {
-                self.mm_shared(&ix.proj, sc.a.ptr, sc.iw.ptr, held)?;
-            }
             let (k, v) = frontier(&kvs.ist_kv, &kvs.ist_sc)?;
             comp[1] = CompDec {
                 ckv: sc.ikv.ptr,
@@ -1392,6 +1409,9 @@ impl CudaBackend {
         }
         let nih = s.index_heads;
         let ihd = s.index_head_dim;
+        if proj_side {
+            fw.join_side()?;
+        }
         fw.qkv_dec(&QkvDec {
             pos,
             q: sc.q.ptr,
@@ -1634,15 +1654,43 @@ impl CudaBackend {
         )
     }
 
+    /// Whether the decode step runs the projections `projs` (weight, output) of `a` on the side
+    /// stream: all take float activations (F16 / BF16 / F32 weights: no quantization scratch
+    /// is shared with the main stream). `DS4_CUDA_DEC_PROJ_SIDE=0` keeps them on the main
+    /// stream.
+    fn proj_side_ok(&self, projs: &[(&DevWeight, u64)]) -> bool {
+        static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let on =
+            *ON.get_or_init(|| std::env::var("DS4_CUDA_DEC_PROJ_SIDE").map_or(true, |v| v != "0"));
+        on && !projs.is_empty()
+            && projs.iter().all(|(w, _)| {
+                matches!(w.ty(), GgmlType::F32 | GgmlType::F16 | GgmlType::BF16)
+                    && self.tc.as_ref().is_none_or(|t| !t.takes_matmul(w, 1))
+            })
+    }
+
+    /// `y = W·x` for one token of a float-activation weight (F16 / BF16 / F32), on stream `st`.
+    fn mm_float_on(
+        &self,
+        st: &Arc<CudaStream>,
+        w: &DevWeight,
+        x: u64,
+        y: u64,
+    ) -> Result<(), CudaError> {
+        let xs = dv::<f32>(st, x, w.cols() * w.n_mat());
+        let act = dv::<u8>(st, self.sc.act.ptr, 0);
+        let mut ys = dv::<f32>(st, y, w.rows() * w.n_mat());
+        self.gemv.matvec(st, w, &xs, &act, 1, &mut ys)
+    }
+
     /// Whether the decode step runs layer `l`'s shared expert on the side stream
     /// ([`CudaBackend::shared_side`]): its kernels are the exact ones the main stream would run
     /// (no tensor-core route at one token). `DS4_CUDA_DEC_SHARED_SIDE=0` keeps it on the main
     /// stream.
     fn shared_side_ok(&self, l: &DevLayer) -> bool {
         static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        let on = *ON.get_or_init(|| {
-            std::env::var("DS4_CUDA_DEC_SHARED_SIDE").map_or(true, |v| v != "0")
-        });
+        let on = *ON
+            .get_or_init(|| std::env::var("DS4_CUDA_DEC_SHARED_SIDE").map_or(true, |v| v != "0"));
         let down_cols = l.down_sh.cols() * l.down_sh.n_mat();
         on && self.tc.as_ref().is_none_or(|t| {
             !t.takes_gate_up(&l.gate_sh, &l.up_sh, 1) && !t.takes_matmul(&l.down_sh, 1)
