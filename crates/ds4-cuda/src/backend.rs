@@ -186,6 +186,9 @@ struct DevLayer {
     down_sh: DevWeight,
     /// The stacked projections of `a` (empty: every projection on its own).
     a_groups: Vec<AGroup>,
+    /// `q_b` and the indexer's `q_b` (both read the normed q_a output) stacked in this order
+    /// (the layer's two are views of it): one matvec while the indexer scores.
+    qb_stack: Option<DevWeight>,
 }
 
 /// KV state of one layer on the device.
@@ -549,9 +552,32 @@ impl CudaBackend {
                 (Some(c), Some(g)) => Some(ld.comp(c, g, a[A_CKV].take(), a[A_CSC].take())?),
                 _ => None,
             };
+            let (mut q_b, mut iq_b, mut qb_stack) = (None, None, None);
+            if let Some(ix) = iw.filter(|ix| {
+                let (a, b) = (&lw.q_b, &ix.q_b);
+                stack
+                    && a.t.ty == b.t.ty
+                    && a.cols == b.cols
+                    && a.rows % 4 == 0
+                    && Gemv::stack_ok(a.t.ty, a.cols, &[a.rows, b.rows])
+            }) {
+                let parts = [
+                    (lw.q_b.rows, lw.q_b.bytes(&model.gguf)),
+                    (ix.q_b.rows, ix.q_b.bytes(&model.gguf)),
+                ];
+                let (all, mut v) = gemv
+                    .upload_stacked(&stream, lw.q_b.t.ty, lw.q_b.cols, &parts)
+                    .map_err(|e| cerr(format!("{} (stacked): {e}", lw.q_b.t.name)))?;
+                iq_b = v.pop();
+                q_b = v.pop();
+                qb_stack = Some(all);
+            }
             let idx = match (&lw.indexer, index_geom(&s, lp.attn)) {
                 (Some(ix), Some(g)) => Some(DevIdx {
-                    q_b: ld.mat(&ix.q_b, 1)?,
+                    q_b: match iq_b.take() {
+                        Some(w) => w,
+                        None => ld.mat(&ix.q_b, 1)?,
+                    },
                     proj: match a[A_IW].take() {
                         Some(w) => w,
                         None => ld.mat(&ix.proj, 1)?,
@@ -577,7 +603,10 @@ impl CudaBackend {
                 attn_norm: ld.vec(&lw.attn_norm)?,
                 q_a: a[A_QA].take().ok_or_else(missing)?,
                 q_a_norm: ld.vec(&lw.q_a_norm)?,
-                q_b: ld.mat(&lw.q_b, 1)?,
+                q_b: match q_b.take() {
+                    Some(w) => w,
+                    None => ld.mat(&lw.q_b, 1)?,
+                },
                 kv: a[A_KV].take().ok_or_else(missing)?,
                 kv_norm: ld.vec(&lw.kv_norm)?,
                 sinks: ld.vec(&lw.sinks)?,
@@ -600,6 +629,7 @@ impl CudaBackend {
                 up_sh: ld.mat(&lw.up_shexp, 1)?,
                 down_sh: ld.mat(&lw.down_shexp, 1)?,
                 a_groups,
+                qb_stack,
             });
         }
         let out_hc_fn = ld.mat(&w.out_hc_fn, 1)?;
@@ -1556,10 +1586,21 @@ impl CudaBackend {
         } else {
             fw.rms_rows(out[A_QA], ql, l.q_a_norm.ptr, ql, eps, sc.qrn.ptr, ql, 1)?;
         }
-        let held_q = self.mm_shared(&l.q_b, sc.qrn.ptr, sc.q.ptr, held_q)?;
         let run_indexer = indexer && l.idx.is_some();
-        if let (Some(ix), true) = (&l.idx, run_indexer) {
-            self.mm_shared(&ix.q_b, sc.qrn.ptr, sc.iq.ptr, held_q)?;
+        // While the indexer scores, q_b and its q_b in one matvec (the stack's rows in sc.q).
+        let qb_stack = l
+            .qb_stack
+            .as_ref()
+            .filter(|w| run_indexer && sc.q.bytes >= 4 * w.rows());
+        let mut iq = sc.iq.ptr;
+        if let Some(w) = qb_stack {
+            self.mm_shared(w, sc.qrn.ptr, sc.q.ptr, held_q)?;
+            iq = sc.q.ptr + 4 * l.q_b.rows() as u64;
+        } else {
+            let held_q = self.mm_shared(&l.q_b, sc.qrn.ptr, sc.q.ptr, held_q)?;
+            if let (Some(ix), true) = (&l.idx, run_indexer) {
+                self.mm_shared(&ix.q_b, sc.qrn.ptr, sc.iq.ptr, held_q)?;
+            }
         }
         let nih = s.index_heads;
         let ihd = s.index_head_dim;
@@ -1579,7 +1620,7 @@ impl CudaBackend {
             n_nope: s.n_nope() as i64,
             comp,
             inv_comp: self.inv_comp.ptr,
-            iq: if run_indexer { sc.iq.ptr } else { 0 },
+            iq: if run_indexer { iq } else { 0 },
             iw: if run_indexer { out[A_IW] } else { 0 },
             nih: nih as i64,
             ihd: ihd as i64,
@@ -1588,7 +1629,7 @@ impl CudaBackend {
         })?;
         if run_indexer {
             self.fwd.indexer_select(
-                sc.iq.ptr,
+                iq,
                 out[A_IW],
                 icomp_ptr,
                 nih,
