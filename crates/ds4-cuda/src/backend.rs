@@ -864,6 +864,25 @@ impl CudaBackend {
                 "off (DS4_CUDA_PDL=0)"
             }
         );
+        {
+            // Launches the stacking saves per decode step (without / with indexer scoring).
+            let (mut groups, mut saved, mut saved_idx) = (0, 0, 0);
+            for l in &layers {
+                groups += l.a_groups.len() + usize::from(l.qb_stack.is_some());
+                for g in &l.a_groups {
+                    let m = g.members.len();
+                    let idx_only = g.short.is_some() as usize;
+                    saved += (m - idx_only).saturating_sub(1);
+                    saved_idx += m - 1;
+                }
+                saved_idx += usize::from(l.qb_stack.is_some());
+            }
+            eprintln!(
+                "ds4-cuda: {groups} stacked projection groups (DS4_CUDA_STACK_A=0 turns them \
+                 off): {saved} matvec launches fewer per decode step ({saved_idx} while the \
+                 indexer scores)"
+            );
+        }
         let perturb = match std::env::var("DS4_CUDA_PERTURB_ULP")
             .ok()
             .and_then(|v| v.parse::<u32>().ok())
