@@ -7,6 +7,10 @@
 //! Gemv::supported(ty) -> bool                       // F32 F16 BF16 Q8_0 Q2_K Q4_K IQ2_XXS
 //! Gemv::upload(&self, stream, ty, cols, rows, n_mat, gguf_bytes: &[u8]) -> Result<DevWeight>
 //! Gemv::upload_device(&self, stream, ty, cols, rows, n_mat, raw: &impl DevicePtr<u8>) -> Result<DevWeight>
+//! Gemv::stack_ok(ty, cols, rows: &[usize]) -> bool
+//! Gemv::upload_stacked(&self, stream, ty, cols, parts: &[(rows, &[u8])]) -> Result<(DevWeight, Vec<DevWeight>)>
+//! DevWeight::view(&self, row0, rows) -> Result<DevWeight>   // rows of one matrix, no copy
+//! DevWeight::region_ptrs(&self, stream) -> ([u64; 3], guard) // the layout's region addresses
 //! Gemv::act_bytes(ty, cols, n) -> usize             // scratch for n quantized activation rows
 //! Gemv::quantize_act(&self, stream, ty, x, n, cols, act)
 //! Gemv::matvec(&self, stream, w, x, act, n, y)      // y[t] = W·x[t]; act prepared by quantize_act
@@ -91,6 +95,12 @@
 //! * Q8_0: `qs [RT][cols] i8`, then `d [RT][nb] f16`.
 //! * Q2_K: `qs [RT][nb][64]`, then `scales [RT][nb][16]`, then `(d | dmin << 16) [RT][nb] u32`.
 //! * IQ2_XXS: `qs [RT][nb][64]`, then `d [RT][nb] f16`.
+//!
+//! A [`DevWeight`] may be a row-range view of another one's allocation (`view`, `upload_stacked`:
+//! several matrices of one type and width stacked so that one matvec computes all of them, with
+//! each matrix a view, no weight held twice): its regions then start `row0` rows into the
+//! stack's regions. Every user of the layout (this module, `tc.rs`, `tc_f16.rs`, the backend)
+//! takes the region addresses from `DevWeight::region_ptrs`.
 //!
 //! Activation scratch (`act_bytes`), for `n` rows of `cols`: Q8_0: `qs [n·cols] i8`, then
 //! `d [n·cols/32] f32`; Q8_K: `qs [n·cols] i8`, `d [n·cols/256] f32`, `bsums [n·cols/16] i16`.
