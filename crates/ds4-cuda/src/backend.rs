@@ -130,6 +130,32 @@ struct DevIdx {
     comp: DevComp,
 }
 
+/// Decode slots of the projections of the attention input `a`, in the order the CPU runs them
+/// (indexes of [`AGroup::members`] and of `decode_layer`'s output table).
+const A_QA: usize = 0;
+const A_KV: usize = 1;
+const A_CKV: usize = 2;
+const A_CSC: usize = 3;
+const A_IKV: usize = 4;
+const A_ISC: usize = 5;
+/// The indexer's head weights: only needed while the indexer scores.
+const A_IW: usize = 6;
+const A_SLOTS: usize = 7;
+
+/// Projections of `a` of one type and width stacked into one device matrix: the layer's
+/// weights of these slots are row-range views of `w`, and the decode step computes all of them
+/// in one matvec into `sc.aj` (no weight is held twice).
+struct AGroup {
+    w: DevWeight,
+    /// `w` without its last rows when they are the indexer's head weights (`A_IW`): what the
+    /// decode step runs while the indexer does not score.
+    short: Option<DevWeight>,
+    /// (slot, first row in `w`) of each member.
+    members: Vec<(usize, usize)>,
+    /// Offset (floats) of this group's output rows in `sc.aj`.
+    out0: usize,
+}
+
 struct DevLayer {
     attn: AttnKind,
     moe: MoeKind,
@@ -158,6 +184,11 @@ struct DevLayer {
     gate_sh: DevWeight,
     up_sh: DevWeight,
     down_sh: DevWeight,
+    /// The stacked projections of `a` (empty: every projection on its own).
+    a_groups: Vec<AGroup>,
+    /// `q_b` and the indexer's `q_b` (both read the normed q_a output) stacked in this order
+    /// (the layer's two are views of it): one matvec while the indexer scores.
+    qb_stack: Option<DevWeight>,
 }
 
 /// KV state of one layer on the device.
@@ -191,6 +222,8 @@ struct Scratch {
     isc: DBuf,
     iq: DBuf,
     iw: DBuf,
+    /// Decode: the outputs of the stacked projections of `a` (`AGroup::out0`).
+    aj: DBuf,
     scores: DBuf,
     isel: DBuf,
     heads: DBuf,
@@ -356,15 +389,108 @@ impl Loader<'_> {
             base: self.vec(&h.base)?,
         })
     }
-    fn comp(&self, c: &CompressorWeights, geom: CompressorGeom) -> Result<DevComp, CudaError> {
+    fn comp(
+        &self,
+        c: &CompressorWeights,
+        geom: CompressorGeom,
+        kv: Option<DevWeight>,
+        gate: Option<DevWeight>,
+    ) -> Result<DevComp, CudaError> {
         Ok(DevComp {
-            kv: self.mat(&c.kv, 1)?,
-            gate: self.mat(&c.gate, 1)?,
+            kv: match kv {
+                Some(w) => w,
+                None => self.mat(&c.kv, 1)?,
+            },
+            gate: match gate {
+                Some(w) => w,
+                None => self.mat(&c.gate, 1)?,
+            },
             ape: self.vec(&c.ape)?,
             norm: self.vec(&c.norm)?,
             geom,
         })
     }
+
+    /// The projections of `a` (by `A_*` slot; None: the layer has no such matrix). With
+    /// `stack`, the matrices of one type and width (two or more, in slot order) are uploaded
+    /// as one [`AGroup`] and their slots get views of it; a group whose rows would not keep
+    /// every view's regions and output rows aligned stays separate. Returns the weights by slot
+    /// and the groups (`out0` relative to the layer's first group) with the floats they take.
+    #[allow(clippy::type_complexity)]
+    fn a_projections(
+        &self,
+        mats: &[Option<&MatRef>; A_SLOTS],
+        stack: bool,
+    ) -> Result<([Option<DevWeight>; A_SLOTS], Vec<AGroup>, usize), CudaError> {
+        let mut out: [Option<DevWeight>; A_SLOTS] = Default::default();
+        let mut groups = Vec::new();
+        let mut used = 0usize;
+        let mut done = [false; A_SLOTS];
+        for first in 0..A_SLOTS {
+            let Some(m0) = mats[first] else { continue };
+            if done[first] || !stack {
+                continue;
+            }
+            let slots: Vec<usize> = (first..A_SLOTS)
+                .filter(|&i| {
+                    !done[i] && mats[i].is_some_and(|m| m.t.ty == m0.t.ty && m.cols == m0.cols)
+                })
+                .collect();
+            let rows: Vec<usize> = slots
+                .iter()
+                .filter_map(|&i| mats[i].map(|m| m.rows))
+                .collect();
+            // Output rows 16-byte aligned (floats); weight regions as Gemv::stack_ok says.
+            let mut row0 = 0;
+            let mut out_ok = true;
+            for &r in &rows {
+                out_ok &= row0 % 4 == 0;
+                row0 += r;
+            }
+            if slots.len() < 2 || !out_ok || !Gemv::stack_ok(m0.t.ty, m0.cols, &rows) {
+                continue;
+            }
+            let parts: Vec<(usize, &[u8])> = slots
+                .iter()
+                .filter_map(|&i| mats[i].map(|m| (m.rows, m.bytes(&self.m.gguf))))
+                .collect();
+            let (w, views) = self
+                .gemv
+                .upload_stacked(self.stream, m0.t.ty, m0.cols, &parts)
+                .map_err(|e| cerr(format!("{} (stacked): {e}", m0.t.name)))?;
+            let mut members = Vec::with_capacity(slots.len());
+            let mut row0 = 0;
+            for (&i, v) in slots.iter().zip(views) {
+                members.push((i, row0));
+                row0 += v.rows();
+                out[i] = Some(v);
+                done[i] = true;
+            }
+            let short = match members.last() {
+                Some(&(A_IW, r)) => Some(w.view(0, r)?),
+                _ => None,
+            };
+            groups.push(AGroup {
+                short,
+                members,
+                out0: used,
+                w,
+            });
+            used = (used + row0).next_multiple_of(64);
+        }
+        for i in 0..A_SLOTS {
+            if let (Some(m), None) = (mats[i], &out[i]) {
+                out[i] = Some(self.mat(m, 1)?);
+            }
+        }
+        Ok((out, groups, used))
+    }
+}
+
+/// `DS4_CUDA_STACK_A=0`: the decode step runs every projection of `a` on its own (the weights
+/// are then uploaded one by one, as before the stacking).
+fn stack_a() -> bool {
+    std::env::var("DS4_CUDA_STACK_A").map_or(true, |v| v != "0")
 }
 
 impl CudaBackend {
@@ -401,16 +527,65 @@ impl CudaBackend {
             stream: &stream,
         };
         let mut layers = Vec::with_capacity(s.n_layer);
+        let stack = stack_a();
+        let mut aj_len = 1usize;
         for (il, (lw, lp)) in w.layers.iter().zip(&model.plan.layers).enumerate() {
+            let cw = lw
+                .compressor
+                .as_ref()
+                .filter(|_| attn_geom(&s, lp.attn).is_some());
+            let iw = lw
+                .indexer
+                .as_ref()
+                .filter(|_| index_geom(&s, lp.attn).is_some());
+            let (mut a, a_groups, a_len) = ld.a_projections(
+                &[
+                    Some(&lw.q_a),
+                    Some(&lw.kv),
+                    cw.map(|c| &c.kv),
+                    cw.map(|c| &c.gate),
+                    iw.map(|ix| &ix.comp.kv),
+                    iw.map(|ix| &ix.comp.gate),
+                    iw.map(|ix| &ix.proj),
+                ],
+                stack,
+            )?;
+            aj_len = aj_len.max(a_len);
             let comp = match (&lw.compressor, attn_geom(&s, lp.attn)) {
-                (Some(c), Some(g)) => Some(ld.comp(c, g)?),
+                (Some(c), Some(g)) => Some(ld.comp(c, g, a[A_CKV].take(), a[A_CSC].take())?),
                 _ => None,
             };
+            let (mut q_b, mut iq_b, mut qb_stack) = (None, None, None);
+            if let Some(ix) = iw.filter(|ix| {
+                let (a, b) = (&lw.q_b, &ix.q_b);
+                stack
+                    && a.t.ty == b.t.ty
+                    && a.cols == b.cols
+                    && a.rows % 4 == 0
+                    && Gemv::stack_ok(a.t.ty, a.cols, &[a.rows, b.rows])
+            }) {
+                let parts = [
+                    (lw.q_b.rows, lw.q_b.bytes(&model.gguf)),
+                    (ix.q_b.rows, ix.q_b.bytes(&model.gguf)),
+                ];
+                let (all, mut v) = gemv
+                    .upload_stacked(&stream, lw.q_b.t.ty, lw.q_b.cols, &parts)
+                    .map_err(|e| cerr(format!("{} (stacked): {e}", lw.q_b.t.name)))?;
+                iq_b = v.pop();
+                q_b = v.pop();
+                qb_stack = Some(all);
+            }
             let idx = match (&lw.indexer, index_geom(&s, lp.attn)) {
                 (Some(ix), Some(g)) => Some(DevIdx {
-                    q_b: ld.mat(&ix.q_b, 1)?,
-                    proj: ld.mat(&ix.proj, 1)?,
-                    comp: ld.comp(&ix.comp, g)?,
+                    q_b: match iq_b.take() {
+                        Some(w) => w,
+                        None => ld.mat(&ix.q_b, 1)?,
+                    },
+                    proj: match a[A_IW].take() {
+                        Some(w) => w,
+                        None => ld.mat(&ix.proj, 1)?,
+                    },
+                    comp: ld.comp(&ix.comp, g, a[A_IKV].take(), a[A_ISC].take())?,
                 }),
                 _ => None,
             };
@@ -421,6 +596,7 @@ impl CudaBackend {
                 }
                 None => None,
             };
+            let missing = || cerr("projection of a missing");
             layers.push(DevLayer {
                 attn: lp.attn,
                 moe: lp.moe,
@@ -428,10 +604,13 @@ impl CudaBackend {
                 clamp: s.swiglu_clamp[il],
                 hc_attn: ld.hc(&lw.hc_attn)?,
                 attn_norm: ld.vec(&lw.attn_norm)?,
-                q_a: ld.mat(&lw.q_a, 1)?,
+                q_a: a[A_QA].take().ok_or_else(missing)?,
                 q_a_norm: ld.vec(&lw.q_a_norm)?,
-                q_b: ld.mat(&lw.q_b, 1)?,
-                kv: ld.mat(&lw.kv, 1)?,
+                q_b: match q_b.take() {
+                    Some(w) => w,
+                    None => ld.mat(&lw.q_b, 1)?,
+                },
+                kv: a[A_KV].take().ok_or_else(missing)?,
                 kv_norm: ld.vec(&lw.kv_norm)?,
                 sinks: ld.vec(&lw.sinks)?,
                 out_a: ld.mat(&lw.out_a, s.o_groups)?,
@@ -452,6 +631,8 @@ impl CudaBackend {
                 gate_sh: ld.mat(&lw.gate_shexp, 1)?,
                 up_sh: ld.mat(&lw.up_shexp, 1)?,
                 down_sh: ld.mat(&lw.down_shexp, 1)?,
+                a_groups,
+                qb_stack,
             });
         }
         let out_hc_fn = ld.mat(&w.out_hc_fn, 1)?;
@@ -630,6 +811,7 @@ impl CudaBackend {
                 1
             })?,
             iw: f32b(if any_idx { n * s.index_heads } else { 1 })?,
+            aj: f32b(aj_len)?,
             scores: f32b(if any_idx {
                 score_batch * score_stride
             } else {
@@ -692,6 +874,25 @@ impl CudaBackend {
                 "off (DS4_CUDA_PDL=0)"
             }
         );
+        {
+            // Launches the stacking saves per decode step (without / with indexer scoring).
+            let (mut groups, mut saved, mut saved_idx) = (0, 0, 0);
+            for l in &layers {
+                groups += l.a_groups.len() + usize::from(l.qb_stack.is_some());
+                for g in &l.a_groups {
+                    let m = g.members.len();
+                    let idx_only = g.short.is_some() as usize;
+                    saved += (m - idx_only).saturating_sub(1);
+                    saved_idx += m - 1;
+                }
+                saved_idx += usize::from(l.qb_stack.is_some());
+            }
+            eprintln!(
+                "ds4-cuda: {groups} stacked projection groups (DS4_CUDA_STACK_A=0 turns them \
+                 off): {saved} matvec launches fewer per decode step ({saved_idx} while the \
+                 indexer scores)"
+            );
+        }
         let perturb = match std::env::var("DS4_CUDA_PERTURB_ULP")
             .ok()
             .and_then(|v| v.parse::<u32>().ok())
@@ -1322,29 +1523,60 @@ impl CudaBackend {
         let wide_in = il > 0 && self.post_wide_ok(&l.hc_attn, sc.x.ptr);
         self.hc_pre_site(&l.hc_attn, sc.x.ptr, l.attn_norm.ptr, sc.a.ptr, qa, wide_in)?;
         let held0 = (qa != DecQuant::default()).then(|| (l.q_a.ty(), q_a_cols));
-        let mut held = self.mm_shared(&l.q_a, sc.a.ptr, sc.qr.ptr, held0)?;
-        held = self.mm_shared(&l.kv, sc.a.ptr, sc.kvp.ptr, held)?;
-        // The compressor and indexer projections of `a`: on the side stream (concurrently with
-        // the q path below, joined before qkv_dec) when they all take float activations.
-        let mut projs: Vec<(&DevWeight, u64)> = Vec::with_capacity(5);
-        if let Some(c) = &l.comp {
-            projs.extend([(&c.kv, sc.ckv.ptr), (&c.gate, sc.csc.ptr)]);
+        // The projections of `a`: each stacked group in one matvec into `sc.aj` (its members'
+        // outputs are row ranges there), the others on their own into their buffers. The jobs
+        // q_a's chain does not need (compressor / indexer slots only) run on the side stream
+        // when they all take float activations, concurrently with the q path (joined before
+        // qkv_dec); the others here, in order.
+        let mut out = [
+            sc.qr.ptr, sc.kvp.ptr, sc.ckv.ptr, sc.csc.ptr, sc.ikv.ptr, sc.isc.ptr, sc.iw.ptr,
+        ];
+        // (weight, output, holds q_a or kv)
+        let mut jobs: Vec<(&DevWeight, u64, bool)> = Vec::with_capacity(A_SLOTS);
+        let mut done = [false; A_SLOTS];
+        for g in &l.a_groups {
+            let w = match (&g.short, indexer) {
+                (Some(w), false) => w,
+                _ => &g.w,
+            };
+            let y = sc.aj.ptr + 4 * g.out0 as u64;
+            let mut q = false;
+            for &(slot, row0) in &g.members {
+                out[slot] = y + 4 * row0 as u64;
+                done[slot] = true;
+                q |= slot <= A_KV;
+            }
+            jobs.push((w, y, q));
         }
-        if let Some(ix) = &l.idx {
-            projs.extend([(&ix.comp.kv, sc.ikv.ptr), (&ix.comp.gate, sc.isc.ptr)]);
-            if indexer {
-                projs.push((&ix.proj, sc.iw.ptr));
+        let comp_w = l.comp.as_ref();
+        let idx_w = l.idx.as_ref();
+        let singles: [(usize, Option<&DevWeight>); A_SLOTS] = [
+            (A_QA, Some(&l.q_a)),
+            (A_KV, Some(&l.kv)),
+            (A_CKV, comp_w.map(|c| &c.kv)),
+            (A_CSC, comp_w.map(|c| &c.gate)),
+            (A_IKV, idx_w.map(|ix| &ix.comp.kv)),
+            (A_ISC, idx_w.map(|ix| &ix.comp.gate)),
+            (A_IW, idx_w.filter(|_| indexer).map(|ix| &ix.proj)),
+        ];
+        for (slot, w) in singles {
+            if let Some(w) = w.filter(|_| !done[slot]) {
+                jobs.push((w, out[slot], slot <= A_KV));
             }
         }
-        let proj_side = self.proj_side_ok(&projs);
+        let side: Vec<(&DevWeight, u64)> =
+            jobs.iter().filter(|j| !j.2).map(|j| (j.0, j.1)).collect();
+        let proj_side = self.proj_side_ok(&side);
         if proj_side {
             fw.fork_side()?;
-            for &(w, y) in &projs {
+            for &(w, y) in &side {
                 self.mm_float_on(fw.side(), w, sc.a.ptr, y)?;
             }
             fw.side_done()?;
-        } else {
-            for &(w, y) in &projs {
+        }
+        let mut held = held0;
+        for &(w, y, q) in &jobs {
+            if q || !proj_side {
                 held = self.mm_shared(w, sc.a.ptr, y, held)?;
             }
         }
@@ -1352,8 +1584,8 @@ impl CudaBackend {
         if let Some(c) = &l.comp {
             let (k, v) = frontier(&kvs.st_kv, &kvs.st_sc)?;
             comp[0] = CompDec {
-                ckv: sc.ckv.ptr,
-                csc: sc.csc.ptr,
+                ckv: out[A_CKV],
+                csc: out[A_CSC],
                 ape: c.ape.ptr,
                 st_kv: k,
                 st_sc: v,
@@ -1374,8 +1606,8 @@ impl CudaBackend {
             icomp_ptr = icomp.ptr;
             let (k, v) = frontier(&kvs.ist_kv, &kvs.ist_sc)?;
             comp[1] = CompDec {
-                ckv: sc.ikv.ptr,
-                csc: sc.isc.ptr,
+                ckv: out[A_IKV],
+                csc: out[A_ISC],
                 ape: ix.comp.ape.ptr,
                 st_kv: k,
                 st_sc: v,
@@ -1398,14 +1630,25 @@ impl CudaBackend {
                 }
                 _ => (0, 0),
             };
-            fw.rms_q8_dec(sc.qr.ptr, l.q_a_norm.ptr, ql, eps, sc.qrn.ptr, q0, d0)?;
+            fw.rms_q8_dec(out[A_QA], l.q_a_norm.ptr, ql, eps, sc.qrn.ptr, q0, d0)?;
         } else {
-            fw.rms_rows(sc.qr.ptr, ql, l.q_a_norm.ptr, ql, eps, sc.qrn.ptr, ql, 1)?;
+            fw.rms_rows(out[A_QA], ql, l.q_a_norm.ptr, ql, eps, sc.qrn.ptr, ql, 1)?;
         }
-        let held_q = self.mm_shared(&l.q_b, sc.qrn.ptr, sc.q.ptr, held_q)?;
         let run_indexer = indexer && l.idx.is_some();
-        if let (Some(ix), true) = (&l.idx, run_indexer) {
-            self.mm_shared(&ix.q_b, sc.qrn.ptr, sc.iq.ptr, held_q)?;
+        // While the indexer scores, q_b and its q_b in one matvec (the stack's rows in sc.q).
+        let qb_stack = l
+            .qb_stack
+            .as_ref()
+            .filter(|w| run_indexer && sc.q.bytes >= 4 * w.rows());
+        let mut iq = sc.iq.ptr;
+        if let Some(w) = qb_stack {
+            self.mm_shared(w, sc.qrn.ptr, sc.q.ptr, held_q)?;
+            iq = sc.q.ptr + 4 * l.q_b.rows() as u64;
+        } else {
+            let held_q = self.mm_shared(&l.q_b, sc.qrn.ptr, sc.q.ptr, held_q)?;
+            if let (Some(ix), true) = (&l.idx, run_indexer) {
+                self.mm_shared(&ix.q_b, sc.qrn.ptr, sc.iq.ptr, held_q)?;
+            }
         }
         let nih = s.index_heads;
         let ihd = s.index_head_dim;
@@ -1420,7 +1663,7 @@ impl CudaBackend {
             hd: hd as i64,
             n_rot: s.n_rot as i64,
             eps: eps as f64,
-            kvp: sc.kvp.ptr,
+            kvp: out[A_KV],
             kv_w: l.kv_norm.ptr,
             ring: kvs.ring.ptr,
             raw_cap: self.raw_cap as i64,
@@ -1428,8 +1671,8 @@ impl CudaBackend {
             n_nope: s.n_nope() as i64,
             comp,
             inv_comp: self.inv_comp.ptr,
-            iq: if run_indexer { sc.iq.ptr } else { 0 },
-            iw: if run_indexer { sc.iw.ptr } else { 0 },
+            iq: if run_indexer { iq } else { 0 },
+            iw: if run_indexer { out[A_IW] } else { 0 },
             nih: nih as i64,
             ihd: ihd as i64,
             iqat: qat as i64,
@@ -1437,8 +1680,8 @@ impl CudaBackend {
         })?;
         if run_indexer {
             self.fwd.indexer_select(
-                sc.iq.ptr,
-                sc.iw.ptr,
+                iq,
+                out[A_IW],
                 icomp_ptr,
                 nih,
                 ihd,
@@ -1544,7 +1787,7 @@ impl CudaBackend {
     fn mix_fused(&self, hw: &DevHc, x: u64) -> Option<u64> {
         let s = self.s();
         let f = &hw.fn_;
-        let (fp, _g) = f.data().device_ptr(&self.stream);
+        let ([fp, ..], _g) = f.region_ptrs(&self.stream);
         let ok = f.ty() == GgmlType::F16
             && f.n_mat() == 1
             && Fwd::hc_pre_mix_fits(s.hc_mult, s.n_embd, f.rows(), f.cols())

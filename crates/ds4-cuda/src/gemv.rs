@@ -7,6 +7,10 @@
 //! Gemv::supported(ty) -> bool                       // F32 F16 BF16 Q8_0 Q2_K Q4_K IQ2_XXS
 //! Gemv::upload(&self, stream, ty, cols, rows, n_mat, gguf_bytes: &[u8]) -> Result<DevWeight>
 //! Gemv::upload_device(&self, stream, ty, cols, rows, n_mat, raw: &impl DevicePtr<u8>) -> Result<DevWeight>
+//! Gemv::stack_ok(ty, cols, rows: &[usize]) -> bool
+//! Gemv::upload_stacked(&self, stream, ty, cols, parts: &[(rows, &[u8])]) -> Result<(DevWeight, Vec<DevWeight>)>
+//! DevWeight::view(&self, row0, rows) -> Result<DevWeight>   // rows of one matrix, no copy
+//! DevWeight::region_ptrs(&self, stream) -> ([u64; 3], guard) // the layout's region addresses
 //! Gemv::act_bytes(ty, cols, n) -> usize             // scratch for n quantized activation rows
 //! Gemv::quantize_act(&self, stream, ty, x, n, cols, act)
 //! Gemv::matvec(&self, stream, w, x, act, n, y)      // y[t] = W·x[t]; act prepared by quantize_act
@@ -91,6 +95,12 @@
 //! * Q8_0: `qs [RT][cols] i8`, then `d [RT][nb] f16`.
 //! * Q2_K: `qs [RT][nb][64]`, then `scales [RT][nb][16]`, then `(d | dmin << 16) [RT][nb] u32`.
 //! * IQ2_XXS: `qs [RT][nb][64]`, then `d [RT][nb] f16`.
+//!
+//! A [`DevWeight`] may be a row-range view of another one's allocation (`view`, `upload_stacked`:
+//! several matrices of one type and width stacked so that one matvec computes all of them, with
+//! each matrix a view, no weight held twice): its regions then start `row0` rows into the
+//! stack's regions. Every user of the layout (this module, `tc.rs`, `tc_f16.rs`, the backend)
+//! takes the region addresses from `DevWeight::region_ptrs`.
 //!
 //! Activation scratch (`act_bytes`), for `n` rows of `cols`: Q8_0: `qs [n·cols] i8`, then
 //! `d [n·cols/32] f32`; Q8_K: `qs [n·cols] i8`, `d [n·cols/256] f32`, `bsums [n·cols/16] i16`.
@@ -325,15 +335,35 @@ fn weight_layout(k: Kind, cols: usize, rt: usize) -> (usize, [usize; 3]) {
     }
 }
 
-/// A weight tensor in device memory, in this module's layout (see the module docs).
+/// Bytes one row takes in each region of the device layout (single-region kinds repeat the
+/// value, so that a row offset moves every region pointer alike).
+fn row_bytes(k: Kind, cols: usize) -> [usize; 3] {
+    let (be, bb) = k.block();
+    let nb = cols / be;
+    match k {
+        Kind::F32 | Kind::F16 | Kind::Bf16 | Kind::Q4K => [nb * bb; 3],
+        // Unused third regions follow the first (what `weight_layout`'s zero offset gives).
+        Kind::Q8_0 => [cols, 2 * nb, cols],
+        Kind::Q2K => [64 * nb, 16 * nb, 4 * nb],
+        Kind::Iq2Xxs => [64 * nb, 2 * nb, 64 * nb],
+    }
+}
+
+/// A weight tensor in device memory, in this module's layout (see the module docs): its own
+/// allocation, or a row-range view of a stacked allocation ([`Gemv::upload_stacked`],
+/// [`DevWeight::view`]), in which case its regions lie inside the stack's regions.
 pub struct DevWeight {
     ty: GgmlType,
     kind: Kind,
     cols: usize,
     rows: usize,
     n_mat: usize,
-    data: CudaSlice<u8>,
+    data: Arc<CudaSlice<u8>>,
+    /// Absolute byte offsets in `data` of the layout's regions (single-region kinds: all three
+    /// the same).
     off: [usize; 3],
+    /// Device bytes this weight accounts for (the allocation; a view: its rows' share).
+    bytes: usize,
 }
 
 impl std::fmt::Debug for DevWeight {
@@ -343,7 +373,8 @@ impl std::fmt::Debug for DevWeight {
             .field("cols", &self.cols)
             .field("rows", &self.rows)
             .field("n_mat", &self.n_mat)
-            .field("bytes", &self.data.len())
+            .field("bytes", &self.bytes)
+            .field("view", &(self.bytes != self.data.len()))
             .finish()
     }
 }
@@ -364,9 +395,11 @@ impl DevWeight {
     pub fn n_mat(&self) -> usize {
         self.n_mat
     }
-    /// Device bytes held (the GGUF size plus at most a few hundred bytes of alignment).
+    /// Device bytes held (the GGUF size plus at most a few hundred bytes of alignment); for a
+    /// row-range view, the bytes of its rows (the stack holds them; views of one stack add up
+    /// to it, less its alignment padding).
     pub fn device_bytes(&self) -> usize {
-        self.data.len()
+        self.bytes
     }
     /// Bytes of the GGUF tensor (what one full read streams).
     pub fn gguf_bytes(&self) -> usize {
@@ -376,9 +409,52 @@ impl DevWeight {
     pub fn matrix_bytes(&self) -> usize {
         self.gguf_bytes() / self.n_mat.max(1)
     }
-    /// The raw device buffer (this module's layout).
-    pub fn data(&self) -> &CudaSlice<u8> {
-        &self.data
+    /// Device addresses of the regions of this weight's layout (see the module docs, "Device
+    /// layouts"): Q8_0 / IQ2_XXS `[qs, d, qs]`, Q2_K `[qs, scales, dm]`, F32 / F16 / BF16 /
+    /// Q4_K the GGUF bytes (all three equal). Every user of the layout takes its addresses from
+    /// here (views included). The guard is cudarc's read bookkeeping: hold it until the launch
+    /// is enqueued.
+    pub fn region_ptrs<'a>(
+        &'a self,
+        stream: &'a CudaStream,
+    ) -> ([u64; 3], cudarc::driver::SyncOnDrop<'a>) {
+        let (p, g) = self.data.device_ptr(stream);
+        (self.off.map(|o| p + o as u64), g)
+    }
+    /// Whether this weight shares its allocation with other weights (a row-range view).
+    pub fn is_view(&self) -> bool {
+        self.bytes != self.data.len() || self.off[0] != 0
+    }
+    /// Rows `row0 .. row0 + rows` of a single-matrix weight as a weight of their own, sharing
+    /// the device memory (no copy): every region pointer moves by `row0` rows. Its regions must
+    /// stay 16-byte aligned (else an error; [`Gemv::stack_ok`] says where they are 256-aligned,
+    /// as a plain allocation's are).
+    pub fn view(&self, row0: usize, rows: usize) -> Result<DevWeight, CudaError> {
+        if self.n_mat != 1 || rows == 0 || row0.checked_add(rows).is_none_or(|e| e > self.rows) {
+            return Err(gerr(format!(
+                "view of rows {row0}+{rows} of {self:?} (single matrices only)"
+            )));
+        }
+        let rb = row_bytes(self.kind, self.cols);
+        let mut off = self.off;
+        for (o, b) in off.iter_mut().zip(rb) {
+            *o += row0 * b;
+        }
+        if off.iter().any(|o| !o.is_multiple_of(16)) {
+            return Err(gerr(format!(
+                "view of rows {row0}+{rows} of {self:?}: regions not 16-byte aligned"
+            )));
+        }
+        Ok(DevWeight {
+            ty: self.ty,
+            kind: self.kind,
+            cols: self.cols,
+            rows,
+            n_mat: 1,
+            data: self.data.clone(),
+            off,
+            bytes: gguf_bytes(self.ty, self.cols, rows, 1).unwrap_or(0),
+        })
     }
 }
 
@@ -781,9 +857,74 @@ impl Gemv {
             cols,
             rows,
             n_mat,
-            data,
+            bytes: data.len(),
+            data: Arc::new(data),
             off,
         })
+    }
+
+    /// Whether single matrices of type `ty`, `cols` inputs and the given row counts can be
+    /// stacked by [`Gemv::upload_stacked`] with every member's regions 256-byte aligned (as a
+    /// plain allocation's are, so that every kernel sees the alignment it would see unstacked).
+    pub fn stack_ok(ty: GgmlType, cols: usize, rows: &[usize]) -> bool {
+        let Some(k) = Kind::of(ty) else {
+            return false;
+        };
+        if cols == 0 || !cols.is_multiple_of(k.col_multiple()) || rows.contains(&0) {
+            return false;
+        }
+        let rb = row_bytes(k, cols);
+        let mut row0 = 0usize;
+        for &r in rows {
+            if rb.iter().any(|b| !(row0 * b).is_multiple_of(256)) {
+                return false;
+            }
+            row0 += r;
+        }
+        true
+    }
+
+    /// Upload single matrices of one type and width (`parts`: `(rows, GGUF bytes)` each) as
+    /// ONE weight of all their rows in order (one matvec computes all of them into consecutive
+    /// rows of `y`), and return it with a row-range view per part ([`DevWeight::view`]; no
+    /// copy: the views and the stack share one allocation). A view gives the same results as
+    /// the part uploaded alone. Allocates; not for graph capture.
+    pub fn upload_stacked(
+        &self,
+        stream: &Arc<CudaStream>,
+        ty: GgmlType,
+        cols: usize,
+        parts: &[(usize, &[u8])],
+    ) -> Result<(DevWeight, Vec<DevWeight>), CudaError> {
+        let rows: Vec<usize> = parts.iter().map(|p| p.0).collect();
+        if parts.is_empty() || !Self::stack_ok(ty, cols, &rows) {
+            return Err(gerr(format!(
+                "{ty:?} × {cols}: rows {rows:?} cannot be stacked (alignment)"
+            )));
+        }
+        let mut total = 0usize;
+        for &(r, b) in parts {
+            let need = gguf_bytes(ty, cols, r, 1).ok_or_else(|| gerr("size overflow"))?;
+            if b.len() != need {
+                return Err(gerr(format!(
+                    "{ty:?} {cols}×{r}: {} bytes given, {need} expected",
+                    b.len()
+                )));
+            }
+            total += need;
+        }
+        let mut buf = Vec::with_capacity(total);
+        for &(_, b) in parts {
+            buf.extend_from_slice(b);
+        }
+        let all = self.upload(stream, ty, cols, rows.iter().sum(), 1, &buf)?;
+        let mut views = Vec::with_capacity(parts.len());
+        let mut row0 = 0;
+        for &r in &rows {
+            views.push(all.view(row0, r)?);
+            row0 += r;
+        }
+        Ok((all, views))
     }
 
     /// Bytes of activation scratch for `n` rows of `cols` inputs to weights of type `ty`
@@ -1057,8 +1198,7 @@ impl Gemv {
         let rt = w.rows * w.n_mat;
         let cx = w.cols * w.n_mat;
         let (_, od, ob) = act_layout(ak, cx, n);
-        let (wp, _gw) = w.data.device_ptr(stream);
-        let (p0, p1, p2) = (wp, wp + w.off[1] as u64, wp + w.off[2] as u64);
+        let ([p0, p1, p2], _gw) = w.region_ptrs(stream);
         let (rt_i, r_i, c_i, cx_i) = (rt as i32, w.rows as i32, w.cols as i32, cx as i32);
         let grouped: i32 = (w.n_mat > 1) as i32;
         let mut t0 = 0usize;
@@ -1125,11 +1265,9 @@ impl Gemv {
         let kind = gate.kind;
         let cols = gate.cols;
         let (_, od, ob) = act_layout(kind.act(), cols, n);
-        let (gp, _g1) = gate.data.device_ptr(stream);
-        let (upp, _g2) = up.data.device_ptr(stream);
+        let ([gp, g1, g2], _g1) = gate.region_ptrs(stream);
+        let ([upp, u1, u2], _g2) = up.region_ptrs(stream);
         let (adp, abp) = (ap + od as u64, ap + ob as u64);
-        let (g1, g2) = (gp + gate.off[1] as u64, gp + gate.off[2] as u64);
-        let (u1, u2) = (upp + up.off[1] as u64, upp + up.off[2] as u64);
         let vars = &self.gate_up[kind as usize];
         let func = &vars[(self.tuning.gate_up_variant as usize).min(vars.len() - 1)];
         let units = n * k * gate.rows.div_ceil(func.rr / 2);
@@ -1174,10 +1312,8 @@ impl Gemv {
         let ak = k.act();
         let (rows, cols) = (gate.rows, gate.cols);
         let (_, od, ob) = act_layout(ak, cols, n);
-        let (gp, _g1) = gate.data.device_ptr(stream);
-        let (upp, _g2) = up.data.device_ptr(stream);
-        let (g1, g2) = (gp + gate.off[1] as u64, gp + gate.off[2] as u64);
-        let (u1, u2) = (upp + up.off[1] as u64, upp + up.off[2] as u64);
+        let ([gp, g1, g2], _g1) = gate.region_ptrs(stream);
+        let ([upp, u1, u2], _g2) = up.region_ptrs(stream);
         let (r_i, c_i) = (rows as i32, cols as i32);
         let mut t0 = 0usize;
         while t0 < n {
@@ -1339,8 +1475,7 @@ impl Gemv {
         let (idp, _gi) = dptr(ids, stream, n * k, "moe_down ids")?;
         let (op, _go) = dptr_mut(out, stream, n * down.rows, "moe_down out")?;
         self.quantize_raw(stream, ak, xp, ap, n * k, cols)?;
-        let (wp, _gw) = down.data.device_ptr(stream);
-        let (p1, p2) = (wp + down.off[1] as u64, wp + down.off[2] as u64);
+        let ([wp, p1, p2], _gw) = down.region_ptrs(stream);
         let (adp, abp) = (ap + od as u64, ap + ob as u64);
         let vars = &self.down[kind as usize];
         let func = &vars[(self.tuning.down_variant as usize).min(vars.len() - 1)];

@@ -46,9 +46,7 @@
 use std::ffi::c_void;
 use std::sync::Arc;
 
-use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaStream, DevicePtr, LaunchConfig, sys,
-};
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream, LaunchConfig, sys};
 use ds4_gguf::GgmlType;
 
 use crate::gemv::DevWeight;
@@ -225,24 +223,14 @@ fn skinny_launch(
     )
 }
 
-/// Region addresses of a weight in gemv's device layout (see `gemv.rs`, "Device layouts").
+/// Region addresses of a weight in gemv's device layout ([`DevWeight::region_ptrs`]; unused
+/// entries 0).
 fn regions(w: &DevWeight, stream: &CudaStream) -> (u64, u64, u64) {
-    let (p, _g) = w.data().device_ptr(stream);
-    let rt = w.rows() * w.n_mat();
-    let cols = w.cols();
+    let ([p0, p1, p2], _g) = w.region_ptrs(stream);
     match WKind::of(w.ty()) {
-        Some(WKind::Q8_0) => (p, p + align256(rt * cols) as u64, 0),
-        Some(WKind::Q2K) => {
-            let nbt = rt * (cols / 256);
-            let o1 = align256(64 * nbt);
-            let o2 = align256(o1 + 16 * nbt);
-            (p, p + o1 as u64, p + o2 as u64)
-        }
-        Some(WKind::Iq2Xxs) => {
-            let nbt = rt * (cols / 256);
-            (p, p + align256(64 * nbt) as u64, 0)
-        }
-        _ => (p, 0, 0),
+        Some(WKind::Q8_0) | Some(WKind::Iq2Xxs) => (p0, p1, 0),
+        Some(WKind::Q2K) => (p0, p1, p2),
+        _ => (p0, 0, 0),
     }
 }
 

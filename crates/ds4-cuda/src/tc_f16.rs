@@ -72,13 +72,11 @@ impl std::fmt::Debug for DenseF16 {
     }
 }
 
-/// Q8_0 device layout (gemv.rs): `qs [RT][cols] i8`, then `d [RT][cols/32] f16` 256-aligned.
+/// Q8_0 device layout (gemv.rs): `qs [RT][cols] i8`, then `d [RT][cols/32] f16`
+/// ([`DevWeight::region_ptrs`]); returns (qs, d, blocks).
 fn q8_regions(w: &DevWeight, stream: &CudaStream) -> (u64, u64, usize) {
-    use cudarc::driver::DevicePtr;
-    let (p, _g) = w.data().device_ptr(stream);
-    let rt = w.rows() * w.n_mat();
-    let elems = rt * w.cols();
-    (p, p + elems.div_ceil(256) as u64 * 256, elems / 32)
+    let ([q, d, _], _g) = w.region_ptrs(stream);
+    (q, d, w.rows() * w.n_mat() * w.cols() / 32)
 }
 
 impl DenseF16 {
