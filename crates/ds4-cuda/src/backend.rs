@@ -1920,9 +1920,8 @@ impl CudaBackend {
             return Ok(());
         }
         for w in ws {
-            for (p, n) in w.spans(&self.stream) {
-                self.fwd.l2_prefetch_side(p, n)?;
-            }
+            let (wp, _g) = w.data().device_ptr(&self.stream);
+            self.fwd.l2_prefetch_side(wp, w.device_bytes())?;
         }
         Ok(())
     }

@@ -421,20 +421,6 @@ impl DevWeight {
         let (p, g) = self.data.device_ptr(stream);
         (self.off.map(|o| p + o as u64), g)
     }
-    /// The distinct regions of this weight as (device address, bytes): what one full read of
-    /// it touches (views: only their own rows). For prefetching.
-    pub fn spans(&self, stream: &CudaStream) -> Vec<(u64, usize)> {
-        let (p, _g) = self.region_ptrs(stream);
-        let rb = row_bytes(self.kind, self.cols);
-        let rt = self.rows * self.n_mat;
-        let mut v: Vec<(u64, usize)> = Vec::with_capacity(3);
-        for (a, b) in p.into_iter().zip(rb) {
-            if !v.iter().any(|&(q, _)| q == a) {
-                v.push((a, b * rt));
-            }
-        }
-        v
-    }
     /// Whether this weight shares its allocation with other weights (a row-range view).
     pub fn is_view(&self) -> bool {
         self.bytes != self.data.len() || self.off[0] != 0
