@@ -1710,20 +1710,6 @@ extern "C" __global__ void __cluster_dims__(CL, 1, 1) __launch_bounds__(CL_T, 1)
                               xin, a, qo);
 }
 
-// L2 prefetch of bytes [p, p + n) (p 16-byte aligned, n a multiple of 16): bulk prefetches of
-// L2PF_CHUNK bytes, fire and forget. The decode step runs it on the side stream to bring a
-// weight the main stream reads next into L2 while the main stream's kernels are latency-bound.
-#define L2PF_CHUNK 32768u
-extern "C" __global__ void ds4_l2_prefetch(const unsigned char* p, unsigned long long n) {
-    PDL_ENTRY();
-    const unsigned long long step = (unsigned long long)gridDim.x * blockDim.x * L2PF_CHUNK;
-    for (unsigned long long o = (unsigned long long)(blockIdx.x * blockDim.x + threadIdx.x) * L2PF_CHUNK;
-         o < n; o += step) {
-        const unsigned len = (unsigned)min((unsigned long long)L2PF_CHUNK, n - o);
-        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p + o), "r"(len) : "memory");
-    }
-}
-
 // The split (post, comb) of one token alone: one warp. The decode step runs it on a side stream,
 // concurrently with the collapse (which needs only pre) and everything up to the HC post.
 extern "C" __global__ void ds4_hc_split_dec(const float* mix, const float* scale,

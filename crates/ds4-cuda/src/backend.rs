@@ -1655,9 +1655,6 @@ impl CudaBackend {
         if proj_side {
             fw.join_side()?;
         }
-        // out_a is the next weight read after qkv_dec, the indexer and the attention, which
-        // barely touch DRAM: bring it into L2 meanwhile.
-        self.prefetch(1, &[&l.out_a])?;
         fw.qkv_dec(&QkvDec {
             pos,
             q: sc.q.ptr,
@@ -1707,8 +1704,6 @@ impl CudaBackend {
         }
         self.mm(&l.out_a, sc.heads.ptr, 1, sc.low.ptr)?;
         self.mm(&l.out_b, sc.low.ptr, 1, sc.fout.ptr)?;
-        // The HC post and FFN HC pre barely touch DRAM: the shared expert's gate/up next.
-        self.prefetch(2, &[&l.gate_sh, &l.up_sh])?;
         fw.join_side()?;
         let wide_a = self.post_wide_ok(&l.hc_ffn, sc.x1.ptr);
         if wide_a {
@@ -1752,10 +1747,6 @@ impl CudaBackend {
         self.mm(&l.router, sc.b.ptr, 1, sc.rlog.ptr)?;
         self.route(il, l, 1)?;
         self.moe(l, 1, pre_q, None, !sh_side)?;
-        // The HC post and the next layer's HC pre barely touch DRAM: its q_a, kv and q_b next.
-        if let Some(nl) = self.layers.get(il + 1) {
-            self.prefetch(4, &[&nl.q_a, &nl.kv, &nl.q_b])?;
-        }
         fw.join_side()?;
         // Wide where the next layer's attention site finishes the norm (not before the
         // output head, which reads flat).
@@ -1904,26 +1895,6 @@ impl CudaBackend {
             out,
             q,
         )
-    }
-
-    /// Decode: L2 prefetch of `ws` on the side stream ([`Fwd::l2_prefetch_side`]) if bit
-    /// `bit` of `DS4_CUDA_DEC_L2PF` (default 7: all three prefetch points) is set.
-    fn prefetch(&self, bit: u32, ws: &[&DevWeight]) -> Result<(), CudaError> {
-        static MASK: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
-        let mask = *MASK.get_or_init(|| {
-            std::env::var("DS4_CUDA_DEC_L2PF")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(7)
-        });
-        if mask & bit == 0 {
-            return Ok(());
-        }
-        for w in ws {
-            let (wp, _g) = w.data().device_ptr(&self.stream);
-            self.fwd.l2_prefetch_side(wp, w.device_bytes())?;
-        }
-        Ok(())
     }
 
     /// Whether the decode step runs the projections `projs` (weight, output) of `a` on the side

@@ -314,7 +314,6 @@ pub(crate) struct Fwd {
     /// Int8 indexer scratch ([`Fwd::reserve_idx8`]).
     idx8: Mutex<Option<Idx8Buf>>,
     hc_split_dec: CudaFunction,
-    l2_prefetch: CudaFunction,
     rms_q8_dec: CudaFunction,
     hc_pre_mix_dec: CudaFunction,
     hc_mix_part: CudaFunction,
@@ -435,7 +434,6 @@ impl Fwd {
             ),
             idx8: Mutex::new(None),
             hc_split_dec: f("ds4_hc_split_dec")?,
-            l2_prefetch: f("ds4_l2_prefetch")?,
             rms_q8_dec: f("ds4_rms_q8_dec")?,
             hc_pre_mix_dec: f("ds4_hc_pre_mix_dec")?,
             hc_mix_part: f("ds4_hc_mix_part")?,
@@ -1669,27 +1667,6 @@ impl Fwd {
         self.ev_join
             .record(&self.side)
             .map_err(|e| cerr(format!("side stream: {e}")))
-    }
-
-    /// Prefetch `bytes` bytes at `p` (16-byte aligned) into L2, on the side stream after
-    /// everything enqueued on the main stream so far. Not marked for [`Fwd::join_side`]: the
-    /// main stream never waits for it, a later [`Fwd::side_done`] + join covers it (decode
-    /// graphs must join all side work). Changes no value: only where the data is when the main
-    /// stream reads it.
-    pub fn l2_prefetch_side(&self, p: u64, bytes: usize) -> Result<(), CudaError> {
-        if bytes < 16 || !p.is_multiple_of(16) {
-            return Ok(());
-        }
-        self.fork_side()?;
-        let n = (bytes & !15) as i64;
-        launch(
-            &self.side,
-            &self.l2_prefetch,
-            (8, 1, 1),
-            128,
-            0,
-            &[A::P(p), A::L(n)],
-        )
     }
 
     /// The main stream waits for the side stream's work so far.
