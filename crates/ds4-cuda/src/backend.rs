@@ -354,6 +354,14 @@ struct Loader<'a> {
 }
 
 impl Loader<'_> {
+    /// `w` when the caller already has it (a view of a stacked upload), else [`Loader::mat`]
+    /// of one matrix.
+    fn mat_or(&self, w: Option<DevWeight>, m: &MatRef) -> Result<DevWeight, CudaError> {
+        match w {
+            Some(w) => Ok(w),
+            None => self.mat(m, 1),
+        }
+    }
     fn mat(&self, w: &MatRef, n_mat: usize) -> Result<DevWeight, CudaError> {
         let rows = w.rows / n_mat;
         self.gemv
@@ -397,14 +405,8 @@ impl Loader<'_> {
         gate: Option<DevWeight>,
     ) -> Result<DevComp, CudaError> {
         Ok(DevComp {
-            kv: match kv {
-                Some(w) => w,
-                None => self.mat(&c.kv, 1)?,
-            },
-            gate: match gate {
-                Some(w) => w,
-                None => self.mat(&c.gate, 1)?,
-            },
+            kv: self.mat_or(kv, &c.kv)?,
+            gate: self.mat_or(gate, &c.gate)?,
             ape: self.vec(&c.ape)?,
             norm: self.vec(&c.norm)?,
             geom,
@@ -490,7 +492,12 @@ impl Loader<'_> {
 /// `DS4_CUDA_STACK_A=0`: the decode step runs every projection of `a` on its own (the weights
 /// are then uploaded one by one, as before the stacking).
 fn stack_a() -> bool {
-    std::env::var("DS4_CUDA_STACK_A").map_or(true, |v| v != "0")
+    env_on("DS4_CUDA_STACK_A")
+}
+
+/// A backend switch that is on unless the environment sets it to `0`.
+fn env_on(name: &str) -> bool {
+    std::env::var(name).map_or(true, |v| v != "0")
 }
 
 impl CudaBackend {
@@ -577,14 +584,8 @@ impl CudaBackend {
             }
             let idx = match (&lw.indexer, index_geom(&s, lp.attn)) {
                 (Some(ix), Some(g)) => Some(DevIdx {
-                    q_b: match iq_b.take() {
-                        Some(w) => w,
-                        None => ld.mat(&ix.q_b, 1)?,
-                    },
-                    proj: match a[A_IW].take() {
-                        Some(w) => w,
-                        None => ld.mat(&ix.proj, 1)?,
-                    },
+                    q_b: ld.mat_or(iq_b.take(), &ix.q_b)?,
+                    proj: ld.mat_or(a[A_IW].take(), &ix.proj)?,
                     comp: ld.comp(&ix.comp, g, a[A_IKV].take(), a[A_ISC].take())?,
                 }),
                 _ => None,
@@ -606,10 +607,7 @@ impl CudaBackend {
                 attn_norm: ld.vec(&lw.attn_norm)?,
                 q_a: a[A_QA].take().ok_or_else(missing)?,
                 q_a_norm: ld.vec(&lw.q_a_norm)?,
-                q_b: match q_b.take() {
-                    Some(w) => w,
-                    None => ld.mat(&lw.q_b, 1)?,
-                },
+                q_b: ld.mat_or(q_b.take(), &lw.q_b)?,
                 kv: a[A_KV].take().ok_or_else(missing)?,
                 kv_norm: ld.vec(&lw.kv_norm)?,
                 sinks: ld.vec(&lw.sinks)?,
@@ -1481,10 +1479,13 @@ impl CudaBackend {
         Ok(held)
     }
 
-    /// One layer of a single-token step with the decode kernels (same values as the chunk path):
-    /// the projections of `a` (then of the normed q_a output) back to back, one launch for the
-    /// q heads, the KV row, both compressors and the indexer queries, then the indexer
-    /// selection, the two-launch attention and the fused HC kernels.
+    /// One layer of a single-token step with the decode kernels (the chunk path's values, but
+    /// for the order of f64 sums: a stacked matvec may split K differently, 1-ulp ties as in
+    /// gemv.rs): the projections of `a` (stacked groups in one matvec each; the compressor /
+    /// indexer ones on the side stream), then of the normed q_a output, one launch for the q
+    /// heads, the KV row, both compressors and the indexer queries, then the indexer selection,
+    /// the two-launch attention and the fused HC kernels; in the FFN the shared expert on the
+    /// side stream next to the router and the routed experts.
     fn decode_layer(
         &self,
         il: usize,
@@ -1802,8 +1803,7 @@ impl CudaBackend {
     /// `DS4_CUDA_HC_POST_WIDE=0` turns it off.
     fn post_wide_ok(&self, hw: &DevHc, x: u64) -> bool {
         static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        let on =
-            *ON.get_or_init(|| std::env::var("DS4_CUDA_HC_POST_WIDE").map_or(true, |v| v != "0"));
+        let on = *ON.get_or_init(|| env_on("DS4_CUDA_HC_POST_WIDE"));
         let s = self.s();
         on && Fwd::hc_post_wide_fits(s.hc_mult, s.n_embd) && self.mix_fused(hw, x).is_some()
     }
@@ -1903,8 +1903,7 @@ impl CudaBackend {
     /// stream.
     fn proj_side_ok(&self, projs: &[(&DevWeight, u64)]) -> bool {
         static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        let on =
-            *ON.get_or_init(|| std::env::var("DS4_CUDA_DEC_PROJ_SIDE").map_or(true, |v| v != "0"));
+        let on = *ON.get_or_init(|| env_on("DS4_CUDA_DEC_PROJ_SIDE"));
         on && !projs.is_empty()
             && projs.iter().all(|(w, _)| {
                 matches!(w.ty(), GgmlType::F32 | GgmlType::F16 | GgmlType::BF16)
@@ -1932,8 +1931,7 @@ impl CudaBackend {
     /// stream.
     fn shared_side_ok(&self, l: &DevLayer) -> bool {
         static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        let on = *ON
-            .get_or_init(|| std::env::var("DS4_CUDA_DEC_SHARED_SIDE").map_or(true, |v| v != "0"));
+        let on = *ON.get_or_init(|| env_on("DS4_CUDA_DEC_SHARED_SIDE"));
         let down_cols = l.down_sh.cols() * l.down_sh.n_mat();
         on && self.tc.as_ref().is_none_or(|t| {
             !t.takes_gate_up(&l.gate_sh, &l.up_sh, 1) && !t.takes_matmul(&l.down_sh, 1)
@@ -2323,6 +2321,8 @@ impl CudaBackend {
     /// routed experts in act and for the shared expert in act_sh.
     /// `sh_pre` (chunks): `sc.act_pre` address holding `b`'s Q8_0 activations (see
     /// [`CudaBackend::hc_pre_chunk`]), used for a Q8_0 shared gate / up of `n_embd` columns.
+    /// `shared`: run the shared expert here (false: the decode step runs it on the side stream,
+    /// [`CudaBackend::shared_side`]).
     fn moe(
         &self,
         l: &DevLayer,

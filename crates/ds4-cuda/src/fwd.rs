@@ -318,8 +318,9 @@ pub(crate) struct Fwd {
     hc_pre_mix_dec: CudaFunction,
     hc_mix_part: CudaFunction,
     hc_post_wide: CudaFunction,
-    /// Side stream of the decode step (the HC split runs there, off the critical path) and the
-    /// events that fork it from and join it back into `stream`.
+    /// Side stream of the decode step (the HC split, the compressor / indexer projections and
+    /// the shared expert run there, off the critical path; see the backend's `decode_layer`)
+    /// and the events that fork it from and join it back into `stream`.
     side: Arc<CudaStream>,
     ev_fork: CudaEvent,
     ev_join: CudaEvent,

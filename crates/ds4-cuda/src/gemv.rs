@@ -88,7 +88,7 @@
 //! the f32 results are bit-identical except when the exact sum lies within ~1e-16 (relative) of
 //! an f32 rounding boundary, where they differ by 1 ulp.
 //!
-//! # Device layouts (private to this module; `DevWeight::data` holds them)
+//! # Device layouts (`DevWeight::region_ptrs` gives a weight's region addresses, views included)
 //!
 //! With `RT = n_mat·rows`, `nb = cols / block elements`, regions 256-byte aligned:
 //! * F32, F16, BF16, Q4_K: the GGUF bytes unchanged (Q4_K blocks are 144 = 9·16 bytes).
@@ -374,7 +374,7 @@ impl std::fmt::Debug for DevWeight {
             .field("rows", &self.rows)
             .field("n_mat", &self.n_mat)
             .field("bytes", &self.bytes)
-            .field("view", &(self.bytes != self.data.len()))
+            .field("view", &self.is_view())
             .finish()
     }
 }
@@ -427,8 +427,9 @@ impl DevWeight {
     }
     /// Rows `row0 .. row0 + rows` of a single-matrix weight as a weight of their own, sharing
     /// the device memory (no copy): every region pointer moves by `row0` rows. Its regions must
-    /// stay 16-byte aligned (else an error; [`Gemv::stack_ok`] says where they are 256-aligned,
-    /// as a plain allocation's are).
+    /// stay 16-byte aligned (else an error), which the matvec kernels need; the tensor-core
+    /// kernels have only been given 256-byte aligned regions, as a plain allocation's are:
+    /// the backend stacks only where [`Gemv::stack_ok`] says every view keeps that.
     pub fn view(&self, row0: usize, rows: usize) -> Result<DevWeight, CudaError> {
         if self.n_mat != 1 || rows == 0 || row0.checked_add(rows).is_none_or(|e| e > self.rows) {
             return Err(gerr(format!(
