@@ -1520,3 +1520,84 @@ impl Gemv {
         unsafe { crate::rt::launch_raw(stream, &func.f, cfg_t(blocks, threads, func.smem), &mut p) }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const KINDS: [GgmlType; 7] = [
+        GgmlType::F32,
+        GgmlType::F16,
+        GgmlType::BF16,
+        GgmlType::Q8_0,
+        GgmlType::Q2_K,
+        GgmlType::Q4_K,
+        GgmlType::IQ2_XXS,
+    ];
+
+    /// A view's regions (`DevWeight::view`: `off[i] + row0 · row_bytes[i]`) are exactly where
+    /// the stack's layout puts those rows, inside the stack's regions and clear of the next
+    /// region; where `stack_ok` holds they stay 256-byte aligned like a plain allocation's.
+    #[test]
+    fn stacked_views_match_the_layout() {
+        for ty in KINDS {
+            let k = Kind::of(ty).unwrap();
+            for cols in [256usize, 1024, 4096] {
+                for rows in [vec![1024, 512], vec![1024, 1024, 256, 256, 64], vec![3, 5]] {
+                    let rt: usize = rows.iter().sum();
+                    let (total, off) = weight_layout(k, cols, rt);
+                    let rb = row_bytes(k, cols);
+                    // Regions: every distinct offset, with its end (the next one or total).
+                    let mut starts: Vec<usize> = off.to_vec();
+                    starts.sort_unstable();
+                    starts.dedup();
+                    let end_of =
+                        |o: usize| starts.iter().copied().find(|&s| s > o).unwrap_or(total);
+                    let ok = Gemv::stack_ok(ty, cols, &rows);
+                    let mut row0 = 0;
+                    for &r in &rows {
+                        for i in 0..3 {
+                            let a = off[i] + row0 * rb[i];
+                            let e = a + r * rb[i];
+                            assert!(
+                                e <= end_of(off[i]),
+                                "{ty:?} {cols} rows {rows:?}: region {i} of rows {row0}+{r} \
+                                 ends at {e}, past its region"
+                            );
+                            if ok {
+                                assert!(a.is_multiple_of(256), "{ty:?} {cols} {rows:?}");
+                            }
+                        }
+                        row0 += r;
+                    }
+                    // The regions of all rows fill each region exactly (no row left out).
+                    for i in 0..3 {
+                        assert!(off[i] + rt * rb[i] <= end_of(off[i]));
+                        assert!(end_of(off[i]) - (off[i] + rt * rb[i]) < 256);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn stack_ok_refuses_what_views_cannot_align() {
+        // Q8_0 with 3 blocks per row: one row of qs is 96 bytes, so a second part would start
+        // off the 256-byte grid.
+        assert!(!Gemv::stack_ok(GgmlType::Q8_0, 96, &[1, 1]));
+        // 256 rows of it end on the grid (qs 256·96, d 256·6 bytes).
+        assert!(Gemv::stack_ok(GgmlType::Q8_0, 96, &[256, 1]));
+        // Flash's shapes stack.
+        assert!(Gemv::stack_ok(GgmlType::Q8_0, 4096, &[1024, 512]));
+        assert!(Gemv::stack_ok(
+            GgmlType::F16,
+            4096,
+            &[1024, 1024, 256, 256, 64]
+        ));
+        // Empty parts, zero or odd widths, unsupported types.
+        assert!(!Gemv::stack_ok(GgmlType::Q8_0, 4096, &[1024, 0]));
+        assert!(!Gemv::stack_ok(GgmlType::Q8_0, 0, &[1]));
+        assert!(!Gemv::stack_ok(GgmlType::Q8_0, 100, &[1]));
+        assert!(!Gemv::stack_ok(GgmlType::Q5_K, 4096, &[1, 1]));
+    }
+}
