@@ -413,6 +413,36 @@ impl Loader<'_> {
         })
     }
 
+    /// `ms` (one type and width, in this order) uploaded as one stacked weight and a view per
+    /// member ([`Gemv::upload_stacked`]), or None (nothing uploaded) when they are fewer than
+    /// two, differ in type or width, or the views' regions or output rows (16-byte aligned
+    /// floats, as the decode step's consumers read them) would not stay aligned.
+    fn stacked(&self, ms: &[&MatRef]) -> Result<Option<(DevWeight, Vec<DevWeight>)>, CudaError> {
+        let Some(m0) = ms.first() else {
+            return Ok(None);
+        };
+        let rows: Vec<usize> = ms.iter().map(|m| m.rows).collect();
+        let mut row0 = 0;
+        let mut out_ok = true;
+        for &r in &rows {
+            out_ok &= row0 % 4 == 0;
+            row0 += r;
+        }
+        if ms.len() < 2
+            || !out_ok
+            || ms.iter().any(|m| m.t.ty != m0.t.ty || m.cols != m0.cols)
+            || !Gemv::stack_ok(m0.t.ty, m0.cols, &rows)
+        {
+            return Ok(None);
+        }
+        let parts: Vec<(usize, &[u8])> =
+            ms.iter().map(|m| (m.rows, m.bytes(&self.m.gguf))).collect();
+        self.gemv
+            .upload_stacked(self.stream, m0.t.ty, m0.cols, &parts)
+            .map(Some)
+            .map_err(|e| cerr(format!("{} (stacked): {e}", m0.t.name)))
+    }
+
     /// The projections of `a` (by `A_*` slot; None: the layer has no such matrix). With
     /// `stack`, the matrices of one type and width (two or more, in slot order) are uploaded
     /// as one [`AGroup`] and their slots get views of it; a group whose rows would not keep
@@ -438,28 +468,10 @@ impl Loader<'_> {
                     !done[i] && mats[i].is_some_and(|m| m.t.ty == m0.t.ty && m.cols == m0.cols)
                 })
                 .collect();
-            let rows: Vec<usize> = slots
-                .iter()
-                .filter_map(|&i| mats[i].map(|m| m.rows))
-                .collect();
-            // Output rows 16-byte aligned (floats); weight regions as Gemv::stack_ok says.
-            let mut row0 = 0;
-            let mut out_ok = true;
-            for &r in &rows {
-                out_ok &= row0 % 4 == 0;
-                row0 += r;
-            }
-            if slots.len() < 2 || !out_ok || !Gemv::stack_ok(m0.t.ty, m0.cols, &rows) {
+            let ms: Vec<&MatRef> = slots.iter().filter_map(|&i| mats[i]).collect();
+            let Some((w, views)) = self.stacked(&ms)? else {
                 continue;
-            }
-            let parts: Vec<(usize, &[u8])> = slots
-                .iter()
-                .filter_map(|&i| mats[i].map(|m| (m.rows, m.bytes(&self.m.gguf))))
-                .collect();
-            let (w, views) = self
-                .gemv
-                .upload_stacked(self.stream, m0.t.ty, m0.cols, &parts)
-                .map_err(|e| cerr(format!("{} (stacked): {e}", m0.t.name)))?;
+            };
             let mut members = Vec::with_capacity(slots.len());
             let mut row0 = 0;
             for (&i, v) in slots.iter().zip(views) {
@@ -563,21 +575,9 @@ impl CudaBackend {
                 _ => None,
             };
             let (mut q_b, mut iq_b, mut qb_stack) = (None, None, None);
-            if let Some(ix) = iw.filter(|ix| {
-                let (a, b) = (&lw.q_b, &ix.q_b);
-                stack
-                    && a.t.ty == b.t.ty
-                    && a.cols == b.cols
-                    && a.rows % 4 == 0
-                    && Gemv::stack_ok(a.t.ty, a.cols, &[a.rows, b.rows])
-            }) {
-                let parts = [
-                    (lw.q_b.rows, lw.q_b.bytes(&model.gguf)),
-                    (ix.q_b.rows, ix.q_b.bytes(&model.gguf)),
-                ];
-                let (all, mut v) = gemv
-                    .upload_stacked(&stream, lw.q_b.t.ty, lw.q_b.cols, &parts)
-                    .map_err(|e| cerr(format!("{} (stacked): {e}", lw.q_b.t.name)))?;
+            if let Some(ix) = iw.filter(|_| stack)
+                && let Some((all, mut v)) = ld.stacked(&[&lw.q_b, &ix.q_b])?
+            {
                 iq_b = v.pop();
                 q_b = v.pop();
                 qb_stack = Some(all);

@@ -1525,22 +1525,12 @@ impl Gemv {
 mod tests {
     use super::*;
 
-    const KINDS: [GgmlType; 7] = [
-        GgmlType::F32,
-        GgmlType::F16,
-        GgmlType::BF16,
-        GgmlType::Q8_0,
-        GgmlType::Q2_K,
-        GgmlType::Q4_K,
-        GgmlType::IQ2_XXS,
-    ];
-
     /// A view's regions (`DevWeight::view`: `off[i] + row0 · row_bytes[i]`) are exactly where
     /// the stack's layout puts those rows, inside the stack's regions and clear of the next
     /// region; where `stack_ok` holds they stay 256-byte aligned like a plain allocation's.
     #[test]
     fn stacked_views_match_the_layout() {
-        for ty in KINDS {
+        for ty in SUPPORTED {
             let k = Kind::of(ty).unwrap();
             for cols in [256usize, 1024, 4096] {
                 for rows in [vec![1024, 512], vec![1024, 1024, 256, 256, 64], vec![3, 5]] {
