@@ -11,6 +11,19 @@ typedef unsigned int u32;
 // A no-op for kernels launched without the PDL attribute. Every kernel starts with it
 // (tests/pdl_entry.rs).
 #define PDL_ENTRY() asm volatile("griddepcontrol.wait;\n\tgriddepcontrol.launch_dependents;" ::: "memory")
+// Two variants (tests/pdl_entry.rs accepts them as the first statement too):
+// * PDL_DEFERRED(): the kernel first reads data that no kernel writes after load (decode weights:
+//   the first tile's loads, lookup tables) and then calls pdl_wait() before it reads anything
+//   else, so that its weight stream starts while the previous kernel still runs. Only for
+//   kernels whose pre-wait reads are weights (see gemv.cu dense_body).
+// * PDL_WAIT_ONLY(): the wait without the early trigger, for kernels that write weights (the
+//   upload repacks): the next kernel is scheduled only after it completed, and its stores are
+//   fenced, so a PDL_DEFERRED kernel's pre-wait reads see them.
+#define PDL_DEFERRED() ((void)0)
+#define PDL_WAIT_ONLY() asm volatile("griddepcontrol.wait;" ::: "memory")
+__device__ __forceinline__ void pdl_wait() {
+    asm volatile("griddepcontrol.wait;\n\tgriddepcontrol.launch_dependents;" ::: "memory");
+}
 
 __device__ __forceinline__ u32 smem_u32(const void* p) { return (u32)__cvta_generic_to_shared(p); }
 __device__ __forceinline__ void cp16(void* dst, const void* src) {

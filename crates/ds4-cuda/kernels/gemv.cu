@@ -631,6 +631,9 @@ __device__ __forceinline__ void dense_body(const WP& w, const WP& w2, const AP& 
                 else K::zero(f[u][v]);
             }
     };
+    // Weight prologue (PDL_DEFERRED): the first chunk's weight loads and the lookup tables
+    // read only weights, so they are issued before the wait for the previous kernel; the
+    // activations are read after it.
     bool pre = false;
     if ((int)blockIdx.x < ngroups && s0 < s1) {
         load_chunk(blockIdx.x, s0);
@@ -640,6 +643,7 @@ __device__ __forceinline__ void dense_body(const WP& w, const WP& w2, const AP& 
         iq2_init(s_tab);
         __syncthreads();
     }
+    pdl_wait();
     for (int g = blockIdx.x; g < ngroups; g += gridDim.x) {
         const int r0 = row0 + (g * tpb + tl) * PRT;
         const i64 eoff = grouped ? (i64)(r0 / Rm) * w.C : 0;
@@ -719,7 +723,7 @@ __device__ __forceinline__ void dense_body(const WP& w, const WP& w2, const AP& 
         const float *x, float *y, int RT, int row0, int nrows, int Rm, int C, int Cx, int grouped, \
         int n, int split
 #define GEMV_INST(name, T, BS, NT, RR, U)                                                         \
-    extern "C" __global__ void __launch_bounds__(256) ds4_gemv_##name##_##NT##_##RR##x##U(GEMV_ARGS) { PDL_ENTRY(); \
+    extern "C" __global__ void __launch_bounds__(256) ds4_gemv_##name##_##NT##_##RR##x##U(GEMV_ARGS) { PDL_DEFERRED(); \
         const WP w = {p0, p1, p2, C, C / BS};                                                     \
         const AP a = {aq, ad, abs_, x};                                                           \
         dense_body<T, NT, RR, U, false>(w, w, a, y, RT, row0, nrows, Rm, Cx, grouped, n, split, 0.f); \
@@ -763,7 +767,7 @@ GEMV_INST(q4_k, T_Q4_K, 256, 8, 8, 1)
         const i8 *aq, const float *ad, const short *abs_, const float *x, float *mid, int R,      \
         int C, int n, int split, float clamp
 #define GATE_UP_INST(name, T, BS, NT, RR, U)                                                      \
-    extern "C" __global__ void __launch_bounds__(256) ds4_gate_up_##name##_##NT##_##RR##x##U(GATE_UP_ARGS) { PDL_ENTRY(); \
+    extern "C" __global__ void __launch_bounds__(256) ds4_gate_up_##name##_##NT##_##RR##x##U(GATE_UP_ARGS) { PDL_DEFERRED(); \
         const WP wg = {g0, g1, g2, C, C / BS};                                                    \
         const WP wu = {u0, u1, u2, C, C / BS};                                                    \
         const AP a = {aq, ad, abs_, x};                                                           \
@@ -822,6 +826,13 @@ __device__ __forceinline__ void gate_up_body(const WP& wg, const WP& wu, const A
         const int e = ids ? __ldg(ids + tj) : 0;
         return (e < 0 || e >= n_mat) ? -1 : e;
     };
+    // PDL_DEFERRED: the lookup tables (constants) are filled before the wait for the previous
+    // kernel; the expert ids (and so every weight address) only after it.
+    if (T == T_IQ2_XXS) {
+        iq2_init(s_tab);
+        __syncthreads();
+    }
+    pdl_wait();
     int u = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     bool pre = false;
     if (u < units) {
@@ -830,10 +841,6 @@ __device__ __forceinline__ void gate_up_body(const WP& wg, const WP& wu, const A
             load_chunk(e, (int)((unsigned)u % (unsigned)tiles) * PR, 0);
             pre = true;
         }
-    }
-    if (T == T_IQ2_XXS) {
-        iq2_init(s_tab);
-        __syncthreads();
     }
     for (; u < units; u += nw) {
         const int tj = (int)((unsigned)u / (unsigned)tiles);
@@ -881,7 +888,7 @@ __device__ __forceinline__ void gate_up_body(const WP& wg, const WP& wu, const A
 // Tile shapes and variants (MINB: min resident blocks, a register cap): keep in sync with
 // Kind::gate_up_variants in gemv.rs.
 #define MOE_GU_INST(name, T, BS, RR, U, MINB)                                                 \
-    extern "C" __global__ void __launch_bounds__(256, MINB) ds4_moe_gate_up_##name(MOE_GU_ARGS) { PDL_ENTRY(); \
+    extern "C" __global__ void __launch_bounds__(256, MINB) ds4_moe_gate_up_##name(MOE_GU_ARGS) { PDL_DEFERRED(); \
         const WP wg = {g0, g1, g2, C, C / BS};                                                \
         const WP wu = {u0, u1, u2, C, C / BS};                                                \
         const AP a = {aq, ad, abs_, x};                                                       \
@@ -1130,7 +1137,7 @@ extern "C" __global__ void ds4_quant_q8_k(const float* __restrict__ x, i8* __res
 
 extern "C" __global__ void ds4_repack_q8_0(const u8* __restrict__ raw, u8* __restrict__ qs,
                                            u16* __restrict__ d, i64 nblocks) {
-    PDL_ENTRY();
+    PDL_WAIT_ONLY();
     for (i64 b = (i64)blockIdx.x * blockDim.x + threadIdx.x; b < nblocks; b += (i64)gridDim.x * blockDim.x) {
         const u8* s = raw + b * 34;
         d[b] = (u16)(s[0] | (s[1] << 8));
@@ -1139,11 +1146,12 @@ extern "C" __global__ void ds4_repack_q8_0(const u8* __restrict__ raw, u8* __res
         for (int i = 0; i < 8; i++)
             o[i] = (u32)s[2 + 4 * i] | ((u32)s[3 + 4 * i] << 8) | ((u32)s[4 + 4 * i] << 16) | ((u32)s[5 + 4 * i] << 24);
     }
+    __threadfence();  // PDL_WAIT_ONLY: visible to the next kernel's weight prologue
 }
 
 extern "C" __global__ void ds4_repack_q2_k(const u8* __restrict__ raw, u8* __restrict__ qs,
                                            u8* __restrict__ sc, u32* __restrict__ dm, i64 nblocks) {
-    PDL_ENTRY();
+    PDL_WAIT_ONLY();
     for (i64 b = (i64)blockIdx.x * blockDim.x + threadIdx.x; b < nblocks; b += (i64)gridDim.x * blockDim.x) {
         const u32* s = (const u32*)(raw + b * 84);  // 84 = 4·21: 4-byte aligned blocks
         u32* os = (u32*)(sc + b * 16);
@@ -1154,11 +1162,12 @@ extern "C" __global__ void ds4_repack_q2_k(const u8* __restrict__ raw, u8* __res
         for (int i = 0; i < 16; i++) oq[i] = s[4 + i];
         dm[b] = s[20];
     }
+    __threadfence();  // PDL_WAIT_ONLY: visible to the next kernel's weight prologue
 }
 
 extern "C" __global__ void ds4_repack_iq2_xxs(const u8* __restrict__ raw, u8* __restrict__ qs,
                                               u16* __restrict__ d, i64 nblocks) {
-    PDL_ENTRY();
+    PDL_WAIT_ONLY();
     for (i64 b = (i64)blockIdx.x * blockDim.x + threadIdx.x; b < nblocks; b += (i64)gridDim.x * blockDim.x) {
         const u16* s = (const u16*)(raw + b * 66);  // 66 = 2·33: 2-byte aligned blocks
         d[b] = s[0];
@@ -1166,6 +1175,7 @@ extern "C" __global__ void ds4_repack_iq2_xxs(const u8* __restrict__ raw, u8* __
 #pragma unroll
         for (int i = 0; i < 32; i++) o[i] = s[1 + i];
     }
+    __threadfence();  // PDL_WAIT_ONLY: visible to the next kernel's weight prologue
 }
 
 // ------------------------------------------------------------------------------------------
