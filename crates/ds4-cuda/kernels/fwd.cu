@@ -2099,177 +2099,255 @@ __device__ __forceinline__ const float* att_row(const AttRows& a, i64 r) {
     return a.comp + ci * a.hd;
 }
 
-// The 32-lane sum of v[(lane >> 2) & 7] (a reduce-scatter of 8 values: 9 shuffles instead of
-// 40; the additions form a fixed tree).
-__device__ __forceinline__ double reduce8(const double* v, int lane) {
+// The 32-lane sum of v[lane] (a reduce-scatter of 32 values: 31 shuffles; the additions form
+// a fixed tree).
+__device__ __forceinline__ double reduce32(const double* v, int lane) {
     const unsigned FULL = 0xffffffffu;
-    const bool b4 = (lane & 16) != 0, b3 = (lane & 8) != 0, b2 = (lane & 4) != 0;
-    double w[4];
-#pragma unroll
-    for (int i = 0; i < 4; i++) {
-        const double keep = b4 ? v[4 + i] : v[i];
-        const double send = b4 ? v[i] : v[4 + i];
-        w[i] = keep + __shfl_xor_sync(FULL, send, 16);
-    }
-    double x[2];
-#pragma unroll
-    for (int i = 0; i < 2; i++) {
-        const double keep = b3 ? w[2 + i] : w[i];
-        const double send = b3 ? w[i] : w[2 + i];
-        x[i] = keep + __shfl_xor_sync(FULL, send, 8);
-    }
-    double y;
+    double w16[16], w8[8], w4[4], w2[2];
     {
-        const double keep = b2 ? x[1] : x[0];
-        const double send = b2 ? x[0] : x[1];
-        y = keep + __shfl_xor_sync(FULL, send, 4);
+        const bool b = (lane & 16) != 0;
+#pragma unroll
+        for (int i = 0; i < 16; i++) {
+            const double keep = b ? v[16 + i] : v[i];
+            const double send = b ? v[i] : v[16 + i];
+            w16[i] = keep + __shfl_xor_sync(FULL, send, 16);
+        }
     }
-    y += __shfl_xor_sync(FULL, y, 2);
-    y += __shfl_xor_sync(FULL, y, 1);
-    return y;
+    {
+        const bool b = (lane & 8) != 0;
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            const double keep = b ? w16[8 + i] : w16[i];
+            const double send = b ? w16[i] : w16[8 + i];
+            w8[i] = keep + __shfl_xor_sync(FULL, send, 8);
+        }
+    }
+    {
+        const bool b = (lane & 4) != 0;
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            const double keep = b ? w8[4 + i] : w8[i];
+            const double send = b ? w8[i] : w8[4 + i];
+            w4[i] = keep + __shfl_xor_sync(FULL, send, 4);
+        }
+    }
+    {
+        const bool b = (lane & 2) != 0;
+#pragma unroll
+        for (int i = 0; i < 2; i++) {
+            const double keep = b ? w4[2 + i] : w4[i];
+            const double send = b ? w4[i] : w4[2 + i];
+            w2[i] = keep + __shfl_xor_sync(FULL, send, 2);
+        }
+    }
+    const bool b = (lane & 1) != 0;
+    const double keep = b ? w2[1] : w2[0];
+    const double send = b ? w2[0] : w2[1];
+    return keep + __shfl_xor_sync(FULL, send, 1);
 }
 
 // S[h][r] = (q_h · row_r)·scale for this block's chunk of rows, and pm[h][chunk] = the chunk's
-// largest score (−inf when empty). grid (nch, ceil(nh/16)), block 256: a warp per two heads
-// (each row element is converted to f64 once for both), 4 rows per step.
-extern "C" __global__ void __launch_bounds__(256) ds4_attn_dec_scores(
+// largest score (−inf when empty). grid (nch, ceil(nh/8)), block 128 (3 blocks per SM): the
+// block's 8 query
+// heads sit in shared memory as f64 (converted once); each warp takes 4 rows per step and
+// forms all 32 (head, row) dots, so each row element is converted to f64 once per 8 heads.
+#define ATS_H 8
+#define ATS_U 4
+#define ATS_WARPS 4
+
+extern "C" __global__ void __launch_bounds__(ATS_WARPS * 32, 3) ds4_attn_dec_scores(
     const float* q, const float* ring, int raw_cap, int window, const float* comp, int ratio,
     int has_indexer, const int* isel, int topk, float scale, int nh, int hd, const int* pos0p,
     double* S, i64 s_stride, double* pm) {
     PDL_ENTRY();
+    __shared__ double s_q[ATS_H][ATT_MAXJ * 32];
+    __shared__ double s_m[ATS_WARPS][ATS_H];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int h0 = (blockIdx.y * ATT_DEC_HPB + warp) * 2;
-    if (h0 >= nh) return;
-    const bool h1ok = h0 + 1 < nh;
+    const int hb = blockIdx.y * ATS_H;
+    const int nhb = min(ATS_H, nh - hb);
+    // The block's queries (contiguous heads): every load issued before any is used.
+    constexpr int QV = ATS_H * ATT_MAXJ * 32 / 4 / (ATS_WARPS * 32);
+    const int nq4 = nhb * hd / 4;
+    const float4* q4 = (const float4*)(q + (i64)hb * hd);
+    float4 qv4[QV];
+#pragma unroll
+    for (int k = 0; k < QV; k++) {
+        const int i = threadIdx.x + k * ATS_WARPS * 32;
+        qv4[k] = i < nq4 ? q4[i] : make_float4(0.f, 0.f, 0.f, 0.f);
+    }
     const i64 p = (i64)*pos0p;
     const AttRows a = att_rows(ring, raw_cap, window, comp, ratio, has_indexer, isel, topk, hd, p);
     const unsigned R32 = (unsigned)a.R;
     const i64 r0 = R32 * blockIdx.x / gridDim.x, r1 = R32 * (blockIdx.x + 1) / gridDim.x;
     const int nj = hd / 32;
-    double q0[ATT_MAXJ], q1[ATT_MAXJ];
-#pragma unroll
-    for (int j = 0; j < ATT_MAXJ; j++) {
-        q0[j] = j < nj ? (double)q[(i64)h0 * hd + lane + 32 * j] : 0.0;
-        q1[j] = (j < nj && h1ok) ? (double)q[(i64)(h0 + 1) * hd + lane + 32 * j] : 0.0;
-    }
     const double sc = (double)scale;
-    const int idx = (lane >> 2) & 7, uu = idx >> 1, hh = idx & 1;
-    double mown = -INFINITY;
-    for (i64 r = r0; r < r1; r += 4) {
-        const float* rows[4];
+    const int hs = lane >> 2, us = lane & 3;  // the (head, row) of this lane's dot
+    float kv[ATS_U][ATT_MAXJ];
+    auto load_rows = [&](i64 r) {
+        const float* rows[ATS_U];
 #pragma unroll
-        for (int u = 0; u < 4; u++) rows[u] = att_row(a, r + u < r1 ? r + u : r1 - 1);
-        float kv[4][ATT_MAXJ];
+        for (int u = 0; u < ATS_U; u++) rows[u] = att_row(a, r + u < r1 ? r + u : r1 - 1);
 #pragma unroll
-        for (int u = 0; u < 4; u++) {
+        for (int u = 0; u < ATS_U; u++) {
 #pragma unroll
             for (int j = 0; j < ATT_MAXJ; j++) kv[u][j] = j < nj ? rows[u][lane + 32 * j] : 0.0f;
         }
-        double acc[8];
+    };
+    i64 r = r0 + ATS_U * warp;
+    if (r < r1) load_rows(r);
 #pragma unroll
-        for (int i = 0; i < 8; i++) acc[i] = 0.0;
+    for (int k = 0; k < QV; k++) {
+        const int i = threadIdx.x + k * ATS_WARPS * 32;
+        if (4 * i < ATS_H * hd) {
+            const int h = 4 * i / hd, d = 4 * i - h * hd;
+            double* dst = &s_q[h][d];
+            dst[0] = (double)qv4[k].x;
+            dst[1] = (double)qv4[k].y;
+            dst[2] = (double)qv4[k].z;
+            dst[3] = (double)qv4[k].w;
+        }
+    }
+    double mown = -INFINITY;
+    __syncthreads();
+    for (; r < r1; r += ATS_U * ATS_WARPS) {
+        double acc[ATS_H * ATS_U];
+#pragma unroll
+        for (int i = 0; i < ATS_H * ATS_U; i++) acc[i] = 0.0;
 #pragma unroll
         for (int j = 0; j < ATT_MAXJ; j++) {
             if (j < nj) {
+                double kd[ATS_U];
 #pragma unroll
-                for (int u = 0; u < 4; u++) {
-                    const double kd = (double)kv[u][j];
-                    acc[2 * u] = fma(q0[j], kd, acc[2 * u]);
-                    acc[2 * u + 1] = fma(q1[j], kd, acc[2 * u + 1]);
+                for (int u = 0; u < ATS_U; u++) kd[u] = (double)kv[u][j];
+#pragma unroll
+                for (int h = 0; h < ATS_H; h++) {
+                    const double qv = s_q[h][lane + 32 * j];
+#pragma unroll
+                    for (int u = 0; u < ATS_U; u++) acc[h * ATS_U + u] = fma(qv, kd[u], acc[h * ATS_U + u]);
                 }
             }
         }
-        const double dot = reduce8(acc, lane);
-        if ((lane & 3) == 0 && r + uu < r1 && (hh == 0 || h1ok)) {
+        // The next step's rows load while this one's dots are reduced.
+        if (r + ATS_U * ATS_WARPS < r1) load_rows(r + ATS_U * ATS_WARPS);
+        const double dot = reduce32(acc, lane);
+        if (r + us < r1 && hs < nhb) {
             const double sv = dot * sc;
-            S[(i64)(h0 + hh) * s_stride + r + uu] = sv;
+            S[(i64)(hb + hs) * s_stride + r + us] = sv;
             mown = fmax(mown, sv);
         }
     }
-    const double m0 = warp_max_d(hh == 0 ? mown : -INFINITY);
-    const double m1 = warp_max_d(hh == 1 ? mown : -INFINITY);
-    if (lane == 0) {
-        pm[(i64)h0 * gridDim.x + blockIdx.x] = m0;
-        if (h1ok) pm[(i64)(h0 + 1) * gridDim.x + blockIdx.x] = m1;
+    mown = fmax(mown, __shfl_xor_sync(0xffffffffu, mown, 1));
+    mown = fmax(mown, __shfl_xor_sync(0xffffffffu, mown, 2));
+    if (us == 0) s_m[warp][hs] = mown;
+    __syncthreads();
+    if (threadIdx.x < nhb) {
+        double m = s_m[0][threadIdx.x];
+#pragma unroll
+        for (int w = 1; w < ATS_WARPS; w++) m = fmax(m, s_m[w][threadIdx.x]);
+        pm[(i64)(hb + threadIdx.x) * gridDim.x + blockIdx.x] = m;
     }
 }
 
 // Σ_r p·v for a (8 heads, 64 dims, row split) block — p = exp(s − max) with the max of the sink
 // and all scores (from pm), den = exp(sink − max) + Σ p — the block's partial into part, then
 // the last of the splits of (heads, dims) adds them up and writes the heads with the inverse
-// RoPE. grid (ceil(nh/8), hd/64, splits), block 256: warp w computes the probabilities of head
-// w, then takes every 8th row of the tile for all 8 heads (each value converted to f64 once).
+// RoPE (and, with q8s, their Q8_0 activation for out_a). grid (ceil(nh/8), hd/64, splits),
+// block 256 (2 per SM): warp w computes the probabilities of head w, then takes every 8th row
+// of the tile for all 8 heads (each value converted to f64 once). The tile's scores and row
+// values are loaded before the max is known (one dependent round trip less per tile); a tile
+// of 160 rows covers a split of Flash's 512 + 128 rows at 4 splits.
 // part: [nh][splits][hd + 8] doubles (acc, then the den of each 64-dim slice).
-#define ATO_T 128
+#define ATO_U 20
+#define ATO_T (ATO_U * ATT_DEC_HPB)
 
-extern "C" __global__ void __launch_bounds__(256) ds4_attn_dec_out(
+extern "C" __global__ void __launch_bounds__(256, 2) ds4_attn_dec_out(
     const double* S, i64 s_stride, const double* pm, int nch, const float* ring, int raw_cap,
     int window, const float* comp, int ratio, int has_indexer, const int* isel, int topk,
     const float* sinks, int nh, int hd, int n_rot, const double* inv_freq, const int* pos0p,
-    double* part, unsigned* ctr, float* heads) {
+    double* part, unsigned* ctr, float* heads, i8* q8s, float* q8d) {
     PDL_ENTRY();
     __shared__ double s_p[ATT_DEC_HPB][ATO_T];
-    __shared__ const float* s_rp[ATO_T];
     __shared__ double s_m[ATT_DEC_HPB];
     __shared__ double s_red[ATT_DEC_HPB][ATT_DEC_HPB][64];
+    const unsigned FULL = 0xffffffffu;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int hbase = blockIdx.x * ATT_DEC_HPB;
     const int nhb = min(ATT_DEC_HPB, nh - hbase);
     const int ds = blockIdx.y, nds = gridDim.y;
     const int split = blockIdx.z, ns = gridDim.z;
     const int rec = hd + 8;
+    // Warp w computes the probabilities of head hbase + w (when there is one).
+    const bool hon = warp < nhb;
+    const int hw = hbase + (hon ? warp : 0);
+    double mpart = -INFINITY;
+    if (hon) {
+#pragma unroll 2
+        for (int c = lane; c < nch; c += 32) mpart = fmax(mpart, pm[(i64)hw * nch + c]);
+    }
+    const double sink = (double)sinks[hw];
     const i64 p = (i64)*pos0p;
     const AttRows a = att_rows(ring, raw_cap, window, comp, ratio, has_indexer, isel, topk, hd, p);
-    if (warp < nhb) {
-        const int h = hbase + warp;
-        double m = lane < nch ? pm[(i64)h * nch + lane] : -INFINITY;
-        m = warp_max_d(m);
-        if (lane == 0) s_m[warp] = fmax((double)sinks[h], m);
-    }
     const i64 rs0 = (unsigned)a.R * split / ns, rs1 = (unsigned)a.R * (split + 1) / ns;
     const int d0 = ds * 64 + 2 * lane;
     double acc[ATT_DEC_HPB][2];
 #pragma unroll
     for (int hh = 0; hh < ATT_DEC_HPB; hh++) acc[hh][0] = acc[hh][1] = 0.0;
-    double den = 0.0;
+    double den = 0.0, m = 0.0;
+    bool have_m = false;
+    // The max of the sink and every chunk maximum (after the first tile's loads are issued).
+    auto get_m = [&]() {
+        m = fmax(sink, warp_max_d(mpart));
+        if (hon && lane == 0) s_m[warp] = m;
+        have_m = true;
+    };
     for (i64 t0 = rs0; t0 < rs1; t0 += ATO_T) {
         const int nt = (int)((rs1 - t0) < ATO_T ? (rs1 - t0) : ATO_T);
-        __syncthreads();
-        if (warp < nhb) {
-            const double* Sh = S + (i64)(hbase + warp) * s_stride + t0;
-            const double m = s_m[warp];
-            for (int i = lane; i < nt; i += 32) {
-                const double pr = exp(Sh[i] - m);
-                s_p[warp][i] = pr;
-                den += pr;
+        // Issue the tile's loads first: this warp's head scores and its rows warp + 8·u.
+        double sv[(ATO_T + 31) / 32];
+#pragma unroll
+        for (int k = 0; k < (ATO_T + 31) / 32; k++) {
+            const int i = lane + 32 * k;
+            sv[k] = (hon && i < nt) ? S[(i64)hw * s_stride + t0 + i] : 0.0;
+        }
+        const int ir = warp + ATT_DEC_HPB * lane;
+        const float* rp = (lane < ATO_U && ir < nt) ? att_row(a, t0 + ir) : ring;
+        float2 v[ATO_U];
+#pragma unroll
+        for (int u = 0; u < ATO_U; u++) {
+            const float* pu = (const float*)__shfl_sync(FULL, (unsigned long long)rp, u);
+            v[u] = warp + ATT_DEC_HPB * u < nt ? *(const float2*)(pu + d0) : make_float2(0.0f, 0.0f);
+        }
+        if (!have_m) get_m();
+        if (hon) {
+#pragma unroll
+            for (int k = 0; k < (ATO_T + 31) / 32; k++) {
+                const int i = lane + 32 * k;
+                if (i < nt) {
+                    const double pr = exp(sv[k] - m);
+                    s_p[warp][i] = pr;
+                    den += pr;
+                }
             }
         }
-        for (int i = threadIdx.x; i < nt; i += blockDim.x) s_rp[i] = att_row(a, t0 + i);
         __syncthreads();
-        for (int i = warp; i < nt; i += 4 * ATT_DEC_HPB) {
-            float2 v[4];
 #pragma unroll
-            for (int u = 0; u < 4; u++) {
-                const int ii = i + u * ATT_DEC_HPB;
-                v[u] = ii < nt ? *(const float2*)(s_rp[ii] + d0) : make_float2(0.0f, 0.0f);
-            }
+        for (int u = 0; u < ATO_U; u++) {
+            const int ii = warp + ATT_DEC_HPB * u;
+            if (ii < nt) {
+                const double x0 = (double)v[u].x, x1 = (double)v[u].y;
 #pragma unroll
-            for (int u = 0; u < 4; u++) {
-                const int ii = i + u * ATT_DEC_HPB;
-                if (ii < nt) {
-                    const double x0 = (double)v[u].x, x1 = (double)v[u].y;
-#pragma unroll
-                    for (int hh = 0; hh < ATT_DEC_HPB; hh++) {
-                        if (hh < nhb) {
-                            const double pr = s_p[hh][ii];
-                            acc[hh][0] += pr * x0;
-                            acc[hh][1] += pr * x1;
-                        }
+                for (int hh = 0; hh < ATT_DEC_HPB; hh++) {
+                    if (hh < nhb) {
+                        const double pr = s_p[hh][ii];
+                        acc[hh][0] += pr * x0;
+                        acc[hh][1] += pr * x1;
                     }
                 }
             }
         }
+        __syncthreads();
     }
+    if (!have_m) get_m();
     den = warp_sum_d(den);
     __syncthreads();
 #pragma unroll
@@ -2309,6 +2387,22 @@ extern "C" __global__ void __launch_bounds__(256) ds4_attn_dec_out(
         float* out = heads + (i64)h * hd + d0;
         out[0] = o0;
         out[1] = o1;
+        if (q8s) {
+            // Q8_0 of the two 32-blocks of this 64-dim slice (ds4_quant_q8_0's numerics and
+            // layout: qs[i], d[i / 32]; lanes 0–15 hold the first block, 16–31 the second).
+            float am = 0.f;
+            const float x0 = fabsf(o0), x1 = fabsf(o1);
+            if (x0 > am) am = x0;  // NaN never wins (CPU: `a > amax` is false)
+            if (x1 > am) am = x1;
+#pragma unroll
+            for (int o = 8; o > 0; o >>= 1) am = fmaxf(am, __shfl_xor_sync(0xffffffffu, am, o));
+            const float dd = am / 127.0f;
+            const float id = dd != 0.f ? 1.0f / dd : 0.f;
+            const i64 e = (i64)h * hd + d0;
+            const u32 word = (u32)(q8_round(o0, id) & 255) | ((u32)(q8_round(o1, id) & 255) << 8);
+            *reinterpret_cast<unsigned short*>(q8s + e) = (unsigned short)word;
+            if ((lane & 15) == 0) q8d[e >> 5] = dd;
+        }
     }
 }
 

@@ -1170,10 +1170,20 @@ impl CudaBackend {
         let cols = w.cols() * w.n_mat();
         let xs = dv::<f32>(st, x, n * cols);
         let mut act = dv::<u8>(st, self.sc.act.ptr, self.sc.act.bytes);
-        let mut ys = dv::<f32>(st, y, n * w.rows() * w.n_mat());
         self.gemv.quantize_act(st, w.ty(), &xs, n, cols, &mut act)?;
+        self.mm_prequant(w, x, n, y)
+    }
+
+    /// [`CudaBackend::mm`] where `sc.act` already holds `x` quantized for `w`.
+    fn mm_prequant(&self, w: &DevWeight, x: u64, n: usize, y: u64) -> Result<(), CudaError> {
+        let st = &self.stream;
+        let cols = w.cols() * w.n_mat();
+        let xs = dv::<f32>(st, x, n * cols);
+        let act = dv::<u8>(st, self.sc.act.ptr, self.sc.act.bytes);
+        let mut ys = dv::<f32>(st, y, n * w.rows() * w.n_mat());
         if let Some(tc) = self.tc.as_ref().filter(|t| t.takes_matmul(w, n)) {
-            // SAFETY: act holds x quantized for w (above), x is [n][cols], y [n][rows·n_mat].
+            // SAFETY: act holds x quantized for w (the caller's contract), x is [n][cols], y
+            // [n][rows·n_mat].
             return unsafe { tc.matmul(st, w, x, self.sc.act.ptr, n, y) };
         }
         self.gemv.matvec(st, w, &xs, &act, n, &mut ys)
@@ -1699,11 +1709,25 @@ impl CudaBackend {
         }
         let a = self.attn_launch(l, kvs, inv);
         if self.att_stride > 0 {
-            fw.attention_dec(&a, sc.att_s.ptr, self.att_stride, sc.att_part.ptr)?;
+            // The last split blocks also write the heads Q8_0-quantized for out_a (the bytes
+            // quantize_act would write into act), so out_a skips its quantization.
+            let cols = l.out_a.cols() * l.out_a.n_mat();
+            let q8 = (l.out_a.ty() == GgmlType::Q8_0
+                && cols == nh * hd
+                && Gemv::act_bytes(GgmlType::Q8_0, cols, 1) <= sc.act.bytes)
+                .then(|| Gemv::act_ptrs(GgmlType::Q8_0, cols, sc.act.ptr))
+                .flatten()
+                .map(|(_, qs, d, _)| (qs, d));
+            fw.attention_dec(&a, sc.att_s.ptr, self.att_stride, sc.att_part.ptr, q8)?;
+            if q8.is_some() {
+                self.mm_prequant(&l.out_a, sc.heads.ptr, 1, sc.low.ptr)?;
+            } else {
+                self.mm(&l.out_a, sc.heads.ptr, 1, sc.low.ptr)?;
+            }
         } else {
             fw.attention(&a, 1, attn_splits(1, nh))?;
+            self.mm(&l.out_a, sc.heads.ptr, 1, sc.low.ptr)?;
         }
-        self.mm(&l.out_a, sc.heads.ptr, 1, sc.low.ptr)?;
         self.mm(&l.out_b, sc.low.ptr, 1, sc.fout.ptr)?;
         fw.join_side()?;
         let wide_a = self.post_wide_ok(&l.hc_ffn, sc.x1.ptr);

@@ -169,12 +169,14 @@ impl DecQuant {
 }
 /// Threads of `ds4_qkv_dec`.
 const QKV_DEC_THREADS: usize = 512;
-/// Row chunks of `ds4_attn_dec_scores` (its grid is fixed when a decode step is captured; at
-/// most 32: `ds4_attn_dec_out` reads the chunk maxima with one warp).
-const ATT_DEC_CHUNKS: usize = 32;
-/// Heads per block of `ds4_attn_dec_out` (ATT_DEC_HPB in fwd.cu); `ds4_attn_dec_scores` takes
-/// twice as many (two per warp).
+/// Row chunks of `ds4_attn_dec_scores` (its grid is fixed when a decode step is captured):
+/// 48 chunks × 8 head groups of Flash's 64 heads fill 132 SMs × 3 blocks in one wave.
+const ATT_DEC_CHUNKS: usize = 48;
+/// Heads per block of `ds4_attn_dec_out` (ATT_DEC_HPB in fwd.cu).
 const ATT_DEC_HPB: usize = 8;
+/// Heads per block (ATS_H in fwd.cu) and threads of `ds4_attn_dec_scores`.
+const ATT_SCORES_HPB: usize = 8;
+const ATT_SCORES_THREADS: usize = 128;
 /// Row splits of `ds4_attn_dec_out` (added up by the last split block of each head group).
 const ATT_DEC_SPLITS: usize = 4;
 /// First counter of `ds4_attn_dec_out` (one per head group and 64-dim slice).
@@ -1810,13 +1812,16 @@ impl Fwd {
 
     /// Attention (+ inverse RoPE) of one token into `heads`, through the score buffer `s`
     /// (`nh` rows of `s_stride` doubles, at least the rows the token attends to, then the chunk
-    /// maxima) and the split partials `part` (sizes: [`attn_dec_bytes`]).
+    /// maxima) and the split partials `part` (sizes: [`attn_dec_bytes`]). With
+    /// `q8 = Some((qs, d))` the heads are also written as the Q8_0 activation of one row of
+    /// `nh·hd` (the bytes `ds4_quant_q8_0` would write: qs at `qs`, the scales at `d`).
     pub fn attention_dec(
         &self,
         a: &AttnLaunch,
         s: u64,
         s_stride: usize,
         part: u64,
+        q8: Option<(u64, u64)>,
     ) -> Result<(), CudaError> {
         let pm = s + (a.nh * s_stride * 8) as u64;
         let groups = a.nh.div_ceil(ATT_DEC_HPB);
@@ -1825,8 +1830,8 @@ impl Fwd {
         }
         self.go(
             &self.attn_dec_scores,
-            (ATT_DEC_CHUNKS, a.nh.div_ceil(2 * ATT_DEC_HPB), 1),
-            ATT_DEC_HPB * 32,
+            (ATT_DEC_CHUNKS, a.nh.div_ceil(ATT_SCORES_HPB), 1),
+            ATT_SCORES_THREADS,
             0,
             &[
                 A::P(a.q),
@@ -1874,6 +1879,8 @@ impl Fwd {
                 A::P(part),
                 A::P(self.ctr(CTR_ATT)),
                 A::P(a.heads),
+                A::P(q8.map_or(0, |(qs, _)| qs)),
+                A::P(q8.map_or(0, |(_, d)| d)),
             ],
         )
     }

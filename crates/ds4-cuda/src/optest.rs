@@ -1391,9 +1391,11 @@ impl GpuOps {
         })
     }
 
-    /// Attention of one token at `pos` through the decode kernels.
+    /// Attention of one token at `pos` through the decode kernels; with `with_q8` also the
+    /// heads' Q8_0 activation for out_a (one row of `nh·hd`, the gemv layout).
     pub fn attention_dec(
         &self,
+        with_q8: bool,
         q: &[f32],
         ring: &[f32],
         raw_cap: usize,
@@ -1410,7 +1412,7 @@ impl GpuOps {
         n_rot: usize,
         inv_freq: &[f64],
         pos: usize,
-    ) -> Result<Vec<f32>, CudaError> {
+    ) -> Result<(Vec<f32>, Option<Vec<u8>>), CudaError> {
         let (dq, dr, dc) = (self.up(q)?, self.up(ring)?, self.up(comp)?);
         let (ds, dsk, di) = (self.up(isel)?, self.up(sinks)?, self.up(inv_freq)?);
         let nv = (pos + 1).checked_div(ratio).unwrap_or(0);
@@ -1441,8 +1443,17 @@ impl GpuOps {
             part: 0,
             heads: heads.ptr,
         };
-        self.fwd.attention_dec(&a, sbuf.ptr, stride, pbuf.ptr)?;
-        self.down(&heads, nh * hd)
+        let act_bytes = crate::gemv::Gemv::act_bytes(ds4_gguf::GgmlType::Q8_0, nh * hd, 1);
+        let act = DBuf::from_slice(&self.stream, &vec![0xa5u8; act_bytes])?;
+        let od = (nh * hd).div_ceil(256) * 256;
+        let q8 = with_q8.then_some((act.ptr, act.ptr + od as u64));
+        self.fwd.attention_dec(&a, sbuf.ptr, stride, pbuf.ptr, q8)?;
+        let act = if with_q8 {
+            Some(self.down(&act, act_bytes)?)
+        } else {
+            None
+        };
+        Ok((self.down(&heads, nh * hd)?, act))
     }
 }
 

@@ -1868,6 +1868,9 @@ fn attention_decode() {
         (64, 512, 64, 4, true, 1000, &comp),  // nv 250: every row
         (16, 512, 64, 128, false, 5000, &comp),
         (4, 128, 16, 4, true, 200, &tiny),
+        (64, 512, 64, 128, false, 200000, &comp), // 1562 compressed rows: many steps per warp
+        (12, 192, 64, 4, true, 2500, &comp),      // heads not a multiple of 8, selection
+        (20, 64, 16, 4, false, 60, &tiny),        // a short context: idle chunks
     ] {
         let (window, topk) = (128usize, if hd == 512 { 512usize } else { 16 });
         let raw_cap = window + 3;
@@ -1910,8 +1913,9 @@ fn attention_decode() {
             );
             ops::rope_tail(out, &c, &s, true);
         }
-        let got = g
-            .attention_dec(
+        let run = |with_q8| {
+            g.attention_dec(
+                with_q8,
                 &q,
                 &ring,
                 raw_cap,
@@ -1929,12 +1933,16 @@ fn attention_decode() {
                 &rope.inv_freq,
                 pos,
             )
-            .unwrap();
-        check(
-            &format!("attention_dec nh {nh} hd {hd} ratio {ratio} pos {pos}"),
-            &got,
-            &want,
-        );
+            .unwrap()
+        };
+        let tag = format!("attention_dec nh {nh} hd {hd} ratio {ratio} pos {pos}");
+        let (got, _) = run(false);
+        check(&tag, &got, &want);
+        println!("{tag}: {} elements differ in bits", bit_diffs(&got, &want));
+        // The fused Q8_0 activation: the same heads, and the bytes ds4_quant_q8_0 writes.
+        let (got_q8, act) = run(true);
+        assert_eq!(bit_diffs(&got_q8, &got), 0, "{tag}: heads with q8");
+        check_act_q8_0(&format!("{tag} q8"), &act.unwrap(), &got);
     }
 }
 
