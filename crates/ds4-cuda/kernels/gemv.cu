@@ -944,13 +944,6 @@ __device__ __forceinline__ void down_body(const WP& w, const AP& ap, const int* 
             }
         }
     };
-    // PDL_DEFERRED. For quantized types Gemv::moe_down launches this kernel right after its
-    // own quantization of mid, so the kernel before it (the quantization) has passed its wait:
-    // whatever wrote the ids (the router, before the gate/up) has completed and is visible.
-    // The first tile (ids, weights) and the tables are then read before this kernel's wait.
-    // Float types have no quantization launch in between: they wait first.
-    constexpr bool PRE_IDS = T != T_F32 && T != T_F16 && T != T_BF16;
-    if (!PRE_IDS) pdl_wait();
     bool pre = false;
     if ((int)blockIdx.x < ngroups && s0 < s1) {
         load_chunk(blockIdx.x, s0);
@@ -960,7 +953,6 @@ __device__ __forceinline__ void down_body(const WP& w, const AP& ap, const int* 
         iq2_init(s_tab);
         __syncthreads();
     }
-    if (PRE_IDS) pdl_wait();
     for (int g = blockIdx.x; g < ngroups; g += gridDim.x) {
         const int t = g / gpt;
         const int r0 = ((g % gpt) * tpb + tl) * RR;
@@ -1015,7 +1007,7 @@ __device__ __forceinline__ void down_body(const WP& w, const AP& ap, const int* 
         const float *x, const int *ids, float *out, int R, int C, int n_mat, int n, int k, int split
 // Tile shapes and variants: keep in sync with Kind::down_variants in gemv.rs.
 #define MOE_DOWN_INST(name, T, BS, RR, U)                                                     \
-    extern "C" __global__ void __launch_bounds__(256) ds4_moe_down_##name(MOE_DOWN_ARGS) { PDL_DEFERRED(); \
+    extern "C" __global__ void __launch_bounds__(256) ds4_moe_down_##name(MOE_DOWN_ARGS) { PDL_ENTRY();    \
         const WP w = {p0, p1, p2, C, C / BS};                                                 \
         const AP a = {aq, ad, abs_, x};                                                       \
         down_body<T, RR, U>(w, a, ids, out, R, n_mat, n, k, split);                           \
@@ -1031,7 +1023,7 @@ MOE_DOWN_INST(q2_k_4x1, T_Q2_K, 256, 4, 1)
 MOE_DOWN_INST(iq2_xxs_4x1, T_IQ2_XXS, 256, 4, 1)
 // Register-capped (3 resident blocks of 256 threads) form of the 4×1 tiles.
 #define MOE_DOWN_INST_LB(name, T, BS, RR, U, MINB)                                            \
-    extern "C" __global__ void __launch_bounds__(256, MINB) ds4_moe_down_##name(MOE_DOWN_ARGS) { PDL_DEFERRED(); \
+    extern "C" __global__ void __launch_bounds__(256, MINB) ds4_moe_down_##name(MOE_DOWN_ARGS) { PDL_ENTRY(); \
         const WP w = {p0, p1, p2, C, C / BS};                                                 \
         const AP a = {aq, ad, abs_, x};                                                       \
         down_body<T, RR, U>(w, a, ids, out, R, n_mat, n, k, split);                           \

@@ -1475,9 +1475,6 @@ impl Gemv {
         };
         let (idp, _gi) = dptr(ids, stream, n * k, "moe_down ids")?;
         let (op, _go) = dptr_mut(out, stream, n * down.rows, "moe_down out")?;
-        // Keep the quantization the launch right before the down kernel: for quantized types
-        // the kernel reads `ids` before its PDL wait (gemv.cu down_body), which is safe only
-        // because the kernel before it is this quantization, not whatever wrote the ids.
         self.quantize_raw(stream, ak, xp, ap, n * k, cols)?;
         let ([wp, p1, p2], _gw) = down.region_ptrs(stream);
         let (adp, abp) = (ap + od as u64, ap + ob as u64);
