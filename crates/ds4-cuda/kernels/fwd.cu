@@ -1565,14 +1565,20 @@ extern "C" __global__ void __launch_bounds__(HCP_T)
     ds4_hc_mix_part(float* __restrict__ flat, const float* __restrict__ xo,
                     const double* __restrict__ ssp, int nss, float eps,
                     const __half* __restrict__ fn, double* __restrict__ part, int he) {
-    PDL_ENTRY();
+    PDL_DEFERRED();
     constexpr int RG = HCP_T / 16, RK = HCM_NM / RG;  // 8 row groups of 3 rows
     const int t = threadIdx.x, cgi = t & 15, rg = t >> 4;
     const i64 c0 = (i64)blockIdx.x * HCP_COLS + cgi * 8;
-    uint4 w[RK];
+    uint4 w[RK] = {};
+    // Weight prologue (common.cuh): fn is a weight, read before the wait for the HC post. The
+    // loads sit in their own branch: in the same basic block ptxas schedules the wait first
+    // (checked with cuobjdump: LDG before ACQBULK).
+    if (c0 < he) {
 #pragma unroll
-    for (int k = 0; k < RK; k++)
-        w[k] = __ldg(reinterpret_cast<const uint4*>(fn + (i64)(rg + RG * k) * he + c0));
+        for (int k = 0; k < RK; k++)
+            w[k] = __ldg(reinterpret_cast<const uint4*>(fn + (i64)(rg + RG * k) * he + c0));
+    }
+    pdl_wait();
     const float* src = nss > 0 ? xo : flat;
     float4 f0 = *reinterpret_cast<const float4*>(src + c0);
     float4 f1 = *reinterpret_cast<const float4*>(src + c0 + 4);

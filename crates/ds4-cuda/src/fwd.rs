@@ -1482,7 +1482,9 @@ impl Fwd {
     /// the cluster that adds them and runs the collapse / norm / quantization. Only where
     /// [`Fwd::hc_pre_mix_fits`]; `flat`, `x` and `fn_` 16-byte aligned. `post_eps = Some(eps)`:
     /// the streams `x` come from [`Fwd::hc_post_wide`], and `flat = RMSNorm_noweight(x, eps)` is
-    /// computed (and written) by the product launch first.
+    /// computed (and written) by the product launch first. `fn_` is read before the product
+    /// kernel's PDL wait (weight prologue): it must not be written by the kernel launched just
+    /// before (model weights never are).
     pub fn hc_pre_mix_dec(
         &self,
         post_eps: Option<f32>,
