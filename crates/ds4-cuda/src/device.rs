@@ -100,3 +100,91 @@ pub fn probe(ordinal: usize) -> Result<DeviceInfo, CudaError> {
         free_memory,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::kernels;
+    use std::path::PathBuf;
+    use std::process::Command;
+
+    /// cuobjdump from `$CUOBJDUMP`, next to `$NVCC`, or on `PATH` (CI installs it with nvcc).
+    fn cuobjdump() -> Option<PathBuf> {
+        let mut c: Vec<PathBuf> = Vec::new();
+        if let Some(p) = std::env::var_os("CUOBJDUMP") {
+            c.push(p.into());
+        }
+        if let Some(n) = std::env::var_os("NVCC") {
+            c.push(PathBuf::from(n).with_file_name("cuobjdump"));
+        }
+        c.push("cuobjdump".into());
+        c.into_iter().find(|p| {
+            Command::new(p)
+                .arg("--version")
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
+    }
+
+    /// Kernels with a weight prologue (README "Weight prologue"): in the SASS, the prologue's
+    /// loads (or, for the routed gate/up, its table stores) come before `ACQBULK`
+    /// (`griddepcontrol.wait`). ptxas may schedule the wait above loads of the same basic
+    /// block, which would silently undo the prologue; this checks the built cubins.
+    #[test]
+    fn weight_prologue_loads_precede_the_wait() {
+        let Some(tool) = cuobjdump() else {
+            eprintln!("SKIP: no cuobjdump (set CUOBJDUMP, or NVCC with cuobjdump beside it)");
+            return;
+        };
+        let dir = std::env::temp_dir().join(format!("ds4-sass-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // (module, kernel-name prefix, the op that must precede ACQBULK)
+        let rules: [(&str, &str, &str); 4] = [
+            ("gemv", "ds4_gemv_", "LDG"),
+            ("gemv", "ds4_gate_up_", "LDG"),
+            ("gemv", "ds4_moe_gate_up_iq2_xxs", "STS"),
+            ("fwd", "ds4_hc_mix_part", "LDG"),
+        ];
+        let mut checked = 0;
+        let mut bad = Vec::new();
+        for module in ["gemv", "fwd"] {
+            let Some((_, bin)) = kernels::CUBINS.iter().find(|(n, _)| *n == module) else {
+                eprintln!("SKIP: no embedded cubin for {module} (built without nvcc)");
+                return;
+            };
+            let path = dir.join(format!("{module}.cubin"));
+            std::fs::write(&path, bin).unwrap();
+            let out = Command::new(&tool).arg("-sass").arg(&path).output().unwrap();
+            if !out.status.success() {
+                // cuobjdump needs nvdisasm beside it or on PATH for -sass.
+                eprintln!(
+                    "SKIP: cuobjdump -sass failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                return;
+            }
+            let sass = String::from_utf8_lossy(&out.stdout);
+            for func in sass.split("Function : ").skip(1) {
+                let name = func.split_whitespace().next().unwrap_or("");
+                let Some(&(_, _, op)) = rules
+                    .iter()
+                    .find(|(m, p, _)| *m == module && name.starts_with(p))
+                else {
+                    continue;
+                };
+                checked += 1;
+                let first = |pat: &str| {
+                    func.lines().position(|l| {
+                        l.split_whitespace().any(|w| w == pat || w.starts_with(&format!("{pat}.")))
+                    })
+                };
+                match (first(op), first("ACQBULK")) {
+                    (Some(o), Some(w)) if o < w => {}
+                    (o, w) => bad.push(format!("{name}: first {op} at {o:?}, ACQBULK at {w:?}")),
+                }
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(checked > 60, "only {checked} prologue kernels found in the cubins");
+        assert!(bad.is_empty(), "prologue loads after the wait:\n{}", bad.join("\n"));
+    }
+}
