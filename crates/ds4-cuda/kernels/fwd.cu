@@ -2105,51 +2105,29 @@ __device__ __forceinline__ const float* att_row(const AttRows& a, i64 r) {
     return a.comp + ci * a.hd;
 }
 
+// One reduce-scatter step over lane bit N: lanes with the bit set keep the upper half of v
+// (2N values) and add the partner's, the others the lower half.
+template <int N>
+__device__ __forceinline__ void rs_step(const double* v, double* w, int lane) {
+    const bool b = (lane & N) != 0;
+#pragma unroll
+    for (int i = 0; i < N; i++) {
+        const double keep = b ? v[N + i] : v[i];
+        const double send = b ? v[i] : v[N + i];
+        w[i] = keep + __shfl_xor_sync(0xffffffffu, send, N);
+    }
+}
+
 // The 32-lane sum of v[lane] (a reduce-scatter of 32 values: 31 shuffles; the additions form
 // a fixed tree).
 __device__ __forceinline__ double reduce32(const double* v, int lane) {
-    const unsigned FULL = 0xffffffffu;
-    double w16[16], w8[8], w4[4], w2[2];
-    {
-        const bool b = (lane & 16) != 0;
-#pragma unroll
-        for (int i = 0; i < 16; i++) {
-            const double keep = b ? v[16 + i] : v[i];
-            const double send = b ? v[i] : v[16 + i];
-            w16[i] = keep + __shfl_xor_sync(FULL, send, 16);
-        }
-    }
-    {
-        const bool b = (lane & 8) != 0;
-#pragma unroll
-        for (int i = 0; i < 8; i++) {
-            const double keep = b ? w16[8 + i] : w16[i];
-            const double send = b ? w16[i] : w16[8 + i];
-            w8[i] = keep + __shfl_xor_sync(FULL, send, 8);
-        }
-    }
-    {
-        const bool b = (lane & 4) != 0;
-#pragma unroll
-        for (int i = 0; i < 4; i++) {
-            const double keep = b ? w8[4 + i] : w8[i];
-            const double send = b ? w8[i] : w8[4 + i];
-            w4[i] = keep + __shfl_xor_sync(FULL, send, 4);
-        }
-    }
-    {
-        const bool b = (lane & 2) != 0;
-#pragma unroll
-        for (int i = 0; i < 2; i++) {
-            const double keep = b ? w4[2 + i] : w4[i];
-            const double send = b ? w4[i] : w4[2 + i];
-            w2[i] = keep + __shfl_xor_sync(FULL, send, 2);
-        }
-    }
-    const bool b = (lane & 1) != 0;
-    const double keep = b ? w2[1] : w2[0];
-    const double send = b ? w2[0] : w2[1];
-    return keep + __shfl_xor_sync(FULL, send, 1);
+    double w16[16], w8[8], w4[4], w2[2], w1[1];
+    rs_step<16>(v, w16, lane);
+    rs_step<8>(w16, w8, lane);
+    rs_step<4>(w8, w4, lane);
+    rs_step<2>(w4, w2, lane);
+    rs_step<1>(w2, w1, lane);
+    return w1[0];
 }
 
 // S[h][r] = (q_h · row_r)·scale for this block's chunk of rows, and pm[h][chunk] = the chunk's

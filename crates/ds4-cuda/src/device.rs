@@ -153,7 +153,11 @@ mod tests {
             };
             let path = dir.join(format!("{module}.cubin"));
             std::fs::write(&path, bin).unwrap();
-            let out = Command::new(&tool).arg("-sass").arg(&path).output().unwrap();
+            let out = Command::new(&tool)
+                .arg("-sass")
+                .arg(&path)
+                .output()
+                .unwrap();
             if !out.status.success() {
                 // cuobjdump needs nvdisasm beside it or on PATH for -sass.
                 eprintln!(
@@ -174,7 +178,8 @@ mod tests {
                 checked += 1;
                 let first = |pat: &str| {
                     func.lines().position(|l| {
-                        l.split_whitespace().any(|w| w == pat || w.starts_with(&format!("{pat}.")))
+                        l.split_whitespace()
+                            .any(|w| w == pat || w.starts_with(&format!("{pat}.")))
                     })
                 };
                 match (first(op), first("ACQBULK")) {
@@ -184,7 +189,14 @@ mod tests {
             }
         }
         let _ = std::fs::remove_dir_all(&dir);
-        assert!(checked > 60, "only {checked} prologue kernels found in the cubins");
-        assert!(bad.is_empty(), "prologue loads after the wait:\n{}", bad.join("\n"));
+        assert!(
+            checked > 60,
+            "only {checked} prologue kernels found in the cubins"
+        );
+        assert!(
+            bad.is_empty(),
+            "prologue loads after the wait:\n{}",
+            bad.join("\n")
+        );
     }
 }
