@@ -15,7 +15,9 @@ typedef unsigned int u32;
 // * PDL_DEFERRED(): the kernel first reads data that no kernel writes after load (decode weights:
 //   the first tile's loads, lookup tables) and then calls pdl_wait() before it reads anything
 //   else, so that its weight stream starts while the previous kernel still runs. Only for
-//   kernels whose pre-wait reads are weights (see gemv.cu dense_body).
+//   kernels whose pre-wait reads are weights (see gemv.cu dense_body). ptxas may schedule the
+//   wait (SASS ACQBULK) above loads of the same basic block, so the prologue's loads sit in a
+//   branch of their own; src/device.rs's unit test checks the order in the built cubins.
 // * PDL_WAIT_ONLY(): the wait without the early trigger, for kernels that write weights (the
 //   upload repacks): the next kernel is scheduled only after it completed, and its stores are
 //   fenced, so a PDL_DEFERRED kernel's pre-wait reads see them.
