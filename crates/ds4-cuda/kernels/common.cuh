@@ -8,21 +8,17 @@ typedef unsigned int u32;
 
 // Programmatic dependent launch (src/rt.rs launch_raw): wait until the previous kernel of
 // the stream has completed (its writes visible), then let the next kernel be scheduled.
-// A no-op for kernels launched without the PDL attribute. Every kernel starts with it
-// (tests/pdl_entry.rs).
+// A no-op for kernels launched without the PDL attribute. Every kernel starts with it or with
+// PDL_DEFERRED() below (tests/pdl_entry.rs).
 #define PDL_ENTRY() asm volatile("griddepcontrol.wait;\n\tgriddepcontrol.launch_dependents;" ::: "memory")
-// Two variants (tests/pdl_entry.rs accepts them as the first statement too):
-// * PDL_DEFERRED(): the kernel first reads data that no kernel writes after load (decode weights:
-//   the first tile's loads, lookup tables) and then calls pdl_wait() before it reads anything
-//   else, so that its weight stream starts while the previous kernel still runs. Only for
-//   kernels whose pre-wait reads are weights (see gemv.cu dense_body). ptxas may schedule the
-//   wait (SASS ACQBULK) above loads of the same basic block, so the prologue's loads sit in a
-//   branch of their own; src/device.rs's unit test checks the order in the built cubins.
-// * PDL_WAIT_ONLY(): the wait without the early trigger, for kernels that write weights (the
-//   upload repacks): the next kernel is scheduled only after it completed, and its stores are
-//   fenced, so a PDL_DEFERRED kernel's pre-wait reads see them.
+// PDL_DEFERRED() (weight prologue): the kernel first reads data that no kernel writes after
+// load (decode weights: the first tile's loads, lookup tables; Gemv::upload_device synchronizes
+// its stream after writing them) and then calls pdl_wait() before it reads anything else, so
+// that its weight stream starts while the previous kernel still runs. Only for the kernels
+// listed in tests/pdl_entry.rs (see gemv.cu dense_body). ptxas may schedule the wait (SASS
+// ACQBULK) above loads of the same basic block, so the prologue's loads sit in a branch of
+// their own; src/device.rs's unit test checks the order in the built cubins.
 #define PDL_DEFERRED() ((void)0)
-#define PDL_WAIT_ONLY() asm volatile("griddepcontrol.wait;" ::: "memory")
 __device__ __forceinline__ void pdl_wait() {
     asm volatile("griddepcontrol.wait;\n\tgriddepcontrol.launch_dependents;" ::: "memory");
 }

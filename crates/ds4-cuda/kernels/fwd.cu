@@ -2132,9 +2132,9 @@ __device__ __forceinline__ double reduce32(const double* v, int lane) {
 
 // S[h][r] = (q_h · row_r)·scale for this block's chunk of rows, and pm[h][chunk] = the chunk's
 // largest score (−inf when empty). grid (nch, ceil(nh/8)), block 128 (3 blocks per SM): the
-// block's 8 query
-// heads sit in shared memory as f64 (converted once); each warp takes 4 rows per step and
-// forms all 32 (head, row) dots, so each row element is converted to f64 once per 8 heads.
+// block's 8 query heads sit in shared memory as f64 (converted once); each warp takes 4 rows
+// per step and forms all 32 (head, row) dots, so each row element is converted to f64 once per
+// 8 heads.
 #define ATS_H 8
 #define ATS_U 4
 #define ATS_WARPS 4

@@ -5,8 +5,9 @@
 //
 // Work decomposition. Every kernel works on tiles: a warp takes RR (virtual) rows and streams
 // them U warp steps at a time (a warp step is one 16-byte load per lane and row, COLS columns);
-// all RR·U loads of a chunk are issued before the first one is used, and the first chunk of a
-// block is issued before the block fills its lookup tables. The LPB lanes of one quant block
+// all RR·U loads of a chunk are issued before the first one is used; the dense kernels issue a
+// block's first chunk, and fill the lookup tables, before their PDL wait (weight prologue,
+// common.cuh), the routed gate/up only its tables (its expert ids come after the wait). The LPB lanes of one quant block
 // each form exact integer partial sums for every row of the chunk; a reduce-scatter over those
 // lanes leaves lane q with the block sums of row q (mod LPB), so the f64 block terms are
 // computed by all lanes instead of one in LPB. At the end of a tile the f64 accumulators are
@@ -1137,7 +1138,7 @@ extern "C" __global__ void ds4_quant_q8_k(const float* __restrict__ x, i8* __res
 
 extern "C" __global__ void ds4_repack_q8_0(const u8* __restrict__ raw, u8* __restrict__ qs,
                                            u16* __restrict__ d, i64 nblocks) {
-    PDL_WAIT_ONLY();
+    PDL_ENTRY();
     for (i64 b = (i64)blockIdx.x * blockDim.x + threadIdx.x; b < nblocks; b += (i64)gridDim.x * blockDim.x) {
         const u8* s = raw + b * 34;
         d[b] = (u16)(s[0] | (s[1] << 8));
@@ -1146,12 +1147,11 @@ extern "C" __global__ void ds4_repack_q8_0(const u8* __restrict__ raw, u8* __res
         for (int i = 0; i < 8; i++)
             o[i] = (u32)s[2 + 4 * i] | ((u32)s[3 + 4 * i] << 8) | ((u32)s[4 + 4 * i] << 16) | ((u32)s[5 + 4 * i] << 24);
     }
-    __threadfence();  // PDL_WAIT_ONLY: visible to the next kernel's weight prologue
 }
 
 extern "C" __global__ void ds4_repack_q2_k(const u8* __restrict__ raw, u8* __restrict__ qs,
                                            u8* __restrict__ sc, u32* __restrict__ dm, i64 nblocks) {
-    PDL_WAIT_ONLY();
+    PDL_ENTRY();
     for (i64 b = (i64)blockIdx.x * blockDim.x + threadIdx.x; b < nblocks; b += (i64)gridDim.x * blockDim.x) {
         const u32* s = (const u32*)(raw + b * 84);  // 84 = 4·21: 4-byte aligned blocks
         u32* os = (u32*)(sc + b * 16);
@@ -1162,12 +1162,11 @@ extern "C" __global__ void ds4_repack_q2_k(const u8* __restrict__ raw, u8* __res
         for (int i = 0; i < 16; i++) oq[i] = s[4 + i];
         dm[b] = s[20];
     }
-    __threadfence();  // PDL_WAIT_ONLY: visible to the next kernel's weight prologue
 }
 
 extern "C" __global__ void ds4_repack_iq2_xxs(const u8* __restrict__ raw, u8* __restrict__ qs,
                                               u16* __restrict__ d, i64 nblocks) {
-    PDL_WAIT_ONLY();
+    PDL_ENTRY();
     for (i64 b = (i64)blockIdx.x * blockDim.x + threadIdx.x; b < nblocks; b += (i64)gridDim.x * blockDim.x) {
         const u16* s = (const u16*)(raw + b * 66);  // 66 = 2·33: 2-byte aligned blocks
         d[b] = s[0];
@@ -1175,7 +1174,6 @@ extern "C" __global__ void ds4_repack_iq2_xxs(const u8* __restrict__ raw, u8* __
 #pragma unroll
         for (int i = 0; i < 32; i++) o[i] = s[1 + i];
     }
-    __threadfence();  // PDL_WAIT_ONLY: visible to the next kernel's weight prologue
 }
 
 // ------------------------------------------------------------------------------------------

@@ -174,8 +174,9 @@ const QKV_DEC_THREADS: usize = 512;
 const ATT_DEC_CHUNKS: usize = 48;
 /// Heads per block of `ds4_attn_dec_out` (ATT_DEC_HPB in fwd.cu).
 const ATT_DEC_HPB: usize = 8;
-/// Heads per block (ATS_H in fwd.cu) and threads of `ds4_attn_dec_scores`.
+/// Heads per block of `ds4_attn_dec_scores` (ATS_H in fwd.cu).
 const ATT_SCORES_HPB: usize = 8;
+/// Threads of `ds4_attn_dec_scores` (ATS_WARPS warps).
 const ATT_SCORES_THREADS: usize = 128;
 /// Row splits of `ds4_attn_dec_out` (added up by the last split block of each head group).
 const ATT_DEC_SPLITS: usize = 4;

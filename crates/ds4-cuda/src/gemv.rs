@@ -30,7 +30,9 @@
 //!   synchronizes or copies to/from the host: they only enqueue kernels on `stream`, so they
 //!   can be captured into a CUDA graph. (If cudarc's event tracking is on, reading the device
 //!   pointers records cudarc's events as for any launch; turn it off for graph capture with
-//!   `CudaContext::disable_event_tracking`.) `upload*` allocate and are not for capture.
+//!   `CudaContext::disable_event_tracking`.) `upload*` allocate and synchronize their stream (the
+//!   weight prologue of the decode kernels reads weights before the PDL wait), and are not for
+//!   capture.
 //! * Arguments are checked on the host (types, shapes, lengths, alignment) and a violation is
 //!   `CudaError::Driver("gemv: ...")`. Expert ids are checked on the device: an id outside
 //!   `0..n_mat` makes the affected outputs NaN (never an out-of-bounds read).
@@ -852,6 +854,9 @@ impl Gemv {
                 }
             }
         }
+        // The decode kernels read weights before their PDL wait (weight prologue,
+        // kernels/common.cuh): no kernel may still be writing them when one is launched.
+        stream.synchronize().map_err(drv)?;
         Ok(DevWeight {
             ty,
             kind: k,

@@ -1445,8 +1445,10 @@ impl GpuOps {
         };
         let act_bytes = crate::gemv::Gemv::act_bytes(ds4_gguf::GgmlType::Q8_0, nh * hd, 1);
         let act = DBuf::from_slice(&self.stream, &vec![0xa5u8; act_bytes])?;
-        let od = (nh * hd).div_ceil(256) * 256;
-        let q8 = with_q8.then_some((act.ptr, act.ptr + od as u64));
+        let q8 = with_q8
+            .then(|| crate::gemv::Gemv::act_ptrs(ds4_gguf::GgmlType::Q8_0, nh * hd, act.ptr))
+            .flatten()
+            .map(|(_, qs, d, _)| (qs, d));
         self.fwd.attention_dec(&a, sbuf.ptr, stride, pbuf.ptr, q8)?;
         let act = if with_q8 {
             Some(self.down(&act, act_bytes)?)
