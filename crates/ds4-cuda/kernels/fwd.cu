@@ -2069,7 +2069,6 @@ extern "C" __global__ void __launch_bounds__(512) ds4_qkv_dec(const QkvDec P) {
 // order — only the order of the f64 sum inside each q·k dot differs from the reference.
 
 #define ATT_DEC_HPB 8
-#define ATT_DEC_PT 128
 
 struct AttRows {
     const float* ring;
