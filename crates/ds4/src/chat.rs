@@ -1,10 +1,14 @@
 //! `ds4 chat`: a multi-turn REPL that keeps the KV state across turns (only the new suffix of
-//! the transcript is prefilled each turn).
+//! the transcript is prefilled each turn). Ctrl+C while a reply is generated ends that reply
+//! (what was generated stays in the transcript, closed by EOS) and returns to the prompt;
+//! Ctrl+C at the prompt exits with status 130. A failing command (`/read`, `/ctx`) says why and
+//! the REPL goes on.
 
 use std::io::{BufRead, IsTerminal, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use ds4_tokenizer::{Role, ThinkMode};
 
 use crate::common::{self, ModelArgs, SamplingArgs, ThinkArgs, Utf8Stream};
@@ -31,6 +35,38 @@ pub struct Args {
 
 const HELP: &str = "commands: /help  /think  /think-max  /nothink  /ctx N  /read FILE  /quit";
 
+/// Set while a reply is generated: Ctrl+C then interrupts the reply instead of exiting.
+static GENERATING: AtomicBool = AtomicBool::new(false);
+/// Set by Ctrl+C during a reply; the generation loop stops at the next token.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// Watch for Ctrl+C (SIGINT) on a background thread: during a reply it sets [`INTERRUPTED`],
+/// otherwise it exits the process with status 130 (the shell's status for SIGINT).
+fn watch_ctrl_c() {
+    let spawned = std::thread::Builder::new()
+        .name("ds4-ctrl-c".into())
+        .spawn(|| {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async {
+                while tokio::signal::ctrl_c().await.is_ok() {
+                    if GENERATING.load(Ordering::SeqCst) {
+                        INTERRUPTED.store(true, Ordering::SeqCst);
+                    } else {
+                        std::process::exit(130);
+                    }
+                }
+            });
+        });
+    if let Err(e) = spawned {
+        eprintln!("ds4: Ctrl+C will end the REPL ({e})");
+    }
+}
+
 pub fn run(mut a: Args) -> Result<()> {
     let lm = common::load_model(&a.model.load)?;
     let tok = common::load_tokenizer(&lm.gguf, &lm.path)?;
@@ -55,6 +91,7 @@ pub fn run(mut a: Args) -> Result<()> {
     }
     let mut lines = stdin.lock().lines();
     let mut turn = 0usize;
+    watch_ctrl_c();
     loop {
         if interactive {
             eprint!("ds4> ");
@@ -92,16 +129,33 @@ pub fn run(mut a: Args) -> Result<()> {
                     continue;
                 }
                 "ctx" => {
-                    let n: usize = arg.trim().parse().context("usage: /ctx N")?;
+                    let Ok(n) = arg.trim().parse::<usize>() else {
+                        eprintln!("ds4: usage: /ctx N");
+                        continue;
+                    };
+                    let old = a.model.ctx;
                     a.model.ctx = n;
-                    session = common::make_session(&a.model, &lm)?;
-                    eprintln!("ds4: new session with ctx {n} (the transcript is re-prefilled)");
+                    match common::make_session(&a.model, &lm) {
+                        Ok(s) => {
+                            session = s;
+                            eprintln!(
+                                "ds4: new session with ctx {n} (the transcript is re-prefilled)"
+                            );
+                        }
+                        Err(e) => {
+                            a.model.ctx = old;
+                            eprintln!("ds4: /ctx {n}: {e:#} (keeping ctx {old})");
+                        }
+                    }
                     continue;
                 }
-                "read" => {
-                    user_text = std::fs::read_to_string(arg.trim())
-                        .with_context(|| format!("cannot read {}", arg.trim()))?;
-                }
+                "read" => match std::fs::read_to_string(arg.trim()) {
+                    Ok(text) => user_text = text,
+                    Err(e) => {
+                        eprintln!("ds4: cannot read {}: {e}", arg.trim());
+                        continue;
+                    }
+                },
                 _ => {
                     eprintln!("ds4: unknown command");
                     continue;
@@ -116,6 +170,10 @@ pub fn run(mut a: Args) -> Result<()> {
             transcript.truncate(turn_start);
             continue;
         }
+        // From here to the end of the reply, Ctrl+C ends the turn instead of the REPL (during
+        // the prefill: before the first token).
+        INTERRUPTED.store(false, Ordering::SeqCst);
+        GENERATING.store(true, Ordering::SeqCst);
         let t0 = Instant::now();
         let sync = session.sync(&transcript)?;
         let prefill_s = t0.elapsed().as_secs_f64();
@@ -133,6 +191,9 @@ pub fn run(mut a: Args) -> Result<()> {
         let mut generated = 0usize;
         let mut ended = false;
         for step in 0..budget {
+            if INTERRUPTED.load(Ordering::SeqCst) {
+                break;
+            }
             let next = ds4_model::sample(session.logits(), &params, &mut rng);
             if next == sp.eos {
                 ended = true;
@@ -148,6 +209,10 @@ pub fn run(mut a: Args) -> Result<()> {
             if step + 1 < budget {
                 session.decode(next)?;
             }
+        }
+        GENERATING.store(false, Ordering::SeqCst);
+        if INTERRUPTED.swap(false, Ordering::SeqCst) {
+            eprintln!("\nds4: interrupted");
         }
         // Close the turn: EOS ends the assistant message in the transcript.
         let _ = ended;

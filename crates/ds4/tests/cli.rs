@@ -332,6 +332,144 @@ fn chat_reuses_the_kv_across_turns() {
 }
 
 #[test]
+fn chat_survives_failing_commands() {
+    let cwd = tempfile::tempdir().unwrap();
+    let mut child = cmd(
+        &[
+            "chat",
+            "--temp",
+            "0",
+            "-n",
+            "3",
+            "-c",
+            "1024",
+            "--nothink",
+            "--verbose",
+        ],
+        Some(cwd.path()),
+    )
+    .stdin(Stdio::piped())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"/read /nonexistent/ds4-test-file\n/ctx abc\n/ctx 0\nHello there\n")
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
+    let e = stderr(&o);
+    assert!(o.status.success(), "{e}");
+    assert!(
+        e.contains("ds4: cannot read /nonexistent/ds4-test-file"),
+        "{e}"
+    );
+    assert!(e.contains("ds4: usage: /ctx N"), "{e}");
+    // The turn after the failed commands still runs, on the original context.
+    assert!(e.contains("ds4: turn 1:"), "{e}");
+    assert!(!stdout(&o).trim().is_empty());
+}
+
+/// Ctrl+C during a reply ends the reply and returns to the prompt; at the prompt it exits 130.
+#[cfg(unix)]
+#[test]
+fn chat_ctrl_c_ends_the_reply_not_the_repl() {
+    use std::sync::mpsc;
+    let cwd = tempfile::tempdir().unwrap();
+    let mut child = cmd(
+        &[
+            "chat",
+            "--temp",
+            "0",
+            "-n",
+            "100000",
+            "-c",
+            "4096",
+            "--nothink",
+        ],
+        Some(cwd.path()),
+    )
+    .stdin(Stdio::piped())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let pid = child.id().to_string();
+    let sigint = || {
+        let st = Command::new("kill").args(["-INT", &pid]).status().unwrap();
+        assert!(st.success());
+    };
+    // Both streams are read on threads; their events arrive here.
+    let (tx, rx) = mpsc::channel::<(bool, String)>();
+    let mut out = child.stdout.take().unwrap();
+    let txo = tx.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 256];
+        while let Ok(n) = out.read(&mut buf) {
+            if n == 0
+                || txo
+                    .send((true, String::from_utf8_lossy(&buf[..n]).into()))
+                    .is_err()
+            {
+                break;
+            }
+        }
+    });
+    let err = BufReader::new(child.stderr.take().unwrap());
+    std::thread::spawn(move || {
+        for l in err.lines().map_while(Result::ok) {
+            if tx.send((false, l)).is_err() {
+                break;
+            }
+        }
+    });
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"Tell me a long story\n").unwrap();
+    stdin.flush().unwrap();
+    let mut log = String::new();
+    let mut wait_for = |what: &dyn Fn(bool, &str) -> bool| {
+        let end = Instant::now() + Duration::from_secs(60);
+        while let Ok((is_out, text)) =
+            rx.recv_timeout(end.saturating_duration_since(Instant::now()))
+        {
+            log.push_str(&text);
+            log.push('\n');
+            if what(is_out, &text) {
+                return true;
+            }
+        }
+        false
+    };
+    // The reply has started (tokens on stdout), well inside its ~4000-token budget.
+    assert!(
+        wait_for(&|is_out, t| is_out && !t.trim().is_empty()),
+        "no reply: {log}"
+    );
+    sigint();
+    assert!(
+        wait_for(&|is_out, t| !is_out && t.contains("ds4: interrupted")),
+        "{log}"
+    );
+    // The turn closes (its timing line) and the REPL takes the next line.
+    assert!(
+        wait_for(&|is_out, t| !is_out && t.starts_with("ds4: prefill:")),
+        "{log}"
+    );
+    stdin.write_all(b"/nothink\n").unwrap();
+    stdin.flush().unwrap();
+    assert!(
+        wait_for(&|is_out, t| !is_out && t.contains("Thinking mode")),
+        "{log}"
+    );
+    // Idle at the prompt: Ctrl+C exits with 130.
+    sigint();
+    let st = child.wait().unwrap();
+    assert_eq!(st.code(), Some(130), "{log}");
+}
+
+#[test]
 fn drift_passes_and_fails() {
     let dir = tempfile::tempdir().unwrap();
     let (rows, vocab) = (3usize, 64usize);
