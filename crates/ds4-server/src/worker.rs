@@ -8,12 +8,17 @@
 //! scratch (`cold`). Then prefill the rest in chunks (cold and continued checkpoints are cut at
 //! their boundaries; cancellation and shutdown are checked between chunks), and decode, feeding
 //! the streaming parser and checking stop sequences, cancellation and shutdown between steps.
+//! An evict or shutdown checkpoint of a thinking turn is written under both texts, the live one
+//! (reasoning included) and the client-visible one (`thinking-visible` key, reasoning dropped),
+//! so a client finds it after a session switch or a restart whether or not it echoes reasoning.
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use ds4_kvstore::{Checkpoint, KvEntry, KvError, KvStore, SaveReason, sha1_hex};
+use ds4_kvstore::{
+    Checkpoint, EXT_THINKING_VISIBLE, KvEntry, KvError, KvStore, SaveReason, sha1_hex,
+};
 use ds4_model::{Rng, SamplerParams, Session, sample};
 use ds4_tokenizer::{
     ParseOptions, ParseOutcome, StreamEvent, StreamParser, THINK_END_TEXT, THINK_START_TEXT,
@@ -304,8 +309,32 @@ impl Worker {
     }
 
     /// Store the live session as a checkpoint (if a store is configured and the session is
-    /// long enough). Returns whether a file was written.
+    /// long enough), keyed by its text. Returns whether a file was written. When the
+    /// remembered client-visible form of a thinking turn covers the whole live session, a
+    /// second checkpoint of the same state is keyed by that text (ds4's `thinking-visible` key,
+    /// ext flag [`EXT_THINKING_VISIBLE`]): a client that echoes the reasoning renders the first,
+    /// one that drops it the second, so either finds the conversation after a session switch or
+    /// a restart.
     fn save(&mut self, reason: SaveReason) -> bool {
+        let n = self.session.len();
+        if self.store.is_none() || n < self.cfg.min_tokens.max(1) {
+            return false;
+        }
+        let visible = self
+            .alias
+            .as_ref()
+            .filter(|a| a.live_len == n)
+            .map(|a| a.visible.as_bytes().to_vec());
+        let live = self.tok.decode(self.session.tokens());
+        let mut wrote = self.save_as(reason, &live, 0);
+        if let Some(v) = visible.filter(|v| *v != live) {
+            wrote |= self.save_as(reason, &v, EXT_THINKING_VISIBLE);
+        }
+        wrote
+    }
+
+    /// [`Worker::save`] of the live session under `text` with the extra ext flags `key_flags`.
+    fn save_as(&mut self, reason: SaveReason, text: &[u8], key_flags: u8) -> bool {
         let Some(store) = self.store.clone() else {
             return false;
         };
@@ -313,9 +342,8 @@ impl Worker {
         if n < self.cfg.min_tokens.max(1) {
             return false;
         }
-        let text = self.tok.decode(self.session.tokens());
         if matches!(reason, SaveReason::Evict | SaveReason::Shutdown)
-            && store.dir().join(format!("{}.kv", sha1_hex(&text))).exists()
+            && store.dir().join(format!("{}.kv", sha1_hex(text))).exists()
         {
             return false;
         }
@@ -332,13 +360,13 @@ impl Worker {
             .map(|m| m.recent(256))
             .unwrap_or_default();
         let cp = Checkpoint {
-            text: &text,
+            text,
             payload: &payload,
             tokens: n as u32,
             ctx: self.cfg.ctx as u32,
             quant_bits: self.cfg.quant_bits,
             reason,
-            key_flags: 0,
+            key_flags,
             tool_map: &tool_map,
         };
         match store.store(&cp) {
@@ -407,7 +435,11 @@ impl Worker {
                 self.session.reset();
                 continue;
             }
-            if self.tok.decode(self.session.tokens()) != loaded.text {
+            // A thinking-visible checkpoint's text is the client's form of its tokens (the
+            // hidden reasoning dropped), not their decoding; the checksum vouches for both.
+            if e.header.ext_flags & EXT_THINKING_VISIBLE == 0
+                && self.tok.decode(self.session.tokens()) != loaded.text
+            {
                 Metrics::inc(&self.metrics.kv_load_failures);
                 tracing::warn!(target: "kvcache", "ignoring {}: payload tokens do not match its text", e.path.display());
                 store.remove(&e);
@@ -449,7 +481,7 @@ impl Worker {
         }
         if !live.is_empty() {
             let text = &job.prompt_text;
-            if let Some(a) = alias
+            if let Some(a) = &alias
                 && a.live_len == live.len()
                 && text.starts_with(&a.visible)
                 && let Some(t) = self.encode_suffix(&live, &text[a.visible.len()..])
@@ -473,7 +505,10 @@ impl Worker {
                 common
             );
             self.trace(&reason);
+            // The evict checkpoint is keyed by the visible form when it covers the session.
+            self.alias = alias;
             self.save(SaveReason::Evict);
+            self.alias = None;
         }
         self.session.reset();
         if let Some((tokens, e)) = self.disk_lookup(&job.prompt_text)
@@ -909,10 +944,12 @@ impl Worker {
             }
         }
         // Remember the client-visible form of a thinking turn: the same transcript with the
-        // hidden reasoning dropped, standing for the live tokens.
+        // hidden reasoning dropped, standing for the live tokens. Only when the reasoning was
+        // closed: the visible form renders `</think>`, which the live tokens must then hold.
         if thinking
             && !job.raw_output
             && out.reasoning.is_some()
+            && text.contains(THINK_END_TEXT)
             && out.stop_sequence.is_none()
             && !matches!(out.finish, Finish::Error(_))
             && self.session.len() == target.len() + decoded_gen

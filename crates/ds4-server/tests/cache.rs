@@ -364,6 +364,69 @@ async fn a_checkpoint_of_another_model_is_ignored() {
     drop(d);
 }
 
+/// A thinking chat's checkpoint is keyed by its client-visible transcript (reasoning dropped),
+/// so coming back to it after another conversation evicted it, or after a restart, is a disk
+/// hit although the live tokens hold the hidden reasoning.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thinking_checkpoints_are_keyed_by_the_visible_transcript() {
+    let dir = tempfile::tempdir().unwrap();
+    let script_entries = json!([
+        {"match": "Say hello.", "text": "The user wants a greeting.</think>Hello there, friend."},
+        {"match": "once more", "text": "Greet again.</think>Hello again."},
+        {"text": "Fine.</think>Fine."},
+    ]);
+    let start_one = || {
+        let (d, p) = script(script_entries.clone());
+        let mut a = disk_args(dir.path());
+        a.test_script = Some(p);
+        (d, start(a))
+    };
+    let (_d1, s) = start_one();
+    let (_, _, b1) = post(&s, "/v1/chat/completions", &chat_turn1(true)).await;
+    let v1: Value = serde_json::from_str(&b1).unwrap();
+    assert_eq!(
+        v1["choices"][0]["message"]["content"],
+        "Hello there, friend."
+    );
+    assert!(
+        v1["choices"][0]["message"]["reasoning_content"].is_string(),
+        "{b1}"
+    );
+    let (p1, _, g1) = usage(&b1);
+    // Another conversation evicts the thinking session to disk: one checkpoint keyed by the
+    // live text (reasoning included), one by the visible transcript.
+    post(
+        &s,
+        "/v1/chat/completions",
+        &json!({"think": false, "messages": [{"role": "user", "content": "Something else."}]}),
+    )
+    .await;
+    assert_eq!(
+        metric(&s, "ds4_kv_disk_stores_total{reason=\"evict\"}").await,
+        2.0
+    );
+    // Turn 2 as a client sends it: the assistant's answer without its reasoning.
+    let (_, _, b2) = post(&s, "/v1/chat/completions", &chat_turn2(true)).await;
+    let v2: Value = serde_json::from_str(&b2).unwrap();
+    assert_eq!(v2["choices"][0]["message"]["content"], "Hello again.");
+    let (p2, c2, g2) = usage(&b2);
+    assert_eq!(c2, p1 + g1, "{b2}");
+    assert_eq!(source(&s, "disk").await, 1);
+    // The same after a restart: the shutdown checkpoint of turn 2 is keyed the same way.
+    s.shutdown(Duration::from_secs(5)).await;
+    let (_d2, s2) = start_one();
+    let mut turn3 = chat_turn2(true);
+    let msgs = turn3["messages"].as_array_mut().unwrap();
+    msgs.push(json!({"role": "assistant", "content": "Hello again."}));
+    msgs.push(json!({"role": "user", "content": "Thanks."}));
+    let (_, _, b3) = post(&s2, "/v1/chat/completions", &turn3).await;
+    let (_, c3, _) = usage(&b3);
+    // Everything turn 2 left in the live session, its hidden reasoning included.
+    assert_eq!(c3, p2 + g2, "{b3}");
+    assert_eq!(source(&s2, "disk").await, 1);
+    assert_eq!(metric(&s2, "ds4_kv_disk_load_failures_total").await, 0.0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cold_continued_and_evict_checkpoints() {
     let dir = tempfile::tempdir().unwrap();
