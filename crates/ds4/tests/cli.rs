@@ -279,35 +279,40 @@ fn builtin_fallback_is_announced() {
     assert_eq!(doc["tokens"].as_array().unwrap().len(), 2);
 }
 
+/// `ds4 chat` with `args` on the built-in model, all three streams piped.
+fn spawn_chat(args: &[&str], cwd: &Path) -> std::process::Child {
+    let mut a = vec!["chat"];
+    a.extend_from_slice(args);
+    cmd(&a, Some(cwd))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// `ds4 chat` (greedy, `-n n`, 1024-token context, no thinking, `--verbose`) fed `input` on
+/// stdin (then closed); its output once it exits.
+fn chat_with_input(n: &str, input: &[u8]) -> Output {
+    let cwd = tempfile::tempdir().unwrap();
+    let args = [
+        "--temp",
+        "0",
+        "-n",
+        n,
+        "-c",
+        "1024",
+        "--nothink",
+        "--verbose",
+    ];
+    let mut child = spawn_chat(&args, cwd.path());
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    child.wait_with_output().unwrap()
+}
+
 #[test]
 fn chat_reuses_the_kv_across_turns() {
-    let cwd = tempfile::tempdir().unwrap();
-    let mut child = cmd(
-        &[
-            "chat",
-            "--temp",
-            "0",
-            "-n",
-            "3",
-            "-c",
-            "1024",
-            "--nothink",
-            "--verbose",
-        ],
-        Some(cwd.path()),
-    )
-    .stdin(Stdio::piped())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped())
-    .spawn()
-    .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"Hello there\nAnd a second question\n")
-        .unwrap();
-    let o = child.wait_with_output().unwrap();
+    let o = chat_with_input("3", b"Hello there\nAnd a second question\n");
     assert!(o.status.success(), "{}", stderr(&o));
     let e = stderr(&o);
     let turns: Vec<(usize, usize)> = e
@@ -333,33 +338,10 @@ fn chat_reuses_the_kv_across_turns() {
 
 #[test]
 fn chat_survives_failing_commands() {
-    let cwd = tempfile::tempdir().unwrap();
-    let mut child = cmd(
-        &[
-            "chat",
-            "--temp",
-            "0",
-            "-n",
-            "3",
-            "-c",
-            "1024",
-            "--nothink",
-            "--verbose",
-        ],
-        Some(cwd.path()),
-    )
-    .stdin(Stdio::piped())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped())
-    .spawn()
-    .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(b"/read /nonexistent/ds4-test-file\n/ctx abc\n/ctx 0\nHello there\n")
-        .unwrap();
-    let o = child.wait_with_output().unwrap();
+    let o = chat_with_input(
+        "3",
+        b"/read /nonexistent/ds4-test-file\n/ctx abc\n/ctx 0\nHello there\n",
+    );
     let e = stderr(&o);
     assert!(o.status.success(), "{e}");
     assert!(
@@ -378,24 +360,8 @@ fn chat_survives_failing_commands() {
 fn chat_ctrl_c_ends_the_reply_not_the_repl() {
     use std::sync::mpsc;
     let cwd = tempfile::tempdir().unwrap();
-    let mut child = cmd(
-        &[
-            "chat",
-            "--temp",
-            "0",
-            "-n",
-            "100000",
-            "-c",
-            "4096",
-            "--nothink",
-        ],
-        Some(cwd.path()),
-    )
-    .stdin(Stdio::piped())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped())
-    .spawn()
-    .unwrap();
+    let args = ["--temp", "0", "-n", "100000", "-c", "4096", "--nothink"];
+    let mut child = spawn_chat(&args, cwd.path());
     let pid = child.id().to_string();
     let sigint = || {
         let st = Command::new("kill").args(["-INT", &pid]).status().unwrap();
