@@ -54,6 +54,76 @@ pub struct Args {
     /// Alternatives per step for --dump-logprobs (max 128).
     #[arg(long, default_value_t = 20)]
     pub logprobs_top_k: usize,
+    /// Teacher-forced perplexity of a raw text file (no chat template): the first 32 tokens
+    /// seed the context, the rest is scored (at most -n tokens and ctx − 32); prints
+    /// `tokens= scored= nll= avg_nll= ppl=` on stdout.
+    #[arg(long, conflicts_with = "source")]
+    pub perplexity_file: Option<PathBuf>,
+}
+
+/// Tokens that seed the context before `--perplexity-file` scores (ds4's value).
+const PPL_SEED: usize = 32;
+/// Tokens evaluated per step while scoring (their logits rows are held at once).
+const PPL_CHUNK: usize = 256;
+
+/// `--perplexity-file`: Σ −log p(token | the tokens before it) over the scored tokens, the
+/// log-softmax in f64.
+fn perplexity(
+    a: &Args,
+    lm: &common::LoadedModel,
+    tok: Option<&Tokenizer>,
+    f: &std::path::Path,
+) -> Result<()> {
+    let tok = tok.context("the model has no tokenizer: --perplexity-file needs one")?;
+    let b = std::fs::read(f).with_context(|| format!("cannot read {}", f.display()))?;
+    let text = String::from_utf8(b).with_context(|| format!("{} is not UTF-8", f.display()))?;
+    let ids = tok.encode(&text)?;
+    if ids.len() <= PPL_SEED {
+        bail!(
+            "{} has {} tokens: --perplexity-file needs more than {PPL_SEED}",
+            f.display(),
+            ids.len()
+        );
+    }
+    let ctx = a.model.ctx;
+    if ctx <= PPL_SEED {
+        bail!("the context ({ctx}) must exceed {PPL_SEED} tokens for --perplexity-file");
+    }
+    let scored = (ids.len() - PPL_SEED).min(a.n).min(ctx - PPL_SEED);
+    let n_vocab = lm.engine.shape().n_vocab;
+    let mut session = common::make_session(&a.model, lm)?;
+    session.prefill(&ids[..PPL_SEED])?;
+    let nll_of = |logits: &[f32], t: u32| npy::logsumexp(logits) - logits[t as usize] as f64;
+    // `prev` predicts ids[pos]; each chunk's logits rows predict the token after each of its
+    // tokens. The last scored token is never evaluated.
+    let mut prev = session.logits().to_vec();
+    let mut nll = 0f64;
+    let mut pos = PPL_SEED;
+    let end = PPL_SEED + scored;
+    while pos < end {
+        nll += nll_of(&prev, ids[pos]);
+        let upto = (pos + PPL_CHUNK).min(end - 1);
+        if upto <= pos {
+            break;
+        }
+        let rows = session.prefill_all_logits(&ids[pos..upto])?;
+        for (k, row) in rows.chunks_exact(n_vocab).enumerate() {
+            let next = pos + 1 + k;
+            if k + 1 < upto - pos {
+                nll += nll_of(row, ids[next]);
+            } else {
+                prev = row.to_vec();
+            }
+        }
+        pos = upto;
+    }
+    let avg = nll / scored as f64;
+    println!(
+        "tokens={} scored={scored} nll={nll:.9} avg_nll={avg:.9} ppl={:.9}",
+        ids.len(),
+        avg.exp()
+    );
+    Ok(())
 }
 
 pub fn prompt_ids(a: &Args, tok: Option<&Tokenizer>, think: ThinkMode) -> Result<Vec<u32>> {
@@ -95,6 +165,9 @@ fn token_json(tok: Option<&Tokenizer>, id: u32) -> serde_json::Value {
 pub fn run(a: Args) -> Result<()> {
     let lm = common::load_model(&a.model.load)?;
     let tok = common::load_tokenizer(&lm.gguf, &lm.path).ok();
+    if let Some(f) = &a.perplexity_file {
+        return perplexity(&a, &lm, tok.as_ref(), f);
+    }
     let think = a.think.mode(a.model.ctx);
     let ids = prompt_ids(&a, tok.as_ref(), think)?;
     if ids.is_empty() {

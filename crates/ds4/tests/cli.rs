@@ -279,6 +279,74 @@ fn builtin_fallback_is_announced() {
     assert_eq!(doc["tokens"].as_array().unwrap().len(), 2);
 }
 
+/// `--perplexity-file` equals the NLL computed from `--dump-prompt-logits` of the same tokens.
+#[test]
+fn perplexity_file_matches_the_prompt_logits() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = dir.path().join("text.txt");
+    std::fs::write(
+        &text,
+        "The quick brown fox jumps over the lazy dog. ".repeat(12),
+    )
+    .unwrap();
+    let m = builtin();
+    let (m, t) = (m.to_str().unwrap(), text.to_str().unwrap());
+    let o = ds4(&["run", "-m", m, "--perplexity-file", t, "-n", "40"], None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    let field = |k: &str| -> f64 {
+        out.split_whitespace()
+            .find_map(|w| w.strip_prefix(&format!("{k}=")))
+            .unwrap_or_else(|| panic!("no {k}= in {out:?}"))
+            .parse()
+            .unwrap()
+    };
+    let o = ds4(&["tokenize", "-m", m, "--text-file", t, "--json"], None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let ids: Vec<u32> = serde_json::from_str(stdout(&o).trim()).unwrap();
+    assert_eq!(field("tokens") as usize, ids.len());
+    assert_eq!(field("scored"), 40.0, "-n caps the scored tokens");
+    // Reference: the logits after each of the first 32 + 39 tokens, in one prompt.
+    let evaluated: Vec<String> = ids[..32 + 39].iter().map(|i| i.to_string()).collect();
+    let dump = dir.path().join("p.npy");
+    let o = ds4(
+        &[
+            "run",
+            "-m",
+            m,
+            "--prompt-ids",
+            &evaluated.join(","),
+            "-n",
+            "1",
+            "--dump-prompt-logits",
+            dump.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let d = npy::read(&dump).unwrap();
+    let vocab = d.shape[1];
+    let rows = d.to_f32().unwrap();
+    let nll: f64 = (32..32 + 40)
+        .map(|j| {
+            let row = &rows[(j - 1) * vocab..j * vocab];
+            npy::logsumexp(row) - row[ids[j] as usize] as f64
+        })
+        .sum();
+    assert!(
+        (field("nll") - nll).abs() <= 1e-6 * nll,
+        "{} vs {nll}",
+        field("nll")
+    );
+    let avg = field("avg_nll");
+    assert!((avg - nll / 40.0).abs() <= 1e-6 * avg);
+    assert!((field("ppl") - avg.exp()).abs() <= 1e-6 * avg.exp());
+    // Too short a text is a one-line error.
+    std::fs::write(&text, "Too short.").unwrap();
+    let o = ds4(&["run", "-m", m, "--perplexity-file", t], None);
+    assert_one_line_failure(&o, "short perplexity text");
+}
+
 /// `ds4 chat` with `args` on the built-in model, all three streams piped.
 fn spawn_chat(args: &[&str], cwd: &Path) -> std::process::Child {
     let mut a = vec!["chat"];
