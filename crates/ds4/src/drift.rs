@@ -1,7 +1,9 @@
 //! `ds4 drift A.npy B.npy`: compare two logit dumps row by row with the metrics of ds4 PR #15
 //! (`compare_logit_drift.py`): whole-vocab rms, max_abs, top-20 max_abs, top-5 / top-20 overlap,
 //! same top-1, max rank delta of the reference's top-20, non-finite count; pass/fail against an
-//! envelope given on the command line.
+//! envelope given on the command line. Either file may also be antirez/ds4's `--dump-logits`
+//! JSON (one row: the logits after the prompt, `null` for non-finite values), so a ds4-rs dump
+//! can be held against ds4's own.
 
 use std::path::PathBuf;
 
@@ -10,7 +12,8 @@ use ds4_model::npy;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Reference logits (.npy, float32 [rows, vocab] or [vocab]).
+    /// Reference logits (.npy, float32 [rows, vocab] or [vocab]; or ds4's `--dump-logits`
+    /// JSON, one row).
     reference: PathBuf,
     /// Candidate logits (same shape).
     candidate: PathBuf,
@@ -112,8 +115,45 @@ pub fn compare_row(row: usize, r: &[f32], c: &[f32]) -> RowDrift {
     }
 }
 
+/// ds4's `--dump-logits` JSON: `{"source":"ds4", …, "vocab":V, "logits":[V numbers or null]}`.
+fn load_ds4_json(p: &std::path::Path, bytes: &[u8]) -> Result<(usize, usize, Vec<f32>)> {
+    let v: serde_json::Value = serde_json::from_slice(bytes)
+        .with_context(|| format!("{} is neither .npy nor JSON", p.display()))?;
+    let arr = v["logits"].as_array().with_context(|| {
+        format!(
+            "{}: no \"logits\" array (ds4 --dump-logits JSON)",
+            p.display()
+        )
+    })?;
+    let data: Vec<f32> = arr
+        .iter()
+        .map(|x| match x {
+            serde_json::Value::Null => Ok(f32::NAN),
+            x => x
+                .as_f64()
+                .map(|f| f as f32)
+                .context("a logit that is not a number"),
+        })
+        .collect::<Result<_>>()
+        .with_context(|| format!("{}: bad \"logits\"", p.display()))?;
+    if let Some(vocab) = v["vocab"].as_u64()
+        && vocab as usize != data.len()
+    {
+        bail!(
+            "{}: \"vocab\" {vocab} but {} logits",
+            p.display(),
+            data.len()
+        );
+    }
+    Ok((1, data.len(), data))
+}
+
 fn load(p: &PathBuf) -> Result<(usize, usize, Vec<f32>)> {
-    let a = npy::read(p).with_context(|| format!("cannot read {}", p.display()))?;
+    let bytes = std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))?;
+    if bytes.first() == Some(&b'{') {
+        return load_ds4_json(p, &bytes);
+    }
+    let a = npy::from_bytes(&bytes).with_context(|| format!("cannot read {}", p.display()))?;
     let data = a
         .to_f32()
         .with_context(|| format!("{}: not a float array", p.display()))?;

@@ -503,6 +503,42 @@ fn chat_ctrl_c_ends_the_reply_not_the_repl() {
     assert_eq!(st.code(), Some(130), "{log}");
 }
 
+/// `ds4 drift` reads antirez/ds4's `--dump-logits` JSON (one row, `null` = non-finite) against
+/// an .npy row.
+#[test]
+fn drift_reads_ds4_json_dumps() {
+    let dir = tempfile::tempdir().unwrap();
+    let vocab = 64usize;
+    let r: Vec<f32> = (0..vocab)
+        .map(|i| ((i * 37) % 61) as f32 * 0.25 - 7.0)
+        .collect();
+    let pr = dir.path().join("r.npy");
+    npy::write(&pr, &[1, vocab], &r).unwrap();
+    let json = |logits: Vec<serde_json::Value>| {
+        serde_json::json!({"source": "ds4", "model": "x", "backend": "metal", "prompt_tokens": 5,
+            "ctx": 4096, "vocab": vocab, "argmax_logit": 0.0, "logits": logits})
+        .to_string()
+    };
+    let pj = dir.path().join("ds4.json");
+    std::fs::write(&pj, json(r.iter().map(|&v| serde_json::json!(v)).collect())).unwrap();
+    let o = ds4(&["drift", p(&pr), p(&pj), "--max-abs", "0", "--json"], None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let doc: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    assert_eq!(doc["summary"]["rows"], 1);
+    assert_eq!(doc["summary"]["worst_max_abs"], 0.0);
+    // A null logit is a non-finite one: the comparison fails and says so.
+    let mut with_null: Vec<serde_json::Value> = r.iter().map(|&v| serde_json::json!(v)).collect();
+    with_null[3] = serde_json::Value::Null;
+    std::fs::write(&pj, json(with_null)).unwrap();
+    let o = ds4(&["drift", p(&pj), p(&pr)], None);
+    let line = assert_one_line_failure(&o, "null logit");
+    assert!(line.contains("non-finite"), "{line}");
+    // Not a dump at all: a one-line error.
+    std::fs::write(&pj, "{\"source\": \"ds4\"}").unwrap();
+    let o = ds4(&["drift", p(&pr), p(&pj)], None);
+    assert_one_line_failure(&o, "JSON without logits");
+}
+
 #[test]
 fn drift_passes_and_fails() {
     let dir = tempfile::tempdir().unwrap();
