@@ -15,13 +15,11 @@ typedef unsigned int u32;
 // load (decode weights: the first tile's loads, lookup tables; Gemv::upload_device synchronizes
 // its stream after writing them) and then calls pdl_wait() before it reads anything else, so
 // that its weight stream starts while the previous kernel still runs. Only for the kernels
-// listed in tests/pdl_entry.rs (see gemv.cu dense_body). ptxas may schedule the wait (SASS
+// listed in PDL_DEFERRED_KERNELS (src/lib.rs) (see gemv.cu dense_body). ptxas may schedule the wait (SASS
 // ACQBULK) above loads of the same basic block, so the prologue's loads sit in a branch of
 // their own; src/device.rs's unit test checks the order in the built cubins.
 #define PDL_DEFERRED() ((void)0)
-__device__ __forceinline__ void pdl_wait() {
-    asm volatile("griddepcontrol.wait;\n\tgriddepcontrol.launch_dependents;" ::: "memory");
-}
+__device__ __forceinline__ void pdl_wait() { PDL_ENTRY(); }
 
 __device__ __forceinline__ u32 smem_u32(const void* p) { return (u32)__cvta_generic_to_shared(p); }
 __device__ __forceinline__ void cp16(void* dst, const void* src) {

@@ -30,9 +30,9 @@
 //!   synchronizes or copies to/from the host: they only enqueue kernels on `stream`, so they
 //!   can be captured into a CUDA graph. (If cudarc's event tracking is on, reading the device
 //!   pointers records cudarc's events as for any launch; turn it off for graph capture with
-//!   `CudaContext::disable_event_tracking`.) `upload*` allocate and synchronize their stream (the
-//!   weight prologue of the decode kernels reads weights before the PDL wait), and are not for
-//!   capture.
+//!   `CudaContext::disable_event_tracking`.) `upload*` allocate, synchronize their stream after a repack
+//!   kernel (the weight prologue of the decode kernels reads weights before the PDL wait), and
+//!   are not for capture.
 //! * Arguments are checked on the host (types, shapes, lengths, alignment) and a violation is
 //!   `CudaError::Driver("gemv: ...")`. Expert ids are checked on the device: an id outside
 //!   `0..n_mat` makes the affected outputs NaN (never an out-of-bounds read).
@@ -851,12 +851,13 @@ impl Gemv {
                     // SAFETY: the repack kernels read `nbt` GGUF blocks from `src` (`need`
                     // bytes) and write the regions of `data` laid out by `weight_layout`.
                     unsafe { crate::rt::launch_raw(stream, f, cfg(blocks), &mut p) }?;
+                    // The decode kernels read weights before their PDL wait (weight
+                    // prologue, kernels/common.cuh): no kernel may still be writing them when
+                    // one is launched. (A copy is never overlapped by a PDL launch.)
+                    stream.synchronize().map_err(drv)?;
                 }
             }
         }
-        // The decode kernels read weights before their PDL wait (weight prologue,
-        // kernels/common.cuh): no kernel may still be writing them when one is launched.
-        stream.synchronize().map_err(drv)?;
         Ok(DevWeight {
             ty,
             kind: k,

@@ -17,6 +17,17 @@ pub mod kernels {
     include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
 }
 
+/// Kernels (name prefixes as written in `kernels/*.cu`) that may start with `PDL_DEFERRED()`
+/// and read weights before their PDL wait (README "Weight prologue"), each reviewed for it:
+/// `tests/pdl_entry.rs` allows the marker only on these, and `device::tests` checks their SASS.
+#[doc(hidden)]
+pub const PDL_DEFERRED_KERNELS: [&str; 4] = [
+    "ds4_gemv_",
+    "ds4_gate_up_",
+    "ds4_moe_gate_up_",
+    "ds4_hc_mix_part",
+];
+
 use std::sync::Arc;
 
 use ds4_model::{Backend, Model, ModelError};

@@ -4,17 +4,9 @@
 //! of the kernel sources; runs without a GPU.
 //!
 //! The one exception (common.cuh): `PDL_DEFERRED();`, a weight prologue before the wait. Only
-//! the kernels of [`DEFERRED`] may use it (each was reviewed: it reads only weights before the
+//! the kernels of `ds4_cuda::PDL_DEFERRED_KERNELS` may use it (each was reviewed: it reads only weights before the
 //! wait), and its body must call `pdl_wait();` itself or call a device function of the same
 //! file whose body does.
-
-/// Kernels (name prefixes as written in the sources) allowed to start with `PDL_DEFERRED();`.
-const DEFERRED: [&str; 4] = [
-    "ds4_gemv_",
-    "ds4_gate_up_",
-    "ds4_moe_gate_up_",
-    "ds4_hc_mix_part",
-];
 
 /// The text from the `{` at `open` to its matching `}` (braces inside strings and asm
 /// templates come in pairs too).
@@ -106,7 +98,9 @@ fn every_kernel_starts_with_pdl_entry() {
             let first = body[1..].trim_start();
             let ok = if first.starts_with("PDL_DEFERRED();") {
                 deferred += 1;
-                DEFERRED.iter().any(|p| name.starts_with(p))
+                ds4_cuda::PDL_DEFERRED_KERNELS
+                    .iter()
+                    .any(|p| name.starts_with(p))
                     && (body.contains("pdl_wait();") || waiting.iter().any(|f| calls(body, f)))
             } else {
                 first.starts_with("PDL_ENTRY();")

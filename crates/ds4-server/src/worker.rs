@@ -333,15 +333,13 @@ impl Worker {
         wrote
     }
 
-    /// [`Worker::save`] of the live session under `text` with the extra ext flags `key_flags`.
+    /// [`Worker::save`] of the live session under `text` with the extra ext flags `key_flags`
+    /// (the store and the session length are checked there).
     fn save_as(&mut self, reason: SaveReason, text: &[u8], key_flags: u8) -> bool {
         let Some(store) = self.store.clone() else {
             return false;
         };
         let n = self.session.len();
-        if n < self.cfg.min_tokens.max(1) {
-            return false;
-        }
         if matches!(reason, SaveReason::Evict | SaveReason::Shutdown)
             && store.dir().join(format!("{}.kv", sha1_hex(text))).exists()
         {

@@ -626,9 +626,7 @@ fn prompt_tokens(
         common::load_tokenizer(&lm.gguf, &lm.path)?;
         bail!("{} has no tokenizer", lm.path.display());
     };
-    let b = std::fs::read(f).with_context(|| format!("cannot read {}", f.display()))?;
-    let text = String::from_utf8(b).with_context(|| format!("{} is not UTF-8", f.display()))?;
-    let base = tok.encode(&text)?;
+    let base = tok.encode(&common::read_text(f)?)?;
     if base.is_empty() {
         bail!("{} has no tokens", f.display());
     }

@@ -112,6 +112,12 @@ pub fn load_model(a: &LoadArgs) -> Result<LoadedModel> {
     })
 }
 
+/// A UTF-8 text file (prompts, perplexity texts), with the path in the error.
+pub fn read_text(path: &Path) -> Result<String> {
+    let b = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    String::from_utf8(b).with_context(|| format!("{} is not UTF-8", path.display()))
+}
+
 /// The tokenizer stored in the model file.
 pub fn load_tokenizer(gguf: &Gguf, path: &Path) -> Result<Tokenizer> {
     Tokenizer::from_gguf(gguf)

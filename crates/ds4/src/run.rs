@@ -75,9 +75,7 @@ fn perplexity(
     f: &std::path::Path,
 ) -> Result<()> {
     let tok = tok.context("the model has no tokenizer: --perplexity-file needs one")?;
-    let b = std::fs::read(f).with_context(|| format!("cannot read {}", f.display()))?;
-    let text = String::from_utf8(b).with_context(|| format!("{} is not UTF-8", f.display()))?;
-    let ids = tok.encode(&text)?;
+    let ids = tok.encode(&common::read_text(f)?)?;
     if ids.len() <= PPL_SEED {
         bail!(
             "{} has {} tokens: --perplexity-file needs more than {PPL_SEED}",
@@ -94,26 +92,16 @@ fn perplexity(
     let mut session = common::make_session(&a.model, lm)?;
     session.prefill(&ids[..PPL_SEED])?;
     let nll_of = |logits: &[f32], t: u32| npy::logsumexp(logits) - logits[t as usize] as f64;
-    // `prev` predicts ids[pos]; each chunk's logits rows predict the token after each of its
-    // tokens. The last scored token is never evaluated.
-    let mut prev = session.logits().to_vec();
-    let mut nll = 0f64;
-    let mut pos = PPL_SEED;
+    // The seed's logits score ids[PPL_SEED]; evaluating ids[pos..upto] gives the logits that
+    // score ids[pos + 1..=upto]. The last scored token is never evaluated.
     let end = PPL_SEED + scored;
-    while pos < end {
-        nll += nll_of(&prev, ids[pos]);
+    let mut nll = nll_of(session.logits(), ids[PPL_SEED]);
+    let mut pos = PPL_SEED;
+    while pos + 1 < end {
         let upto = (pos + PPL_CHUNK).min(end - 1);
-        if upto <= pos {
-            break;
-        }
         let rows = session.prefill_all_logits(&ids[pos..upto])?;
         for (k, row) in rows.chunks_exact(n_vocab).enumerate() {
-            let next = pos + 1 + k;
-            if k + 1 < upto - pos {
-                nll += nll_of(row, ids[next]);
-            } else {
-                prev = row.to_vec();
-            }
+            nll += nll_of(row, ids[pos + 1 + k]);
         }
         pos = upto;
     }
@@ -139,10 +127,7 @@ pub fn prompt_ids(a: &Args, tok: Option<&Tokenizer>, think: ThinkMode) -> Result
     }
     let text = match (&a.prompt, &a.prompt_file) {
         (Some(p), _) => p.clone(),
-        (None, Some(f)) => {
-            let b = std::fs::read(f).with_context(|| format!("cannot read {}", f.display()))?;
-            String::from_utf8(b).with_context(|| format!("{} is not UTF-8", f.display()))?
-        }
+        (None, Some(f)) => common::read_text(f)?,
         (None, None) => {
             bail!("give a prompt: -p TEXT, --prompt-file F, --prompt-ids or --prompt-ids-file")
         }

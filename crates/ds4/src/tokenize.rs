@@ -29,10 +29,7 @@ pub fn run(a: Args) -> Result<()> {
     let tok = crate::common::load_tokenizer(&g, &a.model)?;
     let text = match (&a.prompt, &a.text_file) {
         (Some(p), _) => p.clone(),
-        (None, Some(f)) => {
-            let b = std::fs::read(f).with_context(|| format!("cannot read {}", f.display()))?;
-            String::from_utf8(b).with_context(|| format!("{} is not UTF-8", f.display()))?
-        }
+        (None, Some(f)) => crate::common::read_text(f)?,
         (None, None) => unreachable!("clap requires a source"),
     };
     let ids = if a.no_special {
