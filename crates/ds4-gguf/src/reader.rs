@@ -193,6 +193,40 @@ impl Gguf {
             let _ = m.advise(memmap2::Advice::WillNeed);
         }
     }
+
+    /// Bring the whole file into memory (ds4's `--warm-weights`): advise `WILLNEED`, then read
+    /// one byte of every 4 KiB page (volatile reads, on a few threads so the page faults
+    /// overlap). Returns the bytes covered (the file length). Nothing is copied; an in-memory
+    /// file is simply read.
+    pub fn warm_pages(&self) -> u64 {
+        const PAGE: usize = 4096;
+        self.advise_willneed();
+        let bytes = self.backing.bytes();
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .clamp(1, 8);
+        // Whole pages per thread, so no page is touched twice.
+        let per = bytes.len().div_ceil(threads).div_ceil(PAGE).max(1) * PAGE;
+        let touch = |part: &[u8]| {
+            let mut acc = 0u8;
+            for i in (0..part.len()).step_by(PAGE) {
+                // SAFETY: `i < part.len()`, so the pointer is in bounds of a live slice; a
+                // volatile read keeps the page fault from being optimized away.
+                acc ^= unsafe { std::ptr::read_volatile(part.as_ptr().add(i)) };
+            }
+            acc
+        };
+        std::thread::scope(|s| {
+            let handles: Vec<_> = bytes
+                .chunks(per)
+                .map(|part| s.spawn(move || touch(part)))
+                .collect();
+            for h in handles {
+                let _ = std::hint::black_box(h.join());
+            }
+        });
+        bytes.len() as u64
+    }
 }
 
 /// A bounds-checked little-endian cursor.

@@ -431,3 +431,25 @@ fn writer_refuses_inconsistent_input() {
     w.write_tensor_data(&[0; 10]).unwrap();
     assert!(w.finish().is_err());
 }
+
+#[test]
+fn warm_pages_covers_the_file_and_changes_nothing() {
+    // A file of several pages (F32 rows), mapped and in memory.
+    let (bytes, datas) = build(
+        &[],
+        &[(GgmlType::F32, 1024, 9), (GgmlType::Q8_0, 64, 3)],
+        None,
+    );
+    assert!(bytes.len() > 4 * 4096);
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("w.gguf");
+    std::fs::write(&p, &bytes).unwrap();
+    for g in [
+        Gguf::open(&p).unwrap(),
+        Gguf::from_bytes(bytes.clone()).unwrap(),
+    ] {
+        assert_eq!(g.warm_pages(), bytes.len() as u64);
+        assert_eq!(g.bytes(), &bytes[..]);
+        assert_eq!(g.tensor_data("t0").unwrap(), &datas[0][..]);
+    }
+}

@@ -34,6 +34,9 @@ pub struct LoadArgs {
     /// CPU threads (default: all cores).
     #[arg(short = 't', long, env = "DS4_THREADS")]
     pub threads: Option<usize>,
+    /// Touch every page of the mapped model file before generating (a note on stderr).
+    #[arg(long)]
+    pub warm_weights: bool,
     /// Turn off the QAT simulation (FP8 KV rows, Hadamard+FP4 indexer): only to compare with
     /// implementations that omit it.
     #[arg(long)]
@@ -97,6 +100,9 @@ pub fn load_model(a: &LoadArgs) -> Result<LoadedModel> {
     let (path, builtin) = resolve_model(a.model.as_deref())?;
     let gguf =
         Arc::new(Gguf::open(&path).with_context(|| format!("cannot open {}", path.display()))?);
+    if a.warm_weights {
+        warm_weights(&gguf);
+    }
     let opts = EngineOptions {
         qat: !a.no_qat,
         threads: a.threads,
@@ -110,6 +116,18 @@ pub fn load_model(a: &LoadArgs) -> Result<LoadedModel> {
         gguf,
         engine,
     })
+}
+
+/// `--warm-weights`: fault in every page of the model file; one note on stderr.
+pub fn warm_weights(gguf: &Gguf) {
+    let t0 = std::time::Instant::now();
+    let bytes = gguf.warm_pages();
+    let s = t0.elapsed().as_secs_f64();
+    eprintln!(
+        "ds4: warm weights: touched {bytes} bytes ({:.2} GB) in {s:.2} s ({:.2} GB/s)",
+        bytes as f64 / 1e9,
+        bytes as f64 / 1e9 / s.max(1e-9)
+    );
 }
 
 /// A UTF-8 text file (prompts, perplexity texts), with the path in the error.

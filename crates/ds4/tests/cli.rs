@@ -1041,3 +1041,80 @@ fn help_of_every_subcommand() {
         assert!(h.contains(flag), "serve --help lacks {flag}");
     }
 }
+
+/// `--warm-weights` on run, chat, serve and bench: one note with the bytes (the whole file) and
+/// the seconds, and the same greedy tokens as without it.
+#[test]
+fn warm_weights_touches_the_file_and_changes_nothing() {
+    let m = builtin();
+    let size = std::fs::metadata(&m).unwrap().len();
+    let base = [
+        "run",
+        "-m",
+        p(&m),
+        "-p",
+        "Hello",
+        "--nothink",
+        "--temp",
+        "0",
+        "-n",
+        "6",
+        "-c",
+        "256",
+        "--json",
+    ];
+    let tokens = |o: &Output| -> Vec<u32> {
+        assert!(o.status.success(), "{}", stderr(o));
+        let doc: serde_json::Value = serde_json::from_str(stdout(o).trim()).unwrap();
+        serde_json::from_value(doc["tokens"].clone()).unwrap()
+    };
+    let cold = ds4(&base, None);
+    let mut args = base.to_vec();
+    args.push("--warm-weights");
+    let warm = ds4(&args, None);
+    assert_eq!(tokens(&warm), tokens(&cold));
+    assert_eq!(tokens(&warm).len(), 6);
+    let note = |o: &Output| -> String {
+        let e = stderr(o);
+        let notes: Vec<&str> = e
+            .lines()
+            .filter(|l| l.starts_with("ds4: warm weights: "))
+            .collect();
+        assert_eq!(notes.len(), 1, "{e}");
+        notes[0].to_string()
+    };
+    let n = note(&warm);
+    assert!(
+        n.contains(&format!("touched {size} bytes")) && n.contains(" s "),
+        "{n}"
+    );
+    assert!(!stderr(&cold).contains("warm weights"));
+    // chat and bench take it too.
+    let o = cmd(&["chat", "-m", p(&m), "--warm-weights", "-c", "64"], None)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    note(&o);
+    let o = ds4(
+        &[
+            "bench",
+            "-m",
+            p(&m),
+            "--warm-weights",
+            "--ctx-start",
+            "8",
+            "--ctx-max",
+            "8",
+            "-n",
+            "1",
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    note(&o);
+    for sc in ["run", "chat", "serve", "bench"] {
+        let o = ds4(&[sc, "--help"], None);
+        assert!(stdout(&o).contains("--warm-weights"), "{sc} --help");
+    }
+}
