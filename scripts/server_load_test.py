@@ -325,6 +325,9 @@ def main():
                     help="bound on the growth of anonymous RSS (heap, stacks) after the warm-up")
     a = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="ds4-load-")
+    # `ds4 serve` takes ds4's single-instance lock (/tmp/ds4.lock): one of our own, so a ds4
+    # process elsewhere on this machine (another engineer's, another CI run) does not refuse it.
+    os.environ.setdefault("DS4_LOCK_FILE", os.path.join(tmp, "ds4.lock"))
     log_path = os.path.join(tmp, "server.log")
     log = open(log_path, "w")
     kv_dir = os.path.join(tmp, "kv")

@@ -427,6 +427,9 @@ def main():
     a = ap.parse_args()
     print(f"openai {openai.__version__}, anthropic {anthropic.__version__}; server: {a.server}")
     tmp = tempfile.mkdtemp(prefix="ds4-sdk-")
+    # `ds4 serve` takes ds4's single-instance lock (/tmp/ds4.lock): one of our own, so a ds4
+    # process elsewhere on this machine (another engineer's, another CI run) does not refuse it.
+    os.environ.setdefault("DS4_LOCK_FILE", os.path.join(tmp, "ds4.lock"))
     script = os.path.join(tmp, "script.json")
     with open(script, "w") as f:
         json.dump(SCRIPT, f)

@@ -10,6 +10,7 @@ mod common;
 mod convert;
 mod drift;
 mod inspect;
+mod lock;
 mod run;
 mod serve;
 mod synth;
@@ -17,7 +18,14 @@ mod tokenize;
 
 /// DeepSeek V4 Flash inference engine (ds4-rs).
 #[derive(Parser)]
-#[command(name = "ds4", version, about, propagate_version = true)]
+#[command(
+    name = "ds4",
+    version,
+    about,
+    propagate_version = true,
+    after_help = "run, chat, serve and bench hold a single-instance lock (flock on /tmp/ds4.lock, \
+DS4_LOCK_FILE overrides the path): a second one exits with status 2."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -48,6 +56,13 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // ds4's single-instance lock, for the life of every process that loads a model for
+    // inference (taken before the model is mapped; the kernel drops it at exit).
+    let _lock = match &cli.command {
+        Command::Run(_) | Command::Chat(_) | Command::Serve(_) => Some(lock::acquire_or_exit()),
+        Command::Bench(b) if b.plot.is_empty() => Some(lock::acquire_or_exit()),
+        _ => None,
+    };
     let result = match cli.command {
         Command::Run(a) => run::run(a),
         Command::Chat(a) => chat::run(a),

@@ -76,11 +76,31 @@ fn tiny_f32() -> &'static Path {
     })
 }
 
-/// A `ds4` command: TMPDIR at the shared directory, no DS4_MODEL from the environment.
+/// A single-instance lock path of its own for every spawned `ds4` (`DS4_LOCK_FILE`), so tests
+/// running in parallel never refuse each other: `<shared tmp>/locks/<test pid>-<n>.lock`.
+fn own_lock_file() -> PathBuf {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static N: AtomicUsize = AtomicUsize::new(0);
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    let dir = DIR.get_or_init(|| {
+        let d = shared_tmp().join("locks");
+        // Leftovers of earlier runs go (a lock held by a live process stays held: the kernel
+        // locks the open file, not its name).
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    });
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    dir.join(format!("{}-{n}.lock", std::process::id()))
+}
+
+/// A `ds4` command: TMPDIR at the shared directory, no DS4_MODEL from the environment, a lock
+/// file of its own (`.env("DS4_LOCK_FILE", …)` after this overrides it).
 fn cmd(args: &[&str], cwd: Option<&Path>) -> Command {
     let mut c = Command::new(BIN);
     c.args(args)
         .env("TMPDIR", shared_tmp())
+        .env("DS4_LOCK_FILE", own_lock_file())
         .env_remove("DS4_MODEL")
         .env_remove("RUST_LOG")
         .env("DS4_THREADS", "2");
@@ -1040,6 +1060,107 @@ fn help_of_every_subcommand() {
     ] {
         assert!(h.contains(flag), "serve --help lacks {flag}");
     }
+}
+
+/// ds4's single-instance lock: while `ds4 chat` runs, every other engine process on the same
+/// lock file (run, bench, serve, a subcommand-less line) exits 2 with ds4's line and nothing
+/// else; tools that load no model for inference, another lock file, and the same lock file
+/// once the holder has exited all run.
+#[test]
+fn single_instance_lock() {
+    let dir = tempfile::tempdir().unwrap();
+    let lock = dir.path().join("ds4.lock");
+    let m = builtin();
+    let mut holder = ChildGuard(
+        cmd(
+            &["chat", "-m", p(&m), "-c", "256", "--temp", "0", "-n", "1"],
+            Some(dir.path()),
+        )
+        .env("DS4_LOCK_FILE", &lock)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap(),
+    );
+    // The holder writes its pid into the lock file.
+    let pid = holder.0.id();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::fs::read_to_string(&lock).unwrap_or_default().trim() != pid.to_string() {
+        assert!(Instant::now() < deadline, "the lock file never got the pid");
+        assert!(holder.0.try_wait().unwrap().is_none(), "chat exited");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let want =
+        format!("ds4: another ds4 process is already running (pid {pid}); refusing to start\n");
+    let with_lock = |args: &[&str]| {
+        cmd(args, Some(dir.path()))
+            .env("DS4_LOCK_FILE", &lock)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    for args in [
+        &["run", "-m", p(&m), "-p", "hi", "-n", "1"][..],
+        &["chat", "-m", p(&m)],
+        &[
+            "bench",
+            "-m",
+            p(&m),
+            "--ctx-start",
+            "8",
+            "--ctx-max",
+            "8",
+            "-n",
+            "1",
+        ],
+        &["serve", "-m", p(&m), "--port", "0"],
+    ] {
+        let o = with_lock(args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
+        assert_eq!(stderr(&o), want, "{args:?}");
+        assert!(o.stdout.is_empty());
+    }
+    // Not engine processes: no lock.
+    let o = with_lock(&["tokenize", "-m", p(&m), "-p", "hi"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = with_lock(&["inspect", p(&m)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // Another lock file: no collision.
+    let o = ds4(
+        &["run", "-m", p(&m), "-p", "hi", "-n", "1", "-c", "64"],
+        None,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    // The holder ends (EOF on stdin): the lock is free again.
+    drop(holder.0.stdin.take());
+    let st = holder.0.wait().unwrap();
+    assert!(st.success(), "{st}");
+    let o = with_lock(&["run", "-m", p(&m), "-p", "hi", "-n", "1", "-c", "64"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // It wrote its own pid over the holder's.
+    let after: u32 = std::fs::read_to_string(&lock)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_ne!(after, pid);
+    // A lock file that cannot be opened: one warning, and the run goes on.
+    let o = cmd(
+        &["run", "-m", p(&m), "-p", "hi", "-n", "1", "-c", "64"],
+        None,
+    )
+    .env("DS4_LOCK_FILE", dir.path().join("no/such/dir/ds4.lock"))
+    .stdin(Stdio::null())
+    .output()
+    .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let e = stderr(&o);
+    assert_eq!(
+        e.matches("ds4: warning: cannot open the lock file").count(),
+        1,
+        "{e}"
+    );
 }
 
 /// `--warm-weights` on run, chat, serve and bench: one note with the bytes (the whole file) and
