@@ -17,7 +17,7 @@ use crate::common::{self, ModelArgs, SamplingArgs, ThinkArgs, Utf8Stream};
 pub struct Args {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// System prompt ("" removes it).
+    /// System prompt ("" removes it; also `-sys`).
     #[arg(long = "system", visible_alias = "sys", default_value = ds4_tokenizer::chat::DEFAULT_SYSTEM_PROMPT)]
     pub system: String,
     /// Most tokens generated per turn.

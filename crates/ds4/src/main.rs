@@ -2,8 +2,9 @@
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
+mod argv;
 mod bench;
 mod chat;
 mod common;
@@ -23,8 +24,12 @@ mod tokenize;
     version,
     about,
     propagate_version = true,
-    after_help = "run, chat, serve and bench hold a single-instance lock (flock on /tmp/ds4.lock, \
-DS4_LOCK_FILE overrides the path): a second one exits with status 2."
+    after_help = "Without a subcommand (ds4's invocation): `ds4 -p TEXT [FLAGS]` (or any other flag \
+only `run` has: --prompt-file, --perplexity-file, --dump-tokens, --dump-logprobs, ...) is \
+`ds4 run ...`; `ds4 [FLAGS]` without one, or `ds4` alone, is the interactive REPL, `ds4 chat ...`. \
+`-sys TEXT` is `--system TEXT` (run, chat, bench).\n\n\
+run, chat, serve and bench hold a single-instance lock (flock on /tmp/ds4.lock, DS4_LOCK_FILE \
+overrides the path): a second one exits with status 2."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -54,8 +59,23 @@ enum Command {
     Inspect(inspect::Args),
 }
 
+/// Parse the command line after [`argv::rewrite`] (ds4's spellings).
+fn parse_cli() -> Cli {
+    let mut cmd = Cli::command();
+    let sub = |name: &str| cmd.find_subcommand(name).cloned();
+    let run_only = match (sub("run"), sub("chat")) {
+        (Some(run), Some(chat)) => argv::RunOnly::from_commands(&run, &chat),
+        _ => argv::RunOnly::default(),
+    };
+    let args = argv::rewrite(std::env::args_os().collect(), &run_only);
+    let matches = cmd
+        .try_get_matches_from_mut(args)
+        .unwrap_or_else(|e| e.exit());
+    Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.format(&mut cmd).exit())
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = parse_cli();
     // ds4's single-instance lock, for the life of every process that loads a model for
     // inference (taken before the model is mapped; the kernel drops it at exit).
     let _lock = match &cli.command {
@@ -98,4 +118,47 @@ fn error_line(e: &anyhow::Error) -> String {
         line.push_str(&c);
     }
     line.replace(['\n', '\r'], " ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The flags that make a subcommand-less line `ds4 run` come from clap's definitions: run's
+    /// prompt and diagnostic flags, none of the flags chat shares.
+    #[test]
+    fn run_only_flags_from_the_subcommands() {
+        let cmd = Cli::command();
+        let run = cmd.find_subcommand("run").unwrap();
+        let chat = cmd.find_subcommand("chat").unwrap();
+        let r = argv::RunOnly::from_commands(run, chat);
+        for l in [
+            "prompt",
+            "prompt-file",
+            "prompt-ids",
+            "prompt-ids-file",
+            "perplexity-file",
+            "dump-tokens",
+            "dump-logits",
+            "dump-prompt-logits",
+            "dump-logprobs",
+            "json",
+        ] {
+            assert!(r.longs.iter().any(|x| x == l), "{l}: {r:?}");
+        }
+        for l in [
+            "system",
+            "sys",
+            "model",
+            "temp",
+            "nothink",
+            "ctx",
+            "tokens",
+            "warm-weights",
+        ] {
+            assert!(!r.longs.iter().any(|x| x == l), "{l}: {r:?}");
+        }
+        assert_eq!(r.shorts, ['p']);
+        Cli::command().debug_assert();
+    }
 }

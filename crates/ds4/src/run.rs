@@ -26,7 +26,7 @@ pub struct Args {
     /// Prompt ids from a JSON array file.
     #[arg(long, group = "source")]
     pub prompt_ids_file: Option<PathBuf>,
-    /// System prompt ("" removes it).
+    /// System prompt ("" removes it; also `-sys`).
     #[arg(long = "system", visible_alias = "sys", default_value = ds4_tokenizer::chat::DEFAULT_SYSTEM_PROMPT)]
     pub system: String,
     /// Tokens to generate (clamped to the context).

@@ -1102,6 +1102,7 @@ fn single_instance_lock() {
     };
     for args in [
         &["run", "-m", p(&m), "-p", "hi", "-n", "1"][..],
+        &["-m", p(&m), "-p", "hi", "-n", "1"],
         &["chat", "-m", p(&m)],
         &[
             "bench",
@@ -1238,4 +1239,108 @@ fn warm_weights_touches_the_file_and_changes_nothing() {
         let o = ds4(&[sc, "--help"], None);
         assert!(stdout(&o).contains("--warm-weights"), "{sc} --help");
     }
+}
+
+/// ds4's invocation without a subcommand: a prompt makes it `ds4 run`, no prompt (or no
+/// argument at all) the REPL; `-sys` is `--system` on run, chat and bench; the top-level help
+/// and version are clap's.
+#[test]
+fn no_subcommand_and_sys_spellings() {
+    let m = builtin();
+    let one_shot = [
+        "-m",
+        p(&m),
+        "-p",
+        "Hello",
+        "--nothink",
+        "--temp",
+        "0",
+        "-n",
+        "4",
+        "-c",
+        "256",
+        "--json",
+    ];
+    let bare = ds4(&one_shot, None);
+    assert!(bare.status.success(), "{}", stderr(&bare));
+    let mut run = vec!["run"];
+    run.extend_from_slice(&one_shot);
+    let sub = ds4(&run, None);
+    let tokens = |o: &Output| {
+        let doc: serde_json::Value = serde_json::from_str(stdout(o).trim()).unwrap();
+        doc["tokens"].clone()
+    };
+    assert_eq!(tokens(&bare), tokens(&sub));
+    assert_eq!(tokens(&bare).as_array().unwrap().len(), 4);
+    // The one-shot diagnostics too.
+    let o = ds4(&["-m", p(&m), "-p", "Hello", "--dump-tokens"], None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).starts_with('['));
+    // Flags without a prompt: the REPL.
+    let o = cmd(
+        &[
+            "-m",
+            p(&m),
+            "--nothink",
+            "--temp",
+            "0",
+            "-n",
+            "2",
+            "-c",
+            "256",
+            "--verbose",
+        ],
+        None,
+    )
+    .stdin(Stdio::piped())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .and_then(|mut c| {
+        c.stdin.take().unwrap().write_all(b"Hello there\n")?;
+        c.wait_with_output()
+    })
+    .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("ds4: turn 1:"), "{}", stderr(&o));
+    // No arguments at all: the REPL on the default model (the built-in one here); EOF ends it.
+    let cwd = tempfile::tempdir().unwrap();
+    let o = ds4(&[], Some(cwd.path()));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).contains("tiny built-in model"), "{}", stderr(&o));
+    // Help and version are the top level's.
+    for h in ["-h", "--help"] {
+        let o = ds4(&[h], None);
+        assert!(o.status.success());
+        let out = stdout(&o);
+        assert!(
+            out.contains("Commands:") && out.contains("Without a subcommand"),
+            "{out}"
+        );
+    }
+    let o = ds4(&["-V"], None);
+    assert_eq!(
+        stdout(&o).trim(),
+        format!("ds4 {}", env!("CARGO_PKG_VERSION"))
+    );
+    // -sys TEXT is --system TEXT: same prompt tokens, which differ from the default system's.
+    let dump = |sys: &[&str]| -> String {
+        let mut a = vec!["run", "-m", p(&m), "-p", "Hi", "--dump-tokens"];
+        a.extend_from_slice(sys);
+        let o = ds4(&a, None);
+        assert!(o.status.success(), "{sys:?}: {}", stderr(&o));
+        stdout(&o)
+    };
+    let long = dump(&["--system", "Be brief."]);
+    assert_eq!(dump(&["-sys", "Be brief."]), long);
+    assert_ne!(dump(&[]), long);
+    assert_eq!(dump(&["-sys", ""]), dump(&["--system", ""]));
+    let o = cmd(
+        &["chat", "-m", p(&m), "-sys", "Be brief.", "-c", "64"],
+        None,
+    )
+    .stdin(Stdio::null())
+    .output()
+    .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
 }

@@ -1,0 +1,210 @@
+//! ds4's command-line spellings that clap cannot express, as one rewrite of the arguments
+//! before clap parses them (ds4-features.md §1.1, §1.2):
+//! - `-sys TEXT` is `--system TEXT` (clap's short flags are one letter);
+//! - no subcommand: `ds4 -p TEXT …` (any flag only `ds4 run` has: `--prompt-file`,
+//!   `--perplexity-file`, the dumps, …) is `ds4 run …`; `ds4 [FLAGS]` without such a flag, or
+//!   `ds4` alone, is the interactive REPL, `ds4 chat …`.
+//!
+//! A first argument that is not a flag (a subcommand, or something clap will reject) and a
+//! first argument `-h`/`--help`/`-V`/`--version` leave the line as it is, so the subcommands
+//! and clap's top-level help and version are unchanged. Everything after `--` is left alone.
+
+use std::ffi::OsString;
+
+/// Which flags send a subcommand-less line to `run`: the long names (without `--`) and short
+/// letters that `run` has and `chat` does not.
+#[derive(Clone, Debug, Default)]
+pub struct RunOnly {
+    pub longs: Vec<String>,
+    pub shorts: Vec<char>,
+}
+
+impl RunOnly {
+    /// From clap's definitions of the two subcommands.
+    pub fn from_commands(run: &clap::Command, chat: &clap::Command) -> RunOnly {
+        let longs = |c: &clap::Command| -> Vec<String> {
+            c.get_arguments()
+                .flat_map(|a| {
+                    a.get_long_and_visible_aliases()
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(str::to_string)
+                })
+                .collect()
+        };
+        let shorts = |c: &clap::Command| -> Vec<char> {
+            c.get_arguments()
+                .flat_map(|a| a.get_short_and_visible_aliases().unwrap_or_default())
+                .collect()
+        };
+        let (chat_l, chat_s) = (longs(chat), shorts(chat));
+        RunOnly {
+            longs: longs(run)
+                .into_iter()
+                .filter(|l| !chat_l.contains(l))
+                .collect(),
+            shorts: shorts(run)
+                .into_iter()
+                .filter(|s| !chat_s.contains(s))
+                .collect(),
+        }
+    }
+
+    fn matches(&self, arg: &str) -> bool {
+        if let Some(long) = arg.strip_prefix("--") {
+            let name = long.split_once('=').map_or(long, |(n, _)| n);
+            self.longs.iter().any(|l| l == name)
+        } else if let Some(short) = arg.strip_prefix('-') {
+            short
+                .chars()
+                .next()
+                .is_some_and(|c| self.shorts.contains(&c))
+        } else {
+            false
+        }
+    }
+}
+
+/// The rewritten arguments (`args[0]` is the program name).
+pub fn rewrite(mut args: Vec<OsString>, run_only: &RunOnly) -> Vec<OsString> {
+    // Up to `--` (exclusive): the options clap will parse.
+    let end = args.iter().position(|a| a == "--").unwrap_or(args.len());
+    for a in &mut args[1.min(end)..end] {
+        if a == "-sys" {
+            *a = "--system".into();
+        }
+    }
+    let Some(first) = args.get(1).and_then(|a| a.to_str()) else {
+        if args.len() <= 1 {
+            args.push("chat".into());
+        }
+        return args;
+    };
+    let keep = matches!(first, "-h" | "--help" | "-V" | "--version")
+        || !first.starts_with('-')
+        || first == "--"
+        || first == "-";
+    if keep {
+        return args;
+    }
+    let one_shot = args[1..end]
+        .iter()
+        .any(|a| a.to_str().is_some_and(|s| run_only.matches(s)));
+    args.insert(1, if one_shot { "run" } else { "chat" }.into());
+    args
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run_only() -> RunOnly {
+        RunOnly {
+            longs: [
+                "prompt",
+                "prompt-file",
+                "perplexity-file",
+                "dump-tokens",
+                "json",
+            ]
+            .map(String::from)
+            .to_vec(),
+            shorts: vec!['p'],
+        }
+    }
+
+    fn rw(line: &[&str]) -> Vec<String> {
+        let mut a: Vec<OsString> = vec!["ds4".into()];
+        a.extend(line.iter().map(OsString::from));
+        rewrite(a, &run_only())
+            .into_iter()
+            .skip(1)
+            .map(|s| s.into_string().unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn no_subcommand_is_run_with_a_prompt_else_chat() {
+        assert_eq!(rw(&[]), ["chat"]);
+        assert_eq!(rw(&["-p", "hi"]), ["run", "-p", "hi"]);
+        assert_eq!(rw(&["-phi", "-n", "3"]), ["run", "-phi", "-n", "3"]);
+        assert_eq!(rw(&["--prompt=hi"]), ["run", "--prompt=hi"]);
+        assert_eq!(
+            rw(&["-m", "x.gguf", "--prompt-file", "f"]),
+            ["run", "-m", "x.gguf", "--prompt-file", "f"]
+        );
+        assert_eq!(
+            rw(&["--perplexity-file", "t.txt"]),
+            ["run", "--perplexity-file", "t.txt"]
+        );
+        assert_eq!(
+            rw(&["--dump-tokens", "-p", "x"]),
+            ["run", "--dump-tokens", "-p", "x"]
+        );
+        assert_eq!(
+            rw(&["-m", "x.gguf", "--nothink"]),
+            ["chat", "-m", "x.gguf", "--nothink"]
+        );
+        assert_eq!(rw(&["--temp", "0"]), ["chat", "--temp", "0"]);
+        // A prompt flag after `--` is not an option.
+        assert_eq!(
+            rw(&["-c", "9", "--", "-p"]),
+            ["chat", "-c", "9", "--", "-p"]
+        );
+        // Flag names that only start like a run flag do not count.
+        assert_eq!(rw(&["--prompting"]), ["chat", "--prompting"]);
+    }
+
+    #[test]
+    fn subcommands_help_and_version_are_unchanged() {
+        for line in [
+            &["run", "-p", "hi"][..],
+            &["chat", "--nothink"],
+            &["serve", "--port", "0"],
+            &["bench", "--ctx-max", "8"],
+            &["inspect", "m.gguf"],
+            &["help"],
+            &["-h"],
+            &["--help"],
+            &["-V"],
+            &["--version"],
+            &["nonsense", "-p", "x"],
+            &["--", "-p"],
+        ] {
+            assert_eq!(rw(line), line, "{line:?}");
+        }
+    }
+
+    #[test]
+    fn sys_is_system_everywhere_but_after_double_dash() {
+        assert_eq!(
+            rw(&["run", "-sys", "S", "-p", "x"]),
+            ["run", "--system", "S", "-p", "x"]
+        );
+        assert_eq!(rw(&["bench", "-sys", "S"]), ["bench", "--system", "S"]);
+        assert_eq!(
+            rw(&["-sys", "", "-p", "x"]),
+            ["run", "--system", "", "-p", "x"]
+        );
+        assert_eq!(rw(&["-sys", "S"]), ["chat", "--system", "S"]);
+        assert_eq!(rw(&["chat", "--", "-sys"]), ["chat", "--", "-sys"]);
+        // Only the exact token.
+        assert_eq!(rw(&["run", "-sysx"]), ["run", "-sysx"]);
+    }
+
+    #[test]
+    fn non_utf8_arguments_pass_through() {
+        #[cfg(unix)]
+        {
+            use std::os::unix::ffi::OsStringExt;
+            let bad = OsString::from_vec(vec![b'-', b'p', 0xff]);
+            let out = rewrite(vec!["ds4".into(), "-m".into(), bad.clone()], &run_only());
+            assert_eq!(
+                out,
+                vec!["ds4".into(), "chat".into(), "-m".into(), bad.clone()]
+            );
+            let out = rewrite(vec!["ds4".into(), bad.clone()], &run_only());
+            assert_eq!(out, vec![OsString::from("ds4"), bad]);
+        }
+    }
+}
