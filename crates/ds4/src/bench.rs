@@ -2,11 +2,13 @@
 //! of the benchmark protocol (performance.md §5.4), and `ds4 bench --plot` (an SVG of a CSV).
 //!
 //! Method, as ds4-bench: load the model once; build one fixed token sequence (a text file's
-//! tokens repeated to fill, or seeded random ids); walk the frontiers `ctx-start, …, ctx-max`.
+//! tokens repeated to fill, `--chat-prompt-file`'s no-thinking chat rendering, or seeded random
+//! ids); walk the frontiers `ctx-start, …, ctx-max`.
 //! At each frontier: sync the session to the prefix (only the new interval is prefilled, and
 //! timed: `prefill_tps`); snapshot the session (untimed; its size is `kvcache_bytes`); run
 //! exactly `--gen-tokens` greedy decode steps with EOS excluded (timed: `gen_tps`); restore the
-//! snapshot (untimed); write one CSV row. With `--whole-prompt` the session is emptied before
+//! snapshot (untimed); write one CSV row (and, with `--dump-frontier-logits-dir`, the
+//! frontier's logits as ds4-bench's JSON, untimed, before the snapshot). With `--whole-prompt` the session is emptied before
 //! each frontier, so `prefill_tps` is the cold prefill of the whole prompt (performance.md §5.4).
 //! Before the first frontier, one untimed warm-up prefill of the first frontier's prompt (then
 //! emptied) loads what the backend loads lazily on first use (CUDA modules, cuBLAS kernels),
@@ -55,6 +57,19 @@ pub struct Args {
     /// --ctx-max). Default: seeded random token ids.
     #[arg(long)]
     pub prompt_file: Option<PathBuf>,
+    /// Render FILE as one no-thinking chat user message after the system text (--system), as
+    /// `ds4 run --nothink --prompt-file FILE` does; the rendered prompt must have at least
+    /// --ctx-max tokens (it is not repeated).
+    #[arg(long, value_name = "FILE", conflicts_with = "prompt_file")]
+    pub chat_prompt_file: Option<PathBuf>,
+    /// System text of --chat-prompt-file ("" removes it; also `-sys`) [default: "You are a
+    /// helpful assistant." (ds4-bench's, with the period)].
+    #[arg(long = "system", value_name = "TEXT", requires = "chat_prompt_file")]
+    pub system: Option<String>,
+    /// Write DIR/frontier_NNNNNN.logits.json at every frontier (ds4-bench's JSON: the full
+    /// next-token logits after the frontier's prefix; `ds4 drift` reads it). DIR must exist.
+    #[arg(long, value_name = "DIR")]
+    pub dump_frontier_logits_dir: Option<PathBuf>,
     /// Seed of the random token prompt.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
@@ -607,7 +622,74 @@ fn argmax_excluding(logits: &[f32], exclude: Option<u32>) -> u32 {
     best.map_or(0, |(i, _)| i as u32)
 }
 
-/// The fixed token sequence: a text file's tokens repeated, or seeded random ids.
+/// ds4-bench's default system text for `--chat-prompt-file` (with a period, unlike the CLI's).
+pub const BENCH_DEFAULT_SYSTEM: &str = "You are a helpful assistant.";
+
+/// What a frontier logits file says besides the logits.
+pub struct FrontierMeta<'a> {
+    pub model: &'a str,
+    pub backend: &'a str,
+    pub quality: bool,
+    /// Routed-expert bits (`null` when unknown).
+    pub quant_bits: Option<u8>,
+    pub frontier: usize,
+    pub prefill_tokens: usize,
+    pub ctx: usize,
+}
+
+/// ds4-bench's `frontier_%06d.logits.json` (`write_frontier_logits_json`), plus ds4 PR #15's
+/// `"mt":"off"` (no Metal Tensor routes here): one field a line, the logits 8 a line,
+/// non-finite ones `null`; `prompt_tokens` and `frontier_tokens` are both the frontier, as
+/// ds4-bench writes them; `argmax_id` is the first largest finite logit.
+pub fn frontier_logits_json(m: &FrontierMeta, logits: &[f32]) -> String {
+    use std::fmt::Write as _;
+    let mut best: Option<(usize, f32)> = None;
+    for (i, &v) in logits.iter().enumerate() {
+        if v.is_finite() && best.is_none_or(|(_, b)| v > b) {
+            best = Some((i, v));
+        }
+    }
+    let num = |v: f32| {
+        if v.is_finite() {
+            format!("{v}")
+        } else {
+            "null".into()
+        }
+    };
+    let mut s = String::with_capacity(64 + logits.len() * 14);
+    let _ = write!(
+        s,
+        "{{\n  \"source\":\"ds4-bench\",\n  \"model\":{},\n  \"backend\":{},\n  \"mt\":\"off\",\n  \
+         \"quality\":{},\n  \"quant_bits\":{},\n  \"prompt_tokens\":{},\n  \"frontier_tokens\":{},\n  \
+         \"prefill_tokens\":{},\n  \"ctx\":{},\n  \"vocab\":{},\n  \"argmax_id\":{},\n  \
+         \"argmax_logit\":{},\n  \"logits\":[",
+        serde_json::Value::from(m.model),
+        serde_json::Value::from(m.backend),
+        m.quality,
+        m.quant_bits.map_or("null".into(), |b| b.to_string()),
+        m.frontier,
+        m.frontier,
+        m.prefill_tokens,
+        m.ctx,
+        logits.len(),
+        best.map_or(0, |(i, _)| i),
+        best.map_or("null".into(), |(_, v)| num(v)),
+    );
+    for (i, &v) in logits.iter().enumerate() {
+        if i > 0 {
+            s.push(',');
+        }
+        if i % 8 == 0 {
+            s.push_str("\n    ");
+        }
+        s.push_str(&num(v));
+    }
+    s.push_str("\n  ]\n}\n");
+    s
+}
+
+/// The fixed token sequence: a text file's tokens repeated, the chat rendering of
+/// `--chat-prompt-file` (at least `n` tokens), or seeded random ids.
 fn prompt_tokens(
     a: &Args,
     lm: &common::LoadedModel,
@@ -615,6 +697,21 @@ fn prompt_tokens(
     n: usize,
 ) -> Result<Vec<u32>> {
     let n_vocab = lm.engine.shape().n_vocab;
+    if let Some(f) = &a.chat_prompt_file {
+        let tok = tok.context("the model has no tokenizer: --chat-prompt-file needs one")?;
+        let system = a.system.as_deref().unwrap_or(BENCH_DEFAULT_SYSTEM);
+        let text = common::read_text(f)?;
+        let ids =
+            ds4_tokenizer::encode_cli_prompt(tok, system, &text, ds4_tokenizer::ThinkMode::None)?;
+        if ids.len() < n {
+            bail!(
+                "the chat prompt of {} has {} tokens, need at least --ctx-max={n}",
+                f.display(),
+                ids.len()
+            );
+        }
+        return Ok(ids);
+    }
     let Some(f) = &a.prompt_file else {
         let mut rng = ds4_model::Rng::new(a.seed);
         return Ok((0..n)
@@ -654,6 +751,14 @@ pub fn run(a: Args) -> Result<()> {
     {
         bail!("--bandwidth-gbps must be positive");
     }
+    if let Some(d) = &a.dump_frontier_logits_dir
+        && !d.is_dir()
+    {
+        bail!(
+            "--dump-frontier-logits-dir {}: not an existing directory",
+            d.display()
+        );
+    }
     let lm = common::load_model(&a.load)?;
     let model = lm.engine.model().clone();
     let tok = common::load_tokenizer(&lm.gguf, &lm.path).ok();
@@ -681,6 +786,7 @@ pub fn run(a: Args) -> Result<()> {
             }
         };
     let backend_name = backend.name().to_string();
+    let model_name = lm.path.display().to_string();
     let bandwidth = a.bandwidth_gbps.or_else(|| default_bandwidth_gbps(&card));
     if bandwidth.is_none() && a.load.backend == BackendChoice::Cuda {
         eprintln!(
@@ -731,6 +837,20 @@ pub fn run(a: Args) -> Result<()> {
             .with_context(|| format!("prefill to {frontier}"))?;
         let prefill_s = t0.elapsed().as_secs_f64();
         let prefill_tokens = frontier - previous;
+        if let Some(dir) = &a.dump_frontier_logits_dir {
+            let path = dir.join(format!("frontier_{frontier:06}.logits.json"));
+            let meta = FrontierMeta {
+                model: &model_name,
+                backend: &backend_name,
+                quality: a.load.quality,
+                quant_bits: Some(common::routed_quant_bits(&model)).filter(|&b| b > 0),
+                frontier,
+                prefill_tokens,
+                ctx,
+            };
+            std::fs::write(&path, frontier_logits_json(&meta, session.logits()))
+                .with_context(|| format!("cannot write {}", path.display()))?;
+        }
         let snap = session
             .snapshot()
             .with_context(|| format!("snapshot at {frontier}"))?;
@@ -1039,6 +1159,78 @@ mod tests {
         // Sanity: well below the file, above the LM head alone.
         assert!(got < g.tensor_bytes_total());
         assert!(got > m.weights.output.t.n_bytes as u64);
+    }
+
+    #[test]
+    fn frontier_logits_json_has_ds4_benchs_fields() {
+        let logits: Vec<f32> = (0..10)
+            .map(|i| match i {
+                3 => 7.5,
+                5 => 7.5,
+                6 => f32::NAN,
+                7 => f32::INFINITY,
+                _ => i as f32 * -0.25,
+            })
+            .collect();
+        let meta = FrontierMeta {
+            model: "dir/\"m\".gguf",
+            backend: "cpu",
+            quality: true,
+            quant_bits: Some(2),
+            frontier: 48,
+            prefill_tokens: 16,
+            ctx: 60,
+        };
+        let text = frontier_logits_json(&meta, &logits);
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let keys: Vec<&str> = v.as_object().unwrap().keys().map(|k| k.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "source",
+                "model",
+                "backend",
+                "mt",
+                "quality",
+                "quant_bits",
+                "prompt_tokens",
+                "frontier_tokens",
+                "prefill_tokens",
+                "ctx",
+                "vocab",
+                "argmax_id",
+                "argmax_logit",
+                "logits"
+            ]
+        );
+        assert_eq!(v["source"], "ds4-bench");
+        assert_eq!(v["model"], "dir/\"m\".gguf");
+        assert_eq!(v["mt"], "off");
+        assert_eq!(v["quality"], true);
+        assert_eq!(v["quant_bits"], 2);
+        assert_eq!(
+            (v["prompt_tokens"].clone(), v["frontier_tokens"].clone()),
+            (48.into(), 48.into())
+        );
+        assert_eq!(v["prefill_tokens"], 16);
+        assert_eq!(v["ctx"], 60);
+        assert_eq!(v["vocab"], 10);
+        // First largest finite logit; non-finite ones are null.
+        assert_eq!(v["argmax_id"], 3);
+        assert_eq!(v["argmax_logit"], 7.5);
+        let l = v["logits"].as_array().unwrap();
+        assert_eq!(l.len(), 10);
+        assert!(l[6].is_null() && l[7].is_null());
+        assert_eq!(l[1].as_f64().unwrap() as f32, -0.25);
+        // Eight logits a line.
+        assert_eq!(text.lines().filter(|l| l.starts_with("    ")).count(), 2);
+        let none = FrontierMeta {
+            quant_bits: None,
+            ..meta
+        };
+        let v: serde_json::Value =
+            serde_json::from_str(&frontier_logits_json(&none, &[f32::NAN])).unwrap();
+        assert!(v["quant_bits"].is_null() && v["argmax_logit"].is_null());
     }
 
     #[test]

@@ -2,8 +2,9 @@
 //! (`compare_logit_drift.py`): whole-vocab rms, max_abs, top-20 max_abs, top-5 / top-20 overlap,
 //! same top-1, max rank delta of the reference's top-20, non-finite count; pass/fail against an
 //! envelope given on the command line. Either file may also be antirez/ds4's `--dump-logits`
-//! JSON (one row: the logits after the prompt, `null` for non-finite values), so a ds4-rs dump
-//! can be held against ds4's own.
+//! JSON (one row: the logits after the prompt, `null` for non-finite values), or a ds4-bench /
+//! `ds4 bench --dump-frontier-logits-dir` `frontier_NNNNNN.logits.json` (the same `logits`
+//! array), so a ds4-rs dump can be held against ds4's own.
 
 use std::path::PathBuf;
 
@@ -13,7 +14,7 @@ use ds4_model::npy;
 #[derive(clap::Args)]
 pub struct Args {
     /// Reference logits (.npy, float32 [rows, vocab] or [vocab]; or ds4's `--dump-logits`
-    /// JSON, one row).
+    /// JSON or a bench frontier_NNNNNN.logits.json, one row).
     reference: PathBuf,
     /// Candidate logits (same shape).
     candidate: PathBuf,

@@ -1344,3 +1344,194 @@ fn no_subcommand_and_sys_spellings() {
     .unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
 }
+
+/// `ds4 bench --chat-prompt-file` renders the file as `ds4 run --nothink` does (same tokens,
+/// same logits), `--dump-frontier-logits-dir` writes ds4-bench's JSON at every frontier, and
+/// `ds4 drift` reads those files.
+#[test]
+fn bench_chat_prompt_and_frontier_logits() {
+    let m = builtin();
+    let dir = tempfile::tempdir().unwrap();
+    let text = "Quel ramo del lago di Como, che volge a mezzogiorno, tra due catene non \
+                interrotte di monti, tutto a seni e a golfi.";
+    let f = dir.path().join("chat.txt");
+    std::fs::write(&f, text).unwrap();
+    let g = ds4_gguf::Gguf::open(&m).unwrap();
+    let tok = ds4_tokenizer::Tokenizer::from_gguf(&g).unwrap();
+    let ids =
+        ds4_tokenizer::encode_cli_prompt(&tok, "Be brief.", text, ds4_tokenizer::ThinkMode::None)
+            .unwrap();
+    let n = ids.len();
+    assert!(n > 32, "{n}");
+    let out = dir.path().join("logits");
+    std::fs::create_dir(&out).unwrap();
+    let n_s = n.to_string();
+    let o = ds4(
+        &[
+            "bench",
+            "-m",
+            p(&m),
+            "--chat-prompt-file",
+            p(&f),
+            "-sys",
+            "Be brief.",
+            "--ctx-start",
+            "16",
+            "--ctx-max",
+            &n_s,
+            "--step-incr",
+            "16",
+            "-n",
+            "1",
+            "--dump-frontier-logits-dir",
+            p(&out),
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let frontiers: Vec<usize> = stdout(&o)
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').next().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(frontiers, [16, 32, n]);
+    // The reference: `ds4 run` on the same text, system and no thinking.
+    let pl = dir.path().join("prompt.npy");
+    let o = ds4(
+        &[
+            "run",
+            "-m",
+            p(&m),
+            "--prompt-file",
+            p(&f),
+            "--system",
+            "Be brief.",
+            "--nothink",
+            "--temp",
+            "0",
+            "-n",
+            "1",
+            "-c",
+            "256",
+            "--dump-prompt-logits",
+            p(&pl),
+        ],
+        None,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let rows = npy::read(&pl).unwrap();
+    assert_eq!(rows.shape[0], n, "run renders the same prompt");
+    let vocab = rows.shape[1];
+    let rows = rows.to_f32().unwrap();
+    let mut previous = 0;
+    for &fr in &frontiers {
+        let path = out.join(format!("frontier_{fr:06}.logits.json"));
+        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!(v["source"], "ds4-bench");
+        assert_eq!(v["model"], p(&m));
+        assert_eq!(v["backend"], "cpu");
+        assert_eq!(v["mt"], "off");
+        assert_eq!(v["quality"], false);
+        assert_eq!(v["quant_bits"], 2);
+        assert_eq!(v["prompt_tokens"], fr);
+        assert_eq!(v["frontier_tokens"], fr);
+        assert_eq!(v["prefill_tokens"], fr - previous);
+        assert_eq!(v["ctx"], n + 2);
+        assert_eq!(v["vocab"], vocab);
+        let row = &rows[(fr - 1) * vocab..fr * vocab];
+        assert_eq!(v["argmax_id"], argmax(row));
+        assert_eq!(v["logits"].as_array().unwrap().len(), vocab);
+        // drift reads the file against run's row: the same logits up to the rounding of another
+        // prefill chunking (about 1e-6 here).
+        let rp = dir.path().join(format!("row{fr}.npy"));
+        npy::write(&rp, &[1, vocab], row).unwrap();
+        let o = ds4(
+            &[
+                "drift",
+                p(&rp),
+                p(&path),
+                "--max-abs",
+                "1e-4",
+                "--min-top5-overlap",
+                "5",
+                "--json",
+            ],
+            None,
+        );
+        assert!(
+            o.status.success(),
+            "frontier {fr}: {}{}",
+            stdout(&o),
+            stderr(&o)
+        );
+        let d: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+        assert_eq!(d["summary"]["rows"], 1);
+        previous = fr;
+    }
+    // Two frontier files against each other: a real difference is seen.
+    let a = out.join("frontier_000016.logits.json");
+    let b = out.join(format!("frontier_{n:06}.logits.json"));
+    let o = ds4(&["drift", p(&a), p(&a), "--max-abs", "0"], None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = ds4(&["drift", p(&a), p(&b), "--max-rms", "1e-6"], None);
+    assert_one_line_failure(&o, "different frontiers");
+
+    // Bad inputs: one line each.
+    let bench = |extra: &[&str]| {
+        let mut a = vec!["bench", "-m", p(&m), "--ctx-start", "8", "-n", "1"];
+        a.extend_from_slice(extra);
+        ds4(&a, None)
+    };
+    let missing = dir.path().join("missing");
+    let l = assert_one_line_failure(
+        &bench(&["--ctx-max", "8", "--dump-frontier-logits-dir", p(&missing)]),
+        "missing dump dir",
+    );
+    assert!(
+        l.contains("missing") && l.contains("not an existing directory"),
+        "{l}"
+    );
+    // Too short a rendering; without -sys the system text is ds4-bench's, with its period.
+    let n_default = ds4_tokenizer::encode_cli_prompt(
+        &tok,
+        "You are a helpful assistant.",
+        text,
+        ds4_tokenizer::ThinkMode::None,
+    )
+    .unwrap()
+    .len();
+    let big = (n_default + 1).to_string();
+    let l = assert_one_line_failure(
+        &bench(&["--ctx-max", &big, "--chat-prompt-file", p(&f)]),
+        "short chat prompt",
+    );
+    assert!(
+        l.contains(&format!(
+            "has {n_default} tokens, need at least --ctx-max={big}"
+        )),
+        "{l}"
+    );
+    // Usage errors (clap, status 2): both prompt sources; --system without a chat prompt.
+    let o = bench(&[
+        "--ctx-max",
+        "8",
+        "--chat-prompt-file",
+        p(&f),
+        "--prompt-file",
+        p(&f),
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let o = bench(&["--ctx-max", "8", "-sys", "x"]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    let h = stdout(&ds4(&["bench", "--help"], None));
+    for flag in [
+        "--chat-prompt-file",
+        "--system",
+        "--dump-frontier-logits-dir",
+        "--warm-weights",
+    ] {
+        assert!(h.contains(flag), "bench --help lacks {flag}");
+    }
+    let flat = h.split_whitespace().collect::<Vec<_>>().join(" ");
+    assert!(flat.contains("\"You are a helpful assistant.\""), "{h}");
+}
