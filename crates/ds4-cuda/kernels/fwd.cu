@@ -1194,11 +1194,14 @@ extern "C" __global__ void __launch_bounds__(1024) ds4_router(const float* rlog,
     __shared__ float s_p[1024];
     __shared__ float s_v[1024];
     __shared__ int s_sel[ROUTER_MAXK];
-    __shared__ double s_den;
     const int t = blockIdx.x;
-    const int e = threadIdx.x;
+    // P = blockDim / ne rounded up to 32 (1, 2 or 4) consecutive threads per expert: each
+    // counts the experts ahead of it over a quarter (half, all) of the list.
+    const int ne32 = (ne + 31) & ~31;
+    const int P = (int)blockDim.x / ne32;
+    const int e = (int)threadIdx.x / P, part = (int)threadIdx.x - e * P;
     const float* l = rlog + (i64)t * ne;
-    if (e < ne) {
+    if (e < ne && part == 0) {
         const float p = (float)sqrt(softplus_d((double)l[e]));
         probs[(i64)t * ne + e] = p;
         s_p[e] = p;
@@ -1209,31 +1212,33 @@ extern "C" __global__ void __launch_bounds__(1024) ds4_router(const float* rlog,
     __syncthreads();
     if (hash) {
         const int tok = tokens[t];
-        if (e < k) s_sel[e] = tid2eid[(i64)tok * k + e];
-    } else if (e < ne) {
-        const float v = s_v[e];
+        if (threadIdx.x < k) s_sel[threadIdx.x] = tid2eid[(i64)tok * k + threadIdx.x];
+    } else {
         int rank = 0;
-        for (int j = 0; j < ne; j++) {
-            const float o = s_v[j];
-            rank += (o > v || (o == v && j < e)) ? 1 : 0;
+        if (e < ne) {
+            const float v = s_v[e];
+            const int j0 = part * ne / P, j1 = (part + 1) * ne / P;
+            for (int j = j0; j < j1; j++) {
+                const float o = s_v[j];
+                rank += (o > v || (o == v && j < e)) ? 1 : 0;
+            }
         }
-        if (rank < k) s_sel[rank] = e;
+        for (int o = 1; o < P; o <<= 1) rank += __shfl_xor_sync(0xffffffffu, rank, o);
+        if (e < ne && part == 0 && rank < k) s_sel[rank] = e;
     }
     __syncthreads();
-    if (e == 0) {
+    if (threadIdx.x < k) {
+        // Every writer forms the same sum in the same order (no extra barrier).
         double sum = 0.0;
         for (int j = 0; j < k; j++) {
             const int x = s_sel[j];
             sum += (x >= 0 && x < ne) ? (double)s_p[x] : 0.0;
         }
-        s_den = fmax(sum, 6.103515625e-5);
-    }
-    __syncthreads();
-    if (e < k) {
-        const int x = s_sel[e];
+        const double den = fmax(sum, 6.103515625e-5);
+        const int x = s_sel[threadIdx.x];
         const double px = (x >= 0 && x < ne) ? (double)s_p[x] : 0.0;
-        sel[(i64)t * k + e] = x;
-        wts[(i64)t * k + e] = (float)(px / s_den * (double)wscale);
+        sel[(i64)t * k + threadIdx.x] = x;
+        wts[(i64)t * k + threadIdx.x] = (float)(px / den * (double)wscale);
     }
 }
 
@@ -1476,6 +1481,9 @@ __device__ void collapse_norm_dec(const float* mix, const float* scale_p, float 
     __shared__ double w_sh[MAX_HC];  // f32 values held as f64 (no per-use conversion)
     float xv[CL_EPT][NH];
     float nv[CL_EPT];
+    // Steps that hold an element anywhere in the cluster (uniform: the rest is skipped whole,
+    // with its quantization barriers).
+    const int nu = min(CL_EPT, (e + CL * CL_T - 1) / (CL * CL_T));
 #pragma unroll
     for (int u = 0; u < CL_EPT; u++) {
         const int d = cl_d(u);
@@ -1494,6 +1502,8 @@ __device__ void collapse_norm_dec(const float* mix, const float* scale_p, float 
     double ss = 0.0;
 #pragma unroll
     for (int u = 0; u < CL_EPT; u++) {
+        yv[u] = 0.0f;
+        if (u >= nu) continue;
         double acc = 0.0;
 #pragma unroll
         for (int h = 0; h < NH; h++) {
@@ -1520,6 +1530,7 @@ __device__ void collapse_norm_dec(const float* mix, const float* scale_p, float 
     const double s = 1.0 / sqrt(tot / (double)e + (double)rms_eps);
 #pragma unroll
     for (int u = 0; u < CL_EPT; u++) {
+        if (u >= nu) continue;
         const int d = cl_d(u);
         const float o = (float)(((double)yv[u] * s) * (double)nv[u]);
         if (d < e) out[d] = o;

@@ -1017,7 +1017,7 @@ fn attention_with_sinks_and_inverse_rope() {
 fn router_hash_and_topk() {
     let Some(g) = gpu() else { return };
     let mut r = Rng(11);
-    for (ne, k) in [(256usize, 6usize), (8, 3)] {
+    for (ne, k) in [(256usize, 6usize), (8, 3), (100, 6), (600, 8)] {
         let n = 4;
         let mut rlog = r.vec(n * ne, 2.0);
         // Exact ties between experts.
