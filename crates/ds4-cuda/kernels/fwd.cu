@@ -1195,13 +1195,9 @@ extern "C" __global__ void __launch_bounds__(1024) ds4_router(const float* rlog,
     __shared__ float s_v[1024];
     __shared__ int s_sel[ROUTER_MAXK];
     const int t = blockIdx.x;
-    // P = blockDim / ne rounded up to 32 (1, 2 or 4) consecutive threads per expert: each
-    // counts the experts ahead of it over a quarter (half, all) of the list.
-    const int ne32 = (ne + 31) & ~31;
-    const int P = (int)blockDim.x / ne32;
-    const int e = (int)threadIdx.x / P, part = (int)threadIdx.x - e * P;
+    const int e = threadIdx.x;
     const float* l = rlog + (i64)t * ne;
-    if (e < ne && part == 0) {
+    if (e < ne) {
         const float p = (float)sqrt(softplus_d((double)l[e]));
         probs[(i64)t * ne + e] = p;
         s_p[e] = p;
@@ -1212,19 +1208,15 @@ extern "C" __global__ void __launch_bounds__(1024) ds4_router(const float* rlog,
     __syncthreads();
     if (hash) {
         const int tok = tokens[t];
-        if (threadIdx.x < k) s_sel[threadIdx.x] = tid2eid[(i64)tok * k + threadIdx.x];
-    } else {
+        if (e < k) s_sel[e] = tid2eid[(i64)tok * k + e];
+    } else if (e < ne) {
+        const float v = s_v[e];
         int rank = 0;
-        if (e < ne) {
-            const float v = s_v[e];
-            const int j0 = part * ne / P, j1 = (part + 1) * ne / P;
-            for (int j = j0; j < j1; j++) {
-                const float o = s_v[j];
-                rank += (o > v || (o == v && j < e)) ? 1 : 0;
-            }
+        for (int j = 0; j < ne; j++) {
+            const float o = s_v[j];
+            rank += (o > v || (o == v && j < e)) ? 1 : 0;
         }
-        for (int o = 1; o < P; o <<= 1) rank += __shfl_xor_sync(0xffffffffu, rank, o);
-        if (e < ne && part == 0 && rank < k) s_sel[rank] = e;
+        if (rank < k) s_sel[rank] = e;
     }
     __syncthreads();
     if (threadIdx.x < k) {
@@ -1561,9 +1553,10 @@ extern "C" __global__ void __cluster_dims__(CL, 1, 1) __launch_bounds__(CL_T)
 
 // HC mix product of one token (hc = 4: 24 rows) over many blocks: block b takes the HCP_COLS
 // columns [b·HCP_COLS, (b+1)·HCP_COLS) of fn [24][he] (F16) and flat [he], and writes
-// part[b][r] = Σ fn[r][i]·flat[i] over them (f64 sums of exact f16×f32 products, as the F16
+// part[r][b] = Σ fn[r][i]·flat[i] over them (f64 sums of exact f16×f32 products, as the F16
 // matvec; only the order of the f64 additions differs). Thread t: 8 columns (one 16-byte load
-// per row), rows t/16 + 8·k. ds4_hc_pre_mix_dec adds the partials. Grid he / HCP_COLS, block
+// per row), rows t/16 + 8·k, written row-major (part[r][b]: ds4_hc_pre_mix_dec's half warps read
+// 16 consecutive partials of a row). ds4_hc_pre_mix_dec adds the partials. Grid he / HCP_COLS, block
 // HCP_T; needs he % HCP_COLS == 0 and 16-byte aligned flat / xo / fn.
 // nss > 0: flat is first computed here from ds4_hc_post_wide's output: flat = RMSNorm_noweight(xo)
 // (ss = the nss block partials of Σ xo², added in block order by every warp alike; the
@@ -1631,7 +1624,7 @@ extern "C" __global__ void __launch_bounds__(HCP_T)
     }
     if (cgi == 0) {
 #pragma unroll
-        for (int k = 0; k < RK; k++) part[(i64)blockIdx.x * HCM_NM + rg + RG * k] = acc[k];
+        for (int k = 0; k < RK; k++) part[(i64)(rg + RG * k) * gridDim.x + blockIdx.x] = acc[k];
     }
 }
 
@@ -1713,7 +1706,7 @@ extern "C" __global__ void __cluster_dims__(CL, 1, 1) __launch_bounds__(CL_T, 1)
         const int r = threadIdx.x >> 4, j = threadIdx.x & 15;
         double t = 0.0;
 #pragma unroll 8
-        for (int g = j; g < nparts; g += 16) t += part[(i64)g * HCM_NM + r];
+        for (int g = j; g < nparts; g += 16) t += part[(i64)r * nparts + g];
 #pragma unroll
         for (int o = 8; o > 0; o >>= 1) t += __shfl_xor_sync(0xffffffffu, t, o);
         if (j == 0) {

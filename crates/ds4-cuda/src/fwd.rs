@@ -1367,11 +1367,7 @@ impl Fwd {
         self.go(
             &self.router,
             (n, 1, 1),
-            // 4 (2, 1) threads per expert while the block stays ≤ 1024 (ds4_router's P).
-            {
-                let ne32 = ne.next_multiple_of(32).clamp(32, 1024);
-                ne32 * [4, 2, 1].into_iter().find(|&p| ne32 * p <= 1024).unwrap_or(1)
-            },
+            ne.next_multiple_of(32).clamp(32, 1024),
             0,
             &[
                 A::P(rlog),
