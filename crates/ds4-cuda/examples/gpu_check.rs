@@ -18,6 +18,10 @@
 //! `scripts/drift-gate.sh`). Both backends follow one numerics contract (f64 reductions ahead of
 //! every f32 rounding), so the logits are expected to be bit-identical; the printed rms shows it.
 //!
+//! Directional steering: the same checks on three of the models with two steering slots of
+//! random unit directions (FFN and attention edits, positive and negative scales) given to both
+//! backends (rows `MODEL+steer`); the steered CPU logits must differ from the unsteered ones.
+//!
 //! Pass: same top-1 at every compared position and step; logits rms (over the vocabulary) ≤
 //! 1e-3 at every position on f32 weights.
 
@@ -29,10 +33,47 @@ use anyhow::{Context, Result, bail};
 use ds4_convert::{ConvertOptions, Recipe, convert_checkpoint};
 use ds4_cuda::{CudaBackend, CudaOptions};
 use ds4_gguf::Gguf;
-use ds4_model::{Engine, EngineOptions, Model, Session, SessionOptions, argmax};
+use ds4_model::{
+    Engine, EngineOptions, Model, Session, SessionOptions, Steering, SteeringSlot, argmax,
+};
 
 const DECODE_STEPS: usize = 16;
 const CUDA_CHUNK: usize = 61;
+
+/// Models also checked with directional steering on both backends.
+const STEER_MODELS: [&str; 3] = ["tiny-f32", "flashdims-f32", "flashdims-q2"];
+
+/// Two steering slots for `m`: random unit directions per layer; slot 0 edits the FFN output
+/// (scale 1.5) and the attention output (0.5), slot 1 amplifies (-1 / -0.75).
+fn test_steering(m: &Model) -> Result<Arc<Steering>> {
+    let s = &m.shape;
+    let mut st = 0x5eed_0001_u64;
+    let mut slots = Vec::new();
+    for (i, (ffn, attn)) in [(1.5f32, 0.5f32), (-1.0, -0.75)].into_iter().enumerate() {
+        let mut dirs = Vec::with_capacity(s.n_layer * s.n_embd);
+        for _ in 0..s.n_layer {
+            let v: Vec<f64> = (0..s.n_embd)
+                .map(|_| {
+                    st ^= st << 13;
+                    st ^= st >> 7;
+                    st ^= st << 17;
+                    (st >> 11) as f64 / (1u64 << 53) as f64 - 0.5
+                })
+                .collect();
+            let n = v.iter().map(|x| x * x).sum::<f64>().sqrt();
+            dirs.extend(v.iter().map(|x| (x / n) as f32));
+        }
+        slots.push(SteeringSlot {
+            source: format!("test slot {i}"),
+            dirs,
+            ffn,
+            attn,
+        });
+    }
+    Ok(Arc::new(
+        Steering::new(s, slots)?.context("test steering is inactive")?,
+    ))
+}
 
 const MODELS: [(&str, &str, Recipe); 6] = [
     ("tiny-f32", "tiny", Recipe::F32),
@@ -167,11 +208,21 @@ impl Cmp {
 }
 
 fn cpu_session(m: &Arc<Model>, qat: bool, ctx: usize) -> Result<Session> {
+    cpu_session_st(m, qat, ctx, None)
+}
+
+fn cpu_session_st(
+    m: &Arc<Model>,
+    qat: bool,
+    ctx: usize,
+    steering: Option<Arc<Steering>>,
+) -> Result<Session> {
     let eng = Engine::from_model(
         m.clone(),
         EngineOptions {
             qat,
             threads: None,
+            steering,
             ..Default::default()
         },
     )?;
@@ -182,6 +233,16 @@ fn cpu_session(m: &Arc<Model>, qat: bool, ctx: usize) -> Result<Session> {
 }
 
 fn cuda_session(m: &Arc<Model>, qat: bool, ctx: usize, chunk: usize) -> Result<Session> {
+    cuda_session_st(m, qat, ctx, chunk, None)
+}
+
+fn cuda_session_st(
+    m: &Arc<Model>,
+    qat: bool,
+    ctx: usize,
+    chunk: usize,
+    steering: Option<Arc<Steering>>,
+) -> Result<Session> {
     let b = CudaBackend::new(
         m.clone(),
         ctx,
@@ -192,6 +253,7 @@ fn cuda_session(m: &Arc<Model>, qat: bool, ctx: usize, chunk: usize) -> Result<S
             // computes the model as the CPU does. The tensor-core prefill routes are reduced-
             // precision by design and are held to `scripts/drift-gate.sh`'s envelopes instead.
             quality: true,
+            steering,
             ..Default::default()
         },
     )?;
@@ -232,10 +294,15 @@ struct Row {
     secs: f64,
 }
 
-fn trace_diag(m: &Arc<Model>, qat: bool, ids: &[u32]) -> Result<String> {
+fn trace_diag(
+    m: &Arc<Model>,
+    qat: bool,
+    ids: &[u32],
+    st: &Option<Arc<Steering>>,
+) -> Result<String> {
     let ctx = ids.len() + 8;
-    let mut c = cpu_session(m, qat, ctx)?;
-    let mut g = cuda_session(m, qat, ctx, CUDA_CHUNK)?;
+    let mut c = cpu_session_st(m, qat, ctx, st.clone())?;
+    let mut g = cuda_session_st(m, qat, ctx, CUDA_CHUNK, st.clone())?;
     c.set_trace(true);
     g.set_trace(true);
     c.prefill(ids)?;
@@ -275,7 +342,16 @@ fn trace_diag(m: &Arc<Model>, qat: bool, ids: &[u32]) -> Result<String> {
     Ok(parts.join(" "))
 }
 
-fn check_model(m: &Arc<Model>, name: &str, qat: bool, ps: &[&Vec<u32>]) -> Result<Row> {
+fn check_model(
+    m: &Arc<Model>,
+    name: &str,
+    qat: bool,
+    ps: &[&Vec<u32>],
+    st: &Option<Arc<Steering>>,
+) -> Result<Row> {
+    let cpu_session = |m: &Arc<Model>, qat, ctx| cpu_session_st(m, qat, ctx, st.clone());
+    let cuda_session =
+        |m: &Arc<Model>, qat, ctx, chunk| cuda_session_st(m, qat, ctx, chunk, st.clone());
     let t0 = Instant::now();
     let v = m.shape.n_vocab;
     let mut prefill = Cmp::default();
@@ -290,6 +366,13 @@ fn check_model(m: &Arc<Model>, name: &str, qat: bool, ps: &[&Vec<u32>]) -> Resul
         let mut g = cuda_session(m, qat, ctx, CUDA_CHUNK)?;
         let lc = c.prefill_all_logits(ids)?;
         let lg = g.prefill_all_logits(ids)?;
+        if st.is_some() {
+            // The steering must move the logits, or the comparison checks nothing new.
+            let plain = cpu_session_st(m, qat, ctx, None)?.prefill_all_logits(ids)?;
+            if plain == lc {
+                bail!("steering left the CPU logits unchanged");
+            }
+        }
         let mut cmp = Cmp::default();
         cmp.add("prefill", &lc, &lg, v);
         decode_both(&mut c, &mut g, DECODE_STEPS, &mut cmp, v)?;
@@ -339,7 +422,7 @@ fn check_model(m: &Arc<Model>, name: &str, qat: bool, ps: &[&Vec<u32>]) -> Resul
             }
         }
     }
-    let diag = trace_diag(m, qat, longest)?;
+    let diag = trace_diag(m, qat, longest, st)?;
     Ok(Row {
         model: name.to_string(),
         qat,
@@ -377,8 +460,16 @@ fn run(dir: &Path, prompts_path: &Path) -> Result<()> {
             }
         };
         let mine: Vec<&Vec<u32>> = ps.iter().filter(|p| p.0 == set).map(|p| &p.2).collect();
-        for qat in [true, false] {
-            match check_model(&m, name, qat, &mine) {
+        let mut runs: Vec<(String, bool, Option<Arc<Steering>>)> = vec![
+            (name.to_string(), true, None),
+            (name.to_string(), false, None),
+        ];
+        if STEER_MODELS.contains(&name) {
+            runs.push((format!("{name}+steer"), true, Some(test_steering(&m)?)));
+        }
+        for (name, qat, st) in runs {
+            let name = name.as_str();
+            match check_model(&m, name, qat, &mine, &st) {
                 Ok(r) => {
                     println!(
                         "{name} qat={qat}: prefill {} | decode-only {} | snap cpu->cuda {} | snap cuda->cpu {} | {:.1}s",
@@ -413,7 +504,7 @@ fn run(dir: &Path, prompts_path: &Path) -> Result<()> {
     );
     let mut all_ok = errors.is_empty();
     for r in &rows {
-        let lim = (r.model.ends_with("f32") || r.model.ends_with("f16")).then_some(1e-3);
+        let lim = (r.model.contains("-f32") || r.model.contains("-f16")).then_some(1e-3);
         let ok = r.prefill.ok(lim)
             && r.decode_only.ok(lim)
             && r.snap_to_cuda.ok(lim)

@@ -1256,6 +1256,49 @@ extern "C" __global__ void ds4_swiglu(const float* g, const float* u, i64 in_str
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Directional steering (ops::dir_steer, ds4_model::steer): block per token, STEER_T threads.
+// y[t] = f[t], or (float)routed[t] + f[t] when routed (the FFN output as ds4_hc_post forms it
+// from moe_down's summed experts and the shared expert), then for each slot s in order:
+// dot = Σ_i dir_i·y_i (exact f64 products; thread j adds those of the elements j, j + STEER_T,
+// ... in order, then block_sum_d: the order ops::steer_dot reproduces), c = scale[s]·dot,
+// y_i = (float)(y_i − c·dir_i). Each thread only touches its own elements, so f may equal y.
+// Every field of SteerArgs is 8 bytes (host mirror in src/fwd.rs).
+#define STEER_T 256
+#define STEER_MAX 8
+struct SteerArgs {
+    float* y;             // [n][e] out
+    const float* f;       // [n][e] in (may be y)
+    const float* routed;  // [n][e] or null
+    i64 e;
+    i64 nslot;
+    const float* dir[STEER_MAX];  // this layer's direction of each slot
+    double scale[STEER_MAX];
+};
+
+extern "C" __global__ void __launch_bounds__(STEER_T) ds4_dir_steer(const SteerArgs P) {
+    PDL_ENTRY();
+    __shared__ double sh[32];
+    const i64 e = P.e;
+    float* y = P.y + (i64)blockIdx.x * e;
+    const float* f = P.f + (i64)blockIdx.x * e;
+    if (P.routed) {
+        const float* r = P.routed + (i64)blockIdx.x * e;
+        for (i64 d = threadIdx.x; d < e; d += STEER_T) y[d] = __fadd_rn(r[d], f[d]);
+    } else if (f != y) {
+        for (i64 d = threadIdx.x; d < e; d += STEER_T) y[d] = f[d];
+    }
+    for (int s = 0; s < (int)P.nslot; s++) {
+        const float* dir = P.dir[s];
+        double part = 0.0;
+        for (i64 d = threadIdx.x; d < e; d += STEER_T)
+            part = __dadd_rn(part, __dmul_rn((double)dir[d], (double)y[d]));
+        const double c = __dmul_rn(P.scale[s], block_sum_d(part, sh));
+        for (i64 d = threadIdx.x; d < e; d += STEER_T)
+            y[d] = (float)__dsub_rn((double)y[d], __dmul_rn(c, (double)dir[d]));
+    }
+}
+
 // =============================================================================================
 // Decode-step kernels (one token). Same numerics as the chunk kernels above (and as the CPU
 // reference): only the order of f64 additions differs. They spread each single-token op over

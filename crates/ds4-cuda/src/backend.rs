@@ -28,7 +28,8 @@ use ds4_model::backend::{attn_geom, index_geom};
 use ds4_model::ops::{CompressorGeom, EMPTY_SCORE};
 use ds4_model::weights::{CompressorWeights, ExpertsRef, HcWeights, MatRef};
 use ds4_model::{
-    AttnKind, Backend, KvState, LayerState, Model, ModelError, MoeKind, RopeKind, Shape, Trace,
+    AttnKind, Backend, KvState, LayerState, Model, ModelError, MoeKind, RopeKind, Shape, Sublayer,
+    Trace,
 };
 
 use crate::attn_tc::{AttnPrecision, AttnTc};
@@ -316,6 +317,9 @@ pub struct CudaBackend {
     tc: Option<Tc>,
     /// The tensor-core attention route (None: off).
     tc_attn: Option<AttnTc>,
+    /// Directional steering: each slot's `n_layer × n_embd` directions (`opts.steering`'s
+    /// slots, in order); empty without steering.
+    steer_dirs: Vec<DBuf>,
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -540,6 +544,23 @@ impl CudaBackend {
             ))
         })?;
         let embed = DBuf::from_slice(&stream, w.token_embd.bytes(&model.gguf))?;
+        let mut steer_dirs = Vec::new();
+        if let Some(st) = &opts.steering {
+            if !st.fits(&s) {
+                return Err(cerr(format!(
+                    "steering directions for {:?} (layers, n_embd), the model has ({}, {})",
+                    st.dims(),
+                    s.n_layer,
+                    s.n_embd
+                )));
+            }
+            if st.slots().len() > crate::fwd::STEER_MAX {
+                return Err(cerr("more steering slots than the kernel takes"));
+            }
+            for slot in st.slots() {
+                steer_dirs.push(DBuf::from_slice(&stream, &slot.dirs)?);
+            }
+        }
         let ld = Loader {
             m: &model,
             gemv: &gemv,
@@ -945,6 +966,7 @@ impl CudaBackend {
             graph_launches: 0,
             tc,
             tc_attn,
+            steer_dirs,
         })
     }
 
@@ -1162,6 +1184,37 @@ impl CudaBackend {
 
     fn s(&self) -> &Shape {
         &self.model.shape
+    }
+
+    /// Directional steering of layer `il`'s `which` output for `n` tokens into `y`: `y = f`
+    /// (`f` may be `y`), or `y = routed + f` when `routed` is not 0 (the FFN output the HC post
+    /// would form), then every slot's edit in order (one launch). Returns false, launching
+    /// nothing, when no slot edits this sublayer (the caller runs its normal path).
+    fn steer(
+        &self,
+        il: usize,
+        which: Sublayer,
+        y: u64,
+        f: u64,
+        routed: u64,
+        n: usize,
+    ) -> Result<bool, CudaError> {
+        let Some(st) = &self.opts.steering else {
+            return Ok(false);
+        };
+        let e = self.s().n_embd;
+        let slots: Vec<(u64, f32)> = st
+            .slots()
+            .iter()
+            .zip(&self.steer_dirs)
+            .filter(|(slot, _)| slot.scale(which) != 0.0)
+            .map(|(slot, d)| (d.ptr + (4 * il * e) as u64, slot.scale(which)))
+            .collect();
+        if slots.is_empty() {
+            return Ok(false);
+        }
+        self.fwd.dir_steer(y, f, routed, e, n, &slots)?;
+        Ok(true)
     }
 
     /// `y[t] = W·x[t]` for `n` tokens (quantizing `x` when the weight type needs it).
@@ -1397,6 +1450,7 @@ impl CudaBackend {
                 }
             }
             self.mm(&l.out_b, sc.low.ptr, n, sc.fout.ptr)?;
+            self.steer(il, Sublayer::Attn, sc.fout.ptr, sc.fout.ptr, 0, n)?;
             let ffn_scaled = self.flat_scaled(&l.hc_ffn.fn_, n, trace.is_some());
             fw.hc_post(
                 sc.fout.ptr,
@@ -1434,10 +1488,24 @@ impl CudaBackend {
                 .layers
                 .get(il + 1)
                 .is_some_and(|nl| self.flat_scaled(&nl.hc_attn.fn_, n, trace.is_some()));
-            fw.hc_post(
+            // With FFN steering the sum is formed (same f32 add) and edited into fout first, and
+            // the HC post reads only that.
+            let (f, routed, k) = if self.steer(
+                il,
+                Sublayer::Ffn,
+                sc.fout.ptr,
                 sc.sh_out.ptr,
                 sc.routed.ptr,
-                1,
+                n,
+            )? {
+                (sc.fout.ptr, 0, 0)
+            } else {
+                (sc.sh_out.ptr, sc.routed.ptr, 1)
+            };
+            fw.hc_post(
+                f,
+                routed,
+                k,
                 sc.x1.ptr,
                 sc.post.ptr,
                 sc.comb.ptr,
@@ -1729,6 +1797,7 @@ impl CudaBackend {
             self.mm(&l.out_a, sc.heads.ptr, 1, sc.low.ptr)?;
         }
         self.mm(&l.out_b, sc.low.ptr, 1, sc.fout.ptr)?;
+        self.steer(il, Sublayer::Attn, sc.fout.ptr, sc.fout.ptr, 0, 1)?;
         fw.join_side()?;
         let wide_a = self.post_wide_ok(&l.hc_ffn, sc.x1.ptr);
         if wide_a {
@@ -1773,6 +1842,20 @@ impl CudaBackend {
         self.route(il, l, 1)?;
         self.moe(l, 1, pre_q, None, !sh_side)?;
         fw.join_side()?;
+        // With FFN steering the sum is formed (same f32 add) and edited into fout first, and
+        // the HC post reads only that.
+        let (f, routed, k) = if self.steer(
+            il,
+            Sublayer::Ffn,
+            sc.fout.ptr,
+            sc.sh_out.ptr,
+            sc.routed.ptr,
+            1,
+        )? {
+            (sc.fout.ptr, 0, 0)
+        } else {
+            (sc.sh_out.ptr, sc.routed.ptr, 1)
+        };
         // Wide where the next layer's attention site finishes the norm (not before the
         // output head, which reads flat).
         let wide_f = self
@@ -1781,9 +1864,9 @@ impl CudaBackend {
             .is_some_and(|nl| self.post_wide_ok(&nl.hc_attn, sc.x.ptr));
         if wide_f {
             return fw.hc_post_wide(
-                sc.sh_out.ptr,
-                sc.routed.ptr,
-                1,
+                f,
+                routed,
+                k,
                 sc.x1.ptr,
                 sc.post.ptr,
                 sc.comb.ptr,
@@ -1793,9 +1876,9 @@ impl CudaBackend {
             );
         }
         fw.hc_post_dec(
-            sc.sh_out.ptr,
-            sc.routed.ptr,
-            1,
+            f,
+            routed,
+            k,
             sc.x1.ptr,
             sc.post.ptr,
             sc.comb.ptr,

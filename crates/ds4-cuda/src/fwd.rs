@@ -268,6 +268,29 @@ pub(crate) struct QkvDec {
 const _: () = assert!(std::mem::size_of::<CompDec>() == 88);
 const _: () = assert!(std::mem::size_of::<QkvDec>() == 336);
 
+/// Most steering slots of one `ds4_dir_steer` launch (STEER_MAX in fwd.cu).
+pub(crate) const STEER_MAX: usize = 8;
+/// Threads of `ds4_dir_steer` (STEER_T in fwd.cu): the lanes of its dot product, which
+/// `ds4_model::ops::steer_dot` reproduces.
+const STEER_T: usize = 256;
+const _: () = assert!(STEER_T == ds4_model::ops::STEER_LANES);
+const _: () = assert!(STEER_MAX >= ds4_model::steer::MAX_SLOTS);
+
+/// The argument of `ds4_dir_steer` (fwd.cu `SteerArgs`, same field order; every field 8 bytes).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct SteerArgs {
+    y: u64,
+    f: u64,
+    routed: u64,
+    e: i64,
+    nslot: i64,
+    dir: [u64; STEER_MAX],
+    scale: [f64; STEER_MAX],
+}
+
+const _: () = assert!(std::mem::size_of::<SteerArgs>() == 40 + 16 * STEER_MAX);
+
 pub(crate) fn cerr(msg: impl Into<String>) -> CudaError {
     CudaError::Driver(msg.into())
 }
@@ -321,6 +344,7 @@ pub(crate) struct Fwd {
     hc_pre_mix_dec: CudaFunction,
     hc_mix_part: CudaFunction,
     hc_post_wide: CudaFunction,
+    dir_steer: CudaFunction,
     /// Side stream of the decode step (the HC split, the compressor / indexer projections and
     /// the shared expert run there, off the critical path; see the backend's `decode_layer`)
     /// and the events that fork it from and join it back into `stream`.
@@ -442,6 +466,7 @@ impl Fwd {
             hc_pre_mix_dec: f("ds4_hc_pre_mix_dec")?,
             hc_mix_part: f("ds4_hc_mix_part")?,
             hc_post_wide: f("ds4_hc_post_wide")?,
+            dir_steer: f("ds4_dir_steer")?,
             side: stream
                 .fork()
                 .map_err(|e| cerr(format!("side stream: {e}")))?,
@@ -1759,6 +1784,43 @@ impl Fwd {
                 A::P(self.ssp.ptr),
             ],
         )
+    }
+
+    /// Directional steering of `n` rows of `e` (`ops::dir_steer` for each `(direction, scale)`
+    /// of `slots`, in order): `y = f` (`f` may be `y`), or `y = routed + f` (f32) when `routed`
+    /// is not 0 (the FFN output the HC post would form), then the edits. Nothing is launched
+    /// without slots.
+    pub fn dir_steer(
+        &self,
+        y: u64,
+        f: u64,
+        routed: u64,
+        e: usize,
+        n: usize,
+        slots: &[(u64, f32)],
+    ) -> Result<(), CudaError> {
+        if slots.is_empty() {
+            return Ok(());
+        }
+        if slots.len() > STEER_MAX {
+            return Err(cerr(format!(
+                "dir_steer: {} slots, at most {STEER_MAX}",
+                slots.len()
+            )));
+        }
+        let mut a = SteerArgs {
+            y,
+            f,
+            routed,
+            e: e as i64,
+            nslot: slots.len() as i64,
+            ..Default::default()
+        };
+        for (i, &(d, s)) in slots.iter().enumerate() {
+            a.dir[i] = d;
+            a.scale[i] = s as f64;
+        }
+        self.go_struct(&self.dir_steer, n, STEER_T, 0, &a)
     }
 
     /// HC head + output norm of one token.

@@ -82,6 +82,10 @@ pub struct CudaOptions {
     /// Tensor-core prefill routes to use (when not `quality`; the `DS4_CUDA_TC_*_DISABLE`
     /// environment switches turn routes off on top of this).
     pub tc: TcRoutes,
+    /// Directional steering (`ds4_model::steer`; as `EngineOptions::steering`): the
+    /// directions are uploaded once, and each edited sublayer output gets one `ds4_dir_steer`
+    /// launch per layer. `None`: the normal path, no extra kernel.
+    pub steering: Option<Arc<ds4_model::Steering>>,
 }
 
 /// Tensor-core prefill routes (chunks of at least [`TcRoutes::MIN_TOKENS`] tokens). See
@@ -236,6 +240,7 @@ impl Default for CudaOptions {
             graphs: true,
             quality: false,
             tc: TcRoutes::all(),
+            steering: None,
         }
     }
 }

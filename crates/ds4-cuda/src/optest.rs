@@ -1211,6 +1211,39 @@ impl GpuOps {
         Ok((self.down(&xo, hc * e)?, self.down(&flat, hc * e)?))
     }
 
+    /// Directional steering of `n` rows of `e` (`ds4_dir_steer`): `f` (plus `routed`, both
+    /// `[n][e]`) edited by each `(direction [e], scale)` of `slots` in order. `in_place`: the
+    /// kernel reads and writes one buffer (only without `routed`), as the attention site does.
+    pub fn dir_steer(
+        &self,
+        f: &[f32],
+        routed: Option<&[f32]>,
+        e: usize,
+        n: usize,
+        slots: &[(&[f32], f32)],
+        in_place: bool,
+    ) -> Result<Vec<f32>, CudaError> {
+        let df = self.up(f)?;
+        let dr = match routed {
+            Some(r) => Some(self.up(r)?),
+            None => None,
+        };
+        let dirs: Vec<DBuf> = slots
+            .iter()
+            .map(|(d, _)| self.up(d))
+            .collect::<Result<_, _>>()?;
+        let y = if in_place && routed.is_none() {
+            None
+        } else {
+            Some(self.up(&vec![f32::NAN; n * e])?)
+        };
+        let yp = y.as_ref().map_or(df.ptr, |b| b.ptr);
+        let sl: Vec<(u64, f32)> = dirs.iter().zip(slots).map(|(d, s)| (d.ptr, s.1)).collect();
+        self.fwd
+            .dir_steer(yp, df.ptr, dr.as_ref().map_or(0, |b| b.ptr), e, n, &sl)?;
+        self.down(y.as_ref().unwrap_or(&df), n * e)
+    }
+
     /// The wide HC post of one token (`ds4_hc_post_wide`, hc = 4) and then the next site's
     /// product launch finishing its no-weight norm (`Fwd::hc_pre_mix_dec` with `post_eps`;
     /// hc_eps 1e-6, no quantization); `fnw`: F16 bits `[24][4·e]`. Returns `(xo, flat, mix, a)`.

@@ -2145,3 +2145,71 @@ fn rms_norm_rows_chunk() {
         );
     }
 }
+
+/// Directional steering (`ds4_dir_steer`) against `ops::dir_steer`, bit for bit: the kernel's
+/// f64 dot product adds the exact products in the order `ops::steer_dot` defines, and the edit
+/// is the same f64 expression rounded once, so no tolerance is needed. Flash width (4096) and
+/// widths that are not a multiple of the 256 lanes; 1 to 8 slots of random unit directions
+/// (one of them zero) with positive and negative scales; in place (attention site), from a
+/// separate input, and with the FFN sum `routed + f` formed first.
+#[test]
+fn dir_steer_bit_identical() {
+    let Some(g) = gpu() else { return };
+    let mut r = Rng(31);
+    for (e, n, nslot) in [
+        (4096usize, 3usize, 1usize),
+        (4096, 37, 2),
+        (4096, 1, 8),
+        (256, 5, 3),
+        (300, 4, 8),
+        (7, 2, 2),
+    ] {
+        let f = r.vec(n * e, 1.5);
+        let routed = r.vec(n * e, 1.0);
+        let mut dirs: Vec<Vec<f32>> = (0..nslot)
+            .map(|_| {
+                let v = r.vec(e, 1.0);
+                let norm = v.iter().map(|&x| x as f64 * x as f64).sum::<f64>().sqrt();
+                v.iter().map(|&x| (x as f64 / norm) as f32).collect()
+            })
+            .collect();
+        if nslot > 2 {
+            dirs[1] = vec![0.0; e];
+        }
+        let scales: Vec<f32> = (0..nslot)
+            .map(|i| [1.0f32, -1.0, 2.5, -0.75, 0.5, 100.0, -100.0, 1.0][i])
+            .collect();
+        let slots: Vec<(&[f32], f32)> = dirs
+            .iter()
+            .zip(&scales)
+            .map(|(d, &s)| (d.as_slice(), s))
+            .collect();
+        for (with_routed, in_place) in [(false, true), (false, false), (true, false)] {
+            let got = g
+                .dir_steer(
+                    &f,
+                    with_routed.then_some(routed.as_slice()),
+                    e,
+                    n,
+                    &slots,
+                    in_place,
+                )
+                .unwrap();
+            let mut want: Vec<f32> = if with_routed {
+                routed.iter().zip(&f).map(|(&a, &b)| a + b).collect()
+            } else {
+                f.clone()
+            };
+            for row in want.chunks_mut(e) {
+                for &(d, s) in &slots {
+                    ops::dir_steer(row, d, s);
+                }
+            }
+            let name = format!("dir_steer e {e} n {n} slots {nslot} routed {with_routed}");
+            check(&name, &got, &want);
+            assert_eq!(bit_diffs(&got, &want), 0, "{name}: bits");
+            // The edit did something (so the comparison above can fail).
+            assert_ne!(bit_diffs(&got, &f), 0, "{name}: steering changed nothing");
+        }
+    }
+}

@@ -25,6 +25,7 @@ use crate::linear::{dequantize_row, matmul, qexpert, qmat};
 use crate::ops::{self, CompressorGeom};
 use crate::plan::{MoeKind, RopeKind};
 use crate::shape::Shape;
+use crate::steer::{Steering, Sublayer};
 use crate::weights::{CompressorWeights, HcWeights, LayerWeights};
 
 /// KV state of one layer, CPU layout.
@@ -115,6 +116,9 @@ struct Scratch {
     hw: Vec<f32>,
     hy: Vec<f32>,
     hn: Vec<f32>,
+    /// Unit tests: every steered sublayer output `(layer, sublayer, rows)` of the last evals.
+    #[cfg(test)]
+    steered: Vec<(usize, Sublayer, Vec<f32>)>,
 }
 
 fn grow(v: &mut Vec<f32>, n: usize) {
@@ -215,6 +219,7 @@ pub struct CpuBackend {
     logits: Vec<f32>,
     chunk_logits: Vec<f32>,
     trace: Option<Trace>,
+    steering: Option<Arc<Steering>>,
 }
 
 impl std::fmt::Debug for CpuBackend {
@@ -289,7 +294,30 @@ impl CpuBackend {
             logits: Vec::new(),
             chunk_logits: Vec::new(),
             trace: None,
+            steering: None,
         })
+    }
+
+    /// The backend with directional steering (`None`: the normal path). Fails when the
+    /// directions are for another shape.
+    pub fn with_steering(mut self, steering: Option<Arc<Steering>>) -> Result<CpuBackend> {
+        if let Some(st) = &steering
+            && !st.fits(&self.model.shape)
+        {
+            return Err(ModelError::Steering(format!(
+                "directions for {:?} (layers, n_embd), the model has ({}, {})",
+                st.dims(),
+                self.model.shape.n_layer,
+                self.model.shape.n_embd
+            )));
+        }
+        self.steering = steering;
+        Ok(self)
+    }
+
+    /// The directional steering this backend applies.
+    pub fn steering(&self) -> Option<&Arc<Steering>> {
+        self.steering.as_ref()
     }
 
     /// Whether the QAT simulation is on.
@@ -362,6 +390,7 @@ impl CpuBackend {
                 pos0,
                 n,
                 tokens,
+                steering: self.steering.as_deref(),
             };
             ctx.attention(&mut self.sc, &mut self.kv[il], self.trace.as_mut())?;
             ctx.ffn(&mut self.sc, self.trace.as_mut())?;
@@ -469,6 +498,7 @@ struct LayerCtx<'a> {
     pos0: usize,
     n: usize,
     tokens: &'a [u32],
+    steering: Option<&'a Steering>,
 }
 
 /// HC pre for `n` tokens: `x` → `xin` (collapsed input), `post`, `comb`.
@@ -906,8 +936,24 @@ impl LayerCtx<'_> {
             n,
             &mut sc.fout[..n * e],
         )?;
+        self.steer(sc, Sublayer::Attn);
         hc_post_all(s, n, &sc.fout, &sc.x, &sc.post, &sc.comb, &mut sc.x1);
         Ok(())
+    }
+
+    /// Directional steering of the sublayer output `sc.fout` (every token of the chunk), just
+    /// before its HC post; nothing when no slot edits this sublayer.
+    fn steer(&self, sc: &mut Scratch, which: Sublayer) {
+        let Some(st) = self.steering.filter(|st| st.active(which)) else {
+            return;
+        };
+        let e = self.m.shape.n_embd;
+        let il = self.il;
+        sc.fout[..self.n * e]
+            .par_chunks_mut(e)
+            .for_each(|y| st.apply_row(which, il, y));
+        #[cfg(test)]
+        sc.steered.push((il, which, sc.fout[..self.n * e].to_vec()));
     }
 
     fn ffn(&mut self, sc: &mut Scratch, trace: Option<&mut Trace>) -> Result<()> {
@@ -1065,6 +1111,7 @@ impl LayerCtx<'_> {
                     *fd = (acc as f32) + sh[t * e + d];
                 }
             });
+        self.steer(sc, Sublayer::Ffn);
         hc_post_all(s, n, &sc.fout, &sc.x1, &sc.post, &sc.comb, &mut sc.x);
         Ok(())
     }
@@ -1194,5 +1241,237 @@ impl Backend for CpuBackend {
 
     fn trace(&self) -> Option<&Trace> {
         self.trace.as_ref()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::OnceLock;
+
+    use super::*;
+    use crate::engine::{Engine, EngineOptions};
+    use crate::session::SessionOptions;
+    use crate::steer::SteeringSlot;
+
+    /// A small random model (the built-in structure with a 512-token vocabulary, f32
+    /// weights), synthesized once.
+    fn model() -> Arc<Model> {
+        static M: OnceLock<Arc<Model>> = OnceLock::new();
+        M.get_or_init(|| {
+            let dir = tempfile::tempdir().unwrap();
+            let p = dir.path().join("m.gguf");
+            let mut shape = ds4_convert::builtin::tiny_shape();
+            shape.n_vocab = 512;
+            let opts = ds4_convert::SynthOptions {
+                shape,
+                recipe: ds4_convert::Recipe::F32,
+                seed: 11,
+                ..Default::default()
+            };
+            ds4_convert::synth_gguf(&p, &opts, &mut |_| {}).unwrap();
+            let g = Gguf::from_bytes(std::fs::read(&p).unwrap()).unwrap();
+            Arc::new(Model::load(Arc::new(g)).unwrap())
+        })
+        .clone()
+    }
+
+    /// `n_layer × n_embd` random unit directions.
+    fn unit_dirs(s: &Shape, seed: u64) -> Vec<f32> {
+        let mut st = seed | 1;
+        let mut out = Vec::with_capacity(s.n_layer * s.n_embd);
+        for _ in 0..s.n_layer {
+            let v: Vec<f64> = (0..s.n_embd)
+                .map(|_| {
+                    st ^= st << 13;
+                    st ^= st >> 7;
+                    st ^= st << 17;
+                    (st >> 11) as f64 / (1u64 << 53) as f64 - 0.5
+                })
+                .collect();
+            let n = v.iter().map(|x| x * x).sum::<f64>().sqrt();
+            out.extend(v.iter().map(|x| (x / n) as f32));
+        }
+        out
+    }
+
+    fn steering(m: &Model, slots: Vec<(Vec<f32>, f32, f32)>) -> Option<Arc<Steering>> {
+        let slots = slots
+            .into_iter()
+            .enumerate()
+            .map(|(i, (dirs, ffn, attn))| SteeringSlot {
+                source: format!("slot{i}"),
+                dirs,
+                ffn,
+                attn,
+            })
+            .collect();
+        Steering::new(&m.shape, slots).unwrap().map(Arc::new)
+    }
+
+    fn backend(m: &Arc<Model>, st: Option<Arc<Steering>>) -> CpuBackend {
+        let pool = Arc::new(
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(2)
+                .build()
+                .unwrap(),
+        );
+        CpuBackend::new(m.clone(), pool, true, 64)
+            .unwrap()
+            .with_steering(st)
+            .unwrap()
+    }
+
+    const PROMPT: [u32; 9] = [1, 17, 300, 5, 5, 42, 511, 0, 99];
+
+    fn logits(m: &Arc<Model>, st: Option<Arc<Steering>>) -> Vec<f32> {
+        let mut b = backend(m, st);
+        b.eval(&PROMPT, true).unwrap();
+        b.chunk_logits().to_vec()
+    }
+
+    /// The captured rows are the sublayer outputs after the edit: with scale 1 they have no
+    /// component along the layer's direction, with scale 0.5 half of it is left. Every layer's
+    /// attention output is edited, then its FFN output.
+    #[test]
+    fn steering_edits_every_sublayer_output() {
+        let m = model();
+        let s = &m.shape;
+        let e = s.n_embd;
+        let d = unit_dirs(s, 5);
+        let comp = |rows: &[f32], il: usize| -> Vec<(f64, f64)> {
+            rows.chunks(e)
+                .map(|r| {
+                    let n = r.iter().map(|&v| v as f64 * v as f64).sum::<f64>().sqrt();
+                    (ops::steer_dot(&d[il * e..(il + 1) * e], r), n)
+                })
+                .collect()
+        };
+        let mut b = backend(&m, steering(&m, vec![(d.clone(), 1.0, 1.0)]));
+        b.eval(&PROMPT, false).unwrap();
+        let log = std::mem::take(&mut b.sc.steered);
+        assert_eq!(log.len(), 2 * s.n_layer);
+        for (i, (il, which, rows)) in log.iter().enumerate() {
+            assert_eq!(*il, i / 2);
+            let want = if i % 2 == 0 {
+                Sublayer::Attn
+            } else {
+                Sublayer::Ffn
+            };
+            assert_eq!(*which, want);
+            assert_eq!(rows.len(), PROMPT.len() * e);
+            for (t, (dot, norm)) in comp(rows, *il).into_iter().enumerate() {
+                assert!(norm > 0.0);
+                assert!(
+                    dot.abs() <= 1e-6 * norm,
+                    "layer {il} {which:?} token {t}: component {dot:e} of |y| {norm:e}"
+                );
+            }
+        }
+        // Scale 0.5 (FFN only): a component is left (so the check above can fail), and no
+        // attention output is touched.
+        let mut b = backend(&m, steering(&m, vec![(d.clone(), 0.5, 0.0)]));
+        b.eval(&PROMPT, false).unwrap();
+        let log = std::mem::take(&mut b.sc.steered);
+        assert_eq!(log.len(), s.n_layer);
+        let mut left = 0;
+        for (il, which, rows) in &log {
+            assert_eq!(*which, Sublayer::Ffn);
+            left += comp(rows, *il)
+                .iter()
+                .filter(|(dot, norm)| dot.abs() > 1e-3 * norm)
+                .count();
+        }
+        assert!(left > s.n_layer * PROMPT.len() / 2, "{left}");
+    }
+
+    /// No steering, zero directions (the edit runs and changes nothing) and the engine's
+    /// option give the same logits bit for bit; a non-zero edit changes them; slot order
+    /// matters; chunked prefill equals token-by-token decode with steering on.
+    #[test]
+    fn steering_logits() {
+        let m = model();
+        let s = &m.shape;
+        let base = logits(&m, None);
+        let zeros = vec![0f32; s.n_layer * s.n_embd];
+        assert_eq!(
+            logits(&m, steering(&m, vec![(zeros.clone(), 5.0, -3.0)])),
+            base
+        );
+        assert!(steering(&m, vec![(unit_dirs(s, 1), 0.0, 0.0)]).is_none());
+        let (d1, d2) = (unit_dirs(s, 1), unit_dirs(s, 2));
+        let st = steering(&m, vec![(d1.clone(), 2.0, 0.0), (d2.clone(), 0.0, -1.0)]);
+        let steered = logits(&m, st.clone());
+        assert_ne!(steered, base);
+        let ffn_only = logits(&m, steering(&m, vec![(d1.clone(), 2.0, 0.0)]));
+        assert_ne!(ffn_only, base);
+        assert_ne!(ffn_only, steered);
+        // Two edits of one sublayer do not commute: the order is the slots' order.
+        let ab = logits(
+            &m,
+            steering(&m, vec![(d1.clone(), 1.0, 0.0), (d2.clone(), -2.0, 0.0)]),
+        );
+        let ba = logits(
+            &m,
+            steering(&m, vec![(d2.clone(), -2.0, 0.0), (d1.clone(), 1.0, 0.0)]),
+        );
+        assert_ne!(ab, ba);
+        // The engine's option reaches its backends and sessions.
+        let eng = Engine::from_model(
+            m.clone(),
+            EngineOptions {
+                threads: Some(2),
+                steering: st.clone(),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let mut sess = eng
+            .new_session(SessionOptions {
+                ctx: 64,
+                prefill_chunk: 4,
+            })
+            .unwrap();
+        assert_eq!(sess.prefill_all_logits(&PROMPT).unwrap(), steered);
+        // Token by token.
+        let mut b = backend(&m, st);
+        let v = s.n_vocab;
+        for (i, &t) in PROMPT.iter().enumerate() {
+            b.eval(&[t], false).unwrap();
+            assert_eq!(b.logits(), &steered[i * v..(i + 1) * v], "token {i}");
+        }
+        // Directions for another shape are refused.
+        let mut other = s.clone();
+        other.n_embd *= 2;
+        let wrong = Steering::new(
+            &other,
+            vec![SteeringSlot {
+                source: "x".into(),
+                dirs: vec![0.0; other.n_layer * other.n_embd],
+                ffn: 1.0,
+                attn: 0.0,
+            }],
+        )
+        .unwrap()
+        .map(Arc::new);
+        assert!(backend_result(&m, wrong.clone()).is_err());
+        let e = Engine::from_model(
+            m.clone(),
+            EngineOptions {
+                steering: wrong,
+                ..Default::default()
+            },
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("steering"), "{e}");
+    }
+
+    fn backend_result(m: &Arc<Model>, st: Option<Arc<Steering>>) -> Result<CpuBackend> {
+        let pool = Arc::new(
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(1)
+                .build()
+                .unwrap(),
+        );
+        CpuBackend::new(m.clone(), pool, true, 8)?.with_steering(st)
     }
 }

@@ -11,6 +11,7 @@ use crate::error::{ModelError, Result};
 use crate::plan::Plan;
 use crate::session::{Session, SessionOptions};
 use crate::shape::Shape;
+use crate::steer::Steering;
 use crate::weights::Weights;
 
 /// The model: the open file (kept alive for the zero-copy weight views), its shape, plan and
@@ -102,6 +103,9 @@ pub struct EngineOptions {
     /// CPU threads (`None`: all cores).
     pub threads: Option<usize>,
     pub backend: BackendKind,
+    /// Directional steering applied by every backend the engine makes (`None`: the normal
+    /// path; see [`crate::steer`]). It must be built for this model's shape.
+    pub steering: Option<Arc<Steering>>,
 }
 
 impl Default for EngineOptions {
@@ -110,6 +114,7 @@ impl Default for EngineOptions {
             qat: true,
             threads: None,
             backend: BackendKind::Cpu,
+            steering: None,
         }
     }
 }
@@ -144,6 +149,15 @@ impl Engine {
             }
             b = b.num_threads(n);
         }
+        if let Some(st) = &opts.steering
+            && !st.fits(&model.shape)
+        {
+            let (l, e) = st.dims();
+            return Err(ModelError::Steering(format!(
+                "directions for {l} layers × {e}, the model has {} × {}",
+                model.shape.n_layer, model.shape.n_embd
+            )));
+        }
         let pool = b
             .build()
             .map_err(|e| ModelError::BadOption(format!("cannot start the thread pool: {e}")))?;
@@ -168,9 +182,15 @@ impl Engine {
         &self.pool
     }
 
-    /// A CPU backend with room for `ctx` tokens.
+    /// A CPU backend with room for `ctx` tokens (with the engine's steering).
     pub fn cpu_backend(&self, ctx: usize) -> Result<CpuBackend> {
-        CpuBackend::new(self.model.clone(), self.pool.clone(), self.opts.qat, ctx)
+        CpuBackend::new(self.model.clone(), self.pool.clone(), self.opts.qat, ctx)?
+            .with_steering(self.opts.steering.clone())
+    }
+
+    /// The directional steering every backend of this engine applies.
+    pub fn steering(&self) -> Option<&Arc<Steering>> {
+        self.opts.steering.as_ref()
     }
 
     /// A session on the configured backend (CPU; see [`BackendKind::Cuda`]).

@@ -38,6 +38,8 @@ pub enum ModelError {
     ContextFull { ctx: usize, needed: usize },
     #[error("invalid option: {0}")]
     BadOption(String),
+    #[error("directional steering: {0}")]
+    Steering(String),
     #[error("no logits are available (evaluate at least one token first)")]
     NoLogits,
     #[error("backend {backend}: {reason}")]

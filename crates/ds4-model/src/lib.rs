@@ -10,6 +10,7 @@
 //! * [`ops`]: every operation of the forward pass as a plain slice function (the reference the
 //!   CUDA kernels are tested against).
 //! * [`snapshot`]: ds4's session payload; [`sampler`]: ds4's sampler; [`npy`]: `.npy` I/O.
+//! * [`steer`]: directional steering (an optional edit of the sublayer outputs, both backends).
 
 pub mod backend;
 pub mod cpu;
@@ -23,6 +24,7 @@ pub mod sampler;
 pub mod session;
 pub mod shape;
 pub mod snapshot;
+pub mod steer;
 pub mod weights;
 
 pub use backend::{Backend, KvState, LayerState, Trace};
@@ -34,4 +36,5 @@ pub use sampler::{Rng, SamplerParams, argmax, sample};
 pub use session::{Session, SessionOptions, SyncOutcome};
 pub use shape::{AttnKind, Shape, ShapeError};
 pub use snapshot::SnapshotError;
+pub use steer::{Steering, SteeringSlot, Sublayer};
 pub use weights::Weights;

@@ -692,6 +692,56 @@ pub fn swiglu(g: &[f32], u: &[f32], clamp: f32, w: f32, out: &mut [f32]) {
     }
 }
 
+// ------------------------------------------------------------------------------------------
+// Directional steering (ds4's `--dir-steering-*`, see `crate::steer`)
+
+/// Lanes of the steering dot product's reduction: the CUDA kernel's block size (`STEER_T` in
+/// `ds4-cuda/kernels/fwd.cu`). The reduction order below is part of the definition, so the CPU
+/// and the GPU compute the same f64 dot, bit for bit.
+pub const STEER_LANES: usize = 256;
+
+/// `Σ_i (f64)d_i·(f64)y_i` in a fixed order: lane `j` (of [`STEER_LANES`]) adds the exact
+/// products of the elements `i ≡ j (mod STEER_LANES)` in ascending order (starting from 0),
+/// then each warp of 32 lanes is reduced by the xor butterfly (distances 16, 8, 4, 2, 1:
+/// `v[l] + v[l ^ o]`, the CUDA `warp_sum_d`), then the warp sums (zero-padded to 32) by the same
+/// butterfly (the CUDA `block_sum_d`). The products are exact (two f32 mantissas fit in an f64
+/// one), so only this order matters.
+pub fn steer_dot(d: &[f32], y: &[f32]) -> f64 {
+    let mut lanes = [0f64; STEER_LANES];
+    for (i, (&a, &b)) in d.iter().zip(y).enumerate() {
+        let l = i % STEER_LANES;
+        lanes[l] += a as f64 * b as f64;
+    }
+    fn butterfly(v: &mut [f64; 32]) {
+        for o in [16usize, 8, 4, 2, 1] {
+            let old = *v;
+            for (l, x) in v.iter_mut().enumerate() {
+                *x = old[l] + old[l ^ o];
+            }
+        }
+    }
+    let mut warps = [0f64; 32];
+    for (w, chunk) in lanes.chunks_exact(32).enumerate() {
+        let mut v = [0f64; 32];
+        v.copy_from_slice(chunk);
+        butterfly(&mut v);
+        warps[w] = v[0];
+    }
+    butterfly(&mut warps);
+    warps[0]
+}
+
+/// One directional-steering edit of one row: `y ← y − scale·d·(d·y)`, with
+/// `dot` = [`steer_dot`], `c = (f64)scale·dot` and `y_i = (f32)((f64)y_i − c·(f64)d_i)`.
+/// Positive `scale` removes the component of `y` along the unit direction `d`, negative
+/// amplifies it; `scale = 0` leaves `y` unchanged (callers skip it).
+pub fn dir_steer(y: &mut [f32], d: &[f32], scale: f32) {
+    let c = scale as f64 * steer_dot(d, y);
+    for (v, &di) in y.iter_mut().zip(d) {
+        *v = (*v as f64 - c * di as f64) as f32;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -839,5 +889,64 @@ mod tests {
         assert!((w[0] - 1.0).abs() < 1e-7 && (w[1] - 0.5).abs() < 1e-7);
         route_weights(&[0.0, 0.0], &[0, 1], 1.5, &mut w);
         assert_eq!(w, [0.0, 0.0]);
+    }
+
+    #[test]
+    fn steer_dot_is_the_f64_dot() {
+        let mut st = 0x1234_5678_9abc_def1_u64;
+        let mut r = || {
+            st ^= st << 13;
+            st ^= st >> 7;
+            st ^= st << 17;
+            ((st >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+        };
+        for n in [1usize, 7, 256, 300, 4096, 5000] {
+            let d: Vec<f32> = (0..n).map(|_| r()).collect();
+            let y: Vec<f32> = (0..n).map(|_| r() * 10.0).collect();
+            let naive: f64 = d.iter().zip(&y).map(|(&a, &b)| a as f64 * b as f64).sum();
+            let mag: f64 = d
+                .iter()
+                .zip(&y)
+                .map(|(&a, &b)| (a as f64 * b as f64).abs())
+                .sum();
+            let got = steer_dot(&d, &y);
+            assert!(
+                (got - naive).abs() <= 1e-13 * mag,
+                "n {n}: {got} vs {naive}"
+            );
+        }
+        // One element: exactly its product.
+        assert_eq!(steer_dot(&[3.0], &[-0.5]), -1.5);
+    }
+
+    #[test]
+    fn dir_steer_removes_and_amplifies() {
+        // One-hot direction: scale 1 zeroes that coordinate exactly, the others are untouched.
+        let y0 = [1.5f32, -2.25, 3.0, 0.125];
+        let d = [0.0f32, 1.0, 0.0, 0.0];
+        let mut y = y0;
+        dir_steer(&mut y, &d, 1.0);
+        assert_eq!(y, [1.5, 0.0, 3.0, 0.125]);
+        // Scale −1 doubles it; scale 0 is the identity.
+        let mut y = y0;
+        dir_steer(&mut y, &d, -1.0);
+        assert_eq!(y, [1.5, -4.5, 3.0, 0.125]);
+        let mut y = y0;
+        dir_steer(&mut y, &d, 0.0);
+        assert_eq!(y, y0);
+        // A unit direction: the component along it is removed (up to f32 rounding).
+        let n = 4096;
+        let raw: Vec<f32> = (0..n)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0)
+            .collect();
+        let norm = raw.iter().map(|&v| v as f64 * v as f64).sum::<f64>().sqrt();
+        let d: Vec<f32> = raw.iter().map(|&v| (v as f64 / norm) as f32).collect();
+        let mut y: Vec<f32> = (0..n)
+            .map(|i| ((i * 11 % 23) as f32 - 11.0) * 0.3)
+            .collect();
+        let ny = y.iter().map(|&v| v as f64 * v as f64).sum::<f64>().sqrt();
+        assert!(steer_dot(&d, &y).abs() > 1e-3 * ny);
+        dir_steer(&mut y, &d, 1.0);
+        assert!(steer_dot(&d, &y).abs() < 1e-6 * ny, "{}", steer_dot(&d, &y));
     }
 }

@@ -66,7 +66,8 @@ pub struct EngineBundle {
     pub model_name: String,
     /// Routed-expert quant bits (2 or 4), stored in disk checkpoints.
     pub quant_bits: u8,
-    /// Model fingerprint; disk checkpoints of another fingerprint are ignored.
+    /// Model fingerprint; disk checkpoints of another fingerprint are ignored. Whatever else
+    /// changes the KV state belongs in it too (`ds4 serve` folds in the directional steering).
     pub fingerprint: [u8; 32],
     pub backend_factory: BackendFactory,
 }

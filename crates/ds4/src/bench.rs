@@ -778,7 +778,7 @@ pub fn run(a: Args) -> Result<()> {
                 let b = ds4_cuda::CudaBackend::new(
                     model.clone(),
                     ctx,
-                    common::cuda_options(&a.load, a.prefill_chunk),
+                    common::cuda_options(&a.load, &lm.engine, a.prefill_chunk),
                 )
                 .context("--backend cuda")?;
                 let w = b.decode_read_bytes() as u64;

@@ -1,5 +1,5 @@
 //! What several subcommands share: model resolution (with the built-in fallback), backend
-//! choice, tokenizer loading, sampling options.
+//! choice, directional steering, tokenizer loading, sampling options.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -7,7 +7,9 @@ use std::sync::Arc;
 use anyhow::{Context, Result, bail};
 use ds4_gguf::Gguf;
 use ds4_model::session::DEFAULT_PREFILL_CHUNK;
-use ds4_model::{Backend, Engine, EngineOptions, Model, Session, SessionOptions};
+use ds4_model::{
+    Backend, Engine, EngineOptions, Model, Session, SessionOptions, Shape, Steering, SteeringSlot,
+};
 use ds4_tokenizer::Tokenizer;
 
 /// Default model file looked up in the working directory (ds4's default).
@@ -47,6 +49,182 @@ pub struct LoadArgs {
     /// CUDA device ordinal.
     #[arg(long, default_value_t = 0)]
     pub device: usize,
+    #[command(flatten)]
+    pub steering: SteeringArgs,
+}
+
+/// One `--dir-steering-file` slot with its scales resolved.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SteeringSpec {
+    pub file: PathBuf,
+    pub ffn: f32,
+    pub attn: f32,
+}
+
+/// Directional steering flags (ds4's `--dir-steering-file/-ffn/-attn`, `ds4_model::steer`).
+/// `--dir-steering-file` is repeatable: each occurrence opens a slot and the scale flags that
+/// follow it bind to it (scale flags given before the first file bind to the first slot; the
+/// last value given for a slot wins). A slot without any scale flag gets ffn 1, attn 0; with
+/// one, the other is 0. At most [`ds4_model::steer::MAX_SLOTS`] slots, applied in order.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SteeringArgs {
+    /// The slots, in command-line order.
+    pub slots: Vec<SteeringSpec>,
+    /// A scale flag was given but no file (no effect, as in ds4).
+    pub orphan_scales: bool,
+}
+
+const ST_FILE: &str = "dir_steering_file";
+const ST_FFN: &str = "dir_steering_ffn";
+const ST_ATTN: &str = "dir_steering_attn";
+
+/// A steering scale: a finite number in [-100, 100] (ds4's range).
+fn parse_steering_scale(v: &str) -> Result<f32, String> {
+    let lim = ds4_model::steer::MAX_SCALE;
+    match v.trim().parse::<f32>() {
+        Ok(x) if x.is_finite() && x.abs() <= lim => Ok(x),
+        _ => Err(format!("must be a number from -{lim} to {lim}")),
+    }
+}
+
+impl clap::FromArgMatches for SteeringArgs {
+    fn from_arg_matches(m: &clap::ArgMatches) -> Result<Self, clap::Error> {
+        enum Ev {
+            File(PathBuf),
+            Ffn(f32),
+            Attn(f32),
+        }
+        let mut evs: Vec<(usize, Ev)> = Vec::new();
+        if let (Some(v), Some(ix)) = (m.get_many::<PathBuf>(ST_FILE), m.indices_of(ST_FILE)) {
+            evs.extend(ix.zip(v.cloned().map(Ev::File)));
+        }
+        if let (Some(v), Some(ix)) = (m.get_many::<f32>(ST_FFN), m.indices_of(ST_FFN)) {
+            evs.extend(ix.zip(v.copied().map(Ev::Ffn)));
+        }
+        if let (Some(v), Some(ix)) = (m.get_many::<f32>(ST_ATTN), m.indices_of(ST_ATTN)) {
+            evs.extend(ix.zip(v.copied().map(Ev::Attn)));
+        }
+        evs.sort_by_key(|e| e.0);
+        // (file, ffn, attn) as given; `pre`: scales before the first file.
+        let mut slots: Vec<(PathBuf, Option<f32>, Option<f32>)> = Vec::new();
+        let mut pre: (Option<f32>, Option<f32>) = (None, None);
+        for (_, ev) in evs {
+            match (ev, slots.last_mut()) {
+                (Ev::File(p), _) => {
+                    let (f, a) = if slots.is_empty() {
+                        (pre.0.take(), pre.1.take())
+                    } else {
+                        (None, None)
+                    };
+                    slots.push((p, f, a));
+                }
+                (Ev::Ffn(v), Some(s)) => s.1 = Some(v),
+                (Ev::Attn(v), Some(s)) => s.2 = Some(v),
+                (Ev::Ffn(v), None) => pre.0 = Some(v),
+                (Ev::Attn(v), None) => pre.1 = Some(v),
+            }
+        }
+        let max = ds4_model::steer::MAX_SLOTS;
+        if slots.len() > max {
+            return Err(clap::Error::raw(
+                clap::error::ErrorKind::TooManyValues,
+                format!(
+                    "at most {max} --dir-steering-file slots, {} given\n",
+                    slots.len()
+                ),
+            ));
+        }
+        Ok(SteeringArgs {
+            orphan_scales: slots.is_empty() && (pre.0.is_some() || pre.1.is_some()),
+            slots: slots
+                .into_iter()
+                .map(|(file, ffn, attn)| SteeringSpec {
+                    file,
+                    ffn: ffn.unwrap_or(if attn.is_none() { 1.0 } else { 0.0 }),
+                    attn: attn.unwrap_or(0.0),
+                })
+                .collect(),
+        })
+    }
+
+    fn update_from_arg_matches(&mut self, m: &clap::ArgMatches) -> Result<(), clap::Error> {
+        *self = Self::from_arg_matches(m)?;
+        Ok(())
+    }
+}
+
+impl clap::Args for SteeringArgs {
+    fn augment_args(cmd: clap::Command) -> clap::Command {
+        use clap::{Arg, ArgAction};
+        cmd.arg(
+            Arg::new(ST_FILE)
+                .long("dir-steering-file")
+                .value_name("FILE")
+                .action(ArgAction::Append)
+                .value_parser(clap::value_parser!(PathBuf))
+                .help(
+                    "Directional steering: flat little-endian f32 file of n_layer × n_embd \
+                     directions (one per layer). Repeatable (at most 8, applied in order at \
+                     every layer): each opens a slot, and the --dir-steering-ffn / \
+                     --dir-steering-attn after it set that slot's scales (before any file: the \
+                     first slot's)",
+                ),
+        )
+        .arg(
+            Arg::new(ST_FFN)
+                .long("dir-steering-ffn")
+                .value_name("F")
+                .action(ArgAction::Append)
+                .allow_negative_numbers(true)
+                .value_parser(parse_steering_scale)
+                .help(
+                    "Steering scale of the FFN outputs, -100..100: y -= F·d·(d·y) (positive \
+                     removes the direction, negative amplifies it). Default 1 for a slot with \
+                     no scale flag, else 0",
+                ),
+        )
+        .arg(
+            Arg::new(ST_ATTN)
+                .long("dir-steering-attn")
+                .value_name("F")
+                .action(ArgAction::Append)
+                .allow_negative_numbers(true)
+                .value_parser(parse_steering_scale)
+                .help("Steering scale of the attention outputs, -100..100 (default 0)"),
+        )
+    }
+
+    fn augment_args_for_update(cmd: clap::Command) -> clap::Command {
+        Self::augment_args(cmd)
+    }
+}
+
+/// Read the steering files of `a` for `shape` (one line on stderr saying what is applied).
+/// `None`: no file, or every scale 0 (the normal path).
+pub fn load_steering(a: &SteeringArgs, shape: &Shape) -> Result<Option<Arc<Steering>>> {
+    if a.orphan_scales {
+        eprintln!(
+            "ds4: warning: --dir-steering-ffn / --dir-steering-attn without --dir-steering-file: no steering"
+        );
+    }
+    if a.slots.is_empty() {
+        return Ok(None);
+    }
+    let mut slots = Vec::with_capacity(a.slots.len());
+    for s in &a.slots {
+        slots.push(SteeringSlot {
+            source: s.file.display().to_string(),
+            dirs: Steering::read_directions(&s.file, shape)?,
+            ffn: s.ffn,
+            attn: s.attn,
+        });
+    }
+    let st = Steering::new(shape, slots)?;
+    match &st {
+        Some(st) => eprintln!("ds4: directional steering: {}", st.describe()),
+        None => eprintln!("ds4: directional steering off (every scale is 0)"),
+    }
+    Ok(st.map(Arc::new))
 }
 
 /// Model and backend options plus the session size: run and chat.
@@ -103,12 +281,17 @@ pub fn load_model(a: &LoadArgs) -> Result<LoadedModel> {
     if a.warm_weights {
         warm_weights(&gguf);
     }
+    let model = Arc::new(
+        Model::load(gguf.clone()).with_context(|| format!("cannot load {}", path.display()))?,
+    );
+    let steering = load_steering(&a.steering, &model.shape)?;
     let opts = EngineOptions {
         qat: !a.no_qat,
         threads: a.threads,
+        steering,
         ..EngineOptions::default()
     };
-    let engine = Engine::from_gguf(gguf.clone(), opts)
+    let engine = Engine::from_model(model, opts)
         .with_context(|| format!("cannot load {}", path.display()))?;
     Ok(LoadedModel {
         path,
@@ -151,17 +334,18 @@ pub fn prefill_chunk(a: &LoadArgs, arg: Option<usize>) -> usize {
     })
 }
 
-/// CUDA backend options from the flags; the backend's pass size (`max_chunk`, the tokens one
-/// prefill pass evaluates and its scratch is sized for) follows the prefill chunk, so a chunk
-/// of P tokens is one pass, as the session schedules it. Without `--prefill-chunk` the backend
-/// may shrink the pass to fit its memory (`CudaOptions::fit_chunk`).
-pub fn cuda_options(a: &LoadArgs, arg: Option<usize>) -> ds4_cuda::CudaOptions {
+/// CUDA backend options from the flags and the engine (its steering); the backend's pass size
+/// (`max_chunk`, the tokens one prefill pass evaluates and its scratch is sized for) follows the
+/// prefill chunk, so a chunk of P tokens is one pass, as the session schedules it. Without
+/// `--prefill-chunk` the backend may shrink the pass to fit its memory (`CudaOptions::fit_chunk`).
+pub fn cuda_options(a: &LoadArgs, engine: &Engine, arg: Option<usize>) -> ds4_cuda::CudaOptions {
     ds4_cuda::CudaOptions {
         device: a.device,
         qat: !a.no_qat,
         quality: a.quality,
         max_chunk: prefill_chunk(a, arg).max(1),
         fit_chunk: arg.is_none(),
+        steering: engine.steering().cloned(),
         ..Default::default()
     }
 }
@@ -191,7 +375,7 @@ pub fn make_backend(
     Ok(new_backend(
         a.backend,
         engine,
-        &cuda_options(a, prefill_chunk),
+        &cuda_options(a, engine, prefill_chunk),
         ctx,
     )?)
 }
@@ -233,6 +417,22 @@ pub fn fingerprint(g: &Gguf) -> [u8; 32] {
     h.update((data.len() as u64).to_le_bytes());
     h.update(&data[..data.len().min(SAMPLE)]);
     h.update(&data[data.len().saturating_sub(SAMPLE)..]);
+    h.finalize().into()
+}
+
+/// The disk KV cache's model key: [`fingerprint`], with the steering configuration folded in
+/// when steering is on (a KV state computed under other steering, or none, is not reused);
+/// without steering exactly [`fingerprint`], so existing checkpoints stay valid.
+pub fn cache_fingerprint(g: &Gguf, steering: Option<&Arc<Steering>>) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let fp = fingerprint(g);
+    let Some(st) = steering else {
+        return fp;
+    };
+    let mut h = Sha256::new();
+    h.update(b"ds4-rs model fingerprint with steering v1\0");
+    h.update(fp);
+    h.update(st.canonical_bytes());
     h.finalize().into()
 }
 
@@ -410,5 +610,100 @@ mod tests {
         // The built-in model is ds4's q2 recipe.
         let m = Model::load(Arc::new(g)).unwrap();
         assert_eq!(routed_quant_bits(&m), 2);
+        // Steering keys the cache apart; none leaves the fingerprint as it was.
+        let g = Gguf::open(&p).unwrap();
+        assert_eq!(cache_fingerprint(&g, None), fp);
+        let s = &m.shape;
+        let st = |ffn: f32| {
+            let slot = SteeringSlot {
+                source: "d".into(),
+                dirs: vec![0.25; s.n_layer * s.n_embd],
+                ffn,
+                attn: 0.0,
+            };
+            Arc::new(Steering::new(s, vec![slot]).unwrap().unwrap())
+        };
+        let (a, b) = (
+            cache_fingerprint(&g, Some(&st(1.0))),
+            cache_fingerprint(&g, Some(&st(2.0))),
+        );
+        assert!(a != fp && b != fp && a != b);
+        assert_eq!(a, cache_fingerprint(&g, Some(&st(1.0))));
+    }
+
+    fn steering_of(args: &[&str]) -> Result<SteeringArgs, clap::Error> {
+        use clap::{Args as _, FromArgMatches as _};
+        let cmd = SteeringArgs::augment_args(clap::Command::new("t").no_binary_name(true));
+        SteeringArgs::from_arg_matches(&cmd.try_get_matches_from(args)?)
+    }
+
+    fn spec(file: &str, ffn: f32, attn: f32) -> SteeringSpec {
+        SteeringSpec {
+            file: file.into(),
+            ffn,
+            attn,
+        }
+    }
+
+    #[test]
+    fn steering_flags_bind_to_the_latest_file() {
+        let st = |a: &[&str]| steering_of(a).unwrap();
+        assert_eq!(st(&[]), SteeringArgs::default());
+        // A file alone: ffn 1.
+        assert_eq!(
+            st(&["--dir-steering-file", "A"]).slots,
+            [spec("A", 1.0, 0.0)]
+        );
+        // Scales follow their slot; a slot with one scale flag gets 0 for the other.
+        let a = st(&[
+            "--dir-steering-file",
+            "A",
+            "--dir-steering-ffn",
+            "2",
+            "--dir-steering-file",
+            "B",
+            "--dir-steering-attn",
+            "-1",
+        ]);
+        assert_eq!(a.slots, [spec("A", 2.0, 0.0), spec("B", 0.0, -1.0)]);
+        // Scales before the first file bind to it; a third file without flags gets ffn 1; the
+        // last value for a slot wins; `=` form.
+        let a = st(&[
+            "--dir-steering-attn",
+            "0.5",
+            "--dir-steering-ffn=-3",
+            "--dir-steering-file",
+            "A",
+            "--dir-steering-file",
+            "B",
+            "--dir-steering-ffn",
+            "4",
+            "--dir-steering-ffn",
+            "5",
+            "--dir-steering-file",
+            "C",
+        ]);
+        assert_eq!(
+            a.slots,
+            [
+                spec("A", -3.0, 0.5),
+                spec("B", 5.0, 0.0),
+                spec("C", 1.0, 0.0)
+            ]
+        );
+        assert!(!a.orphan_scales);
+        let a = st(&["--dir-steering-ffn", "1"]);
+        assert!(a.slots.is_empty() && a.orphan_scales);
+        // Ranges and the slot limit.
+        for bad in ["100.5", "-101", "nan", "inf", "x"] {
+            let e =
+                steering_of(&["--dir-steering-file", "A", "--dir-steering-ffn", bad]).unwrap_err();
+            assert_eq!(e.kind(), clap::error::ErrorKind::ValueValidation, "{bad}");
+        }
+        assert!(steering_of(&["--dir-steering-attn", "-100", "--dir-steering-ffn", "100"]).is_ok());
+        let many: Vec<&str> = (0..9).flat_map(|_| ["--dir-steering-file", "A"]).collect();
+        let e = steering_of(&many).unwrap_err();
+        assert_eq!(e.kind(), clap::error::ErrorKind::TooManyValues);
+        assert_eq!(st(&many[..16]).slots.len(), 8);
     }
 }

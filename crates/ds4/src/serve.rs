@@ -1,6 +1,6 @@
 //! `ds4 serve`: the OpenAI / Anthropic compatible HTTP server (crate `ds4-server`) over the
 //! binary's model loading (`-m`, the built-in fallback, `--backend cpu|cuda`, `--threads`,
-//! `--no-qat`, `--quality`, `--device`).
+//! `--no-qat`, `--quality`, `--device`, `--dir-steering-*`).
 //!
 //! The context size (`-c/--ctx`), the prefill chunk and the sampling defaults are the server's
 //! own flags ([`ds4_server::ServeArgs`]), so only the loading half of the model options
@@ -45,7 +45,8 @@ pub fn run(mut a: Args) -> Result<()> {
         .map_err(|e| anyhow::anyhow!("invalid option: {e}"))?;
     let lm = common::load_model(&a.load)?;
     let tok = Arc::new(common::load_tokenizer(&lm.gguf, &lm.path)?);
-    let fingerprint = common::fingerprint(&lm.gguf);
+    // Steering changes the KV state: checkpoints are keyed by it too.
+    let fingerprint = common::cache_fingerprint(&lm.gguf, lm.engine.steering());
     let quant_bits = common::routed_quant_bits(lm.engine.model());
     tracing::info!(
         target: "ds4",
@@ -58,7 +59,7 @@ pub fn run(mut a: Args) -> Result<()> {
         a.load.backend,
     );
     let kind = a.load.backend;
-    let cuda = common::cuda_options(&a.load, a.serve.prefill_chunk);
+    let cuda = common::cuda_options(&a.load, &lm.engine, a.serve.prefill_chunk);
     a.serve.prefill_chunk = Some(common::prefill_chunk(&a.load, a.serve.prefill_chunk));
     let engine = lm.engine.clone();
     let bundle = ds4_server::EngineBundle {

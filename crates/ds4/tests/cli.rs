@@ -1534,4 +1534,217 @@ fn bench_chat_prompt_and_frontier_logits() {
     }
     let flat = h.split_whitespace().collect::<Vec<_>>().join(" ");
     assert!(flat.contains("\"You are a helpful assistant.\""), "{h}");
+/// `n_layer × n_embd` random unit directions of the built-in model, as a steering file's bytes.
+fn steering_file(path: &Path, seed: u64, zero: bool) -> Vec<f32> {
+    let g = ds4_gguf::Gguf::open(builtin()).unwrap();
+    let s = ds4_model::Shape::from_gguf(&g).unwrap();
+    let mut st = seed | 1;
+    let mut dirs = Vec::with_capacity(s.n_layer * s.n_embd);
+    for _ in 0..s.n_layer {
+        let v: Vec<f64> = (0..s.n_embd)
+            .map(|_| {
+                st ^= st << 13;
+                st ^= st >> 7;
+                st ^= st << 17;
+                (st >> 11) as f64 / (1u64 << 53) as f64 - 0.5
+            })
+            .collect();
+        let n = v.iter().map(|x| x * x).sum::<f64>().sqrt();
+        dirs.extend(v.iter().map(|x| if zero { 0.0 } else { (x / n) as f32 }));
+    }
+    let bytes: Vec<u8> = dirs.iter().flat_map(|v| v.to_le_bytes()).collect();
+    std::fs::write(path, bytes).unwrap();
+    dirs
+}
+
+const STEER_IDS: &str = "0,19923,14,3300,2,77,1001";
+
+/// `ds4 run --prompt-ids STEER_IDS -n 1 --dump-prompt-logits` on the built-in model with
+/// `extra` flags: the logits rows.
+fn steered_logits(dir: &Path, tag: &str, extra: &[&str]) -> Vec<f32> {
+    let dump = dir.join(format!("{tag}.npy"));
+    let m = builtin();
+    let mut args = vec![
+        "run",
+        "-m",
+        p(&m),
+        "--prompt-ids",
+        STEER_IDS,
+        "-n",
+        "1",
+        "--temp",
+        "0",
+        "--dump-prompt-logits",
+        dump.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let o = ds4(&args, None);
+    assert!(o.status.success(), "{tag}: {}", stderr(&o));
+    npy::read(&dump).unwrap().to_f32().unwrap()
+}
+
+/// `--dir-steering-*` on `ds4 run`: zero scales and zero directions leave the logits bit for
+/// bit; a file alone steers the FFN with scale 1; the scale flags bind to the latest file, and
+/// the result equals the library's CPU backend with those slots.
+#[test]
+fn run_dir_steering_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b, z) = (
+        dir.path().join("a.f32"),
+        dir.path().join("b.f32"),
+        dir.path().join("z.f32"),
+    );
+    let da = steering_file(&a, 1, false);
+    let db = steering_file(&b, 2, false);
+    steering_file(&z, 3, true);
+    let (a, b, z) = (p(&a), p(&b), p(&z));
+    let base = steered_logits(dir.path(), "base", &[]);
+    let zero_scales = steered_logits(
+        dir.path(),
+        "zs",
+        &[
+            "--dir-steering-file",
+            a,
+            "--dir-steering-ffn",
+            "0",
+            "--dir-steering-attn",
+            "0",
+        ],
+    );
+    assert!(zero_scales == base, "zero scales changed the logits");
+    let zero_dirs = steered_logits(
+        dir.path(),
+        "zd",
+        &["--dir-steering-file", z, "--dir-steering-attn", "3"],
+    );
+    assert!(zero_dirs == base, "zero directions changed the logits");
+    let file_only = steered_logits(dir.path(), "fo", &["--dir-steering-file", a]);
+    assert!(file_only != base, "steering changed nothing");
+    let ffn1 = steered_logits(
+        dir.path(),
+        "f1",
+        &["--dir-steering-ffn", "1", "--dir-steering-file", a],
+    );
+    assert!(file_only == ffn1, "a file alone is --dir-steering-ffn 1");
+    let slots = [
+        "--dir-steering-file",
+        a,
+        "--dir-steering-ffn",
+        "2",
+        "--dir-steering-file",
+        b,
+        "--dir-steering-attn",
+        "-1",
+    ];
+    let two = steered_logits(dir.path(), "two", &slots);
+    let swapped = steered_logits(
+        dir.path(),
+        "sw",
+        &[
+            "--dir-steering-file",
+            a,
+            "--dir-steering-attn",
+            "-1",
+            "--dir-steering-file",
+            b,
+            "--dir-steering-ffn",
+            "2",
+        ],
+    );
+    assert!(two != swapped && two != base && two != file_only);
+    // The library with slots (a: ffn 2) then (b: attn -1).
+    let g = std::sync::Arc::new(ds4_gguf::Gguf::open(builtin()).unwrap());
+    let model = std::sync::Arc::new(ds4_model::Model::load(g).unwrap());
+    let slot = |dirs: Vec<f32>, ffn: f32, attn: f32| ds4_model::SteeringSlot {
+        source: String::new(),
+        dirs,
+        ffn,
+        attn,
+    };
+    let st = ds4_model::Steering::new(&model.shape, vec![slot(da, 2.0, 0.0), slot(db, 0.0, -1.0)])
+        .unwrap()
+        .map(std::sync::Arc::new);
+    let eng = ds4_model::Engine::from_model(
+        model,
+        ds4_model::EngineOptions {
+            threads: Some(2),
+            steering: st,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let mut sess = eng
+        .new_session(ds4_model::SessionOptions {
+            ctx: 64,
+            prefill_chunk: 3,
+        })
+        .unwrap();
+    let ids: Vec<u32> = STEER_IDS.split(',').map(|s| s.parse().unwrap()).collect();
+    let want = sess.prefill_all_logits(&ids).unwrap();
+    assert!(two == want, "CLI slots differ from the library's");
+}
+
+/// Steering errors: a file of the wrong size is one line naming both sizes; an out-of-range
+/// scale and a ninth file are usage errors (exit 2, clap's message naming the flag).
+#[test]
+fn run_dir_steering_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("short.f32");
+    let m = builtin();
+    let g = ds4_gguf::Gguf::open(&m).unwrap();
+    let s = ds4_model::Shape::from_gguf(&g).unwrap();
+    let want = s.n_layer * s.n_embd * 4;
+    std::fs::write(&f, vec![0u8; want - 4]).unwrap();
+    let run = |extra: &[&str]| {
+        let mut a = vec!["run", "-m", p(&m), "--prompt-ids", "1,2", "-n", "1"];
+        a.extend_from_slice(extra);
+        ds4(&a, None)
+    };
+    let o = run(&["--dir-steering-file", p(&f)]);
+    let line = assert_one_line_failure(&o, "short steering file");
+    assert!(
+        line.contains(&format!("{} bytes", want - 4))
+            && line.contains(&format!("expected {want}"))
+            && line.contains("short.f32"),
+        "{line}"
+    );
+    let o = run(&["--dir-steering-file", "/nonexistent/d.f32"]);
+    assert_one_line_failure(&o, "missing steering file");
+    for (flag, v) in [
+        ("--dir-steering-ffn", "101"),
+        ("--dir-steering-attn", "-100.5"),
+    ] {
+        let o = run(&["--dir-steering-file", p(&f), flag, v]);
+        assert_eq!(o.status.code(), Some(2), "{flag} {v}: {}", stderr(&o));
+        let e = stderr(&o);
+        let first = e.lines().next().unwrap_or("");
+        assert!(
+            first.starts_with("error:") && first.contains(flag) && first.contains(v),
+            "{e}"
+        );
+    }
+    let mut many = Vec::new();
+    for _ in 0..9 {
+        many.extend(["--dir-steering-file", p(&f)]);
+    }
+    let o = run(&many);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("at most 8"), "{}", stderr(&o));
+}
+
+/// Every engine subcommand takes the steering flags.
+#[test]
+fn dir_steering_flags_on_every_engine_subcommand() {
+    for sub in ["run", "chat", "serve", "bench"] {
+        let o = ds4(&[sub, "--help"], None);
+        assert!(o.status.success(), "{sub}: {}", stderr(&o));
+        let h = stdout(&o);
+        for f in [
+            "--dir-steering-file",
+            "--dir-steering-ffn",
+            "--dir-steering-attn",
+        ] {
+            assert!(h.contains(f), "{sub} --help lacks {f}");
+        }
+    }
 }
