@@ -1534,6 +1534,8 @@ fn bench_chat_prompt_and_frontier_logits() {
     }
     let flat = h.split_whitespace().collect::<Vec<_>>().join(" ");
     assert!(flat.contains("\"You are a helpful assistant.\""), "{h}");
+}
+
 /// `n_layer × n_embd` random unit directions of the built-in model, as a steering file's bytes.
 fn steering_file(path: &Path, seed: u64, zero: bool) -> Vec<f32> {
     let g = ds4_gguf::Gguf::open(builtin()).unwrap();
