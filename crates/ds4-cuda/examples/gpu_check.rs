@@ -47,22 +47,9 @@ const STEER_MODELS: [&str; 3] = ["tiny-f32", "flashdims-f32", "flashdims-q2"];
 /// (scale 1.5) and the attention output (0.5), slot 1 amplifies (-1 / -0.75).
 fn test_steering(m: &Model) -> Result<Arc<Steering>> {
     let s = &m.shape;
-    let mut st = 0x5eed_0001_u64;
     let mut slots = Vec::new();
     for (i, (ffn, attn)) in [(1.5f32, 0.5f32), (-1.0, -0.75)].into_iter().enumerate() {
-        let mut dirs = Vec::with_capacity(s.n_layer * s.n_embd);
-        for _ in 0..s.n_layer {
-            let v: Vec<f64> = (0..s.n_embd)
-                .map(|_| {
-                    st ^= st << 13;
-                    st ^= st >> 7;
-                    st ^= st << 17;
-                    (st >> 11) as f64 / (1u64 << 53) as f64 - 0.5
-                })
-                .collect();
-            let n = v.iter().map(|x| x * x).sum::<f64>().sqrt();
-            dirs.extend(v.iter().map(|x| (x / n) as f32));
-        }
+        let dirs = ds4_model::steer::random_unit_directions(s, 0x5eed_0001 + i as u64);
         slots.push(SteeringSlot {
             source: format!("test slot {i}"),
             dirs,

@@ -1217,6 +1217,27 @@ impl CudaBackend {
         Ok(true)
     }
 
+    /// The FFN HC post's inputs `(f, routed, k)` for `n` tokens: with FFN steering the sum
+    /// routed + shared is formed (the post's own f32 add) and edited into `fout`, which the post
+    /// then reads alone; otherwise the shared output and the summed routed experts.
+    fn ffn_post_inputs(&self, il: usize, n: usize) -> Result<(u64, u64, usize), CudaError> {
+        let sc = &self.sc;
+        Ok(
+            if self.steer(
+                il,
+                Sublayer::Ffn,
+                sc.fout.ptr,
+                sc.sh_out.ptr,
+                sc.routed.ptr,
+                n,
+            )? {
+                (sc.fout.ptr, 0, 0)
+            } else {
+                (sc.sh_out.ptr, sc.routed.ptr, 1)
+            },
+        )
+    }
+
     /// `y[t] = W·x[t]` for `n` tokens (quantizing `x` when the weight type needs it).
     fn mm(&self, w: &DevWeight, x: u64, n: usize, y: u64) -> Result<(), CudaError> {
         let st = &self.stream;
@@ -1488,20 +1509,7 @@ impl CudaBackend {
                 .layers
                 .get(il + 1)
                 .is_some_and(|nl| self.flat_scaled(&nl.hc_attn.fn_, n, trace.is_some()));
-            // With FFN steering the sum is formed (same f32 add) and edited into fout first, and
-            // the HC post reads only that.
-            let (f, routed, k) = if self.steer(
-                il,
-                Sublayer::Ffn,
-                sc.fout.ptr,
-                sc.sh_out.ptr,
-                sc.routed.ptr,
-                n,
-            )? {
-                (sc.fout.ptr, 0, 0)
-            } else {
-                (sc.sh_out.ptr, sc.routed.ptr, 1)
-            };
+            let (f, routed, k) = self.ffn_post_inputs(il, n)?;
             fw.hc_post(
                 f,
                 routed,
@@ -1842,20 +1850,7 @@ impl CudaBackend {
         self.route(il, l, 1)?;
         self.moe(l, 1, pre_q, None, !sh_side)?;
         fw.join_side()?;
-        // With FFN steering the sum is formed (same f32 add) and edited into fout first, and
-        // the HC post reads only that.
-        let (f, routed, k) = if self.steer(
-            il,
-            Sublayer::Ffn,
-            sc.fout.ptr,
-            sc.sh_out.ptr,
-            sc.routed.ptr,
-            1,
-        )? {
-            (sc.fout.ptr, 0, 0)
-        } else {
-            (sc.sh_out.ptr, sc.routed.ptr, 1)
-        };
+        let (f, routed, k) = self.ffn_post_inputs(il, 1)?;
         // Wide where the next layer's attention site finishes the norm (not before the
         // output head, which reads flat).
         let wide_f = self

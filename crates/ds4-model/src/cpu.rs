@@ -1277,21 +1277,7 @@ mod tests {
 
     /// `n_layer × n_embd` random unit directions.
     fn unit_dirs(s: &Shape, seed: u64) -> Vec<f32> {
-        let mut st = seed | 1;
-        let mut out = Vec::with_capacity(s.n_layer * s.n_embd);
-        for _ in 0..s.n_layer {
-            let v: Vec<f64> = (0..s.n_embd)
-                .map(|_| {
-                    st ^= st << 13;
-                    st ^= st >> 7;
-                    st ^= st << 17;
-                    (st >> 11) as f64 / (1u64 << 53) as f64 - 0.5
-                })
-                .collect();
-            let n = v.iter().map(|x| x * x).sum::<f64>().sqrt();
-            out.extend(v.iter().map(|x| (x / n) as f32));
-        }
-        out
+        crate::steer::random_unit_directions(s, seed)
     }
 
     fn steering(m: &Model, slots: Vec<(Vec<f32>, f32, f32)>) -> Option<Arc<Steering>> {

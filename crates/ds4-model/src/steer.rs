@@ -256,6 +256,27 @@ impl Steering {
     }
 }
 
+/// `n_layer × n_embd` pseudo-random unit directions (one per layer; xorshift64 from `seed`, the
+/// components uniform in [-0.5, 0.5) before normalising): steering files for tests and tools that
+/// have no model run to extract a direction from.
+pub fn random_unit_directions(shape: &Shape, seed: u64) -> Vec<f32> {
+    let mut st = seed | 1;
+    let mut out = Vec::with_capacity(shape.n_layer * shape.n_embd);
+    for _ in 0..shape.n_layer {
+        let v: Vec<f64> = (0..shape.n_embd)
+            .map(|_| {
+                st ^= st << 13;
+                st ^= st >> 7;
+                st ^= st << 17;
+                (st >> 11) as f64 / (1u64 << 53) as f64 - 0.5
+            })
+            .collect();
+        let n = v.iter().map(|x| x * x).sum::<f64>().sqrt();
+        out.extend(v.iter().map(|x| (x / n) as f32));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1540,19 +1540,9 @@ fn bench_chat_prompt_and_frontier_logits() {
 fn steering_file(path: &Path, seed: u64, zero: bool) -> Vec<f32> {
     let g = ds4_gguf::Gguf::open(builtin()).unwrap();
     let s = ds4_model::Shape::from_gguf(&g).unwrap();
-    let mut st = seed | 1;
-    let mut dirs = Vec::with_capacity(s.n_layer * s.n_embd);
-    for _ in 0..s.n_layer {
-        let v: Vec<f64> = (0..s.n_embd)
-            .map(|_| {
-                st ^= st << 13;
-                st ^= st >> 7;
-                st ^= st << 17;
-                (st >> 11) as f64 / (1u64 << 53) as f64 - 0.5
-            })
-            .collect();
-        let n = v.iter().map(|x| x * x).sum::<f64>().sqrt();
-        dirs.extend(v.iter().map(|x| if zero { 0.0 } else { (x / n) as f32 }));
+    let mut dirs = ds4_model::steer::random_unit_directions(&s, seed);
+    if zero {
+        dirs.fill(0.0);
     }
     let bytes: Vec<u8> = dirs.iter().flat_map(|v| v.to_le_bytes()).collect();
     std::fs::write(path, bytes).unwrap();
