@@ -70,8 +70,23 @@ fn parse_cli() -> Cli {
     let args = argv::rewrite(std::env::args_os().collect(), &run_only);
     let matches = cmd
         .try_get_matches_from_mut(args)
-        .unwrap_or_else(|e| e.exit());
-    Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.format(&mut cmd).exit())
+        .unwrap_or_else(|e| usage_exit(e));
+    Cli::from_arg_matches(&matches).unwrap_or_else(|e| usage_exit(e.format(&mut cmd)))
+}
+
+/// Help and version go to stdout as clap writes them; a usage error is one line on stderr,
+/// `ds4: <what clap says>` (its first line), and exit status 2, as ds4 does.
+fn usage_exit(e: clap::Error) -> ! {
+    if !e.use_stderr() {
+        e.exit();
+    }
+    let text = e.render().to_string();
+    let first = text
+        .lines()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("invalid arguments");
+    eprintln!("ds4: {}", first.trim_start_matches("error: "));
+    std::process::exit(2);
 }
 
 fn main() -> ExitCode {

@@ -1709,9 +1709,9 @@ fn run_dir_steering_errors() {
         let o = run(&["--dir-steering-file", p(&f), flag, v]);
         assert_eq!(o.status.code(), Some(2), "{flag} {v}: {}", stderr(&o));
         let e = stderr(&o);
-        let first = e.lines().next().unwrap_or("");
+        assert_eq!(e.lines().count(), 1, "{e}");
         assert!(
-            first.starts_with("error:") && first.contains(flag) && first.contains(v),
+            e.starts_with("ds4: ") && e.contains(flag) && e.contains(v),
             "{e}"
         );
     }
@@ -1739,4 +1739,26 @@ fn dir_steering_flags_on_every_engine_subcommand() {
             assert!(h.contains(f), "{sub} --help lacks {f}");
         }
     }
+}
+
+/// A usage error (bad flag value, unknown flag or subcommand) is one line on stderr,
+/// `ds4: ...`, and exit status 2, as in ds4; help still goes to stdout with status 0.
+#[test]
+fn usage_errors_are_one_line() {
+    for args in [
+        &["run", "--dir-steering-ffn", "200", "-p", "x"][..],
+        &["run", "--no-such-flag"],
+        &["no-such-subcommand"],
+        &["bench", "--ctx-max", "many"],
+    ] {
+        let o = ds4(args, None);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
+        let err = stderr(&o);
+        let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert_eq!(lines.len(), 1, "{args:?}: {err}");
+        assert!(lines[0].starts_with("ds4: "), "{args:?}: {err}");
+        assert!(stdout(&o).is_empty(), "{args:?}");
+    }
+    let o = ds4(&["run", "--help"], None);
+    assert!(o.status.success() && stdout(&o).contains("Usage: ds4 run"));
 }
