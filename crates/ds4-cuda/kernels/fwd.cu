@@ -1763,6 +1763,75 @@ extern "C" __global__ void __cluster_dims__(CL, 1, 1) __launch_bounds__(CL_T, 1)
                               xin, a, qo);
 }
 
+// The same without a cluster: grid e / HCR_T independent blocks. Every block adds the partials
+// and forms the whole collapse y (all e elements, HCR_EPT steps per thread) for the norm's Σ y²
+// (a block sum: the same additions in every block), then normalizes, writes and quantizes only
+// its own HCR_T elements (d = block·HCR_T + thread). No cluster launch or cluster barriers; the
+// redundant part is hc·e loads (from L2) and hc·e FMAs per block. Same products as the cluster
+// kernel; only the order of the f64 additions of Σ y² differs. Needs e % HCR_T == 0 and
+// e ≤ HCR_EPT·HCR_T (the host checks).
+#define HCR_T 512
+#define HCR_EPT 8
+extern "C" __global__ void __launch_bounds__(HCR_T, 1)
+    ds4_hc_pre_mix_red(const double* __restrict__ part, int nparts, float* mix,
+                       const float* scale, const float* base, float hc_eps,
+                       const float* __restrict__ x, int e, const float* __restrict__ norm_w,
+                       float rms_eps, float* xin, float* a, i8* q0, float* d0, i8* qk, float* dk,
+                       short* bk) {
+    PDL_ENTRY();
+    __shared__ float s_mix[HCM_NM];
+    __shared__ double sh[32];
+    __shared__ double w_sh[HCM_HC];
+    const int t = threadIdx.x;
+    const int nu = e / HCR_T;  // element steps = blocks
+    const int dm = blockIdx.x * HCR_T + t;
+    // The collapse's inputs first (independent loads, all in flight with the partials').
+    float xv[HCR_EPT][HCM_HC];
+#pragma unroll
+    for (int u = 0; u < HCR_EPT; u++)
+#pragma unroll
+        for (int h = 0; h < HCM_HC; h++) xv[u][h] = u < nu ? x[(i64)h * e + u * HCR_T + t] : 0.0f;
+    const float nv = norm_w[dm];
+    if (t < HCM_NM * 16) {  // 12 whole warps: row r = t / 16, partials j, j+16, …
+        const int r = t >> 4, j = t & 15;
+        double acc = 0.0;
+#pragma unroll 8
+        for (int g = j; g < nparts; g += 16) acc += part[(i64)r * nparts + g];
+#pragma unroll
+        for (int o = 8; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+        if (j == 0) {
+            s_mix[r] = (float)acc;
+            if (blockIdx.x == 0) mix[r] = (float)acc;
+        }
+    }
+    __syncthreads();
+    if (t < HCM_HC) {
+        w_sh[t] = (double)(float)(sigmoid_d((double)s_mix[t] * (double)scale[0] + (double)base[t]) +
+                                  (double)hc_eps);
+    }
+    __syncthreads();
+    double ss = 0.0;
+    float ym = 0.0f;
+#pragma unroll
+    for (int u = 0; u < HCR_EPT; u++) {
+        if (u >= nu) continue;
+        double acc = 0.0;
+#pragma unroll
+        for (int h = 0; h < HCM_HC; h++) acc = __fma_rn(w_sh[h], (double)xv[u][h], acc);  // exact products
+        const float yv = (float)acc;
+        const double yd = (double)yv;
+        ss = __fma_rn(yd, yd, ss);
+        if (u == (int)blockIdx.x) ym = yv;
+    }
+    const double tot = block_sum_d(ss, sh);
+    const double sc = 1.0 / sqrt(tot / (double)e + (double)rms_eps);
+    xin[dm] = ym;
+    const float o = (float)(((double)ym * sc) * (double)nv);
+    a[dm] = o;
+    if (q0) q8_0_warp(o, true, (i64)(dm >> 5), q0, d0);
+    if (qk) q8_k_group(o, true, dm & 255, (i64)(dm >> 8), qk, dk, bk);
+}
+
 // The split (post, comb) of one token alone: one warp. The decode step runs it on a side stream,
 // concurrently with the collapse (which needs only pre) and everything up to the HC post.
 extern "C" __global__ void ds4_hc_split_dec(const float* mix, const float* scale,

@@ -140,6 +140,10 @@ const HCM_MAX_PARTS: usize = 4 * DEC_HC_BLOCKS * DEC_HC_THREADS * 4 / HCP_COLS;
 /// `ds4_hc_post_wide`: threads (elements) per block (HPW_T in fwd.cu) and the most blocks.
 const HPW_T: usize = 128;
 const HPW_MAX_PARTS: usize = DEC_HC_BLOCKS * DEC_HC_THREADS * 4 / HPW_T;
+/// `ds4_hc_pre_mix_red`: threads (elements) per block and element steps per thread (HCR_T,
+/// HCR_EPT in fwd.cu).
+const HCR_T: usize = 512;
+const HCR_EPT: usize = 8;
 
 /// Device addresses of an activation quantization fused into a decode kernel (0 = that format
 /// is not written): Q8_0 (`q0` qs, `d0` scales) and Q8_K (`qk` qs, `dk` scales, `bk` bsums), in
@@ -342,6 +346,10 @@ pub(crate) struct Fwd {
     hc_split_dec: CudaFunction,
     rms_q8_dec: CudaFunction,
     hc_pre_mix_dec: CudaFunction,
+    /// `ds4_hc_pre_mix_red`: the same without a cluster (independent blocks, each forming the
+    /// whole collapse for the norm); launched instead where it fits unless
+    /// `DS4_CUDA_HC_PRE_RED=0`.
+    hc_pre_mix_red: Option<CudaFunction>,
     hc_mix_part: CudaFunction,
     hc_post_wide: CudaFunction,
     dir_steer: CudaFunction,
@@ -464,6 +472,11 @@ impl Fwd {
             hc_split_dec: f("ds4_hc_split_dec")?,
             rms_q8_dec: f("ds4_rms_q8_dec")?,
             hc_pre_mix_dec: f("ds4_hc_pre_mix_dec")?,
+            hc_pre_mix_red: if std::env::var("DS4_CUDA_HC_PRE_RED").is_ok_and(|v| v == "0") {
+                None
+            } else {
+                Some(f("ds4_hc_pre_mix_red")?)
+            },
             hc_mix_part: f("ds4_hc_mix_part")?,
             hc_post_wide: f("ds4_hc_post_wide")?,
             dir_steer: f("ds4_dir_steer")?,
@@ -1555,10 +1568,14 @@ impl Fwd {
                 A::I((hc * e) as i32),
             ],
         )?;
+        let (k, grid, threads) = match &self.hc_pre_mix_red {
+            Some(k) if e.is_multiple_of(HCR_T) && e <= HCR_T * HCR_EPT => (k, e / HCR_T, HCR_T),
+            _ => (&self.hc_pre_mix_dec, DEC_HC_BLOCKS, DEC_HC_THREADS),
+        };
         self.go(
-            &self.hc_pre_mix_dec,
-            (DEC_HC_BLOCKS, 1, 1),
-            DEC_HC_THREADS,
+            k,
+            (grid, 1, 1),
+            threads,
             0,
             &[
                 A::P(self.mixp.ptr),
