@@ -1723,6 +1723,25 @@ extern "C" __global__ void __launch_bounds__(HPW_T)
     }
 }
 
+// The mix of a decode HC site from ds4_hc_mix_part's partials (row-major, nparts per row):
+// 12 whole warps, row r = thread / 16 adding partials j, j+16, … then a half-warp tree, into
+// s_mix (every block, the same additions) and, by block 0, mix (for the split kernel).
+__device__ __forceinline__ void hc_mix_sum(const double* __restrict__ part, int nparts,
+                                           float* s_mix, float* mix) {
+    if (threadIdx.x < HCM_NM * 16) {
+        const int r = threadIdx.x >> 4, j = threadIdx.x & 15;
+        double t = 0.0;
+#pragma unroll 8
+        for (int g = j; g < nparts; g += 16) t += part[(i64)r * nparts + g];
+#pragma unroll
+        for (int o = 8; o > 0; o >>= 1) t += __shfl_xor_sync(0xffffffffu, t, o);
+        if (j == 0) {
+            s_mix[r] = (float)t;
+            if (blockIdx.x == 0) mix[r] = (float)t;
+        }
+    }
+}
+
 // HC pre of one token after ds4_hc_mix_part (hc = 4: 24 mix rows): every block adds the
 // nparts partials of each row (f64, a fixed order: the same in every block), block 0 writes
 // mix (for the split kernel); then ds4_hc_pre_dec (collapse, norm, quantization). Needs
@@ -1745,18 +1764,7 @@ extern "C" __global__ void __cluster_dims__(CL, 1, 1) __launch_bounds__(CL_T, 1)
             asm volatile("prefetch.global.L1 [%0];" ::"l"(norm_w + d));
         }
     }
-    if (threadIdx.x < HCM_NM * 16) {  // 12 whole warps: row r = t / 16, partials j, j+16, …
-        const int r = threadIdx.x >> 4, j = threadIdx.x & 15;
-        double t = 0.0;
-#pragma unroll 8
-        for (int g = j; g < nparts; g += 16) t += part[(i64)r * nparts + g];
-#pragma unroll
-        for (int o = 8; o > 0; o >>= 1) t += __shfl_xor_sync(0xffffffffu, t, o);
-        if (j == 0) {
-            s_mix[r] = (float)t;
-            if (blockIdx.x == 0) mix[r] = (float)t;
-        }
-    }
+    hc_mix_sum(part, nparts, s_mix, mix);
     __syncthreads();
     const DecQ qo = {q0, d0, qk, dk, bk};
     collapse_norm_dec<HCM_HC>(s_mix, scale, 0.0f, base, hc_eps, HCM_HC, x, e, norm_w, rms_eps,
@@ -1792,18 +1800,7 @@ extern "C" __global__ void __launch_bounds__(HCR_T, 1)
 #pragma unroll
         for (int h = 0; h < HCM_HC; h++) xv[u][h] = u < nu ? x[(i64)h * e + u * HCR_T + t] : 0.0f;
     const float nv = norm_w[dm];
-    if (t < HCM_NM * 16) {  // 12 whole warps: row r = t / 16, partials j, j+16, …
-        const int r = t >> 4, j = t & 15;
-        double acc = 0.0;
-#pragma unroll 8
-        for (int g = j; g < nparts; g += 16) acc += part[(i64)r * nparts + g];
-#pragma unroll
-        for (int o = 8; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
-        if (j == 0) {
-            s_mix[r] = (float)acc;
-            if (blockIdx.x == 0) mix[r] = (float)acc;
-        }
-    }
+    hc_mix_sum(part, nparts, s_mix, mix);
     __syncthreads();
     if (t < HCM_HC) {
         w_sh[t] = (double)(float)(sigmoid_d((double)s_mix[t] * (double)scale[0] + (double)base[t]) +
