@@ -350,6 +350,8 @@ pub(crate) struct Fwd {
     /// whole collapse for the norm); launched instead where it fits unless
     /// `DS4_CUDA_HC_PRE_RED=0`.
     hc_pre_mix_red: Option<CudaFunction>,
+    /// Whether [`Fwd::hc_pre_mix_dec`] may launch `hc_pre_mix_red` (tests select each kernel).
+    hc_pre_red_on: std::sync::atomic::AtomicBool,
     hc_mix_part: CudaFunction,
     hc_post_wide: CudaFunction,
     dir_steer: CudaFunction,
@@ -472,11 +474,10 @@ impl Fwd {
             hc_split_dec: f("ds4_hc_split_dec")?,
             rms_q8_dec: f("ds4_rms_q8_dec")?,
             hc_pre_mix_dec: f("ds4_hc_pre_mix_dec")?,
-            hc_pre_mix_red: if std::env::var("DS4_CUDA_HC_PRE_RED").is_ok_and(|v| v == "0") {
-                None
-            } else {
-                Some(f("ds4_hc_pre_mix_red")?)
-            },
+            hc_pre_mix_red: Some(f("ds4_hc_pre_mix_red")?),
+            hc_pre_red_on: std::sync::atomic::AtomicBool::new(
+                !std::env::var("DS4_CUDA_HC_PRE_RED").is_ok_and(|v| v == "0"),
+            ),
             hc_mix_part: f("ds4_hc_mix_part")?,
             hc_post_wide: f("ds4_hc_post_wide")?,
             dir_steer: f("ds4_dir_steer")?,
@@ -1237,6 +1238,13 @@ impl Fwd {
         }
     }
 
+    /// Whether the decode HC pre may run without a cluster (`ds4_hc_pre_mix_red`, where it
+    /// fits; default on unless `DS4_CUDA_HC_PRE_RED=0`) or always on the cluster kernel.
+    pub fn set_hc_pre_red(&self, on: bool) {
+        self.hc_pre_red_on
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Select the int8 scores kernel variant (0..4, see `indexer_i8`).
     pub fn set_idx8_variant(&self, v: usize) {
         self.idx8_variant
@@ -1568,8 +1576,13 @@ impl Fwd {
                 A::I((hc * e) as i32),
             ],
         )?;
+        let red_on = self
+            .hc_pre_red_on
+            .load(std::sync::atomic::Ordering::Relaxed);
         let (k, grid, threads) = match &self.hc_pre_mix_red {
-            Some(k) if e.is_multiple_of(HCR_T) && e <= HCR_T * HCR_EPT => (k, e / HCR_T, HCR_T),
+            Some(k) if red_on && e.is_multiple_of(HCR_T) && e <= HCR_T * HCR_EPT => {
+                (k, e / HCR_T, HCR_T)
+            }
             _ => (&self.hc_pre_mix_dec, DEC_HC_BLOCKS, DEC_HC_THREADS),
         };
         self.go(

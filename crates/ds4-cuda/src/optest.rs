@@ -686,6 +686,11 @@ impl GpuOps {
         Ok((self.down(&scores, n * stride)?, ms))
     }
 
+    /// Whether the decode HC pre may run without a cluster (see `Fwd::set_hc_pre_red`).
+    pub fn set_hc_pre_red(&self, on: bool) {
+        self.fwd.set_hc_pre_red(on);
+    }
+
     /// Int8 indexer scores kernel variant (0: `ds4_indexer_i8`, 1: `_b3`, 2: `_bl` (the
     /// default), 3: `_b3bl`).
     pub fn set_idx8_variant(&self, v: usize) {

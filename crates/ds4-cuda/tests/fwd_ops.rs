@@ -1327,7 +1327,9 @@ fn hc_pre_mix_decode_fused() {
             .map(|row| vec_dot_f16_f32(&fnw[row * he..(row + 1) * he], &flat))
             .collect();
         let (_, _, _, a_cpu) = cpu_hc_pre(&mix, &scale, &base, hc, 20, &x, e, &norm);
+        // run 0: the default (cluster-free where it fits), run 1: the cluster kernel always.
         for run in 0..2 {
+            g.set_hc_pre_red(run == 0);
             let (gmix, a, act0, actk) = g
                 .hc_pre_mix_dec(
                     &mix,
@@ -1356,6 +1358,7 @@ fn hc_pre_mix_decode_fused() {
             check_act_q8_0(&format!("hc_pre_mix_dec {tag}"), &act0, &a);
             check_act_q8_k(&format!("hc_pre_mix_dec {tag}"), &actk, &a);
         }
+        g.set_hc_pre_red(true);
     }
 }
 

@@ -68,7 +68,11 @@ impl RunOnly {
 /// The rewritten arguments (`args[0]` is the program name).
 pub fn rewrite(mut args: Vec<OsString>, run_only: &RunOnly) -> Vec<OsString> {
     // Up to `--` (exclusive): the options clap will parse.
-    let end = args.iter().position(|a| a == "--").unwrap_or(args.len());
+    let end = args
+        .iter()
+        .skip(1)
+        .position(|a| a == "--")
+        .map_or(args.len(), |i| i + 1);
     for a in &mut args[1.min(end)..end] {
         if a == "-sys" {
             *a = "--system".into();

@@ -278,13 +278,14 @@ pub fn load_model(a: &LoadArgs) -> Result<LoadedModel> {
     let (path, builtin) = resolve_model(a.model.as_deref())?;
     let gguf =
         Arc::new(Gguf::open(&path).with_context(|| format!("cannot open {}", path.display()))?);
-    if a.warm_weights {
-        warm_weights(&gguf);
-    }
     let model = Arc::new(
         Model::load(gguf.clone()).with_context(|| format!("cannot load {}", path.display()))?,
     );
+    // The steering files are checked before the (long) page warm-up.
     let steering = load_steering(&a.steering, &model.shape)?;
+    if a.warm_weights {
+        warm_weights(&gguf);
+    }
     let opts = EngineOptions {
         qat: !a.no_qat,
         threads: a.threads,

@@ -9,6 +9,7 @@
 
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 /// ds4's lock path.
@@ -60,17 +61,30 @@ pub fn acquire_at(path: &Path) -> Result<InstanceLock, LockError> {
         );
         Ok(InstanceLock { _file: None })
     };
-    // No truncation at open: the holder's pid must survive a failed attempt.
-    let mut file = match OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(path)
-    {
-        Ok(f) => f,
+    // No truncation at open: the holder's pid must survive a failed attempt. A symlink is not
+    // followed (a link planted in /tmp must not make us truncate the file it points to). A
+    // lock file another user created (not writable for us) is still locked, read-only: the
+    // lock then holds across users, only the pid is not written.
+    let open = |write: bool| {
+        let mut o = OpenOptions::new();
+        o.read(true)
+            .write(write)
+            .create(write)
+            .truncate(false)
+            .custom_flags(libc::O_NOFOLLOW);
+        o.open(path)
+    };
+    let (mut file, writable) = match open(true) {
+        Ok(f) => (f, true),
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => match open(false) {
+            Ok(f) => (f, false),
+            Err(e) => return warn("open", &e),
+        },
         Err(e) => return warn("open", &e),
     };
+    if !file.metadata().is_ok_and(|m| m.is_file()) {
+        return warn("use", &std::io::Error::other("not a regular file"));
+    }
     match file.try_lock() {
         Ok(()) => {}
         Err(TryLockError::WouldBlock) => {
@@ -81,6 +95,9 @@ pub fn acquire_at(path: &Path) -> Result<InstanceLock, LockError> {
         Err(TryLockError::Error(e)) => return warn("lock", &e),
     }
     // Ours: replace whatever pid is there with ours. A failed write only loses the pid.
+    if !writable {
+        return Ok(InstanceLock { _file: Some(file) });
+    }
     let _ = file
         .set_len(0)
         .and_then(|()| file.seek(SeekFrom::Start(0)))
@@ -140,5 +157,25 @@ mod tests {
     #[test]
     fn garbage_pid_reads_as_unknown() {
         assert!(LockError::Held(None).message().contains("(pid unknown)"));
+        // A held lock whose file holds no pid: the refusal says so instead of a wrong pid.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ds4.lock");
+        let held = acquire_at(&path).unwrap();
+        std::fs::write(&path, "junk\n").unwrap();
+        assert!(matches!(acquire_at(&path), Err(LockError::Held(None))));
+        drop(held);
+    }
+
+    #[test]
+    fn a_symlinked_lock_file_is_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, "keep me").unwrap();
+        let link = dir.path().join("ds4.lock");
+        std::os::unix::fs::symlink(&victim, &link).unwrap();
+        // Refused with a warning (no lock), and the file the link points to is untouched.
+        let l = acquire_at(&link).unwrap();
+        assert!(l._file.is_none());
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep me");
     }
 }

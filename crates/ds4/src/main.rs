@@ -75,17 +75,30 @@ fn parse_cli() -> Cli {
 }
 
 /// Help and version go to stdout as clap writes them; a usage error is one line on stderr,
-/// `ds4: <what clap says>` (its first line), and exit status 2, as ds4 does.
+/// `ds4: <what clap says>` (its first paragraph, joined), and exit status 2, as ds4 does.
 fn usage_exit(e: clap::Error) -> ! {
     if !e.use_stderr() {
         e.exit();
     }
+    // clap's first paragraph (the error and, on the next lines, e.g. the missing arguments or
+    // the possible values), joined into one line.
     let text = e.render().to_string();
-    let first = text
+    let para: Vec<&str> = text
         .lines()
-        .find(|l| !l.trim().is_empty())
-        .unwrap_or("invalid arguments");
-    eprintln!("ds4: {}", first.trim_start_matches("error: "));
+        .skip_while(|l| l.trim().is_empty())
+        .take_while(|l| !l.trim().is_empty())
+        .map(str::trim)
+        .collect();
+    let line = para.join(" ");
+    let line = line.trim_start_matches("error: ");
+    eprintln!(
+        "ds4: {}",
+        if line.is_empty() {
+            "invalid arguments"
+        } else {
+            line
+        }
+    );
     std::process::exit(2);
 }
 

@@ -77,21 +77,23 @@ fn tiny_f32() -> &'static Path {
 }
 
 /// A single-instance lock path of its own for every spawned `ds4` (`DS4_LOCK_FILE`), so tests
-/// running in parallel never refuse each other: `<shared tmp>/locks/<test pid>-<n>.lock`.
+/// running in parallel never refuse each other: `<shared tmp>/locks/<test pid>/<n>.lock`.
 fn own_lock_file() -> PathBuf {
     use std::sync::atomic::{AtomicUsize, Ordering};
     static N: AtomicUsize = AtomicUsize::new(0);
     static DIR: OnceLock<PathBuf> = OnceLock::new();
+    // One directory per test process (a concurrent test process must not remove another's);
+    // a leftover of an earlier process with the same pid goes.
     let dir = DIR.get_or_init(|| {
-        let d = shared_tmp().join("locks");
-        // Leftovers of earlier runs go (a lock held by a live process stays held: the kernel
-        // locks the open file, not its name).
+        let d = shared_tmp()
+            .join("locks")
+            .join(std::process::id().to_string());
         let _ = std::fs::remove_dir_all(&d);
         std::fs::create_dir_all(&d).unwrap();
         d
     });
     let n = N.fetch_add(1, Ordering::Relaxed);
-    dir.join(format!("{}-{n}.lock", std::process::id()))
+    dir.join(format!("{n}.lock"))
 }
 
 /// A `ds4` command: TMPDIR at the shared directory, no DS4_MODEL from the environment, a lock
@@ -1750,6 +1752,8 @@ fn usage_errors_are_one_line() {
         &["run", "--no-such-flag"],
         &["no-such-subcommand"],
         &["bench", "--ctx-max", "many"],
+        &["drift", "only-one.npy"],
+        &["run", "--backend", "tpu"],
     ] {
         let o = ds4(args, None);
         assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
@@ -1758,6 +1762,13 @@ fn usage_errors_are_one_line() {
         assert_eq!(lines.len(), 1, "{args:?}: {err}");
         assert!(lines[0].starts_with("ds4: "), "{args:?}: {err}");
         assert!(stdout(&o).is_empty(), "{args:?}");
+        // The part that says what to fix survives the joining.
+        if args[0] == "drift" {
+            assert!(lines[0].contains('<'), "{err}");
+        }
+        if args.contains(&"tpu") {
+            assert!(lines[0].contains("cuda"), "{err}");
+        }
     }
     let o = ds4(&["run", "--help"], None);
     assert!(o.status.success() && stdout(&o).contains("Usage: ds4 run"));
