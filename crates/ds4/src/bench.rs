@@ -642,50 +642,31 @@ pub struct FrontierMeta<'a> {
 /// non-finite ones `null`; `prompt_tokens` and `frontier_tokens` are both the frontier, as
 /// ds4-bench writes them; `argmax_id` is the first largest finite logit.
 pub fn frontier_logits_json(m: &FrontierMeta, logits: &[f32]) -> String {
-    use std::fmt::Write as _;
-    let mut best: Option<(usize, f32)> = None;
-    for (i, &v) in logits.iter().enumerate() {
-        if v.is_finite() && best.is_none_or(|(_, b)| v > b) {
-            best = Some((i, v));
-        }
-    }
-    let num = |v: f32| {
-        if v.is_finite() {
-            format!("{v}")
-        } else {
-            "null".into()
-        }
-    };
-    let mut s = String::with_capacity(64 + logits.len() * 14);
-    let _ = write!(
-        s,
-        "{{\n  \"source\":\"ds4-bench\",\n  \"model\":{},\n  \"backend\":{},\n  \"mt\":\"off\",\n  \
-         \"quality\":{},\n  \"quant_bits\":{},\n  \"prompt_tokens\":{},\n  \"frontier_tokens\":{},\n  \
-         \"prefill_tokens\":{},\n  \"ctx\":{},\n  \"vocab\":{},\n  \"argmax_id\":{},\n  \
-         \"argmax_logit\":{},\n  \"logits\":[",
-        serde_json::Value::from(m.model),
-        serde_json::Value::from(m.backend),
-        m.quality,
-        m.quant_bits.map_or("null".into(), |b| b.to_string()),
-        m.frontier,
-        m.frontier,
-        m.prefill_tokens,
-        m.ctx,
-        logits.len(),
-        best.map_or(0, |(i, _)| i),
-        best.map_or("null".into(), |(_, v)| num(v)),
-    );
-    for (i, &v) in logits.iter().enumerate() {
-        if i > 0 {
-            s.push(',');
-        }
-        if i % 8 == 0 {
-            s.push_str("\n    ");
-        }
-        s.push_str(&num(v));
-    }
-    s.push_str("\n  ]\n}\n");
-    s
+    let best = common::argmax_finite(logits);
+    common::logits_json(
+        &[
+            ("source", "\"ds4-bench\"".into()),
+            ("model", serde_json::Value::from(m.model).to_string()),
+            ("backend", serde_json::Value::from(m.backend).to_string()),
+            ("mt", "\"off\"".into()),
+            ("quality", m.quality.to_string()),
+            (
+                "quant_bits",
+                m.quant_bits.map_or("null".into(), |b| b.to_string()),
+            ),
+            ("prompt_tokens", m.frontier.to_string()),
+            ("frontier_tokens", m.frontier.to_string()),
+            ("prefill_tokens", m.prefill_tokens.to_string()),
+            ("ctx", m.ctx.to_string()),
+            ("vocab", logits.len().to_string()),
+            ("argmax_id", best.map_or(0, |(i, _)| i).to_string()),
+            (
+                "argmax_logit",
+                best.map_or("null".into(), |(_, v)| common::json_f32(v)),
+            ),
+        ],
+        logits,
+    )
 }
 
 /// The fixed token sequence: a text file's tokens repeated, the chat rendering of

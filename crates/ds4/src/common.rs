@@ -320,6 +320,49 @@ pub fn read_text(path: &Path) -> Result<String> {
     String::from_utf8(b).with_context(|| format!("{} is not UTF-8", path.display()))
 }
 
+/// The first largest finite logit `(id, value)`, if any.
+pub fn argmax_finite(logits: &[f32]) -> Option<(usize, f32)> {
+    let mut best: Option<(usize, f32)> = None;
+    for (i, &v) in logits.iter().enumerate() {
+        if v.is_finite() && best.is_none_or(|(_, b)| v > b) {
+            best = Some((i, v));
+        }
+    }
+    best
+}
+
+/// An f32 as JSON: its shortest round-trip decimal, `null` when not finite (ds4's dumps).
+pub fn json_f32(v: f32) -> String {
+    if v.is_finite() {
+        format!("{v}")
+    } else {
+        "null".into()
+    }
+}
+
+/// ds4's logit-dump JSON layout (`--dump-logits`, ds4-bench's frontier files): one header field
+/// a line (`fields` are pre-rendered JSON values), then `"logits"` 8 a line, non-finite values
+/// `null`.
+pub fn logits_json(fields: &[(&str, String)], logits: &[f32]) -> String {
+    let mut s = String::with_capacity(64 * fields.len() + logits.len() * 14);
+    s.push_str("{\n");
+    for (k, v) in fields {
+        s.push_str(&format!("  \"{k}\":{v},\n"));
+    }
+    s.push_str("  \"logits\":[");
+    for (i, &v) in logits.iter().enumerate() {
+        if i > 0 {
+            s.push(',');
+        }
+        if i % 8 == 0 {
+            s.push_str("\n    ");
+        }
+        s.push_str(&json_f32(v));
+    }
+    s.push_str("\n  ]\n}\n");
+    s
+}
+
 /// The tokenizer stored in the model file.
 pub fn load_tokenizer(gguf: &Gguf, path: &Path) -> Result<Tokenizer> {
     Tokenizer::from_gguf(gguf)

@@ -42,7 +42,9 @@ pub struct Args {
     /// Print the prompt's tokenization and exit.
     #[arg(long)]
     pub dump_tokens: bool,
-    /// Write float32 [N, vocab] .npy: row i = the logits that chose generated token i.
+    /// Write float32 [N, vocab] .npy: row i = the logits that chose generated token i. A path
+    /// ending in .json instead writes ds4's `--dump-logits` JSON of the next-token logits
+    /// after the prompt and exits without generating (as ds4 does).
     #[arg(long)]
     pub dump_logits: Option<PathBuf>,
     /// Write float32 [P, vocab] .npy: row i = the logits after prompt token i.
@@ -138,6 +140,12 @@ pub fn prompt_ids(a: &Args, tok: Option<&Tokenizer>, think: ThinkMode) -> Result
     )?)
 }
 
+/// Whether a dump path asks for ds4's JSON (`.json`) rather than `.npy`.
+fn is_json(p: &std::path::Path) -> bool {
+    p.extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("json"))
+}
+
 fn token_json(tok: Option<&Tokenizer>, id: u32) -> serde_json::Value {
     let bytes = tok.map(|t| t.decode(&[id])).unwrap_or_default();
     serde_json::json!({
@@ -201,6 +209,52 @@ pub fn run(a: Args) -> Result<()> {
         session.prefill(&ids)?;
     }
     let prefill_s = t0.elapsed().as_secs_f64();
+    if let Some(path) = a.dump_logits.as_ref().filter(|p| is_json(p)) {
+        let logits = session.logits();
+        let best = common::argmax_finite(logits);
+        let json = common::logits_json(
+            &[
+                ("source", "\"ds4-rs\"".into()),
+                (
+                    "model",
+                    serde_json::Value::from(lm.path.display().to_string()).to_string(),
+                ),
+                (
+                    "backend",
+                    serde_json::Value::from(session.backend().name()).to_string(),
+                ),
+                ("mt", "\"off\"".into()),
+                ("quality", a.model.load.quality.to_string()),
+                (
+                    "quant_bits",
+                    Some(common::routed_quant_bits(lm.engine.model()))
+                        .filter(|&b| b > 0)
+                        .map_or("null".into(), |b| b.to_string()),
+                ),
+                ("prompt_tokens", ids.len().to_string()),
+                ("ctx", a.model.ctx.to_string()),
+                ("vocab", logits.len().to_string()),
+                (
+                    "argmax_token",
+                    best.map_or("null".into(), |(i, _)| {
+                        token_json(tok.as_ref(), i as u32).to_string()
+                    }),
+                ),
+                (
+                    "argmax_logit",
+                    best.map_or("null".into(), |(_, v)| common::json_f32(v)),
+                ),
+            ],
+            logits,
+        );
+        std::fs::write(path, json).with_context(|| format!("cannot write {}", path.display()))?;
+        eprintln!(
+            "ds4: wrote the next-token logits after {} prompt tokens to {}",
+            ids.len(),
+            path.display()
+        );
+        return Ok(());
+    }
 
     let n = a.n.min(a.model.ctx - ids.len() - 1);
     let mut out_tokens: Vec<u32> = Vec::new();

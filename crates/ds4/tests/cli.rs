@@ -1773,3 +1773,83 @@ fn usage_errors_are_one_line() {
     let o = ds4(&["run", "--help"], None);
     assert!(o.status.success() && stdout(&o).contains("Usage: ds4 run"));
 }
+
+/// `ds4 run --dump-logits F.json` writes ds4's `--dump-logits` JSON (the header fields, then the
+/// next-token logits after the prompt, 8 a line) and exits without generating; the logits are
+/// the last row of `--dump-prompt-logits`, bit for bit, and `ds4 drift` reads the file.
+#[test]
+fn dump_logits_json_is_ds4s_format() {
+    let dir = tempfile::tempdir().unwrap();
+    let (j, n) = (dir.path().join("l.json"), dir.path().join("p.npy"));
+    let m = builtin();
+    let base = [
+        "run",
+        "-m",
+        p(&m),
+        "-p",
+        "Hello",
+        "--nothink",
+        "--temp",
+        "0",
+        "-c",
+        "256",
+    ];
+    let mut args = base.to_vec();
+    args.extend(["--dump-logits", p(&j)]);
+    let o = ds4(&args, None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stdout(&o).trim().is_empty(),
+        "generated text: {}",
+        stdout(&o)
+    );
+    let mut args = base.to_vec();
+    args.extend(["-n", "1", "--dump-prompt-logits", p(&n)]);
+    let o = ds4(&args, None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let text = std::fs::read_to_string(&j).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let prompt = npy::read(&n).unwrap();
+    let vocab = prompt.shape[1];
+    let rows = prompt.to_f32().unwrap();
+    let want = &rows[(prompt.shape[0] - 1) * vocab..];
+    assert_eq!(v["source"], "ds4-rs");
+    assert_eq!(v["backend"], "cpu");
+    assert_eq!(v["mt"], "off");
+    assert_eq!(v["vocab"].as_u64(), Some(vocab as u64));
+    assert_eq!(v["prompt_tokens"].as_u64(), Some(prompt.shape[0] as u64));
+    assert_eq!(v["ctx"].as_u64(), Some(256));
+    let got: Vec<f32> = v["logits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect();
+    assert!(
+        got.len() == want.len()
+            && got
+                .iter()
+                .zip(want)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+        "the JSON logits differ from the last prompt-logits row"
+    );
+    let (best, _) = want
+        .iter()
+        .enumerate()
+        .fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &x)| {
+            if x > bv { (i, x) } else { (bi, bv) }
+        });
+    assert_eq!(v["argmax_token"]["id"].as_u64(), Some(best as u64));
+    assert_eq!(
+        v["argmax_logit"].as_f64().map(|x| x as f32),
+        Some(want[best])
+    );
+    // ds4's layout: one header field a line, the logits 8 a line.
+    assert!(text.starts_with("{\n  \"source\":\"ds4-rs\",\n"));
+    assert_eq!(
+        text.lines().filter(|l| l.starts_with("    ")).count(),
+        vocab.div_ceil(8)
+    );
+    let o = ds4(&["drift", p(&j), p(&j), "--max-abs", "0"], None);
+    assert!(o.status.success(), "{}", stderr(&o));
+}
