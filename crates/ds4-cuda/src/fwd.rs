@@ -349,7 +349,7 @@ pub(crate) struct Fwd {
     /// `ds4_hc_pre_mix_red`: the same without a cluster (independent blocks, each forming the
     /// whole collapse for the norm); launched instead where it fits unless
     /// `DS4_CUDA_HC_PRE_RED=0`.
-    hc_pre_mix_red: Option<CudaFunction>,
+    hc_pre_mix_red: CudaFunction,
     /// Whether [`Fwd::hc_pre_mix_dec`] may launch `hc_pre_mix_red` (tests select each kernel).
     hc_pre_red_on: std::sync::atomic::AtomicBool,
     hc_mix_part: CudaFunction,
@@ -474,7 +474,7 @@ impl Fwd {
             hc_split_dec: f("ds4_hc_split_dec")?,
             rms_q8_dec: f("ds4_rms_q8_dec")?,
             hc_pre_mix_dec: f("ds4_hc_pre_mix_dec")?,
-            hc_pre_mix_red: Some(f("ds4_hc_pre_mix_red")?),
+            hc_pre_mix_red: f("ds4_hc_pre_mix_red")?,
             hc_pre_red_on: std::sync::atomic::AtomicBool::new(
                 !std::env::var("DS4_CUDA_HC_PRE_RED").is_ok_and(|v| v == "0"),
             ),
@@ -1579,11 +1579,10 @@ impl Fwd {
         let red_on = self
             .hc_pre_red_on
             .load(std::sync::atomic::Ordering::Relaxed);
-        let (k, grid, threads) = match &self.hc_pre_mix_red {
-            Some(k) if red_on && e.is_multiple_of(HCR_T) && e <= HCR_T * HCR_EPT => {
-                (k, e / HCR_T, HCR_T)
-            }
-            _ => (&self.hc_pre_mix_dec, DEC_HC_BLOCKS, DEC_HC_THREADS),
+        let (k, grid, threads) = if red_on && e.is_multiple_of(HCR_T) && e <= HCR_T * HCR_EPT {
+            (&self.hc_pre_mix_red, e / HCR_T, HCR_T)
+        } else {
+            (&self.hc_pre_mix_dec, DEC_HC_BLOCKS, DEC_HC_THREADS)
         };
         self.go(
             k,

@@ -134,6 +134,21 @@ fn assert_one_line_failure(o: &Output, what: &str) -> String {
     lines[0].to_string()
 }
 
+/// `-m M -p Hello --nothink --temp 0 -c 256`: a short greedy one-shot on model `m`.
+fn greedy_hello(m: &Path) -> Vec<&str> {
+    vec![
+        "-m",
+        p(m),
+        "-p",
+        "Hello",
+        "--nothink",
+        "--temp",
+        "0",
+        "-c",
+        "256",
+    ]
+}
+
 fn p(path: &Path) -> &str {
     path.to_str().unwrap()
 }
@@ -1172,21 +1187,9 @@ fn single_instance_lock() {
 fn warm_weights_touches_the_file_and_changes_nothing() {
     let m = builtin();
     let size = std::fs::metadata(&m).unwrap().len();
-    let base = [
-        "run",
-        "-m",
-        p(&m),
-        "-p",
-        "Hello",
-        "--nothink",
-        "--temp",
-        "0",
-        "-n",
-        "6",
-        "-c",
-        "256",
-        "--json",
-    ];
+    let mut base = vec!["run"];
+    base.extend(greedy_hello(&m));
+    base.extend(["-n", "6", "--json"]);
     let tokens = |o: &Output| -> Vec<u32> {
         assert!(o.status.success(), "{}", stderr(o));
         let doc: serde_json::Value = serde_json::from_str(stdout(o).trim()).unwrap();
@@ -1249,20 +1252,8 @@ fn warm_weights_touches_the_file_and_changes_nothing() {
 #[test]
 fn no_subcommand_and_sys_spellings() {
     let m = builtin();
-    let one_shot = [
-        "-m",
-        p(&m),
-        "-p",
-        "Hello",
-        "--nothink",
-        "--temp",
-        "0",
-        "-n",
-        "4",
-        "-c",
-        "256",
-        "--json",
-    ];
+    let mut one_shot = greedy_hello(&m);
+    one_shot.extend(["-n", "4", "--json"]);
     let bare = ds4(&one_shot, None);
     assert!(bare.status.success(), "{}", stderr(&bare));
     let mut run = vec!["run"];
@@ -1782,18 +1773,8 @@ fn dump_logits_json_is_ds4s_format() {
     let dir = tempfile::tempdir().unwrap();
     let (j, n) = (dir.path().join("l.json"), dir.path().join("p.npy"));
     let m = builtin();
-    let base = [
-        "run",
-        "-m",
-        p(&m),
-        "-p",
-        "Hello",
-        "--nothink",
-        "--temp",
-        "0",
-        "-c",
-        "256",
-    ];
+    let mut base = vec!["run"];
+    base.extend(greedy_hello(&m));
     let mut args = base.to_vec();
     args.extend(["--dump-logits", p(&j)]);
     let o = ds4(&args, None);
