@@ -39,7 +39,7 @@ use crate::fwd::{
 };
 use crate::gemv::{DevWeight, Gemv};
 use crate::pass::{fit_pass, kv_bytes, need_bytes, pass_bytes};
-use crate::rt::{DBuf, dtoh, htod};
+use crate::rt::{DBuf, Pinned, dtoh, dtoh_pinned, htod, htod_pinned};
 use crate::tc::{Tc, TcConfig};
 use crate::{CudaError, CudaOptions};
 
@@ -312,6 +312,10 @@ pub struct CudaBackend {
     chunk_logits: Vec<f32>,
     trace: Option<Trace>,
     graphs: Graphs,
+    /// Pinned host memory of the graph decode step: the token it reads (copied in by the graph)
+    /// and the logits it writes (copied out by the graph).
+    h_tok: Pinned,
+    h_logits: Pinned,
     graph_launches: u64,
     /// Tensor-core prefill routes (None: all off).
     tc: Option<Tc>,
@@ -866,6 +870,8 @@ impl CudaBackend {
         let inv_comp = DBuf::from_slice(&stream, &model.plan.rope_compressed.inv_freq)?;
         let d_pos = DBuf::from_slice(&stream, &[0i32])?;
         let d_tok = DBuf::zeroed(&stream, max_chunk * 4)?;
+        let h_tok = Pinned::new(&stream, 16)?;
+        let h_logits = Pinned::new(&stream, 4 * s.n_vocab)?;
         let (tc, tc_attn) = Self::make_tc(
             &dctx,
             &stream,
@@ -963,6 +969,8 @@ impl CudaBackend {
             chunk_logits: Vec::new(),
             trace: None,
             graphs: Graphs([None, None]),
+            h_tok,
+            h_logits,
             graph_launches: 0,
             tc,
             tc_attn,
@@ -2627,36 +2635,45 @@ impl CudaBackend {
         let n = tokens.len();
         let v = self.s().n_vocab;
         let toks: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
-        htod(&self.stream, self.d_tok.ptr, &toks)?;
         let pend = self.n_tokens + n;
         let indexer = self.indexer_active(pend);
         if n == 1 && self.opts.graphs && self.trace.is_none() {
+            // The graph copies the token in from pinned memory and the logits out to pinned
+            // memory (no pageable copies, no separate copy calls around the replay).
+            self.h_tok.slice_mut::<i32>(1)[0] = toks[0];
             let gi = indexer as usize;
             if self.graphs.0[gi].is_none() {
                 self.stream
                     .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
                     .map_err(crate::rt::drv)?;
-                let r = self.forward(1, indexer, Some(0), None);
+                let r = htod_pinned::<i32>(&self.stream, self.d_tok.ptr, &self.h_tok, 1)
+                    .and_then(|()| self.forward(1, indexer, Some(0), None))
+                    .and_then(|()| {
+                        dtoh_pinned::<f32>(&self.stream, &mut self.h_logits, v, self.sc.logits.ptr)
+                    });
                 let g = self
                     .stream
                     .end_capture(sys::CUgraphInstantiate_flags(0))
                     .map_err(crate::rt::drv);
                 r?;
                 let g = g?.ok_or_else(|| cerr("graph capture produced no graph"))?;
+                g.upload().map_err(crate::rt::drv)?;
                 self.graphs.0[gi] = Some(g);
             }
             if let Some(g) = &self.graphs.0[gi] {
                 g.launch().map_err(crate::rt::drv)?;
             }
+            self.stream.synchronize().map_err(crate::rt::drv)?;
             self.graph_launches += 1;
-            self.logits.resize(v, 0.0);
-            dtoh(&self.stream, &mut self.logits, self.sc.logits.ptr)?;
+            self.logits.clear();
+            self.logits.extend_from_slice(self.h_logits.slice::<f32>(v));
             if all_logits {
                 self.chunk_logits.extend_from_slice(&self.logits);
             }
             self.n_tokens += 1;
             return Ok(());
         }
+        htod(&self.stream, self.d_tok.ptr, &toks)?;
         let mut trace = self.trace.take();
         let lfirst = if all_logits { 0 } else { n - 1 };
         let first_pass_rows = n - lfirst;

@@ -78,6 +78,94 @@ pub(crate) fn dtoh<T: Copy>(stream: &CudaStream, dst: &mut [T], src: u64) -> Res
     stream.synchronize().map_err(drv)
 }
 
+/// Page-locked host memory (`cuMemHostAlloc` without write-combining: the host reads it), for
+/// copies a CUDA graph captures (a graph cannot capture a copy from or to pageable memory) and
+/// for full-speed device → host transfers. Elements are `f32`/`i32`-sized plain data.
+pub(crate) struct Pinned {
+    ptr: *mut u8,
+    bytes: usize,
+}
+
+// SAFETY: plain host memory owned by this value; every access goes through `&self`/`&mut self`.
+unsafe impl Send for Pinned {}
+
+impl Pinned {
+    /// `bytes` bytes (at least 16), zeroed, in `stream`'s context.
+    pub fn new(stream: &CudaStream, bytes: usize) -> Result<Pinned, CudaError> {
+        let bytes = bytes.max(16);
+        stream.context().bind_to_thread().map_err(drv)?;
+        // SAFETY: a fresh allocation of `bytes` bytes; zeroed before any read.
+        let ptr = unsafe { result::malloc_host(bytes, 0) }.map_err(|e| {
+            CudaError::Driver(format!(
+                "cannot allocate {bytes} bytes of pinned host memory: {e}"
+            ))
+        })? as *mut u8;
+        // SAFETY: ptr is a live allocation of `bytes` bytes.
+        unsafe { std::ptr::write_bytes(ptr, 0, bytes) };
+        Ok(Pinned { ptr, bytes })
+    }
+
+    /// The first `n` elements as `T` (`n · size_of::<T>()` ≤ the size, T plain data of
+    /// alignment ≤ 16). Only while no copy into this memory is in flight.
+    pub fn slice<T: Copy>(&self, n: usize) -> &[T] {
+        assert!(n * std::mem::size_of::<T>() <= self.bytes && std::mem::align_of::<T>() <= 16);
+        // SAFETY: in bounds (checked), aligned (page-locked memory is page-aligned), and the
+        // caller has synchronized with any copy into it.
+        unsafe { std::slice::from_raw_parts(self.ptr as *const T, n) }
+    }
+
+    /// The first `n` elements as `T`, writable (as [`Pinned::slice`]).
+    pub fn slice_mut<T: Copy>(&mut self, n: usize) -> &mut [T] {
+        assert!(n * std::mem::size_of::<T>() <= self.bytes && std::mem::align_of::<T>() <= 16);
+        // SAFETY: as in `slice`, and `&mut self` excludes other borrows.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr as *mut T, n) }
+    }
+}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        // SAFETY: allocated by cuMemHostAlloc in `new`, freed once.
+        let _ = unsafe { result::free_host(self.ptr as *mut std::ffi::c_void) };
+    }
+}
+
+/// Host → device copy from pinned memory (capturable into a CUDA graph), not waited for.
+pub(crate) fn htod_pinned<T: Copy>(
+    stream: &CudaStream,
+    dst: u64,
+    src: &Pinned,
+    n: usize,
+) -> Result<(), CudaError> {
+    // SAFETY: dst is a live device allocation of at least n elements (callers size it).
+    unsafe {
+        result::memcpy_htod_async(
+            dst as sys::CUdeviceptr,
+            src.slice::<T>(n),
+            stream.cu_stream(),
+        )
+    }
+    .map_err(drv)
+}
+
+/// Device → host copy into pinned memory (capturable into a CUDA graph), not waited for: read
+/// `dst` only after synchronizing with the stream.
+pub(crate) fn dtoh_pinned<T: Copy>(
+    stream: &CudaStream,
+    dst: &mut Pinned,
+    n: usize,
+    src: u64,
+) -> Result<(), CudaError> {
+    // SAFETY: src is a live device allocation of at least n elements.
+    unsafe {
+        result::memcpy_dtoh_async(
+            dst.slice_mut::<T>(n),
+            src as sys::CUdeviceptr,
+            stream.cu_stream(),
+        )
+    }
+    .map_err(drv)
+}
+
 /// A kernel argument.
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum A {

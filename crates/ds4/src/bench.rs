@@ -610,16 +610,8 @@ pub fn commit() -> String {
 
 /// Argmax of the logits, never `exclude` (ties: lower id).
 fn argmax_excluding(logits: &[f32], exclude: Option<u32>) -> u32 {
-    let mut best = None::<(usize, f32)>;
-    for (i, &v) in logits.iter().enumerate() {
-        if Some(i as u32) == exclude || v.is_nan() {
-            continue;
-        }
-        if best.is_none_or(|(_, b)| v > b) {
-            best = Some((i, v));
-        }
-    }
-    best.map_or(0, |(i, _)| i as u32)
+    ds4_model::sampler::first_max_where(logits, |v| !v.is_nan(), exclude.map(|e| e as usize))
+        .map_or(0, |(i, _)| i as u32)
 }
 
 /// ds4-bench's default system text for `--chat-prompt-file` (with a period, unlike the CLI's).

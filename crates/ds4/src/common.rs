@@ -322,13 +322,7 @@ pub fn read_text(path: &Path) -> Result<String> {
 
 /// The first largest finite logit `(id, value)`, if any.
 pub fn argmax_finite(logits: &[f32]) -> Option<(usize, f32)> {
-    let mut best: Option<(usize, f32)> = None;
-    for (i, &v) in logits.iter().enumerate() {
-        if v.is_finite() && best.is_none_or(|(_, b)| v > b) {
-            best = Some((i, v));
-        }
-    }
-    best
+    ds4_model::sampler::first_max_where(logits, f32::is_finite, None)
 }
 
 /// An f32 as JSON: its shortest round-trip decimal, `null` when not finite (ds4's dumps).
