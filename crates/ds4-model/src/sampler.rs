@@ -217,95 +217,167 @@ pub fn sample(logits: &[f32], p: &SamplerParams, rng: &mut Rng) -> u32 {
 }
 
 fn sample_full_vocab(logits: &[f32], temp: f32, top_p: f32, min_p: f32, rng: &mut Rng) -> u32 {
-    let mut max_logit = -1e30f32;
-    let mut best = 0usize;
-    let mut finite = 0usize;
-    for (i, &v) in logits.iter().enumerate() {
-        if !v.is_finite() {
-            continue;
-        }
-        finite += 1;
-        if v > max_logit {
-            max_logit = v;
-            best = i;
-        }
-    }
-    if finite == 0 {
+    // ds4's scan: the largest finite logit above -1e30 (first index on ties), else (0, -1e30).
+    let Some((bi, bv)) = first_max_where(logits, f32::is_finite, None) else {
         return argmax(logits);
-    }
-    if top_p >= 1.0 {
-        // Token-id order, no sort.
-        let weight = |v: f32| ((v - max_logit) / temp).exp();
-        let mut sum = 0.0f32;
-        for &v in logits {
-            if !v.is_finite() {
+    };
+    let (best, max_logit) = if bv > -1e30 { (bi, bv) } else { (0, -1e30f32) };
+    let weight = |v: f32| ((v - max_logit) / temp).exp();
+    // `below(c)`: a logit-space bound under which a weight is certainly below e^c: v < max +
+    // (c − 2)·T, compared exactly in f64 (two nats of margin for every rounding of the f32
+    // weight). Tokens under such a bound are skipped without computing their weight exactly
+    // where ds4's loops would skip them or add nothing; everything else is computed as ds4
+    // does, in the same order, so the result and the random draws are ds4's.
+    let (m64, t64) = (max_logit as f64, temp as f64);
+    let below = |c: f64| m64 + (c - 2.0) * t64;
+    // exp(x) is 0.0 in f32 for x < −104: adding it changes no sum.
+    let zero_below = below(-110.0);
+    // For an f32 accumulator a ≥ 2^e (normal, > 0): a weight under 2^(e−25) is under half an
+    // ulp of a, so a ± weight rounds back to a. The bound depends on a's exponent only.
+    let absorb = |a: f32| -> f64 {
+        if a.is_finite() && a >= 1e-30 {
+            let e = ((a.to_bits() >> 23) & 0xff) as i32 - 127;
+            below((e - 25) as f64 * std::f64::consts::LN_2)
+        } else {
+            f64::NEG_INFINITY
+        }
+    };
+    // ds4's pass in token-id order over the weights it keeps (finite logits, weight ≥ min_p):
+    // `step(i, p)` sees each kept weight and returns true to stop. Tokens under `floor`, or
+    // under the bound at which `acc()` (the loop's accumulator) cannot change, are skipped:
+    // ds4 drops them or they leave its accumulator (and so its stop test) as it was.
+    let walk = |floor: f64, acc: &dyn Fn() -> f32, step: &mut dyn FnMut(usize, f32) -> bool| {
+        let mut ebits = acc().to_bits() >> 23;
+        let mut skip = floor.max(absorb(acc()));
+        for (i, &v) in logits.iter().enumerate() {
+            if !v.is_finite() || (v as f64) < skip {
                 continue;
             }
             let p = weight(v);
             if p < min_p {
                 continue;
             }
-            sum += p;
+            if step(i, p) {
+                return Some(i);
+            }
+            if acc().to_bits() >> 23 != ebits {
+                ebits = acc().to_bits() >> 23;
+                skip = floor.max(absorb(acc()));
+            }
         }
+        None
+    };
+    if top_p >= 1.0 {
+        // Token-id order, no sort. With min_p > 0 a weight < min_p is dropped; with min_p = 0
+        // every finite token counts (exact zeros change nothing).
+        let floor = if min_p > 0.0 {
+            below((min_p as f64).ln())
+        } else {
+            zero_below
+        };
+        let sum = std::cell::Cell::new(0.0f32);
+        walk(floor, &|| sum.get(), &mut |_, p| {
+            sum.set(sum.get() + p);
+            false
+        });
+        let sum = sum.get();
         if sum <= 0.0 || !sum.is_finite() {
             return best as u32;
         }
-        let mut r = rng.next_f32() * sum;
-        for (i, &v) in logits.iter().enumerate() {
-            if !v.is_finite() {
+        let r = std::cell::Cell::new(rng.next_f32() * sum);
+        if r.get() <= 0.0 && min_p <= 0.0 {
+            // ds4 returns the first token it keeps, which here may be one of weight 0.
+            return logits.iter().position(|v| v.is_finite()).unwrap_or(best) as u32;
+        }
+        let hit = walk(floor, &|| r.get(), &mut |_, p| {
+            r.set(r.get() - p);
+            r.get() <= 0.0
+        });
+        return hit.unwrap_or(best) as u32;
+    }
+    // Nucleus: the sum of every finite weight in token-id order, as ds4 forms it (min_p does
+    // not filter it), without the weights it cannot change.
+    let sum = std::cell::Cell::new(0.0f32);
+    {
+        let mut ebits = 0u32;
+        let mut skip = zero_below;
+        for &v in logits {
+            if !v.is_finite() || (v as f64) < skip {
                 continue;
             }
-            let p = weight(v);
-            if p < min_p {
-                continue;
-            }
-            r -= p;
-            if r <= 0.0 {
-                return i as u32;
+            sum.set(sum.get() + weight(v));
+            if sum.get().to_bits() >> 23 != ebits {
+                ebits = sum.get().to_bits() >> 23;
+                skip = zero_below.max(absorb(sum.get()));
             }
         }
-        return best as u32;
     }
-    // Nucleus: candidates sorted by descending logit (stable: lower id first on ties).
-    let mut cand: Vec<(u32, f32, f32)> = Vec::with_capacity(finite);
-    let mut sum = 0.0f32;
-    for (i, &v) in logits.iter().enumerate() {
-        if !v.is_finite() {
-            continue;
-        }
-        let p = ((v - max_logit) / temp).exp();
-        cand.push((i as u32, v, p));
-        sum += p;
-    }
+    let sum = sum.get();
     if sum <= 0.0 || !sum.is_finite() {
         return best as u32;
     }
-    cand.sort_by(|a, b| b.1.total_cmp(&a.1));
-    let min_prob = (cand[0].2 / sum) * min_p;
-    let mut filtered_sum = 0.0f32;
-    let mut filtered = 0usize;
-    for (i, c) in cand.iter().enumerate() {
-        let p = c.2 / sum;
-        if i > 0 && p < min_prob {
-            break;
+    // ds4 sorts every finite token by logit (descending, stable: lower id first on ties) and
+    // walks that order until a weight falls under the min-p floor or the mass reaches top_p;
+    // the walk only ever visits a prefix of the order. So sort only the tokens above a bound
+    // (a prefix of the same order), walk them, and widen the bound in the rare case the walk
+    // runs out before it stops — unless every token below the bound is under the min-p floor,
+    // where ds4's walk would stop at the first of them anyway.
+    let floor_below = if min_p > 0.0 {
+        below((min_p as f64).ln())
+    } else {
+        f64::NEG_INFINITY
+    };
+    let mut nats = 8.0f64;
+    loop {
+        let bound = if nats.is_finite() {
+            below(-nats).max(floor_below)
+        } else {
+            f64::NEG_INFINITY
+        };
+        let mut cand: Vec<(u32, f32, f32)> = logits
+            .iter()
+            .enumerate()
+            .filter(|&(_, &v)| v.is_finite() && (v as f64) >= bound)
+            .map(|(i, &v)| (i as u32, v, weight(v)))
+            .collect();
+        cand.sort_by(|a, b| b.1.total_cmp(&a.1));
+        let min_prob = (cand[0].2 / sum) * min_p;
+        let mut filtered_sum = 0.0f32;
+        let mut filtered = 0usize;
+        let mut stopped = false;
+        for (i, c) in cand.iter().enumerate() {
+            let p = c.2 / sum;
+            if i > 0 && p < min_prob {
+                stopped = true;
+                break;
+            }
+            filtered_sum += c.2;
+            filtered += 1;
+            if filtered_sum / sum >= top_p {
+                stopped = true;
+                break;
+            }
         }
-        filtered_sum += c.2;
-        filtered += 1;
-        if filtered_sum / sum >= top_p {
-            break;
+        if !stopped && bound > floor_below && nats.is_finite() {
+            nats = if nats < 64.0 {
+                nats * 2.0
+            } else {
+                f64::INFINITY
+            };
+            continue;
         }
-    }
-    if filtered == 0 {
-        return best as u32;
-    }
-    let mut r = rng.next_f32() * filtered_sum;
-    for c in &cand[..filtered] {
-        r -= c.2;
-        if r <= 0.0 {
-            return c.0;
+        if filtered == 0 {
+            return best as u32;
         }
+        let mut r = rng.next_f32() * filtered_sum;
+        for c in &cand[..filtered] {
+            r -= c.2;
+            if r <= 0.0 {
+                return c.0;
+            }
+        }
+        return cand[filtered - 1].0;
     }
-    cand[filtered - 1].0
 }
 
 #[cfg(test)]
@@ -374,7 +446,7 @@ mod tests {
             let xs: Vec<f32> = (0..n)
                 .map(|_| {
                     let r = rng.next_u64();
-                    if r % 3 == 0 {
+                    if r.is_multiple_of(3) {
                         special[(r >> 8) as usize % special.len()]
                     } else {
                         ((r >> 20) % 9) as f32 - 4.0
@@ -408,6 +480,173 @@ mod tests {
                 scan(&xs, |v| !v.is_nan(), Some(best))
             );
         }
+    }
+
+    /// ds4's `sample_full_vocab` as first written here (a scan, a full sort): the fast one must
+    /// give the same token and leave the generator in the same state.
+    fn sample_full_vocab_ref(
+        logits: &[f32],
+        temp: f32,
+        top_p: f32,
+        min_p: f32,
+        rng: &mut Rng,
+    ) -> u32 {
+        let mut max_logit = -1e30f32;
+        let mut best = 0usize;
+        let mut finite = 0usize;
+        for (i, &v) in logits.iter().enumerate() {
+            if !v.is_finite() {
+                continue;
+            }
+            finite += 1;
+            if v > max_logit {
+                max_logit = v;
+                best = i;
+            }
+        }
+        if finite == 0 {
+            return argmax(logits);
+        }
+        if top_p >= 1.0 {
+            // Token-id order, no sort.
+            let weight = |v: f32| ((v - max_logit) / temp).exp();
+            let mut sum = 0.0f32;
+            for &v in logits {
+                if !v.is_finite() {
+                    continue;
+                }
+                let p = weight(v);
+                if p < min_p {
+                    continue;
+                }
+                sum += p;
+            }
+            if sum <= 0.0 || !sum.is_finite() {
+                return best as u32;
+            }
+            let mut r = rng.next_f32() * sum;
+            for (i, &v) in logits.iter().enumerate() {
+                if !v.is_finite() {
+                    continue;
+                }
+                let p = weight(v);
+                if p < min_p {
+                    continue;
+                }
+                r -= p;
+                if r <= 0.0 {
+                    return i as u32;
+                }
+            }
+            return best as u32;
+        }
+        // Nucleus: candidates sorted by descending logit (stable: lower id first on ties).
+        let mut cand: Vec<(u32, f32, f32)> = Vec::with_capacity(finite);
+        let mut sum = 0.0f32;
+        for (i, &v) in logits.iter().enumerate() {
+            if !v.is_finite() {
+                continue;
+            }
+            let p = ((v - max_logit) / temp).exp();
+            cand.push((i as u32, v, p));
+            sum += p;
+        }
+        if sum <= 0.0 || !sum.is_finite() {
+            return best as u32;
+        }
+        cand.sort_by(|a, b| b.1.total_cmp(&a.1));
+        let min_prob = (cand[0].2 / sum) * min_p;
+        let mut filtered_sum = 0.0f32;
+        let mut filtered = 0usize;
+        for (i, c) in cand.iter().enumerate() {
+            let p = c.2 / sum;
+            if i > 0 && p < min_prob {
+                break;
+            }
+            filtered_sum += c.2;
+            filtered += 1;
+            if filtered_sum / sum >= top_p {
+                break;
+            }
+        }
+        if filtered == 0 {
+            return best as u32;
+        }
+        let mut r = rng.next_f32() * filtered_sum;
+        for c in &cand[..filtered] {
+            r -= c.2;
+            if r <= 0.0 {
+                return c.0;
+            }
+        }
+        cand[filtered - 1].0
+    }
+
+    #[test]
+    fn full_vocab_sampling_is_the_reference() {
+        let mut g = Rng::new(2024);
+        let mut cases = 0;
+        for n in [1usize, 2, 7, 64, 1000, 20000] {
+            for shape in 0..7 {
+                let logits: Vec<f32> = (0..n)
+                    .map(|i| {
+                        let u = g.next_f32();
+                        match shape {
+                            0 => u * 30.0 - 10.0,                                        // flat-ish
+                            1 => -(u * u) * 60.0 + if i % 97 == 3 { 25.0 } else { 0.0 }, // peaked
+                            2 => (u * 8.0).floor(), // many ties
+                            3 => {
+                                if u < 0.1 {
+                                    f32::NEG_INFINITY
+                                } else if u < 0.12 {
+                                    f32::NAN
+                                } else {
+                                    u * 5.0
+                                }
+                            }
+                            4 => {
+                                if u < 0.5 {
+                                    0.0
+                                } else {
+                                    -0.0
+                                }
+                            } // signed zeros
+                            5 => u * 1e4 - 5e3, // huge spread
+                            // one token 12-13 logits above a large low cluster: the nucleus walk must look past its
+                            // first bound (8 + 2 nats at T = 1)
+                            _ => {
+                                if i == n / 2 {
+                                    10.0
+                                } else {
+                                    -2.0 - u
+                                }
+                            }
+                        }
+                    })
+                    .collect();
+                for &temp in &[0.05f32, 0.6, 1.0, 3.0, 10.0] {
+                    for &top_p in &[1.0f32, 0.99999, 0.999, 0.95, 0.5, 0.01] {
+                        for &min_p in &[0.0f32, 0.05, 0.5] {
+                            for _ in 0..4 {
+                                // Well-mixed states: a small seed's first draws are near 0.
+                                let mut a = Rng::new(g.next_u64());
+                                let mut b = a;
+                                let fast = sample_full_vocab(&logits, temp, top_p, min_p, &mut a);
+                                let slow =
+                                    sample_full_vocab_ref(&logits, temp, top_p, min_p, &mut b);
+                                assert_eq!(
+                                    (fast, a.state),
+                                    (slow, b.state),
+                                    "n {n} shape {shape} T {temp} top_p {top_p} min_p {min_p}"
+                                );
+                                cases += 1;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        assert_eq!(cases, 6 * 7 * 5 * 6 * 3 * 4);
     }
 
     #[test]
