@@ -265,6 +265,29 @@ struct Scratch {
 /// Captured decode graphs (one per variant: without / with indexer scoring).
 struct Graphs([Option<CudaGraph>; 2]);
 
+/// Timing of the graph decode steps (`DS4_CUDA_STEP_TIMING=1`).
+struct StepTiming {
+    start: cudarc::driver::CudaEvent,
+    end: cudarc::driver::CudaEvent,
+    steps: u64,
+    gpu_ms: f64,
+    wall_s: f64,
+}
+
+impl Drop for StepTiming {
+    fn drop(&mut self) {
+        if self.steps > 0 {
+            let n = self.steps as f64;
+            eprintln!(
+                "ds4: graph decode: {} steps, GPU {:.1} us/step (events around the replay), launch to synchronized {:.1} us/step",
+                self.steps,
+                1e3 * self.gpu_ms / n,
+                1e6 * self.wall_s / n
+            );
+        }
+    }
+}
+
 // SAFETY: the graphs are only launched through `&mut CudaBackend` (one thread at a time); CUDA
 // graph executables may be used from any thread as long as calls are serialized.
 unsafe impl Send for Graphs {}
@@ -316,6 +339,9 @@ pub struct CudaBackend {
     /// and the logits it writes (copied out by the graph).
     h_tok: Pinned,
     h_logits: Pinned,
+    /// `DS4_CUDA_STEP_TIMING=1`: the graph decode steps' GPU time (events around the replay)
+    /// and launch-to-synchronized wall time, summed, printed to stderr when the backend drops.
+    step_timing: Option<StepTiming>,
     graph_launches: u64,
     /// Tensor-core prefill routes (None: all off).
     tc: Option<Tc>,
@@ -870,6 +896,21 @@ impl CudaBackend {
         let inv_comp = DBuf::from_slice(&stream, &model.plan.rope_compressed.inv_freq)?;
         let d_pos = DBuf::from_slice(&stream, &[0i32])?;
         let d_tok = DBuf::zeroed(&stream, max_chunk * 4)?;
+        let step_timing = if std::env::var("DS4_CUDA_STEP_TIMING").is_ok_and(|v| v == "1") {
+            let ev = || {
+                dctx.new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))
+                    .map_err(crate::rt::drv)
+            };
+            Some(StepTiming {
+                start: ev()?,
+                end: ev()?,
+                steps: 0,
+                gpu_ms: 0.0,
+                wall_s: 0.0,
+            })
+        } else {
+            None
+        };
         let h_tok = Pinned::new(&stream, 16)?;
         let h_logits = Pinned::new(&stream, 4 * s.n_vocab)?;
         let (tc, tc_attn) = Self::make_tc(
@@ -971,6 +1012,7 @@ impl CudaBackend {
             graphs: Graphs([None, None]),
             h_tok,
             h_logits,
+            step_timing,
             graph_launches: 0,
             tc,
             tc_attn,
@@ -2660,10 +2702,22 @@ impl CudaBackend {
                 g.upload().map_err(crate::rt::drv)?;
                 self.graphs.0[gi] = Some(g);
             }
+            let t0 = std::time::Instant::now();
+            if let Some(t) = &self.step_timing {
+                t.start.record(&self.stream).map_err(crate::rt::drv)?;
+            }
             if let Some(g) = &self.graphs.0[gi] {
                 g.launch().map_err(crate::rt::drv)?;
             }
+            if let Some(t) = &self.step_timing {
+                t.end.record(&self.stream).map_err(crate::rt::drv)?;
+            }
             self.stream.synchronize().map_err(crate::rt::drv)?;
+            if let Some(t) = &mut self.step_timing {
+                t.wall_s += t0.elapsed().as_secs_f64();
+                t.gpu_ms += t.start.elapsed_ms(&t.end).map_err(crate::rt::drv)? as f64;
+                t.steps += 1;
+            }
             self.graph_launches += 1;
             self.logits.clear();
             self.logits.extend_from_slice(self.h_logits.slice::<f32>(v));
