@@ -2667,6 +2667,28 @@ impl CudaBackend {
         Ok(())
     }
 
+    /// Capture the one-token decode step (`indexer`: with the indexer scoring) as a CUDA graph:
+    /// the token copied in from `h_tok`, the forward pass, the logits copied out to `h_logits`.
+    fn capture_decode(&mut self, indexer: bool) -> Result<CudaGraph, CudaError> {
+        let v = self.s().n_vocab;
+        self.stream
+            .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(crate::rt::drv)?;
+        let r = htod_pinned::<i32>(&self.stream, self.d_tok.ptr, &self.h_tok, 1)
+            .and_then(|()| self.forward(1, indexer, Some(0), None))
+            .and_then(|()| {
+                dtoh_pinned::<f32>(&self.stream, &mut self.h_logits, v, self.sc.logits.ptr)
+            });
+        let g = self
+            .stream
+            .end_capture(sys::CUgraphInstantiate_flags(0))
+            .map_err(crate::rt::drv);
+        r?;
+        let g = g?.ok_or_else(|| cerr("graph capture produced no graph"))?;
+        g.upload().map_err(crate::rt::drv)?;
+        Ok(g)
+    }
+
     /// Evaluate one sub-chunk (≤ max_chunk tokens).
     fn eval_sub(
         &mut self,
@@ -2685,22 +2707,17 @@ impl CudaBackend {
             self.h_tok.slice_mut::<i32>(1)[0] = toks[0];
             let gi = indexer as usize;
             if self.graphs.0[gi].is_none() {
-                self.stream
-                    .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
-                    .map_err(crate::rt::drv)?;
-                let r = htod_pinned::<i32>(&self.stream, self.d_tok.ptr, &self.h_tok, 1)
-                    .and_then(|()| self.forward(1, indexer, Some(0), None))
-                    .and_then(|()| {
-                        dtoh_pinned::<f32>(&self.stream, &mut self.h_logits, v, self.sc.logits.ptr)
-                    });
-                let g = self
-                    .stream
-                    .end_capture(sys::CUgraphInstantiate_flags(0))
-                    .map_err(crate::rt::drv);
-                r?;
-                let g = g?.ok_or_else(|| cerr("graph capture produced no graph"))?;
-                g.upload().map_err(crate::rt::drv)?;
-                self.graphs.0[gi] = Some(g);
+                // Both variants at once (the one with the indexer only where a layer has one):
+                // the graphs do not depend on the position, and capturing the other one later
+                // would stall generation for tens of ms when the context first crosses the
+                // indexer's threshold.
+                let has_idx = self.layers.iter().any(|l| l.idx.is_some());
+                for (g, on) in [(0, false), (1, true)] {
+                    if self.graphs.0[g].is_none() && (g == gi || !on || has_idx) {
+                        let graph = self.capture_decode(on)?;
+                        self.graphs.0[g] = Some(graph);
+                    }
+                }
             }
             let t0 = std::time::Instant::now();
             if let Some(t) = &self.step_timing {

@@ -10,9 +10,9 @@
 //! snapshot (untimed); write one CSV row (and, with `--dump-frontier-logits-dir`, the
 //! frontier's logits as ds4-bench's JSON, untimed, before the snapshot). With `--whole-prompt` the session is emptied before
 //! each frontier, so `prefill_tps` is the cold prefill of the whole prompt (performance.md §5.4).
-//! Before the first frontier, one untimed warm-up prefill of the first frontier's prompt (then
-//! emptied) loads what the backend loads lazily on first use (CUDA modules, cuBLAS kernels),
-//! as llama-bench's warm-up run does.
+//! Before the first frontier, one untimed warm-up prefill of the first frontier's prompt and one
+//! decode step (then emptied) loads what the backend loads lazily on first use (CUDA modules,
+//! cuBLAS kernels, the decode step's CUDA graphs), as llama-bench's warm-up run does.
 //!
 //! Extra columns: `card` (GPU name or `cpu`), `backend`, `commit`, `decode_bytes_per_token`
 //! (weights one decode step reads + the KV rows it reads, averaged over the decoded steps),
@@ -796,6 +796,8 @@ pub fn run(a: Args) -> Result<()> {
         session
             .sync(&prompt[..first])
             .with_context(|| format!("warm-up prefill of {first} tokens"))?;
+        let next = argmax_excluding(session.logits(), eos);
+        session.decode(next).context("warm-up decode step")?;
         session.reset();
     }
     let mut previous = 0usize;
