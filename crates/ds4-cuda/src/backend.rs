@@ -2723,13 +2723,20 @@ impl CudaBackend {
             if let Some(t) = &self.step_timing {
                 t.start.record(&self.stream).map_err(crate::rt::drv)?;
             }
-            if let Some(g) = &self.graphs.0[gi] {
-                g.launch().map_err(crate::rt::drv)?;
+            let run = || -> Result<(), CudaError> {
+                if let Some(g) = &self.graphs.0[gi] {
+                    g.launch().map_err(crate::rt::drv)?;
+                }
+                if let Some(t) = &self.step_timing {
+                    t.end.record(&self.stream).map_err(crate::rt::drv)?;
+                }
+                self.stream.synchronize().map_err(crate::rt::drv)
+            };
+            if let Err(e) = run() {
+                // Never leave a replay running that still reads h_tok or writes h_logits.
+                let _ = self.stream.synchronize();
+                return Err(e);
             }
-            if let Some(t) = &self.step_timing {
-                t.end.record(&self.stream).map_err(crate::rt::drv)?;
-            }
-            self.stream.synchronize().map_err(crate::rt::drv)?;
             if let Some(t) = &mut self.step_timing {
                 t.wall_s += t0.elapsed().as_secs_f64();
                 t.gpu_ms += t.start.elapsed_ms(&t.end).map_err(crate::rt::drv)? as f64;

@@ -84,7 +84,14 @@ pub(crate) fn dtoh<T: Copy>(stream: &CudaStream, dst: &mut [T], src: u64) -> Res
 pub(crate) struct Pinned {
     ptr: *mut u8,
     bytes: usize,
+    /// Kept alive (and made current) for the free: the allocation belongs to this context.
+    ctx: Arc<cudarc::driver::CudaContext>,
 }
+
+/// Element types a [`Pinned`] buffer is viewed as: plain 4-byte numbers, valid for any bits.
+pub(crate) trait PinnedElem: Copy {}
+impl PinnedElem for f32 {}
+impl PinnedElem for i32 {}
 
 // SAFETY: plain host memory owned by this value; every access goes through `&self`/`&mut self`.
 unsafe impl Send for Pinned {}
@@ -93,7 +100,8 @@ impl Pinned {
     /// `bytes` bytes (at least 16), zeroed, in `stream`'s context.
     pub fn new(stream: &CudaStream, bytes: usize) -> Result<Pinned, CudaError> {
         let bytes = bytes.max(16);
-        stream.context().bind_to_thread().map_err(drv)?;
+        let ctx = stream.context().clone();
+        ctx.bind_to_thread().map_err(drv)?;
         // SAFETY: a fresh allocation of `bytes` bytes; zeroed before any read.
         let ptr = unsafe { result::malloc_host(bytes, 0) }.map_err(|e| {
             CudaError::Driver(format!(
@@ -102,12 +110,12 @@ impl Pinned {
         })? as *mut u8;
         // SAFETY: ptr is a live allocation of `bytes` bytes.
         unsafe { std::ptr::write_bytes(ptr, 0, bytes) };
-        Ok(Pinned { ptr, bytes })
+        Ok(Pinned { ptr, bytes, ctx })
     }
 
-    /// The first `n` elements as `T` (`n · size_of::<T>()` ≤ the size, T plain data of
-    /// alignment ≤ 16). Only while no copy into this memory is in flight.
-    pub fn slice<T: Copy>(&self, n: usize) -> &[T] {
+    /// The first `n` elements as `T` (`n · size_of::<T>()` ≤ the size). Only while no copy
+    /// into this memory is in flight.
+    pub fn slice<T: PinnedElem>(&self, n: usize) -> &[T] {
         assert!(n * std::mem::size_of::<T>() <= self.bytes && std::mem::align_of::<T>() <= 16);
         // SAFETY: in bounds (checked), aligned (page-locked memory is page-aligned), and the
         // caller has synchronized with any copy into it.
@@ -115,7 +123,7 @@ impl Pinned {
     }
 
     /// The first `n` elements as `T`, writable (as [`Pinned::slice`]).
-    pub fn slice_mut<T: Copy>(&mut self, n: usize) -> &mut [T] {
+    pub fn slice_mut<T: PinnedElem>(&mut self, n: usize) -> &mut [T] {
         assert!(n * std::mem::size_of::<T>() <= self.bytes && std::mem::align_of::<T>() <= 16);
         // SAFETY: as in `slice`, and `&mut self` excludes other borrows.
         unsafe { std::slice::from_raw_parts_mut(self.ptr as *mut T, n) }
@@ -124,13 +132,15 @@ impl Pinned {
 
 impl Drop for Pinned {
     fn drop(&mut self) {
-        // SAFETY: allocated by cuMemHostAlloc in `new`, freed once.
+        // The backend may be dropped on another thread than the one that made it.
+        let _ = self.ctx.bind_to_thread();
+        // SAFETY: allocated by cuMemHostAlloc in `new` (in self.ctx, alive), freed once.
         let _ = unsafe { result::free_host(self.ptr as *mut std::ffi::c_void) };
     }
 }
 
 /// Host → device copy from pinned memory (capturable into a CUDA graph), not waited for.
-pub(crate) fn htod_pinned<T: Copy>(
+pub(crate) fn htod_pinned<T: PinnedElem>(
     stream: &CudaStream,
     dst: u64,
     src: &Pinned,
@@ -149,7 +159,7 @@ pub(crate) fn htod_pinned<T: Copy>(
 
 /// Device → host copy into pinned memory (capturable into a CUDA graph), not waited for: read
 /// `dst` only after synchronizing with the stream.
-pub(crate) fn dtoh_pinned<T: Copy>(
+pub(crate) fn dtoh_pinned<T: PinnedElem>(
     stream: &CudaStream,
     dst: &mut Pinned,
     n: usize,

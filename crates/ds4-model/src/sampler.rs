@@ -68,7 +68,7 @@ pub fn argmax(logits: &[f32]) -> u32 {
 }
 
 /// The first index (and value) of the largest value among those `keep` accepts, never
-/// `exclude`; None when no value is accepted. The same result as the left-to-right scan
+/// `exclude`; None when no value is accepted. `keep` must reject NaN (a NaN is no maximum). The same result as the left-to-right scan
 /// `if keep(v) && (best is none || v > best) { best = (i, v) }` (ties: the lower index; `-0.0`
 /// and `0.0` are equal), in two passes that vectorize: a lane-wise maximum, then the first
 /// accepted index holding it. A decode step scans the whole vocabulary (129280 logits) once per
@@ -321,9 +321,11 @@ fn sample_full_vocab(logits: &[f32], temp: f32, top_p: f32, min_p: f32, rng: &mu
     // the walk only ever visits a prefix of the order. So sort only the tokens above a bound
     // (a prefix of the same order), walk them, and widen the bound in the rare case the walk
     // runs out before it stops — unless every token below the bound is under the min-p floor,
-    // where ds4's walk would stop at the first of them anyway.
-    let floor_below = if min_p > 0.0 {
-        below((min_p as f64).ln())
+    // where ds4's walk would stop at the first of them anyway. That floor is relative to the
+    // first token's weight, 1 when it holds the maximum (not when every logit is ≤ -1e30: then
+    // no floor); a min_p above 1 floors at the maximum itself (ds4 keeps only its ties).
+    let floor_below = if min_p > 0.0 && bv > -1e30 {
+        below((min_p as f64).ln().min(0.0))
     } else {
         f64::NEG_INFINITY
     };
@@ -340,6 +342,12 @@ fn sample_full_vocab(logits: &[f32], temp: f32, top_p: f32, min_p: f32, rng: &mu
             .filter(|&(_, &v)| v.is_finite() && (v as f64) >= bound)
             .map(|(i, &v)| (i as u32, v, weight(v)))
             .collect();
+        if cand.is_empty() {
+            // Every token under the bound (the maximum is not the first weight's reference
+            // point, or the bound is not finite): widen up to all finite tokens, never empty.
+            nats = f64::INFINITY;
+            continue;
+        }
         cand.sort_by(|a, b| b.1.total_cmp(&a.1));
         let min_prob = (cand[0].2 / sum) * min_p;
         let mut filtered_sum = 0.0f32;
@@ -585,7 +593,6 @@ mod tests {
     #[test]
     fn full_vocab_sampling_is_the_reference() {
         let mut g = Rng::new(2024);
-        let mut cases = 0;
         for n in [1usize, 2, 7, 64, 1000, 20000] {
             for shape in 0..7 {
                 let logits: Vec<f32> = (0..n)
@@ -639,14 +646,49 @@ mod tests {
                                     (slow, b.state),
                                     "n {n} shape {shape} T {temp} top_p {top_p} min_p {min_p}"
                                 );
-                                cases += 1;
                             }
                         }
                     }
                 }
             }
         }
-        assert_eq!(cases, 6 * 7 * 5 * 6 * 3 * 4);
+    }
+
+    #[test]
+    fn full_vocab_sampling_extremes_are_the_reference() {
+        // Parameters a request can carry (the server takes any finite number, and f32 casts
+        // of large ones are infinite) and logits at or below ds4's -1e30 floor for the maximum.
+        let mut g = Rng::new(77);
+        let rows: Vec<Vec<f32>> = vec![
+            vec![-3.303e30, -3.81e30],
+            (0..50).map(|_| -1e30 - g.next_f32() * 3e30).collect(),
+            (0..50).map(|_| -1e30 + g.next_f32() * 2e30).collect(),
+            (0..300).map(|_| g.next_f32() * 20.0 - 10.0).collect(),
+            vec![f32::MAX, -f32::MAX, 0.0, f32::MAX],
+            vec![f32::NAN, 1.0, f32::INFINITY, -f32::INFINITY, 1.0],
+        ];
+        let temps = [1e-45f32, 1e-20, 0.3, 1e29, 1e30, f32::INFINITY, f32::NAN];
+        let top_ps = [1.0f32, 0.9, 0.3, f32::NAN];
+        let min_ps = [0.0f32, 0.5, 1.0, 5.0, 10.0, f32::INFINITY, f32::NAN];
+        for logits in &rows {
+            for &temp in &temps {
+                for &top_p in &top_ps {
+                    for &min_p in &min_ps {
+                        for _ in 0..3 {
+                            let mut a = Rng::new(g.next_u64());
+                            let mut b = a;
+                            let fast = sample_full_vocab(logits, temp, top_p, min_p, &mut a);
+                            let slow = sample_full_vocab_ref(logits, temp, top_p, min_p, &mut b);
+                            assert_eq!(
+                                (fast, a.state),
+                                (slow, b.state),
+                                "{logits:?} T {temp} top_p {top_p} min_p {min_p}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
     }
 
     #[test]
