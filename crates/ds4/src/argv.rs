@@ -5,6 +5,9 @@
 //!   `--perplexity-file`, the dumps, …) is `ds4 run …`; `ds4 [FLAGS]` without such a flag, or
 //!   `ds4` alone, is the interactive REPL, `ds4 chat …`.
 //!
+//! - options before the subcommand: `ds4 -m F serve …` is `ds4 serve -m F …` (the first word
+//!   that is neither an option nor an option's value names a subcommand: it moves to the front).
+//!
 //! A first argument that is not a flag (a subcommand, or something clap will reject) and a
 //! first argument `-h`/`--help`/`-V`/`--version` leave the line as it is, so the subcommands
 //! and clap's top-level help and version are unchanged. Everything after `--` is left alone.
@@ -65,8 +68,54 @@ impl RunOnly {
     }
 }
 
+/// The subcommand names and the options that take a value (in any subcommand), to find a
+/// subcommand written after options.
+#[derive(Clone, Debug, Default)]
+pub struct Subcommands {
+    pub names: Vec<String>,
+    pub value_longs: Vec<String>,
+    pub value_shorts: Vec<char>,
+}
+
+impl Subcommands {
+    /// From clap's definition of the whole command line.
+    pub fn from_command(cmd: &clap::Command) -> Subcommands {
+        let mut s = Subcommands::default();
+        for sc in cmd.get_subcommands() {
+            s.names.push(sc.get_name().to_string());
+            for a in sc.get_arguments().filter(|a| a.get_action().takes_values()) {
+                let longs = a.get_long_and_visible_aliases().unwrap_or_default();
+                s.value_longs.extend(longs.into_iter().map(str::to_string));
+                s.value_shorts
+                    .extend(a.get_short_and_visible_aliases().unwrap_or_default());
+            }
+        }
+        s
+    }
+
+    /// The index in `args[1..end]` of the first word that is neither an option nor an option's
+    /// value, when it names a subcommand.
+    fn find(&self, args: &[OsString], end: usize) -> Option<usize> {
+        let mut i = 1;
+        while i < end {
+            let a = args[i].to_str()?;
+            let takes_value = if let Some(long) = a.strip_prefix("--") {
+                self.value_longs.iter().any(|l| l == long)
+            } else if let Some(short) = a.strip_prefix('-').filter(|s| !s.is_empty()) {
+                // `-m F`; `-mF` and `-m=F` carry their value.
+                let mut c = short.chars();
+                c.next().is_some_and(|c| self.value_shorts.contains(&c)) && c.next().is_none()
+            } else {
+                return self.names.iter().any(|n| n == a).then_some(i);
+            };
+            i += if takes_value { 2 } else { 1 };
+        }
+        None
+    }
+}
+
 /// The rewritten arguments (`args[0]` is the program name).
-pub fn rewrite(mut args: Vec<OsString>, run_only: &RunOnly) -> Vec<OsString> {
+pub fn rewrite(mut args: Vec<OsString>, run_only: &RunOnly, subs: &Subcommands) -> Vec<OsString> {
     // Up to `--` (exclusive): the options clap will parse.
     let end = args
         .iter()
@@ -89,6 +138,11 @@ pub fn rewrite(mut args: Vec<OsString>, run_only: &RunOnly) -> Vec<OsString> {
         || first == "--"
         || first == "-";
     if keep {
+        return args;
+    }
+    if let Some(i) = subs.find(&args, end) {
+        let sc = args.remove(i);
+        args.insert(1, sc);
         return args;
     }
     let one_shot = args[1..end]
@@ -117,10 +171,22 @@ mod tests {
         }
     }
 
+    fn subs() -> Subcommands {
+        Subcommands {
+            names: ["run", "chat", "serve", "bench", "inspect"]
+                .map(String::from)
+                .to_vec(),
+            value_longs: ["model", "prompt", "port", "ctx-max", "ctx", "system"]
+                .map(String::from)
+                .to_vec(),
+            value_shorts: vec!['m', 'p', 'n', 'c'],
+        }
+    }
+
     fn rw(line: &[&str]) -> Vec<String> {
         let mut a: Vec<OsString> = vec!["ds4".into()];
         a.extend(line.iter().map(OsString::from));
-        rewrite(a, &run_only())
+        rewrite(a, &run_only(), &subs())
             .into_iter()
             .skip(1)
             .map(|s| s.into_string().unwrap())
@@ -157,6 +223,35 @@ mod tests {
         );
         // Flag names that only start like a run flag do not count.
         assert_eq!(rw(&["--prompting"]), ["chat", "--prompting"]);
+    }
+
+    #[test]
+    fn options_before_the_subcommand_move_behind_it() {
+        assert_eq!(
+            rw(&["-m", "x.gguf", "serve", "--port", "0"]),
+            ["serve", "-m", "x.gguf", "--port", "0"]
+        );
+        assert_eq!(
+            rw(&["--model", "x.gguf", "--nothink", "bench", "--ctx-max", "8"]),
+            ["bench", "--model", "x.gguf", "--nothink", "--ctx-max", "8"]
+        );
+        assert_eq!(
+            rw(&["-mx.gguf", "-m=y", "--ctx=9", "inspect", "f"]),
+            ["inspect", "-mx.gguf", "-m=y", "--ctx=9", "f"]
+        );
+        // An option's value that happens to be a subcommand name stays a value.
+        assert_eq!(rw(&["-p", "serve"]), ["run", "-p", "serve"]);
+        assert_eq!(
+            rw(&["--system", "chat", "-n", "3"]),
+            ["chat", "--system", "chat", "-n", "3"]
+        );
+        // A word that is no subcommand, and anything after `--`, are left to the other rules.
+        assert_eq!(rw(&["-m", "x", "hello"]), ["chat", "-m", "x", "hello"]);
+        assert_eq!(
+            rw(&["-c", "9", "--", "serve"]),
+            ["chat", "-c", "9", "--", "serve"]
+        );
+        assert_eq!(rw(&["-sys", "S", "serve"]), ["serve", "--system", "S"]);
     }
 
     #[test]
@@ -202,12 +297,16 @@ mod tests {
         {
             use std::os::unix::ffi::OsStringExt;
             let bad = OsString::from_vec(vec![b'-', b'p', 0xff]);
-            let out = rewrite(vec!["ds4".into(), "-m".into(), bad.clone()], &run_only());
+            let out = rewrite(
+                vec!["ds4".into(), "-m".into(), bad.clone()],
+                &run_only(),
+                &subs(),
+            );
             assert_eq!(
                 out,
                 vec!["ds4".into(), "chat".into(), "-m".into(), bad.clone()]
             );
-            let out = rewrite(vec!["ds4".into(), bad.clone()], &run_only());
+            let out = rewrite(vec!["ds4".into(), bad.clone()], &run_only(), &subs());
             assert_eq!(out, vec![OsString::from("ds4"), bad]);
         }
     }

@@ -67,7 +67,8 @@ fn parse_cli() -> Cli {
         (Some(run), Some(chat)) => argv::RunOnly::from_commands(&run, &chat),
         _ => argv::RunOnly::default(),
     };
-    let args = argv::rewrite(std::env::args_os().collect(), &run_only);
+    let subs = argv::Subcommands::from_command(&cmd);
+    let args = argv::rewrite(std::env::args_os().collect(), &run_only, &subs);
     let matches = cmd
         .try_get_matches_from_mut(args)
         .unwrap_or_else(|e| usage_exit(e));
@@ -188,5 +189,26 @@ mod tests {
         }
         assert_eq!(r.shorts, ['p']);
         Cli::command().debug_assert();
+    }
+
+    /// Every subcommand is found after options, and the options' values are known to clap's
+    /// definitions (so a value is never taken for a subcommand).
+    #[test]
+    fn subcommands_and_value_options_from_clap() {
+        let s = argv::Subcommands::from_command(&Cli::command());
+        for n in [
+            "run", "chat", "serve", "bench", "drift", "inspect", "synth", "tokenize",
+        ] {
+            assert!(s.names.iter().any(|x| x == n), "{n}: {s:?}");
+        }
+        for l in ["model", "prompt", "port", "ctx", "tokens", "system", "temp"] {
+            assert!(s.value_longs.iter().any(|x| x == l), "{l}: {s:?}");
+        }
+        for l in ["nothink", "warm-weights", "quality"] {
+            assert!(!s.value_longs.iter().any(|x| x == l), "{l}: {s:?}");
+        }
+        for c in ['m', 'p', 'n', 'c'] {
+            assert!(s.value_shorts.contains(&c), "{c}: {s:?}");
+        }
     }
 }

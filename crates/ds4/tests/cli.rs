@@ -1763,6 +1763,16 @@ fn usage_errors_are_one_line() {
     }
     let o = ds4(&["run", "--help"], None);
     assert!(o.status.success() && stdout(&o).contains("Usage: ds4 run"));
+    // Options before the subcommand (`ds4 -m F serve …`) are the subcommand's.
+    let o = ds4(&["-m", "x.gguf", "--port", "9", "serve", "--help"], None);
+    assert!(
+        o.status.success() && stdout(&o).contains("Usage: ds4 serve"),
+        "{}",
+        stderr(&o)
+    );
+    let o = ds4(&["-m", "x.gguf", "bench", "--ctx-max", "many"], None);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("many"), "{}", stderr(&o));
 }
 
 /// `ds4 run --dump-logits F.json` writes ds4's `--dump-logits` JSON (the header fields, then the
