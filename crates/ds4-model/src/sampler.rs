@@ -590,6 +590,30 @@ mod tests {
         cand[filtered - 1].0
     }
 
+    /// `draws` samples from generator states taken from `g` (well mixed: a small seed's first
+    /// draws are near 0): the same token and the same generator state as the reference.
+    fn same_as_reference(
+        logits: &[f32],
+        temp: f32,
+        top_p: f32,
+        min_p: f32,
+        draws: usize,
+        g: &mut Rng,
+        what: &str,
+    ) {
+        for _ in 0..draws {
+            let mut a = Rng::new(g.next_u64());
+            let mut b = a;
+            let fast = sample_full_vocab(logits, temp, top_p, min_p, &mut a);
+            let slow = sample_full_vocab_ref(logits, temp, top_p, min_p, &mut b);
+            assert_eq!(
+                (fast, a.state),
+                (slow, b.state),
+                "{what} T {temp} top_p {top_p} min_p {min_p}"
+            );
+        }
+    }
+
     #[test]
     fn full_vocab_sampling_is_the_reference() {
         let mut g = Rng::new(2024);
@@ -634,19 +658,8 @@ mod tests {
                 for &temp in &[0.05f32, 0.6, 1.0, 3.0, 10.0] {
                     for &top_p in &[1.0f32, 0.99999, 0.999, 0.95, 0.5, 0.01] {
                         for &min_p in &[0.0f32, 0.05, 0.5] {
-                            for _ in 0..4 {
-                                // Well-mixed states: a small seed's first draws are near 0.
-                                let mut a = Rng::new(g.next_u64());
-                                let mut b = a;
-                                let fast = sample_full_vocab(&logits, temp, top_p, min_p, &mut a);
-                                let slow =
-                                    sample_full_vocab_ref(&logits, temp, top_p, min_p, &mut b);
-                                assert_eq!(
-                                    (fast, a.state),
-                                    (slow, b.state),
-                                    "n {n} shape {shape} T {temp} top_p {top_p} min_p {min_p}"
-                                );
-                            }
+                            let what = format!("n {n} shape {shape}");
+                            same_as_reference(&logits, temp, top_p, min_p, 4, &mut g, &what);
                         }
                     }
                 }
@@ -674,17 +687,8 @@ mod tests {
             for &temp in &temps {
                 for &top_p in &top_ps {
                     for &min_p in &min_ps {
-                        for _ in 0..3 {
-                            let mut a = Rng::new(g.next_u64());
-                            let mut b = a;
-                            let fast = sample_full_vocab(logits, temp, top_p, min_p, &mut a);
-                            let slow = sample_full_vocab_ref(logits, temp, top_p, min_p, &mut b);
-                            assert_eq!(
-                                (fast, a.state),
-                                (slow, b.state),
-                                "{logits:?} T {temp} top_p {top_p} min_p {min_p}"
-                            );
-                        }
+                        let what = format!("{logits:?}");
+                        same_as_reference(logits, temp, top_p, min_p, 3, &mut g, &what);
                     }
                 }
             }
