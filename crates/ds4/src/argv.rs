@@ -6,7 +6,10 @@
 //!   `ds4` alone, is the interactive REPL, `ds4 chat …`.
 //!
 //! - options before the subcommand: `ds4 -m F serve …` is `ds4 serve -m F …` (the first word
-//!   that is neither an option nor an option's value names a subcommand: it moves to the front).
+//!   that is neither an option nor an option's value names a subcommand: it moves to the front);
+//! - `ds4 --inspect [-m F] …` is `ds4 inspect F` (the model file, default `ds4flash.gguf`; the
+//!   other flags do not matter for it), and `ds4 --server` is refused, as ds4 does, pointing at
+//!   `ds4 serve` ([`refusal`]).
 //!
 //! A first argument that is not a flag (a subcommand, or something clap will reject) and a
 //! first argument `-h`/`--help`/`-V`/`--version` leave the line as it is, so the subcommands
@@ -114,6 +117,37 @@ impl Subcommands {
     }
 }
 
+/// The model file a line names (`-m F`, `-mF`, `-m=F`, `--model F`, `--model=F`; the last one).
+fn model_arg(args: &[OsString]) -> Option<OsString> {
+    let mut m = None;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let Some(s) = a.to_str() else { continue };
+        if s == "-m" || s == "--model" {
+            m = it.next().cloned().or(m);
+        } else if let Some(v) = s.strip_prefix("--model=") {
+            m = Some(v.into());
+        } else if let Some(v) = s.strip_prefix("-m") {
+            m = Some(v.strip_prefix('=').unwrap_or(v).into());
+        }
+    }
+    m
+}
+
+/// ds4's refusal of a line without a subcommand, if any: `--server` (ds4's server is another
+/// program; here it is `ds4 serve`). Printed as `ds4: …` with exit status 2.
+pub fn refusal(args: &[OsString], subs: &Subcommands) -> Option<&'static str> {
+    let end = args
+        .iter()
+        .skip(1)
+        .position(|a| a == "--")
+        .map_or(args.len(), |i| i + 1);
+    let first = args.get(1)?.to_str()?;
+    let no_sub = first.starts_with('-') && subs.find(args, end).is_none();
+    (no_sub && args[1..end].iter().any(|a| a == "--server"))
+        .then_some("use `ds4 serve` for the HTTP server")
+}
+
 /// The rewritten arguments (`args[0]` is the program name).
 pub fn rewrite(mut args: Vec<OsString>, run_only: &RunOnly, subs: &Subcommands) -> Vec<OsString> {
     // Up to `--` (exclusive): the options clap will parse.
@@ -144,6 +178,10 @@ pub fn rewrite(mut args: Vec<OsString>, run_only: &RunOnly, subs: &Subcommands) 
         let sc = args.remove(i);
         args.insert(1, sc);
         return args;
+    }
+    if args[1..end].iter().any(|a| a == "--inspect") {
+        let model = model_arg(&args[1..end]).unwrap_or_else(|| crate::common::DEFAULT_MODEL.into());
+        return vec![args[0].clone(), "inspect".into(), model];
     }
     let one_shot = args[1..end]
         .iter()
@@ -252,6 +290,28 @@ mod tests {
             ["chat", "-c", "9", "--", "serve"]
         );
         assert_eq!(rw(&["-sys", "S", "serve"]), ["serve", "--system", "S"]);
+    }
+
+    #[test]
+    fn inspect_and_server_spellings() {
+        assert_eq!(rw(&["--inspect", "-m", "x.gguf"]), ["inspect", "x.gguf"]);
+        assert_eq!(rw(&["--inspect"]), ["inspect", "ds4flash.gguf"]);
+        assert_eq!(
+            rw(&["--ctx", "9", "--inspect", "--model=y.gguf", "--cuda"]),
+            ["inspect", "y.gguf"]
+        );
+        assert_eq!(rw(&["-mz.gguf", "--inspect"]), ["inspect", "z.gguf"]);
+        let line = |l: &[&str]| -> Vec<OsString> {
+            std::iter::once("ds4")
+                .chain(l.iter().copied())
+                .map(OsString::from)
+                .collect()
+        };
+        assert!(refusal(&line(&["--server", "-m", "x"]), &subs()).is_some());
+        assert!(refusal(&line(&["-m", "x", "--server"]), &subs()).is_some());
+        assert!(refusal(&line(&["serve", "--port", "0"]), &subs()).is_none());
+        assert!(refusal(&line(&["-m", "x", "serve"]), &subs()).is_none());
+        assert!(refusal(&line(&["-p", "x", "--", "--server"]), &subs()).is_none());
     }
 
     #[test]

@@ -68,7 +68,12 @@ fn parse_cli() -> Cli {
         _ => argv::RunOnly::default(),
     };
     let subs = argv::Subcommands::from_command(&cmd);
-    let args = argv::rewrite(std::env::args_os().collect(), &run_only, &subs);
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if let Some(why) = argv::refusal(&args, &subs) {
+        eprintln!("ds4: {why}");
+        std::process::exit(2);
+    }
+    let args = argv::rewrite(args, &run_only, &subs);
     let matches = cmd
         .try_get_matches_from_mut(args)
         .unwrap_or_else(|e| usage_exit(e));

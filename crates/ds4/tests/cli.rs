@@ -1773,6 +1773,20 @@ fn usage_errors_are_one_line() {
     let o = ds4(&["-m", "x.gguf", "bench", "--ctx-max", "many"], None);
     assert_eq!(o.status.code(), Some(2));
     assert!(stderr(&o).contains("many"), "{}", stderr(&o));
+    // ds4's spellings without a subcommand: --server is refused, --inspect inspects the model.
+    let o = ds4(&["--server", "-m", "x.gguf"], None);
+    assert_eq!(o.status.code(), Some(2));
+    assert_eq!(
+        stderr(&o).trim(),
+        "ds4: use `ds4 serve` for the HTTP server"
+    );
+    let m = builtin();
+    let o = ds4(
+        &["--inspect", "-m", m.to_str().unwrap(), "--ctx", "64"],
+        None,
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("token_embd"), "{}", stdout(&o));
 }
 
 /// `ds4 run --dump-logits F.json` writes ds4's `--dump-logits` JSON (the header fields, then the
