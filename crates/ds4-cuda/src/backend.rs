@@ -2707,16 +2707,19 @@ impl CudaBackend {
             self.h_tok.slice_mut::<i32>(1)[0] = toks[0];
             let gi = indexer as usize;
             if self.graphs.0[gi].is_none() {
-                // Both variants at once (the one with the indexer only where a layer has one):
-                // the graphs do not depend on the position, and capturing the other one later
-                // would stall generation for tens of ms when the context first crosses the
-                // indexer's threshold.
-                let has_idx = self.layers.iter().any(|l| l.idx.is_some());
-                for (g, on) in [(0, false), (1, true)] {
-                    if self.graphs.0[g].is_none() && (g == gi || !on || has_idx) {
-                        let graph = self.capture_decode(on)?;
-                        self.graphs.0[g] = Some(graph);
-                    }
+                let graph = self.capture_decode(indexer)?;
+                self.graphs.0[gi] = Some(graph);
+                // The other variant now too, where this context can reach it (the one with the
+                // indexer scoring only where some layer's indexer can activate): the graphs do
+                // not depend on the position, and capturing it later would stall generation
+                // for tens of ms when the context first crosses the indexer's threshold. Not
+                // fatal here: a failure surfaces when that variant is needed.
+                let other = !indexer;
+                if self.graphs.0[other as usize].is_none()
+                    && (!other || self.indexer_active(self.ctx_len))
+                    && let Ok(g) = self.capture_decode(other)
+                {
+                    self.graphs.0[other as usize] = Some(g);
                 }
             }
             let t0 = std::time::Instant::now();
