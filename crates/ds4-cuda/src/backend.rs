@@ -2698,13 +2698,12 @@ impl CudaBackend {
     ) -> Result<(), CudaError> {
         let n = tokens.len();
         let v = self.s().n_vocab;
-        let toks: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
         let pend = self.n_tokens + n;
         let indexer = self.indexer_active(pend);
         if n == 1 && self.opts.graphs && self.trace.is_none() {
             // The graph copies the token in from pinned memory and the logits out to pinned
             // memory (no pageable copies, no separate copy calls around the replay).
-            self.h_tok.slice_mut::<i32>(1)[0] = toks[0];
+            self.h_tok.slice_mut::<i32>(1)[0] = tokens[0] as i32;
             let gi = indexer as usize;
             if self.graphs.0[gi].is_none() {
                 let graph = self.capture_decode(indexer)?;
@@ -2754,6 +2753,7 @@ impl CudaBackend {
             self.n_tokens += 1;
             return Ok(());
         }
+        let toks: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
         htod(&self.stream, self.d_tok.ptr, &toks)?;
         let mut trace = self.trace.take();
         let lfirst = if all_logits { 0 } else { n - 1 };

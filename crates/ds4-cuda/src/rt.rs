@@ -116,15 +116,15 @@ impl Pinned {
     /// The first `n` elements as `T` (`n · size_of::<T>()` ≤ the size). Only while no copy
     /// into this memory is in flight.
     pub fn slice<T: PinnedElem>(&self, n: usize) -> &[T] {
-        assert!(n * std::mem::size_of::<T>() <= self.bytes && std::mem::align_of::<T>() <= 16);
-        // SAFETY: in bounds (checked), aligned (page-locked memory is page-aligned), and the
-        // caller has synchronized with any copy into it.
+        assert!(n * std::mem::size_of::<T>() <= self.bytes);
+        // SAFETY: in bounds (checked), aligned (page-locked memory is page-aligned; T is a
+        // 4-byte PinnedElem), and the caller has synchronized with any copy into it.
         unsafe { std::slice::from_raw_parts(self.ptr as *const T, n) }
     }
 
     /// The first `n` elements as `T`, writable (as [`Pinned::slice`]).
     pub fn slice_mut<T: PinnedElem>(&mut self, n: usize) -> &mut [T] {
-        assert!(n * std::mem::size_of::<T>() <= self.bytes && std::mem::align_of::<T>() <= 16);
+        assert!(n * std::mem::size_of::<T>() <= self.bytes);
         // SAFETY: as in `slice`, and `&mut self` excludes other borrows.
         unsafe { std::slice::from_raw_parts_mut(self.ptr as *mut T, n) }
     }

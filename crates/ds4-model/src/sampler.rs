@@ -242,11 +242,14 @@ fn sample_full_vocab(logits: &[f32], temp: f32, top_p: f32, min_p: f32, rng: &mu
             f64::NEG_INFINITY
         }
     };
-    // ds4's pass in token-id order over the weights it keeps (finite logits, weight ≥ min_p):
-    // `step(i, p)` sees each kept weight and returns true to stop. Tokens under `floor`, or
-    // under the bound at which `acc()` (the loop's accumulator) cannot change, are skipped:
-    // ds4 drops them or they leave its accumulator (and so its stop test) as it was.
-    let walk = |floor: f64, acc: &dyn Fn() -> f32, step: &mut dyn FnMut(usize, f32) -> bool| {
+    // ds4's pass in token-id order over the weights it keeps (finite logits, weight not below
+    // `keep_min`): `step(i, p)` sees each kept weight and returns true to stop. Tokens under
+    // `floor`, or under the bound at which `acc()` (the loop's accumulator) cannot change, are
+    // skipped: ds4 drops them or they leave its accumulator (and so its stop test) as it was.
+    let walk = |floor: f64,
+                keep_min: f32,
+                acc: &dyn Fn() -> f32,
+                step: &mut dyn FnMut(usize, f32) -> bool| {
         let mut ebits = acc().to_bits() >> 23;
         let mut skip = floor.max(absorb(acc()));
         for (i, &v) in logits.iter().enumerate() {
@@ -254,7 +257,7 @@ fn sample_full_vocab(logits: &[f32], temp: f32, top_p: f32, min_p: f32, rng: &mu
                 continue;
             }
             let p = weight(v);
-            if p < min_p {
+            if p < keep_min {
                 continue;
             }
             if step(i, p) {
@@ -267,6 +270,15 @@ fn sample_full_vocab(logits: &[f32], temp: f32, top_p: f32, min_p: f32, rng: &mu
         }
         None
     };
+    // ds4's f32 sum of the kept weights, in token-id order.
+    let sum_kept = |floor: f64, keep_min: f32| -> f32 {
+        let sum = std::cell::Cell::new(0.0f32);
+        walk(floor, keep_min, &|| sum.get(), &mut |_, p| {
+            sum.set(sum.get() + p);
+            false
+        });
+        sum.get()
+    };
     if top_p >= 1.0 {
         // Token-id order, no sort. With min_p > 0 a weight < min_p is dropped; with min_p = 0
         // every finite token counts (exact zeros change nothing).
@@ -275,12 +287,7 @@ fn sample_full_vocab(logits: &[f32], temp: f32, top_p: f32, min_p: f32, rng: &mu
         } else {
             zero_below
         };
-        let sum = std::cell::Cell::new(0.0f32);
-        walk(floor, &|| sum.get(), &mut |_, p| {
-            sum.set(sum.get() + p);
-            false
-        });
-        let sum = sum.get();
+        let sum = sum_kept(floor, min_p);
         if sum <= 0.0 || !sum.is_finite() {
             return best as u32;
         }
@@ -289,7 +296,7 @@ fn sample_full_vocab(logits: &[f32], temp: f32, top_p: f32, min_p: f32, rng: &mu
             // ds4 returns the first token it keeps, which here may be one of weight 0.
             return logits.iter().position(|v| v.is_finite()).unwrap_or(best) as u32;
         }
-        let hit = walk(floor, &|| r.get(), &mut |_, p| {
+        let hit = walk(floor, min_p, &|| r.get(), &mut |_, p| {
             r.set(r.get() - p);
             r.get() <= 0.0
         });
@@ -297,22 +304,7 @@ fn sample_full_vocab(logits: &[f32], temp: f32, top_p: f32, min_p: f32, rng: &mu
     }
     // Nucleus: the sum of every finite weight in token-id order, as ds4 forms it (min_p does
     // not filter it), without the weights it cannot change.
-    let sum = std::cell::Cell::new(0.0f32);
-    {
-        let mut ebits = 0u32;
-        let mut skip = zero_below;
-        for &v in logits {
-            if !v.is_finite() || (v as f64) < skip {
-                continue;
-            }
-            sum.set(sum.get() + weight(v));
-            if sum.get().to_bits() >> 23 != ebits {
-                ebits = sum.get().to_bits() >> 23;
-                skip = zero_below.max(absorb(sum.get()));
-            }
-        }
-    }
-    let sum = sum.get();
+    let sum = sum_kept(zero_below, 0.0);
     if sum <= 0.0 || !sum.is_finite() {
         return best as u32;
     }

@@ -137,25 +137,25 @@ fn model_arg(args: &[OsString]) -> Option<OsString> {
 /// ds4's refusal of a line without a subcommand, if any: `--server` (ds4's server is another
 /// program; here it is `ds4 serve`). Printed as `ds4: …` with exit status 2.
 pub fn refusal(args: &[OsString], subs: &Subcommands) -> Option<&'static str> {
-    let end = args
-        .iter()
-        .skip(1)
-        .position(|a| a == "--")
-        .map_or(args.len(), |i| i + 1);
+    let end = options_end(args);
     let first = args.get(1)?.to_str()?;
     let no_sub = first.starts_with('-') && subs.find(args, end).is_none();
     (no_sub && args[1..end].iter().any(|a| a == "--server"))
         .then_some("use `ds4 serve` for the HTTP server")
 }
 
+/// Where the options clap parses end: at `--` (exclusive), else the end of the line.
+fn options_end(args: &[OsString]) -> usize {
+    args.iter()
+        .skip(1)
+        .position(|a| a == "--")
+        .map_or(args.len(), |i| i + 1)
+}
+
 /// The rewritten arguments (`args[0]` is the program name).
 pub fn rewrite(mut args: Vec<OsString>, run_only: &RunOnly, subs: &Subcommands) -> Vec<OsString> {
     // Up to `--` (exclusive): the options clap will parse.
-    let end = args
-        .iter()
-        .skip(1)
-        .position(|a| a == "--")
-        .map_or(args.len(), |i| i + 1);
+    let end = options_end(&args);
     for a in &mut args[1.min(end)..end] {
         if a == "-sys" {
             *a = "--system".into();

@@ -149,6 +149,21 @@ fn greedy_hello(m: &Path) -> Vec<&str> {
     ]
 }
 
+/// `bench -m M --ctx-start 8 --ctx-max 8 -n 1`: the smallest bench run on model `m`.
+fn one_bench_step(m: &Path) -> Vec<&str> {
+    vec![
+        "bench",
+        "-m",
+        p(m),
+        "--ctx-start",
+        "8",
+        "--ctx-max",
+        "8",
+        "-n",
+        "1",
+    ]
+}
+
 fn p(path: &Path) -> &str {
     path.to_str().unwrap()
 }
@@ -1121,17 +1136,7 @@ fn single_instance_lock() {
         &["run", "-m", p(&m), "-p", "hi", "-n", "1"][..],
         &["-m", p(&m), "-p", "hi", "-n", "1"],
         &["chat", "-m", p(&m)],
-        &[
-            "bench",
-            "-m",
-            p(&m),
-            "--ctx-start",
-            "8",
-            "--ctx-max",
-            "8",
-            "-n",
-            "1",
-        ],
+        &one_bench_step(&m),
         &["serve", "-m", p(&m), "--port", "0"],
     ] {
         let o = with_lock(args);
@@ -1223,21 +1228,9 @@ fn warm_weights_touches_the_file_and_changes_nothing() {
         .unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
     note(&o);
-    let o = ds4(
-        &[
-            "bench",
-            "-m",
-            p(&m),
-            "--warm-weights",
-            "--ctx-start",
-            "8",
-            "--ctx-max",
-            "8",
-            "-n",
-            "1",
-        ],
-        None,
-    );
+    let mut args = one_bench_step(&m);
+    args.push("--warm-weights");
+    let o = ds4(&args, None);
     assert!(o.status.success(), "{}", stderr(&o));
     note(&o);
     for sc in ["run", "chat", "serve", "bench"] {
