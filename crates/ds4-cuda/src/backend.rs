@@ -332,6 +332,9 @@ pub struct CudaBackend {
     att_stride: usize,
     n_tokens: usize,
     logits: Vec<f32>,
+    /// The last token's logits are in `h_logits` (a graph decode step wrote them there), not
+    /// in `logits`: [`Backend::logits`] reads them in place.
+    logits_pinned: bool,
     chunk_logits: Vec<f32>,
     trace: Option<Trace>,
     graphs: Graphs,
@@ -959,6 +962,13 @@ impl CudaBackend {
                  indexer scores)"
             );
         }
+        if !crate::rt::diag_skip().is_empty() {
+            eprintln!(
+                "ds4-cuda: DS4_CUDA_DIAG_SKIP={}: decode graphs leave these kernels out \
+                 (timing diagnostic: the logits are wrong)",
+                crate::rt::diag_skip().join(",")
+            );
+        }
         let perturb = match std::env::var("DS4_CUDA_PERTURB_ULP")
             .ok()
             .and_then(|v| v.parse::<u32>().ok())
@@ -1007,6 +1017,7 @@ impl CudaBackend {
             att_stride,
             n_tokens: 0,
             logits: Vec::new(),
+            logits_pinned: false,
             chunk_logits: Vec::new(),
             trace: None,
             graphs: Graphs([None, None]),
@@ -2674,11 +2685,13 @@ impl CudaBackend {
         self.stream
             .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
             .map_err(crate::rt::drv)?;
+        crate::rt::diag_capture(true);
         let r = htod_pinned::<i32>(&self.stream, self.d_tok.ptr, &self.h_tok, 1)
             .and_then(|()| self.forward(1, indexer, Some(0), None))
             .and_then(|()| {
                 dtoh_pinned::<f32>(&self.stream, &mut self.h_logits, v, self.sc.logits.ptr)
             });
+        crate::rt::diag_capture(false);
         let g = self
             .stream
             .end_capture(sys::CUgraphInstantiate_flags(0))
@@ -2737,6 +2750,8 @@ impl CudaBackend {
             if let Err(e) = run() {
                 // Never leave a replay running that still reads h_tok or writes h_logits.
                 let _ = self.stream.synchronize();
+                self.logits.clear();
+                self.logits_pinned = false;
                 return Err(e);
             }
             if let Some(t) = &mut self.step_timing {
@@ -2745,10 +2760,10 @@ impl CudaBackend {
                 t.steps += 1;
             }
             self.graph_launches += 1;
-            self.logits.clear();
-            self.logits.extend_from_slice(self.h_logits.slice::<f32>(v));
+            self.logits_pinned = true;
             if all_logits {
-                self.chunk_logits.extend_from_slice(&self.logits);
+                self.chunk_logits
+                    .extend_from_slice(self.h_logits.slice::<f32>(v));
             }
             self.n_tokens += 1;
             return Ok(());
@@ -2783,6 +2798,7 @@ impl CudaBackend {
             }
             self.logits.clear();
             self.logits.extend_from_slice(&buf[(rows - 1) * v..]);
+            self.logits_pinned = false;
         } else {
             // All logits of a chunk longer than the logits buffer: output head in passes.
             let mut t0 = 0;
@@ -2797,6 +2813,7 @@ impl CudaBackend {
             self.logits.clear();
             self.logits
                 .extend_from_slice(&self.chunk_logits[self.chunk_logits.len() - v..]);
+            self.logits_pinned = false;
         }
         Ok(())
     }
@@ -3004,6 +3021,7 @@ impl Backend for CudaBackend {
     fn reset(&mut self) {
         self.n_tokens = 0;
         self.logits.clear();
+        self.logits_pinned = false;
         self.chunk_logits.clear();
         // A failure here leaves a broken device; the next eval reports it.
         let _ = self.clear_frontiers();
@@ -3018,7 +3036,11 @@ impl Backend for CudaBackend {
     }
 
     fn logits(&self) -> &[f32] {
-        &self.logits
+        if self.logits_pinned {
+            self.h_logits.slice::<f32>(self.s().n_vocab)
+        } else {
+            &self.logits
+        }
     }
 
     fn chunk_logits(&self) -> &[f32] {
@@ -3039,6 +3061,7 @@ impl Backend for CudaBackend {
             });
         }
         self.logits.clear();
+        self.logits_pinned = false;
         self.chunk_logits.clear();
         self.import_impl(state).map_err(merr)
     }

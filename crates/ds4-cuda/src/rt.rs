@@ -210,6 +210,52 @@ pub(crate) fn pdl() -> bool {
     pdl_flag().load(Ordering::Relaxed)
 }
 
+/// `DS4_CUDA_DIAG_SKIP=prefix,prefix,…` — a timing diagnostic, never for results: while a
+/// decode graph is captured, kernels whose names start with one of the prefixes are left out of
+/// it, so the graph's GPU time (`DS4_CUDA_STEP_TIMING=1`) shows what those kernels cost in the
+/// chained decode step (per-kernel profiles time each kernel alone, which misleads under PDL).
+/// The skipped kernels' outputs keep the values of the last pass that wrote them (finite, in
+/// range), so the step still runs, with wrong logits.
+static DIAG_SKIP: OnceLock<Vec<String>> = OnceLock::new();
+static DIAG_CAPTURE: AtomicBool = AtomicBool::new(false);
+
+/// The `DS4_CUDA_DIAG_SKIP` prefixes (empty: off).
+pub(crate) fn diag_skip() -> &'static [String] {
+    DIAG_SKIP.get_or_init(|| {
+        std::env::var("DS4_CUDA_DIAG_SKIP")
+            .map(|v| {
+                v.split(',')
+                    .map(|p| p.trim().to_string())
+                    .filter(|p| !p.is_empty())
+                    .collect()
+            })
+            .unwrap_or_default()
+    })
+}
+
+/// Mark the start (true) or end of a decode graph capture for [`diag_skip`].
+pub(crate) fn diag_capture(on: bool) {
+    DIAG_CAPTURE.store(on, Ordering::Relaxed);
+}
+
+/// Whether this launch is left out by [`diag_skip`].
+fn diag_skipped(f: &CudaFunction) -> bool {
+    let pre = diag_skip();
+    if pre.is_empty() || !DIAG_CAPTURE.load(Ordering::Relaxed) {
+        return false;
+    }
+    let mut name: *const std::ffi::c_char = std::ptr::null();
+    // SAFETY: cuFuncGetName writes a pointer to a NUL-terminated string owned by the driver,
+    // valid while the function's module is loaded (it is: `f` borrows it).
+    let ok = unsafe { sys::cuFuncGetName(&mut name, f.cu_function()) }.result();
+    if ok.is_err() || name.is_null() {
+        return false;
+    }
+    // SAFETY: as above.
+    let name = unsafe { std::ffi::CStr::from_ptr(name) }.to_string_lossy();
+    pre.iter().any(|p| name.starts_with(p.as_str()))
+}
+
 /// Launch a kernel by handle with raw parameter pointers (cuLaunchKernelEx, with the PDL
 /// attribute when [`pdl`] is on).
 ///
@@ -222,7 +268,7 @@ pub(crate) unsafe fn launch_raw(
     params: &mut [*mut c_void],
 ) -> Result<(), CudaError> {
     let (g, b) = (cfg.grid_dim, cfg.block_dim);
-    if g.0 == 0 || g.1 == 0 || g.2 == 0 {
+    if g.0 == 0 || g.1 == 0 || g.2 == 0 || diag_skipped(f) {
         return Ok(());
     }
     // SAFETY: an all-zero CUlaunchAttribute is the "ignore" entry; the union is plain data.

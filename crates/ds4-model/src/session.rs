@@ -54,7 +54,9 @@ pub struct Session {
     plan: Plan,
     opts: SessionOptions,
     tokens: Vec<u32>,
-    logits: Vec<f32>,
+    /// The next-token logits of a restored snapshot, until the next evaluation; otherwise the
+    /// logits are the backend's own (read in place: no copy per decode step).
+    restored: Option<Vec<f32>>,
 }
 
 impl std::fmt::Debug for Session {
@@ -89,7 +91,7 @@ impl Session {
             plan,
             opts,
             tokens: Vec::new(),
-            logits: Vec::new(),
+            restored: None,
         })
     }
 
@@ -113,14 +115,17 @@ impl Session {
     }
     /// Logits for the next token (empty before the first token).
     pub fn logits(&self) -> &[f32] {
-        &self.logits
+        match &self.restored {
+            Some(l) => l,
+            None => self.backend.logits(),
+        }
     }
 
     /// Forget everything.
     pub fn reset(&mut self) {
         self.backend.reset();
         self.tokens.clear();
-        self.logits.clear();
+        self.restored = None;
     }
 
     fn check_room(&self, n: usize) -> Result<()> {
@@ -158,8 +163,7 @@ impl Session {
             }
         }
         if !tokens.is_empty() {
-            self.logits.clear();
-            self.logits.extend_from_slice(self.backend.logits());
+            self.restored = None;
         }
         Ok(())
     }
@@ -183,7 +187,7 @@ impl Session {
     /// Evaluate one token; returns the logits for the next one.
     pub fn decode(&mut self, token: u32) -> Result<&[f32]> {
         self.eval_chunks(&[token], None)?;
-        Ok(&self.logits)
+        Ok(self.logits())
     }
 
     /// Bring the session to exactly `tokens`, reusing the current state when the current
@@ -224,7 +228,7 @@ impl Session {
 
     /// The snapshot payload (model-spec §4.5). Needs at least one evaluated token.
     pub fn snapshot(&self) -> Result<Vec<u8>> {
-        if self.tokens.is_empty() || self.logits.is_empty() {
+        if self.tokens.is_empty() || self.logits().is_empty() {
             return Err(ModelError::NoLogits);
         }
         let state = self.backend.export_state()?;
@@ -234,7 +238,7 @@ impl Session {
             self.opts.ctx,
             snapshot_chunk(self.opts.ctx),
             &self.tokens,
-            &self.logits,
+            self.logits(),
             &state,
         )?)
     }
@@ -244,7 +248,7 @@ impl Session {
         let snap = snapshot::decode(bytes, self.backend.shape(), &self.plan, self.opts.ctx)?;
         self.backend.import_state(&snap.state)?;
         self.tokens = snap.tokens;
-        self.logits = snap.logits;
+        self.restored = Some(snap.logits);
         Ok(())
     }
 
