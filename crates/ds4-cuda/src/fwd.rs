@@ -176,14 +176,39 @@ const QKV_DEC_THREADS: usize = 512;
 /// Row chunks of `ds4_attn_dec_scores` (its grid is fixed when a decode step is captured):
 /// 48 chunks × 8 head groups of Flash's 64 heads fill 132 SMs × 3 blocks in one wave.
 const ATT_DEC_CHUNKS: usize = 48;
+/// Row splits of `ds4_attn_dec_out` (added up by the last split block of each head group).
+const ATT_DEC_SPLITS: usize = 4;
+/// The most chunks / splits the buffers hold (`DS4_CUDA_ATT_CHUNKS`, `DS4_CUDA_ATT_SPLITS`
+/// choose others than the defaults above: tuning switches).
+const ATT_DEC_CHUNKS_MAX: usize = 128;
+const ATT_DEC_SPLITS_MAX: usize = 16;
+
+/// A tuning switch `name` (1..=max), or `default`.
+fn tune_env(name: &str, default: usize, max: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|&v| (1..=max).contains(&v))
+        .unwrap_or(default)
+}
+
+/// Row chunks of `ds4_attn_dec_scores` in use.
+fn att_chunks() -> usize {
+    static V: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *V.get_or_init(|| tune_env("DS4_CUDA_ATT_CHUNKS", ATT_DEC_CHUNKS, ATT_DEC_CHUNKS_MAX))
+}
+
+/// Row splits of `ds4_attn_dec_out` in use.
+fn att_dec_splits() -> usize {
+    static V: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *V.get_or_init(|| tune_env("DS4_CUDA_ATT_SPLITS", ATT_DEC_SPLITS, ATT_DEC_SPLITS_MAX))
+}
 /// Heads per block of `ds4_attn_dec_out` (ATT_DEC_HPB in fwd.cu).
 const ATT_DEC_HPB: usize = 8;
 /// Heads per block of `ds4_attn_dec_scores` (ATS_H in fwd.cu).
 const ATT_SCORES_HPB: usize = 8;
 /// Threads of `ds4_attn_dec_scores` (ATS_WARPS warps).
 const ATT_SCORES_THREADS: usize = 128;
-/// Row splits of `ds4_attn_dec_out` (added up by the last split block of each head group).
-const ATT_DEC_SPLITS: usize = 4;
 /// First counter of `ds4_attn_dec_out` (one per head group and 64-dim slice).
 const CTR_ATT: usize = 64;
 /// Counters (u32) of the "last block" kernels (each kernel its own slots; launches on one
@@ -199,8 +224,8 @@ pub(crate) fn attn_dec_fits(hd: usize) -> bool {
 /// `stride` doubles: `(scores + chunk maxima, split partials)`.
 pub(crate) fn attn_dec_bytes(nh: usize, hd: usize, stride: usize) -> (usize, usize) {
     (
-        nh * (stride + ATT_DEC_CHUNKS) * 8,
-        nh * ATT_DEC_SPLITS * (hd + 8) * 8,
+        nh * (stride + ATT_DEC_CHUNKS_MAX) * 8,
+        nh * ATT_DEC_SPLITS_MAX * (hd + 8) * 8,
     )
 }
 
@@ -1924,7 +1949,7 @@ impl Fwd {
         }
         self.go(
             &self.attn_dec_scores,
-            (ATT_DEC_CHUNKS, a.nh.div_ceil(ATT_SCORES_HPB), 1),
+            (att_chunks(), a.nh.div_ceil(ATT_SCORES_HPB), 1),
             ATT_SCORES_THREADS,
             0,
             &[
@@ -1948,14 +1973,14 @@ impl Fwd {
         )?;
         self.go(
             &self.attn_dec_out,
-            (groups, a.hd / 64, ATT_DEC_SPLITS),
+            (groups, a.hd / 64, att_dec_splits()),
             ATT_DEC_HPB * 32,
             0,
             &[
                 A::P(s),
                 A::L(s_stride as i64),
                 A::P(pm),
-                A::I(ATT_DEC_CHUNKS as i32),
+                A::I(att_chunks() as i32),
                 A::P(a.ring),
                 A::I(a.raw_cap as i32),
                 A::I(a.window as i32),
