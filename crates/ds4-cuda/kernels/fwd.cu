@@ -2502,6 +2502,235 @@ extern "C" __global__ void __launch_bounds__(256, 2) ds4_attn_dec_out(
     }
 }
 
+// Decode attention in one launch (hd = 512): one thread-block cluster of ATF_CL blocks per group
+// of ATS_H heads, grid (ATF_CL, ceil(nh/ATS_H)), block ATF_T. Block rank j takes the rows
+// [R·j/ATF_CL, R·(j+1)/ATF_CL):
+//  1. the scores of its rows for the group's heads, with ds4_attn_dec_scores's dots (the same
+//     per-lane f64 FMA chains and the same butterfly over the lanes: the same bits), into S,
+//     and its largest score per head;
+//  2. cluster barrier; m = max(sink, every block's largest score): the max of the CPU's
+//     two-pass softmax, as the two-launch form forms it;
+//  3. p = exp(s − m) of its rows, den = Σ p and Σ p·v over all hd dims (f64), kept in shared
+//     memory;
+//  4. cluster barrier; rank j adds the ATF_CL partials of dims [32j, 32j + 32) in rank order
+//     (distributed shared memory) onto exp(sink − m), divides, applies the inverse RoPE and
+//     writes the heads (and their Q8_0 block j for out_a);
+//  5. cluster barrier: no block frees its shared memory while another reads it.
+// So only the order of the f64 sums of den and Σ p·v differs from the two-launch form (as it
+// does from the CPU's). No thread returns early: every thread reaches the cluster barriers.
+#define ATF_CL 16
+#define ATF_T 256
+#define ATF_TB 32
+
+extern "C" __global__ void __cluster_dims__(ATF_CL, 1, 1) __launch_bounds__(ATF_T, 1)
+    ds4_attn_dec_fused(const float* q, const float* ring, int raw_cap, int window, const float* comp,
+                       int ratio, int has_indexer, const int* isel, int topk, float scale,
+                       const float* sinks, int nh, int hd, int n_rot, const double* inv_freq,
+                       const int* pos0p, double* S, i64 s_stride, float* heads, i8* q8s,
+                       float* q8d) {
+    PDL_ENTRY();
+    // The group's queries (f64) in step 1, then this block's Σ p·v [ATS_H][512] from step 3.
+    __shared__ double s_buf[ATS_H * ATT_MAXJ * 32];
+    __shared__ double s_p[ATS_H][ATF_TB];
+    __shared__ const float* s_rp[ATF_TB];
+    __shared__ double s_wm[ATF_T / 32][ATS_H];
+    __shared__ double s_bm[ATS_H];   // this block's largest score per head (read by the cluster)
+    __shared__ double s_den[ATS_H];  // this block's Σ p per head (read by the cluster)
+    __shared__ double s_mh[ATS_H];   // m per head
+    constexpr int NW = ATF_T / 32;
+    cg::cluster_group cl = cg::this_cluster();
+    const int rank = (int)cl.block_rank();
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int hb = blockIdx.y * ATS_H;
+    const int nhb = min(ATS_H, nh - hb);
+    // ---- 1. scores (ds4_attn_dec_scores's loop, NW warps)
+    constexpr int QV = ATS_H * ATT_MAXJ * 32 / 4 / ATF_T;
+    const int nq4 = nhb * hd / 4;
+    const float4* q4 = (const float4*)(q + (i64)hb * hd);
+    float4 qv4[QV];
+#pragma unroll
+    for (int k = 0; k < QV; k++) {
+        const int i = threadIdx.x + k * ATF_T;
+        qv4[k] = i < nq4 ? q4[i] : make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+    const i64 p = (i64)*pos0p;
+    const AttRows a = att_rows(ring, raw_cap, window, comp, ratio, has_indexer, isel, topk, hd, p);
+    const unsigned R32 = (unsigned)a.R;
+    const i64 r0 = R32 * (unsigned)rank / ATF_CL, r1 = R32 * (unsigned)(rank + 1) / ATF_CL;
+    const int nj = hd / 32;
+    const double sc = (double)scale;
+    const int hs = lane >> 2, us = lane & 3;
+    {
+        float kv[ATS_U][ATT_MAXJ];
+        auto load_rows = [&](i64 r) {
+            const float* rows[ATS_U];
+#pragma unroll
+            for (int u = 0; u < ATS_U; u++) rows[u] = att_row(a, r + u < r1 ? r + u : r1 - 1);
+#pragma unroll
+            for (int u = 0; u < ATS_U; u++) {
+#pragma unroll
+                for (int j = 0; j < ATT_MAXJ; j++) kv[u][j] = j < nj ? rows[u][lane + 32 * j] : 0.0f;
+            }
+        };
+        i64 r = r0 + ATS_U * warp;
+        if (r < r1) load_rows(r);
+#pragma unroll
+        for (int k = 0; k < QV; k++) {
+            const int i = threadIdx.x + k * ATF_T;
+            if (4 * i < ATS_H * hd) {
+                const int h = 4 * i / hd, d = 4 * i - h * hd;
+                double* dst = &s_buf[h * (ATT_MAXJ * 32) + d];
+                dst[0] = (double)qv4[k].x;
+                dst[1] = (double)qv4[k].y;
+                dst[2] = (double)qv4[k].z;
+                dst[3] = (double)qv4[k].w;
+            }
+        }
+        double mown = -INFINITY;
+        __syncthreads();
+        for (; r < r1; r += ATS_U * NW) {
+            double acc[ATS_H * ATS_U];
+#pragma unroll
+            for (int i = 0; i < ATS_H * ATS_U; i++) acc[i] = 0.0;
+#pragma unroll
+            for (int j = 0; j < ATT_MAXJ; j++) {
+                if (j < nj) {
+                    double kd[ATS_U];
+#pragma unroll
+                    for (int u = 0; u < ATS_U; u++) kd[u] = (double)kv[u][j];
+#pragma unroll
+                    for (int h = 0; h < ATS_H; h++) {
+                        const double qv = s_buf[h * (ATT_MAXJ * 32) + lane + 32 * j];
+#pragma unroll
+                        for (int u = 0; u < ATS_U; u++) acc[h * ATS_U + u] = fma(qv, kd[u], acc[h * ATS_U + u]);
+                    }
+                }
+            }
+            if (r + ATS_U * NW < r1) load_rows(r + ATS_U * NW);
+            const double dot = reduce32(acc, lane);
+            if (r + us < r1 && hs < nhb) {
+                const double sv = dot * sc;
+                S[(i64)(hb + hs) * s_stride + r + us] = sv;
+                mown = fmax(mown, sv);
+            }
+        }
+        mown = fmax(mown, __shfl_xor_sync(0xffffffffu, mown, 1));
+        mown = fmax(mown, __shfl_xor_sync(0xffffffffu, mown, 2));
+        if (us == 0) s_wm[warp][hs] = mown;
+    }
+    __syncthreads();
+    if (threadIdx.x < ATS_H) {
+        double m = s_wm[0][threadIdx.x];
+#pragma unroll
+        for (int w = 1; w < NW; w++) m = fmax(m, s_wm[w][threadIdx.x]);
+        s_bm[threadIdx.x] = m;
+    }
+    // ---- 2. the max over the cluster
+    cl.sync();
+    const bool hon = warp < nhb;  // warp w: the probabilities of head hb + w
+    const int hw = hb + (hon ? warp : 0);
+    double m = -INFINITY;
+#pragma unroll
+    for (int b = 0; b < ATF_CL; b++) m = fmax(m, *cl.map_shared_rank(&s_bm[warp], b));
+    m = fmax((double)sinks[hw], m);
+    if (lane == 0) s_mh[warp] = m;
+    // ---- 3. p, den and Σ p·v of this block's rows; thread t holds dims 2t, 2t + 1
+    double acc[ATS_H][2];
+#pragma unroll
+    for (int hh = 0; hh < ATS_H; hh++) acc[hh][0] = acc[hh][1] = 0.0;
+    double den = 0.0;
+    const int dv = 2 * threadIdx.x;
+    for (i64 t0 = r0; t0 < r1; t0 += ATF_TB) {
+        const int nt = (int)((r1 - t0) < ATF_TB ? (r1 - t0) : ATF_TB);
+        if (hon && lane < nt) {
+            const double pr = exp(__ldcg(S + (i64)hw * s_stride + t0 + lane) - m);
+            s_p[warp][lane] = pr;
+            den += pr;
+        }
+        if (threadIdx.x < nt) s_rp[threadIdx.x] = att_row(a, t0 + threadIdx.x);
+        __syncthreads();
+        float2 v[ATF_TB];
+#pragma unroll
+        for (int i = 0; i < ATF_TB; i++)
+            v[i] = (i < nt && dv < hd) ? *(const float2*)(s_rp[i] + dv) : make_float2(0.0f, 0.0f);
+#pragma unroll
+        for (int i = 0; i < ATF_TB; i++) {
+            if (i < nt) {
+                const double x0 = (double)v[i].x, x1 = (double)v[i].y;
+#pragma unroll
+                for (int hh = 0; hh < ATS_H; hh++) {
+                    if (hh < nhb) {
+                        const double pr = s_p[hh][i];
+                        acc[hh][0] += pr * x0;
+                        acc[hh][1] += pr * x1;
+                    }
+                }
+            }
+        }
+        __syncthreads();
+    }
+    den = warp_sum_d(den);
+    if (hon && lane == 0) s_den[warp] = den;
+    if (dv < hd) {
+#pragma unroll
+        for (int hh = 0; hh < ATS_H; hh++) {
+            s_buf[hh * (ATT_MAXJ * 32) + dv] = acc[hh][0];
+            s_buf[hh * (ATT_MAXJ * 32) + dv + 1] = acc[hh][1];
+        }
+    }
+    // ---- 4. rank j finishes dims [32j, 32j + 32) of every head: warp w heads 2w (lanes 0–15)
+    // and 2w + 1 (lanes 16–31), two dims a lane.
+    cl.sync();
+    if (warp < ATS_H / 2) {
+        const int hh = 2 * warp + (lane >> 4);
+        const bool valid = hh < nhb;
+        const int hq = valid ? hh : 0;
+        const int h = hb + hq;
+        const int d0 = 32 * rank + 2 * (lane & 15);
+        const double mq = s_mh[hq];
+        double a0 = 0.0, a1 = 0.0, dn = exp((double)sinks[h] - mq);
+#pragma unroll
+        for (int b = 0; b < ATF_CL; b++) {
+            const double* pb = cl.map_shared_rank(s_buf, b) + hq * (ATT_MAXJ * 32);
+            a0 += pb[d0];
+            a1 += pb[d0 + 1];
+            dn += *cl.map_shared_rank(&s_den[hq], b);
+        }
+        const double inv = 1.0 / dn;
+        float o0 = (float)(a0 * inv), o1 = (float)(a1 * inv);
+        if (d0 >= hd - n_rot) {
+            float c, s;
+            rope_cs(inv_freq, (d0 - (hd - n_rot)) >> 1, p, &c, &s);
+            rope_pair(&o0, &o1, c, s, true);
+        }
+        if (valid) {
+            float* out = heads + (i64)h * hd + d0;
+            out[0] = o0;
+            out[1] = o1;
+        }
+        if (q8s) {
+            // Q8_0 block (rank) of head h: the 16 lanes of this half warp (ds4_attn_dec_out's
+            // numerics and layout).
+            float am = 0.f;
+            const float x0 = fabsf(o0), x1 = fabsf(o1);
+            if (x0 > am) am = x0;  // NaN never wins (CPU: `a > amax` is false)
+            if (x1 > am) am = x1;
+#pragma unroll
+            for (int o = 8; o > 0; o >>= 1) am = fmaxf(am, __shfl_xor_sync(0xffffffffu, am, o));
+            const float dd = am / 127.0f;
+            const float id = dd != 0.f ? 1.0f / dd : 0.f;
+            const i64 e = (i64)h * hd + d0;
+            if (valid) {
+                const u32 word = (u32)(q8_round(o0, id) & 255) | ((u32)(q8_round(o1, id) & 255) << 8);
+                *reinterpret_cast<unsigned short*>(q8s + e) = (unsigned short)word;
+                if ((lane & 15) == 0) q8d[e >> 5] = dd;
+            }
+        }
+    }
+    // ---- 5.
+    cl.sync();
+}
+
 // ---------------------------------------------------------------------------------------------
 // Indexer scores (ops::indexer_scores), bit-exact with the CPU: block of nih·4 threads, thread
 // (h, k) holds q_h[4j + k] in registers and runs the CPU's dot_f64 accumulator k over a tile of

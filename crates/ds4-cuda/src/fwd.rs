@@ -7,7 +7,7 @@
 use std::ffi::c_void;
 use std::sync::{Arc, Mutex};
 
-use cudarc::driver::{CudaContext, CudaEvent, CudaFunction, CudaStream, LaunchConfig};
+use cudarc::driver::{CudaContext, CudaEvent, CudaFunction, CudaStream, LaunchConfig, sys};
 
 use crate::CudaError;
 use crate::rt::{A, DBuf, launch};
@@ -355,6 +355,12 @@ pub(crate) struct Fwd {
     qkv_dec: CudaFunction,
     attn_dec_scores: CudaFunction,
     attn_dec_out: CudaFunction,
+    /// `ds4_attn_dec_fused` (one cluster of ATF_CL blocks per head group; hd 512), when the
+    /// device can run its clusters.
+    attn_dec_fused: Option<CudaFunction>,
+    /// Whether [`Fwd::attention_dec`] launches `attn_dec_fused` where it applies (default on
+    /// unless `DS4_CUDA_ATT_FUSED=0`; tests select each form).
+    attn_fused_on: std::sync::atomic::AtomicBool,
     indexer_scores4: CudaFunction,
     indexer_mma32: CudaFunction,
     indexer_mma128: CudaFunction,
@@ -440,6 +446,28 @@ fn big_smem(f: CudaFunction, smem: usize) -> Result<CudaFunction, CudaError> {
     Ok(f)
 }
 
+/// Blocks per cluster and threads of `ds4_attn_dec_fused` (ATF_CL, ATF_T in fwd.cu).
+const ATF_CL: usize = 16;
+const ATF_T: usize = 256;
+
+/// `ds4_attn_dec_fused` if its 16-block clusters (beyond the portable 8) can run here.
+fn fused_attn(f: CudaFunction, stream: &CudaStream) -> Option<CudaFunction> {
+    f.set_attribute(
+        sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED,
+        1,
+    )
+    .ok()?;
+    let cfg = LaunchConfig {
+        grid_dim: (ATF_CL as u32, 8, 1),
+        block_dim: (ATF_T as u32, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    match f.occupancy_max_active_clusters(cfg, stream) {
+        Ok(n) if n >= 1 => Some(f),
+        _ => None,
+    }
+}
+
 impl Fwd {
     pub fn new(ctx: &Arc<CudaContext>, stream: Arc<CudaStream>) -> Result<Fwd, CudaError> {
         let m = crate::device::load_module(ctx, "fwd")?;
@@ -476,6 +504,10 @@ impl Fwd {
             qkv_dec: f("ds4_qkv_dec")?,
             attn_dec_scores: f("ds4_attn_dec_scores")?,
             attn_dec_out: f("ds4_attn_dec_out")?,
+            attn_dec_fused: fused_attn(f("ds4_attn_dec_fused")?, &stream),
+            attn_fused_on: std::sync::atomic::AtomicBool::new(
+                !std::env::var("DS4_CUDA_ATT_FUSED").is_ok_and(|v| v == "0"),
+            ),
             indexer_scores4: f("ds4_indexer_scores4")?,
             indexer_mma32: big_smem(f("ds4_indexer_mma32")?, indexer_mma_smem(1, 32))?,
             indexer_mma128: big_smem(f("ds4_indexer_mma128")?, indexer_mma_smem(1, 128))?,
@@ -1263,6 +1295,22 @@ impl Fwd {
         }
     }
 
+    /// Whether the decode attention may run as one cluster launch (`ds4_attn_dec_fused`, where
+    /// it applies) or always as the two launches.
+    pub fn set_attn_fused(&self, on: bool) {
+        self.attn_fused_on
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Whether [`Fwd::attention_dec`] takes the one-launch form for head size `hd`.
+    pub fn attn_fused(&self, hd: usize) -> bool {
+        hd == 32 * ATF_CL
+            && self.attn_dec_fused.is_some()
+            && self
+                .attn_fused_on
+                .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Whether the decode HC pre may run without a cluster (`ds4_hc_pre_mix_red`, where it
     /// fits; default on unless `DS4_CUDA_HC_PRE_RED=0`) or always on the cluster kernel.
     pub fn set_hc_pre_red(&self, on: bool) {
@@ -1942,6 +1990,37 @@ impl Fwd {
         part: u64,
         q8: Option<(u64, u64)>,
     ) -> Result<(), CudaError> {
+        if let (true, Some(f)) = (self.attn_fused(a.hd), &self.attn_dec_fused) {
+            return self.go(
+                f,
+                (ATF_CL, a.nh.div_ceil(ATT_SCORES_HPB), 1),
+                ATF_T,
+                0,
+                &[
+                    A::P(a.q),
+                    A::P(a.ring),
+                    A::I(a.raw_cap as i32),
+                    A::I(a.window as i32),
+                    A::P(a.comp),
+                    A::I(a.ratio as i32),
+                    A::I(a.has_indexer as i32),
+                    A::P(a.isel),
+                    A::I(a.topk as i32),
+                    A::F(a.scale),
+                    A::P(a.sinks),
+                    A::I(a.nh as i32),
+                    A::I(a.hd as i32),
+                    A::I(a.n_rot as i32),
+                    A::P(a.inv_freq),
+                    A::P(a.pos),
+                    A::P(s),
+                    A::L(s_stride as i64),
+                    A::P(a.heads),
+                    A::P(q8.map_or(0, |(qs, _)| qs)),
+                    A::P(q8.map_or(0, |(_, d)| d)),
+                ],
+            );
+        }
         let pm = s + (a.nh * s_stride * 8) as u64;
         let groups = a.nh.div_ceil(ATT_DEC_HPB);
         if groups * (a.hd / 64) > DEC_COUNTERS - CTR_ATT {

@@ -686,6 +686,15 @@ impl GpuOps {
         Ok((self.down(&scores, n * stride)?, ms))
     }
 
+    /// Whether the decode attention may run as one cluster launch (see `Fwd::set_attn_fused`);
+    /// whether it does for head size `hd`.
+    pub fn set_attn_fused(&self, on: bool) {
+        self.fwd.set_attn_fused(on);
+    }
+    pub fn attn_fused(&self, hd: usize) -> bool {
+        self.fwd.attn_fused(hd)
+    }
+
     /// Whether the decode HC pre may run without a cluster (see `Fwd::set_hc_pre_red`).
     pub fn set_hc_pre_red(&self, on: bool) {
         self.fwd.set_hc_pre_red(on);

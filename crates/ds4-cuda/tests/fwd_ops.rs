@@ -1938,15 +1938,36 @@ fn attention_decode() {
             )
             .unwrap()
         };
-        let tag = format!("attention_dec nh {nh} hd {hd} ratio {ratio} pos {pos}");
-        let (got, _) = run(false);
-        check(&tag, &got, &want);
-        println!("{tag}: {} elements differ in bits", bit_diffs(&got, &want));
-        // The fused Q8_0 activation: the same heads, and the bytes ds4_quant_q8_0 writes.
-        let (got_q8, act) = run(true);
-        assert_eq!(bit_diffs(&got_q8, &got), 0, "{tag}: heads with q8");
-        check_act_q8_0(&format!("{tag} q8"), &act.unwrap(), &got);
+        // Both forms: the two launches, and the one cluster launch where it applies (hd 512).
+        let mut forms = Vec::new();
+        for fused in [false, true] {
+            g.set_attn_fused(fused);
+            if fused && !g.attn_fused(hd) {
+                continue;
+            }
+            let tag = format!(
+                "attention_dec nh {nh} hd {hd} ratio {ratio} pos {pos}{}",
+                if fused { " fused" } else { "" }
+            );
+            let (got, _) = run(false);
+            check(&tag, &got, &want);
+            println!("{tag}: {} elements differ in bits", bit_diffs(&got, &want));
+            // The fused Q8_0 activation: the same heads, and the bytes ds4_quant_q8_0 writes.
+            let (got_q8, act) = run(true);
+            assert_eq!(bit_diffs(&got_q8, &got), 0, "{tag}: heads with q8");
+            check_act_q8_0(&format!("{tag} q8"), &act.unwrap(), &got);
+            forms.push(got);
+        }
+        if let [two, one] = &forms[..] {
+            println!(
+                "attention_dec nh {nh} hd {hd} ratio {ratio} pos {pos}: one launch vs two, {} elements differ in bits",
+                bit_diffs(one, two)
+            );
+        }
+        g.set_attn_fused(true);
     }
+    // The one-launch form must have run (on a GPU with 16-block clusters: every Hopper).
+    assert!(g.attn_fused(512), "ds4_attn_dec_fused is not available");
 }
 
 /// Elements of `got` that differ from `want` in their bits (printed by the chunk tests: the
