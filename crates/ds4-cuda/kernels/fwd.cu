@@ -2512,23 +2512,26 @@ extern "C" __global__ void __launch_bounds__(256, 2) ds4_attn_dec_out(
 //     two-pass softmax, as the two-launch form forms it;
 //  3. p = exp(s − m) of its rows, den = Σ p and Σ p·v over all hd dims (f64), kept in shared
 //     memory;
-//  4. cluster barrier; rank j adds the ATF_CL partials of dims [32j, 32j + 32) in rank order
+//  4. cluster barrier; rank j adds the ATF_CL partials of dims [DPR·j, DPR·(j + 1)) (DPR =
+//     512 / ATF_CL) in rank order
 //     (distributed shared memory) onto exp(sink − m), divides, applies the inverse RoPE and
 //     writes the heads (and their Q8_0 block j for out_a);
 //  5. cluster barrier: no block frees its shared memory while another reads it.
 // So only the order of the f64 sums of den and Σ p·v differs from the two-launch form (as it
 // does from the CPU's). No thread returns early: every thread reaches the cluster barriers.
-#define ATF_CL 16
+// Two cluster sizes: ds4_attn_dec_fused16 (16 blocks, beyond the portable 8: 32 dims a rank)
+// and ds4_attn_dec_fused8 (8 blocks, 64 dims a rank).
 #define ATF_T 256
 #define ATF_TB 32
 
-extern "C" __global__ void __cluster_dims__(ATF_CL, 1, 1) __launch_bounds__(ATF_T, 1)
-    ds4_attn_dec_fused(const float* q, const float* ring, int raw_cap, int window, const float* comp,
-                       int ratio, int has_indexer, const int* isel, int topk, float scale,
-                       const float* sinks, int nh, int hd, int n_rot, const double* inv_freq,
-                       const int* pos0p, double* S, i64 s_stride, float* heads, i8* q8s,
-                       float* q8d) {
-    PDL_ENTRY();
+#define ATF_ARGS                                                                                   \
+    const float *q, const float *ring, int raw_cap, int window, const float *comp, int ratio,      \
+        int has_indexer, const int *isel, int topk, float scale, const float *sinks, int nh, int hd, \
+        int n_rot, const double *inv_freq, const int *pos0p, double *S, i64 s_stride, float *heads, \
+        i8 *q8s, float *q8d
+
+template <int ATF_CL>
+__device__ __forceinline__ void attn_dec_fused_body(ATF_ARGS) {
     // The group's queries (f64) in step 1, then this block's Σ p·v [ATS_H][512] from step 3.
     __shared__ double s_buf[ATS_H * ATT_MAXJ * 32];
     __shared__ double s_p[ATS_H][ATF_TB];
@@ -2678,15 +2681,17 @@ extern "C" __global__ void __cluster_dims__(ATF_CL, 1, 1) __launch_bounds__(ATF_
             s_buf[hh * (ATT_MAXJ * 32) + dv + 1] = acc[hh][1];
         }
     }
-    // ---- 4. rank j finishes dims [32j, 32j + 32) of every head: warp w heads 2w (lanes 0–15)
-    // and 2w + 1 (lanes 16–31), two dims a lane.
+    // ---- 4. rank j finishes dims [DPR·j, DPR·(j + 1)) of every head, two dims a thread:
+    // thread t head t / (DPR/2) (a half warp or a warp per head), so each Q8_0 block of 32 dims
+    // is one half warp.
+    constexpr int DPR = 32 * ATT_MAXJ / ATF_CL;
     cl.sync();
-    if (warp < ATS_H / 2) {
-        const int hh = 2 * warp + (lane >> 4);
+    if ((int)threadIdx.x < ATS_H * DPR / 2) {
+        const int hh = (int)threadIdx.x / (DPR / 2);
         const bool valid = hh < nhb;
         const int hq = valid ? hh : 0;
         const int h = hb + hq;
-        const int d0 = 32 * rank + 2 * (lane & 15);
+        const int d0 = DPR * rank + 2 * ((int)threadIdx.x % (DPR / 2));
         const double mq = s_mh[hq];
         double a0 = 0.0, a1 = 0.0, dn = exp((double)sinks[h] - mq);
 #pragma unroll
@@ -2709,8 +2714,8 @@ extern "C" __global__ void __cluster_dims__(ATF_CL, 1, 1) __launch_bounds__(ATF_
             out[1] = o1;
         }
         if (q8s) {
-            // Q8_0 block (rank) of head h: the 16 lanes of this half warp (ds4_attn_dec_out's
-            // numerics and layout).
+            // The Q8_0 block of these 32 dims of head h: the 16 lanes of this half warp
+            // (ds4_attn_dec_out's numerics and layout).
             float am = 0.f;
             const float x0 = fabsf(o0), x1 = fabsf(o1);
             if (x0 > am) am = x0;  // NaN never wins (CPU: `a > amax` is false)
@@ -2729,6 +2734,19 @@ extern "C" __global__ void __cluster_dims__(ATF_CL, 1, 1) __launch_bounds__(ATF_
     }
     // ---- 5.
     cl.sync();
+}
+
+extern "C" __global__ void __cluster_dims__(16, 1, 1) __launch_bounds__(ATF_T, 1)
+    ds4_attn_dec_fused16(ATF_ARGS) {
+    PDL_ENTRY();
+    attn_dec_fused_body<16>(q, ring, raw_cap, window, comp, ratio, has_indexer, isel, topk, scale,
+                            sinks, nh, hd, n_rot, inv_freq, pos0p, S, s_stride, heads, q8s, q8d);
+}
+extern "C" __global__ void __cluster_dims__(8, 1, 1) __launch_bounds__(ATF_T, 1)
+    ds4_attn_dec_fused8(ATF_ARGS) {
+    PDL_ENTRY();
+    attn_dec_fused_body<8>(q, ring, raw_cap, window, comp, ratio, has_indexer, isel, topk, scale,
+                           sinks, nh, hd, n_rot, inv_freq, pos0p, S, s_stride, heads, q8s, q8d);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -355,12 +355,12 @@ pub(crate) struct Fwd {
     qkv_dec: CudaFunction,
     attn_dec_scores: CudaFunction,
     attn_dec_out: CudaFunction,
-    /// `ds4_attn_dec_fused` (one cluster of ATF_CL blocks per head group; hd 512), when the
-    /// device can run its clusters.
-    attn_dec_fused: Option<CudaFunction>,
-    /// Whether [`Fwd::attention_dec`] launches `attn_dec_fused` where it applies (default on
-    /// unless `DS4_CUDA_ATT_FUSED=0`; tests select each form).
-    attn_fused_on: std::sync::atomic::AtomicBool,
+    /// `ds4_attn_dec_fused16` / `ds4_attn_dec_fused8` (one cluster of 16 / 8 blocks per head
+    /// group; hd 512), each when the device can run its clusters.
+    attn_dec_fused: [Option<CudaFunction>; 2],
+    /// The cluster size [`Fwd::attention_dec`] launches where it applies: 0 (the two launches,
+    /// the default), 16 or 8 (`DS4_CUDA_ATT_FUSED`; tests select each form).
+    attn_fused_mode: std::sync::atomic::AtomicUsize,
     indexer_scores4: CudaFunction,
     indexer_mma32: CudaFunction,
     indexer_mma128: CudaFunction,
@@ -446,23 +446,29 @@ fn big_smem(f: CudaFunction, smem: usize) -> Result<CudaFunction, CudaError> {
     Ok(f)
 }
 
-/// Blocks per cluster and threads of `ds4_attn_dec_fused` (ATF_CL, ATF_T in fwd.cu).
-const ATF_CL: usize = 16;
+/// Threads of `ds4_attn_dec_fused*` (ATF_T in fwd.cu).
 const ATF_T: usize = 256;
 
-/// `ds4_attn_dec_fused` if its 16-block clusters (beyond the portable 8) can run here.
-fn fused_attn(f: CudaFunction, stream: &CudaStream) -> Option<CudaFunction> {
-    f.set_attribute(
-        sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED,
-        1,
-    )
-    .ok()?;
+/// A `ds4_attn_dec_fused*` kernel if its clusters of `cl` blocks can run here (16 is beyond
+/// the portable 8).
+fn fused_attn(f: CudaFunction, cl: usize, stream: &CudaStream) -> Option<CudaFunction> {
+    if cl > 8 {
+        f.set_attribute(
+            sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED,
+            1,
+        )
+        .ok()?;
+    }
     let cfg = LaunchConfig {
-        grid_dim: (ATF_CL as u32, 8, 1),
+        grid_dim: (cl as u32, 8, 1),
         block_dim: (ATF_T as u32, 1, 1),
         shared_mem_bytes: 0,
     };
-    match f.occupancy_max_active_clusters(cfg, stream) {
+    let n = f.occupancy_max_active_clusters(cfg, stream);
+    if std::env::var("DS4_CUDA_ATT_FUSED").is_ok() {
+        eprintln!("ds4-cuda: ds4_attn_dec_fused{cl}: at most {n:?} clusters resident");
+    }
+    match n {
         Ok(n) if n >= 1 => Some(f),
         _ => None,
     }
@@ -504,9 +510,16 @@ impl Fwd {
             qkv_dec: f("ds4_qkv_dec")?,
             attn_dec_scores: f("ds4_attn_dec_scores")?,
             attn_dec_out: f("ds4_attn_dec_out")?,
-            attn_dec_fused: fused_attn(f("ds4_attn_dec_fused")?, &stream),
-            attn_fused_on: std::sync::atomic::AtomicBool::new(
-                !std::env::var("DS4_CUDA_ATT_FUSED").is_ok_and(|v| v == "0"),
+            attn_dec_fused: [
+                fused_attn(f("ds4_attn_dec_fused16")?, 16, &stream),
+                fused_attn(f("ds4_attn_dec_fused8")?, 8, &stream),
+            ],
+            attn_fused_mode: std::sync::atomic::AtomicUsize::new(
+                match std::env::var("DS4_CUDA_ATT_FUSED").ok().as_deref() {
+                    Some("16") => 16,
+                    Some("8") => 8,
+                    _ => 0,
+                },
             ),
             indexer_scores4: f("ds4_indexer_scores4")?,
             indexer_mma32: big_smem(f("ds4_indexer_mma32")?, indexer_mma_smem(1, 32))?,
@@ -1295,20 +1308,26 @@ impl Fwd {
         }
     }
 
-    /// Whether the decode attention may run as one cluster launch (`ds4_attn_dec_fused`, where
-    /// it applies) or always as the two launches.
-    pub fn set_attn_fused(&self, on: bool) {
-        self.attn_fused_on
-            .store(on, std::sync::atomic::Ordering::Relaxed);
+    /// The decode attention's form: 0 the two launches, 16 or 8 one cluster launch of that
+    /// many blocks per head group (`ds4_attn_dec_fused*`, where it applies).
+    pub fn set_attn_fused(&self, cl: usize) {
+        self.attn_fused_mode
+            .store(cl, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// Whether [`Fwd::attention_dec`] takes the one-launch form for head size `hd`.
-    pub fn attn_fused(&self, hd: usize) -> bool {
-        hd == 32 * ATF_CL
-            && self.attn_dec_fused.is_some()
-            && self
-                .attn_fused_on
-                .load(std::sync::atomic::Ordering::Relaxed)
+    /// The one-launch kernel and its cluster size [`Fwd::attention_dec`] takes for head size
+    /// `hd` (None: the two launches).
+    pub fn attn_fused(&self, hd: usize) -> Option<(&CudaFunction, usize)> {
+        let cl = self
+            .attn_fused_mode
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let i = match cl {
+            16 => 0,
+            8 => 1,
+            _ => return None,
+        };
+        let f = self.attn_dec_fused[i].as_ref()?;
+        (hd == 512).then_some((f, cl))
     }
 
     /// Whether the decode HC pre may run without a cluster (`ds4_hc_pre_mix_red`, where it
@@ -1990,10 +2009,10 @@ impl Fwd {
         part: u64,
         q8: Option<(u64, u64)>,
     ) -> Result<(), CudaError> {
-        if let (true, Some(f)) = (self.attn_fused(a.hd), &self.attn_dec_fused) {
+        if let Some((f, cl)) = self.attn_fused(a.hd) {
             return self.go(
                 f,
-                (ATF_CL, a.nh.div_ceil(ATT_SCORES_HPB), 1),
+                (cl, a.nh.div_ceil(ATT_SCORES_HPB), 1),
                 ATF_T,
                 0,
                 &[

@@ -686,13 +686,13 @@ impl GpuOps {
         Ok((self.down(&scores, n * stride)?, ms))
     }
 
-    /// Whether the decode attention may run as one cluster launch (see `Fwd::set_attn_fused`);
-    /// whether it does for head size `hd`.
-    pub fn set_attn_fused(&self, on: bool) {
-        self.fwd.set_attn_fused(on);
+    /// The decode attention's form (see `Fwd::set_attn_fused`: 0, 16, 8); whether a one-launch
+    /// form runs for head size `hd`.
+    pub fn set_attn_fused(&self, cl: usize) {
+        self.fwd.set_attn_fused(cl);
     }
     pub fn attn_fused(&self, hd: usize) -> bool {
-        self.fwd.attn_fused(hd)
+        self.fwd.attn_fused(hd).is_some()
     }
 
     /// Whether the decode HC pre may run without a cluster (see `Fwd::set_hc_pre_red`).

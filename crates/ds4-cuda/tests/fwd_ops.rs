@@ -1938,16 +1938,21 @@ fn attention_decode() {
             )
             .unwrap()
         };
-        // Both forms: the two launches, and the one cluster launch where it applies (hd 512).
+        // Every form: the two launches, and the one cluster launch of 16 and of 8 blocks where
+        // it applies (hd 512).
         let mut forms = Vec::new();
-        for fused in [false, true] {
-            g.set_attn_fused(fused);
-            if fused && !g.attn_fused(hd) {
+        for cl in [0usize, 16, 8] {
+            g.set_attn_fused(cl);
+            if cl > 0 && !g.attn_fused(hd) {
                 continue;
             }
             let tag = format!(
                 "attention_dec nh {nh} hd {hd} ratio {ratio} pos {pos}{}",
-                if fused { " fused" } else { "" }
+                if cl > 0 {
+                    format!(" fused{cl}")
+                } else {
+                    String::new()
+                }
             );
             let (got, _) = run(false);
             check(&tag, &got, &want);
@@ -1958,16 +1963,20 @@ fn attention_decode() {
             check_act_q8_0(&format!("{tag} q8"), &act.unwrap(), &got);
             forms.push(got);
         }
-        if let [two, one] = &forms[..] {
+        for (i, one) in forms.iter().enumerate().skip(1) {
             println!(
-                "attention_dec nh {nh} hd {hd} ratio {ratio} pos {pos}: one launch vs two, {} elements differ in bits",
-                bit_diffs(one, two)
+                "attention_dec nh {nh} hd {hd} ratio {ratio} pos {pos}: one-launch form {i} vs two launches, {} elements differ in bits",
+                bit_diffs(one, &forms[0])
             );
         }
-        g.set_attn_fused(true);
+        g.set_attn_fused(0);
     }
-    // The one-launch form must have run (on a GPU with 16-block clusters: every Hopper).
-    assert!(g.attn_fused(512), "ds4_attn_dec_fused is not available");
+    // The one-launch forms must have run (clusters of 8 and 16 blocks: every Hopper).
+    for cl in [16, 8] {
+        g.set_attn_fused(cl);
+        assert!(g.attn_fused(512), "ds4_attn_dec_fused{cl} is not available");
+    }
+    g.set_attn_fused(0);
 }
 
 /// Elements of `got` that differ from `want` in their bits (printed by the chunk tests: the
