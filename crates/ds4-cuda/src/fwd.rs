@@ -7,7 +7,7 @@
 use std::ffi::c_void;
 use std::sync::{Arc, Mutex};
 
-use cudarc::driver::{CudaContext, CudaEvent, CudaFunction, CudaStream, LaunchConfig, sys};
+use cudarc::driver::{CudaContext, CudaEvent, CudaFunction, CudaStream, LaunchConfig};
 
 use crate::CudaError;
 use crate::rt::{A, DBuf, launch};
@@ -355,12 +355,6 @@ pub(crate) struct Fwd {
     qkv_dec: CudaFunction,
     attn_dec_scores: CudaFunction,
     attn_dec_out: CudaFunction,
-    /// `ds4_attn_dec_fused16` / `ds4_attn_dec_fused8` (one cluster of 16 / 8 blocks per head
-    /// group; hd 512), each when the device can run its clusters.
-    attn_dec_fused: [Option<CudaFunction>; 2],
-    /// The cluster size [`Fwd::attention_dec`] launches where it applies: 0 (the two launches,
-    /// the default), 16 or 8 (`DS4_CUDA_ATT_FUSED`; tests select each form).
-    attn_fused_mode: std::sync::atomic::AtomicUsize,
     indexer_scores4: CudaFunction,
     indexer_mma32: CudaFunction,
     indexer_mma128: CudaFunction,
@@ -446,34 +440,6 @@ fn big_smem(f: CudaFunction, smem: usize) -> Result<CudaFunction, CudaError> {
     Ok(f)
 }
 
-/// Threads of `ds4_attn_dec_fused*` (ATF_T in fwd.cu).
-const ATF_T: usize = 256;
-
-/// A `ds4_attn_dec_fused*` kernel if its clusters of `cl` blocks can run here (16 is beyond
-/// the portable 8).
-fn fused_attn(f: CudaFunction, cl: usize, stream: &CudaStream) -> Option<CudaFunction> {
-    if cl > 8 {
-        f.set_attribute(
-            sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED,
-            1,
-        )
-        .ok()?;
-    }
-    let cfg = LaunchConfig {
-        grid_dim: (cl as u32, 8, 1),
-        block_dim: (ATF_T as u32, 1, 1),
-        shared_mem_bytes: 0,
-    };
-    let n = f.occupancy_max_active_clusters(cfg, stream);
-    if std::env::var("DS4_CUDA_ATT_FUSED").is_ok() {
-        eprintln!("ds4-cuda: ds4_attn_dec_fused{cl}: at most {n:?} clusters resident");
-    }
-    match n {
-        Ok(n) if n >= 1 => Some(f),
-        _ => None,
-    }
-}
-
 impl Fwd {
     pub fn new(ctx: &Arc<CudaContext>, stream: Arc<CudaStream>) -> Result<Fwd, CudaError> {
         let m = crate::device::load_module(ctx, "fwd")?;
@@ -510,17 +476,6 @@ impl Fwd {
             qkv_dec: f("ds4_qkv_dec")?,
             attn_dec_scores: f("ds4_attn_dec_scores")?,
             attn_dec_out: f("ds4_attn_dec_out")?,
-            attn_dec_fused: [
-                fused_attn(f("ds4_attn_dec_fused16")?, 16, &stream),
-                fused_attn(f("ds4_attn_dec_fused8")?, 8, &stream),
-            ],
-            attn_fused_mode: std::sync::atomic::AtomicUsize::new(
-                match std::env::var("DS4_CUDA_ATT_FUSED").ok().as_deref() {
-                    Some("16") => 16,
-                    Some("8") => 8,
-                    _ => 0,
-                },
-            ),
             indexer_scores4: f("ds4_indexer_scores4")?,
             indexer_mma32: big_smem(f("ds4_indexer_mma32")?, indexer_mma_smem(1, 32))?,
             indexer_mma128: big_smem(f("ds4_indexer_mma128")?, indexer_mma_smem(1, 128))?,
@@ -1308,28 +1263,6 @@ impl Fwd {
         }
     }
 
-    /// The decode attention's form: 0 the two launches, 16 or 8 one cluster launch of that
-    /// many blocks per head group (`ds4_attn_dec_fused*`, where it applies).
-    pub fn set_attn_fused(&self, cl: usize) {
-        self.attn_fused_mode
-            .store(cl, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    /// The one-launch kernel and its cluster size [`Fwd::attention_dec`] takes for head size
-    /// `hd` (None: the two launches).
-    pub fn attn_fused(&self, hd: usize) -> Option<(&CudaFunction, usize)> {
-        let cl = self
-            .attn_fused_mode
-            .load(std::sync::atomic::Ordering::Relaxed);
-        let i = match cl {
-            16 => 0,
-            8 => 1,
-            _ => return None,
-        };
-        let f = self.attn_dec_fused[i].as_ref()?;
-        (hd == 512).then_some((f, cl))
-    }
-
     /// Whether the decode HC pre may run without a cluster (`ds4_hc_pre_mix_red`, where it
     /// fits; default on unless `DS4_CUDA_HC_PRE_RED=0`) or always on the cluster kernel.
     pub fn set_hc_pre_red(&self, on: bool) {
@@ -2009,37 +1942,6 @@ impl Fwd {
         part: u64,
         q8: Option<(u64, u64)>,
     ) -> Result<(), CudaError> {
-        if let Some((f, cl)) = self.attn_fused(a.hd) {
-            return self.go(
-                f,
-                (cl, a.nh.div_ceil(ATT_SCORES_HPB), 1),
-                ATF_T,
-                0,
-                &[
-                    A::P(a.q),
-                    A::P(a.ring),
-                    A::I(a.raw_cap as i32),
-                    A::I(a.window as i32),
-                    A::P(a.comp),
-                    A::I(a.ratio as i32),
-                    A::I(a.has_indexer as i32),
-                    A::P(a.isel),
-                    A::I(a.topk as i32),
-                    A::F(a.scale),
-                    A::P(a.sinks),
-                    A::I(a.nh as i32),
-                    A::I(a.hd as i32),
-                    A::I(a.n_rot as i32),
-                    A::P(a.inv_freq),
-                    A::P(a.pos),
-                    A::P(s),
-                    A::L(s_stride as i64),
-                    A::P(a.heads),
-                    A::P(q8.map_or(0, |(qs, _)| qs)),
-                    A::P(q8.map_or(0, |(_, d)| d)),
-                ],
-            );
-        }
         let pm = s + (a.nh * s_stride * 8) as u64;
         let groups = a.nh.div_ceil(ATT_DEC_HPB);
         if groups * (a.hd / 64) > DEC_COUNTERS - CTR_ATT {

@@ -686,15 +686,6 @@ impl GpuOps {
         Ok((self.down(&scores, n * stride)?, ms))
     }
 
-    /// The decode attention's form (see `Fwd::set_attn_fused`: 0, 16, 8); whether a one-launch
-    /// form runs for head size `hd`.
-    pub fn set_attn_fused(&self, cl: usize) {
-        self.fwd.set_attn_fused(cl);
-    }
-    pub fn attn_fused(&self, hd: usize) -> bool {
-        self.fwd.attn_fused(hd).is_some()
-    }
-
     /// Whether the decode HC pre may run without a cluster (see `Fwd::set_hc_pre_red`).
     pub fn set_hc_pre_red(&self, on: bool) {
         self.fwd.set_hc_pre_red(on);

@@ -1938,45 +1938,15 @@ fn attention_decode() {
             )
             .unwrap()
         };
-        // Every form: the two launches, and the one cluster launch of 16 and of 8 blocks where
-        // it applies (hd 512).
-        let mut forms = Vec::new();
-        for cl in [0usize, 16, 8] {
-            g.set_attn_fused(cl);
-            if cl > 0 && !g.attn_fused(hd) {
-                continue;
-            }
-            let tag = format!(
-                "attention_dec nh {nh} hd {hd} ratio {ratio} pos {pos}{}",
-                if cl > 0 {
-                    format!(" fused{cl}")
-                } else {
-                    String::new()
-                }
-            );
-            let (got, _) = run(false);
-            check(&tag, &got, &want);
-            println!("{tag}: {} elements differ in bits", bit_diffs(&got, &want));
-            // The fused Q8_0 activation: the same heads, and the bytes ds4_quant_q8_0 writes.
-            let (got_q8, act) = run(true);
-            assert_eq!(bit_diffs(&got_q8, &got), 0, "{tag}: heads with q8");
-            check_act_q8_0(&format!("{tag} q8"), &act.unwrap(), &got);
-            forms.push(got);
-        }
-        for (i, one) in forms.iter().enumerate().skip(1) {
-            println!(
-                "attention_dec nh {nh} hd {hd} ratio {ratio} pos {pos}: one-launch form {i} vs two launches, {} elements differ in bits",
-                bit_diffs(one, &forms[0])
-            );
-        }
-        g.set_attn_fused(0);
+        let tag = format!("attention_dec nh {nh} hd {hd} ratio {ratio} pos {pos}");
+        let (got, _) = run(false);
+        check(&tag, &got, &want);
+        println!("{tag}: {} elements differ in bits", bit_diffs(&got, &want));
+        // The fused Q8_0 activation: the same heads, and the bytes ds4_quant_q8_0 writes.
+        let (got_q8, act) = run(true);
+        assert_eq!(bit_diffs(&got_q8, &got), 0, "{tag}: heads with q8");
+        check_act_q8_0(&format!("{tag} q8"), &act.unwrap(), &got);
     }
-    // The one-launch forms must have run (clusters of 8 and 16 blocks: every Hopper).
-    for cl in [16, 8] {
-        g.set_attn_fused(cl);
-        assert!(g.attn_fused(512), "ds4_attn_dec_fused{cl} is not available");
-    }
-    g.set_attn_fused(0);
 }
 
 /// Elements of `got` that differ from `want` in their bits (printed by the chunk tests: the
