@@ -2685,13 +2685,13 @@ impl CudaBackend {
         self.stream
             .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
             .map_err(crate::rt::drv)?;
-        crate::rt::diag_capture(true);
+        let diag = crate::rt::DiagCapture::start();
         let r = htod_pinned::<i32>(&self.stream, self.d_tok.ptr, &self.h_tok, 1)
             .and_then(|()| self.forward(1, indexer, Some(0), None))
             .and_then(|()| {
                 dtoh_pinned::<f32>(&self.stream, &mut self.h_logits, v, self.sc.logits.ptr)
             });
-        crate::rt::diag_capture(false);
+        drop(diag);
         let g = self
             .stream
             .end_capture(sys::CUgraphInstantiate_flags(0))
@@ -2754,11 +2754,6 @@ impl CudaBackend {
                 self.logits_pinned = false;
                 return Err(e);
             }
-            if let Some(t) = &mut self.step_timing {
-                t.wall_s += t0.elapsed().as_secs_f64();
-                t.gpu_ms += t.start.elapsed_ms(&t.end).map_err(crate::rt::drv)? as f64;
-                t.steps += 1;
-            }
             self.graph_launches += 1;
             self.logits_pinned = true;
             if all_logits {
@@ -2766,6 +2761,11 @@ impl CudaBackend {
                     .extend_from_slice(self.h_logits.slice::<f32>(v));
             }
             self.n_tokens += 1;
+            if let Some(t) = &mut self.step_timing {
+                t.wall_s += t0.elapsed().as_secs_f64();
+                t.gpu_ms += t.start.elapsed_ms(&t.end).map_err(crate::rt::drv)? as f64;
+                t.steps += 1;
+            }
             return Ok(());
         }
         let toks: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();

@@ -183,13 +183,21 @@ const ATT_DEC_SPLITS: usize = 4;
 const ATT_DEC_CHUNKS_MAX: usize = 128;
 const ATT_DEC_SPLITS_MAX: usize = 16;
 
-/// A tuning switch `name` (1..=max), or `default`.
+/// A tuning switch `name` (1..=max), or `default` (said on stderr when the value is not one).
 fn tune_env(name: &str, default: usize, max: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok())
-        .filter(|&v| (1..=max).contains(&v))
-        .unwrap_or(default)
+    let Ok(v) = std::env::var(name) else {
+        return default;
+    };
+    match v.trim().parse::<usize>() {
+        Ok(n) if (1..=max).contains(&n) => {
+            eprintln!("ds4-cuda: {name}={n} (tuning switch; default {default})");
+            n
+        }
+        _ => {
+            eprintln!("ds4-cuda: {name}={v:?} is not in 1..={max}: using {default}");
+            default
+        }
+    }
 }
 
 /// Row chunks of `ds4_attn_dec_scores` in use.

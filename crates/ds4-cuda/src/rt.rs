@@ -217,7 +217,10 @@ pub(crate) fn pdl() -> bool {
 /// The skipped kernels' outputs keep the values of the last pass that wrote them (finite, in
 /// range), so the step still runs, with wrong logits.
 static DIAG_SKIP: OnceLock<Vec<String>> = OnceLock::new();
-static DIAG_CAPTURE: AtomicBool = AtomicBool::new(false);
+thread_local! {
+    /// Whether this thread is capturing a decode graph (captures are thread-local).
+    static DIAG_CAPTURE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
 
 /// The `DS4_CUDA_DIAG_SKIP` prefixes (empty: off).
 pub(crate) fn diag_skip() -> &'static [String] {
@@ -233,17 +236,30 @@ pub(crate) fn diag_skip() -> &'static [String] {
     })
 }
 
-/// Mark the start (true) or end of a decode graph capture for [`diag_skip`].
-pub(crate) fn diag_capture(on: bool) {
-    DIAG_CAPTURE.store(on, Ordering::Relaxed);
+/// Marks this thread as capturing a decode graph for [`diag_skip`] until dropped.
+pub(crate) struct DiagCapture;
+
+impl DiagCapture {
+    pub(crate) fn start() -> DiagCapture {
+        DIAG_CAPTURE.with(|c| c.set(true));
+        DiagCapture
+    }
+}
+
+impl Drop for DiagCapture {
+    fn drop(&mut self) {
+        DIAG_CAPTURE.with(|c| c.set(false));
+    }
 }
 
 /// Whether this launch is left out by [`diag_skip`].
 fn diag_skipped(f: &CudaFunction) -> bool {
     let pre = diag_skip();
-    if pre.is_empty() || !DIAG_CAPTURE.load(Ordering::Relaxed) {
+    if pre.is_empty() || !DIAG_CAPTURE.with(|c| c.get()) {
         return false;
     }
+    // cuFuncGetName needs a CUDA 12.3+ driver (cudarc loads it on first use and panics where
+    // it is missing): only reached with the diagnostic on.
     let mut name: *const std::ffi::c_char = std::ptr::null();
     // SAFETY: cuFuncGetName writes a pointer to a NUL-terminated string owned by the driver,
     // valid while the function's module is loaded (it is: `f` borrows it).

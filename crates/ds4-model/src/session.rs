@@ -243,10 +243,15 @@ impl Session {
         )?)
     }
 
-    /// Restore a snapshot payload. On error the session is unchanged.
+    /// Restore a snapshot payload. A snapshot that does not decode or does not fit this
+    /// session is refused and the session is unchanged; if the backend then fails to import a
+    /// valid one, the session is reset (empty): its state may be half-imported.
     pub fn restore(&mut self, bytes: &[u8]) -> Result<()> {
         let snap = snapshot::decode(bytes, self.backend.shape(), &self.plan, self.opts.ctx)?;
-        self.backend.import_state(&snap.state)?;
+        if let Err(e) = self.backend.import_state(&snap.state) {
+            self.reset();
+            return Err(e);
+        }
         self.tokens = snap.tokens;
         self.restored = Some(snap.logits);
         Ok(())

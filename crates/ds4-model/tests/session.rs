@@ -498,3 +498,52 @@ fn corrupted_ggufs_fail_with_clear_errors() {
     let bytes = src.bytes();
     assert!(Gguf::from_bytes(bytes[..bytes.len() - 100].to_vec()).is_err());
 }
+
+/// The session's logits are the backend's after every evaluation and a restored snapshot's
+/// until the next one; a refused token leaves them alone; reset empties them.
+#[test]
+fn logits_follow_evaluations_and_restores() {
+    let Some(m) = model("tiny", Recipe::F32) else {
+        return;
+    };
+    let ids = prompt(40).unwrap();
+    let n_vocab = m.shape.n_vocab;
+    let mut s = session(&m, false, 512, 16);
+    assert!(s.logits().is_empty());
+    s.prefill(&ids).unwrap();
+    let after_prompt = bits(s.logits());
+    assert_eq!(after_prompt.len(), n_vocab);
+    let snap = s.snapshot().unwrap();
+    let t = argmax(s.logits());
+    let stepped = bits(s.decode(t).unwrap());
+    assert!(stepped != after_prompt, "a step changes the logits");
+    assert!(bits(s.logits()) == stepped, "the step's logits");
+    // Restored: the snapshot's logits (the backend's imported state holds none).
+    s.restore(&snap).unwrap();
+    assert!(bits(s.logits()) == after_prompt, "restored logits");
+    // A token out of range is refused before any evaluation: nothing changes.
+    assert!(s.decode(n_vocab as u32).is_err());
+    assert!(
+        bits(s.logits()) == after_prompt,
+        "logits after a refused token"
+    );
+    assert_eq!(s.len(), ids.len());
+    // An empty evaluation keeps them.
+    s.prefill(&[]).unwrap();
+    assert!(
+        bits(s.logits()) == after_prompt,
+        "logits after an empty prefill"
+    );
+    // The next evaluation replaces the restored logits with the backend's.
+    assert!(
+        bits(s.decode(t).unwrap()) == stepped,
+        "the step again after the restore"
+    );
+    s.reset();
+    assert!(s.logits().is_empty());
+    // Reset also forgets restored logits.
+    s.restore(&snap).unwrap();
+    assert!(!s.logits().is_empty());
+    s.reset();
+    assert!(s.logits().is_empty(), "restored logits after reset");
+}
