@@ -1,10 +1,14 @@
 //! `ds4 chat`: a multi-turn REPL that keeps the KV state across turns (only the new suffix of
-//! the transcript is prefilled each turn). Ctrl+C while a reply is generated ends that reply
-//! (what was generated stays in the transcript, closed by EOS) and returns to the prompt;
-//! Ctrl+C at the prompt exits with status 130. A failing command (`/read`, `/ctx`) says why and
-//! the REPL goes on.
+//! the transcript is prefilled each turn). On a terminal the prompt is a line editor with
+//! history (ds4's linenoise REPL: `~/.ds4_history`, at most 512 entries, one per line); Ctrl+C
+//! at the prompt is ignored there and Ctrl+D or `/quit` ends the REPL. Ctrl+C while a reply is
+//! generated ends that reply (what was generated stays in the transcript, closed by EOS) and
+//! returns to the prompt; Ctrl+C outside both exits with status 130. Without a terminal the
+//! lines of stdin are read as they come. A failing command (`/read`, `/ctx`) says why and the
+//! REPL goes on.
 
 use std::io::{BufRead, IsTerminal, Write};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
@@ -34,6 +38,104 @@ pub struct Args {
 }
 
 const HELP: &str = "commands: /help  /think  /think-max  /nothink  /ctx N  /read FILE  /quit";
+
+/// Most entries of the REPL history (linenoise's limit in ds4).
+pub const HISTORY_MAX: usize = 512;
+
+/// The REPL history file: `.ds4_history` in `home` (`$HOME`), else in the working directory.
+pub fn history_path(home: Option<std::ffi::OsString>) -> PathBuf {
+    home.filter(|h| !h.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."))
+        .join(".ds4_history")
+}
+
+/// The entries of a history file (one per line, blank lines skipped; the last
+/// [`HISTORY_MAX`]).
+pub fn history_entries(text: &str) -> Vec<String> {
+    let mut h = Vec::new();
+    for l in text.lines() {
+        history_push(&mut h, l);
+    }
+    h
+}
+
+/// Add `line` to the history unless it is blank or repeats the last entry, dropping the oldest
+/// beyond [`HISTORY_MAX`]. Whether it was added.
+pub fn history_push(h: &mut Vec<String>, line: &str) -> bool {
+    if line.trim().is_empty() || h.last().is_some_and(|l| l == line) {
+        return false;
+    }
+    h.push(line.to_string());
+    if h.len() > HISTORY_MAX {
+        h.drain(..h.len() - HISTORY_MAX);
+    }
+    true
+}
+
+/// The file text of a history (one entry per line, as linenoise writes it).
+pub fn history_text(h: &[String]) -> String {
+    h.iter().map(|l| format!("{l}\n")).collect()
+}
+
+/// Where the REPL's lines come from.
+enum Input {
+    /// A terminal: a line editor, its history kept in `path`.
+    Editor {
+        ed: Box<rustyline::DefaultEditor>,
+        path: PathBuf,
+        entries: Vec<String>,
+    },
+    /// Anything else: stdin's lines.
+    Lines(std::io::Lines<std::io::StdinLock<'static>>),
+}
+
+impl Input {
+    fn new(interactive: bool) -> Input {
+        if interactive {
+            let config = rustyline::Config::builder()
+                .max_history_size(HISTORY_MAX)
+                .map(|b| b.auto_add_history(false).build());
+            if let Ok(mut ed) = config.and_then(rustyline::DefaultEditor::with_config) {
+                let path = history_path(std::env::var_os("HOME"));
+                let entries = history_entries(&std::fs::read_to_string(&path).unwrap_or_default());
+                for e in &entries {
+                    let _ = ed.add_history_entry(e.as_str());
+                }
+                return Input::Editor {
+                    ed: Box::new(ed),
+                    path,
+                    entries,
+                };
+            }
+        }
+        Input::Lines(std::io::stdin().lock().lines())
+    }
+
+    /// The next line, or None at the end of the input.
+    fn next_line(&mut self) -> Option<std::io::Result<String>> {
+        match self {
+            Input::Editor { ed, path, entries } => loop {
+                match ed.readline("ds4> ") {
+                    Ok(line) => {
+                        if history_push(entries, &line) {
+                            let _ = ed.add_history_entry(line.as_str());
+                            if let Err(e) = std::fs::write(&*path, history_text(entries)) {
+                                eprintln!("ds4: cannot write {}: {e}", path.display());
+                            }
+                        }
+                        return Some(Ok(line));
+                    }
+                    // Ctrl+C at the prompt: ignored, as ds4 does.
+                    Err(rustyline::error::ReadlineError::Interrupted) => continue,
+                    Err(rustyline::error::ReadlineError::Eof) => return None,
+                    Err(e) => return Some(Err(std::io::Error::other(e))),
+                }
+            },
+            Input::Lines(lines) => lines.next(),
+        }
+    }
+}
 
 /// Set while a reply is generated: Ctrl+C then interrupts the reply instead of exiting.
 static GENERATING: AtomicBool = AtomicBool::new(false);
@@ -84,20 +186,21 @@ pub fn run(mut a: Args) -> Result<()> {
         Ok(t)
     };
     let mut transcript = begin(think)?;
-    let stdin = std::io::stdin();
-    let interactive = stdin.is_terminal();
+    let interactive = std::io::stdin().is_terminal();
     if interactive {
         eprintln!("{HELP}");
     }
-    let mut lines = stdin.lock().lines();
+    let mut input = Input::new(interactive);
     let mut turn = 0usize;
     watch_ctrl_c();
     loop {
-        if interactive {
+        if interactive && matches!(input, Input::Lines(_)) {
             eprint!("ds4> ");
             let _ = std::io::stderr().flush();
         }
-        let Some(line) = lines.next() else { break };
+        let Some(line) = input.next_line() else {
+            break;
+        };
         let line = line?;
         let trimmed = line.trim();
         if trimmed.is_empty() {
@@ -230,4 +333,40 @@ pub fn run(mut a: Args) -> Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn history_file_is_ds4s() {
+        assert_eq!(
+            history_path(Some("/h".into())),
+            PathBuf::from("/h/.ds4_history")
+        );
+        assert_eq!(history_path(None), PathBuf::from("./.ds4_history"));
+        assert_eq!(
+            history_path(Some("".into())),
+            PathBuf::from("./.ds4_history")
+        );
+        // One entry per line; blank lines and repeats of the last entry are not entries.
+        let h = history_entries("a\n\nb\nb\n  \na\n");
+        assert_eq!(h, ["a", "b", "a"]);
+        assert_eq!(history_entries(&history_text(&h)), h);
+        // The last HISTORY_MAX.
+        let text: String = (0..HISTORY_MAX + 10).map(|i| format!("{i}\n")).collect();
+        let h = history_entries(&text);
+        assert_eq!(h.len(), HISTORY_MAX);
+        assert_eq!(h[0], "10");
+        let mut h2 = h.clone();
+        assert!(!history_push(&mut h2, &h[HISTORY_MAX - 1].clone()));
+        assert!(!history_push(&mut h2, " "));
+        assert!(history_push(&mut h2, "new"));
+        assert_eq!(h2.len(), HISTORY_MAX);
+        assert_eq!(
+            (h2[0].as_str(), h2[HISTORY_MAX - 1].as_str()),
+            ("11", "new")
+        );
+    }
 }

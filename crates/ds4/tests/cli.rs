@@ -1851,3 +1851,94 @@ fn dump_logits_json_is_ds4s_format() {
     let o = ds4(&["drift", p(&j), p(&j), "--max-abs", "0"], None);
     assert!(o.status.success(), "{}", stderr(&o));
 }
+
+/// On a terminal `ds4 chat` reads its lines with a line editor and keeps ds4's history file
+/// (`$HOME/.ds4_history`, one entry per line, the last 512), and Ctrl+C at the prompt is
+/// ignored (ds4's REPL). Driven through a pseudo-terminal by util-linux `script` (the test says
+/// so and passes where `script` is missing).
+#[test]
+fn chat_on_a_terminal_edits_lines_and_keeps_history() {
+    if Command::new("script").arg("--version").output().is_err() {
+        eprintln!("skipped: util-linux `script` (a pseudo-terminal) is not installed");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let hist = dir.path().join(".ds4_history");
+    let old: String = (0..600).map(|i| format!("old {i}\n")).collect();
+    std::fs::write(&hist, &old).unwrap();
+    let m = builtin();
+    let line = format!("'{BIN}' chat -m '{}' -c 256 --temp 0 -n 2", p(&m));
+    let mut child = ChildGuard(
+        Command::new("script")
+            .args(["-qec", &line, "/dev/null"])
+            .env("HOME", dir.path())
+            .env("TMPDIR", shared_tmp())
+            .env("DS4_LOCK_FILE", own_lock_file())
+            .env("DS4_THREADS", "2")
+            .env("TERM", "xterm")
+            .env_remove("DS4_MODEL")
+            .current_dir(dir.path())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    // The terminal's output, read as it comes.
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let mut out = child.0.stdout.take().unwrap();
+    let s2 = seen.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = out.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            s2.lock()
+                .unwrap()
+                .push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    });
+    let prompts = |seen: &std::sync::Mutex<String>| seen.lock().unwrap().matches("ds4> ").count();
+    let wait_prompts = |n: usize| {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while prompts(&seen) < n {
+            assert!(
+                Instant::now() < deadline,
+                "no prompt {n}: {:?}",
+                seen.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let mut stdin = child.0.stdin.take().unwrap();
+    wait_prompts(1);
+    stdin.write_all(b"\x03").unwrap(); // Ctrl+C at the prompt: a new prompt, nothing else
+    stdin.flush().unwrap();
+    wait_prompts(2);
+    stdin.write_all(b"hello there\n").unwrap();
+    stdin.flush().unwrap();
+    wait_prompts(3);
+    stdin.write_all(b"/quit\n").unwrap();
+    stdin.flush().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = child.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "chat did not end after /quit");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status:?}: {:?}", seen.lock().unwrap());
+    let text = seen.lock().unwrap().clone();
+    assert!(
+        text.contains("ds4: prefill:"),
+        "one turn answered: {text:?}"
+    );
+    // The last 512 entries, one per line: old 90..599, then the two new lines.
+    let want: String = (90..600)
+        .map(|i| format!("old {i}\n"))
+        .chain(["hello there\n".to_string(), "/quit\n".to_string()])
+        .collect();
+    assert_eq!(std::fs::read_to_string(&hist).unwrap(), want);
+}
