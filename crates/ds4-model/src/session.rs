@@ -139,7 +139,12 @@ impl Session {
         Ok(())
     }
 
-    fn eval_chunks(&mut self, tokens: &[u32], mut all: Option<&mut Vec<f32>>) -> Result<()> {
+    fn eval_chunks(
+        &mut self,
+        tokens: &[u32],
+        mut all: Option<&mut Vec<f32>>,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<()> {
         self.check_room(tokens.len())?;
         let n_vocab = self.backend.shape().n_vocab;
         if let Some(i) = tokens.iter().position(|&t| t as usize >= n_vocab) {
@@ -149,6 +154,7 @@ impl Session {
                 n_vocab,
             });
         }
+        let mut done = 0;
         for chunk in tokens.chunks(self.opts.prefill_chunk) {
             let r = self.backend.eval(chunk, all.is_some());
             if let Err(e) = r {
@@ -161,6 +167,8 @@ impl Session {
             if let Some(out) = all.as_deref_mut() {
                 out.extend_from_slice(self.backend.chunk_logits());
             }
+            done += chunk.len();
+            progress(done, tokens.len());
         }
         if !tokens.is_empty() {
             self.restored = None;
@@ -174,19 +182,19 @@ impl Session {
     /// if the backend then fails, the session is reset (empty): a failed chunk may have left
     /// the backend's state half-updated.
     pub fn prefill(&mut self, tokens: &[u32]) -> Result<()> {
-        self.eval_chunks(tokens, None)
+        self.eval_chunks(tokens, None, &mut |_, _| {})
     }
 
     /// [`Session::prefill`], also returning the logits of every token (`[n][vocab]`).
     pub fn prefill_all_logits(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
         let mut all = Vec::with_capacity(tokens.len() * self.backend.shape().n_vocab);
-        self.eval_chunks(tokens, Some(&mut all))?;
+        self.eval_chunks(tokens, Some(&mut all), &mut |_, _| {})?;
         Ok(all)
     }
 
     /// Evaluate one token; returns the logits for the next one.
     pub fn decode(&mut self, token: u32) -> Result<&[f32]> {
-        self.eval_chunks(&[token], None)?;
+        self.eval_chunks(&[token], None, &mut |_, _| {})?;
         Ok(self.logits())
     }
 
@@ -195,6 +203,16 @@ impl Session {
     /// rebuilt from scratch. (The compressor frontiers and the sliding window cannot be rewound
     /// in general, so a shorter or diverging token list means a new prefill.)
     pub fn sync(&mut self, tokens: &[u32]) -> Result<SyncOutcome> {
+        self.sync_with_progress(tokens, &mut |_, _| {})
+    }
+
+    /// [`Session::sync`], calling `progress(done, total)` after every prefill chunk (`total`:
+    /// the tokens to evaluate).
+    pub fn sync_with_progress(
+        &mut self,
+        tokens: &[u32],
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<SyncOutcome> {
         let live = self.tokens.len();
         if live <= tokens.len() && self.tokens[..] == tokens[..live] {
             if live == tokens.len() && live > 0 {
@@ -203,14 +221,14 @@ impl Session {
                     evaluated: 0,
                 });
             }
-            self.prefill(&tokens[live..])?;
+            self.eval_chunks(&tokens[live..], None, progress)?;
             return Ok(SyncOutcome {
                 reused: live,
                 evaluated: tokens.len() - live,
             });
         }
         self.reset();
-        self.prefill(tokens)?;
+        self.eval_chunks(tokens, None, progress)?;
         Ok(SyncOutcome {
             reused: 0,
             evaluated: tokens.len(),

@@ -547,3 +547,38 @@ fn logits_follow_evaluations_and_restores() {
     s.reset();
     assert!(s.logits().is_empty(), "restored logits after reset");
 }
+
+/// `sync_with_progress` reports every prefill chunk of what it evaluates: the suffix when the
+/// live tokens are a prefix, everything after a divergence, nothing when the tokens are live.
+#[test]
+fn sync_reports_prefill_progress() {
+    let Some(m) = model("tiny", Recipe::F32) else {
+        return;
+    };
+    let ids = prompt(45).unwrap();
+    let mut s = session(&m, false, 512, 16);
+    let mut calls = Vec::new();
+    let sync = |s: &mut Session, t: &[u32], calls: &mut Vec<(usize, usize)>| {
+        calls.clear();
+        s.sync_with_progress(t, &mut |d, n| calls.push((d, n)))
+            .unwrap()
+    };
+    let o = sync(&mut s, &ids[..40], &mut calls);
+    assert_eq!((o.reused, o.evaluated), (0, 40));
+    assert_eq!(calls, [(16, 40), (32, 40), (40, 40)]);
+    let o = sync(&mut s, &ids, &mut calls);
+    assert_eq!((o.reused, o.evaluated), (40, 5));
+    assert_eq!(calls, [(5, 5)]);
+    let o = sync(&mut s, &ids, &mut calls);
+    assert_eq!((o.reused, o.evaluated), (45, 0));
+    assert!(calls.is_empty());
+    let mut other = ids[..20].to_vec();
+    other[19] ^= 1;
+    let o = sync(&mut s, &other, &mut calls);
+    assert_eq!((o.reused, o.evaluated), (0, 20));
+    assert_eq!(calls, [(16, 20), (20, 20)]);
+    // The same state as a plain sync.
+    let mut plain = session(&m, false, 512, 16);
+    plain.sync(&other).unwrap();
+    assert_eq!(bits(plain.logits()), bits(s.logits()));
+}

@@ -1,7 +1,8 @@
 //! `ds4 chat`: a multi-turn REPL that keeps the KV state across turns (only the new suffix of
 //! the transcript is prefilled each turn). On a terminal the prompt is a line editor with
 //! history (ds4's linenoise REPL: `~/.ds4_history`, at most 512 entries, one per line); Ctrl+C
-//! at the prompt is ignored there and Ctrl+D or `/quit` ends the REPL. Ctrl+C while a reply is
+//! at the prompt is ignored there, Ctrl+D or `/quit` ends the REPL, and each turn's prefill
+//! shows ds4's `processing N input tokens: x/N (p%)` on stderr. Ctrl+C while a reply is
 //! generated ends that reply (what was generated stays in the transcript, closed by EOS) and
 //! returns to the prompt; Ctrl+C outside both exits with status 130. Without a terminal the
 //! lines of stdin are read as they come. A failing command (`/read`, `/ctx`) says why and the
@@ -278,7 +279,19 @@ pub fn run(mut a: Args) -> Result<()> {
         INTERRUPTED.store(false, Ordering::SeqCst);
         GENERATING.store(true, Ordering::SeqCst);
         let t0 = Instant::now();
-        let sync = session.sync(&transcript)?;
+        // ds4's live prefill progress, where stderr is a terminal.
+        let show = std::io::stderr().is_terminal();
+        let sync = session.sync_with_progress(&transcript, &mut |done, total| {
+            if show {
+                eprint!(
+                    "\rprocessing {total} input tokens: {done}/{total} ({}%)",
+                    100 * done / total.max(1)
+                );
+                if done == total {
+                    eprintln!();
+                }
+            }
+        })?;
         let prefill_s = t0.elapsed().as_secs_f64();
         turn += 1;
         if a.verbose {

@@ -1853,8 +1853,8 @@ fn dump_logits_json_is_ds4s_format() {
 }
 
 /// On a terminal `ds4 chat` reads its lines with a line editor and keeps ds4's history file
-/// (`$HOME/.ds4_history`, one entry per line, the last 512), and Ctrl+C at the prompt is
-/// ignored (ds4's REPL). Driven through a pseudo-terminal by util-linux `script` (the test says
+/// (`$HOME/.ds4_history`, one entry per line, the last 512), Ctrl+C at the prompt is ignored
+/// and the prefill shows its progress (ds4's REPL). Driven through a pseudo-terminal by util-linux `script` (the test says
 /// so and passes where `script` is missing).
 #[test]
 fn chat_on_a_terminal_edits_lines_and_keeps_history() {
@@ -1934,6 +1934,11 @@ fn chat_on_a_terminal_edits_lines_and_keeps_history() {
     assert!(
         text.contains("ds4: prefill:"),
         "one turn answered: {text:?}"
+    );
+    // ds4's live prefill progress (stderr is the terminal here).
+    assert!(
+        text.contains("processing ") && text.contains(" input tokens: ") && text.contains("(100%)"),
+        "prefill progress: {text:?}"
     );
     // The last 512 entries, one per line: old 90..599, then the two new lines.
     let want: String = (90..600)
