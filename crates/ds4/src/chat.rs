@@ -229,7 +229,14 @@ pub fn run(mut a: Args) -> Result<()> {
                         transcript.extend(tail);
                     }
                     think = new;
-                    eprintln!("Thinking mode: {new:?}.");
+                    // ds4's words: the mode, and why /think-max gave high.
+                    let said = match new {
+                        ThinkMode::None => "none",
+                        ThinkMode::Max => "max",
+                        _ if name == "think-max" => "high (ctx below 393216)",
+                        _ => "high",
+                    };
+                    eprintln!("Thinking mode: {said}.");
                     continue;
                 }
                 "ctx" => {

@@ -546,7 +546,7 @@ fn chat_ctrl_c_ends_the_reply_not_the_repl() {
     stdin.write_all(b"/nothink\n").unwrap();
     stdin.flush().unwrap();
     assert!(
-        wait_for(&|is_out, t| !is_out && t.contains("Thinking mode")),
+        wait_for(&|is_out, t| !is_out && t == "Thinking mode: none."),
         "{log}"
     );
     // Idle at the prompt: Ctrl+C exits with 130.
@@ -1916,9 +1916,12 @@ fn chat_on_a_terminal_edits_lines_and_keeps_history() {
     stdin.write_all(b"\x03").unwrap(); // Ctrl+C at the prompt: a new prompt, nothing else
     stdin.flush().unwrap();
     wait_prompts(2);
-    stdin.write_all(b"hello there\n").unwrap();
+    stdin.write_all(b"/think-max\n").unwrap();
     stdin.flush().unwrap();
     wait_prompts(3);
+    stdin.write_all(b"hello there\n").unwrap();
+    stdin.flush().unwrap();
+    wait_prompts(4);
     stdin.write_all(b"/quit\n").unwrap();
     stdin.flush().unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -1940,10 +1943,15 @@ fn chat_on_a_terminal_edits_lines_and_keeps_history() {
         text.contains("processing ") && text.contains(" input tokens: ") && text.contains("(100%)"),
         "prefill progress: {text:?}"
     );
-    // The last 512 entries, one per line: old 90..599, then the two new lines.
-    let want: String = (90..600)
+    // ds4's words for /think-max below its context.
+    assert!(
+        text.contains("Thinking mode: high (ctx below 393216)."),
+        "{text:?}"
+    );
+    // The last 512 entries, one per line: old 91..599, then the three new lines.
+    let want: String = (91..600)
         .map(|i| format!("old {i}\n"))
-        .chain(["hello there\n".to_string(), "/quit\n".to_string()])
+        .chain(["/think-max\n", "hello there\n", "/quit\n"].map(String::from))
         .collect();
     assert_eq!(std::fs::read_to_string(&hist).unwrap(), want);
 }
