@@ -3,8 +3,8 @@
 //! history (ds4's linenoise REPL: `~/.ds4_history`, at most 512 entries, one per line); Ctrl+C
 //! at the prompt is ignored there, Ctrl+D or `/quit` ends the REPL, and each turn's prefill
 //! shows ds4's `processing N input tokens: x/N (p%)` on stderr. Ctrl+C while a reply is
-//! generated ends that reply (what was generated stays in the transcript, closed by EOS) and
-//! returns to the prompt; Ctrl+C outside both exits with status 130. Without a terminal the
+//! generated ends that reply (what was generated stays in the transcript, closed by EOS; a turn
+//! interrupted before its first token is dropped, as ds4 does) and returns to the prompt; Ctrl+C outside both exits with status 130. Without a terminal the
 //! lines of stdin are read as they come. A failing command (`/read`, `/ctx`) says why and the
 //! REPL goes on.
 
@@ -334,12 +334,20 @@ pub fn run(mut a: Args) -> Result<()> {
             }
         }
         GENERATING.store(false, Ordering::SeqCst);
-        if INTERRUPTED.swap(false, Ordering::SeqCst) {
+        let interrupted = INTERRUPTED.swap(false, Ordering::SeqCst);
+        if interrupted {
             eprintln!("\nds4: interrupted");
         }
-        // Close the turn: EOS ends the assistant message in the transcript.
         let _ = ended;
-        transcript.push(sp.eos);
+        if interrupted && generated == 0 {
+            // Interrupted before its first token (ds4): the turn is dropped from the
+            // transcript. The live state still holds its prompt, so the next turn no longer
+            // extends it and is prefilled from scratch.
+            transcript.truncate(turn_start);
+        } else {
+            // Close the turn: EOS ends the assistant message in the transcript.
+            transcript.push(sp.eos);
+        }
         {
             let mut out = stdout.lock();
             let _ = writeln!(out, "{}", printer.finish());

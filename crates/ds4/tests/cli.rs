@@ -555,6 +555,84 @@ fn chat_ctrl_c_ends_the_reply_not_the_repl() {
     assert_eq!(st.code(), Some(130), "{log}");
 }
 
+/// Ctrl+C before the first token of a reply (here during a long prefill) drops the turn, as ds4
+/// does: the next turn no longer extends the live state (it is prefilled from scratch: reused 0)
+/// and its reply follows the earlier transcript, not the dropped message.
+#[cfg(unix)]
+#[test]
+fn chat_ctrl_c_before_the_first_token_drops_the_turn() {
+    let cwd = tempfile::tempdir().unwrap();
+    // ~12000 tokens: a prefill of seconds on the built-in model in this profile.
+    let big: String = (0..6000).map(|i| format!("word{} ", i % 500)).collect();
+    std::fs::write(cwd.path().join("big.txt"), big).unwrap();
+    let args = ["--temp", "0", "-n", "4", "-c", "16384", "--nothink", "-v"];
+    let mut child = ChildGuard(spawn_chat(&args, cwd.path()));
+    let pid = child.0.id().to_string();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let err = BufReader::new(child.0.stderr.take().unwrap());
+    std::thread::spawn(move || {
+        for l in err.lines().map_while(Result::ok) {
+            if tx.send(l).is_err() {
+                break;
+            }
+        }
+    });
+    let mut out = child.0.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 256];
+        while matches!(out.read(&mut buf), Ok(n) if n > 0) {}
+    });
+    let mut log = String::new();
+    let mut wait_for = |what: &dyn Fn(&str) -> bool| {
+        let end = Instant::now() + Duration::from_secs(180);
+        while let Ok(l) = rx.recv_timeout(end.saturating_duration_since(Instant::now())) {
+            log.push_str(&l);
+            log.push('\n');
+            if what(&l) {
+                return Some(l);
+            }
+        }
+        None
+    };
+    let mut stdin = child.0.stdin.take().unwrap();
+    stdin.write_all(b"/read big.txt\n").unwrap();
+    stdin.flush().unwrap();
+    // The turn starts (its sync runs for seconds); Ctrl+C lands inside the prefill.
+    std::thread::sleep(Duration::from_millis(1500));
+    let st = Command::new("kill").args(["-INT", &pid]).status().unwrap();
+    assert!(st.success());
+    let turn1 = wait_for(&|l| l.starts_with("ds4: turn 1:"));
+    assert!(turn1.is_some(), "{log}");
+    assert!(
+        wait_for(&|l| l.contains("ds4: interrupted")).is_some(),
+        "{log}"
+    );
+    let p1 = wait_for(&|l| l.starts_with("ds4: prefill:")).unwrap_or_default();
+    assert!(
+        p1.contains("generation: 0.0 t/s"),
+        "no token before the interrupt: {log}"
+    );
+    stdin.write_all(b"hi\n").unwrap();
+    stdin.flush().unwrap();
+    let turn2 = wait_for(&|l| l.starts_with("ds4: turn 2:")).unwrap_or_default();
+    assert!(
+        turn2.contains("reused 0 tokens"),
+        "turn 2: {turn2:?}\n{log}"
+    );
+    assert!(
+        wait_for(&|l| l.starts_with("ds4: prefill:")).is_some(),
+        "{log}"
+    );
+    stdin.write_all(b"/quit\n").unwrap();
+    stdin.flush().unwrap();
+    let end = Instant::now() + Duration::from_secs(60);
+    while child.0.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < end, "chat did not end: {log}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(child.0.wait().unwrap().success(), "{log}");
+}
+
 /// `ds4 drift` reads antirez/ds4's `--dump-logits` JSON (one row, `null` = non-finite) against
 /// an .npy row.
 #[test]
