@@ -1,12 +1,15 @@
 //! `ds4 chat`: a multi-turn REPL that keeps the KV state across turns (only the new suffix of
-//! the transcript is prefilled each turn). On a terminal the prompt is a line editor with
-//! history (ds4's linenoise REPL: `~/.ds4_history`, at most 512 entries, one per line); Ctrl+C
-//! at the prompt is ignored there, Ctrl+D or `/quit` ends the REPL, and each turn's prefill
-//! shows ds4's `processing N input tokens: x/N (p%)` on stderr. Ctrl+C while a reply is
-//! generated ends that reply (what was generated stays in the transcript, closed by EOS; a turn
-//! interrupted before its first token is dropped, as ds4 does) and returns to the prompt; Ctrl+C outside both exits with status 130. Without a terminal the
-//! lines of stdin are read as they come. A failing command (`/read`, `/ctx`) says why and the
-//! REPL goes on.
+//! the transcript is prefilled each turn).
+//!
+//! On a terminal the prompt is a line editor with history (ds4's linenoise REPL:
+//! `~/.ds4_history`, at most 512 entries, one per line); Ctrl+C at the prompt is ignored there,
+//! Ctrl+D or `/quit` ends the REPL, and each turn's prefill shows ds4's `processing N input
+//! tokens: x/N (p%)` on stderr. Without a terminal the lines of stdin are read as they come.
+//!
+//! Ctrl+C while a reply is generated ends that reply (what was generated stays in the
+//! transcript, closed by EOS; a turn interrupted before its first token is dropped, as ds4
+//! does) and returns to the prompt; Ctrl+C anywhere else exits with status 130. A failing
+//! command (`/read`, `/ctx`) says why and the REPL goes on.
 
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
