@@ -42,6 +42,8 @@ pub enum ModelError {
     Steering(String),
     #[error("no logits are available (evaluate at least one token first)")]
     NoLogits,
+    #[error("stopped after {done} of {total} tokens")]
+    Stopped { done: usize, total: usize },
     #[error("backend {backend}: {reason}")]
     Backend { backend: String, reason: String },
     #[error(transparent)]

@@ -143,7 +143,7 @@ impl Session {
         &mut self,
         tokens: &[u32],
         mut all: Option<&mut Vec<f32>>,
-        progress: &mut dyn FnMut(usize, usize),
+        progress: &mut dyn FnMut(usize, usize) -> bool,
     ) -> Result<()> {
         self.check_room(tokens.len())?;
         let n_vocab = self.backend.shape().n_vocab;
@@ -168,7 +168,14 @@ impl Session {
                 out.extend_from_slice(self.backend.chunk_logits());
             }
             done += chunk.len();
-            progress(done, tokens.len());
+            if !progress(done, tokens.len()) && done < tokens.len() {
+                // Stopped between chunks: the state holds the tokens evaluated so far.
+                self.restored = None;
+                return Err(ModelError::Stopped {
+                    done,
+                    total: tokens.len(),
+                });
+            }
         }
         if !tokens.is_empty() {
             self.restored = None;
@@ -182,19 +189,19 @@ impl Session {
     /// if the backend then fails, the session is reset (empty): a failed chunk may have left
     /// the backend's state half-updated.
     pub fn prefill(&mut self, tokens: &[u32]) -> Result<()> {
-        self.eval_chunks(tokens, None, &mut |_, _| {})
+        self.eval_chunks(tokens, None, &mut |_, _| true)
     }
 
     /// [`Session::prefill`], also returning the logits of every token (`[n][vocab]`).
     pub fn prefill_all_logits(&mut self, tokens: &[u32]) -> Result<Vec<f32>> {
         let mut all = Vec::with_capacity(tokens.len() * self.backend.shape().n_vocab);
-        self.eval_chunks(tokens, Some(&mut all), &mut |_, _| {})?;
+        self.eval_chunks(tokens, Some(&mut all), &mut |_, _| true)?;
         Ok(all)
     }
 
     /// Evaluate one token; returns the logits for the next one.
     pub fn decode(&mut self, token: u32) -> Result<&[f32]> {
-        self.eval_chunks(&[token], None, &mut |_, _| {})?;
+        self.eval_chunks(&[token], None, &mut |_, _| true)?;
         Ok(self.logits())
     }
 
@@ -203,15 +210,17 @@ impl Session {
     /// rebuilt from scratch. (The compressor frontiers and the sliding window cannot be rewound
     /// in general, so a shorter or diverging token list means a new prefill.)
     pub fn sync(&mut self, tokens: &[u32]) -> Result<SyncOutcome> {
-        self.sync_with_progress(tokens, &mut |_, _| {})
+        self.sync_with_progress(tokens, &mut |_, _| true)
     }
 
     /// [`Session::sync`], calling `progress(done, total)` after every prefill chunk (`total`:
-    /// the tokens to evaluate).
+    /// the tokens to evaluate). When it returns false before the last chunk, the sync stops
+    /// there with [`ModelError::Stopped`]: the session then holds the tokens evaluated so far
+    /// (a prefix of `tokens`) and their logits.
     pub fn sync_with_progress(
         &mut self,
         tokens: &[u32],
-        progress: &mut dyn FnMut(usize, usize),
+        progress: &mut dyn FnMut(usize, usize) -> bool,
     ) -> Result<SyncOutcome> {
         let live = self.tokens.len();
         if live <= tokens.len() && self.tokens[..] == tokens[..live] {

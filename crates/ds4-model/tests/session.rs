@@ -560,8 +560,11 @@ fn sync_reports_prefill_progress() {
     let mut calls = Vec::new();
     let sync = |s: &mut Session, t: &[u32], calls: &mut Vec<(usize, usize)>| {
         calls.clear();
-        s.sync_with_progress(t, &mut |d, n| calls.push((d, n)))
-            .unwrap()
+        s.sync_with_progress(t, &mut |d, n| {
+            calls.push((d, n));
+            true
+        })
+        .unwrap()
     };
     let o = sync(&mut s, &ids[..40], &mut calls);
     assert_eq!((o.reused, o.evaluated), (0, 40));
@@ -581,4 +584,29 @@ fn sync_reports_prefill_progress() {
     let mut plain = session(&m, false, 512, 16);
     plain.sync(&other).unwrap();
     assert_eq!(bits(plain.logits()), bits(s.logits()));
+    // Stopped after the second chunk: the session holds those 32 tokens and their logits, and
+    // a later sync goes on from there.
+    let mut s = session(&m, false, 512, 16);
+    let r = s.sync_with_progress(&ids[..40], &mut |d, _| d < 32);
+    assert!(
+        matches!(
+            r,
+            Err(ModelError::Stopped {
+                done: 32,
+                total: 40
+            })
+        ),
+        "{r:?}"
+    );
+    assert_eq!(s.tokens(), &ids[..32]);
+    let mut at32 = session(&m, false, 512, 16);
+    at32.prefill(&ids[..32]).unwrap();
+    assert_eq!(bits(s.logits()), bits(at32.logits()));
+    let o = s.sync(&ids[..40]).unwrap();
+    assert_eq!((o.reused, o.evaluated), (32, 8));
+    // Stopping at the last chunk is not a stop.
+    let mut s = session(&m, false, 512, 16);
+    assert!(s.sync_with_progress(&ids[..40], &mut |_, _| false).is_err());
+    let mut s2 = session(&m, false, 512, 64);
+    assert!(s2.sync_with_progress(&ids[..40], &mut |_, _| false).is_ok());
 }

@@ -285,13 +285,14 @@ pub fn run(mut a: Args) -> Result<()> {
             continue;
         }
         // From here to the end of the reply, Ctrl+C ends the turn instead of the REPL (during
-        // the prefill: before the first token).
+        // the prefill: at the next chunk, and the turn is dropped).
         INTERRUPTED.store(false, Ordering::SeqCst);
         GENERATING.store(true, Ordering::SeqCst);
         let t0 = Instant::now();
+        turn += 1;
         // ds4's live prefill progress, where stderr is a terminal.
         let show = std::io::stderr().is_terminal();
-        let sync = session.sync_with_progress(&transcript, &mut |done, total| {
+        let synced = session.sync_with_progress(&transcript, &mut |done, total| {
             if show {
                 eprint!(
                     "\rprocessing {total} input tokens: {done}/{total} ({}%)",
@@ -301,9 +302,22 @@ pub fn run(mut a: Args) -> Result<()> {
                     eprintln!();
                 }
             }
-        })?;
+            !INTERRUPTED.load(Ordering::SeqCst)
+        });
+        let sync = match synced {
+            Ok(s) => s,
+            Err(ds4_model::ModelError::Stopped { done, total }) => {
+                // Ctrl+C during the prefill: the turn is dropped (ds4); the session keeps the
+                // part it evaluated, which the next turn's sync reuses where it can.
+                GENERATING.store(false, Ordering::SeqCst);
+                INTERRUPTED.store(false, Ordering::SeqCst);
+                eprintln!("\nds4: interrupted (prefill stopped at {done} of {total} tokens)");
+                transcript.truncate(turn_start);
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
         let prefill_s = t0.elapsed().as_secs_f64();
-        turn += 1;
         if a.verbose {
             eprintln!(
                 "ds4: turn {turn}: reused {} tokens, prefilled {} tokens",

@@ -555,9 +555,9 @@ fn chat_ctrl_c_ends_the_reply_not_the_repl() {
     assert_eq!(st.code(), Some(130), "{log}");
 }
 
-/// Ctrl+C before the first token of a reply (here during a long prefill) drops the turn, as ds4
-/// does: the next turn no longer extends the live state (it is prefilled from scratch: reused 0)
-/// and its reply follows the earlier transcript, not the dropped message.
+/// Ctrl+C before the first token of a reply (here during a long prefill) stops the prefill at
+/// its next chunk and drops the turn, as ds4 does: the next turn no longer extends the live
+/// state (it is prefilled from scratch: reused 0).
 #[cfg(unix)]
 #[test]
 fn chat_ctrl_c_before_the_first_token_drops_the_turn() {
@@ -601,16 +601,12 @@ fn chat_ctrl_c_before_the_first_token_drops_the_turn() {
     std::thread::sleep(Duration::from_millis(1500));
     let st = Command::new("kill").args(["-INT", &pid]).status().unwrap();
     assert!(st.success());
-    let turn1 = wait_for(&|l| l.starts_with("ds4: turn 1:"));
-    assert!(turn1.is_some(), "{log}");
+    // The prefill stops at its next chunk: turn 1 never reaches its verbose line.
+    let stopped = wait_for(&|l| l.starts_with("ds4: turn 1:") || l.contains("ds4: interrupted"))
+        .unwrap_or_default();
     assert!(
-        wait_for(&|l| l.contains("ds4: interrupted")).is_some(),
-        "{log}"
-    );
-    let p1 = wait_for(&|l| l.starts_with("ds4: prefill:")).unwrap_or_default();
-    assert!(
-        p1.contains("generation: 0.0 t/s"),
-        "no token before the interrupt: {log}"
+        stopped.contains("ds4: interrupted (prefill stopped at"),
+        "the prefill stopped: {stopped:?}"
     );
     stdin.write_all(b"hi\n").unwrap();
     stdin.flush().unwrap();
