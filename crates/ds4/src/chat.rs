@@ -84,7 +84,7 @@ pub fn history_text(h: &[String]) -> String {
 
 /// Where the REPL's lines come from.
 enum Input {
-    /// A terminal: a line editor, its history kept in `path`.
+    /// A terminal (stdin and stdout): a line editor, its history kept in `path`.
     Editor {
         ed: Box<rustyline::DefaultEditor>,
         path: PathBuf,
@@ -96,7 +96,9 @@ enum Input {
 
 impl Input {
     fn new(interactive: bool) -> Input {
-        if interactive {
+        // The editor draws on stdout: only where that is the terminal too (a reply redirected
+        // to a file gets no escape sequences; the prompt then goes to stderr as before).
+        if interactive && std::io::stdout().is_terminal() {
             let config = rustyline::Config::builder()
                 .max_history_size(HISTORY_MAX)
                 .map(|b| b.auto_add_history(false).build());
