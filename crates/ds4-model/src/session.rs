@@ -164,21 +164,19 @@ impl Session {
                 return Err(e);
             }
             self.tokens.extend_from_slice(chunk);
+            // The logits are now the backend's (no longer a restored snapshot's).
+            self.restored = None;
             if let Some(out) = all.as_deref_mut() {
                 out.extend_from_slice(self.backend.chunk_logits());
             }
             done += chunk.len();
             if !progress(done, tokens.len()) && done < tokens.len() {
                 // Stopped between chunks: the state holds the tokens evaluated so far.
-                self.restored = None;
                 return Err(ModelError::Stopped {
                     done,
                     total: tokens.len(),
                 });
             }
-        }
-        if !tokens.is_empty() {
-            self.restored = None;
         }
         Ok(())
     }

@@ -331,14 +331,12 @@ pub fn run(mut a: Args) -> Result<()> {
         let stdout = std::io::stdout();
         let t1 = Instant::now();
         let mut generated = 0usize;
-        let mut ended = false;
         for step in 0..budget {
             if INTERRUPTED.load(Ordering::SeqCst) {
                 break;
             }
             let next = ds4_model::sample(session.logits(), &params, &mut rng);
             if next == sp.eos {
-                ended = true;
                 break;
             }
             generated += 1;
@@ -357,7 +355,6 @@ pub fn run(mut a: Args) -> Result<()> {
         if interrupted {
             eprintln!("\nds4: interrupted");
         }
-        let _ = ended;
         if interrupted && generated == 0 {
             // Interrupted before its first token (ds4): the turn is dropped from the
             // transcript. The live state still holds its prompt, so the next turn no longer
