@@ -264,7 +264,19 @@ fn decode_both(
     for step in 0..steps {
         let tok = argmax(cpu.logits());
         let c = cpu.decode(tok)?.to_vec();
-        let g = gpu.decode(tok)?.to_vec();
+        gpu.decode(tok)?;
+        // The greedy pick (on the device in a graph step) before the logits are read (copied
+        // then), checked against the host's scan of those logits.
+        let best = gpu.greedy(None);
+        let second = gpu.greedy(Some(best));
+        let g = gpu.logits().to_vec();
+        let want = (
+            argmax(&g),
+            ds4_model::sampler::argmax_excluding(&g, Some(best)),
+        );
+        if (best, second) != want {
+            bail!("decode step {step}: greedy pick {best}/{second}, the logits say {want:?}");
+        }
         cmp.add(&format!("decode step {step}"), &c, &g, v);
     }
     Ok(())
@@ -602,7 +614,7 @@ fn flash(layers: usize, dir: &Path) -> Result<()> {
         let steps = 32;
         let td = Instant::now();
         for _ in 0..steps {
-            let tok = argmax(g.logits());
+            let tok = g.greedy(None);
             g.decode(tok)?;
         }
         let dt = td.elapsed().as_secs_f64() / steps as f64;

@@ -3489,3 +3489,93 @@ extern "C" __global__ void __launch_bounds__(1024) ds4_rms_q8_dec(const float* x
     ((u32*)q0)[t] = word;
     if ((t & 7) == 0) d0[t >> 3] = dd;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Greedy pick of a decode step (the host reads 16 bytes instead of the vocabulary's logits):
+// the first largest logit and the first largest of the others, i.e. the two best under the
+// order (value descending, index ascending) — the host's `argmax` and its one-exclusion form.
+// NaN never wins and is flagged (the host then scans the logits itself: its argmax keeps a NaN
+// at index 0). The order is total, so the result does not depend on how the scan is split.
+// grid PICK_BLOCKS (<= 64) × 256: each block's best two go to part[block], the last block
+// (arrive_last on ctr) merges them. part: PICK_BLOCKS records, then PICK_BLOCKS NaN flags.
+// out: [best, second, nan seen, 0].
+struct __align__(16) Top2 {
+    float v0;
+    unsigned i0;
+    float v1;
+    unsigned i1;
+};
+
+__device__ __forceinline__ bool pick_before(float va, unsigned ia, float vb, unsigned ib) {
+    return va > vb || (va == vb && ia < ib);
+}
+
+__device__ __forceinline__ void top2_add(Top2& t, float v, unsigned i) {
+    if (pick_before(v, i, t.v0, t.i0)) {
+        t.v1 = t.v0;
+        t.i1 = t.i0;
+        t.v0 = v;
+        t.i0 = i;
+    } else if (pick_before(v, i, t.v1, t.i1)) {
+        t.v1 = v;
+        t.i1 = i;
+    }
+}
+
+__device__ __forceinline__ void top2_shfl_merge(Top2& t, int o) {
+    const float v0 = __shfl_xor_sync(0xffffffffu, t.v0, o);
+    const unsigned i0 = __shfl_xor_sync(0xffffffffu, t.i0, o);
+    const float v1 = __shfl_xor_sync(0xffffffffu, t.v1, o);
+    const unsigned i1 = __shfl_xor_sync(0xffffffffu, t.i1, o);
+    top2_add(t, v0, i0);
+    top2_add(t, v1, i1);
+}
+
+extern "C" __global__ void __launch_bounds__(256) ds4_argmax_pick(const float* __restrict__ x, int n,
+                                                                 Top2* part, unsigned* ctr, unsigned* out) {
+    PDL_ENTRY();
+    __shared__ Top2 s_t[8];
+    __shared__ int s_nan;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    Top2 t = {-INFINITY, 0xffffffffu, -INFINITY, 0xffffffffu};
+    int nan = 0;
+    const int stride = gridDim.x * blockDim.x;
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        const float v = x[i];
+        if (v != v) nan = 1;
+        else top2_add(t, v, (unsigned)i);
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) top2_shfl_merge(t, o);
+    nan = __syncthreads_or(nan);
+    if (lane == 0) s_t[warp] = t;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        for (int w = 1; w < (int)(blockDim.x >> 5); w++) {
+            top2_add(t, s_t[w].v0, s_t[w].i0);
+            top2_add(t, s_t[w].v1, s_t[w].i1);
+        }
+        part[blockIdx.x] = t;
+        ((unsigned*)(part + gridDim.x))[blockIdx.x] = (unsigned)nan;
+    }
+    if (!arrive_last(ctr, gridDim.x)) return;
+    if (warp != 0) return;
+    Top2 m = {-INFINITY, 0xffffffffu, -INFINITY, 0xffffffffu};
+    unsigned nf = 0;
+    for (int b = lane; b < (int)gridDim.x; b += 32) {
+        // Written by other blocks of this launch: read through L2.
+        const uint4 p = __ldcg((const uint4*)(part + b));
+        top2_add(m, __uint_as_float(p.x), p.y);
+        top2_add(m, __uint_as_float(p.z), p.w);
+        nf |= __ldcg((const unsigned*)(part + gridDim.x) + b);
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) top2_shfl_merge(m, o);
+    nf = __any_sync(0xffffffffu, nf != 0);
+    if (lane == 0) {
+        out[0] = m.i0;
+        out[1] = m.i1;
+        out[2] = nf;
+        out[3] = 0;
+    }
+}

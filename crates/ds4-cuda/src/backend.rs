@@ -335,11 +335,23 @@ pub struct CudaBackend {
     /// The last token's logits are in `h_logits` (a graph decode step wrote them there), not
     /// in `logits`: [`Backend::logits`] reads them in place.
     logits_pinned: bool,
+    /// The graph decode steps leave the logits on the device and copy out only their greedy
+    /// pick (`ds4_argmax_pick`, 16 bytes into `h_pick`); [`Backend::logits`] copies the logits
+    /// on first use. On by default; `DS4_CUDA_GREEDY_PICK=0` copies the logits in every step.
+    device_pick: bool,
+    /// Set by a graph step with `device_pick`: `h_logits` is stale until
+    /// [`CudaBackend::fetch_logits`] (which [`Backend::logits`] calls) copies them.
+    logits_on_device: std::cell::Cell<bool>,
+    /// `h_pick` holds the greedy pick of the last token's logits.
+    pick_ready: bool,
+    /// `ds4_argmax_pick` scratch, then its 16-byte result.
+    d_pick: DBuf,
+    h_pick: Pinned,
     chunk_logits: Vec<f32>,
     trace: Option<Trace>,
     graphs: Graphs,
     /// Pinned host memory of the graph decode step: the token it reads (copied in by the graph)
-    /// and the logits it writes (copied out by the graph).
+    /// and the logits (copied out by the graph, or on first use with `device_pick`).
     h_tok: Pinned,
     h_logits: Pinned,
     /// `DS4_CUDA_STEP_TIMING=1`: the graph decode steps' GPU time (events around the replay)
@@ -916,6 +928,9 @@ impl CudaBackend {
         };
         let h_tok = Pinned::new(&stream, 16)?;
         let h_logits = Pinned::new(&stream, 4 * s.n_vocab)?;
+        let h_pick = Pinned::new(&stream, 16)?;
+        let d_pick = DBuf::zeroed(&stream, crate::fwd::PICK_PART_BYTES + 16)?;
+        let device_pick = std::env::var("DS4_CUDA_GREEDY_PICK").map_or(true, |v| v != "0");
         let (tc, tc_attn) = Self::make_tc(
             &dctx,
             &stream,
@@ -1018,6 +1033,11 @@ impl CudaBackend {
             n_tokens: 0,
             logits: Vec::new(),
             logits_pinned: false,
+            device_pick,
+            logits_on_device: std::cell::Cell::new(false),
+            pick_ready: false,
+            d_pick,
+            h_pick,
             chunk_logits: Vec::new(),
             trace: None,
             graphs: Graphs([None, None]),
@@ -2678,18 +2698,49 @@ impl CudaBackend {
         Ok(())
     }
 
+    /// Copy the last graph step's logits into `h_logits` where that step left them on the
+    /// device (`device_pick`); nothing otherwise. `sc.logits` holds them until the next
+    /// evaluation, which needs `&mut self`.
+    fn fetch_logits(&self) -> Result<(), CudaError> {
+        if !self.logits_on_device.get() {
+            return Ok(());
+        }
+        // SAFETY: `logits_on_device` is set only by a graph step (`&mut self`), so every slice
+        // of `h_logits` handed out before it has ended; the first read after it comes here,
+        // copies before making any slice and clears the flag, so no later call writes while a
+        // slice made after the copy is alive.
+        unsafe {
+            crate::rt::dtoh_pinned_shared::<f32>(
+                &self.stream,
+                &self.h_logits,
+                self.s().n_vocab,
+                self.sc.logits.ptr,
+            )
+        }?;
+        self.logits_on_device.set(false);
+        Ok(())
+    }
+
     /// Capture the one-token decode step (`indexer`: with the indexer scoring) as a CUDA graph:
-    /// the token copied in from `h_tok`, the forward pass, the logits copied out to `h_logits`.
+    /// the token copied in from `h_tok`, the forward pass, then the greedy pick copied out to
+    /// `h_pick` (`device_pick`; the logits stay on the device) or the logits to `h_logits`.
     fn capture_decode(&mut self, indexer: bool) -> Result<CudaGraph, CudaError> {
         let v = self.s().n_vocab;
         self.stream
             .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
             .map_err(crate::rt::drv)?;
         let diag = crate::rt::DiagCapture::start();
+        let pick_out = self.d_pick.ptr + crate::fwd::PICK_PART_BYTES as u64;
         let r = htod_pinned::<i32>(&self.stream, self.d_tok.ptr, &self.h_tok, 1)
             .and_then(|()| self.forward(1, indexer, Some(0), None))
             .and_then(|()| {
-                dtoh_pinned::<f32>(&self.stream, &mut self.h_logits, v, self.sc.logits.ptr)
+                if self.device_pick {
+                    self.fwd
+                        .argmax_pick(self.sc.logits.ptr, v, self.d_pick.ptr, pick_out)?;
+                    dtoh_pinned::<i32>(&self.stream, &mut self.h_pick, 4, pick_out)
+                } else {
+                    dtoh_pinned::<f32>(&self.stream, &mut self.h_logits, v, self.sc.logits.ptr)
+                }
             });
         drop(diag);
         let g = self
@@ -2714,8 +2765,9 @@ impl CudaBackend {
         let pend = self.n_tokens + n;
         let indexer = self.indexer_active(pend);
         if n == 1 && self.opts.graphs && self.trace.is_none() {
-            // The graph copies the token in from pinned memory and the logits out to pinned
-            // memory (no pageable copies, no separate copy calls around the replay).
+            // The graph copies the token in from pinned memory and its greedy pick (or, with
+            // `DS4_CUDA_GREEDY_PICK=0`, the logits) out to pinned memory: no pageable copies,
+            // no separate copy calls around the replay.
             self.h_tok.slice_mut::<i32>(1)[0] = tokens[0] as i32;
             let gi = indexer as usize;
             if self.graphs.0[gi].is_none() {
@@ -2752,11 +2804,16 @@ impl CudaBackend {
                 let _ = self.stream.synchronize();
                 self.logits.clear();
                 self.logits_pinned = false;
+                self.pick_ready = false;
+                self.logits_on_device.set(false);
                 return Err(e);
             }
             self.graph_launches += 1;
             self.logits_pinned = true;
+            self.pick_ready = self.device_pick;
+            self.logits_on_device.set(self.device_pick);
             if all_logits {
+                self.fetch_logits()?;
                 self.chunk_logits
                     .extend_from_slice(self.h_logits.slice::<f32>(v));
             }
@@ -3037,10 +3094,23 @@ impl Backend for CudaBackend {
 
     fn logits(&self) -> &[f32] {
         if self.logits_pinned {
+            if let Err(e) = self.fetch_logits() {
+                // The device failed; the next evaluation reports it.
+                eprintln!("ds4-cuda: cannot copy the logits: {e}");
+                return &[];
+            }
             self.h_logits.slice::<f32>(self.s().n_vocab)
         } else {
             &self.logits
         }
+    }
+
+    fn greedy_pick(&self) -> Option<[u32; 2]> {
+        if !(self.logits_pinned && self.pick_ready) {
+            return None;
+        }
+        let p = self.h_pick.slice::<i32>(4);
+        (p[2] == 0).then_some([p[0] as u32, p[1] as u32])
     }
 
     fn chunk_logits(&self) -> &[f32] {

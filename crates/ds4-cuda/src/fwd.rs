@@ -219,6 +219,12 @@ const ATT_SCORES_HPB: usize = 8;
 const ATT_SCORES_THREADS: usize = 128;
 /// First counter of `ds4_attn_dec_out` (one per head group and 64-dim slice).
 const CTR_ATT: usize = 64;
+/// The counter of `ds4_argmax_pick`.
+const CTR_PICK: usize = 0;
+/// Blocks of `ds4_argmax_pick` (at most 64: its last block merges them with one warp).
+pub(crate) const PICK_BLOCKS: usize = 32;
+/// Bytes of the `ds4_argmax_pick` scratch: a 16-byte record and a NaN flag per block.
+pub(crate) const PICK_PART_BYTES: usize = PICK_BLOCKS * 20;
 /// Counters (u32) of the "last block" kernels (each kernel its own slots; launches on one
 /// stream never overlap, and the last block resets its counter to 0).
 const DEC_COUNTERS: usize = 256;
@@ -388,6 +394,7 @@ pub(crate) struct Fwd {
     hc_mix_part: CudaFunction,
     hc_post_wide: CudaFunction,
     dir_steer: CudaFunction,
+    argmax_pick: CudaFunction,
     /// Side stream of the decode step (the HC split, the compressor / indexer projections and
     /// the shared expert run there, off the critical path; see the backend's `decode_layer`)
     /// and the events that fork it from and join it back into `stream`.
@@ -514,6 +521,7 @@ impl Fwd {
             hc_mix_part: f("ds4_hc_mix_part")?,
             hc_post_wide: f("ds4_hc_post_wide")?,
             dir_steer: f("ds4_dir_steer")?,
+            argmax_pick: f("ds4_argmax_pick")?,
             side: stream
                 .fork()
                 .map_err(|e| cerr(format!("side stream: {e}")))?,
@@ -1844,6 +1852,25 @@ impl Fwd {
                 A::I(e as i32),
                 A::P(xo),
                 A::P(self.ssp.ptr),
+            ],
+        )
+    }
+
+    /// The greedy pick of `n` logits at `x` into `out` (4 × u32: the first largest logit, the
+    /// first largest of the others, whether any is NaN, 0); `part`: [`PICK_PART_BYTES`] of
+    /// scratch. See `ds4_argmax_pick`.
+    pub fn argmax_pick(&self, x: u64, n: usize, part: u64, out: u64) -> Result<(), CudaError> {
+        self.go(
+            &self.argmax_pick,
+            (PICK_BLOCKS, 1, 1),
+            256,
+            0,
+            &[
+                A::P(x),
+                A::I(n as i32),
+                A::P(part),
+                A::P(self.ctr(CTR_PICK)),
+                A::P(out),
             ],
         )
     }

@@ -962,6 +962,21 @@ impl GpuOps {
         self.down(&x, n * hc * e)
     }
 
+    /// The greedy pick of `x` (`ds4_argmax_pick`, as the graph decode step runs it twice in a
+    /// row, so the counter's reset is exercised): `[best, second, nan seen, 0]`.
+    pub fn argmax_pick(&self, x: &[f32]) -> Result<[u32; 4], CudaError> {
+        let dx = self.up(x)?;
+        let part = self.zeros(crate::fwd::PICK_PART_BYTES / 4)?;
+        let out = self.zeros(4)?;
+        let mut r = [0u32; 4];
+        for _ in 0..2 {
+            self.fwd.argmax_pick(dx.ptr, x.len(), part.ptr, out.ptr)?;
+            let got = self.down::<u32>(&out, 4)?;
+            r.copy_from_slice(&got);
+        }
+        Ok(r)
+    }
+
     /// `*pos += n` on the device, read back (checks the position bookkeeping kernel).
     pub fn advance_pos(&self, pos0: usize, n: usize) -> Result<i32, CudaError> {
         self.set_pos(pos0)?;

@@ -176,6 +176,28 @@ pub(crate) fn dtoh_pinned<T: PinnedElem>(
     .map_err(drv)
 }
 
+/// Device → host copy of `n` elements into pinned memory through a shared reference, waited
+/// for.
+///
+/// # Safety
+/// No slice of `dst` ([`Pinned::slice`]) may be alive: the caller writes only into memory that
+/// nobody has borrowed since its last exclusive access.
+pub(crate) unsafe fn dtoh_pinned_shared<T: PinnedElem>(
+    stream: &CudaStream,
+    dst: &Pinned,
+    n: usize,
+    src: u64,
+) -> Result<(), CudaError> {
+    assert!(n * std::mem::size_of::<T>() <= dst.bytes);
+    // SAFETY: in bounds (checked) and aligned (page-locked, 4-byte elements); no other borrow of
+    // these bytes is alive (the caller's contract), and the copy is waited for before return.
+    let d = unsafe { std::slice::from_raw_parts_mut(dst.ptr as *mut T, n) };
+    // SAFETY: src is a live device allocation of at least n elements (callers size it).
+    unsafe { result::memcpy_dtoh_async(d, src as sys::CUdeviceptr, stream.cu_stream()) }
+        .map_err(drv)?;
+    stream.synchronize().map_err(drv)
+}
+
 /// A kernel argument.
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum A {

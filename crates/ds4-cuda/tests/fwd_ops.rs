@@ -1089,6 +1089,60 @@ fn swiglu_clamped() {
 }
 
 #[test]
+fn greedy_pick_is_the_host_argmax() {
+    use ds4_model::sampler::{argmax, argmax_excluding};
+    let Some(g) = gpu() else { return };
+    let mut r = Rng(21);
+    let special = [f32::INFINITY, f32::NEG_INFINITY, 0.0, -0.0, 3.5];
+    // Lengths around the grid's stride (32 blocks × 256), the vocabulary, and tiny ones;
+    // values from a small set, so ties are everywhere, plus specials.
+    for (case, n) in [1usize, 2, 3, 255, 8191, 8192, 8193, 20000, 129280]
+        .into_iter()
+        .enumerate()
+    {
+        for variant in 0..4 {
+            let mut x: Vec<f32> = (0..n)
+                .map(|_| {
+                    let v = r.next();
+                    match variant {
+                        0 => r.normal(4.0),
+                        1 => ((v >> 20) % 7) as f32 - 3.0,
+                        _ if v.is_multiple_of(5) => special[(v >> 8) as usize % special.len()],
+                        _ => ((v >> 20) % 3) as f32,
+                    }
+                })
+                .collect();
+            if variant == 3 {
+                // All equal but one NaN somewhere: the host must scan.
+                x.iter_mut().for_each(|v| *v = -1.0);
+                x[(r.next() % n as u64) as usize] = f32::NAN;
+            }
+            let got = g.argmax_pick(&x).unwrap();
+            let nan = x.iter().any(|v| v.is_nan());
+            assert_eq!(
+                got[2] != 0,
+                nan,
+                "case {case} n {n} variant {variant}: NaN flag"
+            );
+            if nan {
+                continue;
+            }
+            let best = argmax(&x);
+            let second = if n > 1 {
+                argmax_excluding(&x, Some(best))
+            } else {
+                u32::MAX
+            };
+            assert_eq!(
+                [got[0], got[1]],
+                [best, second],
+                "case {case} n {n} variant {variant}"
+            );
+        }
+    }
+}
+
+#[test]
 fn embedding_rows() {
     let Some(g) = gpu() else { return };
     let mut r = Rng(13);

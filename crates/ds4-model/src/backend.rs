@@ -26,6 +26,12 @@ pub trait Backend: Send {
     fn eval(&mut self, tokens: &[u32], all_logits: bool) -> Result<()>;
     /// Logits of the last evaluated token (`n_vocab`); empty before the first eval.
     fn logits(&self) -> &[f32];
+    /// The greedy pick of [`Backend::logits`], where the backend found it itself (the CUDA
+    /// graph decode step, on the device): `[best, second]`, the first largest logit and the
+    /// first largest of the others, over logits without NaN. None: scan the logits.
+    fn greedy_pick(&self) -> Option<[u32; 2]> {
+        None
+    }
     /// Logits of every token of the last chunk evaluated with `all_logits`.
     fn chunk_logits(&self) -> &[f32];
     /// A copy of the KV state.

@@ -67,6 +67,17 @@ pub fn argmax(logits: &[f32]) -> u32 {
     }
 }
 
+/// The first index of the largest non-NaN logit other than `exclude` (0 when there is none);
+/// with no exclusion, [`argmax`].
+pub fn argmax_excluding(logits: &[f32], exclude: Option<u32>) -> u32 {
+    match exclude {
+        None => argmax(logits),
+        Some(e) => {
+            first_max_where(logits, |v| !v.is_nan(), Some(e as usize)).map_or(0, |(i, _)| i as u32)
+        }
+    }
+}
+
 /// The first index (and value) of the largest value among those `keep` accepts, never
 /// `exclude`; None when no value is accepted. `keep` must reject NaN (a NaN is no maximum). The same result as the left-to-right scan
 /// `if keep(v) && (best is none || v > best) { best = (i, v) }` (ties: the lower index; `-0.0`
@@ -404,6 +415,39 @@ mod tests {
         for _ in 0..1000 {
             let f = u.next_f32();
             assert!((0.0..1.0).contains(&f));
+        }
+    }
+
+    #[test]
+    fn argmax_excluding_follows_from_the_best_two() {
+        assert_eq!(argmax_excluding(&[0.0, 3.0, 2.0], None), 1);
+        assert_eq!(argmax_excluding(&[0.0, 3.0, 2.0], Some(1)), 2);
+        assert_eq!(argmax_excluding(&[1.0, f32::NAN, 1.0], None), 0);
+        assert_eq!(argmax_excluding(&[f32::NAN, 1.0], None), 0);
+        assert_eq!(argmax_excluding(&[f32::NAN, 1.0], Some(7)), 1);
+        // What `Session::greedy` does with a backend's pick [best, second] (rows without NaN):
+        // excluding any id gives best, or second when best is the one excluded.
+        let mut rng = Rng::new(11);
+        let special = [f32::INFINITY, f32::NEG_INFINITY, 0.0, -0.0, 2.0];
+        for _ in 0..2000 {
+            let n = 2 + (rng.next_u64() % 40) as usize;
+            let xs: Vec<f32> = (0..n)
+                .map(|_| {
+                    let r = rng.next_u64();
+                    if r.is_multiple_of(4) {
+                        special[(r >> 8) as usize % special.len()]
+                    } else {
+                        ((r >> 20) % 5) as f32 - 2.0
+                    }
+                })
+                .collect();
+            let best = argmax(&xs);
+            let second = argmax_excluding(&xs, Some(best));
+            assert_ne!(best, second);
+            for e in 0..n as u32 + 1 {
+                let want = if e == best { second } else { best };
+                assert_eq!(argmax_excluding(&xs, Some(e)), want, "{xs:?} {e}");
+            }
         }
     }
 

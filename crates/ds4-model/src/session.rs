@@ -121,6 +121,35 @@ impl Session {
         }
     }
 
+    /// The greedy next token: the first largest logit other than `exclude`
+    /// ([`crate::sampler::argmax_excluding`]), from the backend's own pick where it made one
+    /// (the CUDA decode step picks on the device, and the host then reads 16 bytes instead of
+    /// the vocabulary's logits), else from [`Session::logits`]. The same token either way.
+    pub fn greedy(&self, exclude: Option<u32>) -> u32 {
+        if self.restored.is_none()
+            && let Some([best, second]) = self.backend.greedy_pick()
+        {
+            return match exclude {
+                Some(e) if e == best => {
+                    // u32::MAX: no other logit (a one-token vocabulary).
+                    if second == u32::MAX { 0 } else { second }
+                }
+                _ => best,
+            };
+        }
+        crate::sampler::argmax_excluding(self.logits(), exclude)
+    }
+
+    /// The next token under `p`: [`Session::greedy`] at temperature ≤ 0 (as
+    /// [`crate::sample`] would pick), else [`crate::sample`] of the logits.
+    pub fn next_token(&self, p: &crate::SamplerParams, rng: &mut crate::Rng) -> u32 {
+        if p.temperature <= 0.0 {
+            self.greedy(None)
+        } else {
+            crate::sample(self.logits(), p, rng)
+        }
+    }
+
     /// Forget everything.
     pub fn reset(&mut self) {
         self.backend.reset();

@@ -19,7 +19,7 @@ use std::time::Instant;
 use ds4_kvstore::{
     Checkpoint, EXT_THINKING_VISIBLE, KvEntry, KvError, KvStore, SaveReason, sha1_hex,
 };
-use ds4_model::{Rng, SamplerParams, Session, sample};
+use ds4_model::{Rng, SamplerParams, Session};
 use ds4_tokenizer::{
     ParseOptions, ParseOutcome, StreamEvent, StreamParser, THINK_END_TEXT, THINK_START_TEXT,
     ThinkMode, Tokenizer,
@@ -738,7 +738,7 @@ impl Worker {
                         {
                             p.temperature = 0.0;
                         }
-                        sample(self.session.logits(), &p, &mut rng)
+                        self.session.next_token(&p, &mut rng)
                     }
                 };
                 if tok == eos {

@@ -608,12 +608,6 @@ pub fn commit() -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
-/// Argmax of the logits, never `exclude` (ties: lower id).
-fn argmax_excluding(logits: &[f32], exclude: Option<u32>) -> u32 {
-    ds4_model::sampler::first_max_where(logits, |v| !v.is_nan(), exclude.map(|e| e as usize))
-        .map_or(0, |(i, _)| i as u32)
-}
-
 /// ds4-bench's default system text for `--chat-prompt-file` (with a period, unlike the CLI's).
 pub const BENCH_DEFAULT_SYSTEM: &str = "You are a helpful assistant.";
 
@@ -796,7 +790,7 @@ pub fn run(a: Args) -> Result<()> {
         session
             .sync(&prompt[..first])
             .with_context(|| format!("warm-up prefill of {first} tokens"))?;
-        let next = argmax_excluding(session.logits(), eos);
+        let next = session.greedy(eos);
         session.decode(next).context("warm-up decode step")?;
         session.reset();
     }
@@ -831,7 +825,7 @@ pub fn run(a: Args) -> Result<()> {
             .with_context(|| format!("snapshot at {frontier}"))?;
         let t1 = Instant::now();
         for _ in 0..a.gen_tokens {
-            let next = argmax_excluding(session.logits(), eos);
+            let next = session.greedy(eos);
             session.decode(next)?;
         }
         let gen_s = t1.elapsed().as_secs_f64();
@@ -1206,12 +1200,5 @@ mod tests {
         let v: serde_json::Value =
             serde_json::from_str(&frontier_logits_json(&none, &[f32::NAN])).unwrap();
         assert!(v["quant_bits"].is_null() && v["argmax_logit"].is_null());
-    }
-
-    #[test]
-    fn argmax_skips_eos() {
-        assert_eq!(argmax_excluding(&[0.0, 3.0, 2.0], None), 1);
-        assert_eq!(argmax_excluding(&[0.0, 3.0, 2.0], Some(1)), 2);
-        assert_eq!(argmax_excluding(&[1.0, f32::NAN, 1.0], None), 0);
     }
 }

@@ -335,7 +335,7 @@ pub fn run(mut a: Args) -> Result<()> {
             if INTERRUPTED.load(Ordering::SeqCst) {
                 break;
             }
-            let next = ds4_model::sample(session.logits(), &params, &mut rng);
+            let next = session.next_token(&params, &mut rng);
             if next == sp.eos {
                 break;
             }

@@ -271,13 +271,13 @@ pub fn run(a: Args) -> Result<()> {
     }
     let t1 = Instant::now();
     for step in 0..n {
-        let logits = session.logits();
         if a.dump_logits.is_some() {
-            dumped.extend_from_slice(logits);
+            dumped.extend_from_slice(session.logits());
         }
-        let next = ds4_model::sample(logits, &params, &mut rng);
+        // Greedy steps take the backend's own pick where it made one (no logits copied).
+        let next = session.next_token(&params, &mut rng);
         if a.dump_logprobs.is_some() {
-            let top = npy::top_logprobs(logits, a.logprobs_top_k);
+            let top = npy::top_logprobs(session.logits(), a.logprobs_top_k);
             steps.push(serde_json::json!({
                 "step": step,
                 "selected": token_json(tok.as_ref(), next),
