@@ -610,3 +610,108 @@ fn sync_reports_prefill_progress() {
     let mut s2 = session(&m, false, 512, 64);
     assert!(s2.sync_with_progress(&ids[..40], &mut |_, _| false).is_ok());
 }
+
+/// A CPU backend that reports a fixed greedy pick, as the CUDA graph step reports the one it
+/// made on the device.
+struct Picky {
+    inner: ds4_model::CpuBackend,
+    pick: [u32; 2],
+}
+
+impl ds4_model::Backend for Picky {
+    fn name(&self) -> &str {
+        "picky"
+    }
+    fn shape(&self) -> &ds4_model::Shape {
+        self.inner.shape()
+    }
+    fn ctx(&self) -> usize {
+        self.inner.ctx()
+    }
+    fn n_tokens(&self) -> usize {
+        self.inner.n_tokens()
+    }
+    fn reset(&mut self) {
+        self.inner.reset()
+    }
+    fn eval(&mut self, tokens: &[u32], all_logits: bool) -> ds4_model::Result<()> {
+        self.inner.eval(tokens, all_logits)
+    }
+    fn logits(&self) -> &[f32] {
+        self.inner.logits()
+    }
+    fn greedy_pick(&self) -> Option<[u32; 2]> {
+        Some(self.pick)
+    }
+    fn chunk_logits(&self) -> &[f32] {
+        self.inner.chunk_logits()
+    }
+    fn export_state(&self) -> ds4_model::Result<ds4_model::KvState> {
+        self.inner.export_state()
+    }
+    fn import_state(&mut self, state: &ds4_model::KvState) -> ds4_model::Result<()> {
+        self.inner.import_state(state)
+    }
+    fn set_trace(&mut self, on: bool) {
+        self.inner.set_trace(on)
+    }
+    fn trace(&self) -> Option<&ds4_model::Trace> {
+        self.inner.trace()
+    }
+}
+
+/// `Session::greedy` takes the backend's pick where it made one (the exclusion falls to the
+/// second), scans the logits where it made none (CPU) and for a restored snapshot's logits;
+/// `next_token` is `greedy` at temperature ≤ 0 and `sample` of the logits above it.
+#[test]
+fn greedy_uses_the_backend_pick_where_there_is_one() {
+    use ds4_model::sampler::argmax_excluding;
+    use ds4_model::{Rng, SamplerParams, sample};
+    let Some(m) = model("tiny", Recipe::F32) else {
+        return;
+    };
+    let ids = prompt(20).unwrap();
+    let e = engine(&m, false);
+    let opts = SessionOptions {
+        ctx: 64,
+        prefill_chunk: 8,
+    };
+    // The CPU backend makes no pick: the session scans the logits.
+    let mut plain = e.new_session(opts.clone()).unwrap();
+    plain.prefill(&ids).unwrap();
+    let best = argmax(plain.logits());
+    assert_eq!(plain.greedy(None), best);
+    let second = plain.greedy(Some(best));
+    assert_eq!(second, argmax_excluding(plain.logits(), Some(best)));
+    assert_ne!(second, best);
+    // A backend's pick is taken as given (here one the logits do not hold, to see it used).
+    let pick = [(best + 1) % 7 + 100, (best + 2) % 7 + 200];
+    let b = Picky {
+        inner: e.cpu_backend(64).unwrap(),
+        pick,
+    };
+    let mut s = Session::with_backend(Box::new(b), opts).unwrap();
+    s.prefill(&ids).unwrap();
+    assert_eq!(s.greedy(None), pick[0]);
+    assert_eq!(s.greedy(Some(pick[0])), pick[1]);
+    assert_eq!(s.greedy(Some(pick[1])), pick[0]);
+    let greedy = SamplerParams::greedy();
+    let mut rng = Rng::new(1);
+    assert_eq!(s.next_token(&greedy, &mut rng), pick[0]);
+    let warm = SamplerParams {
+        temperature: 0.8,
+        top_k: 40,
+        top_p: 0.95,
+        min_p: 0.05,
+    };
+    let (mut r1, mut r2) = (Rng::new(5), Rng::new(5));
+    assert_eq!(
+        s.next_token(&warm, &mut r1),
+        sample(s.logits(), &warm, &mut r2)
+    );
+    // A restored snapshot's logits are the session's own: scanned, not the backend's pick.
+    let snap = s.snapshot().unwrap();
+    s.restore(&snap).unwrap();
+    assert_eq!(s.greedy(None), best);
+    assert_eq!(s.greedy(Some(best)), second);
+}
