@@ -44,6 +44,7 @@ pub struct Metrics {
     pub hits_memory_token: AtomicU64,
     pub hits_memory_text: AtomicU64,
     pub hits_thinking_visible: AtomicU64,
+    pub hits_responses_visible: AtomicU64,
     pub hits_disk: AtomicU64,
     pub misses: AtomicU64,
     pub kv_stores_cold: AtomicU64,
@@ -186,6 +187,10 @@ impl Metrics {
                     (
                         "source=\"thinking-visible\"",
                         g(&self.hits_thinking_visible).to_string(),
+                    ),
+                    (
+                        "source=\"responses-visible\"",
+                        g(&self.hits_responses_visible).to_string(),
                     ),
                     ("source=\"disk\"", g(&self.hits_disk).to_string()),
                     ("source=\"miss\"", g(&self.misses).to_string()),

@@ -2,22 +2,23 @@
 //!
 //! Per job (ds4's `generate_job`, §2.12): pick the longest reusable state — live tokens that are
 //! a prefix of the prompt (`memory-token`), the remembered client-visible form of the last
-//! thinking turn (`thinking-visible`), live text that is a byte prefix of the rendered prompt
+//! thinking turn (`thinking-visible`; `responses-visible` after a `/v1/responses` turn), live text that is a byte prefix of the rendered prompt
 //! with only the suffix tokenized (`memory-text`), else save the outgoing session (`evict`) and
 //! look for the longest disk checkpoint whose text is a prefix (`disk`), else prefill from
 //! scratch (`cold`). Then prefill the rest in chunks (cold and continued checkpoints are cut at
 //! their boundaries; cancellation and shutdown are checked between chunks), and decode, feeding
 //! the streaming parser and checking stop sequences, cancellation and shutdown between steps.
 //! An evict or shutdown checkpoint of a thinking turn is written under both texts, the live one
-//! (reasoning included) and the client-visible one (`thinking-visible` key, reasoning dropped),
-//! so a client finds it after a session switch or a restart whether or not it echoes reasoning.
+//! (reasoning included) and the client-visible one (`thinking-visible` or `responses-visible`
+//! key, reasoning dropped), so a client finds it after a session switch or a restart whether or not it echoes reasoning.
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use ds4_kvstore::{
-    Checkpoint, EXT_THINKING_VISIBLE, KvEntry, KvError, KvStore, SaveReason, sha1_hex,
+    Checkpoint, EXT_RESPONSES_VISIBLE, EXT_THINKING_VISIBLE, KvEntry, KvError, KvStore, SaveReason,
+    sha1_hex,
 };
 use ds4_model::{Rng, SamplerParams, Session};
 use ds4_tokenizer::{
@@ -178,6 +179,26 @@ pub struct WorkerConfig {
 struct Alias {
     visible: String,
     live_len: usize,
+    /// Left by a `/v1/responses` turn: ds4's `responses-visible` key (cache source, checkpoint
+    /// ext flag [`EXT_RESPONSES_VISIBLE`]); else `thinking-visible` ([`EXT_THINKING_VISIBLE`]).
+    responses: bool,
+}
+
+impl Alias {
+    fn source(&self) -> &'static str {
+        if self.responses {
+            "responses-visible"
+        } else {
+            "thinking-visible"
+        }
+    }
+    fn key_flag(&self) -> u8 {
+        if self.responses {
+            EXT_RESPONSES_VISIBLE
+        } else {
+            EXT_THINKING_VISIBLE
+        }
+    }
 }
 
 enum Stop {
@@ -312,7 +333,8 @@ impl Worker {
     /// long enough), keyed by its text. Returns whether a file was written. When the
     /// remembered client-visible form of a thinking turn covers the whole live session, a
     /// second checkpoint of the same state is keyed by that text (ds4's `thinking-visible` key,
-    /// ext flag [`EXT_THINKING_VISIBLE`]): a client that echoes the reasoning renders the first,
+    /// ext flag [`EXT_THINKING_VISIBLE`], or after a `/v1/responses` turn its
+    /// `responses-visible` key, [`EXT_RESPONSES_VISIBLE`]): a client that echoes the reasoning renders the first,
     /// one that drops it the second, so either finds the conversation after a session switch or
     /// a restart.
     fn save(&mut self, reason: SaveReason) -> bool {
@@ -324,11 +346,11 @@ impl Worker {
             .alias
             .as_ref()
             .filter(|a| a.live_len == n)
-            .map(|a| a.visible.as_bytes().to_vec());
+            .map(|a| (a.visible.as_bytes().to_vec(), a.key_flag()));
         let live = self.tok.decode(self.session.tokens());
         let mut wrote = self.save_as(reason, &live, 0);
-        if let Some(v) = visible.filter(|v| *v != live) {
-            wrote |= self.save_as(reason, &v, EXT_THINKING_VISIBLE);
+        if let Some((v, flag)) = visible.filter(|(v, _)| *v != live) {
+            wrote |= self.save_as(reason, &v, flag);
         }
         wrote
     }
@@ -433,9 +455,10 @@ impl Worker {
                 self.session.reset();
                 continue;
             }
-            // A thinking-visible checkpoint's text is the client's form of its tokens (the
-            // hidden reasoning dropped), not their decoding; the checksum vouches for both.
-            if e.header.ext_flags & EXT_THINKING_VISIBLE == 0
+            // A thinking- or responses-visible checkpoint's text is the client's form of its
+            // tokens (the hidden reasoning dropped), not their decoding; the checksum vouches
+            // for both.
+            if e.header.ext_flags & (EXT_THINKING_VISIBLE | EXT_RESPONSES_VISIBLE) == 0
                 && self.tok.decode(self.session.tokens()) != loaded.text
             {
                 Metrics::inc(&self.metrics.kv_load_failures);
@@ -484,8 +507,12 @@ impl Worker {
                 && text.starts_with(&a.visible)
                 && let Some(t) = self.encode_suffix(&live, &text[a.visible.len()..])
             {
-                Metrics::inc(&self.metrics.hits_thinking_visible);
-                return (t, live.len(), "thinking-visible");
+                Metrics::inc(if a.responses {
+                    &self.metrics.hits_responses_visible
+                } else {
+                    &self.metrics.hits_thinking_visible
+                });
+                return (t, live.len(), a.source());
             }
             let live_text = self.tok.decode(&live);
             if text.as_bytes().starts_with(&live_text)
@@ -971,6 +998,7 @@ impl Worker {
                 self.alias = Some(Alias {
                     visible: format!("{prefix}{}", &vis[..vis.len() - undecoded]),
                     live_len: self.session.len(),
+                    responses: job.api == crate::error::Api::Responses,
                 });
             }
         }

@@ -254,7 +254,73 @@ async fn responses_tool_round_trip_reuses_live_kv() {
     let (p2, c2, _) = usage(&b2);
     assert_eq!(c2, p1 + g1, "{b2}");
     assert_eq!(prefilled(&s).await - before, p2 - c2);
-    assert_eq!(source(&s, "thinking-visible").await, 1);
+    // ds4's key for a Responses turn whose reasoning the client did not send back.
+    assert_eq!(source(&s, "responses-visible").await, 1);
+    assert_eq!(source(&s, "thinking-visible").await, 0);
+}
+
+/// A Responses tool turn evicted to disk is found again by the client's visible transcript
+/// (no reasoning items sent back): the checkpoint of that text carries ds4's
+/// `responses-visible` ext flag (bit 1), not the chat's `thinking-visible` one (bit 2).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn responses_checkpoints_are_keyed_by_the_visible_transcript() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_d, s) = scripted(disk_args(dir.path()));
+    let tools =
+        json!([{"type": "function", "name": "read_file", "parameters": {"type": "object"}}]);
+    let mut input = vec![
+        json!({"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Summarize main.rs"}]}),
+    ];
+    let (_, _, b1) = post(
+        &s,
+        "/v1/responses",
+        &json!({"tools": tools, "input": input}),
+    )
+    .await;
+    let v1: Value = serde_json::from_str(&b1).unwrap();
+    let (p1, _, g1) = usage(&b1);
+    let fc = v1["output"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["type"] == "function_call")
+        .unwrap()
+        .clone();
+    // Another conversation evicts the session: keyed by the live text and by the visible one.
+    post(
+        &s,
+        "/v1/chat/completions",
+        &json!({"think": false, "messages": [{"role": "user", "content": "Something else."}]}),
+    )
+    .await;
+    assert_eq!(
+        metric(&s, "ds4_kv_disk_stores_total{reason=\"evict\"}").await,
+        2.0
+    );
+    let flags: Vec<u8> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .filter_map(|e| {
+            let p = e.unwrap().path();
+            (p.extension().is_some_and(|x| x == "kv")).then(|| std::fs::read(p).unwrap()[6])
+        })
+        .collect();
+    assert_eq!(flags.len(), 2, "{flags:?}");
+    assert_eq!(flags.iter().filter(|f| *f & 2 != 0).count(), 1, "{flags:?}");
+    assert!(flags.iter().all(|f| f & 4 == 0), "{flags:?}");
+    input.push(fc.clone());
+    input.push(
+        json!({"type": "function_call_output", "call_id": fc["call_id"], "output": "fn main() {}"}),
+    );
+    let (_, _, b2) = post(
+        &s,
+        "/v1/responses",
+        &json!({"tools": tools, "input": input}),
+    )
+    .await;
+    let (_, c2, _) = usage(&b2);
+    assert_eq!(c2, p1 + g1, "{b2}");
+    assert_eq!(source(&s, "disk").await, 1);
+    assert_eq!(metric(&s, "ds4_kv_disk_load_failures_total").await, 0.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
