@@ -473,11 +473,8 @@ struct Lay {
     // one CTA per SM; the dequantised weight tile then serves twice the pairs, but with no
     // second CTA to overlap the dequantisation and the mmas it measured slower than BN = 64 on
     // an H100: opt-in, bench/results/h100/moe-bn128-s7.md).
-    // 32-pair tiles (fewer than 40 pairs per expert: prefills of under ~1700 tokens) spend little
-    // time per stage, so with 2 stages each stage waited for its own copy: they keep 3 in the
-    // ring at 2 CTAs per SM (IQ2_XXS 95.6 KB, Q2_K 102.6 KB a CTA).
-    static constexpr int NS = (T == W_Q4K || BN >= 128 || BN <= 32) ? 3 : 2;
-    static constexpr int MINB = (T == W_Q4K || BN >= 128) ? 1 : 2;
+    static constexpr int NS = (T == W_Q4K || BN >= 128) ? 3 : 2;
+    static constexpr int MINB = (NS == 2) ? 2 : 1;
     // Staged bytes of one 256-weight block of a row (rounded up to 16): IQ2_XXS qs 64 + the
     // aligned 4-byte word holding d; Q2_K qs 64 + scales 16 + d, dmin 4; Q4_K the whole block.
     static constexpr int RAWB = T == W_IQ2 ? 80 : T == W_Q2K ? 96 : 144;
