@@ -264,7 +264,7 @@ fn decode_both(
     for step in 0..steps {
         let tok = argmax(cpu.logits());
         let c = cpu.decode(tok)?.to_vec();
-        gpu.decode(tok)?;
+        gpu.advance(tok)?;
         // The greedy pick (on the device in a graph step) before the logits are read (copied
         // then), checked against the host's scan of those logits.
         let best = gpu.greedy(None);
@@ -615,7 +615,7 @@ fn flash(layers: usize, dir: &Path) -> Result<()> {
         let td = Instant::now();
         for _ in 0..steps {
             let tok = g.greedy(None);
-            g.decode(tok)?;
+            g.advance(tok)?;
         }
         let dt = td.elapsed().as_secs_f64() / steps as f64;
         let finite = g.logits().iter().all(|x| x.is_finite());

@@ -344,6 +344,9 @@ pub struct CudaBackend {
     logits_on_device: std::cell::Cell<bool>,
     /// `h_pick` holds the greedy pick of the last token's logits.
     pick_ready: bool,
+    /// A failed lazy copy of the logits ([`Backend::logits`] cannot return it): reported by the
+    /// next evaluation.
+    fetch_error: std::cell::RefCell<Option<CudaError>>,
     /// `ds4_argmax_pick` scratch, then its 16-byte result.
     d_pick: DBuf,
     h_pick: Pinned,
@@ -1036,6 +1039,7 @@ impl CudaBackend {
             device_pick,
             logits_on_device: std::cell::Cell::new(false),
             pick_ready: false,
+            fetch_error: std::cell::RefCell::new(None),
             d_pick,
             h_pick,
             chunk_logits: Vec::new(),
@@ -2825,6 +2829,10 @@ impl CudaBackend {
             }
             return Ok(());
         }
+        // This pass overwrites sc.logits: the last graph step's pick and logits are gone.
+        self.logits_pinned = false;
+        self.pick_ready = false;
+        self.logits_on_device.set(false);
         let toks: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
         htod(&self.stream, self.d_tok.ptr, &toks)?;
         let mut trace = self.trace.take();
@@ -2931,6 +2939,9 @@ impl CudaBackend {
                 ctx: self.ctx_len,
                 needed: pos0 + n,
             });
+        }
+        if let Some(e) = self.fetch_error.take() {
+            return Err(merr(e));
         }
         self.chunk_logits.clear();
         let nchunks = n.div_ceil(self.max_chunk);
@@ -3095,8 +3106,9 @@ impl Backend for CudaBackend {
     fn logits(&self) -> &[f32] {
         if self.logits_pinned {
             if let Err(e) = self.fetch_logits() {
-                // The device failed; the next evaluation reports it.
+                // The device failed: no logits now, and the next evaluation fails with it.
                 eprintln!("ds4-cuda: cannot copy the logits: {e}");
+                *self.fetch_error.borrow_mut() = Some(e);
                 return &[];
             }
             self.h_logits.slice::<f32>(self.s().n_vocab)

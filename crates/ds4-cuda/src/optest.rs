@@ -962,17 +962,17 @@ impl GpuOps {
         self.down(&x, n * hc * e)
     }
 
-    /// The greedy pick of `x` (`ds4_argmax_pick`, as the graph decode step runs it twice in a
-    /// row, so the counter's reset is exercised): `[best, second, nan seen, 0]`.
-    pub fn argmax_pick(&self, x: &[f32]) -> Result<[u32; 4], CudaError> {
+    /// The greedy pick of `x` (`ds4_argmax_pick`): `[best, second, nan seen, 0]`, from two runs
+    /// in a row into a cleared result each time, as graph steps run it (the second run needs
+    /// the first one's counter reset).
+    pub fn argmax_pick(&self, x: &[f32]) -> Result<[[u32; 4]; 2], CudaError> {
         let dx = self.up(x)?;
         let part = self.zeros(crate::fwd::PICK_PART_BYTES / 4)?;
-        let out = self.zeros(4)?;
-        let mut r = [0u32; 4];
-        for _ in 0..2 {
+        let mut r = [[0u32; 4]; 2];
+        for run in &mut r {
+            let out = self.up(&[u32::MAX; 4])?;
             self.fwd.argmax_pick(dx.ptr, x.len(), part.ptr, out.ptr)?;
-            let got = self.down::<u32>(&out, 4)?;
-            r.copy_from_slice(&got);
+            run.copy_from_slice(&self.down::<u32>(&out, 4)?);
         }
         Ok(r)
     }

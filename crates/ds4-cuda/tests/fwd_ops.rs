@@ -1117,7 +1117,11 @@ fn greedy_pick_is_the_host_argmax() {
                 x.iter_mut().for_each(|v| *v = -1.0);
                 x[(r.next() % n as u64) as usize] = f32::NAN;
             }
-            let got = g.argmax_pick(&x).unwrap();
+            let [got, again] = g.argmax_pick(&x).unwrap();
+            assert_eq!(
+                got, again,
+                "case {case} n {n} variant {variant}: a second run"
+            );
             let nan = x.iter().any(|v| v.is_nan());
             assert_eq!(
                 got[2] != 0,

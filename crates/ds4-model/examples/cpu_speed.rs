@@ -71,7 +71,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let t = Instant::now();
     for _ in 0..decode {
         let tok = argmax(sess.logits());
-        sess.decode(tok)?;
+        sess.advance(tok)?;
     }
     let td = t.elapsed().as_secs_f64();
     println!(

@@ -228,8 +228,15 @@ impl Session {
 
     /// Evaluate one token; returns the logits for the next one.
     pub fn decode(&mut self, token: u32) -> Result<&[f32]> {
-        self.eval_chunks(&[token], None, &mut |_, _| true)?;
+        self.advance(token)?;
         Ok(self.logits())
+    }
+
+    /// Evaluate one token without reading the logits: the generation loops' step. A backend
+    /// that picks the greedy token itself (the CUDA graph step) then copies no logits unless
+    /// [`Session::logits`] asks for them ([`Session::greedy`] reads the pick).
+    pub fn advance(&mut self, token: u32) -> Result<()> {
+        self.eval_chunks(&[token], None, &mut |_, _| true)
     }
 
     /// Bring the session to exactly `tokens`, reusing the current state when the current

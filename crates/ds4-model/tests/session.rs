@@ -714,4 +714,14 @@ fn greedy_uses_the_backend_pick_where_there_is_one() {
     s.restore(&snap).unwrap();
     assert_eq!(s.greedy(None), best);
     assert_eq!(s.greedy(Some(best)), second);
+    // `advance` is `decode` without reading the logits: the same state and logits after it.
+    s.advance(best).unwrap();
+    let stepped = bits(plain.decode(best).unwrap());
+    assert!(bits(s.logits()) == stepped, "logits after advance");
+    assert_eq!(s.tokens(), plain.tokens());
+    assert_eq!(
+        s.greedy(None),
+        pick[0],
+        "the backend's pick again after a step"
+    );
 }

@@ -2,15 +2,17 @@
 //!
 //! Per job (ds4's `generate_job`, §2.12): pick the longest reusable state — live tokens that are
 //! a prefix of the prompt (`memory-token`), the remembered client-visible form of the last
-//! thinking turn (`thinking-visible`; `responses-visible` after a `/v1/responses` turn), live text that is a byte prefix of the rendered prompt
-//! with only the suffix tokenized (`memory-text`), else save the outgoing session (`evict`) and
-//! look for the longest disk checkpoint whose text is a prefix (`disk`), else prefill from
-//! scratch (`cold`). Then prefill the rest in chunks (cold and continued checkpoints are cut at
-//! their boundaries; cancellation and shutdown are checked between chunks), and decode, feeding
-//! the streaming parser and checking stop sequences, cancellation and shutdown between steps.
+//! thinking turn (`thinking-visible`; `responses-visible` after a `/v1/responses` turn), live
+//! text that is a byte prefix of the rendered prompt with only the suffix tokenized
+//! (`memory-text`), else save the outgoing session (`evict`) and look for the longest disk
+//! checkpoint whose text is a prefix (`disk`), else prefill from scratch (`cold`). Then prefill
+//! the rest in chunks (cold and continued checkpoints are cut at their boundaries; cancellation
+//! and shutdown are checked between chunks), and decode, feeding the streaming parser and
+//! checking stop sequences, cancellation and shutdown between steps.
 //! An evict or shutdown checkpoint of a thinking turn is written under both texts, the live one
 //! (reasoning included) and the client-visible one (`thinking-visible` or `responses-visible`
-//! key, reasoning dropped), so a client finds it after a session switch or a restart whether or not it echoes reasoning.
+//! key, reasoning dropped), so a client finds it after a session switch or a restart whether or
+//! not it echoes reasoning.
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -833,7 +835,7 @@ impl Worker {
                     // (exact replay after a restart). One decode step, which the next turn
                     // would otherwise prefill.
                     let t0 = Instant::now();
-                    match self.session.decode(tok) {
+                    match self.session.advance(tok) {
                         Ok(_) => {
                             undecoded = 0;
                             decoded_gen += 1;
@@ -853,7 +855,7 @@ impl Worker {
                     break;
                 }
                 let t0 = Instant::now();
-                if let Err(e) = self.session.decode(tok) {
+                if let Err(e) = self.session.advance(tok) {
                     finish = Finish::Error(e.to_string());
                     break;
                 }

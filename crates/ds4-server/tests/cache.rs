@@ -217,20 +217,16 @@ async fn anthropic_tool_round_trip_reuses_live_kv() {
     assert_eq!(prefilled(&s).await - before, p2 - c2);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn responses_tool_round_trip_reuses_live_kv() {
-    let (_d, s) = scripted(args());
+/// A Responses tool turn (turn 1): returns the tools, turn 2's input (the user message, the
+/// function call and its output; no reasoning items sent back) and turn 1's prompt and
+/// generated token counts.
+async fn responses_tool_turn(s: &ds4_server::Server) -> (Value, Vec<Value>, u64, u64) {
     let tools =
         json!([{"type": "function", "name": "read_file", "parameters": {"type": "object"}}]);
     let mut input = vec![
         json!({"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Summarize main.rs"}]}),
     ];
-    let (_, _, b1) = post(
-        &s,
-        "/v1/responses",
-        &json!({"tools": tools, "input": input}),
-    )
-    .await;
+    let (_, _, b1) = post(s, "/v1/responses", &json!({"tools": tools, "input": input})).await;
     let v1: Value = serde_json::from_str(&b1).unwrap();
     let (p1, _, g1) = usage(&b1);
     let fc = v1["output"]
@@ -244,6 +240,13 @@ async fn responses_tool_round_trip_reuses_live_kv() {
     input.push(
         json!({"type": "function_call_output", "call_id": fc["call_id"], "output": "fn main() {}"}),
     );
+    (tools, input, p1, g1)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn responses_tool_round_trip_reuses_live_kv() {
+    let (_d, s) = scripted(args());
+    let (tools, input, p1, g1) = responses_tool_turn(&s).await;
     let before = prefilled(&s).await;
     let (_, _, b2) = post(
         &s,
@@ -266,26 +269,7 @@ async fn responses_tool_round_trip_reuses_live_kv() {
 async fn responses_checkpoints_are_keyed_by_the_visible_transcript() {
     let dir = tempfile::tempdir().unwrap();
     let (_d, s) = scripted(disk_args(dir.path()));
-    let tools =
-        json!([{"type": "function", "name": "read_file", "parameters": {"type": "object"}}]);
-    let mut input = vec![
-        json!({"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Summarize main.rs"}]}),
-    ];
-    let (_, _, b1) = post(
-        &s,
-        "/v1/responses",
-        &json!({"tools": tools, "input": input}),
-    )
-    .await;
-    let v1: Value = serde_json::from_str(&b1).unwrap();
-    let (p1, _, g1) = usage(&b1);
-    let fc = v1["output"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|i| i["type"] == "function_call")
-        .unwrap()
-        .clone();
+    let (tools, input, p1, g1) = responses_tool_turn(&s).await;
     // Another conversation evicts the session: keyed by the live text and by the visible one.
     post(
         &s,
@@ -307,10 +291,6 @@ async fn responses_checkpoints_are_keyed_by_the_visible_transcript() {
     assert_eq!(flags.len(), 2, "{flags:?}");
     assert_eq!(flags.iter().filter(|f| *f & 2 != 0).count(), 1, "{flags:?}");
     assert!(flags.iter().all(|f| f & 4 == 0), "{flags:?}");
-    input.push(fc.clone());
-    input.push(
-        json!({"type": "function_call_output", "call_id": fc["call_id"], "output": "fn main() {}"}),
-    );
     let (_, _, b2) = post(
         &s,
         "/v1/responses",

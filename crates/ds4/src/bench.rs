@@ -791,7 +791,7 @@ pub fn run(a: Args) -> Result<()> {
             .sync(&prompt[..first])
             .with_context(|| format!("warm-up prefill of {first} tokens"))?;
         let next = session.greedy(eos);
-        session.decode(next).context("warm-up decode step")?;
+        session.advance(next).context("warm-up decode step")?;
         session.reset();
     }
     let mut previous = 0usize;
@@ -826,7 +826,7 @@ pub fn run(a: Args) -> Result<()> {
         let t1 = Instant::now();
         for _ in 0..a.gen_tokens {
             let next = session.greedy(eos);
-            session.decode(next)?;
+            session.advance(next)?;
         }
         let gen_s = t1.elapsed().as_secs_f64();
         session

@@ -347,7 +347,7 @@ pub fn run(mut a: Args) -> Result<()> {
                 let _ = out.flush();
             }
             if step + 1 < budget {
-                session.decode(next)?;
+                session.advance(next)?;
             }
         }
         GENERATING.store(false, Ordering::SeqCst);

@@ -311,7 +311,7 @@ pub fn run(a: Args) -> Result<()> {
             }
         }
         if step + 1 < n {
-            session.decode(next)?;
+            session.advance(next)?;
         }
     }
     let gen_s = t1.elapsed().as_secs_f64();
