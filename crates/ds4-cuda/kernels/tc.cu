@@ -498,9 +498,11 @@ struct Lay {
     // stored TCOPY times side by side and lane l reads copy l % TCOPY, so the random gathers
     // of a warp meet fewer bank conflicts: ncu at 512 tokens found the 32-pair kernel bound by
     // L1/shared wavefronts (84 %), a quarter of them conflicts of these gathers. 16 copies
-    // (24 KB) where 2 CTAs per SM still fit, else 8.
-    static constexpr int TCOPY = (T == W_IQ2) ? (BN == 64 ? 8 : 16) : 1;
-    static constexpr int TCOPY_LOG = TCOPY == 16 ? 4 : TCOPY == 8 ? 3 : 0;
+    // (24 KB) for the 32-pair tiles: conflicts −43 %, gate+up −3..5 % at 128..1024 tokens
+    // (bench/README.md, session 15). The 64-pair tiles keep one copy: 2 CTAs per SM fit 8
+    // copies at most, which measured 3-5 % slower there (more spills, MMA-heavier stages).
+    static constexpr int TCOPY = (T == W_IQ2 && BN <= 32) ? 16 : 1;
+    static constexpr int TCOPY_LOG = TCOPY == 16 ? 4 : 0;
     static constexpr int TABB = (T == W_IQ2) ? (256 * 4 + 128 * 4) * TCOPY : 0;
     static constexpr int O_TILE = O_TAB + TABB;
     static constexpr int TILEB = TC_BM * 256;
@@ -611,13 +613,16 @@ struct Tc {
                 const uint2 aux = *(const uint2*)(rw + 8 * s);
                 // Table byte offsets: index << CS taken from the words shifted left by CS (as
                 // (32 + CS)-bit values: a funnel shift keeps their top bits for group 3).
+                // (One copy: the sign bits of aux.y end at bit 27, a plain shift serves.)
                 const u32 axs = aux.x << CS, axh = aux.x >> (32 - CS);
                 const u32 ays = aux.y << CS, ayh = aux.y >> (32 - CS);
                 u32 o[8];
 #pragma unroll
                 for (int i = 0; i < 4; i++) {
+                    const u32 so = L::TCOPY == 1 ? ((ays >> shy[i]) & 0x1fcu)
+                                                 : (__funnelshift_r(ays, ayh, shy[i]) & (0x7fu << CS));
                     const u32 sel = *(const u32*)(ct + (__funnelshift_r(axs, axh, shx[i]) & (0xffu << CS))) |
-                                    *(const u32*)(stb + (__funnelshift_r(ays, ayh, shy[i]) & (0x7fu << CS)));
+                                    *(const u32*)(stb + so);
                     o[2 * i] = prmt(pp, pn, sel);
                     o[2 * i + 1] = prmt(pp, pn, sel >> 16);
                 }
@@ -799,8 +804,12 @@ struct Tc {
             // Entry i's TCOPY copies at ctab[TCOPY·i ..] (16-byte stores of 4 copies).
             u32* ctab = (u32*)(sm + L::O_TAB);
             auto put = [&](int i, u32 v) {
+                if (L::TCOPY == 1) {
+                    ctab[i] = v;
+                } else {
 #pragma unroll
-                for (int c = 0; c < L::TCOPY; c += 4) *(uint4*)(ctab + i * L::TCOPY + c) = make_uint4(v, v, v, v);
+                    for (int c = 0; c < L::TCOPY; c += 4) *(uint4*)(ctab + i * L::TCOPY + c) = make_uint4(v, v, v, v);
+                }
             };
             for (int i = tid; i < 256; i += TC_THREADS) {
                 const u64 gv = ds4_iq2xxs_grid[i];
