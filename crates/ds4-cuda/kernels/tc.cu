@@ -619,22 +619,10 @@ struct Tc {
                 u32 o[8];
 #pragma unroll
                 for (int i = 0; i < 4; i++) {
-                    u32 sg;
-                    if (L::TCOPY == 16) {
-                        // The 32-pair tiles are bound by the L1/shared pipe: the sign spread by
-                        // arithmetic instead of a gather (7 bits + parity, bit k → bit 4k+2).
-                        const u32 s7 = (aux.y >> shy[i]) & 0x7fu;
-                        u32 x = s7 | ((__popc(s7) & 1u) << 7);
-                        x = (x | (x << 12)) & 0x000f000fu;
-                        x = (x | (x << 6)) & 0x03030303u;
-                        x = (x | (x << 3)) & 0x11111111u;
-                        sg = x << 2;
-                    } else {
-                        const u32 so = L::TCOPY == 1 ? ((ays >> shy[i]) & 0x1fcu)
-                                                     : (__funnelshift_r(ays, ayh, shy[i]) & (0x7fu << CS));
-                        sg = *(const u32*)(stb + so);
-                    }
-                    const u32 sel = *(const u32*)(ct + (__funnelshift_r(axs, axh, shx[i]) & (0xffu << CS))) | sg;
+                    const u32 so = L::TCOPY == 1 ? ((ays >> shy[i]) & 0x1fcu)
+                                                 : (__funnelshift_r(ays, ayh, shy[i]) & (0x7fu << CS));
+                    const u32 sel = *(const u32*)(ct + (__funnelshift_r(axs, axh, shx[i]) & (0xffu << CS))) |
+                                    *(const u32*)(stb + so);
                     o[2 * i] = prmt(pp, pn, sel);
                     o[2 * i + 1] = prmt(pp, pn, sel >> 16);
                 }
