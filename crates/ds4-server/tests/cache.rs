@@ -271,16 +271,7 @@ async fn responses_checkpoints_are_keyed_by_the_visible_transcript() {
     let (_d, s) = scripted(disk_args(dir.path()));
     let (tools, input, p1, g1) = responses_tool_turn(&s).await;
     // Another conversation evicts the session: keyed by the live text and by the visible one.
-    post(
-        &s,
-        "/v1/chat/completions",
-        &json!({"think": false, "messages": [{"role": "user", "content": "Something else."}]}),
-    )
-    .await;
-    assert_eq!(
-        metric(&s, "ds4_kv_disk_stores_total{reason=\"evict\"}").await,
-        2.0
-    );
+    evict_by_another_conversation(&s).await;
     let flags: Vec<u8> = std::fs::read_dir(dir.path())
         .unwrap()
         .filter_map(|e| {
@@ -336,6 +327,21 @@ async fn exact_replay_can_be_disabled() {
         "It prints hello."
     );
     assert_eq!(metric(&s, "ds4_tool_memory_ids").await, 1.0);
+}
+
+/// An unrelated request, which evicts the live thinking session to disk under two keys (its
+/// live text and its client-visible transcript).
+async fn evict_by_another_conversation(s: &ds4_server::Server) {
+    post(
+        s,
+        "/v1/chat/completions",
+        &json!({"think": false, "messages": [{"role": "user", "content": "Something else."}]}),
+    )
+    .await;
+    assert_eq!(
+        metric(s, "ds4_kv_disk_stores_total{reason=\"evict\"}").await,
+        2.0
+    );
 }
 
 fn disk_args(dir: &std::path::Path) -> ds4_server::ServeArgs {
@@ -441,16 +447,7 @@ async fn thinking_checkpoints_are_keyed_by_the_visible_transcript() {
     let (p1, _, g1) = usage(&b1);
     // Another conversation evicts the thinking session to disk: one checkpoint keyed by the
     // live text (reasoning included), one by the visible transcript.
-    post(
-        &s,
-        "/v1/chat/completions",
-        &json!({"think": false, "messages": [{"role": "user", "content": "Something else."}]}),
-    )
-    .await;
-    assert_eq!(
-        metric(&s, "ds4_kv_disk_stores_total{reason=\"evict\"}").await,
-        2.0
-    );
+    evict_by_another_conversation(&s).await;
     // Turn 2 as a client sends it: the assistant's answer without its reasoning.
     let (_, _, b2) = post(&s, "/v1/chat/completions", &chat_turn2(true)).await;
     let v2: Value = serde_json::from_str(&b2).unwrap();
