@@ -3522,20 +3522,25 @@ __device__ __forceinline__ void top2_add(Top2& t, float v, unsigned i) {
     }
 }
 
+// The best two of t and o (disjoint index sets).
+__device__ __forceinline__ void top2_merge(Top2& t, const Top2& o) {
+    top2_add(t, o.v0, o.i0);
+    top2_add(t, o.v1, o.i1);
+}
+
 __device__ __forceinline__ void top2_shfl_merge(Top2& t, int o) {
-    const float v0 = __shfl_xor_sync(0xffffffffu, t.v0, o);
-    const unsigned i0 = __shfl_xor_sync(0xffffffffu, t.i0, o);
-    const float v1 = __shfl_xor_sync(0xffffffffu, t.v1, o);
-    const unsigned i1 = __shfl_xor_sync(0xffffffffu, t.i1, o);
-    top2_add(t, v0, i0);
-    top2_add(t, v1, i1);
+    Top2 u;
+    u.v0 = __shfl_xor_sync(0xffffffffu, t.v0, o);
+    u.i0 = __shfl_xor_sync(0xffffffffu, t.i0, o);
+    u.v1 = __shfl_xor_sync(0xffffffffu, t.v1, o);
+    u.i1 = __shfl_xor_sync(0xffffffffu, t.i1, o);
+    top2_merge(t, u);
 }
 
 extern "C" __global__ void __launch_bounds__(256) ds4_argmax_pick(const float* __restrict__ x, int n,
                                                                  Top2* part, unsigned* ctr, unsigned* out) {
     PDL_ENTRY();
     __shared__ Top2 s_t[8];
-    __shared__ int s_nan;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     Top2 t = {-INFINITY, 0xffffffffu, -INFINITY, 0xffffffffu};
     int nan = 0;
@@ -3551,10 +3556,7 @@ extern "C" __global__ void __launch_bounds__(256) ds4_argmax_pick(const float* _
     if (lane == 0) s_t[warp] = t;
     __syncthreads();
     if (threadIdx.x == 0) {
-        for (int w = 1; w < (int)(blockDim.x >> 5); w++) {
-            top2_add(t, s_t[w].v0, s_t[w].i0);
-            top2_add(t, s_t[w].v1, s_t[w].i1);
-        }
+        for (int w = 1; w < (int)(blockDim.x >> 5); w++) top2_merge(t, s_t[w]);
         part[blockIdx.x] = t;
         ((unsigned*)(part + gridDim.x))[blockIdx.x] = (unsigned)nan;
     }
@@ -3565,8 +3567,7 @@ extern "C" __global__ void __launch_bounds__(256) ds4_argmax_pick(const float* _
     for (int b = lane; b < (int)gridDim.x; b += 32) {
         // Written by other blocks of this launch: read through L2.
         const uint4 p = __ldcg((const uint4*)(part + b));
-        top2_add(m, __uint_as_float(p.x), p.y);
-        top2_add(m, __uint_as_float(p.z), p.w);
+        top2_merge(m, Top2{__uint_as_float(p.x), p.y, __uint_as_float(p.z), p.w});
         nf |= __ldcg((const unsigned*)(part + gridDim.x) + b);
     }
 #pragma unroll

@@ -340,10 +340,9 @@ pub struct CudaBackend {
     /// on first use. On by default; `DS4_CUDA_GREEDY_PICK=0` copies the logits in every step.
     device_pick: bool,
     /// Set by a graph step with `device_pick`: `h_logits` is stale until
-    /// [`CudaBackend::fetch_logits`] (which [`Backend::logits`] calls) copies them.
+    /// [`CudaBackend::fetch_logits`] (which [`Backend::logits`] calls) copies them. (`h_pick`
+    /// holds the last token's pick while `logits_pinned && device_pick`.)
     logits_on_device: std::cell::Cell<bool>,
-    /// `h_pick` holds the greedy pick of the last token's logits.
-    pick_ready: bool,
     /// A failed lazy copy of the logits ([`Backend::logits`] cannot return it): reported by the
     /// next evaluation.
     fetch_error: std::cell::RefCell<Option<CudaError>>,
@@ -1038,7 +1037,6 @@ impl CudaBackend {
             logits_pinned: false,
             device_pick,
             logits_on_device: std::cell::Cell::new(false),
-            pick_ready: false,
             fetch_error: std::cell::RefCell::new(None),
             d_pick,
             h_pick,
@@ -2808,13 +2806,11 @@ impl CudaBackend {
                 let _ = self.stream.synchronize();
                 self.logits.clear();
                 self.logits_pinned = false;
-                self.pick_ready = false;
                 self.logits_on_device.set(false);
                 return Err(e);
             }
             self.graph_launches += 1;
             self.logits_pinned = true;
-            self.pick_ready = self.device_pick;
             self.logits_on_device.set(self.device_pick);
             if all_logits {
                 self.fetch_logits()?;
@@ -2831,7 +2827,6 @@ impl CudaBackend {
         }
         // This pass overwrites sc.logits: the last graph step's pick and logits are gone.
         self.logits_pinned = false;
-        self.pick_ready = false;
         self.logits_on_device.set(false);
         let toks: Vec<i32> = tokens.iter().map(|&t| t as i32).collect();
         htod(&self.stream, self.d_tok.ptr, &toks)?;
@@ -3118,7 +3113,7 @@ impl Backend for CudaBackend {
     }
 
     fn greedy_pick(&self) -> Option<[u32; 2]> {
-        if !(self.logits_pinned && self.pick_ready) {
+        if !(self.logits_pinned && self.device_pick) {
             return None;
         }
         let p = self.h_pick.slice::<i32>(4);
