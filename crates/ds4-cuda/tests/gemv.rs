@@ -421,7 +421,7 @@ fn moe_matches_cpu() {
             // Every kernel variant (the default last: its mid feeds the down check).
             let mut mids = Vec::new();
             let mut mid = nan_buf(&d, n * kk * ff);
-            for gv in [1u32, 0] {
+            for gv in [2u32, 1, 0] {
                 d.g.tuning.gate_up_variant = gv;
                 mid = nan_buf(&d, n * kk * ff);
                 d.g.moe_gate_up(
@@ -586,6 +586,78 @@ fn bad_expert_ids_give_nan_not_garbage() {
         d.g.upload(&d.stream, GgmlType::Q5_K, cols, rows, 1, &b)
             .is_err()
     );
+}
+
+/// The IQ2_XXS routed gate/up kernels (every variant: the `_pf` ring of in-flight chunks and
+/// the two former ones) on shapes the Flash ones do not reach: an odd number of block scales
+/// per matrix (the ring copies the aligned 4-byte word holding each scale, and only its first
+/// half for the last one), a partial second warp step (17 blocks a row), rows not a multiple
+/// of the tile, more units than warps in flight, and a bad expert id (NaN rows).
+#[test]
+fn iq2_gate_up_odd_shapes_every_variant() {
+    let Some(mut d) = dev() else { return };
+    let mut rng = Rng(11);
+    let ty = GgmlType::IQ2_XXS;
+    for &(cols, rows, n_mat, n, k) in &[
+        (768usize, 5usize, 3usize, 3usize, 2usize),
+        (4352, 7, 5, 2, 3),
+        (256, 1, 2, 2, 1),
+        (2048, 3, 9, 4, 3),
+    ] {
+        let gate_b = make_weight(&mut rng, ty, cols, rows * n_mat);
+        let up_b = make_weight(&mut rng, ty, cols, rows * n_mat);
+        let gate =
+            d.g.upload(&d.stream, ty, cols, rows, n_mat, &gate_b)
+                .unwrap();
+        let up = d.g.upload(&d.stream, ty, cols, rows, n_mat, &up_b).unwrap();
+        let rb = row_bytes(ty, cols);
+        let x = rng.vec(n * cols, 3.0);
+        let mut ids = pick_ids(&mut rng, n, k, n_mat);
+        // The last slot of the last token names no expert.
+        *ids.last_mut().unwrap() = n_mat as i32;
+        let wts: Vec<f32> = (0..n * k).map(|_| rng.unif() as f32 * 0.5 + 0.05).collect();
+        let dx = d.stream.clone_htod(&x).unwrap();
+        let dids = d.stream.clone_htod(&ids).unwrap();
+        let dw = d.stream.clone_htod(&wts).unwrap();
+        let mut act = byte_buf(&d, Gemv::act_bytes(ty, cols, n));
+        d.g.quantize_act(&d.stream, ty, &dx, n, cols, &mut act)
+            .unwrap();
+        let mut want = vec![0.0f32; n * k * rows];
+        for t in 0..n {
+            let a = prep(ty, &x[t * cols..(t + 1) * cols]);
+            for j in 0..k {
+                let e = ids[t * k + j] as usize;
+                if e >= n_mat {
+                    continue;
+                }
+                for r in 0..rows {
+                    let rr = e * rows + r;
+                    let g = row_dot(ty, &gate_b[rr * rb..(rr + 1) * rb], &a);
+                    let u = row_dot(ty, &up_b[rr * rb..(rr + 1) * rb], &a);
+                    want[(t * k + j) * rows + r] = swiglu(g, u, 10.0, wts[t * k + j]);
+                }
+            }
+        }
+        let bad = (n * k - 1) * rows;
+        for gv in [0u32, 1, 2] {
+            d.g.tuning.gate_up_variant = gv;
+            let mut mid = nan_buf(&d, n * k * rows);
+            d.g.moe_gate_up(
+                &d.stream, &gate, &up, &dx, &act, &dids, &dw, n, k, 10.0, &mut mid,
+            )
+            .unwrap();
+            let got = d.stream.clone_dtoh(&mid).unwrap();
+            let what = format!("iq2 gate/up {cols}x{rows}x{n_mat} n={n} k={k} variant={gv}");
+            assert!(
+                got[bad..].iter().all(|v| v.is_nan()),
+                "{what}: the bad id's rows"
+            );
+            let mut tally = Tally::default();
+            tally.add(&what, &got[..bad], &want[..bad]);
+            tally.finish(&what);
+        }
+        d.g.tuning.gate_up_variant = 0;
+    }
 }
 
 /// Q8_0 activations at chunk sizes (a 2048-token prefill chunk of the 4096- and 16384-wide
