@@ -882,123 +882,6 @@ __device__ __forceinline__ void gate_up_body(const WP& wg, const WP& wu, const A
     }
 }
 
-// Routed MoE gate/up + SwiGLU for IQ2_XXS with the weights copied ahead of use (variant
-// `_pf`, the default): the same work units, arithmetic and order as gate_up_body<T_IQ2_XXS,
-// RR, 2> (accum_chunk over one step at a time adds the same terms in the same order), but a
-// warp walks its (unit, step) chunks in sequence while the weights of the next PF chunks are
-// being copied (cp.async) into its ring of PF shared-memory slots. In gate_up_body each warp
-// takes ~3 units in turn and waits for every unit's weights from DRAM before its arithmetic;
-// here only the first chunks' latency is exposed. A slot: [RR][32] 16-byte weight words, then
-// [RR][32] 4-byte words, each the aligned word holding the lane's block scale d.
-#define IQ2_TAB_WORDS (384 * 32)
-#define GU_PF 3
-__device__ __forceinline__ void cp4z(void* dst, const void* src, int n) {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_u32(dst)), "l"(src), "r"(n) : "memory");
-}
-template <int RR, int PF>
-__device__ __forceinline__ void gate_up_pf_iq2(const WP& wg, const WP& wu, const AP& ap,
-                                               const int* __restrict__ ids, const float* __restrict__ wts,
-                                               float* __restrict__ mid, int Rm, int n_mat, int n, int k,
-                                               float clamp) {
-    typedef Ty<T_IQ2_XXS> K;
-    constexpr int L = K::LPB, NA = RR / L, PR = RR / 2;
-    constexpr int SLOT = RR * 32 * 20;
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const Tabs tb = make_tabs(lane);
-    const unsigned tiles = (unsigned)((Rm + PR - 1) / PR);
-    const int units = n * k * (int)tiles;  // < 2^31 (checked on the host)
-    const int nw = gridDim.x * (blockDim.x >> 5);
-    const unsigned nit = (unsigned)((wg.C + K::COLS - 1) / K::COLS);
-    const i64 dlim = (i64)n_mat * Rm * wg.nb;  // d entries of one matrix (gate and up alike)
-    u8* ring = (u8*)(s_tab + IQ2_TAB_WORDS) + warp * PF * SLOT;
-    auto expert = [&](int tj) {
-        const int e = ids ? __ldg(ids + tj) : 0;
-        return (e < 0 || e >= n_mat) ? -1 : e;
-    };
-    iq2_init(s_tab);
-    __syncthreads();
-    pdl_wait();
-    const int u0 = blockIdx.x * (blockDim.x >> 5) + warp;
-    const int nch = u0 < units ? (int)((unsigned)(units - 1 - u0) / (unsigned)nw + 1) * (int)nit : 0;
-    // Block index of virtual row v's weights in chunk (unit u, step s) for this lane, or -1.
-    auto blk_of = [&](int e, int u, int s, int v) -> i64 {
-        const int pr = (int)((unsigned)u % tiles) * PR + (v >> 1);
-        const int b = s * 8 + (lane >> 2);
-        return (pr < Rm && b < wg.nb) ? ((i64)e * Rm + pr) * wg.nb + b : (i64)-1;
-    };
-    auto issue = [&](int c) {
-        if (c < nch) {
-            const int q = (int)((unsigned)c / nit), s = c - q * (int)nit;
-            const int u = u0 + q * nw;
-            const int e = expert((int)((unsigned)u / tiles));
-            if (e >= 0) {
-                u8* slot = ring + (c % PF) * SLOT;
-#pragma unroll
-                for (int v = 0; v < RR; v++) {
-                    const WP& w = (v & 1) ? wu : wg;
-                    int4* dw = (int4*)slot + v * 32 + lane;
-                    u32* dd = (u32*)(slot + RR * 32 * 16) + v * 32 + lane;
-                    const i64 blk = blk_of(e, u, s, v);
-                    if (blk >= 0) {
-                        cp16(dw, w.p0 + blk * 64 + (lane & 3) * 16);
-                        // The aligned word holding d (only its first half when that half is
-                        // the matrix's last entry).
-                        cp4z(dd, w.p1 + ((2 * blk) & ~(i64)3), ((blk & 1) || blk + 1 < dlim) ? 4 : 2);
-                    } else {
-                        *dw = zero4();
-                        *dd = 0;
-                    }
-                }
-            }
-        }
-        cp_commit();  // one group per chunk, empty or not: wait_group counts chunks
-    };
-#pragma unroll
-    for (int c = 0; c < PF; c++) issue(c);
-    double acc[1][NA];
-    for (int c = 0; c < nch; c++) {
-        cp_wait<PF - 1>();  // this lane's copies of chunk c have landed
-        const int q = (int)((unsigned)c / nit), s = c - q * (int)nit;
-        const int u = u0 + q * nw;
-        const int tj = (int)((unsigned)u / tiles);
-        const int r0 = (int)((unsigned)u % tiles) * PR;
-        const int t = (int)((unsigned)tj / (unsigned)k);
-        const int e = expert(tj);
-        typename K::F f[1][RR];
-        if (e >= 0) {
-            const u8* slot = ring + (c % PF) * SLOT;
-#pragma unroll
-            for (int v = 0; v < RR; v++) {
-                f[0][v].w = ((const int4*)slot)[v * 32 + lane];
-                const u32 dw = ((const u32*)(slot + RR * 32 * 16))[v * 32 + lane];
-                f[0][v].d = (blk_of(e, u, s, v) & 1) ? (dw >> 16) : (dw & 0xffffu);
-            }
-        }
-        issue(c + PF);  // slot c % PF is free again (this lane read its own words)
-        if (e < 0) {
-            if (s == 0 && lane < PR && r0 + lane < Rm) mid[(i64)tj * Rm + r0 + lane] = __int_as_float(0x7fc00000);
-            continue;
-        }
-        if (s == 0) {
-#pragma unroll
-            for (int a = 0; a < NA; a++) acc[0][a] = 0.0;
-        }
-        accum_chunk<T_IQ2_XXS, RR, 1, 1>(
-            f, 1, 1, lane, tb,
-            [&](typename K::A& a, int, int) { K::act(a, ap, wg, (i64)t * wg.C, s, lane); }, acc);
-        if (s + 1 < (int)nit) continue;
-        lane_reduce<L>(acc);
-        const double wt = ids ? (double)__ldg(wts + tj) : 1.0;
-#pragma unroll
-        for (int a = 0; a < NA; a++) {
-            const double other = __shfl_xor_sync(FULL_MASK, acc[0][a], 1);
-            const int pr = r0 + (a * L + lane) / 2;
-            if (lane < L && !(lane & 1) && pr < Rm) swiglu_out<T_IQ2_XXS>(acc[0][a], other, clamp, wt, mid + (i64)tj * Rm + pr);
-        }
-    }
-    cp_wait<0>();
-}
-
 #define MOE_GU_ARGS                                                                           \
     const u8 *g0, const u8 *g1, const u8 *g2, const u8 *u0, const u8 *u1, const u8 *u2,      \
         const i8 *aq, const float *ad, const short *abs_, const float *x, const int *ids,     \
@@ -1020,12 +903,6 @@ MOE_GU_INST(q2_k, T_Q2_K, 256, 4, 2, 1)
 MOE_GU_INST(q4_k, T_Q4_K, 256, 8, 1, 1)
 MOE_GU_INST(iq2_xxs, T_IQ2_XXS, 256, 4, 2, 1)
 MOE_GU_INST(iq2_xxs_lb3, T_IQ2_XXS, 256, 4, 2, 3)
-extern "C" __global__ void __launch_bounds__(256, 2) ds4_moe_gate_up_iq2_xxs_pf(MOE_GU_ARGS) { PDL_DEFERRED();
-    const WP wg = {g0, g1, g2, C, C / 256};
-    const WP wu = {u0, u1, u2, C, C / 256};
-    const AP a = {aq, ad, abs_, x};
-    gate_up_pf_iq2<4, GU_PF>(wg, wu, a, ids, wts, mid, R, n_mat, n, k, clamp);
-}
 
 // ------------------------------------------------------------------------------------------
 // Routed MoE down: out[t][r] = (float) Σ_j (double)(float)(scale · acc_j), acc_j the double

@@ -508,16 +508,10 @@ struct Lay {
     static constexpr int TILEB = TC_BM * 256;
     static constexpr int O_MD = O_TILE + TILEB;       // f32 [BM] d
     static constexpr int O_MDM = O_MD + TC_BM * 4;    // f32 [BM] dmin
-    static constexpr int O_MSC = O_MDM + TC_BM * 4;   // u8 [BM][8] Q4_K sc
+    static constexpr int O_MSC = O_MDM + TC_BM * 4;   // u8 [BM][8] ls / sc
     static constexpr int O_MMN = O_MSC + TC_BM * 8;   // u8 [BM][16] mins
     static constexpr int O_BS = O_MMN + TC_BM * 16;   // Q2_K: s8 [2][BN][16] bsum hi, lo
-    // IQ2_XXS: s32 [8][LS_STRIDE] sub-block scales by K step, then warp row wm, lane row g, and
-    // q = 2·mi + h (row 32·wm + 16·mi + 8·h + g): one 16-byte load gives a thread the four
-    // scales of a step (instead of shifting and masking them out of packed bytes: 12 ALU
-    // instructions a step). Stride 132: the 8 steps' stores spread over the banks.
-    static constexpr int LS_STRIDE = 132;
-    static constexpr int O_LSI = al128(O_BS + (T == W_Q2K ? 2 * BN * 16 : 0));
-    static constexpr int O_ST = al128(O_LSI + (T == W_IQ2 ? 8 * LS_STRIDE * 4 : 0));
+    static constexpr int O_ST = al128(O_BS + (T == W_Q2K ? 2 * BN * 16 : 0));
     static constexpr int TOTAL = O_ST + NS * STAGE;
 };
 
@@ -632,8 +626,7 @@ struct Tc {
                     o[2 * i] = prmt(pp, pn, sel);
                     o[2 * i + 1] = prmt(pp, pn, sel >> 16);
                 }
-                ((int*)(sm + L::O_LSI))[s * L::LS_STRIDE + (j & ~31) + 4 * (j & 7) + ((j >> 3) & 3)] =
-                    (int)(2 * (aux.y >> 28) + 1);
+                msc[j * 8 + s] = (u8)(2 * (aux.y >> 28) + 1);
                 if (s == 0) {
                     const u64 pd = ((const u64*)(sm + L::O_PA))[TC_BM + j] + 2 * kb;  // address of d
                     const u32 dw = *(const u32*)(rw + 64);
@@ -708,10 +701,10 @@ struct Tc {
     // The tile's mmas for the NV valid n8 tiles of this warp (NV warp-uniform: no predicated
     // mma, hence no WARPSYNC per mma). LS = 0: iacc += A·B over the 8 K steps (Q2_K: scale in
     // the weights). LS = 1 (IQ2_XXS): iacc += ls·(A·B) per 32-wide sub-block, ls the 8-bit
-    // scales of the thread's rows (lsp: this thread's entry of step 0 in L::O_LSI).
+    // scales of the thread's rows (lsv: byte s = step s).
     template <int NV, int LS>
     __device__ static __forceinline__ void mma_tile(const u8* As, const u8* Bs, const int (&aoff)[2],
-                                                    const int (&boff)[NT / 2], const int* lsp,
+                                                    const int (&boff)[NT / 2], const u64 (&lsv)[2][2],
                                                     int (&iacc)[2][NT][4]) {
         constexpr int NP = (NV + 1) / 2;
         const int zero4[4] = {0, 0, 0, 0};
@@ -733,8 +726,11 @@ struct Tc {
                 b[2 * p + 1][1] = r[3];
             }
             if (LS) {
-                const int4 l4 = *(const int4*)(lsp + s * L::LS_STRIDE);
-                const int ls[2][2] = {{l4.x, l4.y}, {l4.z, l4.w}};
+                int ls[2][2];
+#pragma unroll
+                for (int mi = 0; mi < 2; mi++)
+#pragma unroll
+                    for (int h = 0; h < 2; h++) ls[mi][h] = (int)((lsv[mi][h] >> (8 * s)) & 255u);
 #pragma unroll
                 for (int mi = 0; mi < 2; mi++)
 #pragma unroll
@@ -754,10 +750,10 @@ struct Tc {
     }
     template <int NV, int LS>
     __device__ static __forceinline__ void mma_dispatch(int nvw, const u8* As, const u8* Bs, const int (&aoff)[2],
-                                                        const int (&boff)[NT / 2], const int* lsp,
+                                                        const int (&boff)[NT / 2], const u64 (&lsv)[2][2],
                                                         int (&iacc)[2][NT][4]) {
-        if (nvw >= NV) mma_tile<NV, LS>(As, Bs, aoff, boff, lsp, iacc);
-        else if (NV > 1) mma_dispatch<(NV > 1 ? NV - 1 : 1), LS>(nvw, As, Bs, aoff, boff, lsp, iacc);
+        if (nvw >= NV) mma_tile<NV, LS>(As, Bs, aoff, boff, lsv, iacc);
+        else if (NV > 1) mma_dispatch<(NV > 1 ? NV - 1 : 1), LS>(nvw, As, Bs, aoff, boff, lsv, iacc);
     }
 
     __device__ static void run(const TcArgs& P) {
@@ -883,11 +879,18 @@ struct Tc {
             cp_commit();
             dequant(sm, kb, buf);
             __syncthreads();
+            // IQ2_XXS: the 8 sub-block scales of each of this thread's rows, one load per stage.
+            u64 lsv[2][2] = {{0, 0}, {0, 0}};
+            if (T == W_IQ2) {
+#pragma unroll
+                for (int mi = 0; mi < 2; mi++)
+#pragma unroll
+                    for (int h = 0; h < 2; h++)
+                        lsv[mi][h] = *(const u64*)(sm + L::O_MSC + (32 * wm + 16 * mi + g + 8 * h) * 8);
+            }
             if (T == W_Q2K || T == W_IQ2) {
-                // K-quant super-blocks are whole stages: always 8 steps. IQ2_XXS: the step-major
-                // sub-block scales (L::O_LSI) from this thread's entry.
-                const int* lsp = (const int*)(sm + L::O_LSI) + 32 * wm + 4 * g;
-                mma_dispatch<NT, (T == W_IQ2) ? 1 : 0>(nvw, As, Bs, aoff, boff, lsp, iacc);
+                // K-quant super-blocks are whole stages: always 8 steps.
+                mma_dispatch<NT, (T == W_IQ2) ? 1 : 0>(nvw, As, Bs, aoff, boff, lsv, iacc);
             } else {
             const int steps = min(8, (CB - kb * 256) / 32);
             auto step = [&](const int s) {
@@ -910,7 +913,22 @@ struct Tc {
                     b[2 * p + 1][0] = r[2];
                     b[2 * p + 1][1] = r[3];
                 }
-                if (T == W_Q2K) {
+                if (T == W_IQ2) {
+                    int ls[2][2];
+#pragma unroll
+                    for (int mi = 0; mi < 2; mi++)
+#pragma unroll
+                        for (int h = 0; h < 2; h++) ls[mi][h] = (int)((lsv[mi][h] >> (8 * s)) & 255u);
+#pragma unroll
+                    for (int mi = 0; mi < 2; mi++)
+#pragma unroll
+                        for (int ni = 0; ni < NT; ni++) if (8 * (2 * ni + wn) < nvalid) {
+                            int d[4];
+                            mma_s8(d, a[mi], b[ni][0], b[ni][1], zero4);
+#pragma unroll
+                            for (int q = 0; q < 4; q++) iacc[mi][ni][q] += ls[mi][q >> 1] * d[q];
+                        }
+                } else if (T == W_Q2K) {
 #pragma unroll
                     for (int mi = 0; mi < 2; mi++)
 #pragma unroll

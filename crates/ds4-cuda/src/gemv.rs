@@ -148,9 +148,6 @@ pub const SUPPORTED: [GgmlType; 7] = [
 const BLOCK: u32 = 256;
 /// Dynamic shared memory of the IQ2_XXS kernels: 384 table entries × 32 lane copies × 4 bytes.
 const IQ2_SMEM: u32 = 384 * 32 * 4;
-/// The `_pf` MoE gate/up ring: 8 warps × `GU_PF` (3) slots × 4 virtual rows × 32 lanes × (16 +
-/// 4) bytes (gemv.cu `gate_up_pf_iq2`). With the tables, 2 blocks per SM fit.
-const GU_PF_SMEM: u32 = 8 * 3 * 4 * 32 * 20;
 /// Token buckets of the dense kernels (tokens per weight pass).
 const NT_BUCKETS: [usize; 4] = [1, 2, 4, 8];
 /// Largest `k` (experts per token) of the MoE kernels.
@@ -247,18 +244,14 @@ impl Kind {
         }
     }
 
-    /// MoE gate/up kernel variants `(name suffix, virtual rows = 2·row pairs, steps, shared
-    /// memory beyond the kind's tables)`, the default first: must match the `MOE_GU_INST`
-    /// list of gemv.cu. IQ2_XXS `_pf` (the default) walks each warp's (unit, step) chunks with
-    /// the next `GU_PF` chunks' weights in flight in a per-warp ring (`GU_PF_SMEM`); `""` is the
-    /// former default (each unit's two steps loaded, then used), `_lb3` that with a register
-    /// cap: the same values, bit for bit.
-    fn gate_up_variants(self) -> &'static [(&'static str, usize, usize, u32)] {
+    /// MoE gate/up kernel variants `(name suffix, virtual rows = 2·row pairs, steps)`, the
+    /// default first: must match the `MOE_GU_INST` list of gemv.cu.
+    fn gate_up_variants(self) -> &'static [(&'static str, usize, usize)] {
         match self {
-            Kind::F32 | Kind::F16 | Kind::Bf16 | Kind::Q8_0 => &[("", 2, 4, 0)],
-            Kind::Q2K => &[("", 4, 2, 0)],
-            Kind::Iq2Xxs => &[("_pf", 4, 1, GU_PF_SMEM), ("", 4, 2, 0), ("_lb3", 4, 2, 0)],
-            Kind::Q4K => &[("", 8, 1, 0)],
+            Kind::F32 | Kind::F16 | Kind::Bf16 | Kind::Q8_0 => &[("", 2, 4)],
+            Kind::Q2K => &[("", 4, 2)],
+            Kind::Iq2Xxs => &[("", 4, 2), ("_lb3", 4, 2)],
+            Kind::Q4K => &[("", 8, 1)],
         }
     }
 
@@ -712,13 +705,8 @@ impl Gemv {
             }
             gate_up_dense.push(per_nt);
             let mut v = Vec::new();
-            for &(suf, rr, u, extra) in k.gate_up_variants() {
-                v.push(load_t(
-                    &format!("ds4_moe_gate_up_{name}{suf}"),
-                    rr,
-                    u,
-                    sm + extra,
-                )?);
+            for &(suf, rr, u) in k.gate_up_variants() {
+                v.push(load_t(&format!("ds4_moe_gate_up_{name}{suf}"), rr, u, sm)?);
             }
             gate_up.push(v);
             let mut v = Vec::new();
