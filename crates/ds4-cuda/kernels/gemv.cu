@@ -164,22 +164,21 @@ __device__ __forceinline__ u32 tab_at(u32 byte_off) {
 __device__ __forceinline__ int iq2_group(u32 a0, u32 a1, int4 q0, int4 q1, const Tabs& t) {
     const u32 PLO = t.plo, PHI = 0x00d5e7f8u;  // bytes 8, 25, 43, 0 | -8, -25, -43, 0
     const u32 l4 = t.l4;
-    // Two dependent dp4a chains of four instead of one of eight (exact integers: same sum).
-    int s = 0, r = 0;
+    int s = 0;
     u32 sel;
     sel = tab_at(((a0 << 7) & 0x7f80u) | l4) | tab_at(32768u + (((a1 << 7) & 0x3f80u) | l4));
     s = dp4a(prmt(PLO, PHI, sel), q0.x, s);
-    r = dp4a(prmt(PLO, PHI, sel >> 16), q0.y, r);
+    s = dp4a(prmt(PLO, PHI, sel >> 16), q0.y, s);
     sel = tab_at(((a0 >> 1) & 0x7f80u) | l4) | tab_at(32768u + ((a1 & 0x3f80u) | l4));
     s = dp4a(prmt(PLO, PHI, sel), q0.z, s);
-    r = dp4a(prmt(PLO, PHI, sel >> 16), q0.w, r);
+    s = dp4a(prmt(PLO, PHI, sel >> 16), q0.w, s);
     sel = tab_at(((a0 >> 9) & 0x7f80u) | l4) | tab_at(32768u + (((a1 >> 7) & 0x3f80u) | l4));
     s = dp4a(prmt(PLO, PHI, sel), q1.x, s);
-    r = dp4a(prmt(PLO, PHI, sel >> 16), q1.y, r);
+    s = dp4a(prmt(PLO, PHI, sel >> 16), q1.y, s);
     sel = tab_at(((a0 >> 17) & 0x7f80u) | l4) | tab_at(32768u + (((a1 >> 14) & 0x3f80u) | l4));
     s = dp4a(prmt(PLO, PHI, sel), q1.z, s);
-    r = dp4a(prmt(PLO, PHI, sel >> 16), q1.w, r);
-    return (s + r) * (int)(2u * (a1 >> 28) + 1u);
+    s = dp4a(prmt(PLO, PHI, sel >> 16), q1.w, s);
+    return s * (int)(2u * (a1 >> 28) + 1u);
 }
 
 // ------------------------------------------------------------------------------------------
