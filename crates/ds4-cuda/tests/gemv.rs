@@ -354,6 +354,44 @@ fn swiglu(g: f32, u: f32, clamp: f32, w: f32) -> f32 {
     (silu * u as f64 * w as f64) as f32
 }
 
+/// The CPU's routed gate/up + SwiGLU rows `mid[t][j][r]` for `n` tokens `x` (`cols` each),
+/// `k` expert ids per token into `gate_b` / `up_b` (`rows` rows per expert); a slot whose id
+/// names no expert keeps 0.
+#[allow(clippy::too_many_arguments)]
+fn cpu_gate_up_mid(
+    ty: GgmlType,
+    gate_b: &[u8],
+    up_b: &[u8],
+    cols: usize,
+    rows: usize,
+    x: &[f32],
+    ids: &[i32],
+    wts: &[f32],
+    k: usize,
+    clamp: f32,
+) -> Vec<f32> {
+    let rb = row_bytes(ty, cols);
+    let n_mat = gate_b.len() / (rb * rows);
+    let n = x.len() / cols;
+    let mut mid = vec![0.0f32; n * k * rows];
+    for t in 0..n {
+        let a = prep(ty, &x[t * cols..(t + 1) * cols]);
+        for j in 0..k {
+            let e = ids[t * k + j];
+            if e < 0 || e as usize >= n_mat {
+                continue;
+            }
+            for r in 0..rows {
+                let rr = e as usize * rows + r;
+                let g = row_dot(ty, &gate_b[rr * rb..(rr + 1) * rb], &a);
+                let u = row_dot(ty, &up_b[rr * rb..(rr + 1) * rb], &a);
+                mid[(t * k + j) * rows + r] = swiglu(g, u, clamp, wts[t * k + j]);
+            }
+        }
+    }
+    mid
+}
+
 fn pick_ids(rng: &mut Rng, n: usize, k: usize, n_mat: usize) -> Vec<i32> {
     let mut ids = Vec::with_capacity(n * k);
     for _ in 0..n {
@@ -396,7 +434,7 @@ fn moe_matches_cpu() {
         let down =
             d.g.upload(&d.stream, td, ff, e_dim, n_mat, &down_b)
                 .unwrap();
-        let (rbg, rbd) = (row_bytes(tg, e_dim), row_bytes(td, ff));
+        let rbd = row_bytes(td, ff);
         let (mut tgu, mut tdn) = (Tally::default(), Tally::default());
         for &(n, kk, clamp) in &[
             (1usize, k, 10.0f32),
@@ -431,20 +469,8 @@ fn moe_matches_cpu() {
                 mids.push((gv, d.stream.clone_dtoh(&mid).unwrap()));
             }
             let got_mid = mids.last().unwrap().1.clone();
-            // CPU mid
-            let mut want_mid = vec![0.0f32; n * kk * ff];
-            for t in 0..n {
-                let a = prep(tg, &x[t * e_dim..(t + 1) * e_dim]);
-                for j in 0..kk {
-                    let e = ids[t * kk + j] as usize;
-                    for r in 0..ff {
-                        let rr = e * ff + r;
-                        let g = row_dot(tg, &gate_b[rr * rbg..(rr + 1) * rbg], &a);
-                        let u = row_dot(tg, &up_b[rr * rbg..(rr + 1) * rbg], &a);
-                        want_mid[(t * kk + j) * ff + r] = swiglu(g, u, clamp, wts[t * kk + j]);
-                    }
-                }
-            }
+            let want_mid =
+                cpu_gate_up_mid(tg, &gate_b, &up_b, e_dim, ff, &x, &ids, &wts, kk, clamp);
             for (gv, m) in &mids {
                 let what = format!("moe_gate_up {tg:?} n={n} k={kk} clamp={clamp} variant={gv}");
                 tgu.add(&what, m, &want_mid);
@@ -608,7 +634,6 @@ fn iq2_gate_up_odd_shapes_every_variant() {
             d.g.upload(&d.stream, ty, cols, rows, n_mat, &gate_b)
                 .unwrap();
         let up = d.g.upload(&d.stream, ty, cols, rows, n_mat, &up_b).unwrap();
-        let rb = row_bytes(ty, cols);
         let x = rng.vec(n * cols, 3.0);
         let mut ids = pick_ids(&mut rng, n, k, n_mat);
         // The last slot of the last token names no expert.
@@ -620,22 +645,7 @@ fn iq2_gate_up_odd_shapes_every_variant() {
         let mut act = byte_buf(&d, Gemv::act_bytes(ty, cols, n));
         d.g.quantize_act(&d.stream, ty, &dx, n, cols, &mut act)
             .unwrap();
-        let mut want = vec![0.0f32; n * k * rows];
-        for t in 0..n {
-            let a = prep(ty, &x[t * cols..(t + 1) * cols]);
-            for j in 0..k {
-                let e = ids[t * k + j] as usize;
-                if e >= n_mat {
-                    continue;
-                }
-                for r in 0..rows {
-                    let rr = e * rows + r;
-                    let g = row_dot(ty, &gate_b[rr * rb..(rr + 1) * rb], &a);
-                    let u = row_dot(ty, &up_b[rr * rb..(rr + 1) * rb], &a);
-                    want[(t * k + j) * rows + r] = swiglu(g, u, 10.0, wts[t * k + j]);
-                }
-            }
-        }
+        let want = cpu_gate_up_mid(ty, &gate_b, &up_b, cols, rows, &x, &ids, &wts, k, 10.0);
         let bad = (n * k - 1) * rows;
         for gv in [0u32, 1] {
             d.g.tuning.gate_up_variant = gv;
