@@ -484,15 +484,6 @@ template <> struct Ty<T_IQ2_XXS> {
             zero(f);
         }
     }
-    // L2 prefetch of what load() reads for (row, it): the lane's 16 qs bytes and its d.
-    __device__ static void prefetch(const WP& w, i64 row, int it, int lane) {
-        const int b = it * 8 + (lane >> 2);
-        if (b < w.nb) {
-            const i64 blk = row * w.nb + b;
-            asm volatile("prefetch.global.L2 [%0];" ::"l"(w.p0 + blk * 64 + (lane & 3) * 16));
-            if ((lane & 3) == 0) asm volatile("prefetch.global.L2 [%0];" ::"l"(w.p1 + 2 * blk));
-        }
-    }
     __device__ static void act(A& a, const AP& ap, const WP& w, i64 e0, int it, int lane) {
         const int b = it * 8 + (lane >> 2);
         if (b < w.nb) {
@@ -808,7 +799,7 @@ GATE_UP_ALL_NT(iq2_xxs, T_IQ2_XXS, 256, 4, 2)
 // computed in double like the CPU (clamp skipped when c ≤ 1e-6). ids == null: dense (one
 // matrix, k = 1, w = 1). An id outside [0, n_mat) writes NaN.
 
-template <int T, int RR, int U, bool L2PF = false>
+template <int T, int RR, int U>
 __device__ __forceinline__ void gate_up_body(const WP& wg, const WP& wu, const AP& ap,
                                              const int* __restrict__ ids, const float* __restrict__ wts,
                                              float* __restrict__ mid, int Rm, int n_mat, int n, int k,
@@ -857,22 +848,6 @@ __device__ __forceinline__ void gate_up_body(const WP& wg, const WP& wu, const A
         const int r0 = (int)((unsigned)u % (unsigned)tiles) * PR;
         const int t = (int)((unsigned)tj / (unsigned)k);
         const int e = expert(tj);
-        // L2PF: the warp's next unit's weights are prefetched into L2 now, so that its loads
-        // after this unit's arithmetic do not wait for DRAM.
-        if constexpr (L2PF) if (u + nw < units) {
-            const int un = u + nw;
-            const int en = expert((int)((unsigned)un / (unsigned)tiles));
-            const int rn = (int)((unsigned)un % (unsigned)tiles) * PR;
-            if (en >= 0) {
-#pragma unroll
-                for (int ss = 0; ss < U; ss++)
-#pragma unroll
-                    for (int v = 0; v < RR; v++) {
-                        const int pr = rn + (v >> 1);
-                        if (ss < nit && pr < Rm) K::prefetch((v & 1) ? wu : wg, (i64)en * Rm + pr, ss, lane);
-                    }
-            }
-        }
         if (e < 0) {
             if (lane < PR && r0 + lane < Rm) mid[(i64)tj * Rm + r0 + lane] = __int_as_float(0x7fc00000);
             pre = false;
@@ -928,12 +903,6 @@ MOE_GU_INST(q2_k, T_Q2_K, 256, 4, 2, 1)
 MOE_GU_INST(q4_k, T_Q4_K, 256, 8, 1, 1)
 MOE_GU_INST(iq2_xxs, T_IQ2_XXS, 256, 4, 2, 1)
 MOE_GU_INST(iq2_xxs_lb3, T_IQ2_XXS, 256, 4, 2, 3)
-extern "C" __global__ void __launch_bounds__(256, 1) ds4_moe_gate_up_iq2_xxs_l2(MOE_GU_ARGS) { PDL_DEFERRED();
-    const WP wg = {g0, g1, g2, C, C / 256};
-    const WP wu = {u0, u1, u2, C, C / 256};
-    const AP a = {aq, ad, abs_, x};
-    gate_up_body<T_IQ2_XXS, 4, 2, true>(wg, wu, a, ids, wts, mid, R, n_mat, n, k, clamp);
-}
 
 // ------------------------------------------------------------------------------------------
 // Routed MoE down: out[t][r] = (float) Σ_j (double)(float)(scale · acc_j), acc_j the double
