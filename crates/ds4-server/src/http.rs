@@ -91,6 +91,7 @@ pub fn router(state: AppState) -> Router {
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
         .layer(middleware::from_fn_with_state(state.clone(), auth))
         .layer(middleware::from_fn_with_state(state.clone(), cors))
@@ -183,6 +184,18 @@ async fn not_found(req: Request) -> Response {
         StatusCode::NOT_FOUND,
         api_of_path(req.uri().path()),
         "unknown endpoint",
+    )
+    .into_response()
+}
+
+/// A known path with the wrong method: 405 in the protocol's error shape (axum's default is an
+/// empty body, which SDKs cannot parse), keeping axum's `Allow` header.
+async fn method_not_allowed(req: Request) -> Response {
+    let path = req.uri().path();
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        api_of_path(path),
+        format!("Invalid method for URL ({} {path})", req.method()),
     )
     .into_response()
 }

@@ -1,0 +1,58 @@
+//! Adversarial and protocol-conformance cases found in review: each request here once got a
+//! wrong answer (an empty body, a 200 for a request the official APIs refuse, a dropped turn,
+//! a 400 for valid JSON).
+
+mod common;
+use axum::body::Body;
+use axum::http::Request;
+use common::*;
+use serde_json::{Value, json};
+
+fn body_json(body: &str) -> Value {
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body:?}"))
+}
+
+/// A wrong method on a known route is a 405 with the route's protocol error body (and the
+/// `Allow` header), not an empty body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_method_is_a_protocol_shaped_405() {
+    let s = start(args());
+    for (method, path, anthropic, allow) in [
+        ("GET", "/v1/chat/completions", false, "POST"),
+        ("GET", "/v1/completions", false, "POST"),
+        ("DELETE", "/v1/responses", false, "POST"),
+        ("GET", "/v1/messages", true, "POST"),
+        ("PUT", "/v1/messages/count_tokens", true, "POST"),
+        ("POST", "/v1/models", false, "GET"),
+    ] {
+        let req = Request::builder()
+            .method(method)
+            .uri(path)
+            .body(Body::empty())
+            .unwrap();
+        let resp = tower::ServiceExt::oneshot(s.router(), req).await.unwrap();
+        assert_eq!(resp.status(), 405, "{method} {path}");
+        let allowed = resp
+            .headers()
+            .get("allow")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        assert!(allowed.contains(allow), "{method} {path}: allow {allowed:?}");
+        let ct = resp.headers()["content-type"].to_str().unwrap().to_string();
+        assert!(ct.starts_with("application/json"), "{method} {path}: {ct}");
+        let bytes = http_body_util::BodyExt::collect(resp.into_body())
+            .await
+            .unwrap()
+            .to_bytes();
+        let v = body_json(&String::from_utf8_lossy(&bytes));
+        if anthropic {
+            assert_eq!(v["type"], "error", "{v}");
+            assert_eq!(v["error"]["type"], "invalid_request_error", "{v}");
+            assert!(v["error"]["message"].as_str().unwrap().contains(path));
+        } else {
+            assert_eq!(v["error"]["type"], "invalid_request_error", "{v}");
+            assert!(v["error"]["message"].as_str().unwrap().contains(method));
+        }
+    }
+}
