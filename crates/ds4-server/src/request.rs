@@ -253,6 +253,14 @@ fn common_sampling(req: &mut GenRequest, o: &Map<String, Value>) {
     req.seed = seed_of(o.get("seed"));
 }
 
+/// 400 for an empty `messages` array (as the OpenAI and Anthropic APIs answer): with no turn
+/// there is nothing to answer, the prompt would be a bare BOS.
+fn no_messages(api: Api) -> ApiError {
+    let mut e = ApiError::bad_request(api, "messages: at least one message is required");
+    e.param = Some("messages");
+    e
+}
+
 fn model_of(o: &Map<String, Value>) -> String {
     match o.get("model").and_then(Value::as_str) {
         Some(m) if !m.is_empty() => m.to_string(),
@@ -292,6 +300,8 @@ pub fn parse_chat(body: &[u8]) -> Result<GenRequest, ApiError> {
     let Some(Value::Array(msgs)) = o.get("messages") else {
         return Err(ApiError::bad_request(api, "missing messages"));
     };
+    // Checked last, so that other errors of the request are reported as before.
+    let no_turns = msgs.is_empty();
     for m in msgs {
         let Some(m) = m.as_object() else {
             return Err(ApiError::invalid_json(api));
@@ -331,6 +341,9 @@ pub fn parse_chat(body: &[u8]) -> Result<GenRequest, ApiError> {
         .unwrap_or(false);
     let enabled = thinking_enabled(o.get("thinking")).or(bool_of(o.get("think")));
     req.think = combine_think(enabled, effort(api, o.get("reasoning_effort"))?);
+    if no_turns {
+        return Err(no_messages(api));
+    }
     Ok(req)
 }
 
@@ -424,6 +437,8 @@ pub fn parse_messages(body: &[u8]) -> Result<GenRequest, ApiError> {
     let Some(Value::Array(msgs)) = o.get("messages") else {
         return Err(ApiError::bad_request(api, "missing messages"));
     };
+    // Checked last, so that other errors of the request are reported as before.
+    let no_turns = msgs.is_empty();
     let mut known_ids: Vec<String> = Vec::new();
     for m in msgs {
         let Some(m) = m.as_object() else {
@@ -537,6 +552,9 @@ pub fn parse_messages(body: &[u8]) -> Result<GenRequest, ApiError> {
         eff = Some(e);
     }
     req.think = combine_think(thinking_enabled(o.get("thinking")), eff);
+    if no_turns {
+        return Err(no_messages(api));
+    }
     Ok(req)
 }
 
@@ -964,28 +982,31 @@ mod tests {
     fn thinking_controls() {
         let t = |b: &str| parse_chat(b.as_bytes()).unwrap().think_mode(32768);
         assert_eq!(
-            t(r#"{"messages":[],"reasoning_effort":"none"}"#),
-            ThinkMode::None
-        );
-        assert_eq!(t(r#"{"messages":[],"think":false}"#), ThinkMode::None);
-        assert_eq!(
-            t(r#"{"messages":[],"thinking":{"type":"disabled"}}"#),
+            t(r#"{"messages":[{"content":"x"}],"reasoning_effort":"none"}"#),
             ThinkMode::None
         );
         assert_eq!(
-            t(r#"{"messages":[],"model":"deepseek-chat"}"#),
+            t(r#"{"messages":[{"content":"x"}],"think":false}"#),
             ThinkMode::None
         );
         assert_eq!(
-            t(r#"{"messages":[],"model":"deepseek-chat","reasoning_effort":"low"}"#),
+            t(r#"{"messages":[{"content":"x"}],"thinking":{"type":"disabled"}}"#),
+            ThinkMode::None
+        );
+        assert_eq!(
+            t(r#"{"messages":[{"content":"x"}],"model":"deepseek-chat"}"#),
+            ThinkMode::None
+        );
+        assert_eq!(
+            t(r#"{"messages":[{"content":"x"}],"model":"deepseek-chat","reasoning_effort":"low"}"#),
             ThinkMode::High
         );
         // Max only with a large context.
         assert_eq!(
-            t(r#"{"messages":[],"reasoning_effort":"max"}"#),
+            t(r#"{"messages":[{"content":"x"}],"reasoning_effort":"max"}"#),
             ThinkMode::High
         );
-        let r = parse_chat(br#"{"messages":[],"reasoning_effort":"max"}"#).unwrap();
+        let r = parse_chat(br#"{"messages":[{"content":"x"}],"reasoning_effort":"max"}"#).unwrap();
         assert_eq!(r.think_mode(393_216), ThinkMode::Max);
     }
 
@@ -1093,7 +1114,7 @@ mod tests {
             r.tools.as_str(),
             r#"{"name":"f","description":"caf\u00e9"}"#
         );
-        let body = br#"{"messages":[],"tool_choice":"none","tools":[{"type":"function","function":{"name":"f"}}]}"#;
+        let body = br#"{"messages":[{"content":"x"}],"tool_choice":"none","tools":[{"type":"function","function":{"name":"f"}}]}"#;
         assert!(parse_chat(body).unwrap().tools.is_empty());
     }
 

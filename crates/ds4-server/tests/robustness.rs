@@ -56,3 +56,54 @@ async fn wrong_method_is_a_protocol_shaped_405() {
         }
     }
 }
+
+/// An empty `messages` array is a 400 (as the OpenAI and Anthropic APIs answer), not a
+/// generation from a bare BOS; count_tokens agrees.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn empty_messages_are_a_400() {
+    let s = start(args());
+    for (path, body, anthropic) in [
+        (
+            "/v1/chat/completions",
+            json!({"messages": [], "max_tokens": 2}),
+            false,
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [], "max_tokens": 2, "stream": true}),
+            false,
+        ),
+        (
+            "/v1/messages",
+            json!({"messages": [], "max_tokens": 2, "system": "s"}),
+            true,
+        ),
+        (
+            "/v1/messages",
+            json!({"messages": [], "max_tokens": 2, "stream": true}),
+            true,
+        ),
+        ("/v1/messages/count_tokens", json!({"messages": []}), true),
+    ] {
+        let (st, ct, text) = post(&s, path, &body).await;
+        assert_eq!(st, 400, "{path} {body}: {text}");
+        assert!(ct.starts_with("application/json"), "{path}: {ct}");
+        let v = body_json(&text);
+        let msg = if anthropic {
+            assert_eq!(v["type"], "error");
+            &v["error"]["message"]
+        } else {
+            assert_eq!(v["error"]["param"], "messages");
+            &v["error"]["message"]
+        };
+        assert!(msg.as_str().unwrap().contains("at least one message"), "{v}");
+    }
+    // One message is enough (a system-only chat is not refused either).
+    let (st, _, text) = post(
+        &s,
+        "/v1/chat/completions",
+        &json!({"messages": [{"role": "system", "content": "s"}], "max_tokens": 1}),
+    )
+    .await;
+    assert_eq!(st, 200, "{text}");
+}
