@@ -493,6 +493,7 @@ pub fn parse_messages(body: &[u8]) -> Result<GenRequest, ApiError> {
         } else {
             let mut text = String::new();
             let mut any_text = false;
+            let mut any_tool_result = false;
             for b in &blocks {
                 let Some(b) = b.as_object() else { continue };
                 match b.get("type").and_then(Value::as_str) {
@@ -519,11 +520,14 @@ pub fn parse_messages(body: &[u8]) -> Result<GenRequest, ApiError> {
                         let content = anthropic_text_blocks(b.get("content"));
                         req.messages
                             .push(Message::tool(content).with_tool_call_id(id));
+                        any_tool_result = true;
                     }
                     _ => {}
                 }
             }
-            if any_text || blocks.is_empty() {
+            // A user turn stays a turn when its blocks are all ones without text (an image,
+            // a document): dropping it would leave the prompt without its pending user turn.
+            if any_text || !any_tool_result {
                 req.messages.push(Message::user(text));
             }
         }

@@ -107,3 +107,49 @@ async fn empty_messages_are_a_400() {
     .await;
     assert_eq!(st, 200, "{text}");
 }
+
+/// An Anthropic user message whose blocks carry no text (an image, a document) is still a user
+/// turn: the prompt keeps the turn and the assistant prefix after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anthropic_image_only_user_turn_is_kept() {
+    let s = start(args());
+    let count = |msgs: Value| {
+        let s = &s;
+        async move {
+            let (st, _, text) = post(
+                s,
+                "/v1/messages/count_tokens",
+                &json!({"messages": msgs, "thinking": {"type": "disabled"}}),
+            )
+            .await;
+            assert_eq!(st, 200, "{text}");
+            body_json(&text)["input_tokens"].as_u64().unwrap()
+        }
+    };
+    let image = json!({"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}});
+    let image_only = count(json!([{"role": "user", "content": [image]}])).await;
+    let empty_text = count(json!([{"role": "user", "content": ""}])).await;
+    // BOS <｜User｜> <｜Assistant｜> </think>: the same prompt as an empty text turn.
+    assert_eq!(image_only, empty_text);
+    assert!(image_only >= 4, "{image_only}");
+
+    // In a conversation: the image turn after an assistant turn still gets an answer prefix.
+    let (_, p) = ds4_server_prompt(
+        &s,
+        json!([
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hello"},
+            {"role": "user", "content": [image, {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "x"}}]},
+        ]),
+    )
+    .await;
+    assert!(p.ends_with("<｜User｜><｜Assistant｜></think>"), "{p}");
+}
+
+/// Render an Anthropic request's prompt through the same parse and render path the server uses.
+async fn ds4_server_prompt(s: &ds4_server::Server, msgs: Value) -> (usize, String) {
+    let body = json!({"messages": msgs, "thinking": {"type": "disabled"}}).to_string();
+    let p = ds4_server::http::prepare(s.state(), ds4_server::Api::Messages, body.as_bytes())
+        .expect("prepare");
+    (p.prompt_tokens.len(), p.prompt_text)
+}
