@@ -110,6 +110,73 @@ impl GenRequest {
 // JSON helpers.
 // ----------------------------------------------------------------------------------------------
 
+/// The body with every unpaired UTF-16 surrogate escape (`\ud800`…`\udfff` not forming a
+/// pair) inside a JSON string replaced by `\ufffd`. JSON's grammar allows such escapes and
+/// JavaScript's `JSON.stringify` and Python's `json.dumps` write them for a string cut inside
+/// a surrogate pair (a truncated tool output, say), but serde_json refuses them; without this
+/// a conversation holding one would fail with "invalid JSON request" on every turn. Borrowed
+/// when there is nothing to replace.
+pub fn replace_lone_surrogates(body: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+    fn hex4(b: &[u8], at: usize) -> Option<u32> {
+        let h = b.get(at..at + 4)?;
+        let s = std::str::from_utf8(h).ok()?;
+        if !s.bytes().all(|c| c.is_ascii_hexdigit()) {
+            return None;
+        }
+        u32::from_str_radix(s, 16).ok()
+    }
+    let is_high = |c: u32| (0xD800..0xDC00).contains(&c);
+    let is_low = |c: u32| (0xDC00..0xE000).contains(&c);
+    let mut out: Option<Vec<u8>> = None;
+    let mut copied = 0usize;
+    let mut in_str = false;
+    let mut i = 0usize;
+    while i < body.len() {
+        let c = body[i];
+        if !in_str {
+            in_str = c == b'"';
+            i += 1;
+            continue;
+        }
+        match c {
+            b'"' => {
+                in_str = false;
+                i += 1;
+            }
+            b'\\' if body.get(i + 1) == Some(&b'u') => {
+                let Some(cp) = hex4(body, i + 2) else {
+                    i += 2;
+                    continue;
+                };
+                let paired = is_high(cp)
+                    && body.get(i + 6) == Some(&b'\\')
+                    && body.get(i + 7) == Some(&b'u')
+                    && hex4(body, i + 8).is_some_and(is_low);
+                if paired {
+                    i += 12;
+                } else if is_high(cp) || is_low(cp) {
+                    let o = out.get_or_insert_with(|| Vec::with_capacity(body.len()));
+                    o.extend_from_slice(&body[copied..i]);
+                    o.extend_from_slice(b"\\ufffd");
+                    i += 6;
+                    copied = i;
+                } else {
+                    i += 6;
+                }
+            }
+            b'\\' => i += 2,
+            _ => i += 1,
+        }
+    }
+    match out {
+        Some(mut o) => {
+            o.extend_from_slice(&body[copied..]);
+            std::borrow::Cow::Owned(o)
+        }
+        None => std::borrow::Cow::Borrowed(body),
+    }
+}
+
 fn parse_body(api: Api, body: &[u8]) -> Result<Map<String, Value>, ApiError> {
     match serde_json::from_slice::<Value>(body) {
         Ok(Value::Object(m)) => Ok(m),
@@ -293,6 +360,7 @@ fn openai_tool_calls(v: Option<&Value>) -> Vec<ToolCall> {
 
 /// Parse `POST /v1/chat/completions`.
 pub fn parse_chat(body: &[u8]) -> Result<GenRequest, ApiError> {
+    let body = &*replace_lone_surrogates(body);
     let api = Api::Chat;
     let o = parse_body(api, body)?;
     let mut req = GenRequest::new(api);
@@ -353,6 +421,7 @@ pub fn parse_chat(body: &[u8]) -> Result<GenRequest, ApiError> {
 
 /// Parse `POST /v1/completions`.
 pub fn parse_completions(body: &[u8]) -> Result<GenRequest, ApiError> {
+    let body = &*replace_lone_surrogates(body);
     let api = Api::Completions;
     let o = parse_body(api, body)?;
     let mut req = GenRequest::new(api);
@@ -412,6 +481,7 @@ fn anthropic_text_blocks(v: Option<&Value>) -> String {
 
 /// Parse `POST /v1/messages` (also used by `/v1/messages/count_tokens`).
 pub fn parse_messages(body: &[u8]) -> Result<GenRequest, ApiError> {
+    let body = &*replace_lone_surrogates(body);
     let api = Api::Messages;
     let o = parse_body(api, body)?;
     let mut req = GenRequest::new(api);
@@ -707,6 +777,7 @@ fn responses_tools(
 
 /// Parse `POST /v1/responses`.
 pub fn parse_responses(body: &[u8]) -> Result<GenRequest, ApiError> {
+    let body = &*replace_lone_surrogates(body);
     let api = Api::Responses;
     let o = parse_body(api, body)?;
     let mut req = GenRequest::new(api);

@@ -153,3 +153,49 @@ async fn ds4_server_prompt(s: &ds4_server::Server, msgs: Value) -> (usize, Strin
         .expect("prepare");
     (p.prompt_tokens.len(), p.prompt_text)
 }
+
+/// Unpaired UTF-16 surrogate escapes are valid JSON (JavaScript and Python write them for a
+/// string cut inside a pair); they become U+FFFD instead of failing the request as invalid
+/// JSON. Paired escapes and escaped backslashes are left alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lone_surrogate_escapes_are_accepted() {
+    let s = start(args());
+    let cases: [(&str, &[u8]); 4] = [
+        (
+            "/v1/chat/completions",
+            br#"{"messages":[{"role":"user","content":"cut \ud83d"}],"max_tokens":1}"#,
+        ),
+        (
+            "/v1/messages",
+            br#"{"messages":[{"role":"user","content":[{"type":"text","text":"\udc00 tail"}]}],"max_tokens":1}"#,
+        ),
+        (
+            "/v1/responses",
+            br#"{"input":"x \ud800\ud800","max_output_tokens":1}"#,
+        ),
+        (
+            "/v1/completions",
+            br#"{"prompt":"\ud800","max_tokens":1}"#,
+        ),
+    ];
+    for (path, body) in cases {
+        let (st, _, text) = post_raw(&s, path, body.to_vec(), &[]).await;
+        assert_eq!(st, 200, "{path}: {text}");
+    }
+    // The replacement is what reaches the prompt; tools (read from the raw body) too.
+    let body = br#"{"messages":[{"role":"user","content":"a\ud83dz \ud83d\ude00 \\ud800"}],
+        "tools":[{"type":"function","function":{"name":"f","description":"d\udfff"}}]}"#;
+    let p = ds4_server::http::prepare(s.state(), ds4_server::Api::Chat, body).expect("prepare");
+    assert!(p.prompt_text.contains("a\u{fffd}z \u{1f600} \\ud800"), "{}", p.prompt_text);
+    assert!(p.prompt_text.contains(r#""description":"d\ufffd""#), "{}", p.prompt_text);
+    assert!(p.req.has_tools());
+    // Still invalid: a broken escape.
+    let (st, _, text) = post_raw(
+        &s,
+        "/v1/chat/completions",
+        br#"{"messages":[{"role":"user","content":"\ud8"}]}"#.to_vec(),
+        &[],
+    )
+    .await;
+    assert_eq!(st, 400, "{text}");
+}
