@@ -903,7 +903,6 @@ MOE_GU_INST(q2_k, T_Q2_K, 256, 4, 2, 1)
 MOE_GU_INST(q4_k, T_Q4_K, 256, 8, 1, 1)
 MOE_GU_INST(iq2_xxs, T_IQ2_XXS, 256, 4, 2, 1)
 MOE_GU_INST(iq2_xxs_lb3, T_IQ2_XXS, 256, 4, 2, 3)
-MOE_GU_INST(iq2_xxs_r4u1, T_IQ2_XXS, 256, 4, 1, 3)
 
 // ------------------------------------------------------------------------------------------
 // Routed MoE down: out[t][r] = (float) Σ_j (double)(float)(scale · acc_j), acc_j the double

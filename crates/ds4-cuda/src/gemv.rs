@@ -250,7 +250,7 @@ impl Kind {
         match self {
             Kind::F32 | Kind::F16 | Kind::Bf16 | Kind::Q8_0 => &[("", 2, 4)],
             Kind::Q2K => &[("", 4, 2)],
-            Kind::Iq2Xxs => &[("", 4, 2), ("_lb3", 4, 2), ("_r4u1", 4, 1)],
+            Kind::Iq2Xxs => &[("", 4, 2), ("_lb3", 4, 2)],
             Kind::Q4K => &[("", 8, 1)],
         }
     }

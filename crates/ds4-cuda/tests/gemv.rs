@@ -459,7 +459,7 @@ fn moe_matches_cpu() {
             // Every kernel variant (the default last: its mid feeds the down check).
             let mut mids = Vec::new();
             let mut mid = nan_buf(&d, n * kk * ff);
-            for gv in [2u32, 1, 0] {
+            for gv in [1u32, 0] {
                 d.g.tuning.gate_up_variant = gv;
                 mid = nan_buf(&d, n * kk * ff);
                 d.g.moe_gate_up(
@@ -647,7 +647,7 @@ fn iq2_gate_up_odd_shapes_every_variant() {
             .unwrap();
         let want = cpu_gate_up_mid(ty, &gate_b, &up_b, cols, rows, &x, &ids, &wts, k, 10.0);
         let bad = (n * k - 1) * rows;
-        for gv in [0u32, 1, 2] {
+        for gv in [0u32, 1] {
             d.g.tuning.gate_up_variant = gv;
             let mut mid = nan_buf(&d, n * k * rows);
             d.g.moe_gate_up(
