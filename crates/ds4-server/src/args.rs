@@ -126,6 +126,12 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 10)]
     pub shutdown_grace_secs: u64,
 
+    /// A request body that stalls this many seconds between reads is refused with 408 (ds4's
+    /// 10 s socket timeout): a client that never sends its announced body does not hold a
+    /// connection forever. 0 disables.
+    #[arg(long, default_value_t = 10)]
+    pub body_timeout_secs: u64,
+
     /// TEST ONLY: a JSON file of scripted generations (see the crate docs). The worker emits
     /// the scripted text's tokens instead of sampling, through the real session, parser and
     /// streaming path. Also read from `DS4_SERVER_TEST_SCRIPT`.
@@ -164,6 +170,7 @@ impl Default for ServeArgs {
             model_name: None,
             keepalive_secs: 5,
             shutdown_grace_secs: 10,
+            body_timeout_secs: 10,
             test_script: None,
         }
     }

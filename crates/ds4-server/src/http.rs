@@ -21,6 +21,7 @@ use serde_json::json;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
+use tower_http::timeout::{RequestBodyTimeoutLayer, TimeoutError};
 
 use crate::args::ServeArgs;
 use crate::error::{Api, ApiError};
@@ -80,7 +81,7 @@ impl std::ops::Deref for AppState {
 /// The router (all routes, middleware and limits).
 pub fn router(state: AppState) -> Router {
     let limit = state.args.max_body_bytes;
-    Router::new()
+    let mut r = Router::new()
         .route("/v1/models", get(models))
         .route("/v1/models/{*id}", get(model_one))
         .route("/v1/chat/completions", post(chat))
@@ -92,8 +93,13 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(DefaultBodyLimit::max(limit))
-        .layer(middleware::from_fn_with_state(state.clone(), auth))
+        .layer(DefaultBodyLimit::max(limit));
+    if state.args.body_timeout_secs > 0 {
+        r = r.layer(RequestBodyTimeoutLayer::new(Duration::from_secs(
+            state.args.body_timeout_secs,
+        )));
+    }
+    r.layer(middleware::from_fn_with_state(state.clone(), auth))
         .layer(middleware::from_fn_with_state(state.clone(), cors))
         .with_state(state)
 }
@@ -264,11 +270,19 @@ async fn metrics(State(s): State<AppState>) -> Response {
 
 fn body_or_error(api: Api, body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
     body.map_err(|r| {
-        let status = r.status();
-        let msg = if status == StatusCode::PAYLOAD_TOO_LARGE {
-            "request body too large".to_string()
-        } else {
-            "bad HTTP request".to_string()
+        let mut status = r.status();
+        let mut src: Option<&(dyn std::error::Error + 'static)> = Some(&r);
+        while let Some(e) = src {
+            if e.is::<TimeoutError>() {
+                status = StatusCode::REQUEST_TIMEOUT;
+                break;
+            }
+            src = e.source();
+        }
+        let msg = match status {
+            StatusCode::PAYLOAD_TOO_LARGE => "request body too large",
+            StatusCode::REQUEST_TIMEOUT => "timed out reading the request body",
+            _ => "bad HTTP request",
         };
         ApiError::new(status, api, msg)
     })

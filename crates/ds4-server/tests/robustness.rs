@@ -38,7 +38,10 @@ async fn wrong_method_is_a_protocol_shaped_405() {
             .and_then(|v| v.to_str().ok())
             .unwrap_or("")
             .to_string();
-        assert!(allowed.contains(allow), "{method} {path}: allow {allowed:?}");
+        assert!(
+            allowed.contains(allow),
+            "{method} {path}: allow {allowed:?}"
+        );
         let ct = resp.headers()["content-type"].to_str().unwrap().to_string();
         assert!(ct.starts_with("application/json"), "{method} {path}: {ct}");
         let bytes = http_body_util::BodyExt::collect(resp.into_body())
@@ -96,7 +99,10 @@ async fn empty_messages_are_a_400() {
             assert_eq!(v["error"]["param"], "messages");
             &v["error"]["message"]
         };
-        assert!(msg.as_str().unwrap().contains("at least one message"), "{v}");
+        assert!(
+            msg.as_str().unwrap().contains("at least one message"),
+            "{v}"
+        );
     }
     // One message is enough (a system-only chat is not refused either).
     let (st, _, text) = post(
@@ -186,8 +192,16 @@ async fn lone_surrogate_escapes_are_accepted() {
     let body = br#"{"messages":[{"role":"user","content":"a\ud83dz \ud83d\ude00 \\ud800"}],
         "tools":[{"type":"function","function":{"name":"f","description":"d\udfff"}}]}"#;
     let p = ds4_server::http::prepare(s.state(), ds4_server::Api::Chat, body).expect("prepare");
-    assert!(p.prompt_text.contains("a\u{fffd}z \u{1f600} \\ud800"), "{}", p.prompt_text);
-    assert!(p.prompt_text.contains(r#""description":"d\ufffd""#), "{}", p.prompt_text);
+    assert!(
+        p.prompt_text.contains("a\u{fffd}z \u{1f600} \\ud800"),
+        "{}",
+        p.prompt_text
+    );
+    assert!(
+        p.prompt_text.contains(r#""description":"d\ufffd""#),
+        "{}",
+        p.prompt_text
+    );
     assert!(p.req.has_tools());
     // Still invalid: a broken escape.
     let (st, _, text) = post_raw(
@@ -198,4 +212,37 @@ async fn lone_surrogate_escapes_are_accepted() {
     )
     .await;
     assert_eq!(st, 400, "{text}");
+}
+
+/// A client that announces a body and never sends it gets a 408 in the protocol's shape after
+/// `--body-timeout-secs` instead of holding the connection (and a handler) forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_request_body_times_out() {
+    let mut a = args();
+    a.body_timeout_secs = 1;
+    let s = start(a);
+    for (path, anthropic) in [("/v1/chat/completions", false), ("/v1/messages", true)] {
+        let first: Result<axum::body::Bytes, std::io::Error> =
+            Ok(axum::body::Bytes::from_static(b"{\"messages\":"));
+        let stalled =
+            tokio_stream::StreamExt::chain(tokio_stream::iter([first]), tokio_stream::pending());
+        let req = Request::post(path)
+            .header("content-type", "application/json")
+            .body(Body::from_stream(stalled))
+            .unwrap();
+        let t0 = std::time::Instant::now();
+        let (st, _, text) = tokio::time::timeout(std::time::Duration::from_secs(20), send(&s, req))
+            .await
+            .expect("the server answers a stalled body");
+        assert!(t0.elapsed() >= std::time::Duration::from_millis(900));
+        assert_eq!(st, 408, "{path}: {text}");
+        let v = body_json(&text);
+        let msg = if anthropic {
+            assert_eq!(v["type"], "error");
+            &v["error"]["message"]
+        } else {
+            &v["error"]["message"]
+        };
+        assert!(msg.as_str().unwrap().contains("timed out"), "{v}");
+    }
 }
