@@ -418,6 +418,21 @@ mod tests {
         }
     }
 
+    /// A random logit row of `n` values: one in `every` from `special`, the rest small integers
+    /// `-spread/2 ..= spread/2` (ties on purpose).
+    fn random_row(rng: &mut Rng, n: usize, special: &[f32], every: u64, spread: u64) -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                let r = rng.next_u64();
+                if r.is_multiple_of(every) {
+                    special[(r >> 8) as usize % special.len()]
+                } else {
+                    ((r >> 20) % spread) as f32 - (spread / 2) as f32
+                }
+            })
+            .collect()
+    }
+
     #[test]
     fn argmax_excluding_follows_from_the_best_two() {
         assert_eq!(argmax_excluding(&[0.0, 3.0, 2.0], None), 1);
@@ -431,16 +446,7 @@ mod tests {
         let special = [f32::INFINITY, f32::NEG_INFINITY, 0.0, -0.0, 2.0];
         for _ in 0..2000 {
             let n = 2 + (rng.next_u64() % 40) as usize;
-            let xs: Vec<f32> = (0..n)
-                .map(|_| {
-                    let r = rng.next_u64();
-                    if r.is_multiple_of(4) {
-                        special[(r >> 8) as usize % special.len()]
-                    } else {
-                        ((r >> 20) % 5) as f32 - 2.0
-                    }
-                })
-                .collect();
+            let xs = random_row(&mut rng, n, &special, 4, 5);
             let best = argmax(&xs);
             let second = argmax_excluding(&xs, Some(best));
             assert_ne!(best, second);
@@ -487,16 +493,7 @@ mod tests {
         let mut rng = Rng::new(7);
         for case in 0..3000 {
             let n = (rng.next_u64() % 70) as usize;
-            let xs: Vec<f32> = (0..n)
-                .map(|_| {
-                    let r = rng.next_u64();
-                    if r.is_multiple_of(3) {
-                        special[(r >> 8) as usize % special.len()]
-                    } else {
-                        ((r >> 20) % 9) as f32 - 4.0
-                    }
-                })
-                .collect();
+            let xs = random_row(&mut rng, n, &special, 3, 9);
             let ex = (case % 2 == 0).then(|| (rng.next_u64() % (n as u64 + 2)) as usize);
             let same = |a: Option<(usize, f32)>, b: Option<(usize, f32)>| {
                 a.map(|x| (x.0, x.1.to_bits())) == b.map(|x| (x.0, x.1.to_bits()))

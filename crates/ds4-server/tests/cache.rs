@@ -243,20 +243,28 @@ async fn responses_tool_turn(s: &ds4_server::Server) -> (Value, Vec<Value>, u64,
     (tools, input, p1, g1)
 }
 
+/// The client's next Responses turn (the same tools and input): its cached tokens must be the
+/// whole first turn (`p1 + g1`). Returns its prompt tokens.
+async fn next_responses_turn(
+    s: &ds4_server::Server,
+    tools: &Value,
+    input: &[Value],
+    p1: u64,
+    g1: u64,
+) -> u64 {
+    let (_, _, b2) = post(s, "/v1/responses", &json!({"tools": tools, "input": input})).await;
+    let (p2, c2, _) = usage(&b2);
+    assert_eq!(c2, p1 + g1, "{b2}");
+    p2
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn responses_tool_round_trip_reuses_live_kv() {
     let (_d, s) = scripted(args());
     let (tools, input, p1, g1) = responses_tool_turn(&s).await;
     let before = prefilled(&s).await;
-    let (_, _, b2) = post(
-        &s,
-        "/v1/responses",
-        &json!({"tools": tools, "input": input}),
-    )
-    .await;
-    let (p2, c2, _) = usage(&b2);
-    assert_eq!(c2, p1 + g1, "{b2}");
-    assert_eq!(prefilled(&s).await - before, p2 - c2);
+    let p2 = next_responses_turn(&s, &tools, &input, p1, g1).await;
+    assert_eq!(prefilled(&s).await - before, p2 - (p1 + g1));
     // ds4's key for a Responses turn whose reasoning the client did not send back.
     assert_eq!(source(&s, "responses-visible").await, 1);
     assert_eq!(source(&s, "thinking-visible").await, 0);
@@ -282,14 +290,7 @@ async fn responses_checkpoints_are_keyed_by_the_visible_transcript() {
     assert_eq!(flags.len(), 2, "{flags:?}");
     assert_eq!(flags.iter().filter(|f| *f & 2 != 0).count(), 1, "{flags:?}");
     assert!(flags.iter().all(|f| f & 4 == 0), "{flags:?}");
-    let (_, _, b2) = post(
-        &s,
-        "/v1/responses",
-        &json!({"tools": tools, "input": input}),
-    )
-    .await;
-    let (_, c2, _) = usage(&b2);
-    assert_eq!(c2, p1 + g1, "{b2}");
+    next_responses_turn(&s, &tools, &input, p1, g1).await;
     assert_eq!(source(&s, "disk").await, 1);
     assert_eq!(metric(&s, "ds4_kv_disk_load_failures_total").await, 0.0);
 }
