@@ -55,7 +55,7 @@ mkdir -p "$D"
 DS4="$BIN/ds4"
 THREADS=$(nproc 2>/dev/null || echo 8)
 # The configurations set every route switch themselves.
-unset DS4_CUDA_TC_DENSE_F16 DS4_CUDA_TC_ATTN_F16 DS4_CUDA_TC_DISABLE
+unset DS4_CUDA_TC_DENSE_F16 DS4_CUDA_TC_ATTN_F16 DS4_CUDA_TC_ATTN_LOSKIP DS4_CUDA_TC_DISABLE
 
 ROUTES="DENSE ATTN_OUT F16 MOE_GATE MOE_UP MOE_DOWN ATTN"
 declare -A KEEP=(

@@ -402,7 +402,8 @@ mod bench {
     }
 
     impl B {
-        /// Chunk attention, Flash shapes (64 heads × 512, 64 RoPE dims, window 128): the
+        /// Chunk attention, Flash shapes (64 heads × 512, 64 RoPE dims, window 128; rows with
+        /// their nope dims through the FP8 KV round trip, as the model's): the
         /// tensor-core route (`split` and `f16` operands, the f16 row preparation included) vs
         /// the exact kernel, for a chunk of `n` tokens at `pos0` (0: the first chunk of a
         /// prompt; the ring holds window + n rows as the backend's does). MACs: per token and
@@ -424,15 +425,21 @@ mod bench {
                 for (i, &n) in ns.iter().enumerate() {
                     let raw_cap = window + n;
                     let q: Vec<f32> = block.iter().copied().cycle().take(n * nh * hd).collect();
-                    let ring: Vec<f32> = block.iter().copied().cycle().take(raw_cap * hd).collect();
+                    let mut ring: Vec<f32> =
+                        block.iter().copied().cycle().take(raw_cap * hd).collect();
                     let ncomp = (pos0 + n).checked_div(ratio).map_or(1, |r| r + 1);
-                    let comp: Vec<f32> = block
+                    let mut comp: Vec<f32> = block
                         .iter()
                         .rev()
                         .copied()
                         .cycle()
                         .take(ncomp * hd)
                         .collect();
+                    // The rows as the model stores them: the nope dims through the FP8 KV
+                    // round trip (so exact in f16, which the route exploits).
+                    for row in ring.chunks_mut(hd).chain(comp.chunks_mut(hd)) {
+                        ds4_model::ops::fp8_kv_qat(row, hd - 64);
+                    }
                     let sinks: Vec<f32> = (0..nh).map(|h| (h % 7) as f32 * 0.3 - 1.0).collect();
                     let mut isel = vec![0i32; n * topk];
                     let mut macs = 0f64;

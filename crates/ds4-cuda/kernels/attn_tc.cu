@@ -44,7 +44,11 @@
 // error (opt-in).
 //
 // The rows are f32 in the KV state; ds4_attn_tc_prep first writes them as [row][hi hd | lo hd]
-// f16 into a scratch (ring: every slot; compressed rows: those visible to the chunk).
+// f16 into a scratch (ring: every slot; compressed rows: those visible to the chunk), with a
+// flag word per row (bit e: the lo part of eighth e of the dims is all ±0). A warp whose eighth
+// is flagged in every row of a tile skips the hi·lo products (Q hi · row lo in S, P hi · row
+// lo in O): they add exactly zero, and the other products keep their order, so the sums are
+// the same bits. Model rows qualify on their nope dims (FP8 round trip: 4 significant bits).
 
 #include "common.cuh"
 
@@ -113,32 +117,53 @@ __device__ __forceinline__ void at_rope_inv(float* x0, float* x1, float c, float
 }
 
 // f32 rows → [row][hi hd | lo hd] f16. `rows` rows, or with ratio > 0 only the compressed rows
-// visible to a chunk of n tokens at *pos0p: min(rows, (pos0 + n) / ratio). Grid-stride.
+// visible to a chunk of n tokens at *pos0p: min(rows, (pos0 + n) / ratio). One warp per row,
+// lane l the dims [l·hd/32, (l+1)·hd/32), so that the 4 lanes 4s..4s+3 hold eighth s of the dims
+// (the kernel's warp slice e = s). With `flags`: flags[r] bit s set when every lo of eighth s of
+// row r is ±0, i.e. that part of the row is exact in f16 (the FP8 KV round trip of the nope dims
+// makes it so for model rows): the kernel then skips the hi·lo products of that eighth, which
+// add exactly nothing. hd % 128 == 0.
 extern "C" __global__ void __launch_bounds__(256)
     ds4_attn_tc_prep(const float* __restrict__ src, int rows, const int* __restrict__ pos0p, int n,
-                     int ratio, int hd, u16* __restrict__ dst) {
+                     int ratio, int hd, u16* __restrict__ dst, unsigned* __restrict__ flags) {
     PDL_ENTRY();
     i64 nr = rows;
     if (ratio > 0) {
         const i64 v = ((i64)*pos0p + n) / ratio;
         nr = v < nr ? v : nr;
     }
-    const i64 total4 = nr * hd / 4;
-    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < total4; i += (i64)gridDim.x * blockDim.x) {
-        const i64 e = 4 * i;
-        const i64 r = e / hd;
-        const int d = (int)(e - r * hd);
-        const float4 v = reinterpret_cast<const float4*>(src)[i];
-        u16 h[4], l[4];
-        split_h(v.x, &h[0], &l[0]);
-        split_h(v.y, &h[1], &l[1]);
-        split_h(v.z, &h[2], &l[2]);
-        split_h(v.w, &h[3], &l[3]);
-        u16* o = dst + r * 2 * hd + d;
-        *reinterpret_cast<uint2*>(o) = make_uint2(pack2(h[0], h[1]), pack2(h[2], h[3]));
-        *reinterpret_cast<uint2*>(o + hd) = make_uint2(pack2(l[0], l[1]), pack2(l[2], l[3]));
+    const int lane = threadIdx.x & 31, per = hd / 32;
+    const i64 nw = ((i64)gridDim.x * blockDim.x) >> 5;
+    for (i64 r = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5; r < nr; r += nw) {
+        u32 lo_bits = 0;
+        for (int k = 0; k < per; k += 4) {
+            const int d = lane * per + k;
+            const float4 v = *reinterpret_cast<const float4*>(src + r * hd + d);
+            u16 h[4], l[4];
+            split_h(v.x, &h[0], &l[0]);
+            split_h(v.y, &h[1], &l[1]);
+            split_h(v.z, &h[2], &l[2]);
+            split_h(v.w, &h[3], &l[3]);
+            lo_bits |= (u32)(l[0] | l[1] | l[2] | l[3]) & 0x7fffu;
+            u16* o = dst + r * 2 * hd + d;
+            *reinterpret_cast<uint2*>(o) = make_uint2(pack2(h[0], h[1]), pack2(h[2], h[3]));
+            *reinterpret_cast<uint2*>(o + hd) = make_uint2(pack2(l[0], l[1]), pack2(l[2], l[3]));
+        }
+        const u32 nz = __ballot_sync(0xffffffffu, lo_bits != 0);
+        if (flags && lane == 0) {
+            u32 f = 0;
+#pragma unroll
+            for (int s = 0; s < 8; s++) f |= (((nz >> (4 * s)) & 15u) == 0 ? 1u : 0u) << s;
+            flags[r] = f;
+        }
     }
 }
+
+// A compile-time bool as a value (for the generic lambdas that unswitch the tile loops).
+template <bool B>
+struct AtBool {
+    static constexpr bool value = B;
+};
 
 // Shared-memory layout (bytes) of one variant.
 template <int HD, bool SPLIT>
@@ -158,7 +183,8 @@ struct AtLay {
     static constexpr int QL_BYTES = SPLIT ? AT_HPC * CH * 16 : 0;  // Q lo: 32 heads × HD f16
     static constexpr int SEL_OFF = QL_OFF + QL_BYTES;              // the token's indexer picks
     static constexpr int QS_OFF = SEL_OFF + 2 * AT_SELMAX * 4;     // per head: Q norm factor (f64)
-    static constexpr int TOTAL = QS_OFF + AT_HPC * 8;
+    static constexpr int FL_OFF = QS_OFF + AT_HPC * 8;             // [stage][row] lo flags (prep)
+    static constexpr int TOTAL = FL_OFF + 2 * AT_BN * 4;
 };
 
 // Byte offset of chunk `ch` of row `r` in a tile of `nch` chunks per row (XOR swizzle: the 8
@@ -171,7 +197,7 @@ __device__ __forceinline__ void attn_tc_body(
     const u16* __restrict__ comp16, int ratio, int has_indexer, const int* __restrict__ isel, int topk,
     const float* __restrict__ sinks, float scale, int nh, int n_rot, const double* __restrict__ inv_freq,
     const int* __restrict__ pos0p, float* __restrict__ heads, signed char* __restrict__ q8s,
-    float* __restrict__ q8d, int n_tok, int qnorm, float eps) {
+    float* __restrict__ q8d, int n_tok, int qnorm, float eps, const unsigned* __restrict__ flags) {
     typedef AtLay<HD, SPLIT> L;
     constexpr int CH = L::CH;
     constexpr int KCH = L::KCH;
@@ -190,12 +216,15 @@ __device__ __forceinline__ void attn_tc_body(
     unsigned char* sQL = at_smem + L::QL_OFF;                  // Q lo rows (swizzled like a tile)
     int* sSel = reinterpret_cast<int*>(at_smem + L::SEL_OFF);  // [item parity][AT_SELMAX] picks
     double* sQS = reinterpret_cast<double*>(at_smem + L::QS_OFF);  // [32] Q norm factors (qnorm)
+    unsigned* sFl = reinterpret_cast<unsigned*>(at_smem + L::FL_OFF);  // [stage][32] row lo flags
 
     const int tid = threadIdx.x, w = tid >> 5, lane = tid & 31;
     const int g = lane >> 2, c4 = lane & 3;
     // m-group (16 heads) and eighth of the dims: warps 0-3, 8-11 are m-group 0, warps 4-7,
-    // 12-15 m-group 1, so that every scheduler holds two warps of each.
-    const int mg = (w >> 2) & 1, e = (w & 3) | ((w >> 3) << 2);
+    // 12-15 m-group 1, so that every scheduler holds two warps of each. m-group 1's eighths are
+    // rotated by two schedulers, so that the two warps of eighth 7 (the RoPE dims: the only
+    // ones whose model rows keep a lo part, so the most mmas) sit on different schedulers.
+    const int mg = (w >> 2) & 1, e = ((w + 2 * mg) & 3) | ((w >> 3) << 2);
     const int li = e * 32 + lane;  // index of the thread within its m-group
     const int nhb = (nh + AT_HPC - 1) / AT_HPC;
     const int n_items = nhb * n_tok;  // item = token * nhb + head block
@@ -255,6 +284,8 @@ __device__ __forceinline__ void attn_tc_body(
         unsigned char* dst = sK + st * L::K_STAGE + at_swz(row, sub, KCH);
 #pragma unroll
         for (int i = 0; i < KCH / 8; i++) cp16(dst + i * 128, src + i * 64);
+        if (SPLIT && flags && sub == 0)
+            at_cp4(sFl + st * AT_BN + row, flags + (src_row >= 0 ? src_row : raw_cap + (-1 - src_row)));
         cp_commit();
     };
 
@@ -412,7 +443,7 @@ __device__ __forceinline__ void attn_tc_body(
         const int rown = 2 * (lane & 15);
         float m_run = -INFINITY, l_run = 0.f;
         float* xw = sX + w * (16 * AT_XS);
-        auto wid = [&](int kk) { return (kk & 3) + 4 * mg + 8 * (kk >> 2); };  // warp of eighth kk
+        auto wid = [&](int kk) { return ((kk - 2 * mg) & 3) + 4 * mg + 8 * (kk >> 2); };  // warp of eighth kk
         unsigned char* pH = sP + mg * (2 * 16 * AT_PS);
         unsigned char* pL = pH + 16 * AT_PS;
         const bool next_item = item + (int)gridDim.x < n_items;
@@ -430,36 +461,49 @@ __device__ __forceinline__ void attn_tc_body(
             }
             const unsigned char* kt = sK + (gt & 1) * L::K_STAGE;
 
+            // Whether every row of the tile has a zero lo part in this warp's eighth (prep
+            // flags): then its hi·lo products (S: Q hi · row lo, O: P hi · row lo) are exactly
+            // zero and are skipped; the other products keep their order, so the sums are the
+            // same bits. Warp-uniform.
+            const bool rlo = !SPLIT || !flags || !__all_sync(0xffffffffu, (sFl[(gt & 1) * AT_BN + lane] >> e) & 1u);
+
             // Partial S over this warp's eighth of the dims.
             float S[NBS][4];
 #pragma unroll
             for (int i = 0; i < NBS; i++) S[i][0] = S[i][1] = S[i][2] = S[i][3] = 0.f;
+            auto s_tile = [&](auto lo_t) {
+                constexpr bool LO = decltype(lo_t)::value;
 #pragma unroll
-            for (int ks = 0; ks < KS; ks++) {
-                const int kc = (e * DQ + ks * 16) >> 3;
-                u32 ql[4];
-                if (SPLIT) {
-                    const int ar = mg * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
-                    ldsm4(ql, sQL + at_swz(ar, kc + (lane >> 4), CH));
-                }
-#pragma unroll
-                for (int np = 0; np < NBS / 2; np++) {
-                    const int br = np * 16 + (lane & 7) + (lane >> 4) * 8;
-                    const int bc = kc + ((lane >> 3) & 1);
-                    u32 bh[4];
-                    ldsm4(bh, kt + at_swz(br, bc, KCH));
-                    mma16(S[2 * np], qh[ks], bh[0], bh[1]);
-                    mma16(S[2 * np + 1], qh[ks], bh[2], bh[3]);
+                for (int ks = 0; ks < KS; ks++) {
+                    const int kc = (e * DQ + ks * 16) >> 3;
+                    u32 ql[4];
                     if (SPLIT) {
-                        u32 bl[4];
-                        ldsm4(bl, kt + at_swz(br, bc + CH, KCH));
-                        mma16(S[2 * np], qh[ks], bl[0], bl[1]);
-                        mma16(S[2 * np + 1], qh[ks], bl[2], bl[3]);
-                        mma16(S[2 * np], ql, bh[0], bh[1]);
-                        mma16(S[2 * np + 1], ql, bh[2], bh[3]);
+                        const int ar = mg * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
+                        ldsm4(ql, sQL + at_swz(ar, kc + (lane >> 4), CH));
+                    }
+#pragma unroll
+                    for (int np = 0; np < NBS / 2; np++) {
+                        const int br = np * 16 + (lane & 7) + (lane >> 4) * 8;
+                        const int bc = kc + ((lane >> 3) & 1);
+                        u32 bh[4];
+                        ldsm4(bh, kt + at_swz(br, bc, KCH));
+                        mma16(S[2 * np], qh[ks], bh[0], bh[1]);
+                        mma16(S[2 * np + 1], qh[ks], bh[2], bh[3]);
+                        if (SPLIT) {
+                            if (LO) {
+                                u32 bl[4];
+                                ldsm4(bl, kt + at_swz(br, bc + CH, KCH));
+                                mma16(S[2 * np], qh[ks], bl[0], bl[1]);
+                                mma16(S[2 * np + 1], qh[ks], bl[2], bl[3]);
+                            }
+                            mma16(S[2 * np], ql, bh[0], bh[1]);
+                            mma16(S[2 * np + 1], ql, bh[2], bh[3]);
+                        }
                     }
                 }
-            }
+            };
+            if (rlo) s_tile(AtBool<true>{});
+            else s_tile(AtBool<false>{});
             // Partials → sX as [head][row]; the 8 warps of the m-group then each sum (fixed order)
             // and soft-max the 2 heads × 32 rows they own.
 #pragma unroll
@@ -513,31 +557,38 @@ __device__ __forceinline__ void attn_tc_body(
                 O[i][2] *= c1;
                 O[i][3] *= c1;
             }
+            auto o_tile = [&](auto lo_t) {
+                constexpr bool LO = decltype(lo_t)::value;
 #pragma unroll
-            for (int kk = 0; kk < AT_BN / 16; kk++) {
-                const int pr = (lane & 7) + ((lane >> 3) & 1) * 8;
-                const int pc = (kk * 16 + (lane >> 4) * 8) * 2;
-                u32 ph[4], pl[4];
-                ldsm4(ph, pH + pr * AT_PS + pc);
-                if (SPLIT) ldsm4(pl, pL + pr * AT_PS + pc);
-                const int vr = kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
+                for (int kk = 0; kk < AT_BN / 16; kk++) {
+                    const int pr = (lane & 7) + ((lane >> 3) & 1) * 8;
+                    const int pc = (kk * 16 + (lane >> 4) * 8) * 2;
+                    u32 ph[4], pl[4];
+                    ldsm4(ph, pH + pr * AT_PS + pc);
+                    if (SPLIT) ldsm4(pl, pL + pr * AT_PS + pc);
+                    const int vr = kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
 #pragma unroll
-                for (int nbp = 0; nbp < NBO / 2; nbp++) {
-                    const int vc = ((e * DQ) >> 3) + 2 * nbp + (lane >> 4);
-                    u32 vh[4];
-                    ldsm4t(vh, kt + at_swz(vr, vc, KCH));
-                    mma16(O[2 * nbp], ph, vh[0], vh[1]);
-                    mma16(O[2 * nbp + 1], ph, vh[2], vh[3]);
-                    if (SPLIT) {
-                        u32 vl[4];
-                        ldsm4t(vl, kt + at_swz(vr, vc + CH, KCH));
-                        mma16(O[2 * nbp], ph, vl[0], vl[1]);
-                        mma16(O[2 * nbp + 1], ph, vl[2], vl[3]);
-                        mma16(O[2 * nbp], pl, vh[0], vh[1]);
-                        mma16(O[2 * nbp + 1], pl, vh[2], vh[3]);
+                    for (int nbp = 0; nbp < NBO / 2; nbp++) {
+                        const int vc = ((e * DQ) >> 3) + 2 * nbp + (lane >> 4);
+                        u32 vh[4];
+                        ldsm4t(vh, kt + at_swz(vr, vc, KCH));
+                        mma16(O[2 * nbp], ph, vh[0], vh[1]);
+                        mma16(O[2 * nbp + 1], ph, vh[2], vh[3]);
+                        if (SPLIT) {
+                            if (LO) {
+                                u32 vl[4];
+                                ldsm4t(vl, kt + at_swz(vr, vc + CH, KCH));
+                                mma16(O[2 * nbp], ph, vl[0], vl[1]);
+                                mma16(O[2 * nbp + 1], ph, vl[2], vl[3]);
+                            }
+                            mma16(O[2 * nbp], pl, vh[0], vh[1]);
+                            mma16(O[2 * nbp + 1], pl, vh[2], vh[3]);
+                        }
                     }
                 }
-            }
+            };
+            if (rlo) o_tile(AtBool<true>{});
+            else o_tile(AtBool<false>{});
         }
 
         // Finish: the owned heads' sums over their 16 lanes, then per (head, dims): the sink,
@@ -629,8 +680,9 @@ __device__ __forceinline__ void attn_tc_body(
         const u16 *__restrict__ comp16, int ratio, int has_indexer, const int *__restrict__ isel,  \
         int topk, const float *__restrict__ sinks, float scale, int nh, int n_rot,                 \
         const double *__restrict__ inv_freq, const int *__restrict__ pos0p, float *__restrict__ heads,         \
-        signed char *__restrict__ q8s, float *__restrict__ q8d, int n_tok, int qnorm, float eps
-#define AT_PASS q, ring16, raw_cap, window, comp16, ratio, has_indexer, isel, topk, sinks, scale, nh, n_rot, inv_freq, pos0p, heads, q8s, q8d, n_tok, qnorm, eps
+        signed char *__restrict__ q8s, float *__restrict__ q8d, int n_tok, int qnorm, float eps,  \
+        const unsigned *__restrict__ flags
+#define AT_PASS q, ring16, raw_cap, window, comp16, ratio, has_indexer, isel, topk, sinks, scale, nh, n_rot, inv_freq, pos0p, heads, q8s, q8d, n_tok, qnorm, eps, flags
 
 #define AT_KERNEL(hd, split, name)                                                                 \
     extern "C" __global__ void __launch_bounds__(AT_THREADS, 1) name(AT_ARGS) { PDL_ENTRY();                  \

@@ -9,7 +9,7 @@
 //!
 //! | precision ([`AttnPrecision`]) | operands | products | error vs the exact kernel |
 //! |---|---|---|---|
-//! | `Split` (default) | every operand as two f16, `x ≈ hi + lo` (22 bits) | 3 mmas (hi·hi + hi·lo + lo·hi) | ~1e-6 relative (f32 accumulation) |
+//! | `Split` (default) | every operand as two f16, `x ≈ hi + lo` (22 bits) | 3 mmas (hi·hi + hi·lo + lo·hi); 2 where the rows are exact in f16 | ~1e-6 relative (f32 accumulation) |
 //! | `F16` (`DS4_CUDA_TC_ATTN_F16=1`) | plain f16 (11 bits) | 1 mma | ~1e-4 at score spread 1, ~2e-3 at 3 |
 //!
 //! Why `Split` is the default: a CPU emulation of the `F16` arithmetic inside the reference
@@ -21,7 +21,12 @@
 //!
 //! The rows live in the KV state as f32; [`AttnTc::attention`] first rewrites the ring (every
 //! slot) and the compressed rows visible to the chunk as `[row][hi | lo]` f16 into the route's
-//! scratch (`ds4_attn_tc_prep`), then runs persistent CTAs of 16 warps (one per SM), each over
+//! scratch (`ds4_attn_tc_prep`), with a flag per row and eighth of the dims telling whether the
+//! lo part is zero there. The model's rows are exact in f16 over their 448 nope dims (the FP8
+//! KV round trip leaves 4 significant bits), so for the warps of those eighths the products
+//! with the rows' lo part add exactly zero: a warp skips them for a 32-row tile whose rows are
+//! all flagged (same bits; 6–7 % less attention time at 8192 tokens on an H200,
+//! `bench/README.md` session 17; `DS4_CUDA_TC_ATTN_LOSKIP=0` turns it off). It then runs persistent CTAs of 16 warps (one per SM), each over
 //! (token, 32 heads) items `blockIdx.x`, `+ gridDim.x`, … with their row tiles as one stream (the
 //! next item's first tile is gathered while the current item's last one is processed). Decode
 //! (and chunks shorter than the route minimum) keep the exact kernel. The chunk forward pass
@@ -89,6 +94,12 @@ pub struct AttnTc {
     /// Persistent grid: at most one CTA per SM.
     sms: u32,
     scratch: DBuf,
+    /// Per scratch row (ring slots, then compressed rows): bit s set when the row's lo part is
+    /// zero in eighth s of the dims (written by `ds4_attn_tc_prep`).
+    flags: DBuf,
+    /// Skip the hi·lo products of tiles whose rows are exact in f16 there (`Split` only;
+    /// `DS4_CUDA_TC_ATTN_LOSKIP=0` turns it off). Same bits either way.
+    lo_skip: bool,
 }
 
 impl std::fmt::Debug for AttnTc {
@@ -167,6 +178,8 @@ impl AttnTc {
             .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(drv)? as u32;
         let scratch = DBuf::zeroed(stream, (raw_cap + comp_rows) * hd * 4)?;
+        let flags = DBuf::zeroed(stream, (raw_cap + comp_rows) * 4)?;
+        let lo_skip = std::env::var("DS4_CUDA_TC_ATTN_LOSKIP").map_or(true, |v| v != "0");
         Ok(AttnTc {
             prep: func("ds4_attn_tc_prep")?,
             kern,
@@ -179,7 +192,15 @@ impl AttnTc {
             prep_blocks: sms * 4,
             sms,
             scratch,
+            flags,
+            lo_skip,
         })
+    }
+
+    /// Turn the skipping of zero hi·lo products on or off (the output bits do not change; for
+    /// tests and A/B timing).
+    pub fn set_lo_skip(&mut self, on: bool) {
+        self.lo_skip = on;
     }
 
     /// The operand precision.
@@ -259,7 +280,8 @@ impl AttnTc {
         let hd = self.hd;
         let ring16 = self.scratch.ptr;
         let comp16 = ring16 + (self.raw_cap * hd * 4) as u64;
-        let prep = |src: u64, rows: usize, ratio: usize, dst: u64| {
+        let flags = self.flags.ptr;
+        let prep = |src: u64, rows: usize, ratio: usize, dst: u64, fl: u64| {
             launch(
                 stream,
                 &self.prep,
@@ -274,13 +296,21 @@ impl AttnTc {
                     A::I(ratio as i32),
                     A::I(hd as i32),
                     A::P(dst),
+                    A::P(fl),
                 ],
             )
         };
-        prep(a.ring, self.raw_cap, 0, ring16)?;
+        prep(a.ring, self.raw_cap, 0, ring16, flags)?;
         if a.ratio > 0 && comp_rows > 0 {
-            prep(a.comp, comp_rows, a.ratio, comp16)?;
+            prep(
+                a.comp,
+                comp_rows,
+                a.ratio,
+                comp16,
+                flags + (self.raw_cap * 4) as u64,
+            )?;
         }
+        let skip = self.lo_skip && self.precision == AttnPrecision::Split;
         launch(
             stream,
             &self.kern,
@@ -309,6 +339,7 @@ impl AttnTc {
                 A::I(n as i32),
                 A::I(i32::from(qnorm.is_some())),
                 A::F(qnorm.unwrap_or(0.0)),
+                A::P(if skip { flags } else { 0 }),
             ],
         )
     }

@@ -810,6 +810,32 @@ impl GpuOps {
         Ok((self.down(&heads, n * nh * hd)?, ms))
     }
 
+    /// The tensor-core attention route with and without the skipping of zero hi·lo products
+    /// (rows exact in f16 in a warp's eighth of the dims): `(skipping, not skipping)` outputs.
+    pub fn attention_route_lo_skip(
+        &self,
+        a: &AttnInputs<'_>,
+        prec: AttnPrecision,
+    ) -> Result<(Vec<f32>, Vec<f32>), CudaError> {
+        let (n, nh, hd) = (a.n, a.nh, a.hd);
+        let up = self.attn_upload(a)?;
+        let part = DBuf::zeroed(&self.stream, 16)?;
+        let mut out = Vec::new();
+        let comp_rows = if a.ratio > 0 { a.comp.len() / hd } else { 0 };
+        let mut t = AttnTc::new(&self._ctx, &self.stream, hd, a.raw_cap, comp_rows, prec)?;
+        for on in [true, false] {
+            let heads = self.up(&vec![f32::NAN; n * nh * hd])?;
+            self.set_pos(a.pos0)?;
+            let l = up.launch(a, self.pos.ptr, part.ptr, heads.ptr);
+            t.set_lo_skip(on);
+            // SAFETY: every address of `l` is an upload above, sized for n tokens.
+            unsafe { t.attention(&self.stream, &l, comp_rows, n, None, None)? };
+            out.push(self.down(&heads, n * nh * hd)?);
+        }
+        let off = out.pop().unwrap_or_default();
+        Ok((out.pop().unwrap_or_default(), off))
+    }
+
     /// The tensor-core attention route with its fused Q8_0 output (hd / 8 a multiple of 32):
     /// returns `(heads, act, act_only)`: the f32 output and the `[n][nh·hd]` Q8_0 activation
     /// layout written together, then the layout of a second run without the f32 output.

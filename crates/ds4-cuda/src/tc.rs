@@ -13,7 +13,7 @@
 //! | `f16` (`…_F16_DISABLE`) | F16 HC mixing, router, compressors, indexer | f16 × (f16 hi + f16 lo) (`mma m16n8k16`), f32 accumulation; matrices of ≤ 32 rows (HC mixing): f16 × (tf32 hi + lo) (`mma m16n8k8`, kernels/tc_skinny.cu, x read once, no prep pass; `DS4_CUDA_TC_F16_SKINNY=0` turns it off) | ~f32 (x carried to 22 bits) |
 //! | `moe_gate` + `moe_up` (fused) | IQ2_XXS / Q2_K / Q4_K / Q8_0 routed gate and up, SwiGLU and the routing weight fused | int8 × Q8_K int8, weights dequantised to exact int8 in shared memory | every super-block's integer sums exact, its f32 term formed as on the CPU |
 //! | `moe_down` (`…_MOE_DOWN_DISABLE`) | routed down + fixed-order 6-expert sum | as gate/up | as gate/up; the sum over the k experts in slot order in f64 like the CPU |
-//! | `attn` (`…_ATTN_DISABLE`) | chunk attention over the window + compressed rows (`crate::attn_tc`) | f16 hi + lo (`mma m16n8k16`, 3 per product), f32 accumulation, f32 online softmax | ~1e-6 relative (`DS4_CUDA_TC_ATTN_F16=1`: plain f16, ~1e-3) |
+//! | `attn` (`…_ATTN_DISABLE`) | chunk attention over the window + compressed rows (`crate::attn_tc`) | f16 hi + lo (`mma m16n8k16`, 3 per product; 2 where the rows are exact in f16), f32 accumulation, f32 online softmax | ~1e-6 relative (`DS4_CUDA_TC_ATTN_F16=1`: plain f16, ~1e-3) |
 //!
 //! `DS4_CUDA_TC_DISABLE=1` turns every route off; `--quality` (`CudaOptions::quality`) too.
 //! The gate and up projections are one fused kernel: both `moe_gate` and `moe_up` must be on

@@ -1182,6 +1182,48 @@ mod gpu {
                 );
                 println!("{tag}: {} outputs bit-identical", fused.len());
             }
+            // Rows as the model writes them: the nope dims exact in f16 (the FP8 KV round trip
+            // makes them so), except every 37th row (tiles holding one keep their hi·lo
+            // products). The route skips the hi·lo products of the tiles whose rows are exact
+            // in a warp's eighth of the dims; the output must be the same bits as without
+            // skipping, and still match the exact kernel.
+            let n_nope = hd - c.n_rot;
+            let exact16 = |v: &[f32]| -> Vec<f32> {
+                let mut v = v.to_vec();
+                for (r, row) in v.chunks_mut(hd).enumerate() {
+                    if r % 37 != 5 {
+                        for x in &mut row[..n_nope] {
+                            *x = ds4_quant::fp::f16_round(*x);
+                        }
+                    }
+                }
+                v
+            };
+            let (ring16, comp16) = (exact16(&ring), exact16(&comp));
+            let a16 = AttnInputs {
+                ring: &ring16,
+                comp: &comp16,
+                ..a
+            };
+            let (want16, _) = g.attention_timed(&a16, None, 0).expect("exact attention");
+            let (skip, noskip) = g
+                .attention_route_lo_skip(&a16, AttnPrecision::Split)
+                .expect("route attention lo skip");
+            let tag = format!("attention {} (split), f16-exact nope dims", c.name);
+            check(&tag, &skip, &want16, 1e-4);
+            let diff = skip
+                .iter()
+                .zip(&noskip)
+                .filter(|(x, y)| x.to_bits() != y.to_bits())
+                .count();
+            assert_eq!(
+                diff, 0,
+                "{tag}: {diff} outputs differ with the zero hi·lo products skipped"
+            );
+            println!(
+                "{tag}: skipping zero hi·lo products: {} outputs bit-identical",
+                skip.len()
+            );
         }
     }
 
