@@ -101,10 +101,6 @@ __device__ __forceinline__ u32 pack2(u16 lo_k, u16 hi_k) { return (u32)lo_k | ((
 __device__ __forceinline__ void at_cp4(void* dst, const void* src) {
     asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(smem_u32(dst)), "l"(src) : "memory");
 }
-// 16-byte cp.async of n (16 or 0) source bytes, the rest zero-filled.
-__device__ __forceinline__ void at_cp16z(void* dst, const void* src, int n) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src), "r"(n) : "memory");
-}
 // a·b + c·d in f32 with the rounding error of c·d added back (two-product): within ~1 ulp.
 __device__ __forceinline__ float at_dot2(float a, float b, float c, float d) {
     const float p = c * d;
@@ -282,24 +278,12 @@ __device__ __forceinline__ void attn_tc_body(
     };
     // Gather a tile into stage st (m-group 1): thread → row li/8, chunks li%8, +8, ... (the
     // swizzle keeps chunk k + 8i at the row's swizzled chunk k plus 8i).
-    // The flag word of a source row (0 without flags: every lo part copied).
-    auto flag_of = [&](int src_row) -> unsigned {
-        return SPLIT && flags ? __ldg(flags + (src_row >= 0 ? src_row : raw_cap + (-1 - src_row))) : 0u;
-    };
-    // `fl`: the row's flag word. A lo chunk of a flagged eighth is all zero, so it is written as
-    // zeros without reading it (cp.async zero fill): the same shared-memory bytes.
-    auto issue = [&](int src_row, int st, unsigned fl) {
+    auto issue = [&](int src_row, int st) {
         const int row = li >> 3, sub = li & 7;
         const u16* src = (src_row >= 0 ? ring16 + (i64)src_row * (2 * HD) : comp16 + (i64)(-1 - src_row) * (2 * HD)) + sub * 8;
         unsigned char* dst = sK + st * L::K_STAGE + at_swz(row, sub, KCH);
 #pragma unroll
-        for (int i = 0; i < KCH / 8; i++) {
-            const int c = sub + 8 * i;  // chunk of the row: hi 0..CH-1, lo CH..2CH-1
-            if (SPLIT && c >= CH)
-                at_cp16z(dst + i * 128, src + i * 64, ((fl >> ((c - CH) / (CH / 8))) & 1u) ? 0 : 16);
-            else
-                cp16(dst + i * 128, src + i * 64);
-        }
+        for (int i = 0; i < KCH / 8; i++) cp16(dst + i * 128, src + i * 64);
         if (SPLIT && flags && sub == 0)
             at_cp4(sFl + st * AT_BN + row, flags + (src_row >= 0 ? src_row : raw_cap + (-1 - src_row)));
         cp_commit();
@@ -328,7 +312,6 @@ __device__ __forceinline__ void attn_tc_body(
     // Producer (m-group 1): nx_* = the next tile to gather (source row; whether it is an
     // item's first tile, and then that item's token and sSel buffer); pc* = the tile after it.
     int nx_src = 0, nx_first = 0, nx_t = 0, nx_buf = 0;
-    unsigned nx_fl = 0;
     bool nx_sel = false;
     Item pc = cur;
     int pc_it = item, pc_j = 1, pc_k = 0;
@@ -341,7 +324,6 @@ __device__ __forceinline__ void attn_tc_body(
         }
         if (pc_it < n_items) {
             nx_src = src_of(pc, pc_j, (pc_j >= 2 && topk <= AT_SELMAX) ? (pc_k & 1) : -1);
-            nx_fl = flag_of(nx_src);
             nx_first = pc_j == 0;
             nx_t = pc.t;
             nx_sel = pc.use_sel;
@@ -351,8 +333,7 @@ __device__ __forceinline__ void attn_tc_body(
     };
     if (mg == 1) {
         if (cur.use_sel) stage_sel(cur.t, 0);
-        const int s0 = src_of(cur, 0, -1);
-        issue(s0, 0, flag_of(s0));  // commits the picks too
+        issue(src_of(cur, 0, -1), 0);  // commits the picks too
     }
 
     int gt = 0;  // the CTA's tile counter
@@ -475,7 +456,7 @@ __device__ __forceinline__ void attn_tc_body(
             } else if (more) {
                 bar_named(5, 16 * 32);                // E_gt
                 if (nx_first && nx_sel) stage_sel(nx_t, nx_buf);
-                issue(nx_src, (gt + 1) & 1, nx_fl);
+                issue(nx_src, (gt + 1) & 1);
                 pc_take();
             }
             const unsigned char* kt = sK + (gt & 1) * L::K_STAGE;
