@@ -26,8 +26,8 @@
 //! KV round trip leaves 4 significant bits), so for the warps of those eighths the products
 //! with the rows' lo part add exactly zero: a warp skips them for a 32-row tile whose rows are
 //! all flagged (same bits; 6–7 % less attention time at 8192 tokens on an H200,
-//! `bench/README.md` session 17; `DS4_CUDA_TC_ATTN_LOSKIP=0` turns it off). It then runs persistent CTAs of 16 warps (one per SM), each over
-//! (token, 32 heads) items `blockIdx.x`, `+ gridDim.x`, … with their row tiles as one stream (the
+//! `bench/README.md` session 17; `DS4_CUDA_TC_ATTN_LOSKIP=0` turns it off). It then runs
+//! persistent CTAs of 16 warps (one per SM), each over (token, 32 heads) items `blockIdx.x`, `+ gridDim.x`, … with their row tiles as one stream (the
 //! next item's first tile is gathered while the current item's last one is processed). Decode
 //! (and chunks shorter than the route minimum) keep the exact kernel. The chunk forward pass
 //! leaves the Q heads' RMSNorm + RoPE to the route (`qnorm`): the kernel applies it on its Q
@@ -201,6 +201,15 @@ impl AttnTc {
     /// tests and A/B timing).
     pub fn set_lo_skip(&mut self, on: bool) {
         self.lo_skip = on;
+    }
+
+    /// The row flags the last [`AttnTc::attention`] call's preparation wrote: ring slots
+    /// `0..raw_cap`, then compressed rows (bit s: the row's lo part is zero in eighth s of the
+    /// dims; compressed rows not visible to that chunk keep older values).
+    pub fn row_flags(&self, stream: &Arc<CudaStream>) -> Result<Vec<u32>, CudaError> {
+        let mut v = vec![0u32; self.raw_cap + self.comp_rows];
+        crate::rt::dtoh(stream, &mut v, self.flags.ptr)?;
+        Ok(v)
     }
 
     /// The operand precision.

@@ -811,12 +811,13 @@ impl GpuOps {
     }
 
     /// The tensor-core attention route with and without the skipping of zero hi·lo products
-    /// (rows exact in f16 in a warp's eighth of the dims): `(skipping, not skipping)` outputs.
+    /// (rows exact in f16 in a warp's eighth of the dims): `(skipping, not skipping, row
+    /// flags)`, the flags as [`AttnTc::row_flags`] (ring slots, then compressed rows).
     pub fn attention_route_lo_skip(
         &self,
         a: &AttnInputs<'_>,
         prec: AttnPrecision,
-    ) -> Result<(Vec<f32>, Vec<f32>), CudaError> {
+    ) -> Result<(Vec<f32>, Vec<f32>, Vec<u32>), CudaError> {
         let (n, nh, hd) = (a.n, a.nh, a.hd);
         let up = self.attn_upload(a)?;
         let part = DBuf::zeroed(&self.stream, 16)?;
@@ -833,7 +834,8 @@ impl GpuOps {
             out.push(self.down(&heads, n * nh * hd)?);
         }
         let off = out.pop().unwrap_or_default();
-        Ok((out.pop().unwrap_or_default(), off))
+        let flags = t.row_flags(&self.stream)?;
+        Ok((out.pop().unwrap_or_default(), off, flags))
     }
 
     /// The tensor-core attention route with its fused Q8_0 output (hd / 8 a multiple of 32):

@@ -1206,10 +1206,32 @@ mod gpu {
                 ..a
             };
             let (want16, _) = g.attention_timed(&a16, None, 0).expect("exact attention");
-            let (skip, noskip) = g
+            let (skip, noskip, flags) = g
                 .attention_route_lo_skip(&a16, AttnPrecision::Split)
                 .expect("route attention lo skip");
             let tag = format!("attention {} (split), f16-exact nope dims", c.name);
+            // The flags that drive the skip: an eighth of the dims (hd / 8 wide) inside the
+            // nope dims is flagged exactly where the row was rounded (random f32 values are
+            // never all f16-exact), an eighth holding RoPE dims never.
+            let visible = (c.pos0 + n)
+                .checked_div(c.ratio)
+                .map_or(0, |v| v.min(ncomp));
+            let rows = (0..c.raw_cap).chain(c.raw_cap..c.raw_cap + visible);
+            for (i, slot) in rows.enumerate() {
+                let r = if slot < c.raw_cap {
+                    slot
+                } else {
+                    slot - c.raw_cap
+                };
+                let want: u32 = (0..8)
+                    .filter(|s| r % 37 != 5 && (s + 1) * hd / 8 <= n_nope)
+                    .map(|s| 1u32 << s)
+                    .sum();
+                assert_eq!(
+                    flags[slot], want,
+                    "{tag}: flags of scratch row {slot} ({i})"
+                );
+            }
             check(&tag, &skip, &want16, 1e-4);
             let diff = skip
                 .iter()
