@@ -160,6 +160,14 @@ mod gpu {
         d.stream.clone_htod(&vec![0xA5u8; n.max(16)]).unwrap()
     }
 
+    /// Outputs whose bits differ (over the common length).
+    fn bit_diffs(a: &[f32], b: &[f32]) -> usize {
+        a.iter()
+            .zip(b)
+            .filter(|(x, y)| x.to_bits() != y.to_bits())
+            .count()
+    }
+
     /// Worst normalized error; panics on a violation or a non-finite value.
     fn check(what: &str, got: &[f32], want: &[f32], tol: f32) -> f32 {
         assert_eq!(got.len(), want.len(), "{what}: lengths");
@@ -1153,10 +1161,7 @@ mod gpu {
                         g.attention_route_q8(&a, prec).expect("route attention q8");
                     let tag = format!("attention {} ({}) q8", c.name, prec.name());
                     assert!(
-                        heads
-                            .iter()
-                            .zip(&got)
-                            .all(|(x, y)| x.to_bits() == y.to_bits()),
+                        heads.len() == got.len() && bit_diffs(&heads, &got) == 0,
                         "{tag}: f32 heads differ from the plain route"
                     );
                     check_act_q8_0_rows(&tag, &act, &heads);
@@ -1171,11 +1176,7 @@ mod gpu {
                     .attention_route_qnorm(&a, prec, 1e-6)
                     .expect("route attention qnorm");
                 let tag = format!("attention {} ({}) qnorm", c.name, prec.name());
-                let diff = fused
-                    .iter()
-                    .zip(&unfused)
-                    .filter(|(x, y)| x.to_bits() != y.to_bits())
-                    .count();
+                let diff = bit_diffs(&fused, &unfused);
                 assert_eq!(
                     diff, 0,
                     "{tag}: {diff} outputs differ from the unfused launches"
@@ -1233,11 +1234,7 @@ mod gpu {
                 );
             }
             check(&tag, &skip, &want16, 1e-4);
-            let diff = skip
-                .iter()
-                .zip(&noskip)
-                .filter(|(x, y)| x.to_bits() != y.to_bits())
-                .count();
+            let diff = bit_diffs(&skip, &noskip);
             assert_eq!(
                 diff, 0,
                 "{tag}: {diff} outputs differ with the zero hi·lo products skipped"
