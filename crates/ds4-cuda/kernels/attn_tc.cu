@@ -122,10 +122,13 @@ __device__ __forceinline__ void at_rope_inv(float* x0, float* x1, float c, float
 // (the kernel's warp slice e = s). With `flags`: flags[r] bit s set when every lo of eighth s of
 // row r is ±0, i.e. that part of the row is exact in f16 (the FP8 KV round trip of the nope dims
 // makes it so for model rows): the kernel then skips the hi·lo products of that eighth, which
-// add exactly nothing. hd % 128 == 0.
+// add exactly nothing. With `dstc` (hd 512) the rows are also written compact,
+// [row][hi hd | lo of eighth 7 (hd / 8)], for launches whose rows are all exact in eighths 0-6.
+// hd % 128 == 0.
 extern "C" __global__ void __launch_bounds__(256)
     ds4_attn_tc_prep(const float* __restrict__ src, int rows, const int* __restrict__ pos0p, int n,
-                     int ratio, int hd, u16* __restrict__ dst, unsigned* __restrict__ flags) {
+                     int ratio, int hd, u16* __restrict__ dst, unsigned* __restrict__ flags,
+                     u16* __restrict__ dstc) {
     PDL_ENTRY();
     i64 nr = rows;
     if (ratio > 0) {
@@ -148,6 +151,13 @@ extern "C" __global__ void __launch_bounds__(256)
             u16* o = dst + r * 2 * hd + d;
             *reinterpret_cast<uint2*>(o) = make_uint2(pack2(h[0], h[1]), pack2(h[2], h[3]));
             *reinterpret_cast<uint2*>(o + hd) = make_uint2(pack2(l[0], l[1]), pack2(l[2], l[3]));
+            if (dstc) {
+                u16* oc = dstc + r * (hd + hd / 8);
+                *reinterpret_cast<uint2*>(oc + d) = make_uint2(pack2(h[0], h[1]), pack2(h[2], h[3]));
+                if (d >= 7 * (hd / 8))
+                    *reinterpret_cast<uint2*>(oc + hd + d - 7 * (hd / 8)) =
+                        make_uint2(pack2(l[0], l[1]), pack2(l[2], l[3]));
+            }
         }
         const u32 nz = __ballot_sync(0xffffffffu, lo_bits != 0);
         if (flags && lane == 0) {
@@ -197,7 +207,8 @@ __device__ __forceinline__ void attn_tc_body(
     const u16* __restrict__ comp16, int ratio, int has_indexer, const int* __restrict__ isel, int topk,
     const float* __restrict__ sinks, float scale, int nh, int n_rot, const double* __restrict__ inv_freq,
     const int* __restrict__ pos0p, float* __restrict__ heads, signed char* __restrict__ q8s,
-    float* __restrict__ q8d, int n_tok, int qnorm, float eps, const unsigned* __restrict__ flags) {
+    float* __restrict__ q8d, int n_tok, int qnorm, float eps, const unsigned* __restrict__ flags,
+    const u16* __restrict__ rowc, unsigned* __restrict__ rep) {
     typedef AtLay<HD, SPLIT> L;
     constexpr int CH = L::CH;
     constexpr int KCH = L::KCH;
@@ -206,6 +217,9 @@ __device__ __forceinline__ void attn_tc_body(
     constexpr int NBO = DQ / 8;     // O n-blocks per warp
     constexpr int NBS = AT_BN / 8;  // S n-blocks
     static_assert(KS >= 1 && NBO % 2 == 0 && KCH >= 8, "tile shape");
+    // Compact rows (hi | lo of eighth 7): for Split with whole 8-chunk groups (head dim 512).
+    constexpr int CCH = CH + CH / 8;
+    constexpr bool CPT = SPLIT && CCH % 8 == 0;
     extern __shared__ __align__(128) unsigned char at_smem[];
     unsigned char* sK = at_smem;
     float* sX = reinterpret_cast<float*>(at_smem + L::X_OFF);
@@ -230,6 +244,19 @@ __device__ __forceinline__ void attn_tc_body(
     const int n_items = nhb * n_tok;  // item = token * nhb + head block
     const i64 pos0 = (i64)*pos0p;
     const int n_nope = HD - n_rot;
+    // Compact mode: every row this launch can read (all ring slots, the visible compressed
+    // rows) is exact in f16 over eighths 0-6, so those warps always skip their hi·lo products
+    // and the rows are gathered compact (hi | lo of eighth 7: 44 % fewer bytes).
+    bool compact = false;
+    if (CPT && rowc && flags) {
+        const int nr = raw_cap + (ratio ? (int)((pos0 + n_tok) / ratio) : 0);
+        int ok = 1;
+        for (int i = tid; i < nr; i += AT_THREADS) ok &= (__ldg(flags + i) & 0x7fu) == 0x7fu;
+        compact = __syncthreads_and(ok) != 0;
+        if (rep && blockIdx.x == 0 && tid == 0) *rep = compact ? 1u : 0u;
+    }
+    const int kch = compact ? CCH : KCH;     // chunks per tile row
+    const int lo_off = compact ? CH / 8 : CH;  // chunk of a row's lo part of eighth 7 / of chunk 0
 
     // One (token, head block) item: its rows are the raw window (ring slots from lo_slot) then
     // the compressed rows (all visible ones, or the indexer's picks).
@@ -281,10 +308,13 @@ __device__ __forceinline__ void attn_tc_body(
     auto issue = [&](int src_row, int st) {
         const int row = li >> 3, sub = li & 7;
         const u16* src = (src_row >= 0 ? ring16 + (i64)src_row * (2 * HD) : comp16 + (i64)(-1 - src_row) * (2 * HD)) + sub * 8;
-        unsigned char* dst = sK + st * L::K_STAGE + at_swz(row, sub, KCH);
+        if (CPT && compact)
+            src = rowc + (i64)(src_row >= 0 ? src_row : raw_cap + (-1 - src_row)) * (CCH * 8) + sub * 8;
+        unsigned char* dst = sK + st * L::K_STAGE + at_swz(row, sub, kch);
 #pragma unroll
-        for (int i = 0; i < KCH / 8; i++) cp16(dst + i * 128, src + i * 64);
-        if (SPLIT && flags && sub == 0)
+        for (int i = 0; i < KCH / 8; i++)
+            if (!CPT || i < kch / 8) cp16(dst + i * 128, src + i * 64);
+        if (SPLIT && flags && !compact && sub == 0)
             at_cp4(sFl + st * AT_BN + row, flags + (src_row >= 0 ? src_row : raw_cap + (-1 - src_row)));
         cp_commit();
     };
@@ -465,7 +495,8 @@ __device__ __forceinline__ void attn_tc_body(
             // flags): then its hi·lo products (S: Q hi · row lo, O: P hi · row lo) are exactly
             // zero and are skipped; the other products keep their order, so the sums are the
             // same bits. Warp-uniform.
-            const bool rlo = !SPLIT || !flags || !__all_sync(0xffffffffu, (sFl[(gt & 1) * AT_BN + lane] >> e) & 1u);
+            const bool rlo = compact ? e == 7
+                                     : !SPLIT || !flags || !__all_sync(0xffffffffu, (sFl[(gt & 1) * AT_BN + lane] >> e) & 1u);
 
             // Partial S over this warp's eighth of the dims.
             float S[NBS][4];
@@ -486,13 +517,13 @@ __device__ __forceinline__ void attn_tc_body(
                         const int br = np * 16 + (lane & 7) + (lane >> 4) * 8;
                         const int bc = kc + ((lane >> 3) & 1);
                         u32 bh[4];
-                        ldsm4(bh, kt + at_swz(br, bc, KCH));
+                        ldsm4(bh, kt + at_swz(br, bc, kch));
                         mma16(S[2 * np], qh[ks], bh[0], bh[1]);
                         mma16(S[2 * np + 1], qh[ks], bh[2], bh[3]);
                         if (SPLIT) {
                             if (LO) {
                                 u32 bl[4];
-                                ldsm4(bl, kt + at_swz(br, bc + CH, KCH));
+                                ldsm4(bl, kt + at_swz(br, bc + lo_off, kch));
                                 mma16(S[2 * np], qh[ks], bl[0], bl[1]);
                                 mma16(S[2 * np + 1], qh[ks], bl[2], bl[3]);
                             }
@@ -571,13 +602,13 @@ __device__ __forceinline__ void attn_tc_body(
                     for (int nbp = 0; nbp < NBO / 2; nbp++) {
                         const int vc = ((e * DQ) >> 3) + 2 * nbp + (lane >> 4);
                         u32 vh[4];
-                        ldsm4t(vh, kt + at_swz(vr, vc, KCH));
+                        ldsm4t(vh, kt + at_swz(vr, vc, kch));
                         mma16(O[2 * nbp], ph, vh[0], vh[1]);
                         mma16(O[2 * nbp + 1], ph, vh[2], vh[3]);
                         if (SPLIT) {
                             if (LO) {
                                 u32 vl[4];
-                                ldsm4t(vl, kt + at_swz(vr, vc + CH, KCH));
+                                ldsm4t(vl, kt + at_swz(vr, vc + lo_off, kch));
                                 mma16(O[2 * nbp], ph, vl[0], vl[1]);
                                 mma16(O[2 * nbp + 1], ph, vl[2], vl[3]);
                             }
@@ -681,8 +712,8 @@ __device__ __forceinline__ void attn_tc_body(
         int topk, const float *__restrict__ sinks, float scale, int nh, int n_rot,                 \
         const double *__restrict__ inv_freq, const int *__restrict__ pos0p, float *__restrict__ heads,         \
         signed char *__restrict__ q8s, float *__restrict__ q8d, int n_tok, int qnorm, float eps,  \
-        const unsigned *__restrict__ flags
-#define AT_PASS q, ring16, raw_cap, window, comp16, ratio, has_indexer, isel, topk, sinks, scale, nh, n_rot, inv_freq, pos0p, heads, q8s, q8d, n_tok, qnorm, eps, flags
+        const unsigned *__restrict__ flags, const u16 *__restrict__ rowc, unsigned *__restrict__ rep
+#define AT_PASS q, ring16, raw_cap, window, comp16, ratio, has_indexer, isel, topk, sinks, scale, nh, n_rot, inv_freq, pos0p, heads, q8s, q8d, n_tok, qnorm, eps, flags, rowc, rep
 
 #define AT_KERNEL(hd, split, name)                                                                 \
     extern "C" __global__ void __launch_bounds__(AT_THREADS, 1) name(AT_ARGS) { PDL_ENTRY();                  \

@@ -100,6 +100,12 @@ pub struct AttnTc {
     /// Skip the hi·lo products of tiles whose rows are exact in f16 there (`Split` only;
     /// `DS4_CUDA_TC_ATTN_LOSKIP=0` turns it off). Same bits either way.
     lo_skip: bool,
+    /// Head dim 512, `Split`: the rows also as `[row][hi | lo of eighth 7]` f16 (ring slots,
+    /// then compressed rows), gathered instead of the full rows when every row a launch can
+    /// read is exact in eighths 0-6 (`DS4_CUDA_TC_ATTN_COMPACT=0` turns it off).
+    compact: Option<DBuf>,
+    /// Whether the last launch ran compact (written by its first CTA).
+    rep: DBuf,
 }
 
 impl std::fmt::Debug for AttnTc {
@@ -180,6 +186,18 @@ impl AttnTc {
         let scratch = DBuf::zeroed(stream, (raw_cap + comp_rows) * hd * 4)?;
         let flags = DBuf::zeroed(stream, (raw_cap + comp_rows) * 4)?;
         let lo_skip = std::env::var("DS4_CUDA_TC_ATTN_LOSKIP").map_or(true, |v| v != "0");
+        let compact = if hd == 512
+            && precision == AttnPrecision::Split
+            && std::env::var("DS4_CUDA_TC_ATTN_COMPACT").map_or(true, |v| v != "0")
+        {
+            Some(DBuf::zeroed(
+                stream,
+                (raw_cap + comp_rows) * (hd + hd / 8) * 2,
+            )?)
+        } else {
+            None
+        };
+        let rep = DBuf::zeroed(stream, 16)?;
         Ok(AttnTc {
             prep: func("ds4_attn_tc_prep")?,
             kern,
@@ -194,6 +212,8 @@ impl AttnTc {
             scratch,
             flags,
             lo_skip,
+            compact,
+            rep,
         })
     }
 
@@ -212,6 +232,13 @@ impl AttnTc {
         Ok(v)
     }
 
+    /// Whether the last [`AttnTc::attention`] call gathered compact rows.
+    pub fn last_compact(&self, stream: &Arc<CudaStream>) -> Result<bool, CudaError> {
+        let mut v = [0u32; 1];
+        crate::rt::dtoh(stream, &mut v, self.rep.ptr)?;
+        Ok(v[0] == 1)
+    }
+
     /// The operand precision.
     pub fn precision(&self) -> AttnPrecision {
         self.precision
@@ -219,7 +246,7 @@ impl AttnTc {
 
     /// Device bytes of the row scratch.
     pub fn scratch_bytes(&self) -> usize {
-        self.scratch.bytes
+        self.scratch.bytes + self.flags.bytes + self.compact.as_ref().map_or(0, |c| c.bytes)
     }
 
     /// Whether [`AttnTc::attention`] takes this launch geometry (head dim, ring, scratch).
@@ -290,7 +317,14 @@ impl AttnTc {
         let ring16 = self.scratch.ptr;
         let comp16 = ring16 + (self.raw_cap * hd * 4) as u64;
         let flags = self.flags.ptr;
-        let prep = |src: u64, rows: usize, ratio: usize, dst: u64, fl: u64| {
+        let skip = self.lo_skip && self.precision == AttnPrecision::Split;
+        // Compact rows (only with the skip): ring slots, then compressed rows.
+        let rowc = match (&self.compact, skip) {
+            (Some(c), true) => c.ptr,
+            _ => 0,
+        };
+        let crow = (hd + hd / 8) * 2;
+        let prep = |src: u64, rows: usize, ratio: usize, dst: u64, fl: u64, dstc: u64| {
             launch(
                 stream,
                 &self.prep,
@@ -306,10 +340,11 @@ impl AttnTc {
                     A::I(hd as i32),
                     A::P(dst),
                     A::P(fl),
+                    A::P(dstc),
                 ],
             )
         };
-        prep(a.ring, self.raw_cap, 0, ring16, flags)?;
+        prep(a.ring, self.raw_cap, 0, ring16, flags, rowc)?;
         if a.ratio > 0 && comp_rows > 0 {
             prep(
                 a.comp,
@@ -317,9 +352,13 @@ impl AttnTc {
                 a.ratio,
                 comp16,
                 flags + (self.raw_cap * 4) as u64,
+                if rowc == 0 {
+                    0
+                } else {
+                    rowc + (self.raw_cap * crow) as u64
+                },
             )?;
         }
-        let skip = self.lo_skip && self.precision == AttnPrecision::Split;
         launch(
             stream,
             &self.kern,
@@ -349,6 +388,8 @@ impl AttnTc {
                 A::I(i32::from(qnorm.is_some())),
                 A::F(qnorm.unwrap_or(0.0)),
                 A::P(if skip { flags } else { 0 }),
+                A::P(rowc),
+                A::P(self.rep.ptr),
             ],
         )
     }

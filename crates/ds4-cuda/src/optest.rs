@@ -812,18 +812,21 @@ impl GpuOps {
 
     /// The tensor-core attention route with and without the skipping of zero hi·lo products
     /// (rows exact in f16 in a warp's eighth of the dims): `(skipping, not skipping, row
-    /// flags)`, the flags as [`AttnTc::row_flags`] (ring slots, then compressed rows).
+    /// flags, compact)`, the flags as [`AttnTc::row_flags`] (ring slots, then compressed rows),
+    /// `compact` whether the skipping run gathered compact rows ([`AttnTc::last_compact`]).
+    #[allow(clippy::type_complexity)]
     pub fn attention_route_lo_skip(
         &self,
         a: &AttnInputs<'_>,
         prec: AttnPrecision,
-    ) -> Result<(Vec<f32>, Vec<f32>, Vec<u32>), CudaError> {
+    ) -> Result<(Vec<f32>, Vec<f32>, Vec<u32>, bool), CudaError> {
         let (n, nh, hd) = (a.n, a.nh, a.hd);
         let up = self.attn_upload(a)?;
         let part = DBuf::zeroed(&self.stream, 16)?;
         let mut out = Vec::new();
         let comp_rows = if a.ratio > 0 { a.comp.len() / hd } else { 0 };
         let mut t = AttnTc::new(&self._ctx, &self.stream, hd, a.raw_cap, comp_rows, prec)?;
+        let mut compact = false;
         for on in [true, false] {
             let heads = self.up(&vec![f32::NAN; n * nh * hd])?;
             self.set_pos(a.pos0)?;
@@ -831,11 +834,14 @@ impl GpuOps {
             t.set_lo_skip(on);
             // SAFETY: every address of `l` is an upload above, sized for n tokens.
             unsafe { t.attention(&self.stream, &l, comp_rows, n, None, None)? };
+            if on {
+                compact = t.last_compact(&self.stream)?;
+            }
             out.push(self.down(&heads, n * nh * hd)?);
         }
         let off = out.pop().unwrap_or_default();
         let flags = t.row_flags(&self.stream)?;
-        Ok((out.pop().unwrap_or_default(), off, flags))
+        Ok((out.pop().unwrap_or_default(), off, flags, compact))
     }
 
     /// The tensor-core attention route with its fused Q8_0 output (hd / 8 a multiple of 32):

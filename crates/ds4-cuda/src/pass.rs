@@ -29,8 +29,10 @@ pub fn kv_bytes(s: &Shape, plan: &ds4_model::Plan, ctx: usize) -> usize {
             .max()
             .unwrap_or(0)
     };
-    // f16 hi + lo of head_dim values a row; int8 codes + 8 scale bytes of index_head_dim.
-    state + max_rows(false) * s.head_dim * 4 + max_rows(true) * (s.index_head_dim + 8)
+    // f16 hi + lo of head_dim values a row, its compact copy (hi + lo of one eighth) and flag
+    // word; int8 codes + 8 scale bytes of index_head_dim.
+    let attn_row = s.head_dim * 4 + (s.head_dim + s.head_dim / 8) * 2 + 4;
+    state + max_rows(false) * attn_row + max_rows(true) * (s.index_head_dim + 8)
 }
 
 /// Estimated device bytes that scale with the pass size `n`: the chunk scratch (the f32

@@ -1188,61 +1188,76 @@ mod gpu {
             // products). The route skips the hi·lo products of the tiles whose rows are exact
             // in a warp's eighth of the dims; the output must be the same bits as without
             // skipping, and still match the exact kernel.
+            // Then every row exact there: with head dim 512 the launch gathers compact rows
+            // (hi | lo of the RoPE eighth only), same bits again.
             let n_nope = hd - c.n_rot;
-            let exact16 = |v: &[f32]| -> Vec<f32> {
-                let mut v = v.to_vec();
-                for (r, row) in v.chunks_mut(hd).enumerate() {
-                    if r % 37 != 5 {
-                        for x in &mut row[..n_nope] {
-                            *x = ds4_quant::fp::f16_round(*x);
+            for mixed in [true, false] {
+                let inexact = |r: usize| mixed && r % 37 == 5;
+                let exact16 = |v: &[f32]| -> Vec<f32> {
+                    let mut v = v.to_vec();
+                    for (r, row) in v.chunks_mut(hd).enumerate() {
+                        if !inexact(r) {
+                            for x in &mut row[..n_nope] {
+                                *x = ds4_quant::fp::f16_round(*x);
+                            }
                         }
                     }
-                }
-                v
-            };
-            let (ring16, comp16) = (exact16(&ring), exact16(&comp));
-            let a16 = AttnInputs {
-                ring: &ring16,
-                comp: &comp16,
-                ..a
-            };
-            let (want16, _) = g.attention_timed(&a16, None, 0).expect("exact attention");
-            let (skip, noskip, flags) = g
-                .attention_route_lo_skip(&a16, AttnPrecision::Split)
-                .expect("route attention lo skip");
-            let tag = format!("attention {} (split), f16-exact nope dims", c.name);
-            // The flags that drive the skip: an eighth of the dims (hd / 8 wide) inside the
-            // nope dims is flagged exactly where the row was rounded (random f32 values are
-            // never all f16-exact), an eighth holding RoPE dims never.
-            let visible = (c.pos0 + n)
-                .checked_div(c.ratio)
-                .map_or(0, |v| v.min(ncomp));
-            let rows = (0..c.raw_cap).chain(c.raw_cap..c.raw_cap + visible);
-            for (i, slot) in rows.enumerate() {
-                let r = if slot < c.raw_cap {
-                    slot
-                } else {
-                    slot - c.raw_cap
+                    v
                 };
-                let want: u32 = (0..8)
-                    .filter(|s| r % 37 != 5 && (s + 1) * hd / 8 <= n_nope)
-                    .map(|s| 1u32 << s)
-                    .sum();
+                let (ring16, comp16) = (exact16(&ring), exact16(&comp));
+                let a16 = AttnInputs {
+                    ring: &ring16,
+                    comp: &comp16,
+                    ..a
+                };
+                let (want16, _) = g.attention_timed(&a16, None, 0).expect("exact attention");
+                let (skip, noskip, flags, compact) = g
+                    .attention_route_lo_skip(&a16, AttnPrecision::Split)
+                    .expect("route attention lo skip");
+                let tag = format!(
+                    "attention {} (split), f16-exact nope dims{}",
+                    c.name,
+                    if mixed { ", every 37th row not" } else { "" }
+                );
+                // The flags that drive the skip: an eighth of the dims (hd / 8 wide) inside the
+                // nope dims is flagged exactly where the row was rounded (random f32 values are
+                // never all f16-exact), an eighth holding RoPE dims never.
+                let visible = (c.pos0 + n)
+                    .checked_div(c.ratio)
+                    .map_or(0, |v| v.min(ncomp));
+                let rows = (0..c.raw_cap).chain(c.raw_cap..c.raw_cap + visible);
+                for (i, slot) in rows.enumerate() {
+                    let r = if slot < c.raw_cap {
+                        slot
+                    } else {
+                        slot - c.raw_cap
+                    };
+                    let want: u32 = (0..8)
+                        .filter(|s| !inexact(r) && (s + 1) * hd / 8 <= n_nope)
+                        .map(|s| 1u32 << s)
+                        .sum();
+                    assert_eq!(
+                        flags[slot], want,
+                        "{tag}: flags of scratch row {slot} ({i})"
+                    );
+                }
                 assert_eq!(
-                    flags[slot], want,
-                    "{tag}: flags of scratch row {slot} ({i})"
+                    compact,
+                    hd == 512 && !mixed,
+                    "{tag}: compact rows gathered or not"
+                );
+                check(&tag, &skip, &want16, 1e-4);
+                let diff = bit_diffs(&skip, &noskip);
+                assert_eq!(
+                    diff, 0,
+                    "{tag}: {diff} outputs differ with the zero hi·lo products skipped"
+                );
+                println!(
+                    "{tag}: skipping zero hi·lo products{}: {} outputs bit-identical",
+                    if compact { " (compact rows)" } else { "" },
+                    skip.len()
                 );
             }
-            check(&tag, &skip, &want16, 1e-4);
-            let diff = bit_diffs(&skip, &noskip);
-            assert_eq!(
-                diff, 0,
-                "{tag}: {diff} outputs differ with the zero hi·lo products skipped"
-            );
-            println!(
-                "{tag}: skipping zero hi·lo products: {} outputs bit-identical",
-                skip.len()
-            );
         }
     }
 
