@@ -49,6 +49,8 @@
 // is flagged in every row of a tile skips the hi·lo products (Q hi · row lo in S, P hi · row
 // lo in O): they add exactly zero, and the other products keep their order, so the sums are
 // the same bits. Model rows qualify on their nope dims (FP8 round trip: 4 significant bits).
+// For head dim 512 the prep also writes compact rows [hi | lo of eighth 7]; a launch whose every
+// readable row is flagged in eighths 0-6 gathers those (1152 instead of 2048 bytes a row).
 
 #include "common.cuh"
 

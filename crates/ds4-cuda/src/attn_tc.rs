@@ -25,8 +25,11 @@
 //! lo part is zero there. The model's rows are exact in f16 over their 448 nope dims (the FP8
 //! KV round trip leaves 4 significant bits), so for the warps of those eighths the products
 //! with the rows' lo part add exactly zero: a warp skips them for a 32-row tile whose rows are
-//! all flagged (same bits; 6–7 % less attention time at 8192 tokens on an H200,
-//! `bench/README.md` session 17; `DS4_CUDA_TC_ATTN_LOSKIP=0` turns it off). It then runs
+//! all flagged (same bits; `DS4_CUDA_TC_ATTN_LOSKIP=0` turns it off). With head dim 512 the
+//! prep also writes each row compact, `[hi | lo of the RoPE eighth]`, and a launch whose every
+//! readable row is flagged exact in eighths 0-6 gathers those (1152 instead of 2048 bytes a row;
+//! `DS4_CUDA_TC_ATTN_COMPACT=0` turns it off). Together −10 % attention time at 8192 tokens on
+//! an H200 (`bench/README.md`, session 17). It then runs
 //! persistent CTAs of 16 warps (one per SM), each over (token, 32 heads) items `blockIdx.x`, `+ gridDim.x`, … with their row tiles as one stream (the
 //! next item's first tile is gathered while the current item's last one is processed). Decode
 //! (and chunks shorter than the route minimum) keep the exact kernel. The chunk forward pass
