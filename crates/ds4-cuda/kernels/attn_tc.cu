@@ -257,8 +257,8 @@ __device__ __forceinline__ void attn_tc_body(
         compact = __syncthreads_and(ok) != 0;
         if (rep && blockIdx.x == 0 && tid == 0) *rep = compact ? 1u : 0u;
     }
-    const int kch = compact ? CCH : KCH;     // chunks per tile row
-    const int lo_off = compact ? CH / 8 : CH;  // chunk of a row's lo part of eighth 7 / of chunk 0
+    const int kch = compact ? CCH : KCH;       // chunks per tile row
+    const int lo_off = compact ? CH / 8 : CH;  // hi chunk → its lo chunk (compact: eighth 7 only)
 
     // One (token, head block) item: its rows are the raw window (ring slots from lo_slot) then
     // the compressed rows (all visible ones, or the indexer's picks).
