@@ -172,6 +172,9 @@ pub fn run(a: Args) -> Result<()> {
     if rv != cv {
         bail!("vocab sizes differ: {rv} vs {cv}");
     }
+    if rr.min(cr) == 0 {
+        bail!("no rows to compare ({rr} vs {cr})");
+    }
     if rr != cr {
         eprintln!(
             "ds4: warning: row counts differ ({rr} vs {cr}); comparing the first {}",

@@ -724,6 +724,12 @@ fn drift_passes_and_fails() {
         None,
     );
     assert!(o.status.success(), "{}", stderr(&o));
+    // An empty dump compares nothing: an error, not a pass.
+    let pe = dir.path().join("e.npy");
+    npy::write(&pe, &[0, vocab], &[] as &[f32]).unwrap();
+    let o = ds4(&["drift", p(&pr), p(&pe)], None);
+    let line = assert_one_line_failure(&o, "empty dump");
+    assert!(line.contains("no rows"), "{line}");
 }
 
 #[test]
