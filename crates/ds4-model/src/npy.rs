@@ -15,7 +15,7 @@ pub enum NpyError {
     BadVersion(u8, u8),
     #[error("bad .npy header: {0}")]
     BadHeader(String),
-    #[error("unsupported dtype {0:?} (supported: <f4 <f8 <i4 <i2 |i1)")]
+    #[error("unsupported dtype {0:?} (supported: <f4 <f8 <f2 <i4 <i2 |i1)")]
     BadDtype(String),
     #[error("Fortran-order arrays are not supported")]
     FortranOrder,
@@ -230,7 +230,7 @@ pub fn from_bytes(b: &[u8]) -> Result<Npy, NpyError> {
     let esize = match descr {
         "<f4" | "<i4" => 4,
         "<f8" => 8,
-        "<i2" => 2,
+        "<i2" | "<f2" => 2,
         "|i1" | "<i1" => 1,
         d => return Err(NpyError::BadDtype(d.into())),
     };
@@ -257,6 +257,12 @@ pub fn from_bytes(b: &[u8]) -> Result<Npy, NpyError> {
         "<i4" => NpyData::I32(
             body.chunks_exact(4)
                 .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+        ),
+        // f16 (numpy float16 dumps) widens exactly to f32.
+        "<f2" => NpyData::F32(
+            body.chunks_exact(2)
+                .map(|c| ds4_quant::fp::f16_to_f32(u16::from_le_bytes([c[0], c[1]])))
                 .collect(),
         ),
         "<i2" => NpyData::I16(
@@ -344,6 +350,23 @@ mod tests {
         let a = from_bytes(&to_bytes(&[2], &[-1i8, 7]).unwrap()).unwrap();
         assert_eq!(a.data, NpyData::I8(vec![-1, 7]));
         assert!(to_bytes(&[4], &[1.0f32]).is_err());
+        // float16 is read, widened exactly to f32 (1.5, -2, 65504, -0, inf).
+        let mut f16 = to_bytes(&[5], &[0i16; 5]).unwrap();
+        let h = f16.len() - 10;
+        let descr = f16.windows(4).position(|w| w == b"<i2'").unwrap();
+        f16[descr..descr + 3].copy_from_slice(b"<f2");
+        for (i, v) in [0x3e00u16, 0xc000, 0x7bff, 0x8000, 0x7c00]
+            .iter()
+            .enumerate()
+        {
+            f16[h + 2 * i..h + 2 * i + 2].copy_from_slice(&v.to_le_bytes());
+        }
+        let a = from_bytes(&f16).unwrap();
+        let NpyData::F32(v) = a.data else {
+            panic!("f16 not widened to f32")
+        };
+        assert_eq!(&v[..4], &[1.5, -2.0, 65504.0, -0.0]);
+        assert!(v[3].is_sign_negative() && v[4] == f32::INFINITY);
     }
 
     #[test]
