@@ -179,6 +179,20 @@ fn make_weight(rng: &mut Rng, ty: GgmlType, cols: usize, rows_total: usize) -> V
     quantize(ty, &w, cols, None).expect("quantize")
 }
 
+/// `n_mat` random expert matrices of `rows` × `cols`: their GGUF bytes and the device upload.
+fn make_experts(
+    d: &Dev,
+    rng: &mut Rng,
+    ty: GgmlType,
+    cols: usize,
+    rows: usize,
+    n_mat: usize,
+) -> (Vec<u8>, ds4_cuda::gemv::DevWeight) {
+    let b = make_weight(rng, ty, cols, rows * n_mat);
+    let w = d.g.upload(&d.stream, ty, cols, rows, n_mat, &b).unwrap();
+    (b, w)
+}
+
 /// CPU model of `Gemv::matvec` (grouped when n_mat > 1).
 fn cpu_matvec(
     ty: GgmlType,
@@ -424,16 +438,9 @@ fn moe_matches_cpu() {
     let (e_dim, ff, n_mat, k) = (1024usize, 512usize, 12usize, 6usize);
     let (mut tg_all, mut td_all) = (Tally::default(), Tally::default());
     for (tg, td) in combos {
-        let gate_b = make_weight(&mut rng, tg, e_dim, ff * n_mat);
-        let up_b = make_weight(&mut rng, tg, e_dim, ff * n_mat);
-        let down_b = make_weight(&mut rng, td, ff, e_dim * n_mat);
-        let gate =
-            d.g.upload(&d.stream, tg, e_dim, ff, n_mat, &gate_b)
-                .unwrap();
-        let up = d.g.upload(&d.stream, tg, e_dim, ff, n_mat, &up_b).unwrap();
-        let down =
-            d.g.upload(&d.stream, td, ff, e_dim, n_mat, &down_b)
-                .unwrap();
+        let (gate_b, gate) = make_experts(&d, &mut rng, tg, e_dim, ff, n_mat);
+        let (up_b, up) = make_experts(&d, &mut rng, tg, e_dim, ff, n_mat);
+        let (down_b, down) = make_experts(&d, &mut rng, td, ff, e_dim, n_mat);
         let rbd = row_bytes(td, ff);
         let (mut tgu, mut tdn) = (Tally::default(), Tally::default());
         for &(n, kk, clamp) in &[
@@ -628,12 +635,8 @@ fn iq2_gate_up_odd_shapes_every_variant() {
         (256, 1, 2, 2, 1),
         (2048, 3, 9, 4, 3),
     ] {
-        let gate_b = make_weight(&mut rng, ty, cols, rows * n_mat);
-        let up_b = make_weight(&mut rng, ty, cols, rows * n_mat);
-        let gate =
-            d.g.upload(&d.stream, ty, cols, rows, n_mat, &gate_b)
-                .unwrap();
-        let up = d.g.upload(&d.stream, ty, cols, rows, n_mat, &up_b).unwrap();
+        let (gate_b, gate) = make_experts(&d, &mut rng, ty, cols, rows, n_mat);
+        let (up_b, up) = make_experts(&d, &mut rng, ty, cols, rows, n_mat);
         let x = rng.vec(n * cols, 3.0);
         let mut ids = pick_ids(&mut rng, n, k, n_mat);
         // The last slot of the last token names no expert.
