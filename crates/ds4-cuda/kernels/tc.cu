@@ -1320,6 +1320,182 @@ struct Tc {
             }
     }
 };
+
+// ------------------------------------------------------------------------------------------
+// F16 weights on wgmma (ds4_tc_f16_wg64_s; the default for F16 matrices of more than 32 rows
+// and chunks of more than 32 tokens; src/tc.rs `f16wg`, DS4_CUDA_TC_F16_WG=0 selects d0's
+// ds4_tc_f16_64_s). The same numbers as d0's F16 kernel: y = (W·hi + W·lo)·2^-e with f32
+// accumulation, where per 16 columns the hi product and then the lo product are added to the
+// accumulator, in column order. A CTA of two warpgroups computes 128 weight rows × 64 tokens:
+// warpgroup i takes rows 64i..64i+63 with wgmma m64n64k16 f16·f16→f32, A (the weights) and B
+// (the hi and lo activation tiles) from shared memory through the same descriptors as the
+// Q8_0 kernels above (K-major, 128-byte swizzle; a K stage is 128 bytes = 64 columns, four
+// k16 steps 32 bytes apart). No per-block epilogue: the wgmmas of a stage (eight) run as one
+// group, waited for before the stage's buffer is refilled; the ring has 3 stages (2 ahead) so
+// two CTAs fit an SM.
+__device__ __forceinline__ void wgmma_f16_n64(float* d, u64 da, u64 db) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+        : "l"(da), "l"(db));
+#else
+    __trap();
+#endif
+}
+
+template <int N>
+__device__ __forceinline__ void fence_fregs(float (&d)[N]) {
+#pragma unroll
+    for (int i = 0; i < N; i++) asm volatile("" : "+f"(d[i])::"memory");
+}
+
+struct LayF16 {
+    static constexpr int NS = 3;
+    static constexpr int A_ST = TC_BM * KS;  // f16 weights, 128 B (64 columns) a row, swizzled
+    static constexpr int B_ST = BN * KS;     // f16 activations (hi; lo follows), likewise
+    static constexpr int S_A = 0;
+    static constexpr int S_BH = A_ST;
+    static constexpr int S_BL = S_BH + B_ST;
+    static constexpr int STAGE = (S_BL + B_ST + 1023) / 1024 * 1024;
+    static constexpr int O_SRC = 0;
+    static constexpr int O_AROW = BN * 4;
+    static constexpr int O_ST = 1024;
+    static constexpr int TOTAL = O_ST + NS * STAGE + 1024;
+    static constexpr int MINB = 2;
+};
+
+struct TcF16 {
+    typedef LayF16 L;
+    static constexpr int NA = BN / 2;
+    static constexpr int NAC = TC_BM * 8 / TC_THREADS;
+    static constexpr int NBC = BN * 8 / TC_THREADS;
+    struct Src {
+        const u8* a[NAC];
+        const u8* bh[NBC];
+        const u8* bl[NBC];
+    };
+
+    // The S k16 steps of one stage (S < 4: the last, short stage): hi then lo product per
+    // step, all in one wgmma group, waited for before the stage's buffer is refilled.
+    template <int S>
+    __device__ static __forceinline__ void stage(float (&facc)[NA], u64 da, u64 dh, u64 dl) {
+        fence_fregs(facc);
+        wg_arrive();
+#pragma unroll
+        for (int s = 0; s < S; s++) {
+            wgmma_f16_n64(facc, da + 2 * s, dh + 2 * s);  // + 32 bytes a k16 step
+            wgmma_f16_n64(facc, da + 2 * s, dl + 2 * s);
+        }
+        wg_commit();
+        wg_wait0();
+        fence_fregs(facc);
+    }
+
+    __device__ static void run(const TcArgs& P) {
+        extern __shared__ __align__(1024) u8 sm_raw[];
+        u8* sm = sm_raw + ((1024 - (smem_u32(sm_raw) & 1023)) & 1023);
+        const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+        const int wgi = warp >> 2, w4 = warp & 3;
+        const int g = lane >> 2, tg = lane & 3;
+        int* s_src = (int*)(sm + L::O_SRC);
+        int* s_arow = (int*)(sm + L::O_AROW);
+
+        int m, nvalid, base, sp = 0;
+        TC_TILE_OR_RETURN(P, BN, m, nvalid, base, sp);
+        const int r0 = blockIdx.y * TC_BM;
+        const int acol = P.grouped ? m * P.C : 0;
+        if (tid < BN) {
+            const int b = tid < nvalid ? tid : 0;
+            const int src = P.list ? __ldg(P.list + base + b) : base + b;
+            s_src[tid] = src;
+            s_arow[tid] = src / P.kdiv;
+        }
+        __syncthreads();
+
+        const int CB = 2 * P.C;  // bytes of a weight row
+        // Split-K: the host counts K in stages of 256 bytes, here a stage is 128.
+        const int kb0 = 2 * sp * P.kspl;
+        const int kend = min((CB + KS - 1) / KS, (int)min((i64)2 * ((i64)sp * P.kspl + P.kspl), (i64)1 << 30));
+        const int nk = kend - kb0;
+        const int ch = tid & 7;
+        Src S;
+#pragma unroll
+        for (int i = 0; i < NAC; i++) {
+            const int r = min(r0 + (tid >> 3) + 32 * i, P.R - 1);
+            S.a[i] = P.wa0 + ((i64)m * P.R + r) * CB + 16 * ch;
+        }
+#pragma unroll
+        for (int i = 0; i < NBC; i++) {
+            const i64 o = ((i64)s_arow[(tid >> 3) + 32 * i] * P.Cx + acol) * 2 + 16 * ch;
+            S.bh[i] = P.aq + o;
+            S.bl[i] = P.ad + o;
+        }
+        auto issue = [&](int kb, int buf) {
+            u8* st = sm + L::O_ST + buf * L::STAGE;
+            const int kbyte = kb * KS;
+            if (kbyte + 16 * ch < CB) {
+#pragma unroll
+                for (int i = 0; i < NAC; i++) cp16(st + L::S_A + swz128((tid >> 3) + 32 * i, ch), S.a[i] + kbyte);
+#pragma unroll
+                for (int i = 0; i < NBC; i++) {
+                    cp16(st + L::S_BH + swz128((tid >> 3) + 32 * i, ch), S.bh[i] + kbyte);
+                    cp16(st + L::S_BL + swz128((tid >> 3) + 32 * i, ch), S.bl[i] + kbyte);
+                }
+            }
+        };
+
+        const u32 st0 = smem_u32(sm + L::O_ST);
+        const u64 da0 = gdesc(st0 + L::S_A + 64 * KS * wgi);
+        const u64 dh0 = gdesc(st0 + L::S_BH);
+        const u64 dl0 = gdesc(st0 + L::S_BL);
+        float facc[NA];
+#pragma unroll
+        for (int i = 0; i < NA; i++) facc[i] = 0.f;
+
+#pragma unroll 1
+        for (int s = 0; s < L::NS - 1; s++) {
+            if (s < nk) issue(kb0 + s, s);
+            cp_commit();
+        }
+#pragma unroll 1
+        for (int ki = 0; ki < nk; ki++) {
+            const int kb = kb0 + ki;
+            cp_wait<L::NS - 2>();
+            fence_async_smem();
+            __syncthreads();
+            if (ki + L::NS - 1 < nk) issue(kb + L::NS - 1, (ki + L::NS - 1) % L::NS);
+            cp_commit();
+            const u64 doff = (u64)(((ki % L::NS) * L::STAGE) >> 4);
+            // Only the last stage can be short (C is a multiple of 16: one k16 step).
+            const int steps = min(4, (CB - kb * KS) / 32);
+            const u64 da = da0 + doff, dh = dh0 + doff, dl = dl0 + doff;
+            if (steps == 4) stage<4>(facc, da, dh, dl);
+            else if (steps == 3) stage<3>(facc, da, dh, dl);
+            else if (steps == 2) stage<2>(facc, da, dh, dl);
+            else stage<1>(facc, da, dh, dl);
+        }
+
+        // ---- store: accumulator d[4j + q] is row jr + 8·(q >> 1), token 8j + 2·tg + (q & 1).
+        const int jr = 64 * wgi + 16 * w4 + g;
+#pragma unroll
+        for (int j = 0; j < BN / 8; j++)
+#pragma unroll
+            for (int c = 0; c < 2; c++) {
+                const int col = 8 * j + 2 * tg + c;
+                if (col >= nvalid) continue;
+                const int src = s_src[col];
+                const float cs = __ldg(P.ascale + s_arow[col]);
+                float* yrow = P.y + (i64)sp * P.ysplit + (i64)src * P.ldy + (P.grouped ? (i64)m * P.R : 0);
+#pragma unroll
+                for (int h = 0; h < 2; h++) {
+                    const int r = r0 + jr + 8 * h;
+                    if (r < P.R) yrow[r] = __fmul_rn(cs, facc[4 * j + 2 * h + c]);
+                }
+            }
+    }
+};
 }  // namespace wg
 
 #define TC_INST_WG(name, MODE, I2F)                                                             \
@@ -1331,6 +1507,10 @@ TC_INST_WG(q8_0_wg64_s, M_STORE, true)
 TC_INST_WG(q8_0_wg64_g, M_SWIGLU, true)
 TC_INST_WG(q8_0_wg64m_s, M_STORE, false)
 TC_INST_WG(q8_0_wg64m_g, M_SWIGLU, false)
+extern "C" __global__ void __launch_bounds__(TC_THREADS, (wg::LayF16::MINB)) ds4_tc_f16_wg64_s(const TcArgs P) {
+    PDL_ENTRY();
+    wg::TcF16::run(P);
+}
 
 
 #define TC_INST(name, T, BN, MODE)                                                              \
@@ -1389,6 +1569,8 @@ extern "C" __global__ void ds4_tc_smem_sizes(int* out) {
     out[18] = Lay<W_IQ2, 128>::MINB;
     out[19] = Lay<W_Q2K, 128>::TOTAL;  // ds4_tc_q2_k_128_s
     out[20] = Lay<W_Q2K, 128>::MINB;
+    out[21] = wg::LayF16::TOTAL;  // ds4_tc_f16_wg64_s
+    out[22] = wg::LayF16::MINB;
 }
 
 // Split-K reduction: y[i] = Σ_s part[s·total + i], splits in order (deterministic).

@@ -10,7 +10,7 @@
 //! | `dense` (`DS4_CUDA_TC_DENSE_DISABLE`), f16 form (opt-in: `DS4_CUDA_TC_DENSE_F16=1`) | Q8_0 q_a, q_b, kv, out_b, shared gate/up/down | weights `q·d` and ds4's int8 activations `q_x·d_x` rounded to f16 after a power-of-two scaling, cuBLAS f16 GEMM with f32 accumulation ([`crate::tc_f16`]) | ≤ 2^-10 relative per product vs the exact path's product |
 //! | `dense`, int8 form (default; always for the LM head, too large for the f16 scratch) | as above | int8 × int8 (`wgmma m64n64k32 s8` for chunks of more than 32 tokens, `mma m16n8k32 s8` otherwise; `DS4_CUDA_TC_DENSE_WG=0`: mma.sync always), activations from [`Gemv::quantize_act`] | each 32-block's integer dot exact; the block term `(d_w·d_x)·isum` added with one FMA |
 //! | `attn_out` (`…_ATTN_OUT_DISABLE`) | Q8_0 `attn_output_a` (8 groups) | as dense (f16 form: a strided-batched GEMM) | as dense |
-//! | `f16` (`…_F16_DISABLE`) | F16 HC mixing, router, compressors, indexer | f16 × (f16 hi + f16 lo) (`mma m16n8k16`), f32 accumulation; matrices of ≤ 32 rows (HC mixing): f16 × (tf32 hi + lo) (`mma m16n8k8`, kernels/tc_skinny.cu, x read once, no prep pass; `DS4_CUDA_TC_F16_SKINNY=0` turns it off) | ~f32 (x carried to 22 bits) |
+//! | `f16` (`…_F16_DISABLE`) | F16 HC mixing, router, compressors, indexer | f16 × (f16 hi + f16 lo) (`wgmma m64n64k16`, `ds4_tc_f16_wg64_s`; `DS4_CUDA_TC_F16_WG=0`: `mma m16n8k16`, d0's `ds4_tc_f16_64_s`), f32 accumulation, per 16 columns the hi then the lo product; matrices of ≤ 32 rows (HC mixing): f16 × (tf32 hi + lo) (`mma m16n8k8`, kernels/tc_skinny.cu, x read once, no prep pass; `DS4_CUDA_TC_F16_SKINNY=0` turns it off) | ~f32 (x carried to 22 bits) |
 //! | `moe_gate` + `moe_up` (fused) | IQ2_XXS / Q2_K / Q4_K / Q8_0 routed gate and up, SwiGLU and the routing weight fused | int8 × Q8_K int8, weights dequantised to exact int8 in shared memory | every super-block's integer sums exact, its f32 term formed as on the CPU |
 //! | `moe_down` (`…_MOE_DOWN_DISABLE`) | routed down + fixed-order 6-expert sum | as gate/up | as gate/up; the sum over the k experts in slot order in f64 like the CPU |
 //! | `attn` (`…_ATTN_DISABLE`) | chunk attention over the window + compressed rows (`crate::attn_tc`) | f16 hi + lo (`mma m16n8k16`, 3 per product; 2 where the rows are exact in f16), f32 accumulation, f32 online softmax | ~1e-6 relative (`DS4_CUDA_TC_ATTN_F16=1`: plain f16, ~1e-3) |
@@ -334,6 +334,10 @@ pub struct Tc {
     moe_bn_force: Option<usize>,
     /// The wgmma dense Q8_0 kernels in use (store, SwiGLU) and their tile width.
     wg: Option<(Kern, Kern, usize)>,
+    /// The wgmma F16 kernel (`ds4_tc_f16_wg64_s`) unless `DS4_CUDA_TC_F16_WG=0` (then d0's
+    /// `ds4_tc_f16_64_s`; [`Tc::set_f16_wg`] for tests).
+    f16wg: Kern,
+    f16wg_on: bool,
     prep: CudaFunction,
     bucket: CudaFunction,
     sum: CudaFunction,
@@ -457,6 +461,27 @@ impl Tc {
                 Some((load("s")?, load("g")?, WG_BN))
             }
         };
+        // The wgmma F16 kernel: shared memory and CTAs per SM at sizes[21], sizes[22].
+        let f16wg = {
+            let smem = sizes[21] as u32;
+            if smem > smem_max {
+                return Err(terr(format!(
+                    "f16 wgmma tile needs {smem} B of shared memory, the device allows {smem_max}"
+                )));
+            }
+            let f = func("ds4_tc_f16_wg64_s")?;
+            f.set_attribute(
+                sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                smem as i32,
+            )
+            .map_err(drv)?;
+            Kern {
+                f,
+                smem,
+                minb: sizes[22].max(1) as u32,
+            }
+        };
+        let f16wg_on = std::env::var("DS4_CUDA_TC_F16_WG").as_deref() != Ok("0");
         let mut routes = routes;
         let f16d =
             if routes.dense_f16 && (routes.dense || routes.attn_out) && cfg.max_dense_elems > 0 {
@@ -510,6 +535,8 @@ impl Tc {
             moe_tok,
             moe_bn_force,
             wg,
+            f16wg,
+            f16wg_on,
             _module: module,
             routes,
             cfg,
@@ -858,6 +885,9 @@ impl Tc {
                 a.aq = self.f16_hi.ptr;
                 a.ad = self.f16_lo.ptr;
                 a.ascale = self.f16_scale.ptr;
+                if self.f16wg_on {
+                    wgk = Some(&self.f16wg);
+                }
                 64
             }
             _ => return Err(terr(format!("{:?} is not a dense route type", w.ty()))),
@@ -994,6 +1024,12 @@ impl Tc {
         } else {
             bn
         }
+    }
+
+    /// Use the wgmma F16 kernel (`true`, the default unless `DS4_CUDA_TC_F16_WG=0`) or d0's
+    /// mma.sync one for F16 matrices (A/B tests).
+    pub fn set_f16_wg(&mut self, on: bool) {
+        self.f16wg_on = on;
     }
 
     /// Force the routed-MoE tile width (32, 64 or 128; 128 falls back to 64 for the types

@@ -268,7 +268,7 @@ mod gpu {
 
     #[test]
     fn f16_matches_cpu() {
-        let Some(d) = dev() else { return };
+        let Some(mut d) = dev() else { return };
         let mut rng = Rng(12);
         let ty = GgmlType::F16;
         let cases = [
@@ -283,6 +283,11 @@ mod gpu {
             (256, 1, 1, 16),
             (1024, 520, 1, 70),
             (512, 64, 4, 33),
+            // The wgmma kernel's short last K stage (1, 2, 3 of its 4 k16 steps), split-K.
+            (1040, 100, 1, 45),
+            (1056, 130, 1, 64),
+            (1072, 200, 1, 130),
+            (1024, 8192, 1, 200),
         ];
         for (cols, rows, n_mat, n) in cases {
             let (bytes, w) = upload(&d, &mut rng, ty, cols, rows, n_mat);
@@ -300,13 +305,21 @@ mod gpu {
                 *v = 0.0;
             }
             let dx = d.stream.clone_htod(&x).unwrap();
-            let y = nan_buf(&d, n * rows * n_mat);
-            // SAFETY: x [n][cx], y [n][rows·n_mat].
-            unsafe {
-                d.tc.matmul(&d.stream, &w, ptr(&d, &dx), 0, n, ptr(&d, &y))
-                    .unwrap()
-            };
-            let got = d.stream.clone_dtoh(&y).unwrap();
+            // The wgmma kernel (default) and d0's mma.sync kernel (rows > 32; fewer take the
+            // skinny kernel either way).
+            let mut runs = Vec::new();
+            for wg in [true, false] {
+                d.tc.set_f16_wg(wg);
+                let y = nan_buf(&d, n * rows * n_mat);
+                // SAFETY: x [n][cx], y [n][rows·n_mat].
+                unsafe {
+                    d.tc.matmul(&d.stream, &w, ptr(&d, &dx), 0, n, ptr(&d, &y))
+                        .unwrap()
+                };
+                runs.push(d.stream.clone_dtoh(&y).unwrap());
+            }
+            d.tc.set_f16_wg(true);
+            let got = runs[0].clone();
             let q = QMatrix::new(ty, cols, rows * n_mat, &bytes).unwrap();
             let mut want = vec![0.0f32; n * rows * n_mat];
             for t in 0..n {
@@ -330,6 +343,26 @@ mod gpu {
                 }
             }
             check(&format!("F16 {cols}x{rows}x{n_mat} n={n}"), &gn, &wn, 1e-4);
+            if rows > 32 {
+                let mut dn = runs[1].clone();
+                for t in 0..n {
+                    let s = [1e-3f32, 1.0, 250.0, 3e-6][t % 4];
+                    for v in &mut dn[t * rows * n_mat..(t + 1) * rows * n_mat] {
+                        *v /= s;
+                    }
+                }
+                check(
+                    &format!("F16 {cols}x{rows}x{n_mat} n={n} (mma.sync)"),
+                    &dn,
+                    &wn,
+                    1e-4,
+                );
+                println!(
+                    "F16 {cols}x{rows}x{n_mat} n={n}: wgmma vs mma.sync kernel: {} of {} outputs differ in bits",
+                    bit_diffs(&runs[0], &runs[1]),
+                    runs[0].len()
+                );
+            }
             if d.tc.takes_matmul_scaled(&w, n, &d.stream) {
                 // The scaled skinny form (hc_post's flat formed in the kernel): the rows
                 // x·s (f64 product, rounded to f32) give the same bits as the plain kernel
