@@ -896,7 +896,13 @@ impl Tc {
             Some(k) => k,
             None => self.kern(kind, bn, false)?,
         };
-        let minb = k.minb;
+        // F16: the split-K count is that of d0's kernel (one CTA per SM) for the wgmma kernel
+        // too, so both give the same bits (their per-split sums agree bit for bit).
+        let minb = if kind == WKind::F16 {
+            self.kern(kind, bn, false)?.minb
+        } else {
+            k.minb
+        };
         // Split K when the tiles would not fill the card (fixed-order partial-sum reduction).
         let nkb = (w.cols() * if kind == WKind::F16 { 2 } else { 1 }).div_ceil(256);
         let ctas = n.div_ceil(bn) * w.rows().div_ceil(BM) * w.n_mat();
