@@ -1075,14 +1075,11 @@ constexpr int BN = 64;   // tokens per CTA (wgmma N)
 constexpr int NS = 4;    // ring stages (loads run NS - 1 ahead)
 constexpr int KS = 128;  // K bytes of a stage (4 Q8_0 blocks)
 
-// H: the operands as f16 (the wgmma*h kernels): a 128-byte stage holds 2 blocks, not 4.
-template <bool H>
 struct Lay {
-    static constexpr int BPS = H ? 2 : 4;       // Q8_0 blocks a stage
-    static constexpr int A_ST = TC_BM * KS;     // weights (int8 or f16), 128 B a row, swizzled
-    static constexpr int B_ST = BN * KS;        // activations, likewise
-    static constexpr int AM_ST = TC_BM * 2 * BPS;  // f16 d of the stage's blocks of a row
-    static constexpr int BM_ST = BN * 4 * BPS;     // f32 activation scales, [BPS][BN]
+    static constexpr int A_ST = TC_BM * KS;  // int8 weights, 128 B a row, swizzled
+    static constexpr int B_ST = BN * KS;     // int8 activations, 128 B a row, swizzled
+    static constexpr int AM_ST = TC_BM * 8;  // f16 d of the 4 blocks of a row
+    static constexpr int BM_ST = BN * 16;    // f32 activation scales, [4][BN]
     static constexpr int S_A = 0;
     static constexpr int S_B = A_ST;
     static constexpr int S_AM = S_B + B_ST;
@@ -1111,48 +1108,13 @@ __device__ __forceinline__ void fence_regs(int (&d)[N]) {
 #pragma unroll
     for (int i = 0; i < N; i++) asm volatile("" : "+r"(d[i])::"memory");
 }
-template <int N>
-__device__ __forceinline__ void fence_regs(float (&d)[N]) {
-#pragma unroll
-    for (int i = 0; i < N; i++) asm volatile("" : "+f"(d[i])::"memory");
-}
 __device__ __forceinline__ void fence_async_smem() {
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
 
-template <bool H>
-struct AccOf {
-    typedef int T;
-};
-template <>
-struct AccOf<true> {
-    typedef float T;
-};
-
-// wgmma m64n64k16 f16·f16→f32 with D = A·B (zero: false) or D += A·B.
-template <bool ACC>
-__device__ __forceinline__ void wgmma_f16_n64z(float* d, u64 da, u64 db) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-        : "l"(da), "l"(db), "n"(ACC ? 1 : 0));
-#else
-    __trap();
-#endif
-}
-
-// H (the wg64h kernels): both operands as f16 holding the int8 values exactly (the weights
-// converted by ds4_tc_i8_to_f16 into P.wa2 / P.wb2, the activations into P.aq), two wgmma
-// m64n64k16 f16·f16→f32 per block, the first with D zeroed: every product and partial sum is an
-// integer below 2^24 (|isum| ≤ 32·128·128), so D is isum exactly, as a float — the I2FP is gone
-// and the block term (pw, fi, FMA) is d0's, so the kernels give wg64's bits.
-template <int MODE, bool I2F, bool H = false>
+template <int MODE, bool I2F>
 struct Tc {
-    typedef Lay<H> L;
-    typedef typename AccOf<H>::T Acc;
-    static constexpr int ESZ = H ? 2 : 1;  // bytes an operand element
+    typedef Lay L;
     static constexpr int NA = BN / 2;  // accumulators per thread
     static constexpr int OUTR = (MODE == M_SWIGLU) ? TC_BM / 2 : TC_BM;
 
@@ -1187,14 +1149,9 @@ struct Tc {
             int mat;
             const int r = min(out_row(r0, (tid >> 3) + 32 * i, mat), P.R - 1);
             const i64 rr = (i64)m * P.R + r;
-            S.a[i] = (H ? (mat ? P.wb2 : P.wa2) : (mat ? P.wb0 : P.wa0)) + rr * P.C * ESZ + 16 * ch;
+            S.a[i] = (mat ? P.wb0 : P.wa0) + rr * P.C + 16 * ch;
         }
-        if (H) {  // the 2 blocks' d of row tid & 127
-            int mat;
-            const int r = min(out_row(r0, tid & 127, mat), P.R - 1);
-            const i64 rr = (i64)m * P.R + r;
-            S.am = (mat ? P.wb1 : P.wa1) + 2 * rr * P.nb;
-        } else {
+        {
             int mat;
             const int r = min(out_row(r0, tid >> 1, mat), P.R - 1);
             const i64 rr = (i64)m * P.R + r;
@@ -1202,14 +1159,9 @@ struct Tc {
         }
 #pragma unroll
         for (int i = 0; i < NBC; i++)
-            S.b[i] = P.aq + ((i64)s_arow[(tid >> 3) + 32 * i] * P.Cx + acol) * ESZ + 16 * ch;
-        if (H) {  // block tid & 1 of row (tid >> 1) & 63
-            const i64 e0 = (i64)s_arow[(tid >> 1) & 63] * P.Cx + acol;
-            S.bm = P.ad + 4 * (e0 / 32 + (tid & 1));
-        } else {
-            const i64 e0 = (i64)s_arow[tid >> 2] * P.Cx + acol;
-            S.bm = P.ad + 4 * (e0 / 32 + (tid & 3));
-        }
+            S.b[i] = P.aq + (i64)s_arow[(tid >> 3) + 32 * i] * P.Cx + acol + 16 * ch;
+        const i64 e0 = (i64)s_arow[tid >> 2] * P.Cx + acol;
+        S.bm = P.ad + 4 * (e0 / 32 + (tid & 3));
     }
 
     // Copy K stage kb (128 bytes a row) into the stage tile st (cp.async).
@@ -1222,14 +1174,8 @@ struct Tc {
 #pragma unroll
             for (int i = 0; i < NBC; i++) cp16(st + L::S_B + swz128((tid >> 3) + 32 * i, ch), S.b[i] + kbyte);
         }
-        if (H) {
-            if (tid < TC_BM && 2 * kb < nb) cp4(st + L::S_AM + tid * 4, S.am + 4 * kb);
-            if (tid < 2 * BN && 2 * kb + (tid & 1) < nb)
-                cp4(st + L::S_BM + 4 * ((tid & 1) * BN + ((tid >> 1) & 63)), S.bm + 8 * kb);
-        } else {
-            if (4 * kb + 2 * (tid & 1) < nb) cp4(st + L::S_AM + (tid >> 1) * 8 + 4 * (tid & 1), S.am + 8 * kb);
-            if (4 * kb + (tid & 3) < nb) cp4(st + L::S_BM + 4 * ((tid & 3) * BN + (tid >> 2)), S.bm + 16 * kb);
-        }
+        if (4 * kb + 2 * (tid & 1) < nb) cp4(st + L::S_AM + (tid >> 1) * 8 + 4 * (tid & 1), S.am + 8 * kb);
+        if (4 * kb + (tid & 3) < nb) cp4(st + L::S_BM + 4 * ((tid & 3) * BN + (tid >> 2)), S.bm + 16 * kb);
     }
 
     // The scales of block `blk` of stage tile `st` for this thread's rows and columns.
@@ -1238,24 +1184,22 @@ struct Tc {
         float2 x[BN / 8];
     };
     __device__ static __forceinline__ void scales(Scl& c, const u8* st, int blk, int jr, int tg) {
-        c.wd0 = h2f(*(const u16*)(st + L::S_AM + jr * 2 * L::BPS + 2 * blk));
-        c.wd1 = h2f(*(const u16*)(st + L::S_AM + (jr + 8) * 2 * L::BPS + 2 * blk));
+        c.wd0 = h2f(*(const u16*)(st + L::S_AM + jr * 8 + 2 * blk));
+        c.wd1 = h2f(*(const u16*)(st + L::S_AM + (jr + 8) * 8 + 2 * blk));
         const float* xs = (const float*)(st + L::S_BM) + blk * BN + 2 * tg;
 #pragma unroll
         for (int j = 0; j < BN / 8; j++) c.x[j] = *(const float2*)(xs + 8 * j);
     }
     // acc += (d_w·d_x)·isum (the d0 form; isum → float exactly). Accumulator d[4j + q] is row
     // jr + 8·(q >> 1), token 8j + 2·tg + (q & 1) (the wgmma m64nNk32 D fragment).
-    __device__ static __forceinline__ void epi(float (&facc)[NA], const Acc (&d)[NA], const Scl& c) {
+    __device__ static __forceinline__ void epi(float (&facc)[NA], const int (&d)[NA], const Scl& c) {
 #pragma unroll
         for (int j = 0; j < BN / 8; j++) {
 #pragma unroll
             for (int q = 0; q < 4; q++) {
                 const float pw = __fmul_rn((q >> 1) ? c.wd1 : c.wd0, (q & 1) ? c.x[j].y : c.x[j].x);
-                float fi;
-                if constexpr (H) fi = d[4 * j + q];
-                else if (I2F) fi = __int2float_rn(d[4 * j + q]);
-                else fi = __fsub_rn(__int_as_float(d[4 * j + q] + MAGIC_I), MAGIC_F);
+                const float fi = I2F ? __int2float_rn(d[4 * j + q])
+                                     : __fsub_rn(__int_as_float(d[4 * j + q] + MAGIC_I), MAGIC_F);
                 facc[4 * j + q] = __fmaf_rn(pw, fi, facc[4 * j + q]);
             }
         }
@@ -1265,19 +1209,14 @@ struct Tc {
     // epilogue. Straight-line with nothing in flight across stages, so ptxas tracks the wgmma
     // groups without serialising them.
     template <int S>
-    __device__ static __forceinline__ void stage(float (&facc)[NA], Acc (&acc)[NA], const u8* st, u64 da, u64 db,
+    __device__ static __forceinline__ void stage(float (&facc)[NA], int (&acc)[NA], const u8* st, u64 da, u64 db,
                                                  int jr, int tg) {
         Scl c;
 #pragma unroll
         for (int s = 0; s < S; s++) {
             fence_regs(acc);
             wg_arrive();
-            if constexpr (H) {  // + 64 bytes of K a block, 32 a k16 step
-                wgmma_f16_n64z<false>(acc, da + 4 * s, db + 4 * s);
-                wgmma_f16_n64z<true>(acc, da + 4 * s + 2, db + 4 * s + 2);
-            } else {
-                wgmma_s8_n64(acc, da + 2 * s, db + 2 * s);  // + 32 bytes of K a block
-            }
+            wgmma_s8_n64(acc, da + 2 * s, db + 2 * s);  // + 32 bytes of K a block
             wg_commit();
             scales(c, st, s, jr, tg);
             wg_wait0();
@@ -1307,12 +1246,10 @@ struct Tc {
         }
         __syncthreads();
 
-        const int CB = P.C * ESZ;
-        // Split-K: the host counts K in stages of 256 bytes of int8 (8 blocks), here a stage is
-        // 128 bytes (4 blocks; H: 2 blocks).
-        const int SPK = H ? 4 : 2;
-        const int kb0 = SPK * sp * P.kspl;
-        const int kend = min((CB + KS - 1) / KS, (int)min((i64)SPK * ((i64)sp * P.kspl + P.kspl), (i64)1 << 30));
+        const int CB = P.C;
+        // Split-K: the host counts K in stages of 256 bytes, here a stage is 128.
+        const int kb0 = 2 * sp * P.kspl;
+        const int kend = min((CB + KS - 1) / KS, (int)min((i64)2 * ((i64)sp * P.kspl + P.kspl), (i64)1 << 30));
         const int nk = kend - kb0;
         const int jr = 64 * wgi + 16 * w4 + g;  // this thread's A rows: jr, jr + 8
         const u32 st0 = smem_u32(sm + L::O_ST);
@@ -1320,7 +1257,7 @@ struct Tc {
         const u64 db0 = gdesc(st0 + L::S_B);
 
         float facc[NA];
-        Acc acc[NA];
+        int acc[NA];
 #pragma unroll
         for (int i = 0; i < NA; i++) {
             facc[i] = 0.f;
@@ -1345,8 +1282,8 @@ struct Tc {
             const int buf = ki % NS;
             const u8* st = sm + L::O_ST + buf * L::STAGE;
             const u64 doff = (u64)((buf * L::STAGE) >> 4);
-            // Only the last stage can be short (C is a multiple of 64: 2 blocks, H: a full stage).
-            if (H || CB - kb * KS >= KS) stage<L::BPS>(facc, acc, st, da0 + doff, db0 + doff, jr, tg);
+            // Only the last stage can be short (C is a multiple of 64: 2 blocks).
+            if (CB - kb * KS >= KS) stage<4>(facc, acc, st, da0 + doff, db0 + doff, jr, tg);
             else stage<2>(facc, acc, st, da0 + doff, db0 + doff, jr, tg);
         }
 
@@ -1408,6 +1345,12 @@ __device__ __forceinline__ void wgmma_f16_n64(float* d, u64 da, u64 db) {
 #endif
 }
 
+template <int N>
+__device__ __forceinline__ void fence_fregs(float (&d)[N]) {
+#pragma unroll
+    for (int i = 0; i < N; i++) asm volatile("" : "+f"(d[i])::"memory");
+}
+
 struct LayF16 {
     static constexpr int NS = 3;
     static constexpr int A_ST = TC_BM * KS;  // f16 weights, 128 B (64 columns) a row, swizzled
@@ -1438,7 +1381,7 @@ struct TcF16 {
     // step, all in one wgmma group, waited for before the stage's buffer is refilled.
     template <int S>
     __device__ static __forceinline__ void stage(float (&facc)[NA], u64 da, u64 dh, u64 dl) {
-        fence_regs(facc);
+        fence_fregs(facc);
         wg_arrive();
 #pragma unroll
         for (int s = 0; s < S; s++) {
@@ -1447,7 +1390,7 @@ struct TcF16 {
         }
         wg_commit();
         wg_wait0();
-        fence_regs(facc);
+        fence_fregs(facc);
     }
 
     __device__ static void run(const TcArgs& P) {
@@ -1556,7 +1499,7 @@ struct TcF16 {
 }  // namespace wg
 
 #define TC_INST_WG(name, MODE, I2F)                                                             \
-    extern "C" __global__ void __launch_bounds__(TC_THREADS, (wg::Lay<false>::MINB))             \
+    extern "C" __global__ void __launch_bounds__(TC_THREADS, (wg::Lay::MINB))                    \
         ds4_tc_##name(const TcArgs P) { PDL_ENTRY();                                             \
         wg::Tc<MODE, I2F>::run(P);                                                               \
     }
@@ -1564,37 +1507,6 @@ TC_INST_WG(q8_0_wg64_s, M_STORE, true)
 TC_INST_WG(q8_0_wg64_g, M_SWIGLU, true)
 TC_INST_WG(q8_0_wg64m_s, M_STORE, false)
 TC_INST_WG(q8_0_wg64m_g, M_SWIGLU, false)
-#define TC_INST_WGH(name, MODE)                                                                 \
-    extern "C" __global__ void __launch_bounds__(TC_THREADS, (wg::Lay<true>::MINB))              \
-        ds4_tc_##name(const TcArgs P) { PDL_ENTRY();                                             \
-        wg::Tc<MODE, false, true>::run(P);                                                       \
-    }
-TC_INST_WGH(q8_0_wg64h_s, M_STORE)
-TC_INST_WGH(q8_0_wg64h_g, M_SWIGLU)
-// int8 → f16 (exact) for the wg64h kernels' operands: out[i] = (half)q[i], n a multiple of 16.
-extern "C" __global__ void ds4_tc_i8_to_f16(const i8* __restrict__ q, i64 n, u16* __restrict__ out) {
-    PDL_ENTRY();
-    for (i64 i = ((i64)blockIdx.x * blockDim.x + threadIdx.x) * 16; i < n; i += (i64)gridDim.x * blockDim.x * 16) {
-        const uint4 v = *(const uint4*)(q + i);
-        const u32 w[4] = {v.x, v.y, v.z, v.w};
-        u32 o[8];
-#pragma unroll
-        for (int k = 0; k < 4; k++) {
-#pragma unroll
-            for (int h = 0; h < 2; h++) {
-                const float b0 = (float)(int)(signed char)(w[k] >> (16 * h));
-                const float b1 = (float)(int)(signed char)(w[k] >> (16 * h + 8));
-                unsigned short h0, h1;
-                asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h0) : "f"(b0));
-                asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h1) : "f"(b1));
-                o[2 * k + h] = (u32)h0 | ((u32)h1 << 16);
-            }
-        }
-        uint4* dst = (uint4*)(out + i);
-        dst[0] = make_uint4(o[0], o[1], o[2], o[3]);
-        dst[1] = make_uint4(o[4], o[5], o[6], o[7]);
-    }
-}
 extern "C" __global__ void __launch_bounds__(TC_THREADS, (wg::LayF16::MINB)) ds4_tc_f16_wg64_s(const TcArgs P) {
     PDL_ENTRY();
     wg::TcF16::run(P);
@@ -1651,16 +1563,14 @@ extern "C" __global__ void ds4_tc_smem_sizes(int* out) {
     out[12] = Lay<W_Q2K, 64>::MINB;
     out[13] = Lay<W_Q4K, 64>::MINB;
     out[14] = d0::Lay<W_F16, 64>::MINB;
-    out[15] = wg::Lay<false>::TOTAL;  // ds4_tc_q8_0_wg64_*, wg64m_*
-    out[16] = wg::Lay<false>::MINB;
+    out[15] = wg::Lay::TOTAL;  // ds4_tc_q8_0_wg64_*, wg64m_*
+    out[16] = wg::Lay::MINB;
     out[17] = Lay<W_IQ2, 128>::TOTAL;  // ds4_tc_iq2_xxs_128_g
     out[18] = Lay<W_IQ2, 128>::MINB;
     out[19] = Lay<W_Q2K, 128>::TOTAL;  // ds4_tc_q2_k_128_s
     out[20] = Lay<W_Q2K, 128>::MINB;
     out[21] = wg::LayF16::TOTAL;  // ds4_tc_f16_wg64_s
     out[22] = wg::LayF16::MINB;
-    out[23] = wg::Lay<true>::TOTAL;  // ds4_tc_q8_0_wg64h_*
-    out[24] = wg::Lay<true>::MINB;
 }
 
 // Split-K reduction: y[i] = Σ_s part[s·total + i], splits in order (deterministic).

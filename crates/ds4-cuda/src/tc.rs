@@ -287,7 +287,6 @@ impl WgVar {
         match std::env::var("DS4_CUDA_TC_DENSE_WG").as_deref() {
             Ok("0") => WgVar::Off,
             Ok("64m") => WgVar::Wg64m,
-            // 64h: wg64 plus the f16-operand kernels where their scratch holds the matrix.
             _ => WgVar::Wg64,
         }
     }
@@ -303,22 +302,6 @@ impl WgVar {
 
 /// Tokens per tile of the wgmma kernels.
 const WG_BN: usize = 64;
-
-/// The `wg64h` form of the dense Q8_0 route (`DS4_CUDA_TC_DENSE_WG=64h`, opt-in): the weights
-/// (per call, into `w`) and ds4's int8 activations (into `x`) converted to f16 — exactly, they
-/// are integers — and multiplied by `ds4_tc_q8_0_wg64h_*`: two wgmma k16 f16 steps per Q8_0
-/// block with f32 accumulation give the block's integer dot exactly as a float (every partial
-/// sum is an integer below 2^24), so no int→float conversion per output and block; the block
-/// term is d0's, hence wg64's bits. Matrices beyond the scratch (the LM head) keep wg64.
-struct WgH {
-    s: Kern,
-    g: Kern,
-    conv: CudaFunction,
-    /// The f16 weight and activation scratch while the form is on.
-    buf: Option<(DBuf, DBuf)>,
-    max_w: usize,
-    max_x: usize,
-}
 
 /// GEMM kernel variants: (kind, tile width BN, index of its shared-memory size and of its CTAs
 /// per SM in `ds4_tc_smem_sizes`' output, modes instantiated: false = store, true = SwiGLU).
@@ -337,27 +320,6 @@ const SMEM_ORDER: [(WKind, usize, usize, usize, &[bool]); 11] = [
     (WKind::Q2K, 128, 19, 20, &[false]),
 ];
 
-impl WgH {
-    /// `out[i] = (f16) q[i]` for `count` int8 values (a multiple of 16; 16-byte aligned).
-    fn convert(
-        &self,
-        stream: &CudaStream,
-        q: u64,
-        count: usize,
-        out: u64,
-    ) -> Result<(), CudaError> {
-        let blocks = count.div_ceil(16 * 256).clamp(1, 4096) as u32;
-        launch(
-            stream,
-            &self.conv,
-            (blocks, 1, 1),
-            256,
-            0,
-            &[A::P(q), A::L(count as i64), A::P(out)],
-        )
-    }
-}
-
 /// The tensor-core route kernels, their scratch and the routes in force.
 pub struct Tc {
     _module: Arc<CudaModule>,
@@ -372,9 +334,6 @@ pub struct Tc {
     moe_bn_force: Option<usize>,
     /// The wgmma dense Q8_0 kernels in use (store, SwiGLU) and their tile width.
     wg: Option<(Kern, Kern, usize)>,
-    /// The f16-operand wgmma kernels (store, SwiGLU), the int8 → f16 conversion and, when on
-    /// (`DS4_CUDA_TC_DENSE_WG=64h`, opt-in; [`Tc::set_dense_wgh`]), their scratch ([`WgH`]).
-    wgh: WgH,
     /// The wgmma F16 kernel (`ds4_tc_f16_wg64_s`) unless `DS4_CUDA_TC_F16_WG=0` (then d0's
     /// `ds4_tc_f16_64_s`; [`Tc::set_f16_wg`] for tests).
     f16wg: Kern,
@@ -523,36 +482,6 @@ impl Tc {
             }
         };
         let f16wg_on = std::env::var("DS4_CUDA_TC_F16_WG").as_deref() != Ok("0");
-        let wgh = {
-            let smem = sizes[23] as u32;
-            if smem > smem_max {
-                return Err(terr(format!(
-                    "wg64h tile needs {smem} B of shared memory, the device allows {smem_max}"
-                )));
-            }
-            let load = |mode: &str| -> Result<Kern, CudaError> {
-                let f = func(&format!("ds4_tc_q8_0_wg64h_{mode}"))?;
-                f.set_attribute(
-                    sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    smem as i32,
-                )
-                .map_err(drv)?;
-                Ok(Kern {
-                    f,
-                    smem,
-                    minb: sizes[24].max(1) as u32,
-                })
-            };
-            WgH {
-                s: load("s")?,
-                g: load("g")?,
-                conv: func("ds4_tc_i8_to_f16")?,
-                buf: None,
-                max_w: cfg.max_dense_elems,
-                max_x: cfg.max_tokens * cfg.max_dense_cols,
-            }
-        };
-        let wgh_on = std::env::var("DS4_CUDA_TC_DENSE_WG").as_deref() == Ok("64h");
         let mut routes = routes;
         let f16d =
             if routes.dense_f16 && (routes.dense || routes.attn_out) && cfg.max_dense_elems > 0 {
@@ -597,7 +526,7 @@ impl Tc {
             .ok()
             .and_then(|v| v.parse::<usize>().ok())
             .filter(|b| [32, 64, 128].contains(b));
-        let mut tc = Tc {
+        Ok(Tc {
             prep: func("ds4_tc_f16_prep")?,
             bucket: func("ds4_tc_moe_bucket")?,
             sum: func("ds4_tc_moe_sum")?,
@@ -606,7 +535,6 @@ impl Tc {
             moe_tok,
             moe_bn_force,
             wg,
-            wgh,
             f16wg,
             f16wg_on,
             _module: module,
@@ -624,11 +552,7 @@ impl Tc {
             part: DBuf::zeroed(stream, pairs * cfg.down_rows * 4)?,
             f16d,
             skinny,
-        };
-        if wgh_on && tc.wg.is_some() && tc.wgh.max_w > 0 {
-            tc.set_dense_wgh(stream, true)?;
-        }
-        Ok(tc)
+        })
     }
 
     /// The routes in force.
@@ -924,17 +848,6 @@ impl Tc {
                 match &self.wg {
                     Some((ks, _, wbn)) if n > 32 => {
                         wgk = Some(ks);
-                        let h = &self.wgh;
-                        if let Some((hw, hx)) = &h.buf
-                            && rt * w.cols() <= h.max_w
-                            && n * cx <= h.max_x
-                        {
-                            h.convert(stream, w0, rt * w.cols(), hw.ptr)?;
-                            h.convert(stream, act, n * cx, hx.ptr)?;
-                            a.wa2 = hw.ptr;
-                            a.aq = hx.ptr;
-                            wgk = Some(&h.s);
-                        }
                         *wbn
                     }
                     _ => {
@@ -1071,7 +984,7 @@ impl Tc {
         let (g0, g1, g2) = regions(gate, stream);
         let (u0, u1, u2) = regions(up, stream);
         let cols = gate.cols();
-        let mut a = TcArgs {
+        let a = TcArgs {
             wa0: g0,
             wa1: g1,
             wa2: g2,
@@ -1092,22 +1005,7 @@ impl Tc {
             ..TcArgs::new()
         };
         let (k, bn) = match &self.wg {
-            Some((_, kg, wbn)) if n > 32 => match &self.wgh.buf {
-                Some((hw, hx))
-                    if 2 * gate.rows() * cols <= self.wgh.max_w && n * cols <= self.wgh.max_x =>
-                {
-                    let h = &self.wgh;
-                    let half = gate.rows() * cols;
-                    h.convert(stream, g0, half, hw.ptr)?;
-                    h.convert(stream, u0, half, hw.ptr + 2 * half as u64)?;
-                    h.convert(stream, act, n * cols, hx.ptr)?;
-                    a.wa2 = hw.ptr;
-                    a.wb2 = hw.ptr + 2 * half as u64;
-                    a.aq = hx.ptr;
-                    (&h.g, *wbn)
-                }
-                _ => (kg, *wbn),
-            },
+            Some((_, kg, wbn)) if n > 32 => (kg, *wbn),
             _ => {
                 let bn = if n <= 32 { 32 } else { 64 };
                 (self.kern(WKind::Q8_0, bn, true)?, bn)
@@ -1132,33 +1030,6 @@ impl Tc {
         } else {
             bn
         }
-    }
-
-    /// Whether the opt-in `wg64h` form of the dense Q8_0 route is on (`DS4_CUDA_TC_DENSE_WG=64h`).
-    pub fn dense_wgh(&self) -> bool {
-        self.wgh.buf.is_some()
-    }
-
-    /// Turn the `wg64h` form on (allocating its f16 scratch: 2 bytes per element of the largest
-    /// dense matrix and of `max_tokens × max_dense_cols` activations) or off (freeing it). It
-    /// needs the wgmma kernels (`DS4_CUDA_TC_DENSE_WG` not `0`) and a dense scratch size.
-    pub fn set_dense_wgh(&mut self, stream: &Arc<CudaStream>, on: bool) -> Result<(), CudaError> {
-        if !on {
-            self.wgh.buf = None;
-            return Ok(());
-        }
-        if self.wg.is_none() || self.wgh.max_w == 0 {
-            return Err(terr(
-                "the wg64h form needs the wgmma kernels and a dense scratch size",
-            ));
-        }
-        if self.wgh.buf.is_none() {
-            self.wgh.buf = Some((
-                DBuf::zeroed(stream, 2 * self.wgh.max_w)?,
-                DBuf::zeroed(stream, 2 * self.wgh.max_x)?,
-            ));
-        }
-        Ok(())
     }
 
     /// Use the wgmma F16 kernel (`true`, the default unless `DS4_CUDA_TC_F16_WG=0`) or d0's
