@@ -132,6 +132,12 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 10)]
     pub body_timeout_secs: u64,
 
+    /// A connection that has not sent a whole request head within this many seconds of
+    /// starting one — a stalled partial header, or an idle keep-alive connection — is closed
+    /// (ds4's 10 s socket timeout; clients reconnect). 0 disables.
+    #[arg(long, default_value_t = 10)]
+    pub header_timeout_secs: u64,
+
     /// TEST ONLY: a JSON file of scripted generations (see the crate docs). The worker emits
     /// the scripted text's tokens instead of sampling, through the real session, parser and
     /// streaming path. Also read from `DS4_SERVER_TEST_SCRIPT`.
@@ -171,6 +177,7 @@ impl Default for ServeArgs {
             keepalive_secs: 5,
             shutdown_grace_secs: 10,
             body_timeout_secs: 10,
+            header_timeout_secs: 10,
             test_script: None,
         }
     }

@@ -13,7 +13,9 @@
 //!   text prefix with suffix-only tokenization) and the disk KV cache (`--kv-disk-dir`, cold /
 //!   continued / evict / shutdown checkpoints through [`ds4_kvstore`]).
 //! * Tool calls both ways with the exact-DSML replay map ([`toolmem`]) keyed by unguessable ids.
-//! * Operations: `--api-key` (or `DS4_API_KEY`) on every route, body limit (413),
+//! * Operations: `--api-key` (or `DS4_API_KEY`) on every route, body limit (413), stalled
+//!   bodies refused with 408 (`--body-timeout-secs`) and stalled request heads or idle
+//!   keep-alive connections closed (`--header-timeout-secs`; both ds4's 10 s socket timeout),
 //!   protocol-shaped errors, SSE keep-alive comments while a streamed request waits or
 //!   prefills, errors after the headers as SSE error events, `--trace FILE`, and a bounded
 //!   drain on SIGINT/SIGTERM that writes the shutdown checkpoint.
@@ -267,9 +269,10 @@ pub async fn serve_on(
         tracing::warn!(target: "ds4_server", "drain time is over: stopping the running request");
         hard.cancel();
     });
-    let d = st.draining.clone();
-    let srv = axum::serve(listener, app).with_graceful_shutdown(async move { d.cancelled().await });
-    let mut srv_task = tokio::spawn(async move { srv.await });
+    let header_timeout =
+        (st.args.header_timeout_secs > 0).then(|| Duration::from_secs(st.args.header_timeout_secs));
+    let srv = accept_loop(listener, app, header_timeout, st.draining.clone());
+    let mut srv_task = tokio::spawn(srv);
     tokio::select! {
         _ = st.draining.cancelled() => {}
         r = &mut srv_task => {
@@ -291,6 +294,67 @@ pub async fn serve_on(
     // Let the last SSE events go out; open connections do not hold the exit.
     let _ = tokio::time::timeout(Duration::from_secs(2), srv_task).await;
     tracing::info!(target: "ds4_server", "stopped");
+    Ok(())
+}
+
+/// Serve HTTP/1.1 connections of `listener` with `app` until `stop`, then let each connection
+/// finish its request in flight (graceful shutdown) and return when all are closed. As
+/// `axum::serve`, plus hyper's header read timeout (`--header-timeout-secs`), which axum's
+/// server does not set: a client that stalls inside a request head, or leaves a keep-alive
+/// connection idle, does not hold the connection forever.
+async fn accept_loop(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    header_timeout: Option<Duration>,
+    stop: CancellationToken,
+) -> std::io::Result<()> {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    // Every connection task holds a receiver: the sender sees them all gone.
+    let (open_tx, open_rx) = tokio::sync::watch::channel(());
+    loop {
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = stop.cancelled() => break,
+        };
+        let io = match accepted {
+            Ok((io, _)) => io,
+            Err(e) => {
+                // Per-connection failures (reset before accept): go on. Others (out of file
+                // descriptors): wait a little, as axum::serve does.
+                if !matches!(
+                    e.kind(),
+                    std::io::ErrorKind::ConnectionAborted
+                        | std::io::ErrorKind::ConnectionReset
+                        | std::io::ErrorKind::ConnectionRefused
+                ) {
+                    tracing::warn!(target: "ds4_server", "accept failed: {e}");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                continue;
+            }
+        };
+        let _ = io.set_nodelay(true);
+        let svc = hyper_util::service::TowerToHyperService::new(app.clone());
+        let (stop, open) = (stop.clone(), open_rx.clone());
+        tokio::spawn(async move {
+            let mut b = hyper::server::conn::http1::Builder::new();
+            b.timer(TokioTimer::new())
+                .header_read_timeout(header_timeout);
+            let conn = b.serve_connection(TokioIo::new(io), svc);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = stop.cancelled() => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
+            drop(open);
+        });
+    }
+    drop(listener);
+    drop(open_rx);
+    open_tx.closed().await;
     Ok(())
 }
 

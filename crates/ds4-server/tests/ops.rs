@@ -499,3 +499,72 @@ async fn a_signal_drains_in_flight_work_then_checkpoints_and_returns() {
     );
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
 }
+
+/// A client that stalls inside a request head is disconnected after `--header-timeout-secs`
+/// (axum's own server never times a head out: the connection was held for as long as the
+/// client kept it open), while a complete request on another connection is answered; a head
+/// that arrives slowly but within the timeout is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_request_head_is_disconnected() {
+    use std::io::{Read, Write};
+    let mut a = args();
+    a.header_timeout_secs = 1;
+    let server = start(a);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (sig_tx, sig_rx) = tokio::sync::oneshot::channel::<()>();
+    let serving = tokio::spawn(ds4_server::serve_on(listener, server, async {
+        let _ = sig_rx.await;
+    }));
+    let stalled = tokio::task::spawn_blocking(move || {
+        let mut c = std::net::TcpStream::connect(addr).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        c.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Ty")
+            .unwrap();
+        let t0 = Instant::now();
+        let mut out = Vec::new();
+        let r = c.read_to_end(&mut out);
+        (
+            t0.elapsed(),
+            r.map(|_| String::from_utf8_lossy(&out).into_owned()),
+        )
+    });
+    // A head sent in two parts 300 ms apart (within the timeout) is served.
+    let slow = tokio::task::spawn_blocking(move || {
+        let body = long_job(1).to_string();
+        let req = format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let mut c = std::net::TcpStream::connect(addr).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        let (a, b) = req.as_bytes().split_at(30);
+        c.write_all(a).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        c.write_all(b).unwrap();
+        let mut out = Vec::new();
+        let _ = c.read_to_end(&mut out);
+        String::from_utf8_lossy(&out).into_owned()
+    });
+    let body = long_job(1).to_string();
+    let out = tokio::task::spawn_blocking(move || http_post(addr, &body))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    let out = slow.await.unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    let (dt, r) = stalled.await.unwrap();
+    let got = r.expect("the server closes the stalled connection (not the client's read timeout)");
+    assert!(
+        dt < Duration::from_secs(10),
+        "closed after {dt:?}, expected about 1 s"
+    );
+    assert!(got.is_empty() || got.starts_with("HTTP/1.1 408"), "{got}");
+    sig_tx.send(()).unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(30), serving)
+        .await
+        .expect("serve_on returns")
+        .unwrap();
+    assert!(r.is_ok(), "{r:?}");
+}
