@@ -1112,6 +1112,26 @@ __device__ __forceinline__ void fence_async_smem() {
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
 
+// The wgmma kernels' B rows: s_src[j] / s_arow[j] = the source row and activation row of tile
+// column j (the first valid one past nvalid), then a barrier.
+__device__ __forceinline__ void wg_rows(const TcArgs& P, int* s_src, int* s_arow, int nvalid, int base) {
+    const int tid = threadIdx.x;
+    if (tid < BN) {
+        const int b = tid < nvalid ? tid : 0;
+        const int src = P.list ? __ldg(P.list + base + b) : base + b;
+        s_src[tid] = src;
+        s_arow[tid] = src / P.kdiv;
+    }
+    __syncthreads();
+}
+// The 128-byte K stages [kb0, kb0 + nk) of split sp for rows of CB bytes: the host counts K in
+// stages of 256 bytes (of the row as stored in global memory, `spk` of ours each).
+__device__ __forceinline__ void wg_kspan(const TcArgs& P, int sp, int CB, int spk, int& kb0, int& nk) {
+    kb0 = spk * sp * P.kspl;
+    const int kend = min((CB + KS - 1) / KS, (int)min((i64)spk * ((i64)sp * P.kspl + P.kspl), (i64)1 << 30));
+    nk = kend - kb0;
+}
+
 template <int MODE, bool I2F>
 struct Tc {
     typedef Lay L;
@@ -1238,19 +1258,11 @@ struct Tc {
         TC_TILE_OR_RETURN(P, BN, m, nvalid, base, sp);
         const int r0 = blockIdx.y * OUTR;
         const int acol = P.grouped ? m * P.C : 0;
-        if (tid < BN) {
-            const int b = tid < nvalid ? tid : 0;
-            const int src = P.list ? __ldg(P.list + base + b) : base + b;
-            s_src[tid] = src;
-            s_arow[tid] = src / P.kdiv;
-        }
-        __syncthreads();
+        wg_rows(P, s_src, s_arow, nvalid, base);
 
         const int CB = P.C;
-        // Split-K: the host counts K in stages of 256 bytes, here a stage is 128.
-        const int kb0 = 2 * sp * P.kspl;
-        const int kend = min((CB + KS - 1) / KS, (int)min((i64)2 * ((i64)sp * P.kspl + P.kspl), (i64)1 << 30));
-        const int nk = kend - kb0;
+        int kb0, nk;
+        wg_kspan(P, sp, CB, 2, kb0, nk);
         const int jr = 64 * wgi + 16 * w4 + g;  // this thread's A rows: jr, jr + 8
         const u32 st0 = smem_u32(sm + L::O_ST);
         const u64 da0 = gdesc(st0 + L::S_A + 64 * KS * wgi);
@@ -1406,19 +1418,11 @@ struct TcF16 {
         TC_TILE_OR_RETURN(P, BN, m, nvalid, base, sp);
         const int r0 = blockIdx.y * TC_BM;
         const int acol = P.grouped ? m * P.C : 0;
-        if (tid < BN) {
-            const int b = tid < nvalid ? tid : 0;
-            const int src = P.list ? __ldg(P.list + base + b) : base + b;
-            s_src[tid] = src;
-            s_arow[tid] = src / P.kdiv;
-        }
-        __syncthreads();
+        wg_rows(P, s_src, s_arow, nvalid, base);
 
         const int CB = 2 * P.C;  // bytes of a weight row
-        // Split-K: the host counts K in stages of 256 bytes, here a stage is 128.
-        const int kb0 = 2 * sp * P.kspl;
-        const int kend = min((CB + KS - 1) / KS, (int)min((i64)2 * ((i64)sp * P.kspl + P.kspl), (i64)1 << 30));
-        const int nk = kend - kb0;
+        int kb0, nk;
+        wg_kspan(P, sp, CB, 2, kb0, nk);
         const int ch = tid & 7;
         Src S;
 #pragma unroll
