@@ -132,9 +132,10 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 10)]
     pub body_timeout_secs: u64,
 
-    /// A connection that has not sent a whole request head within this many seconds of
-    /// starting one — a stalled partial header, or an idle keep-alive connection — is closed
-    /// (ds4's 10 s socket timeout; clients reconnect). 0 disables.
+    /// A connection that has not sent a whole request head within this many seconds of being
+    /// accepted or of its previous response ending — a stalled partial header, or an idle
+    /// keep-alive connection — is closed (ds4's 10 s socket timeout; clients reconnect, and
+    /// common ones drop idle connections sooner themselves). 0 disables.
     #[arg(long, default_value_t = 10)]
     pub header_timeout_secs: u64,
 
@@ -144,6 +145,9 @@ pub struct ServeArgs {
     #[arg(long, hide = true, env = "DS4_SERVER_TEST_SCRIPT")]
     pub test_script: Option<PathBuf>,
 }
+
+/// Largest `--header-timeout-secs` (the deadline is an `Instant` sum, which must not overflow).
+const MAX_TIMEOUT_SECS: u64 = 365 * 24 * 3600;
 
 impl Default for ServeArgs {
     fn default() -> Self {
@@ -206,6 +210,11 @@ impl ServeArgs {
             return Err(format!(
                 "--kv-cache-cold-max-tokens must be 0 or at least --kv-cache-min-tokens ({})",
                 self.kv_cache_min_tokens
+            ));
+        }
+        if self.header_timeout_secs > MAX_TIMEOUT_SECS {
+            return Err(format!(
+                "--header-timeout-secs must be at most {MAX_TIMEOUT_SECS} (a year)"
             ));
         }
         if !(0.0..=100.0).contains(&self.temp) {
@@ -299,5 +308,8 @@ mod tests {
         assert!(bad(&["--queue-max", "0"]));
         assert!(bad(&["--ctx", "1"]));
         assert!(bad(&["--top-p", "1.5"]));
+        assert!(bad(&["--header-timeout-secs", "18446744073709551615"]));
+        assert!(!bad(&["--header-timeout-secs", "0"]));
+        assert!(!bad(&["--header-timeout-secs", "600"]));
     }
 }

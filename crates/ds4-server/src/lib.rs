@@ -301,7 +301,9 @@ pub async fn serve_on(
 /// finish its request in flight (graceful shutdown) and return when all are closed. As
 /// `axum::serve`, plus hyper's header read timeout (`--header-timeout-secs`), which axum's
 /// server does not set: a client that stalls inside a request head, or leaves a keep-alive
-/// connection idle, does not hold the connection forever.
+/// connection idle, does not hold the connection forever. The timer runs only while hyper
+/// waits for a request head, never while a request is processed or its response (an SSE
+/// stream included) is written. Sockets get TCP_NODELAY (streamed events go out at once).
 async fn accept_loop(
     listener: tokio::net::TcpListener,
     app: axum::Router,
@@ -328,7 +330,10 @@ async fn accept_loop(
                         | std::io::ErrorKind::ConnectionRefused
                 ) {
                     tracing::warn!(target: "ds4_server", "accept failed: {e}");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        _ = stop.cancelled() => break,
+                    }
                 }
                 continue;
             }
@@ -342,12 +347,16 @@ async fn accept_loop(
                 .header_read_timeout(header_timeout);
             let conn = b.serve_connection(TokioIo::new(io), svc);
             tokio::pin!(conn);
-            tokio::select! {
-                _ = conn.as_mut() => {}
+            let r = tokio::select! {
+                r = conn.as_mut() => r,
                 _ = stop.cancelled() => {
                     conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
+                    conn.await
                 }
+            };
+            // A header timeout, a client gone mid-request: the connection's own business.
+            if let Err(e) = r {
+                tracing::debug!(target: "ds4_server", "connection closed: {e}");
             }
             drop(open);
         });
