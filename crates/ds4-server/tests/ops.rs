@@ -568,3 +568,64 @@ async fn a_stalled_request_head_is_disconnected() {
         .unwrap();
     assert!(r.is_ok(), "{r:?}");
 }
+
+/// Over a real socket (`serve_on`'s accept loop, not `oneshot`): a client that hangs up in the
+/// middle of a stream cancels its job, and the engine serves the next request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_hangs_up_on_the_socket_cancels_its_job() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::sync::atomic::Ordering::Relaxed;
+    let server = start(args());
+    let state = server.state().clone();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (sig_tx, sig_rx) = tokio::sync::oneshot::channel::<()>();
+    let serving = tokio::spawn(ds4_server::serve_on(listener, server, async {
+        let _ = sig_rx.await;
+    }));
+    let mut b = long_job(2000);
+    b["stream"] = true.into();
+    let body = b.to_string();
+    tokio::task::spawn_blocking(move || {
+        let req = format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let mut c = std::net::TcpStream::connect(addr).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        c.write_all(req.as_bytes()).unwrap();
+        // Read a few events, then hang up.
+        let mut r = BufReader::new(c);
+        let (mut line, mut events) = (String::new(), 0);
+        while events < 5 {
+            line.clear();
+            assert!(r.read_line(&mut line).unwrap() > 0, "stream ended early");
+            if line.starts_with("data:") {
+                events += 1;
+            }
+        }
+    })
+    .await
+    .unwrap();
+    let t0 = Instant::now();
+    while state.metrics.cancelled.load(Relaxed) != 1 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the job was not cancelled"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(state.metrics.completion_tokens.load(Relaxed) < 200);
+    let next = long_job(2).to_string();
+    let out = tokio::task::spawn_blocking(move || http_post(addr, &next))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    sig_tx.send(()).unwrap();
+    let r = tokio::time::timeout(Duration::from_secs(30), serving)
+        .await
+        .expect("serve_on returns")
+        .unwrap();
+    assert!(r.is_ok(), "{r:?}");
+}
