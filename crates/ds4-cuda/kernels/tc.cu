@@ -1113,7 +1113,7 @@ __device__ __forceinline__ void fence_async_smem() {
 }
 
 // The wgmma kernels' B rows: s_src[j] / s_arow[j] = the source row and activation row of tile
-// column j (the first valid one past nvalid), then a barrier.
+// column j (columns past nvalid repeat column 0), then a barrier.
 __device__ __forceinline__ void wg_rows(const TcArgs& P, int* s_src, int* s_arow, int nvalid, int base) {
     const int tid = threadIdx.x;
     if (tid < BN) {
@@ -1124,11 +1124,11 @@ __device__ __forceinline__ void wg_rows(const TcArgs& P, int* s_src, int* s_arow
     }
     __syncthreads();
 }
-// The 128-byte K stages [kb0, kb0 + nk) of split sp for rows of CB bytes: the host counts K in
-// stages of 256 bytes (of the row as stored in global memory, `spk` of ours each).
-__device__ __forceinline__ void wg_kspan(const TcArgs& P, int sp, int CB, int spk, int& kb0, int& nk) {
-    kb0 = spk * sp * P.kspl;
-    const int kend = min((CB + KS - 1) / KS, (int)min((i64)spk * ((i64)sp * P.kspl + P.kspl), (i64)1 << 30));
+// The 128-byte K stages [kb0, kb0 + nk) of split sp for rows of CB bytes (the host counts K in
+// stages of 256 bytes, two of ours).
+__device__ __forceinline__ void wg_kspan(const TcArgs& P, int sp, int CB, int& kb0, int& nk) {
+    kb0 = 2 * sp * P.kspl;
+    const int kend = min((CB + KS - 1) / KS, (int)min((i64)2 * ((i64)sp * P.kspl + P.kspl), (i64)1 << 30));
     nk = kend - kb0;
 }
 
@@ -1262,7 +1262,7 @@ struct Tc {
 
         const int CB = P.C;
         int kb0, nk;
-        wg_kspan(P, sp, CB, 2, kb0, nk);
+        wg_kspan(P, sp, CB, kb0, nk);
         const int jr = 64 * wgi + 16 * w4 + g;  // this thread's A rows: jr, jr + 8
         const u32 st0 = smem_u32(sm + L::O_ST);
         const u64 da0 = gdesc(st0 + L::S_A + 64 * KS * wgi);
@@ -1422,7 +1422,7 @@ struct TcF16 {
 
         const int CB = 2 * P.C;  // bytes of a weight row
         int kb0, nk;
-        wg_kspan(P, sp, CB, 2, kb0, nk);
+        wg_kspan(P, sp, CB, kb0, nk);
         const int ch = tid & 7;
         Src S;
 #pragma unroll

@@ -34,11 +34,11 @@ use ds4_gguf::GgmlType;
 use ds4_quant::act::{quantize_q8_0_act_vec, quantize_q8_k_vec};
 use ds4_quant::dot::SCALAR;
 use ds4_quant::{
-    BlockIq2Xxs, BlockQ2K, BlockQ4K, BlockQ8_0, BlockQ8_0Act, BlockQ8K, blocks_from_bytes, quantize,
+    BlockIq2Xxs, BlockQ2K, BlockQ4K, BlockQ8_0, BlockQ8_0Act, BlockQ8K, blocks_from_bytes,
 };
 
 mod common;
-use common::Rng;
+use common::{Rng, make_weight, upload_random};
 
 struct Dev {
     stream: Arc<CudaStream>,
@@ -174,11 +174,6 @@ fn row_bytes(ty: GgmlType, cols: usize) -> usize {
     ds4_cuda::gemv::gguf_bytes(ty, cols, 1, 1).unwrap()
 }
 
-fn make_weight(rng: &mut Rng, ty: GgmlType, cols: usize, rows_total: usize) -> Vec<u8> {
-    let w = rng.vec(cols * rows_total, 1.0 / (cols as f32).sqrt());
-    quantize(ty, &w, cols, None).expect("quantize")
-}
-
 /// `n_mat` random expert matrices of `rows` × `cols`: their GGUF bytes and the device upload.
 fn make_experts(
     d: &Dev,
@@ -188,9 +183,7 @@ fn make_experts(
     rows: usize,
     n_mat: usize,
 ) -> (Vec<u8>, ds4_cuda::gemv::DevWeight) {
-    let b = make_weight(rng, ty, cols, rows * n_mat);
-    let w = d.g.upload(&d.stream, ty, cols, rows, n_mat, &b).unwrap();
-    (b, w)
+    upload_random(&d.g, &d.stream, rng, ty, cols, rows, n_mat)
 }
 
 /// CPU model of `Gemv::matvec` (grouped when n_mat > 1).

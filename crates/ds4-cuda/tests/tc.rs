@@ -103,9 +103,9 @@ mod gpu {
     use ds4_cuda::gemv::{DevWeight, Gemv};
     use ds4_cuda::tc::{MOE_MAX_TOKENS, Tc, TcConfig};
     use ds4_gguf::GgmlType;
-    use ds4_quant::{QMatrix, dequantize_to_vec, quantize};
+    use ds4_quant::{QMatrix, dequantize_to_vec};
 
-    use crate::common::Rng;
+    use crate::common::{Rng, upload_random};
 
     struct Dev {
         stream: Arc<CudaStream>,
@@ -186,11 +186,6 @@ mod gpu {
         worst
     }
 
-    fn make_weight(rng: &mut Rng, ty: GgmlType, cols: usize, rows_total: usize) -> Vec<u8> {
-        let w = rng.vec(cols * rows_total, 1.0 / (cols as f32).sqrt());
-        quantize(ty, &w, cols, None).expect("quantize")
-    }
-
     fn upload(
         d: &Dev,
         rng: &mut Rng,
@@ -199,9 +194,7 @@ mod gpu {
         rows: usize,
         n_mat: usize,
     ) -> (Vec<u8>, DevWeight) {
-        let b = make_weight(rng, ty, cols, rows * n_mat);
-        let w = d.g.upload(&d.stream, ty, cols, rows, n_mat, &b).unwrap();
-        (b, w)
+        upload_random(&d.g, &d.stream, rng, ty, cols, rows, n_mat)
     }
 
     fn pick_ids(rng: &mut Rng, n: usize, k: usize, n_mat: usize) -> Vec<i32> {

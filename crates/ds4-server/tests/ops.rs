@@ -417,6 +417,49 @@ async fn metrics_report_requests_tokens_rates_queue_and_cache() {
     }
 }
 
+/// `serve_on` (what `ds4 serve` runs) over a real socket on an ephemeral 127.0.0.1 port.
+struct Socket {
+    addr: std::net::SocketAddr,
+    state: ds4_server::AppState,
+    sig: Option<tokio::sync::oneshot::Sender<()>>,
+    serving: tokio::task::JoinHandle<Result<(), ds4_server::ServerError>>,
+}
+
+async fn serve_socket(a: ds4_server::ServeArgs) -> Socket {
+    let server = start(a);
+    let state = server.state().clone();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (sig, sig_rx) = tokio::sync::oneshot::channel::<()>();
+    let serving = tokio::spawn(ds4_server::serve_on(listener, server, async {
+        let _ = sig_rx.await;
+    }));
+    Socket {
+        addr,
+        state,
+        sig: Some(sig),
+        serving,
+    }
+}
+
+impl Socket {
+    /// The shutdown signal (SIGINT/SIGTERM for `ds4 serve`).
+    fn signal(&mut self) {
+        self.sig.take().expect("one signal").send(()).unwrap();
+    }
+    /// Signal if not yet, then wait for `serve_on` to return Ok (drain included).
+    async fn join(mut self) {
+        if self.sig.is_some() {
+            self.signal();
+        }
+        let r = tokio::time::timeout(Duration::from_secs(30), self.serving)
+            .await
+            .expect("serve_on returns")
+            .unwrap();
+        assert!(r.is_ok(), "{r:?}");
+    }
+}
+
 /// POST a chat request over a plain socket; the raw response (read to EOF).
 fn http_post(addr: std::net::SocketAddr, body: &str) -> std::io::Result<String> {
     use std::io::{Read, Write};
@@ -443,14 +486,9 @@ async fn a_signal_drains_in_flight_work_then_checkpoints_and_returns() {
     a.kv_cache_cold_max_tokens = 0;
     a.kv_cache_continued_interval_tokens = 0;
     a.shutdown_grace_secs = 20;
-    let server = start(a);
-    let state = server.state().clone();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (sig_tx, sig_rx) = tokio::sync::oneshot::channel::<()>();
-    let serving = tokio::spawn(ds4_server::serve_on(listener, server, async {
-        let _ = sig_rx.await;
-    }));
+    let mut sock = serve_socket(a).await;
+    let addr = sock.addr;
+    let state = sock.state.clone();
     let mut b = long_job(48);
     b["stream"] = true.into();
     let body = b.to_string();
@@ -469,7 +507,7 @@ async fn a_signal_drains_in_flight_work_then_checkpoints_and_returns() {
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    sig_tx.send(()).unwrap();
+    sock.signal();
     tokio::time::sleep(Duration::from_millis(50)).await;
     // Draining: no new work (the listener is closed, or the request is refused with 503).
     let late = long_job(1).to_string();
@@ -479,11 +517,7 @@ async fn a_signal_drains_in_flight_work_then_checkpoints_and_returns() {
     {
         assert!(out.is_empty() || out.starts_with("HTTP/1.1 503"), "{out}");
     }
-    let r = tokio::time::timeout(Duration::from_secs(30), serving)
-        .await
-        .expect("serve_on returns after the drain")
-        .unwrap();
-    assert!(r.is_ok(), "{r:?}");
+    sock.join().await;
     // The in-flight stream was finished, not cut: 48 tokens, finish_reason length, [DONE].
     let out = client.await.unwrap();
     assert!(out.starts_with("HTTP/1.1 200"), "{out}");
@@ -509,13 +543,8 @@ async fn a_stalled_request_head_is_disconnected() {
     use std::io::{Read, Write};
     let mut a = args();
     a.header_timeout_secs = 2;
-    let server = start(a);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (sig_tx, sig_rx) = tokio::sync::oneshot::channel::<()>();
-    let serving = tokio::spawn(ds4_server::serve_on(listener, server, async {
-        let _ = sig_rx.await;
-    }));
+    let sock = serve_socket(a).await;
+    let addr = sock.addr;
     let stalled = tokio::task::spawn_blocking(move || {
         let mut c = std::net::TcpStream::connect(addr).unwrap();
         c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
@@ -561,12 +590,7 @@ async fn a_stalled_request_head_is_disconnected() {
         "closed after {dt:?}, expected about 2 s"
     );
     assert!(got.is_empty() || got.starts_with("HTTP/1.1 408"), "{got}");
-    sig_tx.send(()).unwrap();
-    let r = tokio::time::timeout(Duration::from_secs(30), serving)
-        .await
-        .expect("serve_on returns")
-        .unwrap();
-    assert!(r.is_ok(), "{r:?}");
+    sock.join().await;
 }
 
 /// Over a real socket (`serve_on`'s accept loop, not `oneshot`): a client that hangs up in the
@@ -575,14 +599,9 @@ async fn a_stalled_request_head_is_disconnected() {
 async fn a_client_that_hangs_up_on_the_socket_cancels_its_job() {
     use std::io::{BufRead, BufReader, Write};
     use std::sync::atomic::Ordering::Relaxed;
-    let server = start(args());
-    let state = server.state().clone();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (sig_tx, sig_rx) = tokio::sync::oneshot::channel::<()>();
-    let serving = tokio::spawn(ds4_server::serve_on(listener, server, async {
-        let _ = sig_rx.await;
-    }));
+    let sock = serve_socket(args()).await;
+    let addr = sock.addr;
+    let state = sock.state.clone();
     let mut b = long_job(2000);
     b["stream"] = true.into();
     let body = b.to_string();
@@ -622,10 +641,5 @@ async fn a_client_that_hangs_up_on_the_socket_cancels_its_job() {
         .unwrap()
         .unwrap();
     assert!(out.starts_with("HTTP/1.1 200"), "{out}");
-    sig_tx.send(()).unwrap();
-    let r = tokio::time::timeout(Duration::from_secs(30), serving)
-        .await
-        .expect("serve_on returns")
-        .unwrap();
-    assert!(r.is_ok(), "{r:?}");
+    sock.join().await;
 }

@@ -24,3 +24,30 @@ impl Rng {
         (0..n).map(|_| self.normal() * scale).collect()
     }
 }
+
+/// `rows_total` random rows of `cols` weights (normal, scale 1/√cols) quantized to `ty`: GGUF bytes.
+pub fn make_weight(
+    rng: &mut Rng,
+    ty: ds4_gguf::GgmlType,
+    cols: usize,
+    rows_total: usize,
+) -> Vec<u8> {
+    let w = rng.vec(cols * rows_total, 1.0 / (cols as f32).sqrt());
+    ds4_quant::quantize(ty, &w, cols, None).expect("quantize")
+}
+
+/// `n_mat` random matrices of `rows` × `cols` ([`make_weight`]): their GGUF bytes and the device
+/// upload.
+pub fn upload_random(
+    g: &ds4_cuda::gemv::Gemv,
+    stream: &std::sync::Arc<cudarc::driver::CudaStream>,
+    rng: &mut Rng,
+    ty: ds4_gguf::GgmlType,
+    cols: usize,
+    rows: usize,
+    n_mat: usize,
+) -> (Vec<u8>, ds4_cuda::gemv::DevWeight) {
+    let b = make_weight(rng, ty, cols, rows * n_mat);
+    let w = g.upload(stream, ty, cols, rows, n_mat, &b).unwrap();
+    (b, w)
+}
